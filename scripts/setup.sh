@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything Shroud's tests, benchmarks and demo need, and nothing twice:
+#   - as root, Debian packages that are missing (tor, Go, muxado v1, chromium, nginx, wrk, sshd);
+#   - always, a virtual environment at .venv with requirements.txt (pinned versions).
+# A tool still missing afterwards is an error: CI must fail, never skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have tor         || need_pkgs+=(tor)
+have go          || need_pkgs+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/inconshreveable/muxado ] || need_pkgs+=(golang-github-inconshreveable-muxado-dev)
+have chromium    || need_pkgs+=(chromium)
+have nginx       || need_pkgs+=(nginx-light)
+have wrk         || need_pkgs+=(wrk)
+[ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+have curl        || need_pkgs+=(curl)
+have unshare     || need_pkgs+=(util-linux)
+have ip          || need_pkgs+=(iproute2)
+
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing Debian packages: ${need_pkgs[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    else
+        echo "setup: missing Debian packages: ${need_pkgs[*]}" >&2
+        echo "setup: run as root once, or: sudo apt-get install ${need_pkgs[*]}" >&2
+        exit 1
+    fi
+fi
+
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: creating .venv with requirements.txt" >&2
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -r requirements.txt
+    echo "$want" > "$stamp"
+fi
