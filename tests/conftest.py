@@ -7,4 +7,5 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 pytest_plugins = [
+    "tests.fixtures.gopeer",
 ]
