@@ -7,5 +7,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 pytest_plugins = [
+    "tests.fixtures.tor",
     "tests.fixtures.gopeer",
 ]
