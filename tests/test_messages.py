@@ -1,0 +1,620 @@
+"""Byte-vector, round-trip, Go cross-check and fuzz tests for lib/messages.py and
+lib/identity.py (go-tunnel control messages, Shroud's signed binds)."""
+import base64
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from lib import identity as identity_mod
+from lib import messages as m
+from lib.identity import Identity, IdentityError, fingerprint, verify_bind
+from lib.messages import (
+    MAX_MESSAGE, Auth, AuthResp, Bind, BindResp, MessageError, MessageReader, StartProxy,
+    encode, pack, read_message, unpack, write_message,
+)
+
+# The five byte examples of notes/original-shroud.md section 3, as Go's encoder writes them.
+VECTORS = [
+    (Auth(),
+     "46 00 00 00 00 00 00 00",
+     b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":null}}'),
+    (AuthResp(version="1", client_id="0123456789abcdef0123456789abcdef"),
+     "73 00 00 00 00 00 00 00",
+     b'{"Type":"AuthResp","Payload":{"Version":"1","ClientId":"0123456789abcdef0123456789ab'
+     b'cdef","Error":"","Extra":null}}'),
+    (Bind("tls", hostname="example.com"),
+     "6d 00 00 00 00 00 00 00",
+     b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":{"Hostname":"example.com",'
+     b'"Subdomain":""},"Extra":null}}'),
+    (BindResp("tls://example.com"),
+     "5f 00 00 00 00 00 00 00",
+     b'{"Type":"BindResp","Payload":{"Url":"tls://example.com","Protocol":"","Error":"",'
+     b'"Extra":null}}'),
+    (StartProxy("tls://example.com", "203.0.113.7:51514"),
+     "5c 00 00 00 00 00 00 00",
+     b'{"Type":"StartProxy","Payload":{"Url":"tls://example.com","ClientAddr":'
+     b'"203.0.113.7:51514"}}'),
+]
+
+NONCE = bytes(range(32))
+KEY = bytes(range(100, 132))
+SIG = bytes(range(64))
+
+
+def frame(body):
+    return struct.pack("<q", len(body)) + body
+
+
+# --- byte vectors ---------------------------------------------------------------------------
+@pytest.mark.parametrize("msg,prefix,body", VECTORS, ids=[v[0].TYPE for v in VECTORS])
+def test_encode_matches_go_bytes(msg, prefix, body):
+    assert encode(msg) == bytes.fromhex(prefix) + body
+    assert pack(msg) == body
+    assert unpack(body) == msg
+
+
+def test_other_encodings():
+    assert pack(Bind("tcp", remote_port=8080)) == \
+        b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":8080},"Extra":null}}'
+    assert pack(Bind("tcp")) == \
+        b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":0},"Extra":null}}'
+    assert pack(Bind("http", subdomain="app", auth="u:p")) == \
+        (b'{"Type":"Bind","Payload":{"Protocol":"http","Options":{"Hostname":"","Subdomain":'
+         b'"app","Auth":"u:p"},"Extra":null}}')
+    # Go escapes HTML-sensitive characters, U+2028/9, control characters (\u0008 in Go 1.19),
+    # and writes other non-ASCII as UTF-8.
+    assert pack(StartProxy('<a&b>"\\\n\r\t\b\f\x00\x7f\u2028\u2029é☃\U0001f600', "")) == (
+        b'{"Type":"StartProxy","Payload":{"Url":"\\u003ca\\u0026b\\u003e\\"\\\\\\n\\r\\t'
+        b'\\u0008\\u000c\\u0000\x7f\\u2028\\u2029' + "é☃\U0001f600".encode() +
+        b'","ClientAddr":""}}')
+    # maps (Extra) are written with sorted keys, as Go writes a map[string]interface{}
+    assert pack(Auth(extra={"z": [1, None, True], "a": {"y": "", "b": False}})).endswith(
+        b'"Extra":{"a":{"b":false,"y":""},"z":[1,null,true]}}}')
+
+
+def test_encode_refuses_what_go_would_not_write_the_same():
+    for bad in [Auth(extra=1.5), Auth(extra={1: "x"}), Auth(version="1"), Auth(client_id=None),
+                Bind("tcp", remote_port=70000), Bind("tcp", remote_port=True),
+                StartProxy("u", 5)]:
+        with pytest.raises(ValueError):
+            encode(bad)
+    with pytest.raises(TypeError):
+        encode({"Type": "Auth"})
+
+
+# --- decoding like Go -----------------------------------------------------------------------
+def test_keys_case_insensitive_last_wins_unknown_ignored():
+    body = (b'{"type":"Bind","PAYLOAD":{"protocol":"tls","options":{"hostNAME":"a.example",'
+            b'"subdomain":null,"Color":"red"},"Junk":[1,2,{}]}}')
+    assert unpack(body) == Bind("tls", hostname="a.example")
+    dup = b'{"Type":"StartProxy","Payload":{"Url":"first","url":"second","ClientAddr":"x"}}'
+    assert unpack(dup).url == "second"
+    # Go's fold maps LONG S and KELVIN SIGN onto s and k
+    fold = '{"Type":"Auth","Payload":{"Ver\u017fion":["1"],"ClientId":"c"}}'.encode()
+    assert unpack(fold) == Auth(version=["1"], client_id="c")
+
+
+def test_null_is_the_zero_value():
+    body = (b'{"Type":"AuthResp","Payload":{"Version":null,"ClientId":null,"Error":null,'
+            b'"Extra":null}}')
+    assert unpack(body) == AuthResp(version="", client_id="", error="")
+    assert unpack(b'{"Type":"Auth","Payload":{"Version":null,"ClientId":""}}').version == []
+    tcp = b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":null}}}'
+    assert unpack(tcp) == Bind("tcp", remote_port=0)
+
+
+def test_extra_is_plain_json():
+    body = b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":{"a":1.5,"b":[{}]}}}'
+    assert unpack(body).extra == {"a": 1.5, "b": [{}]}
+    surrogate = b'{"Type":"StartProxy","Payload":{"Url":"\\ud800x","ClientAddr":""}}'
+    assert unpack(surrogate).url == "\ufffdx"  # as Go decodes it, and encodable again
+    encode(unpack(surrogate))
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b"", "JSON"),
+    (b"{", "JSON"),
+    (b"[]", "object"),
+    (b'{"Type":"Auth"}', "Payload"),
+    (b'{"Type":"Nope","Payload":{}}', "unknown"),
+    (b'{"Type":"auth","Payload":{}}', "unknown"),  # the Type value is matched exactly
+    (b'{"Type":"Unbind","Payload":{"Url":""}}', "unknown"),  # not registered in go-tunnel
+    (b'{"Type":1,"Payload":{}}', "Type"),
+    (b'{"Payload":{}}', "Type"),
+    (b'{"Type":"Auth","Payload":[]}', "object"),
+    (b'{"Type":"Auth","Payload":null}', "object"),
+    (b'{"Type":"Auth","Payload":{"ClientId":""}}', "Version"),
+    (b'{"Type":"Auth","Payload":{"Version":"1","ClientId":""}}', "Version"),
+    (b'{"Type":"Auth","Payload":{"Version":[1],"ClientId":""}}', "Version"),
+    (b'{"Type":"Auth","Payload":{"Version":["1"]}}', "ClientId"),
+    (b'{"Type":"AuthResp","Payload":{"Version":"1","ClientId":5,"Error":""}}', "string"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tls"}}', "Options"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":"x"}}', "object"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":{"Hostname":"a"}}}', "Subdomain"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{}}}', "RemotePort"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":65536}}}', "0-65535"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":-1}}}', "0-65535"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":80.0}}}', "0-65535"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":"80"}}}', "0-65535"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":true}}}', "0-65535"),
+    (b'{"Type":"BindResp","Payload":{"Protocol":"","Error":""}}', "Url"),
+    (b'{"Type":"StartProxy","Payload":{"Url":"u"}}', "ClientAddr"),
+    (b'{"Type":"StartProxy","Payload":{"Url":"u","ClientAddr":"a"}} x', "JSON"),
+    (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":NaN}}', "JSON"),
+    (b'{"Type":"StartProxy","Payload":{"Url":"\xff","ClientAddr":""}}', "UTF-8"),
+    (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":' + b"9" * 5000 + b"}}",
+     "JSON"),
+    (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":' + b"[" * 30000
+     + b"]" * 30000 + b"}}", "deep"),
+])
+def test_malformed_messages(body, reason):
+    with pytest.raises(MessageError, match=reason):
+        unpack(body)
+    reader = MessageReader()
+    reader.feed(frame(body))
+    with pytest.raises(MessageError):
+        reader.next_message()
+    with pytest.raises(MessageError):  # the error is sticky
+        reader.next_message()
+
+
+# --- MessageReader --------------------------------------------------------------------------
+def all_vectors():
+    return b"".join(encode(v[0]) for v in VECTORS)
+
+
+def test_reader_whole_buffer():
+    reader = MessageReader()
+    reader.feed(all_vectors())
+    got = []
+    for _ in range(10):
+        msg = reader.next_message()
+        if msg is None:
+            break
+        got.append(msg)
+    assert got == [v[0] for v in VECTORS]
+    assert reader.trailing_data == b""
+
+
+def test_reader_byte_at_a_time():
+    reader = MessageReader()
+    got = []
+    for byte in all_vectors():
+        reader.feed(bytes([byte]))
+        msg = reader.next_message()
+        if msg is not None:
+            got.append(msg)
+            assert reader.next_message() is None
+    assert got == [v[0] for v in VECTORS]
+
+
+def test_reader_leaves_trailing_bytes_for_the_splice():
+    # On a proxy stream the public connection's peeked bytes follow StartProxy at once.
+    client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+    reader = MessageReader()
+    reader.feed(encode(VECTORS[4][0]) + client_hello)
+    assert reader.next_message() == VECTORS[4][0]
+    assert reader.trailing_data == client_hello
+    with pytest.raises(MessageError):  # (the trailing bytes are not a message)
+        reader.next_message()
+
+
+@pytest.mark.parametrize("length", [MAX_MESSAGE + 1, 2 ** 62, 2 ** 63 - 1, -1, -(2 ** 63)])
+def test_hostile_lengths_refused_from_the_prefix_alone(length):
+    reader = MessageReader()
+    reader.feed(struct.pack("<q", length))
+    with pytest.raises(MessageError, match="length"):
+        reader.next_message()
+
+
+def test_length_bound_is_exact_and_configurable():
+    body = pack(Auth(extra="x" * (MAX_MESSAGE - len(pack(Auth(extra=""))))))
+    assert len(body) == MAX_MESSAGE
+    reader = MessageReader()
+    reader.feed(frame(body))
+    assert reader.next_message().extra.startswith("xxx")
+    small = MessageReader(max_size=64)
+    small.feed(encode(VECTORS[1][0]))
+    with pytest.raises(MessageError):
+        small.next_message()
+
+
+# --- read_message / write_message over real sockets ------------------------------------------
+def test_stream_helpers_over_a_socketpair():
+    left, right = socket.socketpair()
+    with left, right:
+        left.settimeout(5)
+        right.settimeout(5)
+        for msg, _, _ in VECTORS:
+            write_message(left, msg)
+        left.sendall(b"raw bytes after")
+        for msg, _, _ in VECTORS:
+            assert read_message(right) == msg
+        assert right.recv(100) == b"raw bytes after"  # read_message read nothing past its message
+        left.sendall(frame(b'{"Type":"Auth","Payload":{}}')[:12])
+        left.shutdown(socket.SHUT_WR)
+        with pytest.raises(MessageError, match="closed inside"):
+            read_message(right)
+    a, b = socket.socketpair()
+    with a, b:
+        a.close()
+        b.settimeout(5)
+        with pytest.raises(EOFError):
+            read_message(b)
+
+
+def test_read_message_bounds_length_before_reading_body():
+    class OneShot:
+        def __init__(self, data):
+            self.data = data
+            self.reads = 0
+
+        def recv(self, n):
+            self.reads += 1
+            chunk, self.data = self.data[:n], self.data[n:]
+            return chunk
+
+    stream = OneShot(struct.pack("<q", 10 ** 12))
+    with pytest.raises(MessageError):
+        read_message(stream)
+    stream = OneShot(encode(VECTORS[0][0]))
+    with pytest.raises(MessageError):
+        read_message(stream, max_size=10)
+
+
+# --- Shroud extras and signatures -----------------------------------------------------------
+def test_shroud_extras_on_the_wire():
+    auth = Auth(extra=m.auth_extra(KEY))
+    assert pack(auth) == (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":'
+                          b'{"key":"' + base64.b64encode(KEY) + b'","shroud":1}}}')
+    assert unpack(pack(auth)).public_key == KEY
+    assert m.shroud_version(unpack(pack(auth)).extra) == 1
+    resp = AuthResp(client_id="c" * 32, extra=m.auth_resp_extra(NONCE))
+    assert unpack(pack(resp)).nonce == NONCE
+    bind = Bind("tls", hostname="example.com", extra=m.bind_extra(SIG))
+    assert unpack(pack(bind)).signature == SIG
+    refused = BindResp("", error="example.com is bound by another key",
+                       extra=m.refusal_extra(m.REASON_NOT_OWNER))
+    assert unpack(pack(refused)).reason == "not-owner"
+    # a plain go-tunnel peer (original shroud): no key, nonce, sig, reason, version
+    for msg, _, _ in VECTORS[:4]:
+        assert m.shroud_version(msg.extra) is None
+    assert Auth().public_key is None and AuthResp().nonce is None
+    assert Bind("tls").signature is None and BindResp("u").reason is None
+
+
+@pytest.mark.parametrize("value", [5, "not base64!", base64.b64encode(b"short").decode(),
+                                   base64.b64encode(KEY).decode().rstrip("=")])
+def test_malformed_extra_values(value):
+    with pytest.raises(MessageError):
+        _ = Auth(extra={"key": value}).public_key
+    with pytest.raises(MessageError):
+        _ = AuthResp(extra={"nonce": value}).nonce
+    with pytest.raises(MessageError):
+        _ = Bind("tls", extra={"sig": value}).signature
+
+
+def test_bind_signature_payload_exact_bytes():
+    payload = m.bind_signature_payload(NONCE, "tls", "example.com")
+    assert payload == b"shroud-bind-v1\x00" + NONCE + b"\x00tls\x00example.com"
+    assert m.bind_signature_payload(NONCE, "tcp", Bind("tcp", remote_port=22).signed_name) \
+        == b"shroud-bind-v1\x00" + NONCE + b"\x00tcp\x0022"
+    assert Bind("tls", hostname="Example.COM.").signed_name == "Example.COM."
+    for args in [(NONCE[:31], "tls", "a"), (NONCE, "tls\0", "a"), (NONCE, "tls", "a\0b")]:
+        with pytest.raises(ValueError):
+            m.bind_signature_payload(*args)
+
+
+def test_signed_bind_end_to_end(tmp_path):
+    client = Identity.load_or_create(str(tmp_path / "client"))
+    # client -> proxy: Auth with the key; proxy -> client: nonce; client signs the Bind.
+    auth = unpack(pack(Auth(extra=m.auth_extra(client.public_key))))
+    resp = unpack(pack(AuthResp(client_id="c" * 32, extra=m.auth_resp_extra(NONCE))))
+    payload = m.bind_signature_payload(resp.nonce, "tls", "example.com")
+    bind = unpack(pack(Bind("tls", hostname="example.com",
+                            extra=m.bind_extra(client.sign(payload)))))
+    key_b64 = auth.extra["key"]
+    sig_b64 = bind.extra["sig"]
+    assert key_b64 == client.public_key_b64
+    assert verify_bind(key_b64, sig_b64, m.bind_signature_payload(NONCE, "tls", bind.signed_name))
+    # anything else changed: refused
+    other = Identity.generate()
+    assert not verify_bind(other.public_key_b64, sig_b64, payload)
+    assert not verify_bind(key_b64, sig_b64, m.bind_signature_payload(NONCE, "tls", "evil.com"))
+    assert not verify_bind(key_b64, sig_b64, m.bind_signature_payload(b"\1" * 32, "tls",
+                                                                       "example.com"))
+    assert not verify_bind(key_b64, sig_b64, m.bind_signature_payload(NONCE, "http",
+                                                                       "example.com"))
+    for bad_key, bad_sig in [("", sig_b64), (key_b64, ""), ("!!", sig_b64), (key_b64, "x"),
+                             (base64.b64encode(b"\0" * 32).decode(), sig_b64), (None, None)]:
+        assert verify_bind(bad_key, bad_sig, payload) is False
+
+
+# --- Identity -------------------------------------------------------------------------------
+def test_identity_created_once_with_private_permissions(tmp_path):
+    data_dir = str(tmp_path / "data")
+    first = Identity.load_or_create(data_dir)
+    key_file = os.path.join(data_dir, identity_mod.KEY_FILENAME)
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    assert open(key_file, "rb").read().startswith(b"-----BEGIN PRIVATE KEY-----")
+    again = Identity.load_or_create(data_dir)
+    assert again.public_key == first.public_key
+    assert first.fingerprint == fingerprint(first.public_key) == \
+        __import__("hashlib").sha256(first.public_key).hexdigest()
+    assert len(first.fingerprint) == 64 and len(first.public_key) == 32
+    assert base64.b64decode(first.public_key_b64) == first.public_key
+    assert [p for p in os.listdir(data_dir)] == [identity_mod.KEY_FILENAME]  # no temp left
+    assert len(first.sign(b"x")) == 64
+
+
+def test_identity_refuses_open_or_bad_key_files(tmp_path):
+    data_dir = str(tmp_path)
+    Identity.load_or_create(data_dir)
+    key_file = os.path.join(data_dir, identity_mod.KEY_FILENAME)
+    os.chmod(key_file, 0o644)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        Identity.load_or_create(data_dir)
+    os.chmod(key_file, 0o600)
+    with open(key_file, "wb") as f:
+        f.write(b"not a key")
+    with pytest.raises(IdentityError, match="not a PEM"):
+        Identity.load_or_create(data_dir)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    with open(key_file, "wb") as f:
+        f.write(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+    with pytest.raises(IdentityError, match="not an Ed25519"):
+        Identity.load_or_create(data_dir)
+
+
+# --- Cross-check against Go's encoding/json --------------------------------------------------
+GO_REPACK = r'''
+package main
+
+import (
+	"bufio"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+)
+
+type Auth struct {
+	Version  []string
+	ClientId string
+	Extra    interface{}
+}
+type AuthResp struct {
+	Version  string
+	ClientId string
+	Error    string
+	Extra    interface{}
+}
+type TLSOptions struct{ Hostname, Subdomain string }
+type HTTPOptions struct{ Hostname, Subdomain, Auth string }
+type TCPOptions struct{ RemotePort uint16 }
+type Bind struct {
+	Protocol string
+	Options  json.RawMessage
+	Extra    interface{}
+}
+type BindResp struct {
+	Url      string
+	Protocol string
+	Error    string
+	Extra    interface{}
+}
+type StartProxy struct{ Url, ClientAddr string }
+type Envelope struct {
+	Type    string
+	Payload json.RawMessage
+}
+
+// Reads "kind hexjson" lines; decodes each as go-tunnel does and writes proto.Pack's output.
+func main() {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<20)
+	for in.Scan() {
+		parts := strings.SplitN(in.Text(), " ", 2)
+		raw, _ := hex.DecodeString(parts[1])
+		var env Envelope
+		if err := json.Unmarshal(raw, &env); err != nil {
+			fmt.Println("error", err)
+			continue
+		}
+		var payload interface{}
+		var err error
+		switch parts[0] {
+		case "Auth":
+			var p Auth
+			err = json.Unmarshal(env.Payload, &p)
+			payload = &p
+		case "AuthResp":
+			var p AuthResp
+			err = json.Unmarshal(env.Payload, &p)
+			payload = &p
+		case "BindResp":
+			var p BindResp
+			err = json.Unmarshal(env.Payload, &p)
+			payload = &p
+		case "StartProxy":
+			var p StartProxy
+			err = json.Unmarshal(env.Payload, &p)
+			payload = &p
+		default: // Bind-tls, Bind-http, Bind-tcp: typed options, as the Go client sends them
+			var p Bind
+			err = json.Unmarshal(env.Payload, &p)
+			var opts interface{} = &TLSOptions{}
+			if parts[0] == "Bind-http" {
+				opts = &HTTPOptions{}
+			} else if parts[0] == "Bind-tcp" {
+				opts = &TCPOptions{}
+			}
+			if err == nil {
+				err = json.Unmarshal(p.Options, opts)
+			}
+			payload = &struct {
+				Protocol string
+				Options  interface{}
+				Extra    interface{}
+			}{p.Protocol, opts, p.Extra}
+			env.Type = "Bind"
+		}
+		if err != nil {
+			fmt.Println("error", err)
+			continue
+		}
+		out, err := json.Marshal(struct {
+			Type    string
+			Payload interface{}
+		}{env.Type, payload})
+		if err != nil {
+			fmt.Println("error", err)
+			continue
+		}
+		fmt.Println("ok", hex.EncodeToString(out))
+	}
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def go_repack(tmp_path_factory):
+    """A Go program that decodes our JSON and re-encodes it with Go's encoding/json."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.fail("the Go toolchain is missing (apt-get install golang-go): the cross-check "
+                    "against Go's encoder is the point of this test")
+    work = tmp_path_factory.mktemp("gorepack")
+    (work / "main.go").write_text(GO_REPACK)
+    env = dict(os.environ, GO111MODULE="off", GOFLAGS="", GOPROXY="off", CGO_ENABLED="0",
+               GOPATH=str(work / "gopath"))
+    env.setdefault("GOCACHE", str(work / "gocache"))
+    # Building a stdlib-only program takes 1-20 s depending on the cache.
+    subprocess.run([go, "build", "-o", str(work / "repack"), "main.go"], cwd=work, env=env,
+                   check=True, capture_output=True, timeout=180)
+
+    def repack(msgs):
+        lines = []
+        for msg in msgs:
+            kind = msg.TYPE
+            if isinstance(msg, Bind):
+                kind = "Bind-" + ("tcp" if msg.protocol == "tcp" else
+                                  "http" if msg.auth is not None else "tls")
+            lines.append("%s %s\n" % (kind, pack(msg).hex()))
+        proc = subprocess.run([str(work / "repack")], input="".join(lines), text=True,
+                              capture_output=True, timeout=60, check=True)
+        out = proc.stdout.splitlines()
+        assert len(out) == len(msgs), proc.stdout
+        return [bytes.fromhex(line[3:]) if line.startswith("ok ") else line for line in out]
+    return repack
+
+
+# JSON values Go's interface{} decoding round-trips exactly: small ints (Go uses float64).
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 53), 2 ** 53) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+texts = st.text(max_size=40)
+messages = st.one_of(
+    st.builds(Auth, version=st.lists(texts, max_size=3), client_id=texts, extra=json_values),
+    st.builds(AuthResp, version=texts, client_id=texts, error=texts, extra=json_values),
+    st.builds(Bind, protocol=st.sampled_from(["tls", "https", "http"]) | texts.filter(lambda p: p != "tcp"), hostname=texts,
+              subdomain=texts, extra=json_values, auth=st.none() | texts),
+    st.builds(Bind, protocol=st.just("tcp"), remote_port=st.integers(0, 65535),
+              extra=json_values),
+    st.builds(BindResp, url=texts, protocol=texts, error=texts, extra=json_values),
+    st.builds(StartProxy, url=texts, client_addr=texts),
+)
+
+
+def test_go_reencodes_our_vectors_identically(go_repack):
+    extras = [Auth(extra=m.auth_extra(KEY)), AuthResp(extra=m.auth_resp_extra(NONCE)),
+              Bind("tls", hostname="example.com", extra=m.bind_extra(SIG)),
+              BindResp("", error="no", extra=m.refusal_extra(m.REASON_NOT_OWNER)),
+              Bind("tcp", remote_port=443), Bind("http", hostname="h", auth="u:p"),
+              StartProxy("<&>\u2028\b\f\x01\x7f é", "\U0001f600")]
+    msgs = [v[0] for v in VECTORS] + extras
+    assert go_repack(msgs) == [pack(msg) for msg in msgs]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=10))
+def test_fuzz_go_agrees_byte_for_byte(go_repack, msgs):
+    assert go_repack(msgs) == [pack(msg) for msg in msgs]
+
+
+# --- fuzz -----------------------------------------------------------------------------------
+@settings(max_examples=1000, deadline=None)
+@given(messages)
+def test_fuzz_round_trip(msg):
+    decoded = unpack(pack(msg))
+    if isinstance(msg, Bind) and msg.protocol == "tcp":
+        assert decoded == msg
+    elif isinstance(msg, Bind):
+        assert (decoded.protocol, decoded.hostname, decoded.subdomain, decoded.auth) == \
+            (msg.protocol, msg.hostname, msg.subdomain, msg.auth)
+    else:
+        assert decoded == msg
+    assert encode(decoded) == encode(msg)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes_only_message_error(data):
+    reader = MessageReader()
+    reader.feed(data)
+    for _ in range(len(data) + 1):  # each message consumes >= 8 bytes, so this always ends
+        try:
+            if reader.next_message() is None:
+                break
+        except MessageError:
+            break
+    try:
+        unpack(data)
+    except MessageError:
+        pass
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_messages_only_message_error(data):
+    raw = bytearray(b"".join(encode(v[0]) for v in VECTORS))
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    reader = MessageReader()
+    chunk = data.draw(st.integers(1, 64))
+    for start in range(0, len(raw), chunk):
+        reader.feed(raw[start:start + chunk])
+        try:
+            for _ in range(10):
+                if reader.next_message() is None:
+                    break
+        except MessageError:
+            return
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(), c, max_size=3),
+                    max_leaves=10),
+       st.sampled_from(["Auth", "AuthResp", "Bind", "BindResp", "StartProxy"]))
+def test_fuzz_arbitrary_json_payloads(payload, msg_type):
+    body = json.dumps({"Type": msg_type, "Payload": payload}).encode()
+    try:
+        msg = unpack(body)
+    except MessageError:
+        return
+    assert msg.TYPE == msg_type
