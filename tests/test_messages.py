@@ -618,3 +618,24 @@ def test_fuzz_arbitrary_json_payloads(payload, msg_type):
     except MessageError:
         return
     assert msg.TYPE == msg_type
+
+
+def test_worked_example_in_protocol_doc():
+    """The signed-bind example of docs/PROTOCOL.md: Ed25519 seed of 32 zero bytes."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    client = Identity(Ed25519PrivateKey.from_private_bytes(bytes(32)))
+    assert client.fingerprint == \
+        "139e3940e64b5491722088d9a0d741628fc826e09475d341a780acde3c4b8070"
+    assert encode(Auth(extra=m.auth_extra(client.public_key))) == bytes.fromhex(
+        "8300000000000000") + (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"",'
+                               b'"Extra":{"key":"O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=",'
+                               b'"shroud":1}}}')
+    payload = m.bind_signature_payload(NONCE, "tls", "example.com")
+    assert payload.hex() == ("7368726f75642d62696e642d763100" + NONCE.hex()
+                             + "00746c73006578616d706c652e636f6d")
+    bind = Bind("tls", hostname="example.com", extra=m.bind_extra(client.sign(payload)))
+    assert encode(bind) == bytes.fromhex("cb00000000000000") + (
+        b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":{"Hostname":"example.com",'
+        b'"Subdomain":""},"Extra":{"sig":"LQrDKDjAZZVd8VjJ+VGM/5YJEBUzN+qW/u9E3Sv5HQ2kMcApdZeq'
+        b'yu+zRbwzcMUEhsCLR0M1yqUFTzhXPEuFAQ=="}}}')
+    assert verify_bind(client.public_key_b64, bind.extra["sig"], payload)
