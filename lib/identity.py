@@ -100,7 +100,7 @@ def _create_key_file(path: str) -> Ed25519PrivateKey:
                             serialization.NoEncryption())
     # Write a private temporary file, then link it into place: a concurrent first run or a
     # crash never leaves a half-written key, and O_EXCL on the link makes one creator win.
-    tmp = "%s.tmp.%d" % (path, os.getpid())
+    tmp = "%s.tmp.%d.%s" % (path, os.getpid(), os.urandom(4).hex())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:

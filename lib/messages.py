@@ -478,6 +478,10 @@ class MessageReader:
     Bytes after a message stay buffered: on a proxy stream the bytes after StartProxy are the
     public connection's, so take them from ``trailing_data`` once you stop reading messages.
     After a :class:`MessageError` the stream is unusable and every later call raises it again.
+
+    The reader keeps what it is fed; its caller bounds it by feeding one ``recv`` at a time and
+    draining ``next_message()`` in between, so it holds at most one message (``max_size``
+    bounds that) plus one read.
     """
 
     def __init__(self, max_size: int = MAX_MESSAGE):

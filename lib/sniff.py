@@ -357,7 +357,9 @@ def tls_alert(description: int) -> bytes:
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*\Z")
 _REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([^ \x00-\x1f\x7f]+) HTTP/1\.([01])\Z")
-_HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(.*?)[ \t]*\Z", re.S)
+# Field values may hold HTAB, visible ASCII and obs-text, never other control bytes (a bare CR
+# is how some parsers are made to disagree about where a line ends).
+_HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z")
 _END_OF_HEAD_RE = re.compile(rb"\r?\n\r?\n")
 _LINE_SPLIT_RE = re.compile(rb"\r?\n")
 _ABSOLUTE_URI_RE = re.compile(rb"(?i:https?)://([^/?#]*)")

@@ -292,6 +292,8 @@ def test_http_hosts(head, host):
     (b"GET / HTTP/1.1\r\nHost : a.example\r\n\r\n", 400),  # space before colon
     (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\nHost: a.example\r\n\r\n", 400),  # obs-fold
     (b"GET / HTTP/1.1\r\nHost: a.example/x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nX: a\rb\r\nHost: a.example\r\n\r\n", 400),  # bare CR
+    (b"GET / HTTP/1.1\r\nHost: a.example\x00\r\n\r\n", 400),
     (b"GET / HTTP/1.1\r\nHost: a.example:99999\r\n\r\n", 400),
     (b"GET http://user@a.example/ HTTP/1.1\r\n\r\n", 400),
     (b"GET ftp://a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n", 400),
