@@ -353,8 +353,9 @@ class TorAccess:
         self.log_path = log_path
         self.socks_address = self._find_socks_address()
         self._lock = threading.Lock()  # guards the maps below (event thread vs callers)
-        # source port -> [stream id, circuit id or None]; insertion order bounds it (oldest out)
+        # stream id -> [source port, circuit id or None]; insertion order bounds it (oldest out)
         self._streams: collections.OrderedDict = collections.OrderedDict()
+        self._stream_by_port: dict[int, str] = {}  # source port -> stream id
         self._pinned: dict[int, str] = {}  # source port -> circuit id, for explicit paths
         self._manual_attach = False
         self._listeners: list = []
@@ -431,7 +432,7 @@ class TorAccess:
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
-                entry = self._streams.get(local_port)
+                entry = self._streams.get(self._stream_by_port.get(local_port))
                 circ_id = entry[1] if entry else None
             if circ_id is not None:
                 break
@@ -518,28 +519,37 @@ class TorAccess:
         self.controller.set_conf("__LeaveStreamsUnattached", "1")
 
     def _on_stream(self, event) -> None:
-        port = event.source_port
-        if not port or event.source_address not in ("127.0.0.1", None):
-            return
+        # tor names the client's address (SOURCE_ADDR) only in the NEW event; later events of the
+        # same stream (SENTCONNECT, SUCCEEDED, DETACHED, ...) carry the circuit: join by stream id.
+        attach_to = None
         with self._lock:
-            if event.status in ("CLOSED", "FAILED"):
-                entry = self._streams.get(port)
-                if entry and entry[0] == event.id:
-                    del self._streams[port]
-                return
-            entry = self._streams.get(port)
-            if entry is None or entry[0] != event.id:
-                entry = self._streams[port] = [event.id, None]
+            if event.status in ("NEW", "NEWRESOLVE"):
+                port = event.source_port
+                if not port or event.source_address != "127.0.0.1":
+                    return
+                self._streams[event.id] = [port, event.circ_id]
+                self._stream_by_port[port] = event.id
                 while len(self._streams) > MAX_TRACKED_STREAMS:
-                    self._streams.popitem(last=False)
+                    old_id, (old_port, _) = self._streams.popitem(last=False)
+                    if self._stream_by_port.get(old_port) == old_id:
+                        del self._stream_by_port[old_port]
+            entry = self._streams.get(event.id)
+            if entry is None:
+                return
+            if event.status in ("CLOSED", "FAILED"):
+                del self._streams[event.id]
+                if self._stream_by_port.get(entry[0]) == event.id:
+                    del self._stream_by_port[entry[0]]
+                return
             if event.circ_id:
                 entry[1] = event.circ_id
-            pinned = self._pinned.get(port)
-            manual = self._manual_attach
-        if manual and event.status in ("NEW", "DETACHED") and event.purpose in (None, "USER"):
-            target = pinned or "0"  # 0: tor chooses, as without __LeaveStreamsUnattached
+            if self._manual_attach and event.status in ("NEW", "DETACHED") \
+                    and event.purpose in (None, "USER"):
+                # "0" hands the choice back to tor, as without __LeaveStreamsUnattached
+                attach_to = self._pinned.get(entry[0]) or "0"
+        if attach_to is not None:
             try:
-                self.controller.attach_stream(event.id, target)
+                self.controller.attach_stream(event.id, attach_to)
             except (stem.ControllerError, stem.SocketError):
                 try:  # the pinned circuit is gone: fail the stream rather than stray elsewhere
                     self.controller.close_stream(event.id)

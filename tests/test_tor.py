@@ -1,0 +1,260 @@
+"""The client's Tor access (lib.tor) against the private network: real tors, real sockets."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import stem
+from stem.control import EventType
+
+from lib.testnet import AUTHORITY, EXIT
+from lib.tor import TorConnectError, TorError, launch_tor, socks_credentials
+from tests.fixtures.tor import EchoServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.tor
+
+
+def _echo_roundtrip(sock, payload=b"hello through tor"):
+    sock.settimeout(30)
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = sock.recv(4096)
+        assert chunk, "connection closed before the echo came back"
+        got += chunk
+    return got
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_client_bootstraps_with_progress(client_tor_factory):
+    seen = []
+    t0 = time.monotonic()
+    tor = client_tor_factory(progress=lambda pct, summary: seen.append((pct, summary)))
+    took = time.monotonic() - t0
+    assert seen[-1] == (100, "Done")
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen) and len(seen) >= 3
+    assert tor.socks_address[0] == "127.0.0.1" and tor.socks_address[1] > 0
+    assert tor.controller.get_info("status/circuit-established") == "1"
+    assert tor.process.poll() is None
+    print(f"client bootstrap {took:.2f} s, {len(seen)} progress steps")
+    tor.close()
+    assert tor.process.poll() is not None
+
+
+def test_connection_through_an_exit_reaches_echo_server(client_tor, tor_network):
+    with EchoServer() as echo:
+        t0 = time.monotonic()
+        sock = client_tor.open_connection("127.0.0.1", echo.port, isolation_key="echo")
+        connect_ms = (time.monotonic() - t0) * 1000
+        with sock:
+            assert _echo_roundtrip(sock) == b"hello through tor"
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert sock.getpeername() == client_tor.socks_address  # we only talk to our tor
+            circ = client_tor.circuit_for_connection(sock)
+        assert circ.status == "BUILT" and len(circ.path) == 3
+        exits = {r.fingerprint: r.nickname for r in tor_network.by_role(EXIT)}
+        assert circ.exit_fingerprint in exits and circ.exit_nickname == exits[circ.exit_fingerprint]
+        assert circ.socks_username == socks_credentials("echo")[0]
+        assert echo.peers and echo.peers[0][0] == "127.0.0.1"
+    print(f"SOCKS connect through the exit {connect_ms:.1f} ms, path "
+          f"{[nick for _, nick in circ.path]}")
+
+
+def test_isolation_keys_get_distinct_circuits(client_tor):
+    with EchoServer() as echo:
+        a1 = client_tor.open_connection("127.0.0.1", echo.port, isolation_key="tunnel-a")
+        b = client_tor.open_connection("127.0.0.1", echo.port, isolation_key="tunnel-b")
+        a2 = client_tor.open_connection("127.0.0.1", echo.port, isolation_key="tunnel-a")
+        with a1, b, a2:
+            for s in (a1, b, a2):
+                _echo_roundtrip(s)
+            ca1, cb, ca2 = (client_tor.circuit_for_connection(s) for s in (a1, b, a2))
+    assert ca1.id != cb.id
+    assert ca1.id == ca2.id  # same key, same circuit
+
+
+def test_names_are_resolved_by_tor_not_locally(client_tor):
+    targets = []
+
+    def on_stream(event):
+        targets.append(event.target_address)
+
+    client_tor.controller.add_event_listener(on_stream, EventType.STREAM)
+    try:
+        # No DNS exists in the test namespace: a local lookup would fail before reaching tor.
+        with pytest.raises(TorConnectError, match="shroud-rdns-check.example:80"):
+            client_tor.open_connection("shroud-rdns-check.example", 80, timeout=30)
+        _wait_for(lambda: "shroud-rdns-check.example" in targets, 5, "tor to see the name")
+    finally:
+        client_tor.controller.remove_event_listener(on_stream)
+
+
+def test_circuit_listener_reports_a_closed_circuit(client_tor):
+    closed = []
+    remove = client_tor.add_circuit_listener(closed.append)
+    try:
+        with EchoServer() as echo:
+            sock = client_tor.open_connection("127.0.0.1", echo.port, isolation_key="to-close")
+            with sock:
+                _echo_roundtrip(sock)
+                circ = client_tor.circuit_for_connection(sock)
+                client_tor.controller.close_circuit(circ.id)
+                _wait_for(lambda: any(c.id == circ.id for c in closed), 10, "CIRC CLOSED")
+                sock.settimeout(10)
+                assert sock.recv(100) == b""  # the stream died with its circuit
+        event = next(c for c in closed if c.id == circ.id)
+        assert event.status == "CLOSED" and event.reason == "REQUESTED"
+    finally:
+        remove()
+
+
+def test_explicit_paths_give_a_distinct_exit_per_connection(client_tor, tor_network):
+    auths = tor_network.by_role(AUTHORITY)
+    exits = tor_network.by_role(EXIT)[:2]
+    with EchoServer() as echo:
+        seen = []
+        for i, exit_relay in enumerate(exits):
+            circ_id = client_tor.build_circuit([auths[i].fingerprint, auths[i + 1].fingerprint,
+                                                exit_relay.fingerprint])
+            sock = client_tor.open_connection("127.0.0.1", echo.port, isolation_key=f"pin{i}",
+                                              circuit_id=circ_id)
+            with sock:
+                _echo_roundtrip(sock)
+                circ = client_tor.circuit_for_connection(sock)
+            assert circ.id == circ_id
+            seen.append(circ.exit_nickname)
+        # an ordinary connection still works while streams are attached by hand
+        with client_tor.open_connection("127.0.0.1", echo.port, isolation_key="free") as sock:
+            _echo_roundtrip(sock)
+    assert seen == [e.nickname for e in exits]
+
+
+def test_missing_tor_is_a_clear_error(tmp_path):
+    with pytest.raises(TorError, match="tor not found"):
+        launch_tor(str(tmp_path), tor_cmd="/nonexistent/tor", timeout=5)
+
+
+def test_bad_torrc_line_is_reported_with_tors_words(tmp_path):
+    with pytest.raises(TorError, match="NoSuchShroudOption"):
+        launch_tor(str(tmp_path), ["NoSuchShroudOption 1"], timeout=20)
+
+
+def test_stuck_bootstrap_times_out_with_a_clear_error(tmp_path):
+    # A network whose only authority does not exist: tor never gets a consensus.
+    lines = ["TestingTorNetwork 1",
+             "DirAuthority nowhere orport=1 v3ident=" + "A" * 40 + " 127.0.0.9:1 " + "B" * 40]
+    t0 = time.monotonic()
+    with pytest.raises(TorError, match=r"did not finish bootstrapping within 3 s: stuck at \d+%"):
+        launch_tor(str(tmp_path), lines, timeout=3)
+    assert time.monotonic() - t0 < 15
+    port_file = tmp_path / "tor" / "control-port"
+    # the tor we started is gone
+    pid_lines = subprocess.run(["pgrep", "-f", f"tor -f {tmp_path}/torrc"],
+                               capture_output=True, text=True).stdout.split()
+    assert pid_lines == [], port_file
+
+
+GEVENT_SCRIPT = textwrap.dedent("""
+    import gevent.monkey
+    gevent.monkey.patch_all()
+    import json, sys, time
+    import gevent
+    sys.path.insert(0, sys.argv[1])
+    from lib.tor import attach_tor
+
+    tor = attach_tor(sys.argv[2], timeout=30)
+    closed, gaps = [], []
+    tor.add_circuit_listener(closed.append)
+
+    def ticker():  # proves the hub keeps running while we wait on tor
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    g = gevent.spawn(ticker)
+    sock = tor.open_connection("127.0.0.1", int(sys.argv[3]), "gevent-subprocess", timeout=30)
+    sock.sendall(b"ping")
+    reply = sock.recv(4)
+    circ = tor.circuit_for_connection(sock)
+    circuit_ids = [c.id for c in tor.controller.get_circuits()]
+    tor.controller.close_circuit(circ.id)
+    deadline = time.monotonic() + 10
+    while not any(c.id == circ.id for c in closed) and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    g.kill()
+    print(json.dumps({
+        "reply": reply.decode(), "socket_module": type(sock).__module__,
+        "path_len": len(circ.path), "circuit_listed": circ.id in circuit_ids,
+        "closed_event": [c.status for c in closed if c.id == circ.id],
+        "ticks": len(gaps), "max_gap": max(gaps),
+    }))
+    tor.close()
+""")
+
+
+def test_stem_and_socks_work_in_a_gevent_patched_process(client_tor, tmp_path):
+    script = tmp_path / "gevent_tor.py"
+    script.write_text(GEVENT_SCRIPT)
+    control_port = client_tor.controller.get_socket().port
+    with EchoServer() as echo:
+        proc = subprocess.run([sys.executable, str(script), ROOT, f"127.0.0.1:{control_port}",
+                               str(echo.port)], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reply"] == "ping"
+    assert result["socket_module"].startswith("gevent")
+    assert result["path_len"] == 3 and result["circuit_listed"]
+    assert result["closed_event"] == ["CLOSED"]
+    assert result["ticks"] > 5 and result["max_gap"] < 0.5, result
+    # attach_tor + close in the subprocess must not have stopped our tor
+    assert client_tor.process.poll() is None
+
+
+def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
+    """Runs last in this module: it kills a relay and starts it again."""
+    closed = []
+    remove = client_tor.add_circuit_listener(closed.append)
+    with EchoServer() as echo:
+        sock = client_tor.open_connection("127.0.0.1", echo.port, isolation_key="doomed")
+        killed = None
+        try:
+            _echo_roundtrip(sock)
+            circ = client_tor.circuit_for_connection(sock)
+            killed = circ.exit_nickname
+            t0 = time.monotonic()
+            tor_network.kill_relay(killed)
+            _wait_for(lambda: any(c.id == circ.id for c in closed), 30, "CIRC event after kill")
+            detect_ms = (time.monotonic() - t0) * 1000
+            event = next(c for c in closed if c.id == circ.id)
+            assert event.status in ("CLOSED", "FAILED")
+            sock.settimeout(10)
+            try:
+                assert sock.recv(100) == b""
+            except OSError:
+                pass  # a reset is as good as an EOF here
+            print(f"exit {killed} killed: circuit {event.status} ({event.reason}/"
+                  f"{event.remote_reason}) after {detect_ms:.0f} ms")
+        finally:
+            sock.close()
+            remove()
+            if killed:
+                tor_network.restart_relay(killed)
+    # the client still reaches the target afterwards, over a new circuit
+    with EchoServer() as echo:
+        with client_tor.open_connection("127.0.0.1", echo.port, isolation_key="after-kill") as s:
+            assert _echo_roundtrip(s) == b"hello through tor"
