@@ -123,10 +123,17 @@ class Stream:
         first = chunks[0]
         if len(first) <= bufsize:
             chunks.popleft()
-            data = first
-            # Join small chunks up to bufsize (a peer may send many tiny frames).
-            while chunks and len(data) + len(chunks[0]) <= bufsize:
-                data += chunks.popleft()
+            if chunks and len(first) + len(chunks[0]) <= bufsize:
+                # Join whole chunks up to bufsize (the peer sends 16 KiB frames or smaller).
+                parts = [first]
+                size = len(first)
+                while chunks and size + len(chunks[0]) <= bufsize:
+                    part = chunks.popleft()
+                    parts.append(part)
+                    size += len(part)
+                data = b"".join(parts)
+            else:
+                data = first
         else:
             data = first[:bufsize]
             chunks[0] = first[bufsize:]

@@ -1,0 +1,236 @@
+"""The gevent Session over real socket pairs (and TLS): behaviour, bounds, hostile peers."""
+import hashlib
+import os
+import socket
+import ssl
+
+import gevent
+import gevent.socket as gsocket
+import gevent.ssl
+import pytest
+import trustme
+
+from lib import frame as fr
+from lib.errors import (ErrorCode, MuxError, SessionClosed, StreamClosed, StreamReset,
+                        StreamTimeout)
+from lib.mux import MuxConfig, Session
+
+
+def pair(**kw):
+    a, b = gsocket.socketpair()
+    cfg = MuxConfig(**kw)
+    return Session(a, client=True, config=cfg), Session(b, client=False, config=cfg)
+
+
+def echo_server(session):
+    def serve(st):
+        with st:
+            while (d := st.recv(65536)):
+                st.sendall(d)
+            st.shutdown(socket.SHUT_WR)
+    def loop():
+        while True:
+            try:
+                st = session.accept()
+            except MuxError:
+                return
+            gevent.spawn(serve, st)
+    return gevent.spawn(loop)
+
+
+def roundtrip(session, data):
+    st = session.open()
+    g = gevent.spawn(lambda: (st.sendall(data), st.shutdown(socket.SHUT_WR)))
+    out = bytearray()
+    while (d := st.recv(1 << 20)):
+        out += d
+    g.get()
+    st.close()
+    return bytes(out)
+
+
+def test_echo_many_sizes():
+    c, s = pair()
+    echo_server(s)
+    for size in (0, 1, 16383, 16384, 65536, 65537, 3_000_001):
+        data = os.urandom(size)
+        assert roundtrip(c, data) == data
+    c.close()
+
+
+def test_100_concurrent_streams_every_byte_checked():
+    c, s = pair()
+    echo_server(s)
+    datas = [os.urandom(50_000 + i) for i in range(100)]
+    jobs = [gevent.spawn(roundtrip, c, d) for d in datas]
+    gevent.joinall(jobs, raise_error=True, timeout=60)
+    assert [hashlib.sha256(j.value).digest() for j in jobs] == \
+           [hashlib.sha256(d).digest() for d in datas]
+    assert c.open_streams == 0
+
+
+def test_streams_opened_by_listener_side_too():
+    c, s = pair()
+    echo_server(c)
+    assert roundtrip(s, b"from the server") == b"from the server"
+
+
+def test_half_close_both_directions():
+    c, s = pair()
+    st = c.open()
+    st.shutdown(socket.SHUT_WR)
+    peer = s.accept(timeout=5)
+    assert peer.recv(10) == b""          # FIN seen
+    peer.sendall(b"still open")          # the other way keeps working
+    assert st.recv(100) == b"still open"
+    with pytest.raises(StreamClosed):
+        st.sendall(b"after FIN")
+    peer.shutdown(socket.SHUT_WR)
+    assert st.recv(10) == b""
+
+
+def test_reset_reaches_peer_with_code():
+    c, s = pair()
+    st = c.open()
+    st.sendall(b"x")
+    peer = s.accept(timeout=5)
+    st.reset(ErrorCode.CANCEL)
+    with pytest.raises(StreamReset) as e:
+        while peer.recv(10):
+            pass
+    assert e.value.code == ErrorCode.CANCEL
+
+
+def test_recv_timeout_is_a_timeout_error():
+    c, s = pair()
+    st = c.open()
+    st.settimeout(0.05)
+    with pytest.raises(TimeoutError):
+        st.recv(1)
+    with pytest.raises(StreamTimeout):
+        st.recv(1)
+
+
+def test_slow_reader_bounds_memory_and_sender_blocks():
+    # The receiver never reads: the sender must stop at the granted window, not buffer more.
+    c, s = pair(receive_window=256 * 1024)
+    st = c.open()
+    st.settimeout(0.5)
+    sent = 0
+    with pytest.raises(StreamTimeout):
+        while sent < 50 << 20:
+            st.sendall(b"x" * 65536)
+            sent += 65536
+    peer = s.accept(timeout=1)
+    assert peer._buffered <= 256 * 1024
+    assert sent <= 256 * 1024
+
+
+def test_transport_death_fails_streams_with_session_closed():
+    a, b = gsocket.socketpair()
+    c = Session(a, client=True)
+    st = c.open()
+    b.close()
+    with pytest.raises(SessionClosed):
+        st.recv(1)
+    assert c.wait(5) is not None and c.closed
+
+
+def test_close_sends_goaway_and_peer_ends():
+    c, s = pair()
+    c.close()
+    end = s.wait(5)
+    assert end.remote and end.code == ErrorCode.NO_ERROR
+    with pytest.raises(SessionClosed):
+        s.open()
+
+
+def test_heartbeat_dead_peer_detected():
+    a, b = gsocket.socketpair()
+    c = Session(a, client=True, config=MuxConfig(heartbeat_interval=0.1, heartbeat_tolerance=0.3))
+    # b reads everything and never answers: no echo.
+    sink = gevent.spawn(lambda: [None for _ in iter(lambda: b.recv(65536), b"")])
+    end = c.wait(5)
+    assert end is not None and "heartbeat" in end.reason
+    sink.kill()
+
+
+def test_heartbeat_keeps_session_alive_and_measures_rtt():
+    c, s = pair(heartbeat_interval=0.05, heartbeat_tolerance=0.2)
+    gevent.sleep(0.6)
+    assert not c.closed and not s.closed
+    assert c.heartbeat_rtt is not None and c.heartbeat_rtt < 0.2
+
+
+def raw_peer_session(wire):
+    """A Session (server side) fed hostile bytes by a raw socket; returns (session, GOAWAY)."""
+    a, b = gsocket.socketpair()
+    s = Session(b, client=False, config=MuxConfig(max_streams=8, accept_backlog=8, max_refused=16))
+    def send():
+        try:
+            a.sendall(wire)
+        except OSError:
+            pass  # the session hung up mid-flood, as it should
+    gevent.spawn(send)
+    end = s.wait(5)
+    got = b""
+    a.settimeout(2)
+    try:
+        while (d := a.recv(65536)):
+            got += d
+    except OSError:
+        pass
+    dec = fr.FrameDecoder()
+    dec.feed(got)
+    frames = []
+    while (f := dec.next_frame()) is not None:
+        frames.append(f)
+    return end, [f for f in frames if isinstance(f, fr.GoAway)]
+
+
+@pytest.mark.parametrize("name,wire,code", [
+    ("window overrun", fr.encode(fr.Syn(3)) + b"".join(
+        fr.encode(fr.Data(3, bytes(16383))) for _ in range(80)), ErrorCode.FLOW_CONTROL_ERROR),
+    ("id reuse", fr.encode(fr.Syn(3)) + fr.encode(fr.Syn(3)), ErrorCode.PROTOCOL_ERROR),
+    ("wrong parity", fr.encode(fr.Syn(4)), ErrorCode.PROTOCOL_ERROR),
+    ("unknown type", bytes.fromhex("0000001100000003"), ErrorCode.PROTOCOL_ERROR),
+    ("SYN flood", b"".join(fr.encode(fr.Syn(2 * i + 3)) for i in range(5000)),
+     ErrorCode.PROTOCOL_ERROR),
+])
+def test_hostile_peer_gets_goaway_while_other_session_works(name, wire, code):
+    c, s = pair()
+    echo_server(s)
+    end, goaways = raw_peer_session(wire)
+    assert end is not None and end.code == code, (name, end)
+    assert goaways and goaways[-1].code == code
+    assert roundtrip(c, b"unharmed") == b"unharmed"
+
+
+def test_over_tls():
+    ca = trustme.CA()
+    cert = ca.issue_cert("mux.test")
+    sctx = gevent.ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(sctx)
+    cctx = gevent.ssl.create_default_context()
+    ca.configure_trust(cctx)
+    lsock = gsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+    holder = {}
+
+    def serve():
+        conn, _ = lsock.accept()
+        tconn = sctx.wrap_socket(conn, server_side=True)
+        holder["s"] = Session(tconn, client=False)
+        echo_server(holder["s"])
+    g = gevent.spawn(serve)
+    raw = gsocket.create_connection(("127.0.0.1", port))
+    tls = cctx.wrap_socket(raw, server_hostname="mux.test")
+    c = Session(tls, client=True)
+    g.join(5)
+    data = os.urandom(2_000_000)
+    jobs = [gevent.spawn(roundtrip, c, data) for _ in range(10)]
+    gevent.joinall(jobs, raise_error=True, timeout=30)
+    assert all(j.value == data for j in jobs)
+    c.close()
