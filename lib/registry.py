@@ -1,0 +1,236 @@
+"""The proxy's live state: tunnels, the names bound through them, and their counters.
+
+Public API::
+
+    registry = Registry()
+    tunnel = registry.add_tunnel(session, peer="1.2.3.4:5", key=fp_or_None, client_id="...")
+    binding = registry.bind(tunnel, protocol="tls", name="example.com", owner=fp, method="tofu")
+    registry.lookup("tls", "www.example.com") -> Binding | None   # exact name, then wildcards
+    binding.pick() -> Tunnel | None      # balances new connections across the binding's tunnels
+    registry.remove_tunnel(tunnel)        # drops its bindings; a binding with no tunnel goes away
+    registry.count_refusal(reason, name=None)
+    registry.snapshot() -> dict           # JSON-ready view for the status API and dashboard
+
+Protocols are go-tunnel's: "tls" and "https" are routed by SNI, "http" by Host, "tcp" by port
+(name "tcp:PORT"). The registry only holds state; the proxy does the I/O.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter, deque
+
+from lib.sniff import wildcard_candidates
+
+ROUTE_BY_SNI = ("tls", "https")
+ROUTE_BY_HOST = ("http",)
+
+# Bandwidth history: 10-second buckets over the last hour (360 per name) keeps a chart smooth
+# and costs ~10 KiB per bound name at most.
+BUCKET_SECONDS = 10
+HISTORY_BUCKETS = 360
+
+
+class RateHistory:
+    """Bytes in/out per fixed time bucket, for charts and current rates."""
+
+    __slots__ = ("buckets", "clock")
+
+    def __init__(self, clock=time.time):
+        self.buckets: deque[list] = deque(maxlen=HISTORY_BUCKETS)  # [start, in, out]
+        self.clock = clock
+
+    def add(self, n_in: int = 0, n_out: int = 0) -> None:
+        now = int(self.clock()) // BUCKET_SECONDS * BUCKET_SECONDS
+        b = self.buckets
+        if not b or b[-1][0] != now:
+            b.append([now, 0, 0])
+        b[-1][1] += n_in
+        b[-1][2] += n_out
+
+    def series(self) -> list[list]:
+        return [list(x) for x in self.buckets]
+
+    def rate(self) -> tuple[float, float]:
+        """Bytes/s in and out over the last full bucket and the current one."""
+        now = self.clock()
+        start = (int(now) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
+        recent = [b for b in self.buckets if b[0] >= start]
+        span = max(1.0, now - start)
+        return (sum(b[1] for b in recent) / span, sum(b[2] for b in recent) / span)
+
+
+class Tunnel:
+    """One client connection (a muxado session) and what is bound through it."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, session, peer: str, key: str | None, client_id: str, transport: str):
+        self.id = next(self._ids)
+        self.session = session
+        self.peer = peer
+        self.key = key
+        self.client_id = client_id
+        self.transport = transport
+        self.connected_at = time.time()
+        self.bindings: set[Binding] = set()
+        self.streams_open = 0
+        self.streams_total = 0
+        self.bytes_in = 0  # public -> origin
+        self.bytes_out = 0  # origin -> public
+
+    @property
+    def alive(self) -> bool:
+        return not self.session.closed
+
+    def snapshot(self) -> dict:
+        return {
+            "id": self.id, "peer": self.peer, "key": self.key, "client_id": self.client_id,
+            "transport": self.transport, "connected_at": self.connected_at,
+            "heartbeat_rtt_ms": (None if self.session.heartbeat_rtt is None
+                                 else round(self.session.heartbeat_rtt * 1000, 2)),
+            "streams_open": self.streams_open, "streams_total": self.streams_total,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "names": sorted(b.name for b in self.bindings),
+        }
+
+
+class Binding:
+    """A name bound by one owner key through one or more tunnels."""
+
+    def __init__(self, protocol: str, name: str, owner: str | None, method: str, url: str):
+        self.protocol = protocol
+        self.name = name
+        self.owner = owner
+        self.method = method
+        self.url = url
+        self.bound_at = time.time()
+        self.tunnels: list[Tunnel] = []
+        self._rr = 0
+        self.connections = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.refusals: Counter = Counter()
+        self.history = RateHistory()
+
+    def pick(self) -> Tunnel | None:
+        """The live tunnel with the fewest open streams; ties rotate."""
+        live = [t for t in self.tunnels if t.alive]
+        if not live:
+            return None
+        self._rr += 1
+        n = len(live)
+        rotated = live[self._rr % n:] + live[: self._rr % n]
+        return min(rotated, key=lambda t: t.streams_open)
+
+    @property
+    def streams_open(self) -> int:
+        return sum(t.streams_open for t in self.tunnels)
+
+    def count(self, n_in: int = 0, n_out: int = 0) -> None:
+        self.bytes_in += n_in
+        self.bytes_out += n_out
+        self.history.add(n_in, n_out)
+
+    def snapshot(self, history: bool = False) -> dict:
+        rate_in, rate_out = self.history.rate()
+        d = {
+            "name": self.name, "protocol": self.protocol, "url": self.url,
+            "owner": self.owner, "owner_short": (self.owner or "unsigned")[:16],
+            "method": self.method, "bound_at": self.bound_at,
+            "tunnels": len(self.tunnels), "streams_open": self.streams_open,
+            "connections": self.connections, "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out, "rate_in": rate_in, "rate_out": rate_out,
+            "refusals": dict(self.refusals),
+        }
+        if history:
+            d["history"] = self.history.series()
+            d["tunnel_list"] = [t.snapshot() for t in self.tunnels]
+        return d
+
+
+class Registry:
+    def __init__(self):
+        self.bindings: dict[tuple[str, str], Binding] = {}
+        self.tunnels: dict[int, Tunnel] = {}
+        self.refusals: Counter = Counter()
+        self.connections = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.history = RateHistory()
+        self.started = time.time()
+        self.listeners: dict[str, str] = {}
+
+    def add_tunnel(self, session, peer: str, key: str | None, client_id: str,
+                   transport: str = "tls") -> Tunnel:
+        t = Tunnel(session, peer, key, client_id, transport)
+        self.tunnels[t.id] = t
+        return t
+
+    def tunnels_of_key(self, key: str | None) -> list[Tunnel]:
+        return [t for t in self.tunnels.values() if t.key == key and key is not None]
+
+    def remove_tunnel(self, tunnel: Tunnel) -> None:
+        self.tunnels.pop(tunnel.id, None)
+        for b in list(tunnel.bindings):
+            if tunnel in b.tunnels:
+                b.tunnels.remove(tunnel)
+            if not b.tunnels:
+                self.bindings.pop((b.protocol, b.name), None)
+        tunnel.bindings.clear()
+
+    def existing(self, protocol: str, name: str) -> Binding | None:
+        return self.bindings.get((protocol, name))
+
+    def bind(self, tunnel: Tunnel, protocol: str, name: str, owner: str | None, method: str,
+             url: str) -> Binding:
+        b = self.bindings.get((protocol, name))
+        if b is None:
+            b = self.bindings[(protocol, name)] = Binding(protocol, name, owner, method, url)
+        if tunnel not in b.tunnels:
+            b.tunnels.append(tunnel)
+        tunnel.bindings.add(b)
+        return b
+
+    def unbind(self, binding: Binding) -> None:
+        self.bindings.pop((binding.protocol, binding.name), None)
+        for t in binding.tunnels:
+            t.bindings.discard(binding)
+        binding.tunnels.clear()
+
+    def lookup(self, protocols: tuple[str, ...], hostname: str) -> Binding | None:
+        for candidate in wildcard_candidates(hostname):
+            for protocol in protocols:
+                b = self.bindings.get((protocol, candidate))
+                if b is not None and b.tunnels:
+                    return b
+        return None
+
+    def count_refusal(self, reason: str, binding: Binding | None = None) -> None:
+        self.refusals[reason] += 1
+        if binding is not None:
+            binding.refusals[reason] += 1
+
+    def count_bytes(self, binding: Binding, tunnel: Tunnel, n_in: int = 0, n_out: int = 0) -> None:
+        binding.count(n_in, n_out)
+        tunnel.bytes_in += n_in
+        tunnel.bytes_out += n_out
+        self.bytes_in += n_in
+        self.bytes_out += n_out
+        self.history.add(n_in, n_out)
+
+    def snapshot(self) -> dict:
+        rate_in, rate_out = self.history.rate()
+        return {
+            "uptime": time.time() - self.started,
+            "started": self.started,
+            "listeners": dict(self.listeners),
+            "tunnels": [t.snapshot() for t in self.tunnels.values()],
+            "bindings": [b.snapshot() for b in self.bindings.values()],
+            "connections": self.connections,
+            "streams_open": sum(t.streams_open for t in self.tunnels.values()),
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "rate_in": rate_in, "rate_out": rate_out,
+            "refusals": dict(self.refusals),
+            "history": self.history.series(),
+        }
