@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""Multiplexer benchmark: lib.mux against Go's muxado v1, over TLS on loopback.
+
+    .venv/bin/python bench/mux_bench.py [--size BYTES] [--streams N] [--idle-streams N]
+                                        [--timeout S] [--no-readme]
+
+For each pair of peers (dialler -> listener) it moves ``--size`` bytes (default 1 GiB) from the
+dialler to a "sink" on the listener, (a) over one stream and (b) spread over ``--streams``
+(default 100) concurrent streams. The sink counts what it read and answers the count when the
+sender half-closes, so the clock (first open -> last count reply) covers delivery, not buffering.
+Pairs: Go->Go (the reference), Python->Go, Go->Python, Python->Python; each Python peer runs in
+its own process, as each Go peer does. Then it opens ``--idle-streams`` (default 10,000) idle
+streams between two fresh Python processes and reports the RSS growth per stream on each side.
+
+Results go to stdout (progress lines, then a table) and, unless --no-readme, into the
+"Multiplexer" section of bench/README.md. Every run is bounded by --timeout.
+
+Internal modes (one process per Python peer): ``--serve-sink`` and ``--serve-hold`` listen and
+print one JSON line per event; ``--send`` and ``--open-idle`` dial.
+
+This is an entry point: it monkey-patches gevent before anything else is imported.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import socket  # noqa: E402
+import ssl  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from lib.mux import MuxConfig, Session  # noqa: E402
+
+README = os.path.join(ROOT, "bench", "README.md")
+SECTION = "Multiplexer"
+# The sender writes this buffer over and over: generating 1 GiB would dominate the timing.
+CHUNK = 256 * 1024
+# Sink reads this much at a time (the Python session hands over up to its receive window).
+READ_SIZE = 256 * 1024
+COUNT = struct.Struct(">Q")
+
+
+def log(msg: str) -> None:
+    print(f"[mux-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def emit(event: str, **kv) -> None:
+    kv["event"] = event
+    print(json.dumps(kv), flush=True)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# --- Python peer processes ---------------------------------------------------------------
+
+
+def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def tls_client_context(ca: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca)
+    return ctx
+
+
+def serve(args, handle_session) -> None:
+    """Listen on 127.0.0.1, TLS, and run handle_session(session) for each connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ctx = tls_server_context(args.cert, args.key)
+    emit("listening", addr="127.0.0.1:%d" % listener.getsockname()[1])
+    while True:
+        sock, _ = listener.accept()
+
+        def run(sock=sock):
+            tune(sock, args)
+            tls = ctx.wrap_socket(sock, server_side=True)
+            handle_session(Session(tls, client=False, config=bench_config(args)))
+
+        gevent.spawn(run)
+
+
+def tune(sock, args) -> None:
+    # Go's net package sets TCP_NODELAY on every TCP connection; lib.mux leaves the transport
+    # as its caller made it. --nodelay makes the Python side match Go.
+    if args.nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def bench_config(args) -> MuxConfig:
+    # 10,000 idle streams exceed the default caps, which exist to bound a hostile peer.
+    n = max(args.idle_streams + 16, 1024)
+    return MuxConfig(max_streams=n, accept_backlog=n)
+
+
+def sink_stream(stream) -> None:
+    n = 0
+    while True:
+        data = stream.recv(READ_SIZE)
+        if not data:
+            break
+        n += len(data)
+    stream.sendall(COUNT.pack(n))
+    stream.shutdown(socket.SHUT_WR)
+    stream.close()
+
+
+def serve_sink(args) -> None:
+    def handle(session):
+        while True:
+            try:
+                stream = session.accept()
+            except OSError:
+                return
+            gevent.spawn(sink_stream, stream)
+
+    serve(args, handle)
+
+
+def serve_hold(args) -> None:
+    """Accept streams and keep them; report RSS before and after args.idle_streams of them."""
+    def handle(session):
+        gc.collect()
+        before = rss_bytes()
+        held = []
+        while len(held) < args.idle_streams:
+            held.append(session.accept(timeout=args.timeout))
+        gc.collect()
+        after = rss_bytes()
+        emit("held", streams=len(held), rss_before=before, rss_after=after)
+        session.wait(args.timeout)
+
+    serve(args, handle)
+
+
+def dial(args) -> Session:
+    host, port = args.dial.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    tune(sock, args)
+    tls = tls_client_context(args.ca).wrap_socket(sock, server_hostname="127.0.0.1")
+    tls.settimeout(None)
+    return Session(tls, client=True, config=bench_config(args))
+
+
+def send(args) -> None:
+    """Move args.size bytes over args.streams streams to a sink; one JSON result line."""
+    session = dial(args)
+    chunk = memoryview(os.urandom(CHUNK))
+    per = args.size // args.streams
+    errors = []
+    sent = [0]
+
+    def one(i):
+        try:
+            stream = session.open()
+            stream.settimeout(args.timeout)
+            left = per
+            while left:
+                n = min(left, CHUNK)
+                stream.sendall(chunk[:n])
+                left -= n
+                sent[0] += n
+            stream.shutdown(socket.SHUT_WR)
+            reply = b""
+            while len(reply) < 9:
+                data = stream.recv(16)
+                if not data:
+                    break
+                reply += data
+            if reply != COUNT.pack(per):
+                errors.append(f"stream {stream.id}: count reply {reply.hex()}")
+            stream.close()
+        except OSError as e:
+            errors.append(f"stream {i}: {e}")
+
+    start = time.monotonic()
+    jobs = [gevent.spawn(one, i) for i in range(args.streams)]
+    gevent.joinall(jobs, timeout=args.timeout)
+    secs = time.monotonic() - start
+    timed_out = not all(j.ready() for j in jobs)
+    if timed_out:
+        errors.append(f"timed out after {args.timeout} s with {sent[0]} bytes written")
+    # On a timeout the rate is an upper bound: bytes handed to the session, not delivered.
+    total = sent[0] if timed_out else per * args.streams
+    emit("send_done", ok=not errors, errors=errors[:3], streams=args.streams, bytes=total,
+         seconds=secs, mib_per_s=total / 2**20 / secs, timed_out=timed_out)
+    session.close()
+
+
+def open_idle(args) -> None:
+    session = dial(args)
+    gevent.sleep(0.2)
+    gc.collect()
+    before = rss_bytes()
+    streams = [session.open() for _ in range(args.idle_streams)]
+    gevent.sleep(1.0)  # let the SYNs leave
+    gc.collect()
+    after = rss_bytes()
+    emit("opened", streams=len(streams), rss_before=before, rss_after=after,
+         alive=not session.closed)
+    session.close()
+
+
+# --- orchestration -------------------------------------------------------------------------
+
+
+class Proc:
+    """A peer process printing JSON lines; bounded waits."""
+
+    def __init__(self, argv):
+        self.argv = argv
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def expect(self, event, timeout):
+        with gevent.Timeout(timeout, TimeoutError(f"no {event!r} within {timeout} s from {self.argv}")):
+            for raw in self.p.stdout:
+                line = json.loads(raw)
+                if line["event"] == event:
+                    return line
+                if line["event"] == "fatal":
+                    raise RuntimeError(f"{self.argv}: {line}")
+        raise RuntimeError(f"{self.argv} exited ({self.p.wait()}) before {event!r}: "
+                           f"{self.p.stderr.read().decode()[-2000:]}")
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+
+
+def run_pair(opts, gobin, certs, sender, listener, streams):
+    """One throughput run: returns MiB/s."""
+    if listener == "go":
+        server = Proc([gobin, "-listen", "127.0.0.1:0", "-tls", "-cert", certs["cert"], "-key",
+                       certs["key"], "-accept", "sink", "-raw", "-sessions", "1",
+                       "-timeout", f"{opts.timeout + 30}s"])  # outlives the sender's bound
+    else:
+        server = Proc(py_argv(opts, certs, "--serve-sink"))
+    try:
+        addr = server.expect("listening", 30)["addr"]
+        if sender == "go":
+            client = Proc([gobin, "-dial", addr, "-tls", "-raw", "-accept", "none", "-run", "send",
+                           "-streams", str(streams), "-size", str(opts.size),
+                           "-timeout", f"{opts.timeout}s"])
+        else:
+            client = Proc(py_argv(opts, certs, "--send", "--dial", addr, "--streams", str(streams)))
+        try:
+            result = client.expect("send_done", opts.timeout + 10)
+        finally:
+            client.stop()
+    finally:
+        server.stop()
+    if result.get("timed_out"):
+        return result["mib_per_s"], "timed out"
+    if not result["ok"]:
+        raise RuntimeError(f"{sender}->{listener} x{streams}: {result}")
+    return result["mib_per_s"], ""
+
+
+def py_argv(opts, certs, *extra):
+    return [sys.executable, os.path.abspath(__file__), "--cert", certs["cert"], "--key",
+            certs["key"], "--ca", certs["ca"], "--size", str(opts.size), "--timeout",
+            str(opts.timeout), "--idle-streams", str(opts.idle_streams),
+            *(["--nodelay"] if opts.nodelay else []), *extra]
+
+
+def measure_idle(opts, certs):
+    server = Proc(py_argv(opts, certs, "--serve-hold"))
+    try:
+        addr = server.expect("listening", 30)["addr"]
+        client = Proc(py_argv(opts, certs, "--open-idle", "--dial", addr))
+        try:
+            opened = client.expect("opened", opts.timeout)
+            held = server.expect("held", opts.timeout)
+        finally:
+            client.stop()
+    finally:
+        server.stop()
+    n = opts.idle_streams
+    return ((opened["rss_after"] - opened["rss_before"]) / n,
+            (held["rss_after"] - held["rss_before"]) / n)
+
+
+def make_certs(directory):
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {k: os.path.join(directory, f"{k}.pem") for k in ("cert", "key", "ca")}
+    cert.private_key_pem.write_to_path(paths["key"])
+    with open(paths["cert"], "wb") as f:
+        for blob in cert.cert_chain_pems:
+            f.write(blob.bytes())
+    ca.cert_pem.write_to_path(paths["ca"])
+    return paths
+
+
+def human(n):
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
+
+
+def write_readme(text):
+    """Put ``text`` (starting with a ### heading) into the "## Multiplexer" section of the README,
+    replacing the subsection of the same heading and keeping everything else."""
+    body = open(README).read() if os.path.exists(README) else "# Benchmarks\n"
+    section_re = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.M | re.S)
+    found = section_re.search(body)
+    section = found.group(0) if found else f"## {SECTION}\n\n"
+    heading = text.split("\n", 1)[0]
+    sub_re = re.compile(rf"^{re.escape(heading)}\n.*?(?=^##|\Z)", re.M | re.S)
+    if sub_re.search(section):
+        section = sub_re.sub(lambda _: text + "\n\n", section)
+    else:
+        section = section.rstrip() + "\n\n" + text + "\n\n"
+    if found:
+        body = body[:found.start()] + section + body[found.end():]
+    else:
+        body = body.rstrip() + "\n\n" + section
+    with open(README, "w") as f:
+        f.write(body.rstrip() + "\n")
+
+
+def main_bench(opts):
+    from tests.fixtures.gopeer import build_muxpeer
+    pairs = [("go", "go"), ("python", "go"), ("go", "python"), ("python", "python")]
+    with tempfile.TemporaryDirectory(prefix="mux-bench-") as tmp:
+        log("building the Go peer (tests/go/muxpeer, muxado v1 from /usr/share/gocode)")
+        gobin = build_muxpeer(tmp)
+        certs = make_certs(tmp)
+        results = {}
+        for streams in (1, opts.streams):
+            for sender, listener in pairs:
+                log(f"{sender} -> {listener}: {human(opts.size)} over {streams} stream(s) ...")
+                started = time.monotonic()
+                mib, note = run_pair(opts, gobin, certs, sender, listener, streams)
+                results[(sender, listener, streams)] = (mib, note)
+                log(f"{sender} -> {listener} x{streams}: {mib:.1f} MiB/s {note} "
+                    f"({time.monotonic() - started:.1f} s)")
+        idle = None
+        if opts.idle_streams:
+            log(f"opening {opts.idle_streams} idle streams Python -> Python ...")
+            idle = measure_idle(opts, certs)
+            log(f"RSS per idle stream: opener {idle[0] / 1024:.2f} KiB, "
+                f"acceptor {idle[1] / 1024:.2f} KiB")
+
+    nodelay = "with" if opts.nodelay else "without"
+    lines = [
+        f"### Python transports {nodelay} TCP_NODELAY",
+        "",
+        f"`.venv/bin/python bench/mux_bench.py --size {opts.size} --streams {opts.streams} "
+        f"--idle-streams {opts.idle_streams}{' --nodelay' if opts.nodelay else ''}` on {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, Go muxado v1 (Debian). TLS over loopback; "
+        f"the dialler sends {human(opts.size)} to a sink on the listener; each peer is its own "
+        "process; time runs from the first open to the last count reply.",
+        "",
+        f"| sender -> listener | 1 stream MiB/s | vs Go | {opts.streams} streams MiB/s | vs Go |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    def cell(key):
+        mib, note = results[key]
+        ref = results[("go", "go", key[2])][0]
+        if note:  # a timed-out rate is an upper bound
+            return f"< {mib:.1f} ({note}) | < {mib / ref:.3f}"
+        return f"{mib:.0f} | {mib / ref:.2f}"
+
+    for sender, listener in pairs:
+        lines.append(f"| {sender} -> {listener} | {cell((sender, listener, 1))} "
+                     f"| {cell((sender, listener, opts.streams))} |")
+    if idle:
+        lines += ["", f"Idle streams (Python -> Python, {opts.idle_streams} streams, SYN only, "
+                  f"RSS delta / streams): opener **{idle[0] / 1024:.2f} KiB**, acceptor "
+                  f"**{idle[1] / 1024:.2f} KiB** per stream (goal < 16 KiB)."]
+    text = "\n".join(lines)
+    print(text)
+    if not opts.no_readme:
+        write_readme(text)
+        log(f"wrote the '{SECTION}' section of {os.path.relpath(README, ROOT)}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=2**30, help="bytes per run (default 1 GiB)")
+    ap.add_argument("--streams", type=int, default=100, help="concurrent streams, run (b)")
+    ap.add_argument("--idle-streams", type=int, default=10_000, help="0 skips the memory test")
+    ap.add_argument("--timeout", type=float, default=120, help="bound on each run, seconds")
+    ap.add_argument("--nodelay", action="store_true",
+                    help="set TCP_NODELAY on the Python peers' sockets, as Go always does")
+    ap.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
+    # internal modes
+    ap.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-hold", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--send", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--open-idle", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dial", help=argparse.SUPPRESS)
+    ap.add_argument("--cert", help=argparse.SUPPRESS)
+    ap.add_argument("--key", help=argparse.SUPPRESS)
+    ap.add_argument("--ca", help=argparse.SUPPRESS)
+    opts = ap.parse_args()
+    if opts.serve_sink:
+        serve_sink(opts)
+    elif opts.serve_hold:
+        serve_hold(opts)
+    elif opts.send:
+        send(opts)
+    elif opts.open_idle:
+        open_idle(opts)
+    else:
+        main_bench(opts)
+
+
+if __name__ == "__main__":
+    main()
