@@ -1,0 +1,68 @@
+"""Certificates for the proxy's tunnel listener, and fingerprints clients pin.
+
+Public API::
+
+    ensure_tunnel_cert(data_dir, hostname) -> (cert_path, key_path)   # created on first run
+    cert_fingerprint(der_or_pem_path_or_bytes) -> str                 # hex SHA-256 of the DER
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import ssl
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+CERT_FILE = "tunnel-cert.pem"
+KEY_FILE = "tunnel-key.pem"
+
+
+def ensure_tunnel_cert(data_dir: str, hostname: str = "shroud-proxy") -> tuple[str, str]:
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    cert_path = os.path.join(data_dir, CERT_FILE)
+    key_path = os.path.join(data_dir, KEY_FILE)
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    fd = os.open(key_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path + ".tmp", "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(key_path + ".tmp", key_path)
+    os.replace(cert_path + ".tmp", cert_path)
+    return cert_path, key_path
+
+
+def cert_fingerprint(cert: bytes | str) -> str:
+    """SHA-256 of the certificate's DER bytes, lower-case hex (what ``--pin`` takes)."""
+    if isinstance(cert, str):
+        with open(cert, "rb") as f:
+            cert = f.read()
+    if cert.startswith(b"-----BEGIN"):
+        cert = ssl.PEM_cert_to_DER_cert(cert.decode("ascii"))
+    return hashlib.sha256(cert).hexdigest()
+
+
+def normalize_pin(pin: str) -> str:
+    """Accept hex with or without colons, any case."""
+    p = pin.replace(":", "").strip().lower()
+    if len(p) != 64 or any(c not in "0123456789abcdef" for c in p):
+        raise ValueError(f"not a SHA-256 fingerprint: {pin!r}")
+    return p
