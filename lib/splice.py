@@ -9,7 +9,8 @@ Half-close is carried through: when one side reaches EOF, the other side gets
 greenlets are joined before return, and both ends are closed (gevent's rule: when the handler
 returns, its socket is closed). An error in either direction ends both. ``on_*`` callbacks get
 the byte count of each chunk (bandwidth counters). ``idle_timeout`` bounds how long both
-directions may stay silent.
+directions may stay silent. ``fallback_to_a`` is sent to ``a`` (then both close) when ``b`` ends
+or fails before sending a single byte: the proxy's 502 for HTTP.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class _Idle:
         self.last = time.monotonic()
 
 
-def _pump(src, dst, on_bytes, idle: _Idle, chunk: int) -> int:
+def _pump(src, dst, on_bytes, idle: _Idle, chunk: int, fallback: bytes | None = None) -> int:
     total = 0
     try:
         while True:
@@ -44,7 +45,11 @@ def _pump(src, dst, on_bytes, idle: _Idle, chunk: int) -> int:
             if on_bytes is not None:
                 on_bytes(n)
     except OSError:
-        # Either side failed: abort both directions.
+        # Either side failed: abort both directions (after the fallback answer, if due).
+        _send_fallback(dst, fallback, total)
+        _abort(src, dst)
+        return total
+    if _send_fallback(dst, fallback, total):
         _abort(src, dst)
         return total
     try:
@@ -52,6 +57,16 @@ def _pump(src, dst, on_bytes, idle: _Idle, chunk: int) -> int:
     except OSError:
         pass
     return total
+
+
+def _send_fallback(dst, fallback: bytes | None, total: int) -> bool:
+    if fallback is None or total:
+        return False
+    try:
+        dst.sendall(fallback)
+    except OSError:
+        pass
+    return True
 
 
 def _abort(*ends) -> None:
@@ -63,10 +78,10 @@ def _abort(*ends) -> None:
 
 
 def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None = None,
-           chunk: int = CHUNK) -> tuple[int, int]:
+           chunk: int = CHUNK, fallback_to_a: bytes | None = None) -> tuple[int, int]:
     idle = _Idle()
     g1 = gevent.spawn(_pump, a, b, on_a_to_b, idle, chunk)
-    g2 = gevent.spawn(_pump, b, a, on_b_to_a, idle, chunk)
+    g2 = gevent.spawn(_pump, b, a, on_b_to_a, idle, chunk, fallback_to_a)
     try:
         if idle_timeout is None:
             gevent.joinall([g1, g2])

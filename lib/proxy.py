@@ -1,0 +1,515 @@
+"""The public proxy: tunnels from clients in, public connections routed to them.
+
+Public API::
+
+    config = ProxyConfig(tunnel_addr="0.0.0.0:4443", https_addr="0.0.0.0:443", ...)
+    proxy = ProxyServer(config)
+    proxy.start()            # binds every configured listener (returns at once)
+    proxy.addresses          # {"tunnel": ("0.0.0.0", 4443), ...} as actually bound
+    proxy.registry           # live state (lib.registry.Registry)
+    proxy.stop()
+
+Flows (docs/PROTOCOL.md has the bytes):
+- Tunnel: TLS handshake (deadline), muxado session as the listener, the first stream carries
+  Auth/AuthResp (with a fresh nonce), each later client stream one Bind/BindResp. A bind is
+  checked (signature over the nonce, ownership policy, blocks, limits) and registered.
+- Public connection on the https listener: the ClientHello is peeked (never consumed) for SNI;
+  on the http listener the request head for Host. The name's binding picks a tunnel, a stream
+  is opened with StartProxy {Url, ClientAddr} at its head, the peeked bytes are replayed, and
+  bytes are spliced both ways, half-close included. TLS is never decrypted.
+- Raw TCP binds listen on the requested port (only ports the operator allows).
+
+Every refusal is counted in the registry (by reason) and answered plainly: 404 / TLS
+unrecognized_name for unknown names, 403 / access_denied for blocked names, 503 / internal_error
+for limits, 502 for HTTP when the origin fails before its first byte.
+
+This module uses gevent's APIs directly and never monkey-patches.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import gevent
+import gevent.pool
+import gevent.server
+import gevent.ssl
+
+from lib import messages as msg
+from lib import sniff
+from lib.certs import cert_fingerprint, ensure_tunnel_cert
+from lib.errors import ErrorCode, MuxError
+from lib.identity import fingerprint as key_fingerprint, verify_bind
+from lib.mux import MuxConfig, Session
+from lib.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
+from lib.splice import splice
+
+log = logging.getLogger("shroud.proxy")
+
+# TLS alerts we send on refusal (RFC 8446 6.2).
+ALERT_ACCESS_DENIED = 49
+ALERT_INTERNAL_ERROR = 80
+ALERT_UNRECOGNIZED_NAME = 112
+
+PROTOCOLS = ("tls", "https", "http", "tcp")
+
+
+def parse_addr(addr: str | None, default_host: str = "0.0.0.0") -> tuple[str, int] | None:
+    """'HOST:PORT', ':PORT' or 'PORT' -> (host, port); None stays None."""
+    if addr is None or addr == "":
+        return None
+    addr = str(addr)
+    if addr.isdigit():
+        return (default_host, int(addr))
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]") or default_host
+    return (host, int(port))
+
+
+def parse_port_ranges(spec: str | None) -> frozenset[int]:
+    """'20000-20100,22022' -> the set of ports."""
+    ports: set[int] = set()
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        lo_i, hi_i = int(lo), int(hi or lo)
+        if not (1 <= lo_i <= hi_i <= 65535):
+            raise ValueError(f"bad port range {part!r}")
+        ports.update(range(lo_i, hi_i + 1))
+    return frozenset(ports)
+
+
+@dataclass
+class ProxyConfig:
+    data_dir: str = "./proxy-data"
+    tunnel_addr: str | None = "0.0.0.0:4443"
+    https_addr: str | None = None
+    http_addr: str | None = None
+    admin_addr: str | None = "127.0.0.1:8080"
+    cert: str | None = None
+    key: str | None = None
+    hostname: str = "shroud-proxy"  # the proxy's own name (tunnel certificate, dashboard)
+    public_host: str = "127.0.0.1"  # host tcp binds are reported under (tcp://HOST:PORT)
+    tcp_ports: frozenset[int] = frozenset()
+    tcp_bind_host: str = "0.0.0.0"
+    allowlist: str | None = None
+    dns_resolver: str | None = None  # "HOST:PORT" for DNS TXT ownership proofs
+    tofu: bool = True
+    allow_unsigned: tuple[str, ...] = ()  # name patterns the original Go client may bind
+    # Limits, each with a counter in the registry. Public connections: one greenlet and two
+    # sockets each (~40 KiB): 20,000 is ~1 GiB, the most a small VM should hold.
+    max_public_connections: int = 20000
+    max_tunnels: int = 2000
+    max_tunnels_per_key: int = 8  # 3 proxies' worth of clients, a few replicas each
+    max_binds_per_tunnel: int = 256
+    # Go-vhost's 10 s to read a name; a ClientHello comes in one round trip, a head in a few.
+    peek_timeout: float = 10.0
+    handshake_timeout: float = 15.0  # TLS + Auth on a tunnel, over Tor's slower path
+    control_timeout: float = 10.0  # one control message
+    idle_timeout: float | None = 3600.0  # silent public connection
+    mux: MuxConfig = field(default_factory=MuxConfig)
+    ownership: object | None = None  # an OwnershipPolicy; built from the fields above if None
+
+
+class ProxyServer:
+    def __init__(self, config: ProxyConfig):
+        self.config = config
+        self.registry = Registry()
+        self.servers: dict[str, gevent.server.StreamServer] = {}
+        self.tcp_servers: dict[int, gevent.server.StreamServer] = {}
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._public_pool = gevent.pool.Pool(config.max_public_connections)
+        self._tunnel_pool = gevent.pool.Pool(config.max_tunnels)
+        self.policy = config.ownership if config.ownership is not None else self._make_policy()
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        if config.cert and config.key:
+            self.cert_path, self.key_path = config.cert, config.key
+        else:
+            self.cert_path, self.key_path = ensure_tunnel_cert(config.data_dir, config.hostname)
+        self.fingerprint = cert_fingerprint(self.cert_path)
+        self._tls = gevent.ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._tls.load_cert_chain(self.cert_path, self.key_path)
+        self.started_at = time.time()
+
+    def _make_policy(self):
+        from lib.ownership import OwnershipPolicy, OwnershipStore
+        from lib.proxy import parse_addr as _pa
+        c = self.config
+        os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
+        store = OwnershipStore(os.path.join(c.data_dir, "ownership.sqlite3"))
+        resolver = _pa(c.dns_resolver, "127.0.0.1") if c.dns_resolver else None
+        return OwnershipPolicy(store, allowlist_path=c.allowlist, dns_resolver=resolver,
+                               tofu=c.tofu, allow_unsigned=set(c.allow_unsigned) or None)
+
+    @property
+    def store(self):
+        return getattr(self.policy, "store", None)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        c = self.config
+        plan = [("tunnel", c.tunnel_addr, self._handle_tunnel, self._tunnel_pool),
+                ("https", c.https_addr, self._handle_https, self._public_pool),
+                ("http", c.http_addr, self._handle_http, self._public_pool)]
+        for name, addr, handler, pool in plan:
+            bind = parse_addr(addr)
+            if bind is None:
+                continue
+            server = gevent.server.StreamServer(bind, handler, spawn=pool, backlog=1024)
+            server.start()
+            self.servers[name] = server
+            self.addresses[name] = server.address[:2]
+            self.registry.listeners[name] = "%s:%d" % server.address[:2]
+            log.info("%s listener on %s:%d", name, *server.address[:2])
+
+    def add_listener(self, name: str, server) -> None:
+        """Register a listener started elsewhere (the admin app) for the status views."""
+        self.registry.listeners[name] = "%s:%d" % server.address[:2]
+
+    def stop(self) -> None:
+        for server in list(self.servers.values()) + list(self.tcp_servers.values()):
+            server.stop(timeout=1)
+        for tunnel in list(self.registry.tunnels.values()):
+            tunnel.session.close(ErrorCode.NO_ERROR, "proxy shutting down")
+
+    # --- tunnels --------------------------------------------------------------------------
+
+    def _handle_tunnel(self, sock, address) -> None:
+        peer = "%s:%d" % address[:2]
+        _nodelay(sock)
+        try:
+            sock.settimeout(self.config.handshake_timeout)
+            tls = self._tls.wrap_socket(sock, server_side=True)
+            tls.settimeout(None)
+        except (OSError, ValueError) as e:
+            log.info("tunnel from %s: TLS handshake failed: %s", peer, e)
+            self.registry.count_refusal("tunnel_handshake")
+            sock.close()
+            return
+        self.serve_tunnel(tls, peer, transport_name="tls")
+
+    def serve_tunnel(self, transport, peer: str, transport_name: str = "tls") -> None:
+        """Run one tunnel (any socket-like transport: TLS socket, WebSocket) until it ends."""
+        session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}")
+        tunnel = None
+        try:
+            tunnel, nonce = self._authenticate(session, peer, transport_name)
+            if tunnel is None:
+                return
+            log.info("tunnel %d up from %s key=%s", tunnel.id, peer, (tunnel.key or "unsigned")[:16])
+            while not session.closed:
+                try:
+                    stream = session.accept()
+                except MuxError:
+                    break
+                self._handle_bind_stream(tunnel, stream, nonce)
+        finally:
+            if tunnel is not None:
+                self.registry.remove_tunnel(tunnel)
+                log.info("tunnel %d from %s down: %s", tunnel.id, peer, session.end)
+            session.close()
+
+    def _authenticate(self, session: Session, peer: str, transport_name: str):
+        c = self.config
+        try:
+            stream = session.accept(timeout=c.handshake_timeout)
+            stream.settimeout(c.control_timeout)
+            auth = msg.read_message(stream)
+        except (MuxError, EOFError, msg.MessageError) as e:
+            log.info("tunnel from %s: no valid Auth: %s", peer, e)
+            self.registry.count_refusal("tunnel_auth")
+            return None, None
+        with stream:
+            if not isinstance(auth, msg.Auth) or msg.PROTOCOL_VERSION not in auth.version:
+                self._auth_refuse(stream, "unsupported protocol version", peer)
+                return None, None
+            key = auth.public_key
+            fp = key_fingerprint(key) if key else None
+            if fp and self.store is not None and self.store.is_blocked(key=fp):
+                self._auth_refuse(stream, f"key {fp[:16]} is blocked by the operator", peer)
+                return None, None
+            client_id = auth.client_id if _is_client_id(auth.client_id) else secrets.token_hex(16)
+            # A reconnecting client replaces its own stale tunnel at once.
+            for old in list(self.registry.tunnels.values()):
+                if old.client_id == client_id and old.key == fp:
+                    log.info("tunnel %d replaced by a reconnect of client %s", old.id, client_id)
+                    self.registry.remove_tunnel(old)
+                    old.session.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+            if fp and len(self.registry.tunnels_of_key(fp)) >= c.max_tunnels_per_key:
+                self.registry.count_refusal("limit_tunnels_per_key")
+                self._auth_refuse(stream, f"too many tunnels for this key "
+                                          f"(limit {c.max_tunnels_per_key})", peer)
+                return None, None
+            nonce = os.urandom(msg.NONCE_SIZE)
+            tunnel = self.registry.add_tunnel(session, peer, fp, client_id, transport_name)
+            tunnel.key_b64 = base64.b64encode(key).decode("ascii") if key else None
+            try:
+                msg.write_message(stream, msg.AuthResp(version=msg.PROTOCOL_VERSION,
+                                                       client_id=client_id,
+                                                       extra=msg.auth_resp_extra(nonce)))
+            except MuxError:
+                self.registry.remove_tunnel(tunnel)
+                return None, None
+            stream.shutdown(socket.SHUT_WR)
+        return tunnel, nonce
+
+    def _auth_refuse(self, stream, error: str, peer: str) -> None:
+        log.warning("tunnel from %s refused: %s", peer, error)
+        self.registry.count_refusal("tunnel_auth")
+        try:
+            msg.write_message(stream, msg.AuthResp(version=msg.PROTOCOL_VERSION, error=error))
+        except MuxError:
+            pass
+
+    def _handle_bind_stream(self, tunnel: Tunnel, stream, nonce: bytes) -> None:
+        stream.settimeout(self.config.control_timeout)
+        with stream:
+            try:
+                bind = msg.read_message(stream)
+            except (MuxError, EOFError, msg.MessageError) as e:
+                log.info("tunnel %d: bad control message: %s", tunnel.id, e)
+                self.registry.count_refusal("bad_bind")
+                return
+            if not isinstance(bind, msg.Bind):
+                self.registry.count_refusal("bad_bind")
+                return
+            resp = self._bind(tunnel, bind, nonce)
+            try:
+                msg.write_message(stream, resp)
+                stream.shutdown(socket.SHUT_WR)
+            except MuxError:
+                pass
+
+    def _bind(self, tunnel: Tunnel, bind: msg.Bind, nonce: bytes) -> msg.BindResp:
+        c = self.config
+
+        def refuse(reason_code: str, text: str, counter: str = "ownership") -> msg.BindResp:
+            log.warning("tunnel %d bind %s %s refused: %s", tunnel.id, bind.protocol,
+                        bind.hostname or bind.remote_port, text)
+            self.registry.count_refusal(counter)
+            return msg.BindResp(url="", protocol=bind.protocol, error=text,
+                                extra=msg.refusal_extra(reason_code))
+
+        protocol = bind.protocol
+        if protocol not in PROTOCOLS:
+            return refuse(msg.REASON_UNSUPPORTED_PROTOCOL, f"unsupported protocol {protocol!r}",
+                          "bad_bind")
+        if len(tunnel.bindings) >= c.max_binds_per_tunnel:
+            return refuse(msg.REASON_LIMIT, f"too many names on one tunnel "
+                                            f"(limit {c.max_binds_per_tunnel})", "limit_binds")
+        if protocol == "tcp":
+            port = bind.remote_port or 0
+            if port not in c.tcp_ports:
+                return refuse(msg.REASON_NOT_ALLOWED, f"tcp port {port} is not offered by "
+                                                      f"this proxy", "not_allowed")
+            name = f"tcp:{port}"
+            url = f"tcp://{c.public_host}:{port}"
+        else:
+            try:
+                name = sniff.normalize_hostname(bind.hostname, allow_wildcard=True)
+            except ValueError as e:
+                return refuse(msg.REASON_INVALID_HOSTNAME, f"invalid hostname: {e}", "bad_bind")
+            url = f"{protocol}://{name}"
+        # Signature over the nonce: proves the tunnel holds the key it claimed in Auth.
+        if tunnel.key is not None:
+            sig = (bind.extra or {}).get(msg.EXTRA_SIG) if isinstance(bind.extra, dict) else None
+            payload = msg.bind_signature_payload(nonce, protocol, bind.signed_name)
+            if not sig or not verify_bind(tunnel.key_b64, sig, payload):
+                return refuse(msg.REASON_BAD_SIGNATURE, "bind signature missing or invalid")
+        if self.store is not None and self.store.is_blocked(hostname=name):
+            return refuse(msg.REASON_NOT_ALLOWED, f"{name} is blocked by the operator", "blocked")
+        existing = self.registry.existing(protocol, name)
+        if existing is not None and existing.tunnels:
+            same_owner = existing.owner is not None and existing.owner == tunnel.key
+            if not same_owner:
+                return refuse(msg.REASON_NOT_OWNER, f"{name} is already bound by another "
+                                                    f"{'key' if existing.owner else 'client'}")
+        try:
+            decision = self.policy.decide(name, tunnel.key)
+        except Exception as e:  # a broken store must refuse, loudly, never allow
+            log.exception("ownership check failed for %s", name)
+            return refuse(msg.REASON_INTERNAL, f"ownership check failed: {e}", "ownership_error")
+        if not decision.allowed:
+            return refuse(decision.code, decision.reason)
+        if protocol == "tcp" and not self._ensure_tcp_listener(bind.remote_port):
+            return refuse(msg.REASON_INTERNAL, f"cannot listen on tcp port {bind.remote_port}",
+                          "tcp_listen")
+        self.registry.bind(tunnel, protocol, name, tunnel.key, decision.method, url)
+        log.info("tunnel %d bound %s (%s)", tunnel.id, url, decision.method)
+        return msg.BindResp(url=url, protocol=protocol)
+
+    def _ensure_tcp_listener(self, port: int) -> bool:
+        if port in self.tcp_servers:
+            return True
+        try:
+            server = gevent.server.StreamServer((self.config.tcp_bind_host, port),
+                                                self._handle_tcp, spawn=self._public_pool)
+            server.start()
+        except OSError as e:
+            log.error("tcp listener on port %d failed: %s", port, e)
+            return False
+        self.tcp_servers[port] = server
+        return True
+
+    # --- public connections ---------------------------------------------------------------
+
+    def _handle_https(self, sock, address) -> None:
+        self._route(sock, address, "tls", sniff.sniff_tls_sni, ROUTE_BY_SNI)
+
+    def _handle_http(self, sock, address) -> None:
+        self._route(sock, address, "http", sniff.sniff_http_host, ROUTE_BY_HOST)
+
+    def _handle_tcp(self, sock, address) -> None:
+        port = sock.getsockname()[1]
+        _nodelay(sock)
+        self.registry.connections += 1
+        binding = self.registry.bindings.get(("tcp", f"tcp:{port}"))
+        if binding is None or not binding.tunnels:
+            self.registry.count_refusal("unknown_name")
+            sock.close()
+            return
+        self._forward(sock, address, binding, b"", None)
+
+    def _route(self, sock, address, kind: str, sniffer, protocols) -> None:
+        _nodelay(sock)
+        self.registry.connections += 1
+        peeked = bytearray()
+        name = None
+        try:
+            with gevent.Timeout(self.config.peek_timeout):
+                while name is None:
+                    data = sock.recv(8192)
+                    if not data:
+                        self.registry.count_refusal("closed_before_name")
+                        sock.close()
+                        return
+                    peeked += data
+                    name = sniffer(bytes(peeked))
+        except gevent.Timeout:
+            self.registry.count_refusal("peek_timeout")
+            self._refuse(sock, kind, 408, "Request Timeout", "No request arrived in time.\n",
+                         None)
+            return
+        except sniff.SniffError as e:
+            self.registry.count_refusal("bad_request")
+            self._refuse(sock, kind, e.http_status or 400, "Bad Request", f"{e.reason}\n",
+                         e.alert or sniff.ALERT_DECODE_ERROR)
+            return
+        except OSError:
+            sock.close()
+            return
+        if not name:
+            self.registry.count_refusal("no_name")
+            self._refuse(sock, kind, 400, "Bad Request", "No host name given.\n",
+                         ALERT_UNRECOGNIZED_NAME)
+            return
+        store = self.store
+        if store is not None and store.is_blocked(hostname=name):
+            self.registry.count_refusal("blocked")
+            self._refuse(sock, kind, 403, "Forbidden",
+                         f"{name} is blocked by this proxy's operator.\n", ALERT_ACCESS_DENIED)
+            return
+        binding = self.registry.lookup(protocols, name)
+        if binding is None:
+            if kind == "http" and self.registry.lookup(ROUTE_BY_SNI, name) is not None:
+                # Only TLS is bound: send visitors to https, as the original proxy did.
+                _send_quietly(sock, _redirect_to_https(name, bytes(peeked)))
+                sock.close()
+                return
+            self.registry.count_refusal("unknown_name")
+            self._refuse(sock, kind, 404, "Not Found", f"No service is bound for {name}.\n",
+                         ALERT_UNRECOGNIZED_NAME)
+            return
+        fallback = (sniff.http_error_response(502, "Bad Gateway",
+                                              f"The origin of {name} is not reachable.\n")
+                    if kind == "http" else None)
+        self._forward(sock, address, binding, bytes(peeked), fallback, kind)
+
+    def _forward(self, sock, address, binding: Binding, peeked: bytes, fallback: bytes | None,
+                 kind: str = "tcp") -> None:
+        registry = self.registry
+        tunnel = binding.pick()
+        if tunnel is None:
+            registry.count_refusal("tunnel_lost", binding)
+            self._refuse(sock, kind, 502, "Bad Gateway", "The tunnel is down.\n",
+                         ALERT_INTERNAL_ERROR)
+            return
+        if tunnel.streams_open >= self.config.mux.max_streams:
+            registry.count_refusal("limit_streams", binding)
+            self._refuse(sock, kind, 503, "Service Unavailable", "Too many connections.\n",
+                         ALERT_INTERNAL_ERROR)
+            return
+        client_addr = "%s:%d" % address[:2]
+        try:
+            stream = tunnel.session.open()
+            stream.sendall(msg.encode(msg.StartProxy(url=binding.url, client_addr=client_addr))
+                           + peeked)
+        except MuxError as e:
+            registry.count_refusal("tunnel_lost", binding)
+            log.info("stream to tunnel %d failed: %s", tunnel.id, e)
+            self._refuse(sock, kind, 502, "Bad Gateway", "The tunnel is down.\n",
+                         ALERT_INTERNAL_ERROR)
+            return
+        binding.connections += 1
+        tunnel.streams_open += 1
+        tunnel.streams_total += 1
+        registry.count_bytes(binding, tunnel, n_in=len(peeked))
+        try:
+            splice(sock, stream,
+                   on_a_to_b=lambda n: registry.count_bytes(binding, tunnel, n_in=n),
+                   on_b_to_a=lambda n: registry.count_bytes(binding, tunnel, n_out=n),
+                   idle_timeout=self.config.idle_timeout, fallback_to_a=fallback)
+        finally:
+            tunnel.streams_open -= 1
+
+    @staticmethod
+    def _refuse(sock, kind: str, status: int, reason: str, body: str, alert: int | None) -> None:
+        if kind == "http":
+            _send_quietly(sock, sniff.http_error_response(status, reason, body))
+        elif kind == "tls" and alert is not None:
+            _send_quietly(sock, sniff.tls_alert(alert))
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.settimeout(2.0)
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def _redirect_to_https(name: str, head: bytes) -> bytes:
+    try:
+        target = head.split(b" ", 2)[1].decode("ascii")
+    except (IndexError, UnicodeDecodeError):
+        target = "/"
+    if not target.startswith("/"):
+        target = "/"
+    location = f"https://{name}{target}"
+    return (f"HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\n"
+            f"Connection: close\r\n\r\n").encode("ascii", "replace")
+
+
+def _nodelay(sock) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def _is_client_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
