@@ -1,0 +1,478 @@
+"""The Shroud client: one long-lived tunnel per public proxy, streams served to local targets.
+
+Public API::
+
+    services = [Service.parse("example.com", "127.0.0.1:443"), Service.parse("tcp:20001", ...)]
+    client = Client(ClientConfig(services=services, proxies=[ProxyAddr("proxy", 4443)],
+                                 pins={"ab12..."}, identity=Identity.load_or_create(dir),
+                                 dial=direct_dial))
+    client.start()           # one TunnelRunner greenlet per proxy; returns at once
+    client.status()          # [{proxy, state, streams, bytes_in, bytes_out, error, ...}]
+    client.wait_bound(n, timeout)   # until n tunnels have bound every service
+    client.stop()
+
+A tunnel: dial (directly or through Tor: ``dial(host, port, isolation_key, timeout)``), TLS with
+the proxy's certificate verified (pin, CA bundle, or the system's CAs), a muxado session as the
+dialler, Auth (our Ed25519 public key), one signed Bind per service, then every stream the proxy
+opens: read StartProxy, connect to the service's local target, optionally send a PROXY protocol
+header, splice. A dead tunnel (read error, GOAWAY, missed heartbeats) is redialled with
+exponential backoff and jitter while the other tunnels keep serving.
+
+This module uses gevent's APIs directly and never monkey-patches.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import random
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import gevent
+import gevent.socket as gsocket
+import gevent.ssl
+
+from lib import messages as msg
+from lib import sniff
+from lib.errors import ErrorCode, MuxError
+from lib.mux import MuxConfig, Session
+from lib.splice import splice
+
+log = logging.getLogger("shroud.client")
+
+
+class TunnelError(Exception):
+    """A tunnel could not be set up; ``permanent`` errors are not worth retrying soon."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass
+class Service:
+    """One NAME TARGET pair: what the proxy routes to us, and where we send it locally."""
+
+    protocol: str  # tls | http | tcp
+    name: str  # hostname (or wildcard) for tls/http, "tcp:PORT" for tcp
+    target: tuple[str, int]
+    remote_port: int | None = None
+
+    @classmethod
+    def parse(cls, name: str, target: str) -> "Service":
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"target must be HOST:PORT, got {target!r}")
+        tgt = (host.strip("[]"), int(port))
+        low = name.lower()
+        for prefix in ("tls://", "https://", "http://", "tcp://", "tls:", "https:", "http:",
+                       "tcp:"):
+            if low.startswith(prefix):
+                proto = prefix.rstrip(":/")
+                rest = name[len(prefix):]
+                break
+        else:
+            proto, rest = "tls", name
+        if proto == "https":
+            proto = "tls"
+        if proto == "tcp":
+            if not rest.isdigit() or not 0 < int(rest) < 65536:
+                raise ValueError(f"tcp service needs a port: tcp:PORT, got {name!r}")
+            return cls("tcp", f"tcp:{int(rest)}", tgt, int(rest))
+        return cls(proto, sniff.normalize_hostname(rest, allow_wildcard=True), tgt)
+
+    def bind_message(self, nonce: bytes | None, identity) -> msg.Bind:
+        if self.protocol == "tcp":
+            b = msg.Bind(protocol="tcp", remote_port=self.remote_port)
+        else:
+            b = msg.Bind(protocol=self.protocol, hostname=self.name)
+        if identity is not None and nonce is not None:
+            payload = msg.bind_signature_payload(nonce, b.protocol, b.signed_name)
+            b = msg.Bind(protocol=b.protocol, hostname=b.hostname, remote_port=b.remote_port,
+                         extra=msg.bind_extra(identity.sign(payload)))
+        return b
+
+
+@dataclass(frozen=True)
+class ProxyAddr:
+    host: str
+    port: int
+    pin: str | None = None  # a fingerprint vouched for by discovery
+
+    @classmethod
+    def parse(cls, text: str, default_port: int = 4443) -> "ProxyAddr":
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            return cls(text, default_port)
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def direct_dial(host: str, port: int, isolation_key: str, timeout: float):
+    """Connect without Tor (``--tor none``): the proxy sees our address."""
+    sock = gsocket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter; injectable random source for tests."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    attempt: int = 0
+    rand: Callable[[], float] = random.random
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * (2 ** self.attempt))
+        self.attempt += 1
+        # Half fixed, half jitter: never a thundering herd, never an immediate hammer.
+        return ceiling / 2 + self.rand() * ceiling / 2
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class ClientConfig:
+    services: list[Service]
+    proxies: list[ProxyAddr]
+    identity: object | None = None  # lib.identity.Identity; None sends unsigned binds
+    pins: set[str] = field(default_factory=set)
+    proxy_ca: str | None = None
+    dial: Callable = direct_dial
+    proxy_protocol: str | None = None  # None | "v1" | "v2"
+    mux: MuxConfig = field(default_factory=MuxConfig)
+    connect_timeout: float = 60.0  # dialling through Tor can take a while on a cold circuit
+    handshake_timeout: float = 30.0
+    local_connect_timeout: float = 5.0
+    start_proxy_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    # Streams served at once per tunnel; beyond it new streams are refused (RST 6).
+    max_streams: int = 1024
+
+
+class TunnelRunner:
+    """Keeps one proxy's tunnel up: dial, verify, auth, bind, serve; redial on failure."""
+
+    def __init__(self, client: "Client", proxy: ProxyAddr, index: int):
+        self.client = client
+        self.proxy = proxy
+        self.index = index
+        self.state = "starting"
+        self.error: str | None = None
+        self.session: Session | None = None
+        self.bound: dict[str, str] = {}  # url -> service name
+        self.streams_open = 0
+        self.streams_total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.connects = 0
+        self.connected_at: float | None = None
+        self.client_id = ""
+        self.generation = 0  # bumped per connection: a fresh Tor circuit each time
+        self.backoff = Backoff(client.config.backoff_base, client.config.backoff_cap)
+        self._greenlet: gevent.Greenlet | None = None
+        self._stopping = False
+        self.sock = None
+
+    @property
+    def isolation_key(self) -> str:
+        return f"shroud-tunnel-{self.index}-{self.generation}"
+
+    def start(self) -> None:
+        self._greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self.session is not None:
+            self.session.close(ErrorCode.NO_ERROR, "client stopping")
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=2)
+
+    def reconnect(self, why: str) -> None:
+        """Drop the current tunnel (e.g. its Tor circuit failed); the loop redials."""
+        if self.session is not None and not self.session.closed:
+            log.warning("tunnel %s: reconnecting: %s", self.proxy, why)
+            self.session.close(ErrorCode.NO_ERROR, why)
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        self.state = state
+        self.error = error
+        self.client._changed(self)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._connect_and_serve()
+                self.backoff.reset() if self.connected_at else None
+            except TunnelError as e:
+                self._set("error", str(e))
+                log.error("tunnel %s: %s", self.proxy, e)
+            except (OSError, MuxError, msg.MessageError, EOFError) as e:
+                self._set("error", f"{type(e).__name__}: {e}")
+                log.warning("tunnel %s failed: %s", self.proxy, e)
+            if self._stopping:
+                break
+            delay = self.backoff.next_delay()
+            if self.connected_at and time.time() - self.connected_at > 60:
+                self.backoff.reset()
+                delay = self.backoff.next_delay()
+            self.connected_at = None
+            self._set("backoff", self.error)
+            log.info("tunnel %s: retrying in %.1f s", self.proxy, delay)
+            gevent.sleep(delay)
+
+    def _connect_and_serve(self) -> None:
+        cfg = self.client.config
+        self.generation += 1
+        self._set("connecting")
+        t0 = time.monotonic()
+        try:
+            raw = cfg.dial(self.proxy.host, self.proxy.port, self.isolation_key,
+                           cfg.connect_timeout)
+        except OSError as e:
+            raise TunnelError(f"cannot reach proxy {self.proxy}: {e}") from None
+        self.sock = raw
+        try:
+            raw.settimeout(cfg.handshake_timeout)
+            tls = self.client.tls_context(self.proxy).wrap_socket(
+                raw, server_hostname=None if self.client.pinned(self.proxy) else self.proxy.host)
+            self.client.verify_proxy(self.proxy, tls)
+            tls.settimeout(None)
+        except ssl.SSLError as e:
+            raw.close()
+            raise TunnelError(f"TLS with proxy {self.proxy} failed: {e}. If the certificate "
+                              f"does not verify, a Tor exit may be intercepting TLS; the tunnel "
+                              f"is refused") from None
+        except TunnelError:
+            raw.close()
+            raise
+        session = Session(tls, client=True, config=cfg.mux, name=f"proxy {self.proxy}")
+        self.session = session
+        try:
+            nonce = self._auth(session)
+            for svc in cfg.services:
+                self._bind(session, svc, nonce)
+            self.connects += 1
+            self.connected_at = time.time()
+            self._set("online")
+            log.info("tunnel %s online in %.2f s (%d services)", self.proxy,
+                     time.monotonic() - t0, len(self.bound))
+            self._serve(session)
+        finally:
+            session.close()
+            self.bound.clear()
+            self.session = None
+
+    def _auth(self, session: Session) -> bytes | None:
+        cfg = self.client.config
+        stream = session.open()
+        with stream:
+            stream.settimeout(cfg.handshake_timeout)
+            extra = (msg.auth_extra(cfg.identity.public_key) if cfg.identity is not None
+                     else None)
+            msg.write_message(stream, msg.Auth(client_id=self.client_id, extra=extra))
+            resp = msg.read_message(stream)
+        if not isinstance(resp, msg.AuthResp):
+            raise TunnelError(f"proxy {self.proxy} answered Auth with {type(resp).__name__}")
+        if resp.error:
+            raise TunnelError(f"proxy {self.proxy} refused us: {resp.error}", permanent=True)
+        self.client_id = resp.client_id
+        nonce = resp.nonce
+        if cfg.identity is not None and nonce is None:
+            log.info("proxy %s sent no nonce (an original go-tunnel proxy?): binding unsigned",
+                     self.proxy)
+        return nonce
+
+    def _bind(self, session: Session, svc: Service, nonce: bytes | None) -> None:
+        cfg = self.client.config
+        stream = session.open()
+        with stream:
+            stream.settimeout(cfg.handshake_timeout)
+            msg.write_message(stream, svc.bind_message(nonce, cfg.identity))
+            resp = msg.read_message(stream)
+        if not isinstance(resp, msg.BindResp):
+            raise TunnelError(f"proxy {self.proxy} answered Bind with {type(resp).__name__}")
+        if resp.error:
+            raise TunnelError(f"proxy {self.proxy} refused {svc.name}: {resp.error}",
+                              permanent=True)
+        self.bound[resp.url] = svc.name
+        self.client.urls[resp.url] = svc
+        log.info("tunnel %s bound %s -> %s:%d", self.proxy, resp.url, *svc.target)
+
+    def _serve(self, session: Session) -> None:
+        while True:
+            try:
+                stream = session.accept()
+            except MuxError:
+                return
+            if self.streams_open >= self.client.config.max_streams:
+                stream.reset(ErrorCode.REFUSED_STREAM)
+                continue
+            gevent.spawn(self._handle_stream, stream)
+
+    def _handle_stream(self, stream) -> None:
+        cfg = self.client.config
+        self.streams_open += 1
+        self.streams_total += 1
+        self.client._changed(self)
+        local = None
+        try:
+            stream.settimeout(cfg.start_proxy_timeout)
+            try:
+                start = msg.read_message(stream)
+            except (MuxError, EOFError, msg.MessageError) as e:
+                log.info("stream %d from %s: no StartProxy: %s", stream.id, self.proxy, e)
+                stream.reset(ErrorCode.PROTOCOL_ERROR)
+                return
+            stream.settimeout(None)
+            svc = self.client.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
+            if svc is None:
+                log.warning("stream for unknown url %r from %s", getattr(start, "url", None),
+                            self.proxy)
+                stream.reset(ErrorCode.REFUSED_STREAM)
+                return
+            try:
+                local = gsocket.create_connection(svc.target, timeout=cfg.local_connect_timeout)
+                local.settimeout(None)
+                local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as e:
+                log.warning("local target %s:%d refused %s: %s", *svc.target, start.url, e)
+                stream.reset(ErrorCode.REFUSED_STREAM)
+                return
+            if cfg.proxy_protocol:
+                local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
+                                                    local.getsockname()))
+            n_in, n_out = splice(stream, local, on_a_to_b=self._count_in,
+                                 on_b_to_a=self._count_out)
+        finally:
+            self.streams_open -= 1
+            stream.close()
+            if local is not None:
+                local.close()
+            self.client._changed(self)
+
+    def _count_in(self, n: int) -> None:
+        self.bytes_in += n
+
+    def _count_out(self, n: int) -> None:
+        self.bytes_out += n
+
+    def status(self) -> dict:
+        s = self.session
+        return {
+            "proxy": str(self.proxy), "state": self.state, "error": self.error,
+            "streams_open": self.streams_open, "streams_total": self.streams_total,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "connects": self.connects,
+            "bound": sorted(self.bound), "isolation_key": self.isolation_key,
+            "heartbeat_rtt_ms": (round(s.heartbeat_rtt * 1000, 1)
+                                 if s is not None and s.heartbeat_rtt is not None else None),
+        }
+
+
+def proxy_protocol_header(version: str, client_addr: str, local_addr) -> bytes:
+    """HAProxy PROXY protocol v1 (text) or v2 (binary) header for the public peer."""
+    src_host, _, src_port = client_addr.rpartition(":")
+    src_host = src_host.strip("[]")
+    dst_host, dst_port = local_addr[0], local_addr[1]
+    try:
+        src_ip = ipaddress.ip_address(src_host)
+        dst_ip = ipaddress.ip_address(dst_host)
+        src_port_i = int(src_port)
+    except ValueError:
+        src_ip = dst_ip = None
+        src_port_i = 0
+    if version == "v1":
+        if src_ip is None or src_ip.version != dst_ip.version:
+            return b"PROXY UNKNOWN\r\n"
+        fam = "TCP4" if src_ip.version == 4 else "TCP6"
+        return f"PROXY {fam} {src_ip} {dst_ip} {src_port_i} {dst_port}\r\n".encode("ascii")
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+    if src_ip is None or src_ip.version != dst_ip.version:
+        return sig + b"\x20\x00\x00\x00"  # LOCAL command, no address
+    if src_ip.version == 4:
+        body = src_ip.packed + dst_ip.packed + struct.pack(">HH", src_port_i, dst_port)
+        return sig + b"\x21\x11" + struct.pack(">H", len(body)) + body
+    body = src_ip.packed + dst_ip.packed + struct.pack(">HH", src_port_i, dst_port)
+    return sig + b"\x21\x21" + struct.pack(">H", len(body)) + body
+
+
+class Client:
+    def __init__(self, config: ClientConfig, on_change: Callable | None = None):
+        if not config.services:
+            raise ValueError("no services to expose")
+        if not config.proxies:
+            raise ValueError("no proxies to connect to")
+        self.config = config
+        self.urls: dict[str, Service] = {}
+        self.runners = [TunnelRunner(self, p, i) for i, p in enumerate(config.proxies)]
+        self.on_change = on_change
+        self._contexts: dict[ProxyAddr, ssl.SSLContext] = {}
+
+    def start(self) -> None:
+        for r in self.runners:
+            r.start()
+
+    def stop(self) -> None:
+        for r in self.runners:
+            r.stop()
+
+    def status(self) -> list[dict]:
+        return [r.status() for r in self.runners]
+
+    def online(self) -> int:
+        return sum(1 for r in self.runners if r.state == "online")
+
+    def wait_bound(self, n: int | None = None, timeout: float = 30.0) -> bool:
+        n = len(self.runners) if n is None else n
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.online() >= n:
+                return True
+            gevent.sleep(0.05)
+        return False
+
+    def _changed(self, runner: TunnelRunner) -> None:
+        if self.on_change is not None:
+            self.on_change(runner)
+
+    # --- verifying the proxy --------------------------------------------------------------
+
+    def pinned(self, proxy: ProxyAddr) -> bool:
+        return bool(self.config.pins or proxy.pin)
+
+    def tls_context(self, proxy: ProxyAddr) -> ssl.SSLContext:
+        ctx = self._contexts.get(proxy)
+        if ctx is None:
+            ctx = gevent.ssl.create_default_context(cafile=self.config.proxy_ca)
+            if self.pinned(proxy) and not self.config.proxy_ca:
+                # The pin is the check (done right after the handshake), not a CA.
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._contexts[proxy] = ctx
+        return ctx
+
+    def verify_proxy(self, proxy: ProxyAddr, tls) -> None:
+        pins = set(self.config.pins)
+        if proxy.pin:
+            pins.add(proxy.pin)
+        if not pins:
+            return  # verified by CA and hostname during the handshake
+        der = tls.getpeercert(binary_form=True)
+        fp = hashlib.sha256(der).hexdigest() if der else "none"
+        if fp not in pins:
+            raise TunnelError(
+                f"proxy {proxy} presented certificate {fp[:16]}..., which matches no pinned "
+                f"fingerprint: refusing the tunnel (something between us and the proxy, such "
+                f"as a Tor exit, may be intercepting TLS)")
