@@ -9,4 +9,5 @@ if ROOT not in sys.path:
 pytest_plugins = [
     "tests.fixtures.tor",
     "tests.fixtures.gopeer",
+    "tests.fixtures.dns",
 ]
