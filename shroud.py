@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Shroud client: expose local services at public names through public proxies, over Tor.
+
+    python shroud.py example.com 127.0.0.1:443
+    python shroud.py a.example 127.0.0.1:443 http:b.example 127.0.0.1:8080 tcp:20001 127.0.0.1:22
+    python shroud.py --tor none --proxy proxy.example.net:4443 --pin SHA256 example.com 127.0.0.1:443
+
+NAME forms: ``example.com`` or ``tls:example.com`` (TLS routed by SNI and passed through
+undecrypted to a TLS target), ``http:example.com`` (HTTP routed by Host), ``*.example.com``
+(wildcard), ``tcp:PORT`` (a raw TCP port on each proxy).
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":
+    # Entry point: patch before anything else imports socket or threading.
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+log = logging.getLogger("shroud.client")
+
+DEFAULT_PROXY_COUNT = 3  # the seed's default: one tunnel to each of three proxies
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="shroud.py",
+        description="Expose local services at public names through Shroud public proxies, "
+                    "reaching the proxies only through Tor.",
+        epilog="NAME TARGET pairs: example.com 127.0.0.1:443 | http:example.com 127.0.0.1:80 "
+               "| tcp:20001 127.0.0.1:22")
+    p.add_argument("pairs", nargs="+", metavar="NAME TARGET",
+                   help="service name and local HOST:PORT, repeated")
+    p.add_argument("--proxy", action="append", default=[], metavar="HOST:PORT",
+                   help="public proxy's tunnel address (repeatable; one tunnel each)")
+    p.add_argument("--pin", action="append", default=[], metavar="SHA256",
+                   help="accepted proxy certificate fingerprint (repeatable)")
+    p.add_argument("--proxy-ca", metavar="FILE", help="CA bundle that signs the proxies' certificates")
+    p.add_argument("--tor", default=env("SHROUD_TOR", "launch"), metavar="launch|none|HOST:PORT",
+                   help="launch our own tor (default), attach to a control port, or none "
+                        "(no anonymity: the proxy sees this machine's address)")
+    p.add_argument("--tor-config", metavar="FILE", help="extra torrc lines (bridges, private network)")
+    p.add_argument("--tor-password", default=env("SHROUD_TOR_PASSWORD"),
+                   help="control port password for --tor HOST:PORT")
+    p.add_argument("--tor-timeout", type=float, default=120.0,
+                   help="seconds to wait for tor to bootstrap")
+    p.add_argument("--discovery", metavar="URL", help="discovery service URL (through Tor)")
+    p.add_argument("--srv", action="store_true", help="find proxies by SRV _shroud._tls.<domain>")
+    p.add_argument("--dns-resolver", metavar="HOST:PORT", default="9.9.9.9:53",
+                   help="resolver for --srv, reached over TCP through Tor")
+    p.add_argument("--count", type=int, default=DEFAULT_PROXY_COUNT,
+                   help="number of proxies to use from discovery")
+    p.add_argument("--data-dir", default=env("SHROUD_CLIENT_DATA_DIR", os.path.expanduser("~/.shroud")),
+                   help="identity key and tor state")
+    p.add_argument("--proxy-protocol", choices=["v1", "v2"],
+                   help="send the public peer's address to the local service (PROXY protocol)")
+    p.add_argument("--receive-window", type=int, default=None,
+                   help="per-stream receive window in bytes (larger helps over Tor)")
+    p.add_argument("--status", choices=["auto", "live", "plain"], default="auto",
+                   help="live terminal status, or plain log lines")
+    p.add_argument("--log-level", default=env("SHROUD_LOG_LEVEL", "info"))
+    p.add_argument("--log-format", default=env("SHROUD_LOG_FORMAT", "text"), choices=["text", "json"])
+    return p
+
+
+def parse_services(pairs: list[str]):
+    from lib.client import Service
+
+    if len(pairs) % 2:
+        raise ValueError("services come in NAME TARGET pairs, e.g. example.com 127.0.0.1:443")
+    return [Service.parse(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+
+
+class StatusDisplay:
+    """A live table on a terminal (like ngrok's), or a log line per change elsewhere."""
+
+    def __init__(self, client, live: bool, out=sys.stderr):
+        self.client = client
+        self.live = live
+        self.out = out
+        self._lines = 0
+        self._last: dict = {}
+
+    def changed(self, runner) -> None:
+        if self.live:
+            return
+        key = (runner.state, runner.error)
+        if self._last.get(runner.index) != key:
+            self._last[runner.index] = key
+            log.info("tunnel %s: %s%s", runner.proxy, runner.state,
+                     f" ({runner.error})" if runner.error and runner.state != "online" else "")
+
+    def render(self) -> None:
+        rows = self.client.status()
+        lines = ["Shroud", ""]
+        lines.append(f"{'proxy':<28} {'state':<11} {'streams':>8} {'total':>7} "
+                     f"{'in':>10} {'out':>10} {'rtt':>8}")
+        for r in rows:
+            rtt = f"{r['heartbeat_rtt_ms']:.0f}ms" if r["heartbeat_rtt_ms"] is not None else "-"
+            lines.append(f"{r['proxy']:<28} {r['state']:<11} {r['streams_open']:>8} "
+                         f"{r['streams_total']:>7} {_size(r['bytes_in']):>10} "
+                         f"{_size(r['bytes_out']):>10} {rtt:>8}")
+            if r["error"] and r["state"] != "online":
+                lines.append(f"  ! {r['error'][:100]}")
+        if self._lines:
+            self.out.write(f"\x1b[{self._lines}F\x1b[J")
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+        self._lines = len(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import gevent
+    from gevent.event import Event
+
+    from lib.certs import normalize_pin
+    from lib.client import Client, ClientConfig, ProxyAddr, direct_dial
+    from lib.identity import Identity
+    from lib.logsetup import setup_logging
+    from lib.mux import MuxConfig
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        services = parse_services(args.pairs)
+        pins = {normalize_pin(p) for p in args.pin}
+    except ValueError as e:
+        print(f"shroud: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+    identity = Identity.load_or_create(args.data_dir)
+    log.info("identity key %s (data dir %s)", identity.fingerprint[:16], args.data_dir)
+
+    tor = None
+    if args.tor == "none":
+        print("shroud: WARNING: --tor none: the proxies see this machine's address; the origin "
+              "is NOT hidden.", file=sys.stderr)
+        dial = direct_dial
+    else:
+        from lib import tor as torlib
+
+        try:
+            tor = torlib.start_tor_for_client(args)
+        except torlib.TorError as e:
+            print(f"shroud: {e}", file=sys.stderr)
+            return 1
+        dial = tor.open_connection
+
+    try:
+        proxies = [ProxyAddr.parse(p) for p in args.proxy]
+        if not proxies:
+            from lib.discovery import discover_proxies
+
+            proxies = discover_proxies(args, services, tor)
+    except (ValueError, OSError) as e:
+        print(f"shroud: cannot find proxies: {e}", file=sys.stderr)
+        if tor is not None:
+            tor.close()
+        return 1
+
+    mux = MuxConfig()
+    if args.receive_window:
+        mux.receive_window = args.receive_window
+    config = ClientConfig(services=services, proxies=proxies, identity=identity, pins=pins,
+                          proxy_ca=args.proxy_ca, dial=dial, proxy_protocol=args.proxy_protocol,
+                          mux=mux)
+    live = args.status == "live" or (args.status == "auto" and sys.stderr.isatty())
+    client = Client(config)
+    display = StatusDisplay(client, live)
+    client.on_change = display.changed
+    if tor is not None:
+        tor.watch_circuits(client)
+    client.start()
+    for svc in services:
+        log.info("exposing %s %s -> %s:%d via %d proxies", svc.protocol, svc.name, *svc.target,
+                 len(proxies))
+
+    stop = Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    while not stop.wait(1.0 if live else None):
+        display.render()
+    log.info("stopping")
+    client.stop()
+    if tor is not None:
+        tor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

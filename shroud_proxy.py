@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Shroud public proxy.
+
+    python shroud_proxy.py --data-dir DIR --tunnel-addr :4443 --https-addr :443 --http-addr :80
+    python shroud_proxy.py --data-dir DIR --print-fingerprint
+    gunicorn -c gunicorn.conf.py shroud_proxy:app      # same proxy under gunicorn's gevent worker
+
+Every option also comes from a SHROUD_* environment variable (``--tunnel-addr`` is
+SHROUD_TUNNEL_ADDR); the command line wins.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":
+    # Entry point: patch before anything else imports socket or threading.
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("shroud.proxy")
+
+# (flag, env suffix, default, help); every one is also SHROUD_<SUFFIX>.
+OPTIONS = [
+    ("--data-dir", "DATA_DIR", "./proxy-data", "directory for the tunnel certificate and ownership store"),
+    ("--tunnel-addr", "TUNNEL_ADDR", "0.0.0.0:4443", "TLS listener for Shroud clients ('' to disable)"),
+    ("--https-addr", "HTTPS_ADDR", "", "public TLS listener, routed by SNI, never decrypted"),
+    ("--http-addr", "HTTP_ADDR", "", "public HTTP/1.x listener, routed by Host"),
+    ("--admin-addr", "ADMIN_ADDR", "127.0.0.1:8080", "admin dashboard and JSON API ('' to disable)"),
+    ("--cert", "CERT", None, "tunnel certificate (PEM); generated in the data dir if not given"),
+    ("--key", "KEY", None, "tunnel certificate's private key (PEM)"),
+    ("--hostname", "HOSTNAME", "shroud-proxy", "this proxy's own name (certificate, dashboard)"),
+    ("--public-host", "PUBLIC_HOST", "127.0.0.1", "host name reported for raw TCP binds"),
+    ("--tcp-ports", "TCP_PORTS", "", "ports clients may bind for raw TCP, e.g. 20000-20100 (off by default)"),
+    ("--allowlist", "ALLOWLIST", None, "ownership allow-list file"),
+    ("--dns-resolver", "DNS_RESOLVER", None, "HOST:PORT of the resolver for DNS TXT ownership proofs"),
+    ("--allow-unsigned", "ALLOW_UNSIGNED", "", "comma-separated name patterns unsigned (original Go) clients may bind"),
+    ("--max-public-connections", "MAX_PUBLIC_CONNECTIONS", "20000", "public connections at once"),
+    ("--max-tunnels-per-key", "MAX_TUNNELS_PER_KEY", "8", "tunnels one client key may hold"),
+    ("--max-streams-per-tunnel", "MAX_STREAMS_PER_TUNNEL", "1024", "open streams per tunnel"),
+    ("--peek-timeout", "PEEK_TIMEOUT", "10", "seconds a public connection has to send its SNI or Host"),
+    ("--idle-timeout", "IDLE_TIMEOUT", "3600", "seconds a public connection may stay silent both ways"),
+    ("--admin-password-hash", "ADMIN_PASSWORD_HASH", None, "werkzeug password hash for the dashboard login"),
+    ("--admin-token", "ADMIN_TOKEN", None, "bearer token for the JSON API"),
+    ("--log-level", "LOG_LEVEL", "info", "debug, info, warning, error"),
+    ("--log-format", "LOG_FORMAT", "text", "text or json"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shroud_proxy.py", description="Shroud public proxy: routes public TLS (by SNI) and "
+        "HTTP (by Host) connections to clients' tunnels. Options also come from SHROUD_* "
+        "environment variables.")
+    for flag, env, default, help_ in OPTIONS:
+        p.add_argument(flag, default=os.environ.get("SHROUD_" + env, default),
+                       help=f"{help_} [env SHROUD_{env}]")
+    p.add_argument("--no-tofu", action="store_true",
+                   default=os.environ.get("SHROUD_NO_TOFU", "") not in ("", "0"),
+                   help="disable trust-on-first-use ownership [env SHROUD_NO_TOFU]")
+    p.add_argument("--print-fingerprint", action="store_true",
+                   help="print the tunnel certificate's SHA-256 fingerprint and exit")
+    return p
+
+
+def config_from_args(args):
+    from lib.mux import MuxConfig
+    from lib.proxy import ProxyConfig, parse_port_ranges
+
+    mux = MuxConfig(max_streams=int(args.max_streams_per_tunnel))
+    return ProxyConfig(
+        data_dir=args.data_dir, tunnel_addr=args.tunnel_addr or None,
+        https_addr=args.https_addr or None, http_addr=args.http_addr or None,
+        admin_addr=args.admin_addr or None, cert=args.cert, key=args.key,
+        hostname=args.hostname, public_host=args.public_host,
+        tcp_ports=parse_port_ranges(args.tcp_ports), allowlist=args.allowlist,
+        dns_resolver=args.dns_resolver, tofu=not args.no_tofu,
+        allow_unsigned=tuple(x.strip() for x in (args.allow_unsigned or "").split(",") if x.strip()),
+        max_public_connections=int(args.max_public_connections),
+        max_tunnels_per_key=int(args.max_tunnels_per_key), mux=mux,
+        peek_timeout=float(args.peek_timeout), idle_timeout=float(args.idle_timeout) or None)
+
+
+def admin_settings(args) -> dict:
+    return {"ADMIN_PASSWORD_HASH": args.admin_password_hash, "ADMIN_TOKEN": args.admin_token,
+            "DATA_DIR": args.data_dir}
+
+
+# --- gunicorn: `gunicorn -c gunicorn.conf.py shroud_proxy:app` ----------------------------
+
+_state: dict = {}
+
+
+def start_in_worker(argv: list[str] | None = None) -> None:
+    """Called by gunicorn.conf.py when a (gevent) worker starts: the listeners start with it."""
+    from lib.admin import create_admin_app
+    from lib.logsetup import setup_logging
+    from lib.proxy import ProxyServer
+
+    args = build_parser().parse_args(argv or [])
+    setup_logging(args.log_level, args.log_format)
+    proxy = ProxyServer(config_from_args(args))
+    proxy.start()
+    _state["proxy"] = proxy
+    _state["app"] = create_admin_app(proxy, admin_settings(args))
+    log.info("proxy started in gunicorn worker pid %d", os.getpid())
+
+
+def app(environ, start_response):
+    """WSGI entry for gunicorn: the admin app of the proxy started in this worker."""
+    wsgi = _state.get("app")
+    if wsgi is None:
+        start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"shroud proxy is starting\n"]
+    return wsgi(environ, start_response)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.print_fingerprint:
+        from lib.certs import cert_fingerprint, ensure_tunnel_cert
+
+        cert = args.cert or ensure_tunnel_cert(args.data_dir, args.hostname)[0]
+        print(cert_fingerprint(cert))
+        return 0
+
+    import gevent
+    from gevent.pywsgi import WSGIServer
+
+    from lib.admin import create_admin_app
+    from lib.logsetup import setup_logging
+    from lib.proxy import ProxyServer, parse_addr
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        proxy = ProxyServer(config_from_args(args))
+        proxy.start()
+    except (OSError, ValueError) as e:
+        print(f"shroud_proxy: cannot start: {e}", file=sys.stderr)
+        return 1
+    admin = None
+    if args.admin_addr:
+        admin_app = create_admin_app(proxy, admin_settings(args))
+        admin = WSGIServer(parse_addr(args.admin_addr, "127.0.0.1"), admin_app, log=None)
+        admin.start()
+        proxy.add_listener("admin", admin)
+        log.info("admin on http://%s:%d/", *admin.address[:2])
+    print(f"shroud_proxy: tunnel certificate fingerprint {proxy.fingerprint}", file=sys.stderr)
+    for name, addr in proxy.registry.listeners.items():
+        print(f"shroud_proxy: {name} listening on {addr}", file=sys.stderr, flush=True)
+
+    from gevent.event import Event
+
+    stop = Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    stop.wait()
+    log.info("shutting down")
+    if admin is not None:
+        admin.stop(timeout=1)
+    proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
