@@ -645,6 +645,8 @@ class OwnershipPolicy:
                 return hit[1]
             return dnsclient.DnsTimeout("DNS lookup of %s still in progress" % qname,
                                         name=qname)
+        # Leader: ask, then publish the answer (an unexpected exception publishes a generic
+        # failure, so followers never wait on a lookup that is gone).
         result, ttl = dnsclient.DnsError("DNS lookup of %s failed" % qname, name=qname), \
             DNS_ERROR_TTL
         try:
