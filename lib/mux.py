@@ -264,6 +264,7 @@ class Session:
         self.client = client
         self.name = name or ("client" if client else "server")
         self._transport = transport
+        _set_nodelay(transport)
         self._conn = mp.MuxConnection(client, self.config)
         self._streams: dict[int, Stream] = {}
         self._backlog: deque[Stream] = deque()
@@ -523,3 +524,12 @@ class Session:
             if g is not None and g is not current:
                 g.kill(block=False)
         self._done.set()
+
+
+def _set_nodelay(transport) -> None:
+    """Nagle off, as Go does: with a 64 KiB window, the last small segment of each window would
+    otherwise wait for the peer's delayed ACK (40 ms per window)."""
+    try:
+        transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError, ValueError):
+        pass  # not a TCP socket (socketpair, WebSocket): nothing to do
