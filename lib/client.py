@@ -172,6 +172,7 @@ class TunnelRunner:
         self.error: str | None = None
         self.session: Session | None = None
         self.bound: dict[str, str] = {}  # url -> service name
+        self.refused: dict[str, str] = {}  # service name -> the proxy's reason
         self.streams_open = 0
         self.streams_total = 0
         self.bytes_in = 0
@@ -261,8 +262,13 @@ class TunnelRunner:
         self.session = session
         try:
             nonce = self._auth(session)
-            for svc in cfg.services:
-                self._bind(session, svc, nonce)
+            refused = self._bind_all(session, cfg.services, nonce)
+            if len(refused) == len(cfg.services):
+                raise TunnelError("; ".join(refused.values()))
+            if refused:
+                # Serve what was granted; ask again for the rest now and then (an operator
+                # may fix an allow-list, a DNS record may appear).
+                gevent.spawn(self._rebind_loop, session, refused, nonce)
             self.connects += 1
             self.connected_at = time.time()
             self._set("online")
@@ -293,6 +299,34 @@ class TunnelRunner:
             log.info("proxy %s sent no nonce (an original go-tunnel proxy?): binding unsigned",
                      self.proxy)
         return nonce
+
+    def _bind_all(self, session: Session, services, nonce) -> dict:
+        """Bind every service; returns {service name: refusal} for those refused."""
+        refused = {}
+        for svc in services:
+            try:
+                self._bind(session, svc, nonce)
+            except TunnelError as e:
+                if not e.permanent:
+                    raise
+                refused[svc.name] = str(e)
+                log.error("tunnel %s: %s", self.proxy, e)
+        self.refused = dict(refused)
+        return refused
+
+    def _rebind_loop(self, session: Session, refused: dict, nonce) -> None:
+        backoff = Backoff(base=5.0, cap=300.0)
+        pending = [s for s in self.client.config.services if s.name in refused]
+        while pending and not session.closed:
+            gevent.sleep(backoff.next_delay())
+            if session.closed:
+                return
+            try:
+                left = self._bind_all(session, pending, nonce)
+            except (TunnelError, OSError, MuxError, msg.MessageError, EOFError):
+                return
+            pending = [s for s in pending if s.name in left]
+            self.client._changed(self)
 
     def _bind(self, session: Session, svc: Service, nonce: bytes | None) -> None:
         cfg = self.client.config
@@ -374,7 +408,8 @@ class TunnelRunner:
             "proxy": str(self.proxy), "state": self.state, "error": self.error,
             "streams_open": self.streams_open, "streams_total": self.streams_total,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "connects": self.connects,
-            "bound": sorted(self.bound), "isolation_key": self.isolation_key,
+            "bound": sorted(self.bound), "refused": dict(self.refused),
+            "isolation_key": self.isolation_key,
             "heartbeat_rtt_ms": (round(s.heartbeat_rtt * 1000, 1)
                                  if s is not None and s.heartbeat_rtt is not None else None),
         }

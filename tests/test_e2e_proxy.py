@@ -1,0 +1,306 @@
+"""End to end with real processes: proxy, client (--tor none), origins, curl and Python clients.
+
+One proxy, one HTTPS origin, one HTTP origin and one client exposing several services are shared
+by the module; tests that restart or fight over names start their own.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import time
+
+import pytest
+import trustme
+
+from lib.identity import Identity
+from tests.support.origin import pattern
+from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port, wait_port
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    ca = trustme.CA()
+    cert = ca.issue_cert("app.test", "*.wild.test")
+    cert_pem, key_pem = str(d / "origin.pem"), str(d / "origin.key")
+    cert.cert_chain_pems[0].write_to_path(cert_pem)
+    cert.private_key_pem.write_to_path(key_pem)
+    ca_pem = str(d / "ca.pem")
+    ca.cert_pem.write_to_path(ca_pem)
+    tls_origin = OriginProc(str(d), tls=(cert_pem, key_pem), name="tls-origin")
+    http_origin = OriginProc(str(d), name="http-origin")
+    pp_origin = OriginProc(str(d), name="pp-origin", proxy_protocol=True)
+    tcp_port = free_port()
+    key_a = Identity.load_or_create(str(d / "client-a")).fingerprint
+    allowlist = d / "allowlist"
+    allowlist.write_text(f"# wildcards need the operator's word\n*.wild.test {key_a}\n")
+    proxy = ProxyProc(str(d), str(d / "proxy-data"),
+                      extra=["--tcp-ports", f"{tcp_port}", "--peek-timeout", "2",
+                             "--allowlist", str(allowlist)])
+    client = ClientProc(str(d), str(d / "client-a"), [
+        "app.test", f"127.0.0.1:{tls_origin.port}",
+        "*.wild.test", f"127.0.0.1:{tls_origin.port}",
+        "http:web.test", f"127.0.0.1:{http_origin.port}",
+        "http:down.test", f"127.0.0.1:{free_port()}",
+        f"tcp:{tcp_port}", f"127.0.0.1:{http_origin.port}",
+    ], [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
+    client_pp = ClientProc(str(d), str(d / "client-a"), [
+        "http:pp.test", f"127.0.0.1:{pp_origin.port}"],
+        [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint], name="client-pp",
+        extra=["--proxy-protocol", "v1"])
+    w = dict(dir=d, ca=ca, ca_pem=ca_pem, origin_cert=cert_pem, tls_origin=tls_origin,
+             http_origin=http_origin, proxy=proxy, client=client, tcp_port=tcp_port)
+    try:
+        for name in ("app.test", "*.wild.test", "web.test", "down.test", f"tcp:{tcp_port}",
+                     "pp.test"):
+            proxy.wait_bound(name)
+        yield w
+    finally:
+        for p in (client, client_pp, proxy, tls_origin, http_origin, pp_origin):
+            p.stop()
+
+
+def https_get(w, name, path="/hello", port=None):
+    ctx = ssl.create_default_context(cafile=w["ca_pem"])
+    port = port or w["proxy"].ports["https"]
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    tls = ctx.wrap_socket(raw, server_hostname=name)
+    conn = http.client.HTTPConnection(name, port, timeout=30)
+    conn.sock = tls
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read()
+    der = tls.getpeercert(binary_form=True)
+    conn.close()
+    return r.status, body, der
+
+
+def http_conn(w, port=None):
+    return http.client.HTTPConnection("127.0.0.1", port or w["proxy"].ports["http"], timeout=30)
+
+
+def http_get(w, host, path="/hello"):
+    c = http_conn(w)
+    c.request("GET", path, headers={"Host": host})
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, body
+
+
+def test_sni_passthrough_client_sees_origin_certificate(world):
+    w = world
+    status, body, der = https_get(w, "app.test")
+    assert status == 200 and body == b"hello from origin\n"
+    with open(w["origin_cert"]) as f:
+        origin_der = ssl.PEM_cert_to_DER_cert(f.read())
+    assert der == origin_der  # end-to-end TLS: the proxy never terminated it
+
+
+def test_curl_with_resolve_reaches_origin(world):
+    port = world["proxy"].ports["https"]
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "--cacert", world["ca_pem"],
+         "--resolve", f"app.test:{port}:127.0.0.1", f"https://app.test:{port}/hello"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello from origin\n"
+
+
+def test_wildcard_binding_routes_subdomains(world):
+    status, body, _ = https_get(world, "deep.wild.test")
+    assert status == 200 and body == b"hello from origin\n"
+
+
+def test_host_routing_and_keepalive(world):
+    before = world["proxy"].status()["connections"]
+    c = http_conn(world)
+    for _ in range(20):
+        c.request("GET", "/hello", headers={"Host": "WEB.test:80"})
+        r = c.getresponse()
+        assert r.status == 200 and r.read() == b"hello from origin\n"
+    c.close()
+    # 20 requests, one public connection, one stream.
+    assert world["proxy"].status()["connections"] - before == 1
+
+
+def test_http_to_tls_only_name_redirects_to_https(world):
+    status, _ = http_get(world, "app.test", "/x?y=1")
+    assert status == 301
+
+
+def test_unknown_name_http_404_and_tls_unrecognized_name(world):
+    status, body = http_get(world, "nobody.test")
+    assert status == 404 and b"nobody.test" in body
+    with pytest.raises(ssl.SSLError) as e:
+        https_get(world, "nobody.test")
+    assert "UNRECOGNIZED_NAME" in str(e.value).upper()
+    refusals = world["proxy"].status()["refusals"]
+    assert refusals.get("unknown_name", 0) >= 2
+
+
+def test_local_service_refusing_gives_502(world):
+    status, body = http_get(world, "down.test")
+    assert status == 502
+
+
+def test_100_mib_download_and_upload_checksummed(world):
+    n = 100 * 1024 * 1024
+    ctx = ssl.create_default_context(cafile=world["ca_pem"])
+    port = world["proxy"].ports["https"]
+    conn = http.client.HTTPSConnection("app.test", port, context=ctx, timeout=120)
+    conn.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                                server_hostname="app.test")
+    conn.request("GET", f"/bytes/{n}")
+    r = conn.getresponse()
+    h = hashlib.sha256()
+    got = 0
+    while chunk := r.read(1 << 20):
+        h.update(chunk)
+        got += len(chunk)
+    assert got == n and h.hexdigest() == hashlib.sha256(pattern(n)).hexdigest()
+    body = os.urandom(1 << 20) * 100
+    conn.request("POST", "/sha256", body=body)
+    r = conn.getresponse()
+    assert r.read().decode().strip() == hashlib.sha256(body).hexdigest()
+    conn.close()
+
+
+def test_websocket_upgrade_through_host_routing(world):
+    s = socket.create_connection(("127.0.0.1", world["proxy"].ports["http"]), timeout=30)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /ws HTTP/1.1\r\nHost: web.test\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    for msg in (b"hi", os.urandom(300), os.urandom(70000)):
+        mask = os.urandom(4)
+        n = len(msg)
+        hdr = b"\x82" + (bytes([0x80 | n]) if n < 126 else
+                         (b"\xfe" + struct.pack(">H", n) if n < 65536 else
+                          b"\xff" + struct.pack(">Q", n)))
+        s.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(msg)))
+        f = s.makefile("rb")
+        h2 = f.read(2)
+        ln = h2[1] & 0x7F
+        if ln == 126:
+            ln = struct.unpack(">H", f.read(2))[0]
+        elif ln == 127:
+            ln = struct.unpack(">Q", f.read(8))[0]
+        assert f.read(ln) == msg
+    s.close()
+
+
+def test_half_close_carried_end_to_end(world):
+    # Raw TCP bind to the HTTP origin: send a request with a body, shut down our write side,
+    # and still read the whole response (the origin sees our FIN only after the body).
+    s = socket.create_connection(("127.0.0.1", world["tcp_port"]), timeout=30)
+    body = os.urandom(200_000)
+    s.sendall(b"POST /sha256 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    assert hashlib.sha256(body).hexdigest().encode() in data
+
+
+def test_proxy_protocol_v1_gives_origin_the_public_peer(world):
+    s = socket.create_connection(("127.0.0.1", world["proxy"].ports["http"]), timeout=30)
+    local_port = s.getsockname()[1]
+    s.sendall(b"GET /peer HTTP/1.1\r\nHost: pp.test\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    info = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    assert info["proxy_header"].startswith(f"PROXY TCP4 127.0.0.1 127.0.0.1 {local_port} ")
+
+
+def test_hostile_inputs_refused_within_deadline_others_unharmed(world):
+    port_https = world["proxy"].ports["https"]
+    port_http = world["proxy"].ports["http"]
+
+    def answer(port, data, wait=10):
+        s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+        t0 = time.monotonic()
+        try:
+            s.sendall(data)
+            out = b""
+            while chunk := s.recv(4096):
+                out += chunk
+        except OSError:
+            out = b"<reset>"
+        s.close()
+        return out, time.monotonic() - t0
+
+    # garbage to the TLS listener: an alert (decode_error family), not a hang
+    out, dt = answer(port_https, b"\x16\x03\x01\x00\x05hello-garbage" * 3)
+    assert out[:1] == b"\x15" and dt < 3
+    # not TLS at all
+    out, dt = answer(port_https, b"GET / HTTP/1.1\r\n\r\n")
+    assert out[:1] == b"\x15" and dt < 3
+    # oversized request head: 431 long before any deadline
+    out, dt = answer(port_http, b"GET / HTTP/1.1\r\nHost: web.test\r\nX: " + b"a" * 70000)
+    assert out.startswith(b"HTTP/1.0 431") or out.startswith(b"HTTP/1.1 431") or out == b"<reset>"
+    # truncated ClientHello, then silence: refused at the 2 s peek deadline
+    hello = _client_hello("app.test")
+    out, dt = answer(port_https, hello[:40])
+    assert dt < 5
+    # slow sender: one byte a second, never completes a head
+    slow = socket.create_connection(("127.0.0.1", port_http), timeout=10)
+    t0 = time.monotonic()
+    closed_after = None
+    for b in b"GET / HTTP/1.1\r\nHost: web.te":
+        try:
+            slow.sendall(bytes([b]))
+            # meanwhile a normal visitor is served
+            status, _ = http_get(world, "web.test")
+            assert status == 200
+            time.sleep(0.3)
+        except OSError:
+            closed_after = time.monotonic() - t0
+            break
+        slow.settimeout(0.01)
+        try:
+            if slow.recv(100) is not None:
+                closed_after = time.monotonic() - t0
+                break
+        except socket.timeout:
+            pass
+        slow.settimeout(10)
+    assert closed_after is not None and closed_after < 5
+    st = world["proxy"].status()
+    assert st["refusals"].get("peek_timeout", 0) >= 2
+    assert st["refusals"].get("bad_request", 0) >= 2
+
+
+def _client_hello(name: str) -> bytes:
+    ctx = ssl.create_default_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=name)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+def test_status_api_reports_bindings_and_bytes(world):
+    https_get(world, "app.test")
+    st = world["proxy"].status()
+    app = [b for b in st["bindings"] if b["name"] == "app.test"][0]
+    assert app["connections"] >= 1 and app["bytes_out"] > 0 and app["tunnels"] == 1
+    assert app["owner"] == Identity.load_or_create(str(world["dir"] / "client-a")).fingerprint
