@@ -106,6 +106,10 @@ MAX_ALLOWLIST_SIZE = 4 * 1024 * 1024
 # DNS failures are remembered briefly so a bind storm against a broken zone stays cheap, but
 # short enough that a fixed zone is seen quickly.
 DNS_ERROR_TTL = 5.0
+# is_blocked runs on every public connection, so blocks are answered from memory. Changes made
+# through this store apply at once; changes by another process sharing the file (a fleet's
+# database, a CLI) are picked up within this many seconds.
+BLOCK_CACHE_TTL = 5.0
 
 METHODS = ("allowlist", "dns", "tofu", "operator")
 _KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
@@ -245,6 +249,9 @@ class OwnershipStore:
             conn.close()
             raise
         self._conn = conn
+        self._blocks_loaded_at = float("-inf")
+        self._blocked_names: frozenset = frozenset()
+        self._blocked_keys: frozenset = frozenset()
 
     def _migrate(self, conn) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -416,7 +423,8 @@ class OwnershipStore:
                                   (target, str(actor), self._clock(), str(detail)))
             if cursor.rowcount:
                 self._audit(conn, actor, action, target, detail)
-            return bool(cursor.rowcount)
+        self._blocks_loaded_at = float("-inf")  # reload the cache from what is now on disk
+        return bool(cursor.rowcount)
 
     def _unblock(self, table: str, column: str, target: str, actor: str, detail: str,
                  action: str) -> bool:
@@ -424,7 +432,19 @@ class OwnershipStore:
             cursor = conn.execute("DELETE FROM %s WHERE %s = ?" % (table, column), (target,))
             if cursor.rowcount:
                 self._audit(conn, actor, action, target, detail)
-            return bool(cursor.rowcount)
+        self._blocks_loaded_at = float("-inf")
+        return bool(cursor.rowcount)
+
+    def _blocks(self) -> tuple:
+        """(blocked names, blocked keys) from memory, reloaded after BLOCK_CACHE_TTL."""
+        now = self._clock()
+        if now - self._blocks_loaded_at >= BLOCK_CACHE_TTL:
+            with self._lock:
+                names = frozenset(r[0] for r in self._read("SELECT name FROM blocked_name"))
+                keys = frozenset(r[0] for r in self._read("SELECT key FROM blocked_key"))
+                self._blocked_names, self._blocked_keys = names, keys
+                self._blocks_loaded_at = now
+        return self._blocked_names, self._blocked_keys
 
     def block_hostname(self, name: str, actor: str, detail: str = "") -> bool:
         """Refuse every bind of ``name`` (a wildcard blocks every name it covers)."""
@@ -445,20 +465,21 @@ class OwnershipStore:
                              "unblock-key")
 
     def is_blocked(self, hostname: str | None = None, key: str | None = None) -> bool:
-        """Whether ``hostname`` (or a blocked wildcard covering it) or ``key`` is blocked."""
+        """Whether ``hostname`` (or a blocked wildcard covering it) or ``key`` is blocked.
+
+        Answered from memory (see BLOCK_CACHE_TTL): cheap enough for every public connection.
+        """
         if hostname is not None and self._blocked_name(canonical_name(hostname)):
             return True
         if key is not None:
-            return bool(self._read("SELECT 1 FROM blocked_key WHERE key = ?",
-                                   (_canonical_key(key),)))
+            return _canonical_key(key) in self._blocks()[1]
         return False
 
     def _blocked_name(self, name: str) -> str | None:
-        candidates = _candidates(name)
-        rows = self._read("SELECT name FROM blocked_name WHERE name IN (%s)"
-                          % ",".join("?" * len(candidates)), candidates)
-        blocked = {row[0] for row in rows}
-        return next((c for c in candidates if c in blocked), None)
+        blocked = self._blocks()[0]
+        if not blocked:
+            return None
+        return next((c for c in _candidates(name) if c in blocked), None)
 
     def blocked_hostnames(self) -> list:
         return [Block(*r) for r in self._read(
