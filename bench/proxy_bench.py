@@ -1,0 +1,769 @@
+#!/usr/bin/env python3
+"""Proxy benchmark: Shroud (proxy + client --tor none) against ``ssh -R`` and a direct connection.
+
+    .venv/bin/python bench/proxy_bench.py [--runs 3] [--bulk-bytes 1073741824] [--wrk-seconds 10]
+                                          [--idle 1000] [--ttfb-samples 200] [--no-readme]
+
+Everything runs on 127.0.0.1 in one go, side by side, three paths to the same nginx origin:
+
+- direct: the load tool talks to nginx itself;
+- ssh -R: our own sshd (generated host key, authorized key, ``UsePAM no``) and one
+  ``ssh -N -R PORT:ORIGIN`` per run, carrying an HTTP and a TLS forward;
+- shroud: ``shroud_proxy.py`` and ``shroud.py --tor none`` carrying ``app.test`` (TLS routed by
+  SNI, passed through) and ``http:web.test`` (HTTP routed by Host) over one tunnel.
+
+Measured per path and run: bulk MiB/s (curl downloads from nginx, sendfile of a sparse file;
+one connection moving --bulk-bytes, and 16 at once moving --bulk-bytes in total) over TLS (SNI)
+and HTTP (Host); wrk requests/s and p50/p99 latency at 1 and 64 connections over HTTP; fresh
+connection time to first byte (connect, one small GET, first response byte) p50/p99, alone
+and while --idle keep-alive connections are held open through the same path; and RSS growth
+of the path's processes (proxy, client; sshd tree, ssh) per held connection. Each cell is the
+median of --runs runs; ssh and Shroud processes are started fresh for every run, so memory
+deltas are not hidden by memory kept from an earlier run.
+
+Results: progress lines on stderr, a table on stdout, and (unless --no-readme) the table
+between the proxy-bench markers in the "Proxy and client (--tor none) vs ssh -R vs direct"
+section of bench/README.md. Every process started here is stopped in a ``finally``; every load
+is bounded in size and time.
+
+Needs root (sshd) and Debian's nginx, wrk, curl, openssh-server. No monkey-patching: the bench
+itself only uses blocking sockets and subprocesses.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+README = os.path.join(ROOT, "bench", "README.md")
+SECTION = "## Proxy and client (--tor none) vs ssh -R vs direct"
+BEGIN, END = "<!-- proxy-bench:begin -->", "<!-- proxy-bench:end -->"
+PATHS = ("direct", "ssh", "shroud")
+TLS_NAME, HTTP_NAME = "app.test", "web.test"
+SMALL = "/small.txt"
+SMALL_BYTES = 1024  # a small static file: the request/response cost dominates, not the bytes
+PARALLEL = 16  # "16 at once" in the brief
+# A response head plus the small body fits in this; the reader stops at Content-Length anyway.
+HEAD_LIMIT = 64 * 1024
+
+
+def log(msg: str) -> None:
+    print(f"[proxy-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+class Proc:
+    """A subprocess in its own session, logging to a file; stop() ends it and its group."""
+
+    def __init__(self, name: str, argv: list[str], logdir: str):
+        self.name = name
+        self.log_path = os.path.join(logdir, f"{name}.log")
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.p = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.pid = self.p.pid
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read()[-n:].decode("utf-8", "replace")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        # sshd's per-connection children call setsid(): find them by parent before the
+        # master goes, and end each by its pid.
+        kids = descendants(self.pid) if self.alive() else []
+        if self.alive():
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.p.wait(timeout)
+            except (subprocess.TimeoutExpired, ProcessLookupError, PermissionError):
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                self.p.wait(5)
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._log.close()
+
+
+def _proc_table() -> dict[int, int]:
+    """pid -> parent pid for every process we can see."""
+    table = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parens: the fields start after the last ')'.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        table[int(d)] = int(fields[1])
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    table = _proc_table()
+    out, frontier = [], [pid]
+    for _ in range(64):  # depth bound: process trees here are 3 deep at most
+        frontier = [c for c, parent in table.items() if parent in frontier]
+        if not frontier:
+            break
+        out += frontier
+    return out
+
+
+def rss_kib(pids) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
+
+
+# --- the origin: nginx ---------------------------------------------------------------------
+
+
+def make_tls(d: str) -> tuple[str, str, str]:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(TLS_NAME)
+    paths = (os.path.join(d, "origin.pem"), os.path.join(d, "origin.key"), os.path.join(d, "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(paths[0])
+    cert.private_key_pem.write_to_path(paths[1])
+    ca.cert_pem.write_to_path(paths[2])
+    return paths
+
+
+def start_nginx(d: str, bulk_bytes: int) -> tuple[Proc, int, int, str]:
+    www = os.path.join(d, "www")
+    os.makedirs(www)
+    os.makedirs(os.path.join(d, "nginx-tmp"))
+    with open(os.path.join(www, SMALL.lstrip("/")), "wb") as f:
+        f.write(b"x" * (SMALL_BYTES - 1) + b"\n")
+    # Sparse files: nginx sendfile()s zero pages, so the origin costs almost nothing and the
+    # path under test is what limits the rate.
+    for name, size in (("bulk1", bulk_bytes), ("bulk16", bulk_bytes // PARALLEL)):
+        with open(os.path.join(www, name), "wb") as f:
+            f.truncate(size)
+    cert, key, ca = make_tls(d)
+    http_port, tls_port = free_port(), free_port()
+    tmp = os.path.join(d, "nginx-tmp")
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+user root;
+worker_processes 1;  # one core for the origin, one left for the path under test
+worker_rlimit_nofile 16384;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 8192; }}  # 1,000 held + 64 wrk + slack, with room to spare
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 600s;  # held idle connections must outlive a run
+    keepalive_requests 100000000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{ listen 127.0.0.1:{http_port}; root {www}; }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        root {www};
+    }}
+}}
+""")
+    p = Proc("nginx", ["nginx", "-p", d, "-c", conf, "-g", "daemon off;"], d)
+    try:
+        wait_port(http_port)
+        wait_port(tls_port)
+    except TimeoutError:
+        raise RuntimeError(f"nginx did not start:\n{p.log_tail()}") from None
+    return p, http_port, tls_port, ca
+
+
+# --- the paths ---------------------------------------------------------------------------------
+
+
+class Path:
+    """One way to reach the origin: ports for HTTP and TLS, and the processes that carry it."""
+
+    name = "?"
+
+    def __init__(self, http_port: int, tls_port: int):
+        self.http_port = http_port
+        self.tls_port = tls_port
+        self.procs: list[Proc] = []
+
+    def mem_pids(self) -> dict[str, list[int]]:
+        return {}
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+
+class Direct(Path):
+    name = "direct"
+
+
+class SshPath(Path):
+    name = "ssh"
+
+    def __init__(self, d: str, origin_http: int, origin_tls: int):
+        sd = os.path.join(d, "sshd")
+        os.makedirs(sd, exist_ok=True)
+        host_key, user_key = os.path.join(sd, "host_key"), os.path.join(sd, "user_key")
+        if not os.path.exists(host_key):
+            for k in (host_key, user_key):
+                run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k], 30).check_returncode()
+            shutil.copy(user_key + ".pub", os.path.join(sd, "authorized_keys"))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+        sshd_port = free_port()
+        conf = os.path.join(sd, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(f"Port {sshd_port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+                    f"PidFile {sd}/sshd.pid\nAuthorizedKeysFile {sd}/authorized_keys\n"
+                    "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
+                    "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                    "AllowTcpForwarding yes\nGatewayPorts no\nUseDNS no\nPrintMotd no\n"
+                    "MaxSessions 10\n")
+        super().__init__(free_port(), free_port())
+        self.sshd = Proc("sshd", ["/usr/sbin/sshd", "-f", conf, "-D", "-e"], d)
+        self.procs.append(self.sshd)
+        try:
+            wait_port(sshd_port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"sshd did not start:\n{self.sshd.log_tail()}") from None
+        self.ssh = Proc("ssh", [
+            "ssh", "-N", "-F", "/dev/null",
+            "-R", f"127.0.0.1:{self.http_port}:127.0.0.1:{origin_http}",
+            "-R", f"127.0.0.1:{self.tls_port}:127.0.0.1:{origin_tls}",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+            "-i", user_key, "-p", str(sshd_port), "root@127.0.0.1"], d)
+        self.procs.append(self.ssh)
+        try:
+            wait_port(self.http_port)
+            wait_port(self.tls_port)
+        except TimeoutError:
+            tail = self.ssh.log_tail() + self.sshd.log_tail()
+            self.stop()
+            raise RuntimeError(f"ssh -R did not come up:\n{tail}") from None
+
+    def mem_pids(self) -> dict[str, list[int]]:
+        return {"sshd": [self.sshd.pid, *descendants(self.sshd.pid)], "ssh": [self.ssh.pid]}
+
+
+class ShroudPath(Path):
+    name = "shroud"
+
+    def __init__(self, d: str, origin_http: int, origin_tls: int):
+        pdata, cdata = os.path.join(d, "proxy-data"), os.path.join(d, "client-data")
+        out = run([PY, "shroud_proxy.py", "--data-dir", pdata, "--print-fingerprint"], 60)
+        if out.returncode:
+            raise RuntimeError(f"shroud_proxy.py --print-fingerprint failed: {out.stderr}")
+        pin = out.stdout.strip()
+        tunnel, self.admin = free_port(), free_port()
+        super().__init__(free_port(), free_port())
+        self.proxy = Proc("shroud-proxy", [
+            PY, "shroud_proxy.py", "--data-dir", pdata,
+            "--tunnel-addr", f"127.0.0.1:{tunnel}", "--https-addr", f"127.0.0.1:{self.tls_port}",
+            "--http-addr", f"127.0.0.1:{self.http_port}", "--admin-addr", f"127.0.0.1:{self.admin}",
+            # 1,000 held + 64 wrk + closing streams stay under the client's own 1,024 limit.
+            "--max-streams-per-tunnel", "4096", "--log-level", "warning"], d)
+        self.procs.append(self.proxy)
+        try:
+            wait_port(tunnel)
+            wait_port(self.admin)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"proxy did not start:\n{self.proxy.log_tail()}") from None
+        self.client = Proc("shroud-client", [
+            PY, "shroud.py", "--tor", "none", "--data-dir", cdata, "--status", "plain",
+            "--log-level", "warning", "--proxy", f"127.0.0.1:{tunnel}", "--pin", pin,
+            TLS_NAME, f"127.0.0.1:{origin_tls}", f"http:{HTTP_NAME}", f"127.0.0.1:{origin_http}"], d)
+        self.procs.append(self.client)
+        try:
+            self._wait_bound((TLS_NAME, HTTP_NAME), 30)
+        except TimeoutError as e:
+            tail = self.client.log_tail() + self.proxy.log_tail()
+            self.stop()
+            raise RuntimeError(f"{e}\n{tail}") from None
+
+    def _wait_bound(self, names, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
+            try:
+                c.request("GET", "/api/status")
+                last = json.loads(c.getresponse().read())
+            finally:
+                c.close()
+            bound = {b["name"] for b in last.get("bindings", []) if b.get("tunnels")}
+            if all(n in bound for n in names):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{names} not bound after {timeout} s: {last}")
+
+    def mem_pids(self) -> dict[str, list[int]]:
+        return {"proxy": [self.proxy.pid], "client": [self.client.pid]}
+
+
+# --- load: small HTTP on plain sockets -------------------------------------------------------
+
+
+def request_bytes(keep_alive: bool) -> bytes:
+    conn = "keep-alive" if keep_alive else "close"
+    return f"GET {SMALL} HTTP/1.1\r\nHost: {HTTP_NAME}\r\nConnection: {conn}\r\n\r\n".encode()
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """Read one response with a Content-Length body (nginx's static file answer)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(HEAD_LIMIT)
+        if not data:
+            raise ConnectionError(f"connection closed mid-response: {buf[:200]!r}")
+        buf += data
+        if len(buf) > HEAD_LIMIT:
+            raise ConnectionError("response head too long")
+    head, _, body = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise ConnectionError(f"unexpected answer: {head[:200]!r}")
+    m = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.I)
+    want = int(m.group(1)) if m else 0
+    while len(body) < want:
+        data = sock.recv(HEAD_LIMIT)
+        if not data:
+            raise ConnectionError("connection closed mid-body")
+        body += data
+    return body
+
+
+def ttfb_samples(port: int, n: int, timeout: float = 10.0) -> list[float]:
+    """n fresh connections, one after another: seconds from connect() to the first byte."""
+    req = request_bytes(keep_alive=False)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(req)
+            first = s.recv(HEAD_LIMIT)
+            out.append(time.perf_counter() - t0)
+            if not first.startswith(b"HTTP/1.1 200"):
+                raise ConnectionError(f"unexpected answer: {first[:200]!r}")
+            while s.recv(HEAD_LIMIT):  # Connection: close: drain to EOF (bounded by timeout)
+                pass
+        finally:
+            s.close()
+    return out
+
+
+def hold_idle(port: int, n: int, timeout: float = 10.0) -> list[socket.socket]:
+    """n keep-alive connections, each after one answered GET: established end to end, idle."""
+    req = request_bytes(keep_alive=True)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            held.append(s)
+            s.sendall(req)
+            read_response(s)
+    except BaseException:
+        release(held)
+        raise
+    return held
+
+
+def release(held: list[socket.socket]) -> None:
+    for s in held:
+        try:
+            s.close()
+        except OSError:
+            pass
+    held.clear()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q / 100 * len(xs) + 0.5)) - 1))]
+
+
+# --- load: bulk with curl, requests with wrk -----------------------------------------------
+
+
+def bulk(path: Path, proto: str, conns: int, total: int, ca: str, timeout: float) -> float:
+    """MiB/s of `total` bytes downloaded over `conns` connections at once (curl, to /dev/null)."""
+    name = "bulk1" if conns == 1 else "bulk16"
+    each = total if conns == 1 else total // PARALLEL
+    if proto == "tls":
+        port = path.tls_port
+        args = ["--cacert", ca, "--resolve", f"{TLS_NAME}:{port}:127.0.0.1",
+                f"https://{TLS_NAME}:{port}/{name}"]
+    else:
+        port = path.http_port
+        args = ["-H", f"Host: {HTTP_NAME}", f"http://127.0.0.1:{port}/{name}"]
+    argv = ["curl", "-sS", "-o", "/dev/null", "--max-time", str(int(timeout)),
+            "-w", "%{http_code} %{size_download}", *args]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL) for _ in range(conns)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout + 10))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+    elapsed = time.perf_counter() - t0
+    for (out, err), p in zip(outs, procs):
+        code, _, size = out.strip().partition(" ")
+        if p.returncode or code != "200" or int(size or 0) != each:
+            raise RuntimeError(f"bulk {proto} via {path.name} failed: rc={p.returncode} "
+                               f"out={out!r} err={err.strip()!r}")
+    return each * conns / elapsed / (1 << 20)
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"cannot read wrk latency {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def wrk(path: Path, conns: int, seconds: int) -> dict:
+    threads = 1 if conns == 1 else min(2, os.cpu_count() or 1)
+    argv = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--latency",
+            "--timeout", "5s", "-H", f"Host: {HTTP_NAME}", f"http://127.0.0.1:{path.http_port}{SMALL}"]
+    out = run(argv, seconds + 30)
+    if out.returncode:
+        raise RuntimeError(f"wrk failed: {out.stderr or out.stdout}")
+    text = out.stdout
+    rps = float(re.search(r"Requests/sec:\s*([\d.]+)", text).group(1))
+    dist = dict(re.findall(r"^\s*(50|99)%\s+(\S+)", text, re.M))
+    errors = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if m:
+        errors += int(m.group(1))
+    return {"rps": rps, "p50": _ms(dist["50"]), "p99": _ms(dist["99"]), "errors": errors}
+
+
+# --- one run ----------------------------------------------------------------------------------
+
+
+def measure_path(path: Path, args, ca: str, res: dict) -> None:
+    """Fill res[metric] for this path (one run)."""
+    tag = path.name
+    # Memory and TTFB with held connections first, on fresh processes: earlier loads would
+    # leave freed-but-kept memory that hides what held connections cost.
+    for _ in range(3):  # warm the path (first stream, first TLS session on the origin side)
+        ttfb_samples(path.http_port, 5)
+    pids = path.mem_pids()
+    before = {k: rss_kib(v) for k, v in pids.items()}
+    t0 = time.monotonic()
+    held = hold_idle(path.http_port, args.idle)
+    try:
+        time.sleep(1.0)  # let the last streams settle before reading RSS
+        after = {k: rss_kib(v) for k, v in pids.items()}
+        for k in pids:
+            res[f"mem_{k}"] = (after[k] - before[k]) / args.idle
+            res[f"rss_{k}"] = after[k] / 1024
+        if pids:
+            res["mem_total"] = sum(after[k] - before[k] for k in pids) / args.idle
+        log(f"  {tag}: {args.idle} held in {time.monotonic() - t0:.1f} s; RSS growth "
+            + ", ".join(f"{k} {res[f'mem_{k}']:.1f} KiB/conn" for k in pids))
+        xs = ttfb_samples(path.http_port, args.ttfb_samples)
+        res["ttfb_held_p50"], res["ttfb_held_p99"] = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
+        # The held connections must still be alive (not silently dropped by the path).
+        for s in held[:: max(1, len(held) // 20)]:
+            s.sendall(request_bytes(keep_alive=True))
+            read_response(s)
+    finally:
+        release(held)
+    time.sleep(0.5)
+    xs = ttfb_samples(path.http_port, args.ttfb_samples)
+    res["ttfb_p50"], res["ttfb_p99"] = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
+    log(f"  {tag}: ttfb p50 {res['ttfb_p50']:.2f} ms p99 {res['ttfb_p99']:.2f} ms; with "
+        f"{args.idle} held p50 {res['ttfb_held_p50']:.2f} ms p99 {res['ttfb_held_p99']:.2f} ms")
+    for proto in ("tls", "http"):
+        for conns in (1, PARALLEL):
+            v = bulk(path, proto, conns, args.bulk_bytes, ca, args.bulk_timeout)
+            res[f"bulk_{proto}_{conns}"] = v
+            log(f"  {tag}: bulk {proto} x{conns}: {v:.0f} MiB/s")
+    for conns in (1, 64):
+        w = wrk(path, conns, args.wrk_seconds)
+        if w["errors"]:
+            log(f"  {tag}: wrk c={conns}: {w['errors']} errors")
+        res[f"wrk{conns}_rps"], res[f"wrk{conns}_p50"], res[f"wrk{conns}_p99"] = (
+            w["rps"], w["p50"], w["p99"])
+        res[f"wrk{conns}_errors"] = w["errors"]
+        log(f"  {tag}: wrk c={conns}: {w['rps']:.0f} req/s p50 {w['p50']:.2f} ms "
+            f"p99 {w['p99']:.2f} ms")
+
+
+# --- report -------------------------------------------------------------------------------------
+
+# (key, label, unit, higher is better)
+ROWS = [
+    ("bulk_tls_1", "bulk TLS by SNI, 1 conn", "MiB/s", True),
+    ("bulk_tls_16", "bulk TLS by SNI, 16 conns", "MiB/s", True),
+    ("bulk_http_1", "bulk HTTP by Host, 1 conn", "MiB/s", True),
+    ("bulk_http_16", "bulk HTTP by Host, 16 conns", "MiB/s", True),
+    ("wrk1_rps", "wrk 1 conn", "req/s", True),
+    ("wrk1_p50", "wrk 1 conn p50", "ms", False),
+    ("wrk1_p99", "wrk 1 conn p99", "ms", False),
+    ("wrk64_rps", "wrk 64 conns", "req/s", True),
+    ("wrk64_p50", "wrk 64 conns p50", "ms", False),
+    ("wrk64_p99", "wrk 64 conns p99 (goal < 10 ms)", "ms", False),
+    ("ttfb_p50", "fresh conn TTFB p50", "ms", False),
+    ("ttfb_p99", "fresh conn TTFB p99", "ms", False),
+    ("ttfb_held_p50", "TTFB p50, 1,000 held", "ms", False),
+    ("ttfb_held_p99", "TTFB p99, 1,000 held", "ms", False),
+    ("mem_total", "RSS per held conn (path total)", "KiB", False),
+]
+MEM_DETAIL = [("ssh", "mem_sshd", "sshd"), ("ssh", "mem_ssh", "ssh"),
+              ("shroud", "mem_proxy", "proxy"), ("shroud", "mem_client", "client")]
+
+
+def median(runs: list[dict], key: str):
+    xs = [r[key] for r in runs if key in r]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(v, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit in ("ms",):
+        return f"{v:.2f}"
+    if unit == "KiB":
+        return f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def ratio(a, b) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"
+
+
+def table(results: dict[str, list[dict]], idle: int) -> str:
+    med = {p: {k: median(results[p], k) for k, *_ in ROWS + [(m, 0, 0, 0) for _, m, _ in MEM_DETAIL]}
+           for p in PATHS}
+    lines = ["| row | unit | direct | ssh -R | Shroud | Shroud / ssh -R | Shroud / direct | goal |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for key, label, unit, higher in ROWS:
+        label = label.replace("1,000", f"{idle:,}")
+        d, s, h = med["direct"][key], med["ssh"][key], med["shroud"][key]
+        if h is None or s is None:
+            goal = "-"
+        elif higher:
+            goal = "met" if h >= s else "**missed**"
+        else:
+            goal = "met" if h <= s else "**missed**"
+        if key == "wrk64_p99" and h is not None:
+            goal += ", < 10 ms " + ("met" if h < 10 else "**missed**")
+        lines.append(f"| {label} | {unit} | {fmt(d, unit)} | {fmt(s, unit)} | {fmt(h, unit)} | "
+                     f"{ratio(h, s)} | {ratio(h, d)} | {goal} |")
+    detail = ", ".join(f"{label} {fmt(med[p][k], 'KiB')}" for p, k, label in MEM_DETAIL)
+    lines.append("")
+    lines.append(f"RSS growth per held connection by process (KiB): {detail}.")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}, {platform.machine()}), Linux {platform.release()}"
+
+
+def versions() -> str:
+    def first(argv):
+        try:
+            out = run(argv, 10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            return "?"
+    return (f"Python {platform.python_version()}, {first(['nginx', '-v'])}, "
+            f"{first(['ssh', '-V'])}, {first(['curl', '--version']).split(' (')[0]}, "
+            f"wrk {first(['wrk', '-v']).split()[1] if first(['wrk', '-v']) != '?' else '?'}")
+
+
+def update_readme(block: str) -> None:
+    text = open(README).read() if os.path.exists(README) else "# Benchmarks\n"
+    body = f"{BEGIN}\n{block}\n{END}"
+    if SECTION not in text:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{body}\n"
+    else:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        section = text[start: nxt if nxt >= 0 else len(text)]
+        if BEGIN in section and END in section:
+            a, b = section.index(BEGIN), section.index(END) + len(END)
+            section = section[:a] + body + section[b:]
+        else:
+            section = section.rstrip("\n") + f"\n\n{body}\n"
+        text = text[:start] + section + (text[nxt:] if nxt >= 0 else "")
+    with open(README, "w") as f:
+        f.write(text)
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="runs per row; the median is reported")
+    ap.add_argument("--bulk-bytes", type=int, default=1 << 30,
+                    help="bytes per bulk measurement (one connection, or split over 16)")
+    ap.add_argument("--bulk-timeout", type=float, default=60.0, help="seconds per bulk transfer")
+    ap.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
+    ap.add_argument("--idle", type=int, default=1000, help="idle connections held open")
+    ap.add_argument("--ttfb-samples", type=int, default=200, help="fresh connections per TTFB row")
+    ap.add_argument("--paths", default=",".join(PATHS), help="subset of direct,ssh,shroud")
+    ap.add_argument("--no-readme", action="store_true", help="do not write bench/README.md")
+    args = ap.parse_args()
+    paths = [p for p in args.paths.split(",") if p]
+    if any(p not in PATHS for p in paths) or args.runs < 1:
+        ap.error("bad --paths or --runs")
+    if os.geteuid() != 0 and "ssh" in paths:
+        ap.error("the ssh -R baseline starts its own sshd: run as root (or --paths direct,shroud)")
+    for tool in ("nginx", "wrk", "curl", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} not found (Debian packages nginx, wrk, curl, openssh-server)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.idle + 1024)), hard))
+
+    started = time.time()
+    d = tempfile.mkdtemp(prefix="shroud-proxy-bench-")
+    log(f"work dir {d}; {args.runs} run(s), paths {', '.join(paths)}")
+    results: dict[str, list[dict]] = {p: [] for p in PATHS}
+    nginx = None
+    current: Path | None = None
+    try:
+        nginx, origin_http, origin_tls, ca = start_nginx(d, args.bulk_bytes)
+        log(f"nginx on :{origin_http} (HTTP) and :{origin_tls} (TLS)")
+        for i in range(args.runs):
+            for name in paths:
+                log(f"run {i + 1}/{args.runs}: {name}")
+                if name == "direct":
+                    current = Direct(origin_http, origin_tls)
+                elif name == "ssh":
+                    current = SshPath(d, origin_http, origin_tls)
+                else:
+                    current = ShroudPath(d, origin_http, origin_tls)
+                res: dict = {}
+                try:
+                    measure_path(current, args, ca, res)
+                finally:
+                    current.stop()
+                    current = None
+                results[name].append(res)
+    finally:
+        if current is not None:
+            current.stop()
+        if nginx is not None:
+            nginx.stop()
+        keep = os.environ.get("PROXY_BENCH_KEEP")
+        if keep:
+            log(f"logs kept in {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+    took = time.time() - started
+    tab = table(results, args.idle)
+    header = (f"`.venv/bin/python bench/proxy_bench.py --runs {args.runs}` on "
+              f"{time.strftime('%Y-%m-%d')}, {machine()}; {versions()}. Median of {args.runs} "
+              f"run(s), {took / 60:.1f} min in all. Bulk: {args.bulk_bytes / (1 << 20):.0f} MiB "
+              f"per row; wrk {args.wrk_seconds} s per row; TTFB {args.ttfb_samples} fresh "
+              f"connections per row; {args.idle} idle keep-alive connections held.")
+    print(header + "\n\n" + tab)
+    print("\nraw runs:\n" + json.dumps(results, indent=1), file=sys.stderr)
+    if not args.no_readme:
+        update_readme(header + "\n\n" + tab)
+        log(f"wrote {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
