@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                "| tcp:20001 127.0.0.1:22")
     p.add_argument("pairs", nargs="+", metavar="NAME TARGET",
                    help="service name and local HOST:PORT, repeated")
-    p.add_argument("--proxy", action="append", default=[], metavar="HOST:PORT",
-                   help="public proxy's tunnel address (repeatable; one tunnel each)")
+    p.add_argument("--proxy", action="append", default=[], metavar="HOST:PORT|wss://HOST/PATH",
+                   help="public proxy's tunnel address, or the WebSocket URL of a proxy behind "
+                        "a platform's router (repeatable; one tunnel each)")
     p.add_argument("--pin", action="append", default=[], metavar="SHA256",
                    help="accepted proxy certificate fingerprint (repeatable)")
     p.add_argument("--proxy-ca", metavar="FILE", help="CA bundle that signs the proxies' certificates")

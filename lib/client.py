@@ -12,7 +12,8 @@ Public API::
     client.stop()
 
 A tunnel: dial (directly or through Tor: ``dial(host, port, isolation_key, timeout)``), TLS with
-the proxy's certificate verified (pin, CA bundle, or the system's CAs), a muxado session as the
+the proxy's certificate verified (pin, CA bundle, or the system's CAs), for a ``wss://`` proxy a
+WebSocket handshake (lib.wstransport, muxado in binary messages), a muxado session as the
 dialler, Auth (our Ed25519 public key), one signed Bind per service, then every stream the proxy
 opens: read StartProxy, connect to the service's local target, optionally send a PROXY protocol
 header, splice. A dead tunnel (read error, GOAWAY, missed heartbeats) is redialled with
@@ -103,15 +104,42 @@ class ProxyAddr:
     host: str
     port: int
     pin: str | None = None  # a fingerprint vouched for by discovery
+    # "tls": the proxy's raw tunnel port; "wss"/"ws": a WebSocket at `path` (a proxy behind a
+    # platform's HTTP router, docs/DEPLOY.md). "ws" has no TLS at all: for local tests only.
+    scheme: str = "tls"
+    path: str = ""
 
     @classmethod
     def parse(cls, text: str, default_port: int = 4443) -> "ProxyAddr":
+        """'HOST:PORT', 'HOST', or 'wss://HOST[:PORT]/PATH' (also 'ws://')."""
+        low = text.lower()
+        if low.startswith(("wss://", "ws://")):
+            from urllib.parse import urlsplit
+
+            u = urlsplit(text)
+            if not u.hostname or u.query or u.fragment or u.username:
+                raise ValueError(f"bad WebSocket proxy URL {text!r} (wss://HOST[:PORT]/PATH)")
+            scheme = u.scheme.lower()
+            return cls(u.hostname, u.port or (443 if scheme == "wss" else 80), scheme=scheme,
+                       path=u.path or "/")
         host, sep, port = text.rpartition(":")
         if not sep:
             return cls(text, default_port)
         return cls(host.strip("[]"), int(port))
 
+    @property
+    def websocket(self) -> bool:
+        return self.scheme in ("ws", "wss")
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "wss" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
     def __str__(self) -> str:
+        if self.websocket:
+            return f"{self.scheme}://{self.host_header}{self.path}"
         return f"{self.host}:{self.port}"
 
 
@@ -246,16 +274,31 @@ class TunnelRunner:
         self.sock = raw
         try:
             raw.settimeout(cfg.handshake_timeout)
-            tls = self.client.tls_context(self.proxy).wrap_socket(
-                raw, server_hostname=None if self.client.pinned(self.proxy) else self.proxy.host)
-            self.client.verify_proxy(self.proxy, tls)
+            if self.proxy.scheme == "ws":
+                tls = raw  # plain WebSocket: local tests only
+            else:
+                # A platform's router picks its certificate by SNI: always send it for wss.
+                sni = (self.proxy.host if self.proxy.scheme == "wss"
+                       or not self.client.pinned(self.proxy) else None)
+                tls = self.client.tls_context(self.proxy).wrap_socket(raw, server_hostname=sni)
+                self.client.verify_proxy(self.proxy, tls)
+            if self.proxy.websocket:
+                from lib.websocket import HandshakeError
+                from lib.wstransport import client_handshake
+
+                try:
+                    tls = client_handshake(tls, self.proxy.host_header, self.proxy.path,
+                                           cfg.handshake_timeout)
+                except HandshakeError as e:
+                    raise TunnelError(f"WebSocket handshake with {self.proxy} failed: "
+                                      f"{e}") from None
             tls.settimeout(None)
         except ssl.SSLError as e:
             raw.close()
             raise TunnelError(f"TLS with proxy {self.proxy} failed: {e}. If the certificate "
                               f"does not verify, a Tor exit may be intercepting TLS; the tunnel "
                               f"is refused") from None
-        except TunnelError:
+        except (TunnelError, OSError):
             raw.close()
             raise
         session = Session(tls, client=True, config=cfg.mux, name=f"proxy {self.proxy}")

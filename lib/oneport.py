@@ -1,0 +1,221 @@
+"""One-port mode: the dashboard, tunnels and public HTTP all on the platform's `$PORT`.
+
+On a Procfile platform (Heroku-style) the proxy gets one port behind a router that terminates
+TLS and speaks only HTTP/1.1 (WebSocket upgrades included). Every connection gunicorn accepts is
+first shown to :meth:`OnePortRouter.dispatch`, which reads the request head (it is replayed,
+never lost) and decides by Host and path:
+
+1. Host is one of the proxy's own names (``admin_hosts``):
+   ``GET /_shroud/tunnel`` with a WebSocket upgrade becomes a tunnel (muxado over the
+   WebSocket's binary messages, lib.wstransport); any other path goes to the WSGI app
+   (the dashboard), which gunicorn serves as usual.
+2. Host is bound by a tunnel: the connection is routed through the tunnel exactly like the
+   proxy's http listener (raw bytes, keep-alive and public WebSocket upgrades included).
+3. Host unknown but the request is a WebSocket upgrade at ``/_shroud/tunnel``: a tunnel (the
+   platform may give the app a name the operator did not list).
+4. Anything else: the http listener's answer for an unknown name (404).
+
+The public peer's address comes from ``X-Forwarded-For`` (last entry: the one the platform's
+router appended; earlier entries are whatever the visitor claimed) when ``trust_forwarded_for``
+is set, which one-port mode does since the router is the only peer that can reach ``$PORT``.
+The port is unknown there and reported as 0.
+
+Routing is per connection, as on the http listener: a router that reused one upstream
+connection for requests to different hosts would send them all to the first host's tunnel.
+Heroku's router and nginx (without upstream ``keepalive``) open one upstream connection per
+client connection.
+
+Public API::
+
+    router = OnePortRouter(proxy, admin_hosts={"proxy.example.net"}, trust_forwarded_for=True)
+    sock_or_none = router.dispatch(sock, address)   # a socket for WSGI, or None: handled here
+    ReplaySocket(sock, head)                        # a socket whose first bytes are `head`
+    TUNNEL_PATH = "/_shroud/tunnel"
+    forwarded_for(head) -> str | None               # last X-Forwarded-For entry, validated
+
+This module uses gevent's APIs directly and never monkey-patches.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+
+import gevent
+
+from lib import sniff
+from lib import websocket as ws
+from lib.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
+from lib.wstransport import WebSocketTransport
+
+log = logging.getLogger("shroud.oneport")
+
+TUNNEL_PATH = "/_shroud/tunnel"
+
+_LINE_SPLIT_RE = re.compile(rb"\r?\n")
+
+
+class ReplaySocket:
+    """A connected socket whose next reads return ``head`` first; everything else delegates."""
+
+    def __init__(self, sock, head: bytes):
+        self._sock = sock
+        self._head = bytes(head)
+
+    def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
+        if self._head:
+            out, self._head = self._head[:bufsize], self._head[bufsize:]
+            return out
+        return self._sock.recv(bufsize, flags)
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        if self._head:
+            out = self.recv(nbytes or len(buffer))
+            buffer[:len(out)] = out
+            return len(out)
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _head_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
+    """(method, path, {lower-case header name: [values]}) of a request head already checked by
+    lib.sniff (so the request line and header lines are well formed)."""
+    lines = _LINE_SPLIT_RE.split(head.rstrip(b"\r\n"))
+    method, target, _ = lines[0].decode("latin-1").split(" ", 2)
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    path = target.split("?", 1)[0]
+    return method, path, headers
+
+
+def forwarded_for(head: bytes) -> str | None:
+    """The address the platform's router appended to ``X-Forwarded-For`` (its last entry).
+
+    Only the last entry is the router's own observation; earlier ones come from the visitor
+    and may be forged. Returns None when absent or not an IP address.
+    """
+    try:
+        _, _, headers = _head_fields(head)
+    except ValueError:
+        return None
+    values = headers.get("x-forwarded-for")
+    if not values:
+        return None
+    last = values[-1].split(",")[-1].strip()
+    if last.startswith("[") and "]" in last:  # "[2001:db8::1]:1234" (RFC 7239 style)
+        last = last[1:last.index("]")]
+    elif last.count(":") == 1:  # "203.0.113.9:1234"
+        last = last.split(":")[0]
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return None
+
+
+class OnePortRouter:
+    def __init__(self, proxy, admin_hosts, trust_forwarded_for: bool = True):
+        self.proxy = proxy
+        self.admin_hosts = {sniff.normalize_hostname(h) for h in admin_hosts if h}
+        self.trust_forwarded_for = trust_forwarded_for
+
+    def dispatch(self, sock, address):
+        """Decide what a new connection on ``$PORT`` is.
+
+        :returns: a socket (the head replayed) for gunicorn to serve with the WSGI app, or
+            None when the connection was handled here (tunnel, routed, or refused).
+        """
+        proxy = self.proxy
+        registry = proxy.registry
+        head = bytearray()
+        name = None
+        try:
+            with gevent.Timeout(proxy.config.peek_timeout):
+                while name is None:
+                    data = sock.recv(8192)
+                    if not data:
+                        sock.close()
+                        return None
+                    head += data
+                    name = sniff.sniff_http_host(bytes(head))
+        except gevent.Timeout:
+            registry.count_refusal("peek_timeout")
+            _send_quietly(sock, sniff.http_error_response(408, "Request Timeout",
+                                                          "No request arrived in time.\n"))
+            sock.close()
+            return None
+        except sniff.SniffError:
+            # The http listener's code answers (400 / 405 / 431) and counts it, at once: the
+            # replayed bytes fail the same way.
+            proxy._route(ReplaySocket(sock, bytes(head)), address, "http",
+                         sniff.sniff_http_host, ROUTE_BY_HOST)
+            return None
+        except OSError:
+            sock.close()
+            return None
+        data = bytes(head)
+        end = ws.split_head(data)
+        request_head = end[0] if end else data
+        method, path, headers = _head_fields(request_head)
+        peer = address
+        if self.trust_forwarded_for:
+            fwd = forwarded_for(request_head)
+            if fwd is not None:
+                peer = (fwd, 0)
+        is_tunnel_path = path == TUNNEL_PATH
+        is_upgrade = any(v.lower() == "websocket" for v in headers.get("upgrade", []))
+        if name in self.admin_hosts:
+            if is_tunnel_path:
+                self._tunnel(sock, data, peer)
+                return None
+            return ReplaySocket(sock, data)
+        if registry.lookup(ROUTE_BY_HOST, name) is None and is_tunnel_path and is_upgrade:
+            self._tunnel(sock, data, peer)
+            return None
+        if (registry.lookup(ROUTE_BY_HOST, name) is None
+                and registry.lookup(ROUTE_BY_SNI, name) is not None
+                and "https" not in proxy.servers):
+            # Bound for TLS passthrough only, which the platform's TLS-terminating router makes
+            # impossible here (the http listener would redirect to https: a loop).
+            registry.count_refusal("tls_only_name")
+            _send_quietly(sock, sniff.http_error_response(
+                421, "Misdirected Request", f"{name} is bound for TLS passthrough, which this "
+                f"proxy cannot do behind its platform's router; the client should bind "
+                f"http:{name}.\n"))
+            sock.close()
+            return None
+        # A bound name (or an unknown one: 404), exactly as on the http listener.
+        proxy._route(ReplaySocket(sock, data), peer, "http", sniff.sniff_http_host,
+                     ROUTE_BY_HOST)
+        return None
+
+    def _tunnel(self, sock, data: bytes, peer) -> None:
+        registry = self.proxy.registry
+        head, rest = ws.split_head(data)
+        try:
+            req = ws.parse_upgrade_request(head)
+        except ws.HandshakeError as e:
+            registry.count_refusal("tunnel_handshake")
+            _send_quietly(sock, ws.handshake_refusal(e.http_status, e.reason))
+            sock.close()
+            return
+        try:
+            sock.sendall(ws.server_response(req.key))
+        except OSError:
+            sock.close()
+            return
+        peer_text = "%s:%d" % peer[:2]
+        log.info("websocket tunnel from %s", peer_text)
+        self.proxy.serve_tunnel(WebSocketTransport(sock, client=False, leftover=rest),
+                                peer_text, transport_name="websocket")
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.settimeout(2.0)
+        sock.sendall(data)
+    except OSError:
+        pass
