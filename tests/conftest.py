@@ -9,5 +9,6 @@ if ROOT not in sys.path:
 pytest_plugins = [
     "tests.fixtures.tor",
     "tests.fixtures.gopeer",
+    "tests.fixtures.gotunnel",
     "tests.fixtures.dns",
 ]

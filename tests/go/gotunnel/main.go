@@ -179,7 +179,7 @@ func readMsg(r io.Reader) (interface{}, []byte, error) {
 	return msg, buf, nil
 }
 
-// reencodeEqual reports whether Go's encoder writes “msg“ as exactly “wire“.
+// reencodeEqual reports whether Go's encoder writes msg as exactly the wire bytes.
 func reencodeEqual(msg interface{}, wire []byte) bool {
 	again, err := pack(msg)
 	return err == nil && bytes.Equal(again, wire)
