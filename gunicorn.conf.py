@@ -3,12 +3,15 @@
 One gevent worker runs the whole proxy: its listeners start when the worker starts
 (post_worker_init) and the WSGI app is the admin dashboard. Proxy options come from SHROUD_*
 environment variables, as for `python shroud_proxy.py`. On a platform that gives one $PORT,
-gunicorn serves on it.
+gunicorn serves on it, and in one-port mode (only $PORT set, or SHROUD_ONE_PORT=1) everything
+arrives there: the dashboard on the proxy's own hostname, tunnels as WebSockets at
+/_shroud/tunnel, public HTTP routed by Host (lib/oneport.py, docs/DEPLOY.md).
 """
 import os
 import shlex
 
-worker_class = "gevent"
+# gunicorn's gevent worker, with one hook: connections go to the one-port router first.
+worker_class = "lib.gworker.ShroudGeventWorker"
 # One worker: live tunnel state lives in the process (DESIGN.md, process model).
 workers = 1
 worker_connections = int(os.environ.get("SHROUD_MAX_PUBLIC_CONNECTIONS", "20000"))
@@ -26,4 +29,4 @@ loglevel = os.environ.get("SHROUD_LOG_LEVEL", "info")
 def post_worker_init(worker):
     import shroud_proxy
 
-    shroud_proxy.start_in_worker(shlex.split(os.environ.get("SHROUD_ARGS", "")))
+    shroud_proxy.start_in_worker(shlex.split(os.environ.get("SHROUD_ARGS", "")), worker)

@@ -46,6 +46,8 @@ OPTIONS = [
     ("--idle-timeout", "IDLE_TIMEOUT", "3600", "seconds a public connection may stay silent both ways"),
     ("--admin-password-hash", "ADMIN_PASSWORD_HASH", None, "werkzeug password hash for the dashboard login"),
     ("--admin-token", "ADMIN_TOKEN", None, "bearer token for the JSON API"),
+    ("--admin-hosts", "ADMIN_HOSTS", "", "one-port mode: more names (comma-separated) that reach the dashboard and tunnel endpoint, besides --hostname"),
+    ("--trust-forwarded-for", "TRUST_FORWARDED_FOR", "", "one-port mode: take the public peer's address from X-Forwarded-For's last entry (default yes in one-port mode; 0 to disable)"),
     ("--log-level", "LOG_LEVEL", "info", "debug, info, warning, error"),
     ("--log-format", "LOG_FORMAT", "text", "text or json"),
 ]
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tofu", action="store_true",
                    default=os.environ.get("SHROUD_NO_TOFU", "") not in ("", "0"),
                    help="disable trust-on-first-use ownership [env SHROUD_NO_TOFU]")
+    p.add_argument("--one-port", action="store_true",
+                   default=os.environ.get("SHROUD_ONE_PORT", "") not in ("", "0"),
+                   help="under gunicorn: serve the dashboard, WebSocket tunnels at "
+                        "/_shroud/tunnel and public HTTP by Host all on gunicorn's port (on "
+                        "by itself when only $PORT is set) [env SHROUD_ONE_PORT]")
     p.add_argument("--print-fingerprint", action="store_true",
                    help="print the tunnel certificate's SHA-256 fingerprint and exit")
     return p
@@ -95,18 +102,58 @@ def admin_settings(args) -> dict:
 _state: dict = {}
 
 
-def start_in_worker(argv: list[str] | None = None) -> None:
-    """Called by gunicorn.conf.py when a (gevent) worker starts: the listeners start with it."""
+_LISTENER_FLAGS = {"--tunnel-addr": "TUNNEL_ADDR", "--https-addr": "HTTPS_ADDR",
+                   "--http-addr": "HTTP_ADDR"}
+
+
+def one_port_mode(args, argv: list[str], environ=os.environ) -> bool:
+    """--one-port, or a platform's $PORT with no listener address given (docs/DEPLOY.md)."""
+    if args.one_port:
+        return True
+    given = any(a.split("=", 1)[0] in _LISTENER_FLAGS for a in argv) or any(
+        environ.get("SHROUD_" + env) is not None for env in _LISTENER_FLAGS.values())
+    return bool(environ.get("PORT")) and not given
+
+
+def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
+    """Called by gunicorn.conf.py when a (gevent) worker starts: the listeners start with it.
+
+    In one-port mode the worker's connections on $PORT go to a lib.oneport.OnePortRouter
+    first (``worker.shroud_router``, read by lib.gworker.ShroudGeventWorker).
+    """
     from lib.admin import create_admin_app
     from lib.logsetup import setup_logging
     from lib.proxy import ProxyServer
 
-    args = build_parser().parse_args(argv or [])
+    argv = list(argv or [])
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    one_port = one_port_mode(args, argv)
+    given = set(a.split("=", 1)[0] for a in argv)
+    if one_port and "--tunnel-addr" not in given and os.environ.get("SHROUD_TUNNEL_ADDR") is None:
+        args.tunnel_addr = ""  # tunnels come as WebSockets on $PORT; no raw port to open
     proxy = ProxyServer(config_from_args(args))
     proxy.start()
     _state["proxy"] = proxy
     _state["app"] = create_admin_app(proxy, admin_settings(args))
+    if one_port:
+        from lib.oneport import TUNNEL_PATH, OnePortRouter
+
+        if worker is None or not hasattr(worker, "shroud_router"):
+            raise RuntimeError("one-port mode needs gunicorn's worker_class "
+                               "lib.gworker.ShroudGeventWorker (see gunicorn.conf.py)")
+        hosts = [args.hostname, *(h.strip() for h in args.admin_hosts.split(",")),
+                 os.environ.get("HEROKU_APP_DEFAULT_DOMAIN_NAME", "")]
+        trust = args.trust_forwarded_for.lower() not in ("0", "no", "false")
+        worker.shroud_router = OnePortRouter(proxy, [h for h in hosts if h],
+                                             trust_forwarded_for=trust)
+        for sock in getattr(worker, "sockets", []):
+            try:
+                proxy.registry.listeners["one-port"] = "%s:%d" % sock.getsockname()[:2]
+            except (OSError, TypeError):
+                pass  # a unix socket: nothing to show
+        log.info("one-port mode: dashboard on %s, WebSocket tunnels at %s, public HTTP by Host",
+                 ", ".join(sorted(worker.shroud_router.admin_hosts)), TUNNEL_PATH)
     log.info("proxy started in gunicorn worker pid %d", os.getpid())
 
 
