@@ -38,6 +38,7 @@ import os
 import platform
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -219,6 +220,7 @@ http {{
     sendfile on;
     tcp_nopush on;
     tcp_nodelay on;
+    output_buffers 4 256k;  # TLS can't sendfile: big reads keep nginx from being the limit
     keepalive_timeout 600s;  # held idle connections must outlive a run
     keepalive_requests 100000000;
     client_body_temp_path {tmp}/body;
@@ -329,11 +331,13 @@ class ShroudPath(Path):
             raise RuntimeError(f"shroud_proxy.py --print-fingerprint failed: {out.stderr}")
         pin = out.stdout.strip()
         tunnel, self.admin = free_port(), free_port()
+        self.token = secrets.token_hex(16)  # the status API wants a bearer token
         super().__init__(free_port(), free_port())
         self.proxy = Proc("shroud-proxy", [
             PY, "shroud_proxy.py", "--data-dir", pdata,
             "--tunnel-addr", f"127.0.0.1:{tunnel}", "--https-addr", f"127.0.0.1:{self.tls_port}",
             "--http-addr", f"127.0.0.1:{self.http_port}", "--admin-addr", f"127.0.0.1:{self.admin}",
+            "--admin-token", self.token,
             # 1,000 held + 64 wrk + closing streams stay under the client's own 1,024 limit.
             "--max-streams-per-tunnel", "4096", "--log-level", "warning"], d)
         self.procs.append(self.proxy)
@@ -361,7 +365,7 @@ class ShroudPath(Path):
         while time.monotonic() < deadline:
             c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
             try:
-                c.request("GET", "/api/status")
+                c.request("GET", "/api/status", headers={"Authorization": f"Bearer {self.token}"})
                 last = json.loads(c.getresponse().read())
             finally:
                 c.close()
