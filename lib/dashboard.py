@@ -1,0 +1,257 @@
+"""Read-only views of the proxy's live state for the dashboard and its JSON API.
+
+Pure functions over a :class:`lib.registry.Registry` (and the ownership store for blocks); no
+Flask, no I/O. They never change the live state, and they are cheap enough to run every few
+seconds with thousands of bound names: a page of rows is built in full, the rest only as far
+as filtering and sorting need.
+
+Public API::
+
+    overview(proxy, now=None) -> dict       # proxy-wide: uptime, listeners, counts, totals,
+                                            # rates, refusals, throughput chart
+    query_bindings(registry, q="", protocol="", sort="name", order="asc", page=1,
+                   per_page=DEFAULT_PER_PAGE, now=None) -> Page
+    binding_detail(proxy, protocol, name, now=None) -> dict | None   # with tunnels and chart
+    query_tunnels(registry, q="", sort="connected_at", order="desc", page=1,
+                  per_page=DEFAULT_PER_PAGE, now=None) -> Page
+    blocks(store) -> dict                    # {"hostnames": [...], "keys": [...]}
+    blocked_state(store, name=None, key=None) -> bool
+    audit(store, limit=200) -> list[dict]
+    chart(history, now=None) -> dict         # {"t": [...], "in": [...], "out": [...]} bytes/s
+    current_rate(history, now=None) -> (in, out)
+    QueryError(ValueError)                   # a bad sort key, order or page; says which
+
+A Page is a dict: ``{"items", "total", "page", "per_page", "pages", "sort", "order", "q"}``.
+"""
+from __future__ import annotations
+
+import time
+
+from lib.registry import BUCKET_SECONDS, HISTORY_BUCKETS
+
+# One page of the hostname table: 50 rows fills a screen; 500 is the most a browser table
+# renders smoothly every two seconds, and bounds the work a single API call can ask for.
+DEFAULT_PER_PAGE = 50
+MAX_PER_PAGE = 500
+# A search string longer than any host name (253) plus some slack is not a search.
+MAX_QUERY_LEN = 300
+# The audit list shown: a screenful of recent history; the store keeps more (AUDIT_KEEP).
+MAX_AUDIT = 1000
+
+BINDING_SORTS = {
+    "name": lambda r: r["name"],
+    "protocol": lambda r: (r["protocol"], r["name"]),
+    "owner": lambda r: (r["owner"] or "", r["name"]),
+    "tunnels": lambda r: r["tunnels"],
+    "streams": lambda r: r["streams_open"],
+    "connections": lambda r: r["connections"],
+    "bytes_in": lambda r: r["bytes_in"],
+    "bytes_out": lambda r: r["bytes_out"],
+    "bytes": lambda r: r["bytes_in"] + r["bytes_out"],
+    "rate": lambda r: r["rate_in"] + r["rate_out"],
+    "refusals": lambda r: r["refusals_total"],
+    "bound_at": lambda r: r["bound_at"],
+}
+TUNNEL_SORTS = {
+    "id": lambda t: t.id,
+    "peer": lambda t: t.peer,
+    "key": lambda t: t.key or "",
+    "connected_at": lambda t: t.connected_at,
+    "streams": lambda t: t.streams_open,
+    "bytes": lambda t: t.bytes_in + t.bytes_out,
+    "rtt": lambda t: (t.session.heartbeat_rtt is None, t.session.heartbeat_rtt or 0.0),
+}
+
+
+class QueryError(ValueError):
+    """A query parameter the API cannot honour; the message names it and the choices."""
+
+
+# --- rates and charts ------------------------------------------------------------------------
+
+def current_rate(history, now: float | None = None) -> tuple[float, float]:
+    """Bytes/s in and out over the last full bucket and the current one.
+
+    Same meaning as ``RateHistory.rate`` but reads only the newest buckets (the deque is in
+    time order), so it stays cheap across thousands of names.
+    """
+    now = time.time() if now is None else now
+    start = (int(now) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
+    n_in = n_out = 0
+    for bucket in reversed(history.buckets):
+        if bucket[0] < start:
+            break
+        n_in += bucket[1]
+        n_out += bucket[2]
+    span = max(1.0, now - start)
+    return n_in / span, n_out / span
+
+
+def chart(history, now: float | None = None) -> dict:
+    """The last hour as bytes/s per 10 s bucket, gaps filled with zeros (uPlot's columns).
+
+    The newest bucket is still filling: its rate is over the seconds elapsed so far.
+    """
+    now = time.time() if now is None else now
+    last = int(now) // BUCKET_SECONDS * BUCKET_SECONDS
+    first = last - (HISTORY_BUCKETS - 1) * BUCKET_SECONDS
+    by_start = {b[0]: b for b in history.buckets if b[0] >= first}
+    t, r_in, r_out = [], [], []
+    for start in range(first, last + 1, BUCKET_SECONDS):
+        b = by_start.get(start)
+        span = BUCKET_SECONDS if start < last else max(1.0, now - start)
+        t.append(start)
+        r_in.append(round(b[1] / span, 1) if b else 0)
+        r_out.append(round(b[2] / span, 1) if b else 0)
+    return {"t": t, "in": r_in, "out": r_out, "bucket_seconds": BUCKET_SECONDS}
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+def _binding_row(b, now: float) -> dict:
+    rate_in, rate_out = current_rate(b.history, now)
+    return {
+        "id": f"{b.protocol}/{b.name}", "name": b.name, "protocol": b.protocol, "url": b.url,
+        "owner": b.owner, "owner_short": (b.owner or "unsigned")[:16], "method": b.method,
+        "bound_at": b.bound_at, "tunnels": len(b.tunnels), "streams_open": b.streams_open,
+        "connections": b.connections, "bytes_in": b.bytes_in, "bytes_out": b.bytes_out,
+        "rate_in": round(rate_in, 1), "rate_out": round(rate_out, 1),
+        "refusals": dict(b.refusals), "refusals_total": sum(b.refusals.values()),
+    }
+
+
+def _tunnel_row(t, now: float) -> dict:
+    rtt = t.session.heartbeat_rtt
+    return {
+        "id": t.id, "peer": t.peer, "key": t.key, "key_short": (t.key or "unsigned")[:16],
+        "client_id": t.client_id, "transport": t.transport, "connected_at": t.connected_at,
+        "heartbeat_rtt_ms": None if rtt is None else round(rtt * 1000, 2),
+        "streams_open": t.streams_open, "streams_total": t.streams_total,
+        "bytes_in": t.bytes_in, "bytes_out": t.bytes_out, "alive": t.alive,
+        "names": sorted(f"{b.protocol}/{b.name}" for b in t.bindings),
+    }
+
+
+def _page(items: list, sort: str, order: str, page, per_page, q: str) -> dict:
+    per_page = _int(per_page, "per_page", DEFAULT_PER_PAGE)
+    if not 1 <= per_page <= MAX_PER_PAGE:
+        raise QueryError(f"per_page must be 1..{MAX_PER_PAGE}")
+    page = _int(page, "page", 1)
+    if page < 1:
+        raise QueryError("page must be 1 or more")
+    total = len(items)
+    pages = max(1, -(-total // per_page))
+    page = min(page, pages)  # a table that shrank under the reader shows its last page
+    lo = (page - 1) * per_page
+    return {"items": items[lo:lo + per_page], "total": total, "page": page,
+            "per_page": per_page, "pages": pages, "sort": sort, "order": order, "q": q}
+
+
+def _int(value, what: str, default: int) -> int:
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise QueryError(f"{what} must be an integer, not {str(value)[:20]!r}") from None
+
+
+def _check(sort: str, order: str, q: str, sorts: dict) -> None:
+    if sort not in sorts:
+        raise QueryError(f"sort must be one of {', '.join(sorted(sorts))}")
+    if order not in ("asc", "desc"):
+        raise QueryError("order must be asc or desc")
+    if len(q) > MAX_QUERY_LEN:
+        raise QueryError(f"search text is longer than {MAX_QUERY_LEN} characters")
+
+
+def query_bindings(registry, q: str = "", protocol: str = "", sort: str = "name",
+                   order: str = "asc", page=1, per_page=DEFAULT_PER_PAGE, now=None) -> dict:
+    """Bound names matching ``q`` (a substring of the name, URL or owner key), one page."""
+    q = (q or "").strip().lower()
+    _check(sort, order, q, BINDING_SORTS)
+    now = time.time() if now is None else now
+    rows = []
+    for b in list(registry.bindings.values()):
+        if protocol and b.protocol != protocol:
+            continue
+        if q and q not in b.name and q not in (b.owner or "unsigned") and q not in b.url:
+            continue
+        rows.append(_binding_row(b, now))
+    rows.sort(key=BINDING_SORTS[sort], reverse=(order == "desc"))
+    return _page(rows, sort, order, page, per_page, q)
+
+
+def query_tunnels(registry, q: str = "", sort: str = "connected_at", order: str = "desc",
+                  page=1, per_page=DEFAULT_PER_PAGE, now=None) -> dict:
+    """Live tunnels matching ``q`` (id, peer address, key or a bound name), one page."""
+    q = (q or "").strip().lower()
+    _check(sort, order, q, TUNNEL_SORTS)
+    now = time.time() if now is None else now
+    tunnels = list(registry.tunnels.values())
+    if q:
+        tunnels = [t for t in tunnels if q == str(t.id) or q in t.peer
+                   or q in (t.key or "unsigned") or any(q in b.name for b in t.bindings)]
+    tunnels.sort(key=TUNNEL_SORTS[sort], reverse=(order == "desc"))
+    result = _page(tunnels, sort, order, page, per_page, q)
+    result["items"] = [_tunnel_row(t, now) for t in result["items"]]
+    return result
+
+
+def binding_detail(proxy, protocol: str, name: str, now=None) -> dict | None:
+    """One bound name with its tunnels and last hour's chart; None if it is not bound."""
+    now = time.time() if now is None else now
+    b = proxy.registry.bindings.get((protocol, name))
+    if b is None:
+        return None
+    d = _binding_row(b, now)
+    d["tunnel_list"] = [_tunnel_row(t, now) for t in b.tunnels]
+    d["chart"] = chart(b.history, now)
+    return d
+
+
+def blocked_state(store, name: str | None = None, key: str | None = None) -> bool:
+    if store is None:
+        return False
+    try:
+        return store.is_blocked(hostname=name, key=key)
+    except ValueError:  # not a host name (e.g. "tcp:PORT" passes; garbage does not)
+        return False
+
+
+def overview(proxy, now=None) -> dict:
+    """Proxy-wide state: what the overview page's header and chart show."""
+    now = time.time() if now is None else now
+    reg = proxy.registry
+    rate_in, rate_out = current_rate(reg.history, now)
+    tunnels = list(reg.tunnels.values())
+    store = proxy.store
+    return {
+        "hostname": getattr(proxy.config, "hostname", ""),
+        "fingerprint": proxy.fingerprint,
+        "started": reg.started, "uptime": now - reg.started, "now": now,
+        "listeners": dict(reg.listeners),
+        "tunnels": len(tunnels), "bindings": len(reg.bindings),
+        "keys": len({t.key for t in tunnels}),
+        "streams_open": sum(t.streams_open for t in tunnels),
+        "connections": reg.connections,
+        "bytes_in": reg.bytes_in, "bytes_out": reg.bytes_out,
+        "rate_in": round(rate_in, 1), "rate_out": round(rate_out, 1),
+        "refusals": dict(reg.refusals), "refusals_total": sum(reg.refusals.values()),
+        "blocked_hostnames": len(store.blocked_hostnames()) if store is not None else 0,
+        "blocked_keys": len(store.blocked_keys()) if store is not None else 0,
+        "chart": chart(reg.history, now),
+    }
+
+
+def blocks(store) -> dict:
+    if store is None:
+        return {"hostnames": [], "keys": []}
+    return {"hostnames": [b._asdict() for b in store.blocked_hostnames()],
+            "keys": [b._asdict() for b in store.blocked_keys()]}
+
+
+def audit(store, limit: int = 200) -> list:
+    if store is None:
+        return []
+    return [e._asdict() for e in store.audit_log(max(1, min(int(limit), MAX_AUDIT)))]

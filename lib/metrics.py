@@ -1,0 +1,116 @@
+"""Prometheus metrics for one proxy, read from its live registry at scrape time.
+
+Public API::
+
+    registry = metrics_registry(proxy, top_hostnames=TOP_HOSTNAMES)  # a CollectorRegistry
+    body, content_type = render(registry)                            # for GET /metrics
+
+Proxy-wide series (``shroud_tunnels``, ``shroud_bytes_total{direction}``,
+``shroud_refusals_total{reason}``, ...) have a fixed, small label set. Per-hostname series are
+bounded: only the ``top_hostnames`` names with the most traffic get their own
+``{protocol, hostname}`` series; every other name is summed into ``hostname="__other__"``, and
+``shroud_metrics_hostnames_folded`` says how many were folded. So a flood of bound names costs
+a constant number of series, never one per name.
+
+Caveat: a name moving in or out of the top set moves its bytes between its own series and
+``__other__``, which Prometheus reads as a counter reset of ``__other__``. The proxy-wide
+counters are exact; use them for totals.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# 50 names x ~6 series each = 300 series: enough to see who carries the traffic, small
+# enough that a proxy with 100,000 names costs a scraper what a proxy with 50 does.
+TOP_HOSTNAMES = 50
+OTHER = "__other__"
+
+
+class ShroudCollector:
+    def __init__(self, proxy, top_hostnames: int = TOP_HOSTNAMES):
+        self.proxy = proxy
+        self.top = top_hostnames
+
+    def describe(self):
+        return []  # collected on demand; nothing to check at registration
+
+    def collect(self):
+        reg = self.proxy.registry
+        tunnels = list(reg.tunnels.values())
+        bindings = list(reg.bindings.values())
+
+        def gauge(name, doc, value):
+            return GaugeMetricFamily(name, doc, value=value)
+
+        yield gauge("shroud_uptime_seconds", "Seconds since the proxy started.",
+                    max(0.0, time.time() - reg.started))
+        yield gauge("shroud_tunnels", "Live tunnels from clients.", len(tunnels))
+        yield gauge("shroud_bindings", "Names bound through live tunnels.", len(bindings))
+        yield gauge("shroud_streams_open", "Open public connections inside tunnels.",
+                    sum(t.streams_open for t in tunnels))
+        yield CounterMetricFamily("shroud_public_connections", "Public connections accepted.",
+                                  value=reg.connections)
+        c = CounterMetricFamily("shroud_bytes", "Bytes carried: in = public to origin, "
+                                "out = origin to public.", labels=["direction"])
+        c.add_metric(["in"], reg.bytes_in)
+        c.add_metric(["out"], reg.bytes_out)
+        yield c
+        c = CounterMetricFamily("shroud_refusals", "Refused connections and binds by reason.",
+                                labels=["reason"])
+        for reason, n in sorted(reg.refusals.items()):
+            c.add_metric([reason], n)
+        yield c
+        store = self.proxy.store
+        if store is not None:
+            yield gauge("shroud_blocked_hostnames", "Names blocked by the operator.",
+                        len(store.blocked_hostnames()))
+            yield gauge("shroud_blocked_keys", "Client keys blocked by the operator.",
+                        len(store.blocked_keys()))
+        # Per hostname, bounded.
+        top = heapq.nlargest(self.top, bindings, key=lambda b: b.bytes_in + b.bytes_out)
+        top_ids = {id(b) for b in top}
+        rest = [b for b in bindings if id(b) not in top_ids]
+        yield gauge("shroud_metrics_hostnames_folded",
+                    f"Bound names beyond the top {self.top} by traffic, summed into "
+                    f"hostname=\"{OTHER}\".", len(rest))
+        labels = ["protocol", "hostname"]
+        h_bytes = CounterMetricFamily("shroud_hostname_bytes", "Bytes carried per name.",
+                                      labels=labels + ["direction"])
+        h_conns = CounterMetricFamily("shroud_hostname_connections",
+                                      "Public connections routed per name.", labels=labels)
+        h_streams = GaugeMetricFamily("shroud_hostname_streams_open",
+                                      "Open public connections per name.", labels=labels)
+        h_tunnels = GaugeMetricFamily("shroud_hostname_tunnels",
+                                      "Live tunnels per name.", labels=labels)
+        for b in top:
+            lv = [b.protocol, b.name]
+            h_bytes.add_metric(lv + ["in"], b.bytes_in)
+            h_bytes.add_metric(lv + ["out"], b.bytes_out)
+            h_conns.add_metric(lv, b.connections)
+            h_streams.add_metric(lv, b.streams_open)
+            h_tunnels.add_metric(lv, len(b.tunnels))
+        if rest:
+            lv = ["", OTHER]
+            h_bytes.add_metric(lv + ["in"], sum(b.bytes_in for b in rest))
+            h_bytes.add_metric(lv + ["out"], sum(b.bytes_out for b in rest))
+            h_conns.add_metric(lv, sum(b.connections for b in rest))
+            h_streams.add_metric(lv, sum(b.streams_open for b in rest))
+            h_tunnels.add_metric(lv, sum(len(b.tunnels) for b in rest))
+        yield from (h_bytes, h_conns, h_streams, h_tunnels)
+
+
+def metrics_registry(proxy, top_hostnames: int = TOP_HOSTNAMES) -> CollectorRegistry:
+    """A registry of its own (not the process-global one), so several proxies in one
+    process, as in tests, never collide."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ShroudCollector(proxy, top_hostnames))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST

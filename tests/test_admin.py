@@ -1,0 +1,462 @@
+"""The admin app with Flask's test client over a ProxyServer built in-process (no listeners).
+
+Tunnels are registered with a stand-in session (the registry only reads ``closed`` and
+``heartbeat_rtt`` and the actions call ``close``); everything else is real: the registry, the
+SQLite ownership store, the Flask app, its templates and static files.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+
+import pytest
+from werkzeug.security import generate_password_hash
+
+from lib import dashboard, ownership
+from lib.admin import SECRET_FILE, create_admin_app
+from lib.metrics import OTHER, TOP_HOSTNAMES
+from lib.proxy import ProxyConfig, ProxyServer
+
+PASSWORD = "correct horse battery"
+TOKEN = "test-token-0123456789"
+KEY_A = "a" * 64
+KEY_B = "b" * 64
+
+
+class FakeSession:
+    def __init__(self, rtt=0.012):
+        self.closed = False
+        self.heartbeat_rtt = rtt
+        self.close_reason = None
+
+    def close(self, code=0, reason=""):
+        self.closed = True
+        self.close_reason = reason
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    p = ProxyServer(ProxyConfig(data_dir=str(tmp_path / "data"), tunnel_addr=None,
+                                admin_addr=None))
+    p.registry.listeners.update({"tunnel": "127.0.0.1:4443", "https": "127.0.0.1:8443"})
+    yield p
+    p.store.close()
+
+
+def make_tunnel(proxy, names, key=KEY_A, peer="10.0.0.1:5000", protocol="https"):
+    t = proxy.registry.add_tunnel(FakeSession(), peer, key, "c" * 32)
+    bindings = [proxy.registry.bind(t, protocol, n, key, "tofu", f"{protocol}://{n}")
+                for n in names]
+    return t, bindings
+
+
+@pytest.fixture
+def config(tmp_path):
+    return {"ADMIN_PASSWORD_HASH": generate_password_hash(PASSWORD), "ADMIN_TOKEN": TOKEN,
+            "DATA_DIR": str(tmp_path / "data")}
+
+
+@pytest.fixture
+def app(proxy, config):
+    return create_admin_app(proxy, config)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def bearer(token=TOKEN):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def csrf_of(html: bytes) -> str:
+    m = re.search(rb'name="csrf_token" value="([^"]+)"', html)
+    assert m, html[:500]
+    return m.group(1).decode()
+
+
+def login(client, password=PASSWORD, user="admin"):
+    page = client.get("/login")
+    assert page.status_code == 200
+    r = client.post("/login", data={"username": user, "password": password,
+                                    "csrf_token": csrf_of(page.data), "next": "/"})
+    return r
+
+
+def logged_in_csrf(client) -> str:
+    r = login(client)
+    assert r.status_code == 302, r.data
+    page = client.get("/")
+    m = re.search(rb'<meta name="csrf-token" content="([^"]+)"', page.data)
+    return m.group(1).decode()
+
+
+# --- access ----------------------------------------------------------------------------------
+
+def test_healthz_is_open(client):
+    assert client.get("/healthz").json == {"ok": True}
+
+
+@pytest.mark.parametrize("path", ["/api/status", "/api/overview", "/api/hostnames",
+                                  "/api/tunnels", "/api/blocks", "/api/audit", "/metrics"])
+def test_api_needs_credentials(client, path):
+    r = client.get(path)
+    assert r.status_code == 401
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "authentication required" in r.json["error"]
+    assert client.get(path, headers=bearer("wrong")).status_code == 401
+    assert client.get(path, headers=bearer()).status_code == 200
+
+
+def test_pages_redirect_to_login(client):
+    r = client.get("/tunnels?x=1")
+    assert r.status_code == 302
+    assert r.headers["Location"].startswith("/login?next=/tunnels")
+    # A bearer token is for the API, not the pages.
+    assert client.get("/", headers=bearer()).status_code == 302
+
+
+def test_login_logout(client):
+    assert login(client, password="wrong").status_code == 401
+    assert client.get("/").status_code == 302
+    r = login(client)
+    assert r.status_code == 302 and r.headers["Location"] == "/"
+    page = client.get("/")
+    assert page.status_code == 200 and b'id="hostnames"' in page.data
+    assert client.get("/api/overview").status_code == 200  # the session works for the API
+    # Logging out needs the CSRF token too, then the session is gone.
+    assert client.post("/logout").status_code == 403
+    r = client.post("/logout", data={"csrf_token": csrf_of(page.data)})
+    assert r.status_code == 302
+    assert client.get("/").status_code == 302
+    assert client.get("/api/overview").status_code == 401
+
+
+def test_login_form_needs_its_csrf_token(client):
+    client.get("/login")
+    r = client.post("/login", data={"username": "admin", "password": PASSWORD})
+    assert r.status_code == 400
+    assert client.get("/").status_code == 302
+
+
+def test_login_never_redirects_off_site(client):
+    page = client.get("/login")
+    r = client.post("/login", data={"username": "admin", "password": PASSWORD,
+                                    "csrf_token": csrf_of(page.data),
+                                    "next": "https://evil.example/"})
+    assert r.headers["Location"] == "/"
+
+
+def test_failed_logins_are_throttled(client):
+    for _ in range(20):
+        assert login(client, password="nope").status_code == 401
+    r = login(client)  # even the right password waits out the minute
+    assert r.status_code == 429
+
+
+def test_session_survives_restart_through_the_persisted_secret(proxy, config, tmp_path):
+    a = create_admin_app(proxy, config).test_client()
+    assert login(a).status_code == 302
+    cookie = a.get_cookie("shroud_admin")
+    secret = (tmp_path / "data" / SECRET_FILE)
+    assert secret.stat().st_mode & 0o077 == 0
+    b = create_admin_app(proxy, config).test_client()  # "restarted": same data dir
+    b.set_cookie("shroud_admin", cookie.value)
+    assert b.get("/").status_code == 200
+
+
+def test_without_a_password_hash_pages_refuse_and_explain(proxy, tmp_path):
+    c = create_admin_app(proxy, {"DATA_DIR": str(tmp_path / "d"), "ADMIN_TOKEN": TOKEN}) \
+        .test_client()
+    for path in ("/", "/login", "/h/https/x.test"):
+        r = c.get(path)
+        assert r.status_code == 503
+        assert b"lib.admin hash-password" in r.data and b"SHROUD_ADMIN_PASSWORD_HASH" in r.data
+    assert c.get("/api/status", headers=bearer()).status_code == 200
+    bad = create_admin_app(proxy, {"ADMIN_PASSWORD_HASH": "plaintext"}).test_client()
+    r = bad.get("/")
+    assert r.status_code == 503 and b"not a werkzeug hash" in r.data
+
+
+def test_security_headers(client):
+    login(client)
+    r = client.get("/")
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_static_assets_are_served_locally(client):
+    for path in ("/static/vendor/uplot/uPlot.iife.min.js", "/static/dashboard.js",
+                 "/static/app.css", "/static/vendor/uplot/LICENSE"):
+        r = client.get(path)
+        assert r.status_code == 200 and len(r.data) > 500, path
+    login(client)
+    html = client.get("/").data
+    assert b"http://" not in html and b"https://" not in html  # no CDN, nothing off-box
+
+
+# --- CSRF on actions -------------------------------------------------------------------------
+
+def test_actions_from_a_session_need_the_csrf_token(client, proxy):
+    t, _ = make_tunnel(proxy, ["app.test"])
+    token = logged_in_csrf(client)
+    body = {"kind": "hostname", "target": "app.test"}
+    for path, data in (("/api/block", body), ("/api/unblock", body),
+                       (f"/api/tunnels/{t.id}/disconnect", {})):
+        r = client.post(path, json=data)
+        assert r.status_code == 403 and "CSRF" in r.json["error"], path
+        r = client.post(path, json=data, headers={"X-CSRF-Token": "forged"})
+        assert r.status_code == 403, path
+    assert not proxy.store.is_blocked(hostname="app.test")
+    assert not t.session.closed
+    r = client.post("/api/block", json=body, headers={"X-CSRF-Token": token})
+    assert r.status_code == 200 and r.json["bindings_dropped"] == 1
+    assert proxy.store.is_blocked(hostname="app.test")
+
+
+def test_bearer_actions_need_no_csrf(client, proxy):
+    r = client.post("/api/block", json={"kind": "key", "target": KEY_B}, headers=bearer())
+    assert r.status_code == 200
+    assert proxy.store.is_blocked(key=KEY_B)
+    assert proxy.store.audit_log(1)[0].actor == "api-token"
+
+
+# --- the views over live state ---------------------------------------------------------------
+
+def test_status_keeps_its_shape(client, proxy):
+    make_tunnel(proxy, ["app.test"])
+    s = client.get("/api/status", headers=bearer()).json
+    assert s["fingerprint"] == proxy.fingerprint
+    assert s["bindings"][0]["name"] == "app.test" and s["bindings"][0]["tunnels"] == 1
+
+
+def test_overview_counts_and_chart(client, proxy):
+    t, (b,) = make_tunnel(proxy, ["app.test"])
+    proxy.registry.connections = 3
+    proxy.registry.count_bytes(b, t, n_in=1000, n_out=5000)
+    proxy.registry.count_refusal("unknown_name")
+    o = client.get("/api/overview", headers=bearer()).json
+    assert o["tunnels"] == 1 and o["bindings"] == 1 and o["keys"] == 1
+    assert o["connections"] == 3 and o["bytes_in"] == 1000 and o["bytes_out"] == 5000
+    assert o["refusals"] == {"unknown_name": 1} and o["refusals_total"] == 1
+    assert o["listeners"]["https"] == "127.0.0.1:8443"
+    assert o["rate_out"] > 0
+    c = o["chart"]
+    assert len(c["t"]) == len(c["in"]) == len(c["out"]) == 360
+    assert c["t"][1] - c["t"][0] == 10 and sum(c["out"]) > 0 and c["out"][-1] > 0
+
+
+def test_hostnames_filter_sort_paginate(client, proxy):
+    names = [f"host{i:04d}.test" for i in range(1200)]
+    t, bindings = make_tunnel(proxy, names[:600], key=KEY_A)
+    t2, bindings2 = make_tunnel(proxy, names[600:], key=KEY_B, peer="10.0.0.2:6000")
+    for i, b in enumerate(bindings + bindings2):
+        proxy.registry.count_bytes(b, t, n_out=i)
+    get = lambda qs: client.get("/api/hostnames?" + qs, headers=bearer())
+    r = get("per_page=100&page=3").json
+    assert r["total"] == 1200 and r["pages"] == 12 and len(r["items"]) == 100
+    assert r["items"][0]["name"] == "host0200.test"
+    r = get("sort=bytes_out&order=desc&per_page=5").json
+    assert [x["name"] for x in r["items"]] == [f"host{i:04d}.test" for i in range(1199, 1194, -1)]
+    r = get("q=HOST011").json  # case-insensitive substring
+    assert r["total"] == 10 and {x["name"] for x in r["items"]} == {
+        f"host{i:04d}.test" for i in range(110, 120)}
+    r = get(f"q={KEY_B[:16]}&per_page=1").json  # by owner key
+    assert r["total"] == 600
+    r = get("page=999").json  # past the end: the last page
+    assert r["page"] == r["pages"] == 24
+    for bad in ("sort=nope", "order=up", "per_page=100000", "page=x", "q=" + "x" * 400):
+        r = get(bad)
+        assert r.status_code == 400 and r.json["error"], bad
+
+
+def test_hostname_detail(client, proxy):
+    t, (b,) = make_tunnel(proxy, ["app.test"])
+    t.streams_open = 2
+    proxy.registry.count_bytes(b, t, n_in=10, n_out=20)
+    d = client.get("/api/hostnames/https/app.test", headers=bearer()).json
+    assert d["bound"] and not d["blocked"] and d["owner"] == KEY_A
+    assert d["streams_open"] == 2 and d["bytes_out"] == 20
+    (tl,) = d["tunnel_list"]
+    assert tl["peer"] == "10.0.0.1:5000" and tl["heartbeat_rtt_ms"] == 12.0
+    assert tl["bytes_in"] == 10 and tl["streams_open"] == 2
+    assert len(d["chart"]["t"]) == 360
+    r = client.get("/api/hostnames/https/other.test", headers=bearer())
+    assert r.status_code == 404 and r.json["bound"] is False
+
+
+def test_tunnels_api(client, proxy):
+    make_tunnel(proxy, ["a.test"], peer="10.0.0.1:1")
+    make_tunnel(proxy, ["b.test"], key=KEY_B, peer="10.0.0.2:2")
+    r = client.get("/api/tunnels?q=10.0.0.2", headers=bearer()).json
+    assert r["total"] == 1 and r["items"][0]["names"] == ["https/b.test"]
+    r = client.get("/api/tunnels?q=a.test", headers=bearer()).json
+    assert r["total"] == 1 and r["items"][0]["peer"] == "10.0.0.1:1"
+
+
+# --- actions -----------------------------------------------------------------------------------
+
+def test_block_hostname_drops_routing_and_is_audited(client, proxy):
+    t, _ = make_tunnel(proxy, ["app.test", "keep.test"])
+    _, (wild,) = make_tunnel(proxy, ["*.wild.test"], key=KEY_B)
+    r = client.post("/api/block", json={"kind": "hostname", "target": "app.test",
+                                        "detail": "phishing"}, headers=bearer())
+    assert r.json == {"ok": True, "kind": "hostname", "target": "app.test",
+                      "bindings_dropped": 1}
+    assert proxy.registry.lookup(("https",), "app.test") is None
+    assert proxy.registry.lookup(("https",), "keep.test") is not None
+    assert not t.session.closed  # the tunnel keeps serving its other names
+    # A wildcard block drops the bound names it covers.
+    r = client.post("/api/block", json={"kind": "hostname", "target": "*.wild.test"},
+                    headers=bearer())
+    assert r.json["bindings_dropped"] == 1
+    assert proxy.registry.lookup(("https",), "x.wild.test") is None
+    d = client.get("/api/hostnames/https/app.test", headers=bearer())
+    assert d.status_code == 404 and d.json["blocked"] is True
+    blocks = client.get("/api/blocks", headers=bearer()).json
+    assert [b["target"] for b in blocks["hostnames"]] == ["*.wild.test", "app.test"]
+    assert blocks["hostnames"][1]["detail"] == "phishing"
+    r = client.post("/api/unblock", json={"kind": "hostname", "target": "app.test"},
+                    headers=bearer())
+    assert r.json["was_blocked"] is True
+    assert not proxy.store.is_blocked(hostname="app.test")
+    audit = client.get("/api/audit", headers=bearer()).json["items"]
+    assert [(e["action"], e["target"]) for e in audit][:3] == [
+        ("unblock-hostname", "app.test"), ("block-hostname", "*.wild.test"),
+        ("block-hostname", "app.test")]
+
+
+def test_block_key_disconnects_its_tunnels(client, proxy):
+    t1, _ = make_tunnel(proxy, ["a.test"], key=KEY_A)
+    t2, _ = make_tunnel(proxy, ["b.test"], key=KEY_A, peer="10.0.0.9:9")
+    t3, _ = make_tunnel(proxy, ["c.test"], key=KEY_B)
+    r = client.post("/api/block", json={"kind": "key", "target": KEY_A.upper()},
+                    headers=bearer())
+    assert r.json["tunnels_disconnected"] == 2
+    assert t1.session.closed and t2.session.closed and not t3.session.closed
+    assert set(proxy.registry.tunnels) == {t3.id}
+    assert proxy.store.is_blocked(key=KEY_A)
+
+
+def test_disconnect_tunnel(client, proxy):
+    t, _ = make_tunnel(proxy, ["a.test"])
+    r = client.post(f"/api/tunnels/{t.id}/disconnect", json={"detail": "rotating"},
+                    headers=bearer())
+    assert r.json == {"ok": True, "tunnel": t.id}
+    assert t.session.closed and t.session.close_reason == "disconnected by the operator"
+    assert proxy.registry.lookup(("https",), "a.test") is None
+    e = proxy.store.audit_log(1)[0]
+    assert e.action == "disconnect-tunnel" and "a.test" in e.detail and "rotating" in e.detail
+    assert client.post(f"/api/tunnels/{t.id}/disconnect", headers=bearer()).status_code == 404
+
+
+def test_bad_actions_are_refused_plainly(client):
+    r = client.post("/api/block", json={"kind": "key", "target": "short"}, headers=bearer())
+    assert r.status_code == 400 and "64 hex" in r.json["error"]
+    r = client.post("/api/block", json={"kind": "hostname", "target": "bad name!"},
+                    headers=bearer())
+    assert r.status_code == 400 and "cannot block" in r.json["error"]
+    r = client.post("/api/block", json={"kind": "thing", "target": "x"}, headers=bearer())
+    assert r.status_code == 400
+    r = client.post("/api/block", json={"kind": "hostname", "target": "a.test",
+                                        "detail": "x" * 600}, headers=bearer())
+    assert r.status_code == 400 and "detail" in r.json["error"]
+
+
+# --- pages render ------------------------------------------------------------------------------
+
+def test_pages_render(client, proxy):
+    make_tunnel(proxy, ["app.test"])
+    login(client)
+    for path, marker in (("/", b'id="hostnames"'), ("/h/https/app.test", b'data-name="app.test"'),
+                         ("/tunnels", b'id="tunnels"'), ("/blocks", b'id="audit"')):
+        r = client.get(path)
+        assert r.status_code == 200 and marker in r.data, path
+    # A hostile name in the URL is escaped, never markup.
+    r = client.get("/h/https/%3Cscript%3Ealert(1)%3C%2Fscript%3E")
+    assert b"<script>alert(1)" not in r.data and b"&lt;script&gt;" in r.data
+
+
+# --- Prometheus --------------------------------------------------------------------------------
+
+def _series(text: str, metric: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(metric + "{")
+            or line.startswith(metric + " ")]
+
+
+def test_metrics(client, proxy):
+    t, (b,) = make_tunnel(proxy, ["app.test"])
+    proxy.registry.count_bytes(b, t, n_in=7, n_out=9)
+    proxy.registry.count_refusal("blocked")
+    text = client.get("/metrics", headers=bearer()).data.decode()
+    assert "shroud_tunnels 1.0" in text
+    assert 'shroud_bytes_total{direction="out"} 9.0' in text
+    assert 'shroud_refusals_total{reason="blocked"} 1.0' in text
+    assert ('shroud_hostname_bytes_total{direction="in",hostname="app.test",protocol="https"} 7.0'
+            in text)
+
+
+def test_metrics_per_hostname_series_are_bounded(client, proxy):
+    n = 2000
+    t, bindings = make_tunnel(proxy, [f"flood{i}.test" for i in range(n)])
+    for i, b in enumerate(bindings):
+        proxy.registry.count_bytes(b, t, n_in=i, n_out=1)
+    text = client.get("/metrics", headers=bearer()).data.decode()
+    series = _series(text, "shroud_hostname_bytes_total")
+    assert len(series) == 2 * (TOP_HOSTNAMES + 1)  # in+out for the top names and __other__
+    names = {re.search(r'hostname="([^"]+)"', s).group(1) for s in series}
+    assert OTHER in names and f"flood{n - 1}.test" in names and "flood0.test" not in names
+    other_in = [s for s in series if OTHER in s and 'direction="in"' in s][0]
+    assert float(other_in.split()[-1]) == sum(range(n - TOP_HOSTNAMES))
+    assert f"shroud_metrics_hostnames_folded {float(n - TOP_HOSTNAMES)}" in text
+    total = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+    assert total < 400, total  # the whole scrape stays small with 2000 names bound
+
+
+# --- the blocks cache in the ownership store ---------------------------------------------------
+
+def test_is_blocked_is_answered_from_memory(tmp_path):
+    store = ownership.OwnershipStore(str(tmp_path / "o.sqlite3"))
+    store.block_hostname("*.bad.test", "op")
+    store.block_key(KEY_A, "op")
+    statements = []
+    store._conn.set_trace_callback(statements.append)
+    for _ in range(1000):
+        assert store.is_blocked(hostname="x.bad.test")
+        assert not store.is_blocked(hostname="good.test")
+        assert store.is_blocked(key=KEY_A)
+    assert len([s for s in statements if "blocked" in s]) <= 2  # one reload at most
+    store.close()
+
+
+def test_blocks_cache_follows_changes(tmp_path):
+    now = [1000.0]
+    path = str(tmp_path / "o.sqlite3")
+    store = ownership.OwnershipStore(path, clock=lambda: now[0])
+    other = ownership.OwnershipStore(path, clock=lambda: now[0])  # e.g. another process
+    assert not store.is_blocked(hostname="a.test")
+    store.block_hostname("a.test", "op")
+    assert store.is_blocked(hostname="a.test")  # this store's own change: at once
+    store.unblock_hostname("a.test", "op")
+    assert not store.is_blocked(hostname="a.test")
+    other.block_key(KEY_B, "op")
+    assert not store.is_blocked(key=KEY_B)  # cached...
+    now[0] += ownership.BLOCK_CACHE_TTL
+    assert store.is_blocked(key=KEY_B)  # ...until the TTL passes
+    store.close()
+    other.close()
+
+
+def test_dashboard_rate_matches_registry_rate():
+    from lib.registry import RateHistory
+
+    now = [10_000.0]
+    h = RateHistory(clock=lambda: now[0])
+    for i in range(400):
+        now[0] += 3
+        h.add(i, 2 * i)
+    assert dashboard.current_rate(h, now[0]) == pytest.approx(h.rate())
