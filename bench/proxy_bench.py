@@ -531,12 +531,10 @@ def wrk(path: Path, conns: int, seconds: int) -> dict:
 # --- one run ----------------------------------------------------------------------------------
 
 
-def measure_path(path: Path, args, ca: str, res: dict) -> None:
-    """Fill res[metric] for this path (one run)."""
+def phase_idle(path: Path, args, res: dict) -> None:
+    """RSS growth per held connection, and TTFB while they are held; then TTFB alone."""
     tag = path.name
-    # Memory and TTFB with held connections first, on fresh processes: earlier loads would
-    # leave freed-but-kept memory that hides what held connections cost.
-    for _ in range(3):  # warm the path (first stream, first TLS session on the origin side)
+    for _ in range(3):  # warm the path (first stream, first connection to the origin)
         ttfb_samples(path.http_port, 5)
     pids = path.mem_pids()
     before = {k: rss_kib(v) for k, v in pids.items()}
@@ -551,7 +549,7 @@ def measure_path(path: Path, args, ca: str, res: dict) -> None:
         if pids:
             res["mem_total"] = sum(after[k] - before[k] for k in pids) / args.idle
         log(f"  {tag}: {args.idle} held in {time.monotonic() - t0:.1f} s; RSS growth "
-            + ", ".join(f"{k} {res[f'mem_{k}']:.1f} KiB/conn" for k in pids))
+            + (", ".join(f"{k} {res[f'mem_{k}']:.1f} KiB/conn" for k in pids) or "-"))
         xs = ttfb_samples(path.http_port, args.ttfb_samples)
         res["ttfb_held_p50"], res["ttfb_held_p99"] = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
         # The held connections must still be alive (not silently dropped by the path).
@@ -565,20 +563,41 @@ def measure_path(path: Path, args, ca: str, res: dict) -> None:
     res["ttfb_p50"], res["ttfb_p99"] = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
     log(f"  {tag}: ttfb p50 {res['ttfb_p50']:.2f} ms p99 {res['ttfb_p99']:.2f} ms; with "
         f"{args.idle} held p50 {res['ttfb_held_p50']:.2f} ms p99 {res['ttfb_held_p99']:.2f} ms")
+
+
+def phase_bulk(path: Path, args, ca: str, res: dict, proto: str, conns: int) -> None:
+    v = bulk(path, proto, conns, args.bulk_bytes, ca, args.bulk_timeout)
+    res[f"bulk_{proto}_{conns}"] = v
+    log(f"  {path.name}: bulk {proto} x{conns}: {v:.0f} MiB/s")
+
+
+def phase_wrk(path: Path, args, res: dict, conns: int) -> None:
+    w = wrk(path, conns, args.wrk_seconds)
+    if w["errors"]:
+        log(f"  {path.name}: wrk c={conns}: {w['errors']} errors")
+    res[f"wrk{conns}_rps"], res[f"wrk{conns}_p50"], res[f"wrk{conns}_p99"] = (
+        w["rps"], w["p50"], w["p99"])
+    res[f"wrk{conns}_errors"] = w["errors"]
+    log(f"  {path.name}: wrk c={conns}: {w['rps']:.0f} req/s p50 {w['p50']:.2f} ms "
+        f"p99 {w['p99']:.2f} ms")
+
+
+def one_run(live: list[Path], args, ca: str) -> dict[str, dict]:
+    """Every phase on every path, the paths taking turns within each phase, so a busy moment
+    on a shared machine does not land on one path only. Held-connection memory comes first,
+    on fresh processes: earlier loads leave freed-but-kept memory that would hide its cost."""
+    res: dict[str, dict] = {p.name: {} for p in live}
+    phases = [lambda p: phase_idle(p, args, res[p.name])]
     for proto in ("tls", "http"):
         for conns in (1, PARALLEL):
-            v = bulk(path, proto, conns, args.bulk_bytes, ca, args.bulk_timeout)
-            res[f"bulk_{proto}_{conns}"] = v
-            log(f"  {tag}: bulk {proto} x{conns}: {v:.0f} MiB/s")
+            phases.append(lambda p, proto=proto, conns=conns:
+                          phase_bulk(p, args, ca, res[p.name], proto, conns))
     for conns in (1, 64):
-        w = wrk(path, conns, args.wrk_seconds)
-        if w["errors"]:
-            log(f"  {tag}: wrk c={conns}: {w['errors']} errors")
-        res[f"wrk{conns}_rps"], res[f"wrk{conns}_p50"], res[f"wrk{conns}_p99"] = (
-            w["rps"], w["p50"], w["p99"])
-        res[f"wrk{conns}_errors"] = w["errors"]
-        log(f"  {tag}: wrk c={conns}: {w['rps']:.0f} req/s p50 {w['p50']:.2f} ms "
-            f"p99 {w['p99']:.2f} ms")
+        phases.append(lambda p, conns=conns: phase_wrk(p, args, res[p.name], conns))
+    for phase in phases:
+        for path in live:
+            phase(path)
+    return res
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -723,29 +742,30 @@ def main() -> int:
     log(f"work dir {d}; {args.runs} run(s), paths {', '.join(paths)}")
     results: dict[str, list[dict]] = {p: [] for p in PATHS}
     nginx = None
-    current: Path | None = None
+    live: list[Path] = []
     try:
         nginx, origin_http, origin_tls, ca = start_nginx(d, args.bulk_bytes)
         log(f"nginx on :{origin_http} (HTTP) and :{origin_tls} (TLS)")
         for i in range(args.runs):
-            for name in paths:
-                log(f"run {i + 1}/{args.runs}: {name}")
+            # Rotate the order each run; ssh and Shroud start fresh for every run.
+            order = paths[i % len(paths):] + paths[:i % len(paths)]
+            log(f"run {i + 1}/{args.runs}: starting {', '.join(order)}")
+            for name in order:
                 if name == "direct":
-                    current = Direct(origin_http, origin_tls)
+                    live.append(Direct(origin_http, origin_tls))
                 elif name == "ssh":
-                    current = SshPath(d, origin_http, origin_tls)
+                    live.append(SshPath(d, origin_http, origin_tls))
                 else:
-                    current = ShroudPath(d, origin_http, origin_tls)
-                res: dict = {}
-                try:
-                    measure_path(current, args, ca, res)
-                finally:
-                    current.stop()
-                    current = None
-                results[name].append(res)
+                    live.append(ShroudPath(d, origin_http, origin_tls))
+            try:
+                for name, res in one_run(live, args, ca).items():
+                    results[name].append(res)
+            finally:
+                while live:
+                    live.pop().stop()
     finally:
-        if current is not None:
-            current.stop()
+        while live:
+            live.pop().stop()
         if nginx is not None:
             nginx.stop()
         keep = os.environ.get("PROXY_BENCH_KEEP")
