@@ -17,6 +17,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
+# The bearer token every test proxy's admin API accepts (ProxyProc passes --admin-token).
+ADMIN_TOKEN = "shroud-test-admin-token"
 
 
 def free_port() -> int:
@@ -89,7 +91,8 @@ class ProxyProc(Proc):
         self.data_dir = data_dir
         args = ["--data-dir", data_dir, "--tunnel-addr", f"127.0.0.1:{ports['tunnel']}",
                 "--https-addr", f"127.0.0.1:{ports['https']}",
-                "--http-addr", f"127.0.0.1:{ports['http']}", *extra]
+                "--http-addr", f"127.0.0.1:{ports['http']}", "--admin-token", ADMIN_TOKEN,
+                *extra]
         if gunicorn:
             env = dict(env or {})
             env["SHROUD_ARGS"] = " ".join(args)
@@ -106,7 +109,7 @@ class ProxyProc(Proc):
                 raise RuntimeError(f"{name} did not start:\n{self.log()}") from None
         self.fingerprint = self.status()["fingerprint"]
 
-    def status(self, token: str | None = None) -> dict:
+    def status(self, token: str | None = ADMIN_TOKEN) -> dict:
         c = http.client.HTTPConnection("127.0.0.1", self.ports["admin"], timeout=10)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         c.request("GET", "/api/status", headers=headers)
