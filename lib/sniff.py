@@ -359,7 +359,12 @@ _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*\Z")
 _REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([^ \x00-\x1f\x7f]+) HTTP/1\.([01])\Z")
 # Field values may hold HTAB, visible ASCII and obs-text, never other control bytes (a bare CR
 # is how some parsers are made to disagree about where a line ends).
-_HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00-\x08\x0a-\x1f\x7f]*?)[ \t]*\Z")
+_HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):(.*)\Z", re.DOTALL)
+# Checked apart from _HEADER_RE and stripped with bytes.strip: a lazy value group between two
+# optional whitespace runs backtracks quadratically (a 16 KiB line of spaces took 2 s of CPU).
+_BAD_VALUE_BYTE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# No registered method is longer than 17 bytes; 64 leaves room for extensions.
+_MAX_METHOD = 64
 _END_OF_HEAD_RE = re.compile(rb"\r?\n\r?\n")
 _LINE_SPLIT_RE = re.compile(rb"\r?\n")
 _ABSOLUTE_URI_RE = re.compile(rb"(?i:https?)://([^/?#]*)")
@@ -389,17 +394,20 @@ def sniff_http_host(data: bytes) -> str | None:
     if request is None:
         raise SniffError("malformed HTTP/1.x request line", http_status=400)
     method, target = request.group(1), request.group(2)
+    if len(method) > _MAX_METHOD:
+        # As _check_request_line_prefix refuses it when the head arrives in pieces.
+        raise SniffError("not an HTTP/1.x request", http_status=400)
     if method == b"CONNECT":
         raise SniffError("CONNECT is not supported by a reverse proxy", http_status=405)
     hosts = []
     for line in lines[1:]:
         header = _HEADER_RE.match(line)
-        if header is None:
+        if header is None or _BAD_VALUE_BYTE_RE.search(header.group(2)):
             # Includes obsolete line folding and whitespace before the colon, which RFC 9112
             # 5.1/5.2 tell a server to reject: they are how request smuggling starts.
             raise SniffError("malformed header line", http_status=400)
         if header.group(1).lower() == b"host":
-            hosts.append(header.group(2))
+            hosts.append(header.group(2).strip(b" \t"))
     if len(hosts) > 1:
         raise SniffError("more than one Host header", http_status=400)
     uri = _ABSOLUTE_URI_RE.match(target)
@@ -423,8 +431,8 @@ def _check_request_line_prefix(data: bytes) -> None:
     """Refuse early what can never become an HTTP/1.x request line (for classify and sniff)."""
     space = data.find(b" ")
     method = data if space < 0 else data[:space]
-    if not _METHOD_PREFIX_RE.match(method[:64]) or len(method) > 64 or space == 0:
-        # No registered method is longer than 17 bytes; 64 leaves room for extensions.
+    if not _METHOD_PREFIX_RE.match(method[:_MAX_METHOD]) or len(method) > _MAX_METHOD \
+            or space == 0:
         raise SniffError("not an HTTP/1.x request", http_status=400)
     newline = data.find(b"\n")
     if newline >= 0:
