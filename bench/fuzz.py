@@ -611,10 +611,21 @@ class Recorder:
             ok = False
         elapsed = (time.perf_counter() - started) * 1000
         self.result.inputs += 1
+        if elapsed > self.slow_ms:
+            # Confirm on a retry: on a shared host a descheduled process looks slow.
+            elapsed = min(elapsed, self._time_again(data), self._time_again(data))
+            if elapsed > self.slow_ms:
+                self._record("slow", f"{elapsed:.0f} ms for {len(data)} bytes", data)
         if elapsed > self.result.slowest_ms:
             self.result.slowest_ms = elapsed
-        if elapsed > self.slow_ms:
-            self._record("slow", f"{elapsed:.0f} ms for {len(data)} bytes", data)
+
+    def _time_again(self, data: bytes) -> float:
+        started = time.perf_counter()
+        try:
+            self.target.check(data)
+        except Exception:  # noqa: BLE001 - already recorded on the first run
+            pass
+        return (time.perf_counter() - started) * 1000
         return ok
 
     def _record(self, kind: str, message: str, data: bytes) -> None:
