@@ -6,7 +6,8 @@ it starts knows only this network's three directory authorities.
 
 Command line::
 
-    python -m lib.testnet --dir DIR [--exit-ports 1-65535] [--exits 2] [--relays 0] [--timeout 120]
+    python -m lib.testnet --dir DIR [--exit-ports 1-65535] [--exits 2] [--relays 0]
+                          [--first-address 2] [--timeout 120]
 
 prints progress lines while starting, writes ``DIR/client.torrc`` (the torrc lines a client needs to
 join) once every relay holds a usable consensus, and runs until Ctrl-C or SIGTERM, then stops the
@@ -14,7 +15,8 @@ tors it started (SIGTERM, wait, SIGKILL).
 
 Python API::
 
-    net = TorNetwork(directory, exit_ports="1-65535", exits=2, relays=0, log=print)
+    net = TorNetwork(directory, exit_ports="1-65535", exits=2, relays=0, log=print,
+                     first_address=2)
     net.start(timeout=120)           # blocks until usable (≈ 15-23 s); raises TestnetError
     net.client_torrc_lines()         # ["TestingTorNetwork 1", "DirAuthority ...", ...]
     net.client_torrc_path            # DIR/client.torrc
@@ -22,6 +24,7 @@ Python API::
                                      #        dir_port, control_port, pid, data_dir), ...]
     net.relay("exit0")               # one Relay by nickname
     net.kill_relay("exit0")          # SIGKILL it (fault tests); net.restart_relay("exit0")
+    net.relay_controller("exit0")    # stem Controller to a relay (never a bare one: see there)
     net.stop()                       # also: with TorNetwork(...) as net: ...
 
 Roles: ``authority`` (3, v3 directory authorities, no exit), ``exit`` (``exits``, default 2) and
@@ -176,6 +179,7 @@ class TorNetwork:
         log: Optional[Callable[[str], None]] = _log_to_stderr,
         tor_cmd: str = "tor",
         tor_gencert_cmd: str = "tor-gencert",
+        first_address: int = 2,
     ):
         if exits < 1:
             raise ValueError("a usable network needs at least 1 exit (2 recommended)")
@@ -188,6 +192,8 @@ class TorNetwork:
         self._log = log or (lambda line: None)
         self.tor_cmd = tor_cmd
         self.tor_gencert_cmd = tor_gencert_cmd
+        # Relays take 127.0.0.<first_address> and up; two networks at once need disjoint ranges.
+        self.first_address = first_address
         self.relays: list[Relay] = []
         self.started = False
         self._stopping = False  # set by stop(): a start() still running in another thread gives up
@@ -284,6 +290,27 @@ class TorNetwork:
             self._launch(r)  # raises once stop() was called
         self._event("restarted", relay=nickname, pid=r.pid)
 
+    def relay_controller(self, nickname: str):
+        """An authenticated stem Controller for one relay that does NOT own it.
+
+        Use this, not a bare ``Controller.from_port``: the relays name this process in
+        ``__OwningControllerProcess``, so stem, seeing its own pid there, sends TAKEOWNERSHIP on
+        authenticate, and closing that controller would then stop the relay. We hand ownership
+        back (DROPOWNERSHIP) and restore the pid watch. Close it when done.
+        """
+        import stem.control  # only this helper needs stem
+
+        r = self.relay(nickname)
+        c = stem.control.Controller.from_port("127.0.0.1", r.control_port)
+        try:
+            c.authenticate()  # cookie
+            c.msg("DROPOWNERSHIP")
+            c.set_conf("__OwningControllerProcess", str(os.getpid()))
+        except BaseException:
+            c.close()
+            raise
+        return c
+
     def check_running(self) -> list[str]:
         """Nicknames of tors that died on their own (not through kill_relay or stop)."""
         return [r.nickname for r in self.relays if r.process is not None
@@ -318,12 +345,13 @@ class TorNetwork:
         roles = ([(AUTHORITY, f"auth{i}") for i in range(AUTHORITY_COUNT)]
                  + [(EXIT, f"exit{i}") for i in range(self.exit_count)]
                  + [(RELAY, f"relay{i}") for i in range(self.relay_count)])
-        if len(roles) > 250:
-            raise ValueError("at most 250 tors fit on 127.0.0.2-127.0.0.251")
+        if not 2 <= self.first_address <= 254 - len(roles):
+            raise ValueError(f"{len(roles)} tors from 127.0.0.{self.first_address} do not fit "
+                             "below 127.0.0.255 (127.0.0.1 stays for the services under test)")
         held = []  # keep the probe sockets open until all ports are chosen: no duplicates
         try:
             for i, (role, nick) in enumerate(roles):
-                address = f"127.0.0.{i + 2}"
+                address = f"127.0.0.{i + self.first_address}"
                 or_port = _free_port(address, held)
                 dir_port = _free_port(address, held) if role == AUTHORITY else None
                 control_port = _free_port("127.0.0.1", held)
@@ -597,6 +625,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="ports exits accept for any address, e.g. 80,443,8000-9000 (default all)")
     ap.add_argument("--exits", type=int, default=2, help="exit relays (default 2)")
     ap.add_argument("--relays", type=int, default=0, help="extra middle relays (default 0)")
+    ap.add_argument("--first-address", type=int, default=2,
+                    help="relays use 127.0.0.N and up (default 2); disjoint for a second network")
     ap.add_argument("--timeout", type=float, default=120.0, help="start timeout in seconds")
     args = ap.parse_args(argv)
 
@@ -607,7 +637,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    net = TorNetwork(args.dir, exit_ports=args.exit_ports, exits=args.exits, relays=args.relays)
+    try:
+        net = TorNetwork(args.dir, exit_ports=args.exit_ports, exits=args.exits,
+                         relays=args.relays, first_address=args.first_address)
+    except ValueError as e:
+        ap.error(str(e))
     try:
         # start() runs in a helper thread so a signal during the ~20 s start stops it promptly.
         errors: list[BaseException] = []
@@ -617,7 +651,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         while starter.is_alive() and not stop.wait(0.2):
             pass
         if stop.is_set():
-            return 130
+            starter.join(STOP_GRACE_SECONDS)  # a signal just as start() finishes is a normal stop
+            if starter.is_alive() or errors:
+                return 130
         if errors:
             print(f"testnet: {errors[0]}", file=sys.stderr)
             return 1

@@ -34,6 +34,14 @@ there on the network. PySocks subclasses ``socket.socket`` when it is first impo
 must be imported after ``gevent.monkey.patch_all()``; ``open_connection`` refuses a mixed setup
 with a clear error rather than blocking the whole process. In an unpatched process everything
 works with real threads and blocking sockets (the tests do that).
+
+**Ownership.** A launched tor is owned by this process (``__OwningControllerProcess`` and
+TAKEOWNERSHIP): it exits when ``close()`` closes the control connection or the process dies.
+stem sends TAKEOWNERSHIP on its own whenever a Controller from the pid named in
+``__OwningControllerProcess`` authenticates, so do not open a second stem Controller to a tor
+launched by the same process (closing it would stop that tor); use ``TorAccess.controller``.
+On a CONFLUX_LINKED circuit, closing one leg may move its streams to the other leg: a
+CircuitClosed event does not always mean the connection died.
 """
 from __future__ import annotations
 

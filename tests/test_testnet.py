@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-import stem.control
 
 from lib.testnet import AUTHORITY, EXIT, TestnetError, TorNetwork, parse_consensus_flags
 
@@ -50,10 +49,11 @@ def test_network_is_up_with_client_torrc(tor_network):
 @pytest.mark.tor
 def test_relay_control_port_reports_its_fingerprint(tor_network):
     exit0 = tor_network.by_role(EXIT)[0]
-    with stem.control.Controller.from_port("127.0.0.1", exit0.control_port) as c:
-        c.authenticate()  # cookie
+    with tor_network.relay_controller(exit0.nickname) as c:
         assert c.get_info("fingerprint") == exit0.fingerprint
         assert c.get_conf("ExitRelay") == "1"
+    time.sleep(0.5)
+    assert exit0.process.poll() is None  # closing our controller did not stop the relay
 
 
 @pytest.mark.tor
@@ -67,7 +67,9 @@ def test_directory_already_holding_a_network_is_refused(tor_network):
 def test_cli_starts_writes_client_torrc_and_stops_on_sigterm(tmp_path):
     directory = tmp_path / "net"
     proc = subprocess.Popen([sys.executable, "-m", "lib.testnet", "--dir", str(directory),
-                             "--exit-ports", "1-65535"], cwd=ROOT,
+                             "--exit-ports", "1-65535",
+                             # disjoint from the session network's 127.0.0.2+ addresses
+                             "--first-address", "200"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

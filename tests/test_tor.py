@@ -94,8 +94,9 @@ def test_names_are_resolved_by_tor_not_locally(client_tor):
     client_tor.controller.add_event_listener(on_stream, EventType.STREAM)
     try:
         # No DNS exists in the test namespace: a local lookup would fail before reaching tor.
+        # The exit's lookup goes unanswered, so the connection times out (3 s keeps it short).
         with pytest.raises(TorConnectError, match="shroud-rdns-check.example:80"):
-            client_tor.open_connection("shroud-rdns-check.example", 80, timeout=30)
+            client_tor.open_connection("shroud-rdns-check.example", 80, timeout=3)
         _wait_for(lambda: "shroud-rdns-check.example" in targets, 5, "tor to see the name")
     finally:
         client_tor.controller.remove_event_listener(on_stream)
@@ -112,24 +113,27 @@ def test_circuit_listener_reports_a_closed_circuit(client_tor):
                 circ = client_tor.circuit_for_connection(sock)
                 client_tor.controller.close_circuit(circ.id)
                 _wait_for(lambda: any(c.id == circ.id for c in closed), 10, "CIRC CLOSED")
-                sock.settimeout(10)
-                assert sock.recv(100) == b""  # the stream died with its circuit
+                # No EOF check here: on a CONFLUX_LINKED circuit the stream may move to the
+                # other leg and live on (seen); a killed exit does end it (the last test).
         event = next(c for c in closed if c.id == circ.id)
         assert event.status == "CLOSED" and event.reason == "REQUESTED"
     finally:
         remove()
 
 
-def _build_with_retries(tor, auths, exit_relay, attempts=3):
-    """An explicit circuit to exit_relay; a build can fail (DESTROYED) now and then, as in a
-    real client, which then retries with other hops."""
+def _build_with_retries(tor, auths, exit_relay, attempts=10):
+    """An explicit circuit to exit_relay. A build sometimes fails (DESTROYED) for a few seconds
+    in a network about a minute old (seen only when other tests ran first; cause not pinned
+    down), so retry with other hops and a pause, as a real client would."""
     for attempt in range(attempts):
         try:
             return tor.build_circuit([auths[attempt % 3].fingerprint,
                                       auths[(attempt + 1) % 3].fingerprint, exit_relay.fingerprint])
-        except TorError:
+        except TorError as e:
+            print(f"explicit circuit to {exit_relay.nickname}, attempt {attempt + 1}: {e}")
             if attempt == attempts - 1:
                 raise
+            time.sleep(1)
 
 
 def test_explicit_paths_give_a_distinct_exit_per_connection(client_tor, tor_network):
