@@ -39,8 +39,6 @@ namespace holding only loopback (``scripts/test.sh`` does): the exits accept ``*
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import dataclasses
 import http.client
 import os

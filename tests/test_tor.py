@@ -5,11 +5,9 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
-import stem
 from stem.control import EventType
 
 from lib.testnet import AUTHORITY, EXIT
