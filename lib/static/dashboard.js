@@ -141,7 +141,7 @@
       width: Math.max(300, container.clientWidth), height: 240,
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1000, max * 1.1)] } },
-      axes: [axis, Object.assign({}, axis, { size: 70, values: (u, vals) => vals.map(fmtRate) })],
+      axes: [axis, Object.assign({}, axis, { size: 84, values: (u, vals) => vals.map(fmtAxisRate) })],
       series: [
         {},
         { label: 'in', stroke: '#4cc38a', fill: 'rgba(76,195,138,.15)', width: 1.5, value: (u, v) => v == null ? '–' : fmtRate(v) },
@@ -152,9 +152,34 @@
     const resize = () => u.setSize({ width: Math.max(300, container.clientWidth), height: 240 });
     window.addEventListener('resize', resize);
     window.shroud.charts[name] = u;
+    wireRange(u);
     return u;
   }
-  function updateChart(u, c) { if (u && c) u.setData([c.t, c.in, c.out]); }
+  /* The chart shows the last `chartRange` seconds of the hour the API sends (range buttons). */
+  let chartRange = Number(localStorage.getItem('shroud.range') || 3600);
+  let lastChart = null;
+  function updateChart(u, c) {
+    if (!u || !c) return;
+    lastChart = c;
+    const from = c.t.length ? c.t[c.t.length - 1] - chartRange : 0;
+    let i = 0;
+    while (i < c.t.length && c.t[i] <= from) i++;
+    u.setData([c.t.slice(i), c.in.slice(i), c.out.slice(i)]);
+  }
+  function wireRange(u) {
+    const mark = () => $$('.range button').forEach((b) => b.classList.toggle('active', Number(b.dataset.range) === chartRange));
+    $$('.range button').forEach((b) => b.addEventListener('click', () => {
+      chartRange = Number(b.dataset.range);
+      localStorage.setItem('shroud.range', String(chartRange));
+      mark();
+      if (lastChart) updateChart(u, lastChart);
+    }));
+    mark();
+  }
+  function fmtAxisRate(n) {
+    const s = fmtRate(n);
+    return s.replace(/\.0+ /, ' ');
+  }
 
   // --- sortable, searchable, paginated tables -------------------------------------------------
   function tableState(defaults) {
