@@ -242,6 +242,38 @@ def fmt_mib(kib: int) -> str:
     return f"{kib / 1024:.1f}"
 
 
+def run_round(rnd: int, args, names: list[str], proxy: ProxyProc, sampler: Sampler,
+              stats: Stats) -> float:
+    """One load phase: ``args.requests`` requests from ``args.concurrency`` workers."""
+    sampler.phase = f"load{rnd}"
+    quota, extra = divmod(args.requests, args.concurrency)
+    pool = gevent.pool.Pool(args.concurrency)
+    print(f"[load] round {rnd}: {args.concurrency} concurrent connections, "
+          f"{args.requests:,} requests, {args.per_connection} per connection, {len(names)} names",
+          flush=True)
+    done_before = stats.done
+    started = time.monotonic()
+    for i in range(args.concurrency):
+        pool.spawn(worker, i, quota + (1 if i < extra else 0), args.per_connection, names,
+                   proxy.ports["http"], stats)
+    load_deadline = started + args.timeout
+    # Progress loop, bounded by the load timeout.
+    while not pool.join(timeout=PROGRESS_EVERY) and time.monotonic() < load_deadline:
+        row = sampler.samples[-1]
+        elapsed = time.monotonic() - started
+        done = stats.done - done_before
+        print(f"[load] {elapsed:5.0f} s  {done:7,} ok  {sum(stats.errors.values())} "
+              f"errors  {done / elapsed:6,.0f} req/s  streams {row[3]}  "
+              f"proxy {fmt_mib(row[2]['proxy'][0])} MiB/{row[2]['proxy'][1]} fds  "
+              f"client {fmt_mib(row[2]['client'][0])} MiB/{row[2]['client'][1]} fds",
+              flush=True)
+    unfinished = len(pool)
+    if unfinished:
+        pool.kill(timeout=5)
+        stats.error("timeout", f"{unfinished} workers unfinished after {args.timeout} s")
+    return time.monotonic() - started
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, default=1000)
@@ -252,6 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--settle", type=float, default=15.0, help="idle seconds after the load")
     p.add_argument("--timeout", type=float, default=900.0, help="bound on the load phase")
     p.add_argument("--origin", choices=("nginx", "python"), default="nginx")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the load (and settle); RSS after each round tells a leak from "
+                        "the allocator's high-water mark")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = p.parse_args(argv)
 
@@ -295,47 +330,29 @@ def main(argv=None) -> int:
             origin_note = "nginx (2 workers, `return 200 \"$host\\n\"`)"
 
         sampler = Sampler({"proxy": proxy, "client": client}, proxy)
-        sampler.start(args.baseline + args.timeout + args.settle + 30)
+        sampler.start(args.baseline + args.rounds * (args.timeout + args.settle) + 30)
         gevent.sleep(args.baseline)
 
         stats = Stats()
-        sampler.phase = "load"
-        quota, extra = divmod(args.requests, args.concurrency)
-        pool = gevent.pool.Pool(args.concurrency)
-        print(f"[load] {args.concurrency} concurrent connections, {args.requests:,} requests, "
-              f"{args.per_connection} per connection, {len(names)} names", flush=True)
-        started = time.monotonic()
-        for i in range(args.concurrency):
-            pool.spawn(worker, i, quota + (1 if i < extra else 0), args.per_connection, names,
-                       proxy.ports["http"], stats)
-        load_deadline = started + args.timeout
-        # Progress loop, bounded by the load timeout.
-        while not pool.join(timeout=PROGRESS_EVERY) and time.monotonic() < load_deadline:
-            row = sampler.samples[-1]
-            elapsed = time.monotonic() - started
-            print(f"[load] {elapsed:5.0f} s  {stats.done:7,} ok  {sum(stats.errors.values())} "
-                  f"errors  {stats.done / elapsed:6,.0f} req/s  streams {row[3]}  "
-                  f"proxy {fmt_mib(row[2]['proxy'][0])} MiB/{row[2]['proxy'][1]} fds  "
-                  f"client {fmt_mib(row[2]['client'][0])} MiB/{row[2]['client'][1]} fds",
-                  flush=True)
-        unfinished = len(pool)
-        if unfinished:
-            pool.kill(timeout=5)
-            stats.error("timeout", f"{unfinished} workers unfinished after {args.timeout} s")
-        duration = time.monotonic() - started
-        sampler.phase = "settle"
-        print(f"[load] load done in {duration:.1f} s; settling {args.settle:.0f} s", flush=True)
-        gevent.sleep(args.settle)
+        duration = 0.0
+        after_round = []  # (round, {name: (rss, fds)}) at the end of each settle
+        for rnd in range(1, args.rounds + 1):
+            duration += run_round(rnd, args, names, proxy, sampler, stats)
+            sampler.phase = f"settle{rnd}"
+            print(f"[load] round {rnd} done; settling {args.settle:.0f} s", flush=True)
+            gevent.sleep(args.settle)
+            after_round.append((rnd, sampler.samples[-1][2]))
         sampler.stop()
         end_status = proxy.status()
 
         lat = sorted(stats.latencies)
         base = sampler.of("start")[-1][2]
-        load_rows = sampler.of("load")
+        load_rows = [r for r in sampler.samples if r[1].startswith("load")]
         peak = {n: (max(r[2][n][0] for r in load_rows), max(r[2][n][1] for r in load_rows))
                 for n in ("proxy", "client")}
         peak_streams = max(r[3] for r in load_rows)
-        end = sampler.of("settle")[-1][2]
+        end = after_round[-1][1]
+        total_requests = args.requests * args.rounds
 
         print()
         print(f"Origin: {origin_note}. {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
@@ -343,7 +360,7 @@ def main(argv=None) -> int:
         print()
         print("| measure | value |")
         print("| --- | ---: |")
-        print(f"| requests answered / asked | {stats.done:,} / {args.requests:,} |")
+        print(f"| requests answered / asked | {stats.done:,} / {total_requests:,} |")
         print(f"| errors | {sum(stats.errors.values())} |")
         print(f"| public connections (concurrent / total) | {args.concurrency:,} / "
               f"{stats.connections:,} |")
@@ -366,6 +383,14 @@ def main(argv=None) -> int:
             print(f"| {n} fds start / peak / end | {b_fd} / {peak[n][1]} / {e_fd} "
                   f"({'within' if ok_fd else 'NOT within'} 10 %) |")
         print(f"| proxy refusals | {end_status['refusals'] or 'none'} |")
+        if args.rounds > 1:
+            print()
+            print("After each round and its settle (plateau, or growth per round = a leak):")
+            print()
+            for rnd, values in after_round:
+                print(f"- round {rnd}: proxy {fmt_mib(values['proxy'][0])} MiB, "
+                      f"{values['proxy'][1]} fds; client {fmt_mib(values['client'][0])} MiB, "
+                      f"{values['client'][1]} fds")
         if stats.errors:
             print()
             for kind, n in stats.errors.most_common():
