@@ -239,17 +239,27 @@ def test_host_routing_through_front_and_tunnel(platform):
         assert code == 200 and body == b"hello from origin\n"
 
 
-def test_keepalive_on_port_is_one_routed_connection(platform):
-    # Straight to $PORT (as a router holding its upstream connection open would): 20 requests,
-    # one public connection, one stream through the tunnel.
-    before = status(platform)["connections"]
-    c = http.client.HTTPConnection("127.0.0.1", platform["port"], timeout=30)
+def test_visitor_keepalive_through_front(platform):
+    c = front_conn(platform, "web.test")
     for _ in range(20):
-        c.request("GET", "/hello", headers={"Host": "web.test"})
+        c.request("GET", "/hello")
         r = c.getresponse()
         assert r.status == 200 and r.read() == b"hello from origin\n"
     c.close()
-    assert status(platform)["connections"] - before == 1
+
+
+def test_reused_router_connection_carries_one_request_only(platform):
+    # A router keeping its connection to $PORT alive (Heroku's Router 2.0) could send another
+    # visitor's request for another host next; it must not reach web.test's origin.
+    s = socket.create_connection(("127.0.0.1", platform["port"]), timeout=30)
+    s.sendall(b"GET /hello HTTP/1.1\r\nHost: web.test\r\n\r\n"
+              b"GET /api/status HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+              + TOKEN.encode() + b"\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    assert data.count(b"HTTP/1.1 ") == 1 and data.endswith(b"hello from origin\n")
 
 
 def test_dashboard_on_own_hostname_only(platform):
