@@ -66,3 +66,29 @@ def normalize_pin(pin: str) -> str:
     if len(p) != 64 or any(c not in "0123456789abcdef" for c in p):
         raise ValueError(f"not a SHA-256 fingerprint: {pin!r}")
     return p
+
+
+def client_tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """A verifying client context whose sockets cooperate with gevent, patched or not.
+
+    (``gevent.ssl.create_default_context`` is the standard library's function and returns a
+    blocking context unless the process is monkey-patched.)
+    """
+    import gevent.ssl
+
+    ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cafile:
+        ctx.load_verify_locations(cafile)
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    return ctx
+
+
+def server_tls_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    import gevent.ssl
+
+    ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx

@@ -40,6 +40,7 @@ import gevent.ssl
 
 from lib import messages as msg
 from lib import sniff
+from lib.certs import client_tls_context
 from lib.errors import ErrorCode, MuxError
 from lib.mux import MuxConfig, Session
 from lib.splice import splice
@@ -532,12 +533,11 @@ class Client:
     def tls_context(self, proxy: ProxyAddr) -> ssl.SSLContext:
         ctx = self._contexts.get(proxy)
         if ctx is None:
-            ctx = gevent.ssl.create_default_context(cafile=self.config.proxy_ca)
+            ctx = client_tls_context(self.config.proxy_ca)
             if self.pinned(proxy) and not self.config.proxy_ca:
                 # The pin is the check (done right after the handshake), not a CA.
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             self._contexts[proxy] = ctx
         return ctx
 

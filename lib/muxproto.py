@@ -244,13 +244,21 @@ class MuxConnection:
         if n == 0 and not (fin and total == 0):
             return 0
         view = memoryview(data)
+        # Immutable bytes are referenced, not copied, until data_to_send() joins them: one copy
+        # per byte instead of two. A mutable buffer may change after we return: copy it now.
+        zero_copy = isinstance(view.obj, bytes)
         pos = 0
-        emit = self._emit
+        out = self._out
+        header = fr.HEADER.pack
         while pos < n:
             chunk = min(n - pos, fr.MAX_PAYLOAD)
             last = pos + chunk == n
-            emit(fr.encode_data(sid, view[pos:pos + chunk], fin and last and n == total))
+            flags = fr.FLAG_FIN if (fin and last and n == total) else 0
+            out.append(header(chunk, flags, fr.TYPE_DATA, sid))
+            piece = view[pos:pos + chunk]
+            out.append(piece if zero_copy else bytes(piece))
             pos += chunk
+        self.outgoing_size += n + fr.HEADER_SIZE * ((n + fr.MAX_PAYLOAD - 1) // fr.MAX_PAYLOAD)
         st.send_window -= n
         if fin and n == total:
             if total == 0:

@@ -51,7 +51,7 @@ import gevent.ssl
 
 from lib import messages as msg
 from lib import sniff
-from lib.certs import cert_fingerprint, ensure_tunnel_cert
+from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
 from lib.errors import ErrorCode, MuxError
 from lib.identity import fingerprint as key_fingerprint, verify_bind
 from lib.mux import MuxConfig, Session
@@ -143,8 +143,7 @@ class ProxyServer:
         else:
             self.cert_path, self.key_path = ensure_tunnel_cert(config.data_dir, config.hostname)
         self.fingerprint = cert_fingerprint(self.cert_path)
-        self._tls = gevent.ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._tls.load_cert_chain(self.cert_path, self.key_path)
+        self._tls = server_tls_context(self.cert_path, self.key_path)
         self.started_at = time.time()
 
     def _make_policy(self):

@@ -209,9 +209,9 @@ def test_hostile_peer_gets_goaway_while_other_session_works(name, wire, code):
 def test_over_tls():
     ca = trustme.CA()
     cert = ca.issue_cert("mux.test")
-    sctx = gevent.ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    sctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     cert.configure_cert(sctx)
-    cctx = gevent.ssl.create_default_context()
+    cctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ca.configure_trust(cctx)
     lsock = gsocket.socket()
     lsock.bind(("127.0.0.1", 0))
