@@ -154,13 +154,18 @@ def main(argv: list[str] | None = None) -> int:
               "is NOT hidden.", file=sys.stderr)
         dial = direct_dial
     else:
-        from lib import tor as torlib
+        from lib import clienttor
+        from lib.tor import TorError
 
+        live_bar = args.status == "live" or (args.status == "auto" and sys.stderr.isatty())
         try:
-            tor = torlib.start_tor_for_client(args)
-        except torlib.TorError as e:
+            tor = clienttor.start_tor(args.tor, args.data_dir, args.tor_config,
+                                      args.tor_password, args.tor_timeout,
+                                      clienttor.BootstrapProgress(live_bar))
+        except TorError as e:
             print(f"shroud: {e}", file=sys.stderr)
             return 1
+        log.info("tor ready: SOCKS %s:%d", *tor.socks_address)
         dial = tor.open_connection
 
     try:
@@ -186,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     display = StatusDisplay(client, live)
     client.on_change = display.changed
     if tor is not None:
-        tor.watch_circuits(client)
+        from lib.clienttor import CircuitWatcher
+
+        CircuitWatcher(tor, client)
     client.start()
     for svc in services:
         log.info("exposing %s %s -> %s:%d via %d proxies", svc.protocol, svc.name, *svc.target,

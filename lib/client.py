@@ -214,6 +214,7 @@ class TunnelRunner:
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
         self.sock = None
+        self.circuit = None  # lib.tor.CircuitInfo when tunnelled through Tor
 
     @property
     def isolation_key(self) -> str:
@@ -316,6 +317,8 @@ class TunnelRunner:
             self.connects += 1
             self.connected_at = time.time()
             self._set("online")
+            if self.client.on_connected is not None:
+                self.client.on_connected(self)
             log.info("tunnel %s online in %.2f s (%d services)", self.proxy,
                      time.monotonic() - t0, len(self.bound))
             self._serve(session)
@@ -454,6 +457,8 @@ class TunnelRunner:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "connects": self.connects,
             "bound": sorted(self.bound), "refused": dict(self.refused),
             "isolation_key": self.isolation_key,
+            "circuit": (None if self.circuit is None else
+                        {"id": self.circuit.id, "path": [n for _, n in self.circuit.path]}),
             "heartbeat_rtt_ms": (round(s.heartbeat_rtt * 1000, 1)
                                  if s is not None and s.heartbeat_rtt is not None else None),
         }
@@ -496,6 +501,7 @@ class Client:
         self.urls: dict[str, Service] = {}
         self.runners = [TunnelRunner(self, p, i) for i, p in enumerate(config.proxies)]
         self.on_change = on_change
+        self.on_connected: Callable | None = None  # (runner) once a tunnel is online
         self._contexts: dict[ProxyAddr, ssl.SSLContext] = {}
 
     def start(self) -> None:

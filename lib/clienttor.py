@@ -1,0 +1,129 @@
+"""Tor for the client: start or attach (with a visible bootstrap), and watch tunnel circuits.
+
+Public API::
+
+    tor = start_tor(mode, data_dir, config_file=None, password=None, timeout=120, progress=None)
+        # mode "launch" or "HOST:PORT" (a running tor's control port)
+    watcher = CircuitWatcher(tor, client)    # reconnects a tunnel at once when its circuit dies
+    BootstrapProgress(live)                  # progress(percent, summary): a bar or log lines
+
+Each tunnel dials through its own circuit: TunnelRunner's isolation key (tunnel index and
+connection generation) becomes distinct SOCKS credentials, and every reconnect gets a fresh one.
+Must be imported after gevent's monkey-patching (lib.tor's rule).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import gevent
+
+from lib import tor as torlib
+
+log = logging.getLogger("shroud.tor")
+
+
+def read_torrc_lines(path: str | None) -> list[str]:
+    """Extra torrc lines from a file: comments and blank lines dropped."""
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise torlib.TorError(f"cannot read --tor-config {path}: {e}") from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+class BootstrapProgress:
+    """A progress bar on a terminal; one log line per step elsewhere."""
+
+    def __init__(self, live: bool, out=sys.stderr):
+        self.live = live
+        self.out = out
+        self._last = -1
+
+    def __call__(self, percent: int, summary: str) -> None:
+        if percent == self._last:
+            return
+        self._last = percent
+        if self.live:
+            filled = percent * 30 // 100
+            self.out.write(f"\rTor bootstrap [{'#' * filled}{'.' * (30 - filled)}] "
+                           f"{percent:3d}% {summary[:40]:<40}")
+            if percent >= 100:
+                self.out.write("\n")
+            self.out.flush()
+        else:
+            log.info("tor bootstrap %d%%: %s", percent, summary)
+
+
+def start_tor(mode: str, data_dir: str, config_file: str | None = None,
+              password: str | None = None, timeout: float = 120.0, progress=None):
+    lines = read_torrc_lines(config_file)
+    if mode == "launch":
+        log.info("launching tor (data in %s/tor)%s", data_dir,
+                 f" with {len(lines)} lines from {config_file}" if lines else "")
+        return torlib.launch_tor(data_dir, extra_torrc_lines=lines, timeout=timeout,
+                                 progress=progress)
+    if lines:
+        raise torlib.TorError("--tor-config only applies to a tor we launch (--tor launch)")
+    log.info("attaching to tor at %s", mode)
+    return torlib.attach_tor(mode, password=password, timeout=timeout, progress=progress)
+
+
+class CircuitWatcher:
+    """Maps each online tunnel to its circuit; when tor closes that circuit, the tunnel is
+    checked and redialled over a fresh circuit at once instead of waiting for heartbeats."""
+
+    # Conflux may move a stream to its other leg when one leg closes: give tor a moment to
+    # report the stream's new circuit before declaring the tunnel dead.
+    RECHECK_DELAY = 0.5
+
+    def __init__(self, tor, client):
+        self.tor = tor
+        self.client = client
+        self.circuits: dict[str, object] = {}  # circuit id -> TunnelRunner
+        client.on_connected = self.record
+        self._remove = tor.add_circuit_listener(self._on_closed)
+
+    def record(self, runner) -> None:
+        sock = runner.sock
+        if sock is None:
+            return
+        try:
+            info = self.tor.circuit_for_connection(sock, timeout=2.0)
+        except (torlib.TorError, OSError) as e:
+            log.info("tunnel %s: circuit unknown: %s", runner.proxy, e)
+            return
+        for cid, r in list(self.circuits.items()):
+            if r is runner:
+                del self.circuits[cid]
+        self.circuits[info.id] = runner
+        runner.circuit = info
+        path = " > ".join(nick for _, nick in info.path)
+        log.info("tunnel %s rides circuit %s: %s (exit %s)", runner.proxy, info.id, path,
+                 info.exit_nickname)
+
+    def _on_closed(self, event) -> None:
+        runner = self.circuits.pop(event.id, None)
+        if runner is not None:
+            gevent.spawn(self._recheck, runner, event)
+
+    def _recheck(self, runner, event) -> None:
+        gevent.sleep(self.RECHECK_DELAY)
+        sock = runner.sock
+        try:
+            if sock is not None:
+                info = self.tor.circuit_for_connection(sock, timeout=0.5)
+                if info.status == "BUILT":
+                    self.circuits[info.id] = runner
+                    runner.circuit = info
+                    return
+        except (torlib.TorError, OSError):
+            pass
+        runner.reconnect(f"Tor circuit {event.id} {event.status.lower()} "
+                         f"({event.reason or 'no reason'})")
+
+    def close(self) -> None:
+        self._remove()
