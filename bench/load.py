@@ -38,6 +38,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 import gevent.pool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,8 +195,10 @@ def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bytes]:
 
 
 def worker(index: int, quota: int, per_connection: int, names: list[str], port: int,
-           stats: Stats) -> None:
-    """Send ``quota`` requests, ``per_connection`` per keep-alive connection, rotating names."""
+           stats: Stats, gate=None) -> None:
+    """Send ``quota`` requests, ``per_connection`` per keep-alive connection, rotating names.
+    With a ``gate`` (an Event), wait after the first answer until every worker has had one,
+    so all connections (and their streams) are open at once."""
     sent = 0
     turn = index
     while sent < quota:  # each pass sends >= 1 request or records an error: bounded by quota
@@ -226,6 +229,9 @@ def worker(index: int, quota: int, per_connection: int, names: list[str], port: 
                     break
                 stats.latencies.append(time.perf_counter() - started)
                 stats.done += 1
+                if gate is not None:
+                    gate.wait(timeout=REQUEST_TIMEOUT * 4)
+                    gate = None
         except (OSError, ValueError) as e:
             stats.error(f"request:{type(e).__name__}", str(e))
         finally:
@@ -253,9 +259,16 @@ def run_round(rnd: int, args, names: list[str], proxy: ProxyProc, sampler: Sampl
           flush=True)
     done_before = stats.done
     started = time.monotonic()
+    gate = gevent.event.Event() if args.ramp else None
     for i in range(args.concurrency):
+        if args.ramp:
+            gevent.sleep(args.ramp / args.concurrency)
         pool.spawn(worker, i, quota + (1 if i < extra else 0), args.per_connection, names,
-                   proxy.ports["http"], stats)
+                   proxy.ports["http"], stats, gate)
+    if gate is not None:
+        gevent.sleep(1.0)  # the last workers' first requests
+        print(f"[load] ramped: {sampler.sample()[3]} streams open; go", flush=True)
+        gate.set()
     load_deadline = started + args.timeout
     # Progress loop, bounded by the load timeout.
     while not pool.join(timeout=PROGRESS_EVERY) and time.monotonic() < load_deadline:
@@ -284,6 +297,9 @@ def main(argv=None) -> int:
     p.add_argument("--settle", type=float, default=15.0, help="idle seconds after the load")
     p.add_argument("--timeout", type=float, default=900.0, help="bound on the load phase")
     p.add_argument("--origin", choices=("nginx", "python"), default="nginx")
+    p.add_argument("--ramp", type=float, default=0.0,
+                   help="seconds over which the workers start, each then holding its connection until "
+                        "all have started (0: all at once, no hold)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the load (and settle); RSS after each round tells a leak from "
                         "the allocator's high-water mark")
