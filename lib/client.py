@@ -424,9 +424,7 @@ class TunnelRunner:
                 stream.reset(ErrorCode.REFUSED_STREAM)
                 return
             try:
-                local = gsocket.create_connection(svc.target, timeout=cfg.local_connect_timeout)
-                local.settimeout(None)
-                local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                local = connect_local(svc.target, cfg.local_connect_timeout)
             except OSError as e:
                 log.warning("local target %s:%d refused %s: %s", *svc.target, start.url, e)
                 stream.reset(ErrorCode.REFUSED_STREAM)
@@ -462,6 +460,28 @@ class TunnelRunner:
             "heartbeat_rtt_ms": (round(s.heartbeat_rtt * 1000, 1)
                                  if s is not None and s.heartbeat_rtt is not None else None),
         }
+
+
+def connect_local(target: tuple[str, int], timeout: float):
+    """Connect to the local target; a numeric address skips the resolver (gevent's resolver
+    costs a thread-pool round trip per connection, a quarter of a fresh stream's CPU)."""
+    host, port = target
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.inet_pton(family, host)
+    except OSError:
+        sock = gsocket.create_connection(target, timeout=timeout)
+    else:
+        sock = gsocket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect((host, port))
+        except OSError:
+            sock.close()
+            raise
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def proxy_protocol_header(version: str, client_addr: str, local_addr) -> bytes:

@@ -1,0 +1,66 @@
+"""splice(): half-close both ways, fallback before the first byte, idle timeout."""
+import socket
+import time
+
+import gevent
+import gevent.socket as gsocket
+
+from lib.mux import Session
+from lib.splice import splice
+
+
+def test_half_close_carried_and_counts():
+    a_out, a_in = gsocket.socketpair()
+    b_in, b_out = gsocket.socketpair()
+    counted = []
+    g = gevent.spawn(splice, a_in, b_in, on_a_to_b=counted.append)
+    a_out.sendall(b"request")
+    a_out.shutdown(socket.SHUT_WR)
+    assert b_out.recv(100) == b"request"
+    assert b_out.recv(100) == b""  # FIN went through
+    b_out.sendall(b"reply after FIN")  # the other direction still flows
+    b_out.shutdown(socket.SHUT_WR)
+    assert a_out.recv(100) == b"reply after FIN"
+    assert g.get(timeout=5) == (7, 15)
+    assert counted == [7]
+
+
+def test_fallback_sent_when_b_ends_before_first_byte():
+    a_out, a_in = gsocket.socketpair()
+    b_in, b_out = gsocket.socketpair()
+    g = gevent.spawn(splice, a_in, b_in, fallback_to_a=b"HTTP/1.0 502 Bad Gateway\r\n\r\n")
+    b_out.close()
+    assert a_out.recv(100).startswith(b"HTTP/1.0 502")
+    g.get(timeout=5)
+
+
+def test_idle_timeout_ends_silent_connection_but_not_a_busy_one():
+    a_out, a_in = gsocket.socketpair()
+    b_in, b_out = gsocket.socketpair()
+    g = gevent.spawn(splice, a_in, b_in, idle_timeout=0.3)
+    # one direction busy for 1 s: the silent other direction must not end it
+    for _ in range(10):
+        a_out.sendall(b"x")
+        assert b_out.recv(10) == b"x"
+        gevent.sleep(0.1)
+    assert not g.ready()
+    t0 = time.monotonic()
+    g.get(timeout=5)  # now both silent: ends after ~0.3-0.6 s
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_works_with_mux_streams():
+    a, b = gsocket.socketpair()
+    c, s = Session(a, client=True), Session(b, client=False)
+    st = c.open()
+    peer = s.accept(timeout=5)
+    x_out, x_in = gsocket.socketpair()
+    g = gevent.spawn(splice, x_in, peer)
+    x_out.sendall(b"through the stream")
+    assert st.recv(100) == b"through the stream"
+    st.sendall(b"back")
+    st.shutdown(socket.SHUT_WR)
+    assert x_out.recv(100) == b"back"
+    x_out.shutdown(socket.SHUT_WR)
+    assert st.recv(100) == b""
+    g.get(timeout=5)
