@@ -53,8 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control port password for --tor HOST:PORT")
     p.add_argument("--tor-timeout", type=float, default=120.0,
                    help="seconds to wait for tor to bootstrap")
-    p.add_argument("--discovery", metavar="URL", help="discovery service URL (through Tor)")
-    p.add_argument("--srv", action="store_true", help="find proxies by SRV _shroud._tls.<domain>")
+    p.add_argument("--discovery", metavar="URL",
+                   help="discovery service URL, e.g. https://discovery.example/proxies "
+                        "(asked through Tor; its JSON answer's fingerprints pin the proxies)")
+    p.add_argument("--discovery-ca", metavar="FILE",
+                   help="CA bundle for the discovery service's certificate (default: system CAs)")
+    p.add_argument("--discovery-pin", metavar="SHA256",
+                   help="the discovery service's certificate fingerprint, instead of a CA")
+    p.add_argument("--srv", action="store_true",
+                   help="find proxies by SRV _shroud._tls.<domain>, asked over TCP through Tor "
+                        "(an exit can alter the answer: verify proxies with --pin or --proxy-ca)")
     p.add_argument("--dns-resolver", metavar="HOST:PORT", default="9.9.9.9:53",
                    help="resolver for --srv, reached over TCP through Tor")
     p.add_argument("--count", type=int, default=DEFAULT_PROXY_COUNT,

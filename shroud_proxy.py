@@ -48,6 +48,11 @@ OPTIONS = [
     ("--admin-token", "ADMIN_TOKEN", None, "bearer token for the JSON API"),
     ("--admin-hosts", "ADMIN_HOSTS", "", "one-port mode: more names (comma-separated) that reach the dashboard and tunnel endpoint, besides --hostname"),
     ("--trust-forwarded-for", "TRUST_FORWARDED_FOR", "", "one-port mode: take the public peer's address from X-Forwarded-For's last entry (default yes in one-port mode; 0 to disable)"),
+    ("--discovery-addr", "DISCOVERY_ADDR", "", "discovery role: HTTPS listener for GET /proxies?q=<domain> (off by default)"),
+    ("--discovery-cert", "DISCOVERY_CERT", None, "discovery certificate (PEM); the tunnel certificate if not given"),
+    ("--discovery-key", "DISCOVERY_KEY", None, "discovery certificate's private key (PEM)"),
+    ("--fleet", "FLEET", "", "discovery: the fleet's tunnel addresses, host:port[=sha256 fingerprint],..."),
+    ("--proxy-domain", "PROXY_DOMAIN", "", "discovery: a domain must CNAME to <domain>.<this>; without --fleet, proxies come from its SRV records"),
     ("--log-level", "LOG_LEVEL", "info", "debug, info, warning, error"),
     ("--log-format", "LOG_FORMAT", "text", "text or json"),
 ]
@@ -135,6 +140,9 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
     proxy = ProxyServer(config_from_args(args))
     proxy.start()
     _state["proxy"] = proxy
+    from lib.discovery_server import start_discovery
+
+    _state["discovery"] = start_discovery(args, proxy)
     _state["app"] = create_admin_app(proxy, admin_settings(args))
     if one_port:
         from lib.oneport import TUNNEL_PATH, OnePortRouter
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from gevent.pywsgi import WSGIServer
 
     from lib.admin import create_admin_app
+    from lib.discovery_server import start_discovery
     from lib.logsetup import setup_logging
     from lib.proxy import ProxyServer, parse_addr
 
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proxy = ProxyServer(config_from_args(args))
         proxy.start()
+        discovery = start_discovery(args, proxy)
     except (OSError, ValueError) as e:
         print(f"shroud_proxy: cannot start: {e}", file=sys.stderr)
         return 1
@@ -209,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("shutting down")
     if admin is not None:
         admin.stop(timeout=1)
+    if discovery is not None:
+        discovery.stop(timeout=1)
     proxy.stop()
     return 0
 
