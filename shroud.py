@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identity key and tor state")
     p.add_argument("--proxy-protocol", choices=["v1", "v2"],
                    help="send the public peer's address to the local service (PROXY protocol)")
+    p.add_argument("--socks", metavar="HOST:PORT",
+                   help="advanced: dial the proxies through this SOCKS5 server (e.g. a tor's "
+                        "SocksPort whose control port we cannot use) instead of --tor; names "
+                        "are resolved by it; no circuit watching; needs --proxy")
+    p.add_argument("--heartbeat-interval", type=float, default=3.0, metavar="SECONDS",
+                   help="seconds between heartbeats on each tunnel (default 3, as Go muxado)")
+    p.add_argument("--heartbeat-timeout", type=float, default=13.0, metavar="SECONDS",
+                   help="seconds without a heartbeat echo before a tunnel is declared dead and "
+                        "redialled (default 13, Go muxado's 3 + 10: under load a Tor circuit's "
+                        "queues can hold an echo for several seconds)")
     p.add_argument("--receive-window", type=int, default=None,
                    help="per-stream receive window in bytes (larger helps over Tor)")
     p.add_argument("--status", choices=["auto", "live", "plain"], default="auto",
@@ -126,6 +136,38 @@ class StatusDisplay:
         self._lines = len(lines)
 
 
+def socks_dial(address: str):
+    """A dial(host, port, isolation_key, timeout) through the SOCKS5 server at ``address``:
+    the proxy's name goes to the SOCKS server unresolved, and each isolation key becomes its own
+    credentials (a tor isolates circuits by them, IsolateSOCKSAuth)."""
+    import socket
+
+    import socks
+
+    from lib.tor import socks_credentials
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"shroud: --socks wants HOST:PORT, got {address!r}")
+    host = host.strip("[]")
+
+    def dial(target_host: str, target_port: int, isolation_key: str, timeout: float):
+        user, password = socks_credentials(isolation_key)
+        s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
+        s.set_proxy(socks.SOCKS5, host, int(port), rdns=True, username=user, password=password)
+        s.settimeout(timeout)
+        try:
+            s.connect((target_host, int(target_port)))
+        except OSError as e:  # socks.ProxyError is an OSError too
+            s.close()
+            raise ConnectionError(f"through SOCKS {address}: {e}") from None
+        s.settimeout(None)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return socket.socket(s.family, s.type, s.proto, fileno=s.detach())
+
+    return dial
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
@@ -156,8 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     identity = Identity.load_or_create(args.data_dir)
     log.info("identity key %s (data dir %s)", identity.fingerprint[:16], args.data_dir)
 
+    if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
+        print("shroud: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)
+        return 2
     tor = None
-    if args.tor == "none":
+    if args.socks:
+        if not args.proxy:
+            print("shroud: --socks needs --proxy (discovery would bypass it)", file=sys.stderr)
+            return 2
+        dial = socks_dial(args.socks)
+    elif args.tor == "none":
         print("shroud: WARNING: --tor none: the proxies see this machine's address; the origin "
               "is NOT hidden.", file=sys.stderr)
         dial = direct_dial
@@ -188,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             tor.close()
         return 1
 
-    mux = MuxConfig()
+    mux = MuxConfig(heartbeat_interval=args.heartbeat_interval,
+                    heartbeat_tolerance=args.heartbeat_timeout - args.heartbeat_interval)
     if args.receive_window:
         mux.receive_window = args.receive_window
     config = ClientConfig(services=services, proxies=proxies, identity=identity, pins=pins,

@@ -42,6 +42,8 @@ OPTIONS = [
     ("--max-public-connections", "MAX_PUBLIC_CONNECTIONS", "20000", "public connections at once"),
     ("--max-tunnels-per-key", "MAX_TUNNELS_PER_KEY", "8", "tunnels one client key may hold"),
     ("--max-streams-per-tunnel", "MAX_STREAMS_PER_TUNNEL", "1024", "open streams per tunnel"),
+    ("--bind-burst", "BIND_BURST", "256", "bind requests a tunnel may make at once"),
+    ("--bind-rate", "BIND_RATE", "5", "bind requests per second per tunnel after the burst"),
     ("--peek-timeout", "PEEK_TIMEOUT", "10", "seconds a public connection has to send its SNI or Host"),
     ("--idle-timeout", "IDLE_TIMEOUT", "3600", "seconds a public connection may stay silent both ways"),
     ("--admin-password-hash", "ADMIN_PASSWORD_HASH", None, "werkzeug password hash for the dashboard login"),
@@ -94,6 +96,7 @@ def config_from_args(args):
         allow_unsigned=tuple(x.strip() for x in (args.allow_unsigned or "").split(",") if x.strip()),
         max_public_connections=int(args.max_public_connections),
         max_tunnels_per_key=int(args.max_tunnels_per_key), mux=mux,
+        bind_burst=int(args.bind_burst), bind_rate=float(args.bind_rate),
         peek_timeout=float(args.peek_timeout), idle_timeout=float(args.idle_timeout) or None)
 
 
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from lib.admin import create_admin_app
     from lib.discovery_server import start_discovery
     from lib.logsetup import setup_logging
+    from lib.ownership import OwnershipError
     from lib.proxy import ProxyServer, parse_addr
 
     setup_logging(args.log_level, args.log_format)
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         proxy = ProxyServer(config_from_args(args))
         proxy.start()
         discovery = start_discovery(args, proxy)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, OwnershipError) as e:
         print(f"shroud_proxy: cannot start: {e}", file=sys.stderr)
         return 1
     admin = None

@@ -8,7 +8,7 @@ Public API::
     session.goaway(code)                    # no new streams from the peer; existing ones go on
     session.close()                         # GOAWAY, transport closed, every stream failed
     end = session.wait(timeout=None)        # blocks until the session ends -> SessionEnd
-    session.closed, session.stats, session.heartbeat_rtt
+    session.closed, session.stats, session.heartbeat_rtt, session.refused_streams
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
@@ -170,6 +170,12 @@ class Stream:
             if conn.outgoing_size >= conn.config.write_high_water:
                 session._wait_drained(deadline, self)
                 continue
+            window = conn.send_window(self.id)
+            if window < len(view) and window < mp.SEND_THRESHOLD:
+                # Less than a frame's worth of window: wait for more instead of sending a
+                # sliver (WindowOpened fires once a full frame fits).
+                self._wait(deadline, "send (peer window is closed)")
+                continue
             n = conn.send_data(self.id, view)
             if n:
                 self.bytes_out += n
@@ -300,6 +306,11 @@ class Session:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def refused_streams(self) -> int:
+        """Streams the peer opened that we refused (limits, backlog, after GOAWAY)."""
+        return self._conn.refused_streams
 
     def open(self) -> Stream:
         if self._end is not None:

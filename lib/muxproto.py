@@ -52,6 +52,8 @@ HEARTBEAT_TYPE = 0xFFFFFEFF
 EXTENSION_TYPES_FROM = 0xFFFFFEFF  # 0xFFFFFFFF - 0x100: reserved for extensions
 HEARTBEAT_PRIORITY = 0x7FFFFFFF
 HEARTBEAT_PING = b"\x00\x00\x00\x00"  # Go's counter is never incremented
+# A writer with more to send waits until the window holds a full frame (see _on_wndinc).
+SEND_THRESHOLD = fr.MAX_PAYLOAD
 
 
 @dataclass
@@ -262,7 +264,7 @@ class MuxConnection:
         st.send_window -= n
         if fin and n == total:
             if total == 0:
-                emit(fr.encode_data(sid, b"", True))
+                self._emit(fr.encode_data(sid, b"", True))
             self._local_fin(sid, st)
         return n
 
@@ -433,12 +435,15 @@ class MuxConnection:
         st = self._known_or_idle(f.stream_id)
         if st is None or f.increment == 0:
             return
-        was_closed = st.send_window <= 0
+        before = st.send_window
         st.send_window += f.increment
         if st.send_window > fr.STREAM_ID_MASK:
             raise ProtocolError(f"stream {f.stream_id}: window above 2^31-1",
                                 ErrorCode.FLOW_CONTROL_ERROR)
-        if was_closed and st.kind == _USER:
+        # Wake a waiting writer only once a full frame fits (sender-side silly window
+        # avoidance): Go grants back 8 KiB at a time, and waking on each grant would send
+        # small frames, each its own TLS record.
+        if before < SEND_THRESHOLD <= st.send_window and st.kind == _USER:
             events.append(WindowOpened(f.stream_id))
 
     def _on_syn(self, f: fr.Syn, events: list[Event]) -> None:

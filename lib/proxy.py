@@ -118,6 +118,12 @@ class ProxyConfig:
     max_tunnels: int = 2000
     max_tunnels_per_key: int = 8  # 3 proxies' worth of clients, a few replicas each
     max_binds_per_tunnel: int = 256
+    # Bind requests per tunnel: a token bucket. A client binds all its names at once when it
+    # connects (the burst: as many as it may hold) and rarely after (a refused name is retried
+    # every 5 s at most); 5 a second sustained is far above that, yet a bind storm then costs
+    # the ownership store at most 5 decisions a second per tunnel.
+    bind_burst: int = 256
+    bind_rate: float = 5.0
     # Go-vhost's 10 s to read a name; a ClientHello comes in one round trip, a head in a few.
     peek_timeout: float = 10.0
     handshake_timeout: float = 15.0  # TLS + Auth on a tunnel, over Tor's slower path
@@ -272,17 +278,31 @@ class ProxyServer:
             if tunnel is None:
                 return
             log.info("tunnel %d up from %s key=%s", tunnel.id, peer, (tunnel.key or "unsigned")[:16])
+            bucket = TokenBucket(self.config.bind_burst, self.config.bind_rate)
             while not session.closed:
                 try:
                     stream = session.accept()
                 except MuxError:
                     break
-                self._handle_bind_stream(tunnel, stream, nonce)
+                if not self._handle_bind_stream(tunnel, stream, nonce, bucket):
+                    # A real client never sends a malformed control message: drop the tunnel.
+                    session.close(ErrorCode.PROTOCOL_ERROR, "malformed control message")
+                    break
         finally:
             if tunnel is not None:
                 self.registry.remove_tunnel(tunnel)
                 log.info("tunnel %d from %s down: %s", tunnel.id, peer, session.end)
             session.close()
+            self._count_session_end(session)
+
+    def _count_session_end(self, session: Session) -> None:
+        """Counters for what the mux layer cut off: refused streams, protocol violations."""
+        if session.refused_streams:
+            self.registry.count_refusal("streams_refused", n=session.refused_streams)
+        end = session.end
+        if end is not None and not end.remote and end.code != ErrorCode.NO_ERROR:
+            # SYN flood, oversized or invalid frames, window overrun, malformed control message
+            self.registry.count_refusal("tunnel_protocol_error")
 
     def _authenticate(self, session: Session, peer: str, transport_name: str):
         c = self.config
@@ -336,24 +356,42 @@ class ProxyServer:
         except MuxError:
             pass
 
-    def _handle_bind_stream(self, tunnel: Tunnel, stream, nonce: bytes) -> None:
+    def _handle_bind_stream(self, tunnel: Tunnel, stream, nonce: bytes,
+                            bucket: "TokenBucket | None" = None) -> bool:
+        """Answer one Bind; False when the client sent something no real client sends."""
         stream.settimeout(self.config.control_timeout)
         with stream:
             try:
                 bind = msg.read_message(stream)
-            except (MuxError, EOFError, msg.MessageError) as e:
-                log.info("tunnel %d: bad control message: %s", tunnel.id, e)
+            except msg.MessageError as e:
+                log.warning("tunnel %d from %s: malformed control message: %s", tunnel.id,
+                            tunnel.peer, e)
                 self.registry.count_refusal("bad_bind")
-                return
+                return False
+            except (MuxError, EOFError) as e:
+                log.info("tunnel %d: no control message: %s", tunnel.id, e)
+                self.registry.count_refusal("bad_bind")
+                return True
             if not isinstance(bind, msg.Bind):
+                log.warning("tunnel %d from %s: %s where a Bind belongs", tunnel.id,
+                            tunnel.peer, type(bind).__name__)
                 self.registry.count_refusal("bad_bind")
-                return
-            resp = self._bind(tunnel, bind, nonce)
+                return False
+            if bucket is not None and not bucket.take():
+                resp = msg.BindResp(url="", protocol=bind.protocol, extra=msg.refusal_extra(
+                    msg.REASON_LIMIT), error=f"too many bind requests (limit "
+                    f"{self.config.bind_rate:g} a second after {self.config.bind_burst})")
+                self.registry.count_refusal("limit_bind_rate")
+                if self.registry.refusals["limit_bind_rate"] % 1000 == 1:
+                    log.warning("tunnel %d from %s: bind rate limit", tunnel.id, tunnel.peer)
+            else:
+                resp = self._bind(tunnel, bind, nonce)
             try:
                 msg.write_message(stream, resp)
                 stream.shutdown(socket.SHUT_WR)
             except MuxError:
                 pass
+        return True
 
     def _bind(self, tunnel: Tunnel, bind: msg.Bind, nonce: bytes) -> msg.BindResp:
         c = self.config
@@ -405,7 +443,8 @@ class ProxyServer:
             log.exception("ownership check failed for %s", name)
             return refuse(msg.REASON_INTERNAL, f"ownership check failed: {e}", "ownership_error")
         if not decision.allowed:
-            return refuse(decision.code, decision.reason)
+            return refuse(decision.code, decision.reason,
+                          "ownership_error" if decision.method == "error" else "ownership")
         if protocol == "tcp" and not self._ensure_tcp_listener(bind.remote_port):
             return refuse(msg.REASON_INTERNAL, f"cannot listen on tcp port {bind.remote_port}",
                           "tcp_listen")
@@ -438,6 +477,7 @@ class ProxyServer:
         port = sock.getsockname()[1]
         _nodelay(sock)
         self.registry.connections += 1
+        self._note_pool_full()
         binding = self.registry.bindings.get(("tcp", f"tcp:{port}"))
         if binding is None or not binding.tunnels:
             self.registry.count_refusal("unknown_name")
@@ -448,6 +488,7 @@ class ProxyServer:
     def _route(self, sock, address, kind: str, sniffer, protocols) -> None:
         _nodelay(sock)
         self.registry.connections += 1
+        self._note_pool_full()
         peeked = bytearray()
         name = None
         try:
@@ -537,6 +578,12 @@ class ProxyServer:
         finally:
             tunnel.streams_open -= 1
 
+    def _note_pool_full(self) -> None:
+        # This connection took the last slot: the public listeners stop accepting until one
+        # ends (the kernel's backlog holds the next ones). Tunnels have their own pool.
+        if self._public_pool.full():
+            self.registry.count_refusal("limit_public_connections")
+
     @staticmethod
     def _refuse(sock, kind: str, status: int, reason: str, body: str, alert: int | None) -> None:
         if kind == "http":
@@ -547,6 +594,26 @@ class ProxyServer:
             sock.close()
         except OSError:
             pass
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` a second; injectable clock for tests."""
+
+    __slots__ = ("burst", "rate", "tokens", "stamp", "clock")
+
+    def __init__(self, burst: int, rate: float, clock=time.monotonic):
+        self.burst, self.rate, self.clock = burst, rate, clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
 
 
 def _send_quietly(sock, data: bytes) -> None:

@@ -8,7 +8,7 @@ Public API::
     registry.lookup("tls", "www.example.com") -> Binding | None   # exact name, then wildcards
     binding.pick() -> Tunnel | None      # balances new connections across the binding's tunnels
     registry.remove_tunnel(tunnel)        # drops its bindings; a binding with no tunnel goes away
-    registry.count_refusal(reason, name=None)
+    registry.count_refusal(reason, binding=None, n=1)
     registry.snapshot() -> dict           # JSON-ready view for the status API and dashboard
 
 Protocols are go-tunnel's: "tls" and "https" are routed by SNI, "http" by Host, "tcp" by port
@@ -206,10 +206,10 @@ class Registry:
                     return b
         return None
 
-    def count_refusal(self, reason: str, binding: Binding | None = None) -> None:
-        self.refusals[reason] += 1
+    def count_refusal(self, reason: str, binding: Binding | None = None, n: int = 1) -> None:
+        self.refusals[reason] += n
         if binding is not None:
-            binding.refusals[reason] += 1
+            binding.refusals[reason] += n
 
     def count_bytes(self, binding: Binding, tunnel: Tunnel, n_in: int = 0, n_out: int = 0) -> None:
         binding.count(n_in, n_out)
