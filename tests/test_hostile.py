@@ -1,0 +1,399 @@
+"""Hostile input against a real proxy process: each attack is cut off by a bound with a counter
+(read back through the status API) while a legitimate name keeps being served.
+
+The hostile tunnel client is written here with lib.mux and lib.messages directly (it speaks the
+protocol, then abuses it): SYN floods, huge declared message lengths, binds for names it does
+not own, bind storms. Hostile public clients: slow senders, oversized heads, and 10,000 idle
+half-open connections (plus a full public pool, which must not stall the tunnel listener).
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import resource
+import socket
+import ssl
+import struct
+import time
+
+import gevent
+import gevent.socket
+import gevent.ssl
+import pytest
+
+from lib import messages as msg
+from lib.errors import ErrorCode, MuxError
+from lib.identity import Identity
+from lib.mux import MuxConfig, Session
+from tests.support.procs import ClientProc, OriginProc, ProxyProc
+
+pytestmark = pytest.mark.timeout(120)
+
+GOOD = "good.test"  # the legitimate name, served throughout
+# The attacks' own bounds, small so the test is quick (the defaults are in docs/OPERATIONS.md).
+PEEK_TIMEOUT = 2.0
+BIND_BURST = 20
+BIND_RATE = 5.0
+IDLE_CONNECTIONS = 10_000
+
+
+def _raise_fd_limit(n: int) -> None:
+    """10,000 sockets on each side: the test, and the proxy it starts (rlimits are inherited)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= n:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, hard)))
+    except (ValueError, OSError):
+        pytest.fail(f"needs {n} file descriptors per process (limits {soft}/{hard}; "
+                    f"raise the hard limit, e.g. ulimit -Hn {n}, or run as root)")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    _raise_fd_limit(IDLE_CONNECTIONS + 2000)
+    d = tmp_path_factory.mktemp("hostile")
+    procs = []
+    try:
+        origin = OriginProc(str(d), name="origin")
+        procs.append(origin)
+        proxy = ProxyProc(str(d), str(d / "proxy-data"), extra=[
+            "--peek-timeout", str(PEEK_TIMEOUT), "--bind-burst", str(BIND_BURST),
+            "--bind-rate", str(BIND_RATE)])
+        procs.append(proxy)
+        client = ClientProc(str(d), str(d / "client"), [f"http:{GOOD}", f"127.0.0.1:{origin.port}"],
+                            [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
+        procs.append(client)
+        proxy.wait_bound(GOOD)
+        yield dict(dir=d, proxy=proxy, origin=origin, client=client)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def good_get(proxy, timeout=10.0) -> tuple[int, float]:
+    """One request for the legitimate name: (status, seconds)."""
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection("127.0.0.1", proxy.ports["http"], timeout=timeout)
+    try:
+        c.request("GET", "/hello", headers={"Host": GOOD})
+        r = c.getresponse()
+        body = r.read()
+        assert r.status != 200 or body == b"hello from origin\n"
+        return r.status, time.monotonic() - t0
+    finally:
+        c.close()
+
+
+def refusals(proxy) -> dict:
+    return proxy.status()["refusals"]
+
+
+def delta(before: dict, after: dict, key: str) -> int:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+# --- a hostile tunnel client ------------------------------------------------------------------
+
+class Attacker:
+    """Speaks just enough of the tunnel protocol to get in, then misbehaves."""
+
+    def __init__(self, proxy, identity: Identity | None, mux: MuxConfig | None = None):
+        ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw = gevent.socket.create_connection(("127.0.0.1", proxy.ports["tunnel"]), timeout=10)
+        self.tls = ctx.wrap_socket(raw)
+        self.tls.settimeout(None)
+        self.session = Session(self.tls, client=True, config=mux or MuxConfig(),
+                               name="attacker")
+        self.identity = identity
+        self.nonce = None
+
+    def auth(self) -> msg.AuthResp:
+        extra = msg.auth_extra(self.identity.public_key) if self.identity else None
+        with self.session.open() as st:
+            st.settimeout(10)
+            msg.write_message(st, msg.Auth(extra=extra))
+            resp = msg.read_message(st)
+        assert isinstance(resp, msg.AuthResp) and not resp.error, resp
+        self.nonce = resp.nonce
+        return resp
+
+    def bind(self, name: str, protocol: str = "http", sign: bool = True,
+             bad_signature: bool = False) -> msg.BindResp:
+        b = msg.Bind(protocol=protocol, hostname=name)
+        if sign and self.identity is not None:
+            payload = msg.bind_signature_payload(self.nonce, protocol, b.signed_name)
+            sig = self.identity.sign(payload)
+            if bad_signature:
+                sig = bytes([sig[0] ^ 1]) + sig[1:]
+            b = msg.Bind(protocol=protocol, hostname=name, extra=msg.bind_extra(sig))
+        with self.session.open() as st:
+            st.settimeout(10)
+            msg.write_message(st, b)
+            return msg.read_message(st)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def test_syn_flood_ends_in_goaway_and_is_counted(world):
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    a = Attacker(proxy, Identity.load_or_create(str(world["dir"] / "attacker-syn")))
+    a.auth()
+    # Streams opened and never written: the proxy's bind loop waits on the first; 256 wait in
+    # the accept backlog; every further SYN is refused, and past 1,024 refusals in a row the
+    # session is a SYN flood.
+    t0 = time.monotonic()
+    opened = 0
+    for _ in range(3000):
+        if a.session.closed:
+            break
+        try:
+            a.session.open()
+        except MuxError:
+            break
+        opened += 1
+        if opened % 200 == 0:
+            gevent.sleep(0.01)  # let the refusals come back
+    end = a.session.wait(timeout=10)
+    took = time.monotonic() - t0
+    assert end is not None, "the proxy never cut the SYN flood off"
+    assert end.remote and end.code == ErrorCode.PROTOCOL_ERROR, end
+    assert good_get(proxy)[0] == 200
+    after = refusals(proxy)
+    assert delta(before, after, "tunnel_protocol_error") == 1
+    assert delta(before, after, "streams_refused") > 1024
+    print(f"SYN flood: {opened} SYNs sent, GOAWAY PROTOCOL_ERROR after {took:.2f} s, "
+          f"{delta(before, after, 'streams_refused')} streams refused")
+
+
+@pytest.mark.parametrize("length", [2 ** 40, 2 ** 62, -1, msg.MAX_MESSAGE + 1])
+def test_huge_declared_message_length_drops_the_tunnel(world, length):
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    a = Attacker(proxy, Identity.load_or_create(str(world["dir"] / "attacker-len")))
+    a.auth()
+    st = a.session.open()
+    st.sendall(struct.pack("<q", length) + b"{" * 100)  # then nothing: never 2^40 bytes
+    t0 = time.monotonic()
+    end = a.session.wait(timeout=5)
+    assert end is not None and end.code == ErrorCode.PROTOCOL_ERROR, end
+    assert time.monotonic() - t0 < 2  # refused on the length alone, no waiting for the body
+    after = refusals(proxy)
+    assert delta(before, after, "bad_bind") == 1
+    assert delta(before, after, "tunnel_protocol_error") == 1
+    assert good_get(proxy)[0] == 200
+
+
+def test_huge_auth_length_is_refused(world):
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    a = Attacker(proxy, None)
+    st = a.session.open()
+    st.sendall(struct.pack("<q", 2 ** 62))
+    end = a.session.wait(timeout=5)
+    assert end is not None, "the session with a 2^62-byte Auth was kept"
+    assert delta(before, refusals(proxy), "tunnel_auth") == 1
+    assert good_get(proxy)[0] == 200
+
+
+def test_binds_for_names_not_owned_are_refused_and_counted(world):
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    a = Attacker(proxy, Identity.load_or_create(str(world["dir"] / "attacker-own")))
+    a.auth()
+    r = a.bind(GOOD)  # live, bound by the legitimate client's key
+    assert r.error and r.reason == msg.REASON_NOT_OWNER, r
+    r = a.bind("mine-by-theft.test", bad_signature=True)  # a signature over someone else's key
+    assert r.error and r.reason == msg.REASON_BAD_SIGNATURE, r
+    r = a.bind("unsigned.test", sign=False)
+    assert r.error and r.reason == msg.REASON_BAD_SIGNATURE, r
+    a.close()
+    u = Attacker(proxy, None)  # the original Go client's way: no key at all
+    u.auth()
+    r = u.bind(GOOD, sign=False)
+    assert r.error, r
+    u.close()
+    after = refusals(proxy)
+    assert delta(before, after, "ownership") == 4
+    status = proxy.status()
+    good = [b for b in status["bindings"] if b["name"] == GOOD]
+    assert good and good[0]["tunnels"] == 1  # still the legitimate client's, alone
+    assert good_get(proxy)[0] == 200
+
+
+def test_bind_storm_is_rate_limited_per_tunnel(world):
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    a = Attacker(proxy, Identity.load_or_create(str(world["dir"] / "attacker-storm")))
+    a.auth()
+    n = 120
+    decided = limited = 0
+    t0 = time.monotonic()
+    for i in range(n):
+        r = a.bind(GOOD if i % 2 else f"bad name {i}")  # never granted: refusals are cheap
+        assert r.error
+        if r.reason == msg.REASON_LIMIT:
+            limited += 1
+        else:
+            decided += 1
+        if i % 10 == 0:
+            assert good_get(proxy)[0] == 200  # other names are served during the storm
+    took = time.monotonic() - t0
+    assert not a.session.closed  # refused, not disconnected: a limit, not a protocol error
+    # The bucket: BIND_BURST at once, then BIND_RATE a second.
+    assert decided <= BIND_BURST + BIND_RATE * took + 1, (decided, took)
+    assert limited >= n - (BIND_BURST + BIND_RATE * took + 1)
+    assert delta(before, refusals(proxy), "limit_bind_rate") == limited
+    a.close()
+    print(f"bind storm: {n} binds in {took:.2f} s, {decided} decided, {limited} rate-limited")
+
+
+# --- hostile public clients -------------------------------------------------------------------
+
+def test_slow_sender_cut_at_peek_deadline_while_others_served(world):
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    s = socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10)
+    t0 = time.monotonic()
+    answer = b""
+    served = 0
+    for b in b"GET / HTTP/1.1\r\nHost: good.te":  # one byte every 0.25 s, never a whole head
+        try:
+            s.sendall(bytes([b]))
+        except OSError:
+            break
+        status, _ = good_get(proxy)
+        served += status == 200
+        s.settimeout(0.25)
+        try:
+            answer = s.recv(4096)
+            break
+        except socket.timeout:
+            pass
+    cut_after = time.monotonic() - t0
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 408") or answer.startswith(b"HTTP/1.0 408"), answer
+    assert PEEK_TIMEOUT - 0.1 <= cut_after < PEEK_TIMEOUT + 1.5, cut_after
+    assert served >= 3
+    assert delta(before, refusals(proxy), "peek_timeout") == 1
+
+
+def test_oversized_head_gets_431(world):
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    s = socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10)
+    t0 = time.monotonic()
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: good.test\r\nX-Filler: " + b"a" * 70_000)
+    except OSError:
+        pass  # the proxy may close before taking all of it
+    answer = b""
+    try:
+        while chunk := s.recv(4096):
+            answer += chunk
+    except OSError:
+        pass
+    s.close()
+    assert b" 431 " in answer.split(b"\r\n", 1)[0], answer[:100]
+    assert time.monotonic() - t0 < 2
+    assert delta(before, refusals(proxy), "bad_request") == 1
+    assert good_get(proxy)[0] == 200
+
+
+def _open_idle(port: int, n: int, batch: int = 500) -> list[socket.socket]:
+    """n connections that never send a byte, opened in batches the accept backlog (1024)
+    holds, so none waits for a SYN retransmit."""
+    socks = []
+    for i in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+        if i % batch == batch - 1:
+            time.sleep(0.05)
+    return socks
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_ten_thousand_idle_connections_are_bounded_by_the_peek_deadline(world):
+    proxy = world["proxy"]
+    st0 = proxy.status()
+    fds0 = _fd_count(proxy.pid)
+    t0 = time.monotonic()
+    idle = _open_idle(proxy.ports["https"], IDLE_CONNECTIONS)
+    try:
+        # Meanwhile the legitimate name is served, promptly.
+        worst = 0.0
+        accepted = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status, took = good_get(proxy)
+            assert status == 200
+            worst = max(worst, took)
+            accepted = proxy.status()["connections"] - st0["connections"]
+            if accepted >= IDLE_CONNECTIONS:
+                break
+            time.sleep(0.2)
+        assert accepted >= IDLE_CONNECTIONS, f"only {accepted} idle connections accepted"
+        peak_fds = _fd_count(proxy.pid)
+        # Then the peek deadline cuts every one of them (TLS alert, close).
+        deadline = time.monotonic() + PEEK_TIMEOUT + 20
+        while time.monotonic() < deadline:
+            cut = delta(st0["refusals"], proxy.status()["refusals"], "peek_timeout")
+            if cut >= IDLE_CONNECTIONS:
+                break
+            time.sleep(0.25)
+        all_cut = time.monotonic() - t0
+        assert cut >= IDLE_CONNECTIONS, f"only {cut} of {IDLE_CONNECTIONS} cut by the deadline"
+        assert good_get(proxy)[0] == 200
+    finally:
+        for s in idle:
+            s.close()
+    time.sleep(0.5)
+    fds_after = _fd_count(proxy.pid)
+    assert fds_after <= fds0 + 20, (fds0, fds_after)
+    print(f"{IDLE_CONNECTIONS} idle connections: proxy fds {fds0} -> {peak_fds} -> {fds_after}, "
+          f"legitimate request worst {worst * 1000:.0f} ms, all cut {all_cut:.1f} s after start")
+
+
+def test_full_public_pool_does_not_stall_tunnels(world, tmp_path):
+    # A proxy whose public pool holds 200: 1,000 idle connections fill it and the kernel's
+    # backlog. A client still connects its tunnel and binds at once (tunnels have their own
+    # pool), and a visitor is served once the peek deadline frees slots.
+    d = tmp_path
+    peek = 1.0
+    proxy = ProxyProc(str(d), str(d / "proxy-data"), name="small-proxy",
+                      extra=["--peek-timeout", str(peek), "--max-public-connections", "200"])
+    client = None
+    idle = []
+    try:
+        idle = _open_idle(proxy.ports["http"], 1000)
+        time.sleep(0.5)
+        assert proxy.status()["refusals"].get("limit_public_connections", 0) >= 1
+        t0 = time.monotonic()
+        client = ClientProc(str(d), str(d / "client"),
+                            [f"http:{GOOD}", f"127.0.0.1:{world['origin'].port}"],
+                            [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
+        proxy.wait_bound(GOOD, timeout=10)
+        bound_in = time.monotonic() - t0
+        # Python start-up of the client is most of it; the tunnel itself takes milliseconds.
+        assert bound_in < 5, bound_in
+        status, took = good_get(proxy, timeout=30)
+        assert status == 200
+        # 1,000 ahead of it, 200 at a time, each slot freed after `peek` seconds.
+        assert took < peek * (1000 / 200 + 3), took
+        print(f"full pool: tunnel bound in {bound_in:.2f} s, visitor served in {took:.2f} s")
+    finally:
+        for s in idle:
+            s.close()
+        if client is not None:
+            client.stop()
+        proxy.stop()
