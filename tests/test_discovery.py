@@ -424,3 +424,20 @@ def test_discover_through_tor_uses_tor_dial(dns_server):
     disc.discover_proxies(_args(srv=True, dns_resolver="%s:%d" % tuple(dns_server.address)),
                           [Service.parse("example.com", "127.0.0.1:443")], FakeTor())
     assert calls == [(*dns_server.address, "discovery")]
+
+
+def test_discovery_role_under_gunicorn(tmp_path):
+    """start_in_worker starts the role too; its certificate is the proxy's own (pinnable)."""
+    from tests.support.procs import ProxyProc, free_port, wait_port
+
+    port = free_port()
+    proxy = ProxyProc(str(tmp_path), str(tmp_path / "data"), gunicorn=True, extra=[
+        "--discovery-addr", f"127.0.0.1:{port}", "--fleet", f"127.0.0.1:4001={FP1}"])
+    try:
+        wait_port(port)
+        got = fetch_proxies(f"https://127.0.0.1:{port}/proxies", "a.example", direct_dial,
+                            pin=proxy.fingerprint, timeout=10)
+        assert got == [ProxyAddr("127.0.0.1", 4001, pin=FP1)]
+        assert proxy.status()["listeners"]["discovery"] == f"127.0.0.1:{port}"
+    finally:
+        proxy.stop()
