@@ -10,7 +10,6 @@ import argparse
 import json
 import random
 import socket
-import ssl
 import time
 
 import gevent
