@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tor-config", metavar="FILE", help="extra torrc lines (bridges, private network)")
     p.add_argument("--tor-password", default=env("SHROUD_TOR_PASSWORD"),
                    help="control port password for --tor HOST:PORT")
+    p.add_argument("--distinct-exits", action="store_true",
+                   help="build each tunnel's circuit with stem so every proxy is reached "
+                        "through a different exit (when the network has enough exits)")
     p.add_argument("--tor-timeout", type=float, default=120.0,
                    help="seconds to wait for tor to bootstrap")
     p.add_argument("--discovery", metavar="URL",
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         log.info("tor ready: SOCKS %s:%d", *tor.socks_address)
         dial = tor.open_connection
+        if args.distinct_exits:
+            dial = clienttor.ExitPlanner(tor).dial
 
     try:
         proxies = [ProxyAddr.parse(p) for p in args.proxy]

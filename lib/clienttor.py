@@ -127,3 +127,78 @@ class CircuitWatcher:
 
     def close(self) -> None:
         self._remove()
+
+
+class ExitPlanner:
+    """Explicit circuits with a distinct exit per tunnel (``--distinct-exits``).
+
+    Tor picks each tunnel's circuit on its own, so two tunnels may leave through the same exit:
+    that exit then sees (the timing of) both. With this planner each tunnel index gets its own
+    exit, round robin over the exits in the consensus, and the circuit is built with stem along
+    [guard, middle, exit] and the tunnel's stream attached to it. The guard is one of tor's own
+    entry guards when tor names them (keeping guard protection), the middle a random other
+    relay. Any failure falls back to tor's own choice, so the option never costs a tunnel.
+    """
+
+    def __init__(self, tor, rng=None):
+        import random
+
+        self.tor = tor
+        self.rng = rng or random.SystemRandom()
+
+    def _relays(self):
+        statuses = list(self.tor.controller.get_network_statuses())
+        usable = [r for r in statuses if "Running" in r.flags and "Valid" in r.flags]
+        exits = sorted((r for r in usable if "Exit" in r.flags and "BadExit" not in r.flags),
+                       key=lambda r: r.fingerprint)
+        return usable, exits
+
+    def _guards(self) -> list[str]:
+        try:
+            text = self.tor.controller.get_info("entry-guards")
+        except Exception:  # stem raises several types; any means "tor does not say"
+            return []
+        out = []
+        for line in text.splitlines():
+            fp = line.strip().lstrip("$").split("~")[0].split("=")[0].split(" ")[0]
+            if len(fp) == 40 and "up" in line:
+                out.append(fp.upper())
+        return out
+
+    def path_for(self, index: int) -> list[str]:
+        usable, exits = self._relays()
+        if not exits:
+            raise torlib.TorError("no exits in the consensus")
+        exit_fp = exits[index % len(exits)].fingerprint
+        guards = [g for g in self._guards() if g != exit_fp]
+        if not guards:
+            guards = [r.fingerprint for r in usable if "Guard" in r.flags and r.fingerprint != exit_fp]
+        if not guards:
+            raise torlib.TorError("no guard distinct from the exit")
+        guard = self.rng.choice(guards)
+        middles = [r.fingerprint for r in usable if r.fingerprint not in (guard, exit_fp)]
+        if not middles:
+            raise torlib.TorError("no middle relay distinct from guard and exit")
+        return [guard, self.rng.choice(middles), exit_fp]
+
+    def dial(self, host: str, port: int, isolation_key: str, timeout: float):
+        index = _tunnel_index(isolation_key)
+        if index is not None:
+            try:
+                path = self.path_for(index)
+                circ = self.tor.build_circuit(path, timeout=min(timeout, 30.0))
+                log.info("tunnel %d: built circuit %s with exit %s", index, circ, path[-1][:8])
+                return self.tor.open_connection(host, port, isolation_key, timeout,
+                                                circuit_id=circ)
+            except torlib.TorError as e:
+                log.warning("tunnel %d: explicit circuit failed (%s); letting tor choose",
+                            index, e)
+        return self.tor.open_connection(host, port, isolation_key, timeout)
+
+
+def _tunnel_index(isolation_key: str) -> int | None:
+    # lib.client.TunnelRunner.isolation_key is "shroud-tunnel-<index>-<generation>"
+    parts = isolation_key.split("-")
+    if len(parts) == 4 and parts[:2] == ["shroud", "tunnel"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
