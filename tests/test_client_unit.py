@@ -1,0 +1,75 @@
+"""Unit tests of lib.client's pure parts: service names, proxy addresses, PROXY headers, backoff."""
+import struct
+
+import pytest
+
+from lib.client import Backoff, ProxyAddr, Service, proxy_protocol_header
+
+
+@pytest.mark.parametrize("name,proto,bound", [
+    ("example.com", "tls", "example.com"),
+    ("Example.COM.", "tls", "example.com"),
+    ("tls:a.example", "tls", "a.example"),
+    ("https://a.example", "tls", "a.example"),
+    ("http:b.example", "http", "b.example"),
+    ("http://b.example", "http", "b.example"),
+    ("*.wild.example", "tls", "*.wild.example"),
+    ("tcp:20001", "tcp", "tcp:20001"),
+])
+def test_service_names(name, proto, bound):
+    s = Service.parse(name, "127.0.0.1:443")
+    assert (s.protocol, s.name, s.target) == (proto, bound, ("127.0.0.1", 443))
+
+
+@pytest.mark.parametrize("name,target", [
+    ("tcp:notaport", "127.0.0.1:22"), ("tcp:70000", "127.0.0.1:22"),
+    ("example.com", "127.0.0.1"), ("example.com", "host:port"), ("bad..name", "127.0.0.1:1"),
+])
+def test_bad_services_are_refused(name, target):
+    with pytest.raises(ValueError):
+        Service.parse(name, target)
+
+
+def test_tcp_bind_message_and_signature():
+    from lib.identity import Identity
+    from lib import messages as msg
+    ident = Identity.generate()
+    b = Service.parse("tcp:20001", "127.0.0.1:22").bind_message(b"n" * 32, ident)
+    assert b.protocol == "tcp" and b.remote_port == 20001 and b.signature is not None
+    unsigned = Service.parse("a.example", "127.0.0.1:1").bind_message(None, ident)
+    assert unsigned.extra is None  # an original proxy sends no nonce: bind unsigned
+    assert msg.unpack(msg.pack(b)).remote_port == 20001
+
+
+def test_proxy_addr_parse():
+    assert ProxyAddr.parse("proxy.example:4443") == ProxyAddr("proxy.example", 4443)
+    assert ProxyAddr.parse("proxy.example").port == 4443
+    assert ProxyAddr.parse("[::1]:9").host == "::1"
+
+
+def test_proxy_protocol_v1():
+    h = proxy_protocol_header("v1", "203.0.113.7:51514", ("127.0.0.1", 443))
+    assert h == b"PROXY TCP4 203.0.113.7 127.0.0.1 51514 443\r\n"
+    assert proxy_protocol_header("v1", "garbage", ("127.0.0.1", 1)) == b"PROXY UNKNOWN\r\n"
+
+
+def test_proxy_protocol_v2_ipv4_bytes():
+    h = proxy_protocol_header("v2", "203.0.113.7:51514", ("127.0.0.1", 443))
+    assert h[:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+    assert h[12:14] == b"\x21\x11"  # version 2 PROXY, TCP over IPv4
+    assert struct.unpack(">H", h[14:16])[0] == 12
+    assert h[16:] == bytes([203, 0, 113, 7, 127, 0, 0, 1]) + struct.pack(">HH", 51514, 443)
+
+
+def test_proxy_protocol_v2_mismatched_family_is_local():
+    h = proxy_protocol_header("v2", "[2001:db8::1]:5", ("127.0.0.1", 443))
+    assert h[12:16] == b"\x20\x00\x00\x00"
+
+
+def test_backoff_grows_with_jitter_and_caps():
+    b = Backoff(base=1.0, cap=8.0, rand=lambda: 1.0)
+    assert [b.next_delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    b = Backoff(base=1.0, cap=8.0, rand=lambda: 0.0)
+    assert [b.next_delay() for _ in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    b.reset()
+    assert b.next_delay() == 0.5
