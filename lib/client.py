@@ -283,6 +283,9 @@ class TunnelRunner:
                 sni = (self.proxy.host if self.proxy.scheme == "wss"
                        or not self.client.pinned(self.proxy) else None)
                 tls = self.client.tls_context(self.proxy).wrap_socket(raw, server_hostname=sni)
+                # wrap_socket detaches raw (its getsockname() then fails with EBADF); the TLS
+                # socket owns the same connection, so CircuitWatcher finds the circuit by it.
+                self.sock = tls
                 self.client.verify_proxy(self.proxy, tls)
             if self.proxy.websocket:
                 from lib.websocket import HandshakeError
