@@ -570,6 +570,9 @@ class ProxyServer:
         tunnel.streams_open += 1
         tunnel.streams_total += 1
         registry.count_bytes(binding, tunnel, n_in=len(peeked))
+        # Sizes and names only: the bytes themselves are never logged (docs/SECURITY.md).
+        log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
+                  tunnel.id, stream.id)
         try:
             splice(sock, stream,
                    on_a_to_b=lambda n: registry.count_bytes(binding, tunnel, n_in=n),
@@ -577,6 +580,7 @@ class ProxyServer:
                    idle_timeout=self.config.idle_timeout, fallback_to_a=fallback)
         finally:
             tunnel.streams_open -= 1
+            log.debug("tunnel %d stream %d for %s ended", tunnel.id, stream.id, binding.name)
 
     def _note_pool_full(self) -> None:
         # This connection took the last slot: the public listeners stop accepting until one

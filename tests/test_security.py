@@ -1,0 +1,490 @@
+"""Security properties, checked with real processes.
+
+- A Tor exit that intercepts TLS (stand-in: this test's own SOCKS5 server that terminates TLS
+  with its own certificate and relays to the real proxy): the client refuses the tunnel, says
+  why, and sends the interceptor nothing. The same server relaying honestly is accepted.
+- The dashboard, over HTTP to a real proxy process: no credentials, no access; an action without
+  the session's own CSRF token changes nothing.
+- The proxy never logs or stores the plaintext of passthrough TLS (debug logging on).
+- In Tor mode (private Tor network) the client connects only to its tor and to the local
+  target, and resolves no name itself: every connect() and name-service file it opens is traced
+  with strace.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import http.cookiejar
+import json
+import os
+import re
+import select
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import trustme
+from werkzeug.security import generate_password_hash
+
+from lib.identity import Identity
+from tests.support.origin import pattern
+from tests.support.procs import ADMIN_TOKEN, PY, ClientProc, OriginProc, Proc, ProxyProc
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def wait_log(proc, rx, timeout=30.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        m = re.search(rx, proc.log())
+        if m:
+            return m
+        time.sleep(0.05)
+    raise TimeoutError(f"{rx!r} not in {proc.name}'s log:\n{proc.log()[-3000:]}")
+
+
+# --- a TLS-intercepting exit ------------------------------------------------------------------
+
+class Socks5Exit(socketserver.ThreadingTCPServer):
+    """A SOCKS5 server standing in for a Tor exit. It resolves every name to 127.0.0.1 (as an
+    exit would resolve it) and either relays bytes honestly, or terminates the client's TLS
+    with its own certificate and relays the plaintext to the real proxy (a MITM)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, intercept_cert: trustme.LeafCert | None):
+        super().__init__(("127.0.0.1", 0), _Socks5Handler)
+        self.port = self.server_address[1]
+        self.requests: list[tuple[int, str, int]] = []  # (address type, host, port)
+        self.plaintext_from_client = 0
+        self.ctx = None
+        if intercept_cert is not None:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            intercept_cert.configure_cert(self.ctx)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
+                         daemon=True).start()
+
+
+class _Socks5Handler(socketserver.BaseRequestHandler):
+    def handle(self):
+        s = self.request
+        s.settimeout(10)
+        f = s.makefile("rb")
+        ver, n = f.read(2)
+        methods = f.read(n)
+        method = 2 if 2 in methods else 0
+        s.sendall(bytes([5, method]))
+        if method == 2:  # RFC 1929 username/password (the client isolates circuits by it)
+            f.read(1)
+            f.read(f.read(1)[0])
+            f.read(f.read(1)[0])
+            s.sendall(b"\x01\x00")
+        _, cmd, _, atyp = f.read(4)
+        if atyp == 3:
+            host = f.read(f.read(1)[0]).decode()
+        elif atyp == 1:
+            host = socket.inet_ntoa(f.read(4))
+        else:
+            return
+        port = struct.unpack(">H", f.read(2))[0]
+        self.server.requests.append((atyp, host, port))
+        up = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(">H", port))
+        if self.server.ctx is None:
+            _relay(s, up)
+            return
+        try:
+            client_side = self.server.ctx.wrap_socket(s, server_side=True)
+        except (ssl.SSLError, OSError):
+            up.close()
+            return  # the client saw our certificate and hung up: what we want
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        proxy_side = ctx.wrap_socket(up)
+        try:
+            while True:
+                data = client_side.recv(65536)
+                if not data:
+                    break
+                self.server.plaintext_from_client += len(data)
+                proxy_side.sendall(data)
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            proxy_side.close()
+            client_side.close()
+
+
+def _relay(a, b):
+    a.settimeout(None)
+    b.settimeout(None)
+    socks = [a, b]
+    try:
+        while True:
+            ready, _, _ = select.select(socks, [], [], 30)
+            if not ready:
+                return
+            for r in ready:
+                data = r.recv(65536)
+                if not data:
+                    return
+                (b if r is a else a).sendall(data)
+    except OSError:
+        pass
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def mitm_world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mitm")
+    origin = OriginProc(str(d))
+    proxy = ProxyProc(str(d), str(d / "proxy-data"))
+    try:
+        yield dict(dir=d, origin=origin, proxy=proxy)
+    finally:
+        proxy.stop()
+        origin.stop()
+
+
+@pytest.mark.parametrize("verify", ["pin", "ca"])
+def test_tls_intercepting_exit_is_refused_and_named(mitm_world, tmp_path, verify):
+    w = mitm_world
+    proxy = w["proxy"]
+    exit_ca = trustme.CA()  # the interceptor's own CA, trusted by nobody here
+    mitm = Socks5Exit(exit_ca.issue_cert("proxy.shroud.test"))
+    if verify == "pin":
+        how = ["--pin", proxy.fingerprint]
+        said = r"matches no pinned fingerprint: refusing the tunnel .*intercepting TLS"
+    else:
+        ca_pem = tmp_path / "ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(ca_pem))  # the operator's CA
+        how = ["--proxy-ca", str(ca_pem)]
+        said = r"CERTIFICATE_VERIFY_FAILED.*intercepting TLS; the tunnel is refused"
+    client = ClientProc(str(tmp_path), str(tmp_path / "client"),
+                        ["http:mitm.test", f"127.0.0.1:{w['origin'].port}"],
+                        [f"proxy.shroud.test:{proxy.ports['tunnel']}"],
+                        extra=["--socks", f"127.0.0.1:{mitm.port}", *how])
+    try:
+        m = wait_log(client, said)
+        print(f"intercepting exit ({verify}): {m.group(0)[:160]}")
+        time.sleep(0.5)
+        # The name went to the exit unresolved (SOCKS5 domain name), as through Tor.
+        assert (3, "proxy.shroud.test", proxy.ports["tunnel"]) in mitm.requests
+        # Not a byte of the tunnel protocol reached the interceptor, nor the proxy.
+        assert mitm.plaintext_from_client == 0
+        st = proxy.status()
+        assert not st["tunnels"] and not st["bindings"]
+        assert client.alive()  # it keeps refusing (and retrying), it does not give in
+    finally:
+        client.stop()
+        mitm.shutdown()
+        mitm.server_close()
+
+
+def test_an_honest_socks_exit_is_accepted(mitm_world, tmp_path):
+    w = mitm_world
+    proxy = w["proxy"]
+    honest = Socks5Exit(None)
+    client = ClientProc(str(tmp_path), str(tmp_path / "client"),
+                        ["http:honest.test", f"127.0.0.1:{w['origin'].port}"],
+                        [f"proxy.shroud.test:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
+                        extra=["--socks", f"127.0.0.1:{honest.port}"])
+    try:
+        proxy.wait_bound("honest.test")
+        c = http.client.HTTPConnection("127.0.0.1", proxy.ports["http"], timeout=10)
+        c.request("GET", "/hello", headers={"Host": "honest.test"})
+        assert c.getresponse().read() == b"hello from origin\n"
+        c.close()
+        assert honest.requests and honest.requests[0][:2] == (3, "proxy.shroud.test")
+    finally:
+        client.stop()
+        honest.shutdown()
+        honest.server_close()
+
+
+# --- the dashboard over the wire --------------------------------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def dash_world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dash")
+    origin = OriginProc(str(d))
+    proxy = ProxyProc(str(d), str(d / "proxy-data"),
+                      extra=["--admin-password-hash", generate_password_hash(PASSWORD)])
+    client = ClientProc(str(d), str(d / "client"), ["http:dash.test", f"127.0.0.1:{origin.port}"],
+                        [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
+    try:
+        proxy.wait_bound("dash.test")
+        yield dict(proxy=proxy, base=f"http://127.0.0.1:{proxy.ports['admin']}")
+    finally:
+        for p in (client, proxy, origin):
+            p.stop()
+
+
+class Browser:
+    """urllib with a cookie jar, never following redirects (we look at them)."""
+
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **k):
+            return None
+
+    def __init__(self, base):
+        self.base = base
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()), self._NoRedirect())
+
+    def request(self, method, path, data=None, headers=None, form=None):
+        body = None
+        headers = dict(headers or {})
+        if form is not None:
+            body = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        elif data is not None:
+            body = json.dumps(data).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
+        try:
+            r = self.opener.open(req, timeout=10)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), e.headers
+        return r.status, r.read(), r.headers
+
+    def login(self):
+        _, page, _ = self.request("GET", "/login")
+        token = re.search(rb'name="csrf_token" value="([^"]+)"', page).group(1).decode()
+        status, _, _ = self.request("POST", "/login", form={
+            "username": "admin", "password": PASSWORD, "csrf_token": token, "next": "/"})
+        assert status == 302
+        _, home, _ = self.request("GET", "/")
+        return re.search(rb'<meta name="csrf-token" content="([^"]+)"', home).group(1).decode()
+
+
+def dash_served(w) -> int:
+    c = http.client.HTTPConnection("127.0.0.1", w["proxy"].ports["http"], timeout=10)
+    c.request("GET", "/hello", headers={"Host": "dash.test"})
+    status = c.getresponse().status
+    c.close()
+    return status
+
+
+def test_dashboard_refuses_requests_without_credentials(dash_world):
+    w = dash_world
+    anon = Browser(w["base"])
+    assert anon.request("GET", "/healthz")[0] == 200
+    for path in ("/api/status", "/api/hostnames", "/api/tunnels", "/api/audit", "/metrics"):
+        status, body, headers = anon.request("GET", path)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer"), path
+        assert anon.request("GET", path, headers={"Authorization": "Bearer wrong"})[0] == 401
+    for path in ("/", "/tunnels", "/blocks", "/h/http/dash.test"):
+        status, _, headers = anon.request("GET", path)
+        assert status == 302 and headers["Location"].startswith("/login"), path
+    tunnel_id = w["proxy"].status()["tunnels"][0]["id"]
+    for path, data in (("/api/block", {"kind": "hostname", "target": "dash.test"}),
+                       (f"/api/tunnels/{tunnel_id}/disconnect", {})):
+        assert anon.request("POST", path, data=data)[0] == 401
+    assert anon.request("POST", "/login", form={"username": "admin",
+                                                "password": PASSWORD})[0] == 400  # no token
+    assert dash_served(w) == 200  # nothing happened
+    assert w["proxy"].status()["tunnels"][0]["id"] == tunnel_id
+
+
+def test_dashboard_actions_need_the_sessions_csrf_token(dash_world):
+    w = dash_world
+    alice = Browser(w["base"])
+    token = alice.login()
+    mallory = Browser(w["base"])
+    other_token = mallory.login()  # a valid token, of another session
+    action = {"kind": "hostname", "target": "dash.test"}
+    for headers in ({}, {"X-CSRF-Token": "forged"}, {"X-CSRF-Token": other_token}):
+        status, body, _ = alice.request("POST", "/api/block", data=action, headers=headers)
+        assert status == 403 and b"CSRF" in body, (headers, body)
+    assert dash_served(w) == 200
+    blocks = w["proxy"].status(ADMIN_TOKEN)
+    assert all(b["name"] != "dash.test" or b["tunnels"] for b in blocks["bindings"])
+    # With its own token the same action works (so the refusals above were the CSRF check).
+    status, body, _ = alice.request("POST", "/api/block", data=action,
+                                    headers={"X-CSRF-Token": token})
+    assert status == 200, body
+    assert dash_served(w) == 403
+    status, body, _ = alice.request("POST", "/api/unblock", data=action,
+                                    headers={"X-CSRF-Token": token})
+    assert status == 200, body
+
+
+# --- passthrough TLS plaintext ----------------------------------------------------------------
+
+def test_proxy_never_logs_or_stores_passthrough_plaintext(tmp_path):
+    d = tmp_path
+    ca = trustme.CA()
+    cert = ca.issue_cert("secret.test")
+    cert_pem, key_pem, ca_pem = str(d / "o.pem"), str(d / "o.key"), str(d / "ca.pem")
+    cert.cert_chain_pems[0].write_to_path(cert_pem)
+    cert.private_key_pem.write_to_path(key_pem)
+    ca.cert_pem.write_to_path(ca_pem)
+    origin = OriginProc(str(d), tls=(cert_pem, key_pem))
+    proxy = ProxyProc(str(d), str(d / "proxy-data"), extra=["--log-level", "debug"])
+    client = ClientProc(str(d), str(d / "client"), ["secret.test", f"127.0.0.1:{origin.port}"],
+                        [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
+    secret = b"SHROUD-SECRET-" + os.urandom(12).hex().encode()
+    n = 256 * 1024
+    try:
+        proxy.wait_bound("secret.test")
+        ctx = ssl.create_default_context(cafile=ca_pem)
+        for _ in range(3):
+            raw = socket.create_connection(("127.0.0.1", proxy.ports["https"]), timeout=10)
+            conn = http.client.HTTPConnection("secret.test", timeout=10)
+            conn.sock = ctx.wrap_socket(raw, server_hostname="secret.test")
+            body = secret * 1000
+            conn.request("POST", "/sha256?" + secret.decode(), body=body,
+                         headers={"X-Secret": secret.decode(), "Cookie": "s=" + secret.decode()})
+            r = conn.getresponse()
+            assert r.read().decode().strip() == hashlib.sha256(body).hexdigest()
+            conn.request("GET", f"/bytes/{n}")
+            r = conn.getresponse()
+            assert r.read() == pattern(n)
+            conn.close()
+        time.sleep(0.5)
+    finally:
+        client.stop()
+        proxy.stop()  # flushes and closes everything it writes
+        origin.stop()
+    reply = pattern(n)[1000:1064]  # 64 bytes the origin sent, inside the TLS records
+    needles = {"secret": secret, "secret hex": secret.hex().encode(),
+               "secret base64": base64.b64encode(secret)[:24],
+               "reply": reply, "reply hex": reply.hex().encode()}
+    files = [proxy.log_path]
+    for root, _, names in os.walk(d / "proxy-data"):
+        files += [os.path.join(root, n) for n in names]
+    log = open(proxy.log_path, "rb").read()
+    # Debug logging was on and each connection was logged, by name only.
+    assert re.search(rb"DEBUG +shroud.proxy: tls secret.test from 127.0.0.1:\d+: tunnel", log)
+    for path in files:
+        data = open(path, "rb").read()
+        for what, needle in needles.items():
+            assert needle not in data, f"{what} found in {path}"
+    print(f"plaintext check: {len(files)} files ({sum(os.path.getsize(f) for f in files)} "
+          f"bytes) of the proxy searched, no plaintext")
+
+
+# --- Tor mode: the client's connections -------------------------------------------------------
+
+class TinyDns(threading.Thread):
+    """A UDP DNS server on 127.0.0.1:53 for the private network's exits (their resolv.conf
+    names 127.0.0.1): *.shroud.test is 127.0.0.1. Records who asked what."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        from dnslib import A, QTYPE, RR, DNSRecord  # noqa: F401 (checked here, used in run)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 53))
+        self.sock.settimeout(0.2)
+        self.queries: list[tuple[str, str]] = []
+        self.stopped = threading.Event()
+
+    def run(self):
+        from dnslib import A, QTYPE, RR, DNSRecord
+        while not self.stopped.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                q = DNSRecord.parse(data)
+            except Exception:
+                continue
+            name = str(q.q.qname).rstrip(".").lower()
+            self.queries.append((peer[0], name))
+            reply = q.reply()
+            if name.endswith(".shroud.test") and q.q.qtype == QTYPE.A:
+                reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
+            self.sock.sendto(reply.pack(), peer)
+
+    def stop(self):
+        self.stopped.set()
+        self.sock.close()
+
+
+_SOCKADDR = re.compile(r"sa_family=AF_(\w+)(?:, sin6?_port=htons\((\d+)\), "
+                       r"(?:sin_addr=inet_addr\(\"([\d.]+)\"\)|[^}]*))?(?:, sun_path=\"([^\"]*)\")?")
+_NAME_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf",
+               "/etc/host.conf", "/var/run/nscd", "/run/nscd")
+
+
+@pytest.mark.tor
+def test_tor_mode_client_connects_only_to_its_tor_and_the_local_target(tor_network, tmp_path):
+    if not os.path.exists("/usr/bin/strace"):
+        pytest.fail("strace not installed: run ./scripts/setup.sh as root")
+    d = tmp_path
+    dns = TinyDns()
+    dns.start()
+    origin = OriginProc(str(d))
+    proxy = ProxyProc(str(d), str(d / "proxy-data"))
+    trace = str(d / "client.strace")
+    client_dir = d / "client"
+    argv = ["strace", "-f", "-qq", "-s", "64", "-o", trace,
+            "-e", "trace=connect,sendto,sendmsg,execve,openat,open",
+            PY, "shroud.py", "--tor", "launch", "--tor-config", tor_network.client_torrc_path,
+            "--data-dir", str(client_dir), "--status", "plain",
+            "--proxy", f"proxy0.shroud.test:{proxy.ports['tunnel']}", "--pin", proxy.fingerprint,
+            "http:anon.test", f"127.0.0.1:{origin.port}"]
+    client = Proc("client-traced", argv, str(d))
+    try:
+        proxy.wait_bound("anon.test", timeout=120)
+        for _ in range(3):
+            c = http.client.HTTPConnection("127.0.0.1", proxy.ports["http"], timeout=30)
+            c.request("GET", "/hello", headers={"Host": "anon.test"})
+            assert c.getresponse().read() == b"hello from origin\n"
+            c.close()
+        socks_port = int(wait_log(client, r"tor ready: SOCKS 127\.0\.0\.1:(\d+)").group(1))
+        with open(client_dir / "tor" / "control-port") as f:
+            control_port = int(f.read().strip().rsplit(":", 1)[1])
+    finally:
+        client.stop()
+        proxy.stop()
+        origin.stop()
+        dns.stop()
+    lines = open(trace, encoding="utf-8", errors="replace").read().splitlines()
+    tor_pids = {ln.split()[0] for ln in lines if re.search(r'execve\("[^"]*/tor"', ln)}
+    assert tor_pids, "the client did not launch tor"
+    mine = [ln for ln in lines if ln.split()[0] not in tor_pids]
+    allowed = {socks_port: "tor SOCKS", control_port: "tor control", origin.port: "local target"}
+    seen: dict[str, int] = {}
+    for ln in mine:
+        call = re.match(r"\d+\s+(\w+)\(", ln)
+        if call is None or call.group(1) not in ("connect", "sendto", "sendmsg"):
+            continue
+        m = _SOCKADDR.search(ln)
+        if m is None:
+            continue  # a send on a connected socket: no address of its own
+        family, port, addr, path = m.groups()
+        assert family not in ("UNIX",) or path in ("", None), f"unix socket connect: {ln}"
+        if family in ("INET", "INET6"):
+            assert addr == "127.0.0.1" and port is not None and int(port) in allowed, \
+                f"the client connected somewhere else: {ln}"
+            seen[allowed[int(port)]] = seen.get(allowed[int(port)], 0) + 1
+        else:
+            assert family not in ("NETLINK",) or "sendto" not in ln, ln
+    assert set(seen) == {"tor SOCKS", "tor control", "local target"}, seen
+    name_lookups = [ln for ln in mine if "open" in ln.split("(")[0]
+                    and any(f'"{p}' in ln for p in _NAME_FILES)]
+    assert not name_lookups, f"the client looked up a name itself: {name_lookups[:3]}"
+    assert not any(":53" in ln or "htons(53)" in ln for ln in mine)
+    # The exit resolved the proxy's name; the client never asked.
+    assert any(name == "proxy0.shroud.test" for _, name in dns.queries), dns.queries
+    print(f"tor mode: {len(mine)} traced calls of the client, connections {seen}; "
+          f"tor pids excluded {sorted(tor_pids)}; exits' DNS queries {len(dns.queries)}")
