@@ -8,7 +8,6 @@ half-open connections (plus a full public pool, which must not stall the tunnel 
 """
 from __future__ import annotations
 
-import base64
 import http.client
 import os
 import resource

@@ -33,7 +33,6 @@ import pytest
 import trustme
 from werkzeug.security import generate_password_hash
 
-from lib.identity import Identity
 from tests.support.origin import pattern
 from tests.support.procs import ADMIN_TOKEN, PY, ClientProc, OriginProc, Proc, ProxyProc
 
@@ -486,5 +485,5 @@ def test_tor_mode_client_connects_only_to_its_tor_and_the_local_target(tor_netwo
     assert not any(":53" in ln or "htons(53)" in ln for ln in mine)
     # The exit resolved the proxy's name; the client never asked.
     assert any(name == "proxy0.shroud.test" for _, name in dns.queries), dns.queries
-    print(f"tor mode: {len(mine)} traced calls of the client, connections {seen}; "
+    print(f"tor mode: {len(mine)} traced calls of the client, connect() calls {seen}; "
           f"tor pids excluded {sorted(tor_pids)}; exits' DNS queries {len(dns.queries)}")
