@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without a heartbeat echo before a tunnel is declared dead and "
                         "redialled (default 13, Go muxado's 3 + 10: under load a Tor circuit's "
                         "queues can hold an echo for several seconds)")
+    p.add_argument("--max-streams", type=int, default=4096,
+                   help="visitor connections served at once per tunnel")
     p.add_argument("--receive-window", type=int, default=None,
                    help="per-stream receive window in bytes (larger helps over Tor)")
     p.add_argument("--status", choices=["auto", "live", "plain"], default="auto",
@@ -243,13 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             tor.close()
         return 1
 
+    # The proxy opens a stream per visitor: accept as many as we serve, so a burst of visitors
+    # is queued rather than refused (bench/load.py: 1,000 at once overflowed a 256 backlog).
     mux = MuxConfig(heartbeat_interval=args.heartbeat_interval,
-                    heartbeat_tolerance=args.heartbeat_timeout - args.heartbeat_interval)
+                    heartbeat_tolerance=args.heartbeat_timeout - args.heartbeat_interval,
+                    max_streams=args.max_streams, accept_backlog=args.max_streams)
     if args.receive_window:
         mux.receive_window = args.receive_window
     config = ClientConfig(services=services, proxies=proxies, identity=identity, pins=pins,
                           proxy_ca=args.proxy_ca, dial=dial, proxy_protocol=args.proxy_protocol,
-                          mux=mux)
+                          mux=mux, max_streams=args.max_streams)
     live = args.status == "live" or (args.status == "auto" and sys.stderr.isatty())
     client = Client(config)
     display = StatusDisplay(client, live)
@@ -259,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
 
         CircuitWatcher(tor, client)
     client.start()
+    from lib.memtrim import start_memory_trimmer
+
+    start_memory_trimmer()
     for svc in services:
         log.info("exposing %s %s -> %s:%d via %d proxies", svc.protocol, svc.name, *svc.target,
                  len(proxies))

@@ -41,7 +41,7 @@ OPTIONS = [
     ("--allow-unsigned", "ALLOW_UNSIGNED", "", "comma-separated name patterns unsigned (original Go) clients may bind"),
     ("--max-public-connections", "MAX_PUBLIC_CONNECTIONS", "20000", "public connections at once"),
     ("--max-tunnels-per-key", "MAX_TUNNELS_PER_KEY", "8", "tunnels one client key may hold"),
-    ("--max-streams-per-tunnel", "MAX_STREAMS_PER_TUNNEL", "1024", "open streams per tunnel"),
+    ("--max-streams-per-tunnel", "MAX_STREAMS_PER_TUNNEL", "4096", "public connections carried by one tunnel at once"),
     ("--bind-burst", "BIND_BURST", "256", "bind requests a tunnel may make at once"),
     ("--bind-rate", "BIND_RATE", "5", "bind requests per second per tunnel after the burst"),
     ("--peek-timeout", "PEEK_TIMEOUT", "10", "seconds a public connection has to send its SNI or Host"),
@@ -85,7 +85,7 @@ def config_from_args(args):
     from lib.mux import MuxConfig
     from lib.proxy import ProxyConfig, parse_port_ranges
 
-    mux = MuxConfig(max_streams=int(args.max_streams_per_tunnel))
+    mux = MuxConfig()
     return ProxyConfig(
         data_dir=args.data_dir, tunnel_addr=args.tunnel_addr or None,
         https_addr=args.https_addr or None, http_addr=args.http_addr or None,
@@ -96,6 +96,7 @@ def config_from_args(args):
         allow_unsigned=tuple(x.strip() for x in (args.allow_unsigned or "").split(",") if x.strip()),
         max_public_connections=int(args.max_public_connections),
         max_tunnels_per_key=int(args.max_tunnels_per_key), mux=mux,
+        max_streams_per_tunnel=int(args.max_streams_per_tunnel),
         bind_burst=int(args.bind_burst), bind_rate=float(args.bind_rate),
         peek_timeout=float(args.peek_timeout), idle_timeout=float(args.idle_timeout) or None)
 
@@ -142,6 +143,9 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
         args.tunnel_addr = ""  # tunnels come as WebSockets on $PORT; no raw port to open
     proxy = ProxyServer(config_from_args(args))
     proxy.start()
+    from lib.memtrim import start_memory_trimmer
+
+    start_memory_trimmer()
     _state["proxy"] = proxy
     from lib.discovery_server import start_discovery
 
@@ -199,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proxy = ProxyServer(config_from_args(args))
         proxy.start()
+        from lib.memtrim import start_memory_trimmer
+
+        start_memory_trimmer()
         discovery = start_discovery(args, proxy)
     except (OSError, ValueError, OwnershipError) as e:
         print(f"shroud_proxy: cannot start: {e}", file=sys.stderr)

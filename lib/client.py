@@ -186,8 +186,9 @@ class ClientConfig:
     start_proxy_timeout: float = 10.0
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
-    # Streams served at once per tunnel; beyond it new streams are refused (RST 6).
-    max_streams: int = 1024
+    # Streams served at once per tunnel; beyond it new streams are refused (RST 6). Matches
+    # the proxy's --max-streams-per-tunnel: streams linger ~1 s while closing under churn.
+    max_streams: int = 4096
 
 
 class TunnelRunner:

@@ -118,6 +118,10 @@ class ProxyConfig:
     max_tunnels: int = 2000
     max_tunnels_per_key: int = 8  # 3 proxies' worth of clients, a few replicas each
     max_binds_per_tunnel: int = 256
+    # Public connections carried by one tunnel at once. A closing stream holds its slot until
+    # the client's FIN returns (0.2-1 s under load), so 1,000 busy visitors with churn need
+    # ~1,300 slots (bench/load.py): 4096 leaves room; memory is bounded by windows.
+    max_streams_per_tunnel: int = 4096
     # Bind requests per tunnel: a token bucket. A client binds all its names at once when it
     # connects (the burst: as many as it may hold) and rarely after (a refused name is retried
     # every 5 s at most); 5 a second sustained is far above that, yet a bind storm then costs
@@ -550,7 +554,7 @@ class ProxyServer:
             self._refuse(sock, kind, 502, "Bad Gateway", "The tunnel is down.\n",
                          ALERT_INTERNAL_ERROR)
             return
-        if tunnel.streams_open >= self.config.mux.max_streams:
+        if tunnel.streams_open >= self.config.max_streams_per_tunnel:
             registry.count_refusal("limit_streams", binding)
             self._refuse(sock, kind, 503, "Service Unavailable", "Too many connections.\n",
                          ALERT_INTERNAL_ERROR)
