@@ -44,10 +44,10 @@ import ipaddress
 import logging
 import re
 
-import gevent
 
 from lib import sniff
 from lib import websocket as ws
+from lib.proxy import PeekTimeout, peek_name
 from lib.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
 from lib.wstransport import WebSocketTransport
 
@@ -214,27 +214,21 @@ class OnePortRouter:
         """
         proxy = self.proxy
         registry = proxy.registry
-        head = bytearray()
-        name = None
         try:
-            with gevent.Timeout(proxy.config.peek_timeout):
-                while name is None:
-                    data = sock.recv(8192)
-                    if not data:
-                        sock.close()
-                        return None
-                    head += data
-                    name = sniff.sniff_http_host(bytes(head))
-        except gevent.Timeout:
+            name, head = peek_name(sock, sniff.sniff_http_host, proxy.config.peek_timeout)
+            if name is None:
+                sock.close()
+                return None
+        except PeekTimeout:
             registry.count_refusal("peek_timeout")
             _send_quietly(sock, sniff.http_error_response(408, "Request Timeout",
                                                           "No request arrived in time.\n"))
             sock.close()
             return None
-        except sniff.SniffError:
+        except sniff.SniffError as e:
             # The http listener's code answers (400 / 405 / 431) and counts it, at once: the
             # replayed bytes fail the same way.
-            proxy._route(ReplaySocket(sock, bytes(head)), address, "http",
+            proxy._route(ReplaySocket(sock, e.peeked), address, "http",
                          sniff.sniff_http_host, ROUTE_BY_HOST)
             return None
         except OSError:

@@ -493,19 +493,13 @@ class ProxyServer:
         _nodelay(sock)
         self.registry.connections += 1
         self._note_pool_full()
-        peeked = bytearray()
-        name = None
         try:
-            with gevent.Timeout(self.config.peek_timeout):
-                while name is None:
-                    data = sock.recv(8192)
-                    if not data:
-                        self.registry.count_refusal("closed_before_name")
-                        sock.close()
-                        return
-                    peeked += data
-                    name = sniffer(bytes(peeked))
-        except gevent.Timeout:
+            name, peeked = peek_name(sock, sniffer, self.config.peek_timeout)
+            if name is None:
+                self.registry.count_refusal("closed_before_name")
+                sock.close()
+                return
+        except PeekTimeout:
             self.registry.count_refusal("peek_timeout")
             self._refuse(sock, kind, 408, "Request Timeout", "No request arrived in time.\n",
                          None)
@@ -622,6 +616,37 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+
+class PeekTimeout(Exception):
+    """No name arrived within the peek deadline."""
+
+
+def peek_name(sock, sniffer, timeout: float) -> tuple[str | None, bytes]:
+    """Read a public connection's first bytes until ``sniffer`` finds its name; nothing read is
+    lost: the bytes come back for replay. ``(None, peeked)`` when the peer closed first.
+
+    :raises PeekTimeout: after ``timeout`` seconds in all (slow senders are cut here).
+    :raises lib.sniff.SniffError: the bytes are not what the listener speaks, or too many
+        (its ``peeked`` attribute holds what was read).
+    """
+    peeked = bytearray()
+    try:
+        with gevent.Timeout(timeout):
+            while True:
+                data = sock.recv(8192)
+                if not data:
+                    return None, bytes(peeked)
+                peeked += data
+                try:
+                    name = sniffer(bytes(peeked))
+                except sniff.SniffError as e:
+                    e.peeked = bytes(peeked)  # for a caller that replays them elsewhere
+                    raise
+                if name is not None:
+                    return name, bytes(peeked)
+    except gevent.Timeout:
+        raise PeekTimeout(f"no name within {timeout:g} s") from None
 
 
 def _send_quietly(sock, data: bytes) -> None:
