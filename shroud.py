@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 log = logging.getLogger("shroud.client")
 

@@ -47,7 +47,6 @@ Public API (for tests)::
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -604,13 +603,11 @@ class Recorder:
         started = time.perf_counter()
         try:
             self.target.check(data)
-            ok = True
         except Exception as exc:  # noqa: BLE001 - catching everything is the point
             kind = "Violation" if isinstance(exc, Violation) else type(exc).__name__
             where = traceback.extract_tb(exc.__traceback__)[-1]
             message = f"{exc} (at {os.path.relpath(where.filename, ROOT)}:{where.lineno})"
             self._record(kind, message[:300], data)
-            ok = False
         elapsed = (time.perf_counter() - started) * 1000
         self.result.inputs += 1
         if elapsed > self.slow_ms:
@@ -628,7 +625,6 @@ class Recorder:
         except Exception:  # noqa: BLE001 - already recorded on the first run
             pass
         return (time.perf_counter() - started) * 1000
-        return ok
 
     def _record(self, kind: str, message: str, data: bytes) -> None:
         self.result.escape_count += 1

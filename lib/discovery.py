@@ -356,10 +356,9 @@ def discover_proxies(args, services, tor) -> list[ProxyAddr]:
             log.warning("%s; trying SRV records", e)
     if proxies is None:
         resolver = parse_resolver(getattr(args, "dns_resolver", None) or "")
-        connect = None
-        if tor is not None:
-            def connect(host, port, timeout):
-                return tor.open_connection(host, port, ISOLATION_KEY, timeout)
+        def through_tor(host, port, timeout):
+            return tor.open_connection(host, port, ISOLATION_KEY, timeout)
+        connect = through_tor if tor is not None else None
         proxies = srv_proxies(domain, resolver, connect=connect)
         source = f"SRV {SRV_PREFIX}{domain}"
     chosen = proxies[:count]

@@ -40,7 +40,6 @@ import logging
 import os
 import secrets
 import socket
-import ssl
 import time
 from dataclasses import dataclass, field
 

@@ -6,10 +6,7 @@ SQLite ownership store, the Flask app, its templates and static files.
 """
 from __future__ import annotations
 
-import json
 import re
-import sqlite3
-import time
 
 import pytest
 from werkzeug.security import generate_password_hash

@@ -5,31 +5,24 @@ Each test starts its own proxy (real `shroud_proxy.py` or gunicorn) and clients 
 """
 from __future__ import annotations
 
-import http.client
 import os
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
-import trustme
 
 from lib.identity import Identity
 from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port, wait_port
+from tests.support.visitor import https_get, tls_site
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def site(tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("app.test", "dns.test")
-    cert_pem, key_pem = str(tmp_path / "o.pem"), str(tmp_path / "o.key")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca_pem = str(tmp_path / "ca.pem")
-    ca.cert_pem.write_to_path(ca_pem)
+    pki = tls_site(tmp_path, "app.test", "dns.test")
+    ca_pem, cert_pem, key_pem = pki.ca_pem, pki.cert_pem, pki.key_pem
     origin = OriginProc(str(tmp_path), tls=(cert_pem, key_pem))
     procs = [origin]
     yield dict(dir=tmp_path, ca_pem=ca_pem, origin=origin, procs=procs, cert=cert_pem,
@@ -54,36 +47,23 @@ def start_client(site, proxy, key_dir, pairs=None, name="client", extra=()):
 
 
 def get(site, proxy, name="app.test"):
-    ctx = ssl.create_default_context(cafile=site["ca_pem"])
-    port = proxy.ports["https"]
-    conn = http.client.HTTPConnection(name, port, timeout=20)
-    conn.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20),
-                                server_hostname=name)
-    conn.request("GET", "/hello")
-    r = conn.getresponse()
-    body = r.read()
-    conn.close()
-    return r.status, body
+    status, body, _ = https_get(site["ca_pem"], proxy.ports["https"], name)
+    return status, body
 
 
 def wait_log(proc, text, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in proc.log():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not in {proc.name} log:\n{proc.log()[-3000:]}")
+    proc.wait_log(text, timeout)
 
 
 def test_second_key_refused_with_reason(site):
     proxy = start_proxy(site)
-    a = start_client(site, proxy, "key-a", name="client-a")
-    b_owner = proxy.wait_bound("app.test")["owner"]
+    start_client(site, proxy, "key-a", name="client-a")
+    owner_a = proxy.wait_bound("app.test")["owner"]
     b = start_client(site, proxy, "key-b", name="client-b")
     wait_log(b, "refused app.test")
     assert "owned by" in b.log() or "belongs to" in b.log() or "bound by another" in b.log()
     binding = proxy.wait_bound("app.test")
-    assert binding["tunnels"] == 1 and binding["owner"] == b_owner
+    assert binding["tunnels"] == 1 and binding["owner"] == owner_a
     assert get(site, proxy) == (200, b"hello from origin\n")
 
 

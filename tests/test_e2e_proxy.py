@@ -5,23 +5,21 @@ by the module; tests that restart or fight over names start their own.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
 import os
 import socket
 import ssl
-import struct
 import subprocess
 import time
 
 import pytest
-import trustme
 
 from lib.identity import Identity
 from tests.support.origin import pattern
-from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port, wait_port
+from tests.support import visitor
+from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,13 +27,8 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("e2e")
-    ca = trustme.CA()
-    cert = ca.issue_cert("app.test", "*.wild.test")
-    cert_pem, key_pem = str(d / "origin.pem"), str(d / "origin.key")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca_pem = str(d / "ca.pem")
-    ca.cert_pem.write_to_path(ca_pem)
+    pki = visitor.tls_site(d, "app.test", "*.wild.test")
+    ca, ca_pem, cert_pem, key_pem = pki.ca, pki.ca_pem, pki.cert_pem, pki.key_pem
     tls_origin = OriginProc(str(d), tls=(cert_pem, key_pem), name="tls-origin")
     http_origin = OriginProc(str(d), name="http-origin")
     pp_origin = OriginProc(str(d), name="pp-origin", proxy_protocol=True)
@@ -70,18 +63,7 @@ def world(tmp_path_factory):
 
 
 def https_get(w, name, path="/hello", port=None):
-    ctx = ssl.create_default_context(cafile=w["ca_pem"])
-    port = port or w["proxy"].ports["https"]
-    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-    tls = ctx.wrap_socket(raw, server_hostname=name)
-    conn = http.client.HTTPConnection(name, port, timeout=30)
-    conn.sock = tls
-    conn.request("GET", path)
-    r = conn.getresponse()
-    body = r.read()
-    der = tls.getpeercert(binary_form=True)
-    conn.close()
-    return r.status, body, der
+    return visitor.https_get(w["ca_pem"], port or w["proxy"].ports["https"], name, path)
 
 
 def http_conn(w, port=None):
@@ -89,12 +71,7 @@ def http_conn(w, port=None):
 
 
 def http_get(w, host, path="/hello"):
-    c = http_conn(w)
-    c.request("GET", path, headers={"Host": host})
-    r = c.getresponse()
-    body = r.read()
-    c.close()
-    return r.status, body
+    return visitor.http_get(w["proxy"].ports["http"], host, path)
 
 
 def test_sni_passthrough_client_sees_origin_certificate(world):
@@ -177,29 +154,9 @@ def test_100_mib_download_and_upload_checksummed(world):
 
 def test_websocket_upgrade_through_host_routing(world):
     s = socket.create_connection(("127.0.0.1", world["proxy"].ports["http"]), timeout=30)
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /ws HTTP/1.1\r\nHost: web.test\r\nUpgrade: websocket\r\n"
-               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-               f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert head.startswith(b"HTTP/1.1 101")
+    assert visitor.ws_upgrade(s, "web.test").startswith(b"HTTP/1.1 101")
     for msg in (b"hi", os.urandom(300), os.urandom(70000)):
-        mask = os.urandom(4)
-        n = len(msg)
-        hdr = b"\x82" + (bytes([0x80 | n]) if n < 126 else
-                         (b"\xfe" + struct.pack(">H", n) if n < 65536 else
-                          b"\xff" + struct.pack(">Q", n)))
-        s.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(msg)))
-        f = s.makefile("rb")
-        h2 = f.read(2)
-        ln = h2[1] & 0x7F
-        if ln == 126:
-            ln = struct.unpack(">H", f.read(2))[0]
-        elif ln == 127:
-            ln = struct.unpack(">Q", f.read(8))[0]
-        assert f.read(ln) == msg
+        assert visitor.ws_echo(s, msg) == msg
     s.close()
 
 

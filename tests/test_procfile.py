@@ -6,15 +6,12 @@ pin; the public reaches origins through nginx -> gunicorn -> tunnel.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
 import os
 import socket
 import ssl
-import struct
-import subprocess
 import time
 
 import pytest
@@ -22,6 +19,7 @@ import trustme
 
 from tests.support.origin import pattern
 from tests.support.procs import ROOT, ClientProc, OriginProc, Proc, free_port, wait_port
+from tests.support.visitor import ws_echo, ws_upgrade
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -182,37 +180,6 @@ def wait_bound(w, name, timeout=30.0) -> dict:
                 return t
         time.sleep(0.2)
     raise TimeoutError(f"{name} not bound: {last}\n{w['web'].log()[-3000:]}")
-
-
-def ws_upgrade(sock, host, path="/ws"):
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
-                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        b = sock.recv(1)
-        if not b:
-            break
-        head += b
-    return head
-
-
-def ws_echo(sock, msg: bytes) -> bytes:
-    mask = os.urandom(4)
-    n = len(msg)
-    hdr = b"\x82" + (bytes([0x80 | n]) if n < 126 else
-                     (b"\xfe" + struct.pack(">H", n) if n < 65536 else
-                      b"\xff" + struct.pack(">Q", n)))
-    sock.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(msg)))
-    f = sock.makefile("rb")
-    h2 = f.read(2)
-    ln = h2[1] & 0x7F
-    if ln == 126:
-        ln = struct.unpack(">H", f.read(2))[0]
-    elif ln == 127:
-        ln = struct.unpack(">Q", f.read(8))[0]
-    return f.read(ln)
 
 
 def tls_to_front(w, host, port=None):

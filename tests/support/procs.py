@@ -63,6 +63,18 @@ class Proc:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
+    def wait_log(self, text: str, timeout: float = 20.0) -> str:
+        """Wait until ``text`` appears in the process's log; the log so far."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if text in log:
+                return log
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{text!r} not in {self.name} log after {timeout} s:\n"
+                                     f"{log[-3000:]}")
+            time.sleep(0.1)
+
     def signal(self, sig) -> None:
         if self.alive():
             os.killpg(self.p.pid, sig)
