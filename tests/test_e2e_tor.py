@@ -116,7 +116,7 @@ import re  # noqa: E402  (appended section)
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from lib.tor import TorError, launch_tor  # noqa: E402
+from lib.tor import launch_tor  # noqa: E402
 
 # One tunnel's redial after its circuit or exit dies: backoff 0.25-0.5 s, a new circuit on the
 # private network ~0.1 s, TLS + bind ~0.2 s; 60 s covers a cold circuit on a loaded machine.
@@ -157,16 +157,31 @@ def rides_lines(log: str, proxy) -> list[str]:
     return re.findall(rf"tunnel 127\.0\.0\.1:{proxy.ports['tunnel']} rides circuit (\d+):", log)
 
 
+def _group(circ):
+    """What ties circuits carrying one isolation group's streams: the SOCKS username, or for a
+    preemptively built conflux pair (claimed before any username was set) its CONFLUX_ID."""
+    m = re.search(r"CONFLUX_ID=(\w+)", str(circ))
+    return circ.socks_username or (m.group(1) if m else None)
+
+
 def same_circuit_group(controller, circ_id: str, circ) -> bool:
-    """circ_id is circ, or a circuit of the same isolation group (a conflux set has two legs,
-    and tor may report a stream on either)."""
+    """circ_id is circ, or a circuit of the same group (a conflux set has two legs, and tor may
+    report a stream on either)."""
     if circ_id == circ.id:
         return True
     try:
         other = controller.get_circuit(circ_id)
     except ValueError:
         return False
-    return bool(circ.socks_username) and other.socks_username == circ.socks_username
+    return _group(circ) is not None and _group(other) == _group(circ)
+
+
+def watcher_agrees(controller, client, proxy, proxies) -> bool:
+    """The circuit CircuitWatcher last logged for proxy's tunnel is the one tor now reports for
+    that tunnel's stream, or its conflux sibling (tor may move a stream between the legs)."""
+    ids = rides_lines(client.log(), proxy)
+    now = tunnel_streams(controller, proxies).get(proxy.name)
+    return bool(ids and now and same_circuit_group(controller, ids[-1], now[1]))
 
 
 def test_stem_controller_works_in_gevent_client(tor_world):
@@ -180,22 +195,24 @@ def test_stem_controller_works_in_gevent_client(tor_world):
                        30, "three tunnel streams")
         log = client.log()
         for p in proxies:
-            ids = rides_lines(log, p)
-            assert ids, f"no 'rides circuit' line for {p.name}:\n{log[-3000:]}"
-            assert same_circuit_group(c, ids[-1], now[p.name][1]), (p.name, ids, now[p.name])
+            assert rides_lines(log, p), f"no 'rides circuit' line for {p.name}:\n{log[-3000:]}"
+            wait_for(lambda: watcher_agrees(c, client, p, proxies), 10,
+                     f"CircuitWatcher's circuit for {p.name} is the one tor reports")
         victim = proxies[1]
         old_stream, old_circ = now[victim.name]
-        logged_before = len(rides_lines(log, victim))
+        log_before = client.log()
+        logged_before = len(rides_lines(log_before, victim))
         onlines_before = log.count(f"tunnel 127.0.0.1:{victim.ports['tunnel']} online in")
         # Close every circuit of this tunnel's isolation group (a conflux pair has two legs),
         # so the tunnel cannot survive on a sibling leg.
-        user = old_circ.socks_username
-        for circ in c.get_circuits():
-            if circ.id == old_circ.id or (user and circ.socks_username == user):
-                try:
-                    c.close_circuit(circ.id)
-                except (ValueError, stem.ControllerError):
-                    pass  # already gone
+        group = _group(old_circ)
+        closed = {old_circ.id} | {circ.id for circ in c.get_circuits()
+                                  if group is not None and _group(circ) == group}
+        for cid in closed:
+            try:
+                c.close_circuit(cid)
+            except (ValueError, stem.ControllerError):
+                pass  # already gone
         new = wait_for(lambda: (lambda m: m.get(victim.name) if m.get(victim.name) and
                                 m[victim.name][1].id != old_circ.id else None)(
                                     tunnel_streams(c, proxies)),
@@ -203,11 +220,11 @@ def test_stem_controller_works_in_gevent_client(tor_world):
         wait_for(lambda: len(rides_lines(client.log(), victim)) > logged_before, 10,
                  "CircuitWatcher logging the new circuit")
         log = client.log()
-        assert same_circuit_group(c, rides_lines(log, victim)[-1], new[1])
-    # A fresh isolation group (SOCKS credentials), not the old circuit's sibling leg.
-    assert new[1].socks_username and new[1].socks_username != old_circ.socks_username
+        wait_for(lambda: watcher_agrees(c, client, victim, proxies), 10,
+                 f"CircuitWatcher's circuit for {victim.name} is the one tor reports")
+    assert new[1].id not in closed, "the tunnel must ride a circuit the test did not close"
     assert log.count(f"tunnel 127.0.0.1:{victim.ports['tunnel']} online in") > onlines_before
-    tail = log[log.rfind(f"rides circuit {old_circ.id}:"):]
+    tail = log[len(log_before):]  # what the client logged after the test closed the circuits
     assert re.search(rf"tunnel 127\.0\.0\.1:{victim.ports['tunnel']}(: reconnecting| failed"
                      r"|: retrying)", tail), tail[-3000:]
     victim.wait_bound("hidden.test", timeout=REDIAL_BOUND)
