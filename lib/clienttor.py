@@ -183,7 +183,9 @@ class ExitPlanner:
 
     def dial(self, host: str, port: int, isolation_key: str, timeout: float):
         index = _tunnel_index(isolation_key)
-        if index is not None:
+        # Two tries (each with a fresh guard and middle): one relay refusing an EXTEND should not
+        # cost the tunnel its distinct exit.
+        for attempt in range(2 if index is not None else 0):
             try:
                 path = self.path_for(index)
                 circ = self.tor.build_circuit(path, timeout=min(timeout, 30.0))
@@ -191,8 +193,8 @@ class ExitPlanner:
                 return self.tor.open_connection(host, port, isolation_key, timeout,
                                                 circuit_id=circ)
             except torlib.TorError as e:
-                log.warning("tunnel %d: explicit circuit failed (%s); letting tor choose",
-                            index, e)
+                log.warning("tunnel %d: explicit circuit failed (%s)%s", index, e,
+                            "; retrying" if attempt == 0 else "; letting tor choose")
         return self.tor.open_connection(host, port, isolation_key, timeout)
 
 

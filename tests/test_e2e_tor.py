@@ -487,3 +487,39 @@ def tors_using(torrc: str) -> list[int]:
             except OSError:
                 continue  # exited meanwhile
     return pids
+
+
+def test_distinct_exits_builds_one_exit_per_tunnel(tor_network, tmp_path):
+    """--distinct-exits: two proxies, two exits in the network: the two tunnels must leave
+    through different exits (tor alone may put both on one)."""
+    procs = []
+    try:
+        origin = OriginProc(str(tmp_path))
+        procs.append(origin)
+        proxies = [ProxyProc(str(tmp_path), str(tmp_path / f"p{i}"), name=f"dx-proxy{i}")
+                   for i in range(2)]
+        procs += proxies
+        client_dir = tmp_path / "client"
+        client = ClientProc(str(tmp_path), str(client_dir),
+                            ["http:dx.test", f"127.0.0.1:{origin.port}"],
+                            [f"127.0.0.1:{p.ports['tunnel']}" for p in proxies],
+                            pins=[p.fingerprint for p in proxies], tor="launch",
+                            name="dx-client",
+                            extra=["--tor-config", tor_network.client_torrc_path,
+                                   "--distinct-exits"])
+        procs.append(client)
+        for p in proxies:
+            p.wait_bound("dx.test", timeout=120)
+        log = client.log()
+        assert log.count("built circuit") >= 2, log[-3000:]
+        world = {"client_dir": client_dir}
+        tunnel_ports = {p.ports["tunnel"] for p in proxies}
+        with client_controller(world) as c:
+            exits = set()
+            for s in c.get_streams():
+                if s.target_port in tunnel_ports:
+                    exits.add(c.get_circuit(s.circ_id).path[-1][0])
+        assert len(exits) == 2, exits
+    finally:
+        for p in reversed(procs):
+            p.stop()
