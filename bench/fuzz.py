@@ -27,7 +27,7 @@ request a sniffer accepts. An input slower than ``--slow-ms`` is reported too (a
 backtracks is a denial of service in a one-process gevent proxy).
 
 Engines: ``atheris`` (coverage-guided libFuzzer, one child process per target, seeded with the
-corpus below; the default when atheris is installed, see bench/requirements.txt) and ``mutate``
+corpus below; the default when atheris is installed, pinned in requirements.txt) and ``mutate``
 (our own structure-aware mutator, in process, deterministic for a ``--seed``; tests/test_fuzz.py
 runs it). Seeds are real: ClientHellos written by Python's ssl through a MemoryBIO (also
 re-fragmented into many records), HTTP heads as browsers and curl send them, the Go byte vectors

@@ -348,7 +348,8 @@ def small_disk(tmp_path):
     """A 1 MiB tmpfs at tmp_path/disk, mounted in a mount namespace of its own that a holder
     process keeps alive; processes run in it through the returned python wrapper."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None:
-        pytest.skip("needs root, unshare and nsenter for a private tmpfs")
+        pytest.fail("needs root (or a user namespace), unshare and nsenter for a private "
+                    "tmpfs: run the suite with ./scripts/test.sh")
     disk = tmp_path / "disk"
     disk.mkdir()
     holder = subprocess.Popen(
