@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from lib.tlstransport import TLSTransport  # noqa: E402
 from lib.mux import MuxConfig, Session  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
@@ -93,7 +94,7 @@ def serve(args, handle_session) -> None:
         sock, _ = listener.accept()
 
         def run(sock=sock):
-            tls = ctx.wrap_socket(sock, server_side=True)
+            tls = TLSTransport.server(sock, ctx)  # as the proxy does
             handle_session(Session(tls, client=False, config=bench_config(args)))
 
         gevent.spawn(run)
@@ -148,8 +149,7 @@ def serve_hold(args) -> None:
 def dial(args) -> Session:
     host, port = args.dial.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
-    tls = tls_client_context(args.ca).wrap_socket(sock, server_hostname="127.0.0.1")
-    tls.settimeout(None)
+    tls = TLSTransport.client(sock, tls_client_context(args.ca), "127.0.0.1")  # as the client
     return Session(tls, client=True, config=bench_config(args))
 
 

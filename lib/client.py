@@ -41,6 +41,7 @@ import gevent.ssl
 from lib import messages as msg
 from lib import sniff
 from lib.certs import client_tls_context
+from lib.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError
 from lib.mux import MuxConfig, Session
 from lib.splice import splice
@@ -283,10 +284,9 @@ class TunnelRunner:
                 # A platform's router picks its certificate by SNI: always send it for wss.
                 sni = (self.proxy.host if self.proxy.scheme == "wss"
                        or not self.client.pinned(self.proxy) else None)
-                tls = self.client.tls_context(self.proxy).wrap_socket(raw, server_hostname=sni)
-                # wrap_socket detaches raw (its getsockname() then fails with EBADF); the TLS
-                # socket owns the same connection, so CircuitWatcher finds the circuit by it.
-                self.sock = tls
+                tls = TLSTransport.client(raw, self.client.tls_context(self.proxy), sni,
+                                          cfg.handshake_timeout)
+                self.sock = tls  # CircuitWatcher finds the circuit by its local port
                 self.client.verify_proxy(self.proxy, tls)
             if self.proxy.websocket:
                 from lib.websocket import HandshakeError

@@ -54,6 +54,7 @@ from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
 from lib.errors import ErrorCode, MuxError
 from lib.identity import fingerprint as key_fingerprint, verify_bind
 from lib.mux import MuxConfig, Session
+from lib.tlstransport import TLSTransport
 from lib.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
 from lib.splice import splice
 
@@ -262,9 +263,7 @@ class ProxyServer:
         peer = "%s:%d" % address[:2]
         _nodelay(sock)
         try:
-            sock.settimeout(self.config.handshake_timeout)
-            tls = self._tls.wrap_socket(sock, server_side=True)
-            tls.settimeout(None)
+            tls = TLSTransport.server(sock, self._tls, self.config.handshake_timeout)
         except (OSError, ValueError) as e:
             log.info("tunnel from %s: TLS handshake failed: %s", peer, e)
             self.registry.count_refusal("tunnel_handshake")

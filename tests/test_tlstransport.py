@@ -1,0 +1,97 @@
+"""TLSTransport: real TLS through a MemoryBIO, against the standard SSLSocket on the other end."""
+import os
+import socket
+import ssl
+
+import gevent
+import gevent.socket as gsocket
+import gevent.ssl
+import pytest
+import trustme
+
+from lib.mux import Session
+from lib.tlstransport import TLSTransport
+
+
+@pytest.fixture(scope="module")
+def pki():
+    ca = trustme.CA()
+    cert = ca.issue_cert("tunnel.test")
+    server = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(server)
+    client = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client)
+    return server, client, ca
+
+
+def pair(pki, server_bio=True, client_bio=True):
+    server_ctx, client_ctx, _ = pki
+    a, b = gsocket.socketpair()
+    out = {}
+
+    def serve():
+        out["s"] = (TLSTransport.server(b, server_ctx) if server_bio
+                    else server_ctx.wrap_socket(b, server_side=True))
+    g = gevent.spawn(serve)
+    c = (TLSTransport.client(a, client_ctx, "tunnel.test") if client_bio
+         else client_ctx.wrap_socket(a, server_hostname="tunnel.test"))
+    g.get(timeout=10)
+    return c, out["s"]
+
+
+def test_many_small_records_arrive_in_one_recv(pki):
+    c, s = pair(pki, client_bio=False)  # the sender is a plain SSLSocket
+    for i in range(200):
+        c.sendall(b"%03d," % i)  # 200 separate TLS records of 4 bytes
+    gevent.sleep(0.1)
+    data = s.recv(1 << 20)
+    assert data == b"".join(b"%03d," % i for i in range(200))  # all in one call
+
+
+def test_bulk_both_ways_and_eof(pki):
+    c, s = pair(pki)
+    blob = os.urandom(3_000_000)
+    g = gevent.spawn(lambda: (c.sendall(blob), c._sock.shutdown(socket.SHUT_WR)))
+    got = bytearray()
+    while (d := s.recv(1 << 18)):
+        got += d
+    g.get(timeout=10)
+    assert bytes(got) == blob
+    s.sendall(b"reply")
+    assert c.recv(100) == b"reply"
+
+
+def test_certificate_checks_still_apply(pki):
+    _, _, ca = pki
+    server_ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("other.test").configure_cert(server_ctx)
+    client_ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ca.configure_trust(client_ctx)
+    a, b = gsocket.socketpair()
+    g = gevent.spawn(lambda: TLSTransport.server(b, server_ctx))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        TLSTransport.client(a, client_ctx, "tunnel.test")
+    a.close()
+    with pytest.raises(OSError):
+        g.get(timeout=10)
+
+
+def test_handshake_timeout(pki):
+    server_ctx, _, _ = pki
+    a, b = gsocket.socketpair()
+    with pytest.raises(TimeoutError):
+        TLSTransport.server(b, server_ctx, timeout=0.2)  # the client never speaks
+
+
+def test_mux_session_over_it(pki):
+    c, s = pair(pki)
+    cs, ss = Session(c, client=True), Session(s, client=False)
+    st = cs.open()
+    st.sendall(b"x" * 500_000)
+    st.shutdown(socket.SHUT_WR)
+    peer = ss.accept(timeout=5)
+    got = b""
+    while (d := peer.recv(1 << 20)):
+        got += d
+    assert got == b"x" * 500_000
+    cs.close()
