@@ -369,7 +369,8 @@ class Session:
             self._writer_wake.set()
 
     def _wait_drained(self, deadline: float | None, stream: Stream) -> None:
-        self._drained.clear() if self._conn.outgoing_size else None
+        if self._conn.outgoing_size:
+            self._drained.clear()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._drained.wait(timeout):
             raise StreamTimeout(f"stream {stream.id}: send timed out (transport is slow)")
