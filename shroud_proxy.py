@@ -44,6 +44,8 @@ OPTIONS = [
     ("--max-streams-per-tunnel", "MAX_STREAMS_PER_TUNNEL", "4096", "public connections carried by one tunnel at once"),
     ("--bind-burst", "BIND_BURST", "256", "bind requests a tunnel may make at once"),
     ("--bind-rate", "BIND_RATE", "5", "bind requests per second per tunnel after the burst"),
+    ("--heartbeat-interval", "HEARTBEAT_INTERVAL", "3", "seconds between muxado heartbeats on a tunnel (Go's 3)"),
+    ("--heartbeat-timeout", "HEARTBEAT_TIMEOUT", "13", "seconds without an echo before a tunnel is dropped (Go's 13)"),
     ("--peek-timeout", "PEEK_TIMEOUT", "10", "seconds a public connection has to send its SNI or Host"),
     ("--idle-timeout", "IDLE_TIMEOUT", "3600", "seconds a public connection may stay silent both ways"),
     ("--admin-password-hash", "ADMIN_PASSWORD_HASH", None, "werkzeug password hash for the dashboard login"),
@@ -85,7 +87,11 @@ def config_from_args(args):
     from lib.mux import MuxConfig
     from lib.proxy import ProxyConfig, parse_port_ranges
 
-    mux = MuxConfig()
+    interval, timeout = float(args.heartbeat_interval), float(args.heartbeat_timeout)
+    if not 0 < interval < timeout:
+        raise SystemExit("shroud_proxy: --heartbeat-interval must be above 0 and below "
+                         "--heartbeat-timeout")
+    mux = MuxConfig(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
     return ProxyConfig(
         data_dir=args.data_dir, tunnel_addr=args.tunnel_addr or None,
         https_addr=args.https_addr or None, http_addr=args.http_addr or None,
