@@ -156,7 +156,10 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
     from lib.discovery_server import start_discovery
 
     _state["discovery"] = start_discovery(args, proxy)
-    _state["app"] = create_admin_app(proxy, admin_settings(args))
+    settings = admin_settings(args)
+    if one_port:
+        settings["SESSION_COOKIE_SECURE"] = True  # the platform serves it over HTTPS
+    _state["app"] = create_admin_app(proxy, settings)
     if one_port:
         from lib.oneport import TUNNEL_PATH, OnePortRouter
 

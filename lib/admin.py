@@ -43,6 +43,7 @@ import os
 import secrets
 import sys
 import time
+from collections import OrderedDict
 from datetime import timedelta
 from functools import wraps
 from urllib.parse import urlparse
@@ -60,9 +61,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET_FILE = "admin-secret"
 # An operator's working day; after it the login form asks again.
 SESSION_HOURS = 12
-# Failed logins allowed per minute, process-wide: a person mistyping never meets it, a guesser
-# is held to ~30k guesses a day on top of the hash's own cost. One counter: bounded memory.
+# Failed logins allowed per minute and client: a person mistyping never meets it, a guesser
+# is held to ~30k guesses a day on top of the hash's own cost; all clients together get ten
+# times that, so a crowd cannot brute-force quickly and one guesser cannot lock the operator out.
 LOGIN_FAILURES_PER_MINUTE = 20
+MAX_THROTTLED_CLIENTS = 4096  # LRU of clients with recent failures: bounded memory
 # The audit text an operator may attach to an action: a sentence, not a document.
 MAX_DETAIL = 500
 # The largest JSON body an action takes: target + detail fit easily.
@@ -98,22 +101,48 @@ def _valid_hash(value: str | None) -> bool:
     return bool(value) and value.count("$") == 2
 
 
+class _Window:
+    """Failures in a rolling minute, at most ``limit`` remembered."""
+
+    __slots__ = ("limit", "times")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.times: list[float] = []
+
+    def full(self, now: float) -> bool:
+        self.times = [t for t in self.times if now - t < 60.0]
+        return len(self.times) >= self.limit
+
+    def add(self, now: float) -> None:
+        self.times.append(now)
+        del self.times[:-self.limit]
+
+
 class _LoginThrottle:
-    """At most LOGIN_FAILURES_PER_MINUTE failed logins in any rolling minute."""
+    """Failed logins limited per client (LOGIN_FAILURES_PER_MINUTE each) and in all (ten times
+    that): one guesser cannot lock the operator out, many cannot brute-force quickly.
+    Clients are remembered in a bounded LRU (MAX_THROTTLED_CLIENTS)."""
 
     def __init__(self, limit: int = LOGIN_FAILURES_PER_MINUTE, clock=time.monotonic):
         self.limit = limit
         self.clock = clock
-        self.failures: list[float] = []  # bounded: trimmed to the last minute, <= limit
+        self.clients: OrderedDict[str, _Window] = OrderedDict()
+        self.overall = _Window(limit * 10)
 
-    def allowed(self) -> bool:
+    def allowed(self, client: str = "") -> bool:
         now = self.clock()
-        self.failures = [t for t in self.failures if now - t < 60.0]
-        return len(self.failures) < self.limit
+        window = self.clients.get(client)
+        return not self.overall.full(now) and not (window is not None and window.full(now))
 
-    def failed(self) -> None:
-        self.failures.append(self.clock())
-        del self.failures[:-self.limit]
+    def failed(self, client: str = "") -> None:
+        now = self.clock()
+        window = self.clients.pop(client, None) or _Window(self.limit)
+        window.add(now)
+        self.clients[client] = window
+        while len(self.clients) > MAX_THROTTLED_CLIENTS:
+            self.clients.popitem(last=False)
+        self.overall.add(now)
 
 
 def create_admin_app(proxy, config: dict | None = None) -> Flask:
@@ -228,6 +257,13 @@ def create_admin_app(proxy, config: dict | None = None) -> Flask:
     def healthz():
         return {"ok": True}
 
+    def login_client() -> str:
+        # Behind a platform's router (one-port mode) every request comes from the router: the
+        # router's X-Forwarded-For names the client. Forging it only buys a fresh per-client
+        # window; the overall cap still holds.
+        fwd = request.headers.get("X-Forwarded-For", "")
+        return (fwd.rsplit(",", 1)[-1].strip() if fwd else "") or (request.remote_addr or "")
+
     @app.route("/login", methods=["GET", "POST"])
     def login():
         if password_hash is None:
@@ -241,10 +277,11 @@ def create_admin_app(proxy, config: dict | None = None) -> Flask:
         if request.method == "POST":
             if not csrf_ok():
                 error, status = "The form expired; please try again.", 400
-            elif not throttle.allowed():
+            elif not throttle.allowed(login_client()):
                 error, status = "Too many failed logins; wait a minute.", 429
-            elif (request.form.get("username", "") == user and
-                  check_password_hash(password_hash, request.form.get("password", ""))):
+            elif (check_password_hash(password_hash, request.form.get("password", ""))
+                  and hmac.compare_digest(request.form.get("username", ""), user)):
+                # (the hash is checked first, always: timing does not reveal the user name)
                 session.clear()
                 session.permanent = True
                 session["user"] = user
@@ -253,7 +290,7 @@ def create_admin_app(proxy, config: dict | None = None) -> Flask:
                 log.info("dashboard login by %s from %s", user, request.remote_addr)
                 return redirect(nxt)
             else:
-                throttle.failed()
+                throttle.failed(login_client())
                 log.warning("failed dashboard login from %s", request.remote_addr)
                 error, status = "Wrong user name or password.", 401
         return render_template("login.html", error=error, next=nxt, user=user), status

@@ -249,7 +249,9 @@ class OnePortRouter:
             if is_tunnel_path:
                 self._tunnel(sock, data, peer)
                 return None
-            return ReplaySocket(sock, data)
+            # One request here too: gunicorn would keep the router's connection alive and
+            # serve the next request on it, for whatever host, with the dashboard.
+            return OneRequestSocket(sock, data)
         if registry.lookup(ROUTE_BY_HOST, name) is None and is_tunnel_path and is_upgrade:
             self._tunnel(sock, data, peer)
             return None

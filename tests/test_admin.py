@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from urllib.parse import urlparse
 from werkzeug.security import generate_password_hash
 
 from lib import dashboard, ownership
@@ -152,6 +153,33 @@ def test_failed_logins_are_throttled(client):
         assert login(client, password="nope").status_code == 401
     r = login(client)  # even the right password waits out the minute
     assert r.status_code == 429
+
+
+def test_throttle_is_per_client_so_a_guesser_cannot_lock_the_operator_out(proxy, config):
+    app = create_admin_app(proxy, config)
+    guesser, operator = app.test_client(), app.test_client()
+
+    def attempt(c, who, password):
+        page = c.get("/login")
+        return c.post("/login", data={"username": "admin", "password": password,
+                                      "csrf_token": csrf_of(page.data), "next": "/"},
+                      headers={"X-Forwarded-For": who})
+    for _ in range(20):
+        assert attempt(guesser, "203.0.113.9", "nope").status_code == 401
+    assert attempt(guesser, "203.0.113.9", PASSWORD).status_code == 429
+    assert attempt(operator, "198.51.100.7", PASSWORD).status_code == 302
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example", "/\\evil.example",
+                                    "/\t/evil.example", "javascript:alert(1)"])
+def test_login_next_stays_on_site(client, target):
+    page = client.get("/login")
+    r = client.post("/login", data={"username": "admin", "password": PASSWORD,
+                                    "csrf_token": csrf_of(page.data), "next": target})
+    loc = r.headers["Location"]
+    # a browser treats "//host" and "/\\host" as another site: only a plain path may come back
+    assert loc.startswith("/") and loc[1:2] not in ("/", "\\")
+    assert urlparse(loc).netloc == "" and urlparse(loc).scheme == ""
 
 
 def test_session_survives_restart_through_the_persisted_secret(proxy, config, tmp_path):

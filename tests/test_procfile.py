@@ -229,6 +229,21 @@ def test_reused_router_connection_carries_one_request_only(platform):
     assert data.count(b"HTTP/1.1 ") == 1 and data.endswith(b"hello from origin\n")
 
 
+def test_reused_router_connection_after_a_dashboard_request(platform):
+    # The other order: the dashboard's request first. gunicorn must not keep serving the
+    # router's connection itself, or the next visitor's request (for web.test, with its own
+    # cookies) would be answered by the dashboard.
+    s = socket.create_connection(("127.0.0.1", platform["port"]), timeout=30)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+              b"GET /hello HTTP/1.1\r\nHost: web.test\r\nCookie: secret=1\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    assert data.count(b"HTTP/1.1 ") == 1 and b'"ok"' in data
+    assert b"hello from origin" not in data
+
+
 def test_dashboard_on_own_hostname_only(platform):
     code, body = front_get(platform, "localhost", "/healthz")
     assert code == 200 and json.loads(body) == {"ok": True}
