@@ -230,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("tor ready: SOCKS %s:%d", *tor.socks_address)
         dial = tor.open_connection
         if args.distinct_exits:
+            if args.tor != "launch":
+                # Attaching streams by hand sets __LeaveStreamsUnattached on the whole tor:
+                # other programs sharing an attached tor would see their streams hang.
+                print("shroud: --distinct-exits needs a tor of our own (--tor launch)",
+                      file=sys.stderr)
+                tor.close()
+                return 2
             dial = clienttor.ExitPlanner(tor).dial
 
     try:

@@ -151,7 +151,7 @@ def parse_proxy_list(body: bytes, content_type: str = "text/plain") -> list[Prox
     if mime == JSON_TYPE or mime.endswith("+json"):
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise DiscoveryError(f"discovery answer is not valid JSON: {e}") from None
         entries = doc.get("proxies") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
@@ -255,7 +255,7 @@ def fetch_proxies(url: str, domain: str, dial=direct_dial, cafile: str | None = 
         if content_type.startswith(JSON_TYPE):
             try:
                 reason = str(json.loads(body).get("error", reason))
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 pass
         raise DiscoveryError(f"{what} answered {status} for {domain}: {reason or '(no reason)'}")
     return parse_proxy_list(body, content_type)

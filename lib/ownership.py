@@ -594,7 +594,9 @@ def _dns_name(name: str) -> str | None:
         return None
     if name.startswith("*."):
         name = name[2:]
-    return "_shroud." + name
+    qname = "_shroud." + name
+    # A valid 246-253 character name has no room for the prefix: no record can vouch for it.
+    return qname if len(qname) <= 253 else None
 
 
 def _txt_keys(records) -> frozenset:

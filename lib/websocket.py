@@ -461,7 +461,10 @@ class WebSocketConnection:
         if self.close_sent:
             return b""
         self.close_sent = True
-        payload = struct.pack(">H", code) + reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2]
+        # Cut on a character boundary: half a UTF-8 character would make the peer fail the
+        # close with 1007 instead of reading our code.
+        text = reason.encode("utf-8")[:MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
+        payload = struct.pack(">H", code) + text.encode("utf-8")
         return encode_frame(OP_CLOSE, payload, mask_key=self._mask())
 
 

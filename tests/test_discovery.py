@@ -440,3 +440,9 @@ def test_discovery_role_under_gunicorn(tmp_path):
         assert proxy.status()["listeners"]["discovery"] == f"127.0.0.1:{port}"
     finally:
         proxy.stop()
+
+
+def test_deeply_nested_json_is_a_discovery_error():
+    from lib.discovery import DiscoveryError, parse_proxy_list
+    with pytest.raises(DiscoveryError):
+        parse_proxy_list(b"[" * 60000, "application/json")

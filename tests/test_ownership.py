@@ -434,3 +434,13 @@ def test_dns_cache_is_shared_by_a_bind_storm_and_bounded(dns_server, store):
     for i in range(10):
         policy.decide("n%d.example.com" % i, K1)
     assert len(policy._dns_cache) == 4
+
+
+def test_long_name_under_dns_policy_is_decided_not_crashed(tmp_path):
+    from lib.ownership import OwnershipPolicy, OwnershipStore
+    name = ".".join(["a" * 60] * 4)[:247].rstrip(".") + ".test"
+    store = OwnershipStore(str(tmp_path / "o.sqlite3"))
+    calls = []
+    policy = OwnershipPolicy(store, dns_lookup=lambda q: calls.append(q) or [])
+    d = policy.decide(name, "ab" * 32)
+    assert d.allowed and d.method == "tofu" and calls == []

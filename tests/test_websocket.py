@@ -314,3 +314,11 @@ def test_transport_close_gives_peer_eof():
         assert s.recv() == b""
     assert s.close_code == ws.CLOSE_NORMAL
     s.close()
+
+
+def test_close_reason_cut_on_a_character_boundary():
+    from lib import websocket as ws
+    frame = ws.WebSocketConnection(client=False).send_close(1000, "é" * 100)
+    payload = frame[2:]  # a server frame: no mask, short length
+    assert len(payload) <= 125
+    payload[2:].decode("utf-8")  # a whole number of characters
