@@ -505,7 +505,7 @@ class ProxyServer:
         except sniff.SniffError as e:
             self.registry.count_refusal("bad_request")
             self._refuse(sock, kind, e.http_status or 400, "Bad Request", f"{e.reason}\n",
-                         e.alert or sniff.ALERT_DECODE_ERROR)
+                         e.alert or sniff.ALERT_DECODE_ERROR, linger=True)
             return
         except OSError:
             sock.close()
@@ -585,11 +585,43 @@ class ProxyServer:
             self.registry.count_refusal("limit_public_connections")
 
     @staticmethod
-    def _refuse(sock, kind: str, status: int, reason: str, body: str, alert: int | None) -> None:
+    def _refuse(sock, kind: str, status: int, reason: str, body: str, alert: int | None,
+                linger: bool = False) -> None:
         if kind == "http":
             _send_quietly(sock, sniff.http_error_response(status, reason, body))
         elif kind == "tls" and alert is not None:
             _send_quietly(sock, sniff.tls_alert(alert))
+        if linger:
+            _lingering_close(sock)  # the client may still be sending: let it read our answer
+        else:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+# A refused client may still be sending (an oversized head, say: only those refusals linger, an
+# idle one would just hold its slot longer). Closing with its bytes unread
+# makes the kernel answer with a reset, which can destroy our answer before the client reads it;
+# so: FIN, then read and discard a little for a moment, as nginx's lingering_close does.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 256 * 1024
+
+
+def _lingering_close(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_SECONDS)
+        deadline = time.monotonic() + LINGER_SECONDS
+        drained = 0
+        while drained < LINGER_BYTES and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
+    finally:
         try:
             sock.close()
         except OSError:

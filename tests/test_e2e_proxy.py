@@ -187,6 +187,7 @@ def test_proxy_protocol_v1_gives_origin_the_public_peer(world):
 
 
 def test_hostile_inputs_refused_within_deadline_others_unharmed(world):
+    before = world["proxy"].status()["refusals"]
     port_https = world["proxy"].ports["https"]
     port_http = world["proxy"].ports["http"]
 
@@ -211,7 +212,7 @@ def test_hostile_inputs_refused_within_deadline_others_unharmed(world):
     assert out[:1] == b"\x15" and dt < 3
     # oversized request head: 431 long before any deadline
     out, dt = answer(port_http, b"GET / HTTP/1.1\r\nHost: web.test\r\nX: " + b"a" * 70000)
-    assert out.startswith(b"HTTP/1.0 431") or out.startswith(b"HTTP/1.1 431") or out == b"<reset>"
+    assert out.startswith(b"HTTP/1.0 431"), out[:100]
     # truncated ClientHello, then silence: refused at the 2 s peek deadline
     hello = _client_hello("app.test")
     out, dt = answer(port_https, hello[:40])
@@ -240,8 +241,10 @@ def test_hostile_inputs_refused_within_deadline_others_unharmed(world):
         slow.settimeout(10)
     assert closed_after is not None and closed_after < 5
     st = world["proxy"].status()
-    assert st["refusals"].get("peek_timeout", 0) >= 2
-    assert st["refusals"].get("bad_request", 0) >= 2
+    def grew(key):
+        return st["refusals"].get(key, 0) - before.get(key, 0)
+    assert grew("peek_timeout") >= 2  # the truncated hello and the slow sender
+    assert grew("bad_request") >= 3  # garbage, not-TLS, oversized head
 
 
 def _client_hello(name: str) -> bytes:
