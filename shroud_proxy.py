@@ -84,14 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
-    from lib.mux import MuxConfig
-    from lib.proxy import ProxyConfig, parse_port_ranges
+    from lib.proxy import ProxyConfig, parse_port_ranges, proxy_mux_config
 
     interval, timeout = float(args.heartbeat_interval), float(args.heartbeat_timeout)
     if not 0 < interval < timeout:
         raise SystemExit("shroud_proxy: --heartbeat-interval must be above 0 and below "
                          "--heartbeat-timeout")
-    mux = MuxConfig(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
+    mux = proxy_mux_config(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
     return ProxyConfig(
         data_dir=args.data_dir, tunnel_addr=args.tunnel_addr or None,
         https_addr=args.https_addr or None, http_addr=args.http_addr or None,

@@ -64,6 +64,10 @@ class MuxConfig:
     # 8 ms Tor circuit; 1 MiB lets one stream fill a 100 ms path at 10 MiB/s. Go honours grants
     # above 64 KiB (notes 1.3), so the extra is granted by an early WNDINC at stream open.
     receive_window: int = 1024 * 1024
+    # Whether streams the peer opens get the larger window too. The proxy says no: a client
+    # only opens small control streams toward it, and granting 1 MiB to each would let anyone
+    # who completes Auth make the proxy buffer the whole budget per connection.
+    grant_peer_streams: bool = True
     # Total of the larger windows granted across a session: bounds what a peer can make us
     # buffer (streams beyond it keep the protocol's 64 KiB).
     session_window_budget: int = 64 * 1024 * 1024
@@ -472,7 +476,8 @@ class MuxConnection:
         st = self._streams[sid] = _Stream(local=False)
         self._peer_streams += 1
         self._backlog += 1
-        self._grant_extra(sid, st)
+        if c.grant_peer_streams:
+            self._grant_extra(sid, st)
         events.append(StreamOpened(sid, stype))
         if f.fin:  # Go inverts SYN+FIN; we read it as documented: the opener sends nothing
             st.remote_fin = True

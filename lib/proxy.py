@@ -133,8 +133,18 @@ class ProxyConfig:
     handshake_timeout: float = 15.0  # TLS + Auth on a tunnel, over Tor's slower path
     control_timeout: float = 10.0  # one control message
     idle_timeout: float | None = 3600.0  # silent public connection
-    mux: MuxConfig = field(default_factory=MuxConfig)
+    # The tunnel session as the proxy runs it. Clients open only control streams (Auth, one per
+    # Bind, handled one at a time) toward the proxy: a few at once, 64 KiB windows, small
+    # backlog. The streams the proxy opens (visitors) keep the large windows.
+    mux: MuxConfig = field(default_factory=lambda: proxy_mux_config())
     ownership: object | None = None  # an OwnershipPolicy; built from the fields above if None
+
+
+def proxy_mux_config(**overrides) -> MuxConfig:
+    """The proxy side's muxado limits (see ProxyConfig.mux)."""
+    base = dict(grant_peer_streams=False, max_streams=32, accept_backlog=16)
+    base.update(overrides)
+    return MuxConfig(**base)
 
 
 class ProxyServer:

@@ -220,3 +220,19 @@ def test_random_frame_sequences_never_crash(seq):
     if terminated:
         assert terminated[0] is events[-1]
         assert goaway_code(frames(s.data_to_send())) == terminated[0].code
+
+
+def test_peer_streams_keep_64k_when_told_so():
+    # The proxy's setting: a client can make it buffer at most 64 KiB per control stream.
+    s = mp.MuxConnection(False, mp.MuxConfig(heartbeat=False, grant_peer_streams=False))
+    events = s.receive_data(fr.encode(fr.Syn(3)))
+    assert events == [mp.StreamOpened(3)]
+    assert not [f for f in frames(s.data_to_send()) if isinstance(f, fr.WndInc)]
+    over = b"".join(fr.encode(fr.Data(3, bytes(16383))) for _ in range(5))  # 80 KiB
+    assert isinstance(s.receive_data(over)[-1], mp.ConnectionTerminated)
+
+
+def test_proxy_side_defaults_bound_what_a_client_can_make_it_hold():
+    from lib.proxy import ProxyConfig
+    c = ProxyConfig().mux
+    assert not c.grant_peer_streams and c.max_streams <= 64 and c.accept_backlog <= 32
