@@ -180,7 +180,10 @@ class ClientConfig:
     proxy_ca: str | None = None
     dial: Callable = direct_dial
     proxy_protocol: str | None = None  # None | "v1" | "v2"
-    mux: MuxConfig = field(default_factory=MuxConfig)
+    # The proxy opens a stream per visitor: accept as many as we serve, so a burst of visitors
+    # is queued rather than refused (bench/load.py: 1,000 at once overflowed a 256 backlog).
+    mux: MuxConfig = field(default_factory=lambda: MuxConfig(max_streams=4096,
+                                                            accept_backlog=4096))
     connect_timeout: float = 60.0  # dialling through Tor can take a while on a cold circuit
     handshake_timeout: float = 30.0
     local_connect_timeout: float = 5.0
@@ -247,19 +250,25 @@ class TunnelRunner:
         while not self._stopping:
             try:
                 self._connect_and_serve()
-                self.backoff.reset() if self.connected_at else None
             except TunnelError as e:
                 self._set("error", str(e))
                 log.error("tunnel %s: %s", self.proxy, e)
             except (OSError, MuxError, msg.MessageError, EOFError) as e:
                 self._set("error", f"{type(e).__name__}: {e}")
                 log.warning("tunnel %s failed: %s", self.proxy, e)
+            except gevent.GreenletExit:
+                raise
+            except Exception as e:  # a bug or a stem error must cost a retry, not the tunnel
+                self._set("error", f"{type(e).__name__}: {e}")
+                log.exception("tunnel %s: unexpected error", self.proxy)
             if self._stopping:
                 break
-            delay = self.backoff.next_delay()
+            # Back off from where we are, unless the tunnel served for a minute: a proxy that
+            # accepts and drops at once must not be redialled (over a fresh circuit) 2 times a
+            # second forever.
             if self.connected_at and time.time() - self.connected_at > 60:
                 self.backoff.reset()
-                delay = self.backoff.next_delay()
+            delay = self.backoff.next_delay()
             self.connected_at = None
             self._set("backoff", self.error)
             log.info("tunnel %s: retrying in %.1f s", self.proxy, delay)
@@ -404,12 +413,14 @@ class TunnelRunner:
             if self.streams_open >= self.client.config.max_streams:
                 stream.reset(ErrorCode.REFUSED_STREAM)
                 continue
+            # Counted here, not in the handler: a burst must not pass the limit before the
+            # spawned handlers run.
+            self.streams_open += 1
+            self.streams_total += 1
             gevent.spawn(self._handle_stream, stream)
 
     def _handle_stream(self, stream) -> None:
         cfg = self.client.config
-        self.streams_open += 1
-        self.streams_total += 1
         self.client._changed(self)
         local = None
         try:
@@ -434,8 +445,13 @@ class TunnelRunner:
                 stream.reset(ErrorCode.REFUSED_STREAM)
                 return
             if cfg.proxy_protocol:
-                local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
-                                                    local.getsockname()))
+                try:
+                    local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
+                                                        local.getsockname()))
+                except (OSError, struct.error) as e:
+                    log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
+                    stream.reset(ErrorCode.CANCEL)
+                    return
             n_in, n_out = splice(stream, local, on_a_to_b=self._count_in,
                                  on_b_to_a=self._count_out)
         finally:

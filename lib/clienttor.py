@@ -192,7 +192,7 @@ class ExitPlanner:
                 log.info("tunnel %d: built circuit %s with exit %s", index, circ, path[-1][:8])
                 return self.tor.open_connection(host, port, isolation_key, timeout,
                                                 circuit_id=circ)
-            except torlib.TorError as e:
+            except Exception as e:  # stem raises many types; any means "let tor choose"
                 log.warning("tunnel %d: explicit circuit failed (%s)%s", index, e,
                             "; retrying" if attempt == 0 else "; letting tor choose")
         return self.tor.open_connection(host, port, isolation_key, timeout)

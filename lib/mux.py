@@ -283,6 +283,7 @@ class Session:
         self.stats = SessionStats()
         self.heartbeat_rtt: float | None = None
         self._last_echo = time.monotonic()
+        self._last_heard = self._last_echo  # any bytes from the peer
         self._ping_sent: float | None = None
         self._peer_goaway: int | None = None
         self._reader = gevent.spawn(self._read_loop)
@@ -406,6 +407,7 @@ class Session:
         try:
             while self._end is None:
                 data = recv(READ_SIZE)
+                self._last_heard = time.monotonic()
                 if not data:
                     ga = self._peer_goaway
                     if ga is not None:
@@ -493,7 +495,9 @@ class Session:
                         self._ping_sent = time.monotonic()
                     self._wake_writer()
                 gevent.sleep(cfg.heartbeat_interval)
-                silent = time.monotonic() - self._last_echo
+                # Alive = an echo, or any bytes at all: on a slow path the echo can wait
+                # behind megabytes of data, and a busy tunnel must not be killed for that.
+                silent = time.monotonic() - max(self._last_echo, self._last_heard)
                 if silent > cfg.heartbeat_interval + cfg.heartbeat_tolerance:
                     log.warning("session %s: no heartbeat echo for %.1f s", self.name, silent)
                     self._conn.terminate(ErrorCode.NO_ERROR, "heartbeat timeout")
@@ -515,7 +519,10 @@ class Session:
                 try:
                     with gevent.Timeout(1.0):
                         self._transport.sendall(data)
-                except (OSError, ValueError, gevent.Timeout):
+                except (OSError, ValueError, gevent.Timeout, AssertionError):
+                    # AssertionError: gevent's ConcurrentObjectUseError, when the writer
+                    # greenlet is itself blocked sending on a plain socket. We are closing
+                    # anyway; the GOAWAY is best effort.
                     pass
         try:
             self._transport.close()

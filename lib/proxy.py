@@ -273,7 +273,10 @@ class ProxyServer:
         peer = "%s:%d" % address[:2]
         _nodelay(sock)
         try:
-            tls = TLSTransport.server(sock, self._tls, self.config.handshake_timeout)
+            # One deadline for the whole handshake: a peer trickling a byte at a time must not
+            # hold a tunnel slot for hours.
+            with gevent.Timeout(self.config.handshake_timeout, TimeoutError):
+                tls = TLSTransport.server(sock, self._tls, self.config.handshake_timeout)
         except (OSError, ValueError) as e:
             log.info("tunnel from %s: TLS handshake failed: %s", peer, e)
             self.registry.count_refusal("tunnel_handshake")
@@ -285,11 +288,15 @@ class ProxyServer:
         """Run one tunnel (any socket-like transport: TLS socket, WebSocket) until it ends."""
         session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}")
         tunnel = None
+        watchdog = None
         try:
             tunnel, nonce = self._authenticate(session, peer, transport_name)
             if tunnel is None:
                 return
             log.info("tunnel %d up from %s key=%s", tunnel.id, peer, (tunnel.key or "unsigned")[:16])
+            # A tunnel that binds nothing holds a slot for nothing: it gets the handshake's time.
+            watchdog = gevent.spawn_later(self.config.handshake_timeout, self._drop_if_unbound,
+                                          tunnel)
             bucket = TokenBucket(self.config.bind_burst, self.config.bind_rate)
             while not session.closed:
                 try:
@@ -301,6 +308,8 @@ class ProxyServer:
                     session.close(ErrorCode.PROTOCOL_ERROR, "malformed control message")
                     break
         finally:
+            if watchdog is not None:
+                watchdog.kill(block=False)
             if tunnel is not None:
                 self.registry.remove_tunnel(tunnel)
                 log.info("tunnel %d from %s down: %s", tunnel.id, peer, session.end)
@@ -319,10 +328,11 @@ class ProxyServer:
     def _authenticate(self, session: Session, peer: str, transport_name: str):
         c = self.config
         try:
-            stream = session.accept(timeout=c.handshake_timeout)
-            stream.settimeout(c.control_timeout)
-            auth = msg.read_message(stream)
-        except (MuxError, EOFError, msg.MessageError) as e:
+            with gevent.Timeout(c.handshake_timeout, TimeoutError):
+                stream = session.accept(timeout=c.handshake_timeout)
+                stream.settimeout(c.control_timeout)
+                auth = msg.read_message(stream)
+        except (MuxError, EOFError, msg.MessageError, TimeoutError) as e:
             log.info("tunnel from %s: no valid Auth: %s", peer, e)
             self.registry.count_refusal("tunnel_auth")
             return None, None
@@ -336,12 +346,11 @@ class ProxyServer:
                 self._auth_refuse(stream, f"key {fp[:16]} is blocked by the operator", peer)
                 return None, None
             client_id = auth.client_id if _is_client_id(auth.client_id) else secrets.token_hex(16)
-            # A reconnecting client replaces its own stale tunnel at once.
-            for old in list(self.registry.tunnels.values()):
-                if old.client_id == client_id and old.key == fp:
-                    log.info("tunnel %d replaced by a reconnect of client %s", old.id, client_id)
-                    self.registry.remove_tunnel(old)
-                    old.session.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+            if fp is None:
+                # An unsigned (original Go) client replaces its stale tunnel at once, as
+                # go-tunnel did. A keyed one does so on its first signed bind (_bind): the key
+                # in Auth is only a claim until a signature proves it.
+                self._replace_stale(client_id, None, keep=None)
             if fp and len(self.registry.tunnels_of_key(fp)) >= c.max_tunnels_per_key:
                 self.registry.count_refusal("limit_tunnels_per_key")
                 self._auth_refuse(stream, f"too many tunnels for this key "
@@ -359,6 +368,21 @@ class ProxyServer:
                 return None, None
             stream.shutdown(socket.SHUT_WR)
         return tunnel, nonce
+
+    def _replace_stale(self, client_id: str, key: str | None, keep: Tunnel | None) -> None:
+        """A reconnecting client replaces its own stale tunnel at once."""
+        for old in list(self.registry.tunnels.values()):
+            if old is not keep and old.client_id == client_id and old.key == key:
+                log.info("tunnel %d replaced by a reconnect of client %s", old.id, client_id)
+                self.registry.remove_tunnel(old)
+                old.session.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+
+    def _drop_if_unbound(self, tunnel: Tunnel) -> None:
+        if not tunnel.ever_bound and tunnel.alive:
+            log.info("tunnel %d from %s bound nothing in %.0f s: dropped", tunnel.id,
+                     tunnel.peer, self.config.handshake_timeout)
+            self.registry.count_refusal("tunnel_unbound")
+            tunnel.session.close(ErrorCode.NO_ERROR, "no bind")
 
     def _auth_refuse(self, stream, error: str, peer: str) -> None:
         log.warning("tunnel from %s refused: %s", peer, error)
@@ -461,6 +485,10 @@ class ProxyServer:
             return refuse(msg.REASON_INTERNAL, f"cannot listen on tcp port {bind.remote_port}",
                           "tcp_listen")
         self.registry.bind(tunnel, protocol, name, tunnel.key, decision.method, url)
+        tunnel.ever_bound = True
+        if tunnel.key is not None and not tunnel.proven:
+            tunnel.proven = True  # the signature over our nonce proved the key
+            self._replace_stale(tunnel.client_id, tunnel.key, keep=tunnel)
         log.info("tunnel %d bound %s (%s)", tunnel.id, url, decision.method)
         return msg.BindResp(url=url, protocol=protocol)
 
@@ -562,6 +590,7 @@ class ProxyServer:
                          ALERT_INTERNAL_ERROR)
             return
         client_addr = "%s:%d" % address[:2]
+        stream = None
         try:
             stream = tunnel.session.open()
             stream.sendall(msg.encode(msg.StartProxy(url=binding.url, client_addr=client_addr))
@@ -569,6 +598,8 @@ class ProxyServer:
         except MuxError as e:
             registry.count_refusal("tunnel_lost", binding)
             log.info("stream to tunnel %d failed: %s", tunnel.id, e)
+            if stream is not None:
+                stream.reset(ErrorCode.CANCEL)  # free its slot and window now
             self._refuse(sock, kind, 502, "Bad Gateway", "The tunnel is down.\n",
                          ALERT_INTERNAL_ERROR)
             return

@@ -76,6 +76,8 @@ class Tunnel:
         self.bindings: set[Binding] = set()
         self.streams_open = 0
         self.streams_total = 0
+        self.proven = False  # a signed bind proved the key (unsigned tunnels never are)
+        self.ever_bound = False
         self.bytes_in = 0  # public -> origin
         self.bytes_out = 0  # origin -> public
 
@@ -168,7 +170,9 @@ class Registry:
         return t
 
     def tunnels_of_key(self, key: str | None) -> list[Tunnel]:
-        return [t for t in self.tunnels.values() if t.key == key and key is not None]
+        """Tunnels that proved they hold ``key`` (a claim in Auth alone does not count)."""
+        return [t for t in self.tunnels.values()
+                if t.key == key and key is not None and t.proven]
 
     def remove_tunnel(self, tunnel: Tunnel) -> None:
         self.tunnels.pop(tunnel.id, None)

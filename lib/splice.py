@@ -18,6 +18,7 @@ single byte: the proxy's 502 for HTTP.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import gevent
@@ -57,10 +58,13 @@ def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None 
                 on_bytes(n)
     except OSError:
         # Either side failed (or both were idle too long): abort both directions, after the
-        # fallback answer if one is due.
+        # fallback answer if one is due. Aborted, not closed: the other ends must see a reset,
+        # not a clean end that would pass a truncated upload off as complete.
         state.dead = True
-        _send_fallback(dst, fallback, total)
-        _abort(src, dst)
+        if _send_fallback(dst, fallback, total):
+            _abort(src, dst)
+        else:
+            _abort(src, dst, hard=True)
         return total
     if _send_fallback(dst, fallback, total):
         state.dead = True
@@ -83,8 +87,19 @@ def _send_fallback(dst, fallback: bytes | None, total: int) -> bool:
     return True
 
 
-def _abort(*ends) -> None:
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+
+
+def _abort(*ends, hard: bool = False) -> None:
     for end in ends:
+        try:
+            if hard:
+                if hasattr(end, "reset"):  # a mux stream: RST CANCEL
+                    end.reset()
+                    continue
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except (OSError, AttributeError):
+            pass
         try:
             end.close()
         except OSError:

@@ -396,3 +396,50 @@ def test_full_public_pool_does_not_stall_tunnels(world, tmp_path):
         if client is not None:
             client.stop()
         proxy.stop()
+
+
+class _PublicKeyOnly:
+    """Claims another client's public key without holding its private key."""
+
+    def __init__(self, victim: Identity):
+        self.public_key = victim.public_key
+
+    def sign(self, payload: bytes) -> bytes:
+        return bytes(64)  # cannot sign for a key it does not hold
+
+
+def test_claimed_key_without_proof_neither_counts_nor_evicts(world):
+    """Auth's key is a claim; only a signed bind proves it. Eight tunnels claiming the
+    victim's key (the per-key limit) must not lock the victim out, and a claim with the
+    victim's client id must not kick its live tunnel."""
+    proxy = world["proxy"]
+    victim = Identity.load_or_create(str(world["dir"] / "client"))
+    squatters = []
+    try:
+        for _ in range(8):
+            a = Attacker(proxy, _PublicKeyOnly(victim))
+            a.auth()
+            squatters.append(a)
+        assert squatters[0].bind("squat.test").error  # the forged signature is refused
+        # The victim's tunnel is still there, still serving; its client id cannot be stolen
+        # by a claim either.
+        victim_tunnels = [t for t in proxy.status()["tunnels"] if t["key"] == victim.fingerprint]
+        assert victim_tunnels
+        kicker = Attacker(proxy, _PublicKeyOnly(victim))
+        with kicker.session.open() as st:
+            st.settimeout(10)
+            msg.write_message(st, msg.Auth(client_id=victim_tunnels[0]["client_id"],
+                                           extra=msg.auth_extra(victim.public_key)))
+            assert not msg.read_message(st).error
+        squatters.append(kicker)
+        assert good_get(proxy)[0] == 200
+        # And a fresh connection of the real key gets in despite the eight claims.
+        real = Attacker(proxy, victim)
+        squatters.append(real)
+        real.auth()
+        assert not real.bind(GOOD).error
+        ids = {t["id"] for t in proxy.status()["tunnels"] if t["key"] == victim.fingerprint}
+        assert victim_tunnels[0]["id"] in ids  # a different client id: nothing replaced
+    finally:
+        for a in squatters:
+            a.close()

@@ -64,3 +64,29 @@ def test_works_with_mux_streams():
     x_out.shutdown(socket.SHUT_WR)
     assert st.recv(100) == b""
     g.get(timeout=5)
+
+
+def test_failure_reaches_the_other_end_as_a_reset_not_a_clean_end():
+    # The public side dies mid-upload: the origin (here a mux stream's peer) must see a reset,
+    # not an EOF that would pass a truncated upload off as complete.
+    a, b = gsocket.socketpair()
+    c, s = Session(a, client=True), Session(b, client=False)
+    origin_side = c.open()
+    proxy_side = s.accept(timeout=5)
+    lsock = gsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    pub_out = gsocket.create_connection(lsock.getsockname())  # TCP: a reset is a reset
+    pub_in, _ = lsock.accept()
+    lsock.close()
+    g = gevent.spawn(splice, pub_in, proxy_side)
+    pub_out.sendall(b"partial upload")
+    assert origin_side.recv(100) == b"partial upload"
+    pub_out.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, __import__("struct").pack("ii", 1, 0))
+    pub_out.close()  # not an orderly FIN: the visitor's connection broke
+    g.get(timeout=5)
+    import pytest
+    from lib.errors import StreamReset
+    with pytest.raises(StreamReset):
+        while origin_side.recv(100):
+            pass
