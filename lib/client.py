@@ -36,7 +36,6 @@ from typing import Callable
 
 import gevent
 import gevent.socket as gsocket
-import gevent.ssl
 
 from lib import messages as msg
 from lib import sniff

@@ -61,11 +61,11 @@ class SessionEnd:
 
 class SessionStats:
     __slots__ = ("bytes_in", "bytes_out", "streams_opened", "streams_accepted",
-                 "streams_refused", "started")
+                 "started")
 
     def __init__(self) -> None:
         self.bytes_in = self.bytes_out = 0
-        self.streams_opened = self.streams_accepted = self.streams_refused = 0
+        self.streams_opened = self.streams_accepted = 0
         self.started = time.time()
 
 

@@ -209,10 +209,6 @@ class MuxConnection:
 
     # --- local actions --------------------------------------------------------------------
 
-    @property
-    def can_open(self) -> bool:
-        return self.terminated is None and self.goaway_received is None and not self.goaway_sent
-
     def open_stream(self) -> int:
         if self.terminated is not None:
             raise ProtocolError("session is closed", self.terminated.code)

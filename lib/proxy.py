@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 import gevent
 import gevent.pool
 import gevent.server
-import gevent.ssl
 
 from lib import messages as msg
 from lib import sniff
@@ -168,11 +167,10 @@ class ProxyServer:
 
     def _make_policy(self):
         from lib.ownership import OwnershipPolicy, OwnershipStore
-        from lib.proxy import parse_addr as _pa
         c = self.config
         os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
         store = OwnershipStore(os.path.join(c.data_dir, "ownership.sqlite3"))
-        resolver = _pa(c.dns_resolver, "127.0.0.1") if c.dns_resolver else None
+        resolver = parse_addr(c.dns_resolver, "127.0.0.1") if c.dns_resolver else None
         return OwnershipPolicy(store, allowlist_path=c.allowlist, dns_resolver=resolver,
                                tofu=c.tofu, allow_unsigned=set(c.allow_unsigned) or None)
 
