@@ -14,43 +14,43 @@ import time
 
 import pytest
 import stem.control
-import trustme
 
 from tests.support.procs import ClientProc, OriginProc, ProxyProc
+from tests.support.visitor import tls_site
 
 pytestmark = [pytest.mark.tor, pytest.mark.timeout(400)]
 
 
-@pytest.fixture(scope="module")
-def tor_world(tor_network, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tor-e2e")
-    ca = trustme.CA()
-    cert = ca.issue_cert("hidden.test")
-    cert_pem, key_pem = str(d / "o.pem"), str(d / "o.key")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca_pem = str(d / "ca.pem")
-    ca.cert_pem.write_to_path(ca_pem)
+def _hidden_site_world(d, net, torrc: str, prefix: str):
+    """Generator: an HTTPS origin for hidden.test, three proxies and a client over Tor (joined
+    with ``torrc``), all bound; yields the world dict, stops everything afterwards."""
+    site = tls_site(d, "hidden.test")
     procs = []
     try:
-        origin = OriginProc(str(d), tls=(cert_pem, key_pem))
+        origin = OriginProc(str(d), tls=(site.cert_pem, site.key_pem))
         procs.append(origin)
-        proxies = [ProxyProc(str(d), str(d / f"proxy{i}-data"), name=f"proxy{i}")
+        proxies = [ProxyProc(str(d), str(d / f"{prefix}{i}-data"), name=f"{prefix}{i}")
                    for i in range(3)]
         procs += proxies
         client_dir = d / "client"
         client = ClientProc(str(d), str(client_dir), ["hidden.test", f"127.0.0.1:{origin.port}"],
                             [f"127.0.0.1:{p.ports['tunnel']}" for p in proxies],
                             pins=[p.fingerprint for p in proxies], tor="launch",
-                            extra=["--tor-config", tor_network.client_torrc_path])
+                            extra=["--tor-config", torrc])
         procs.append(client)
         for p in proxies:
             p.wait_bound("hidden.test", timeout=120)
-        yield dict(dir=d, ca_pem=ca_pem, proxies=proxies, client=client, client_dir=client_dir,
-                   origin=origin, net=tor_network)
+        yield dict(dir=d, ca_pem=site.ca_pem, proxies=proxies, client=client,
+                   client_dir=client_dir, origin=origin, net=net)
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+@pytest.fixture(scope="module")
+def tor_world(tor_network, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tor-e2e")
+    yield from _hidden_site_world(d, tor_network, tor_network.client_torrc_path, "proxy")
 
 
 def get(world, proxy, path="/hello"):
@@ -101,7 +101,6 @@ def test_tunnels_crossed_tor_on_three_distinct_circuits(tor_world):
         assert len(streams) == 3, streams
         circuits = {s.circ_id for s in streams}
         assert len(circuits) == 3
-        exits = {fp for fp, _ in []}
         for cid in circuits:
             circ = c.get_circuit(cid)
             assert len(circ.path) >= 3
@@ -245,33 +244,7 @@ def kill_world(tor_network, tmp_path_factory):
     torrc.write_text("\n".join(net.client_torrc_lines()
                                + [f"EntryNodes {authorities}", f"MiddleNodes {authorities}"])
                      + "\n")
-    ca = trustme.CA()
-    cert = ca.issue_cert("hidden.test")
-    cert_pem, key_pem = str(d / "o.pem"), str(d / "o.key")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca_pem = str(d / "ca.pem")
-    ca.cert_pem.write_to_path(ca_pem)
-    procs = []
-    try:
-        origin = OriginProc(str(d), tls=(cert_pem, key_pem))
-        procs.append(origin)
-        proxies = [ProxyProc(str(d), str(d / f"kproxy{i}-data"), name=f"kproxy{i}")
-                   for i in range(3)]
-        procs += proxies
-        client_dir = d / "client"
-        client = ClientProc(str(d), str(client_dir), ["hidden.test", f"127.0.0.1:{origin.port}"],
-                            [f"127.0.0.1:{p.ports['tunnel']}" for p in proxies],
-                            pins=[p.fingerprint for p in proxies], tor="launch",
-                            extra=["--tor-config", str(torrc)])
-        procs.append(client)
-        for p in proxies:
-            p.wait_bound("hidden.test", timeout=120)
-        yield dict(dir=d, ca_pem=ca_pem, proxies=proxies, client=client, client_dir=client_dir,
-                   origin=origin, net=net)
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    yield from _hidden_site_world(d, net, str(torrc), "kproxy")
 
 
 def _close_tunnel_stream(c, stream) -> None:
@@ -392,14 +365,8 @@ PY = sys.executable
 
 
 def _tls_origin(d):
-    ca = trustme.CA()
-    cert = ca.issue_cert("hidden.test")
-    cert_pem, key_pem = str(d / "o.pem"), str(d / "o.key")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca_pem = str(d / "ca.pem")
-    ca.cert_pem.write_to_path(ca_pem)
-    return OriginProc(str(d), tls=(cert_pem, key_pem)), ca_pem
+    site = tls_site(d, "hidden.test")
+    return OriginProc(str(d), tls=(site.cert_pem, site.key_pem)), site.ca_pem
 
 
 def test_attach_mode_binds_through_a_running_tor(tor_network, tmp_path):
