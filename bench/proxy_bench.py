@@ -49,6 +49,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from tests.support.procs import free_port, wait_port  # noqa: E402
 PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
 SECTION = "## Proxy and client (--tor none) vs ssh -R vs direct"
@@ -67,25 +69,6 @@ def log(msg: str) -> None:
 
 
 # --- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
 class Proc:

@@ -61,6 +61,7 @@ import socks  # noqa: E402  (PySocks; after sys.path so the venv's copy is used)
 
 from lib.testnet import TorNetwork  # noqa: E402
 from lib.tor import launch_tor  # noqa: E402
+from tests.support.procs import free_port, wait_port  # noqa: E402
 
 PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
@@ -88,25 +89,6 @@ ONION_RETRIES = 2
 
 def log(msg: str) -> None:
     print(f"tor_bench: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
 class Proc:
