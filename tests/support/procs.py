@@ -21,12 +21,31 @@ PY = sys.executable
 ADMIN_TOKEN = "shroud-test-admin-token"
 
 
+# Ports handed to child processes are bound by them later. A port from the kernel's ephemeral
+# range (bind to 0) could meanwhile become the local port of one of the thousands of outgoing
+# connections the tests make, and the child's bind would fail. So: below that range, random,
+# checked free now, and never handed out twice by this process.
+_PORT_RANGE = (10000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    import random
+
+    for _ in range(200):
+        port = random.randint(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
