@@ -18,6 +18,7 @@ have wrk         || need_pkgs+=(wrk)
 have curl        || need_pkgs+=(curl)
 have unshare     || need_pkgs+=(util-linux)
 have ip          || need_pkgs+=(iproute2)
+have strace      || need_pkgs+=(strace)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
