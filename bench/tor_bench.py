@@ -61,7 +61,7 @@ import socks  # noqa: E402  (PySocks; after sys.path so the venv's copy is used)
 
 from lib.testnet import TorNetwork  # noqa: E402
 from lib.tor import launch_tor  # noqa: E402
-from tests.support.procs import free_port, wait_port  # noqa: E402
+from tests.support.procs import Proc, free_port, wait_port  # noqa: E402
 
 PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
@@ -89,36 +89,6 @@ ONION_RETRIES = 2
 
 def log(msg: str) -> None:
     print(f"tor_bench: {msg}", file=sys.stderr, flush=True)
-
-
-class Proc:
-    """A subprocess in its own session, output to a log file; stop() = SIGTERM, then SIGKILL."""
-
-    def __init__(self, name: str, argv: list[str], logdir: str):
-        self.name = name
-        self.log_path = os.path.join(logdir, f"{name}.log")
-        with open(self.log_path, "ab") as out:
-            self.p = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGTERM)
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(10)
-            except ProcessLookupError:
-                pass
 
 
 # --- HTTP on plain sockets ------------------------------------------------------------------
@@ -247,12 +217,12 @@ class Shroud:
             wait_port(self.tunnel)
         except TimeoutError:
             self.stop()
-            raise RuntimeError(f"proxy did not start:\n{self.proxy.log_tail()}") from None
+            raise RuntimeError(f"proxy did not start:\n{self.proxy.log()[-3000:]}") from None
 
     def start_client(self) -> float:
         """(Re)start the client with a fresh data dir; seconds until a visitor gets a 200."""
         if self.client is not None:
-            self.client.stop()
+            self.client.stop(10)
             self.wait_unbound(30)
         self.starts += 1
         # One identity (the proxy keeps bench.test for the key that bound it first), but a fresh
@@ -268,15 +238,15 @@ class Shroud:
         deadline = t0 + TOR_TIMEOUT + OP_TIMEOUT
         visitor = Visitor(NAME, self.http)
         while time.monotonic() < deadline:
-            if self.client.p.poll() is not None:
-                raise RuntimeError(f"client exited:\n{self.client.log_tail()}")
+            if not self.client.alive():
+                raise RuntimeError(f"client exited:\n{self.client.log()[-3000:]}")
             try:
                 visitor.ttfb("start")
                 return time.monotonic() - t0
             except (OSError, ConnectionError):
                 time.sleep(0.02)  # 20 ms polling: fine against a ~3 s start
         raise RuntimeError(f"no request served {TOR_TIMEOUT + OP_TIMEOUT:g} s after the client "
-                           f"started:\n{self.client.log_tail()}")
+                           f"started:\n{self.client.log()[-3000:]}")
 
     def wait_unbound(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -298,7 +268,7 @@ class Shroud:
     def stop(self) -> None:
         for p in (self.client, self.proxy):
             if p is not None:
-                p.stop()
+                p.stop(10)
 
 
 class Onion:

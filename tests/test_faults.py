@@ -25,11 +25,11 @@ import threading
 import time
 
 import pytest
-import trustme
 
 from lib.identity import Identity
 from tests.support import procs
 from tests.support.origin import pattern
+from tests.support.visitor import tls_site
 from tests.support.procs import (PY, ROOT, ClientProc, OriginProc, Proc, ProxyProc, free_port,
                                  wait_port)
 
@@ -247,12 +247,8 @@ def test_silent_tunnel_detected_by_heartbeat_and_redialled(tmp_path):
 
 def test_local_service_restart_gives_clean_refusals_then_service(tmp_path):
     d = tmp_path
-    ca = trustme.CA()
-    cert = ca.issue_cert("svc-tls.test")
-    cert_pem, key_pem, ca_pem = str(d / "o.pem"), str(d / "o.key"), str(d / "ca.pem")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca.cert_pem.write_to_path(ca_pem)
+    site = tls_site(d, "svc-tls.test")
+    cert_pem, key_pem, ca_pem = site.cert_pem, site.key_pem, site.ca_pem
     http_port, tls_port = free_port(), free_port()
     origins = [origin_on(d, http_port, "origin-http"),
                origin_on(d, tls_port, "origin-tls", tls=(cert_pem, key_pem))]

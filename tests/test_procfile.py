@@ -15,11 +15,10 @@ import ssl
 import time
 
 import pytest
-import trustme
 
 from tests.support.origin import pattern
 from tests.support.procs import ROOT, ClientProc, OriginProc, Proc, free_port, wait_port
-from tests.support.visitor import ws_echo, ws_upgrade
+from tests.support.visitor import tls_site, ws_echo, ws_upgrade
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -83,13 +82,9 @@ http {{
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     d = tmp_path_factory.mktemp("procfile")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "web.test", "pp.test", "idle.test", "tlsonly.test",
-                          "nobody.test")
-    cert_pem, key_pem, ca_pem = str(d / "front.pem"), str(d / "front.key"), str(d / "ca.pem")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca.cert_pem.write_to_path(ca_pem)
+    site = tls_site(d, "localhost", "web.test", "pp.test", "idle.test", "tlsonly.test",
+                    "nobody.test")
+    cert_pem, key_pem, ca_pem = site.cert_pem, site.key_pem, site.ca_pem
     with open(cert_pem) as f:
         front_pin = hashlib.sha256(ssl.PEM_cert_to_DER_cert(f.read())).hexdigest()
 

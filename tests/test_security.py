@@ -30,10 +30,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from dnslib import A, QTYPE, RR, DNSRecord
 import trustme
 from werkzeug.security import generate_password_hash
 
 from tests.support.origin import pattern
+from tests.support.visitor import tls_site
 from tests.support.procs import ADMIN_TOKEN, PY, ClientProc, OriginProc, Proc, ProxyProc
 
 pytestmark = pytest.mark.timeout(180)
@@ -327,12 +329,8 @@ def test_dashboard_actions_need_the_sessions_csrf_token(dash_world):
 
 def test_proxy_never_logs_or_stores_passthrough_plaintext(tmp_path):
     d = tmp_path
-    ca = trustme.CA()
-    cert = ca.issue_cert("secret.test")
-    cert_pem, key_pem, ca_pem = str(d / "o.pem"), str(d / "o.key"), str(d / "ca.pem")
-    cert.cert_chain_pems[0].write_to_path(cert_pem)
-    cert.private_key_pem.write_to_path(key_pem)
-    ca.cert_pem.write_to_path(ca_pem)
+    site = tls_site(d, "secret.test")
+    cert_pem, key_pem, ca_pem = site.cert_pem, site.key_pem, site.ca_pem
     origin = OriginProc(str(d), tls=(cert_pem, key_pem))
     proxy = ProxyProc(str(d), str(d / "proxy-data"), extra=["--log-level", "debug"])
     client = ClientProc(str(d), str(d / "client"), ["secret.test", f"127.0.0.1:{origin.port}"],
@@ -386,7 +384,6 @@ class TinyDns(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        from dnslib import A, QTYPE, RR, DNSRecord  # noqa: F401 (checked here, used in run)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 53))
         self.sock.settimeout(0.2)
@@ -394,7 +391,6 @@ class TinyDns(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self):
-        from dnslib import A, QTYPE, RR, DNSRecord
         while not self.stopped.is_set():
             try:
                 data, peer = self.sock.recvfrom(4096)
