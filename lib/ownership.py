@@ -353,11 +353,9 @@ class OwnershipStore:
         name, key = canonical_name(name), _canonical_key(key)
         now = self._clock()
         with self._write("record ownership of %s" % name) as conn:
-            row = conn.execute("SELECT name, key, method, first_bound, last_bound "
-                               "FROM ownership WHERE name = ?", (name,)).fetchone()
+            row = _owner_row(conn, name)
             if row is None:
-                conn.execute("INSERT INTO ownership VALUES (?, ?, ?, ?, ?)",
-                             (name, key, method, now, now))
+                _insert_owner(conn, name, key, method, now)
                 return Ownership(name, key, method, now, now), True
             current = Ownership(*row)
             if current.key == key and now - current.last_bound >= TOUCH_INTERVAL:
@@ -374,11 +372,9 @@ class OwnershipStore:
         name, key = canonical_name(name), _canonical_key(key)
         now = self._clock()
         with self._write("record ownership of %s" % name) as conn:
-            row = conn.execute("SELECT name, key, method, first_bound, last_bound "
-                               "FROM ownership WHERE name = ?", (name,)).fetchone()
+            row = _owner_row(conn, name)
             if row is None:
-                conn.execute("INSERT INTO ownership VALUES (?, ?, ?, ?, ?)",
-                             (name, key, method, now, now))
+                _insert_owner(conn, name, key, method, now)
                 if method == "operator":
                     self._audit(conn, actor, "assign", name, "to key %s%s" % (
                         key, ": " + detail if detail else ""))
@@ -588,6 +584,15 @@ class AllowList:
 
 
 # --- the policy -----------------------------------------------------------------------------
+def _owner_row(conn, name: str):
+    return conn.execute("SELECT name, key, method, first_bound, last_bound "
+                        "FROM ownership WHERE name = ?", (name,)).fetchone()
+
+
+def _insert_owner(conn, name: str, key: str, method: str, now: float) -> None:
+    conn.execute("INSERT INTO ownership VALUES (?, ?, ?, ?, ?)", (name, key, method, now, now))
+
+
 def _dns_name(name: str) -> str | None:
     """Where the TXT record vouching for ``name`` lives, or None (ports, IP literals)."""
     if name.startswith("tcp:") or name.startswith("[") or re.match(r"[0-9.]+\Z", name):
