@@ -140,6 +140,9 @@ class ExitPlanner:
     relay. Any failure falls back to tor's own choice, so the option never costs a tunnel.
     """
 
+    # Explicit circuits tried per dial before tor's own choice.
+    ATTEMPTS = 3
+
     def __init__(self, tor, rng=None):
         import random
 
@@ -165,7 +168,9 @@ class ExitPlanner:
                 out.append(fp.upper())
         return out
 
-    def path_for(self, index: int) -> list[str]:
+    def path_for(self, index: int, avoid: frozenset[str] = frozenset()) -> list[str]:
+        """[guard, middle, exit] for tunnel ``index``; guards and middles in ``avoid`` (relays
+        that just failed to extend) are skipped while others remain."""
         usable, exits = self._relays()
         if not exits:
             raise torlib.TorError("no exits in the consensus")
@@ -175,26 +180,31 @@ class ExitPlanner:
             guards = [r.fingerprint for r in usable if "Guard" in r.flags and r.fingerprint != exit_fp]
         if not guards:
             raise torlib.TorError("no guard distinct from the exit")
-        guard = self.rng.choice(guards)
+        guard = self.rng.choice([g for g in guards if g not in avoid] or guards)
         middles = [r.fingerprint for r in usable if r.fingerprint not in (guard, exit_fp)]
         if not middles:
             raise torlib.TorError("no middle relay distinct from guard and exit")
-        return [guard, self.rng.choice(middles), exit_fp]
+        return [guard, self.rng.choice([m for m in middles if m not in avoid] or middles), exit_fp]
 
     def dial(self, host: str, port: int, isolation_key: str, timeout: float):
         index = _tunnel_index(isolation_key)
-        # Two tries (each with a fresh guard and middle): one relay refusing an EXTEND should not
+        # A few tries, each avoiding the guards and middles that failed before: a relay that
+        # cannot reach the exit (tor caches a failed OR connection for up to 60 s) should not
         # cost the tunnel its distinct exit.
-        for attempt in range(2 if index is not None else 0):
+        failed: set[str] = set()
+        tries = self.ATTEMPTS if index is not None else 0
+        for attempt in range(tries):
+            path: list[str] = []
             try:
-                path = self.path_for(index)
+                path = self.path_for(index, frozenset(failed))
                 circ = self.tor.build_circuit(path, timeout=min(timeout, 30.0))
                 log.info("tunnel %d: built circuit %s with exit %s", index, circ, path[-1][:8])
                 return self.tor.open_connection(host, port, isolation_key, timeout,
                                                 circuit_id=circ)
             except Exception as e:  # stem raises many types; any means "let tor choose"
+                failed.update(path[:-1])
                 log.warning("tunnel %d: explicit circuit failed (%s)%s", index, e,
-                            "; retrying" if attempt == 0 else "; letting tor choose")
+                            "; retrying" if attempt + 1 < tries else "; letting tor choose")
         return self.tor.open_connection(host, port, isolation_key, timeout)
 
 

@@ -288,6 +288,52 @@ class TorNetwork:
             self._launch(r)  # raises once stop() was called
         self._event("restarted", relay=nickname, pid=r.pid)
 
+    def wait_extendable(self, nickname: str, controller, timeout: float = 90.0) -> float:
+        """Block until every other relay can extend a circuit to ``nickname``; seconds taken.
+
+        After a relay was down, each relay that tried to reach it then refuses to try again
+        for up to 60 s (tor's OR-connect failure cache), so a restarted relay is reachable
+        through some relays and not others for a while. Fault tests call this after
+        ``restart_relay`` so later tests share a network where any path works again.
+        ``controller`` is a stem Controller of a client tor of this network; one circuit
+        [guard, M, nickname] is built per other relay M (and closed), failures retried
+        every second.
+
+        :raises TestnetError: some relay still cannot extend to it after ``timeout`` seconds.
+        """
+        import stem  # only this helper needs stem
+
+        target = self.relay(nickname)
+        others = [r for r in self.relays if r is not target]
+        pending = {r.nickname for r in others}
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        last_error = ""
+        while pending:
+            for m in [r for r in others if r.nickname in pending]:
+                guard = next(r for r in others if r is not m)
+                try:
+                    circ = controller.new_circuit(
+                        [guard.fingerprint, m.fingerprint, target.fingerprint],
+                        await_build=True, timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+                except (stem.ControllerError, stem.Timeout) as e:
+                    last_error = f"{m.nickname} -> {nickname}: {e}"
+                    continue
+                pending.discard(m.nickname)
+                try:
+                    controller.close_circuit(circ)
+                except stem.ControllerError:
+                    pass  # already gone: it was only a probe
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                raise TestnetError(f"{nickname} still unreachable from {sorted(pending)} after "
+                                   f"{timeout:.0f} s ({last_error})")
+            time.sleep(1.0)
+        took = time.monotonic() - t0
+        self._event("extendable", relay=nickname, seconds=f"{took:.1f}")
+        return took
+
     def relay_controller(self, nickname: str):
         """An authenticated stem Controller for one relay that does NOT own it.
 

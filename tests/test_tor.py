@@ -288,3 +288,4 @@ def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
                 assert time.monotonic() < deadline, f"{killed.nickname} unusable after restart"
                 time.sleep(1)
         print(f"{killed.nickname} usable again {time.monotonic() - t0:.1f} s after the kill")
+        tor_network.wait_extendable(killed.nickname, client_tor.controller)

@@ -1,0 +1,83 @@
+"""Unit tests of lib.clienttor.ExitPlanner with a stand-in for lib.tor.TorAccess (this module
+only: the real planner runs against real tor in tests/test_e2e_tor.py)."""
+import random
+import types
+
+import pytest
+
+from lib import tor as torlib
+from lib.clienttor import ExitPlanner
+
+AUTHS = [c * 40 for c in "ABC"]
+EXITS = ["E" * 40, "F" * 40]
+
+
+def _status(fp, *flags):
+    return types.SimpleNamespace(fingerprint=fp, flags=set(flags) | {"Running", "Valid"})
+
+
+class FakeTor:
+    """Consensus of three guards and two exits; build_circuit fails while a bad relay is in
+    the path (as a relay whose OR connection to the exit is in tor's failure cache)."""
+
+    def __init__(self, bad=()):
+        self.bad = set(bad)
+        self.built, self.opened = [], []
+        self.controller = self
+
+    def get_network_statuses(self):
+        return [_status(fp, "Guard") for fp in AUTHS] + [_status(fp, "Exit") for fp in EXITS]
+
+    def get_info(self, key):
+        raise torlib.TorError("no entry-guards here")
+
+    def build_circuit(self, path, timeout):
+        self.built.append(list(path))
+        if self.bad & set(path):
+            raise torlib.TorError(f"could not build a circuit through {path}: DESTROYED")
+        return str(len(self.built))
+
+    def open_connection(self, host, port, isolation_key, timeout, circuit_id=None):
+        self.opened.append(circuit_id)
+        return object()
+
+
+def test_each_tunnel_index_gets_its_own_exit():
+    planner = ExitPlanner(FakeTor(), rng=random.Random(1))
+    assert planner.path_for(0)[-1] != planner.path_for(1)[-1]
+    for i in range(4):
+        guard, middle, exit_fp = planner.path_for(i)
+        assert len({guard, middle, exit_fp}) == 3 and guard in AUTHS
+
+
+def test_avoided_relays_are_skipped_while_others_remain():
+    planner = ExitPlanner(FakeTor(), rng=random.Random(2))
+    for _ in range(50):
+        guard, middle, _exit = planner.path_for(0, frozenset(AUTHS[:2]))
+        assert guard == AUTHS[2] and middle != AUTHS[0] and middle != AUTHS[1]
+    # Everything avoided: the planner still returns a path rather than none.
+    assert len(planner.path_for(0, frozenset(AUTHS + EXITS))) == 3
+
+
+def test_dial_retries_around_a_relay_that_cannot_extend():
+    tor = FakeTor(bad={AUTHS[0]})
+    planner = ExitPlanner(tor, rng=random.Random(3))
+    planner.dial("127.0.0.1", 80, "shroud-tunnel-1-0", timeout=5)
+    assert tor.opened[-1] is not None, "fell back although a clean path existed"
+    assert AUTHS[0] not in tor.built[-1]
+    assert all(p[-1] == EXITS[1] for p in tor.built)
+    assert len(tor.built) <= ExitPlanner.ATTEMPTS
+
+
+def test_dial_falls_back_to_tor_after_the_attempts():
+    tor = FakeTor(bad=set(EXITS))
+    ExitPlanner(tor, rng=random.Random(4)).dial("127.0.0.1", 80, "shroud-tunnel-0-0", timeout=5)
+    assert len(tor.built) == ExitPlanner.ATTEMPTS
+    assert tor.opened == [None]
+
+
+@pytest.mark.parametrize("key", ["other", "shroud-tunnel-x-0", "discovery"])
+def test_dial_without_a_tunnel_index_lets_tor_choose(key):
+    tor = FakeTor()
+    ExitPlanner(tor).dial("127.0.0.1", 80, key, timeout=5)
+    assert tor.built == [] and tor.opened == [None]
