@@ -209,7 +209,7 @@ def _has_float(value) -> bool:
 
 
 def _check_message(msg) -> None:
-    for prop in ("public_key", "nonce", "signature", "reason", "signed_name"):
+    for prop in ("public_key", "nonce", "signature", "proxy_id", "reason", "signed_name"):
         if hasattr(type(msg), prop):
             try:
                 getattr(msg, prop)
@@ -432,7 +432,8 @@ def message_seeds() -> list[bytes]:
         msgs.Auth(version=["1", "2"], client_id="abc"),
         msgs.AuthResp(client_id="abc", extra=msgs.auth_resp_extra(nonce)),
         msgs.AuthResp(error="refused <&>", extra=msgs.refusal_extra(msgs.REASON_LIMIT)),
-        msgs.Bind("tls", hostname="app.test", extra=msgs.bind_extra(sig)),
+        msgs.Bind("tls", hostname="app.test", extra=msgs.bind_extra(sig, "cert:" + "ab" * 32)),
+        msgs.Bind("http", hostname="web.test", extra=msgs.bind_extra(sig, "host:proxy.test")),
         msgs.Bind("http", hostname="web.test", subdomain="", auth="user:pw"),
         msgs.Bind("tcp", remote_port=20001),
         msgs.BindResp("https://app.test", "tls"),

@@ -88,15 +88,20 @@ class Service:
             return cls("tcp", f"tcp:{int(rest)}", tgt, int(rest))
         return cls(proto, sniff.normalize_hostname(rest, allow_wildcard=True), tgt)
 
-    def bind_message(self, nonce: bytes | None, identity) -> msg.Bind:
+    def bind_message(self, nonce: bytes | None, identity, proxy_id: str | None = None) -> msg.Bind:
+        """The Bind for this service: signed over the proxy's nonce and ``proxy_id`` (the
+        proxy this client verified, lib.messages.proxy_id_for_*) when both are known, else
+        unsigned (an original go-tunnel proxy sends no nonce)."""
         if self.protocol == "tcp":
             b = msg.Bind(protocol="tcp", remote_port=self.remote_port)
         else:
             b = msg.Bind(protocol=self.protocol, hostname=self.name)
         if identity is not None and nonce is not None:
-            payload = msg.bind_signature_payload(nonce, b.protocol, b.signed_name)
+            if proxy_id is None:
+                raise ValueError("a signed bind needs the proxy id it is meant for")
+            payload = msg.bind_signature_payload(nonce, proxy_id, b.protocol, b.signed_name)
             b = msg.Bind(protocol=b.protocol, hostname=b.hostname, remote_port=b.remote_port,
-                         extra=msg.bind_extra(identity.sign(payload)))
+                         extra=msg.bind_extra(identity.sign(payload), proxy_id))
         return b
 
 
@@ -214,6 +219,7 @@ class TunnelRunner:
         self.connected_at: float | None = None
         self.client_id = ""
         self.generation = 0  # bumped per connection: a fresh Tor circuit each time
+        self.proxy_id: str | None = None  # what this connection's binds are signed for
         self.backoff = Backoff(client.config.backoff_base, client.config.backoff_cap)
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
@@ -306,6 +312,14 @@ class TunnelRunner:
                 except HandshakeError as e:
                     raise TunnelError(f"WebSocket handshake with {self.proxy} failed: "
                                       f"{e}") from None
+                # A platform's router terminates TLS: the proxy knows the names it is reached
+                # by, not the router's certificate.
+                self.proxy_id = msg.proxy_id_for_host(self.proxy.host_header)
+            else:
+                der = tls.getpeercert(binary_form=True)
+                if not der:
+                    raise TunnelError(f"proxy {self.proxy} presented no certificate")
+                self.proxy_id = msg.proxy_id_for_cert(der)
             tls.settimeout(None)
         except ssl.SSLError as e:
             raw.close()
@@ -354,6 +368,11 @@ class TunnelRunner:
             raise TunnelError(f"proxy {self.proxy} refused us: {resp.error}", permanent=True)
         self.client_id = resp.client_id
         nonce = resp.nonce
+        version = msg.shroud_version(resp.extra)
+        if nonce is not None and version != msg.SHROUD_VERSION:
+            raise TunnelError(f"proxy {self.proxy} speaks Shroud protocol {version}, this "
+                              f"client {msg.SHROUD_VERSION} (binds name the proxy they are "
+                              f"meant for): upgrade the older side", permanent=True)
         if cfg.identity is not None and nonce is None:
             log.info("proxy %s sent no nonce (an original go-tunnel proxy?): binding unsigned",
                      self.proxy)
@@ -392,7 +411,7 @@ class TunnelRunner:
         stream = session.open()
         with stream:
             stream.settimeout(cfg.handshake_timeout)
-            msg.write_message(stream, svc.bind_message(nonce, cfg.identity))
+            msg.write_message(stream, svc.bind_message(nonce, cfg.identity, self.proxy_id))
             resp = msg.read_message(stream)
         if not isinstance(resp, msg.BindResp):
             raise TunnelError(f"proxy {self.proxy} answered Bind with {type(resp).__name__}")

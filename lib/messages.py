@@ -18,7 +18,7 @@ Public API::
     Auth(version=["1"], client_id="", extra=None)              .public_key -> bytes | None
     AuthResp(version="1", client_id="", error="", extra=None)   .nonce -> bytes | None
     Bind(protocol, hostname="", subdomain="", remote_port=None, extra=None, auth=None)
-                                          .signature -> bytes | None, .signed_name -> str
+                  .signature -> bytes | None, .proxy_id -> str | None, .signed_name -> str
     BindResp(url, protocol="", error="", extra=None)             .reason -> str | None
     StartProxy(url, client_addr)
     Message = Auth | AuthResp | Bind | BindResp | StartProxy
@@ -33,16 +33,18 @@ Public API::
     MessageError(ValueError) .reason
 
     Shroud additions (see docs/PROTOCOL.md, "Control messages"):
-    auth_extra(public_key) / auth_resp_extra(nonce) / bind_extra(signature) /
+    auth_extra(public_key) / auth_resp_extra(nonce) / bind_extra(signature, proxy_id) /
     refusal_extra(reason) -> dict;  shroud_version(extra) -> int | None
-    bind_signature_payload(nonce, protocol, name) -> bytes
+    proxy_id_for_cert(der) / proxy_id_for_host(host) -> str     # what a bind is signed for
+    bind_signature_payload(nonce, proxy_id, protocol, name) -> bytes
     SHROUD_VERSION, NONCE_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE, BIND_SIGNATURE_CONTEXT,
-    EXTRA_VERSION, EXTRA_KEY, EXTRA_NONCE, EXTRA_SIG, EXTRA_REASON, REASON_* codes
+    EXTRA_VERSION, EXTRA_KEY, EXTRA_NONCE, EXTRA_SIG, EXTRA_TO, EXTRA_REASON, REASON_* codes
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import struct
@@ -60,16 +62,23 @@ _LENGTH = struct.Struct("<q")
 PROTOCOL_VERSION = "1"  # go-tunnel's proto.Version
 
 # --- Shroud's additions, carried in the Extra fields ----------------------------------------
-SHROUD_VERSION = 1
+# 2: a Bind signature names the proxy it is meant for (EXTRA_TO), so a proxy cannot relay
+# another proxy's nonce and the client's signature to bind the name there. Version 1 (the
+# payload without the proxy) is refused both ways.
+SHROUD_VERSION = 2
 EXTRA_VERSION = "shroud"   # Auth.Extra and AuthResp.Extra: Shroud protocol version (int)
 EXTRA_KEY = "key"          # Auth.Extra: base64 of the client's raw Ed25519 public key
 EXTRA_NONCE = "nonce"      # AuthResp.Extra: base64 of NONCE_SIZE random bytes from the proxy
 EXTRA_SIG = "sig"          # Bind.Extra: base64 Ed25519 signature of bind_signature_payload()
+EXTRA_TO = "to"            # Bind.Extra: the proxy id the signature names (proxy_id_for_*)
 EXTRA_REASON = "reason"    # BindResp.Extra (and AuthResp.Extra): machine-readable refusal code
 NONCE_SIZE = 32
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
-BIND_SIGNATURE_CONTEXT = b"shroud-bind-v1\0"
+BIND_SIGNATURE_CONTEXT = b"shroud-bind-v2\0"
+# A proxy id is "cert:" + 64 hex digits or "host:" + a hostname: short printable ASCII.
+MAX_PROXY_ID = 300
+_PROXY_ID = re.compile(r"\A(?:cert:[0-9a-f]{64}|host:[a-z0-9.\-_\[\]:]{1,%d})\Z" % (MAX_PROXY_ID - 5))
 
 # Refusal codes for Extra["reason"]; Error carries the human sentence.
 REASON_BAD_REQUEST = "bad-request"            # malformed Bind / Options
@@ -78,6 +87,7 @@ REASON_INVALID_HOSTNAME = "invalid-hostname"
 REASON_SIGNATURE_REQUIRED = "signature-required"  # unsigned bind where the policy wants one
 REASON_BAD_SIGNATURE = "bad-signature"
 REASON_NOT_OWNER = "not-owner"                # another key owns this name
+REASON_WRONG_PROXY = "wrong-proxy"            # the signature names another proxy (a relay)
 REASON_NOT_ALLOWED = "not-allowed"            # no rule lets this key bind this name
 REASON_LIMIT = "limit"                        # too many tunnels / binds
 REASON_INTERNAL = "internal"
@@ -351,6 +361,19 @@ class Bind:
         """
         return _extra_bytes(self.extra, EXTRA_SIG, SIGNATURE_SIZE)
 
+    @property
+    def proxy_id(self) -> str | None:
+        """The proxy id the signature names (Extra "to"), or None when absent.
+
+        :raises MessageError: present but not a well-formed proxy id.
+        """
+        if not isinstance(self.extra, dict) or self.extra.get(EXTRA_TO) is None:
+            return None
+        try:
+            return check_proxy_id(self.extra[EXTRA_TO])
+        except ValueError as e:
+            raise MessageError("Extra.%s: %s" % (EXTRA_TO, e)) from None
+
 
 @dataclass
 class BindResp:
@@ -574,9 +597,38 @@ def auth_resp_extra(nonce: bytes) -> dict:
     return {EXTRA_VERSION: SHROUD_VERSION, EXTRA_NONCE: _b64(nonce, NONCE_SIZE, "nonce")}
 
 
-def bind_extra(signature: bytes) -> dict:
-    """Bind.Extra carrying the signature over :func:`bind_signature_payload`."""
-    return {EXTRA_SIG: _b64(signature, SIGNATURE_SIZE, "signature")}
+def bind_extra(signature: bytes, proxy_id: str) -> dict:
+    """Bind.Extra: the signature over :func:`bind_signature_payload` and the proxy id it names."""
+    return {EXTRA_SIG: _b64(signature, SIGNATURE_SIZE, "signature"),
+            EXTRA_TO: check_proxy_id(proxy_id)}
+
+
+def proxy_id_for_cert(der: bytes) -> str:
+    """The proxy id of a tunnel whose TLS the client verified itself: ``"cert:"`` + the
+    lower-case hex SHA-256 of the proxy's leaf certificate (DER), as the client saw it."""
+    if not isinstance(der, (bytes, bytearray)) or not der:
+        raise ValueError("certificate must be non-empty DER bytes")
+    return "cert:" + hashlib.sha256(bytes(der)).hexdigest()
+
+
+def proxy_id_for_host(host: str) -> str:
+    """The proxy id of a tunnel whose TLS a platform's router terminates (WebSocket tunnels):
+    ``"host:"`` + the host the client asked for (the Host header's name: lower-case, no port,
+    no trailing dot)."""
+    _check_str(host, "host")
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[:name.index("]") + 1] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    return check_proxy_id("host:" + name.rstrip("."))
+
+
+def check_proxy_id(proxy_id: Any) -> str:
+    """``proxy_id`` if it is a well-formed proxy id, else ValueError."""
+    if not isinstance(proxy_id, str) or not _PROXY_ID.match(proxy_id):
+        raise ValueError("malformed proxy id %r" % (proxy_id,))
+    return proxy_id
 
 
 def refusal_extra(reason: str) -> dict:
@@ -609,21 +661,22 @@ def _extra_bytes(extra: Any, key: str, size: int) -> bytes | None:
     return raw
 
 
-def bind_signature_payload(nonce: bytes, protocol: str, name: str) -> bytes:
+def bind_signature_payload(nonce: bytes, proxy_id: str, protocol: str, name: str) -> bytes:
     """The exact bytes a Bind signature covers::
 
-        b"shroud-bind-v1\\0" + nonce + b"\\0" + protocol + b"\\0" + name
+        b"shroud-bind-v2\\0" + nonce + b"\\0" + proxy_id + b"\\0" + protocol + b"\\0" + name
 
     ``nonce`` is the 32 raw bytes from AuthResp.Extra (fixed length, so it may contain NUL);
-    ``protocol`` and ``name`` (see :attr:`Bind.signed_name`) are UTF-8 and must not contain
-    NUL, which keeps the fields unambiguous.
+    ``proxy_id`` (:func:`proxy_id_for_cert` / :func:`proxy_id_for_host`) names the proxy the
+    client verified; ``protocol`` and ``name`` (see :attr:`Bind.signed_name`) are UTF-8 and
+    must not contain NUL, which keeps the fields unambiguous.
     """
     if not isinstance(nonce, (bytes, bytearray)) or len(nonce) != NONCE_SIZE:
         raise ValueError("nonce must be %d bytes" % NONCE_SIZE)
-    parts = []
+    parts = [check_proxy_id(proxy_id).encode("ascii")]
     for what, text in (("protocol", protocol), ("name", name)):
         _check_str(text, what)
         if "\0" in text:
             raise ValueError("%s must not contain NUL" % what)
         parts.append(text.encode("utf-8"))
-    return BIND_SIGNATURE_CONTEXT + bytes(nonce) + b"\0" + parts[0] + b"\0" + parts[1]
+    return BIND_SIGNATURE_CONTEXT + bytes(nonce) + b"\0" + b"\0".join(parts)

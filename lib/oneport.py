@@ -45,6 +45,7 @@ import logging
 import re
 
 
+from lib import messages as msg
 from lib import sniff
 from lib import websocket as ws
 from lib.proxy import PeekTimeout, peek_name
@@ -204,6 +205,7 @@ class OnePortRouter:
     def __init__(self, proxy, admin_hosts, trust_forwarded_for: bool = True):
         self.proxy = proxy
         self.admin_hosts = {sniff.normalize_hostname(h) for h in admin_hosts if h}
+        self.proxy_ids = frozenset(msg.proxy_id_for_host(h) for h in self.admin_hosts)
         self.trust_forwarded_for = trust_forwarded_for
 
     def dispatch(self, sock, address):
@@ -290,8 +292,11 @@ class OnePortRouter:
             return
         peer_text = "%s:%d" % peer[:2]
         log.info("websocket tunnel from %s", peer_text)
+        # The platform's router terminated TLS, so a client signs its binds for the name it
+        # asked for: any of this proxy's own names.
         self.proxy.serve_tunnel(WebSocketTransport(sock, client=False, leftover=rest),
-                                peer_text, transport_name="websocket")
+                                peer_text, transport_name="websocket",
+                                proxy_ids=self.proxy_ids)
 
 
 def _send_quietly(sock, data: bytes) -> None:

@@ -282,8 +282,13 @@ class ProxyServer:
             return
         self.serve_tunnel(tls, peer, transport_name="tls")
 
-    def serve_tunnel(self, transport, peer: str, transport_name: str = "tls") -> None:
-        """Run one tunnel (any socket-like transport: TLS socket, WebSocket) until it ends."""
+    def serve_tunnel(self, transport, peer: str, transport_name: str = "tls",
+                     proxy_ids: frozenset[str] | None = None) -> None:
+        """Run one tunnel (any socket-like transport: TLS socket, WebSocket) until it ends.
+
+        ``proxy_ids``: what a signed bind on it may name as its proxy (lib.messages
+        proxy_id_for_*); by default this proxy's tunnel certificate, which the client saw in
+        a TLS handshake it made with us."""
         session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}")
         tunnel = None
         watchdog = None
@@ -291,6 +296,8 @@ class ProxyServer:
             tunnel, nonce = self._authenticate(session, peer, transport_name)
             if tunnel is None:
                 return
+            tunnel.proxy_ids = (proxy_ids if proxy_ids is not None
+                                else frozenset({"cert:" + self.fingerprint}))
             log.info("tunnel %d up from %s key=%s", tunnel.id, peer, (tunnel.key or "unsigned")[:16])
             # A tunnel that binds nothing holds a slot for nothing: it gets the handshake's time.
             watchdog = gevent.spawn_later(self.config.handshake_timeout, self._drop_if_unbound,
@@ -340,6 +347,12 @@ class ProxyServer:
                 return None, None
             key = auth.public_key
             fp = key_fingerprint(key) if key else None
+            version = msg.shroud_version(auth.extra)
+            if key and version != msg.SHROUD_VERSION:
+                self._auth_refuse(stream, f"Shroud protocol {version} is not spoken here (this "
+                                          f"proxy speaks {msg.SHROUD_VERSION}): upgrade the "
+                                          f"client", peer)
+                return None, None
             if fp and self.store is not None and self.store.is_blocked(key=fp):
                 self._auth_refuse(stream, f"key {fp[:16]} is blocked by the operator", peer)
                 return None, None
@@ -457,11 +470,23 @@ class ProxyServer:
             except ValueError as e:
                 return refuse(msg.REASON_INVALID_HOSTNAME, f"invalid hostname: {e}", "bad_bind")
             url = f"{protocol}://{name}"
-        # Signature over the nonce: proves the tunnel holds the key it claimed in Auth.
+        # Signature over the nonce and this proxy's id: proves the tunnel holds the key it
+        # claimed in Auth, and that the client meant this proxy. A proxy the client trusts
+        # could otherwise relay our nonce to it and its signature back to us (DESIGN: the
+        # proxy is not trusted with other proxies' names).
         if tunnel.key is not None:
             sig = (bind.extra or {}).get(msg.EXTRA_SIG) if isinstance(bind.extra, dict) else None
-            payload = msg.bind_signature_payload(nonce, protocol, bind.signed_name)
-            if not sig or not verify_bind(tunnel.key_b64, sig, payload):
+            try:
+                to = bind.proxy_id
+            except msg.MessageError as e:
+                return refuse(msg.REASON_BAD_REQUEST, f"bind: {e}", "bad_bind")
+            if sig and to is not None and to not in tunnel.proxy_ids:
+                return refuse(msg.REASON_WRONG_PROXY,
+                              f"bind was signed for another proxy ({to[:21]}...); a proxy "
+                              f"between you and us may be relaying your binds", "wrong_proxy")
+            if not sig or to is None or not verify_bind(
+                    tunnel.key_b64, sig, msg.bind_signature_payload(nonce, to, protocol,
+                                                                    bind.signed_name)):
                 return refuse(msg.REASON_BAD_SIGNATURE, "bind signature missing or invalid")
         if self.store is not None and self.store.is_blocked(hostname=name):
             return refuse(msg.REASON_NOT_ALLOWED, f"{name} is blocked by the operator", "blocked")

@@ -77,6 +77,7 @@ class Tunnel:
         self.streams_open = 0
         self.streams_total = 0
         self.proven = False  # a signed bind proved the key (unsigned tunnels never are)
+        self.proxy_ids: frozenset[str] = frozenset()  # what its signed binds may name (proxy)
         self.ever_bound = False
         self.bytes_in = 0  # public -> origin
         self.bytes_out = 0  # origin -> public

@@ -31,11 +31,16 @@ def test_bad_services_are_refused(name, target):
 
 
 def test_tcp_bind_message_and_signature():
-    from lib.identity import Identity
+    from lib.identity import Identity, verify_bind
     from lib import messages as msg
     ident = Identity.generate()
-    b = Service.parse("tcp:20001", "127.0.0.1:22").bind_message(b"n" * 32, ident)
+    b = Service.parse("tcp:20001", "127.0.0.1:22").bind_message(b"n" * 32, ident, "host:p.test")
     assert b.protocol == "tcp" and b.remote_port == 20001 and b.signature is not None
+    assert b.proxy_id == "host:p.test"
+    assert verify_bind(ident.public_key_b64, b.extra["sig"],
+                       msg.bind_signature_payload(b"n" * 32, "host:p.test", "tcp", "20001"))
+    with pytest.raises(ValueError):
+        Service.parse("a.example", "127.0.0.1:1").bind_message(b"n" * 32, ident)  # no proxy id
     unsigned = Service.parse("a.example", "127.0.0.1:1").bind_message(None, ident)
     assert unsigned.extra is None  # an original proxy sends no nonce: bind unsigned
     assert msg.unpack(msg.pack(b)).remote_port == 20001

@@ -95,7 +95,7 @@ def test_go_original_client_binds_on_our_proxy_and_serves_by_sni(pki, origin, go
         assert auth["error"] == "" and auth["version"] == "1"
         assert HEX32.match(auth["client_id"]), auth
         # Our AuthResp carries Shroud's nonce in Extra; Go decodes it as free JSON.
-        assert auth["extra"]["shroud"] == 1 and auth["extra"]["nonce"]
+        assert auth["extra"]["shroud"] == 2 and auth["extra"]["nonce"]
         assert auth["reencode_equal"], auth["wire"]  # (c) exactly what Go's encoder writes
 
         bind = client.expect("bind")
@@ -175,7 +175,7 @@ def test_our_client_binds_unsigned_on_go_original_proxy(pki, origin, gotunnel, t
         auth = server.expect("auth")
         # Our Auth: go-tunnel's fields, Shroud's key in Extra, bytes exactly as Go writes them.
         assert auth["version"] == ["1"] and auth["client_id"] == ""
-        assert auth["extra"]["shroud"] == 1 and len(auth["extra"]["key"]) == 44
+        assert auth["extra"]["shroud"] == 2 and len(auth["extra"]["key"]) == 44
         assert auth["reencode_equal"], auth["wire"]
 
         bind = server.expect("bind")

@@ -105,6 +105,7 @@ class Attacker:
         raw = gevent.socket.create_connection(("127.0.0.1", proxy.ports["tunnel"]), timeout=10)
         self.tls = ctx.wrap_socket(raw)
         self.tls.settimeout(None)
+        self.proxy_id = msg.proxy_id_for_cert(self.tls.getpeercert(binary_form=True))
         self.session = Session(self.tls, client=True, config=mux or MuxConfig(),
                                name="attacker")
         self.identity = identity
@@ -124,11 +125,13 @@ class Attacker:
              bad_signature: bool = False) -> msg.BindResp:
         b = msg.Bind(protocol=protocol, hostname=name)
         if sign and self.identity is not None:
-            payload = msg.bind_signature_payload(self.nonce, protocol, b.signed_name)
+            payload = msg.bind_signature_payload(self.nonce, self.proxy_id, protocol,
+                                                 b.signed_name)
             sig = self.identity.sign(payload)
             if bad_signature:
                 sig = bytes([sig[0] ^ 1]) + sig[1:]
-            b = msg.Bind(protocol=protocol, hostname=name, extra=msg.bind_extra(sig))
+            b = msg.Bind(protocol=protocol, hostname=name,
+                         extra=msg.bind_extra(sig, self.proxy_id))
         with self.session.open() as st:
             st.settimeout(10)
             msg.write_message(st, b)

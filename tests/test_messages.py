@@ -1,6 +1,7 @@
 """Byte-vector, round-trip, Go cross-check and fuzz tests for lib/messages.py and
 lib/identity.py (go-tunnel control messages, Shroud's signed binds)."""
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -46,6 +47,7 @@ VECTORS = [
 NONCE = bytes(range(32))
 KEY = bytes(range(100, 132))
 SIG = bytes(range(64))
+PROXY = "cert:" + bytes(range(32, 64)).hex()  # the proxy id of the worked example
 
 
 def frame(body):
@@ -273,13 +275,13 @@ def test_read_message_bounds_length_before_reading_body():
 def test_shroud_extras_on_the_wire():
     auth = Auth(extra=m.auth_extra(KEY))
     assert pack(auth) == (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":'
-                          b'{"key":"' + base64.b64encode(KEY) + b'","shroud":1}}}')
+                          b'{"key":"' + base64.b64encode(KEY) + b'","shroud":2}}}')
     assert unpack(pack(auth)).public_key == KEY
-    assert m.shroud_version(unpack(pack(auth)).extra) == 1
+    assert m.shroud_version(unpack(pack(auth)).extra) == 2
     resp = AuthResp(client_id="c" * 32, extra=m.auth_resp_extra(NONCE))
     assert unpack(pack(resp)).nonce == NONCE
-    bind = Bind("tls", hostname="example.com", extra=m.bind_extra(SIG))
-    assert unpack(pack(bind)).signature == SIG
+    bind = Bind("tls", hostname="example.com", extra=m.bind_extra(SIG, PROXY))
+    assert unpack(pack(bind)).signature == SIG and unpack(pack(bind)).proxy_id == PROXY
     refused = BindResp("", error="example.com is bound by another key",
                        extra=m.refusal_extra(m.REASON_NOT_OWNER))
     assert unpack(pack(refused)).reason == "not-owner"
@@ -288,7 +290,29 @@ def test_shroud_extras_on_the_wire():
         assert m.shroud_version(msg.extra) is None
     assert Auth().public_key is None and AuthResp().nonce is None
     assert Bind("tls").signature is None and BindResp("u").reason is None
+    assert Bind("tls").proxy_id is None
 
+
+@pytest.mark.parametrize("value", [5, "", "cert:", "cert:" + "A" * 64, "cert:" + "a" * 63,
+                                   "host:", "host:a b", "host:a\0b", "other:x",
+                                   "host:" + "a" * 400])
+def test_malformed_proxy_ids(value):
+    with pytest.raises(MessageError):
+        _ = Bind("tls", extra={"sig": "x", "to": value}).proxy_id
+    with pytest.raises(ValueError):
+        m.bind_extra(SIG, value)
+    if isinstance(value, str) and value.startswith("host:") and len(value) > 5:
+        with pytest.raises(ValueError):
+            m.proxy_id_for_host(value[5:])
+
+
+def test_proxy_ids():
+    assert m.proxy_id_for_cert(b"der") == "cert:" + hashlib.sha256(b"der").hexdigest()
+    for host in ["Proxy.Example.NET", "proxy.example.net:443", "proxy.example.net."]:
+        assert m.proxy_id_for_host(host) == "host:proxy.example.net"
+    assert m.proxy_id_for_host("[::1]:8080") == "host:[::1]"
+    with pytest.raises(ValueError):
+        m.proxy_id_for_cert(b"")
 
 @pytest.mark.parametrize("value", [5, "not base64!", base64.b64encode(b"short").decode(),
                                    base64.b64encode(KEY).decode().rstrip("=")])
@@ -302,12 +326,16 @@ def test_malformed_extra_values(value):
 
 
 def test_bind_signature_payload_exact_bytes():
-    payload = m.bind_signature_payload(NONCE, "tls", "example.com")
-    assert payload == b"shroud-bind-v1\x00" + NONCE + b"\x00tls\x00example.com"
-    assert m.bind_signature_payload(NONCE, "tcp", Bind("tcp", remote_port=22).signed_name) \
-        == b"shroud-bind-v1\x00" + NONCE + b"\x00tcp\x0022"
+    payload = m.bind_signature_payload(NONCE, PROXY, "tls", "example.com")
+    assert payload == (b"shroud-bind-v2\x00" + NONCE + b"\x00" + PROXY.encode()
+                       + b"\x00tls\x00example.com")
+    assert m.bind_signature_payload(NONCE, "host:p.example", "tcp",
+                                    Bind("tcp", remote_port=22).signed_name) \
+        == b"shroud-bind-v2\x00" + NONCE + b"\x00host:p.example\x00tcp\x0022"
     assert Bind("tls", hostname="Example.COM.").signed_name == "Example.COM."
-    for args in [(NONCE[:31], "tls", "a"), (NONCE, "tls\0", "a"), (NONCE, "tls", "a\0b")]:
+    for args in [(NONCE[:31], PROXY, "tls", "a"), (NONCE, PROXY, "tls\0", "a"),
+                 (NONCE, PROXY, "tls", "a\0b"), (NONCE, "host:a\0b", "tls", "a"),
+                 (NONCE, "example.com", "tls", "a")]:
         with pytest.raises(ValueError):
             m.bind_signature_payload(*args)
 
@@ -317,21 +345,22 @@ def test_signed_bind_end_to_end(tmp_path):
     # client -> proxy: Auth with the key; proxy -> client: nonce; client signs the Bind.
     auth = unpack(pack(Auth(extra=m.auth_extra(client.public_key))))
     resp = unpack(pack(AuthResp(client_id="c" * 32, extra=m.auth_resp_extra(NONCE))))
-    payload = m.bind_signature_payload(resp.nonce, "tls", "example.com")
+    payload = m.bind_signature_payload(resp.nonce, PROXY, "tls", "example.com")
     bind = unpack(pack(Bind("tls", hostname="example.com",
-                            extra=m.bind_extra(client.sign(payload)))))
+                            extra=m.bind_extra(client.sign(payload), PROXY))))
     key_b64 = auth.extra["key"]
     sig_b64 = bind.extra["sig"]
     assert key_b64 == client.public_key_b64
-    assert verify_bind(key_b64, sig_b64, m.bind_signature_payload(NONCE, "tls", bind.signed_name))
+    assert verify_bind(key_b64, sig_b64, m.bind_signature_payload(NONCE, bind.proxy_id, "tls",
+                                                                  bind.signed_name))
     # anything else changed: refused
     other = Identity.generate()
     assert not verify_bind(other.public_key_b64, sig_b64, payload)
-    assert not verify_bind(key_b64, sig_b64, m.bind_signature_payload(NONCE, "tls", "evil.com"))
-    assert not verify_bind(key_b64, sig_b64, m.bind_signature_payload(b"\1" * 32, "tls",
-                                                                       "example.com"))
-    assert not verify_bind(key_b64, sig_b64, m.bind_signature_payload(NONCE, "http",
-                                                                       "example.com"))
+    for changed in [(NONCE, PROXY, "tls", "evil.com"), (b"\1" * 32, PROXY, "tls", "example.com"),
+                    (NONCE, PROXY, "http", "example.com"),
+                    (NONCE, "cert:" + "0" * 64, "tls", "example.com"),
+                    (NONCE, "host:example.com", "tls", "example.com")]:
+        assert not verify_bind(key_b64, sig_b64, m.bind_signature_payload(*changed))
     for bad_key, bad_sig in [("", sig_b64), (key_b64, ""), ("!!", sig_b64), (key_b64, "x"),
                              (base64.b64encode(b"\0" * 32).decode(), sig_b64), (None, None)]:
         assert verify_bind(bad_key, bad_sig, payload) is False
@@ -542,7 +571,7 @@ messages = st.one_of(
 
 def test_go_reencodes_our_vectors_identically(go_repack):
     extras = [Auth(extra=m.auth_extra(KEY)), AuthResp(extra=m.auth_resp_extra(NONCE)),
-              Bind("tls", hostname="example.com", extra=m.bind_extra(SIG)),
+              Bind("tls", hostname="example.com", extra=m.bind_extra(SIG, PROXY)),
               BindResp("", error="no", extra=m.refusal_extra(m.REASON_NOT_OWNER)),
               Bind("tcp", remote_port=443), Bind("http", hostname="h", auth="u:p"),
               StartProxy("<&>\u2028\b\f\x01\x7f é", "\U0001f600")]
@@ -629,13 +658,14 @@ def test_worked_example_in_protocol_doc():
     assert encode(Auth(extra=m.auth_extra(client.public_key))) == bytes.fromhex(
         "8300000000000000") + (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"",'
                                b'"Extra":{"key":"O2onvM62pC1io6jQKm8Nc2UyFXcd4kOmOsBIoYtZ2ik=",'
-                               b'"shroud":1}}}')
-    payload = m.bind_signature_payload(NONCE, "tls", "example.com")
-    assert payload.hex() == ("7368726f75642d62696e642d763100" + NONCE.hex()
-                             + "00746c73006578616d706c652e636f6d")
-    bind = Bind("tls", hostname="example.com", extra=m.bind_extra(client.sign(payload)))
-    assert encode(bind) == bytes.fromhex("cb00000000000000") + (
+                               b'"shroud":2}}}')
+    assert PROXY == "cert:202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+    payload = m.bind_signature_payload(NONCE, PROXY, "tls", "example.com")
+    assert payload.hex() == ("7368726f75642d62696e642d763200" + NONCE.hex() + "00"
+                             + PROXY.encode().hex() + "00746c73006578616d706c652e636f6d")
+    bind = Bind("tls", hostname="example.com", extra=m.bind_extra(client.sign(payload), PROXY))
+    assert encode(bind) == bytes.fromhex("1801000000000000") + (
         b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":{"Hostname":"example.com",'
-        b'"Subdomain":""},"Extra":{"sig":"LQrDKDjAZZVd8VjJ+VGM/5YJEBUzN+qW/u9E3Sv5HQ2kMcApdZeq'
-        b'yu+zRbwzcMUEhsCLR0M1yqUFTzhXPEuFAQ=="}}}')
+        b'"Subdomain":""},"Extra":{"sig":"SC6dV/6Tr7WfSofGbV3g2SSUjnQxA+IYZ4TA2p3G29MOy/9K7kqL'
+        b'buONF+AeHvDEu1iWShMyq1k8erIDZsQ1Aw==","to":"' + PROXY.encode() + b'"}}}')
     assert verify_bind(client.public_key_b64, bind.extra["sig"], payload)

@@ -3,6 +3,8 @@
 - A Tor exit that intercepts TLS (stand-in: this test's own SOCKS5 server that terminates TLS
   with its own certificate and relays to the real proxy): the client refuses the tunnel, says
   why, and sends the interceptor nothing. The same server relaying honestly is accepted.
+- A proxy the client trusts relays its tunnel to another proxy: the other proxy refuses the
+  binds, which were signed for the relay (reason wrong-proxy).
 - The dashboard, over HTTP to a real proxy process: no credentials, no access; an action without
   the session's own CSRF token changes nothing.
 - The proxy never logs or stores the plaintext of passthrough TLS (debug logging on).
@@ -212,6 +214,101 @@ def test_an_honest_socks_exit_is_accepted(mitm_world, tmp_path):
         client.stop()
         honest.shutdown()
         honest.server_close()
+
+
+# --- a proxy relaying a client's binds to another proxy ---------------------------------------
+
+class RelayingProxy:
+    """A malicious proxy the client trusts (it pins this relay's own certificate): it terminates
+    the client's tunnel TLS and relays the plaintext, both ways and unchanged, over its own TLS
+    connection to another proxy. The other proxy's nonce reaches the client and the client's
+    signed binds reach the other proxy, so without a proxy id in the signed payload the relay
+    would bind the client's name there, in the client's place."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        cert = trustme.CA().issue_cert("relay.shroud.test")
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(self.ctx)
+        self.fingerprint = hashlib.sha256(
+            ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())).hexdigest()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.relayed = 0  # plaintext bytes client -> target
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn):
+        try:
+            conn.settimeout(10)
+            client_side = self.ctx.wrap_socket(conn, server_side=True)
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            target = ctx.wrap_socket(socket.create_connection(("127.0.0.1", self.target_port),
+                                                              timeout=10))
+        except (ssl.SSLError, OSError):
+            conn.close()
+            return
+        client_side.settimeout(60)
+        target.settimeout(60)
+
+        def pump(src, dst, count):
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    if count:
+                        self.relayed += len(data)
+                    dst.sendall(data)
+            except (ssl.SSLError, OSError):
+                pass
+            finally:
+                for x in (src, dst):
+                    try:
+                        x.close()
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(target, client_side, False), daemon=True).start()
+        pump(client_side, target, True)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_relaying_proxy_cannot_bind_the_clients_name_elsewhere(mitm_world, tmp_path):
+    """The client signs each bind for the proxy whose certificate it verified; the proxy behind
+    the relay sees its nonce signed for another proxy and refuses (reason wrong-proxy)."""
+    w = mitm_world
+    proxy = w["proxy"]
+    before = proxy.status()["refusals"].get("wrong_proxy", 0)
+    relay = RelayingProxy(proxy.ports["tunnel"])
+    client = ClientProc(str(tmp_path), str(tmp_path / "client"),
+                        ["http:relayed.test", f"127.0.0.1:{w['origin'].port}"],
+                        [f"127.0.0.1:{relay.port}"], pins=[relay.fingerprint])
+    try:
+        m = wait_log(client, r"refused relayed\.test: bind was signed for another proxy")
+        print(f"relayed bind: {m.group(0)}")
+        assert relay.relayed > 0  # the Auth and the signed Bind did cross the relay
+        st = proxy.status()
+        assert st["refusals"].get("wrong_proxy", 0) > before
+        assert not any(b["name"] == "relayed.test" for b in st["bindings"]), st["bindings"]
+        c = http.client.HTTPConnection("127.0.0.1", proxy.ports["http"], timeout=10)
+        c.request("GET", "/hello", headers={"Host": "relayed.test"})
+        assert c.getresponse().status == 404
+        c.close()
+    finally:
+        client.stop()
+        relay.close()
 
 
 # --- the dashboard over the wire --------------------------------------------------------------
