@@ -28,7 +28,7 @@ Go client sends no key) have key ``None``.
 Public API::
 
     canonical_name(name) -> str          # normalised host/wildcard/"tcp:PORT"; ValueError
-    OwnershipStore(path, max_size_bytes=DEFAULT_MAX_SIZE, clock=time.time)
+    OwnershipStore(path, max_size_bytes=DEFAULT_MAX_SIZE, clock=time.time, threaded=False)
         .path
         .owner(name) -> Ownership | None
         .covering_owner(name) -> Ownership | None    # the name's, else nearest wildcard's
@@ -68,7 +68,10 @@ Storage: SQLite in WAL mode with ``synchronous=FULL`` (a bind that was answered 
 disk), schema version in ``PRAGMA user_version``, a size cap (``max_size_bytes``) so a flood of
 first-use binds fills a bounded file, not the disk, and an audit log trimmed to ``AUDIT_KEEP``
 rows. All calls take a lock and are short (one small transaction), so greenlets may share one
-store; the store never calls out to the network.
+store; the store never calls out to the network. With ``threaded=True`` (the proxy's setting)
+each write transaction, whose COMMIT waits for the disk, runs in gevent's thread pool while the
+calling greenlet waits, so a slow disk or a burst of first-use binds never stalls the event
+loop that serves every other connection; reads (small, no fsync) stay on the calling greenlet.
 """
 from __future__ import annotations
 
@@ -79,7 +82,6 @@ import re
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 from lib import dnsclient
@@ -217,9 +219,10 @@ class OwnershipStore:
     """
 
     def __init__(self, path: str, max_size_bytes: int = DEFAULT_MAX_SIZE,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, threaded: bool = False):
         self.path = str(path)
         self._clock = clock
+        self._threaded = threaded
         self._lock = threading.RLock()
         self._conn = None
         try:
@@ -287,15 +290,17 @@ class OwnershipStore:
             raise OwnershipError("ownership database %s is closed" % self.path)
         return self._conn
 
-    @contextmanager
-    def _write(self, what: str):
-        """One IMMEDIATE transaction; any failure rolls it back and becomes OwnershipError."""
-        with self._lock:
+    def _write(self, what: str, body: Callable):
+        """Run ``body(conn)`` in one IMMEDIATE transaction; its result. Any failure rolls the
+        transaction back and an sqlite3 error becomes OwnershipError. With ``threaded`` the
+        transaction runs in gevent's thread pool (see the module docstring)."""
+        def transaction():
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                yield conn
+                result = body(conn)
                 conn.execute("COMMIT")
+                return result
             except BaseException as exc:
                 if conn.in_transaction:
                     try:
@@ -305,6 +310,21 @@ class OwnershipStore:
                 if isinstance(exc, sqlite3.Error):
                     raise OwnershipError("cannot %s in ownership database %s: %s"
                                          % (what, self.path, exc)) from None
+                raise
+
+        with self._lock:
+            if not self._threaded:
+                return transaction()
+            import gevent  # only the threaded store needs it
+
+            job = gevent.get_hub().threadpool.spawn(transaction)
+            try:
+                return job.get()
+            except BaseException:
+                if not job.ready():
+                    # We were interrupted (killed, timed out) while the thread still uses
+                    # the connection: keep the lock until it is done with it.
+                    job.wait()
                 raise
 
     def _read(self, sql: str, args=()) -> list:
@@ -352,7 +372,8 @@ class OwnershipStore:
         """
         name, key = canonical_name(name), _canonical_key(key)
         now = self._clock()
-        with self._write("record ownership of %s" % name) as conn:
+
+        def body(conn):
             row = _owner_row(conn, name)
             if row is None:
                 _insert_owner(conn, name, key, method, now)
@@ -363,6 +384,8 @@ class OwnershipStore:
                 current = current._replace(last_bound=now)
             return current, False
 
+        return self._write("record ownership of %s" % name, body)
+
     def record(self, name: str, key: str, method: str, actor: str,
                detail: str = "") -> Ownership:
         """Set ``key`` as the owner of ``name`` by ``method``, replacing another owner (the
@@ -371,7 +394,8 @@ class OwnershipStore:
             raise ValueError("unknown ownership method %r" % method)
         name, key = canonical_name(name), _canonical_key(key)
         now = self._clock()
-        with self._write("record ownership of %s" % name) as conn:
+
+        def body(conn):
             row = _owner_row(conn, name)
             if row is None:
                 _insert_owner(conn, name, key, method, now)
@@ -394,6 +418,8 @@ class OwnershipStore:
                             method, ": " + detail if detail else ""))
             return Ownership(name, key, method, now, now)
 
+        return self._write("record ownership of %s" % name, body)
+
     def assign(self, name: str, key: str, actor: str, detail: str = "") -> Ownership:
         """Operator grant: ``key`` owns ``name`` (method "operator"), audited."""
         return self.record(name, key, "operator", actor, detail)
@@ -401,7 +427,8 @@ class OwnershipStore:
     def release(self, name: str, actor: str, detail: str = "") -> bool:
         """Forget the owner of ``name`` (the next key to bind may claim it)."""
         name = canonical_name(name)
-        with self._write("release %s" % name) as conn:
+
+        def body(conn):
             row = conn.execute("SELECT key FROM ownership WHERE name = ?", (name,)).fetchone()
             if row is None:
                 return False
@@ -410,26 +437,34 @@ class OwnershipStore:
                 row[0], ": " + detail if detail else ""))
             return True
 
+        return self._write("release %s" % name, body)
+
     # --- blocks (operator kill switch) ------------------------------------------------
     def _block(self, table: str, column: str, target: str, actor: str, detail: str,
                action: str) -> bool:
-        with self._write("%s %s" % (action, target)) as conn:
+        def body(conn):
             cursor = conn.execute("INSERT OR IGNORE INTO %s (%s, actor, since, detail) "
                                   "VALUES (?, ?, ?, ?)" % (table, column),
                                   (target, str(actor), self._clock(), str(detail)))
             if cursor.rowcount:
                 self._audit(conn, actor, action, target, detail)
+            return bool(cursor.rowcount)
+
+        added = self._write("%s %s" % (action, target), body)
         self._blocks_loaded_at = float("-inf")  # reload the cache from what is now on disk
-        return bool(cursor.rowcount)
+        return added
 
     def _unblock(self, table: str, column: str, target: str, actor: str, detail: str,
                  action: str) -> bool:
-        with self._write("%s %s" % (action, target)) as conn:
+        def body(conn):
             cursor = conn.execute("DELETE FROM %s WHERE %s = ?" % (table, column), (target,))
             if cursor.rowcount:
                 self._audit(conn, actor, action, target, detail)
+            return bool(cursor.rowcount)
+
+        removed = self._write("%s %s" % (action, target), body)
         self._blocks_loaded_at = float("-inf")
-        return bool(cursor.rowcount)
+        return removed
 
     def _blocks(self) -> tuple:
         """(blocked names, blocked keys) from memory, reloaded after BLOCK_CACHE_TTL."""
@@ -487,8 +522,8 @@ class OwnershipStore:
 
     # --- audit ------------------------------------------------------------------------
     def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
-        with self._write("write audit entry") as conn:
-            self._audit(conn, actor, action, target, detail)
+        self._write("write audit entry",
+                    lambda conn: self._audit(conn, actor, action, target, detail))
 
     def audit_log(self, limit: int = 100) -> list:
         return [AuditEntry(*r) for r in self._read(

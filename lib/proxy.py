@@ -169,7 +169,8 @@ class ProxyServer:
         from lib.ownership import OwnershipPolicy, OwnershipStore
         c = self.config
         os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
-        store = OwnershipStore(os.path.join(c.data_dir, "ownership.sqlite3"))
+        # threaded: a write's fsync never stalls the event loop that serves every visitor
+        store = OwnershipStore(os.path.join(c.data_dir, "ownership.sqlite3"), threaded=True)
         resolver = parse_addr(c.dns_resolver, "127.0.0.1") if c.dns_resolver else None
         return OwnershipPolicy(store, allowlist_path=c.allowlist, dns_resolver=resolver,
                                tofu=c.tofu, allow_unsigned=set(c.allow_unsigned) or None)

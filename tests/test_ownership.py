@@ -444,3 +444,71 @@ def test_long_name_under_dns_policy_is_decided_not_crashed(tmp_path):
     policy = OwnershipPolicy(store, dns_lookup=lambda q: calls.append(q) or [])
     d = policy.decide(name, "ab" * 32)
     assert d.allowed and d.method == "tofu" and calls == []
+
+
+# --- the threaded store (the proxy's): a slow disk never stalls the event loop ---------------
+SLOW_COMMIT = 0.5  # seconds an insert takes below (a stand-in for a slow fsync)
+
+
+def _slow_inserts(store):
+    """Make every ownership insert take SLOW_COMMIT seconds, in whatever thread runs it."""
+    store._conn.create_function("shroud_test_slow", 0, lambda: time.sleep(SLOW_COMMIT))
+    store._conn.execute("CREATE TEMP TRIGGER slow AFTER INSERT ON ownership "
+                        "BEGIN SELECT shroud_test_slow(); END")
+
+
+def _longest_loop_stall(work) -> float:
+    """Run ``work`` in a greenlet while another ticks every 5 ms; the longest tick gap."""
+    import gevent
+
+    gaps = []
+
+    def tick():
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = gevent.spawn(tick)
+    try:
+        gevent.spawn(work).get(timeout=10)
+        gevent.sleep(0.05)  # the ticker sees the end of a stall too
+    finally:
+        ticker.kill()
+    return max(gaps)
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_threaded_store_writes_leave_the_event_loop_free(db, threaded):
+    store = OwnershipStore(db, threaded=threaded)
+    try:
+        _slow_inserts(store)
+        stall = _longest_loop_stall(lambda: store.claim("slow.example", K1))
+        assert store.owner("slow.example").key == K1
+        if threaded:
+            assert stall < SLOW_COMMIT / 2, stall   # the loop kept running meanwhile
+        else:
+            assert stall >= SLOW_COMMIT * 0.9, stall  # the unthreaded store blocks it
+    finally:
+        store.close()
+
+
+def test_threaded_store_interrupted_caller_leaves_a_consistent_store(db):
+    import gevent
+
+    store = OwnershipStore(db, threaded=True)
+    try:
+        _slow_inserts(store)
+        g = gevent.spawn(store.claim, "cut.example", K1)
+        gevent.sleep(SLOW_COMMIT / 5)  # the transaction is running in its thread
+        g.kill()  # e.g. the tunnel's greenlet ended
+        # The next user waits for that transaction; the claim committed whole.
+        assert store.claim("cut.example", K2) == (store.owner("cut.example"), False)
+        assert store.owner("cut.example").key == K1
+        with pytest.raises(OwnershipError):
+            store._write("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
+        assert store.claim("after.example", K2)[1] is True
+    finally:
+        store.close()
