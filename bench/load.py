@@ -2,6 +2,7 @@
 
     python bench/load.py [--concurrency 1000] [--names 100] [--requests 100000]
                          [--per-connection 10] [--settle 15] [--timeout 900] [--origin nginx]
+                         [--env KEY=VALUE ...] [--warmup N] [--smaps]
 
 On loopback with the real processes: one ``shroud_proxy.py``, one ``shroud.py --tor none``
 binding ``--names`` plain-HTTP names (``http:h<i>.load.test``) over its single tunnel, and a fast
@@ -17,6 +18,12 @@ streams open on the tunnel, and RSS and open file descriptors of the proxy and t
 sampled every second from /proc (goal: flat, and back within 10 % of the starting level once
 the load ends and ``--settle`` seconds have passed). Ends with a Markdown table and a text
 series for bench/README.md.
+
+Memory experiments: ``--env`` sets variables for the proxy and the client only (e.g.
+``PYTHONMALLOC=malloc`` and ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2``),
+``--warmup N`` takes a second baseline after N sequential requests (lazy imports, first-use
+caches), ``--smaps`` shows where the resident memory is (glibc heap, anonymous mmaps such as
+CPython's 1 MiB object arenas, files) at the start and after each settle.
 
 Every loop is bounded by count and time: each worker sends a fixed number of requests, each
 request has a socket timeout, and the whole load phase a ``--timeout``. Every process started
@@ -103,6 +110,44 @@ def rss_kib(pid: int) -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def smaps_breakdown(pid: int) -> dict:
+    """Resident KiB of a process by kind of mapping, from /proc/PID/smaps: ``heap`` (glibc's
+    main arena, brk), ``anon`` (anonymous mmaps: CPython's 1 MiB object arenas, glibc's large
+    blocks and thread arenas, thread stacks), ``file`` (the interpreter, shared libraries and
+    other files), ``stack``, plus ``anon_maps`` (how many anonymous mappings are resident)."""
+    out = collections.Counter()
+    kind = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                fields = line.split()
+                path = fields[5] if len(fields) > 5 else ""
+                if path == "[heap]":
+                    kind = "heap"
+                elif path.startswith("[stack"):
+                    kind = "stack"
+                elif path.startswith("["):
+                    kind = "other"
+                elif path:
+                    kind = "file"
+                else:
+                    kind = "anon"
+            elif first == "Rss:":
+                kib = int(line.split()[1])
+                out[kind] += kib
+                if kind == "anon" and kib:
+                    out["anon_maps"] += 1
+    return dict(out)
+
+
+def fmt_smaps(b: dict) -> str:
+    return ("heap {heap:.1f} / anon {anon:.1f} ({maps} maps) / file {file:.1f} / stack {stack:.1f}"
+            .format(heap=b.get("heap", 0) / 1024, anon=b.get("anon", 0) / 1024,
+                    maps=b.get("anon_maps", 0), file=b.get("file", 0) / 1024,
+                    stack=b.get("stack", 0) / 1024))
 
 
 class Sampler:
@@ -237,6 +282,19 @@ def worker(index: int, quota: int, per_connection: int, names: list[str], port: 
             sock.close()
 
 
+def warm_up(requests: int, names: list[str], port: int) -> int:
+    """``requests`` requests, one keep-alive connection per name in turn (cycling), one at a
+    time: each code path a request takes (and its lazy imports and first-use caches) has run once
+    before the starting RSS is sampled. Returns how many were answered 200."""
+    ok = 0
+    stats = Stats()
+    for i in range(requests):  # bounded by count; each request has the socket timeout
+        before = stats.done
+        worker(i, 1, 1, [names[i % len(names)]], port, stats)
+        ok += stats.done - before
+    return ok
+
+
 def percentile(sorted_values: list[float], p: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -303,6 +361,15 @@ def main(argv=None) -> int:
                    help="repeat the load (and settle); RSS after each round tells a leak from "
                         "the allocator's high-water mark")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the proxy and the client, e.g. PYTHONMALLOC=malloc "
+                        "(an experiment knob; repeatable)")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="N sequential requests after a first (cold) baseline, then a second "
+                        "(warm) baseline; RSS goals are reported against both")
+    p.add_argument("--smaps", action="store_true",
+                   help="print where resident memory is (heap / anonymous mmaps / files / stack, "
+                        "from /proc/PID/smaps) at the start and after each settle")
     args = p.parse_args(argv)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -322,6 +389,11 @@ def main(argv=None) -> int:
         print(f"[load] starting origin ({args.origin}), proxy and client in {tmp}", flush=True)
         origin = NginxOrigin(tmp) if args.origin == "nginx" else OriginProc(tmp)
         procs.append(origin)
+        for item in args.env:  # inherited by the proxy and the client (Proc copies os.environ)
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                p.error(f"--env wants KEY=VALUE, not {item!r}")
+            os.environ[key] = value
         proxy = ProxyProc(tmp, os.path.join(tmp, "proxy-data"),
                           extra=["--log-level", "warning", "--idle-timeout", "120"])
         procs.append(proxy)
@@ -339,6 +411,8 @@ def main(argv=None) -> int:
         status = proxy.status()
         print(f"[load] {len(status['bindings'])} names bound over {len(status['tunnels'])} "
               f"tunnel(s); proxy pid {proxy.pid}, client pid {client.pid}", flush=True)
+        if args.env:
+            print(f"[load] proxy and client environment: {' '.join(args.env)}", flush=True)
         if args.origin == "python":
             origin_note = "tests/support/origin.py"
         else:
@@ -347,6 +421,24 @@ def main(argv=None) -> int:
         sampler = Sampler({"proxy": proxy, "client": client}, proxy)
         sampler.start(args.baseline + args.rounds * (args.timeout + args.settle) + 30)
         gevent.sleep(args.baseline)
+        cold = None
+        smaps = {}  # (label, name) -> breakdown
+
+        def take_smaps(label: str) -> None:
+            if args.smaps:
+                for n, proc in (("proxy", proxy), ("client", client)):
+                    smaps[label, n] = smaps_breakdown(proc.pid)
+                    print(f"[load] {label} {n}: {fmt_smaps(smaps[label, n])} MiB", flush=True)
+
+        if args.warmup:
+            take_smaps("cold")
+            cold = sampler.of("start")[-1][2]
+            sampler.phase = "warmup"
+            ok = warm_up(args.warmup, names, proxy.ports["http"])
+            print(f"[load] warm-up: {ok} / {args.warmup} requests answered", flush=True)
+            sampler.phase = "warm"
+            gevent.sleep(args.baseline)
+        take_smaps("start")
 
         stats = Stats()
         duration = 0.0
@@ -357,11 +449,12 @@ def main(argv=None) -> int:
             print(f"[load] round {rnd} done; settling {args.settle:.0f} s", flush=True)
             gevent.sleep(args.settle)
             after_round.append((rnd, sampler.samples[-1][2]))
+            take_smaps(f"after round {rnd}")
         sampler.stop()
         end_status = proxy.status()
 
         lat = sorted(stats.latencies)
-        base = sampler.of("start")[-1][2]
+        base = sampler.of("warm" if args.warmup else "start")[-1][2]
         load_rows = [r for r in sampler.samples if r[1].startswith("load")]
         peak = {n: (max(r[2][n][0] for r in load_rows), max(r[2][n][1] for r in load_rows))
                 for n in ("proxy", "client")}
@@ -394,9 +487,14 @@ def main(argv=None) -> int:
             ok_fd = e_fd <= b_fd * 1.10
             verdicts.append(ok_rss and ok_fd)
             print(f"| {n} RSS MiB start / peak / end | {fmt_mib(b_rss)} / {fmt_mib(peak[n][0])} "
-                  f"/ {fmt_mib(e_rss)} ({'within' if ok_rss else 'NOT within'} 10 %) |")
+                  f"/ {fmt_mib(e_rss)} ({(e_rss / b_rss - 1) * 100:+.0f} %, "
+                  f"{'within' if ok_rss else 'NOT within'} 10 %) |")
             print(f"| {n} fds start / peak / end | {b_fd} / {peak[n][1]} / {e_fd} "
                   f"({'within' if ok_fd else 'NOT within'} 10 %) |")
+            if cold is not None:
+                c_rss = cold[n][0]
+                print(f"| {n} RSS MiB cold start (before the {args.warmup}-request warm-up) / end "
+                      f"| {fmt_mib(c_rss)} / {fmt_mib(e_rss)} ({(e_rss / c_rss - 1) * 100:+.0f} %) |")
         print(f"| proxy refusals | {end_status['refusals'] or 'none'} |")
         if args.rounds > 1:
             print()
@@ -406,6 +504,12 @@ def main(argv=None) -> int:
                 print(f"- round {rnd}: proxy {fmt_mib(values['proxy'][0])} MiB, "
                       f"{values['proxy'][1]} fds; client {fmt_mib(values['client'][0])} MiB, "
                       f"{values['client'][1]} fds")
+        if smaps:
+            print()
+            print("Resident MiB by mapping (/proc/PID/smaps):")
+            print()
+            for (label, n), b in smaps.items():
+                print(f"- {label}, {n}: {fmt_smaps(b)}")
         if stats.errors:
             print()
             for kind, n in stats.errors.most_common():
