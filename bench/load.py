@@ -494,7 +494,8 @@ def main(argv=None) -> int:
             if cold is not None:
                 c_rss = cold[n][0]
                 print(f"| {n} RSS MiB cold start (before the {args.warmup}-request warm-up) / end "
-                      f"| {fmt_mib(c_rss)} / {fmt_mib(e_rss)} ({(e_rss / c_rss - 1) * 100:+.0f} %) |")
+                      f"| {fmt_mib(c_rss)} / {fmt_mib(e_rss)} "
+                      f"({(e_rss / c_rss - 1) * 100:+.0f} %) |")
         print(f"| proxy refusals | {end_status['refusals'] or 'none'} |")
         if args.rounds > 1:
             print()
