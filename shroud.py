@@ -12,7 +12,12 @@ undecrypted to a TLS target), ``http:example.com`` (HTTP routed by Host), ``*.ex
 from __future__ import annotations
 
 if __name__ == "__main__":
-    # Entry point: patch before anything else imports socket or threading.
+    # Entry point: on jemalloc when installed (lib/allocator.py: memory goes back to the OS
+    # after a load peak); this may re-execute the process, so it comes first.
+    from lib.allocator import reexec_with_jemalloc
+
+    reexec_with_jemalloc()
+    # Patch before anything else imports socket or threading.
     from gevent import monkey
 
     monkey.patch_all()
@@ -201,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
     identity = Identity.load_or_create(args.data_dir)
     log.info("identity key %s (data dir %s)", identity.fingerprint[:16], args.data_dir)
+    from lib.allocator import active
+
+    log.info("memory allocator: %s", active())
 
     if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
         print("shroud: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)

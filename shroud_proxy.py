@@ -11,7 +11,12 @@ SHROUD_TUNNEL_ADDR); the command line wins.
 from __future__ import annotations
 
 if __name__ == "__main__":
-    # Entry point: patch before anything else imports socket or threading.
+    # Entry point: on jemalloc when installed (lib/allocator.py: memory goes back to the OS
+    # after a load peak); this may re-execute the process, so it comes first.
+    from lib.allocator import reexec_with_jemalloc
+
+    reexec_with_jemalloc()
+    # Patch before anything else imports socket or threading.
     from gevent import monkey
 
     monkey.patch_all()
@@ -208,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     from lib.proxy import ProxyServer, parse_addr
 
     setup_logging(args.log_level, args.log_format)
+    from lib.allocator import active
+
+    log.info("memory allocator: %s", active())
     try:
         proxy = ProxyServer(config_from_args(args))
         proxy.start()

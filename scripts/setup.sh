@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything Shroud's tests, benchmarks and demo need, and nothing twice:
-#   - as root, Debian packages that are missing (tor, Go, muxado v1, chromium, nginx, wrk, sshd);
+#   - as root, Debian packages that are missing (tor, Go, muxado v1, chromium, nginx, wrk, sshd,
+#     jemalloc);
 #   - always, a virtual environment at .venv with requirements.txt (pinned versions).
 # A tool still missing afterwards is an error: CI must fail, never skip.
 set -euo pipefail
@@ -19,6 +20,8 @@ have curl        || need_pkgs+=(curl)
 have unshare     || need_pkgs+=(util-linux)
 have ip          || need_pkgs+=(iproute2)
 have strace      || need_pkgs+=(strace)
+# jemalloc: the entry points run on it (lib/allocator.py), so memory returns after a load peak.
+compgen -G "/usr/lib/*-linux-gnu/libjemalloc.so.2" >/dev/null || need_pkgs+=(libjemalloc2)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
