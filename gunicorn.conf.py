@@ -9,6 +9,14 @@ arrives there: the dashboard on the proxy's own hostname, tunnels as WebSockets 
 """
 import os
 import shlex
+import sys
+
+# On jemalloc when installed, like `python shroud_proxy.py` (lib/allocator.py): the master
+# re-executes itself here, before it opens a socket; its workers are forked from it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lib.allocator import reexec_with_jemalloc  # noqa: E402
+
+reexec_with_jemalloc()
 
 # gunicorn's gevent worker, with one hook: connections go to the one-port router first.
 worker_class = "lib.gworker.ShroudGeventWorker"

@@ -17,8 +17,9 @@ from ``os.environ`` again, so the processes we start (tor, helpers) keep their o
 
 ``SHROUD_ALLOCATOR``: ``auto`` (default: jemalloc when ``libjemalloc.so.2`` is installed, Debian
 package ``libjemalloc2``, else the system allocator), ``jemalloc`` (required: exit with an error
-when missing) or ``system`` (never re-execute). gunicorn runs are not re-executed; set the two
-variables in the service's environment (docs/OPERATIONS.md).
+when missing) or ``system`` (never re-execute). gunicorn.conf.py calls it too, so a gunicorn
+master re-executes itself before it opens a socket (its workers are forked from it); a master
+reloading its configuration is on jemalloc already and stays as it is.
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def reexec_with_jemalloc() -> None:
     choice = env.get(ENV_CHOICE, "auto").strip().lower() or "auto"
     if choice not in ("auto", "jemalloc", "system"):
         sys.exit(f"{ENV_CHOICE} must be auto, jemalloc or system, not {choice!r}")
-    if choice == "system" or not sys.platform.startswith("linux"):
-        return
+    if choice == "system" or not sys.platform.startswith("linux") or active() == "jemalloc":
+        return  # (already on it: started that way, or a gunicorn master reloading its config)
     path = find_jemalloc()
     if path is None:
         if choice == "jemalloc":

@@ -88,3 +88,13 @@ def test_proxy_process_runs_on_jemalloc(tmp_path):
         assert "memory allocator: system" in proxy.log()
     finally:
         proxy.stop()
+
+
+def test_gunicorn_master_and_worker_run_on_jemalloc(tmp_path):
+    proxy = ProxyProc(str(tmp_path), str(tmp_path / "data"), gunicorn=True, name="gproxy")
+    try:
+        assert "memory allocator: jemalloc" in proxy.log()  # logged by the worker
+        with open(f"/proc/{proxy.pid}/maps") as f:
+            assert "libjemalloc" in f.read()  # the master, re-executed by gunicorn.conf.py
+    finally:
+        proxy.stop()
