@@ -17,7 +17,9 @@ from ``os.environ`` again, so the processes we start (tor, helpers) keep their o
 
 ``SHROUD_ALLOCATOR``: ``auto`` (default: jemalloc when ``libjemalloc.so.2`` is installed, Debian
 package ``libjemalloc2``, else the system allocator), ``jemalloc`` (required: exit with an error
-when missing) or ``system`` (never re-execute). gunicorn.conf.py calls it too, so a gunicorn
+when missing or when it fails to load) or ``system`` (never re-execute). A library that fails
+to load (ld.so says why) costs one more re-execution back to the system allocator, never a run
+on malloc without pymalloc. ``SHROUD_JEMALLOC`` names the library where it is elsewhere. gunicorn.conf.py calls it too, so a gunicorn
 master re-executes itself before it opens a socket (its workers are forked from it); a master
 reloading its configuration is on jemalloc already and stays as it is.
 """
@@ -29,6 +31,7 @@ import os
 import sys
 
 ENV_CHOICE = "SHROUD_ALLOCATOR"
+ENV_LIBRARY = "SHROUD_JEMALLOC"  # optional: the library's path, where it is not in /usr/lib
 # Set across the re-exec: the variables we changed, with their original values (JSON; null =
 # unset), restored in the re-executed process.
 _MARK = "_SHROUD_ALLOCATOR_ORIGINAL"
@@ -42,7 +45,17 @@ _pymalloc_off = os.environ.get("PYTHONMALLOC") == "malloc"  # as this interprete
 
 
 def find_jemalloc() -> str | None:
-    for pattern in _SEARCH:
+    """``SHROUD_JEMALLOC`` (a library path) if set, else the first libjemalloc.so.2 found,
+    this interpreter's architecture first."""
+    import sysconfig
+
+    given = os.environ.get(ENV_LIBRARY)
+    if given:
+        return given if os.access(given, os.R_OK) else None
+
+    multiarch = sysconfig.get_config_var("MULTIARCH")  # this interpreter's: x86_64-linux-gnu
+    search = ((f"/usr/lib/{multiarch}/libjemalloc.so.2",) if multiarch else ()) + _SEARCH
+    for pattern in search:
         for path in sorted(glob.glob(pattern)):
             if os.access(path, os.R_OK):
                 return path
@@ -64,6 +77,9 @@ def reexec_with_jemalloc() -> None:
     """Re-execute this process on jemalloc (see the module docstring); returns when it is
     already running on it, or when it will not (choice ``system``, not installed, not Linux)."""
     env = os.environ
+    choice = env.get(ENV_CHOICE, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "jemalloc", "system"):
+        sys.exit(f"{ENV_CHOICE} must be auto, jemalloc or system, not {choice!r}")
     if _MARK in env:  # we are the re-executed process
         try:
             original = json.loads(env.pop(_MARK))
@@ -74,10 +90,15 @@ def reexec_with_jemalloc() -> None:
                 env.pop(name, None)
             else:
                 env[name] = original[name]
+        if active() == "jemalloc":
+            return
+        # The preload failed (ld.so said why on stderr): do not run on malloc without
+        # pymalloc, the worst of both.
+        if choice == "jemalloc":
+            sys.exit(f"{ENV_CHOICE}=jemalloc but jemalloc could not be loaded")
+        env[ENV_CHOICE] = "system"
+        _execve(dict(env))
         return
-    choice = env.get(ENV_CHOICE, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "jemalloc", "system"):
-        sys.exit(f"{ENV_CHOICE} must be auto, jemalloc or system, not {choice!r}")
     if choice == "system" or not sys.platform.startswith("linux") or active() == "jemalloc":
         return  # (already on it: started that way, or a gunicorn master reloading its config)
     path = find_jemalloc()
@@ -91,6 +112,10 @@ def reexec_with_jemalloc() -> None:
     new["LD_PRELOAD"] = " ".join(x for x in (path, env.get("LD_PRELOAD", "")) if x)
     new["PYTHONMALLOC"] = "malloc"
     new.setdefault("MALLOC_CONF", DEFAULT_MALLOC_CONF)
+    _execve(new)
+
+
+def _execve(env: dict) -> None:
     # argv[0] must name this interpreter (a bare "python" would be looked up in PATH and could
     # leave the virtual environment); interpreter options such as -u are kept.
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
@@ -98,6 +123,6 @@ def reexec_with_jemalloc() -> None:
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, argv, new)
+        os.execve(sys.executable, argv, env)
     except OSError:
-        return  # cannot re-execute (odd sandbox): run on the system allocator
+        return  # cannot re-execute (odd sandbox): run on as we are

@@ -55,8 +55,15 @@ def cert_fingerprint(cert: bytes | str) -> str:
     if isinstance(cert, str):
         with open(cert, "rb") as f:
             cert = f.read()
-    if cert.startswith(b"-----BEGIN"):
-        cert = ssl.PEM_cert_to_DER_cert(cert.decode("ascii"))
+    begin = cert.find(b"-----BEGIN CERTIFICATE-----")
+    if begin >= 0:
+        # The leaf: the first certificate of a PEM file, whatever text or chain surrounds it
+        # (what a client sees first in the handshake, and what it pins).
+        marker = b"-----END CERTIFICATE-----"
+        end = cert.find(marker, begin)
+        if end < 0:
+            raise ValueError("PEM certificate without its END line")
+        cert = ssl.PEM_cert_to_DER_cert(cert[begin:end + len(marker)].decode("ascii"))
     return hashlib.sha256(cert).hexdigest()
 
 

@@ -198,14 +198,27 @@ class ExitPlanner:
             try:
                 path = self.path_for(index, frozenset(failed))
                 circ = self.tor.build_circuit(path, timeout=min(timeout, 30.0))
-                log.info("tunnel %d: built circuit %s with exit %s", index, circ, path[-1][:8])
-                return self.tor.open_connection(host, port, isolation_key, timeout,
-                                                circuit_id=circ)
             except Exception as e:  # stem raises many types; any means "let tor choose"
                 failed.update(path[:-1])
                 log.warning("tunnel %d: explicit circuit failed (%s)%s", index, e,
                             "; retrying" if attempt + 1 < tries else "; letting tor choose")
+                continue
+            log.info("tunnel %d: built circuit %s with exit %s", index, circ, path[-1][:8])
+            try:
+                return self.tor.open_connection(host, port, isolation_key, timeout,
+                                                circuit_id=circ)
+            except Exception as e:  # the circuit works; the proxy or the exit's reach does not
+                log.warning("tunnel %d: connection over circuit %s failed (%s); letting tor "
+                            "choose", index, circ, e)
+                self._close_quietly(circ)
+                break
         return self.tor.open_connection(host, port, isolation_key, timeout)
+
+    def _close_quietly(self, circ: str) -> None:
+        try:
+            self.tor.controller.close_circuit(circ)
+        except Exception:  # already gone, or tor is going away: nothing to clean up
+            pass
 
 
 def _tunnel_index(isolation_key: str) -> int | None:

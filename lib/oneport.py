@@ -255,7 +255,15 @@ class OnePortRouter:
             # serve the next request on it, for whatever host, with the dashboard.
             return OneRequestSocket(sock, data)
         if registry.lookup(ROUTE_BY_HOST, name) is None and is_tunnel_path and is_upgrade:
-            self._tunnel(sock, data, peer)
+            # Not a tunnel: a client signs its binds for the name it asked for, and this proxy
+            # accepts only its own names (a relay could put any Host here).
+            registry.count_refusal("tunnel_handshake")
+            log.warning("tunnel upgrade for %s refused: not one of this proxy's names (%s)",
+                        name, ", ".join(sorted(self.admin_hosts)))
+            _send_quietly(sock, sniff.http_error_response(
+                421, "Misdirected Request", f"{name} is not one of this proxy's names; its "
+                f"operator can add it to SHROUD_ADMIN_HOSTS.\n"))
+            sock.close()
             return None
         if (registry.lookup(ROUTE_BY_HOST, name) is None
                 and registry.lookup(ROUTE_BY_SNI, name) is not None

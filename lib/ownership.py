@@ -223,7 +223,14 @@ class OwnershipStore:
         self.path = str(path)
         self._clock = clock
         self._threaded = threaded
-        self._lock = threading.RLock()
+        if threaded:
+            # Greenlets must wait for each other while one's transaction runs in a pool thread;
+            # an unpatched threading.RLock would let every greenlet of the hub's thread in.
+            import gevent.lock
+
+            self._lock = gevent.lock.RLock()
+        else:
+            self._lock = threading.RLock()
         self._conn = None
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
@@ -312,20 +319,33 @@ class OwnershipStore:
                                          % (what, self.path, exc)) from None
                 raise
 
+        def in_thread():
+            # Errors come back as values: gevent's pool would print each raised one to stderr.
+            try:
+                return None, transaction()
+            except BaseException as exc:  # re-raised in the calling greenlet below
+                return exc, None
+
         with self._lock:
             if not self._threaded:
                 return transaction()
             import gevent  # only the threaded store needs it
 
-            job = gevent.get_hub().threadpool.spawn(transaction)
-            try:
-                return job.get()
-            except BaseException:
-                if not job.ready():
-                    # We were interrupted (killed, timed out) while the thread still uses
-                    # the connection: keep the lock until it is done with it.
-                    job.wait()
-                raise
+            job = gevent.get_hub().threadpool.spawn(in_thread)
+            interrupted = None
+            while True:
+                try:
+                    error, result = job.get()
+                    break
+                except BaseException as exc:
+                    # Killed or timed out while the thread still uses the connection: keep
+                    # the lock until it is done with it, then pass the interruption on.
+                    interrupted = exc
+            if interrupted is not None:
+                raise interrupted
+            if error is not None:
+                raise error
+            return result
 
     def _read(self, sql: str, args=()) -> list:
         with self._lock:

@@ -505,6 +505,10 @@ class ProxyServer:
         if not decision.allowed:
             return refuse(decision.code, decision.reason,
                           "ownership_error" if decision.method == "error" else "ownership")
+        if self.store is not None and self.store.is_blocked(hostname=name, key=tunnel.key):
+            # Blocked while this bind waited on the store (an operator's block drops what is
+            # bound, not what is still being decided).
+            return refuse(msg.REASON_NOT_ALLOWED, f"{name} is blocked by the operator", "blocked")
         if protocol == "tcp" and not self._ensure_tcp_listener(bind.remote_port):
             return refuse(msg.REASON_INTERNAL, f"cannot listen on tcp port {bind.remote_port}",
                           "tcp_listen")

@@ -98,3 +98,17 @@ def test_gunicorn_master_and_worker_run_on_jemalloc(tmp_path):
             assert "libjemalloc" in f.read()  # the master, re-executed by gunicorn.conf.py
     finally:
         proxy.stop()
+
+
+def test_a_library_that_fails_to_load_falls_back_to_the_system_allocator(tmp_path):
+    broken = tmp_path / "libjemalloc.so.2"
+    broken.write_bytes(b"not an ELF file")
+    out = probe(extra_env={allocator.ENV_LIBRARY: str(broken)})
+    assert out.returncode == 0, out.stderr
+    assert "cannot be preloaded" in out.stderr  # ld.so's own word, left visible
+    r = json.loads(out.stdout)
+    assert r["active"] == "system"
+    # not left on malloc without pymalloc, and nothing leaks to children
+    assert r["env"]["PYTHONMALLOC"] is None and r["env"]["LD_PRELOAD"] is None
+    out = probe("jemalloc", extra_env={allocator.ENV_LIBRARY: str(broken)})
+    assert out.returncode != 0 and "jemalloc could not be loaded" in out.stderr

@@ -20,10 +20,14 @@ class FakeTor:
     """Consensus of three guards and two exits; build_circuit fails while a bad relay is in
     the path (as a relay whose OR connection to the exit is in tor's failure cache)."""
 
-    def __init__(self, bad=()):
+    def __init__(self, bad=(), connect_fails=False):
         self.bad = set(bad)
-        self.built, self.opened = [], []
+        self.connect_fails = connect_fails
+        self.built, self.opened, self.closed = [], [], []
         self.controller = self
+
+    def close_circuit(self, circ):
+        self.closed.append(circ)
 
     def get_network_statuses(self):
         return [_status(fp, "Guard") for fp in AUTHS] + [_status(fp, "Exit") for fp in EXITS]
@@ -39,6 +43,8 @@ class FakeTor:
 
     def open_connection(self, host, port, isolation_key, timeout, circuit_id=None):
         self.opened.append(circuit_id)
+        if self.connect_fails and circuit_id is not None:
+            raise torlib.TorError("SOCKS error: connection refused")
         return object()
 
 
@@ -81,3 +87,12 @@ def test_dial_without_a_tunnel_index_lets_tor_choose(key):
     tor = FakeTor()
     ExitPlanner(tor).dial("127.0.0.1", 80, key, timeout=5)
     assert tor.built == [] and tor.opened == [None]
+
+
+def test_a_connection_failure_over_a_built_circuit_closes_it_and_lets_tor_choose():
+    """The circuit worked (the proxy or the exit's reach did not): no relay is blamed, the
+    circuit is not left open, and no more explicit circuits are built."""
+    tor = FakeTor(connect_fails=True)
+    ExitPlanner(tor, rng=random.Random(5)).dial("127.0.0.1", 80, "shroud-tunnel-0-0", timeout=5)
+    assert len(tor.built) == 1 and tor.closed == ["1"]
+    assert tor.opened == ["1", None]

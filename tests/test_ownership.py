@@ -512,3 +512,21 @@ def test_threaded_store_interrupted_caller_leaves_a_consistent_store(db):
         assert store.claim("after.example", K2)[1] is True
     finally:
         store.close()
+
+
+def test_threaded_store_serialises_concurrent_greenlets(db):
+    """Many greenlets writing at once (this test process is not monkey-patched, as an
+    embedding may not be): every claim succeeds once, no transaction sees another's."""
+    import gevent
+
+    store = OwnershipStore(db, threaded=True)
+    try:
+        jobs = [gevent.spawn(store.claim, f"n{i}.example", K1 if i % 2 else K2)
+                for i in range(100)]
+        gevent.joinall(jobs, timeout=30, raise_error=True)
+        assert all(job.value[1] is True for job in jobs)
+        assert len(store.owners(limit=1000)) == 100
+        with pytest.raises(OwnershipError):  # an error comes back to its caller, once
+            store._write("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
+    finally:
+        store.close()

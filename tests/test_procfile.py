@@ -253,6 +253,13 @@ def test_dashboard_on_own_hostname_only(platform):
     # the tunnel endpoint without an upgrade says what it wants
     code, body = front_get(platform, "localhost", "/_shroud/tunnel")
     assert code == 426
+    # a tunnel upgrade on a name that is not the proxy's own: refused (a client signs its binds
+    # for the name it dials, and the proxy accepts only its own names)
+    code, body = front_get(platform, "nobody.test", "/_shroud/tunnel",
+                           {"Connection": "Upgrade", "Upgrade": "websocket",
+                            "Sec-WebSocket-Version": "13",
+                            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert code == 421 and b"nobody.test is not one of this proxy's names" in body
 
 
 def test_tls_only_bind_gets_a_clear_answer(platform):

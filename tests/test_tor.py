@@ -12,7 +12,7 @@ from stem.control import EventType
 
 from lib.testnet import AUTHORITY, EXIT
 from lib.tor import TorConnectError, TorError, launch_tor, socks_credentials
-from tests.fixtures.tor import EchoServer
+from tests.fixtures.tor import EchoServer, heal_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.tor
@@ -261,6 +261,7 @@ def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
                 detect_ms = (time.monotonic() - t0) * 1000
             finally:
                 tor_network.restart_relay(killed.nickname)
+                heal_network(tor_network, killed.nickname, client_tor.controller)
             event = next(c for c in closed if c.id == circ.id)
             assert event.status in ("CLOSED", "FAILED")
             sock.settimeout(10)
@@ -288,4 +289,3 @@ def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
                 assert time.monotonic() < deadline, f"{killed.nickname} unusable after restart"
                 time.sleep(1)
         print(f"{killed.nickname} usable again {time.monotonic() - t0:.1f} s after the kill")
-        tor_network.wait_extendable(killed.nickname, client_tor.controller)
