@@ -313,10 +313,9 @@ class TunnelRunner:
                     raise TunnelError(f"WebSocket handshake with {self.proxy} failed: "
                                       f"{e}") from None
                 # A platform's router terminates TLS: the proxy knows the names it is reached
-                # by, not the router's certificate. Normalised as the proxy normalises its own.
+                # by, not the router's certificate.
                 try:
-                    self.proxy_id = msg.proxy_id_for_host(
-                        sniff.normalize_hostname(self.proxy.host_header))
+                    self.proxy_id = msg.proxy_id_for_host(self.proxy.host_header)
                 except ValueError as e:
                     raise TunnelError(f"proxy {self.proxy}: bad host name: {e}",
                                       permanent=True) from None

@@ -35,7 +35,8 @@ Public API::
     Shroud additions (see docs/PROTOCOL.md, "Control messages"):
     auth_extra(public_key) / auth_resp_extra(nonce) / bind_extra(signature, proxy_id) /
     refusal_extra(reason) -> dict;  shroud_version(extra) -> int | None
-    proxy_id_for_cert(der) / proxy_id_for_host(host) -> str     # what a bind is signed for
+    proxy_id_for_cert(der) / proxy_id_for_fingerprint(hex) / proxy_id_for_host(host) -> str
+                                                  # what a bind is signed for
     bind_signature_payload(nonce, proxy_id, protocol, name) -> bytes
     SHROUD_VERSION, NONCE_SIZE, PUBLIC_KEY_SIZE, SIGNATURE_SIZE, BIND_SIGNATURE_CONTEXT,
     EXTRA_VERSION, EXTRA_KEY, EXTRA_NONCE, EXTRA_SIG, EXTRA_TO, EXTRA_REASON, REASON_* codes
@@ -608,20 +609,25 @@ def proxy_id_for_cert(der: bytes) -> str:
     lower-case hex SHA-256 of the proxy's leaf certificate (DER), as the client saw it."""
     if not isinstance(der, (bytes, bytearray)) or not der:
         raise ValueError("certificate must be non-empty DER bytes")
-    return "cert:" + hashlib.sha256(bytes(der)).hexdigest()
+    return proxy_id_for_fingerprint(hashlib.sha256(bytes(der)).hexdigest())
+
+
+def proxy_id_for_fingerprint(fingerprint: str) -> str:
+    """The same id from the certificate's SHA-256 in hex (what the proxy knows of its own,
+    lib.certs.cert_fingerprint)."""
+    return check_proxy_id("cert:" + fingerprint)
 
 
 def proxy_id_for_host(host: str) -> str:
     """The proxy id of a tunnel whose TLS a platform's router terminates (WebSocket tunnels):
-    ``"host:"`` + the host the client asked for (the Host header's name: lower-case, no port,
-    no trailing dot)."""
-    _check_str(host, "host")
-    name = host.strip().lower()
-    if name.startswith("["):
-        name = name[:name.index("]") + 1] if "]" in name else name
-    elif name.count(":") == 1:
-        name = name.split(":", 1)[0]
-    return check_proxy_id("host:" + name.rstrip("."))
+    ``"host:"`` + the host the client asked for, normalised as routing normalises names
+    (lib.sniff.normalize_hostname: lower-case, no port, no trailing dot, compressed IPv6).
+
+    :raises ValueError: not a valid host name.
+    """
+    from lib.sniff import normalize_hostname  # pure, like this module
+
+    return check_proxy_id("host:" + normalize_hostname(_check_str(host, "host")))
 
 
 def check_proxy_id(proxy_id: Any) -> str:

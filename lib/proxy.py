@@ -162,6 +162,8 @@ class ProxyServer:
         else:
             self.cert_path, self.key_path = ensure_tunnel_cert(config.data_dir, config.hostname)
         self.fingerprint = cert_fingerprint(self.cert_path)
+        # What a signed bind on a tunnel of ours names (docs/PROTOCOL.md, "Proxy id").
+        self.own_proxy_ids = frozenset({msg.proxy_id_for_fingerprint(self.fingerprint)})
         self._tls = server_tls_context(self.cert_path, self.key_path)
         self.started_at = time.time()
 
@@ -297,8 +299,7 @@ class ProxyServer:
             tunnel, nonce = self._authenticate(session, peer, transport_name)
             if tunnel is None:
                 return
-            tunnel.proxy_ids = (proxy_ids if proxy_ids is not None
-                                else frozenset({"cert:" + self.fingerprint}))
+            tunnel.proxy_ids = proxy_ids if proxy_ids is not None else self.own_proxy_ids
             log.info("tunnel %d up from %s key=%s", tunnel.id, peer, (tunnel.key or "unsigned")[:16])
             # A tunnel that binds nothing holds a slot for nothing: it gets the handshake's time.
             watchdog = gevent.spawn_later(self.config.handshake_timeout, self._drop_if_unbound,
