@@ -206,9 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
     identity = Identity.load_or_create(args.data_dir)
     log.info("identity key %s (data dir %s)", identity.fingerprint[:16], args.data_dir)
-    from lib.allocator import active
-
-    log.info("memory allocator: %s", active())
 
     if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
         print("shroud: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)

@@ -147,9 +147,6 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
     argv = list(argv or [])
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    from lib.allocator import active
-
-    log.info("memory allocator: %s", active())
     one_port = one_port_mode(args, argv)
     given = set(a.split("=", 1)[0] for a in argv)
     if one_port and "--tunnel-addr" not in given and os.environ.get("SHROUD_TUNNEL_ADDR") is None:
@@ -216,9 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     from lib.proxy import ProxyServer, parse_addr
 
     setup_logging(args.log_level, args.log_format)
-    from lib.allocator import active
-
-    log.info("memory allocator: %s", active())
     try:
         proxy = ProxyServer(config_from_args(args))
         proxy.start()

@@ -1,6 +1,6 @@
 """Give memory back to the OS after a load peak (entry points start it).
 
-    start_memory_trimmer(interval=30.0)
+    start_memory_trimmer(interval=30.0)     # also logs "memory allocator: jemalloc|system"
 
 CPython and glibc keep freed memory for reuse: after 1,000 connections come and go, a proxy's
 RSS stayed ~40 % above its start although nothing leaked (bench/load.py). Every ``interval``
@@ -62,6 +62,10 @@ def trim_once() -> None:
 
 
 def start_memory_trimmer(interval: float = 30.0) -> gevent.Greenlet | None:
+    """Start the trimmer (every entry point does, once); logs the process's allocator."""
+    from lib.allocator import active
+
+    log.info("memory allocator: %s", active())
     trimmers = _trimmers()
     if not trimmers:
         log.debug("neither malloc_trim nor jemalloc available: memory trimmer off")
