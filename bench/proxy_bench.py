@@ -32,7 +32,6 @@ itself only uses blocking sockets and subprocesses.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -50,7 +49,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tests.support.procs import free_port, wait_port  # noqa: E402
+from tests.support.procs import admin_status, free_port, wait_port  # noqa: E402
 PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
 SECTION = "## Proxy and client (--tor none) vs ssh -R vs direct"
@@ -346,12 +345,7 @@ class ShroudPath(Path):
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:
-            c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
-            try:
-                c.request("GET", "/api/status", headers={"Authorization": f"Bearer {self.token}"})
-                last = json.loads(c.getresponse().read())
-            finally:
-                c.close()
+            last = admin_status(self.admin, self.token, timeout=5)
             bound = {b["name"] for b in last.get("bindings", []) if b.get("tunnels")}
             if all(n in bound for n in names):
                 return

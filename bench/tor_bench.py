@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import http.client
-import json
 import os
 import platform
 import re
@@ -61,7 +59,7 @@ import socks  # noqa: E402  (PySocks; after sys.path so the venv's copy is used)
 
 from lib.testnet import TorNetwork  # noqa: E402
 from lib.tor import launch_tor  # noqa: E402
-from tests.support.procs import Proc, free_port, wait_port  # noqa: E402
+from tests.support.procs import Proc, admin_status, free_port, wait_port  # noqa: E402
 
 PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
@@ -251,12 +249,7 @@ class Shroud:
     def wait_unbound(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            c = http.client.HTTPConnection("127.0.0.1", self.admin, timeout=5)
-            try:
-                c.request("GET", "/api/status", headers={"Authorization": f"Bearer {self.token}"})
-                st = json.loads(c.getresponse().read())
-            finally:
-                c.close()
+            st = admin_status(self.admin, self.token, timeout=5)
             if not st.get("tunnels"):
                 return
             time.sleep(0.1)

@@ -59,6 +59,21 @@ def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
+def admin_status(port: int, token: str | None, timeout: float = 10.0) -> dict:
+    """GET /api/status of a proxy's admin listener on 127.0.0.1:``port``."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        c.request("GET", "/api/status", headers=headers)
+        r = c.getresponse()
+        body = r.read()
+    finally:
+        c.close()
+    if r.status != 200:
+        raise RuntimeError(f"status API answered {r.status}: {body[:200]!r}")
+    return json.loads(body)
+
+
 class Proc:
     def __init__(self, name: str, argv: list[str], logdir: str, env: dict | None = None):
         self.name = name
@@ -141,15 +156,7 @@ class ProxyProc(Proc):
         self.fingerprint = self.status()["fingerprint"]
 
     def status(self, token: str | None = ADMIN_TOKEN) -> dict:
-        c = http.client.HTTPConnection("127.0.0.1", self.ports["admin"], timeout=10)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        c.request("GET", "/api/status", headers=headers)
-        r = c.getresponse()
-        body = r.read()
-        c.close()
-        if r.status != 200:
-            raise RuntimeError(f"status API answered {r.status}: {body[:200]!r}")
-        return json.loads(body)
+        return admin_status(self.ports["admin"], token)
 
     def wait_bound(self, name: str, tunnels: int = 1, timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout
