@@ -5,7 +5,7 @@ One gevent worker runs the whole proxy: its listeners start when the worker star
 environment variables, as for `python shroud_proxy.py`. On a platform that gives one $PORT,
 gunicorn serves on it, and in one-port mode (only $PORT set, or SHROUD_ONE_PORT=1) everything
 arrives there: the dashboard on the proxy's own hostname, tunnels as WebSockets at
-/_shroud/tunnel, public HTTP routed by Host (lib/oneport.py, docs/DEPLOY.md).
+/_shroud/tunnel, public HTTP routed by Host (lib/proxy/oneport.py, docs/DEPLOY.md).
 """
 import os
 import shlex
@@ -19,7 +19,7 @@ from lib.allocator import reexec_with_jemalloc  # noqa: E402
 reexec_with_jemalloc()
 
 # gunicorn's gevent worker, with one hook: connections go to the one-port router first.
-worker_class = "lib.gworker.ShroudGeventWorker"
+worker_class = "lib.proxy.gworker.ShroudGeventWorker"
 # One worker: live tunnel state lives in the process (DESIGN.md, process model).
 workers = 1
 worker_connections = int(os.environ.get("SHROUD_MAX_PUBLIC_CONNECTIONS", "20000"))

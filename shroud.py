@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_services(pairs: list[str]):
-    from lib.client import Service
+    from lib.client.tunnels import Service
 
     if len(pairs) % 2:
         raise ValueError("services come in NAME TARGET pairs, e.g. example.com 127.0.0.1:443")
@@ -153,7 +153,7 @@ def socks_dial(address: str):
 
     import socks
 
-    from lib.tor import socks_credentials
+    from lib.client.tor import socks_credentials
 
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -191,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     from gevent.event import Event
 
     from lib.certs import normalize_pin
-    from lib.client import Client, ClientConfig, ProxyAddr, direct_dial
+    from lib.client.tunnels import Client, ClientConfig, ProxyAddr, direct_dial
     from lib.identity import Identity
     from lib.logsetup import setup_logging
-    from lib.mux import MuxConfig
+    from lib.net.muxsession import MuxConfig
 
     setup_logging(args.log_level, args.log_format)
     try:
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
               "is NOT hidden.", file=sys.stderr)
         dial = direct_dial
     else:
-        from lib import clienttor
-        from lib.tor import TorError
+        from lib.client import circuits as clienttor
+        from lib.client.tor import TorError
 
         live_bar = args.status == "live" or (args.status == "auto" and sys.stderr.isatty())
         try:
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proxies = [ProxyAddr.parse(p) for p in args.proxy]
         if not proxies:
-            from lib.discovery import discover_proxies
+            from lib.client.discovery import discover_proxies
 
             proxies = discover_proxies(args, services, tor)
     except (ValueError, OSError) as e:
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     display = StatusDisplay(client, live)
     client.on_change = display.changed
     if tor is not None:
-        from lib.clienttor import CircuitWatcher
+        from lib.client.circuits import CircuitWatcher
 
         CircuitWatcher(tor, client)
     client.start()

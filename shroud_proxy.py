@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args):
-    from lib.proxy import ProxyConfig, parse_port_ranges, proxy_mux_config
+    from lib.proxy.server import ProxyConfig, parse_port_ranges, proxy_mux_config
 
     interval, timeout = float(args.heartbeat_interval), float(args.heartbeat_timeout)
     if not 0 < interval < timeout:
@@ -137,12 +137,12 @@ def one_port_mode(args, argv: list[str], environ=os.environ) -> bool:
 def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
     """Called by gunicorn.conf.py when a (gevent) worker starts: the listeners start with it.
 
-    In one-port mode the worker's connections on $PORT go to a lib.oneport.OnePortRouter
-    first (``worker.shroud_router``, read by lib.gworker.ShroudGeventWorker).
+    In one-port mode the worker's connections on $PORT go to a lib.proxy.oneport.OnePortRouter
+    first (``worker.shroud_router``, read by lib.proxy.gworker.ShroudGeventWorker).
     """
-    from lib.admin import create_admin_app
+    from lib.admin.app import create_admin_app
     from lib.logsetup import setup_logging
-    from lib.proxy import ProxyServer
+    from lib.proxy.server import ProxyServer
 
     argv = list(argv or [])
     args = build_parser().parse_args(argv)
@@ -157,7 +157,7 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
 
     start_memory_trimmer()
     _state["proxy"] = proxy
-    from lib.discovery_server import start_discovery
+    from lib.proxy.discovery import start_discovery
 
     _state["discovery"] = start_discovery(args, proxy)
     settings = admin_settings(args)
@@ -165,11 +165,11 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
         settings["SESSION_COOKIE_SECURE"] = True  # the platform serves it over HTTPS
     _state["app"] = create_admin_app(proxy, settings)
     if one_port:
-        from lib.oneport import TUNNEL_PATH, OnePortRouter
+        from lib.proxy.oneport import TUNNEL_PATH, OnePortRouter
 
         if worker is None or not hasattr(worker, "shroud_router"):
             raise RuntimeError("one-port mode needs gunicorn's worker_class "
-                               "lib.gworker.ShroudGeventWorker (see gunicorn.conf.py)")
+                               "lib.proxy.gworker.ShroudGeventWorker (see gunicorn.conf.py)")
         hosts = [args.hostname, *(h.strip() for h in args.admin_hosts.split(",")),
                  os.environ.get("HEROKU_APP_DEFAULT_DOMAIN_NAME", "")]
         trust = args.trust_forwarded_for.lower() not in ("0", "no", "false")
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     import gevent
     from gevent.pywsgi import WSGIServer
 
-    from lib.admin import create_admin_app
-    from lib.discovery_server import start_discovery
+    from lib.admin.app import create_admin_app
+    from lib.proxy.discovery import start_discovery
     from lib.logsetup import setup_logging
-    from lib.ownership import OwnershipError
-    from lib.proxy import ProxyServer, parse_addr
+    from lib.proxy.ownership import OwnershipError
+    from lib.proxy.server import ProxyServer, parse_addr
 
     setup_logging(args.log_level, args.log_format)
     try:

@@ -9,12 +9,12 @@ Targets and what each may raise (anything else is an *escape*):
 ========  ======================================================  ===================
 target    code under test                                         allowed error
 ========  ======================================================  ===================
-frame     lib.frame.FrameDecoder (whole buffer and in pieces)     ProtocolError
-mux       lib.muxproto.MuxConnection.receive_data                 nothing at all
-messages  lib.messages.MessageReader / unpack, Extra accessors    MessageError
-sni       lib.sniff.sniff_tls_sni                                 SniffError
-http      lib.sniff.sniff_http_host                               SniffError
-classify  lib.sniff.classify (and both sniffers on prefixes)      SniffError
+frame     lib.protocol.muxframe.FrameDecoder (whole buffer and in pieces)     ProtocolError
+mux       lib.protocol.muxstate.MuxConnection.receive_data                 nothing at all
+messages  lib.protocol.messages.MessageReader / unpack, Extra accessors    MessageError
+sni       lib.protocol.sniff.sniff_tls_sni                                 SniffError
+http      lib.protocol.sniff.sniff_http_host                               SniffError
+classify  lib.protocol.sniff.classify (and both sniffers on prefixes)      SniffError
 ========  ======================================================  ===================
 
 Besides "no other exception", each target checks properties (a broken one is also an escape):

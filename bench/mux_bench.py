@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Multiplexer benchmark: lib.mux against Go's muxado v1, over TLS on loopback.
+"""Multiplexer benchmark: lib.net.muxsession against Go's muxado v1, over TLS on loopback.
 
     .venv/bin/python bench/mux_bench.py [--size BYTES] [--streams N] [--idle-streams N]
                                         [--timeout S] [--no-readme]
@@ -44,8 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from lib.tlstransport import TLSTransport  # noqa: E402
-from lib.mux import MuxConfig, Session  # noqa: E402
+from lib.net.tlstransport import TLSTransport  # noqa: E402
+from lib.net.muxsession import MuxConfig, Session  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
 SECTION = "Multiplexer"
@@ -377,8 +377,8 @@ def main_bench(opts):
     for sender, listener in pairs:
         lines.append(f"| {sender} -> {listener} | {cell((sender, listener, 1))} "
                      f"| {cell((sender, listener, opts.streams))} |")
-    lines += ["", "Python -> Python beats Go -> Go on one stream because lib.mux grants a 1 MiB "
-              "receive window while Go grants 64 KiB per round trip. lib.mux turns Nagle off like "
+    lines += ["", "Python -> Python beats Go -> Go on one stream because lib.net.muxsession grants a 1 MiB "
+              "receive window while Go grants 64 KiB per round trip. lib.net.muxsession turns Nagle off like "
               "Go (commit fe23429); before that, Python -> Go over one stream ran at 1.5 MiB/s: "
               "the last small segment of every 64 KiB window waited ~40 ms for Go's delayed ACK."]
     if idle:

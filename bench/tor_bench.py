@@ -58,7 +58,7 @@ sys.path.insert(0, ROOT)
 import socks  # noqa: E402  (PySocks; after sys.path so the venv's copy is used)
 
 from lib.testnet import TorNetwork  # noqa: E402
-from lib.tor import launch_tor  # noqa: E402
+from lib.client.tor import launch_tor  # noqa: E402
 from tests.support.procs import Proc, admin_status, free_port, wait_port  # noqa: E402
 
 PY = sys.executable

@@ -1,7 +1,7 @@
 """A Shroud client's Ed25519 identity, and verification of signed binds.
 
 The client proves it owns a hostname by signing each Bind over a nonce the proxy sent in
-AuthResp (see :func:`lib.messages.bind_signature_payload`). The proxy knows the client by the
+AuthResp (see :func:`lib.protocol.messages.bind_signature_payload`). The proxy knows the client by the
 fingerprint of its public key: the hex SHA-256 of the raw 32-byte key, which is what
 allow-lists and ``_shroud.<hostname>`` TXT records name.
 

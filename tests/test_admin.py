@@ -12,10 +12,11 @@ import pytest
 from urllib.parse import urlparse
 from werkzeug.security import generate_password_hash
 
-from lib import dashboard, ownership
-from lib.admin import SECRET_FILE, create_admin_app
-from lib.metrics import OTHER, TOP_HOSTNAMES
-from lib.proxy import ProxyConfig, ProxyServer
+from lib.admin import dashboard
+from lib.proxy import ownership
+from lib.admin.app import SECRET_FILE, create_admin_app
+from lib.admin.metrics import OTHER, TOP_HOSTNAMES
+from lib.proxy.server import ProxyConfig, ProxyServer
 
 PASSWORD = "correct horse battery"
 TOKEN = "test-token-0123456789"
@@ -477,7 +478,7 @@ def test_blocks_cache_follows_changes(tmp_path):
 
 
 def test_dashboard_rate_matches_registry_rate():
-    from lib.registry import RateHistory
+    from lib.proxy.registry import RateHistory
 
     now = [10_000.0]
     h = RateHistory(clock=lambda: now[0])

@@ -1,9 +1,9 @@
-"""Unit tests of lib.client's pure parts: service names, proxy addresses, PROXY headers, backoff."""
+"""Unit tests of lib.client.tunnels's pure parts: service names, proxy addresses, PROXY headers, backoff."""
 import struct
 
 import pytest
 
-from lib.client import Backoff, ProxyAddr, Service, proxy_protocol_header
+from lib.client.tunnels import Backoff, ProxyAddr, Service, proxy_protocol_header
 
 
 @pytest.mark.parametrize("name,proto,bound", [
@@ -32,7 +32,7 @@ def test_bad_services_are_refused(name, target):
 
 def test_tcp_bind_message_and_signature():
     from lib.identity import Identity, verify_bind
-    from lib import messages as msg
+    from lib.protocol import messages as msg
     ident = Identity.generate()
     b = Service.parse("tcp:20001", "127.0.0.1:22").bind_message(b"n" * 32, ident, "host:p.test")
     assert b.protocol == "tcp" and b.remote_port == 20001 and b.signature is not None

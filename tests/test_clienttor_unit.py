@@ -1,12 +1,12 @@
-"""Unit tests of lib.clienttor.ExitPlanner with a stand-in for lib.tor.TorAccess (this module
+"""Unit tests of lib.client.circuits.ExitPlanner with a stand-in for lib.client.tor.TorAccess (this module
 only: the real planner runs against real tor in tests/test_e2e_tor.py)."""
 import random
 import types
 
 import pytest
 
-from lib import tor as torlib
-from lib.clienttor import ExitPlanner
+from lib.client import tor as torlib
+from lib.client.circuits import ExitPlanner
 
 AUTHS = [c * 40 for c in "ABC"]
 EXITS = ["E" * 40, "F" * 40]

@@ -18,12 +18,12 @@ import pytest
 import trustme
 from werkzeug.test import Client as WsgiClient
 
-from lib import discovery as disc
-from lib import dnsclient
+from lib.client import discovery as disc
+from lib.net import dnsclient
 from lib.certs import cert_fingerprint, server_tls_context
-from lib.client import ProxyAddr, Service, direct_dial
-from lib.discovery import DiscoveryError, fetch_proxies, parse_proxy_list, srv_proxies
-from lib.discovery_server import (Discovery, DiscoveryServer, FleetEntry, create_discovery_app,
+from lib.client.tunnels import ProxyAddr, Service, direct_dial
+from lib.client.discovery import DiscoveryError, fetch_proxies, parse_proxy_list, srv_proxies
+from lib.proxy.discovery import (Discovery, DiscoveryServer, FleetEntry, create_discovery_app,
                                   parse_fleet, start_discovery)
 
 FP1 = "ab" * 32
@@ -305,7 +305,7 @@ def test_fetch_unreachable_is_clear():
 
 
 def test_server_drops_silent_connection_after_timeout(tls_material, monkeypatch):
-    import lib.discovery_server as ds
+    import lib.proxy.discovery as ds
     monkeypatch.setattr(ds, "IO_TIMEOUT", 0.3)
     d = Discovery(fleet=[FleetEntry("p:1")])
     server = _serve(create_discovery_app(d), tls_material)
@@ -443,6 +443,6 @@ def test_discovery_role_under_gunicorn(tmp_path):
 
 
 def test_deeply_nested_json_is_a_discovery_error():
-    from lib.discovery import DiscoveryError, parse_proxy_list
+    from lib.client.discovery import DiscoveryError, parse_proxy_list
     with pytest.raises(DiscoveryError):
         parse_proxy_list(b"[" * 60000, "application/json")

@@ -16,7 +16,7 @@ import pytest
 import stem.control
 import trustme
 
-from lib.tor import socks_credentials
+from lib.client.tor import socks_credentials
 from tests.fixtures.dns import FakeDns
 from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port, wait_port
 

@@ -1,4 +1,4 @@
-"""lib.dnsclient: sans-I/O query/response checks, and real lookups against the loopback server."""
+"""lib.net.dnsclient: sans-I/O query/response checks, and real lookups against the loopback server."""
 import random
 import socket
 import struct
@@ -7,8 +7,8 @@ import time
 import pytest
 from dnslib import A, CNAME, QTYPE, RR, TXT, DNSRecord
 
-from lib import dnsclient
-from lib.dnsclient import (DnsError, DnsNameError, DnsServerError, DnsTimeout, SrvRecord,
+from lib.net import dnsclient
+from lib.net.dnsclient import (DnsError, DnsNameError, DnsServerError, DnsTimeout, SrvRecord,
                            build_query, lookup_cname, lookup_srv, lookup_txt, order_srv,
                            parse_response, query)
 from tests.fixtures.dns import RawBytes

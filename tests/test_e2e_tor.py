@@ -115,7 +115,7 @@ import re  # noqa: E402  (appended section)
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from lib.tor import launch_tor  # noqa: E402
+from lib.client.tor import launch_tor  # noqa: E402
 from tests.fixtures.tor import heal_network  # noqa: E402
 
 # One tunnel's redial after its circuit or exit dies: backoff 0.25-0.5 s, a new circuit on the

@@ -320,7 +320,7 @@ def test_corrupt_ownership_store_stops_the_proxy_with_a_clear_error(tmp_path):
     # A real store with records, then damaged in the middle.
     data = tmp_path / "damaged"
     data.mkdir()
-    from lib.ownership import OwnershipStore
+    from lib.proxy.ownership import OwnershipStore
     s = OwnershipStore(str(data / "ownership.sqlite3"))
     for i in range(300):
         s.claim(f"name{i}.test", f"{i:064x}")

@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib import frame as fr
+from lib.protocol import muxframe as fr
 from lib.errors import ErrorCode, ProtocolError
 
 VECTORS = [

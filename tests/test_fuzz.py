@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bench import fuzz
-from lib import sniff
+from lib.protocol import sniff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUTS = 20_000

@@ -1,7 +1,7 @@
 """Hostile input against a real proxy process: each attack is cut off by a bound with a counter
 (read back through the status API) while a legitimate name keeps being served.
 
-The hostile tunnel client is written here with lib.mux and lib.messages directly (it speaks the
+The hostile tunnel client is written here with lib.net.muxsession and lib.protocol.messages directly (it speaks the
 protocol, then abuses it): SYN floods, huge declared message lengths, binds for names it does
 not own, bind storms. Hostile public clients: slow senders, oversized heads, and 10,000 idle
 half-open connections (plus a full public pool, which must not stall the tunnel listener).
@@ -21,10 +21,10 @@ import gevent.socket
 import gevent.ssl
 import pytest
 
-from lib import messages as msg
+from lib.protocol import messages as msg
 from lib.errors import ErrorCode, MuxError
 from lib.identity import Identity
-from lib.mux import MuxConfig, Session
+from lib.net.muxsession import MuxConfig, Session
 from tests.support.procs import ClientProc, OriginProc, ProxyProc
 
 pytestmark = pytest.mark.timeout(120)

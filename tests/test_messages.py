@@ -1,4 +1,4 @@
-"""Byte-vector, round-trip, Go cross-check and fuzz tests for lib/messages.py and
+"""Byte-vector, round-trip, Go cross-check and fuzz tests for lib/protocol/messages.py and
 lib/identity.py (go-tunnel control messages, Shroud's signed binds)."""
 import base64
 import hashlib
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from lib import identity as identity_mod
-from lib import messages as m
+from lib.protocol import messages as m
 from lib.identity import Identity, IdentityError, fingerprint, verify_bind
-from lib.messages import (
+from lib.protocol.messages import (
     MAX_MESSAGE, Auth, AuthResp, Bind, BindResp, MessageError, MessageReader, StartProxy,
     encode, pack, read_message, unpack, write_message,
 )

@@ -10,10 +10,10 @@ import gevent.ssl
 import pytest
 import trustme
 
-from lib import frame as fr
+from lib.protocol import muxframe as fr
 from lib.errors import (ErrorCode, MuxError, SessionClosed, StreamClosed, StreamReset,
                         StreamTimeout)
-from lib.mux import MuxConfig, Session
+from lib.net.muxsession import MuxConfig, Session
 
 
 def pair(**kw):

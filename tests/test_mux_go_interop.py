@@ -1,4 +1,4 @@
-"""lib.mux against Go's muxado v1 (the reference peer, tests/go/muxpeer), over real sockets.
+"""lib.net.muxsession against Go's muxado v1 (the reference peer, tests/go/muxpeer), over real sockets.
 
 Every case runs over plain TCP and over TLS, and with Python dialling Go and Go dialling Python
 (the dialler is the muxado client: odd stream ids). Payloads are pseudo-random and every byte is
@@ -27,7 +27,7 @@ import pytest
 import trustme
 
 from lib.errors import ErrorCode, MuxError, StreamReset
-from lib.mux import MuxConfig, Session
+from lib.net.muxsession import MuxConfig, Session
 
 # Every wait on the Python side is bounded by this (a wedged session fails, never hangs).
 IO_TIMEOUT = 30
@@ -53,7 +53,7 @@ TRACE_FRAMES = 400
 
 class _HeaderScanner:
     """Follows one direction of a muxado byte stream and records frame headers (independent of
-    lib.frame on purpose: the trace must show the wire even if the codec under test is wrong)."""
+    lib.protocol.muxframe on purpose: the trace must show the wire even if the codec under test is wrong)."""
 
     def __init__(self, direction: str, log: collections.deque):
         self.direction, self.log = direction, log

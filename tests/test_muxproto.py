@@ -2,8 +2,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib import frame as fr
-from lib import muxproto as mp
+from lib.protocol import muxframe as fr
+from lib.protocol import muxstate as mp
 from lib.errors import ErrorCode, ProtocolError
 
 
@@ -233,6 +233,6 @@ def test_peer_streams_keep_64k_when_told_so():
 
 
 def test_proxy_side_defaults_bound_what_a_client_can_make_it_hold():
-    from lib.proxy import ProxyConfig
+    from lib.proxy.server import ProxyConfig
     c = ProxyConfig().mux
     assert not c.grant_peer_streams and c.max_streams <= 64 and c.accept_backlog <= 32

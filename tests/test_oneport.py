@@ -1,10 +1,10 @@
-"""lib.oneport units: a routed connection carries exactly one request (sockets are socketpairs)."""
+"""lib.proxy.oneport units: a routed connection carries exactly one request (sockets are socketpairs)."""
 from __future__ import annotations
 
 import gevent.socket
 import pytest
 
-from lib.oneport import OneRequestSocket, ReplaySocket, connection_close, forwarded_for
+from lib.proxy.oneport import OneRequestSocket, ReplaySocket, connection_close, forwarded_for
 
 
 def read_all(sock) -> tuple[bytes, Exception | None]:

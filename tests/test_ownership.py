@@ -1,4 +1,4 @@
-"""lib.ownership: the durable store, the kill switch, and the bind policy (allow-list, DNS TXT
+"""lib.proxy.ownership: the durable store, the kill switch, and the bind policy (allow-list, DNS TXT
 against the loopback DNS server, trust on first use)."""
 import os
 import sqlite3
@@ -8,9 +8,9 @@ import time
 import pytest
 
 from lib.identity import Identity
-from lib.messages import (REASON_INTERNAL, REASON_INVALID_HOSTNAME, REASON_NOT_ALLOWED,
+from lib.protocol.messages import (REASON_INTERNAL, REASON_INVALID_HOSTNAME, REASON_NOT_ALLOWED,
                           REASON_NOT_OWNER, REASON_SIGNATURE_REQUIRED)
-from lib.ownership import (AllowList, OwnershipError, OwnershipPolicy, OwnershipStore,
+from lib.proxy.ownership import (AllowList, OwnershipError, OwnershipPolicy, OwnershipStore,
                            canonical_name)
 
 pytestmark = pytest.mark.timeout(60)
@@ -261,7 +261,7 @@ def test_operator_assign_and_release(store):
 
 
 def test_audit_log_is_trimmed(store, monkeypatch):
-    import lib.ownership as ownership
+    import lib.proxy.ownership as ownership
     monkeypatch.setattr(ownership, "AUDIT_KEEP", 5)
     for i in range(12):
         store.audit("t", "act", "target%d" % i)
@@ -437,7 +437,7 @@ def test_dns_cache_is_shared_by_a_bind_storm_and_bounded(dns_server, store):
 
 
 def test_long_name_under_dns_policy_is_decided_not_crashed(tmp_path):
-    from lib.ownership import OwnershipPolicy, OwnershipStore
+    from lib.proxy.ownership import OwnershipPolicy, OwnershipStore
     name = ".".join(["a" * 60] * 4)[:247].rstrip(".") + ".test"
     store = OwnershipStore(str(tmp_path / "o.sqlite3"))
     calls = []

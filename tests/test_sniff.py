@@ -1,12 +1,12 @@
-"""Byte-vector and fuzz tests for lib/sniff.py (SNI and Host sniffers, name helpers)."""
+"""Byte-vector and fuzz tests for lib/protocol/sniff.py (SNI and Host sniffers, name helpers)."""
 import ssl
 
 import h11
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib import sniff
-from lib.sniff import (
+from lib.protocol import sniff
+from lib.protocol.sniff import (
     MAX_CLIENT_HELLO, MAX_HTTP_HEAD, MAX_TLS_PEEK, MAX_TLS_RECORD, SniffError, classify,
     http_error_response, normalize_hostname, sniff_http_host, sniff_tls_sni, tls_alert,
     wildcard_candidates,

@@ -5,8 +5,8 @@ import time
 import gevent
 import gevent.socket as gsocket
 
-from lib.mux import Session
-from lib.splice import splice
+from lib.net.muxsession import Session
+from lib.net.splice import splice
 
 
 def test_half_close_carried_and_counts():

@@ -9,8 +9,8 @@ import gevent.ssl
 import pytest
 import trustme
 
-from lib.mux import Session
-from lib.tlstransport import TLSTransport
+from lib.net.muxsession import Session
+from lib.net.tlstransport import TLSTransport
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The client's Tor access (lib.tor) against the private network: real tors, real sockets."""
+"""The client's Tor access (lib.client.tor) against the private network: real tors, real sockets."""
 import json
 import os
 import socket
@@ -11,7 +11,7 @@ import pytest
 from stem.control import EventType
 
 from lib.testnet import AUTHORITY, EXIT
-from lib.tor import TorConnectError, TorError, launch_tor, socks_credentials
+from lib.client.tor import TorConnectError, TorError, launch_tor, socks_credentials
 from tests.fixtures.tor import EchoServer, heal_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +185,7 @@ GEVENT_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import gevent
     sys.path.insert(0, sys.argv[1])
-    from lib.tor import attach_tor
+    from lib.client.tor import attach_tor
 
     tor = attach_tor(sys.argv[2], timeout=30)
     closed, gaps = [], []

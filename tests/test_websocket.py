@@ -1,4 +1,4 @@
-"""lib.websocket (sans-I/O RFC 6455) with byte vectors, and lib.wstransport over a socketpair."""
+"""lib.protocol.websocket (sans-I/O RFC 6455) with byte vectors, and lib.net.wstransport over a socketpair."""
 from __future__ import annotations
 
 import hashlib
@@ -10,9 +10,9 @@ import gevent.socket
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib import websocket as ws
-from lib.mux import Session
-from lib.wstransport import WebSocketTransport, client_handshake, read_head
+from lib.protocol import websocket as ws
+from lib.net.muxsession import Session
+from lib.net.wstransport import WebSocketTransport, client_handshake, read_head
 
 MASK = bytes.fromhex("37fa213d")
 
@@ -240,7 +240,7 @@ def test_oversized_head_refused():
     assert e.value.http_status == 431
 
 
-# --- lib.wstransport: a muxado session over a WebSocket over a socketpair ----------------------
+# --- lib.net.wstransport: a muxado session over a WebSocket over a socketpair ----------------------
 
 def ws_pair():
     a, b = gevent.socket.socketpair()
@@ -317,7 +317,7 @@ def test_transport_close_gives_peer_eof():
 
 
 def test_close_reason_cut_on_a_character_boundary():
-    from lib import websocket as ws
+    from lib.protocol import websocket as ws
     frame = ws.WebSocketConnection(client=False).send_close(1000, "é" * 100)
     payload = frame[2:]  # a server frame: no mask, short length
     assert len(payload) <= 125

@@ -621,11 +621,11 @@ def proxy_id_for_fingerprint(fingerprint: str) -> str:
 def proxy_id_for_host(host: str) -> str:
     """The proxy id of a tunnel whose TLS a platform's router terminates (WebSocket tunnels):
     ``"host:"`` + the host the client asked for, normalised as routing normalises names
-    (lib.sniff.normalize_hostname: lower-case, no port, no trailing dot, compressed IPv6).
+    (lib.protocol.sniff.normalize_hostname: lower-case, no port, no trailing dot, compressed IPv6).
 
     :raises ValueError: not a valid host name.
     """
-    from lib.sniff import normalize_hostname  # pure, like this module
+    from lib.protocol.sniff import normalize_hostname  # pure, like this module
 
     return check_proxy_id("host:" + normalize_hostname(_check_str(host, "host")))
 

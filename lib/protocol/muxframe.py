@@ -13,7 +13,7 @@ big-endian and a frame is an 8-byte header plus ``length`` payload bytes::
     0-1  reserved:2  length:14     2  flags     3  reserved:3  type:5     4-7  reserved:1  id:31
 
 The decoder checks what can be checked frame by frame (types, lengths, stream id 0); rules that
-need session state (id order, windows) live in ``lib.muxproto``.
+need session state (id order, windows) live in ``lib.protocol.muxstate``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import itertools
 import time
 from collections import Counter, deque
 
-from lib.sniff import wildcard_candidates
+from lib.protocol.sniff import wildcard_candidates
 
 ROUTE_BY_SNI = ("tls", "https")
 ROUTE_BY_HOST = ("http",)

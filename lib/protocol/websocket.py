@@ -67,7 +67,7 @@ MAX_PAYLOAD = 1 << 20
 # WebSocket header are noise, small enough that masking one frame costs microseconds.
 MAX_SEND_FRAME = 64 * 1024
 # Largest opening-handshake head (request or response). Ours are ~250 bytes; a router adds a few
-# X-Forwarded-* headers. Same bound as the Host sniffer (lib.sniff.MAX_HTTP_HEAD).
+# X-Forwarded-* headers. Same bound as the Host sniffer (lib.protocol.sniff.MAX_HTTP_HEAD).
 MAX_HEAD = 16384
 MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5
 

@@ -1,11 +1,11 @@
 """gunicorn's gevent worker, with each accepted connection shown to the proxy first.
 
-    worker_class = "lib.gworker.ShroudGeventWorker"     # in gunicorn.conf.py
+    worker_class = "lib.proxy.gworker.ShroudGeventWorker"     # in gunicorn.conf.py
 
 Identical to ``gunicorn.workers.ggevent.GeventWorker`` (gevent patched after fork, one
 StreamServer per listening socket, gunicorn's own HTTP parser) except :meth:`handle`: when the
 proxy runs in one-port mode, ``post_worker_init`` sets ``worker.shroud_router`` (a
-lib.oneport.OnePortRouter) and every connection on ``$PORT`` goes to its ``dispatch`` first.
+lib.proxy.oneport.OnePortRouter) and every connection on ``$PORT`` goes to its ``dispatch`` first.
 What it hands back (the dashboard's requests, their head replayed) gunicorn serves as usual;
 tunnels and routed public connections never reach the WSGI app.
 """

@@ -1,6 +1,6 @@
 """Read-only views of the proxy's live state for the dashboard and its JSON API.
 
-Pure functions over a :class:`lib.registry.Registry` (and the ownership store for blocks); no
+Pure functions over a :class:`lib.proxy.registry.Registry` (and the ownership store for blocks); no
 Flask, no I/O. They never change the live state, and they are cheap enough to run every few
 seconds with thousands of bound names: a page of rows is built in full, the rest only as far
 as filtering and sorting need.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 
-from lib.registry import BUCKET_SECONDS, HISTORY_BUCKETS
+from lib.proxy.registry import BUCKET_SECONDS, HISTORY_BUCKETS
 
 # One page of the hostname table: 50 rows fills a screen; 500 is the most a browser table
 # renders smoothly every two seconds, and bounds the work a single API call can ask for.

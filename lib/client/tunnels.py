@@ -13,7 +13,7 @@ Public API::
 
 A tunnel: dial (directly or through Tor: ``dial(host, port, isolation_key, timeout)``), TLS with
 the proxy's certificate verified (pin, CA bundle, or the system's CAs), for a ``wss://`` proxy a
-WebSocket handshake (lib.wstransport, muxado in binary messages), a muxado session as the
+WebSocket handshake (lib.net.wstransport, muxado in binary messages), a muxado session as the
 dialler, Auth (our Ed25519 public key), one signed Bind per service, then every stream the proxy
 opens: read StartProxy, connect to the service's local target, optionally send a PROXY protocol
 header, splice. A dead tunnel (read error, GOAWAY, missed heartbeats) is redialled with
@@ -37,13 +37,13 @@ from typing import Callable
 import gevent
 import gevent.socket as gsocket
 
-from lib import messages as msg
-from lib import sniff
+from lib.protocol import messages as msg
+from lib.protocol import sniff
 from lib.certs import client_tls_context
-from lib.tlstransport import TLSTransport
+from lib.net.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError
-from lib.mux import MuxConfig, Session
-from lib.splice import splice
+from lib.net.muxsession import MuxConfig, Session
+from lib.net.splice import splice
 
 log = logging.getLogger("shroud.client")
 
@@ -90,7 +90,7 @@ class Service:
 
     def bind_message(self, nonce: bytes | None, identity, proxy_id: str | None = None) -> msg.Bind:
         """The Bind for this service: signed over the proxy's nonce and ``proxy_id`` (the
-        proxy this client verified, lib.messages.proxy_id_for_*) when both are known, else
+        proxy this client verified, lib.protocol.messages.proxy_id_for_*) when both are known, else
         unsigned (an original go-tunnel proxy sends no nonce)."""
         if self.protocol == "tcp":
             b = msg.Bind(protocol="tcp", remote_port=self.remote_port)
@@ -224,7 +224,7 @@ class TunnelRunner:
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
         self.sock = None
-        self.circuit = None  # lib.tor.CircuitInfo when tunnelled through Tor
+        self.circuit = None  # lib.client.tor.CircuitInfo when tunnelled through Tor
 
     @property
     def isolation_key(self) -> str:
@@ -303,8 +303,8 @@ class TunnelRunner:
                 self.sock = tls  # CircuitWatcher finds the circuit by its local port
                 self.client.verify_proxy(self.proxy, tls)
             if self.proxy.websocket:
-                from lib.websocket import HandshakeError
-                from lib.wstransport import client_handshake
+                from lib.protocol.websocket import HandshakeError
+                from lib.net.wstransport import client_handshake
 
                 try:
                     tls = client_handshake(tls, self.proxy.host_header, self.proxy.path,

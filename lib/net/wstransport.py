@@ -10,7 +10,7 @@ Public API::
 Bytes written go out as binary frames (masked by the client); binary frames received are
 delivered as bytes in order; pings are answered; a close frame ends the stream (b"") after the
 close reply. Socket writes are serialised by a lock: the mux session's writer greenlet and its
-reader (answering pings) both write. The codec is lib.websocket (sans-I/O).
+reader (answering pings) both write. The codec is lib.protocol.websocket (sans-I/O).
 
 This module uses gevent's APIs directly and never monkey-patches.
 """
@@ -22,19 +22,19 @@ import socket
 import gevent
 import gevent.lock
 
-from lib import websocket as ws
+from lib.protocol import websocket as ws
 
 log = logging.getLogger("shroud.websocket")
 
-# Bytes read from the socket per call: as lib.mux reads (many frames per call is what keeps the
-# Python side fast); a frame is at most lib.websocket.MAX_PAYLOAD, buffered until whole.
+# Bytes read from the socket per call: as lib.net.muxsession reads (many frames per call is what keeps the
+# Python side fast); a frame is at most lib.protocol.websocket.MAX_PAYLOAD, buffered until whole.
 READ_SIZE = 256 * 1024
 # How long a close frame may take to leave before we just close the socket.
 CLOSE_SEND_TIMEOUT = 2.0
 
 
 class WebSocketTransport:
-    """Binary WebSocket messages as one byte stream, with the socket interface lib.mux uses."""
+    """Binary WebSocket messages as one byte stream, with the socket interface lib.net.muxsession uses."""
 
     def __init__(self, sock, client: bool, leftover: bytes = b"", rand=None):
         self.sock = sock

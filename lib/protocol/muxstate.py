@@ -20,7 +20,7 @@ Events: StreamOpened, DataReceived (fin may ride on it), StreamEnded, StreamRese
 WindowOpened, GoAwayReceived, HeartbeatEchoed, ConnectionTerminated.
 
 House rules: every rule of muxado v1 that needs session state lives in this file; the frame
-layout lives in ``lib.frame``. A peer that breaks a session rule gets ConnectionTerminated and a
+layout lives in ``lib.protocol.muxframe``. A peer that breaks a session rule gets ConnectionTerminated and a
 GOAWAY with the code below; a peer that breaks a stream rule gets that stream reset.
 
 =============================================  ===============================================
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lib import frame as fr
+from lib.protocol import muxframe as fr
 from lib.errors import ErrorCode, ProtocolError
 
 # muxado v1 fixes the initial window at 64 KiB each way; it cannot be negotiated.

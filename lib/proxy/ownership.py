@@ -52,10 +52,10 @@ Public API::
                     dns_cache_size=1024, dns_lookup=None, clock=time.monotonic)
         .decide(hostname, key=None) -> Decision
         dns_resolver: (host, port) of a resolver; dns_lookup: callable(qname) -> list[str]
-        (TXT strings, raising lib.dnsclient.DnsError) replacing it, e.g. one going via Tor.
+        (TXT strings, raising lib.net.dnsclient.DnsError) replacing it, e.g. one going via Tor.
     Decision(allowed, method, reason, code)
         method: "allowlist" | "dns" | "tofu" | "operator" | "unsigned" | "blocked" |
-                "invalid" | "none" | "error";  code: "" or a lib.messages REASON_* value
+                "invalid" | "none" | "error";  code: "" or a lib.protocol.messages REASON_* value
     Ownership(name, key, method, first_bound, last_bound)     # times: Unix seconds
     Block(target, actor, since, detail)
     AuditEntry(time, actor, action, target, detail)
@@ -84,10 +84,10 @@ import threading
 import time
 from typing import Callable, NamedTuple
 
-from lib import dnsclient
-from lib.messages import (REASON_BAD_REQUEST, REASON_INTERNAL, REASON_INVALID_HOSTNAME,
+from lib.net import dnsclient
+from lib.protocol.messages import (REASON_BAD_REQUEST, REASON_INTERNAL, REASON_INVALID_HOSTNAME,
                           REASON_NOT_ALLOWED, REASON_NOT_OWNER, REASON_SIGNATURE_REQUIRED)
-from lib.sniff import normalize_hostname, wildcard_candidates
+from lib.protocol.sniff import normalize_hostname, wildcard_candidates
 
 log = logging.getLogger("shroud.ownership")
 
@@ -149,7 +149,7 @@ class Decision(NamedTuple):
     allowed: bool
     method: str
     reason: str
-    code: str  # "" when allowed, else a lib.messages REASON_* code
+    code: str  # "" when allowed, else a lib.protocol.messages REASON_* code
 
 
 def canonical_name(name: str) -> str:

@@ -4,7 +4,7 @@ Public API::
 
     discover_proxies(args, services, tor) -> list[ProxyAddr]
         # shroud.py's entry: --discovery URL (then --srv if both are given and discovery fails),
-        # or --srv; the first --count proxies. tor: a lib.tor.TorAccess, or None (--tor none).
+        # or --srv; the first --count proxies. tor: a lib.client.tor.TorAccess, or None (--tor none).
     fetch_proxies(url, domain, dial, cafile=None, pin=None, timeout=60.0) -> list[ProxyAddr]
         # HTTPS GET <url>?q=<domain>; dial(host, port, isolation_key, timeout) -> socket
     srv_proxies(domain, resolver, connect=None, timeout=30.0, rng=None) -> list[ProxyAddr]
@@ -42,9 +42,9 @@ from urllib.parse import urlencode, urlsplit
 
 import h11
 
-from lib import dnsclient
+from lib.net import dnsclient
 from lib.certs import client_tls_context, normalize_pin
-from lib.client import ProxyAddr, direct_dial
+from lib.client.tunnels import ProxyAddr, direct_dial
 
 log = logging.getLogger("shroud.discovery")
 

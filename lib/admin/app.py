@@ -33,7 +33,7 @@ JSON API (all GET unless marked)::
     POST /api/tunnels/<id>/disconnect
     POST /api/block     {"kind": "hostname"|"key", "target": ..., "detail": ...}
     POST /api/unblock   {"kind": "hostname"|"key", "target": ..., "detail": ...}
-    /metrics                           Prometheus text format (lib.metrics)
+    /metrics                           Prometheus text format (lib.admin.metrics)
 """
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ from flask import (Flask, abort, g, jsonify, redirect, render_template, request,
                    url_for)
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from lib import dashboard
-from lib.metrics import metrics_registry, render as render_metrics
+from lib.admin import dashboard
+from lib.admin.metrics import metrics_registry, render as render_metrics
 
 log = logging.getLogger("shroud.admin")
 
@@ -147,7 +147,7 @@ class _LoginThrottle:
 
 def create_admin_app(proxy, config: dict | None = None) -> Flask:
     config = dict(config or {})
-    app = Flask("shroud_proxy", template_folder=os.path.join(HERE, "..", "templates"),
+    app = Flask("shroud_proxy", template_folder=os.path.join(HERE, "..", "..", "templates"),
                 static_folder=os.path.join(HERE, "static"), static_url_path="/static")
     password_hash = config.get("ADMIN_PASSWORD_HASH") or None
     token = config.get("ADMIN_TOKEN") or None

@@ -36,8 +36,8 @@ from gevent.event import Event
 
 from lib.errors import (ErrorCode, MuxError, ProtocolError, SessionClosed, StreamClosed,
                         StreamReset, StreamTimeout, code_name)
-from lib import muxproto as mp
-from lib.muxproto import MuxConfig
+from lib.protocol import muxstate as mp
+from lib.protocol.muxstate import MuxConfig
 
 __all__ = ["Session", "Stream", "MuxConfig", "SessionEnd"]
 

@@ -9,7 +9,7 @@ Public API::
 
 Each tunnel dials through its own circuit: TunnelRunner's isolation key (tunnel index and
 connection generation) becomes distinct SOCKS credentials, and every reconnect gets a fresh one.
-Must be imported after gevent's monkey-patching (lib.tor's rule).
+Must be imported after gevent's monkey-patching (lib.client.tor's rule).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 
 import gevent
 
-from lib import tor as torlib
+from lib.client import tor as torlib
 
 log = logging.getLogger("shroud.tor")
 
@@ -222,7 +222,7 @@ class ExitPlanner:
 
 
 def _tunnel_index(isolation_key: str) -> int | None:
-    # lib.client.TunnelRunner.isolation_key is "shroud-tunnel-<index>-<generation>"
+    # lib.client.tunnels.TunnelRunner.isolation_key is "shroud-tunnel-<index>-<generation>"
     parts = isolation_key.split("-")
     if len(parts) == 4 and parts[:2] == ["shroud", "tunnel"] and parts[2].isdigit():
         return int(parts[2])

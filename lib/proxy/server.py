@@ -6,7 +6,7 @@ Public API::
     proxy = ProxyServer(config)
     proxy.start()            # binds every configured listener (returns at once)
     proxy.addresses          # {"tunnel": ("0.0.0.0", 4443), ...} as actually bound
-    proxy.registry           # live state (lib.registry.Registry)
+    proxy.registry           # live state (lib.proxy.registry.Registry)
     proxy.stop()
 
 Operator actions (the dashboard's), each audited in the ownership store::
@@ -47,15 +47,15 @@ import gevent
 import gevent.pool
 import gevent.server
 
-from lib import messages as msg
-from lib import sniff
+from lib.protocol import messages as msg
+from lib.protocol import sniff
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
 from lib.errors import ErrorCode, MuxError
 from lib.identity import fingerprint as key_fingerprint, verify_bind
-from lib.mux import MuxConfig, Session
-from lib.tlstransport import TLSTransport
-from lib.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
-from lib.splice import splice
+from lib.net.muxsession import MuxConfig, Session
+from lib.net.tlstransport import TLSTransport
+from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
+from lib.net.splice import splice
 
 log = logging.getLogger("shroud.proxy")
 
@@ -168,7 +168,7 @@ class ProxyServer:
         self.started_at = time.time()
 
     def _make_policy(self):
-        from lib.ownership import OwnershipPolicy, OwnershipStore
+        from lib.proxy.ownership import OwnershipPolicy, OwnershipStore
         c = self.config
         os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
         # threaded: a write's fsync never stalls the event loop that serves every visitor
@@ -234,7 +234,7 @@ class ProxyServer:
     def block_hostname(self, name: str, actor: str, detail: str = "") -> int:
         """Block ``name`` (or a wildcard) durably and drop the live bindings it covers, so no
         new public connection is routed to them; returns how many were dropped."""
-        from lib.ownership import canonical_name
+        from lib.proxy.ownership import canonical_name
 
         store = self._require_store()
         blocked = canonical_name(name)
@@ -289,7 +289,7 @@ class ProxyServer:
                      proxy_ids: frozenset[str] | None = None) -> None:
         """Run one tunnel (any socket-like transport: TLS socket, WebSocket) until it ends.
 
-        ``proxy_ids``: what a signed bind on it may name as its proxy (lib.messages
+        ``proxy_ids``: what a signed bind on it may name as its proxy (lib.protocol.messages
         proxy_id_for_*); by default this proxy's tunnel certificate, which the client saw in
         a TLS handshake it made with us."""
         session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}")
@@ -727,7 +727,7 @@ def peek_name(sock, sniffer, timeout: float) -> tuple[str | None, bytes]:
     lost: the bytes come back for replay. ``(None, peeked)`` when the peer closed first.
 
     :raises PeekTimeout: after ``timeout`` seconds in all (slow senders are cut here).
-    :raises lib.sniff.SniffError: the bytes are not what the listener speaks, or too many
+    :raises lib.protocol.sniff.SniffError: the bytes are not what the listener speaks, or too many
         (its ``peeked`` attribute holds what was read).
     """
     peeked = bytearray()

@@ -41,9 +41,9 @@ import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-from lib import dnsclient
+from lib.net import dnsclient
 from lib.certs import normalize_pin
-from lib.sniff import normalize_hostname
+from lib.protocol.sniff import normalize_hostname
 
 log = logging.getLogger("shroud.discovery")
 
@@ -117,7 +117,7 @@ def _resolver(text: str | None) -> tuple[str, int]:
 class Discovery:
     """Decides the answer for a domain (see the module docstring). The DNS functions are
     injectable for tests: ``lookup_cname(name) -> str | None``, ``lookup_srv(name) -> list``
-    of lib.dnsclient.SrvRecord in order, both raising lib.dnsclient.DnsError."""
+    of lib.net.dnsclient.SrvRecord in order, both raising lib.net.dnsclient.DnsError."""
 
     fleet: list = field(default_factory=list)
     proxy_domain: str | None = None
@@ -274,7 +274,7 @@ def start_discovery(args, proxy=None) -> DiscoveryServer | None:
     :raises ValueError: bad options. :raises OSError: cannot listen.
     """
     from lib.certs import server_tls_context
-    from lib.proxy import parse_addr
+    from lib.proxy.server import parse_addr
 
     addr = getattr(args, "discovery_addr", None)
     if not addr:

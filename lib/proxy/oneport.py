@@ -7,7 +7,7 @@ never lost) and decides by Host and path:
 
 1. Host is one of the proxy's own names (``admin_hosts``):
    ``GET /_shroud/tunnel`` with a WebSocket upgrade becomes a tunnel (muxado over the
-   WebSocket's binary messages, lib.wstransport); any other path goes to the WSGI app
+   WebSocket's binary messages, lib.net.wstransport); any other path goes to the WSGI app
    (the dashboard), which gunicorn serves as usual.
 2. Host is bound by a tunnel: the connection is routed through the tunnel exactly like the
    proxy's http listener (raw bytes, public WebSocket upgrades included), one request per
@@ -45,12 +45,12 @@ import logging
 import re
 
 
-from lib import messages as msg
-from lib import sniff
-from lib import websocket as ws
-from lib.proxy import PeekTimeout, peek_name
-from lib.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
-from lib.wstransport import WebSocketTransport
+from lib.protocol import messages as msg
+from lib.protocol import sniff
+from lib.protocol import websocket as ws
+from lib.proxy.server import PeekTimeout, peek_name
+from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
+from lib.net.wstransport import WebSocketTransport
 
 log = logging.getLogger("shroud.oneport")
 
@@ -102,7 +102,7 @@ class OneRequestSocket(ReplaySocket):
         first, rest = head_end if head_end else (head, b"")
         first = connection_close(first)
         super().__init__(sock, first + rest)
-        # A head up to lib.sniff's bound, plus room for a chunk-size line.
+        # A head up to lib.protocol.sniff's bound, plus room for a chunk-size line.
         self._parser = h11.Connection(h11.SERVER,
                                       max_incomplete_event_size=sniff.MAX_HTTP_HEAD + 1024)
         self._ended = False
@@ -166,7 +166,7 @@ def connection_close(head: bytes) -> bytes:
 
 def _head_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
     """(method, path, {lower-case header name: [values]}) of a request head already checked by
-    lib.sniff (so the request line and header lines are well formed)."""
+    lib.protocol.sniff (so the request line and header lines are well formed)."""
     lines = _LINE_SPLIT_RE.split(head.rstrip(b"\r\n"))
     method, target, _ = lines[0].decode("latin-1").split(" ", 2)
     headers: dict[str, list[str]] = {}

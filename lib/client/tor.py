@@ -583,4 +583,4 @@ def _check_socks_matches_socket_module() -> None:
     """PySocks fixed its base class at import; under gevent it must be gevent's socket."""
     if socket.socket is not socks._orig_socket and not issubclass(socks.socksocket, socket.socket):
         raise TorError("PySocks was imported before gevent.monkey.patch_all(): its sockets would "
-                       "block the whole process. Patch first, then import lib.tor.")
+                       "block the whole process. Patch first, then import lib.client.tor.")
