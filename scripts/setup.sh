@@ -36,12 +36,17 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     fi
 fi
 
-stamp=.venv/.requirements.sha256
+# One stamp per requirements.txt content that was installed: several checkouts may share one .venv
+# (a symlink), each with its own requirements.txt, and none should reinstall after another.
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
-if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "setup: creating .venv with requirements.txt" >&2
-    python3 -m venv .venv
-    .venv/bin/pip install -q --upgrade pip >/dev/null
+stamp=.venv/.requirements-$want.ok
+if [ ! -x .venv/bin/python ] || [ ! -e "$stamp" ]; then
+    if [ ! -x .venv/bin/python ]; then
+        echo "setup: creating .venv" >&2
+        python3 -m venv .venv
+        .venv/bin/pip install -q --upgrade pip >/dev/null
+    fi
+    echo "setup: installing requirements.txt into .venv" >&2
     .venv/bin/pip install -q -r requirements.txt
-    echo "$want" > "$stamp"
+    touch "$stamp"
 fi

@@ -14,4 +14,6 @@ ip link set lo up
 # Delayed ACKs on loopback add 40 ms stalls to tor's connections (notes: pitfall 10).
 ip route change table local local 127.0.0.0/8 dev lo proto kernel scope host src 127.0.0.1 quickack 1 2>/dev/null || true
 ip route change table local local 127.0.0.1 dev lo proto kernel scope host src 127.0.0.1 quickack 1 2>/dev/null || true
+# The floors of lib/ (.importlinter, docs/DESIGN.md): a forbidden import fails the run before any test.
+.venv/bin/lint-imports --no-cache --no-logo
 exec .venv/bin/python -m pytest "$@"
