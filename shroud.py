@@ -155,15 +155,17 @@ def socks_dial(address: str):
 
     from lib.client.tor import socks_credentials
 
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"shroud: --socks wants HOST:PORT, got {address!r}")
-    host = host.strip("[]")
+    from lib.hostport import AddressError, parse_hostport
+
+    try:
+        host, port = parse_hostport(address, what="--socks")
+    except AddressError as e:
+        raise SystemExit(f"shroud: {e}") from None
 
     def dial(target_host: str, target_port: int, isolation_key: str, timeout: float):
         user, password = socks_credentials(isolation_key)
         s = socks.socksocket(socket.AF_INET, socket.SOCK_STREAM)
-        s.set_proxy(socks.SOCKS5, host, int(port), rdns=True, username=user, password=password)
+        s.set_proxy(socks.SOCKS5, host, port, rdns=True, username=user, password=password)
         s.settimeout(timeout)
         try:
             s.connect((target_host, int(target_port)))

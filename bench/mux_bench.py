@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from lib.hostport import parse_hostport  # noqa: E402
 from lib.net.tlstransport import TLSTransport  # noqa: E402
 from lib.net.muxsession import MuxConfig, Session  # noqa: E402
 
@@ -147,8 +148,7 @@ def serve_hold(args) -> None:
 
 
 def dial(args) -> Session:
-    host, port = args.dial.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.create_connection(parse_hostport(args.dial, what="--dial"), timeout=10)
     tls = TLSTransport.client(sock, tls_client_context(args.ca), "127.0.0.1")  # as the client
     return Session(tls, client=True, config=bench_config(args))
 

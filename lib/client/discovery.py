@@ -45,6 +45,7 @@ import h11
 from lib.net import dnsclient
 from lib.certs import client_tls_context, normalize_pin
 from lib.client.tunnels import ProxyAddr, direct_dial
+from lib.hostport import AddressError, parse_hostport
 
 log = logging.getLogger("shroud.discovery")
 
@@ -115,14 +116,12 @@ def _proxy_addr(text: str, where: str, pin: str | None = None) -> ProxyAddr:
         if low.startswith(("wss://", "ws://")):
             addr = ProxyAddr.parse(text)
         else:
-            host, sep, port = text.rpartition(":")
-            host = host.strip("[]").rstrip(".")  # Go's SRV targets end in a dot
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            host, port = parse_hostport(text, what=f"discovery answer {where}")
+            host = host.rstrip(".")  # Go's SRV targets end in a dot
+            if not host:
                 raise ValueError
-            if len(host) > 253 or any(c.isspace() or c in "/?#@" for c in host):
-                raise ValueError
-            addr = ProxyAddr(host, int(port))
-    except ValueError:
+            addr = ProxyAddr(host, port)
+    except ValueError:  # AddressError is one
         raise DiscoveryError(f"discovery answer {where} is not HOST:PORT: {text[:80]!r}") \
             from None
     if pin is not None:
@@ -322,10 +321,10 @@ def srv_proxies(domain: str, resolver: tuple[str, int], connect=None,
 
 
 def parse_resolver(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise DiscoveryError(f"--dns-resolver must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_hostport(text, what="--dns-resolver")
+    except AddressError as e:
+        raise DiscoveryError(str(e)) from None
 
 
 def discover_proxies(args, services, tor) -> list[ProxyAddr]:

@@ -63,6 +63,8 @@ import stem
 import stem.control
 from stem.control import EventType
 
+from lib.hostport import AddressError, parse_hostport
+
 __all__ = ["TorError", "TorConnectError", "TorAccess", "CircuitInfo", "CircuitClosed",
            "launch_tor", "attach_tor", "socks_credentials"]
 
@@ -240,10 +242,10 @@ def attach_tor(
     """
     deadline = time.monotonic() + timeout
     if isinstance(control, str) and not control.startswith("/"):
-        host, _, port = control.rpartition(":")
-        if not host or not port.isdigit():
-            raise TorError(f"control address {control!r} is not host:port or a socket path")
-        control = (host, int(port))
+        try:
+            control = parse_hostport(control, what="the control address (or a socket path)")
+        except AddressError as e:
+            raise TorError(str(e)) from None
     controller = _connect(control, password, f"tor at {control}")
     try:
         access = TorAccess(controller)

@@ -42,6 +42,7 @@ from lib.protocol import sniff
 from lib.certs import client_tls_context
 from lib.net.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError
+from lib.hostport import format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
 from lib.net.splice import splice
 
@@ -67,10 +68,7 @@ class Service:
 
     @classmethod
     def parse(cls, name: str, target: str) -> "Service":
-        host, _, port = target.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"target must be HOST:PORT, got {target!r}")
-        tgt = (host.strip("[]"), int(port))
+        tgt = parse_hostport(target, what=f"the target of {name}")
         low = name.lower()
         for prefix in ("tls://", "https://", "http://", "tcp://", "tls:", "https:", "http:",
                        "tcp:"):
@@ -128,10 +126,7 @@ class ProxyAddr:
             scheme = u.scheme.lower()
             return cls(u.hostname, u.port or (443 if scheme == "wss" else 80), scheme=scheme,
                        path=u.path or "/")
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            return cls(text, default_port)
-        return cls(host.strip("[]"), int(port))
+        return cls(*parse_hostport(text, what="--proxy", default_port=default_port))
 
     @property
     def websocket(self) -> bool:
@@ -146,7 +141,7 @@ class ProxyAddr:
     def __str__(self) -> str:
         if self.websocket:
             return f"{self.scheme}://{self.host_header}{self.path}"
-        return f"{self.host}:{self.port}"
+        return format_hostport(self.host, self.port)
 
 
 def direct_dial(host: str, port: int, isolation_key: str, timeout: float):
@@ -528,14 +523,12 @@ def connect_local(target: tuple[str, int], timeout: float):
 
 def proxy_protocol_header(version: str, client_addr: str, local_addr) -> bytes:
     """HAProxy PROXY protocol v1 (text) or v2 (binary) header for the public peer."""
-    src_host, _, src_port = client_addr.rpartition(":")
-    src_host = src_host.strip("[]")
     dst_host, dst_port = local_addr[0], local_addr[1]
     try:
+        src_host, src_port_i = parse_hostport(client_addr, what="StartProxy.ClientAddr")
         src_ip = ipaddress.ip_address(src_host)
         dst_ip = ipaddress.ip_address(dst_host)
-        src_port_i = int(src_port)
-    except ValueError:
+    except ValueError:  # AddressError is one; an unknown source is "UNKNOWN", not an error
         src_ip = dst_ip = None
         src_port_i = 0
     if version == "v1":

@@ -43,6 +43,7 @@ from gevent.pywsgi import WSGIServer
 
 from lib.net import dnsclient
 from lib.certs import normalize_pin
+from lib.hostport import parse_hostport
 from lib.protocol.sniff import normalize_hostname
 
 log = logging.getLogger("shroud.discovery")
@@ -82,9 +83,7 @@ def parse_fleet(text: str | None) -> list[FleetEntry]:
     for item in (text or "").replace(",", " ").split():
         addr, _, fp = item.partition("=")
         if not addr.lower().startswith(("wss://", "ws://")):
-            host, sep, port = addr.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"--fleet entry {item!r} is not host:port[=fingerprint]")
+            parse_hostport(addr, what=f"--fleet entry {item!r} (host:port[=fingerprint])")
         entries.append(FleetEntry(addr, normalize_pin(fp) if fp else None))
     if len(entries) > MAX_FLEET:
         raise ValueError(f"--fleet lists {len(entries)} proxies (limit {MAX_FLEET})")
@@ -107,10 +106,7 @@ def first_nameserver(path: str = "/etc/resolv.conf") -> tuple[str, int]:
 def _resolver(text: str | None) -> tuple[str, int]:
     if not text:
         return first_nameserver()
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--dns-resolver must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+    return parse_hostport(text, what="--dns-resolver")
 
 
 @dataclass

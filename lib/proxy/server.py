@@ -51,6 +51,7 @@ from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
 from lib.errors import ErrorCode, MuxError
+from lib.hostport import format_hostport, parse_hostport
 from lib.identity import fingerprint as key_fingerprint, verify_bind
 from lib.net.muxsession import MuxConfig, Session
 from lib.net.tlstransport import TLSTransport
@@ -67,16 +68,12 @@ ALERT_UNRECOGNIZED_NAME = 112
 PROTOCOLS = ("tls", "https", "http", "tcp")
 
 
-def parse_addr(addr: str | None, default_host: str = "0.0.0.0") -> tuple[str, int] | None:
-    """'HOST:PORT', ':PORT' or 'PORT' -> (host, port); None stays None."""
+def parse_addr(addr: str | None, default_host: str = "0.0.0.0", what: str = "a listen address",
+               listen: bool = True) -> tuple[str, int] | None:
+    """'HOST:PORT', ':PORT' or 'PORT' -> (host, port) by lib.hostport's rules; None stays None."""
     if addr is None or addr == "":
         return None
-    addr = str(addr)
-    if addr.isdigit():
-        return (default_host, int(addr))
-    host, _, port = addr.rpartition(":")
-    host = host.strip("[]") or default_host
-    return (host, int(port))
+    return parse_hostport(str(addr), what=what, default_host=default_host, listen=listen)
 
 
 def parse_port_ranges(spec: str | None) -> frozenset[int]:
@@ -173,7 +170,7 @@ class ProxyServer:
         os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
         # threaded: a write's fsync never stalls the event loop that serves every visitor
         store = OwnershipStore(os.path.join(c.data_dir, "ownership.sqlite3"), threaded=True)
-        resolver = parse_addr(c.dns_resolver, "127.0.0.1") if c.dns_resolver else None
+        resolver = parse_addr(c.dns_resolver, "127.0.0.1", "--dns-resolver", listen=False)
         return OwnershipPolicy(store, allowlist_path=c.allowlist, dns_resolver=resolver,
                                tofu=c.tofu, allow_unsigned=set(c.allow_unsigned) or None)
 
@@ -618,7 +615,7 @@ class ProxyServer:
             self._refuse(sock, kind, 503, "Service Unavailable", "Too many connections.\n",
                          ALERT_INTERNAL_ERROR)
             return
-        client_addr = "%s:%d" % address[:2]
+        client_addr = format_hostport(*address[:2])  # "[v6]:port", as Go's net.Addr writes it
         stream = None
         try:
             stream = tunnel.session.open()

@@ -1,0 +1,90 @@
+"""lib.hostport: one HOST:PORT rule set, and the callers that used to have their own."""
+import re
+
+import pytest
+
+from lib.hostport import AddressError, format_hostport, parse_hostport
+
+
+@pytest.mark.parametrize("text,kwargs,want", [
+    ("example.com:443", {}, ("example.com", 443)),
+    ("127.0.0.1:1", {}, ("127.0.0.1", 1)),
+    ("h:65535", {}, ("h", 65535)),
+    ("[2001:db8::1]:8443", {}, ("2001:db8::1", 8443)),
+    ("[::1]:9050", {}, ("::1", 9050)),
+    (":8080", {"default_host": "0.0.0.0"}, ("0.0.0.0", 8080)),
+    ("8080", {"default_host": "0.0.0.0"}, ("0.0.0.0", 8080)),
+    ("proxy.example", {"default_port": 4443}, ("proxy.example", 4443)),
+    ("[2001:db8::2]", {"default_port": 4443}, ("2001:db8::2", 4443)),
+    ("2001:db8::2", {"default_port": 4443}, ("2001:db8::2", 4443)),
+    ("127.0.0.1:0", {"listen": True}, ("127.0.0.1", 0)),
+])
+def test_accepted(text, kwargs, want):
+    assert parse_hostport(text, **kwargs) == want
+
+
+@pytest.mark.parametrize("text,kwargs,reason", [
+    ("example.com", {}, "no port"),
+    (":8080", {}, "no host"),
+    ("8080", {}, "no host"),
+    ("h:0", {}, "outside 1-65535"),
+    ("h:65536", {}, "outside 1-65535"),
+    ("h:99999", {"listen": True}, "outside 0-65535"),
+    ("h:", {}, "not a number"),
+    ("h:-1", {}, "not a number"),
+    ("h:+80", {}, "not a number"),
+    ("h: 80", {}, "not a number"),
+    ("h:٨٠", {}, "not a number"),  # Arabic-Indic digits: isdigit() says yes, int() reads them
+    ("h:" + "9" * 5000, {}, "not a number"),
+    ("2001:db8::1:443", {}, "in brackets"),
+    ("[2001:db8::1", {}, "unterminated"),
+    ("[not-v6]:1", {}, "not an IPv6 address"),
+    ("[::1]x:1", {}, "after the [IPv6]"),
+    ("a b:1", {}, "bad host"),
+    ("user@h:1", {}, "bad host"),
+    ("h/x:1", {}, "bad host"),
+    ("x" * 254 + ":1", {}, "bad host"),
+    ("", {}, "no port"),
+])
+def test_refused_with_reason_naming_input(text, kwargs, reason):
+    with pytest.raises(AddressError, match=re.escape(reason)) as e:
+        parse_hostport(text, what="--flag", **kwargs)
+    assert str(e.value).startswith("--flag must be HOST:PORT, got ")
+    assert repr(text[:300]) in str(e.value)
+
+
+def test_not_a_string_and_is_a_value_error():
+    with pytest.raises(ValueError):
+        parse_hostport(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host,port", [("a.example", 1), ("10.0.0.1", 443), ("2001:db8::1", 80)])
+def test_format_round_trips(host, port):
+    assert parse_hostport(format_hostport(host, port)) == (host, port)
+    assert format_hostport("2001:db8::1", 80) == "[2001:db8::1]:80"
+
+
+def test_callers_share_the_rules():
+    """Every former copy now range-checks the port and understands [IPv6]."""
+    from lib.client import discovery as cdisc
+    from lib.client.tunnels import ProxyAddr, Service
+    from lib.proxy import discovery as pdisc
+    from lib.proxy.server import parse_addr
+
+    assert Service.parse("a.example", "[::1]:443").target == ("::1", 443)
+    with pytest.raises(ValueError, match="outside 1-65535"):
+        Service.parse("a.example", "127.0.0.1:70000")
+    assert ProxyAddr.parse("[2001:db8::1]:4443") == ProxyAddr("2001:db8::1", 4443)
+    assert str(ProxyAddr("2001:db8::1", 4443)) == "[2001:db8::1]:4443"
+    with pytest.raises(ValueError, match="--proxy"):
+        ProxyAddr.parse("p.example:0")
+    assert parse_addr(":0") == ("0.0.0.0", 0)  # a listener: any free port
+    assert parse_addr("[::]:443") == ("::", 443)
+    with pytest.raises(ValueError, match="outside"):
+        parse_addr("127.0.0.1:65536")
+    with pytest.raises(cdisc.DiscoveryError, match="--dns-resolver"):
+        cdisc.parse_resolver("1.1.1.1:0")
+    with pytest.raises(ValueError, match="--dns-resolver"):
+        pdisc._resolver("1.1.1.1:99999")
+    with pytest.raises(ValueError, match="--fleet entry"):
+        pdisc.parse_fleet("p.example:0")
