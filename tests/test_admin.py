@@ -225,6 +225,52 @@ def test_static_assets_are_served_locally(client):
     assert b"http://" not in html and b"https://" not in html  # no CDN, nothing off-box
 
 
+# --- the parts alone ---------------------------------------------------------------------------
+
+def test_the_blueprint_serves_any_live_state_without_a_proxy(tmp_path):
+    """views.bp and auth need only what app.extensions holds: no ProxyServer, no listeners."""
+    from flask import Flask
+
+    from lib.admin import auth, views
+    from lib.proxy.registry import Registry
+
+    class Actions:
+        def __init__(self):
+            self.calls = []
+
+        def disconnect_tunnel(self, tunnel_id, actor, detail=""):
+            self.calls.append((tunnel_id, actor, detail))
+            return True
+
+    registry, actions = Registry(), Actions()
+    app = Flask(__name__, template_folder=str(tmp_path))
+    app.secret_key = b"k" * 32
+    app.extensions[views.EXTENSION] = views.Live(registry=registry, store=None, hostname="p.test",
+                                                 fingerprint="f" * 64, actions=actions)
+    app.extensions[auth.EXTENSION] = auth.AuthSettings(password_hash=None, token=TOKEN)
+    app.register_blueprint(views.bp)
+    c = app.test_client()
+    registry.add_tunnel(FakeSession(), "10.0.0.3:3", KEY_A, "c" * 32)
+    o = c.get("/api/overview", headers=bearer()).json
+    assert o["hostname"] == "p.test" and o["tunnels"] == 1 and o["blocked_keys"] == 0
+    r = c.post("/api/tunnels/7/disconnect", json={"detail": "x"}, headers=bearer())
+    assert r.json == {"ok": True, "tunnel": 7} and actions.calls == [(7, "api-token", "x")]
+    assert c.get("/api/overview").status_code == 401
+
+
+def test_login_throttle_alone():
+    now = [0.0]
+    from lib.admin.auth import LoginThrottle
+
+    t = LoginThrottle(limit=3, clock=lambda: now[0])
+    for _ in range(3):
+        assert t.allowed("a")
+        t.failed("a")
+    assert not t.allowed("a") and t.allowed("b")
+    now[0] += 60
+    assert t.allowed("a")  # a rolling minute
+
+
 # --- CSRF on actions -------------------------------------------------------------------------
 
 def test_actions_from_a_session_need_the_csrf_token(client, proxy):
@@ -477,12 +523,18 @@ def test_blocks_cache_follows_changes(tmp_path):
     other.close()
 
 
-def test_dashboard_rate_matches_registry_rate():
-    from lib.proxy.registry import RateHistory
+def test_rate_reads_the_last_full_bucket_and_the_current_one():
+    """One rate for the registry, the status API and the dashboard (RateHistory.rate)."""
+    from lib.proxy.registry import BUCKET_SECONDS, RateHistory
 
     now = [10_000.0]
     h = RateHistory(clock=lambda: now[0])
     for i in range(400):
         now[0] += 3
         h.add(i, 2 * i)
-    assert dashboard.current_rate(h, now[0]) == pytest.approx(h.rate())
+    start = (int(now[0]) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
+    recent = [b for b in h.series() if b[0] >= start]
+    span = now[0] - start
+    want = (sum(b[1] for b in recent) / span, sum(b[2] for b in recent) / span)
+    assert h.rate() == pytest.approx(want) and want[0] > 0
+    assert h.rate(now[0] + 3600) == (0.0, 0.0)  # an hour later: nothing recent

@@ -1,24 +1,24 @@
 """Read-only views of the proxy's live state for the dashboard and its JSON API.
 
 Pure functions over a :class:`lib.proxy.registry.Registry` (and the ownership store for blocks); no
-Flask, no I/O. They never change the live state, and they are cheap enough to run every few
+Flask, no I/O. ``live`` is anything with ``registry``, ``store``, ``hostname`` and ``fingerprint``
+(lib.admin.views.Live). Rates are the registry's own (``RateHistory.rate``). They never change the live state, and they are cheap enough to run every few
 seconds with thousands of bound names: a page of rows is built in full, the rest only as far
 as filtering and sorting need.
 
 Public API::
 
-    overview(proxy, now=None) -> dict       # proxy-wide: uptime, listeners, counts, totals,
+    overview(live, now=None) -> dict        # proxy-wide: uptime, listeners, counts, totals,
                                             # rates, refusals, throughput chart
     query_bindings(registry, q="", protocol="", sort="name", order="asc", page=1,
                    per_page=DEFAULT_PER_PAGE, now=None) -> Page
-    binding_detail(proxy, protocol, name, now=None) -> dict | None   # with tunnels and chart
+    binding_detail(registry, protocol, name, now=None) -> dict | None   # with tunnels and chart
     query_tunnels(registry, q="", sort="connected_at", order="desc", page=1,
                   per_page=DEFAULT_PER_PAGE, now=None) -> Page
     blocks(store) -> dict                    # {"hostnames": [...], "keys": [...]}
     blocked_state(store, name=None, key=None) -> bool
     audit(store, limit=200) -> list[dict]
     chart(history, now=None) -> dict         # {"t": [...], "in": [...], "out": [...]} bytes/s
-    current_rate(history, now=None) -> (in, out)
     QueryError(ValueError)                   # a bad sort key, order or page; says which
 
 A Page is a dict: ``{"items", "total", "page", "per_page", "pages", "sort", "order", "q"}``.
@@ -69,24 +69,6 @@ class QueryError(ValueError):
 
 # --- rates and charts ------------------------------------------------------------------------
 
-def current_rate(history, now: float | None = None) -> tuple[float, float]:
-    """Bytes/s in and out over the last full bucket and the current one.
-
-    Same meaning as ``RateHistory.rate`` but reads only the newest buckets (the deque is in
-    time order), so it stays cheap across thousands of names.
-    """
-    now = time.time() if now is None else now
-    start = (int(now) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
-    n_in = n_out = 0
-    for bucket in reversed(history.buckets):
-        if bucket[0] < start:
-            break
-        n_in += bucket[1]
-        n_out += bucket[2]
-    span = max(1.0, now - start)
-    return n_in / span, n_out / span
-
-
 def chart(history, now: float | None = None) -> dict:
     """The last hour as bytes/s per 10 s bucket, gaps filled with zeros (uPlot's columns).
 
@@ -109,7 +91,7 @@ def chart(history, now: float | None = None) -> dict:
 # --- rows ------------------------------------------------------------------------------------
 
 def _binding_row(b, now: float) -> dict:
-    rate_in, rate_out = current_rate(b.history, now)
+    rate_in, rate_out = b.history.rate(now)
     return {
         "id": f"{b.protocol}/{b.name}", "name": b.name, "protocol": b.protocol, "url": b.url,
         "owner": b.owner, "owner_short": (b.owner or "unsigned")[:16], "method": b.method,
@@ -198,10 +180,10 @@ def query_tunnels(registry, q: str = "", sort: str = "connected_at", order: str 
     return result
 
 
-def binding_detail(proxy, protocol: str, name: str, now=None) -> dict | None:
+def binding_detail(registry, protocol: str, name: str, now=None) -> dict | None:
     """One bound name with its tunnels and last hour's chart; None if it is not bound."""
     now = time.time() if now is None else now
-    b = proxy.registry.bindings.get((protocol, name))
+    b = registry.bindings.get((protocol, name))
     if b is None:
         return None
     d = _binding_row(b, now)
@@ -219,16 +201,16 @@ def blocked_state(store, name: str | None = None, key: str | None = None) -> boo
         return False
 
 
-def overview(proxy, now=None) -> dict:
+def overview(live, now=None) -> dict:
     """Proxy-wide state: what the overview page's header and chart show."""
     now = time.time() if now is None else now
-    reg = proxy.registry
-    rate_in, rate_out = current_rate(reg.history, now)
+    reg = live.registry
+    rate_in, rate_out = reg.history.rate(now)
     tunnels = list(reg.tunnels.values())
-    store = proxy.store
+    store = live.store
     return {
-        "hostname": getattr(proxy.config, "hostname", ""),
-        "fingerprint": proxy.fingerprint,
+        "hostname": live.hostname,
+        "fingerprint": live.fingerprint,
         "started": reg.started, "uptime": now - reg.started, "now": now,
         "listeners": dict(reg.listeners),
         "tunnels": len(tunnels), "bindings": len(reg.bindings),

@@ -1,8 +1,11 @@
 """Prometheus metrics for one proxy, read from its live registry at scrape time.
 
+``live`` is anything with the proxy's ``registry`` and ``store`` (lib.admin.views.Live, or the
+proxy itself).
+
 Public API::
 
-    registry = metrics_registry(proxy, top_hostnames=TOP_HOSTNAMES)  # a CollectorRegistry
+    registry = metrics_registry(live, top_hostnames=TOP_HOSTNAMES)   # a CollectorRegistry
     body, content_type = render(registry)                            # for GET /metrics
 
 Proxy-wide series (``shroud_tunnels``, ``shroud_bytes_total{direction}``,
@@ -31,26 +34,29 @@ TOP_HOSTNAMES = 50
 OTHER = "__other__"
 
 
+def gauge(name: str, doc: str, value) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
 class ShroudCollector:
-    def __init__(self, proxy, top_hostnames: int = TOP_HOSTNAMES):
-        self.proxy = proxy
+    def __init__(self, live, top_hostnames: int = TOP_HOSTNAMES):
+        self.live = live
         self.top = top_hostnames
 
     def describe(self):
         return []  # collected on demand; nothing to check at registration
 
     def collect(self):
-        reg = self.proxy.registry
+        reg = self.live.registry
+        yield from self._proxy_wide(reg)
+        yield from self._per_hostname(list(reg.bindings.values()))
+
+    def _proxy_wide(self, reg):
         tunnels = list(reg.tunnels.values())
-        bindings = list(reg.bindings.values())
-
-        def gauge(name, doc, value):
-            return GaugeMetricFamily(name, doc, value=value)
-
         yield gauge("shroud_uptime_seconds", "Seconds since the proxy started.",
                     max(0.0, time.time() - reg.started))
         yield gauge("shroud_tunnels", "Live tunnels from clients.", len(tunnels))
-        yield gauge("shroud_bindings", "Names bound through live tunnels.", len(bindings))
+        yield gauge("shroud_bindings", "Names bound through live tunnels.", len(reg.bindings))
         yield gauge("shroud_streams_open", "Open public connections inside tunnels.",
                     sum(t.streams_open for t in tunnels))
         yield CounterMetricFamily("shroud_public_connections", "Public connections accepted.",
@@ -65,13 +71,15 @@ class ShroudCollector:
         for reason, n in sorted(reg.refusals.items()):
             c.add_metric([reason], n)
         yield c
-        store = self.proxy.store
+        store = self.live.store
         if store is not None:
             yield gauge("shroud_blocked_hostnames", "Names blocked by the operator.",
                         len(store.blocked_hostnames()))
             yield gauge("shroud_blocked_keys", "Client keys blocked by the operator.",
                         len(store.blocked_keys()))
-        # Per hostname, bounded.
+
+    def _per_hostname(self, bindings):
+        """Series for the top names by traffic, the rest summed into OTHER: bounded."""
         top = heapq.nlargest(self.top, bindings, key=lambda b: b.bytes_in + b.bytes_out)
         top_ids = {id(b) for b in top}
         rest = [b for b in bindings if id(b) not in top_ids]
@@ -104,11 +112,11 @@ class ShroudCollector:
         yield from (h_bytes, h_conns, h_streams, h_tunnels)
 
 
-def metrics_registry(proxy, top_hostnames: int = TOP_HOSTNAMES) -> CollectorRegistry:
+def metrics_registry(live, top_hostnames: int = TOP_HOSTNAMES) -> CollectorRegistry:
     """A registry of its own (not the process-global one), so several proxies in one
     process, as in tests, never collide."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ShroudCollector(proxy, top_hostnames))
+    registry.register(ShroudCollector(live, top_hostnames))
     return registry
 
 

@@ -51,13 +51,22 @@ class RateHistory:
     def series(self) -> list[list]:
         return [list(x) for x in self.buckets]
 
-    def rate(self) -> tuple[float, float]:
-        """Bytes/s in and out over the last full bucket and the current one."""
-        now = self.clock()
+    def rate(self, now: float | None = None) -> tuple[float, float]:
+        """Bytes/s in and out over the last full bucket and the current one.
+
+        Reads only the newest buckets (the deque is in time order), so the dashboard can ask
+        it of thousands of names every few seconds.
+        """
+        now = self.clock() if now is None else now
         start = (int(now) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
-        recent = [b for b in self.buckets if b[0] >= start]
+        n_in = n_out = 0
+        for bucket in reversed(self.buckets):
+            if bucket[0] < start:
+                break
+            n_in += bucket[1]
+            n_out += bucket[2]
         span = max(1.0, now - start)
-        return (sum(b[1] for b in recent) / span, sum(b[2] for b in recent) / span)
+        return n_in / span, n_out / span
 
 
 class Tunnel:
