@@ -1,10 +1,14 @@
-"""lib.proxy.oneport units: a routed connection carries exactly one request (sockets are socketpairs)."""
+"""One-port units: a routed connection carries exactly one exchange (lib.net.httpexchange,
+lib.protocol.http1, lib.proxy.oneport; sockets are socketpairs)."""
 from __future__ import annotations
 
 import gevent.socket
 import pytest
 
-from lib.proxy.oneport import OneRequestSocket, ReplaySocket, connection_close, forwarded_for
+from lib.net.httpexchange import OneExchangeSocket, OneRequestSocket, ReplaySocket
+from lib.protocol import http1
+from lib.protocol.http1 import ResponseFramer, connection_close
+from lib.proxy.oneport import forwarded_for
 
 
 def read_all(sock) -> tuple[bytes, Exception | None]:
@@ -93,3 +97,123 @@ def test_forwarded_for_across_repeated_headers_and_absent():
             b"X-Forwarded-For: 203.0.113.9\r\n\r\n")
     assert forwarded_for(head) == "203.0.113.9"
     assert forwarded_for(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n") is None
+
+
+# --- the response side (lib.protocol.http1.ResponseFramer), fed whole and byte by byte --------
+
+def feed(framer: ResponseFramer, data: bytes, one_by_one: bool) -> bytes:
+    if not one_by_one:
+        return framer.feed(data)
+    return b"".join(framer.feed(data[i:i + 1]) for i in range(len(data)))
+
+
+SECOND = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nhijacked"
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+@pytest.mark.parametrize("method, response, body", [
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n",
+     b"hello"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"5\r\nhello\r\n0\r\n\r\n"),
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b""),
+    (b"GET", b"HTTP/1.1 204 No Content\r\nKeep-Alive: timeout=5\r\n\r\n", b""),
+    (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n", b""),
+])
+def test_one_response_then_nothing(one_by_one, method, response, body):
+    framer = ResponseFramer(method)
+    out = feed(framer, response + body + SECOND, one_by_one)
+    assert out == connection_close(response) + body
+    assert framer.state == http1.DONE and framer.dropped == len(SECOND)
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_interim_responses_pass_and_the_final_one_closes(one_by_one):
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    final = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    framer = ResponseFramer(b"POST")
+    assert feed(framer, interim + final + b"ok" + SECOND, one_by_one) == (
+        interim + connection_close(final) + b"ok")
+
+
+def test_close_delimited_body_flows_until_the_origin_closes():
+    framer = ResponseFramer(b"GET")
+    head = b"HTTP/1.0 200 OK\r\n\r\n"
+    assert framer.feed(head + b"abc") == connection_close(head) + b"abc"
+    assert framer.feed(b"def") == b"def" and framer.state == http1.BODY
+
+
+@pytest.mark.parametrize("one_by_one", [False, True])
+def test_only_101_to_an_upgrade_switches_to_raw(one_by_one):
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    framer = ResponseFramer(b"GET", upgrade=True)
+    assert feed(framer, switch + b"\x81\x02hi" + SECOND, one_by_one) == switch + b"\x81\x02hi" + SECOND
+    assert framer.state == http1.SWITCHED
+    # a keep-alive 200 to the same upgrade request is one response like any other
+    framer = ResponseFramer(b"GET", upgrade=True)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n"
+    assert feed(framer, ok + b"ok" + SECOND, one_by_one) == connection_close(ok) + b"ok"
+    assert framer.state == http1.DONE
+
+
+@pytest.mark.parametrize("data", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",  # nobody asked
+    b"NOT HTTP\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * http1.MAX_RESPONSE_HEAD,
+])
+def test_malformed_responses_are_refused(data):
+    with pytest.raises(http1.FramingError):
+        ResponseFramer(b"GET").feed(data)
+
+
+# --- both sides on a socket (lib.net.httpexchange.OneExchangeSocket) ----------------------------
+
+UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: evil.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+VICTIM = b"GET /account HTTP/1.1\r\nHost: bank.test\r\nCookie: session=victim\r\n\r\n"
+
+
+def exchange(head: bytes):
+    front, proxy_end = gevent.socket.socketpair()
+    front.settimeout(5)
+    return OneExchangeSocket(proxy_end, head), front
+
+
+def test_upgrade_refused_by_the_origin_does_not_splice_raw():
+    sock, front = exchange(UPGRADE)
+    assert sock.recv(65536) == UPGRADE  # Connection: Upgrade reaches the origin as sent
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: keep-alive\r\n\r\nevil")
+    front.sendall(VICTIM)  # the front reuses the connection for another visitor
+    assert sock.recv(65536) == b""  # the tunnel sees EOF, not the victim's request
+    sock.sendall(SECOND)  # the origin answers the EOF with a second response
+    got = b""
+    while data := front.recv(65536):
+        got += data
+    assert got == (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nevil")
+    assert sock.dropped_response_bytes == len(SECOND)
+
+
+def test_upgrade_accepted_by_the_origin_is_raw_both_ways():
+    sock, front = exchange(UPGRADE)
+    assert sock.recv(65536) == UPGRADE
+    front.sendall(b"\x81\x82early")  # before the answer: held, not forwarded yet
+    waiting = gevent.spawn(sock.recv, 65536)
+    gevent.sleep(0.05)
+    assert not waiting.ready()
+    switch = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    sock.sendall(switch + b"\x81\x02hi")
+    assert waiting.get(timeout=5) == b"\x81\x82early"
+    front.sendall(b"more")
+    assert sock.recv(65536) == b"more"
+    assert front.recv(65536) == switch + b"\x81\x02hi"
+
+
+def test_upgrade_with_no_answer_ends_when_the_origin_does():
+    sock, front = exchange(UPGRADE)
+    assert sock.recv(65536) == UPGRADE
+    waiting = gevent.spawn(sock.recv, 65536)
+    gevent.sleep(0.05)
+    sock.shutdown(1)  # the splice carries the origin's FIN
+    front.sendall(VICTIM)
+    assert waiting.get(timeout=5) == b""

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.support.origin import pattern
-from tests.support.procs import ROOT, ClientProc, OriginProc, Proc, free_port, wait_port
+from tests.support.procs import PY, ROOT, ClientProc, OriginProc, Proc, free_port, wait_port
 from tests.support.visitor import tls_site, ws_echo, ws_upgrade
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,11 +31,15 @@ class NginxFront(Proc):
     one upstream port, X-Forwarded-For appended, connections idle `idle` seconds cut."""
 
     def __init__(self, logdir: str, upstream_port: int, cert: str, key: str, idle: int = 55,
-                 name: str = "nginx"):
+                 name: str = "nginx", keepalive: bool = False):
         self.port = free_port()
         d = os.path.join(logdir, name)
         os.makedirs(d, exist_ok=True)
         user = "user root root;" if os.geteuid() == 0 else ""
+        # keepalive: a pool of idle connections to the app, reused for any visitor's request
+        # to any host (as Heroku's Router 2.0 does); without it, one connection per request.
+        pool = "keepalive 8; keepalive_requests 1000;" if keepalive else ""
+        no_upgrade = "''" if keepalive else "close"
         conf = f"""
 {user}
 worker_processes 1;
@@ -46,7 +50,8 @@ http {{
     access_log {d}/access.log;
     client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' {no_upgrade}; }}
+    upstream app {{ server 127.0.0.1:{upstream_port}; {pool} }}
     server {{
         listen 127.0.0.1:{self.port} ssl;
         server_name _;
@@ -54,7 +59,7 @@ http {{
         ssl_certificate_key {key};
         client_max_body_size 0;
         location / {{
-            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_pass http://app;
             proxy_http_version 1.1;
             proxy_set_header Host $http_host;
             proxy_set_header Upgrade $http_upgrade;
@@ -237,6 +242,58 @@ def test_reused_router_connection_after_a_dashboard_request(platform):
     s.close()
     assert data.count(b"HTTP/1.1 ") == 1 and b'"ok"' in data
     assert b"hello from origin" not in data
+
+
+WS_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+@pytest.mark.parametrize("attack", ["upgrade", "plain"])
+def test_pooled_router_connection_is_not_handed_to_an_attackers_origin(platform, attack):
+    """Issue 11 item 1. A front that pools its connections to $PORT (nginx's upstream
+    keepalive here, Heroku's Router 2.0 in production) puts any visitor's request on any idle
+    connection. An attacker binds a name whose origin answers its own request with a keep-alive
+    200 (to a WebSocket upgrade: no 101) and, when the next request's EOF arrives, one more
+    unsolicited answer. Victims' requests for web.test must neither reach that origin nor be
+    answered by it."""
+    d = platform["dir"]
+    log_path = d / f"hostile-{attack}.jsonl"
+    log_path.write_text("")
+    evil_port = free_port()
+    name = f"evil-{attack}.test"
+    evil = Proc(f"hostile-origin-{attack}", [PY, "tests/support/hostile_origin.py", "--port",
+                                             str(evil_port), "--log", str(log_path)], str(d))
+    pooled = attacker = None
+    try:
+        wait_port(evil_port)
+        pooled = NginxFront(str(d), platform["port"], platform["cert_pem"], platform["key_pem"],
+                            name=f"nginx-pool-{attack}", keepalive=True)
+        attacker = ClientProc(str(d), str(d / f"client-evil-{attack}"),
+                              [f"http:{name}", f"127.0.0.1:{evil_port}"],
+                              [platform["tunnel_url"]], name=f"client-evil-{attack}",
+                              extra=["--proxy-ca", platform["ca_pem"]])
+        wait_bound(platform, name)
+        # The attacker's own request, through the pooling front (SNI web.test: the test
+        # certificate does not name the attacker's host; nginx routes all names alike).
+        c = front_conn(platform, "web.test", port=pooled.port)
+        c.putrequest("GET", "/ws", skip_host=True)
+        c.putheader("Host", name)
+        for k, v in (WS_HEADERS if attack == "upgrade" else {}).items():
+            c.putheader(k, v)
+        c.endheaders()
+        r = c.getresponse()
+        assert (r.status, r.read()) == (200, b"hijacked\n")
+        c.close()
+        for i in range(3):
+            code, body = front_get(platform, "web.test", "/hello",
+                                   {"Cookie": f"session=victim{i}"}, port=pooled.port)
+            assert (code, body) == (200, b"hello from origin\n"), f"victim {i} got {body!r}"
+        seen = [json.loads(line) for line in log_path.read_text().splitlines()]
+        assert [s["host"] for s in seen] == [name], seen
+    finally:
+        for p in (attacker, pooled, evil):
+            if p is not None:
+                p.stop()
 
 
 def test_dashboard_on_own_hostname_only(platform):

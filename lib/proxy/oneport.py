@@ -21,18 +21,18 @@ router appended; earlier entries are whatever the visitor claimed) when ``trust_
 is set, which one-port mode does since the router is the only peer that can reach ``$PORT``.
 The port is unknown there and reported as 0.
 
-A routed connection carries one request (a WebSocket upgrade excepted): its head is sent with
-``Connection: close`` and what follows its body never reaches the tunnel (:class:`OneRequestSocket`),
-because a router that keeps connections to the app alive (Heroku's Router 2.0) may reuse one for
-another visitor's request to another host. Visitors keep their keep-alive with the router.
+A routed connection carries one exchange (lib.net.httpexchange.OneExchangeSocket): its request
+head is sent with ``Connection: close``, what follows its body never reaches the tunnel, the
+origin's answer goes back with ``Connection: close`` and anything the origin sends after it is
+dropped, because a router that keeps connections to the app alive (Heroku's Router 2.0) may
+reuse one for another visitor's request to another host. Only the origin's ``101`` to an
+upgrade request makes the connection raw (a WebSocket). Visitors keep their keep-alive with
+the router. The dashboard's connections carry one request too (gunicorn answers it and closes).
 
 Public API::
 
     router = OnePortRouter(proxy, admin_hosts={"proxy.example.net"}, trust_forwarded_for=True)
     sock_or_none = router.dispatch(sock, address)   # a socket for WSGI, or None: handled here
-    ReplaySocket(sock, head)                        # a socket whose first bytes are `head`
-    OneRequestSocket(sock, head)                    # ... and which carries one request only
-    connection_close(head) -> bytes                 # the head with Connection: close
     TUNNEL_PATH = "/_shroud/tunnel"
     forwarded_for(head) -> str | None               # last X-Forwarded-For entry, validated
 
@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 
 
+from lib.protocol import http1
 from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
+from lib.net.httpexchange import OneExchangeSocket, OneRequestSocket, ReplaySocket
 from lib.proxy.server import PeekTimeout, peek_name
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
 from lib.net.wstransport import WebSocketTransport
@@ -55,126 +56,6 @@ from lib.net.wstransport import WebSocketTransport
 log = logging.getLogger("shroud.oneport")
 
 TUNNEL_PATH = "/_shroud/tunnel"
-
-_LINE_SPLIT_RE = re.compile(rb"\r?\n")
-
-
-class ReplaySocket:
-    """A connected socket whose next reads return ``head`` first; everything else delegates."""
-
-    def __init__(self, sock, head: bytes):
-        self._sock = sock
-        self._head = bytes(head)
-
-    def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
-        if self._head:
-            out, self._head = self._head[:bufsize], self._head[bufsize:]
-            return out
-        return self._sock.recv(bufsize, flags)
-
-    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
-        if self._head:
-            out = self.recv(nbytes or len(buffer))
-            buffer[:len(out)] = out
-            return len(out)
-        return self._sock.recv_into(buffer, nbytes, flags)
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-
-class OneRequestSocket(ReplaySocket):
-    """The router's connection, routed to a tunnel, limited to its first request.
-
-    A router that keeps connections to the app alive (Heroku's Router 2.0 does) may send the
-    next request, from another visitor and for another host, on the same connection; spliced
-    raw, it would reach the first request's origin (with its cookies and tokens). So the first
-    request's head says ``Connection: close`` (a conforming origin closes after answering, and
-    the router does not reuse the connection), its body is framed by h11 on the way in, and
-    whatever follows it is dropped: the tunnel sees EOF there.
-    """
-
-    def __init__(self, sock, head: bytes):
-        import h11
-
-        self._h11_mod = h11
-        head_end = ws.split_head(head)
-        first, rest = head_end if head_end else (head, b"")
-        first = connection_close(first)
-        super().__init__(sock, first + rest)
-        # A head up to lib.protocol.sniff's bound, plus room for a chunk-size line.
-        self._parser = h11.Connection(h11.SERVER,
-                                      max_incomplete_event_size=sniff.MAX_HTTP_HEAD + 1024)
-        self._ended = False
-        self._reused = False
-
-    def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
-        if self._reused:
-            return b""
-        data = super().recv(bufsize, flags)
-        if not data:
-            return data
-        if self._ended:
-            return self._on_reuse()
-        h11 = self._h11_mod
-        self._parser.receive_data(data)
-        try:
-            while True:
-                ev = self._parser.next_event()
-                if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                    break
-                if isinstance(ev, h11.EndOfMessage):
-                    self._ended = True
-                    break
-        except h11.RemoteProtocolError as e:
-            raise ConnectionAbortedError(f"malformed request on a routed connection: {e}") \
-                from None
-        if self._ended:
-            extra = len(self._parser.trailing_data[0])
-            if extra:
-                self._on_reuse()
-                data = data[:len(data) - extra]
-        return data
-
-    def _on_reuse(self) -> bytes:
-        # Look like EOF to the tunnel: the first request's answer still flows back (a router
-        # may have pipelined), nothing more goes in; the origin's FIN then ends the connection.
-        # An origin that never closes is bounded by the proxy's idle timeout.
-        if not self._reused:
-            self._reused = True
-            log.info("one-port: a second request on a routed connection was dropped")
-        return b""
-
-    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
-        out = self.recv(nbytes or len(buffer), flags)
-        buffer[:len(out)] = out
-        return len(out)
-
-
-_CONNECTION_HEADER_RE = re.compile(rb"(?im)^(?:connection|keep-alive|proxy-connection)[ \t]*:"
-                                   rb"[^\n]*\n")
-
-
-def connection_close(head: bytes) -> bytes:
-    """The request head with its Connection/Keep-Alive headers replaced by Connection: close."""
-    line_end = b"\r\n" if head.endswith(b"\r\n\r\n") else b"\n"
-    body = head[:len(head) - 2 * len(line_end)]
-    first, sep, rest = body.partition(line_end)
-    rest = _CONNECTION_HEADER_RE.sub(b"", rest + line_end) if rest else b""
-    return first + line_end + rest + b"Connection: close" + line_end + line_end
-
-
-def _head_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
-    """(method, path, {lower-case header name: [values]}) of a request head already checked by
-    lib.protocol.sniff (so the request line and header lines are well formed)."""
-    lines = _LINE_SPLIT_RE.split(head.rstrip(b"\r\n"))
-    method, target, _ = lines[0].decode("latin-1").split(" ", 2)
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, _, value = line.decode("latin-1").partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    path = target.split("?", 1)[0]
-    return method, path, headers
 
 
 def forwarded_for(head: bytes) -> str | None:
@@ -184,7 +65,7 @@ def forwarded_for(head: bytes) -> str | None:
     and may be forged. Returns None when absent or not an IP address.
     """
     try:
-        _, _, headers = _head_fields(head)
+        _, _, headers = http1.request_fields(head)
     except ValueError:
         return None
     values = headers.get("x-forwarded-for")
@@ -239,7 +120,7 @@ class OnePortRouter:
         data = bytes(head)
         end = ws.split_head(data)
         request_head = end[0] if end else data
-        method, path, headers = _head_fields(request_head)
+        method, path, headers = http1.request_fields(request_head)
         peer = address
         if self.trust_forwarded_for:
             fwd = forwarded_for(request_head)
@@ -277,10 +158,10 @@ class OnePortRouter:
                 f"http:{name}.\n"))
             sock.close()
             return None
-        # A bound name (or an unknown one: 404), as on the http listener; a WebSocket upgrade is
-        # never reused by the router, any other request is its connection's only one.
-        public = ReplaySocket(sock, data) if is_upgrade else OneRequestSocket(sock, data)
-        proxy._route(public, peer, "http", sniff.sniff_http_host, ROUTE_BY_HOST)
+        # A bound name (or an unknown one: 404), as on the http listener: one exchange, raw
+        # both ways only after the origin's 101 (lib.net.httpexchange).
+        proxy._route(OneExchangeSocket(sock, data), peer, "http", sniff.sniff_http_host,
+                     ROUTE_BY_HOST)
         return None
 
     def _tunnel(self, sock, data: bytes, peer) -> None:

@@ -1,0 +1,244 @@
+"""Sockets that carry one HTTP/1.x exchange of a public connection (gevent I/O).
+
+A front that keeps its connections to the proxy alive (a platform's router, nginx's upstream
+keepalive) may send the next request, from another visitor and for another host, on the same
+connection. Spliced raw to the first request's origin, that request (with its cookies) would
+reach the wrong origin, and an origin that answers twice would answer the next visitor. These
+wrappers sit between the public socket and lib.net.splice so that a routed connection carries
+exactly one exchange (docs/SECURITY.md, "One exchange per routed connection").
+
+Public API::
+
+    ReplaySocket(sock, head)          # a socket whose first reads return `head`
+    OneRequestSocket(sock, head)      # ... which reads one request only (EOF after it)
+    OneExchangeSocket(sock, head)     # ... and writes one response only (lib.protocol.http1),
+                                      # raw both ways only after the origin's 101
+    OneExchangeSocket.dropped_requests / .dropped_response_bytes    # counters, for tests
+
+Reads are what the splice forwards to the tunnel; writes (``sendall``) are what it forwards
+from the origin to the visitor. Rule table (peer does / we answer):
+
+    visitor sends a second request     the tunnel sees EOF; the request goes nowhere
+    origin answers 101 to an upgrade   raw bytes both ways from there on (a WebSocket)
+    origin answers anything else       its head with Connection: close, its body, then FIN
+                                       to the visitor; bytes the visitor sent after an
+                                       upgrade request are dropped
+    origin sends a second response     dropped
+    malformed request or response      ConnectionAbortedError: the splice aborts both ends
+
+This module uses gevent's APIs directly and never monkey-patches.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import gevent.event
+import h11
+
+from lib.protocol import http1
+from lib.protocol import sniff
+from lib.protocol import websocket as ws
+
+log = logging.getLogger("shroud.exchange")
+
+# Bytes a visitor may send after an upgrade request before the origin has answered it (RFC
+# 6455 4.1: a client waits for the answer, so legitimately none); held, then forwarded on a 101
+# or dropped. Past this the connection is aborted.
+MAX_EARLY_BYTES = 65536
+
+
+class _LogLimit:
+    """At most ``burst`` lines, then one per ``interval`` seconds: a peer can trigger these."""
+
+    def __init__(self, burst: int = 10, interval: float = 10.0):
+        self.burst, self.interval = burst, interval
+        self.sent, self.window = 0, time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self.window >= self.interval:
+            self.sent, self.window = 0, now
+        self.sent += 1
+        return self.sent <= self.burst
+
+
+_dropped_log = _LogLimit()
+
+
+class ReplaySocket:
+    """A connected socket whose next reads return ``head`` first; everything else delegates."""
+
+    def __init__(self, sock, head: bytes):
+        self._sock = sock
+        self._head = bytes(head)
+
+    def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
+        if self._head:
+            out, self._head = self._head[:bufsize], self._head[bufsize:]
+            return out
+        return self._sock.recv(bufsize, flags)
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        if self._head:
+            out = self.recv(nbytes or len(buffer))
+            buffer[:len(out)] = out
+            return len(out)
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class OneRequestSocket(ReplaySocket):
+    """The front's connection, limited to its first request.
+
+    The first request's head says ``Connection: close`` (a conforming origin closes after
+    answering), its body is framed by h11 on the way in, and whatever follows it is dropped:
+    the tunnel sees EOF there. ``keep_connection_header`` leaves the head as it is (an upgrade
+    request: ``Connection: upgrade`` must reach the origin).
+    """
+
+    dropped_requests = 0
+
+    def __init__(self, sock, head: bytes, keep_connection_header: bool = False):
+        head_end = ws.split_head(head)
+        first, rest = head_end if head_end else (head, b"")
+        if not keep_connection_header:
+            first = http1.connection_close(first)
+        super().__init__(sock, first + rest)
+        # A head up to lib.protocol.sniff's bound, plus room for a chunk-size line.
+        self._parser = h11.Connection(h11.SERVER,
+                                      max_incomplete_event_size=sniff.MAX_HTTP_HEAD + 1024)
+        self._ended = False
+        self._reused = False
+
+    def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
+        if self._reused:
+            return b""
+        data = super().recv(bufsize, flags)
+        if not data:
+            return data
+        if self._ended:
+            return self._after_request(data)
+        self._parser.receive_data(data)
+        try:
+            while True:
+                ev = self._parser.next_event()
+                if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                    break
+                if isinstance(ev, h11.EndOfMessage):
+                    self._ended = True
+                    break
+        except h11.RemoteProtocolError as e:
+            raise ConnectionAbortedError(f"malformed request on a routed connection: {e}") \
+                from None
+        if self._ended:
+            extra = len(self._parser.trailing_data[0])
+            if extra:
+                self._after_request(data[len(data) - extra:])
+                data = data[:len(data) - extra]
+        return data
+
+    def _after_request(self, data: bytes) -> bytes:
+        """Bytes that arrived after the request's end: look like EOF to the tunnel. The first
+        request's answer still flows back, nothing more goes in; the origin's FIN then ends
+        the connection (an origin that never closes is bounded by the idle timeout)."""
+        if not self._reused:
+            self._reused = True
+            self.dropped_requests += 1
+            if _dropped_log.allow():
+                log.info("a second request on a routed connection was dropped")
+        return b""
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        out = self.recv(nbytes or len(buffer), flags)
+        buffer[:len(out)] = out
+        return len(out)
+
+
+class OneExchangeSocket(OneRequestSocket):
+    """One request in, one response out (:class:`lib.protocol.http1.ResponseFramer`); raw both
+    ways only once the origin has answered an upgrade request with ``101``.
+
+    While an upgrade request waits for its answer, reads wait too (up to the socket's timeout,
+    as a read would): whether what the visitor sends next is WebSocket frames for the origin or
+    another visitor's request depends on that answer.
+    """
+
+    dropped_response_bytes = 0
+
+    def __init__(self, sock, head: bytes):
+        head_end = ws.split_head(head)
+        method, _, headers = http1.request_fields(head_end[0] if head_end else head)
+        self._upgrade = bool(headers.get("upgrade"))
+        super().__init__(sock, head, keep_connection_header=self._upgrade)
+        self._framer = http1.ResponseFramer(method, upgrade=self._upgrade)
+        self._answered = gevent.event.Event()  # the final answer (or the 101) went out
+        self._early = bytearray()
+
+    @property
+    def switched(self) -> bool:
+        return self._framer.state == http1.SWITCHED
+
+    def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
+        if self._ended and self._upgrade:
+            if not self._answered.wait(self._sock.gettimeout()):
+                raise TimeoutError("timed out waiting for the origin's answer to an upgrade")
+            if self.switched:
+                if self._early:
+                    out, self._early = bytes(self._early[:bufsize]), self._early[bufsize:]
+                    return out
+                return ReplaySocket.recv(self, bufsize, flags)
+        return super().recv(bufsize, flags)
+
+    def _after_request(self, data: bytes) -> bytes:
+        if self._upgrade and not self._answered.is_set():
+            # Sent before the origin answered the upgrade (only this read's tail can be:
+            # recv waits for the answer before reading more).
+            self._early += data
+            if len(self._early) > MAX_EARLY_BYTES:
+                raise ConnectionAbortedError("too many bytes before the upgrade's answer")
+            return b""
+        if self.switched:
+            return data
+        return super()._after_request(data)
+
+    def sendall(self, data, flags: int = 0) -> None:
+        framer = self._framer
+        try:
+            out = framer.feed(bytes(data))
+        except http1.FramingError as e:
+            self._answered.set()
+            raise ConnectionAbortedError(f"origin's response: {e}") from None
+        if out:
+            self._sock.sendall(out, flags)
+        if framer.state in (http1.DONE, http1.SWITCHED) and not self._answered.is_set():
+            self._answered.set()
+            if framer.state == http1.DONE:
+                # The front reads Connection: close and the end: it will not reuse this.
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+        if framer.dropped and not self.dropped_response_bytes:
+            if _dropped_log.allow():
+                log.info("an origin sent bytes after its response on a routed connection; "
+                         "dropped")
+        self.dropped_response_bytes = framer.dropped
+
+    def send(self, data, flags: int = 0) -> int:
+        self.sendall(data, flags)
+        return len(data)
+
+    def shutdown(self, how: int) -> None:
+        # The origin ended (the splice carries its FIN here): no answer is coming, so a read
+        # waiting for one goes on as for any request (EOF to the tunnel after it).
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self._answered.set()
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self._answered.set()
+        self._sock.close()
