@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything Shroud's tests, benchmarks and demo need, and nothing twice:
 #   - as root, Debian packages that are missing (tor, Go, muxado v1, chromium, nginx, wrk, sshd,
-#     jemalloc);
+#     jemalloc, postgresql);
 #   - always, a virtual environment at .venv with requirements.txt (pinned versions).
 # A tool still missing afterwards is an error: CI must fail, never skip.
 set -euo pipefail
@@ -20,6 +20,8 @@ have curl        || need_pkgs+=(curl)
 have unshare     || need_pkgs+=(util-linux)
 have ip          || need_pkgs+=(iproute2)
 have strace      || need_pkgs+=(strace)
+# PostgreSQL: the fleet store's tests start a real server (tests/fixtures/postgres.py).
+compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need_pkgs+=(postgresql)
 # jemalloc: the entry points run on it (lib/allocator.py), so memory returns after a load peak.
 compgen -G "/usr/lib/*-linux-gnu/libjemalloc.so.2" >/dev/null || need_pkgs+=(libjemalloc2)
 

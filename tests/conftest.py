@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.gopeer",
     "tests.fixtures.gotunnel",
     "tests.fixtures.dns",
+    "tests.fixtures.postgres",
 ]

@@ -1,5 +1,9 @@
-"""lib.proxy.ownership: the durable store, the kill switch, and the bind policy (allow-list, DNS TXT
-against the loopback DNS server, trust on first use)."""
+"""lib.proxy.ownership and lib.proxy.store: the durable store, the kill switch, and the bind policy
+(allow-list, DNS TXT against the loopback DNS server, trust on first use).
+
+Tests taking ``store`` or ``reopen`` run twice: against SQLite in a temp dir and against a fresh
+database on the session's real PostgreSQL server (tests/fixtures/postgres.py), so the two
+backends cannot drift. Tests taking ``db`` are about the SQLite file itself."""
 import os
 import sqlite3
 import threading
@@ -10,12 +14,13 @@ import pytest
 from lib.identity import Identity
 from lib.protocol.messages import (REASON_INTERNAL, REASON_INVALID_HOSTNAME, REASON_NOT_ALLOWED,
                           REASON_NOT_OWNER, REASON_SIGNATURE_REQUIRED)
-from lib.proxy.ownership import (AllowList, OwnershipError, OwnershipPolicy, OwnershipStore,
-                           canonical_name)
+from lib.proxy.ownership import (SCHEMA_VERSION, AllowList, ClaimLimits, OwnershipError,
+                                 OwnershipPolicy, OwnershipStore, canonical_name)
 
 pytestmark = pytest.mark.timeout(60)
 
 K1, K2, K3 = (Identity.generate().fingerprint for _ in range(3))
+NO_LIMITS = ClaimLimits(max_names_per_key=0, claim_burst=0, claims_per_hour=0, expiry_days=0)
 
 
 @pytest.fixture
@@ -24,10 +29,13 @@ def db(tmp_path):
 
 
 @pytest.fixture
-def store(db):
-    s = OwnershipStore(db)
-    yield s
-    s.close()
+def reopen(reopen_store):
+    return reopen_store
+
+
+@pytest.fixture
+def store(reopen):
+    return reopen()
 
 
 def test_canonical_names():
@@ -40,13 +48,13 @@ def test_canonical_names():
 
 
 # --- store ----------------------------------------------------------------------------------
-def test_tofu_survives_restart_and_second_key_is_refused_with_reason(db):
-    store = OwnershipStore(db)
+def test_tofu_survives_restart_and_second_key_is_refused_with_reason(reopen):
+    store = reopen()
     first = OwnershipPolicy(store).decide("app.example.com", K1)
     assert first.allowed and first.method == "tofu" and "first use" in first.reason
     store.close()
 
-    store = OwnershipStore(db)  # the proxy restarted
+    store = reopen()  # the proxy restarted
     policy = OwnershipPolicy(store)
     again = policy.decide("APP.example.com", K1)
     assert again.allowed and again.method == "tofu"
@@ -56,14 +64,14 @@ def test_tofu_survives_restart_and_second_key_is_refused_with_reason(db):
     assert "belongs to key %s since %s" % (K1[:16], since) in other.reason
     owner = store.owner("app.example.com")
     assert owner.key == K1 and owner.method == "tofu" and owner.first_bound <= owner.last_bound
-    store.close()
 
 
-def test_file_is_wal_and_schema_versioned(db, store):
+def test_file_is_wal_and_schema_versioned(db):
+    store = OwnershipStore(db)
     store.claim("a.example.com", K1)
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.execute("PRAGMA user_version=99")
     conn.close()
     store.close()
@@ -86,16 +94,15 @@ def test_claim_is_atomic_first_writer_wins(store):
     assert {owner.key for owner, _ in results} == {created[0].key}
 
 
-def test_last_bound_refreshed_at_most_once_a_minute(db):
+def test_last_bound_refreshed_at_most_once_a_minute(reopen):
     now = [1_000_000.0]
-    store = OwnershipStore(db, clock=lambda: now[0])
+    store = reopen(clock=lambda: now[0])
     store.claim("a.example.com", K1)
     now[0] += 30
     assert store.claim("a.example.com", K1)[0].last_bound == 1_000_000.0
     now[0] += 31
     assert store.claim("a.example.com", K1)[0].last_bound == 1_000_061.0
     assert store.owner("a.example.com").first_bound == 1_000_000.0
-    store.close()
 
 
 @pytest.mark.parametrize("content", [
@@ -115,7 +122,7 @@ def test_corrupt_file_is_a_clear_error_naming_the_file(db, content):
 
 
 def test_truncated_database_is_a_clear_error(db):
-    store = OwnershipStore(db)
+    store = OwnershipStore(db, limits=NO_LIMITS)
     for i in range(300):
         store.claim("host%d.example.com" % i, K1)
         store.audit("test", "fill", "x" * 200)
@@ -135,7 +142,7 @@ def test_truncated_database_is_a_clear_error(db):
 
 
 def test_damaged_inner_page_is_found_at_open(db):
-    store = OwnershipStore(db)
+    store = OwnershipStore(db, limits=NO_LIMITS)
     for i in range(300):
         store.claim("host%d.example.com" % i, K1)
     store.close()
@@ -164,7 +171,7 @@ def test_foreign_sqlite_database_is_refused(db):
 def test_full_database_refuses_writes_and_keeps_previous_data(db):
     # The size cap stands in for a full disk: sqlite raises the same SQLITE_FULL
     # ("database or disk is full") either way.
-    store = OwnershipStore(db, max_size_bytes=64 * 1024)
+    store = OwnershipStore(db, max_size_bytes=64 * 1024, limits=NO_LIMITS)
     store.claim("kept.example.com", K1)
     store.block_key(K3, actor="admin")
     with pytest.raises(OwnershipError) as exc:
@@ -179,7 +186,7 @@ def test_full_database_refuses_writes_and_keeps_previous_data(db):
     count = len(store.owners(limit=100000))
     store.close()
 
-    store = OwnershipStore(db)  # after restart (default cap): everything committed is there
+    store = OwnershipStore(db, limits=NO_LIMITS)  # restarted (default cap): all committed is there
     assert store.owner("kept.example.com").key == K1
     assert store.is_blocked(key=K3)
     assert len(store.owners(limit=100000)) == count
@@ -187,7 +194,8 @@ def test_full_database_refuses_writes_and_keeps_previous_data(db):
     store.close()
 
 
-def test_sqlite_operational_error_on_write_becomes_ownership_error(db, store):
+def test_sqlite_operational_error_on_write_becomes_ownership_error(db):
+    store = OwnershipStore(db)
     store.claim("a.example.com", K1)
     # A second process holds the write lock: our write fails with OperationalError.
     other = sqlite3.connect(db, isolation_level=None)
@@ -200,11 +208,12 @@ def test_sqlite_operational_error_on_write_becomes_ownership_error(db, store):
         other.execute("ROLLBACK")
         other.close()
     assert store.owner("b.example.com") is None and store.owner("a.example.com").key == K1
+    store.close()
 
 
 # --- blocks and audit -----------------------------------------------------------------------
-def test_blocked_name_and_key_are_refused_persisted_and_audited(db):
-    store = OwnershipStore(db)
+def test_blocked_name_and_key_are_refused_persisted_and_audited(reopen):
+    store = reopen()
     policy = OwnershipPolicy(store)
     assert policy.decide("evil.example.com", K1).allowed
     assert store.block_hostname("Evil.example.com", actor="alice", detail="phishing")
@@ -213,7 +222,7 @@ def test_blocked_name_and_key_are_refused_persisted_and_audited(db):
     assert store.block_key(K2, actor="bob", detail="abuse")
     store.close()
 
-    store = OwnershipStore(db)
+    store = reopen()
     policy = OwnershipPolicy(store)
     refused = policy.decide("evil.example.com", K1)
     assert not refused.allowed and refused.method == "blocked"
@@ -245,7 +254,6 @@ def test_blocked_name_and_key_are_refused_persisted_and_audited(db):
     ]
     assert log[-1].detail == "phishing" and log[0].detail == "appeal"
     assert store.audit_log(limit=2) == log[:2]
-    store.close()
 
 
 def test_operator_assign_and_release(store):
@@ -261,8 +269,8 @@ def test_operator_assign_and_release(store):
 
 
 def test_audit_log_is_trimmed(store, monkeypatch):
-    import lib.proxy.ownership as ownership
-    monkeypatch.setattr(ownership, "AUDIT_KEEP", 5)
+    import lib.proxy.store.base as base
+    monkeypatch.setattr(base, "AUDIT_KEEP", 5)
     for i in range(12):
         store.audit("t", "act", "target%d" % i)
     entries = store.audit_log(limit=100)
@@ -508,7 +516,7 @@ def test_threaded_store_interrupted_caller_leaves_a_consistent_store(db):
         assert store.claim("cut.example", K2) == (store.owner("cut.example"), False)
         assert store.owner("cut.example").key == K1
         with pytest.raises(OwnershipError):
-            store._write("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
+            store._transaction("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
         assert store.claim("after.example", K2)[1] is True
     finally:
         store.close()
@@ -527,6 +535,6 @@ def test_threaded_store_serialises_concurrent_greenlets(db):
         assert all(job.value[1] is True for job in jobs)
         assert len(store.owners(limit=1000)) == 100
         with pytest.raises(OwnershipError):  # an error comes back to its caller, once
-            store._write("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
+            store._transaction("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
     finally:
         store.close()

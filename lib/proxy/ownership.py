@@ -25,53 +25,34 @@ Go client sends no key) have key ``None``.
    short fingerprint and since when). With ``tofu=True`` the first key to bind an unowned name
    becomes its owner, durably. TOFU never grants a wildcard: those need rule 2 or 4.
 
+5a. **Claim limits** (docs/SECURITY.md, "Squatting"; :class:`ClaimLimits`): a new first-use
+   claim is refused (``limit``) beyond the key's quota of names or its address's rate; a
+   first-use claim nobody bound for ``expiry_days`` lapses and may be claimed anew.
+
+The store behind the policy is any :class:`lib.proxy.store.Store` (SQLite in the data dir, or
+the fleet's PostgreSQL): this module holds the rules, ``lib/proxy/store/`` the records. A store
+that cannot be reached refuses with ``store-unavailable`` (the client retries); any other store
+failure with ``internal``.
+
 Public API::
 
     canonical_name(name) -> str          # normalised host/wildcard/"tcp:PORT"; ValueError
-    OwnershipStore(path, max_size_bytes=DEFAULT_MAX_SIZE, clock=time.time, threaded=False)
-        .path
-        .owner(name) -> Ownership | None
-        .covering_owner(name) -> Ownership | None    # the name's, else nearest wildcard's
-        .owners(limit=1000) -> list[Ownership]       # most recently bound first
-        .claim(name, key, method="tofu") -> (Ownership, created: bool)   # atomic first-use
-        .record(name, key, method, actor, detail="") -> Ownership  # set owner (audits changes)
-        .assign(name, key, actor, detail="") -> Ownership          # operator grant (method
-                                                                   # "operator")
-        .release(name, actor, detail="") -> bool
-        .block_hostname(name, actor, detail="") -> bool      # True when newly blocked
-        .unblock_hostname(name, actor, detail="") -> bool
-        .block_key(key, actor, detail="") -> bool
-        .unblock_key(key, actor, detail="") -> bool
-        .is_blocked(hostname=None, key=None) -> bool
-        .blocked_hostnames() -> list[Block]    .blocked_keys() -> list[Block]
-        .audit(actor, action, target, detail="") -> None
-        .audit_log(limit=100) -> list[AuditEntry]            # newest first
-        .close()
+    OwnershipStore(path, ...)            # = lib.proxy.store.sqlite.SqliteStore (see there and
+                                         # lib/proxy/store/__init__.py for the store's API)
     OwnershipPolicy(store, allowlist_path=None, dns_resolver=None, tofu=True,
                     allow_unsigned=None, dns_timeout=2.0, dns_cache_ttl=60.0,
                     dns_cache_size=1024, dns_lookup=None, clock=time.monotonic)
-        .decide(hostname, key=None) -> Decision
+        .decide(hostname, key=None, address=None) -> Decision
+        address: the tunnel's peer host, for the per-address claim rate.
         dns_resolver: (host, port) of a resolver; dns_lookup: callable(qname) -> list[str]
         (TXT strings, raising lib.net.dnsclient.DnsError) replacing it, e.g. one going via Tor.
     Decision(allowed, method, reason, code)
         method: "allowlist" | "dns" | "tofu" | "operator" | "unsigned" | "blocked" |
-                "invalid" | "none" | "error";  code: "" or a lib.protocol.messages REASON_* value
-    Ownership(name, key, method, first_bound, last_bound)     # times: Unix seconds
-    Block(target, actor, since, detail)
-    AuditEntry(time, actor, action, target, detail)
+                "invalid" | "none" | "limit" | "error";  code: "" or a REASON_* value
+    Ownership, Block, AuditEntry, ClaimLimits, OwnershipError, StoreUnavailable, ClaimRefused
+                                         # re-exported from lib.proxy.store
     AllowList(path)  .lookup(name) -> (pattern, frozenset) | None,  .reload_if_changed()
-    OwnershipError(Exception)   the store cannot be used (corrupt, full, unwritable); the
-                                message names the file. A failed write changes nothing.
     short_key(key) -> str       # first 16 hex digits, as reasons show it
-
-Storage: SQLite in WAL mode with ``synchronous=FULL`` (a bind that was answered "allowed" is on
-disk), schema version in ``PRAGMA user_version``, a size cap (``max_size_bytes``) so a flood of
-first-use binds fills a bounded file, not the disk, and an audit log trimmed to ``AUDIT_KEEP``
-rows. All calls take a lock and are short (one small transaction), so greenlets may share one
-store; the store never calls out to the network. With ``threaded=True`` (the proxy's setting)
-each write transaction, whose COMMIT waits for the disk, runs in gevent's thread pool while the
-calling greenlet waits, so a slow disk or a burst of first-use binds never stalls the event
-loop that serves every other connection; reads (small, no fsync) stay on the calling greenlet.
 """
 from __future__ import annotations
 
@@ -79,70 +60,35 @@ import collections
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 from typing import Callable, NamedTuple
 
 from lib.net import dnsclient
 from lib.protocol.messages import (REASON_BAD_REQUEST, REASON_INTERNAL, REASON_INVALID_HOSTNAME,
-                          REASON_NOT_ALLOWED, REASON_NOT_OWNER, REASON_SIGNATURE_REQUIRED)
-from lib.protocol.sniff import normalize_hostname, wildcard_candidates
+                                   REASON_NOT_ALLOWED, REASON_NOT_OWNER,
+                                   REASON_SIGNATURE_REQUIRED)
+from lib.proxy.store.base import (AUDIT_KEEP, BLOCK_CACHE_TTL, KEY_RE as _KEY_RE, METHODS,
+                                  TOUCH_INTERVAL, AuditEntry, Block, ClaimLimits, ClaimRefused,
+                                  Ownership, OwnershipError, Store, StoreUnavailable,
+                                  canonical_key as _canonical_key, canonical_name,
+                                  candidates as _candidates, short_key, when as _when)
+from lib.proxy.store.sqlite import (BUSY_TIMEOUT, DEFAULT_MAX_SIZE, SCHEMA_VERSION,
+                                    SqliteStore as OwnershipStore)
 
 log = logging.getLogger("shroud.ownership")
 
-SCHEMA_VERSION = 1
-# Ownership rows are ~200 bytes: 64 MiB holds ~300k names, far beyond one proxy's real use, yet
-# a flood of first-use binds with fresh keys stops there instead of filling the disk.
-DEFAULT_MAX_SIZE = 64 * 1024 * 1024
-# Enough history for an operator to see weeks of kill-switch and ownership changes; trimmed so
-# the log cannot grow without end.
-AUDIT_KEEP = 10000
-# last_bound is refreshed at most this often per name: a reconnect storm must not become an
-# fsync storm, and a minute is precise enough for "last seen".
-TOUCH_INTERVAL = 60.0
-# Another process (e.g. a dashboard) holding the write lock: wait this long before failing.
-BUSY_TIMEOUT = 5.0
+__all__ = ["AUDIT_KEEP", "BLOCK_CACHE_TTL", "BUSY_TIMEOUT", "DEFAULT_MAX_SIZE", "METHODS",
+           "SCHEMA_VERSION", "TOUCH_INTERVAL", "AllowList", "AuditEntry", "Block",
+           "ClaimLimits", "ClaimRefused", "Decision", "Ownership", "OwnershipError",
+           "OwnershipPolicy", "OwnershipStore", "Store", "StoreUnavailable", "canonical_name",
+           "short_key"]
+
 # The allow-list is an operator's file: 4 MiB is ~40k lines, far beyond a hand-kept list.
 MAX_ALLOWLIST_SIZE = 4 * 1024 * 1024
 # DNS failures are remembered briefly so a bind storm against a broken zone stays cheap, but
 # short enough that a fixed zone is seen quickly.
 DNS_ERROR_TTL = 5.0
-# is_blocked runs on every public connection, so blocks are answered from memory. Changes made
-# through this store apply at once; changes by another process sharing the file (a fleet's
-# database, a CLI) are picked up within this many seconds.
-BLOCK_CACHE_TTL = 5.0
-
-METHODS = ("allowlist", "dns", "tofu", "operator")
-_KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
-_TCP_RE = re.compile(r"tcp:([0-9]{1,5})\Z")
-
-
-class OwnershipError(Exception):
-    """The ownership store cannot be read or written; the message names the file."""
-
-
-class Ownership(NamedTuple):
-    name: str
-    key: str
-    method: str
-    first_bound: float
-    last_bound: float
-
-
-class Block(NamedTuple):
-    target: str
-    actor: str
-    since: float
-    detail: str
-
-
-class AuditEntry(NamedTuple):
-    time: float
-    actor: str
-    action: str
-    target: str
-    detail: str
 
 
 class Decision(NamedTuple):
@@ -150,405 +96,6 @@ class Decision(NamedTuple):
     method: str
     reason: str
     code: str  # "" when allowed, else a lib.protocol.messages REASON_* code
-
-
-def canonical_name(name: str) -> str:
-    """The stored form of a bind name: normalised host name, ``*.base`` wildcard or
-    ``tcp:PORT``. :raises ValueError: with the reason."""
-    if not isinstance(name, str):
-        raise ValueError("name must be a str")
-    match = _TCP_RE.match(name.lower())
-    if match:
-        port = int(match.group(1))
-        if not 1 <= port <= 65535:
-            raise ValueError("TCP port out of range in %r" % name)
-        return "tcp:%d" % port
-    return normalize_hostname(name, allow_wildcard=True)
-
-
-def _canonical_key(key: str) -> str:
-    if not isinstance(key, str) or not _KEY_RE.match(key.lower()):
-        raise ValueError("a key fingerprint is 64 hex digits")
-    return key.lower()
-
-
-def _candidates(name: str) -> list:
-    """The name, then the wildcards covering it, most specific first, without repeats."""
-    if name.startswith("tcp:"):
-        return [name]
-    return list(dict.fromkeys(wildcard_candidates(name)))
-
-
-def short_key(key: str) -> str:
-    return key[:16]
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
-
-
-# --- the store ------------------------------------------------------------------------------
-_MIGRATIONS = {
-    1: [
-        """CREATE TABLE ownership (
-               name TEXT PRIMARY KEY,
-               key TEXT NOT NULL,
-               method TEXT NOT NULL,
-               first_bound REAL NOT NULL,
-               last_bound REAL NOT NULL)""",
-        "CREATE INDEX ownership_key ON ownership(key)",
-        """CREATE TABLE blocked_name (
-               name TEXT PRIMARY KEY, actor TEXT NOT NULL, since REAL NOT NULL,
-               detail TEXT NOT NULL)""",
-        """CREATE TABLE blocked_key (
-               key TEXT PRIMARY KEY, actor TEXT NOT NULL, since REAL NOT NULL,
-               detail TEXT NOT NULL)""",
-        """CREATE TABLE audit (
-               id INTEGER PRIMARY KEY AUTOINCREMENT,
-               time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
-               target TEXT NOT NULL, detail TEXT NOT NULL)""",
-    ],
-}
-
-
-class OwnershipStore:
-    """Durable ownership records, blocks and the audit log in one SQLite file.
-
-    :raises OwnershipError: the file is not a usable Shroud ownership database (corrupt, not
-        SQLite, from a newer Shroud, unreadable).
-    """
-
-    def __init__(self, path: str, max_size_bytes: int = DEFAULT_MAX_SIZE,
-                 clock: Callable[[], float] = time.time, threaded: bool = False):
-        self.path = str(path)
-        self._clock = clock
-        self._threaded = threaded
-        if threaded:
-            # Greenlets must wait for each other while one's transaction runs in a pool thread;
-            # an unpatched threading.RLock would let every greenlet of the hub's thread in.
-            import gevent.lock
-
-            self._lock = gevent.lock.RLock()
-        else:
-            self._lock = threading.RLock()
-        self._conn = None
-        try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                                   check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise OwnershipError("cannot open ownership database %s: %s" % (self.path, exc)) \
-                from None
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode.lower() not in ("wal", "memory"):
-                raise OwnershipError("ownership database %s cannot use WAL mode (got %s)"
-                                     % (self.path, mode))
-            conn.execute("PRAGMA synchronous=FULL")
-            result = conn.execute("PRAGMA quick_check").fetchall()
-            if result != [("ok",)]:
-                raise OwnershipError("ownership database %s is corrupt: %s" % (
-                    self.path, "; ".join(str(r[0]) for r in result[:3])))
-            self._migrate(conn)
-            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute("PRAGMA max_page_count=%d" % max(1, max_size_bytes // page_size))
-        except sqlite3.Error as exc:
-            conn.close()
-            raise OwnershipError("ownership database %s is unusable: %s" % (self.path, exc)) \
-                from None
-        except OwnershipError:
-            conn.close()
-            raise
-        self._conn = conn
-        self._blocks_loaded_at = float("-inf")
-        self._blocked_names: frozenset = frozenset()
-        self._blocked_keys: frozenset = frozenset()
-
-    def _migrate(self, conn) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise OwnershipError("ownership database %s has schema version %d; this Shroud "
-                                 "knows up to %d (downgrade refused)"
-                                 % (self.path, version, SCHEMA_VERSION))
-        if version == 0:
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables:
-                raise OwnershipError("%s is an SQLite database but not a Shroud ownership "
-                                     "database" % self.path)
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _MIGRATIONS[target]:
-                    conn.execute(statement)
-                conn.execute("PRAGMA user_version=%d" % target)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    # --- plumbing ---------------------------------------------------------------------
-    def _connection(self):
-        if self._conn is None:
-            raise OwnershipError("ownership database %s is closed" % self.path)
-        return self._conn
-
-    def _write(self, what: str, body: Callable):
-        """Run ``body(conn)`` in one IMMEDIATE transaction; its result. Any failure rolls the
-        transaction back and an sqlite3 error becomes OwnershipError. With ``threaded`` the
-        transaction runs in gevent's thread pool (see the module docstring)."""
-        def transaction():
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                result = body(conn)
-                conn.execute("COMMIT")
-                return result
-            except BaseException as exc:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # the original error is the one worth reporting
-                if isinstance(exc, sqlite3.Error):
-                    raise OwnershipError("cannot %s in ownership database %s: %s"
-                                         % (what, self.path, exc)) from None
-                raise
-
-        def in_thread():
-            # Errors come back as values: gevent's pool would print each raised one to stderr.
-            try:
-                return None, transaction()
-            except BaseException as exc:  # re-raised in the calling greenlet below
-                return exc, None
-
-        with self._lock:
-            if not self._threaded:
-                return transaction()
-            import gevent  # only the threaded store needs it
-
-            job = gevent.get_hub().threadpool.spawn(in_thread)
-            interrupted = None
-            while True:
-                try:
-                    error, result = job.get()
-                    break
-                except BaseException as exc:
-                    # Killed or timed out while the thread still uses the connection: keep
-                    # the lock until it is done with it, then pass the interruption on.
-                    interrupted = exc
-            if interrupted is not None:
-                raise interrupted
-            if error is not None:
-                raise error
-            return result
-
-    def _read(self, sql: str, args=()) -> list:
-        with self._lock:
-            try:
-                return self._connection().execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise OwnershipError("cannot read ownership database %s: %s"
-                                     % (self.path, exc)) from None
-
-    def _audit(self, conn, actor: str, action: str, target: str, detail: str) -> None:
-        conn.execute("INSERT INTO audit (time, actor, action, target, detail) "
-                     "VALUES (?, ?, ?, ?, ?)",
-                     (self._clock(), str(actor), action, target, str(detail)))
-        conn.execute("DELETE FROM audit WHERE id <= (SELECT max(id) FROM audit) - ?",
-                     (AUDIT_KEEP,))
-
-    # --- ownership --------------------------------------------------------------------
-    def owner(self, name: str) -> Ownership | None:
-        rows = self._read("SELECT name, key, method, first_bound, last_bound FROM ownership "
-                          "WHERE name = ?", (canonical_name(name),))
-        return Ownership(*rows[0]) if rows else None
-
-    def covering_owner(self, name: str) -> Ownership | None:
-        """The owner of ``name`` itself, else of the most specific wildcard covering it."""
-        candidates = _candidates(canonical_name(name))
-        rows = self._read("SELECT name, key, method, first_bound, last_bound FROM ownership "
-                          "WHERE name IN (%s)" % ",".join("?" * len(candidates)), candidates)
-        by_name = {row[0]: Ownership(*row) for row in rows}
-        for candidate in candidates:
-            if candidate in by_name:
-                return by_name[candidate]
-        return None
-
-    def owners(self, limit: int = 1000) -> list:
-        rows = self._read("SELECT name, key, method, first_bound, last_bound FROM ownership "
-                          "ORDER BY last_bound DESC LIMIT ?", (int(limit),))
-        return [Ownership(*row) for row in rows]
-
-    def claim(self, name: str, key: str, method: str = "tofu") -> tuple:
-        """Make ``key`` the owner of ``name`` unless it already has one (atomically).
-
-        :returns: (the owner now recorded, whether this call created it). The owner may be
-            another key: the caller refuses the bind then.
-        """
-        name, key = canonical_name(name), _canonical_key(key)
-        now = self._clock()
-
-        def body(conn):
-            row = _owner_row(conn, name)
-            if row is None:
-                _insert_owner(conn, name, key, method, now)
-                return Ownership(name, key, method, now, now), True
-            current = Ownership(*row)
-            if current.key == key and now - current.last_bound >= TOUCH_INTERVAL:
-                conn.execute("UPDATE ownership SET last_bound = ? WHERE name = ?", (now, name))
-                current = current._replace(last_bound=now)
-            return current, False
-
-        return self._write("record ownership of %s" % name, body)
-
-    def record(self, name: str, key: str, method: str, actor: str,
-               detail: str = "") -> Ownership:
-        """Set ``key`` as the owner of ``name`` by ``method``, replacing another owner (the
-        replacement is written to the audit log with ``actor`` and ``detail``)."""
-        if method not in METHODS:
-            raise ValueError("unknown ownership method %r" % method)
-        name, key = canonical_name(name), _canonical_key(key)
-        now = self._clock()
-
-        def body(conn):
-            row = _owner_row(conn, name)
-            if row is None:
-                _insert_owner(conn, name, key, method, now)
-                if method == "operator":
-                    self._audit(conn, actor, "assign", name, "to key %s%s" % (
-                        key, ": " + detail if detail else ""))
-                return Ownership(name, key, method, now, now)
-            current = Ownership(*row)
-            if current.key == key:
-                if current.method != method or now - current.last_bound >= TOUCH_INTERVAL:
-                    conn.execute("UPDATE ownership SET method = ?, last_bound = ? "
-                                 "WHERE name = ?", (method, now, name))
-                    current = current._replace(method=method, last_bound=now)
-                return current
-            conn.execute("UPDATE ownership SET key = ?, method = ?, first_bound = ?, "
-                         "last_bound = ? WHERE name = ?", (key, method, now, now, name))
-            self._audit(conn, actor, "owner-change", name,
-                        "from key %s (%s since %s) to key %s (%s)%s" % (
-                            current.key, current.method, _when(current.first_bound), key,
-                            method, ": " + detail if detail else ""))
-            return Ownership(name, key, method, now, now)
-
-        return self._write("record ownership of %s" % name, body)
-
-    def assign(self, name: str, key: str, actor: str, detail: str = "") -> Ownership:
-        """Operator grant: ``key`` owns ``name`` (method "operator"), audited."""
-        return self.record(name, key, "operator", actor, detail)
-
-    def release(self, name: str, actor: str, detail: str = "") -> bool:
-        """Forget the owner of ``name`` (the next key to bind may claim it)."""
-        name = canonical_name(name)
-
-        def body(conn):
-            row = conn.execute("SELECT key FROM ownership WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                return False
-            conn.execute("DELETE FROM ownership WHERE name = ?", (name,))
-            self._audit(conn, actor, "release", name, "was key %s%s" % (
-                row[0], ": " + detail if detail else ""))
-            return True
-
-        return self._write("release %s" % name, body)
-
-    # --- blocks (operator kill switch) ------------------------------------------------
-    def _block(self, table: str, column: str, target: str, actor: str, detail: str,
-               action: str) -> bool:
-        def body(conn):
-            cursor = conn.execute("INSERT OR IGNORE INTO %s (%s, actor, since, detail) "
-                                  "VALUES (?, ?, ?, ?)" % (table, column),
-                                  (target, str(actor), self._clock(), str(detail)))
-            if cursor.rowcount:
-                self._audit(conn, actor, action, target, detail)
-            return bool(cursor.rowcount)
-
-        added = self._write("%s %s" % (action, target), body)
-        self._blocks_loaded_at = float("-inf")  # reload the cache from what is now on disk
-        return added
-
-    def _unblock(self, table: str, column: str, target: str, actor: str, detail: str,
-                 action: str) -> bool:
-        def body(conn):
-            cursor = conn.execute("DELETE FROM %s WHERE %s = ?" % (table, column), (target,))
-            if cursor.rowcount:
-                self._audit(conn, actor, action, target, detail)
-            return bool(cursor.rowcount)
-
-        removed = self._write("%s %s" % (action, target), body)
-        self._blocks_loaded_at = float("-inf")
-        return removed
-
-    def _blocks(self) -> tuple:
-        """(blocked names, blocked keys) from memory, reloaded after BLOCK_CACHE_TTL."""
-        now = self._clock()
-        if now - self._blocks_loaded_at >= BLOCK_CACHE_TTL:
-            with self._lock:
-                names = frozenset(r[0] for r in self._read("SELECT name FROM blocked_name"))
-                keys = frozenset(r[0] for r in self._read("SELECT key FROM blocked_key"))
-                self._blocked_names, self._blocked_keys = names, keys
-                self._blocks_loaded_at = now
-        return self._blocked_names, self._blocked_keys
-
-    def block_hostname(self, name: str, actor: str, detail: str = "") -> bool:
-        """Refuse every bind of ``name`` (a wildcard blocks every name it covers)."""
-        return self._block("blocked_name", "name", canonical_name(name), actor, detail,
-                           "block-hostname")
-
-    def unblock_hostname(self, name: str, actor: str, detail: str = "") -> bool:
-        return self._unblock("blocked_name", "name", canonical_name(name), actor, detail,
-                             "unblock-hostname")
-
-    def block_key(self, key: str, actor: str, detail: str = "") -> bool:
-        """Refuse every bind by ``key``."""
-        return self._block("blocked_key", "key", _canonical_key(key), actor, detail,
-                           "block-key")
-
-    def unblock_key(self, key: str, actor: str, detail: str = "") -> bool:
-        return self._unblock("blocked_key", "key", _canonical_key(key), actor, detail,
-                             "unblock-key")
-
-    def is_blocked(self, hostname: str | None = None, key: str | None = None) -> bool:
-        """Whether ``hostname`` (or a blocked wildcard covering it) or ``key`` is blocked.
-
-        Answered from memory (see BLOCK_CACHE_TTL): cheap enough for every public connection.
-        """
-        if hostname is not None and self._blocked_name(canonical_name(hostname)):
-            return True
-        if key is not None:
-            return _canonical_key(key) in self._blocks()[1]
-        return False
-
-    def _blocked_name(self, name: str) -> str | None:
-        blocked = self._blocks()[0]
-        if not blocked:
-            return None
-        return next((c for c in _candidates(name) if c in blocked), None)
-
-    def blocked_hostnames(self) -> list:
-        return [Block(*r) for r in self._read(
-            "SELECT name, actor, since, detail FROM blocked_name ORDER BY name")]
-
-    def blocked_keys(self) -> list:
-        return [Block(*r) for r in self._read(
-            "SELECT key, actor, since, detail FROM blocked_key ORDER BY key")]
-
-    # --- audit ------------------------------------------------------------------------
-    def audit(self, actor: str, action: str, target: str, detail: str = "") -> None:
-        self._write("write audit entry",
-                    lambda conn: self._audit(conn, actor, action, target, detail))
-
-    def audit_log(self, limit: int = 100) -> list:
-        return [AuditEntry(*r) for r in self._read(
-            "SELECT time, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?",
-            (int(limit),))]
 
 
 # --- the allow-list file --------------------------------------------------------------------
@@ -639,15 +186,6 @@ class AllowList:
 
 
 # --- the policy -----------------------------------------------------------------------------
-def _owner_row(conn, name: str):
-    return conn.execute("SELECT name, key, method, first_bound, last_bound "
-                        "FROM ownership WHERE name = ?", (name,)).fetchone()
-
-
-def _insert_owner(conn, name: str, key: str, method: str, now: float) -> None:
-    conn.execute("INSERT INTO ownership VALUES (?, ?, ?, ?, ?)", (name, key, method, now, now))
-
-
 def _dns_name(name: str) -> str | None:
     """Where the TXT record vouching for ``name`` lives, or None (ports, IP literals)."""
     if name.startswith("tcp:") or name.startswith("[") or re.match(r"[0-9.]+\Z", name):
@@ -684,7 +222,7 @@ def _refused(method: str, reason: str, code: str) -> Decision:
 class OwnershipPolicy:
     """Decides binds (see the module docstring for the order of the rules)."""
 
-    def __init__(self, store: OwnershipStore, allowlist_path: str | None = None,
+    def __init__(self, store: Store, allowlist_path: str | None = None,
                  dns_resolver=None, tofu: bool = True, allow_unsigned=None,
                  dns_timeout: float = 2.0, dns_cache_ttl: float = 60.0,
                  dns_cache_size: int = 1024, dns_lookup=None,
@@ -748,11 +286,13 @@ class OwnershipPolicy:
         return result
 
     # --- the decision -----------------------------------------------------------------
-    def decide(self, hostname: str, key: str | None = None) -> Decision:
+    def decide(self, hostname: str, key: str | None = None,
+               address: str | None = None) -> Decision:
         """May ``key`` (a fingerprint, or None for an unsigned bind) bind ``hostname``?
 
         An allowed signed bind is recorded in the store (first use, or the allow-list/DNS
-        owner). A store failure refuses with code ``internal`` rather than raising.
+        owner). A store failure refuses rather than raising: ``store-unavailable`` when the
+        database cannot be reached, else ``internal``.
         """
         try:
             name = canonical_name(hostname)
@@ -765,14 +305,18 @@ class OwnershipPolicy:
             except ValueError as exc:
                 return _refused("invalid", str(exc), REASON_BAD_REQUEST)
         try:
-            return self._decide(name, key)
+            return self._decide(name, key, address)
+        except StoreUnavailable as exc:
+            log.warning("bind of %s refused: %s", name, exc)
+            return _refused("error", "the proxy's ownership store is unavailable; try again "
+                            "shortly (%s)" % exc, StoreUnavailable.code)
         except OwnershipError as exc:
             log.error("bind of %s refused: %s", name, exc)
             return _refused("error", "the proxy cannot check ownership of %s right now: %s"
                             % (name, exc), REASON_INTERNAL)
 
-    def _decide(self, name: str, key: str | None) -> Decision:
-        blocked = self.store._blocked_name(name)
+    def _decide(self, name: str, key: str | None, address: str | None) -> Decision:
+        blocked = self.store.blocked_name(name)
         if blocked is not None:
             return _refused("blocked", "%s is blocked by the proxy operator%s" % (
                 name, "" if blocked == name else " (%s is blocked)" % blocked),
@@ -806,7 +350,7 @@ class OwnershipPolicy:
                                     "not %s" % (qname, name, short_key(key)), REASON_NOT_OWNER)
                 self._record_quietly(name, key, "dns", "TXT %s names this key" % qname)
                 return _allowed("dns", "%s vouches for key %s" % (qname, short_key(key)))
-        return self._by_store(name, key, dns_failed)
+        return self._by_store(name, key, dns_failed, address)
 
     def _by_allowlist(self, name: str, key: str | None, pattern: str, keys) -> Decision:
         where = "allow-list %s entry %s" % (self.allowlist.path, pattern)
@@ -825,13 +369,14 @@ class OwnershipPolicy:
 
     def _record_quietly(self, name: str, key: str, method: str, detail: str) -> None:
         # The allow-list or DNS is the authority here; the store only keeps the history, so
-        # a full or broken store must not refuse the bind. It is logged, never silent.
+        # a full, broken or unreachable store must not refuse the bind. It is logged, never
+        # silent.
         try:
             self.store.record(name, key, method, actor=method, detail=detail)
         except OwnershipError as exc:
             log.error("bind of %s allowed by %s but not recorded: %s", name, method, exc)
 
-    def _by_store(self, name: str, key: str, dns_failed) -> Decision:
+    def _by_store(self, name: str, key: str, dns_failed, address: str | None) -> Decision:
         cover = self.store.covering_owner(name)
         if cover is not None and cover.key != key:
             through = "" if cover.name == name else " (through %s)" % cover.name
@@ -854,7 +399,11 @@ class OwnershipPolicy:
             return _refused("none", "wildcard %s needs an allow-list entry or a DNS TXT "
                             "record %s naming key %s (first use never grants a wildcard)"
                             % (name, _dns_name(name), short_key(key)), REASON_NOT_ALLOWED)
-        owner, created = self.store.claim(name, key, "tofu")
+        try:
+            owner, created = self.store.claim(name, key, "tofu", address=address)
+        except ClaimRefused as exc:
+            log.info("first use of %s by key %s refused: %s", name, short_key(key), exc)
+            return _refused("limit", str(exc), ClaimRefused.code)
         if owner.key != key:  # another bind won the race for this name
             return _refused("tofu", "%s belongs to key %s since %s" % (
                 name, short_key(owner.key), _when(owner.first_bound)), REASON_NOT_OWNER)

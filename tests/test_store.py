@@ -1,0 +1,293 @@
+"""lib.proxy.store: claim limits (durable squatting), the live registry, change notification
+between instances, atomic transactions, and PostgreSQL's own concerns (migrations under a lock,
+a newer schema, the URL's password, the database going away and coming back).
+
+Tests taking ``reopen`` run against SQLite and against the session's real PostgreSQL
+(tests/fixtures/postgres.py)."""
+import threading
+import time
+
+import pytest
+
+from lib.identity import Identity
+from lib.protocol.messages import REASON_LIMIT, REASON_STORE_UNAVAILABLE
+from lib.proxy.ownership import OwnershipPolicy
+from lib.proxy.store import (ClaimLimits, ClaimRefused, Instance, LiveBinding, OwnershipError,
+                             StoreUnavailable, redact_url)
+
+pytestmark = pytest.mark.timeout(120)
+
+K1, K2, K3 = (Identity.generate().fingerprint for _ in range(3))
+DAY = 86400.0
+
+
+@pytest.fixture
+def reopen(reopen_store):
+    return reopen_store
+
+
+# --- durable squatting (issue: one key claimed 1,024 names in 1.5 s) -------------------------
+def test_key_quota_caps_first_use_names_not_rebinds_or_grants(reopen):
+    store = reopen(limits=ClaimLimits(max_names_per_key=3, claim_burst=0))
+    for i in range(3):
+        assert store.claim(f"n{i}.test", K1)[1]
+    with pytest.raises(ClaimRefused, match="--max-names-per-key") as exc:
+        store.claim("n3.test", K1)
+    assert exc.value.code == REASON_LIMIT and store.owner("n3.test") is None
+    assert store.claim("n0.test", K1) == (store.owner("n0.test"), False)  # a rebind is free
+    store.assign("granted.test", K1, actor="admin")  # the operator is not limited
+    assert store.claim("n3.test", K2)[1]  # another key has its own quota
+    decision = OwnershipPolicy(store).decide("n4.test", K1)
+    assert not decision.allowed and decision.code == REASON_LIMIT
+    store.release("n1.test", actor="admin")
+    assert store.claim("n4.test", K1)[1]
+    assert store.names_owned(K1) == 3
+
+
+def test_new_claims_are_rate_limited_per_address_fleet_wide(reopen):
+    now = [1_000_000.0]
+    limits = ClaimLimits(max_names_per_key=0, claim_burst=2, claims_per_hour=60)
+    a = reopen(clock=lambda: now[0], limits=limits)
+    b = reopen(clock=lambda: now[0], limits=limits)  # another instance of the fleet
+    assert a.claim("a1.test", K1, address="10.0.0.1")[1]
+    assert b.claim("a2.test", K2, address="10.0.0.1")[1]
+    with pytest.raises(ClaimRefused, match="try again in 60 s"):
+        a.claim("a3.test", K3, address="10.0.0.1")  # any key: the bucket is the address's
+    with pytest.raises(ClaimRefused):
+        b.claim("a3.test", K3, address="10.0.0.1")
+    assert a.claim("a3.test", K3, address="10.0.0.2")[1]  # another address
+    assert a.claim("a1.test", K1, address="10.0.0.1") == (a.owner("a1.test"), False)
+    now[0] += 61
+    assert b.claim("a4.test", K1, address="10.0.0.1")[1]  # one more token
+    with pytest.raises(ClaimRefused):
+        a.claim("a5.test", K1, address="10.0.0.1")
+    policy = OwnershipPolicy(a)
+    refused = policy.decide("a5.test", K1, address="10.0.0.1")
+    assert not refused.allowed and refused.code == REASON_LIMIT and "10.0.0.1" in refused.reason
+
+
+def test_unused_first_use_claims_lapse_and_live_names_are_kept(reopen):
+    now = [1_000_000.0]
+    store = reopen(clock=lambda: now[0], limits=ClaimLimits(expiry_days=2, claim_burst=0))
+    store.claim("idle.test", K1)
+    store.claim("live.test", K1)
+    store.assign("granted.test", K1, actor="admin")
+    now[0] += 1.5 * DAY
+    assert store.touch_names(["live.test"], older_than=now[0] - DAY) == 1  # its instance
+    now[0] += 1.0 * DAY
+    assert store.covering_owner("idle.test") is None  # lapsed: as if unowned
+    assert store.covering_owner("live.test").key == K1
+    assert store.covering_owner("granted.test").key == K1  # operator grants never lapse
+    policy = OwnershipPolicy(store)
+    taken = policy.decide("idle.test", K2)
+    assert taken.allowed and taken.method == "tofu" and store.owner("idle.test").key == K2
+    entry = store.audit_log(1)[0]
+    assert entry.action == "claim-lapsed" and K1 in entry.detail
+    refused = policy.decide("live.test", K2)
+    assert not refused.allowed
+    now[0] += 2.5 * DAY
+    assert store.expire_claims() == 2  # idle.test (K2's now) and live.test, untouched since
+    assert store.owner("granted.test") is not None and store.owners() == [
+        store.owner("granted.test")]
+    assert store.audit_log(1)[0].action == "claims-lapsed"
+
+
+def test_claim_rate_table_is_bounded(reopen, monkeypatch):
+    import lib.proxy.store.base as base
+
+    monkeypatch.setattr(base, "MAX_RATE_ROWS", 5)
+    store = reopen(limits=ClaimLimits(max_names_per_key=0, claim_burst=10,
+                                      claims_per_hour=1))
+    for i in range(12):
+        store.claim(f"r{i}.test", K1, address=f"10.0.1.{i}")
+    store.expire_claims()
+    rows = store._rows("SELECT address FROM claim_rate ORDER BY stamp DESC")
+    assert [r[0] for r in rows] == [f"10.0.1.{i}" for i in range(11, 6, -1)]
+
+
+# --- transactions ---------------------------------------------------------------------------
+def test_failed_transaction_leaves_nothing_half_written(store_and_backend):
+    store = store_and_backend
+
+    def body(tx):
+        tx.execute("INSERT INTO ownership (name, key, method, first_bound, last_bound) "
+                   "VALUES (?, ?, ?, ?, ?)", ("half.test", K1, "tofu", 1.0, 1.0))
+        tx.execute("INSERT INTO no_such_table VALUES (1)")
+    with pytest.raises(OwnershipError):
+        store._transaction("test", body)
+    assert store.owner("half.test") is None
+    assert store.claim("half.test", K1)[1]  # the store is usable after the failure
+
+
+@pytest.fixture
+def store_and_backend(reopen):
+    return reopen()
+
+
+# --- the live registry ----------------------------------------------------------------------
+def _instance(name, now):
+    return Instance(name, f"{name}.proxy", {"https": "127.0.0.1:443"}, "", "ab" * 32, now, now,
+                    {"tunnels": 0})
+
+
+def test_live_registry_heartbeats_bindings_and_expiry(reopen):
+    now = [1_000_000.0]
+    a = reopen(clock=lambda: now[0])
+    b = reopen(clock=lambda: now[0])
+    a.register_instance(_instance("A", now[0]))
+    b.register_instance(_instance("B", now[0]))
+    assert a.heartbeat("A", {"tunnels": 1}, add=[
+        LiveBinding("A", "tls", "x.test", 1, K1, now[0]),
+        LiveBinding("A", "http", "x.test", 1, K1, now[0])])
+    assert b.heartbeat("B", {"tunnels": 1}, add=[LiveBinding("B", "tls", "x.test", 7, K1,
+                                                             now[0])])
+    assert {(i.id, i.stats["tunnels"]) for i in a.instances()} == {("A", 1), ("B", 1)}
+    assert [(x.instance, x.protocol, x.tunnel) for x in b.live_bindings()] == [
+        ("A", "http", 1), ("A", "tls", 1), ("B", "tls", 7)]
+    for _ in range(3):  # A keeps beating, B has stopped (SIGKILLed)
+        now[0] += 5
+        assert a.heartbeat("A", {"tunnels": 1}, remove=[("http", "x.test", 1)])
+    assert a.expire_instances(max_age=15) == []
+    now[0] += 1
+    assert a.expire_instances(max_age=15) == ["B"]
+    assert [i.id for i in a.instances()] == ["A"]
+    assert [(x.instance, x.protocol) for x in a.live_bindings()] == [("A", "tls")]
+    assert b.heartbeat("B", {}) is False  # B came back: it must register again
+    a.deregister("A")
+    assert a.instances() == [] and a.live_bindings() == []
+
+
+# --- blocks reach the other instances -------------------------------------------------------
+def _drain(store):
+    while store.wait_for_change(0.2):  # a fresh LISTEN connection reports a change once
+        store.reload_blocks()
+
+
+def test_block_on_one_instance_reaches_another(reopen):
+    a, b = reopen(), reopen()
+    b.watched = True  # b's cache now changes only through its watcher
+    _drain(b)
+    assert b.wait_for_change(0.3) is False  # nothing happened
+    a.block_hostname("evil.test", actor="admin")
+    a.block_key(K2, actor="admin")
+    assert a.is_blocked(hostname="evil.test")  # its own change: at once
+    deadline = time.monotonic() + 10
+    while not b.is_blocked(hostname="evil.test"):
+        assert time.monotonic() < deadline, "the block never reached the other instance"
+        if b.wait_for_change(1.0):
+            b.reload_blocks()
+    assert b.is_blocked(key=K2)
+    a.unblock_hostname("evil.test", actor="admin")
+    deadline = time.monotonic() + 10
+    while b.is_blocked(hostname="evil.test"):
+        assert time.monotonic() < deadline, "the unblock never reached the other instance"
+        if b.wait_for_change(1.0):
+            b.reload_blocks()
+
+
+def test_reload_blocks_reports_what_was_newly_blocked(reopen):
+    a, b = reopen(), reopen()
+    a.block_hostname("one.test", actor="x")
+    a.block_key(K1, actor="x")
+    assert b.reload_blocks() == ({"one.test"}, {K1})
+    assert b.reload_blocks() == (set(), set())
+
+
+# --- PostgreSQL's own concerns --------------------------------------------------------------
+def test_instances_starting_at_once_migrate_once(pg_url):
+    from lib.proxy.store.postgres import SCHEMA_VERSION, PostgresStore
+
+    stores, errors = [], []
+
+    def start():
+        try:
+            stores.append(PostgresStore(pg_url))
+        except Exception as exc:  # reported below with the others
+            errors.append(exc)
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert errors == [] and len(stores) == 8
+        rows = stores[0]._rows("SELECT version FROM schema_version ORDER BY version")
+        assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
+        assert stores[3].claim("m.test", K1)[1] and stores[5].owner("m.test").key == K1
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_database_newer_than_the_code_is_refused(pg_url):
+    from lib.proxy.store.postgres import PostgresStore
+
+    PostgresStore(pg_url).close()
+    import psycopg
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO shroud.schema_version VALUES (99)")
+    with pytest.raises(OwnershipError, match="schema version 99.*downgrade refused"):
+        PostgresStore(pg_url)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://u:s3cret@db.example:5432/x", "postgresql://u:***@db.example:5432/x"),
+    ("postgresql://u@db/x?password=s3cret&sslmode=require",
+     "postgresql://u@db/x?password=***&sslmode=require"),
+    ("host=db user=u password=s3cret dbname=x", "host=db user=u password=*** dbname=x"),
+    ("postgres://db/x", "postgres://db/x"),
+])
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_password_never_appears_in_errors(postgres_server):
+    from lib.proxy.store.postgres import PostgresStore
+    from tests.support.procs import free_port
+
+    url = f"postgresql://shroud:s3cret-pw@127.0.0.1:{free_port()}/nothing"
+    with pytest.raises(OwnershipError) as exc:
+        PostgresStore(url)
+    assert "s3cret-pw" not in str(exc.value) and "shroud:***@" in str(exc.value)
+
+
+def test_sslmode_in_the_url_is_honoured(postgres_server, pg_url):
+    from lib.proxy.store.postgres import PostgresStore
+
+    with pytest.raises(OwnershipError, match="SSL"):  # the test server speaks no TLS
+        PostgresStore(pg_url + "?sslmode=require")
+
+
+def test_database_down_refuses_with_store_unavailable_then_recovers(postgres_server, pg_url):
+    from lib.proxy.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url, acquire_timeout=1.0)
+    try:
+        store.claim("before.test", K1)
+        store.block_hostname("blocked.test", actor="admin")
+        policy = OwnershipPolicy(store)
+        postgres_server.kill()
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable) as exc:
+            store.claim("during.test", K1)
+        assert exc.value.code == REASON_STORE_UNAVAILABLE
+        assert time.monotonic() - t0 < 10  # bounded by the pool's wait (no hang)
+        refused = policy.decide("during.test", K1)
+        assert not refused.allowed and refused.code == REASON_STORE_UNAVAILABLE
+        assert store.is_blocked(hostname="blocked.test")  # routing reads memory
+        store.watched = True
+        assert store.is_blocked(hostname="blocked.test")
+        postgres_server.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert store.claim("during.test", K1)[1]
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store never came back"
+                time.sleep(0.2)
+        assert store.owner("before.test").key == K1
+    finally:
+        if not postgres_server.running():
+            postgres_server.start()
+        store.close()
