@@ -156,6 +156,7 @@ def socks_dial(address: str):
     from lib.client.tor import socks_credentials
 
     from lib.hostport import AddressError, parse_hostport
+    from lib.net.sockets import set_nodelay
 
     try:
         host, port = parse_hostport(address, what="--socks")
@@ -173,7 +174,7 @@ def socks_dial(address: str):
             s.close()
             raise ConnectionError(f"through SOCKS {address}: {e}") from None
         s.settimeout(None)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(s)
         return socket.socket(s.family, s.type, s.proto, fileno=s.detach())
 
     return dial

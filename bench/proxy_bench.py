@@ -49,6 +49,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from lib.net.sockets import set_nodelay  # noqa: E402
 from tests.support.procs import admin_status, free_port, wait_port  # noqa: E402
 PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
@@ -395,7 +396,7 @@ def ttfb_samples(port: int, n: int, timeout: float = 10.0) -> list[float]:
         t0 = time.perf_counter()
         s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         try:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_nodelay(s)
             s.sendall(req)
             first = s.recv(HEAD_LIMIT)
             out.append(time.perf_counter() - t0)

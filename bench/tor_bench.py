@@ -59,6 +59,7 @@ import socks  # noqa: E402  (PySocks; after sys.path so the venv's copy is used)
 
 from lib.testnet import TorNetwork  # noqa: E402
 from lib.client.tor import launch_tor  # noqa: E402
+from lib.net.sockets import set_nodelay  # noqa: E402
 from tests.support.procs import Proc, admin_status, free_port, wait_port  # noqa: E402
 
 PY = sys.executable
@@ -138,7 +139,7 @@ class Visitor:
                         username=isolation, password="bench")
             s.settimeout(timeout)
             s.connect((self.host, self.port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(s)
         s.settimeout(timeout)
         return s
 

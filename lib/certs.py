@@ -4,6 +4,14 @@ Public API::
 
     ensure_tunnel_cert(data_dir, hostname) -> (cert_path, key_path)   # created on first run
     cert_fingerprint(der_or_pem_path_or_bytes) -> str                 # hex SHA-256 of the DER
+    normalize_pin(text) -> str                        # 64 lower-case hex; raises ValueError
+    client_tls_context(cafile=None, pinned=False) -> SSLContext
+    check_pin(tls, pins) -> fingerprint               # raises PinMismatch(.fingerprint)
+    server_tls_context(cert_path, key_path) -> SSLContext
+
+The one pin check, for tunnels and discovery alike: a pin replaces the CA (the context verifies
+nothing; the fingerprint of the leaf is compared right after the handshake), and a CA given with
+a pin keeps both checks.
 """
 from __future__ import annotations
 
@@ -75,8 +83,31 @@ def normalize_pin(pin: str) -> str:
     return p
 
 
-def client_tls_context(cafile: str | None = None) -> ssl.SSLContext:
+class PinMismatch(ValueError):
+    """The peer's certificate matches no pin; ``fingerprint`` is what it presented."""
+
+    def __init__(self, fingerprint: str):
+        super().__init__(f"certificate {fingerprint[:16]}... matches no pinned fingerprint")
+        self.fingerprint = fingerprint
+
+
+def check_pin(tls, pins) -> str:
+    """Compare the leaf certificate of a finished handshake with ``pins`` (normalised).
+
+    :returns: its fingerprint. :raises PinMismatch: none matches (or no certificate).
+    """
+    der = tls.getpeercert(binary_form=True)
+    fingerprint = hashlib.sha256(der).hexdigest() if der else "none"
+    if fingerprint not in pins:
+        raise PinMismatch(fingerprint)
+    return fingerprint
+
+
+def client_tls_context(cafile: str | None = None, pinned: bool = False) -> ssl.SSLContext:
     """A verifying client context whose sockets cooperate with gevent, patched or not.
+
+    With ``pinned`` and no ``cafile``, the pin is the check (check_pin, right after the
+    handshake), not a CA: the context verifies neither chain nor name.
 
     (``gevent.ssl.create_default_context`` is the standard library's function and returns a
     blocking context unless the process is monkey-patched.)
@@ -89,6 +120,9 @@ def client_tls_context(cafile: str | None = None) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile)
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if pinned and not cafile:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 

@@ -18,6 +18,7 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from tests.support.procs import ROOT, ClientProc, OriginProc, ProxyProc
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -85,17 +86,6 @@ def public_get(world, host: str, path: str = "/hello") -> tuple[int, bytes]:
         return r.status, r.read()
     finally:
         c.close()
-
-
-def wait_for(fn, what: str, timeout: float = 20.0, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last {last!r}")
 
 
 def confirm(page, reason: str) -> None:

@@ -17,6 +17,7 @@ import stem.control
 
 from tests.support.procs import ClientProc, OriginProc, ProxyProc
 from tests.support.visitor import tls_site
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.tor, pytest.mark.timeout(400)]
 
@@ -142,16 +143,6 @@ def tunnel_streams(controller, proxies) -> dict:
     return out
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout:g} s: {what}")
-
-
 def rides_lines(log: str, proxy) -> list[str]:
     """Circuit ids CircuitWatcher logged for one proxy's tunnel, oldest first."""
     return re.findall(rf"tunnel 127\.0\.0\.1:{proxy.ports['tunnel']} rides circuit (\d+):", log)
@@ -192,12 +183,12 @@ def test_stem_controller_works_in_gevent_client(tor_world):
     client, proxies = tor_world["client"], tor_world["proxies"]
     with client_controller(tor_world) as c:
         now = wait_for(lambda: (lambda m: m if len(m) == 3 else None)(tunnel_streams(c, proxies)),
-                       30, "three tunnel streams")
+                       "three tunnel streams", timeout=30)
         log = client.log()
         for p in proxies:
             assert rides_lines(log, p), f"no 'rides circuit' line for {p.name}:\n{log[-3000:]}"
-            wait_for(lambda: watcher_agrees(c, client, p, proxies), 10,
-                     f"CircuitWatcher's circuit for {p.name} is the one tor reports")
+            wait_for(lambda: watcher_agrees(c, client, p, proxies),
+                     f"CircuitWatcher's circuit for {p.name} is the one tor reports", timeout=10)
         victim = proxies[1]
         old_stream, old_circ = now[victim.name]
         log_before = client.log()
@@ -216,12 +207,12 @@ def test_stem_controller_works_in_gevent_client(tor_world):
         new = wait_for(lambda: (lambda m: m.get(victim.name) if m.get(victim.name) and
                                 m[victim.name][1].id != old_circ.id else None)(
                                     tunnel_streams(c, proxies)),
-                       REDIAL_BOUND, f"{victim.name}'s tunnel on a new circuit")
-        wait_for(lambda: len(rides_lines(client.log(), victim)) > logged_before, 10,
-                 "CircuitWatcher logging the new circuit")
+                       f"{victim.name}'s tunnel on a new circuit", timeout=REDIAL_BOUND)
+        wait_for(lambda: len(rides_lines(client.log(), victim)) > logged_before,
+                 "CircuitWatcher logging the new circuit", timeout=10)
         log = client.log()
-        wait_for(lambda: watcher_agrees(c, client, victim, proxies), 10,
-                 f"CircuitWatcher's circuit for {victim.name} is the one tor reports")
+        wait_for(lambda: watcher_agrees(c, client, victim, proxies),
+                 f"CircuitWatcher's circuit for {victim.name} is the one tor reports", timeout=10)
     assert new[1].id not in closed, "the tunnel must ride a circuit the test did not close"
     assert log.count(f"tunnel 127.0.0.1:{victim.ports['tunnel']} online in") > onlines_before
     tail = log[len(log_before):]  # what the client logged after the test closed the circuits
@@ -264,7 +255,7 @@ def _arrange_one_tunnel_alone(c, world):
     proxies = world["proxies"]
     exits = [r.fingerprint for r in world["net"].relays if r.role == "exit"]
     now = wait_for(lambda: (lambda m: m if len(m) == 3 else None)(tunnel_streams(c, proxies)),
-                   30, "three tunnel streams")
+                   "three tunnel streams", timeout=30)
     on = {p.name: now[p.name][1].path[-1][0] for p in proxies}
     for fp in exits:
         riders = [p for p in proxies if on[p.name] == fp]
@@ -278,7 +269,8 @@ def _arrange_one_tunnel_alone(c, world):
         _close_tunnel_stream(c, now[victim.name][0])
         wait_for(lambda: (lambda m: m.get(victim.name) and
                           m[victim.name][1].path[-1][0] == target)(tunnel_streams(c, proxies)),
-                 REDIAL_BOUND, f"{victim.name}'s tunnel redialled through the other exit")
+                 f"{victim.name}'s tunnel redialled through the other exit",
+                 timeout=REDIAL_BOUND)
     finally:
         c.reset_conf("ExitNodes")
     victim.wait_bound("hidden.test", timeout=REDIAL_BOUND)
@@ -334,7 +326,7 @@ def test_killing_one_tunnels_exit_spares_the_others(kill_world):
                     lambda: (lambda m: m.get(victim.name) if m.get(victim.name) and
                              m[victim.name][1].id != old_circ.id else None)(
                                  tunnel_streams(c, proxies)),
-                    REDIAL_BOUND, f"{victim.name}'s tunnel on a new circuit")
+                    f"{victim.name}'s tunnel on a new circuit", timeout=REDIAL_BOUND)
                 victim.wait_bound("hidden.test", timeout=REDIAL_BOUND)
                 assert get(world, victim) == (200, b"hello from origin\n")
                 t_back = time.monotonic() - t_kill

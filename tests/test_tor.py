@@ -13,6 +13,7 @@ from stem.control import EventType
 from lib.testnet import AUTHORITY, EXIT
 from lib.client.tor import TorConnectError, TorError, launch_tor, socks_credentials
 from tests.fixtures.tor import EchoServer, heal_network
+from tests.support.wait import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.tor
@@ -27,13 +28,6 @@ def _echo_roundtrip(sock, payload=b"hello through tor"):
         assert chunk, "connection closed before the echo came back"
         got += chunk
     return got
-
-
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_client_bootstraps_with_progress(client_tor_factory):
@@ -95,7 +89,7 @@ def test_names_are_resolved_by_tor_not_locally(client_tor):
         # The exit's lookup goes unanswered, so the connection times out (3 s keeps it short).
         with pytest.raises(TorConnectError, match="shroud-rdns-check.example:80"):
             client_tor.open_connection("shroud-rdns-check.example", 80, timeout=3)
-        _wait_for(lambda: "shroud-rdns-check.example" in targets, 5, "tor to see the name")
+        wait_for(lambda: "shroud-rdns-check.example" in targets, "tor to see the name", timeout=5)
     finally:
         client_tor.controller.remove_event_listener(on_stream)
 
@@ -110,7 +104,7 @@ def test_circuit_listener_reports_a_closed_circuit(client_tor):
                 _echo_roundtrip(sock)
                 circ = client_tor.circuit_for_connection(sock)
                 client_tor.controller.close_circuit(circ.id)
-                _wait_for(lambda: any(c.id == circ.id for c in closed), 10, "CIRC CLOSED")
+                wait_for(lambda: any(c.id == circ.id for c in closed), "CIRC CLOSED", timeout=10)
                 # No EOF check here: on a CONFLUX_LINKED circuit the stream may move to the
                 # other leg and live on (seen); a killed exit does end it (the last test).
         event = next(c for c in closed if c.id == circ.id)
@@ -257,7 +251,8 @@ def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
             t0 = time.monotonic()
             tor_network.kill_relay(killed.nickname)
             try:
-                _wait_for(lambda: any(c.id == circ.id for c in closed), 30, "CIRC event after kill")
+                wait_for(lambda: any(c.id == circ.id for c in closed), "CIRC event after kill",
+                         timeout=30)
                 detect_ms = (time.monotonic() - t0) * 1000
             finally:
                 tor_network.restart_relay(killed.nickname)

@@ -32,7 +32,6 @@ certificate for its own name. Use pins (or a discovery service) where that matte
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -43,7 +42,7 @@ from urllib.parse import urlencode, urlsplit
 import h11
 
 from lib.net import dnsclient
-from lib.certs import client_tls_context, normalize_pin
+from lib.certs import PinMismatch, check_pin, client_tls_context, normalize_pin
 from lib.client.tunnels import ProxyAddr, direct_dial
 from lib.hostport import AddressError, parse_hostport
 
@@ -191,15 +190,6 @@ def _remaining(deadline: float, what: str) -> float:
     return left
 
 
-def _tls_context(cafile: str | None, pin: str | None) -> ssl.SSLContext:
-    ctx = client_tls_context(cafile)
-    if pin and not cafile:
-        # The pin is the check (made right after the handshake), not a CA.
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def fetch_proxies(url: str, domain: str, dial=direct_dial, cafile: str | None = None,
                   pin: str | None = None, timeout: float = FETCH_TIMEOUT) -> list[ProxyAddr]:
     """Ask the discovery service at ``url`` for the proxies serving ``domain``.
@@ -228,7 +218,7 @@ def fetch_proxies(url: str, domain: str, dial=direct_dial, cafile: str | None = 
     try:
         sock.settimeout(_remaining(deadline, what))
         try:
-            tls = _tls_context(cafile, pin).wrap_socket(sock, server_hostname=host)
+            tls = client_tls_context(cafile, pinned=bool(pin)).wrap_socket(sock, server_hostname=host)
         except ssl.SSLCertVerificationError as e:
             raise DiscoveryError(f"{what}: certificate refused ({e.verify_message}); something "
                                  f"between us and it, such as a Tor exit, may be intercepting "
@@ -237,12 +227,13 @@ def fetch_proxies(url: str, domain: str, dial=direct_dial, cafile: str | None = 
             raise DiscoveryError(f"{what}: TLS handshake failed: {e}") from None
         sock = tls
         if pin:
-            der = tls.getpeercert(binary_form=True)
-            fp = hashlib.sha256(der).hexdigest() if der else "none"
-            if fp != pin:
-                raise DiscoveryError(f"{what} presented certificate {fp[:16]}..., not the "
-                                     f"pinned {pin[:16]}...: refusing it (something between us "
-                                     f"and it, such as a Tor exit, may be intercepting TLS)")
+            try:
+                check_pin(tls, {pin})
+            except PinMismatch as e:
+                raise DiscoveryError(
+                    f"{what} presented certificate {e.fingerprint[:16]}..., not the pinned "
+                    f"{pin[:16]}...: refusing it (something between us and it, such as a Tor "
+                    f"exit, may be intercepting TLS)") from None
         status, content_type, body = _exchange(tls, build_request(host, port, target),
                                                deadline, what)
     except (OSError, TimeoutError) as e:

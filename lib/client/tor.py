@@ -64,6 +64,7 @@ import stem.control
 from stem.control import EventType
 
 from lib.hostport import AddressError, parse_hostport
+from lib.net.sockets import set_nodelay
 
 __all__ = ["TorError", "TorConnectError", "TorAccess", "CircuitInfo", "CircuitClosed",
            "launch_tor", "attach_tor", "socks_credentials"]
@@ -406,7 +407,7 @@ class TorAccess:
             s.set_proxy(socks.SOCKS5, self.socks_address[0], self.socks_address[1], rdns=True,
                         username=user, password=password)
             s.settimeout(timeout)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_nodelay(s)
             if circuit_id is not None:
                 # Bind first so the source port is known before tor sees the stream (STREAM NEW
                 # carries it), so the stream can be attached to the chosen circuit.

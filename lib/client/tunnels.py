@@ -23,7 +23,6 @@ This module uses gevent's APIs directly and never monkey-patches.
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import random
@@ -39,11 +38,12 @@ import gevent.socket as gsocket
 
 from lib.protocol import messages as msg
 from lib.protocol import sniff
-from lib.certs import client_tls_context
+from lib.certs import PinMismatch, check_pin, client_tls_context
 from lib.net.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError
 from lib.hostport import format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
+from lib.net.sockets import set_nodelay
 from lib.net.splice import splice
 
 log = logging.getLogger("shroud.client")
@@ -147,7 +147,7 @@ class ProxyAddr:
 def direct_dial(host: str, port: int, isolation_key: str, timeout: float):
     """Connect without Tor (``--tor none``): the proxy sees our address."""
     sock = gsocket.create_connection((host, port), timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_nodelay(sock)
     return sock
 
 
@@ -517,7 +517,7 @@ def connect_local(target: tuple[str, int], timeout: float):
             sock.close()
             raise
     sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_nodelay(sock)
     return sock
 
 
@@ -594,11 +594,7 @@ class Client:
     def tls_context(self, proxy: ProxyAddr) -> ssl.SSLContext:
         ctx = self._contexts.get(proxy)
         if ctx is None:
-            ctx = client_tls_context(self.config.proxy_ca)
-            if self.pinned(proxy) and not self.config.proxy_ca:
-                # The pin is the check (done right after the handshake), not a CA.
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
+            ctx = client_tls_context(self.config.proxy_ca, pinned=self.pinned(proxy))
             self._contexts[proxy] = ctx
         return ctx
 
@@ -608,10 +604,10 @@ class Client:
             pins.add(proxy.pin)
         if not pins:
             return  # verified by CA and hostname during the handshake
-        der = tls.getpeercert(binary_form=True)
-        fp = hashlib.sha256(der).hexdigest() if der else "none"
-        if fp not in pins:
+        try:
+            check_pin(tls, pins)
+        except PinMismatch as e:
             raise TunnelError(
-                f"proxy {proxy} presented certificate {fp[:16]}..., which matches no pinned "
-                f"fingerprint: refusing the tunnel (something between us and the proxy, such "
+                f"proxy {proxy} presented certificate {e.fingerprint[:16]}..., which matches no "
+                f"pinned fingerprint: refusing the tunnel (something between us and the proxy, such "
                 f"as a Tor exit, may be intercepting TLS)")

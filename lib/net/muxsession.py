@@ -38,6 +38,7 @@ from lib.errors import (ErrorCode, MuxError, ProtocolError, SessionClosed, Strea
                         StreamReset, StreamTimeout, code_name)
 from lib.protocol import muxstate as mp
 from lib.protocol.muxstate import MuxConfig
+from lib.net.sockets import set_nodelay
 
 __all__ = ["Session", "Stream", "MuxConfig", "SessionEnd"]
 
@@ -270,7 +271,7 @@ class Session:
         self.client = client
         self.name = name or ("client" if client else "server")
         self._transport = transport
-        _set_nodelay(transport)
+        set_nodelay(transport)  # not TCP (socketpair, WebSocket): left alone
         self._conn = mp.MuxConnection(client, self.config)
         self._streams: dict[int, Stream] = {}
         self._backlog: deque[Stream] = deque()
@@ -544,11 +545,3 @@ class Session:
                 g.kill(block=False)
         self._done.set()
 
-
-def _set_nodelay(transport) -> None:
-    """Nagle off, as Go does: with a 64 KiB window, the last small segment of each window would
-    otherwise wait for the peer's delayed ACK (40 ms per window)."""
-    try:
-        transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError, ValueError):
-        pass  # not a TCP socket (socketpair, WebSocket): nothing to do

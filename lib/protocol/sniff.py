@@ -21,7 +21,7 @@ Public API::
     normalize_hostname(name: str, *, allow_wildcard=False) -> str      # raises ValueError
     wildcard_candidates(name: str) -> Iterator[str]
     tls_alert(description: int) -> bytes
-    http_error_response(status: int, reason: str, body: str | bytes | None = None) -> bytes
+    http_error_response(status, reason, body=None) -> bytes   # lib.protocol.httphead's
 
     SniffError(ValueError)  .reason: str  .alert: int | None  .http_status: int | None
     MAX_TLS_PEEK, MAX_CLIENT_HELLO, MAX_TLS_RECORD, MAX_HTTP_HEAD
@@ -32,6 +32,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from typing import Iterator
+
+from lib.protocol import httphead
+# The proxy's refusals are built by the one HTTP error builder (re-exported for its callers).
+from lib.protocol.httphead import http_error_response  # noqa: F401
 
 # --- TLS alert descriptions used here (RFC 8446 6.2, RFC 6066 3) ---------------------------
 ALERT_UNEXPECTED_MESSAGE = 10
@@ -354,19 +358,8 @@ def tls_alert(description: int) -> bytes:
 
 
 # --- HTTP/1.x -------------------------------------------------------------------------------
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# The head itself is read by lib.protocol.httphead (one parser, RFC 9112's strict rules).
 _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*\Z")
-_REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([^ \x00-\x1f\x7f]+) HTTP/1\.([01])\Z")
-# Field values may hold HTAB, visible ASCII and obs-text, never other control bytes (a bare CR
-# is how some parsers are made to disagree about where a line ends).
-_HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):(.*)\Z", re.DOTALL)
-# Checked apart from _HEADER_RE and stripped with bytes.strip: a lazy value group between two
-# optional whitespace runs backtracks quadratically (a 16 KiB line of spaces took 2 s of CPU).
-_BAD_VALUE_BYTE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# No registered method is longer than 17 bytes; 64 leaves room for extensions.
-_MAX_METHOD = 64
-_END_OF_HEAD_RE = re.compile(rb"\r?\n\r?\n")
-_LINE_SPLIT_RE = re.compile(rb"\r?\n")
 _ABSOLUTE_URI_RE = re.compile(rb"(?i:https?)://([^/?#]*)")
 
 
@@ -382,32 +375,21 @@ def sniff_http_host(data: bytes) -> str | None:
         than ``MAX_HTTP_HEAD`` (``.http_status`` says which status to answer).
     """
     data = bytes(data)
-    match = _END_OF_HEAD_RE.search(data, 0, MAX_HTTP_HEAD)
+    match = httphead.END_OF_HEAD_RE.search(data, 0, MAX_HTTP_HEAD)
     if match is None:
         _check_request_line_prefix(data)
         if len(data) >= MAX_HTTP_HEAD:
             raise SniffError("HTTP request head exceeds %d bytes" % MAX_HTTP_HEAD,
                              http_status=431)
         return None
-    lines = _LINE_SPLIT_RE.split(data[:match.start()])
-    request = _REQUEST_LINE_RE.match(lines[0])
-    if request is None:
-        raise SniffError("malformed HTTP/1.x request line", http_status=400)
-    method, target = request.group(1), request.group(2)
-    if len(method) > _MAX_METHOD:
-        # As _check_request_line_prefix refuses it when the head arrives in pieces.
-        raise SniffError("not an HTTP/1.x request", http_status=400)
-    if method == b"CONNECT":
+    try:
+        request = httphead.parse_request_head(data[:match.start()])
+    except httphead.HeadError as e:
+        raise SniffError(e.reason, http_status=e.http_status) from None
+    if request.method == "CONNECT":
         raise SniffError("CONNECT is not supported by a reverse proxy", http_status=405)
-    hosts = []
-    for line in lines[1:]:
-        header = _HEADER_RE.match(line)
-        if header is None or _BAD_VALUE_BYTE_RE.search(header.group(2)):
-            # Includes obsolete line folding and whitespace before the colon, which RFC 9112
-            # 5.1/5.2 tell a server to reject: they are how request smuggling starts.
-            raise SniffError("malformed header line", http_status=400)
-        if header.group(1).lower() == b"host":
-            hosts.append(header.group(2).strip(b" \t"))
+    target = request.target.encode("latin-1")
+    hosts = [h.encode("latin-1") for h in request.get_all("host")]
     if len(hosts) > 1:
         raise SniffError("more than one Host header", http_status=400)
     uri = _ABSOLUTE_URI_RE.match(target)
@@ -431,33 +413,15 @@ def _check_request_line_prefix(data: bytes) -> None:
     """Refuse early what can never become an HTTP/1.x request line (for classify and sniff)."""
     space = data.find(b" ")
     method = data if space < 0 else data[:space]
-    if not _METHOD_PREFIX_RE.match(method[:_MAX_METHOD]) or len(method) > _MAX_METHOD \
+    if not _METHOD_PREFIX_RE.match(method[:httphead.MAX_METHOD]) or \
+            len(method) > httphead.MAX_METHOD \
             or space == 0:
         raise SniffError("not an HTTP/1.x request", http_status=400)
     newline = data.find(b"\n")
     if newline >= 0:
         line = data[:newline].rstrip(b"\r")
-        if _REQUEST_LINE_RE.match(line) is None:
+        if httphead.REQUEST_LINE_RE.match(line) is None:
             raise SniffError("malformed HTTP/1.x request line", http_status=400)
-
-
-def http_error_response(status: int, reason: str, body: str | bytes | None = None) -> bytes:
-    """A short complete HTTP/1.0 response that closes the connection.
-
-    :param body: text/plain body; defaults to the reason and a newline.
-    :raises ValueError: a status outside 100-599 or a reason containing control characters.
-    """
-    if not 100 <= status <= 599:
-        raise ValueError("HTTP status must be 100-599")
-    if not reason.isprintable() or not reason.isascii():
-        raise ValueError("HTTP reason must be printable ASCII")
-    if body is None:
-        body = reason + "\n"
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    head = ("HTTP/1.0 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            "Content-Length: %d\r\nConnection: close\r\n\r\n" % (status, reason, len(body)))
-    return head.encode("ascii") + body
 
 
 # --- Both -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ Public API::
     conn.send_data(data) -> bytes      # binary frames, masked when we are the client
     conn.send_ping(payload) / conn.send_close(code, reason) -> bytes
 
-    WebSocketError(ValueError)  .close_code      HandshakeError(ValueError)  .http_status
+    WebSocketError(ValueError)  .close_code      HandshakeError(httphead.HeadError) .http_status
     MAX_PAYLOAD, MAX_SEND_FRAME, MAX_HEAD, CLOSE_* codes, OP_* opcodes
 """
 from __future__ import annotations
@@ -36,9 +36,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import re
 import struct
 from dataclasses import dataclass, field
+
+from lib.protocol import httphead
+from lib.protocol.httphead import HeadError, http_error_response
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 
@@ -81,13 +83,8 @@ class WebSocketError(ValueError):
         self.close_code = close_code
 
 
-class HandshakeError(ValueError):
+class HandshakeError(HeadError):
     """The opening handshake is not acceptable; answer ``http_status`` (server side)."""
-
-    def __init__(self, reason: str, http_status: int = 400):
-        super().__init__(reason)
-        self.reason = reason
-        self.http_status = http_status
 
 
 # --- handshake -----------------------------------------------------------------------------
@@ -101,39 +98,21 @@ def accept_key(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
 
 
-_END_OF_HEAD_RE = re.compile(rb"\r?\n\r?\n")
-
-
 def split_head(buf: bytes) -> tuple[bytes, bytes] | None:
     """Split an HTTP head (up to and including the blank line) from what follows.
 
     :returns: ``(head, rest)``, or ``None`` when the head is not complete yet.
     :raises HandshakeError: no end of head within ``MAX_HEAD`` bytes (431).
     """
-    m = _END_OF_HEAD_RE.search(buf, 0, MAX_HEAD + 4)
-    if m is None:
-        if len(buf) >= MAX_HEAD:
-            raise HandshakeError(f"HTTP head exceeds {MAX_HEAD} bytes", 431)
-        return None
-    return bytes(buf[:m.end()]), bytes(buf[m.end():])
-
-
-def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
-    lines = re.split(rb"\r?\n", head.rstrip(b"\r\n"))
     try:
-        first = lines[0].decode("ascii")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep or not name or name != name.strip():
-                raise HandshakeError("malformed header line")
-            key = name.lower()
-            value = value.strip()
-            # Repeated headers join with commas (RFC 9110 5.3), as a proxy would.
-            headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    except UnicodeDecodeError:
-        raise HandshakeError("non-ASCII request line") from None
-    return first, headers
+        return httphead.split_head(buf, MAX_HEAD)
+    except HeadError as e:
+        raise HandshakeError(e.reason, e.http_status) from None
+
+
+def _headers(head) -> dict[str, str]:
+    # Repeated headers join with commas (RFC 9110 5.3), as a proxy would.
+    return {name: head.get(name) for name, _ in head.fields}
 
 
 def _tokens(value: str) -> set[str]:
@@ -165,14 +144,14 @@ def parse_upgrade_request(head: bytes) -> UpgradeRequest:
 
     :raises HandshakeError: with the status to answer (400, 405, 426 for a plain request).
     """
-    first, headers = _parse_head(head)
-    parts = first.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise HandshakeError("malformed request line")
-    method, path, version = parts
+    try:
+        request = httphead.parse_request_head(head)
+    except HeadError as e:
+        raise HandshakeError(e.reason, e.http_status) from None
+    headers, method, path = _headers(request), request.method, request.target
     if method != "GET":
         raise HandshakeError(f"WebSocket handshake must be GET, not {method}", 405)
-    if version != "HTTP/1.1":
+    if request.version != "1.1":
         raise HandshakeError("WebSocket handshake needs HTTP/1.1")
     if headers.get("upgrade", "").lower() != "websocket" or \
             "upgrade" not in _tokens(headers.get("connection", "")):
@@ -196,12 +175,8 @@ def server_response(key: str) -> bytes:
 
 def handshake_refusal(status: int, reason: str) -> bytes:
     """A short plain-text HTTP error that closes the connection."""
-    body = (reason + "\n").encode("utf-8")
-    phrase = {400: "Bad Request", 405: "Method Not Allowed", 426: "Upgrade Required",
-              431: "Request Header Fields Too Large"}.get(status, "Error")
-    extra = "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" if status == 426 else ""
-    return (f"HTTP/1.1 {status} {phrase}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body
+    extra = [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")] if status == 426 else []
+    return http_error_response(status, None, reason + "\n", headers=extra, version="1.1")
 
 
 def check_server_response(head: bytes, key: str) -> None:
@@ -209,13 +184,14 @@ def check_server_response(head: bytes, key: str) -> None:
 
     :raises HandshakeError: anything but a 101 with the right Upgrade, Connection and Accept.
     """
-    first, headers = _parse_head(head)
-    parts = first.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-        raise HandshakeError(f"not an HTTP response: {first[:80]!r}")
-    if parts[1] != "101":
-        raise HandshakeError(f"server answered {' '.join(parts[1:])[:120]} instead of 101 "
-                             f"Switching Protocols", int(parts[1]) if parts[1].isdigit() else 0)
+    try:
+        response = httphead.parse_response_head(head)
+    except HeadError as e:
+        raise HandshakeError(e.reason, 0) from None
+    headers = _headers(response)
+    if response.status != 101:
+        raise HandshakeError(f"server answered {response.status} {response.phrase[:120]} "
+                             f"instead of 101 Switching Protocols", response.status)
     if headers.get("upgrade", "").lower() != "websocket" or \
             "upgrade" not in _tokens(headers.get("connection", "")):
         raise HandshakeError("101 without Upgrade: websocket / Connection: Upgrade")

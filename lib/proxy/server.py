@@ -54,6 +54,7 @@ from lib.errors import ErrorCode, MuxError
 from lib.hostport import format_hostport, parse_hostport
 from lib.identity import fingerprint as key_fingerprint, verify_bind
 from lib.net.muxsession import MuxConfig, Session
+from lib.net.sockets import set_nodelay
 from lib.net.tlstransport import TLSTransport
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
 from lib.net.splice import splice
@@ -269,7 +270,7 @@ class ProxyServer:
 
     def _handle_tunnel(self, sock, address) -> None:
         peer = "%s:%d" % address[:2]
-        _nodelay(sock)
+        set_nodelay(sock)
         try:
             # One deadline for the whole handshake: a peer trickling a byte at a time must not
             # hold a tunnel slot for hours.
@@ -541,7 +542,7 @@ class ProxyServer:
 
     def _handle_tcp(self, sock, address) -> None:
         port = sock.getsockname()[1]
-        _nodelay(sock)
+        set_nodelay(sock)
         self.registry.connections += 1
         self._note_pool_full()
         binding = self.registry.bindings.get(("tcp", f"tcp:{port}"))
@@ -552,7 +553,7 @@ class ProxyServer:
         self._forward(sock, address, binding, b"", None)
 
     def _route(self, sock, address, kind: str, sniffer, protocols) -> None:
-        _nodelay(sock)
+        set_nodelay(sock)
         self.registry.connections += 1
         self._note_pool_full()
         try:
@@ -765,12 +766,6 @@ def _redirect_to_https(name: str, head: bytes) -> bytes:
     return (f"HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\n"
             f"Connection: close\r\n\r\n").encode("ascii", "replace")
 
-
-def _nodelay(sock) -> None:
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass
 
 
 def _is_client_id(value: str) -> bool:

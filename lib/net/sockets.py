@@ -1,0 +1,27 @@
+"""Socket options, set one way for every connection Shroud makes or accepts.
+
+::
+
+    set_nodelay(sock) -> bool      # Nagle off; False (and nothing raised) if sock is not TCP
+
+Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
+segment of each window would otherwise wait for the peer's delayed ACK, 40 ms per window; and a
+visitor's small request or TLS record would wait the same on every hop (visitor, proxy, Tor,
+client, service). Go sets TCP_NODELAY on every connection for the same reason.
+"""
+from __future__ import annotations
+
+import socket
+
+
+def set_nodelay(sock) -> bool:
+    """Turn Nagle's algorithm off on ``sock``; True if it is now off.
+
+    Anything that is not a TCP socket (a socketpair, a WebSocket or TLS transport object, a closed
+    socket) is left alone and answers False, so callers need no guard of their own.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
