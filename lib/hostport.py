@@ -3,7 +3,7 @@
 ::
 
     parse_hostport(text, *, what="address", default_host=None, default_port=None,
-                   listen=False) -> (host, port)                  # raises AddressError
+                   port_zero=False) -> (host, port)               # raises AddressError
     format_hostport(host, port) -> "host:port" | "[v6]:port"
     AddressError (ValueError)                                     # names the input and the fix
 
@@ -18,8 +18,8 @@ text                                   answer
                                        listener's "all interfaces"); else an error
 ``host`` or ``[v6]`` or a bare IPv6    ``(host, default_port)`` where the caller has one;
                                        else an error
-port outside 1-65535, not decimal      error (``listen=True`` also allows 0: the kernel
-                                       picks a free port, as tests do)
+port outside 1-65535, not decimal      error (``port_zero=True`` also allows 0: a listener's
+                                       "any free port", a visitor's unknown source port)
 ``2001:db8::1:443`` (unbracketed)      error: the port cannot be told from the address
 host with spaces, ``/?#@[]``, > 253    error (253: the longest DNS name, RFC 1035)
 =====================================  =====================================================
@@ -41,13 +41,13 @@ class AddressError(ValueError):
 
 
 def parse_hostport(text: str, *, what: str = "address", default_host: str | None = None,
-                   default_port: int | None = None, listen: bool = False) -> tuple[str, int]:
+                   default_port: int | None = None, port_zero: bool = False) -> tuple[str, int]:
     """``text`` -> ``(host, port)`` by the module's rules; IPv6 hosts come back unbracketed.
 
     :param what: how the message names the input, e.g. ``"--dns-resolver"``.
     :param default_host: the host for ``:PORT`` and ``PORT`` (None: a host is required).
     :param default_port: the port when none is written (None: a port is required).
-    :param listen: a listening address: port 0 (any free port) is allowed.
+    :param port_zero: port 0 is allowed (a listener's "any free port"; a peer's unknown port).
     :raises AddressError: naming ``what`` and ``text``.
     """
     if not isinstance(text, str):
@@ -59,7 +59,7 @@ def parse_hostport(text: str, *, what: str = "address", default_host: str | None
                          "no port; write an IPv6 address in brackets: [ADDR]:PORT")
         port = default_port
     else:
-        port = _port(port_text, what, text, listen)
+        port = _port(port_text, what, text, port_zero)
     if not host:
         if default_host is None:
             raise _error(what, text, "no host")
@@ -102,13 +102,14 @@ def _split(text: str, what: str) -> tuple[str, str | None]:
     return host, (port if sep else None)
 
 
-def _port(port_text: str, what: str, text: str, listen: bool) -> int:
+def _port(port_text: str, what: str, text: str, port_zero: bool) -> int:
     # isdecimal() also accepts other scripts' digits; only ASCII 0-9 make a port.
     if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > _MAX_PORT_DIGITS:
         raise _error(what, text, "the port is not a number")
     port = int(port_text)
-    if not (0 if listen else 1) <= port <= 65535:
-        raise _error(what, text, f"port {port} is outside {0 if listen else 1}-65535")
+    low = 0 if port_zero else 1
+    if not low <= port <= 65535:
+        raise _error(what, text, f"port {port} is outside {low}-65535")
     return port
 
 

@@ -56,6 +56,11 @@ def test_proxy_protocol_v1():
     h = proxy_protocol_header("v1", "203.0.113.7:51514", ("127.0.0.1", 443))
     assert h == b"PROXY TCP4 203.0.113.7 127.0.0.1 51514 443\r\n"
     assert proxy_protocol_header("v1", "garbage", ("127.0.0.1", 1)) == b"PROXY UNKNOWN\r\n"
+    # Port 0: a one-port proxy knows the visitor's address (X-Forwarded-For), not its port.
+    assert proxy_protocol_header("v1", "127.0.0.2:0", ("127.0.0.1", 443)) == \
+        b"PROXY TCP4 127.0.0.2 127.0.0.1 0 443\r\n"
+    assert proxy_protocol_header("v1", "[2001:db8::1]:5", ("::1", 443)) == \
+        b"PROXY TCP6 2001:db8::1 ::1 5 443\r\n"
 
 
 def test_proxy_protocol_v2_ipv4_bytes():

@@ -17,7 +17,7 @@ from lib.hostport import AddressError, format_hostport, parse_hostport
     ("proxy.example", {"default_port": 4443}, ("proxy.example", 4443)),
     ("[2001:db8::2]", {"default_port": 4443}, ("2001:db8::2", 4443)),
     ("2001:db8::2", {"default_port": 4443}, ("2001:db8::2", 4443)),
-    ("127.0.0.1:0", {"listen": True}, ("127.0.0.1", 0)),
+    ("127.0.0.1:0", {"port_zero": True}, ("127.0.0.1", 0)),
 ])
 def test_accepted(text, kwargs, want):
     assert parse_hostport(text, **kwargs) == want
@@ -29,7 +29,7 @@ def test_accepted(text, kwargs, want):
     ("8080", {}, "no host"),
     ("h:0", {}, "outside 1-65535"),
     ("h:65536", {}, "outside 1-65535"),
-    ("h:99999", {"listen": True}, "outside 0-65535"),
+    ("h:99999", {"port_zero": True}, "outside 0-65535"),
     ("h:", {}, "not a number"),
     ("h:-1", {}, "not a number"),
     ("h:+80", {}, "not a number"),

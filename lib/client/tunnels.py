@@ -525,7 +525,9 @@ def proxy_protocol_header(version: str, client_addr: str, local_addr) -> bytes:
     """HAProxy PROXY protocol v1 (text) or v2 (binary) header for the public peer."""
     dst_host, dst_port = local_addr[0], local_addr[1]
     try:
-        src_host, src_port_i = parse_hostport(client_addr, what="StartProxy.ClientAddr")
+        # Port 0: the proxy knows the visitor's address but not its port (X-Forwarded-For).
+        src_host, src_port_i = parse_hostport(client_addr, what="StartProxy.ClientAddr",
+                                              port_zero=True)
         src_ip = ipaddress.ip_address(src_host)
         dst_ip = ipaddress.ip_address(dst_host)
     except ValueError:  # AddressError is one; an unknown source is "UNKNOWN", not an error

@@ -40,6 +40,8 @@ import re
 
 import h11
 
+from lib.protocol import httphead
+
 # Largest response head (status line + headers) we frame: nginx's default proxy_buffer_size is
 # 4-8 KiB and h11's default limit is 16 KiB; 64 KiB leaves room for large cookies. Larger =>
 # FramingError, the connection is aborted.
@@ -50,7 +52,6 @@ HEAD, BODY, DONE, SWITCHED = "head", "body", "done", "switched"
 # h11's own end-of-head rule (a line feed, an optional CR, a line feed), so that the head we
 # cut is exactly the one h11 parses.
 _BLANK_LINE_RE = re.compile(rb"\n\r?\n")
-_LINE_SPLIT_RE = re.compile(rb"\r?\n")
 _CONNECTION_HEADER_RE = re.compile(rb"(?im)^(?:connection|keep-alive|proxy-connection)[ \t]*:"
                                    rb"[^\n]*\n")
 
@@ -73,16 +74,13 @@ def request_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
     """(method, path, {lower-case header name: [values]}) of a request head already checked by
     lib.protocol.sniff (so the request line and header lines are well formed).
 
-    :raises ValueError: the request line has no target.
+    :raises ValueError: (httphead.HeadError) not a request head by lib.protocol.httphead's rules.
     """
-    lines = _LINE_SPLIT_RE.split(head.rstrip(b"\r\n"))
-    method, target, _ = lines[0].decode("latin-1").split(" ", 2)
+    request = httphead.parse_request_head(head)
     headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, _, value = line.decode("latin-1").partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    path = target.split("?", 1)[0]
-    return method, path, headers
+    for name, value in request.fields:
+        headers.setdefault(name, []).append(value)
+    return request.method, request.path, headers
 
 
 class ResponseFramer:

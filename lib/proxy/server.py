@@ -74,7 +74,8 @@ def parse_addr(addr: str | None, default_host: str = "0.0.0.0", what: str = "a l
     """'HOST:PORT', ':PORT' or 'PORT' -> (host, port) by lib.hostport's rules; None stays None."""
     if addr is None or addr == "":
         return None
-    return parse_hostport(str(addr), what=what, default_host=default_host, listen=listen)
+    return parse_hostport(str(addr), what=what, default_host=default_host,
+                          port_zero=listen)
 
 
 def parse_port_ranges(spec: str | None) -> frozenset[int]:
