@@ -3,5 +3,5 @@
 # loopback. Installs what it needs (scripts/setup.sh), then runs scripts/demo.py. Ctrl-C stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh demo
 exec .venv/bin/python scripts/demo.py "$@"

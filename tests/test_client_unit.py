@@ -71,6 +71,14 @@ def test_proxy_protocol_v2_ipv4_bytes():
     assert h[16:] == bytes([203, 0, 113, 7, 127, 0, 0, 1]) + struct.pack(">HH", 51514, 443)
 
 
+def test_proxy_protocol_v2_names_the_proxy_in_a_tlv():
+    h = proxy_protocol_header("v2", "203.0.113.7:51514", ("127.0.0.1", 443), "127.0.0.1:4443")
+    assert struct.unpack(">H", h[14:16])[0] == 12 + 3 + 14
+    assert h[28:31] == b"\xe0\x00\x0e" and h[31:] == b"127.0.0.1:4443"
+    h = proxy_protocol_header("v2", "[2001:db8::2]:5", ("::1", 443), "p" * 300)
+    assert h[13:14] == b"\x21" and struct.unpack(">H", h[14:16])[0] == 36 + 3 + 255
+
+
 def test_proxy_protocol_v2_mismatched_family_is_local():
     h = proxy_protocol_header("v2", "[2001:db8::1]:5", ("127.0.0.1", 443))
     assert h[12:16] == b"\x20\x00\x00\x00"

@@ -464,7 +464,7 @@ class TunnelRunner:
             if cfg.proxy_protocol:
                 try:
                     local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
-                                                        local.getsockname()))
+                                                        local.getsockname(), str(self.proxy)))
                 except (OSError, struct.error) as e:
                     log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
                     stream.reset(ErrorCode.CANCEL)
@@ -521,8 +521,17 @@ def connect_local(target: tuple[str, int], timeout: float):
     return sock
 
 
-def proxy_protocol_header(version: str, client_addr: str, local_addr) -> bytes:
-    """HAProxy PROXY protocol v1 (text) or v2 (binary) header for the public peer."""
+# PROXY protocol v2 TLV naming the public proxy that carried the visitor (its tunnel address as
+# the client knows it). 0xE0-0xEF are the spec's application-specific types (section 2.2.7):
+# receivers that do not know it skip it by its length.
+PP2_TYPE_SHROUD_PROXY = 0xE0
+_PP2_MAX_TLV = 255  # a host:port or wss:// URL; a longer one is cut, the header stays small
+
+
+def proxy_protocol_header(version: str, client_addr: str, local_addr,
+                          proxy: str | None = None) -> bytes:
+    """HAProxy PROXY protocol v1 (text) or v2 (binary) header for the public peer; v2 also
+    carries ``proxy`` (which public proxy the visitor came through) in a Shroud TLV."""
     dst_host, dst_port = local_addr[0], local_addr[1]
     try:
         # Port 0: the proxy knows the visitor's address but not its port (X-Forwarded-For).
@@ -541,11 +550,12 @@ def proxy_protocol_header(version: str, client_addr: str, local_addr) -> bytes:
     sig = b"\r\n\r\n\x00\r\nQUIT\n"
     if src_ip is None or src_ip.version != dst_ip.version:
         return sig + b"\x20\x00\x00\x00"  # LOCAL command, no address
-    if src_ip.version == 4:
-        body = src_ip.packed + dst_ip.packed + struct.pack(">HH", src_port_i, dst_port)
-        return sig + b"\x21\x11" + struct.pack(">H", len(body)) + body
     body = src_ip.packed + dst_ip.packed + struct.pack(">HH", src_port_i, dst_port)
-    return sig + b"\x21\x21" + struct.pack(">H", len(body)) + body
+    if proxy:
+        value = proxy.encode("utf-8")[:_PP2_MAX_TLV]
+        body += struct.pack(">BH", PP2_TYPE_SHROUD_PROXY, len(value)) + value
+    family = b"\x21\x11" if src_ip.version == 4 else b"\x21\x21"
+    return sig + family + struct.pack(">H", len(body)) + body
 
 
 class Client:
