@@ -161,8 +161,12 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
 
     _state["discovery"] = start_discovery(args, proxy)
     settings = admin_settings(args)
+    trust = args.trust_forwarded_for.lower() not in ("0", "no", "false")
     if one_port:
         settings["SESSION_COOKIE_SECURE"] = True  # the platform serves it over HTTPS
+        # The router is the only peer of $PORT: its X-Forwarded-For names the client (the
+        # login throttle's key). Never on a listener a client reaches directly.
+        settings["TRUST_FORWARDED_FOR"] = trust
     _state["app"] = create_admin_app(proxy, settings)
     if one_port:
         from lib.proxy.oneport import TUNNEL_PATH, OnePortRouter
@@ -172,7 +176,6 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
                                "lib.proxy.gworker.ShroudGeventWorker (see gunicorn.conf.py)")
         hosts = [args.hostname, *(h.strip() for h in args.admin_hosts.split(",")),
                  os.environ.get("HEROKU_APP_DEFAULT_DOMAIN_NAME", "")]
-        trust = args.trust_forwarded_for.lower() not in ("0", "no", "false")
         worker.shroud_router = OnePortRouter(proxy, [h for h in hosts if h],
                                              trust_forwarded_for=trust)
         for sock in getattr(worker, "sockets", []):

@@ -44,8 +44,11 @@ def proxy(tmp_path):
     p.store.close()
 
 
-def make_tunnel(proxy, names, key=KEY_A, peer="10.0.0.1:5000", protocol="https"):
+def make_tunnel(proxy, names, key=KEY_A, peer="10.0.0.1:5000", protocol="https", proven=True):
+    """A tunnel as the proxy registers it; ``proven``: a signed bind verified on it (the proxy
+    sets this on the first one; with ``proven=False`` the key is only Auth's claim)."""
     t = proxy.registry.add_tunnel(FakeSession(), peer, key, "c" * 32)
+    t.proven = proven and key is not None
     bindings = [proxy.registry.bind(t, protocol, n, key, "tofu", f"{protocol}://{n}")
                 for n in names]
     return t, bindings
@@ -156,19 +159,126 @@ def test_failed_logins_are_throttled(client):
     assert r.status_code == 429
 
 
-def test_throttle_is_per_client_so_a_guesser_cannot_lock_the_operator_out(proxy, config):
-    app = create_admin_app(proxy, config)
-    guesser, operator = app.test_client(), app.test_client()
+# A cheap hash for the throttle tests, which make hundreds of failed logins.
+FAST_HASH = generate_password_hash(PASSWORD, method="pbkdf2:sha256:1000")
 
-    def attempt(c, who, password):
-        page = c.get("/login")
-        return c.post("/login", data={"username": "admin", "password": password,
-                                      "csrf_token": csrf_of(page.data), "next": "/"},
-                      headers={"X-Forwarded-For": who})
+
+def attempt(c, password, addr="127.0.0.1", forwarded=None):
+    """One login from the socket address ``addr`` (and an X-Forwarded-For, if given)."""
+    env = {"REMOTE_ADDR": addr}
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    page = c.get("/login", environ_base=env)
+    return c.post("/login", data={"username": "admin", "password": password,
+                                  "csrf_token": csrf_of(page.data), "next": "/"},
+                  headers=headers, environ_base=env).status_code
+
+
+@pytest.fixture
+def fast_config(config):
+    return dict(config, ADMIN_PASSWORD_HASH=FAST_HASH)
+
+
+def test_throttle_is_per_client_so_a_guesser_cannot_lock_the_operator_out(proxy, fast_config):
+    app = create_admin_app(proxy, fast_config)
+    guesser, operator = app.test_client(), app.test_client()
     for _ in range(20):
-        assert attempt(guesser, "203.0.113.9", "nope").status_code == 401
-    assert attempt(guesser, "203.0.113.9", PASSWORD).status_code == 429
-    assert attempt(operator, "198.51.100.7", PASSWORD).status_code == 302
+        assert attempt(guesser, "nope", "203.0.113.9") == 401
+    assert attempt(guesser, PASSWORD, "203.0.113.9") == 429
+    assert attempt(operator, PASSWORD, "198.51.100.7") == 302
+
+
+def test_forged_forwarded_for_buys_no_fresh_window(proxy, fast_config):
+    """On a listener clients reach directly, X-Forwarded-For is the client's own claim: a new
+    value per guess must not open a new window (issue 11 item 10)."""
+    c = create_admin_app(proxy, fast_config).test_client()
+    for i in range(20):
+        assert attempt(c, "nope", "203.0.113.9", forwarded=f"198.51.100.{i}") == 401
+    assert attempt(c, PASSWORD, "203.0.113.9", forwarded="192.0.2.1") == 429
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["direct", "one-port"])
+def test_overall_cap_holds_across_many_clients(proxy, fast_config, trusted):
+    """Ten clients at their own limit fill the overall window: an eleventh waits too."""
+    app = create_admin_app(proxy, dict(fast_config, TRUST_FORWARDED_FOR=trusted))
+    c = app.test_client()
+
+    def client(n):  # a distinct client: its own socket, or its own router-appended entry
+        return ("10.1.0.%d" % n, None) if not trusted else ("10.9.9.9", f"1.2.3.4, 10.1.0.{n}")
+    for n in range(10):
+        addr, fwd = client(n)
+        for _ in range(20):
+            assert attempt(c, "nope", addr, fwd) == 401
+        assert attempt(c, "nope", addr, fwd) == 429  # this client's own window is full
+    addr, fwd = client(10)
+    assert attempt(c, PASSWORD, addr, fwd) == 429  # a fresh client: the overall cap
+
+
+def test_trusted_forwarded_for_keys_on_the_routers_entry(proxy, fast_config):
+    """One-port mode: the router's (last) entry names the client; what the visitor put before
+    it is ignored, and one visitor's guesses do not lock out another behind the same router."""
+    c = create_admin_app(proxy, dict(fast_config, TRUST_FORWARDED_FOR=True)).test_client()
+    router = "10.9.9.9"
+    for i in range(20):
+        assert attempt(c, "nope", router, f"198.51.100.{i}, 203.0.113.9") == 401
+    assert attempt(c, PASSWORD, router, "192.0.2.1, 203.0.113.9") == 429
+    assert attempt(c, PASSWORD, router, "203.0.113.9, 198.51.100.7") == 302
+
+
+def test_login_throttle_forgets_clients_past_its_bound():
+    from lib.admin.auth import MAX_THROTTLED_CLIENTS, LoginThrottle
+
+    t = LoginThrottle(limit=1, clock=lambda: 0.0)
+    t.overall.limit = 10 ** 6  # only the per-client table is under test here
+    for n in range(MAX_THROTTLED_CLIENTS + 100):
+        t.failed(f"client-{n}")
+    assert len(t.clients) == MAX_THROTTLED_CLIENTS
+    assert t.allowed("client-0") and not t.allowed(f"client-{MAX_THROTTLED_CLIENTS + 99}")
+
+
+def test_login_form_does_not_prefill_the_user_name(client):
+    html = client.get("/login").data
+    field = re.search(rb'<input[^>]*name="username"[^>]*>', html).group(0)
+    assert b"value=" not in field and b"admin" not in field
+
+
+def test_logout_revokes_the_session_server_side(proxy, config):
+    """A copy of the cookie taken before logout is refused after it, here and after a
+    restart (issue 11 item 14)."""
+    app = create_admin_app(proxy, config)
+    c = app.test_client()
+    token = logged_in_csrf(c)
+    stolen = c.get_cookie("shroud_admin").value
+    assert c.post("/logout", data={"csrf_token": token}).status_code == 302
+    replay = app.test_client()
+    replay.set_cookie("shroud_admin", stolen)
+    assert replay.get("/").status_code == 302
+    assert replay.get("/api/overview").status_code == 401
+    assert replay.post("/api/block", json={"kind": "key", "target": KEY_B},
+                       headers={"X-CSRF-Token": token}).status_code == 401
+    later = create_admin_app(proxy, config).test_client()  # restarted, same data dir
+    later.set_cookie("shroud_admin", stolen)
+    assert later.get("/api/overview").status_code == 401
+
+
+def test_session_table_is_bounded_and_persisted(tmp_path):
+    from lib.admin.auth import SESSION_HOURS, SessionTable
+
+    now = [1000.0]
+    table = SessionTable(str(tmp_path), limit=3, clock=lambda: now[0])
+    sids = []
+    for _ in range(5):
+        now[0] += 1
+        sids.append(table.issue())
+    assert [table.valid(s) for s in sids] == [False, False, True, True, True]
+    assert table.evicted == 2 and len(table.live) == 3
+    again = SessionTable(str(tmp_path), limit=3, clock=lambda: now[0])  # a restart
+    assert [again.valid(s) for s in sids] == [False, False, True, True, True]
+    again.revoke(sids[2])
+    assert not SessionTable(str(tmp_path), clock=lambda: now[0]).valid(sids[2])
+    now[0] += SESSION_HOURS * 3600
+    assert not again.valid(sids[4])  # expired
+    assert (tmp_path / "admin-sessions").stat().st_mode & 0o077 == 0
+    assert sids[3] not in (tmp_path / "admin-sessions").read_text()  # digests, not ids
 
 
 @pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example", "/\\evil.example",
@@ -368,6 +478,24 @@ def test_tunnels_api(client, proxy):
     assert r["total"] == 1 and r["items"][0]["names"] == ["https/b.test"]
     r = client.get("/api/tunnels?q=a.test", headers=bearer()).json
     assert r["total"] == 1 and r["items"][0]["peer"] == "10.0.0.1:1"
+
+
+def test_unproven_keys_are_shown_as_unproven(client, proxy):
+    """Auth's key is a claim (anyone who knows a client's public key can make it): the API says
+    which tunnels proved theirs, and the overview counts claims apart (issue 11 item 13)."""
+    make_tunnel(proxy, ["a.test"], key=KEY_A, peer="10.0.0.1:1")
+    claim, _ = make_tunnel(proxy, [], key=KEY_A, peer="10.6.6.6:1", proven=False)
+    make_tunnel(proxy, [], key=KEY_B, peer="10.6.6.6:2", proven=False)
+    rows = {r["peer"]: r for r in client.get("/api/tunnels", headers=bearer()).json["items"]}
+    assert rows["10.0.0.1:1"]["key_proven"] is True
+    assert rows["10.6.6.6:1"]["key_proven"] is False and rows["10.6.6.6:2"]["key_proven"] is False
+    st = {t["peer"]: t for t in client.get("/api/status", headers=bearer()).json["tunnels"]}
+    assert st["10.0.0.1:1"]["key_proven"] is True and st["10.6.6.6:1"]["key_proven"] is False
+    o = client.get("/api/overview", headers=bearer()).json
+    assert o["keys"] == 1 and o["keys_unproven"] == 1  # KEY_B is only claimed
+    claim.proven = True  # what lib/proxy/server.py does once a signed bind verifies
+    row = client.get("/api/tunnels?q=10.6.6.6:1", headers=bearer()).json["items"][0]
+    assert row["key_proven"] is True
 
 
 # --- actions -----------------------------------------------------------------------------------

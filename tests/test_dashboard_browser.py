@@ -127,9 +127,12 @@ class Transfer:
 def test_login_is_required(world, page):
     page.goto(admin(world) + "/")
     assert page.url.startswith(admin(world) + "/login")
+    assert page.locator("#username").input_value() == ""  # never pre-filled
+    page.locator("#username").fill("admin")
     page.locator("#password").fill("wrong password")
     page.locator("#login").click()
     assert "Wrong user name or password" in page.locator("#login-error").inner_text()
+    page.locator("#username").fill("admin")
     page.locator("#password").fill(PASSWORD)
     page.locator("#login").click()
     page.wait_for_url(admin(world) + "/")

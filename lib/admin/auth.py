@@ -9,16 +9,27 @@ Public API::
     csrf_ok() -> bool                             # the request carries this session's token
     page(view), api(view)                         # decorators: a dashboard page, a JSON endpoint
     check_login(form) -> str                      # "ok", "csrf", "throttled" or "wrong"
-    start_session(), end_session()
+    start_session(), end_session()                # end_session revokes the session server-side
     login_client() -> str                         # whom the login throttle counts against
     LoginThrottle(limit, clock)                   # failed logins per client and overall
+    SessionTable(data_dir, limit, clock)          # the live sessions, kept server-side
+
+A session cookie is signed (Flask) and names a session id; the id must also be in the
+:class:`SessionTable`, so logging out (or the table's bound, or expiry) revokes the cookie:
+a copy replayed later is refused. ``X-Forwarded-For`` is believed only with
+``TRUST_FORWARDED_FOR`` (one-port mode, where the platform's router is the only peer): anywhere
+else it is the client's own claim, and keying the throttle on it would give every guess a fresh
+window.
 
 Everything here reads its settings from ``current_app.extensions[EXTENSION]``, so the views
 and these helpers are module-level and one process may hold several apps (as the tests do).
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -34,6 +45,7 @@ log = logging.getLogger("shroud.admin")
 
 EXTENSION = "shroud_auth"
 SECRET_FILE = "admin-secret"
+SESSIONS_FILE = "admin-sessions"
 # An operator's working day; after it the login form asks again.
 SESSION_HOURS = 12
 # Failed logins allowed per minute and client: a person mistyping never meets it, a guesser
@@ -42,6 +54,10 @@ SESSION_HOURS = 12
 LOGIN_FAILURES_PER_MINUTE = 20
 OVERALL_FACTOR = 10
 MAX_THROTTLED_CLIENTS = 4096  # LRU of clients with recent failures: bounded memory
+# Live login sessions kept server-side: an operator's few browsers fit many times over; a
+# login loop (it needs the password) cannot grow the table or its file past this. The oldest
+# session is logged out first.
+MAX_SESSIONS = 64
 
 
 def load_secret(data_dir: str | None) -> bytes:
@@ -59,13 +75,18 @@ def load_secret(data_dir: str | None) -> bytes:
         pass
     except (ValueError, UnicodeDecodeError):
         log.warning("%s is not hex; writing a new admin secret", path)
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     key = secrets.token_bytes(32)
+    _write_private(path, key.hex() + "\n")
+    return key
+
+
+def _write_private(path: str, text: str) -> None:
+    """Replace ``path`` atomically with ``text``, readable by this user only (0600)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(key.hex() + "\n")
+        f.write(text)
     os.replace(path + ".tmp", path)
-    return key
 
 
 def valid_hash(value: str | None) -> bool:
@@ -119,6 +140,70 @@ class LoginThrottle:
         self.overall.add(now)
 
 
+# --- server-side sessions --------------------------------------------------------------------
+
+class SessionTable:
+    """The login sessions that are live: what a cookie must name to be accepted.
+
+    Kept as SHA-256 digests of the ids (the cookie holds the id), at most ``limit``, each for
+    SESSION_HOURS; persisted in the data dir (SESSIONS_FILE, 0600) so logins survive a restart
+    as they did with the signed cookie alone, and a revoked one stays revoked.
+    """
+
+    def __init__(self, data_dir: str | None = None, limit: int = MAX_SESSIONS,
+                 clock=time.time):
+        self.path = os.path.join(data_dir, SESSIONS_FILE) if data_dir else None
+        self.limit = limit
+        self.clock = clock
+        self.live: OrderedDict[str, float] = OrderedDict()  # digest -> login time, oldest first
+        self.evicted = 0  # sessions logged out by the bound
+        self._load()
+
+    @staticmethod
+    def _digest(sid: str) -> str:
+        return hashlib.sha256(sid.encode()).hexdigest()
+
+    def issue(self) -> str:
+        """A new session id, now live; the oldest session goes when the table is full."""
+        sid = secrets.token_urlsafe(32)
+        self.live[self._digest(sid)] = self.clock()
+        while len(self.live) > self.limit:
+            self.live.popitem(last=False)
+            self.evicted += 1
+        self._save()
+        return sid
+
+    def valid(self, sid) -> bool:
+        if not isinstance(sid, str):
+            return False
+        since = self.live.get(self._digest(sid))
+        return since is not None and self.clock() - since < SESSION_HOURS * 3600
+
+    def revoke(self, sid) -> None:
+        if isinstance(sid, str) and self.live.pop(self._digest(sid), None) is not None:
+            self._save()
+
+    def _load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            with open(self.path) as f:
+                saved = json.load(f)
+            now = self.clock()
+            items = sorted((float(t), str(d)) for d, t in saved.items())
+            self.live.update((d, t) for t, d in items[-self.limit:]
+                             if now - t < SESSION_HOURS * 3600)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            log.warning("%s unreadable (%s): every dashboard session must log in again",
+                        self.path, e)
+
+    def _save(self) -> None:
+        if self.path is not None:
+            _write_private(self.path, json.dumps(dict(self.live)))
+
+
 # --- settings --------------------------------------------------------------------------------
 
 @dataclass
@@ -130,7 +215,9 @@ class AuthSettings:
     token: str | None
     user: str = "admin"
     problem: str | None = None
+    trust_forwarded_for: bool = False  # one-port mode only: the router appends the client
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    sessions: SessionTable = field(default_factory=SessionTable)
 
     @classmethod
     def from_config(cls, config: dict) -> "AuthSettings":
@@ -146,7 +233,9 @@ class AuthSettings:
                         "`python -m lib.admin hash-password` and pass it as "
                         "--admin-password-hash or SHROUD_ADMIN_PASSWORD_HASH")
         return cls(password_hash=password_hash, token=config.get("ADMIN_TOKEN") or None,
-                   user=config.get("ADMIN_USER") or "admin", problem=problem)
+                   user=config.get("ADMIN_USER") or "admin", problem=problem,
+                   trust_forwarded_for=bool(config.get("TRUST_FORWARDED_FOR")),
+                   sessions=SessionTable(config.get("DATA_DIR")))
 
 
 def settings() -> AuthSettings:
@@ -165,8 +254,7 @@ def current_actor() -> str | None:
             g.via = "token"
             return "api-token"
         return None
-    if s.password_hash and session.get("user") and \
-            time.time() - session.get("login_at", 0) < SESSION_HOURS * 3600:
+    if s.password_hash and session.get("user") and s.sessions.valid(session.get("sid")):
         g.via = "session"
         return session["user"]
     return None
@@ -225,11 +313,27 @@ def api(view):
 # --- logging in and out ----------------------------------------------------------------------
 
 def login_client() -> str:
-    # Behind a platform's router (one-port mode) every request comes from the router: the
-    # router's X-Forwarded-For names the client. Forging it only buys a fresh per-client
-    # window; the overall cap still holds.
-    fwd = request.headers.get("X-Forwarded-For", "")
-    return (fwd.rsplit(",", 1)[-1].strip() if fwd else "") or (request.remote_addr or "")
+    """Whom a failed login counts against: the socket's peer. Behind the platform's router
+    (one-port mode: TRUST_FORWARDED_FOR) every request comes from the router, and the last
+    X-Forwarded-For entry, the one the router appended, names the client."""
+    peer = request.remote_addr or ""
+    if not settings().trust_forwarded_for:
+        return peer
+    values = request.headers.getlist("X-Forwarded-For")
+    return forwarded_client(values[-1] if values else "") or peer
+
+
+def forwarded_client(header: str) -> str | None:
+    """The last entry of an X-Forwarded-For value, if it is an IP address."""
+    last = header.rsplit(",", 1)[-1].strip()
+    if last.startswith("[") and "]" in last:  # "[2001:db8::1]:1234"
+        last = last[1:last.index("]")]
+    elif last.count(":") == 1:  # "203.0.113.9:1234"
+        last = last.split(":")[0]
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return None
 
 
 def check_login(form) -> str:
@@ -245,20 +349,23 @@ def check_login(form) -> str:
             and hmac.compare_digest(form.get("username", ""), s.user)):
         return "ok"
     s.throttle.failed(client)
-    log.warning("failed dashboard login from %s", request.remote_addr)
+    log.warning("failed dashboard login from %s", client)
     return "wrong"
 
 
 def start_session() -> None:
-    """A fresh session for the configured user (a new CSRF token, nothing of the old one)."""
-    user = settings().user
+    """A fresh session for the configured user (a new id and CSRF token, nothing of the old)."""
+    s = settings()
     session.clear()
     session.permanent = True
-    session["user"] = user
+    session["user"] = s.user
+    session["sid"] = s.sessions.issue()
     session["login_at"] = time.time()
     session["csrf"] = secrets.token_urlsafe(32)
-    log.info("dashboard login by %s from %s", user, request.remote_addr)
+    log.info("dashboard login by %s from %s", s.user, login_client())
 
 
 def end_session() -> None:
+    """Log out: the session id is revoked server-side, so a copy of the cookie is worthless."""
+    settings().sessions.revoke(session.get("sid"))
     session.clear()

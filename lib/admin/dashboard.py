@@ -105,7 +105,9 @@ def _binding_row(b, now: float) -> dict:
 def _tunnel_row(t, now: float) -> dict:
     rtt = t.session.heartbeat_rtt
     return {
-        "id": t.id, "peer": t.peer, "key": t.key, "key_short": (t.key or "unsigned")[:16],
+        # The key as Auth claimed it; proven once a signed bind verified on this tunnel.
+        "id": t.id, "peer": t.peer, "key": t.key, "key_proven": t.proven,
+        "key_short": (t.key or "unsigned")[:16],
         "client_id": t.client_id, "transport": t.transport, "connected_at": t.connected_at,
         "heartbeat_rtt_ms": None if rtt is None else round(rtt * 1000, 2),
         "streams_open": t.streams_open, "streams_total": t.streams_total,
@@ -207,6 +209,7 @@ def overview(live, now=None) -> dict:
     reg = live.registry
     rate_in, rate_out = reg.history.rate(now)
     tunnels = list(reg.tunnels.values())
+    proven = {t.key for t in tunnels if t.key is not None and t.proven}
     store = live.store
     return {
         "hostname": live.hostname,
@@ -214,7 +217,10 @@ def overview(live, now=None) -> dict:
         "started": reg.started, "uptime": now - reg.started, "now": now,
         "listeners": dict(reg.listeners),
         "tunnels": len(tunnels), "bindings": len(reg.bindings),
-        "keys": len({t.key for t in tunnels}),
+        # Keys proven by a signed bind; those only claimed in Auth (anyone may claim a public
+        # key) are counted apart.
+        "keys": len(proven),
+        "keys_unproven": len({t.key for t in tunnels if t.key is not None} - proven),
         "streams_open": sum(t.streams_open for t in tunnels),
         "connections": reg.connections,
         "bytes_in": reg.bytes_in, "bytes_out": reg.bytes_out,

@@ -89,8 +89,8 @@ def login():
             auth.start_session()
             return redirect(nxt)
         error, status = LOGIN_ERRORS[verdict]
-    return render_template("login.html", error=error, next=nxt, user=auth.settings().user), \
-        status
+    # The user name is never pre-filled: the page would tell anyone who asks half the login.
+    return render_template("login.html", error=error, next=nxt), status
 
 
 @bp.post("/logout")

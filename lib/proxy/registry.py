@@ -97,7 +97,8 @@ class Tunnel:
 
     def snapshot(self) -> dict:
         return {
-            "id": self.id, "peer": self.peer, "key": self.key, "client_id": self.client_id,
+            "id": self.id, "peer": self.peer, "key": self.key, "key_proven": self.proven,
+            "client_id": self.client_id,
             "transport": self.transport, "connected_at": self.connected_at,
             "heartbeat_rtt_ms": (None if self.session.heartbeat_rtt is None
                                  else round(self.session.heartbeat_rtt * 1000, 2)),

@@ -299,7 +299,9 @@ class ProxyServer:
             if tunnel is None:
                 return
             tunnel.proxy_ids = proxy_ids if proxy_ids is not None else self.own_proxy_ids
-            log.info("tunnel %d up from %s key=%s", tunnel.id, peer, (tunnel.key or "unsigned")[:16])
+            # Auth's key is a claim until a signed bind proves it (docs/OPERATIONS.md).
+            log.info("tunnel %d up from %s claiming key=%s (unproven)", tunnel.id, peer,
+                     (tunnel.key or "unsigned")[:16])
             # A tunnel that binds nothing holds a slot for nothing: it gets the handshake's time.
             watchdog = gevent.spawn_later(self.config.handshake_timeout, self._drop_if_unbound,
                                           tunnel)
@@ -516,6 +518,7 @@ class ProxyServer:
         tunnel.ever_bound = True
         if tunnel.key is not None and not tunnel.proven:
             tunnel.proven = True  # the signature over our nonce proved the key
+            log.info("tunnel %d proved key %s", tunnel.id, tunnel.key[:16])
             self._replace_stale(tunnel.client_id, tunnel.key, keep=tunnel)
         log.info("tunnel %d bound %s (%s)", tunnel.id, url, decision.method)
         return msg.BindResp(url=url, protocol=protocol)

@@ -252,7 +252,7 @@
       setText('#stat-uptime', fmtDuration(o.uptime));
       setText('#stat-started', 'since ' + fmtTime(o.started));
       setText('#stat-bindings', fmtInt(o.bindings));
-      setText('#stat-keys', fmtInt(o.keys) + ' client key' + (o.keys === 1 ? '' : 's') + (o.blocked_hostnames ? ' · ' + o.blocked_hostnames + ' blocked' : ''));
+      setText('#stat-keys', fmtInt(o.keys) + ' client key' + (o.keys === 1 ? '' : 's') + (o.keys_unproven ? ' (+' + o.keys_unproven + ' unproven)' : '') + (o.blocked_hostnames ? ' · ' + o.blocked_hostnames + ' blocked' : ''));
       setText('#stat-tunnels', fmtInt(o.tunnels));
       setText('#stat-streams', fmtInt(o.streams_open) + ' open stream' + (o.streams_open === 1 ? '' : 's'));
       setText('#stat-connections', fmtInt(o.connections));
@@ -285,6 +285,14 @@
     wireTable($('#hostnames'), s, () => refresh());
     refresh = poll(load);
   };
+
+  // A tunnel's key as Auth claimed it: proven only once a signed bind verified on this tunnel
+  // (anyone who knows a client's public key can claim it; docs/OPERATIONS.md).
+  function keyCell(t) {
+    if (!t.key || t.key_proven) return el('td', { class: 'key', title: t.key || 'unsigned', text: t.key_short });
+    return el('td', { class: 'key unproven', title: t.key + ' (claimed in Auth, not proven by a signed bind: do not block it for this tunnel)' },
+      t.key_short, ' ', el('span', { class: 'badge gone', text: 'unproven' }));
+  }
 
   pages.hostname = function () {
     const protocol = document.body.dataset.protocol, name = document.body.dataset.name;
@@ -331,7 +339,7 @@
       $('#tunnels tbody').replaceChildren(...d.tunnel_list.map((t) => el('tr', { dataset: { tunnel: t.id } },
         el('td', { text: String(t.id) }),
         el('td', { class: 'mono', text: t.peer }),
-        el('td', { class: 'key', title: t.key || 'unsigned', text: t.key_short }),
+        keyCell(t),
         el('td', { text: t.transport }),
         el('td', { title: fmtTime(t.connected_at), text: fmtAgo(t.connected_at) }),
         el('td', { class: 'num', text: t.heartbeat_rtt_ms == null ? '–' : t.heartbeat_rtt_ms.toFixed(1) + ' ms' }),
@@ -360,7 +368,7 @@
       $('#tunnels tbody').replaceChildren(...res.items.map((t) => el('tr', { dataset: { tunnel: t.id } },
         el('td', { text: String(t.id) }),
         el('td', { class: 'mono', text: t.peer }),
-        el('td', { class: 'key', title: t.key || 'unsigned', text: t.key_short }),
+        keyCell(t),
         el('td', { class: 'wrap' }, ...t.names.flatMap((n, i) => {
           const [p, ...rest] = n.split('/');
           const a = el('a', { href: hostHref(p, rest.join('/')), text: rest.join('/') });
