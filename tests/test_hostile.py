@@ -12,20 +12,17 @@ import http.client
 import os
 import resource
 import socket
-import ssl
 import struct
 import time
 
 import gevent
-import gevent.socket
-import gevent.ssl
 import pytest
 
 from lib.protocol import messages as msg
 from lib.errors import ErrorCode, MuxError
 from lib.identity import Identity
-from lib.net.muxsession import MuxConfig, Session
 from tests.support.procs import ClientProc, OriginProc, ProxyProc
+from tests.support.rawtunnel import RawTunnel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -93,52 +90,8 @@ def delta(before: dict, after: dict, key: str) -> int:
     return after.get(key, 0) - before.get(key, 0)
 
 
-# --- a hostile tunnel client ------------------------------------------------------------------
-
-class Attacker:
-    """Speaks just enough of the tunnel protocol to get in, then misbehaves."""
-
-    def __init__(self, proxy, identity: Identity | None, mux: MuxConfig | None = None):
-        ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        raw = gevent.socket.create_connection(("127.0.0.1", proxy.ports["tunnel"]), timeout=10)
-        self.tls = ctx.wrap_socket(raw)
-        self.tls.settimeout(None)
-        self.proxy_id = msg.proxy_id_for_cert(self.tls.getpeercert(binary_form=True))
-        self.session = Session(self.tls, client=True, config=mux or MuxConfig(),
-                               name="attacker")
-        self.identity = identity
-        self.nonce = None
-
-    def auth(self) -> msg.AuthResp:
-        extra = msg.auth_extra(self.identity.public_key) if self.identity else None
-        with self.session.open() as st:
-            st.settimeout(10)
-            msg.write_message(st, msg.Auth(extra=extra))
-            resp = msg.read_message(st)
-        assert isinstance(resp, msg.AuthResp) and not resp.error, resp
-        self.nonce = resp.nonce
-        return resp
-
-    def bind(self, name: str, protocol: str = "http", sign: bool = True,
-             bad_signature: bool = False) -> msg.BindResp:
-        b = msg.Bind(protocol=protocol, hostname=name)
-        if sign and self.identity is not None:
-            payload = msg.bind_signature_payload(self.nonce, self.proxy_id, protocol,
-                                                 b.signed_name)
-            sig = self.identity.sign(payload)
-            if bad_signature:
-                sig = bytes([sig[0] ^ 1]) + sig[1:]
-            b = msg.Bind(protocol=protocol, hostname=name,
-                         extra=msg.bind_extra(sig, self.proxy_id))
-        with self.session.open() as st:
-            st.settimeout(10)
-            msg.write_message(st, b)
-            return msg.read_message(st)
-
-    def close(self) -> None:
-        self.session.close()
+# --- a hostile tunnel client: tests/support/rawtunnel.py ---------------------------------------
+Attacker = RawTunnel
 
 
 def test_syn_flood_ends_in_goaway_and_is_counted(world):

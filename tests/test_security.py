@@ -5,6 +5,8 @@
   why, and sends the interceptor nothing. The same server relaying honestly is accepted.
 - A proxy the client trusts relays its tunnel to another proxy: the other proxy refuses the
   binds, which were signed for the relay (reason wrong-proxy).
+- Every tunnel session gets its own bind nonce, so a signed Bind captured on one session and
+  replayed on another (by someone who has the public key, not the private one) is refused.
 - The dashboard, over HTTP to a real proxy process: no credentials, no access; an action without
   the session's own CSRF token changes nothing.
 - The proxy never logs or stores the plaintext of passthrough TLS (debug logging on).
@@ -38,7 +40,11 @@ from werkzeug.security import generate_password_hash
 
 from tests.support.origin import pattern
 from tests.support.visitor import tls_site
+from lib.identity import Identity
+from lib.protocol import messages as msg
 from tests.support.procs import ADMIN_TOKEN, PY, ClientProc, OriginProc, Proc, ProxyProc
+from tests.support.rawtunnel import RawTunnel
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -309,6 +315,46 @@ def test_a_relaying_proxy_cannot_bind_the_clients_name_elsewhere(mitm_world, tmp
     finally:
         client.stop()
         relay.close()
+
+
+# --- bind nonces: one per session, so a signed Bind cannot be replayed ------------------------
+
+class _ClaimsKey:
+    """Claims a key in Auth without holding its private key (it can only replay signatures)."""
+
+    def __init__(self, victim: Identity):
+        self.public_key = victim.public_key
+
+
+def test_each_session_gets_a_fresh_nonce_and_a_replayed_bind_is_refused(mitm_world):
+    proxy = mitm_world["proxy"]
+    victim = Identity.generate()
+    tunnels = []
+    try:
+        first, second = RawTunnel(proxy, victim), RawTunnel(proxy, victim)
+        tunnels += [first, second]
+        nonces = [first.auth().nonce, second.auth().nonce]
+        assert all(len(n) == msg.NONCE_SIZE for n in nonces)
+        assert nonces[0] != nonces[1], "two sessions were given the same bind nonce"
+        captured = first.signed_bind("replayed.test")
+        assert not first.send(captured).error  # valid on the session it was signed for
+        first.close()
+        # Replayed on the victim's other live session, and on an attacker's new one.
+        attacker = RawTunnel(proxy, _ClaimsKey(victim))
+        tunnels.append(attacker)
+        assert attacker.auth().nonce not in nonces
+        before = proxy.status()["refusals"].get("ownership", 0)
+        for session in (second, attacker):
+            resp = session.send(captured)
+            assert resp.error and resp.reason == msg.REASON_BAD_SIGNATURE, resp
+        assert proxy.status()["refusals"].get("ownership", 0) == before + 2
+        # Once the first session's end is processed, no tunnel holds the name.
+        wait_for(lambda: not [t for t in proxy.status()["tunnels"]
+                              if "replayed.test" in t["names"]],
+                 "replayed.test bound by no tunnel after its signer left", timeout=10)
+    finally:
+        for t in tunnels:
+            t.close()
 
 
 # --- the dashboard over the wire --------------------------------------------------------------
