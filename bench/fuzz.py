@@ -82,7 +82,8 @@ MAX_SAVED_PER_KIND = 20
 
 def _load() -> None:
     global fr, mp, msgs, sniff, errors
-    from lib import errors as _errors, frame as _fr, messages as _msgs, muxproto as _mp, \
+    from lib import errors as _errors
+    from lib.protocol import messages as _msgs, muxframe as _fr, muxstate as _mp, \
         sniff as _sniff
     fr, mp, msgs, sniff, errors = _fr, _mp, _msgs, _sniff, _errors
 
@@ -262,8 +263,18 @@ def _sniff(sniffer, data: bytes):
     return ("more", None) if value is None else ("name", value)
 
 
-def _check_sniffer(sniffer, bound: int, data: bytes, padding: bytes) -> tuple:
+def _check_sniffer(sniffer, bound: int, data: bytes, padding: bytes, incremental=None) -> tuple:
     kind, value = _sniff(sniffer, data)
+    if incremental is not None and data:
+        # Fed in pieces, as the proxy feeds reads, the answer (or the error) is the one the
+        # whole-buffer sniffer gives at the first piece where it decides.
+        fed, seen, want = incremental(), b"", None
+        for piece in _pieces(data):
+            seen += piece
+            got = _sniff(fed.feed, piece)
+            want = want if want and want[0] != "more" else _sniff(sniffer, seen)
+            _require(got[0] == want[0] and str(got[1]) == str(want[1]),
+                     f"fed in pieces: {got!r} after {len(seen)} bytes, whole: {want!r}")
     if kind == "name" and value:
         _require(sniff.normalize_hostname(value, allow_wildcard=False) == value,
                  f"name {value!r} is not normalised")
@@ -288,11 +299,11 @@ def _check_sniffer(sniffer, bound: int, data: bytes, padding: bytes) -> tuple:
 
 
 def check_sni(data: bytes) -> None:
-    _check_sniffer(sniff.sniff_tls_sni, sniff.MAX_TLS_PEEK, data, b"\x00")
+    _check_sniffer(sniff.sniff_tls_sni, sniff.MAX_TLS_PEEK, data, b"\x00", sniff.TLSNameSniffer)
 
 
 def check_http(data: bytes) -> None:
-    _check_sniffer(sniff.sniff_http_host, sniff.MAX_HTTP_HEAD, data, b"a")
+    _check_sniffer(sniff.sniff_http_host, sniff.MAX_HTTP_HEAD, data, b"a", sniff.HTTPHostSniffer)
 
 
 def check_classify(data: bytes) -> None:

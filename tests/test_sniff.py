@@ -459,3 +459,105 @@ def test_fuzz_never_need_more_past_the_bounds(fragment, pad, tail):
     head = b"GET / HTTP/1.1\r\nHost: a.example\r\nX: " + b"x" * (pad + MAX_HTTP_HEAD // 2) + tail
     if len(head) >= MAX_HTTP_HEAD:
         assert only_str_none_or_sniff_error(sniff_http_host, head[:MAX_HTTP_HEAD]) is not None
+
+
+# --- Incremental sniffers (what the proxy feeds each read to) --------------------------------
+def fed_in(sniffer_class, data: bytes, piece: int = 1):
+    """The answer after feeding ``data`` in pieces of ``piece`` bytes: (kind, value)."""
+    fed = sniffer_class()
+    answer = ("more", None)
+    for i in range(0, len(data), piece):
+        try:
+            value = fed.feed(data[i:i + piece])
+        except SniffError as e:
+            return "error", str(e)
+        if value is not None:
+            return "name", value
+    return answer
+
+
+def first_answer(sniffer, data: bytes, piece: int = 1):
+    """What the whole-buffer sniffer says at the first prefix (in steps of ``piece``) where it
+    decides: what the proxy answered when it re-sniffed its buffer after every read."""
+    for n in range(piece, len(data) + piece, piece):
+        try:
+            value = sniffer(data[:n])
+        except SniffError as e:
+            return "error", str(e)
+        if value is not None:
+            return "name", value
+    return "more", None
+
+
+@pytest.mark.parametrize("flight", [REAL, records(handshake_message(REAL), [200, 50, 3]),
+                                    records(handshake_message(REAL), [1]),
+                                    REAL[:5] + b"\x02" + REAL[6:],  # not a ClientHello
+                                    b"\x16\x03\x01\x00\x00", b"\x16\x04", b"GET / HTTP/1.1"])
+@pytest.mark.parametrize("piece", [1, 3, 7, 4096])
+def test_tls_sniffer_fed_in_pieces_answers_as_the_whole_buffer(flight, piece):
+    assert fed_in(sniff.TLSNameSniffer, flight, piece) == first_answer(sniff_tls_sni, flight,
+                                                                       piece)
+
+
+@pytest.mark.parametrize("head", [GET, b"GET / HTTP/1.1\nHost: lf.example\n\n",
+                                  b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                                  b"G\x00T / HTTP/1.1\r\n", b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n",
+                                  b"GET /" + b"a" * MAX_HTTP_HEAD])
+@pytest.mark.parametrize("piece", [1, 2, 5, 8192])
+def test_http_sniffer_fed_in_pieces_answers_as_the_whole_buffer(head, piece):
+    assert fed_in(sniff.HTTPHostSniffer, head, piece) == first_answer(sniff_http_host, head,
+                                                                      piece)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 40))
+def test_sniffers_fed_in_pieces_agree_on_any_bytes(data, piece):
+    for cls, fn in ((sniff.TLSNameSniffer, sniff_tls_sni), (sniff.HTTPHostSniffer,
+                                                            sniff_http_host)):
+        for prefix in (b"", b"\x16\x03\x01\x00\x40\x01", b"GET / HTTP/1.1\r\n"):
+            assert fed_in(cls, prefix + data, piece) == first_answer(fn, prefix + data, piece)
+
+
+def test_sniffer_answers_the_same_after_deciding():
+    fed = sniff.TLSNameSniffer()
+    assert fed.feed(REAL) == "www.example.com"
+    assert fed.feed(b"\x17\x03\x03") == "www.example.com"
+    fed = sniff.HTTPHostSniffer()
+    with pytest.raises(SniffError):
+        fed.feed(b"\x00")
+    with pytest.raises(SniffError):
+        fed.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+
+
+def test_tls_sniffer_work_is_linear_in_tiny_records(monkeypatch):
+    # Issue 11 item 12: a hello in 1-byte records up to the peek bound, one record per read.
+    # Re-walking every record on each read checked ~n^2/2 record headers (6-7 s of CPU).
+    calls = []
+    check = sniff._check_record_header_prefix
+    monkeypatch.setattr(sniff, "_check_record_header_prefix",
+                        lambda head, first: calls.append(1) or check(head, first))
+    n = MAX_TLS_PEEK // 6
+    hello = b"\x01" + (n - 4).to_bytes(3, "big") + handshake_message(REAL)[4:][:n - 4]
+    flight = records(hello, [1])
+    fed = sniff.TLSNameSniffer()
+    for i in range(0, len(flight), 6):
+        try:
+            fed.feed(flight[i:i + 6])
+        except SniffError:
+            break
+    assert len(calls) <= n + 1
+
+
+def test_http_sniffer_work_is_linear_byte_by_byte(monkeypatch):
+    examined = []
+    check = sniff._check_request_line_prefix
+    monkeypatch.setattr(sniff, "_check_request_line_prefix",
+                        lambda data: examined.append(len(data)) or check(data))
+    head = b"GET /" + b"a" * (MAX_HTTP_HEAD - 10) + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+    fed = sniff.HTTPHostSniffer()
+    for i in range(len(head)):
+        try:
+            fed.feed(head[i:i + 1])
+        except SniffError:
+            break
+    assert sum(examined) <= 2 * MAX_HTTP_HEAD  # re-checking every read: ~n^2/2 = 134 M

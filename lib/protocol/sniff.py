@@ -1,7 +1,7 @@
 """Peek at the first bytes of a public connection for the name to route it by.
 
 Sans-I/O: every function here takes bytes and returns a value; nothing touches a socket. The
-I/O layer reads into a buffer, calls a sniffer after each read, and afterwards replays every
+I/O layer feeds each read to a sniffer object (:class:`TLSNameSniffer`, :class:`HTTPHostSniffer`), and afterwards replays every
 peeked byte to the tunnel it picked (nothing is consumed).
 
 Sniffers follow a three-way contract (as mitmproxy's ClientHello parser does):
@@ -17,6 +17,8 @@ Public API::
 
     sniff_tls_sni(data: bytes) -> str | None      # "" when the ClientHello has no SNI
     sniff_http_host(data: bytes) -> str | None
+    TLSNameSniffer().feed(data) -> str | None     # the same, fed a connection's reads one by
+    HTTPHostSniffer().feed(data) -> str | None    # one: linear in the bytes, however split
     classify(data: bytes) -> 'tls' | 'http' | None
     normalize_hostname(name: str, *, allow_wildcard=False) -> str      # raises ValueError
     wildcard_candidates(name: str) -> Iterator[str]
@@ -186,15 +188,76 @@ def sniff_tls_sni(data: bytes) -> str | None:
         extension; ``None`` when ``data`` is a valid prefix and more bytes are needed.
     :raises SniffError: not a TLS ClientHello (``.alert`` says which alert to send).
     """
-    data = bytes(data)
-    hello = bytearray()  # the handshake message, reassembled from record fragments
-    hello_len = None  # its total length, header included, once the header has arrived
-    pos = 0
-    while True:
-        header = data[pos:pos + _RECORD_HEADER]
-        _check_record_header_prefix(header, first=(pos == 0))
+    return TLSNameSniffer().feed(data)
+
+
+class TLSNameSniffer:
+    """:func:`sniff_tls_sni` for bytes that arrive in pieces: ``feed`` each read's bytes.
+
+    Each byte is looked at once, so a connection costs time linear in what it sends, however it
+    splits its ClientHello (a 20 KiB hello in 1-byte records, re-walked on every read, cost 6-7
+    s of CPU before). ``feed`` answers as :func:`sniff_tls_sni` would for everything fed so far;
+    after an answer (a name or an error) it answers the same again.
+    """
+
+    __slots__ = ("_header", "_left", "_first", "_offset", "_hello", "_hello_len", "_answer")
+
+    def __init__(self) -> None:
+        self._header = bytearray()  # the current record's header, while incomplete
+        self._left = 0  # bytes of the current record's fragment still to come
+        self._first = True  # the current record is the first
+        self._offset = 0  # where the current record starts in the stream
+        self._hello = bytearray()  # the handshake message, reassembled from fragments
+        self._hello_len = None  # its total length, header included, once known
+        self._answer = None  # a name, or the SniffError raised
+
+    def feed(self, data: bytes) -> str | None:
+        if self._answer is None:
+            try:
+                self._answer = self._consume(memoryview(data))
+            except SniffError as e:
+                self._answer = e
+        if isinstance(self._answer, SniffError):
+            raise self._answer
+        return self._answer
+
+    def _consume(self, data: memoryview) -> str | None:
+        i = 0
+        while i < len(data):
+            if self._left == 0:
+                take = min(_RECORD_HEADER - len(self._header), len(data) - i)
+                self._header += data[i:i + take]
+                i += take
+                self._start_record()
+                continue
+            take = min(self._left, len(data) - i)
+            self._hello += data[i:i + take]
+            i += take
+            self._left -= take
+            if self._hello_len is None:
+                self._hello_len = _check_handshake_header(self._hello)
+            if self._hello_len is not None and len(self._hello) > self._hello_len:
+                # TLS allows coalescing handshake messages, but a client sends nothing after
+                # its ClientHello in the same flight of handshake records: not a client.
+                raise SniffError("data after ClientHello", alert=ALERT_UNEXPECTED_MESSAGE)
+            if self._left == 0:
+                if len(self._hello) == self._hello_len:
+                    # Whatever follows the last record (a TLS 1.3 client may send a
+                    # change_cipher_spec and 0-RTT data at once) is left for the origin.
+                    return _parse_client_hello(bytes(self._hello[_HANDSHAKE_HEADER:]))
+                self._offset += _RECORD_HEADER + int.from_bytes(self._header[3:5], "big")
+                self._header.clear()
+                self._first = False
+        if self._left == 0:
+            return _need_more(self._offset + _RECORD_HEADER)
+        return None  # inside a record whose end was checked against the bound
+
+    def _start_record(self) -> None:
+        """Check the record header as far as it has arrived; start its fragment once whole."""
+        header = self._header
+        _check_record_header_prefix(header, first=self._first)
         if len(header) < _RECORD_HEADER:
-            return _need_more(pos + _RECORD_HEADER)
+            return
         length = int.from_bytes(header[3:5], "big")
         if length == 0:
             # RFC 8446 5.1: zero-length handshake fragments are forbidden.
@@ -202,24 +265,10 @@ def sniff_tls_sni(data: bytes) -> str | None:
         if length > MAX_TLS_RECORD:
             raise SniffError("TLS record of %d bytes exceeds %d" % (length, MAX_TLS_RECORD),
                              alert=ALERT_RECORD_OVERFLOW)
-        end = pos + _RECORD_HEADER + length
-        if end > MAX_TLS_PEEK:
+        if self._offset + _RECORD_HEADER + length > MAX_TLS_PEEK:
             raise SniffError("ClientHello not complete within %d bytes" % MAX_TLS_PEEK,
                              alert=ALERT_INTERNAL_ERROR)
-        hello += data[pos + _RECORD_HEADER:end]  # may be a partial fragment
-        if hello_len is None and hello:
-            hello_len = _check_handshake_header(hello)
-        if hello_len is not None and len(hello) > hello_len:
-            # TLS allows coalescing handshake messages, but a client sends nothing after its
-            # ClientHello in the same flight of handshake records, so this is not a client.
-            raise SniffError("data after ClientHello", alert=ALERT_UNEXPECTED_MESSAGE)
-        if len(data) < end:
-            return _need_more(end)
-        if len(hello) == hello_len:
-            # Whatever follows the last record (a TLS 1.3 client may send a
-            # change_cipher_spec and 0-RTT data at once) is left for the origin.
-            return _parse_client_hello(bytes(hello[_HANDSHAKE_HEADER:]))
-        pos = end
+        self._left = length
 
 
 def _need_more(needed: int) -> None:
@@ -374,16 +423,68 @@ def sniff_http_host(data: bytes) -> str | None:
     :raises SniffError: not HTTP/1.x, malformed, no or several Host headers, or a head longer
         than ``MAX_HTTP_HEAD`` (``.http_status`` says which status to answer).
     """
-    data = bytes(data)
-    match = httphead.END_OF_HEAD_RE.search(data, 0, MAX_HTTP_HEAD)
-    if match is None:
-        _check_request_line_prefix(data)
-        if len(data) >= MAX_HTTP_HEAD:
+    return HTTPHostSniffer().feed(data)
+
+
+class HTTPHostSniffer:
+    """:func:`sniff_http_host` for bytes that arrive in pieces: ``feed`` each read's bytes.
+
+    The end of the head is searched for only in what is new (and the 3 bytes before it), the
+    request line checked once it is whole, and the head parsed once: linear in the bytes sent,
+    however they are split. ``feed`` answers as :func:`sniff_http_host` would for everything
+    fed so far; after an answer (a name or an error) it answers the same again.
+    """
+
+    __slots__ = ("_buf", "_newline_from", "_method_checked", "_line_checked", "_answer")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._newline_from = 0  # no line feed before this offset
+        self._method_checked = False  # the method is whole (a space came) and was found valid
+        self._line_checked = False  # the request line is whole and was found valid
+        self._answer = None  # a name, or the SniffError raised
+
+    def feed(self, data: bytes) -> str | None:
+        if self._answer is None:
+            try:
+                self._answer = self._consume(data)
+            except SniffError as e:
+                self._answer = e
+        if isinstance(self._answer, SniffError):
+            raise self._answer
+        return self._answer
+
+    def _consume(self, data: bytes) -> str | None:
+        buf = self._buf
+        # The blank line is at most 4 bytes: one ending in the new bytes starts in them or in
+        # the 3 bytes before (an earlier one would have been found by an earlier call).
+        start = max(0, len(buf) - 3)
+        buf += data
+        match = httphead.END_OF_HEAD_RE.search(buf, start, MAX_HTTP_HEAD)
+        if match is not None:
+            return _host_of_head(bytes(buf[:match.start()]))
+        if not self._line_checked:
+            newline = buf.find(b"\n", self._newline_from)
+            if newline < 0:
+                self._newline_from = len(buf)
+                if not self._method_checked:
+                    # Before the line feed only the method is checked: its bytes are enough.
+                    method = bytes(buf[:2 * httphead.MAX_METHOD])
+                    _check_request_line_prefix(method)
+                    self._method_checked = b" " in method
+            else:
+                _check_request_line_prefix(bytes(buf[:newline + 1]))
+                self._line_checked = True
+        if len(buf) >= MAX_HTTP_HEAD:
             raise SniffError("HTTP request head exceeds %d bytes" % MAX_HTTP_HEAD,
                              http_status=431)
         return None
+
+
+def _host_of_head(head: bytes) -> str:
+    """The routing name of a complete request head (without its blank line)."""
     try:
-        request = httphead.parse_request_head(data[:match.start()])
+        request = httphead.parse_request_head(head)
     except httphead.HeadError as e:
         raise SniffError(e.reason, http_status=e.http_status) from None
     if request.method == "CONNECT":
