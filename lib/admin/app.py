@@ -26,7 +26,8 @@ Access:
   survive restarts; delete the file to log everyone out.
 
 Pages: ``/`` (overview), ``/h/<protocol>/<name>`` (one bound name), ``/tunnels``, ``/blocks``
-(blocks and audit log). They render a shell and poll the JSON API every 2 s.
+(blocks and audit log), ``/fleet`` (every instance sharing the store, and the names bound
+anywhere). They render a shell and poll the JSON API every 2 s.
 
 JSON API (all GET unless marked)::
 
@@ -37,6 +38,7 @@ JSON API (all GET unless marked)::
     /api/tunnels?q=&sort=&order=&page=&per_page=
     /api/blocks                        blocked hostnames and keys
     /api/audit?limit=
+    /api/fleet                         every instance of the fleet and the names bound anywhere
     POST /api/tunnels/<id>/disconnect
     POST /api/block     {"kind": "hostname"|"key", "target": ..., "detail": ...}
     POST /api/unblock   {"kind": "hostname"|"key", "target": ..., "detail": ...}

@@ -18,6 +18,8 @@ Public API::
     blocks(store) -> dict                    # {"hostnames": [...], "keys": [...]}
     blocked_state(store, name=None, key=None) -> bool
     audit(store, limit=200) -> list[dict]
+    fleet(store, member, now=None) -> dict   # every instance of the fleet and every name
+                                             # bound anywhere (from the store's live registry)
     chart(history, now=None) -> dict         # {"t": [...], "in": [...], "out": [...]} bytes/s
     QueryError(ValueError)                   # a bad sort key, order or page; says which
 
@@ -37,6 +39,11 @@ MAX_PER_PAGE = 500
 MAX_QUERY_LEN = 300
 # The audit list shown: a screenful of recent history; the store keeps more (AUDIT_KEEP).
 MAX_AUDIT = 1000
+# The fleet view reads at most this many live binding rows and lists at most MAX_FLEET_NAMES
+# names (the busiest-looking first: most instances); the totals are always exact counts of
+# what was read.
+MAX_FLEET_ROWS = 20000
+MAX_FLEET_NAMES = 1000
 
 BINDING_SORTS = {
     "name": lambda r: r["name"],
@@ -243,3 +250,47 @@ def audit(store, limit: int = 200) -> list:
     if store is None:
         return []
     return [e._asdict() for e in store.audit_log(max(1, min(int(limit), MAX_AUDIT)))]
+
+
+def fleet(store, member, now: float | None = None) -> dict:
+    """The fleet as the store's live registry has it: instances (state "live", or "late" when a
+    heartbeat is overdue) and the names bound anywhere, with the instances holding them.
+
+    :raises lib.proxy.store.OwnershipError: the store cannot be read (the caller answers 503).
+    """
+    now = time.time() if now is None else now
+    interval = member.interval if member is not None else 5.0
+    rows = store.live_bindings(limit=MAX_FLEET_ROWS)
+    names: dict = {}
+    per_instance: dict = {}
+    for b in rows:
+        entry = names.setdefault(b.name, {"name": b.name, "protocols": set(), "instances": set(),
+                                          "tunnels": 0, "key": b.key})
+        entry["protocols"].add(b.protocol)
+        entry["instances"].add(b.instance)
+        entry["tunnels"] += 1
+        per_instance.setdefault(b.instance, set()).add(b.name)
+    instances = []
+    for i in store.instances():
+        age = max(0.0, now - i.heartbeat)
+        instances.append({
+            "id": i.id, "hostname": i.hostname, "addresses": i.addresses,
+            "fingerprint": i.fingerprint, "started": i.started, "heartbeat": i.heartbeat,
+            "age": age, "state": "live" if age <= 2 * interval else "late",
+            "this": member is not None and i.id == member.id,
+            "names": len(per_instance.get(i.id, ())), **{
+                k: i.stats.get(k, 0) for k in ("tunnels", "bindings", "connections",
+                                               "bytes_in", "bytes_out", "rate_in", "rate_out",
+                                               "streams_open")}})
+    blocks = store.blocks()
+    listed = sorted(names.values(), key=lambda e: (-len(e["instances"]), e["name"]))
+    return {
+        "store": store.describe(), "this": member.id if member is not None else None,
+        "reachable": member.reachable if member is not None else True,
+        "heartbeat_interval": interval, "instances": instances,
+        "names_total": len(names), "rows_read": len(rows), "truncated": len(rows) >= MAX_FLEET_ROWS,
+        "names": [{**e, "protocols": sorted(e["protocols"]), "instances": sorted(e["instances"]),
+                   "key_short": (e["key"] or "unsigned")[:16],
+                   "blocked": blocks.covering(e["name"]) is not None}
+                  for e in listed[:MAX_FLEET_NAMES]],
+    }

@@ -22,6 +22,7 @@ from flask import (Blueprint, abort, current_app, g, jsonify, redirect, render_t
 
 from lib.admin import auth, dashboard
 from lib.admin.metrics import render as render_metrics
+from lib.proxy.store import OwnershipError
 
 EXTENSION = "shroud_live"
 # The audit text an operator may attach to an action: a sentence, not a document.
@@ -43,12 +44,14 @@ class Live:
     fingerprint: str
     actions: Any
     prom: Any = None  # the Prometheus registry over this state (lib.admin.metrics)
+    fleet: Any = None  # this instance's lib.proxy.fleet.FleetMember, when it runs one
 
     @classmethod
     def of_proxy(cls, proxy) -> "Live":
         return cls(registry=proxy.registry, store=proxy.store,
                    hostname=getattr(proxy.config, "hostname", ""),
-                   fingerprint=proxy.fingerprint, actions=proxy)
+                   fingerprint=proxy.fingerprint, actions=proxy,
+                   fleet=getattr(proxy, "fleet", None))
 
 
 def live() -> Live:
@@ -58,6 +61,13 @@ def live() -> Live:
 @bp.errorhandler(dashboard.QueryError)
 def query_error(e):
     return jsonify(error=str(e)), 400
+
+
+@bp.errorhandler(OwnershipError)
+def store_error(e):
+    # The store (the fleet's database) cannot answer: say so; its message never holds a
+    # password (lib/proxy/store/postgres.py redact_url).
+    return jsonify(error=str(e)), 503
 
 
 # --- open ------------------------------------------------------------------------------------
@@ -131,6 +141,12 @@ def blocks_page():
     return _page("blocks.html", "blocks")
 
 
+@bp.get("/fleet")
+@auth.page
+def fleet_page():
+    return _page("fleet.html", "fleet")
+
+
 # --- JSON API: reading -----------------------------------------------------------------------
 
 @bp.get("/api/status")
@@ -195,6 +211,15 @@ def api_audit():
     except ValueError:
         raise dashboard.QueryError("limit must be an integer") from None
     return jsonify(items=dashboard.audit(live().store, limit))
+
+
+@bp.get("/api/fleet")
+@auth.api
+def api_fleet():
+    state = live()
+    if state.store is None:
+        return jsonify(error="this proxy has no store"), 404
+    return jsonify(dashboard.fleet(state.store, state.fleet))
 
 
 @bp.get("/metrics")

@@ -52,9 +52,10 @@ log = logging.getLogger("shroud.client")
 class TunnelError(Exception):
     """A tunnel could not be set up; ``permanent`` errors are not worth retrying soon."""
 
-    def __init__(self, message: str, permanent: bool = False):
+    def __init__(self, message: str, permanent: bool = False, reason: str | None = None):
         super().__init__(message)
         self.permanent = permanent
+        self.reason = reason  # the proxy's refusal code (lib.protocol.messages REASON_*)
 
 
 @dataclass
@@ -206,6 +207,7 @@ class TunnelRunner:
         self.session: Session | None = None
         self.bound: dict[str, str] = {}  # url -> service name
         self.refused: dict[str, str] = {}  # service name -> the proxy's reason
+        self.retry_soon: set[str] = set()  # refused only because the proxy's store was down
         self.streams_open = 0
         self.streams_total = 0
         self.bytes_in = 0
@@ -383,19 +385,29 @@ class TunnelRunner:
         for svc in services:
             try:
                 self._bind(session, svc, nonce)
+                self.retry_soon.discard(svc.name)
             except TunnelError as e:
                 if not e.permanent:
                     raise
                 refused[svc.name] = str(e)
-                log.error("tunnel %s: %s", self.proxy, e)
+                if e.reason == msg.REASON_STORE_UNAVAILABLE:
+                    self.retry_soon.add(svc.name)
+                    log.warning("tunnel %s: %s (asking again shortly)", self.proxy, e)
+                else:
+                    self.retry_soon.discard(svc.name)
+                    log.error("tunnel %s: %s", self.proxy, e)
         self.refused = dict(refused)
         return refused
 
     def _rebind_loop(self, session: Session, refused: dict, nonce) -> None:
         backoff = Backoff(base=5.0, cap=300.0)
+        # The proxy's store is down for a moment (store-unavailable): ask again within seconds
+        # rather than minutes; the proxy answers at once when it is back.
+        soon = Backoff(base=1.0, cap=10.0)
         pending = [s for s in self.client.config.services if s.name in refused]
         while pending and not session.closed:
-            gevent.sleep(backoff.next_delay())
+            transient = all(s.name in self.retry_soon for s in pending)
+            gevent.sleep(soon.next_delay() if transient else backoff.next_delay())
             if session.closed:
                 return
             try:
@@ -416,7 +428,7 @@ class TunnelRunner:
             raise TunnelError(f"proxy {self.proxy} answered Bind with {type(resp).__name__}")
         if resp.error:
             raise TunnelError(f"proxy {self.proxy} refused {svc.name}: {resp.error}",
-                              permanent=True)
+                              permanent=True, reason=resp.reason)
         self.bound[resp.url] = svc.name
         self.client.urls[resp.url] = svc
         log.info("tunnel %s bound %s -> %s:%d", self.proxy, resp.url, *svc.target)

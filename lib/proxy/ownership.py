@@ -69,8 +69,9 @@ from lib.protocol.messages import (REASON_BAD_REQUEST, REASON_INTERNAL, REASON_I
                                    REASON_NOT_ALLOWED, REASON_NOT_OWNER,
                                    REASON_SIGNATURE_REQUIRED)
 from lib.proxy.store.base import (AUDIT_KEEP, BLOCK_CACHE_TTL, KEY_RE as _KEY_RE, METHODS,
-                                  TOUCH_INTERVAL, AuditEntry, Block, ClaimLimits, ClaimRefused,
-                                  Ownership, OwnershipError, Store, StoreUnavailable,
+                                  TOUCH_INTERVAL, AuditEntry, Block, Blocks, ClaimLimits,
+                                  ClaimRefused, Ownership, OwnershipError, Store,
+                                  StoreUnavailable,
                                   canonical_key as _canonical_key, canonical_name,
                                   candidates as _candidates, short_key, when as _when)
 from lib.proxy.store.sqlite import (BUSY_TIMEOUT, DEFAULT_MAX_SIZE, SCHEMA_VERSION,
@@ -79,7 +80,7 @@ from lib.proxy.store.sqlite import (BUSY_TIMEOUT, DEFAULT_MAX_SIZE, SCHEMA_VERSI
 log = logging.getLogger("shroud.ownership")
 
 __all__ = ["AUDIT_KEEP", "BLOCK_CACHE_TTL", "BUSY_TIMEOUT", "DEFAULT_MAX_SIZE", "METHODS",
-           "SCHEMA_VERSION", "TOUCH_INTERVAL", "AllowList", "AuditEntry", "Block",
+           "SCHEMA_VERSION", "TOUCH_INTERVAL", "AllowList", "AuditEntry", "Block", "Blocks",
            "ClaimLimits", "ClaimRefused", "Decision", "Ownership", "OwnershipError",
            "OwnershipPolicy", "OwnershipStore", "Store", "StoreUnavailable", "canonical_name",
            "short_key"]

@@ -428,6 +428,38 @@
     refresh = poll(load);
   };
 
+  pages.fleet = function () {
+    async function load() {
+      const f = await getJSON('/api/fleet');
+      setText('#fleet-store', f.store + (f.reachable ? '' : ' (unreachable: showing the last answer)'));
+      setText('#n-instances', String(f.instances.length));
+      setText('#n-names', fmtInt(f.names_total) + (f.truncated ? '+' : ''));
+      $('#instances tbody').replaceChildren(...f.instances.map((i) => el('tr', { dataset: { instance: i.id } },
+        el('td', { class: 'mono', text: i.id + (i.this ? ' (this)' : '') }),
+        el('td', { text: i.hostname }),
+        el('td', {}, el('span', { class: 'badge' + (i.state === 'live' ? '' : ' blocked'), text: i.state })),
+        el('td', { class: 'mono wrap', text: Object.entries(i.addresses).map(([k, v]) => k + ' ' + v).join(', ') }),
+        el('td', { class: 'num', text: fmtInt(i.tunnels) }),
+        el('td', { class: 'num', text: fmtInt(i.names) }),
+        el('td', { class: 'num', text: fmtInt(i.connections) }),
+        el('td', { class: 'num', text: fmtRate(i.rate_in) + ' / ' + fmtRate(i.rate_out) }),
+        el('td', { title: fmtTime(i.heartbeat), text: fmtAgo(i.heartbeat) }))));
+      $('#fleet-empty').hidden = f.names.length > 0;
+      $('#fleet-names tbody').replaceChildren(...f.names.map((n) => el('tr', { dataset: { name: n.name } },
+        el('td', { class: 'name', text: n.name }),
+        el('td', { text: n.protocols.join(', ') }),
+        el('td', { class: 'key', title: n.key || 'unsigned', text: n.key_short }),
+        el('td', { class: 'mono wrap', text: n.instances.join(', ') }),
+        el('td', { class: 'num', text: fmtInt(n.tunnels) }),
+        el('td', { class: 'num' }, n.blocked ? el('span', { class: 'badge blocked', text: 'blocked' }) : el('button', {
+          class: 'btn danger ghost small block', text: 'Block',
+          onclick: () => act('Block ' + n.name + ' on every instance?', 'Visitors are refused and live bindings dropped on every proxy of the fleet; binds are refused.', 'Block',
+            '/api/block', { kind: 'hostname', target: n.name }, () => n.name + ' blocked fleet-wide'),
+        })))));
+    }
+    refresh = poll(load);
+  };
+
   document.addEventListener('DOMContentLoaded', () => {
     const fn = pages[document.body.dataset.page];
     if (fn) fn();

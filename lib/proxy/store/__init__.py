@@ -10,7 +10,7 @@ Public API::
 
     Store (lib.proxy.store.base): owner, covering_owner, owners, names_owned, claim, record,
         assign, release, touch_names, expire_claims, block_hostname, unblock_hostname,
-        block_key, unblock_key, is_blocked, blocked_name, blocked_hostnames, blocked_keys,
+        block_key, unblock_key, is_blocked, blocks, blocked_name, blocked_hostnames, blocked_keys,
         reload_blocks, wait_for_change, audit, audit_log, register_instance, heartbeat,
         deregister, expire_instances, instances, live_bindings, describe, close
     SqliteStore (lib.proxy.store.sqlite), PostgresStore (lib.proxy.store.postgres)
@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import os
 
-from lib.proxy.store.base import (AuditEntry, Block, ClaimLimits, ClaimRefused, Instance,
-                                  LiveBinding, Ownership, OwnershipError, Store,
+from lib.proxy.store.base import (AuditEntry, Block, Blocks, ClaimLimits, ClaimRefused,
+                                  Instance, LiveBinding, Ownership, OwnershipError, Store,
                                   StoreUnavailable)
 from lib.proxy.store.postgres import redact_url
 
 SQLITE_FILE = "ownership.sqlite3"
 
-__all__ = ["AuditEntry", "Block", "ClaimLimits", "ClaimRefused", "Instance", "LiveBinding",
-           "Ownership", "OwnershipError", "Store", "StoreUnavailable", "database_url_from_env",
-           "open_store", "redact_url", "SQLITE_FILE"]
+__all__ = ["AuditEntry", "Block", "Blocks", "ClaimLimits", "ClaimRefused", "Instance",
+           "LiveBinding", "Ownership", "OwnershipError", "Store", "StoreUnavailable",
+           "database_url_from_env", "open_store", "redact_url", "SQLITE_FILE"]
 
 
 def database_url_from_env(environ=os.environ) -> str | None:

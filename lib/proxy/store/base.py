@@ -108,6 +108,22 @@ class Block(NamedTuple):
     detail: str
 
 
+class Blocks(NamedTuple):
+    """The operator's blocks at one moment: canonical names and wildcards, and keys."""
+    names: frozenset = frozenset()
+    keys: frozenset = frozenset()
+
+    def covering(self, name: str) -> str | None:
+        """The block covering canonical ``name``: itself, else the most specific blocked
+        wildcard over it; None when it is not blocked."""
+        if not self.names:
+            return None
+        return next((c for c in candidates(name) if c in self.names), None)
+
+    def has_key(self, key: str | None) -> bool:
+        return key is not None and key.lower() in self.keys
+
+
 class AuditEntry(NamedTuple):
     time: float
     actor: str
@@ -191,8 +207,7 @@ class Store:
         self.limits = limits or ClaimLimits()
         self.watched = False  # a fleet watcher keeps the block cache fresh (no lazy reloads)
         self._blocks_loaded_at = float("-inf")
-        self._blocked_names: frozenset = frozenset()
-        self._blocked_keys: frozenset = frozenset()
+        self._blocks_cache = Blocks()
 
     # --- backend plumbing (overridden) -------------------------------------------------
     def _transaction(self, what: str, body: Callable):
@@ -455,9 +470,10 @@ class Store:
 
         changed = self._transaction("%s %s" % (action, target), body)
         # This instance sees its own change at once, without a read on anyone's path.
-        field = "_blocked_names" if table == "blocked_name" else "_blocked_keys"
-        current = getattr(self, field)
-        setattr(self, field, current | {target} if add else current - {target})
+        field = "names" if table == "blocked_name" else "keys"
+        current = getattr(self._blocks_cache, field)
+        self._blocks_cache = self._blocks_cache._replace(
+            **{field: current | {target} if add else current - {target}})
         return changed
 
     def block_hostname(self, name: str, actor: str, detail: str = "") -> bool:
@@ -484,38 +500,34 @@ class Store:
         :raises OwnershipError: (the cache keeps its previous contents)."""
         names = frozenset(r[0] for r in self._rows("SELECT name FROM blocked_name"))
         keys = frozenset(r[0] for r in self._rows("SELECT key FROM blocked_key"))
-        added = (names - self._blocked_names, keys - self._blocked_keys)
-        self._blocked_names, self._blocked_keys = names, keys
+        old = self._blocks_cache
+        self._blocks_cache = Blocks(names, keys)
         self._blocks_loaded_at = self._clock()
-        return added
+        return names - old.names, keys - old.keys
 
-    def _blocks(self) -> tuple:
-        """(blocked names, blocked keys) from memory; without a watcher, reloaded after
-        BLOCK_CACHE_TTL (a failed reload keeps the previous sets)."""
+    def blocks(self) -> Blocks:
+        """Every block, from memory; without a watcher, reloaded after BLOCK_CACHE_TTL (a
+        failed reload keeps the previous ones)."""
         if not self.watched and self._clock() - self._blocks_loaded_at >= BLOCK_CACHE_TTL:
             try:
                 self.reload_blocks()
             except OwnershipError:
                 self._blocks_loaded_at = self._clock()  # not again before the TTL
-        return self._blocked_names, self._blocked_keys
+        return self._blocks_cache
 
     def is_blocked(self, hostname: str | None = None, key: str | None = None) -> bool:
         """Whether ``hostname`` (or a blocked wildcard covering it) or ``key`` is blocked.
 
         Answered from memory: cheap enough for every public connection.
         """
-        if hostname is not None and self.blocked_name(canonical_name(hostname)):
+        blocks = self.blocks()
+        if hostname is not None and blocks.covering(canonical_name(hostname)) is not None:
             return True
-        if key is not None:
-            return canonical_key(key) in self._blocks()[1]
-        return False
+        return key is not None and blocks.has_key(canonical_key(key))
 
     def blocked_name(self, name: str) -> str | None:
         """The blocked pattern covering canonical ``name`` (itself or a wildcard), or None."""
-        blocked = self._blocks()[0]
-        if not blocked:
-            return None
-        return next((c for c in candidates(name) if c in blocked), None)
+        return self.blocks().covering(name)
 
     def blocked_hostnames(self) -> list:
         return [Block(*r) for r in self._rows(
