@@ -3,6 +3,7 @@
 
     python shroud_proxy.py --data-dir DIR --tunnel-addr :4443 --https-addr :443 --http-addr :80
     python shroud_proxy.py --data-dir DIR --print-fingerprint
+    python shroud_proxy.py migrate-store --data-dir DIR --database-url URL   # SQLite -> PostgreSQL
     gunicorn -c gunicorn.conf.py shroud_proxy:app      # same proxy under gunicorn's gevent worker
 
 Every option also comes from a SHROUD_* environment variable (``--tunnel-addr`` is
@@ -198,6 +199,11 @@ def app(environ, start_response):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["migrate-store"]:
+        from lib.proxy.store.migrate import main as migrate_store
+
+        return migrate_store(argv[1:])
     args = build_parser().parse_args(argv)
     if args.print_fingerprint:
         from lib.certs import cert_fingerprint, ensure_tunnel_cert

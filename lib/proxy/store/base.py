@@ -547,6 +547,50 @@ class Store:
             "SELECT time, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?",
             (int(limit),))]
 
+    # --- moving a store (lib/proxy/store/migrate.py) ------------------------------------
+    def import_records(self, owners, name_blocks, key_blocks, audit_entries) -> dict:
+        """Copy another store's records in, in one transaction; what is already here stays
+        (an owner here wins over the copy's). Idempotent: a second run copies nothing.
+
+        :returns: counts {"owners", "owners_present", "blocks", "blocks_present", "audit",
+            "audit_present"} and "conflicts": [(name, key here, key in the copy)].
+        """
+        def body(tx):
+            counts = dict.fromkeys(("owners", "owners_present", "blocks", "blocks_present",
+                                    "audit", "audit_present"), 0)
+            counts["conflicts"] = []
+            for o in owners:
+                if tx.execute("INSERT INTO ownership (%s) VALUES (?, ?, ?, ?, ?) ON CONFLICT "
+                              "(name) DO NOTHING" % _OWNER_COLUMNS, tuple(o)).rowcount:
+                    counts["owners"] += 1
+                    continue
+                counts["owners_present"] += 1
+                here = self._owner_row(tx, o.name)
+                if here.key != o.key:
+                    counts["conflicts"].append((o.name, here.key, o.key))
+            for table, column, blocks in (("blocked_name", "name", name_blocks),
+                                          ("blocked_key", "key", key_blocks)):
+                for b in blocks:
+                    added = tx.execute("INSERT INTO %s (%s, actor, since, detail) VALUES "
+                                       "(?, ?, ?, ?) ON CONFLICT DO NOTHING" % (table, column),
+                                       tuple(b)).rowcount
+                    counts["blocks" if added else "blocks_present"] += 1
+            for e in audit_entries:  # oldest first, so ids keep their order
+                present = tx.execute("SELECT 1 FROM audit WHERE time = ? AND actor = ? AND "
+                                     "action = ? AND target = ? AND detail = ?",
+                                     tuple(e)).fetchone()
+                if present:
+                    counts["audit_present"] += 1
+                    continue
+                tx.execute("INSERT INTO audit (time, actor, action, target, detail) VALUES "
+                           "(?, ?, ?, ?, ?)", tuple(e))
+                counts["audit"] += 1
+            if counts["blocks"]:
+                self._notify(tx, "blocks")
+            return counts
+
+        return self._transaction("import records", body)
+
     # --- the fleet's live registry -----------------------------------------------------
     def register_instance(self, instance: Instance) -> None:
         """Insert or replace this instance's row (its bindings are written separately)."""
