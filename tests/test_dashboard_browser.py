@@ -1,15 +1,18 @@
 """The dashboard in real headless Chromium (Debian's, driven by Playwright) against real
 processes: a proxy, clients (--tor none) and an HTTP origin, all on loopback.
 
-One story, in order, over one module-scoped world and one logged-in page:
-log in -> a hostname appears when a client binds -> byte counters and the chart move during a
-transfer (screenshots) -> block the hostname, the public is refused -> unblock -> disconnect
-the tunnel, the client reconnects and is served again -> the audit list shows it all -> log
-out. Screenshots land in artifacts/ (gitignored).
+Each test stands alone, in any order or by itself (``-k``): the proxy and origin are shared
+(module scope), but every test gets a fresh browser context (no cookies) and logs in through
+the form, starts the clients that bind the names it uses (names no other test uses) and stops
+them at its end, and undoes its blocks. The stories: log in; a hostname appears when a client
+binds; byte counters and the chart move during a transfer (screenshots); block a hostname and
+the public is refused; unblock, disconnect a tunnel (the client reconnects) and read the audit
+list; log out (and the old cookie is refused). Screenshots land in artifacts/ (gitignored).
 """
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import threading
 import time
@@ -17,7 +20,7 @@ import time
 import pytest
 from werkzeug.security import generate_password_hash
 
-from tests.support.procs import ROOT, ClientProc, OriginProc, ProxyProc
+from tests.support.procs import ADMIN_TOKEN, ROOT, ClientProc, OriginProc, ProxyProc
 from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
@@ -37,41 +40,92 @@ def world(tmp_path_factory):
     origin = OriginProc(str(d), name="origin")
     proxy = ProxyProc(str(d), str(d / "proxy-data"),
                       extra=["--admin-password-hash", generate_password_hash(PASSWORD)])
-    procs = [origin, proxy]
-    w = {"dir": d, "origin": origin, "proxy": proxy, "procs": procs}
+    try:
+        yield {"dir": d, "origin": origin, "proxy": proxy}
+    finally:
+        proxy.stop()
+        origin.stop()
 
-    def client(name, data_dir, pairs):
-        c = ClientProc(str(d), str(d / data_dir), pairs,
-                       [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
-                       name=name)
-        procs.append(c)
+
+@pytest.fixture
+def clients(world):
+    """start(name, data_dir, names) -> a client serving ``names`` from the origin; all of this
+    test's clients stop when it ends, and their tunnels leave the proxy."""
+    started = []
+
+    def start(name: str, data_dir: str, names: list[str]) -> ClientProc:
+        pairs = []
+        for n in names:
+            pairs += [f"http:{n}", f"127.0.0.1:{world['origin'].port}"]
+        c = ClientProc(str(world["dir"]), str(world["dir"] / data_dir), pairs,
+                       [f"127.0.0.1:{world['proxy'].ports['tunnel']}"],
+                       pins=[world["proxy"].fingerprint], name=name)
+        started.append(c)
         return c
 
-    w["client"] = client
-    try:
-        yield w
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    yield start
+    for c in reversed(started):
+        c.stop()
+    proxy = world["proxy"]
+    wait_for(lambda: not any(b["name"] in started_names(started)
+                             for b in proxy.status()["bindings"]), "this test's names to go")
+
+
+def started_names(procs) -> set:
+    return {a.split(":", 1)[1] for c in procs for a in c.argv if a.startswith("http:")}
 
 
 @pytest.fixture(scope="module")
-def page(world):
+def browser():
     from playwright.sync_api import sync_playwright
 
     os.makedirs(ARTIFACTS, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1440, "height": 1000})
-        pg = context.new_page()
-        pg.set_default_timeout(WAIT_MS)
-        errors = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.on("dialog", lambda dlg: dlg.dismiss())  # no native dialogs are expected
-        pg.errors = errors
-        yield pg
-        browser.close()
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def fresh_page(browser):
+    """A page in a new browser context (no cookies), not logged in."""
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(WAIT_MS)
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("dialog", lambda dlg: dlg.dismiss())  # no native dialogs are expected
+    yield pg
+    context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(world, fresh_page):
+    """A fresh page, logged in through the form, on the overview."""
+    log_in(world, fresh_page)
+    return fresh_page
+
+
+def log_in(world, pg, password: str = PASSWORD) -> None:
+    pg.goto(admin(world) + "/login")
+    pg.locator("#username").fill("admin")
+    pg.locator("#password").fill(password)
+    pg.locator("#login").click()
+    if password == PASSWORD:
+        pg.wait_for_url(admin(world) + "/")
+
+
+def api(world, method: str, path: str, body: dict | None = None) -> dict:
+    """The JSON API with the bearer token (for set-up and clean-up, not what is tested)."""
+    c = http.client.HTTPConnection("127.0.0.1", world["proxy"].ports["admin"], timeout=10)
+    try:
+        c.request(method, path, body=None if body is None else json.dumps(body),
+                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                           "Content-Type": "application/json"})
+        return json.loads(c.getresponse().read())
+    finally:
+        c.close()
 
 
 def admin(world) -> str:
@@ -124,43 +178,42 @@ class Transfer:
         self.thread.join(30)
 
 
-def test_login_is_required(world, page):
+def test_login_is_required(world, fresh_page, tmp_path):
+    page = fresh_page
     page.goto(admin(world) + "/")
     assert page.url.startswith(admin(world) + "/login")
     assert page.locator("#username").input_value() == ""  # never pre-filled
-    page.locator("#username").fill("admin")
-    page.locator("#password").fill("wrong password")
-    page.locator("#login").click()
+    log_in(world, page, password="wrong password")
     assert "Wrong user name or password" in page.locator("#login-error").inner_text()
-    page.locator("#username").fill("admin")
-    page.locator("#password").fill(PASSWORD)
-    page.locator("#login").click()
-    page.wait_for_url(admin(world) + "/")
-    page.locator("#stat-tunnels").filter(has_text="0").wait_for()
-    assert page.locator("#empty").is_visible()  # nothing bound yet, said plainly
+    log_in(world, page)
+    want = api(world, "GET", "/api/overview")
+    page.locator("#stat-tunnels").filter(has_text=str(want["tunnels"])).wait_for()
+    # The empty-state note shows exactly when nothing is bound (said plainly).
+    wait_for(lambda: page.locator("#empty").is_visible() == (
+        api(world, "GET", "/api/overview")["bindings"] == 0), "the empty-state note")
 
 
-def test_hostname_appears_when_a_client_binds(world, page):
-    origin = world["origin"].port
-    world["client"]("client-a", "client-a", [
-        "http:web.test", f"127.0.0.1:{origin}", "http:api.test", f"127.0.0.1:{origin}",
-        "http:static.test", f"127.0.0.1:{origin}"])
-    world["client"]("client-a2", "client-a", ["http:web.test", f"127.0.0.1:{origin}"])
-    world["client"]("client-b", "client-b", ["http:blog.test", f"127.0.0.1:{origin}"])
+def test_hostname_appears_when_a_client_binds(world, page, clients):
+    before = api(world, "GET", "/api/overview")
+    clients("client-a", "appear-a", ["web-appear.test", "api-appear.test", "static-appear.test"])
+    clients("client-a2", "appear-a", ["web-appear.test"])
+    clients("client-b", "appear-b", ["blog-appear.test"])
     # The page was open before the clients started: rows arrive by polling, no reload.
-    row = page.locator('#hostnames tr[data-name="web.test"]')
+    row = page.locator('#hostnames tr[data-name="web-appear.test"]')
     row.wait_for()
-    wait_for(lambda: row.locator("td").nth(2).inner_text() == "2", "web.test on 2 tunnels")
-    for name in ("api.test", "static.test", "blog.test"):
+    wait_for(lambda: row.locator("td").nth(2).inner_text() == "2", "web-appear on 2 tunnels")
+    for name in ("api-appear.test", "static-appear.test", "blog-appear.test"):
         page.locator(f'#hostnames tr[data-name="{name}"]').wait_for()
-    assert page.locator("#stat-bindings").inner_text() == "4"
-    assert page.locator("#stat-tunnels").inner_text() == "3"
+    wait_for(lambda: page.locator("#stat-bindings").inner_text() == str(before["bindings"] + 4),
+             "four more names in the header")
+    wait_for(lambda: page.locator("#stat-tunnels").inner_text() == str(before["tunnels"] + 3),
+             "three more tunnels in the header")
     # Server-side search.
-    page.locator("#search").fill("blog")
+    page.locator("#search").fill("blog-appear")
     wait_for(lambda: page.locator("#hostnames tbody tr").count() == 1, "search to filter")
     assert page.locator("#total").inner_text() == "1"
-    page.locator("#search").fill("")
-    wait_for(lambda: page.locator("#hostnames tbody tr").count() == 4, "search cleared")
+    page.locator("#search").fill("appear")
+    wait_for(lambda: page.locator("#hostnames tbody tr").count() == 4, "search widened")
 
 
 def _chart_sum(page, series: int = 2) -> float:
@@ -168,8 +221,11 @@ def _chart_sum(page, series: int = 2) -> float:
                          f".reduce((a, b) => a + (b || 0), 0)")
 
 
-def test_counters_and_chart_move_during_a_transfer(world, page):
-    page.goto(admin(world) + "/h/http/web.test")
+def test_counters_and_chart_move_during_a_transfer(world, page, clients):
+    clients("client-chart", "chart-a", ["chart.test"])
+    clients("client-chart2", "chart-a", ["chart.test"])
+    world["proxy"].wait_bound("chart.test", tunnels=2)
+    page.goto(admin(world) + "/h/http/chart.test")
     page.locator("#h-state").filter(has_text="bound").wait_for()
     page.locator('#tunnels tbody tr').nth(1).wait_for()  # both tunnels listed
     assert page.locator("#tunnels tbody tr").count() == 2
@@ -178,7 +234,7 @@ def test_counters_and_chart_move_during_a_transfer(world, page):
     before_chart = _chart_sum(page)
     canvas_before = page.evaluate("() => document.querySelector('#chart canvas').toDataURL()")
     seen = []
-    with Transfer(world, "web.test") as t:
+    with Transfer(world, "chart.test") as t:
         for _ in range(3):  # three successive polls, each higher than the last
             last = seen[-1] if seen else before_bytes
             wait_for(lambda: int(out.get_attribute("data-bytes")) > last,
@@ -191,7 +247,7 @@ def test_counters_and_chart_move_during_a_transfer(world, page):
         time.sleep(2.5)  # one more poll so the screenshot shows the transfer in flight
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-hostname.png"), full_page=True)
         page.goto(admin(world) + "/?sort=bytes&order=desc")
-        page.locator('#hostnames tr[data-name="web.test"]').wait_for()
+        page.locator('#hostnames tr[data-name="chart.test"]').wait_for()
         wait_for(lambda: _chart_sum(page) > 0, "the proxy-wide chart to show traffic")
         time.sleep(2.5)
         page.screenshot(path=os.path.join(ARTIFACTS, "dashboard-overview.png"), full_page=True)
@@ -199,58 +255,84 @@ def test_counters_and_chart_move_during_a_transfer(world, page):
     assert t.bytes > 0
     assert seen == sorted(seen) and seen[-1] > before_bytes
     # The busiest name sorts first; the proxy-wide counter moved too.
-    assert page.locator("#hostnames tbody tr").first.get_attribute("data-name") == "web.test"
+    wait_for(lambda: page.locator("#hostnames tbody tr").first.get_attribute("data-name")
+             == "chart.test", "the busiest name first")
     wait_for(lambda: int(page.locator("#stat-bytes-out").get_attribute("data-bytes")) >= t.bytes,
              "the proxy-wide out counter to count the whole transfer")
-    page.goto(admin(world) + "/h/http/web.test")
+    page.goto(admin(world) + "/h/http/chart.test")
     page.locator("#h-state").filter(has_text="bound").wait_for()
     wait_for(lambda: _chart_sum(page) > 0, "chart data")
     canvas_after = page.evaluate("() => document.querySelector('#chart canvas').toDataURL()")
     assert canvas_after != canvas_before  # pixels, not only data, changed
 
 
-def test_block_hostname_refuses_the_public(world, page):
-    assert public_get(world, "web.test")[0] == 200
+@pytest.fixture
+def unblock_after(world):
+    """Names this test may block: unblocked (through the API) when it ends, pass or fail."""
+    names = []
+    yield names
+    for name in names:
+        api(world, "POST", "/api/unblock", {"kind": "hostname", "target": name})
+
+
+def block_from_its_page(world, page, name: str, reason: str) -> None:
+    page.goto(admin(world) + f"/h/http/{name}")
+    page.locator("#h-state").filter(has_text="bound").wait_for()
     page.locator("#block-host").click()
-    confirm(page, "abuse report #42")
+    confirm(page, reason)
     page.locator("#h-state").filter(has_text="blocked").wait_for()
-    status, body = public_get(world, "web.test")
+
+
+def test_block_hostname_refuses_the_public(world, page, clients, unblock_after):
+    clients("client-block", "block-a", ["blocked.test", "sibling.test"])
+    world["proxy"].wait_bound("sibling.test")
+    world["proxy"].wait_bound("blocked.test")
+    assert public_get(world, "blocked.test")[0] == 200
+    unblock_after.append("blocked.test")
+    refused_before = api(world, "GET", "/api/overview")["refusals"].get("blocked", 0)
+    block_from_its_page(world, page, "blocked.test", "abuse report #41")
+    status, body = public_get(world, "blocked.test")
     assert status == 403 and b"blocked" in body
-    assert public_get(world, "api.test")[0] == 200  # the same tunnel's other names still work
+    assert public_get(world, "sibling.test")[0] == 200  # the same tunnel's other names work
     page.locator("#unblock-host").wait_for()
     page.goto(admin(world) + "/")
-    page.locator('#hostnames tr[data-name="api.test"]').wait_for()
-    assert page.locator('#hostnames tr[data-name="web.test"]').count() == 0  # routing dropped
+    page.locator('#hostnames tr[data-name="sibling.test"]').wait_for()
+    assert page.locator('#hostnames tr[data-name="blocked.test"]').count() == 0  # unrouted
+    assert api(world, "GET", "/api/overview")["refusals"]["blocked"] > refused_before
     assert "refused" in page.locator("#stat-refusals").inner_text()
     page.locator("#refusals").filter(has_text="blocked").wait_for()
 
 
-def test_unblock_disconnect_and_audit(world, page):
+def test_unblock_disconnect_and_audit(world, page, clients, unblock_after):
+    clients("client-audit", "audit-a", ["audit.test", "audit-side.test"])
+    world["proxy"].wait_bound("audit.test")
+    world["proxy"].wait_bound("audit-side.test")
+    unblock_after.append("audit.test")
+    block_from_its_page(world, page, "audit.test", "abuse report #42")
     page.goto(admin(world) + "/blocks")
-    row = page.locator('#blocked-hostnames tr[data-target="web.test"]')
+    row = page.locator('#blocked-hostnames tr[data-target="audit.test"]')
     row.wait_for()
     assert "abuse report #42" in row.inner_text()
     row.locator("button.unblock").click()
     confirm(page, "resolved")
     wait_for(lambda: row.count() == 0, "the block to go")
-    # The binding was dropped when blocked: the clients serve it again once they reconnect.
-    # Disconnect their tunnels from the tunnels page; they come back with backoff.
+    # The binding was dropped when blocked: the client serves it again once it reconnects.
+    # Disconnect its tunnel from the tunnels page; it comes back with backoff.
     page.goto(admin(world) + "/tunnels")
     body = page.locator("#tunnels tbody")
-    page.locator("#total").filter(has_text="3").wait_for()
-    assert "web.test" not in body.inner_text()  # dropped from routing when blocked
-    page.locator("#search").fill("static.test")  # client-a's tunnel, by one of its names
-    wait_for(lambda: body.locator("tr").count() == 1 and "static.test" in body.inner_text(),
-             "the search to find client-a's tunnel")
+    page.locator("#search").fill("audit-side.test")  # the client's tunnel, by its other name
+    wait_for(lambda: body.locator("tr").count() == 1 and "audit-side.test" in body.inner_text(),
+             "the search to find the client's tunnel")
+    assert "audit.test," not in body.inner_text()  # dropped from routing when blocked
     first = body.locator("tr").first
     tunnel_id = first.get_attribute("data-tunnel")
     first.locator("button.disconnect").click()
     confirm(page, "make it rebind")
     wait_for(lambda: page.locator(f'#tunnels tr[data-tunnel="{tunnel_id}"]').count() == 0,
              "the tunnel to leave the list")
-    # client-a reconnects, binds again, and the public is served.
-    world["proxy"].wait_bound("web.test", timeout=30)
-    wait_for(lambda: public_get(world, "web.test")[0] == 200, "web.test served again")
+    # The client reconnects, binds again, and the public is served.
+    world["proxy"].wait_bound("audit.test", timeout=30)
+    wait_for(lambda: public_get(world, "audit.test")[0] == 200, "audit.test served again")
     page.goto(admin(world) + "/blocks")
     audit = page.locator("#audit tbody")
     audit.locator("tr").nth(2).wait_for()
@@ -264,11 +346,22 @@ def test_unblock_disconnect_and_audit(world, page):
     assert all(r[1] == "admin" for r in rows[:3])
 
 
-def test_log_out(world, page):
-    page.goto(admin(world) + "/")
+def test_log_out(world, page, browser):
+    stolen = page.context.cookies()
     page.locator("#logout").click()
     page.wait_for_url(admin(world) + "/login")
     page.goto(admin(world) + "/tunnels")
     assert page.url.startswith(admin(world) + "/login")
     status = page.evaluate("async () => (await fetch('/api/overview')).status")
     assert status == 401
+    # The cookie from before the logout, put back into another browser, is refused too.
+    other = browser.new_context()
+    try:
+        other.add_cookies(stolen)
+        replay = other.new_page()
+        replay.goto(admin(world) + "/api/overview")
+        assert "authentication required" in replay.content()
+        replay.goto(admin(world) + "/")
+        assert replay.url.startswith(admin(world) + "/login")
+    finally:
+        other.close()
