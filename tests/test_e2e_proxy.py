@@ -11,11 +11,13 @@ import json
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import time
 
 import pytest
 
+from lib.client.tunnels import PP2_TYPE_SHROUD_PROXY
 from lib.identity import Identity
 from tests.support.origin import pattern
 from tests.support import visitor
@@ -50,15 +52,19 @@ def world(tmp_path_factory):
         "http:pp.test", f"127.0.0.1:{pp_origin.port}"],
         [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint], name="client-pp",
         extra=["--proxy-protocol", "v1"])
+    client_pp2 = ClientProc(str(d), str(d / "client-a"), [
+        "http:pp2.test", f"127.0.0.1:{pp_origin.port}"],
+        [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint], name="client-pp2",
+        extra=["--proxy-protocol", "v2"])
     w = dict(dir=d, ca=ca, ca_pem=ca_pem, origin_cert=cert_pem, tls_origin=tls_origin,
              http_origin=http_origin, proxy=proxy, client=client, tcp_port=tcp_port)
     try:
         for name in ("app.test", "*.wild.test", "web.test", "down.test", f"tcp:{tcp_port}",
-                     "pp.test"):
+                     "pp.test", "pp2.test"):
             proxy.wait_bound(name)
         yield w
     finally:
-        for p in (client, client_pp, proxy, tls_origin, http_origin, pp_origin):
+        for p in (client, client_pp, client_pp2, proxy, tls_origin, http_origin, pp_origin):
             p.stop()
 
 
@@ -175,15 +181,43 @@ def test_half_close_carried_end_to_end(world):
     assert hashlib.sha256(body).hexdigest().encode() in data
 
 
-def test_proxy_protocol_v1_gives_origin_the_public_peer(world):
+def peer_info_through_proxy(world, host):
+    """GET /peer for ``host`` on the proxy's http listener: (our local port, origin's answer)."""
     s = socket.create_connection(("127.0.0.1", world["proxy"].ports["http"]), timeout=30)
     local_port = s.getsockname()[1]
-    s.sendall(b"GET /peer HTTP/1.1\r\nHost: pp.test\r\nConnection: close\r\n\r\n")
+    s.sendall(b"GET /peer HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode())
     data = b""
     while chunk := s.recv(65536):
         data += chunk
-    info = json.loads(data.split(b"\r\n\r\n", 1)[1])
-    assert info["proxy_header"].startswith(f"PROXY TCP4 127.0.0.1 127.0.0.1 {local_port} ")
+    s.close()
+    return local_port, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_proxy_protocol_v1_gives_origin_the_visitor_and_the_public_listener(world):
+    local_port, info = peer_info_through_proxy(world, "pp.test")
+    # Source: the visitor's socket; destination: the proxy's public listener it connected to.
+    assert info["proxy_header"] == \
+        f"PROXY TCP4 127.0.0.1 127.0.0.1 {local_port} {world['proxy'].ports['http']}\r\n"
+
+
+def test_proxy_protocol_v2_end_to_end(world):
+    proxy = world["proxy"]
+    local_port, info = peer_info_through_proxy(world, "pp2.test")
+    assert info["proxy_header"].startswith("v2:"), info
+    raw = bytes.fromhex(info["proxy_header"][3:])
+    assert raw[:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+    assert raw[12:14] == b"\x21\x11"  # version 2 PROXY, TCP over IPv4
+    length = struct.unpack(">H", raw[14:16])[0]
+    body = raw[16:]
+    assert len(body) == length
+    src, dst = socket.inet_ntoa(body[0:4]), socket.inet_ntoa(body[4:8])
+    src_port, dst_port = struct.unpack(">HH", body[8:12])
+    assert (src, src_port) == ("127.0.0.1", local_port)
+    assert (dst, dst_port) == ("127.0.0.1", proxy.ports["http"])
+    tlv_type, tlv_len = struct.unpack(">BH", body[12:15])
+    assert tlv_type == PP2_TYPE_SHROUD_PROXY
+    assert body[15:15 + tlv_len].decode() == f"127.0.0.1:{proxy.ports['tunnel']}"
+    assert 15 + tlv_len == length
 
 
 def test_hostile_inputs_refused_within_deadline_others_unharmed(world):

@@ -707,3 +707,14 @@ def test_worked_example_in_protocol_doc():
         b'"Subdomain":""},"Extra":{"sig":"SC6dV/6Tr7WfSofGbV3g2SSUjnQxA+IYZ4TA2p3G29MOy/9K7kqL'
         b'buONF+AeHvDEu1iWShMyq1k8erIDZsQ1Aw==","to":"' + PROXY.encode() + b'"}}}')
     assert verify_bind(client.public_key_b64, bind.extra["sig"], payload)
+
+
+def test_start_proxy_public_addr_is_shroud_only_and_ignored_by_go(go_repack):
+    plain = StartProxy("http://a.test", "203.0.113.7:51514")
+    told = StartProxy("http://a.test", "203.0.113.7:51514", public_addr="198.51.100.1:80")
+    assert pack(plain) == (b'{"Type":"StartProxy","Payload":{"Url":"http://a.test",'
+                           b'"ClientAddr":"203.0.113.7:51514"}}')  # go-tunnel's two fields
+    assert pack(told) == pack(plain)[:-2] + b',"PublicAddr":"198.51.100.1:80"}}'
+    assert unpack(pack(told)) == told and unpack(pack(plain)) == plain
+    # A go-tunnel client decodes it and sees its own two fields.
+    assert go_repack([told]) == [pack(plain)]

@@ -476,7 +476,8 @@ class TunnelRunner:
             if cfg.proxy_protocol:
                 try:
                     local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
-                                                        local.getsockname(), str(self.proxy)))
+                                                        _destination(start, local),
+                                                        str(self.proxy)))
                 except (OSError, struct.error) as e:
                     log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
                     stream.reset(ErrorCode.CANCEL)
@@ -538,6 +539,18 @@ def connect_local(target: tuple[str, int], timeout: float):
 # receivers that do not know it skip it by its length.
 PP2_TYPE_SHROUD_PROXY = 0xE0
 _PP2_MAX_TLV = 255  # a host:port or wss:// URL; a longer one is cut, the header stays small
+
+
+def _destination(start: msg.StartProxy, local) -> tuple:
+    """The PROXY header's destination: the proxy's public listener the visitor connected to
+    (StartProxy.PublicAddr); a proxy that does not say (go-tunnel) leaves only our own end of
+    the connection to the origin."""
+    if start.public_addr:
+        try:
+            return parse_hostport(start.public_addr, what="StartProxy.PublicAddr")
+        except ValueError:
+            pass
+    return local.getsockname()
 
 
 def proxy_protocol_header(version: str, client_addr: str, local_addr,

@@ -20,7 +20,7 @@ Public API::
     Bind(protocol, hostname="", subdomain="", remote_port=None, extra=None, auth=None)
                   .signature -> bytes | None, .proxy_id -> str | None, .signed_name -> str
     BindResp(url, protocol="", error="", extra=None)             .reason -> str | None
-    StartProxy(url, client_addr)
+    StartProxy(url, client_addr, public_addr=None)
     Message = Auth | AuthResp | Bind | BindResp | StartProxy
 
     encode(msg) -> bytes                       # length prefix + JSON
@@ -414,21 +414,30 @@ class BindResp:
 @dataclass
 class StartProxy:
     """Proxy -> client, the first bytes of every stream the proxy opens. ``client_addr`` is the
-    public peer's "ip:port" (go-tunnel's StartProxy has no Extra)."""
+    public peer's "ip:port" (go-tunnel's StartProxy has no Extra). ``public_addr`` is Shroud's
+    addition: the "ip:port" of the proxy's public listener the peer connected to (the
+    destination of a PROXY protocol header); written only when set, so a go-tunnel client sees
+    exactly go-tunnel's two fields, and a reader that does not know it ignores it."""
     url: str
     client_addr: str
+    public_addr: str | None = None
 
     TYPE = "StartProxy"
 
     def _payload(self) -> _Struct:
-        return _Struct([("Url", _check_str(self.url, "StartProxy.url")),
-                        ("ClientAddr", _check_str(self.client_addr, "StartProxy.client_addr"))])
+        fields = [("Url", _check_str(self.url, "StartProxy.url")),
+                  ("ClientAddr", _check_str(self.client_addr, "StartProxy.client_addr"))]
+        if self.public_addr is not None:
+            fields.append(("PublicAddr", _check_str(self.public_addr, "StartProxy.public_addr")))
+        return _Struct(fields)
 
     @classmethod
     def _from_payload(cls, payload: Any) -> StartProxy:
-        found = _fields(payload, ("Url", "ClientAddr"), "StartProxy")
+        found = _fields(payload, ("Url", "ClientAddr", "PublicAddr"), "StartProxy")
+        public = _string(found, "PublicAddr", "StartProxy", required=False)
         return cls(url=_string(found, "Url", "StartProxy"),
-                   client_addr=_string(found, "ClientAddr", "StartProxy"))
+                   client_addr=_string(found, "ClientAddr", "StartProxy"),
+                   public_addr=public or None)
 
 
 Message = Union[Auth, AuthResp, Bind, BindResp, StartProxy]

@@ -621,11 +621,14 @@ class ProxyServer:
                          ALERT_INTERNAL_ERROR)
             return
         client_addr = format_hostport(*address[:2])  # "[v6]:port", as Go's net.Addr writes it
+        # Only a Shroud client (it has a key) is told the listener: go-tunnel's StartProxy has
+        # exactly two fields, and the original client is checked byte for byte against it.
+        public_addr = _public_addr(sock) if tunnel.key is not None else None
         stream = None
         try:
             stream = tunnel.session.open()
-            stream.sendall(msg.encode(msg.StartProxy(url=binding.url, client_addr=client_addr))
-                           + peeked)
+            stream.sendall(msg.encode(msg.StartProxy(url=binding.url, client_addr=client_addr,
+                                                     public_addr=public_addr)) + peeked)
         except MuxError as e:
             registry.count_refusal("tunnel_lost", binding)
             log.info("stream to tunnel %d failed: %s", tunnel.id, e)
@@ -757,6 +760,14 @@ def _send_quietly(sock, data: bytes) -> None:
         sock.sendall(data)
     except OSError:
         pass
+
+
+def _public_addr(sock) -> str | None:
+    """The "ip:port" of the listener a public connection arrived on (StartProxy.PublicAddr)."""
+    try:
+        return format_hostport(*sock.getsockname()[:2])
+    except (OSError, AttributeError, TypeError):  # a wrapped or already closed socket
+        return None
 
 
 def _redirect_to_https(name: str, head: bytes) -> bytes:
