@@ -15,6 +15,7 @@ import ssl
 import time
 
 import pytest
+from werkzeug.security import generate_password_hash
 
 from tests.support.origin import pattern
 from tests.support.procs import PY, ROOT, ClientProc, OriginProc, Proc, free_port, wait_port
@@ -23,6 +24,7 @@ from tests.support.visitor import tls_site, ws_echo, ws_upgrade
 pytestmark = pytest.mark.timeout(300)
 
 TOKEN = "procfile-test-token"
+DASH_PASSWORD = "procfile-dashboard-password"
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 
 
@@ -104,7 +106,9 @@ def platform(tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHROUD_")}
         env.update(PORT=str(port), PATH=VENV_BIN + os.pathsep + env.get("PATH", ""),
                    SHROUD_DATA_DIR=str(d / "proxy-data"), SHROUD_HOSTNAME="localhost",
-                   SHROUD_ADMIN_TOKEN=TOKEN, SHROUD_PEEK_TIMEOUT="3")
+                   SHROUD_ADMIN_TOKEN=TOKEN, SHROUD_PEEK_TIMEOUT="3",
+                   SHROUD_ADMIN_PASSWORD_HASH=generate_password_hash(DASH_PASSWORD,
+                                                                     "pbkdf2:sha256:1000"))
         web = Proc("honcho", [os.path.join(VENV_BIN, "honcho"), "start", "-f", "Procfile",
                               "-p", str(port)], str(d), env=env)
         procs.append(web)
@@ -417,3 +421,39 @@ def test_quiet_tunnel_survives_router_idle_timeout(platform):
     finally:
         client.stop()
         front5.stop()
+
+
+def _dashboard_login(w, source: str, password: str, forwarded: str) -> int:
+    """A login through the front from loopback address ``source``, with a visitor-supplied
+    X-Forwarded-For (nginx appends the address it saw after it)."""
+    c = front_conn(w, "localhost", source=source)
+    try:
+        c.request("GET", "/login")
+        r = c.getresponse()
+        page = r.read()
+        cookie = r.getheader("Set-Cookie").split(";", 1)[0]
+        token = page.split(b'name="csrf_token" value="', 1)[1].split(b'"', 1)[0].decode()
+    finally:
+        c.close()
+    c = front_conn(w, "localhost", source=source)
+    try:
+        form = f"username=admin&password={password}&csrf_token={token}&next=/"
+        c.request("POST", "/login", body=form, headers={
+            "Cookie": cookie, "X-Forwarded-For": forwarded,
+            "Content-Type": "application/x-www-form-urlencoded"})
+        r = c.getresponse()
+        r.read()
+        return r.status
+    finally:
+        c.close()
+
+
+def test_dashboard_login_throttle_keys_on_the_routers_entry(platform):
+    """One-port mode: the router's X-Forwarded-For entry (the last) names the client, so what
+    a guesser forges before it buys no fresh window, and the operator behind the same router
+    at another address is not locked out (issue 11 item 10)."""
+    answers = [_dashboard_login(platform, "127.0.0.3", f"guess{i}", f"198.51.100.{i}")
+               for i in range(21)]
+    assert answers == [401] * 20 + [429], answers
+    assert _dashboard_login(platform, "127.0.0.3", DASH_PASSWORD, "192.0.2.1") == 429
+    assert _dashboard_login(platform, "127.0.0.4", DASH_PASSWORD, "198.51.100.0") == 302
