@@ -231,7 +231,7 @@ def test_login_throttle_forgets_clients_past_its_bound():
     t.overall.limit = 10 ** 6  # only the per-client table is under test here
     for n in range(MAX_THROTTLED_CLIENTS + 100):
         t.failed(f"client-{n}")
-    assert len(t.clients) == MAX_THROTTLED_CLIENTS
+    assert len(t.clients) == MAX_THROTTLED_CLIENTS and t.forgotten == 100
     assert t.allowed("client-0") and not t.allowed(f"client-{MAX_THROTTLED_CLIENTS + 99}")
 
 

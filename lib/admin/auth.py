@@ -124,6 +124,7 @@ class LoginThrottle:
         self.clock = clock
         self.clients: OrderedDict[str, _Window] = OrderedDict()
         self.overall = _Window(limit * OVERALL_FACTOR)
+        self.forgotten = 0  # clients dropped from the LRU while their window may be open
 
     def allowed(self, client: str = "") -> bool:
         now = self.clock()
@@ -137,6 +138,7 @@ class LoginThrottle:
         self.clients[client] = window
         while len(self.clients) > MAX_THROTTLED_CLIENTS:
             self.clients.popitem(last=False)
+            self.forgotten += 1
         self.overall.add(now)
 
 
