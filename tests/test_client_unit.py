@@ -91,3 +91,24 @@ def test_backoff_grows_with_jitter_and_caps():
     assert [b.next_delay() for _ in range(4)] == [0.5, 1.0, 2.0, 4.0]
     b.reset()
     assert b.next_delay() == 0.5
+
+
+@pytest.mark.parametrize("name, url, ok", [
+    ("http:a.test", "http://a.test", True),
+    ("http:a.test", "HTTP://A.Test:80", True),
+    ("http:a.test", "http://b.test", False),  # issue 11 item 8: another service's URL
+    ("http:a.test", "tls://a.test", False),
+    ("http:a.test", "http://a.test/x", False),
+    ("http:a.test", "a.test", False),
+    ("a.test", "tls://a.test", True),
+    ("a.test", "https://a.test", True),
+    ("a.test", "http://a.test", False),
+    ("http:*.a.test", "http://*.a.test", True),
+    ("http:*.a.test", "http://x.a.test", False),
+    ("tcp:2001", "tcp://proxy.example:2001", True),
+    ("tcp:2001", "tcp://proxy.example:2002", False),
+    ("tcp:2001", "tcp://:2001", False),
+    ("tcp:2001", "http://proxy.example:2001", False),
+])
+def test_a_bind_answer_must_name_what_was_asked(name, url, ok):
+    assert Service.parse(name, "127.0.0.1:1").answers_bind(url) is ok

@@ -41,7 +41,10 @@ from werkzeug.security import generate_password_hash
 
 from lib.identity import Identity
 from lib.protocol import messages as msg
-from tests.support.procs import ADMIN_TOKEN, PY, ClientProc, OriginProc, Proc, ProxyProc
+from lib.certs import cert_fingerprint, ensure_tunnel_cert
+from tests.support.procs import (ADMIN_TOKEN, PY, ClientProc, OriginProc, Proc, ProxyProc,
+                                 free_port, wait_port)
+from tests.support.visitor import http_get
 from tests.support.rawtunnel import RawTunnel
 from tests.support.wait import wait_for
 
@@ -314,6 +317,50 @@ def test_a_relaying_proxy_cannot_bind_the_clients_name_elsewhere(mitm_world, tmp
     finally:
         client.stop()
         relay.close()
+
+
+# --- a hostile proxy cannot re-route the client's services on honest proxies ------------------
+
+def test_a_lying_bind_answer_does_not_reroute_services_on_other_proxies(mitm_world, tmp_path):
+    """Issue 11 item 8. A proxy the client uses answers the bind for a.test with the URL
+    http://b.test. The client must not believe it: visitors of b.test through an honest proxy
+    still reach b.test's target, never a.test's. The hostile proxy comes up after the honest
+    one has bound both names, so its answer is the last one the client hears."""
+    w = mitm_world
+    proxy = w["proxy"]
+    a_log = tmp_path / "a-origin.jsonl"
+    a_log.write_text("")
+    a_port, evil_port = free_port(), free_port()
+    a_origin = Proc("a-origin", [PY, "tests/support/hostile_origin.py", "--port", str(a_port),
+                                 "--log", str(a_log)], str(tmp_path))
+    evil = client = None
+    try:
+        wait_port(a_port)
+        # The hostile proxy's certificate (and pin) exists before it listens.
+        evil_cert, _ = ensure_tunnel_cert(str(tmp_path / "evil-data"))
+        client = ClientProc(str(tmp_path), str(tmp_path / "client"),
+                            ["http:a.test", f"127.0.0.1:{a_port}",
+                             "http:b.test", f"127.0.0.1:{w['origin'].port}"],
+                            [f"127.0.0.1:{proxy.ports['tunnel']}", f"127.0.0.1:{evil_port}"],
+                            pins=[proxy.fingerprint, cert_fingerprint(evil_cert)])
+        proxy.wait_bound("a.test")
+        proxy.wait_bound("b.test")
+        evil = Proc("evil-proxy", [PY, "tests/support/evil_proxy.py", "--port", str(evil_port),
+                                   "--data-dir", str(tmp_path / "evil-data"),
+                                   "--answer", "a.test=http://b.test",
+                                   "--answer", "b.test=http://elsewhere.test"], str(tmp_path))
+        evil.wait_log("answered a.test with http://b.test")
+        # The client has read that answer once it has asked the next name (b.test) too.
+        evil.wait_log("answered b.test with http://elsewhere.test")
+        for _ in range(3):
+            assert http_get(proxy.ports["http"], "b.test") == (200, b"hello from origin\n")
+        assert a_log.read_text() == "", "b.test's visitors reached a.test's target"
+        assert http_get(proxy.ports["http"], "a.test") == (200, b"hijacked\n")  # a.test's own
+        wait_log(client, r"answered the bind for a\.test with 'http://b\.test', which is not")
+    finally:
+        for p in (client, evil, a_origin):
+            if p is not None:
+                p.stop()
 
 
 # --- bind nonces: one per session, so a signed Bind cannot be replayed ------------------------

@@ -87,6 +87,25 @@ class Service:
             return cls("tcp", f"tcp:{int(rest)}", tgt, int(rest))
         return cls(proto, sniff.normalize_hostname(rest, allow_wildcard=True), tgt)
 
+    def answers_bind(self, url: str) -> bool:
+        """Whether ``url`` (a proxy's BindResp.Url) names what this service asked for: its
+        protocol and name (``tls://NAME``, ``http://NAME``, a port allowed), or for
+        ``tcp:PORT`` a ``tcp://HOST:PORT`` on any host (the proxy's public name)."""
+        scheme, sep, rest = url.partition("://")
+        scheme = scheme.lower()
+        if not sep or not rest:
+            return False
+        if self.protocol == "tcp":
+            host, _, port = rest.rpartition(":")
+            return scheme == "tcp" and bool(host) and port.isdigit() \
+                and int(port) == self.remote_port
+        if scheme not in (("tls", "https") if self.protocol == "tls" else ("http",)):
+            return False
+        try:
+            return sniff.normalize_hostname(rest, allow_wildcard=True) == self.name
+        except ValueError:
+            return False
+
     def bind_message(self, nonce: bytes | None, identity, proxy_id: str | None = None) -> msg.Bind:
         """The Bind for this service: signed over the proxy's nonce and ``proxy_id`` (the
         proxy this client verified, lib.protocol.messages.proxy_id_for_*) when both are known, else
@@ -206,6 +225,9 @@ class TunnelRunner:
         self.error: str | None = None
         self.session: Session | None = None
         self.bound: dict[str, str] = {}  # url -> service name
+        # url -> service, for this connection's streams only: what one proxy answers must not
+        # route another proxy's streams (docs/SECURITY.md, "A proxy operator").
+        self.urls: dict[str, Service] = {}
         self.refused: dict[str, str] = {}  # service name -> the proxy's reason
         self.retry_soon: set[str] = set()  # refused only because the proxy's store was down
         self.streams_open = 0
@@ -352,6 +374,7 @@ class TunnelRunner:
         finally:
             session.close()
             self.bound.clear()
+            self.urls.clear()
             self.session = None
 
     def _auth(self, session: Session) -> bytes | None:
@@ -429,8 +452,16 @@ class TunnelRunner:
         if resp.error:
             raise TunnelError(f"proxy {self.proxy} refused {svc.name}: {resp.error}",
                               permanent=True, reason=resp.reason)
+        if not svc.answers_bind(resp.url):
+            raise TunnelError(f"proxy {self.proxy} answered the bind for {svc.name} with "
+                              f"{resp.url[:200]!r}, which is not what was asked: not used",
+                              permanent=True)
+        if self.urls.get(resp.url, svc) is not svc:
+            raise TunnelError(f"proxy {self.proxy} answered the bind for {svc.name} with "
+                              f"{resp.url[:200]!r}, already bound for "
+                              f"{self.urls[resp.url].name}: not used", permanent=True)
         self.bound[resp.url] = svc.name
-        self.client.urls[resp.url] = svc
+        self.urls[resp.url] = svc
         log.info("tunnel %s bound %s -> %s:%d", self.proxy, resp.url, *svc.target)
 
     def _serve(self, session: Session) -> None:
@@ -461,7 +492,7 @@ class TunnelRunner:
                 stream.reset(ErrorCode.PROTOCOL_ERROR)
                 return
             stream.settimeout(None)
-            svc = self.client.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
+            svc = self.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
             if svc is None:
                 log.warning("stream for unknown url %r from %s", getattr(start, "url", None),
                             self.proxy)
@@ -590,7 +621,6 @@ class Client:
         if not config.proxies:
             raise ValueError("no proxies to connect to")
         self.config = config
-        self.urls: dict[str, Service] = {}
         self.runners = [TunnelRunner(self, p, i) for i, p in enumerate(config.proxies)]
         self.on_change = on_change
         self.on_connected: Callable | None = None  # (runner) once a tunnel is online
