@@ -32,6 +32,12 @@ def world(tmp_path_factory):
     pki = visitor.tls_site(d, "app.test", "*.wild.test")
     ca, ca_pem, cert_pem, key_pem = pki.ca, pki.ca_pem, pki.cert_pem, pki.key_pem
     tls_origin = OriginProc(str(d), tls=(cert_pem, key_pem), name="tls-origin")
+    # A second TLS name on the same tunnel, with its own CA, certificate and body: SNI routing
+    # is seen to pick the right origin, not just an origin.
+    (d / "site-b").mkdir()
+    pki_b = visitor.tls_site(d / "site-b", "other.test")
+    tls_origin_b = OriginProc(str(d), tls=(pki_b.cert_pem, pki_b.key_pem), name="tls-origin-b",
+                              hello="hello from origin b")
     http_origin = OriginProc(str(d), name="http-origin")
     pp_origin = OriginProc(str(d), name="pp-origin", proxy_protocol=True)
     tcp_port = free_port()
@@ -43,6 +49,7 @@ def world(tmp_path_factory):
                              "--allowlist", str(allowlist)])
     client = ClientProc(str(d), str(d / "client-a"), [
         "app.test", f"127.0.0.1:{tls_origin.port}",
+        "other.test", f"127.0.0.1:{tls_origin_b.port}",
         "*.wild.test", f"127.0.0.1:{tls_origin.port}",
         "http:web.test", f"127.0.0.1:{http_origin.port}",
         "http:down.test", f"127.0.0.1:{free_port()}",
@@ -57,14 +64,16 @@ def world(tmp_path_factory):
         [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint], name="client-pp2",
         extra=["--proxy-protocol", "v2"])
     w = dict(dir=d, ca=ca, ca_pem=ca_pem, origin_cert=cert_pem, tls_origin=tls_origin,
-             http_origin=http_origin, proxy=proxy, client=client, tcp_port=tcp_port)
+             http_origin=http_origin, proxy=proxy, client=client, tcp_port=tcp_port,
+             pki_b=pki_b)
     try:
         for name in ("app.test", "*.wild.test", "web.test", "down.test", f"tcp:{tcp_port}",
-                     "pp.test", "pp2.test"):
+                     "pp.test", "pp2.test", "other.test"):
             proxy.wait_bound(name)
         yield w
     finally:
-        for p in (client, client_pp, client_pp2, proxy, tls_origin, http_origin, pp_origin):
+        for p in (client, client_pp, client_pp2, proxy, tls_origin, tls_origin_b, http_origin,
+                  pp_origin):
             p.stop()
 
 
@@ -179,6 +188,25 @@ def test_half_close_carried_end_to_end(world):
         data += chunk
     assert data.startswith(b"HTTP/1.1 200")
     assert hashlib.sha256(body).hexdigest().encode() in data
+
+
+def test_sni_routes_each_name_to_its_own_origin(world):
+    w = world
+    a_status, a_body, a_der = https_get(w, "app.test")
+    b_status, b_body, b_der = visitor.https_get(w["pki_b"].ca_pem, w["proxy"].ports["https"],
+                                               "other.test")
+    assert (a_status, a_body) == (200, b"hello from origin\n")
+    assert (b_status, b_body) == (200, b"hello from origin b\n")
+    assert a_der == open_der(w["origin_cert"]) and b_der == open_der(w["pki_b"].cert_pem)
+    assert a_der != b_der
+    # Each name's certificate verifies only against its own CA: the visitor reached origin b.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        visitor.https_get(w["ca_pem"], w["proxy"].ports["https"], "other.test")
+
+
+def open_der(pem_path: str) -> bytes:
+    with open(pem_path) as f:
+        return ssl.PEM_cert_to_DER_cert(f.read())
 
 
 def peer_info_through_proxy(world, host):

@@ -2,7 +2,7 @@
 
     python tests/support/origin.py --port 0 [--tls CERT KEY] --port-file FILE
 
-Endpoints: GET /hello, GET /bytes/N (N deterministic bytes), POST /sha256 (hash of the body),
+Endpoints: GET /hello ("hello from origin" or --hello TEXT), GET /bytes/N (N deterministic bytes), POST /sha256 (hash of the body),
 GET /peer (what the origin saw: PROXY header and peer address), GET /ws (WebSocket echo).
 With --proxy-protocol, a PROXY v1/v2 header is expected at the start of every connection.
 """
@@ -39,7 +39,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/hello":
-            self._send(200, b"hello from origin\n")
+            self._send(200, self.server.hello)
         elif self.path.startswith("/bytes/"):
             n = int(self.path.split("/")[2])
             self.send_response(200)
@@ -114,6 +114,7 @@ class Server(http.server.ThreadingHTTPServer):
         self.tls_ctx = tls_ctx
         self.expect_proxy = expect_proxy
         self.proxy_headers = {}
+        self.hello = b"hello from origin\n"
 
     def finish_request(self, request, client_address):
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -154,6 +155,7 @@ def main():
     p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     p.add_argument("--port-file")
     p.add_argument("--proxy-protocol", action="store_true")
+    p.add_argument("--hello", default="hello from origin", help="the body of GET /hello")
     a = p.parse_args()
     ctx = None
     if a.tls:
@@ -161,6 +163,7 @@ def main():
         ctx.load_cert_chain(*a.tls)
         ctx.set_alpn_protocols(["http/1.1"])
     srv = Server(("127.0.0.1", a.port), Handler, ctx, a.proxy_protocol)
+    srv.hello = a.hello.encode() + b"\n"
     port = srv.server_address[1]
     if a.port_file:
         with open(a.port_file + ".tmp", "w") as f:

@@ -185,9 +185,11 @@ class ClientProc(Proc):
 
 class OriginProc(Proc):
     def __init__(self, logdir: str, tls: tuple[str, str] | None = None, name: str = "origin",
-                 proxy_protocol: bool = False):
+                 proxy_protocol: bool = False, hello: str | None = None):
         self.port = free_port()
         argv = [PY, "tests/support/origin.py", "--port", str(self.port)]
+        if hello is not None:
+            argv += ["--hello", hello]
         if tls:
             argv += ["--tls", *tls]
         if proxy_protocol:
