@@ -21,8 +21,11 @@ import pytest
 from lib.protocol import messages as msg
 from lib.errors import ErrorCode, MuxError
 from lib.identity import Identity
+from lib.protocol import muxframe as fr
+from lib.protocol import muxstate as mp
 from tests.support.procs import ClientProc, OriginProc, ProxyProc
 from tests.support.rawtunnel import RawTunnel
+from tests.support.rawmux import RawPeer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -399,3 +402,155 @@ def test_claimed_key_without_proof_neither_counts_nor_evicts(world):
     finally:
         for a in squatters:
             a.close()
+
+
+# --- hostile tunnel sessions: the multiplexer's own bounds (docs/SECURITY.md, "Tunnel sessions")
+
+# DATA of one byte on 4,096 stream ids below 99,999 that were never opened: each id used to
+# cost a decode and a 12-byte RST (the proxy answers once per id among those answered lately).
+RST_BAIT = b"".join(fr.encode_data(3 + 2 * i, b"x") for i in range(4096))
+BAIT_SYN = fr.encode(fr.Syn(99999))  # makes every lower odd id "closed" rather than "idle"
+
+
+def _flood(peers: list[RawPeer], block: bytes, times: int, seconds: float = 30.0) -> int:
+    """Send ``block`` up to ``times`` times on each peer, all at once; stops where a peer is
+    closed or after ``seconds`` (a peer that is not read blocks its sender). Blocks sent."""
+    def one(p):
+        n = 0
+        while n < times and p.send(block):
+            n += 1
+            gevent.sleep(0)
+        return n
+    senders = [gevent.spawn(one, p) for p in peers]
+    gevent.joinall(senders, timeout=seconds)
+    gevent.killall(senders, block=True, timeout=5)
+    return sum(g.value or 0 for g in senders)
+
+
+def _proxy_rss_kib(proxy) -> int:
+    with open(f"/proc/{proxy.pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_keyless_rst_bait_flood_is_cut_off_before_auth(world):
+    """Item 2: before Auth a peer may provoke 16 answers (2 a second after) and send 256
+    frames; past that it is hostile: GOAWAY PROTOCOL_ERROR, closed, counted."""
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    p = RawPeer(proxy.ports["tunnel"])
+    try:
+        p.start_reading()
+        p.send(BAIT_SYN)
+        blocks = _flood([p], RST_BAIT, 50)  # 204,800 frames at most
+        assert p.wait_closed(20), "the proxy kept answering a keyless flood"
+        rsts = p.counts.get(fr.TYPE_RST, 0)
+        # (the GOAWAY may be lost: the proxy closes with the flood still arriving)
+        assert p.goaway is None or p.goaway[1] == ErrorCode.PROTOCOL_ERROR, p.goaway
+        # 256 frames at most before trust, of which 16 answered at once plus 2 a second
+        assert rsts <= mp.MuxConfig.untrusted_frames, rsts
+    finally:
+        p.close()
+    assert delta(before, refusals(proxy), "tunnel_hostile") == 1
+    assert good_get(proxy)[0] == 200
+    print(f"keyless flood: {blocks} blocks of 4,096 frames sent, {rsts} RSTs back, then GOAWAY")
+
+
+def test_keyed_rst_bait_flood_is_cut_off_by_the_answer_bucket(world):
+    """Item 2, after Auth: a free key buys a larger bucket, not an unbounded one."""
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    peers = []
+    try:
+        for i in range(4):
+            p = RawPeer(proxy.ports["tunnel"])
+            p.handshake(Identity.load_or_create(str(world["dir"] / f"bait-{i}")), f"bait{i}.test")
+            p.start_reading()
+            p.send(BAIT_SYN)
+            peers.append(p)
+        _flood(peers, RST_BAIT, 100)  # 409,600 frames each at most
+        for p in peers:
+            assert p.wait_closed(20), "the proxy kept answering a keyed flood"
+            assert p.goaway is None or p.goaway[1] == ErrorCode.PROTOCOL_ERROR, p.goaway
+        rsts = [p.counts.get(fr.TYPE_RST, 0) for p in peers]
+    finally:
+        for p in peers:
+            p.close()
+    assert delta(before, refusals(proxy), "tunnel_hostile") == 4
+    assert good_get(proxy)[0] == 200
+    print(f"keyed flood: RSTs back per tunnel before GOAWAY {rsts}")
+
+
+def test_goaway_flood_ends_the_session_at_the_second_and_logs_little(world):
+    """Item 7: every GOAWAY used to be logged and to scan every stream; Go sends one per
+    session, so a second one ends it, and what a peer makes us log is rate-limited."""
+    proxy = world["proxy"]
+    goaway = fr.encode(fr.GoAway(0, ErrorCode.NO_ERROR))
+    log_before = proxy.log().count("peer GOAWAY")
+    before = refusals(proxy)
+    p = RawPeer(proxy.ports["tunnel"])
+    try:
+        p.start_reading()
+        sent = _flood([p], goaway * 10_000, 5)
+        assert p.wait_closed(20)
+        assert p.goaway is None or p.goaway[1] == ErrorCode.PROTOCOL_ERROR, p.goaway
+    finally:
+        p.close()
+    assert delta(before, refusals(proxy), "tunnel_protocol_error") == 1
+    # And many connections from one address, two GOAWAYs each: the log lines the peer can
+    # trigger stay within PeerLog's 10 a minute for its address.
+    for _ in range(20):
+        p = RawPeer(proxy.ports["tunnel"])
+        p.start_reading()
+        p.send(goaway * 2)
+        assert p.wait_closed(20)
+        p.close()
+    logged = proxy.log().count("peer GOAWAY") - log_before
+    assert logged <= 10, logged
+    assert good_get(proxy)[0] == 200
+    print(f"GOAWAY flood: {sent} x 10,000 sent, {logged} lines logged for 21 sessions")
+
+
+def _heartbeat_bait(sid: int) -> bytes:
+    """A peer heartbeat stream with a huge window for our echo, then 16 KiB pings."""
+    return (fr.encode(fr.Syn(sid, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE))
+            + fr.encode(fr.WndInc(sid, fr.STREAM_ID_MASK - mp.INITIAL_WINDOW)))
+
+
+def test_tunnels_that_stop_reading_are_closed_and_hold_little(world):
+    """Item 3: tunnels that provoke answers (RSTs, heartbeat echoes) and never read them.
+    Answers waiting unwritten are bounded in bytes (128 KiB); past that the session is
+    hostile and closed, so the proxy's memory stays flat (it grew ~27 MiB per tunnel)."""
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    rss0 = _proxy_rss_kib(proxy)
+    peak = [rss0]
+
+    def sample():
+        while True:
+            peak[0] = max(peak[0], _proxy_rss_kib(proxy))
+            gevent.sleep(0.1)
+
+    sampler = gevent.spawn(sample)
+    peers = []
+    try:
+        for i in range(8):
+            p = RawPeer(proxy.ports["tunnel"], rcvbuf=4096)  # and never read
+            p.handshake(Identity.load_or_create(str(world["dir"] / f"deaf-{i}")), f"deaf{i}.test")
+            p.send(BAIT_SYN + (_heartbeat_bait(100001) if i % 2 else b""))
+            peers.append(p)
+        rst_peers, echo_peers = peers[0::2], peers[1::2]
+        ping = fr.encode_data(100001, b"p" * fr.MAX_PAYLOAD)
+        g = gevent.spawn(_flood, echo_peers, ping * 64, 200)
+        _flood(rst_peers, RST_BAIT, 100)
+        g.get(timeout=60)
+        for p in peers:
+            assert p.wait_closed(30), "a tunnel that never reads was kept"
+    finally:
+        sampler.kill()
+        for p in peers:
+            p.close()
+    grown = (peak[0] - rss0) / 1024
+    assert delta(before, refusals(proxy), "tunnel_hostile") == 8
+    assert grown < 48, f"proxy RSS grew {grown:.0f} MiB for 8 tunnels that do not read"
+    assert good_get(proxy)[0] == 200
+    print(f"8 tunnels that never read: proxy RSS peak +{grown:.1f} MiB")

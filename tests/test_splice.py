@@ -6,7 +6,7 @@ import gevent
 import gevent.socket as gsocket
 
 from lib.net.muxsession import Session
-from lib.net.splice import splice
+from lib.net.splice import UNSENT_LOWAT, splice
 
 
 def test_half_close_carried_and_counts():
@@ -90,3 +90,48 @@ def test_failure_reaches_the_other_end_as_a_reset_not_a_clean_end():
     with pytest.raises(StreamReset):
         while origin_side.recv(100):
             pass
+
+
+class _TimesOut:
+    """A socket whose own timeout fires on the first recv (as one with settimeout() would)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fired = False
+
+    def recv(self, n):
+        if not self.fired:
+            self.fired = True
+            raise TimeoutError("timed out")
+        return self.sock.recv(n)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_an_ends_own_timeout_without_idle_timeout_ends_both_cleanly():
+    # --idle-timeout 0 means idle_timeout=None; an end's own timeout then used to raise a
+    # TypeError (comparing with None) past the OSError handler, out of the splice.
+    a_out, a_in = gsocket.socketpair()
+    b_in, b_out = gsocket.socketpair()
+    g = gevent.spawn(splice, _TimesOut(a_in), b_in, idle_timeout=None)
+    assert g.get(timeout=5) == (0, 0)  # ended as an error: both ends aborted, no exception
+    assert b_out.recv(10) == b""
+
+
+def test_tcp_ends_get_a_bounded_unsent_queue():
+    lsock = gsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(2)
+    a_out = gsocket.create_connection(lsock.getsockname())
+    a_in, _ = lsock.accept()
+    b_in, b_out = gsocket.socketpair()
+    g = gevent.spawn(splice, a_in, b_in)
+    try:
+        b_out.sendall(b"x")
+        assert a_out.recv(10) == b"x"
+        assert a_in.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == UNSENT_LOWAT
+    finally:
+        for s in (a_out, b_out):
+            s.close()
+        g.get(timeout=5)

@@ -2,13 +2,16 @@
 
 Public API::
 
-    session = Session(transport, client=True, config=MuxConfig())
+    session = Session(transport, client=True, config=MuxConfig(), trusted=True, log_limiter=None,
+                      log_key=None)
+    session.trust()                         # the peer is vouched for (the proxy: after Auth)
     stream = session.open()                 # a new stream (SYN sent; no round trip)
     stream = session.accept(timeout=None)   # the next stream the peer opened
     session.goaway(code)                    # no new streams from the peer; existing ones go on
     session.close()                         # GOAWAY, transport closed, every stream failed
     end = session.wait(timeout=None)        # blocks until the session ends -> SessionEnd
-    session.closed, session.stats, session.heartbeat_rtt, session.refused_streams
+    session.closed, session.stats, session.heartbeat_rtt, session.refused_streams, session.answers
+    PeerLog(lines=10, per=60.0)             # rate-limits the log lines a peer can trigger
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
@@ -18,7 +21,24 @@ Public API::
 
 Greenlets per session: one reader (transport -> MuxConnection -> streams), one writer (drains
 MuxConnection's output to the transport, so a reader never blocks on a write and two peers
-writing at once cannot deadlock), one heartbeat. Streams cost no greenlet.
+writing at once cannot deadlock), one watchdog (heartbeat, stalled output). Streams cost no
+greenlet.
+
+What a peer can make a session hold or do is bounded (docs/SECURITY.md, "Tunnel sessions"):
+
+=============================================  ===============================================
+peer does                                      we answer
+=============================================  ===============================================
+sends faster than we decode                    the reader yields after every read: other
+                                               sessions and greenlets get their turn
+provokes answers past the bucket, or frames    GOAWAY PROTOCOL_ERROR, closed, end.hostile
+  past the cap before trust() (muxstate)
+does not read: answers queued past their bound GOAWAY PROTOCOL_ERROR, closed, end.hostile
+does not read: output makes no progress for    closed ("peer stopped reading"), end.hostile
+  ``write_stall_timeout``
+is silent past interval + tolerance            closed ("heartbeat timeout")
+triggers log lines (GOAWAY, errors)            at most PeerLog's lines per key and minute
+=============================================  ===============================================
 
 This module uses gevent primitives and never monkey-patches; the transport must be a gevent
 (or gevent-patched) socket.
@@ -47,6 +67,39 @@ log = logging.getLogger("shroud.mux")
 # One TLS record is 16 KiB; reading up to 256 KiB lets a plain TCP transport hand over many
 # frames per call, which is what makes the Python side fast.
 READ_SIZE = 256 * 1024
+# The writer hands the transport at most this much at a time, so that a peer that stops
+# reading is seen as no progress (MuxConfig.write_stall_timeout) within 64 KiB.
+WRITE_BATCH = 64 * 1024
+
+
+class PeerLog:
+    """Rate-limits log lines that a peer can trigger: ``lines`` per ``per`` seconds for each
+    key (a peer address), then one line saying how many were dropped. The table of keys is
+    bounded (``max_keys``; the oldest is forgotten first)."""
+
+    def __init__(self, lines: int = 10, per: float = 60.0, max_keys: int = 4096,
+                 clock=time.monotonic):
+        self.lines, self.per, self.max_keys, self.clock = lines, per, max_keys, clock
+        self._keys: dict[str, list] = {}  # key -> [window start, lines in it, dropped]
+        self.dropped = 0
+
+    def log(self, key: str, level: int, fmt: str, *args) -> None:
+        now = self.clock()
+        entry = self._keys.get(key)
+        if entry is None or now - entry[0] >= self.per:
+            dropped = entry[2] if entry is not None else 0
+            if entry is None and len(self._keys) >= self.max_keys:
+                del self._keys[next(iter(self._keys))]
+            entry = self._keys[key] = [now, 0, 0]
+            if dropped:
+                log.log(level, "(%d lines about %s dropped in the last %.0f s)", dropped, key,
+                        self.per)
+        if entry[1] >= self.lines:
+            entry[2] += 1
+            self.dropped += 1
+            return
+        entry[1] += 1
+        log.log(level, fmt, *args)
 
 
 @dataclass(frozen=True)
@@ -54,6 +107,7 @@ class SessionEnd:
     code: int
     reason: str
     remote: bool
+    hostile: bool = False  # we closed it for provoking more than a bound allows
 
     def __str__(self) -> str:
         who = "peer" if self.remote else "local"
@@ -168,7 +222,8 @@ class Stream:
             if session._end is not None:
                 raise session._closed_error()
             conn = session._conn
-            if conn.outgoing_size >= conn.config.write_high_water:
+            room = conn.config.write_high_water - conn.unsent_size
+            if room <= 0:
                 session._wait_drained(deadline, self)
                 continue
             window = conn.send_window(self.id)
@@ -177,7 +232,8 @@ class Stream:
                 # sliver (WindowOpened fires once a full frame fits).
                 self._wait(deadline, "send (peer window is closed)")
                 continue
-            n = conn.send_data(self.id, view)
+            # Output stays under the high-water mark plus one frame (docs/OPERATIONS.md).
+            n = conn.send_data(self.id, view[:max(room, mp.SEND_THRESHOLD)])
             if n:
                 self.bytes_out += n
                 session.stats.bytes_out += n
@@ -266,13 +322,16 @@ class Session:
     """A muxado v1 session. ``client=True`` for the dialling side (odd stream ids)."""
 
     def __init__(self, transport, client: bool, config: MuxConfig | None = None,
-                 name: str | None = None):
+                 name: str | None = None, trusted: bool = True,
+                 log_limiter: PeerLog | None = None, log_key: str | None = None):
         self.config = config or MuxConfig()
         self.client = client
         self.name = name or ("client" if client else "server")
         self._transport = transport
         set_nodelay(transport)  # not TCP (socketpair, WebSocket): left alone
-        self._conn = mp.MuxConnection(client, self.config)
+        self._conn = mp.MuxConnection(client, self.config, trusted=trusted)
+        self._peer_log = log_limiter or PeerLog()
+        self._log_key = log_key or self.name
         self._streams: dict[int, Stream] = {}
         self._backlog: deque[Stream] = deque()
         self._accept_waiter = Event()
@@ -286,10 +345,11 @@ class Session:
         self._last_echo = time.monotonic()
         self._last_heard = self._last_echo  # any bytes from the peer
         self._ping_sent: float | None = None
+        self._last_progress = self._last_echo  # output written, or none waiting
         self._peer_goaway: int | None = None
         self._reader = gevent.spawn(self._read_loop)
         self._writer = gevent.spawn(self._write_loop)
-        self._heartbeat = (gevent.spawn(self._heartbeat_loop) if self.config.heartbeat else None)
+        self._heartbeat = gevent.spawn(self._watch_loop)
         self._wake_writer()
 
     def __repr__(self) -> str:
@@ -313,6 +373,16 @@ class Session:
     def refused_streams(self) -> int:
         """Streams the peer opened that we refused (limits, backlog, after GOAWAY)."""
         return self._conn.refused_streams
+
+    @property
+    def answers(self) -> int:
+        """Frames the peer provoked from us (RSTs, heartbeat echoes): see lib.protocol.muxstate."""
+        return self._conn.answers
+
+    def trust(self) -> None:
+        """The peer is vouched for (the proxy: its Auth was accepted): the larger answer
+        bucket applies and the cap on frames before trust is lifted."""
+        self._conn.trust()
 
     def open(self) -> Stream:
         if self._end is not None:
@@ -389,16 +459,23 @@ class Session:
             while True:
                 wake.wait()
                 wake.clear()
-                data = conn.data_to_send()
+                self._last_progress = time.monotonic()  # idle until now: not a stall
+                data = conn.data_to_send(WRITE_BATCH)
                 while data:
                     self._transport.sendall(data)
-                    data = conn.data_to_send()
+                    conn.batch_written()
+                    self._last_progress = time.monotonic()
+                    data = conn.data_to_send(WRITE_BATCH)
                 self._drained.set()
                 if self._end is not None:
                     return
         except (OSError, ValueError) as e:
-            self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport write failed: {e}",
-                                    remote=True))
+            ga = self._peer_goaway
+            if ga is not None:  # it said goodbye and closed before reading what we still sent
+                self._finish(SessionEnd(ga, "peer sent GOAWAY and closed", remote=True))
+            else:
+                self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport write failed: {e}",
+                                        remote=True))
         except gevent.GreenletExit:
             pass
 
@@ -423,9 +500,11 @@ class Session:
                     self._dispatch(events)
                 if conn.outgoing_size:
                     self._wake_writer()
-                    # A peer flooding us with frames that need answers waits for our writer.
-                    if conn.outgoing_size > 4 * self.config.write_high_water:
-                        self._drained.wait(self.config.heartbeat_interval + self.config.heartbeat_tolerance)
+                # Yield after every read: bytes already waiting would otherwise be read and
+                # decoded without a pause, and one flooding peer would starve every other
+                # session and deadline in the process. What this read provoked is bounded by
+                # the answer bucket and max_queued_answers (lib.protocol.muxstate).
+                gevent.sleep(0)
         except (OSError, ValueError) as e:
             self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport read failed: {e}",
                                     remote=True))
@@ -472,8 +551,9 @@ class Session:
                     self._ping_sent = None
             elif t is mp.GoAwayReceived:
                 self._peer_goaway = ev.code
-                log.info("session %s: peer GOAWAY last=%d code=%s", self.name,
-                         ev.last_stream_id, code_name(ev.code))
+                self._peer_log.log(self._log_key, logging.INFO,
+                                   "session %s: peer GOAWAY last=%d code=%s", self.name,
+                                   ev.last_stream_id, code_name(ev.code))
                 for sid in ev.refused:
                     st = streams.pop(sid, None)
                     if st is not None:
@@ -481,38 +561,52 @@ class Session:
                                              ErrorCode.REFUSED_STREAM))
                 self._accept_waiter.set()
             elif t is mp.ConnectionTerminated:
-                log.warning("session %s: protocol error, GOAWAY %s: %s", self.name,
-                            code_name(ev.code), ev.reason)
-                self._finish(SessionEnd(ev.code, f"protocol error: {ev.reason}", remote=False),
-                             flush=True)
+                what = "hostile peer" if ev.hostile else "protocol error"
+                self._peer_log.log(self._log_key, logging.WARNING, "session %s: %s, GOAWAY %s: %s",
+                                   self.name, what, code_name(ev.code), ev.reason)
+                self._finish(SessionEnd(ev.code, f"{what}: {ev.reason}", remote=False,
+                                        hostile=ev.hostile), flush=True)
                 return
 
-    def _heartbeat_loop(self) -> None:
+    def _watch_loop(self) -> None:
+        """Heartbeats (when on), and the two ways a live-looking peer is found dead: silence,
+        and output that stopped moving."""
         cfg = self.config
         try:
             while self._end is None:
-                if self._conn.send_heartbeat():
+                if cfg.heartbeat and self._conn.send_heartbeat():
                     if self._ping_sent is None:
                         self._ping_sent = time.monotonic()
                     self._wake_writer()
                 gevent.sleep(cfg.heartbeat_interval)
+                now = time.monotonic()
                 # Alive = an echo, or any bytes at all: on a slow path the echo can wait
                 # behind megabytes of data, and a busy tunnel must not be killed for that.
-                silent = time.monotonic() - max(self._last_echo, self._last_heard)
-                if silent > cfg.heartbeat_interval + cfg.heartbeat_tolerance:
-                    log.warning("session %s: no heartbeat echo for %.1f s", self.name, silent)
-                    self._conn.terminate(ErrorCode.NO_ERROR, "heartbeat timeout")
-                    self._finish(SessionEnd(ErrorCode.NO_ERROR,
-                                            f"heartbeat timeout ({silent:.1f} s without echo)",
-                                            remote=False), flush=True)
+                silent = now - max(self._last_echo, self._last_heard)
+                if cfg.heartbeat and silent > cfg.heartbeat_interval + cfg.heartbeat_tolerance:
+                    self._die(f"heartbeat timeout ({silent:.1f} s without echo)", False)
+                    return
+                # Bytes from a peer that does not read keep it looking alive: what we owe it
+                # must move too (docs/SECURITY.md, "Tunnel sessions").
+                stalled = now - self._last_progress
+                if self._conn.unsent_size and stalled > cfg.write_stall_timeout:
+                    self._die(f"peer stopped reading ({self._conn.unsent_size} bytes unsent "
+                              f"for {stalled:.0f} s)", True)
                     return
         except gevent.GreenletExit:
             pass
+
+    def _die(self, reason: str, hostile: bool) -> None:
+        self._peer_log.log(self._log_key, logging.WARNING, "session %s: %s", self.name, reason)
+        self._conn.terminate(ErrorCode.NO_ERROR, reason)
+        self._finish(SessionEnd(ErrorCode.NO_ERROR, reason, remote=False, hostile=hostile),
+                     flush=True)
 
     def _finish(self, end: SessionEnd, flush: bool = False) -> None:
         if self._end is not None:
             return
         self._end = end
+        self._conn.release()
         if flush:
             # Give the GOAWAY a moment to leave; a dead transport must not hold us up.
             data = self._conn.data_to_send()

@@ -11,7 +11,14 @@ runs in the calling greenlet and one in a spawned greenlet, joined before return
 closed on return (gevent's rule: when the handler returns, its socket is closed). An error in
 either direction ends both. ``on_*`` callbacks get the byte count of each chunk (bandwidth
 counters). ``idle_timeout`` bounds how long both directions may stay silent: each end's recv
-waits at most that long, and gives up only if the other direction was silent too.
+waits at most that long, and gives up only if the other direction was silent too. With
+``idle_timeout=None`` (``--idle-timeout 0``) the ends keep their own timeouts, and one that
+fires ends both directions like any other error.
+
+A TCP end gets TCP_NOTSENT_LOWAT (``UNSENT_LOWAT``): its kernel queue of bytes not yet sent is
+bounded, so a reader that stops (a slow visitor) blocks our send at once instead of after
+megabytes of socket buffer, and a mux stream behind it sees that its reader stopped (its
+window stops growing: docs/OPERATIONS.md, "Memory per visitor").
 ``fallback_to_a`` is sent to ``a`` (then both close) when ``b`` ends or fails before sending a
 single byte: the proxy's 502 for HTTP.
 """
@@ -27,6 +34,9 @@ import gevent
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
 # is only allocated once data is readable).
 CHUNK = 256 * 1024
+# Bytes a TCP end may hold unsent in its kernel queue (beyond what is in flight): 128 KiB keeps
+# a fast path busy between two of our writes (the kernel still autotunes what is in flight).
+UNSENT_LOWAT = 128 * 1024
 
 
 class _State:
@@ -45,7 +55,8 @@ def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None 
             try:
                 data = src.recv(chunk)
             except TimeoutError:
-                if time.monotonic() - state.last < state.idle_timeout and not state.dead:
+                idle = state.idle_timeout
+                if idle is not None and time.monotonic() - state.last < idle and not state.dead:
                     continue  # the other direction is busy: this one may stay quiet
                 raise
             if not data:
@@ -87,6 +98,14 @@ def _send_fallback(dst, fallback: bytes | None, total: int) -> bool:
     return True
 
 
+def _limit_unsent(end) -> None:
+    if getattr(end, "family", None) in (socket.AF_INET, socket.AF_INET6):  # not a mux stream
+        try:
+            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)
+        except OSError:
+            pass  # an older kernel: the socket buffer's own bound applies
+
+
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
@@ -109,8 +128,9 @@ def _abort(*ends, hard: bool = False) -> None:
 def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None = None,
            chunk: int = CHUNK, fallback_to_a: bytes | None = None) -> tuple[int, int]:
     state = _State(idle_timeout)
-    if idle_timeout is not None:
-        for end in (a, b):
+    for end in (a, b):
+        _limit_unsent(end)
+        if idle_timeout is not None:
             try:
                 end.settimeout(idle_timeout)
             except OSError:

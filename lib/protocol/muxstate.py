@@ -2,8 +2,9 @@
 
 Public API::
 
-    conn = MuxConnection(client=True, config=MuxConfig())
+    conn = MuxConnection(client=True, config=MuxConfig(), trusted=True, clock=time.monotonic)
     events = conn.receive_data(bytes)     # -> list of events below; never raises
+    conn.trust()                          # the layer above vouches for the peer (the proxy: Auth)
     sid = conn.open_stream()              # SYN (plus an early WNDINC granting a larger window)
     n = conn.send_data(sid, data)         # queues DATA within the peer's window; returns bytes taken
     conn.end_stream(sid)                  # DATA+FIN (half-close)
@@ -13,8 +14,11 @@ Public API::
     conn.stream_accepted(sid)             # the application took a stream off the accept backlog
     conn.send_heartbeat()                 # 4 bytes on our heartbeat stream
     conn.goaway(code)                     # GOAWAY(last peer id, code); refuse new peer streams
-    out = conn.data_to_send()             # bytes for the transport
+    out = conn.data_to_send(limit=None)   # bytes for the transport (about ``limit`` at most)
+    conn.batch_written()                  # the last batch left: its answers are no longer queued
     conn.outgoing_size                    # bytes waiting in data_to_send()
+    conn.unsent_size                      # those plus the batch handed out and not yet written
+    conn.unsent_answers                   # of which answers the peer provoked (see below)
 
 Events: StreamOpened, DataReceived (fin may ride on it), StreamEnded, StreamReset,
 WindowOpened, GoAwayReceived, HeartbeatEchoed, ConnectionTerminated.
@@ -35,12 +39,26 @@ SYN above max_streams or a full backlog        RST REFUSED_STREAM
 more than ``max_refused`` refusals in a row    GOAWAY PROTOCOL_ERROR (a SYN flood)
 SYN after we sent GOAWAY                       RST REFUSED_STREAM
 second heartbeat / other extension type        RST STREAM_CLOSED
-DATA for a stream already closed               dropped; RST STREAM_CLOSED if it had bytes
+DATA for a stream already closed               dropped; RST STREAM_CLOSED if it had bytes, once
+                                               per id among the last ``RECENT_RSTS`` answered
 DATA after its own FIN                         RST STREAM_CLOSED on that stream
+a second GOAWAY                                GOAWAY PROTOCOL_ERROR (Go sends one, ever)
+more answers than the answer bucket holds      GOAWAY PROTOCOL_ERROR, hostile (see below)
+more than ``untrusted_frames`` before trust()  GOAWAY PROTOCOL_ERROR, hostile
+answers queued unwritten > max_queued_answers  GOAWAY PROTOCOL_ERROR, hostile
 =============================================  ===============================================
+
+Answers are the frames we send only because the peer sent one: the RSTs above and the echo of
+its heartbeat (DATA and WNDINC). Each costs a decode and a write, so what a peer may provoke is
+a token bucket (``answer_rate`` / ``answer_burst``, far less before ``trust()``), and answers
+waiting for a peer that does not read are bounded in bytes (``max_queued_answers``, as Go's
+HTTP/2 bounds queued control frames). A session ended for either is ``hostile`` on its
+ConnectionTerminated event (docs/SECURITY.md, "Tunnel sessions").
 """
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from lib.protocol import muxframe as fr
@@ -54,6 +72,12 @@ HEARTBEAT_PRIORITY = 0x7FFFFFFF
 HEARTBEAT_PING = b"\x00\x00\x00\x00"  # Go's counter is never incremented
 # A writer with more to send waits until the window holds a full frame (see _on_wndinc).
 SEND_THRESHOLD = fr.MAX_PAYLOAD
+# Closed stream ids we answered with a RST lately: more DATA on them (the rest of a window in
+# flight when we closed) is dropped without another answer. 1,024 covers the streams a busy
+# tunnel closes within one Tor round trip.
+RECENT_RSTS = 1024
+_RST_SIZE = fr.HEADER_SIZE + 4
+_WNDINC_SIZE = fr.HEADER_SIZE + 4
 
 
 @dataclass
@@ -84,8 +108,62 @@ class MuxConfig:
     heartbeat: bool = True
     heartbeat_interval: float = 3.0
     heartbeat_tolerance: float = 10.0
-    # Outgoing bytes queued before writers wait for the transport (backpressure).
+    # Outgoing bytes queued before writers wait for the transport (backpressure). Writers keep
+    # the application's output under it (plus one frame); answers have their own bound below.
     write_high_water: int = 1024 * 1024
+    # Answers the peer may provoke (module doc): a bucket of answer_burst, refilled at
+    # answer_rate a second. A real peer provokes one echo per heartbeat (every 3 s) and about one
+    # RST per stream it was still sending on when we closed it: 1,000 visitors hanging up a
+    # second is 1,000 a second, and a tunnel's 4,096 streams all closed at once the burst.
+    # Past the bucket the peer is hostile.
+    answer_rate: float = 4000.0
+    answer_burst: int = 4096
+    # Until trust() (the proxy: until Auth is answered) the peer has sent a handful of frames
+    # (Auth, its heartbeat stream, a ping or two): far less, and a cap on frames of any kind.
+    untrusted_answer_rate: float = 2.0
+    untrusted_answer_burst: int = 16
+    untrusted_frames: int = 256
+    # Bytes of answers queued and not yet written: a peer that provokes answers and does not
+    # read them is hostile past this (Go's HTTP/2: maxQueuedControlFrames, 10,000). 128 KiB is
+    # 10,000 RSTs, or two windows of heartbeat echo.
+    max_queued_answers: int = 128 * 1024
+    # A session whose queued output has not moved for this long has a peer that stopped
+    # reading (its incoming bytes may still look alive): closed. 60 s: the writer hands out
+    # 64 KiB at a time, and 64 KiB in 60 s is 1 KiB/s, below any working Tor circuit;
+    # meanwhile the session holds at most its bounded output.
+    write_stall_timeout: float = 60.0
+    # Streams we open start at muxado's 64 KiB and double (up to receive_window) each time the
+    # application has read a whole window and left nothing waiting: a reader that stops pins
+    # 64 KiB, not receive_window. Off by default (the client's streams toward its origin); the
+    # proxy turns it on for visitors' streams (docs/OPERATIONS.md, "Memory per visitor").
+    grow_windows: bool = False
+    # The larger windows of every session sharing this config draw on one budget when set (the
+    # proxy: one for all tunnels), besides session_window_budget.
+    window_pool: "WindowPool | None" = None
+
+
+class WindowPool:
+    """A budget of window bytes above 64 KiB shared by many sessions (no I/O, no locking: one
+    event loop). ``take(n)`` -> bool, ``give(n)``; ``used``, ``limit``, ``refused``."""
+
+    __slots__ = ("limit", "used", "refused")
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.refused = limit, 0, 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            self.refused += 1
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class PeerAbuse(ProtocolError):
+    """The peer provoked more than a bound allows: a hostile peer, not a broken one."""
 
 
 # --- events -------------------------------------------------------------------------------
@@ -139,6 +217,7 @@ class ConnectionTerminated:
     code: int
     reason: str
     remote: bool = False
+    hostile: bool = False  # ended for provoking more than a bound allows (PeerAbuse)
 
 
 Event = (StreamOpened | DataReceived | StreamEnded | StreamReset | WindowOpened | GoAwayReceived
@@ -149,7 +228,7 @@ class _Stream:
     """Per-stream protocol state. Lean: 10,000 idle streams must fit in well under 16 KiB each."""
 
     __slots__ = ("send_window", "credit", "window", "unacked", "local_fin", "remote_fin",
-                 "local", "kind")
+                 "local", "kind", "drained")
 
     def __init__(self, local: bool, kind: int = 0):
         self.send_window = INITIAL_WINDOW  # what the peer lets us send
@@ -160,6 +239,7 @@ class _Stream:
         self.remote_fin = False
         self.local = local
         self.kind = kind  # 0 user, 1 our heartbeat, 2 peer's heartbeat
+        self.drained = 0  # bytes the application read since the window last grew
 
 
 _USER, _OUR_HB, _PEER_HB = 0, 1, 2
@@ -168,7 +248,8 @@ _USER, _OUR_HB, _PEER_HB = 0, 1, 2
 class MuxConnection:
     """One muxado v1 session's state, fed bytes and asked for bytes."""
 
-    def __init__(self, client: bool, config: MuxConfig | None = None):
+    def __init__(self, client: bool, config: MuxConfig | None = None, trusted: bool = True,
+                 clock=time.monotonic):
         self.config = config or MuxConfig()
         self.client = client
         self._decoder = fr.FrameDecoder()
@@ -183,6 +264,7 @@ class MuxConnection:
         self._backlog = 0  # peer-opened streams not yet accepted
         self._refused_streak = 0
         self._window_granted = 0  # sum of windows above INITIAL_WINDOW
+        self._pooled = 0  # of which taken from config.window_pool
         self._peer_hb: int | None = None
         self._hb_id: int | None = None
         self._hb_pending = bytearray()
@@ -190,6 +272,21 @@ class MuxConnection:
         self.goaway_received: int | None = None  # the peer's last stream id
         self.terminated: ConnectionTerminated | None = None
         self.refused_streams = 0  # counters for the dashboard
+        # What the peer may provoke (module doc): the answer bucket, the frame cap before
+        # trust(), the RSTs recently sent, and the answers queued for the transport.
+        self.trusted = trusted
+        self._clock = clock
+        self._stamp = clock()
+        self._tokens = float(self._answer_limits()[1])
+        self._frames_untrusted = 0
+        self._recent_rst_ids: deque[int] = deque()
+        self._recent_rst_set: set[int] = set()
+        self.answers = 0  # answers sent, ever (a counter)
+        self._answers_queued = 0  # bytes of answers in _out
+        self._answer_marks: deque[tuple[int, int]] = deque()  # (end offset in output, size)
+        self._taken = 0  # bytes ever handed out by data_to_send
+        self._handed_size = 0  # the last batch handed out, until batch_written()
+        self._handed_answers = 0  # the answers in it
         if self.config.heartbeat:
             self._hb_id = self._open(HEARTBEAT_PRIORITY, HEARTBEAT_TYPE, kind=_OUR_HB)
 
@@ -199,13 +296,92 @@ class MuxConnection:
         self._out.append(data)
         self.outgoing_size += len(data)
 
-    def data_to_send(self) -> bytes:
-        if not self._out:
+    def data_to_send(self, limit: int | None = None) -> bytes:
+        """The queued output (up to about ``limit`` bytes: whole pieces, so at most one frame
+        more). Handing out a batch means the one before was written (see batch_written)."""
+        out = self._out
+        if not out:
+            self.batch_written()
             return b""
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        self.outgoing_size = 0
-        return data
+        if limit is None or self.outgoing_size <= limit:
+            batch, size = out[:], self.outgoing_size
+            out.clear()
+        else:
+            i = size = 0
+            while size < limit:
+                size += len(out[i])
+                i += 1
+            batch = out[:i]
+            del out[:i]
+        self.outgoing_size -= size
+        self._taken += size
+        handed = 0
+        marks = self._answer_marks
+        while marks and marks[0][0] <= self._taken:
+            handed += marks.popleft()[1]
+        self._answers_queued -= handed
+        self._handed_answers, self._handed_size = handed, size
+        return b"".join(batch) if len(batch) > 1 else batch[0]
+
+    def batch_written(self) -> None:
+        """The transport took the last batch: its answers no longer count as queued."""
+        self._handed_answers = self._handed_size = 0
+
+    @property
+    def unsent_size(self) -> int:
+        """Output not yet written: queued, plus the batch handed out and not yet written."""
+        return self.outgoing_size + self._handed_size
+
+    @property
+    def unsent_answers(self) -> int:
+        """Bytes of answers the peer provoked that have not been written yet."""
+        return self._answers_queued + self._handed_answers
+
+    # --- what the peer may provoke --------------------------------------------------------
+
+    def trust(self) -> None:
+        """The layer above vouches for the peer (the proxy: its Auth was accepted)."""
+        if not self.trusted:
+            self.trusted = True
+            self._tokens = float(self.config.answer_burst)
+
+    def _answer_limits(self) -> tuple[float, int]:
+        c = self.config
+        if self.trusted:
+            return c.answer_rate, c.answer_burst
+        return c.untrusted_answer_rate, c.untrusted_answer_burst
+
+    def _provoked(self) -> None:
+        """Take a token for one answer; a peer with none left is hostile."""
+        rate, burst = self._answer_limits()
+        now = self._clock()
+        self._tokens = min(float(burst), self._tokens + (now - self._stamp) * rate)
+        self._stamp = now
+        if self._tokens < 1:
+            raise PeerAbuse(f"peer provoked more than {burst} answers at once or {rate:g} a "
+                            f"second{'' if self.trusted else ' before Auth'}")
+        self._tokens -= 1
+        self.answers += 1
+
+    def _answered(self, size: int) -> None:
+        """The last ``size`` bytes queued are an answer: bound what waits unwritten."""
+        self._answers_queued += size
+        self._answer_marks.append((self._taken + self.outgoing_size, size))
+        if self.unsent_answers > self.config.max_queued_answers:
+            raise PeerAbuse(f"peer does not read: {self.unsent_answers} bytes of answers "
+                            f"unwritten (limit {self.config.max_queued_answers})")
+
+    def _answer_rst(self, sid: int, code: int = ErrorCode.STREAM_CLOSED) -> None:
+        """RST a stream the peer should not be using: once per id among the recent ones."""
+        if sid in self._recent_rst_set:
+            return
+        if len(self._recent_rst_ids) >= RECENT_RSTS:
+            self._recent_rst_set.discard(self._recent_rst_ids.popleft())
+        self._recent_rst_ids.append(sid)
+        self._recent_rst_set.add(sid)
+        self._provoked()
+        self._emit(fr.encode(fr.Rst(sid, code)))
+        self._answered(_RST_SIZE)
 
     # --- local actions --------------------------------------------------------------------
 
@@ -228,12 +404,38 @@ class MuxConnection:
         return sid
 
     def _grant_extra(self, sid: int, st: _Stream) -> None:
+        if st.local and self.config.grow_windows:
+            return  # starts at 64 KiB and grows as it is read (acknowledge)
         extra = self.config.receive_window - INITIAL_WINDOW
-        if extra > 0 and self._window_granted + extra <= self.config.session_window_budget:
-            self._window_granted += extra
+        if extra > 0 and self._reserve(extra):
             st.window += extra
             st.credit += extra
             self._emit(fr.encode(fr.WndInc(sid, extra)))
+
+    def _reserve(self, extra: int) -> bool:
+        """Window above 64 KiB: within this session's budget and the shared pool's."""
+        if self._window_granted + extra > self.config.session_window_budget:
+            return False
+        pool = self.config.window_pool
+        if pool is not None:
+            if self.terminated is not None or not pool.take(extra):
+                return False
+            self._pooled += extra
+        self._window_granted += extra
+        return True
+
+    def _unreserve(self, extra: int) -> None:
+        self._window_granted -= extra
+        give = min(extra, self._pooled)
+        if give > 0:
+            self.config.window_pool.give(give)
+            self._pooled -= give
+
+    def release(self) -> None:
+        """The session is over: give its share of the shared window pool back."""
+        if self._pooled:
+            self.config.window_pool.give(self._pooled)
+            self._pooled = 0
 
     def send_data(self, sid: int, data: bytes | memoryview, fin: bool = False) -> int:
         """Queue as much of ``data`` as the peer's window allows; FIN rides on the last frame
@@ -302,7 +504,7 @@ class MuxConnection:
 
     def _drop(self, sid: int, st: _Stream) -> None:
         del self._streams[sid]
-        self._window_granted -= st.window - INITIAL_WINDOW
+        self._unreserve(st.window - INITIAL_WINDOW)
         if not st.local and st.kind == _USER:
             self._peer_streams -= 1
             self._refused_streak = 0
@@ -312,11 +514,27 @@ class MuxConnection:
         if st is None or st.remote_fin or n <= 0:
             return  # nothing more will come: no window to give back
         st.unacked += n
+        if st.local and self.config.grow_windows:
+            self._maybe_grow(st, n)
         # Batch WNDINCs: one per eighth of the window keeps the pipe full at 1/8 the frames.
         if st.unacked >= st.window >> 3:
             self._emit(fr.encode(fr.WndInc(sid, st.unacked)))
             st.credit += st.unacked
             st.unacked = 0
+
+    def _maybe_grow(self, st: _Stream, n: int) -> None:
+        """Double the window once the application has read a whole one and nothing waits
+        (window = credit + unacked + what is buffered unread): the window, not the reader, is
+        what holds the stream back. A reader that stops never grows it."""
+        st.drained += n
+        limit = self.config.receive_window
+        if st.drained < st.window or st.window >= limit or st.window != st.credit + st.unacked:
+            return
+        extra = min(st.window, limit - st.window)
+        if self._reserve(extra):
+            st.window += extra
+            st.unacked += extra  # granted with the WNDINC acknowledge sends now
+            st.drained = 0
 
     def stream_accepted(self, sid: int) -> None:
         self._backlog = max(0, self._backlog - 1)
@@ -334,11 +552,19 @@ class MuxConnection:
         self.goaway_sent = True
         self._emit(fr.encode(fr.GoAway(self._last_remote, code)))
 
-    def terminate(self, code: int, reason: str, remote: bool = False) -> ConnectionTerminated:
+    def terminate(self, code: int, reason: str, remote: bool = False,
+                  hostile: bool = False) -> ConnectionTerminated:
         if self.terminated is None:
+            if not remote and (hostile or code != ErrorCode.NO_ERROR):
+                # Whatever is queued dies with the session: the GOAWAY goes out alone, not
+                # behind a backlog of answers the peer is not reading.
+                self._out.clear()
+                self._answer_marks.clear()
+                self.outgoing_size = self._answers_queued = 0
             if not remote:
                 self.goaway(code)
-            self.terminated = ConnectionTerminated(code, reason, remote)
+            self.terminated = ConnectionTerminated(code, reason, remote, hostile)
+            self.release()
         return self.terminated
 
     @property
@@ -357,12 +583,18 @@ class MuxConnection:
                 f = self._decoder.next_frame()
                 if f is None:
                     break
+                if not self.trusted:
+                    self._frames_untrusted += 1
+                    if self._frames_untrusted > self.config.untrusted_frames:
+                        raise PeerAbuse(f"more than {self.config.untrusted_frames} frames "
+                                        f"before Auth")
                 self._handle(f, events)
                 if self.terminated is not None:
                     events.append(self.terminated)
                     break
         except ProtocolError as e:
-            events.append(self.terminate(e.code, str(e.args[0])))
+            events.append(self.terminate(e.code, str(e.args[0]),
+                                         hostile=isinstance(e, PeerAbuse)))
         return events
 
     def _handle(self, f: fr.Frame, events: list[Event]) -> None:
@@ -396,11 +628,12 @@ class MuxConnection:
         n = len(f.data)
         if st is None:
             if n:
-                self._emit(fr.encode(fr.Rst(sid, ErrorCode.STREAM_CLOSED)))
+                self._answer_rst(sid)
             return
         if st.remote_fin:
             if n:  # data after FIN: that stream is broken, the session is not
-                self.reset_stream(sid, ErrorCode.STREAM_CLOSED)
+                self._drop(sid, st)
+                self._answer_rst(sid)
                 events.append(StreamReset(sid, ErrorCode.STREAM_CLOSED, remote=False))
             return
         if n > st.credit:
@@ -410,15 +643,20 @@ class MuxConnection:
         if st.kind == _PEER_HB:
             # Echo the peer's heartbeat at once, byte for byte, and give its window back.
             if n:
+                self._provoked()
+                before = self.outgoing_size
                 self.send_data(sid, f.data)
                 self._emit(fr.encode(fr.WndInc(sid, n)))
                 st.credit += n
+                self._answered(self.outgoing_size - before)
         elif st.kind == _OUR_HB:
             if n:
                 self._hb_pending += f.data
                 echoes = len(self._hb_pending) // 4
                 del self._hb_pending[: echoes * 4]
+                self._provoked()
                 self._emit(fr.encode(fr.WndInc(sid, n)))
+                self._answered(_WNDINC_SIZE)
                 st.credit += n
                 if echoes:
                     events.append(HeartbeatEchoed(echoes))
@@ -459,7 +697,7 @@ class MuxConnection:
                 self._peer_hb = sid
                 self._streams[sid] = _Stream(local=False, kind=_PEER_HB)
             else:
-                self._emit(fr.encode(fr.Rst(sid, ErrorCode.STREAM_CLOSED)))
+                self._answer_rst(sid)
             return
         c = self.config
         if self.goaway_sent or self._peer_streams >= c.max_streams or self._backlog >= c.accept_backlog:
@@ -467,7 +705,7 @@ class MuxConnection:
             self._refused_streak += 1
             if self._refused_streak > c.max_refused:
                 raise ProtocolError(f"SYN flood: {self._refused_streak} streams refused in a row")
-            self._emit(fr.encode(fr.Rst(sid, ErrorCode.REFUSED_STREAM)))
+            self._answer_rst(sid, ErrorCode.REFUSED_STREAM)
             return
         st = self._streams[sid] = _Stream(local=False)
         self._peer_streams += 1
@@ -491,9 +729,9 @@ class MuxConnection:
 
     def _on_goaway(self, f: fr.GoAway, events: list[Event]) -> None:
         if self.goaway_received is not None:
-            self.goaway_received = min(self.goaway_received, f.last_stream_id)
-        else:
-            self.goaway_received = f.last_stream_id
+            # Go sends one GOAWAY per session, ever; a stream of them is a log and CPU flood.
+            raise ProtocolError("a second GOAWAY")
+        self.goaway_received = f.last_stream_id
         refused = [sid for sid, st in self._streams.items()
                    if st.local and st.kind == _USER and sid > f.last_stream_id]
         for sid in refused:

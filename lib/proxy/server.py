@@ -53,8 +53,9 @@ from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
 from lib.errors import ErrorCode, MuxError
 from lib.hostport import format_hostport, parse_hostport
 from lib.identity import fingerprint as key_fingerprint, verify_bind
-from lib.net.muxsession import MuxConfig, Session
+from lib.net.muxsession import MuxConfig, PeerLog, Session
 from lib.net.sockets import set_nodelay
+from lib.protocol.muxstate import WindowPool
 from lib.net.tlstransport import TLSTransport
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
 from lib.net.splice import splice
@@ -67,6 +68,9 @@ ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112
 
 PROTOCOLS = ("tls", "https", "http", "tcp")
+# Window above muxado's 64 KiB granted to visitors' streams, across all tunnels: 64 visitors
+# reading at full speed (1 MiB windows) at once; past it streams keep what they have.
+VISITOR_WINDOW_POOL = 64 * 1024 * 1024
 
 
 def parse_addr(addr: str | None, default_host: str = "0.0.0.0", what: str = "a listen address",
@@ -139,8 +143,11 @@ class ProxyConfig:
 
 
 def proxy_mux_config(**overrides) -> MuxConfig:
-    """The proxy side's muxado limits (see ProxyConfig.mux)."""
-    base = dict(grant_peer_streams=False, max_streams=32, accept_backlog=16)
+    """The proxy side's muxado limits (see ProxyConfig.mux). Visitors' streams start at 64 KiB
+    windows and grow only while the visitor reads, within one budget for all tunnels
+    (docs/OPERATIONS.md, "Memory per visitor")."""
+    base = dict(grant_peer_streams=False, max_streams=32, accept_backlog=16, grow_windows=True,
+                window_pool=WindowPool(VISITOR_WINDOW_POOL))
     base.update(overrides)
     return MuxConfig(**base)
 
@@ -154,6 +161,7 @@ class ProxyServer:
         self.addresses: dict[str, tuple[str, int]] = {}
         self._public_pool = gevent.pool.Pool(config.max_public_connections)
         self._tunnel_pool = gevent.pool.Pool(config.max_tunnels)
+        self._peer_log = PeerLog()  # log lines a tunnel's peer triggers, per address
         self.policy = config.ownership if config.ownership is not None else self._make_policy()
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         if config.cert and config.key:
@@ -291,13 +299,16 @@ class ProxyServer:
         ``proxy_ids``: what a signed bind on it may name as its proxy (lib.protocol.messages
         proxy_id_for_*); by default this proxy's tunnel certificate, which the client saw in
         a TLS handshake it made with us."""
-        session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}")
+        # Untrusted until Auth: the mux runs from the handshake, keyless (lib.protocol.muxstate)
+        session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}",
+                          trusted=False, log_limiter=self._peer_log, log_key=peer.rsplit(":", 1)[0])
         tunnel = None
         watchdog = None
         try:
             tunnel, nonce = self._authenticate(session, peer, transport_name)
             if tunnel is None:
                 return
+            session.trust()
             tunnel.proxy_ids = proxy_ids if proxy_ids is not None else self.own_proxy_ids
             # Auth's key is a claim until a signed bind proves it (docs/OPERATIONS.md).
             log.info("tunnel %d up from %s claiming key=%s (unproven)", tunnel.id, peer,
@@ -329,7 +340,10 @@ class ProxyServer:
         if session.refused_streams:
             self.registry.count_refusal("streams_refused", n=session.refused_streams)
         end = session.end
-        if end is not None and not end.remote and end.code != ErrorCode.NO_ERROR:
+        if end is not None and end.hostile:
+            # provoked answers past the bucket, did not read them, frames before Auth
+            self.registry.count_refusal("tunnel_hostile")
+        elif end is not None and not end.remote and end.code != ErrorCode.NO_ERROR:
             # SYN flood, oversized or invalid frames, window overrun, malformed control message
             self.registry.count_refusal("tunnel_protocol_error")
 
