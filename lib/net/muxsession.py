@@ -584,7 +584,8 @@ class Session:
                 # behind megabytes of data, and a busy tunnel must not be killed for that.
                 silent = now - max(self._last_echo, self._last_heard)
                 if cfg.heartbeat and silent > cfg.heartbeat_interval + cfg.heartbeat_tolerance:
-                    self._die(f"heartbeat timeout ({silent:.1f} s without echo)", False)
+                    self._die(f"heartbeat timeout ({silent:.1f} s without echo)", False,
+                              f"no heartbeat echo for {silent:.1f} s")
                     return
                 # Bytes from a peer that does not read keep it looking alive: what we owe it
                 # must move too (docs/SECURITY.md, "Tunnel sessions").
@@ -596,8 +597,9 @@ class Session:
         except gevent.GreenletExit:
             pass
 
-    def _die(self, reason: str, hostile: bool) -> None:
-        self._peer_log.log(self._log_key, logging.WARNING, "session %s: %s", self.name, reason)
+    def _die(self, reason: str, hostile: bool, logged: str | None = None) -> None:
+        self._peer_log.log(self._log_key, logging.WARNING, "session %s: %s", self.name,
+                           logged or reason)
         self._conn.terminate(ErrorCode.NO_ERROR, reason)
         self._finish(SessionEnd(ErrorCode.NO_ERROR, reason, remote=False, hostile=hostile),
                      flush=True)
