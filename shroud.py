@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control port password for --tor HOST:PORT")
     p.add_argument("--distinct-exits", action="store_true",
                    help="build each tunnel's circuit with stem so every proxy is reached "
-                        "through a different exit (when the network has enough exits)")
+                        "through a different exit; a tunnel that cannot get its own exit "
+                        "waits and retries, never falls back to tor's choice")
     p.add_argument("--tor-timeout", type=float, default=120.0,
                    help="seconds to wait for tor to bootstrap")
     p.add_argument("--discovery", metavar="URL",

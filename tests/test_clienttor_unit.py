@@ -6,7 +6,7 @@ import types
 import pytest
 
 from lib.client import tor as torlib
-from lib.client.circuits import ExitPlanner
+from lib.client.circuits import DistinctExitError, ExitPlanner
 
 AUTHS = [c * 40 for c in "ABC"]
 EXITS = ["E" * 40, "F" * 40]
@@ -44,14 +44,14 @@ class FakeTor:
     def open_connection(self, host, port, isolation_key, timeout, circuit_id=None):
         self.opened.append(circuit_id)
         if self.connect_fails and circuit_id is not None:
-            raise torlib.TorError("SOCKS error: connection refused")
+            raise torlib.TorConnectError("SOCKS error: connection refused")
         return object()
 
 
 def test_each_tunnel_index_gets_its_own_exit():
     planner = ExitPlanner(FakeTor(), rng=random.Random(1))
     assert planner.path_for(0)[-1] != planner.path_for(1)[-1]
-    for i in range(4):
+    for i in range(len(EXITS)):
         guard, middle, exit_fp = planner.path_for(i)
         assert len({guard, middle, exit_fp}) == 3 and guard in AUTHS
 
@@ -75,11 +75,34 @@ def test_dial_retries_around_a_relay_that_cannot_extend():
     assert len(tor.built) <= ExitPlanner.ATTEMPTS
 
 
-def test_dial_falls_back_to_tor_after_the_attempts():
+def test_dial_fails_closed_after_the_attempts():
+    # --distinct-exits is a privacy option the user asked for: never tor's own choice instead.
     tor = FakeTor(bad=set(EXITS))
-    ExitPlanner(tor, rng=random.Random(4)).dial("127.0.0.1", 80, "shroud-tunnel-0-0", timeout=5)
+    with pytest.raises(DistinctExitError, match="no circuit with its own exit for tunnel 0"):
+        ExitPlanner(tor, rng=random.Random(4)).dial("127.0.0.1", 80, "shroud-tunnel-0-0",
+                                                    timeout=5)
     assert len(tor.built) == ExitPlanner.ATTEMPTS
-    assert tor.opened == [None]
+    assert tor.opened == []
+
+
+def test_more_tunnels_than_exits_fail_closed():
+    tor = FakeTor()
+    planner = ExitPlanner(tor, rng=random.Random(6))
+    planner.dial("127.0.0.1", 80, "shroud-tunnel-1-0", timeout=5)
+    with pytest.raises(DistinctExitError, match="consensus has 2 exit"):
+        planner.dial("127.0.0.1", 80, "shroud-tunnel-2-0", timeout=5)  # would share EXITS[0]
+    assert tor.opened == ["1"]
+
+
+def test_a_consensus_tor_will_not_give_fails_closed():
+    tor = FakeTor()
+
+    def no_consensus():
+        raise torlib.TorError("control connection lost")
+    tor.get_network_statuses = no_consensus
+    with pytest.raises(DistinctExitError):
+        ExitPlanner(tor).dial("127.0.0.1", 80, "shroud-tunnel-0-0", timeout=5)
+    assert tor.opened == []
 
 
 @pytest.mark.parametrize("key", ["other", "shroud-tunnel-x-0", "discovery"])
@@ -89,10 +112,12 @@ def test_dial_without_a_tunnel_index_lets_tor_choose(key):
     assert tor.built == [] and tor.opened == [None]
 
 
-def test_a_connection_failure_over_a_built_circuit_closes_it_and_lets_tor_choose():
+def test_a_connection_failure_over_a_built_circuit_closes_it_and_fails_closed():
     """The circuit worked (the proxy or the exit's reach did not): no relay is blamed, the
-    circuit is not left open, and no more explicit circuits are built."""
+    circuit is not left open, and tor is not asked to choose another exit."""
     tor = FakeTor(connect_fails=True)
-    ExitPlanner(tor, rng=random.Random(5)).dial("127.0.0.1", 80, "shroud-tunnel-0-0", timeout=5)
+    with pytest.raises(DistinctExitError, match="not letting tor choose"):
+        ExitPlanner(tor, rng=random.Random(5)).dial("127.0.0.1", 80, "shroud-tunnel-0-0",
+                                                    timeout=5)
     assert len(tor.built) == 1 and tor.closed == ["1"]
-    assert tor.opened == ["1", None]
+    assert tor.opened == ["1"]

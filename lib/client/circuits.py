@@ -6,6 +6,8 @@ Public API::
         # mode "launch" or "HOST:PORT" (a running tor's control port)
     watcher = CircuitWatcher(tor, client)    # reconnects a tunnel at once when its circuit dies
     BootstrapProgress(live)                  # progress(percent, summary): a bar or log lines
+    dial = ExitPlanner(tor).dial             # --distinct-exits: each tunnel its own exit, or
+                                             # DistinctExitError (never tor's own choice)
 
 Each tunnel dials through its own circuit: TunnelRunner's isolation key (tunnel index and
 connection generation) becomes distinct SOCKS credentials, and every reconnect gets a fresh one.
@@ -17,6 +19,7 @@ import logging
 import sys
 
 import gevent
+import stem
 
 from lib.client import tor as torlib
 
@@ -129,18 +132,29 @@ class CircuitWatcher:
         self._remove()
 
 
+class DistinctExitError(torlib.TorConnectError):
+    """``--distinct-exits`` could not give a tunnel a circuit with its own exit; the tunnel is
+    not dialled (tor's own choice might share an exit with another tunnel)."""
+
+
 class ExitPlanner:
     """Explicit circuits with a distinct exit per tunnel (``--distinct-exits``).
 
     Tor picks each tunnel's circuit on its own, so two tunnels may leave through the same exit:
-    that exit then sees (the timing of) both. With this planner each tunnel index gets its own
-    exit, round robin over the exits in the consensus, and the circuit is built with stem along
-    [guard, middle, exit] and the tunnel's stream attached to it. The guard is one of tor's own
-    entry guards when tor names them (keeping guard protection), the middle a random other
-    relay. Any failure falls back to tor's own choice, so the option never costs a tunnel.
+    that exit then sees (the timing of) both. With this planner tunnel index ``i`` leaves
+    through the ``i``-th exit of the consensus (by fingerprint), on a circuit built with stem
+    along [guard, middle, exit] and the tunnel's stream attached to it. The guard is one of
+    tor's own entry guards when tor names them (keeping guard protection), the middle a random
+    other relay.
+
+    The user asked for this privacy property, so it fails closed: when no such circuit can be
+    built (after ``ATTEMPTS`` paths), the connection over it fails, or the consensus has fewer
+    exits than the tunnel's index needs, ``dial`` raises :class:`DistinctExitError` (the tunnel
+    retries later with backoff, its status naming the reason) and never falls back to tor's
+    own choice. Only dials that are not tunnels (discovery) are left to tor.
     """
 
-    # Explicit circuits tried per dial before tor's own choice.
+    # Explicit circuits tried per dial before giving up on this dial.
     ATTEMPTS = 3
 
     def __init__(self, tor, rng=None):
@@ -150,7 +164,10 @@ class ExitPlanner:
         self.rng = rng or random.SystemRandom()
 
     def _relays(self):
-        statuses = list(self.tor.controller.get_network_statuses())
+        try:
+            statuses = list(self.tor.controller.get_network_statuses())
+        except (stem.ControllerError, OSError) as e:
+            raise torlib.TorError(f"tor did not give its consensus: {e}") from e
         usable = [r for r in statuses if "Running" in r.flags and "Valid" in r.flags]
         exits = sorted((r for r in usable if "Exit" in r.flags and "BadExit" not in r.flags),
                        key=lambda r: r.fingerprint)
@@ -159,8 +176,8 @@ class ExitPlanner:
     def _guards(self) -> list[str]:
         try:
             text = self.tor.controller.get_info("entry-guards")
-        except Exception:  # stem raises several types; any means "tor does not say"
-            return []
+        except (stem.ControllerError, torlib.TorError, OSError):
+            return []  # tor does not say: guards are picked from the consensus instead
         out = []
         for line in text.splitlines():
             fp = line.strip().lstrip("$").split("~")[0].split("=")[0].split(" ")[0]
@@ -170,11 +187,16 @@ class ExitPlanner:
 
     def path_for(self, index: int, avoid: frozenset[str] = frozenset()) -> list[str]:
         """[guard, middle, exit] for tunnel ``index``; guards and middles in ``avoid`` (relays
-        that just failed to extend) are skipped while others remain."""
+        that just failed to extend) are skipped while others remain.
+
+        :raises DistinctExitError: fewer exits than ``index + 1`` (tunnels would share one).
+        :raises lib.client.tor.TorError: no consensus, or no guard or middle to use.
+        """
         usable, exits = self._relays()
-        if not exits:
-            raise torlib.TorError("no exits in the consensus")
-        exit_fp = exits[index % len(exits)].fingerprint
+        if index >= len(exits):
+            raise DistinctExitError(f"tunnel {index} needs exit number {index + 1} and the "
+                                    f"consensus has {len(exits)} exit(s)")
+        exit_fp = exits[index].fingerprint
         guards = [g for g in self._guards() if g != exit_fp]
         if not guards:
             guards = [r.fingerprint for r in usable if "Guard" in r.flags and r.fingerprint != exit_fp]
@@ -187,38 +209,55 @@ class ExitPlanner:
         return [guard, self.rng.choice([m for m in middles if m not in avoid] or middles), exit_fp]
 
     def dial(self, host: str, port: int, isolation_key: str, timeout: float):
+        """A connection for ``isolation_key``'s tunnel through its own exit.
+
+        :raises DistinctExitError: no circuit with that exit could be used (see the class).
+        """
         index = _tunnel_index(isolation_key)
+        if index is None:
+            return self.tor.open_connection(host, port, isolation_key, timeout)
+        circ = self._build(index, timeout)
+        try:
+            return self.tor.open_connection(host, port, isolation_key, timeout,
+                                            circuit_id=circ)
+        except (torlib.TorError, OSError) as e:  # the circuit works, the proxy or its exit not
+            self._close_quietly(circ)
+            raise DistinctExitError(f"--distinct-exits: tunnel {index}: connecting over its "
+                                    f"own circuit failed ({e}); not letting tor choose another "
+                                    f"exit") from e
+
+    def _build(self, index: int, timeout: float) -> str:
         # A few tries, each avoiding the guards and middles that failed before: a relay that
         # cannot reach the exit (tor caches a failed OR connection for up to 60 s) should not
         # cost the tunnel its distinct exit.
         failed: set[str] = set()
-        tries = self.ATTEMPTS if index is not None else 0
-        for attempt in range(tries):
+        last: Exception | None = None
+        for attempt in range(self.ATTEMPTS):
             path: list[str] = []
             try:
                 path = self.path_for(index, frozenset(failed))
                 circ = self.tor.build_circuit(path, timeout=min(timeout, 30.0))
-            except Exception as e:  # stem raises many types; any means "let tor choose"
+            except DistinctExitError as e:
+                raise DistinctExitError(f"--distinct-exits: {e}; not letting tor choose "
+                                        f"(tunnels would share an exit)") from e
+            except torlib.TorError as e:
                 failed.update(path[:-1])
+                last = e
                 log.warning("tunnel %d: explicit circuit failed (%s)%s", index, e,
-                            "; retrying" if attempt + 1 < tries else "; letting tor choose")
+                            "; retrying" if attempt + 1 < self.ATTEMPTS else "")
                 continue
             log.info("tunnel %d: built circuit %s with exit %s", index, circ, path[-1][:8])
-            try:
-                return self.tor.open_connection(host, port, isolation_key, timeout,
-                                                circuit_id=circ)
-            except Exception as e:  # the circuit works; the proxy or the exit's reach does not
-                log.warning("tunnel %d: connection over circuit %s failed (%s); letting tor "
-                            "choose", index, circ, e)
-                self._close_quietly(circ)
-                break
-        return self.tor.open_connection(host, port, isolation_key, timeout)
+            return circ
+        raise DistinctExitError(f"--distinct-exits: no circuit with its own exit for tunnel "
+                                f"{index} after {self.ATTEMPTS} tries (last: {last}); not "
+                                f"letting tor choose. The tunnel retries; without "
+                                f"--distinct-exits tor would pick its exits itself") from last
 
     def _close_quietly(self, circ: str) -> None:
         try:
             self.tor.controller.close_circuit(circ)
-        except Exception:  # already gone, or tor is going away: nothing to clean up
-            pass
+        except (stem.ControllerError, OSError):
+            pass  # already gone, or tor is going away: nothing to clean up
 
 
 def _tunnel_index(isolation_key: str) -> int | None:
