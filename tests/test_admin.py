@@ -279,6 +279,9 @@ def test_session_table_is_bounded_and_persisted(tmp_path):
     assert not again.valid(sids[4])  # expired
     assert (tmp_path / "admin-sessions").stat().st_mode & 0o077 == 0
     assert sids[3] not in (tmp_path / "admin-sessions").read_text()  # digests, not ids
+    # Nowhere to write (here: a file where the directory should be): still usable, from memory.
+    blocked = SessionTable(str(tmp_path / "admin-sessions" / "sub"), clock=lambda: now[0])
+    assert blocked.valid(blocked.issue())
 
 
 @pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example", "/\\evil.example",
@@ -485,7 +488,7 @@ def test_unproven_keys_are_shown_as_unproven(client, proxy):
     which tunnels proved theirs, and the overview counts claims apart (issue 11 item 13)."""
     make_tunnel(proxy, ["a.test"], key=KEY_A, peer="10.0.0.1:1")
     claim, _ = make_tunnel(proxy, [], key=KEY_A, peer="10.6.6.6:1", proven=False)
-    make_tunnel(proxy, [], key=KEY_B, peer="10.6.6.6:2", proven=False)
+    squat, _ = make_tunnel(proxy, [], key=KEY_B, peer="10.6.6.6:2", proven=False)
     rows = {r["peer"]: r for r in client.get("/api/tunnels", headers=bearer()).json["items"]}
     assert rows["10.0.0.1:1"]["key_proven"] is True
     assert rows["10.6.6.6:1"]["key_proven"] is False and rows["10.6.6.6:2"]["key_proven"] is False
@@ -493,6 +496,9 @@ def test_unproven_keys_are_shown_as_unproven(client, proxy):
     assert st["10.0.0.1:1"]["key_proven"] is True and st["10.6.6.6:1"]["key_proven"] is False
     o = client.get("/api/overview", headers=bearer()).json
     assert o["keys"] == 1 and o["keys_unproven"] == 1  # KEY_B is only claimed
+    # The audit log says it too when the operator disconnects such a tunnel.
+    assert client.post(f"/api/tunnels/{squat.id}/disconnect", headers=bearer()).json["ok"]
+    assert f"key {KEY_B[:16]} (unproven)" in proxy.store.audit_log(1)[0].detail
     claim.proven = True  # what lib/proxy/server.py does once a signed bind verifies
     row = client.get("/api/tunnels?q=10.6.6.6:1", headers=bearer()).json["items"][0]
     assert row["key_proven"] is True

@@ -202,8 +202,14 @@ class SessionTable:
                         self.path, e)
 
     def _save(self) -> None:
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
             _write_private(self.path, json.dumps(dict(self.live)))
+        except OSError as e:
+            # Sessions still work from memory; only a restart would forget (or, for a logout,
+            # bring back) what changed since. Said once per change: a login or a logout.
+            log.warning("cannot save dashboard sessions to %s: %s", self.path, e)
 
 
 # --- settings --------------------------------------------------------------------------------

@@ -234,7 +234,8 @@ class ProxyServer:
         log.warning("tunnel %d from %s disconnected by %s", tunnel.id, tunnel.peer, actor)
         if self.store is not None:
             self.store.audit(actor, "disconnect-tunnel", f"tunnel {tunnel.id}",
-                             f"peer {tunnel.peer}, key {(tunnel.key or 'unsigned')[:16]}, "
+                             f"peer {tunnel.peer}, key {(tunnel.key or 'unsigned')[:16]}"
+                             f"{'' if tunnel.proven or tunnel.key is None else ' (unproven)'}, "
                              f"{names}" + (f": {detail}" if detail else ""))
         return True
 
