@@ -224,6 +224,17 @@ def test_trusted_forwarded_for_keys_on_the_routers_entry(proxy, fast_config):
     assert attempt(c, PASSWORD, router, "203.0.113.9, 198.51.100.7") == 302
 
 
+@pytest.mark.parametrize("value, want", [
+    ("203.0.113.9", "203.0.113.9"), ("1.2.3.4, 203.0.113.9", "203.0.113.9"),
+    ("203.0.113.9:4711", "203.0.113.9"), ("x, [2001:db8::1]:443", "2001:db8::1"),
+    ("203.0.113.9, junk", None), ("", None), ("unknown", None)])
+def test_forwarded_client_is_the_last_entry_if_an_address(value, want):
+    """Junk from the router's side falls back to the socket's peer (login_client)."""
+    from lib.admin.auth import forwarded_client
+
+    assert forwarded_client(value) == want
+
+
 def test_login_throttle_forgets_clients_past_its_bound():
     from lib.admin.auth import MAX_THROTTLED_CLIENTS, LoginThrottle
 
