@@ -228,3 +228,30 @@ def test_connect_factory_is_used_for_tcp(dns_server):
         lookup_srv("_shroud._tcp.example.com", resolver=("dns.invalid", 53), transport="tcp",
                    connect=refuse)
     assert exc.value.kind == "network" and "SOCKS" in str(exc.value)
+
+
+def test_fixture_serves_many_sequential_tcp_clients(dns_server):
+    # Each lookup is its own TCP connection, closed after the answer: the bound is on
+    # connections open at once, so twice the bound one after another are all answered.
+    from tests.fixtures.dns import _MAX_TCP_CLIENTS
+    dns_server.add("seq.example.com", "TXT", "v")
+    for _ in range(2 * _MAX_TCP_CLIENTS + 1):
+        assert lookup_txt("seq.example.com", resolver=dns_server.address, transport="tcp",
+                          timeout=5) == ["v"]
+    assert dns_server.refused_tcp_clients == 0
+
+
+def test_fixture_counts_tcp_clients_over_its_bound():
+    from tests.fixtures.dns import _MAX_TCP_CLIENTS, FakeDns
+    dns = FakeDns()
+    held = []
+    try:
+        for _ in range(_MAX_TCP_CLIENTS + 1):
+            held.append(socket.create_connection(dns.address, timeout=5))
+        held[-1].settimeout(5)
+        assert held[-1].recv(1) == b""  # the one over the bound is closed...
+        assert dns.refused_tcp_clients == 1  # ...and counted, which fails its test
+    finally:
+        for s in held:
+            s.close()
+        dns.stop()

@@ -194,7 +194,10 @@ GEVENT_SCRIPT = textwrap.dedent("""
             last = now
 
     g = gevent.spawn(ticker)
+    gevent.sleep(0.02)
+    before_open = len(gaps)
     sock = tor.open_connection("127.0.0.1", int(sys.argv[3]), "gevent-subprocess", timeout=30)
+    ticks_during_open = len(gaps) - before_open
     sock.sendall(b"ping")
     reply = sock.recv(4)
     circ = tor.circuit_for_connection(sock)
@@ -208,7 +211,7 @@ GEVENT_SCRIPT = textwrap.dedent("""
         "reply": reply.decode(), "socket_module": type(sock).__module__,
         "path_len": len(circ.path), "circuit_listed": circ.id in circuit_ids,
         "closed_event": [c.status for c in closed if c.id == circ.id],
-        "ticks": len(gaps), "max_gap": max(gaps),
+        "ticks_during_open": ticks_during_open,
     }))
     tor.close()
 """)
@@ -227,7 +230,9 @@ def test_stem_and_socks_work_in_a_gevent_patched_process(client_tor, tmp_path):
     assert result["socket_module"].startswith("gevent")
     assert result["path_len"] == 3 and result["circuit_listed"]
     assert result["closed_event"] == ["CLOSED"]
-    assert result["ticks"] > 5 and result["max_gap"] < 0.5, result
+    # Ordering, not speed: other greenlets ran while open_connection waited on tor (a blocking
+    # call would let none run until it returned). Latency is bench/'s business.
+    assert result["ticks_during_open"] > 0, result
     # attach_tor + close in the subprocess must not have stopped our tor
     assert client_tor.process.poll() is None
 
@@ -261,9 +266,10 @@ def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
             assert event.status in ("CLOSED", "FAILED")
             sock.settimeout(10)
             try:
-                assert sock.recv(100) == b""
-            except OSError:
-                pass  # a reset is as good as an EOF here
+                rest = sock.recv(100)
+            except ConnectionError:  # a reset is as good as an EOF; a timeout is not
+                rest = b""
+            assert rest == b"", rest
             print(f"exit {killed.nickname} killed: circuit {event.status} ({event.reason}/"
                   f"{event.remote_reason}) after {detect_ms:.0f} ms")
         finally:
