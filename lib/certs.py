@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from lib.errors import ShroudError
+
 CERT_FILE = "tunnel-cert.pem"
 KEY_FILE = "tunnel-key.pem"
 
@@ -83,7 +85,7 @@ def normalize_pin(pin: str) -> str:
     return p
 
 
-class PinMismatch(ValueError):
+class PinMismatch(ShroudError, ValueError):
     """The peer's certificate matches no pin; ``fingerprint`` is what it presented."""
 
     def __init__(self, fingerprint: str):

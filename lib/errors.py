@@ -1,17 +1,44 @@
-"""The multiplexer's errors: one small hierarchy, each carrying its muxado wire code.
+"""The project's exceptions: one base, ``ShroudError``, and each module's errors under it.
 
-::
+Catch ``ShroudError`` for "anything Shroud refused or failed on purpose"; catch a module's own
+class for its meaning. Each error keeps the builtin base its callers catch (a codec's error is a
+``ValueError``, a stream's an ``OSError``) and carries what to answer on the wire::
 
-    MuxError (OSError)            .code: an ErrorCode
-      +- ProtocolError            the peer broke muxado v1; fatal for its session
-      +- SessionClosed            the session is gone (GOAWAY, transport EOF, close(), heartbeat)
-      +- StreamError
-           +- StreamReset         RST received (or sent by us); .code is the RST code
-           +- StreamClosed        use of a direction already shut down or a closed stream
-           +- StreamTimeout       also a TimeoutError, like a socket timeout
+    ShroudError
+      +- MuxError (OSError)          .code: the muxado ErrorCode for RST/GOAWY   lib.errors
+      |    +- ProtocolError          the peer broke muxado v1; fatal for its session
+      |    +- SessionClosed          the session is gone (GOAWAY, transport EOF, close(), heartbeat)
+      |    +- StreamError
+      |         +- StreamReset       RST received (or sent by us); .code is the RST code
+      |         +- StreamClosed      use of a direction already shut down or a closed stream
+      |         +- StreamTimeout     also a TimeoutError, like a socket timeout
+      +- MessageError (ValueError)   a go-tunnel message that does not decode   lib.protocol.messages
+      +- SniffError (ValueError)     .alert (TLS) / .http_status (HTTP) to answer  lib.protocol.sniff
+      +- HeadError (ValueError)      .http_status to answer                      lib.protocol.httphead
+      |    +- HandshakeError         a WebSocket opening handshake we refuse     lib.protocol.websocket
+      +- WebSocketError (ValueError) .close_code to close with                   lib.protocol.websocket
+      +- FramingError (ValueError)   an origin's response that is not HTTP/1.x   lib.protocol.http1
+      +- AddressError (ValueError)   not HOST:PORT (the message names the input) lib.hostport
+      +- PinMismatch (ValueError)    .fingerprint the peer presented             lib.certs
+      +- IdentityError               the identity key file cannot be used        lib.identity
+      +- DnsError                    .kind (nxdomain, servfail, timeout...)      lib.net.dnsclient
+      +- TunnelError                 .permanent: not worth retrying soon         lib.client.tunnels
+      +- TorError                    tor missing, failed, or refused             lib.client.tor
+      |    +- TorConnectError        also a ConnectionError: tor's SOCKS reply
+      +- DiscoveryError (ValueError) no proxies found, and why                   lib.client.discovery
+      +- OwnershipError              the ownership store failed                  lib.proxy.store.base
+      |    +- StoreUnavailable       .code: the bind answer (store-unavailable)
+      +- ClaimRefused                .code: the bind answer (limit)              lib.proxy.store.base
+      +- PeekTimeout                 no routing name within the peek deadline    lib.proxy.server
+      +- QueryError (ValueError)     an API query parameter we cannot honour     lib.admin.dashboard
+      +- TestnetError                the private Tor network did not start       lib.testnet
 
 ``MuxError`` subclasses ``OSError`` so that splice code handling sockets handles streams the same
 way; no raw socket error leaves a stream except as one of these.
+
+A library's own errors are caught by their documented tree, never by ``except Exception``:
+stem's ``stem.ControllerError`` / ``stem.SocketError``, ``ssl.SSLError``, ``OSError``, h11's
+``h11.ProtocolError``.
 """
 from __future__ import annotations
 
@@ -38,7 +65,11 @@ def code_name(code: int) -> str:
         return f"UNKNOWN_{code}"
 
 
-class MuxError(OSError):
+class ShroudError(Exception):
+    """Base of every error Shroud raises on purpose (the tree is in the module docstring)."""
+
+
+class MuxError(ShroudError, OSError):
     """Base of every multiplexer error; ``code`` is the muxado error code it maps to."""
 
     default_code = ErrorCode.INTERNAL_ERROR

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import ipaddress
 
+from lib.errors import ShroudError
+
 MAX_HOST = 253  # the longest DNS name (RFC 1035 2.3.4); an IP literal is shorter
 _MAX_PORT_DIGITS = 5  # "65535": refuse a 10 kB run of digits before int() reads it
 _FORBIDDEN = frozenset(" \t\r\n/?#@[]")
 
 
-class AddressError(ValueError):
+class AddressError(ShroudError, ValueError):
     """A text that is not HOST:PORT by the rules above; the message names the input."""
 
 

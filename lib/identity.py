@@ -29,12 +29,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey, Ed25519PublicKey,
 )
 
+from lib.errors import ShroudError
+
 KEY_FILENAME = "identity.key"  # PKCS#8 PEM, readable by `openssl pkey`
 # A PEM Ed25519 key is 119 bytes; anything much larger in the key file is not our key.
 _MAX_KEY_FILE = 4096
 
 
-class IdentityError(Exception):
+class IdentityError(ShroudError):
     """The identity key file cannot be used (unreadable, malformed, or too open)."""
 
 

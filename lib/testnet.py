@@ -52,6 +52,8 @@ import threading
 import time
 from typing import Callable, Optional
 
+from lib.errors import ShroudError
+
 __all__ = ["TorNetwork", "Relay", "TestnetError", "parse_consensus_flags", "main"]
 
 AUTHORITY, EXIT, RELAY = "authority", "exit", "relay"
@@ -74,7 +76,7 @@ KEYGEN_TIMEOUT = 60.0
 LOG_TAIL_LINES = 8
 
 
-class TestnetError(Exception):
+class TestnetError(ShroudError):
     """The private network could not be started (the message says which tor and why)."""
 
     __test__ = False  # not a pytest test class, despite the name

@@ -4,6 +4,7 @@ import random
 import types
 
 import pytest
+import stem
 
 from lib.client import tor as torlib
 from lib.client.circuits import DistinctExitError, ExitPlanner
@@ -33,7 +34,7 @@ class FakeTor:
         return [_status(fp, "Guard") for fp in AUTHS] + [_status(fp, "Exit") for fp in EXITS]
 
     def get_info(self, key):
-        raise torlib.TorError("no entry-guards here")
+        raise stem.InvalidArguments(message="no entry-guards here")  # what stem raises
 
     def build_circuit(self, path, timeout):
         self.built.append(list(path))

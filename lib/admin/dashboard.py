@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 
+from lib.errors import ShroudError
 from lib.proxy.registry import BUCKET_SECONDS, HISTORY_BUCKETS
 
 # One page of the hostname table: 50 rows fills a screen; 500 is the most a browser table
@@ -70,7 +71,7 @@ TUNNEL_SORTS = {
 }
 
 
-class QueryError(ValueError):
+class QueryError(ShroudError, ValueError):
     """A query parameter the API cannot honour; the message names it and the choices."""
 
 

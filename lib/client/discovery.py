@@ -41,6 +41,7 @@ from urllib.parse import urlencode, urlsplit
 
 import h11
 
+from lib.errors import ShroudError
 from lib.net import dnsclient
 from lib.certs import PinMismatch, check_pin, client_tls_context, normalize_pin
 from lib.client.tunnels import ProxyAddr, direct_dial
@@ -66,7 +67,7 @@ SRV_PREFIX = "_shroud._tls."
 JSON_TYPE = "application/json"
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(ShroudError, ValueError):
     """No proxies could be found; the message says where we looked and what went wrong."""
 
 

@@ -63,6 +63,7 @@ import stem
 import stem.control
 from stem.control import EventType
 
+from lib.errors import ShroudError
 from lib.hostport import AddressError, parse_hostport
 from lib.net.sockets import set_nodelay
 
@@ -84,7 +85,7 @@ WARNINGS_IN_ERRORS = 3
 ProgressCallback = Callable[[int, str], None]
 
 
-class TorError(Exception):
+class TorError(ShroudError):
     """Tor is missing, failed, did not bootstrap in time, or refused a request."""
 
 

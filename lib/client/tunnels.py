@@ -40,7 +40,7 @@ from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.certs import PinMismatch, check_pin, client_tls_context
 from lib.net.tlstransport import TLSTransport
-from lib.errors import ErrorCode, MuxError
+from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
 from lib.net.sockets import set_nodelay
@@ -49,7 +49,7 @@ from lib.net.splice import splice
 log = logging.getLogger("shroud.client")
 
 
-class TunnelError(Exception):
+class TunnelError(ShroudError):
     """A tunnel could not be set up; ``permanent`` errors are not worth retrying soon."""
 
     def __init__(self, message: str, permanent: bool = False, reason: str | None = None):
@@ -277,12 +277,13 @@ class TunnelRunner:
             except TunnelError as e:
                 self._set("error", str(e))
                 log.error("tunnel %s: %s", self.proxy, e)
-            except (OSError, MuxError, msg.MessageError, EOFError) as e:
+            except (OSError, ShroudError, EOFError) as e:  # MuxError, MessageError, TorError...
                 self._set("error", f"{type(e).__name__}: {e}")
                 log.warning("tunnel %s failed: %s", self.proxy, e)
             except gevent.GreenletExit:
                 raise
-            except Exception as e:  # a bug or a stem error must cost a retry, not the tunnel
+            except Exception as e:  # a bug: it costs a retry (logged with its traceback), never
+                # the tunnel; every error we expect is above
                 self._set("error", f"{type(e).__name__}: {e}")
                 log.exception("tunnel %s: unexpected error", self.proxy)
             if self._stopping:

@@ -47,6 +47,8 @@ from typing import Callable, NamedTuple
 from dnslib import CLASS, DNSError as _DnslibError, DNSHeader, DNSQuestion, DNSRecord, EDNS0, \
     QTYPE, RCODE
 
+from lib.errors import ShroudError
+
 # Bounds. A DNS message over TCP is at most 65535 bytes (16-bit length prefix, RFC 1035 4.2.2);
 # we never read more than that, and over UDP we advertise EDNS0 1232 bytes (the DNS Flag Day
 # 2020 size that avoids IP fragmentation) but still accept any datagram up to 65535.
@@ -64,7 +66,7 @@ MAX_STRAY_DATAGRAMS = 16
 TRANSPORTS = ("udp", "tcp")
 
 
-class DnsError(Exception):
+class DnsError(ShroudError):
     """A lookup failed. ``kind`` says how (see the module docstring); ``name`` is the name."""
 
     kind = "error"

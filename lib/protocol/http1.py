@@ -40,6 +40,7 @@ import re
 
 import h11
 
+from lib.errors import ShroudError
 from lib.protocol import httphead
 
 # Largest response head (status line + headers) we frame: nginx's default proxy_buffer_size is
@@ -56,7 +57,7 @@ _CONNECTION_HEADER_RE = re.compile(rb"(?im)^(?:connection|keep-alive|proxy-conne
                                    rb"[^\n]*\n")
 
 
-class FramingError(ValueError):
+class FramingError(ShroudError, ValueError):
     """The origin's bytes are not a valid HTTP/1.x response to the request."""
 
 

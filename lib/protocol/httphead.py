@@ -32,6 +32,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from lib.errors import ShroudError
+
 MAX_HEAD = 16384  # as nginx's large_client_header_buffers (16 KiB lines); enough for cookies
 MAX_METHOD = 64  # no registered method is longer than 17 bytes; 64 leaves room for extensions
 
@@ -53,7 +55,7 @@ _PHRASES = {301: "Moved Permanently", 400: "Bad Request", 404: "Not Found",
             502: "Bad Gateway", 503: "Service Unavailable"}
 
 
-class HeadError(ValueError):
+class HeadError(ShroudError, ValueError):
     """A head we refuse; ``http_status`` is what to answer (400, 405, 431...)."""
 
     def __init__(self, reason: str, http_status: int = 400):

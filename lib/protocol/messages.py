@@ -52,6 +52,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from lib.errors import ShroudError
+
 # A length prefix is read before the body, so it must be bounded before anything is buffered:
 # go-tunnel allocates whatever int64 the peer declares. The largest real message is a Bind with
 # a 253-character hostname and a signature, under 600 bytes; 64 KiB is 100x that, yet far below
@@ -97,7 +99,7 @@ REASON_INTERNAL = "internal"
 REASON_STORE_UNAVAILABLE = "store-unavailable"
 
 
-class MessageError(ValueError):
+class MessageError(ShroudError, ValueError):
     """A control message could not be decoded; the stream carrying it is unusable.
 
     :ivar reason: what was wrong, for logs.

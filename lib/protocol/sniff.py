@@ -35,6 +35,7 @@ import ipaddress
 import re
 from typing import Iterator
 
+from lib.errors import ShroudError
 from lib.protocol import httphead
 # The proxy's refusals are built by the one HTTP error builder (re-exported for its callers).
 from lib.protocol.httphead import http_error_response  # noqa: F401
@@ -77,7 +78,7 @@ _EXT_SERVER_NAME = 0
 _NAME_TYPE_HOST = 0
 
 
-class SniffError(ValueError):
+class SniffError(ShroudError, ValueError):
     """The peeked bytes are not a valid request of the expected kind.
 
     :ivar reason: a short human-readable explanation, for logs and counters.

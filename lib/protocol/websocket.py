@@ -39,6 +39,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from lib.errors import ShroudError
 from lib.protocol import httphead
 from lib.protocol.httphead import HeadError, http_error_response
 
@@ -74,7 +75,7 @@ MAX_HEAD = 16384
 MAX_CONTROL_PAYLOAD = 125  # RFC 6455 5.5
 
 
-class WebSocketError(ValueError):
+class WebSocketError(ShroudError, ValueError):
     """The peer broke the framing rules; close the connection with ``close_code``."""
 
     def __init__(self, reason: str, close_code: int = CLOSE_PROTOCOL_ERROR):

@@ -50,7 +50,7 @@ import gevent.server
 from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
-from lib.errors import ErrorCode, MuxError
+from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import format_hostport, parse_hostport
 from lib.identity import fingerprint as key_fingerprint, verify_bind
 from lib.net.muxsession import MuxConfig, PeerLog, Session
@@ -738,7 +738,7 @@ class TokenBucket:
         return False
 
 
-class PeekTimeout(Exception):
+class PeekTimeout(ShroudError):
     """No name arrived within the peek deadline."""
 
 

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+from lib.errors import ShroudError
 from lib.protocol.messages import REASON_LIMIT, REASON_STORE_UNAVAILABLE
 from lib.protocol.sniff import normalize_hostname, wildcard_candidates
 
@@ -57,7 +58,7 @@ KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
 _TCP_RE = re.compile(r"tcp:([0-9]{1,5})\Z")
 
 
-class OwnershipError(Exception):
+class OwnershipError(ShroudError):
     """The ownership store cannot be read or written; the message names the file/database."""
 
 
@@ -67,7 +68,7 @@ class StoreUnavailable(OwnershipError):
     code = REASON_STORE_UNAVAILABLE
 
 
-class ClaimRefused(Exception):
+class ClaimRefused(ShroudError):
     """A new first-use claim is over a limit; nothing was written."""
 
     code = REASON_LIMIT

@@ -100,11 +100,12 @@ def redact_url(url: str) -> str:
 
 
 def _password(url: str) -> str | None:
-    try:
-        import psycopg.conninfo
+    import psycopg
+    import psycopg.conninfo
 
+    try:
         return psycopg.conninfo.conninfo_to_dict(url).get("password")
-    except Exception:  # an unparsable URL fails at connect, with its own (scrubbed) message
+    except psycopg.Error:  # an unparsable URL fails at connect, with its own (scrubbed) message
         return None
 
 
