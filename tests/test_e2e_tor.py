@@ -455,14 +455,16 @@ def tors_using(torrc: str) -> list[int]:
 
 
 def test_distinct_exits_builds_one_exit_per_tunnel(tor_network, tmp_path):
-    """--distinct-exits: two proxies, two exits in the network: the two tunnels must leave
-    through different exits (tor alone may put both on one)."""
+    """--distinct-exits: three proxies, two exits in the network: the first two tunnels must
+    leave through different exits (tor alone may put both on one), and the third, which can
+    have no exit of its own, must stay down saying why, never falling back to tor's choice
+    (issue 11: it used to, silently)."""
     procs = []
     try:
         origin = OriginProc(str(tmp_path))
         procs.append(origin)
         proxies = [ProxyProc(str(tmp_path), str(tmp_path / f"p{i}"), name=f"dx-proxy{i}")
-                   for i in range(2)]
+                   for i in range(3)]
         procs += proxies
         client_dir = tmp_path / "client"
         client = ClientProc(str(tmp_path), str(client_dir),
@@ -473,18 +475,22 @@ def test_distinct_exits_builds_one_exit_per_tunnel(tor_network, tmp_path):
                             extra=["--tor-config", tor_network.client_torrc_path,
                                    "--distinct-exits"])
         procs.append(client)
-        for p in proxies:
+        for p in proxies[:2]:
             p.wait_bound("dx.test", timeout=120)
+        client.wait_log("tunnel 2 needs exit number 3 and the consensus has 2 exit(s)",
+                        timeout=60)
+        assert not any(b["name"] == "dx.test" for b in proxies[2].status()["bindings"])
+        assert proxies[2].status()["tunnels"] == []
         log = client.log()
         assert log.count("built circuit") >= 2, log[-3000:]
         world = {"client_dir": client_dir}
         tunnel_ports = {p.ports["tunnel"] for p in proxies}
         with client_controller(world) as c:
-            exits = set()
+            exits = {}
             for s in c.get_streams():
                 if s.target_port in tunnel_ports:
-                    exits.add(c.get_circuit(s.circ_id).path[-1][0])
-        assert len(exits) == 2, exits
+                    exits[s.target_port] = c.get_circuit(s.circ_id).path[-1][0]
+        assert len(exits) == 2 and len(set(exits.values())) == 2, exits
     finally:
         for p in reversed(procs):
             p.stop()
