@@ -20,7 +20,7 @@ reexec_with_jemalloc()
 
 # gunicorn's gevent worker, with one hook: connections go to the one-port router first.
 worker_class = "lib.proxy.gworker.ShroudGeventWorker"
-# One worker: live tunnel state lives in the process (DESIGN.md, process model).
+# One worker: live tunnel state lives in the process (docs/DESIGN.md, "Process model").
 workers = 1
 worker_connections = int(os.environ.get("SHROUD_MAX_PUBLIC_CONNECTIONS", "20000"))
 _port = os.environ.get("PORT")

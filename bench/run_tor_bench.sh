@@ -2,8 +2,8 @@
 # Through Tor: Shroud vs a v3 onion service (bench/tor_bench.py), as root:
 #   ./bench/run_tor_bench.sh [--conns 10] [--rtts 50] [--bulk-mib 16] [--starts 3] [--no-readme]
 # Runs the bench inside a private network namespace holding only loopback (the private network's
-# exits accept any address, notes pitfall 1), with delayed ACKs off on lo (pitfall 10), exactly
-# as scripts/test.sh runs the Tor tests.
+# exits accept any address: docs/DESIGN.md, testnet pitfall 1), with delayed ACKs off on lo
+# (pitfall 10), exactly as scripts/test.sh runs the Tor tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${SHROUD_IN_NETNS:-}" ]; then

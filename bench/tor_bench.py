@@ -81,8 +81,8 @@ PUBLISH_TIMEOUT = 60.0
 # Pitfall 12: connecting the instant the first descriptor upload lands can 404; the rest of the
 # uploads follow within ~0.06 s.
 AFTER_PUBLISH_PAUSE = 0.3
-# A failed onion connection is retried this many times with new credentials (pitfalls 11, 12);
-# failures are counted and reported.
+# A failed onion connection is retried this many times with new credentials (testnet pitfalls 11
+# and 12, docs/DESIGN.md); failures are counted and reported.
 ONION_RETRIES = 2
 
 

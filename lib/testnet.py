@@ -1,8 +1,8 @@
 """A private Tor network on loopback, for tests, benchmarks and the demo.
 
-Built from Debian's ``tor`` and ``tor-gencert`` following ``notes/tor-testnet.md`` (the recipe and
-its pitfalls are cited below as "pitfall N"). It never contacts the public Tor network: every tor
-it starts knows only this network's three directory authorities.
+Built from Debian's ``tor`` and ``tor-gencert``. ``docs/DESIGN.md`` ("Private Tor network") has
+the recipe and the pitfalls cited below as "pitfall N". It never contacts the public Tor
+network: every tor it starts knows only this network's three directory authorities.
 
 Command line::
 
@@ -59,7 +59,7 @@ __all__ = ["TorNetwork", "Relay", "TestnetError", "parse_consensus_flags", "main
 AUTHORITY, EXIT, RELAY = "authority", "exit", "relay"
 AUTHORITY_COUNT = 3
 
-# Every tor's own timing (notes: recipe 4 and pitfall 5). 10 s initial interval so the first vote
+# Every tor's own timing (pitfall 5). 10 s initial interval so the first vote
 # comes ~5 s after an aligned launch; 60 s afterwards keeps the idle network at < 1 % of a core.
 INITIAL_VOTING_INTERVAL = 10
 VOTING_INTERVAL = 60

@@ -11,7 +11,7 @@ if [ -z "${SHROUD_IN_NETNS:-}" ]; then
     exec "${ns[@]}" env SHROUD_IN_NETNS=1 "$0" "$@"
 fi
 ip link set lo up
-# Delayed ACKs on loopback add 40 ms stalls to tor's connections (notes: pitfall 10).
+# Delayed ACKs on loopback add 40 ms stalls to tor's connections (docs/DESIGN.md, "Loopback").
 ip route change table local local 127.0.0.0/8 dev lo proto kernel scope host src 127.0.0.1 quickack 1 2>/dev/null || true
 ip route change table local local 127.0.0.1 dev lo proto kernel scope host src 127.0.0.1 quickack 1 2>/dev/null || true
 # The floors of lib/ (.importlinter, docs/DESIGN.md): a forbidden import fails the run before any test.

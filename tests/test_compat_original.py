@@ -230,7 +230,7 @@ def test_our_client_refuses_go_proxy_with_wrong_pin(pki, origin, gotunnel, tmp_p
 
 # ---- heartbeats: both sessions outlive Go muxado's 13 s heartbeat timeout -------------------
 
-# Go's muxado heartbeat closes a session when no echo came for 13 s (notes/muxado-wire.md 1.8);
+# Go's muxado heartbeat closes a session when no echo came for 13 s (docs/PROTOCOL.md, "Heartbeat");
 # 16 s idle proves our side echoes Go's heartbeats and Go echoes ours, both directions at once.
 IDLE_PAST_HEARTBEAT = 16
 

@@ -249,8 +249,8 @@ def _close_tunnel_stream(c, stream) -> None:
 def _arrange_one_tunnel_alone(c, world):
     """Make exactly one tunnel leave through one exit and the other two through the other.
 
-    Exit choice is bandwidth-weighted and often puts every stream on one exit (notes: pitfall
-    13). If so, ExitNodes on the client's tor steers a redial of one tunnel (its stream closed)
+    Exit choice is bandwidth-weighted and often puts every stream on one exit (testnet pitfall
+    13, docs/DESIGN.md). If so, ExitNodes on the client's tor steers a redial of one tunnel (its stream closed)
     to the other exit; then ExitNodes is reset. Returns (victim proxy, its exit fingerprint)."""
     proxies = world["proxies"]
     exits = [r.fingerprint for r in world["net"].relays if r.role == "exit"]

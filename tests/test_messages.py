@@ -21,7 +21,8 @@ from lib.protocol.messages import (
     encode, pack, read_message, unpack, write_message,
 )
 
-# The five byte examples of notes/original-shroud.md section 3, as Go's encoder writes them.
+# Five byte examples of go-tunnel's messages, as Go's encoder writes them (docs/PROTOCOL.md,
+# "Control messages"; the cross-check below compares with Go's encoding/json itself).
 VECTORS = [
     (Auth(),
      "46 00 00 00 00 00 00 00",

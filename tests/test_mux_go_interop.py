@@ -287,7 +287,7 @@ def test_python_opens_100_streams_go_echoes(link_factory):
     link.session.close()
     end = link.peer.expect("session_end")
     link.check(end["code"] in (0, 2), f"Go session ended oddly: {end}")
-    # Only the frame types Go accepts (notes 1.11, item 5), our GOAWAY among them, and Go's
+    # Only the frame types Go accepts (docs/PROTOCOL.md, "Frame"), our GOAWAY among them, and Go's
     # 64 KiB receive buffer never overrun (that would be RST FLOW_CONTROL_ERROR, code 3).
     link.check(set(end["frames_in"]) <= {"SYN", "RST", "DATA", "WNDINC", "GOAWAY"}
                and end["frames_in"].get("GOAWAY") == 1, f"frames Go received: {end['frames_in']}")

@@ -32,7 +32,7 @@ def test_network_is_up_with_client_torrc(tor_network):
     roles = [r.role for r in tor_network.relays]
     assert roles.count(AUTHORITY) == 3 and roles.count(EXIT) >= 2
     addresses = [r.address for r in tor_network.relays]
-    assert len(set(addresses)) == len(addresses) and "127.0.0.1" not in addresses  # pitfall 2
+    assert len(set(addresses)) == len(addresses) and "127.0.0.1" not in addresses  # testnet pitfall 2, docs/DESIGN.md
     for r in tor_network.relays:
         os.kill(r.pid, 0)  # running
         flags = parse_consensus_flags(open(os.path.join(r.data_dir, "cached-microdesc-consensus")).read())

@@ -56,8 +56,9 @@ from lib.errors import ShroudError
 
 # A length prefix is read before the body, so it must be bounded before anything is buffered:
 # go-tunnel allocates whatever int64 the peer declares. The largest real message is a Bind with
-# a 253-character hostname and a signature, under 600 bytes; 64 KiB is 100x that, yet far below
-# a muxado stream window (256 KiB), so one hostile stream can make us hold at most 64 KiB.
+# a 253-character hostname and a signature, under 600 bytes; 64 KiB is 100x that, and no more
+# than a muxado stream's initial window (64 KiB, all a peer's stream gets from the proxy), so one
+# hostile stream can make us hold at most 64 KiB.
 MAX_MESSAGE = 64 * 1024
 LENGTH_PREFIX = 8
 _LENGTH = struct.Struct("<q")

@@ -119,7 +119,7 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Rst):
         return _header(4, 0, TYPE_RST, frame.stream_id) + U32.pack(frame.code)
     if isinstance(frame, GoAway):
-        # Debug bytes are never sent: Go's reader mis-sizes them (notes 1.7), so length is 8.
+        # Debug bytes are never sent: Go's reader mis-sizes them (docs/PROTOCOL.md, "Frame"), so length is 8.
         return _header(GOAWAY_FIXED, 0, TYPE_GOAWAY, 0) + U32X2.pack(
             frame.last_stream_id & STREAM_ID_MASK, frame.code
         )

@@ -86,7 +86,7 @@ class MuxConfig:
 
     # Receive window per stream. 64 KiB per round trip would cap a stream at ~8 MiB/s over an
     # 8 ms Tor circuit; 1 MiB lets one stream fill a 100 ms path at 10 MiB/s. Go honours grants
-    # above 64 KiB (notes 1.3), so the extra is granted by an early WNDINC at stream open.
+    # above 64 KiB (docs/PROTOCOL.md, "Flow control"), so the extra is granted by an early WNDINC at stream open.
     receive_window: int = 1024 * 1024
     # Whether streams the peer opens get the larger window too. The proxy says no: a client
     # only opens small control streams toward it, and granting 1 MiB to each would let anyone

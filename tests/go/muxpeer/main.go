@@ -520,7 +520,7 @@ func (s *frameScanner) feed(b []byte) {
 		}
 		s.left -= n
 		b = b[n:]
-		// A Go GOAWAY announces more payload than it writes (notes 1.7): count it once the fixed
+		// A Go GOAWAY announces more payload than it writes (docs/PROTOCOL.md, "Frame"): count it once the fixed
 		// 8 bytes are in, and resynchronise on whatever follows.
 		if s.left == 0 || (s.typ == 6 && len(s.keep) == 8) {
 			s.finish()
