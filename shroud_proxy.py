@@ -135,15 +135,62 @@ def one_port_mode(args, argv: list[str], environ=os.environ) -> bool:
     return bool(environ.get("PORT")) and not given
 
 
+def trust_forwarded_for(args) -> bool:
+    """One-port mode: whether X-Forwarded-For names the public peer (--trust-forwarded-for)."""
+    return args.trust_forwarded_for.lower() not in ("0", "no", "false")
+
+
+class StartError(Exception):
+    """The proxy cannot start; the message is one line naming the problem."""
+
+
+def start_proxy(args, one_port: bool = False, admin: bool = True) -> dict:
+    """Start a proxy from parsed ``args``: the one start path of both ``python
+    shroud_proxy.py`` (:func:`main`) and gunicorn (:func:`start_in_worker`).
+
+    Starts the proxy's listeners, the memory trimmer and the discovery role (if asked), and
+    builds the admin WSGI app when ``admin`` (served by the caller: a WSGIServer in main,
+    gunicorn itself).
+
+    :returns: {"proxy": ProxyServer, "discovery": DiscoveryServer | None,
+               "app": the admin WSGI app | None}
+    :raises StartError: a user's mistake or the system's refusal (a port in use, a bad
+        option, an unusable ownership store), in one line.
+    """
+    from lib.admin.app import create_admin_app
+    from lib.memtrim import start_memory_trimmer
+    from lib.proxy.discovery import start_discovery
+    from lib.proxy.ownership import OwnershipError
+    from lib.proxy.server import ProxyServer
+
+    try:
+        proxy = ProxyServer(config_from_args(args))
+        proxy.start()
+        start_memory_trimmer()
+        discovery = start_discovery(args, proxy)
+    except (OSError, ValueError, OwnershipError) as e:
+        raise StartError(f"cannot start: {e}") from None
+    app = None
+    if admin:
+        settings = admin_settings(args)
+        if one_port:
+            settings["SESSION_COOKIE_SECURE"] = True  # the platform serves it over HTTPS
+            # The router is the only peer of $PORT: its X-Forwarded-For names the client (the
+            # login throttle's key). Never on a listener a client reaches directly.
+            settings["TRUST_FORWARDED_FOR"] = trust_forwarded_for(args)
+        app = create_admin_app(proxy, settings)
+    return {"proxy": proxy, "discovery": discovery, "app": app}
+
+
 def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
     """Called by gunicorn.conf.py when a (gevent) worker starts: the listeners start with it.
 
     In one-port mode the worker's connections on $PORT go to a lib.proxy.oneport.OnePortRouter
-    first (``worker.shroud_router``, read by lib.proxy.gworker.ShroudGeventWorker).
+    first (``worker.shroud_router``, read by lib.proxy.gworker.ShroudGeventWorker). When the
+    proxy cannot start, the worker logs one line and exits with gunicorn's boot-error status,
+    which stops gunicorn (a worker restarted in a loop would fail the same way).
     """
-    from lib.admin.app import create_admin_app
     from lib.logsetup import setup_logging
-    from lib.proxy.server import ProxyServer
 
     argv = list(argv or [])
     args = build_parser().parse_args(argv)
@@ -152,41 +199,39 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
     given = set(a.split("=", 1)[0] for a in argv)
     if one_port and "--tunnel-addr" not in given and os.environ.get("SHROUD_TUNNEL_ADDR") is None:
         args.tunnel_addr = ""  # tunnels come as WebSockets on $PORT; no raw port to open
-    proxy = ProxyServer(config_from_args(args))
-    proxy.start()
-    from lib.memtrim import start_memory_trimmer
-
-    start_memory_trimmer()
-    _state["proxy"] = proxy
-    from lib.proxy.discovery import start_discovery
-
-    _state["discovery"] = start_discovery(args, proxy)
-    settings = admin_settings(args)
-    trust = args.trust_forwarded_for.lower() not in ("0", "no", "false")
+    if one_port and (worker is None or not hasattr(worker, "shroud_router")):
+        log.error("shroud_proxy: one-port mode needs gunicorn's worker_class "
+                  "lib.proxy.gworker.ShroudGeventWorker (see gunicorn.conf.py)")
+        sys.exit(WORKER_BOOT_ERROR)
+    try:
+        _state.update(start_proxy(args, one_port))
+    except StartError as e:
+        log.error("shroud_proxy: %s", e)
+        sys.exit(WORKER_BOOT_ERROR)
     if one_port:
-        settings["SESSION_COOKIE_SECURE"] = True  # the platform serves it over HTTPS
-        # The router is the only peer of $PORT: its X-Forwarded-For names the client (the
-        # login throttle's key). Never on a listener a client reaches directly.
-        settings["TRUST_FORWARDED_FOR"] = trust
-    _state["app"] = create_admin_app(proxy, settings)
-    if one_port:
-        from lib.proxy.oneport import TUNNEL_PATH, OnePortRouter
-
-        if worker is None or not hasattr(worker, "shroud_router"):
-            raise RuntimeError("one-port mode needs gunicorn's worker_class "
-                               "lib.proxy.gworker.ShroudGeventWorker (see gunicorn.conf.py)")
-        hosts = [args.hostname, *(h.strip() for h in args.admin_hosts.split(",")),
-                 os.environ.get("HEROKU_APP_DEFAULT_DOMAIN_NAME", "")]
-        worker.shroud_router = OnePortRouter(proxy, [h for h in hosts if h],
-                                             trust_forwarded_for=trust)
-        for sock in getattr(worker, "sockets", []):
-            try:
-                proxy.registry.listeners["one-port"] = "%s:%d" % sock.getsockname()[:2]
-            except (OSError, TypeError):
-                pass  # a unix socket: nothing to show
-        log.info("one-port mode: dashboard on %s, WebSocket tunnels at %s, public HTTP by Host",
-                 ", ".join(sorted(worker.shroud_router.admin_hosts)), TUNNEL_PATH)
+        _start_one_port(args, _state["proxy"], worker)
     log.info("proxy started in gunicorn worker pid %d", os.getpid())
+
+
+# gunicorn's Arbiter.WORKER_BOOT_ERROR: a worker exiting with it halts gunicorn ("Worker failed
+# to boot") instead of being restarted.
+WORKER_BOOT_ERROR = 3
+
+
+def _start_one_port(args, proxy, worker) -> None:
+    from lib.proxy.oneport import TUNNEL_PATH, OnePortRouter
+
+    hosts = [args.hostname, *(h.strip() for h in args.admin_hosts.split(",")),
+             os.environ.get("HEROKU_APP_DEFAULT_DOMAIN_NAME", "")]
+    worker.shroud_router = OnePortRouter(proxy, [h for h in hosts if h],
+                                         trust_forwarded_for=trust_forwarded_for(args))
+    for sock in getattr(worker, "sockets", []):
+        try:
+            proxy.registry.add_listener("one-port", sock.getsockname())
+        except (OSError, TypeError):
+            pass  # a unix socket: nothing to show
+    log.info("one-port mode: dashboard on %s, WebSocket tunnels at %s, public HTTP by Host",
+             ", ".join(sorted(worker.shroud_router.admin_hosts)), TUNNEL_PATH)
 
 
 def app(environ, start_response):
@@ -211,51 +256,54 @@ def main(argv: list[str] | None = None) -> int:
         cert = args.cert or ensure_tunnel_cert(args.data_dir, args.hostname)[0]
         print(cert_fingerprint(cert))
         return 0
-
-    import gevent
-    from gevent.pywsgi import WSGIServer
-
-    from lib.admin.app import create_admin_app
-    from lib.proxy.discovery import start_discovery
     from lib.logsetup import setup_logging
-    from lib.proxy.ownership import OwnershipError
-    from lib.proxy.server import ProxyServer, parse_addr
 
     setup_logging(args.log_level, args.log_format)
     try:
-        proxy = ProxyServer(config_from_args(args))
-        proxy.start()
-        from lib.memtrim import start_memory_trimmer
-
-        start_memory_trimmer()
-        discovery = start_discovery(args, proxy)
-    except (OSError, ValueError, OwnershipError) as e:
-        print(f"shroud_proxy: cannot start: {e}", file=sys.stderr)
+        started = start_proxy(args, admin=bool(args.admin_addr))
+        admin = _serve_admin(args, started)
+    except StartError as e:
+        print(f"shroud_proxy: {e}", file=sys.stderr)
         return 1
-    admin = None
-    if args.admin_addr:
-        admin_app = create_admin_app(proxy, admin_settings(args))
-        admin = WSGIServer(parse_addr(args.admin_addr, "127.0.0.1"), admin_app, log=None)
-        admin.start()
-        proxy.add_listener("admin", admin)
-        log.info("admin on http://%s:%d/", *admin.address[:2])
+    proxy, discovery = started["proxy"], started["discovery"]
     print(f"shroud_proxy: tunnel certificate fingerprint {proxy.fingerprint}", file=sys.stderr)
     for name, addr in proxy.registry.listeners.items():
         print(f"shroud_proxy: {name} listening on {addr}", file=sys.stderr, flush=True)
+    _wait_for_signal()
+    log.info("shutting down")
+    for server in (admin, discovery):
+        if server is not None:
+            server.stop(timeout=1)
+    proxy.stop()
+    return 0
 
+
+def _serve_admin(args, started):
+    """The admin app on --admin-addr (None when it is off). :raises StartError:"""
+    if not args.admin_addr:
+        return None
+    from gevent.pywsgi import WSGIServer
+
+    from lib.proxy.server import parse_addr
+
+    try:
+        admin = WSGIServer(parse_addr(args.admin_addr, "127.0.0.1"), started["app"], log=None)
+        admin.start()
+    except (OSError, ValueError) as e:
+        raise StartError(f"cannot start the admin listener on {args.admin_addr}: {e}") from None
+    started["proxy"].add_listener("admin", admin)
+    log.info("admin on http://%s:%d/", *admin.address[:2])
+    return admin
+
+
+def _wait_for_signal() -> None:
+    import gevent
     from gevent.event import Event
 
     stop = Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)
     gevent.signal_handler(signal.SIGINT, stop.set)
     stop.wait()
-    log.info("shutting down")
-    if admin is not None:
-        admin.stop(timeout=1)
-    if discovery is not None:
-        discovery.stop(timeout=1)
-    proxy.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ class Live:
     def of_proxy(cls, proxy) -> "Live":
         return cls(registry=proxy.registry, store=proxy.store,
                    hostname=getattr(proxy.config, "hostname", ""),
-                   fingerprint=proxy.fingerprint, actions=proxy,
+                   fingerprint=proxy.fingerprint, actions=proxy.actions,
                    fleet=getattr(proxy, "fleet", None))
 
 

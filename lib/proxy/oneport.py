@@ -49,7 +49,7 @@ from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
 from lib.net.httpexchange import OneExchangeSocket, OneRequestSocket, ReplaySocket
-from lib.proxy.server import PeekTimeout, peek_name
+from lib.proxy.routing import PeekTimeout, peek_name
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
 from lib.net.wstransport import WebSocketTransport
 
@@ -111,8 +111,8 @@ class OnePortRouter:
         except sniff.SniffError as e:
             # The http listener's code answers (400 / 405 / 431) and counts it, at once: the
             # replayed bytes fail the same way.
-            proxy._route(ReplaySocket(sock, e.peeked), address, "http",
-                         sniff.sniff_http_host, ROUTE_BY_HOST)
+            proxy.router.route(ReplaySocket(sock, e.peeked), address, "http",
+                               sniff.sniff_http_host, ROUTE_BY_HOST)
             return None
         except OSError:
             sock.close()
@@ -160,8 +160,8 @@ class OnePortRouter:
             return None
         # A bound name (or an unknown one: 404), as on the http listener: one exchange, raw
         # both ways only after the origin's 101 (lib.net.httpexchange).
-        proxy._route(OneExchangeSocket(sock, data), peer, "http", sniff.sniff_http_host,
-                     ROUTE_BY_HOST)
+        proxy.router.route(OneExchangeSocket(sock, data), peer, "http", sniff.sniff_http_host,
+                           ROUTE_BY_HOST)
         return None
 
     def _tunnel(self, sock, data: bytes, peer) -> None:
@@ -183,9 +183,9 @@ class OnePortRouter:
         log.info("websocket tunnel from %s", peer_text)
         # The platform's router terminated TLS, so a client signs its binds for the name it
         # asked for: any of this proxy's own names.
-        self.proxy.serve_tunnel(WebSocketTransport(sock, client=False, leftover=rest),
-                                peer_text, transport_name="websocket",
-                                proxy_ids=self.proxy_ids)
+        self.proxy.tunnels.serve(WebSocketTransport(sock, client=False, leftover=rest),
+                                 peer_text, transport_name="websocket",
+                                 proxy_ids=self.proxy_ids)
 
 
 def _send_quietly(sock, data: bytes) -> None:

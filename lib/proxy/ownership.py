@@ -7,25 +7,26 @@ Go client sends no key) have key ``None``.
 
 :class:`OwnershipPolicy` decides a bind in this order; the first rule that speaks wins:
 
-1. **Blocked** (operator kill switch): a blocked name (or a blocked wildcard covering it) or a
-   blocked key is refused.
-2. **Allow-list file**: lines ``name-or-wildcard  fingerprint [fingerprint ...]`` (``#`` starts a
+Blocks (the operator's kill switch) are kept by the store but are not a rule here: the bind
+decision (lib/proxy/bindpolicy.py) refuses a blocked name or key before it asks this policy.
+
+1. **Allow-list file**: lines ``name-or-wildcard  fingerprint [fingerprint ...]`` (``#`` starts a
    comment; fingerprint ``*`` means any key, unsigned binds included). The most specific pattern
    listing the name decides alone: only its keys may bind. Re-read when the file changes.
-3. **Unsigned binds** stop here: allowed when the name matches ``allow_unsigned``, else refused
+2. **Unsigned binds** stop here: allowed when the name matches ``allow_unsigned``, else refused
    (``signature-required``). They never own a name.
-4. **DNS**: TXT records at ``_shroud.<name>`` (``_shroud.<base>`` for ``*.<base>``) holding
+3. **DNS**: TXT records at ``_shroud.<name>`` (``_shroud.<base>`` for ``*.<base>``) holding
    ``shroud-key=<fingerprint>`` or the bare fingerprint. If they name keys, only those keys may
    bind, and a stored owner for another key is replaced (the domain's owner vouches; the change
    goes into the audit log). Answers are cached ``dns_cache_ttl`` seconds (errors 5 s) in a
    bounded LRU, and concurrent binds for one name share one lookup. When DNS fails, an
    existing owner keeps its name but no new name is granted (``internal``, try again).
-5. **Stored owner / trust on first use**: the owner of the name, or of the most specific
+4. **Stored owner / trust on first use**: the owner of the name, or of the most specific
    wildcard covering it, keeps it; any other key is refused (``not-owner``, naming the owner's
    short fingerprint and since when). With ``tofu=True`` the first key to bind an unowned name
-   becomes its owner, durably. TOFU never grants a wildcard: those need rule 2 or 4.
+   becomes its owner, durably. TOFU never grants a wildcard: those need rule 1 or 3.
 
-5a. **Claim limits** (docs/SECURITY.md, "Squatting"; :class:`ClaimLimits`): a new first-use
+4a. **Claim limits** (docs/SECURITY.md, "Squatting"; :class:`ClaimLimits`): a new first-use
    claim is refused (``limit``) beyond the key's quota of names or its address's rate; a
    first-use claim nobody bound for ``expiry_days`` lapses and may be claimed anew.
 
@@ -47,9 +48,10 @@ Public API::
         dns_resolver: (host, port) of a resolver; dns_lookup: callable(qname) -> list[str]
         (TXT strings, raising lib.net.dnsclient.DnsError) replacing it, e.g. one going via Tor.
     Decision(allowed, method, reason, code)
-        method: "allowlist" | "dns" | "tofu" | "operator" | "unsigned" | "blocked" |
-                "invalid" | "none" | "limit" | "error";  code: "" or a REASON_* value
-    Ownership, Block, AuditEntry, ClaimLimits, OwnershipError, StoreUnavailable, ClaimRefused
+        method: "allowlist" | "dns" | "tofu" | "operator" | "unsigned" | "invalid" |
+                "none" | "limit" | "error";  code: "" or a REASON_* value
+    Ownership, Block, Blocks, AuditEntry, ClaimLimits, OwnershipError, StoreUnavailable,
+    ClaimRefused
                                          # re-exported from lib.proxy.store
     AllowList(path)  .lookup(name) -> (pattern, frozenset) | None,  .reload_if_changed()
     short_key(key) -> str       # first 16 hex digits, as reasons show it
@@ -317,15 +319,6 @@ class OwnershipPolicy:
                             % (name, exc), REASON_INTERNAL)
 
     def _decide(self, name: str, key: str | None, address: str | None) -> Decision:
-        blocked = self.store.blocked_name(name)
-        if blocked is not None:
-            return _refused("blocked", "%s is blocked by the proxy operator%s" % (
-                name, "" if blocked == name else " (%s is blocked)" % blocked),
-                REASON_NOT_ALLOWED)
-        if key is not None and self.store.is_blocked(key=key):
-            return _refused("blocked", "key %s is blocked by the proxy operator"
-                            % short_key(key), REASON_NOT_ALLOWED)
-
         if self.allowlist is not None:
             self.allowlist.reload_if_changed()
             listed = self.allowlist.lookup(name)

@@ -9,6 +9,7 @@ Public API::
     binding.pick() -> Tunnel | None      # balances new connections across the binding's tunnels
     registry.remove_tunnel(tunnel)        # drops its bindings; a binding with no tunnel goes away
     registry.count_refusal(reason, binding=None, n=1)
+    registry.add_listener(name, address)  # shown in the status views as "host:port"
     registry.snapshot() -> dict           # JSON-ready view for the status API and dashboard
 
 Protocols are go-tunnel's: "tls" and "https" are routed by SNI, "http" by Host, "tcp" by port
@@ -173,6 +174,10 @@ class Registry:
         self.history = RateHistory()
         self.started = time.time()
         self.listeners: dict[str, str] = {}
+
+    def add_listener(self, name: str, address) -> None:
+        """Show a listener in the status views; ``address`` is (host, port, ...) as bound."""
+        self.listeners[name] = "%s:%d" % tuple(address[:2])
 
     def add_tunnel(self, session, peer: str, key: str | None, client_id: str,
                    transport: str = "tls") -> Tunnel:

@@ -1,0 +1,338 @@
+"""Public connections: peek the name (SNI or Host), choose the tunnel, open a stream, splice.
+
+Public API::
+
+    router = PublicRouter(config, registry, blocks=callable() -> Blocks, pool_full=callable())
+    router.handle_https(sock, address)    # the listeners' handlers
+    router.handle_http(sock, address)
+    router.handle_tcp(sock, address)
+    router.route(sock, address, kind, sniffer, protocols)   # peek, choose, forward or refuse
+    router.choose(kind, name, protocols) -> Route           # the decision alone (no I/O)
+    router.forward(sock, address, route, peeked, fallback, kind)
+    peek_name(sock, sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
+
+The decision, in order (``kind`` is the listener: "tls" by SNI, "http" by Host; tcp binds go
+by port straight to the binding)::
+
+    the public connection asks for             we answer (http / tls)          counter
+    a blocked name (or under a blocked *.)     403 / access_denied             blocked
+    a name bound for its kind (exact, then     forward through the binding's
+      the nearest wildcard)                      least-busy live tunnel
+    ... whose tunnels are all gone             502 / internal_error            tunnel_lost
+    ... whose tunnel carries max streams       503 / internal_error            limit_streams
+    http, a name bound only for TLS            301 to https://name/path        -
+    any other name                             404 / unrecognized_name         unknown_name
+
+Before a name is known: no name in time 408 (peek_timeout), bytes that are not the listener's
+protocol 400/405/431 or a TLS alert (bad_request), no name given 400 (no_name). TLS is never
+decrypted; the peeked bytes are replayed to the origin.
+
+This module uses gevent's APIs directly and never monkey-patches.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import NamedTuple
+
+import gevent
+
+from lib.errors import ErrorCode, MuxError, ShroudError
+from lib.hostport import format_hostport
+from lib.net.sockets import set_nodelay
+from lib.net.splice import splice
+from lib.protocol import messages as msg
+from lib.protocol import sniff
+from lib.proxy.ownership import Blocks
+from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
+
+log = logging.getLogger("shroud.proxy")
+
+# TLS alerts we send on refusal (RFC 8446 6.2).
+ALERT_ACCESS_DENIED = 49
+ALERT_INTERNAL_ERROR = 80
+ALERT_UNRECOGNIZED_NAME = 112
+
+FORWARD = "forward"
+REDIRECT = "redirect"
+REFUSE = "refuse"
+
+
+class Refusal(NamedTuple):
+    """How a public connection is turned away: an HTTP answer or a TLS alert."""
+    counter: str          # the registry's refusal counter
+    status: int
+    reason: str
+    body: str
+    alert: int | None     # TLS alert (None: close without one)
+
+
+class Route(NamedTuple):
+    action: str                   # FORWARD | REDIRECT | REFUSE
+    binding: Binding | None = None
+    tunnel: Tunnel | None = None  # FORWARD: the tunnel chosen
+    refusal: Refusal | None = None
+
+
+def _refused(counter: str, status: int, reason: str, body: str, alert: int | None,
+             binding: Binding | None = None) -> Route:
+    return Route(REFUSE, binding, None, Refusal(counter, status, reason, body, alert))
+
+
+class PeekTimeout(ShroudError):
+    """No name arrived within the peek deadline."""
+
+
+class PublicRouter:
+    """Routes public connections to tunnels (config: lib.proxy.server.ProxyConfig)."""
+
+    def __init__(self, config, registry: Registry, blocks=Blocks, pool_full=lambda: False):
+        self.config = config
+        self.registry = registry
+        self.blocks = blocks          # () -> the operator's blocks now
+        self.pool_full = pool_full    # () -> whether this connection took the last slot
+
+    # --- the decision ---------------------------------------------------------------------
+
+    def choose(self, kind: str, name: str, protocols: tuple[str, ...]) -> Route:
+        """Where a public connection for ``name`` goes (see the module docstring's table)."""
+        if self.blocks().covering(name) is not None:
+            return _refused("blocked", 403, "Forbidden",
+                            f"{name} is blocked by this proxy's operator.\n", ALERT_ACCESS_DENIED)
+        binding = self.registry.lookup(protocols, name)
+        if binding is None:
+            if kind == "http" and self.registry.lookup(ROUTE_BY_SNI, name) is not None:
+                # Only TLS is bound: send visitors to https, as the original proxy did.
+                return Route(REDIRECT)
+            return _refused("unknown_name", 404, "Not Found",
+                            f"No service is bound for {name}.\n", ALERT_UNRECOGNIZED_NAME)
+        return self.choose_tunnel(binding)
+
+    def choose_tunnel(self, binding: Binding) -> Route:
+        """The binding's least-busy live tunnel, or why none can take a connection."""
+        tunnel = binding.pick()
+        if tunnel is None:
+            return _refused("tunnel_lost", 502, "Bad Gateway", "The tunnel is down.\n",
+                            ALERT_INTERNAL_ERROR, binding)
+        if tunnel.streams_open >= self.config.max_streams_per_tunnel:
+            return _refused("limit_streams", 503, "Service Unavailable",
+                            "Too many connections.\n", ALERT_INTERNAL_ERROR, binding)
+        return Route(FORWARD, binding, tunnel)
+
+    # --- the listeners' handlers ----------------------------------------------------------
+
+    def handle_https(self, sock, address) -> None:
+        self.route(sock, address, "tls", sniff.sniff_tls_sni, ROUTE_BY_SNI)
+
+    def handle_http(self, sock, address) -> None:
+        self.route(sock, address, "http", sniff.sniff_http_host, ROUTE_BY_HOST)
+
+    def handle_tcp(self, sock, address) -> None:
+        port = sock.getsockname()[1]
+        self._accepted(sock)
+        binding = self.registry.bindings.get(("tcp", f"tcp:{port}"))
+        if binding is None or not binding.tunnels:
+            self.registry.count_refusal("unknown_name")
+            sock.close()
+            return
+        self.forward(sock, address, self.choose_tunnel(binding), b"", None)
+
+    def _accepted(self, sock) -> None:
+        set_nodelay(sock)
+        self.registry.connections += 1
+        if self.pool_full():
+            # This connection took the last slot: the public listeners stop accepting until
+            # one ends (the kernel's backlog holds the next ones). Tunnels have their own pool.
+            self.registry.count_refusal("limit_public_connections")
+
+    def route(self, sock, address, kind: str, sniffer, protocols) -> None:
+        """Serve one public connection on a ``kind`` ("tls" or "http") listener: peek its
+        name with ``sniffer``, then forward it or answer the refusal (sock is closed)."""
+        self._accepted(sock)
+        name, peeked = self._peek(sock, kind, sniffer)
+        if name is None:
+            return
+        route = self.choose(kind, name, protocols)
+        if route.action == REDIRECT:
+            _send_quietly(sock, _redirect_to_https(name, peeked))
+            sock.close()
+            return
+        fallback = (sniff.http_error_response(502, "Bad Gateway",
+                                              f"The origin of {name} is not reachable.\n")
+                    if kind == "http" else None)
+        self.forward(sock, address, route, peeked, fallback, kind)
+
+    def _peek(self, sock, kind: str, sniffer) -> tuple[str | None, bytes]:
+        """The connection's name and the bytes read; (None, ...) when it was answered here."""
+        try:
+            name, peeked = peek_name(sock, sniffer, self.config.peek_timeout)
+        except PeekTimeout:
+            self.registry.count_refusal("peek_timeout")
+            refuse(sock, kind, Refusal("peek_timeout", 408, "Request Timeout",
+                                       "No request arrived in time.\n", None))
+            return None, b""
+        except sniff.SniffError as e:
+            self.registry.count_refusal("bad_request")
+            refuse(sock, kind, Refusal("bad_request", e.http_status or 400, "Bad Request",
+                                       f"{e.reason}\n", e.alert or sniff.ALERT_DECODE_ERROR),
+                   linger=True)
+            return None, b""
+        except OSError:
+            sock.close()
+            return None, b""
+        if name is None:
+            self.registry.count_refusal("closed_before_name")
+            sock.close()
+            return None, peeked
+        if not name:
+            self.registry.count_refusal("no_name")
+            refuse(sock, kind, Refusal("no_name", 400, "Bad Request", "No host name given.\n",
+                                       ALERT_UNRECOGNIZED_NAME))
+            return None, peeked
+        return name, peeked
+
+    # --- forwarding -----------------------------------------------------------------------
+
+    def forward(self, sock, address, route: Route, peeked: bytes, fallback: bytes | None,
+                kind: str = "tcp") -> None:
+        """Carry the connection through ``route``'s tunnel (a stream with StartProxy and the
+        peeked bytes at its head), or answer ``route``'s refusal."""
+        registry = self.registry
+        binding, tunnel = route.binding, route.tunnel
+        if route.action != FORWARD:
+            registry.count_refusal(route.refusal.counter, binding)
+            refuse(sock, kind, route.refusal)
+            return
+        client_addr = format_hostport(*address[:2])  # "[v6]:port", as Go's net.Addr writes it
+        # Only a Shroud client (it has a key) is told the listener: go-tunnel's StartProxy has
+        # exactly two fields, and the original client is checked byte for byte against it.
+        public_addr = _public_addr(sock) if tunnel.key is not None else None
+        stream = None
+        try:
+            stream = tunnel.session.open()
+            stream.sendall(msg.encode(msg.StartProxy(url=binding.url, client_addr=client_addr,
+                                                     public_addr=public_addr)) + peeked)
+        except MuxError as e:
+            registry.count_refusal("tunnel_lost", binding)
+            log.info("stream to tunnel %d failed: %s", tunnel.id, e)
+            if stream is not None:
+                stream.reset(ErrorCode.CANCEL)  # free its slot and window now
+            refuse(sock, kind, Refusal("tunnel_lost", 502, "Bad Gateway",
+                                       "The tunnel is down.\n", ALERT_INTERNAL_ERROR))
+            return
+        binding.connections += 1
+        tunnel.streams_open += 1
+        tunnel.streams_total += 1
+        registry.count_bytes(binding, tunnel, n_in=len(peeked))
+        # Sizes and names only: the bytes themselves are never logged (docs/SECURITY.md).
+        log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
+                  tunnel.id, stream.id)
+        try:
+            splice(sock, stream,
+                   on_a_to_b=lambda n: registry.count_bytes(binding, tunnel, n_in=n),
+                   on_b_to_a=lambda n: registry.count_bytes(binding, tunnel, n_out=n),
+                   idle_timeout=self.config.idle_timeout, fallback_to_a=fallback)
+        finally:
+            tunnel.streams_open -= 1
+            log.debug("tunnel %d stream %d for %s ended", tunnel.id, stream.id, binding.name)
+
+
+def refuse(sock, kind: str, refusal: Refusal, linger: bool = False) -> None:
+    """Answer ``refusal`` as the ``kind`` listener speaks ("http": an HTTP response, "tls": an
+    alert, "tcp": nothing) and close ``sock``."""
+    if kind == "http":
+        _send_quietly(sock, sniff.http_error_response(refusal.status, refusal.reason,
+                                                      refusal.body))
+    elif kind == "tls" and refusal.alert is not None:
+        _send_quietly(sock, sniff.tls_alert(refusal.alert))
+    if linger:
+        _lingering_close(sock)  # the client may still be sending: let it read our answer
+    else:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+# A refused client may still be sending (an oversized head, say: only those refusals linger, an
+# idle one would just hold its slot longer). Closing with its bytes unread
+# makes the kernel answer with a reset, which can destroy our answer before the client reads it;
+# so: FIN, then read and discard a little for a moment, as nginx's lingering_close does.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 256 * 1024
+
+
+def _lingering_close(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER_SECONDS)
+        deadline = time.monotonic() + LINGER_SECONDS
+        drained = 0
+        while drained < LINGER_BYTES and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def peek_name(sock, sniffer, timeout: float) -> tuple[str | None, bytes]:
+    """Read a public connection's first bytes until ``sniffer`` finds its name; nothing read is
+    lost: the bytes come back for replay. ``(None, peeked)`` when the peer closed first.
+
+    :raises PeekTimeout: after ``timeout`` seconds in all (slow senders are cut here).
+    :raises lib.protocol.sniff.SniffError: the bytes are not what the listener speaks, or too many
+        (its ``peeked`` attribute holds what was read).
+    """
+    peeked = bytearray()
+    try:
+        with gevent.Timeout(timeout):
+            while True:
+                data = sock.recv(8192)
+                if not data:
+                    return None, bytes(peeked)
+                peeked += data
+                try:
+                    name = sniffer(bytes(peeked))
+                except sniff.SniffError as e:
+                    e.peeked = bytes(peeked)  # for a caller that replays them elsewhere
+                    raise
+                if name is not None:
+                    return name, bytes(peeked)
+    except gevent.Timeout:
+        raise PeekTimeout(f"no name within {timeout:g} s") from None
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.settimeout(2.0)
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def _public_addr(sock) -> str | None:
+    """The "ip:port" of the listener a public connection arrived on (StartProxy.PublicAddr)."""
+    try:
+        return format_hostport(*sock.getsockname()[:2])
+    except (OSError, AttributeError, TypeError):  # a wrapped or already closed socket
+        return None
+
+
+def _redirect_to_https(name: str, head: bytes) -> bytes:
+    try:
+        target = head.split(b" ", 2)[1].decode("ascii")
+    except (IndexError, UnicodeDecodeError):
+        target = "/"
+    if not target.startswith("/"):
+        target = "/"
+    location = f"https://{name}{target}"
+    return (f"HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\n"
+            f"Connection: close\r\n\r\n").encode("ascii", "replace")

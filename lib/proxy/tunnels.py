@@ -1,0 +1,345 @@
+"""Tunnels from clients: authentication, binds, and each tunnel's life on the proxy.
+
+Public API::
+
+    tunnels = TunnelService(config, registry, policy, tls_context, own_proxy_ids,
+                            open_tcp_port=callable(port) -> bool)
+    tunnels.handle_connection(sock, address)   # the tunnel listener's handler (TLS first)
+    tunnels.serve(transport, peer, transport_name="tls", proxy_ids=None)   # until it ends
+    tunnels.authenticate(session, peer, transport_name) -> (Tunnel, nonce) | (None, None)
+    tunnels.answer_bind_stream(tunnel, stream, nonce, bucket=None) -> bool
+    tunnels.bind(tunnel, bind, nonce) -> BindResp          # decide (bindpolicy), then register
+    tunnels.close_all(reason)
+    TokenBucket(burst, rate, clock=time.monotonic).take() -> bool
+
+A tunnel is a muxado session (lib.net.muxsession) whose first stream carries Auth/AuthResp
+(with a fresh nonce) and each later client stream one Bind/BindResp (docs/PROTOCOL.md). Which
+binds are accepted is lib/proxy/bindpolicy.py's decision; this module feeds it (the signature,
+the store's blocks, the ownership policy's answer) and acts on its answer.
+
+This module uses gevent's APIs directly and never monkey-patches.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import socket
+import time
+
+import gevent
+
+from lib.errors import ErrorCode, MuxError
+from lib.identity import fingerprint as key_fingerprint
+from lib.net.muxsession import PeerLog, Session
+from lib.net.sockets import set_nodelay
+from lib.net.tlstransport import TLSTransport
+from lib.protocol import messages as msg
+from lib.proxy import bindpolicy
+from lib.proxy.ownership import Blocks, Decision
+from lib.proxy.registry import Registry, Tunnel
+
+log = logging.getLogger("shroud.proxy")
+
+
+class TokenBucket:
+    """``burst`` tokens, refilled at ``rate`` a second; injectable clock for tests."""
+
+    __slots__ = ("burst", "rate", "tokens", "stamp", "clock")
+
+    def __init__(self, burst: int, rate: float, clock=time.monotonic):
+        self.burst, self.rate, self.clock = burst, rate, clock
+        self.tokens = float(burst)
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class TunnelService:
+    """Runs every tunnel of one proxy (config: lib.proxy.server.ProxyConfig)."""
+
+    def __init__(self, config, registry: Registry, policy, tls_context,
+                 own_proxy_ids: frozenset, open_tcp_port=lambda port: False):
+        self.config = config
+        self.registry = registry
+        self.policy = policy
+        self.store = getattr(policy, "store", None)
+        self.tls_context = tls_context
+        self.own_proxy_ids = own_proxy_ids
+        self.open_tcp_port = open_tcp_port
+        self.peer_log = PeerLog()  # log lines a tunnel's peer triggers, per address
+        self.rules = bindpolicy.BindRules(max_binds_per_tunnel=config.max_binds_per_tunnel,
+                                          tcp_ports=frozenset(config.tcp_ports),
+                                          public_host=config.public_host)
+
+    def blocks(self) -> Blocks:
+        return self.store.blocks() if self.store is not None else Blocks()
+
+    # --- one tunnel's life ----------------------------------------------------------------
+
+    def handle_connection(self, sock, address) -> None:
+        """The tunnel listener's handler: TLS handshake (one deadline), then :meth:`serve`."""
+        peer = "%s:%d" % address[:2]
+        set_nodelay(sock)
+        timeout = self.config.handshake_timeout
+        try:
+            # One deadline for the whole handshake: a peer trickling a byte at a time must not
+            # hold a tunnel slot for hours.
+            with gevent.Timeout(timeout, TimeoutError):
+                tls = TLSTransport.server(sock, self.tls_context, timeout)
+        except (OSError, ValueError) as e:
+            log.info("tunnel from %s: TLS handshake failed: %s", peer, e)
+            self.registry.count_refusal("tunnel_handshake")
+            sock.close()
+            return
+        self.serve(tls, peer, transport_name="tls")
+
+    def serve(self, transport, peer: str, transport_name: str = "tls",
+              proxy_ids: frozenset[str] | None = None) -> None:
+        """Run one tunnel (any socket-like transport: TLS socket, WebSocket) until it ends.
+
+        ``proxy_ids``: what a signed bind on it may name as its proxy (lib.protocol.messages
+        proxy_id_for_*); by default this proxy's tunnel certificate, which the client saw in
+        a TLS handshake it made with us."""
+        # Untrusted until Auth: the mux runs from the handshake, keyless (lib.protocol.muxstate)
+        session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}",
+                          trusted=False, log_limiter=self.peer_log, log_key=peer.rsplit(":", 1)[0])
+        tunnel = None
+        watchdog = None
+        try:
+            tunnel, nonce = self.authenticate(session, peer, transport_name)
+            if tunnel is None:
+                return
+            session.trust()
+            tunnel.proxy_ids = proxy_ids if proxy_ids is not None else self.own_proxy_ids
+            # Auth's key is a claim until a signed bind proves it (docs/OPERATIONS.md).
+            log.info("tunnel %d up from %s claiming key=%s (unproven)", tunnel.id, peer,
+                     (tunnel.key or "unsigned")[:16])
+            # A tunnel that binds nothing holds a slot for nothing: it gets the handshake's time.
+            watchdog = gevent.spawn_later(self.config.handshake_timeout, self.drop_if_unbound,
+                                          tunnel)
+            self._answer_binds(session, tunnel, nonce)
+        finally:
+            if watchdog is not None:
+                watchdog.kill(block=False)
+            if tunnel is not None:
+                self.registry.remove_tunnel(tunnel)
+                log.info("tunnel %d from %s down: %s", tunnel.id, peer, session.end)
+            session.close()
+            self._count_session_end(session)
+
+    def _answer_binds(self, session: Session, tunnel: Tunnel, nonce: bytes) -> None:
+        bucket = TokenBucket(self.config.bind_burst, self.config.bind_rate)
+        while not session.closed:
+            try:
+                stream = session.accept()
+            except MuxError:
+                break
+            if not self.answer_bind_stream(tunnel, stream, nonce, bucket):
+                # A real client never sends a malformed control message: drop the tunnel.
+                session.close(ErrorCode.PROTOCOL_ERROR, "malformed control message")
+                break
+
+    def _count_session_end(self, session: Session) -> None:
+        """Counters for what the mux layer cut off: refused streams, protocol violations."""
+        if session.refused_streams:
+            self.registry.count_refusal("streams_refused", n=session.refused_streams)
+        end = session.end
+        if end is not None and end.hostile:
+            # provoked answers past the bucket, did not read them, frames before Auth
+            self.registry.count_refusal("tunnel_hostile")
+        elif end is not None and not end.remote and end.code != ErrorCode.NO_ERROR:
+            # SYN flood, oversized or invalid frames, window overrun, malformed control message
+            self.registry.count_refusal("tunnel_protocol_error")
+
+    def drop_if_unbound(self, tunnel: Tunnel) -> None:
+        """Close ``tunnel`` if it never bound a name (the watchdog :meth:`serve` starts)."""
+        if not tunnel.ever_bound and tunnel.alive:
+            log.info("tunnel %d from %s bound nothing in %.0f s: dropped", tunnel.id,
+                     tunnel.peer, self.config.handshake_timeout)
+            self.registry.count_refusal("tunnel_unbound")
+            tunnel.session.close(ErrorCode.NO_ERROR, "no bind")
+
+    def replace_stale(self, client_id: str, key: str | None, keep: Tunnel | None) -> None:
+        """A reconnecting client replaces its own stale tunnel at once."""
+        for old in list(self.registry.tunnels.values()):
+            if old is not keep and old.client_id == client_id and old.key == key:
+                log.info("tunnel %d replaced by a reconnect of client %s", old.id, client_id)
+                self.registry.remove_tunnel(old)
+                old.session.close(ErrorCode.NO_ERROR, "replaced by a newer tunnel")
+
+    def close_all(self, reason: str) -> None:
+        for tunnel in list(self.registry.tunnels.values()):
+            tunnel.session.close(ErrorCode.NO_ERROR, reason)
+
+    # --- Auth -----------------------------------------------------------------------------
+
+    def authenticate(self, session: Session, peer: str, transport_name: str):
+        """Read Auth on the session's first stream and answer it.
+
+        :returns: (the registered Tunnel, the nonce its binds sign), or (None, None) when
+            refused (the AuthResp says why) or the peer sent no valid Auth in time.
+        """
+        c = self.config
+        try:
+            with gevent.Timeout(c.handshake_timeout, TimeoutError):
+                stream = session.accept(timeout=c.handshake_timeout)
+                stream.settimeout(c.control_timeout)
+                auth = msg.read_message(stream)
+        except (MuxError, EOFError, msg.MessageError, TimeoutError) as e:
+            log.info("tunnel from %s: no valid Auth: %s", peer, e)
+            self.registry.count_refusal("tunnel_auth")
+            return None, None
+        with stream:
+            error = self._auth_refusal(auth, peer)
+            if error is not None:
+                self._auth_refuse(stream, error, peer)
+                return None, None
+            key = auth.public_key
+            fp = key_fingerprint(key) if key else None
+            client_id = auth.client_id if _is_client_id(auth.client_id) else secrets.token_hex(16)
+            if fp is None:
+                # An unsigned (original Go) client replaces its stale tunnel at once, as
+                # go-tunnel did. A keyed one does so on its first signed bind (bind()): the key
+                # in Auth is only a claim until a signature proves it.
+                self.replace_stale(client_id, None, keep=None)
+            if fp and len(self.registry.tunnels_of_key(fp)) >= c.max_tunnels_per_key:
+                self.registry.count_refusal("limit_tunnels_per_key")
+                self._auth_refuse(stream, f"too many tunnels for this key "
+                                          f"(limit {c.max_tunnels_per_key})", peer)
+                return None, None
+            return self._accept_auth(session, stream, peer, transport_name, key, fp, client_id)
+
+    def _auth_refusal(self, auth, peer: str) -> str | None:
+        """Why an Auth message is refused before any state is made, or None."""
+        if not isinstance(auth, msg.Auth) or msg.PROTOCOL_VERSION not in auth.version:
+            return "unsupported protocol version"
+        key = auth.public_key
+        version = msg.shroud_version(auth.extra)
+        if key and version != msg.SHROUD_VERSION:
+            return (f"Shroud protocol {version} is not spoken here (this proxy speaks "
+                    f"{msg.SHROUD_VERSION}): upgrade the client")
+        fp = key_fingerprint(key) if key else None
+        if fp and self.blocks().has_key(fp):
+            return f"key {fp[:16]} is blocked by the operator"
+        return None
+
+    def _accept_auth(self, session, stream, peer, transport_name, key, fp, client_id):
+        nonce = os.urandom(msg.NONCE_SIZE)
+        tunnel = self.registry.add_tunnel(session, peer, fp, client_id, transport_name)
+        tunnel.key_b64 = base64.b64encode(key).decode("ascii") if key else None
+        try:
+            msg.write_message(stream, msg.AuthResp(version=msg.PROTOCOL_VERSION,
+                                                   client_id=client_id,
+                                                   extra=msg.auth_resp_extra(nonce)))
+        except MuxError:
+            self.registry.remove_tunnel(tunnel)
+            return None, None
+        stream.shutdown(socket.SHUT_WR)
+        return tunnel, nonce
+
+    def _auth_refuse(self, stream, error: str, peer: str) -> None:
+        log.warning("tunnel from %s refused: %s", peer, error)
+        self.registry.count_refusal("tunnel_auth")
+        try:
+            msg.write_message(stream, msg.AuthResp(version=msg.PROTOCOL_VERSION, error=error))
+        except MuxError:
+            pass
+
+    # --- Bind -----------------------------------------------------------------------------
+
+    def answer_bind_stream(self, tunnel: Tunnel, stream, nonce: bytes,
+                           bucket: TokenBucket | None = None) -> bool:
+        """Answer one Bind; False when the client sent something no real client sends."""
+        stream.settimeout(self.config.control_timeout)
+        with stream:
+            try:
+                bind = msg.read_message(stream)
+            except msg.MessageError as e:
+                log.warning("tunnel %d from %s: malformed control message: %s", tunnel.id,
+                            tunnel.peer, e)
+                self.registry.count_refusal("bad_bind")
+                return False
+            except (MuxError, EOFError) as e:
+                log.info("tunnel %d: no control message: %s", tunnel.id, e)
+                self.registry.count_refusal("bad_bind")
+                return True
+            if not isinstance(bind, msg.Bind):
+                log.warning("tunnel %d from %s: %s where a Bind belongs", tunnel.id,
+                            tunnel.peer, type(bind).__name__)
+                self.registry.count_refusal("bad_bind")
+                return False
+            if bucket is not None and not bucket.take():
+                resp = self._rate_limited(tunnel, bind)
+            else:
+                resp = self.bind(tunnel, bind, nonce)
+            try:
+                msg.write_message(stream, resp)
+                stream.shutdown(socket.SHUT_WR)
+            except MuxError:
+                pass
+        return True
+
+    def _rate_limited(self, tunnel: Tunnel, bind: msg.Bind) -> msg.BindResp:
+        self.registry.count_refusal("limit_bind_rate")
+        if self.registry.refusals["limit_bind_rate"] % 1000 == 1:
+            log.warning("tunnel %d from %s: bind rate limit", tunnel.id, tunnel.peer)
+        return msg.BindResp(url="", protocol=bind.protocol, extra=msg.refusal_extra(
+            msg.REASON_LIMIT), error=f"too many bind requests (limit "
+            f"{self.config.bind_rate:g} a second after {self.config.bind_burst})")
+
+    def bind(self, tunnel: Tunnel, bind: msg.Bind, nonce: bytes) -> msg.BindResp:
+        """Decide one Bind (lib/proxy/bindpolicy.py) and, if accepted, register it."""
+        proof = bindpolicy.check_proof(getattr(tunnel, "key_b64", None), nonce, bind,
+                                       tunnel.proxy_ids)
+        request = bindpolicy.BindRequest.of(bind, key=tunnel.key, proof=proof,
+                                            bindings_held=len(tunnel.bindings))
+        answer = bindpolicy.decide_bind(request, self.rules, self.blocks(), self.registry)
+        if answer.verdict == bindpolicy.ASK_OWNERSHIP:
+            decision = self._ownership(answer.name, tunnel.key)
+            # Asked again with the blocks and bindings as they are after the wait on the store.
+            answer = bindpolicy.decide_bind(request, self.rules, self.blocks(), self.registry,
+                                            ownership=decision)
+        if answer.accepted and bind.protocol == "tcp" and not self.open_tcp_port(
+                request.remote_port):
+            answer = bindpolicy.BindAnswer(
+                bindpolicy.REFUSE, code=msg.REASON_INTERNAL, counter="tcp_listen",
+                text=f"cannot listen on tcp port {request.remote_port}")
+        if not answer.accepted:
+            return self._bind_refused(tunnel, bind, answer)
+        self.registry.bind(tunnel, bind.protocol, answer.name, tunnel.key, answer.method,
+                           answer.url)
+        tunnel.ever_bound = True
+        if tunnel.key is not None and not tunnel.proven:
+            tunnel.proven = True  # the signature over our nonce proved the key
+            log.info("tunnel %d proved key %s", tunnel.id, tunnel.key[:16])
+            self.replace_stale(tunnel.client_id, tunnel.key, keep=tunnel)
+        log.info("tunnel %d bound %s (%s)", tunnel.id, answer.url, answer.method)
+        return msg.BindResp(url=answer.url, protocol=bind.protocol)
+
+    def _ownership(self, name: str, key: str | None):
+        try:
+            return self.policy.decide(name, key)
+        except Exception as e:  # a broken policy must refuse, loudly, never allow
+            log.exception("ownership check failed for %s", name)
+            return Decision(False, "error", f"ownership check failed: {e}", msg.REASON_INTERNAL)
+
+    def _bind_refused(self, tunnel: Tunnel, bind: msg.Bind,
+                      answer: bindpolicy.BindAnswer) -> msg.BindResp:
+        log.warning("tunnel %d bind %s %s refused: %s", tunnel.id, bind.protocol,
+                    bind.hostname or bind.remote_port, answer.text)
+        self.registry.count_refusal(answer.counter)
+        return msg.BindResp(url="", protocol=bind.protocol, error=answer.text,
+                            extra=msg.refusal_extra(answer.code))
+
+
+def _is_client_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
