@@ -95,29 +95,9 @@ class OnePortRouter:
         :returns: a socket (the head replayed) for gunicorn to serve with the WSGI app, or
             None when the connection was handled here (tunnel, routed, or refused).
         """
-        proxy = self.proxy
-        registry = proxy.registry
-        try:
-            name, head = peek_name(sock, sniff.sniff_http_host, proxy.config.peek_timeout)
-            if name is None:
-                sock.close()
-                return None
-        except PeekTimeout:
-            registry.count_refusal("peek_timeout")
-            _send_quietly(sock, sniff.http_error_response(408, "Request Timeout",
-                                                          "No request arrived in time.\n"))
-            sock.close()
+        name, data = self._peek(sock, address)
+        if name is None:
             return None
-        except sniff.SniffError as e:
-            # The http listener's code answers (400 / 405 / 431) and counts it, at once: the
-            # replayed bytes fail the same way.
-            proxy.router.route(ReplaySocket(sock, e.peeked), address, "http",
-                               sniff.sniff_http_host, ROUTE_BY_HOST)
-            return None
-        except OSError:
-            sock.close()
-            return None
-        data = bytes(head)
         end = ws.split_head(data)
         request_head = end[0] if end else data
         method, path, headers = http1.request_fields(request_head)
@@ -135,7 +115,45 @@ class OnePortRouter:
             # One request here too: gunicorn would keep the router's connection alive and
             # serve the next request on it, for whatever host, with the dashboard.
             return OneRequestSocket(sock, data)
-        if registry.lookup(ROUTE_BY_HOST, name) is None and is_tunnel_path and is_upgrade:
+        if self._misdirected(sock, name, is_tunnel_path and is_upgrade):
+            return None
+        # A bound name (or an unknown one: 404), as on the http listener: one exchange, raw
+        # both ways only after the origin's 101 (lib.net.httpexchange).
+        self.proxy.router.route(OneExchangeSocket(sock, data), peer, "http",
+                                sniff.sniff_http_host, ROUTE_BY_HOST)
+        return None
+
+    def _peek(self, sock, address) -> tuple[str | None, bytes]:
+        """The request's Host and head; (None, b"") when the connection was answered here."""
+        proxy = self.proxy
+        try:
+            name, head = peek_name(sock, sniff.sniff_http_host, proxy.config.peek_timeout)
+            if name is None:
+                sock.close()
+                return None, b""
+        except PeekTimeout:
+            proxy.registry.count_refusal("peek_timeout")
+            _send_quietly(sock, sniff.http_error_response(408, "Request Timeout",
+                                                          "No request arrived in time.\n"))
+            sock.close()
+            return None, b""
+        except sniff.SniffError as e:
+            # The http listener's code answers (400 / 405 / 431) and counts it, at once: the
+            # replayed bytes fail the same way.
+            proxy.router.route(ReplaySocket(sock, e.peeked), address, "http",
+                               sniff.sniff_http_host, ROUTE_BY_HOST)
+            return None, b""
+        except OSError:
+            sock.close()
+            return None, b""
+        return name, bytes(head)
+
+    def _misdirected(self, sock, name: str, tunnel_upgrade: bool) -> bool:
+        """Refuse (421) what this port cannot serve for ``name``; True when refused."""
+        registry = self.proxy.registry
+        if registry.lookup(ROUTE_BY_HOST, name) is not None:
+            return False
+        if tunnel_upgrade:
             # Not a tunnel: a client signs its binds for the name it asked for, and this proxy
             # accepts only its own names (a relay could put any Host here).
             registry.count_refusal("tunnel_handshake")
@@ -145,10 +163,8 @@ class OnePortRouter:
                 421, "Misdirected Request", f"{name} is not one of this proxy's names; its "
                 f"operator can add it to SHROUD_ADMIN_HOSTS.\n"))
             sock.close()
-            return None
-        if (registry.lookup(ROUTE_BY_HOST, name) is None
-                and registry.lookup(ROUTE_BY_SNI, name) is not None
-                and "https" not in proxy.servers):
+            return True
+        if registry.lookup(ROUTE_BY_SNI, name) is not None and "https" not in self.proxy.servers:
             # Bound for TLS passthrough only, which the platform's TLS-terminating router makes
             # impossible here (the http listener would redirect to https: a loop).
             registry.count_refusal("tls_only_name")
@@ -157,12 +173,8 @@ class OnePortRouter:
                 f"proxy cannot do behind its platform's router; the client should bind "
                 f"http:{name}.\n"))
             sock.close()
-            return None
-        # A bound name (or an unknown one: 404), as on the http listener: one exchange, raw
-        # both ways only after the origin's 101 (lib.net.httpexchange).
-        proxy.router.route(OneExchangeSocket(sock, data), peer, "http", sniff.sniff_http_host,
-                           ROUTE_BY_HOST)
-        return None
+            return True
+        return False
 
     def _tunnel(self, sock, data: bytes, peer) -> None:
         registry = self.proxy.registry
