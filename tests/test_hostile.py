@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import signal
 import resource
 import socket
 import struct
@@ -554,3 +555,86 @@ def test_tunnels_that_stop_reading_are_closed_and_hold_little(world):
     assert grown < 48, f"proxy RSS grew {grown:.0f} MiB for 8 tunnels that do not read"
     assert good_get(proxy)[0] == 200
     print(f"8 tunnels that never read: proxy RSS peak +{grown:.1f} MiB")
+
+
+def _settled_rss_kib(proxy, seconds: float = 30.0) -> int:
+    """The proxy's RSS once it stops growing (no 256 KiB of growth in 2 s; at most
+    ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    last, still = _proxy_rss_kib(proxy), 0
+    while time.monotonic() < deadline and still < 8:
+        time.sleep(0.25)
+        now = _proxy_rss_kib(proxy)
+        still = still + 1 if now - last < 256 else 0
+        last = max(last, now)
+    return last
+
+
+def test_visitors_that_never_read_hold_a_bounded_amount_each(tmp_path):
+    """Item 6: a visitor asks for 16 MiB and never reads. Its stream's window starts at
+    64 KiB and grows only while it reads (it grew to 1 MiB at once, plus a 256 KiB splice
+    buffer: ~1.8 MiB each); the kernel's unsent queue toward it is bounded too."""
+    d = tmp_path
+    origin = OriginProc(str(d), name="origin")
+    proxy = ProxyProc(str(d), str(d / "proxy-data"), name="proxy")
+    client = ClientProc(str(d), str(d / "client"), [f"http:{GOOD}", f"127.0.0.1:{origin.port}"],
+                        [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
+    visitors = []
+    n = 64
+    try:
+        proxy.wait_bound(GOOD)
+        assert good_get(proxy)[0] == 200
+        rss0 = _settled_rss_kib(proxy, 5)
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10)
+            s.sendall(f"GET /bytes/{16 << 20} HTTP/1.1\r\nHost: {GOOD}\r\n\r\n".encode())
+            visitors.append(s)
+        held = _settled_rss_kib(proxy)
+        per_visitor = (held - rss0) / n
+        # A reader meanwhile gets all of its 4 MiB (the windows grow for it).
+        c = http.client.HTTPConnection("127.0.0.1", proxy.ports["http"], timeout=30)
+        c.request("GET", f"/bytes/{4 << 20}", headers={"Host": GOOD})
+        body = c.getresponse().read()
+        c.close()
+        assert len(body) == 4 << 20
+        assert per_visitor < 1024, f"{per_visitor:.0f} KiB per visitor that never reads"
+        print(f"{n} visitors that never read: proxy RSS +{(held - rss0) / 1024:.1f} MiB, "
+              f"{per_visitor:.0f} KiB each")
+    finally:
+        for s in visitors:
+            s.close()
+        for p in (client, proxy, origin):
+            p.stop()
+
+
+def test_proxy_drops_a_frozen_client_by_its_own_heartbeat(tmp_path):
+    """Issue 17: the client process is frozen (SIGSTOP): its kernel keeps the connection and
+    ACKs, but nothing comes back. The proxy's own heartbeat must notice (within its
+    --heartbeat-timeout) and drop the tunnel and its names; with the proxy's heartbeat off,
+    nothing ever would."""
+    d = tmp_path
+    interval, timeout = 1.0, 3.0
+    origin = OriginProc(str(d), name="origin")
+    proxy = ProxyProc(str(d), str(d / "proxy-data"), name="proxy", extra=[
+        "--heartbeat-interval", str(interval), "--heartbeat-timeout", str(timeout)])
+    client = ClientProc(str(d), str(d / "client"), [f"http:{GOOD}", f"127.0.0.1:{origin.port}"],
+                        [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
+    try:
+        proxy.wait_bound(GOOD)
+        mark = len(proxy.log())
+        client.signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + timeout + 30
+            while time.monotonic() < deadline and proxy.status()["tunnels"]:
+                time.sleep(0.2)
+            assert not proxy.status()["tunnels"], "the proxy kept a frozen client's tunnel"
+            assert not [b for b in proxy.status()["bindings"] if b["name"] == GOOD
+                        and b["tunnels"]]
+            assert "no heartbeat echo" in proxy.log()[mark:]
+        finally:
+            client.signal(signal.SIGCONT)
+        proxy.wait_bound(GOOD, timeout=60)  # and the thawed client comes back
+        assert good_get(proxy)[0] == 200
+    finally:
+        for p in (client, proxy, origin):
+            p.stop()

@@ -1,5 +1,6 @@
 """The gevent Session over real socket pairs (and TLS): behaviour, bounds, hostile peers."""
 import hashlib
+import time
 import os
 import socket
 import ssl
@@ -16,6 +17,7 @@ from lib.protocol import muxframe as fr
 from lib.errors import (ErrorCode, MuxError, SessionClosed, StreamClosed, StreamReset,
                         StreamTimeout)
 from lib.net.muxsession import MuxConfig, Session
+from lib.protocol import muxstate as mp
 
 
 def pair(**kw):
@@ -243,3 +245,138 @@ def test_over_tls():
     gevent.joinall(jobs, raise_error=True, timeout=30)
     assert all(j.value == data for j in jobs)
     c.close()
+
+
+# --- windows that grow only while the application reads (the proxy's visitors' streams) ---
+
+def _grow_pair(pool):
+    a, b = gsocket.socketpair()
+    client = Session(a, client=True)
+    server = Session(b, client=False, config=MuxConfig(grow_windows=True, window_pool=pool,
+                                                       heartbeat=False))
+    return client, server
+
+
+def _push(stream, n):
+    stream.settimeout(10)
+    try:
+        stream.sendall(bytes(n))
+    except MuxError:
+        pass
+
+
+def test_windows_grow_while_read_and_stay_at_64k_when_not():
+    pool = mp.WindowPool(64 << 20)
+    client, server = _grow_pair(pool)
+    fast, deaf = server.open(), server.open()
+    fast.sendall(b"a")
+    deaf.sendall(b"b")
+    assert fast.receive_window == deaf.receive_window == mp.INITIAL_WINDOW
+    c_fast, c_deaf = client.accept(timeout=5), client.accept(timeout=5)
+    pushers = [gevent.spawn(_push, c_fast, 4 << 20), gevent.spawn(_push, c_deaf, 4 << 20)]
+    got = 0
+    fast.settimeout(10)
+    while got < 4 << 20:
+        got += len(fast.recv(1 << 20))
+    assert fast.receive_window == MuxConfig.receive_window  # grew: the reader kept up
+    assert deaf.receive_window == mp.INITIAL_WINDOW  # never read: never grew
+    assert deaf._buffered <= mp.INITIAL_WINDOW
+    assert pool.used == MuxConfig.receive_window - mp.INITIAL_WINDOW
+    fast.close()
+    deadline = time.monotonic() + 5
+    while pool.used and time.monotonic() < deadline:  # freed when the peer's FIN comes back
+        c_fast.close()
+        gevent.sleep(0.01)
+    assert pool.used == 0
+    server.close()
+    gevent.killall(pushers)
+
+
+def test_window_pool_bounds_growth_across_sessions():
+    limit = 3 * mp.INITIAL_WINDOW
+    pool = mp.WindowPool(limit)
+    pairs = [_grow_pair(pool) for _ in range(3)]
+    for client, server in pairs:
+        st = server.open()
+        st.sendall(b"x")
+        peer = client.accept(timeout=5)
+        g = gevent.spawn(_push, peer, 2 << 20)
+        st.settimeout(10)
+        got = 0
+        while got < 2 << 20:
+            got += len(st.recv(1 << 20))
+        g.get(timeout=10)
+        assert pool.used <= limit
+    assert pool.used == limit and pool.refused > 0  # the budget, not the demand, decided
+    for client, server in pairs:
+        server.close()
+        client.close()
+    assert pool.used == 0  # a session that ends gives its share back
+
+
+def test_output_that_stops_moving_closes_the_session_as_hostile():
+    # The peer keeps sending (harmless WNDINCs on a closed stream), so it looks alive, but it
+    # never reads: our output stays queued; past write_stall_timeout the session is closed.
+    a, b = gsocket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    s = Session(b, client=False, config=MuxConfig(write_stall_timeout=0.5, heartbeat_interval=0.1,
+                                                  heartbeat_tolerance=60))
+
+    def chatter():
+        while True:
+            a.sendall(fr.encode(fr.WndInc(1, 1)))
+            gevent.sleep(0.05)
+
+    g = gevent.spawn(chatter)
+    st = s.open()
+    writer = gevent.spawn(_push, st, 60000)
+    try:
+        end = s.wait(10)
+        assert end is not None, "a peer that never reads kept the session"
+        assert end.hostile and "stopped reading" in end.reason, end
+    finally:
+        g.kill()
+        writer.kill()
+        a.close()
+
+
+def test_writers_keep_output_under_the_high_water_mark():
+    # The peer grants a huge window but reads nothing: one sendall must not queue more than
+    # the high-water mark plus one frame (it used to queue all it was given).
+    a, b = gsocket.socketpair()
+    s = Session(b, client=False, config=MuxConfig(write_high_water=256 * 1024, heartbeat=False))
+    st = s.open()
+    a.sendall(fr.encode(fr.WndInc(st.id, 64 << 20)))
+    deadline = time.monotonic() + 5
+    while st.session._conn.send_window(st.id) < 64 << 20 and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    writer = gevent.spawn(_push, st, 32 << 20)
+    deadline = time.monotonic() + 5
+    while s._conn.unsent_size < 256 * 1024 and time.monotonic() < deadline:
+        gevent.sleep(0.01)  # until the writer is held at the mark
+    for _ in range(10):
+        gevent.sleep(0)
+    assert s._conn.unsent_size <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
+    writer.kill()
+    a.close()
+
+
+def test_a_reader_that_lags_does_not_grow_the_window():
+    # Data always waiting when it reads: the reader, not the window, holds the stream back.
+    client, server = _grow_pair(mp.WindowPool(64 << 20))
+    st = server.open()
+    st.sendall(b"x")
+    peer = client.accept(timeout=5)
+    g = gevent.spawn(_push, peer, 1 << 20)
+    st.settimeout(10)
+    got = 0
+    deadline = time.monotonic() + 20
+    while got < 512 * 1024 and time.monotonic() < deadline:
+        while st._buffered < 48 * 1024 and time.monotonic() < deadline:
+            gevent.sleep(0.001)
+        got += len(st.recv(16 * 1024))
+    assert got >= 512 * 1024
+    assert st.receive_window == mp.INITIAL_WINDOW
+    g.kill()
+    server.close()

@@ -17,7 +17,7 @@ Public API::
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
     stream.close()                          # full close, as Go's Stream.Close()
     stream.reset(code)                      # RST
-    stream.settimeout(seconds | None)
+    stream.settimeout(seconds | None)        stream.receive_window
 
 Greenlets per session: one reader (transport -> MuxConnection -> streams), one writer (drains
 MuxConnection's output to the transport, so a reader never blocks on a write and two peers
@@ -281,6 +281,11 @@ class Stream:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def receive_window(self) -> int:
+        """The window granted to the peer (64 KiB, more once grown: MuxConfig.grow_windows)."""
+        return self.session._conn.receive_window(self.id)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -34,9 +34,13 @@ import gevent
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
 # is only allocated once data is readable).
 CHUNK = 256 * 1024
-# Bytes a TCP end may hold unsent in its kernel queue (beyond what is in flight): 128 KiB keeps
+# Reads from a mux stream, which are copies of frames already in memory (16 KiB each): a
+# larger read saves no system call, and what one read takes is held while the other end is
+# slow to accept it, per connection.
+STREAM_CHUNK = 64 * 1024
+# Bytes a TCP end may hold unsent in its kernel queue (beyond what is in flight): 64 KiB keeps
 # a fast path busy between two of our writes (the kernel still autotunes what is in flight).
-UNSENT_LOWAT = 128 * 1024
+UNSENT_LOWAT = 64 * 1024
 
 
 class _State:
@@ -50,6 +54,8 @@ class _State:
 
 def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None = None) -> int:
     total = 0
+    if getattr(src, "family", None) is None:  # a mux stream (sockets have a family)
+        chunk = min(chunk, STREAM_CHUNK)
     try:
         while True:
             try:

@@ -7,6 +7,7 @@ Public API::
     conn.trust()                          # the layer above vouches for the peer (the proxy: Auth)
     sid = conn.open_stream()              # SYN (plus an early WNDINC granting a larger window)
     n = conn.send_data(sid, data)         # queues DATA within the peer's window; returns bytes taken
+    conn.send_window(sid), conn.receive_window(sid)   # the peer's window, and ours
     conn.end_stream(sid)                  # DATA+FIN (half-close)
     conn.reset_stream(sid, code)          # RST
     conn.forget_stream(sid)               # full close: later DATA is dropped and answered RST(4)
@@ -76,6 +77,11 @@ SEND_THRESHOLD = fr.MAX_PAYLOAD
 # flight when we closed) is dropped without another answer. 1,024 covers the streams a busy
 # tunnel closes within one Tor round trip.
 RECENT_RSTS = 1024
+# A stream's window doubles after the application read this many windows' worth. Two, not
+# one: a visitor that never reads still "reads" what its socket buffers take (the kernel's
+# ~200 KiB on loopback), which grew windows to 256 KiB with one; with two they stay at 128 KiB,
+# and a reader that keeps up reaches 1 MiB after ~2 MiB.
+GROW_AFTER = 2
 _RST_SIZE = fr.HEADER_SIZE + 4
 _WNDINC_SIZE = fr.HEADER_SIZE + 4
 
@@ -474,6 +480,11 @@ class MuxConnection:
         st = self._streams.get(sid)
         return st.send_window if st is not None else 0
 
+    def receive_window(self, sid: int) -> int:
+        """The window we grant the peer on ``sid`` (what it may have unread with us)."""
+        st = self._streams.get(sid)
+        return st.window if st is not None else 0
+
     def end_stream(self, sid: int) -> None:
         st = self._streams.get(sid)
         if st is None or st.local_fin:
@@ -523,12 +534,14 @@ class MuxConnection:
             st.unacked = 0
 
     def _maybe_grow(self, st: _Stream, n: int) -> None:
-        """Double the window once the application has read a whole one and nothing waits
-        (window = credit + unacked + what is buffered unread): the window, not the reader, is
-        what holds the stream back. A reader that stops never grows it."""
+        """Double the window once the application has read GROW_AFTER whole ones since it
+        last grew and nothing waits (window = credit + unacked + what is buffered unread): the
+        window, not the reader, is what holds the stream back. A reader that stops never grows
+        it past what the socket buffers behind it took before they filled."""
         st.drained += n
         limit = self.config.receive_window
-        if st.drained < st.window or st.window >= limit or st.window != st.credit + st.unacked:
+        if (st.drained < GROW_AFTER * st.window or st.window >= limit
+                or st.window != st.credit + st.unacked):
             return
         extra = min(st.window, limit - st.window)
         if self._reserve(extra):
