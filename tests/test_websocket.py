@@ -322,3 +322,56 @@ def test_close_reason_cut_on_a_character_boundary():
     payload = frame[2:]  # a server frame: no mask, short length
     assert len(payload) <= 125
     payload[2:].decode("utf-8")  # a whole number of characters
+
+
+def _raw_frame(sock, expect_masked: bool, timeout: float = 5.0):
+    """One frame read from a raw socket (the other end of a transport)."""
+    sock.settimeout(timeout)
+    buf = b""
+    while True:
+        parsed = ws.parse_frame(buf, expect_masked=expect_masked)
+        if parsed is not None:
+            return parsed[0]
+        data = sock.recv(4096)
+        assert data, "closed before a whole frame"
+        buf += data
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_transport_answers_a_ping_with_a_pong_carrying_its_payload(side):
+    # The transport under test reads; its raw peer pings and reads the answer byte for byte.
+    c, s = ws_pair()
+    transport, raw = (s, c.sock) if side == "server" else (c, s.sock)
+    peer_masks = side == "server"  # the raw peer is the client: it masks, the answer is not
+    reader = gevent.spawn(transport.recv)
+    try:
+        payload = b"are-you-there-" + os.urandom(8).hex().encode()
+        raw.sendall(ws.encode_frame(ws.OP_PING, payload, mask_key=MASK if peer_masks else None))
+        frame = _raw_frame(raw, expect_masked=not peer_masks)
+        assert frame.opcode == ws.OP_PONG and frame.payload == payload
+        # and the stream goes on: data after the ping still arrives
+        raw.sendall(ws.encode_frame(ws.OP_BINARY, b"after", mask_key=MASK if peer_masks else None))
+        assert reader.get(timeout=5) == b"after"
+    finally:
+        reader.kill()
+        c.close()
+        s.close()
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_transport_answers_a_close_with_a_close_and_ends(side):
+    c, s = ws_pair()
+    transport, raw = (s, c.sock) if side == "server" else (c, s.sock)
+    peer_masks = side == "server"
+    try:
+        raw.sendall(ws.encode_frame(ws.OP_CLOSE, struct.pack(">H", ws.CLOSE_GOING_AWAY) + b"bye",
+                                    mask_key=MASK if peer_masks else None))
+        with gevent.Timeout(5):
+            assert transport.recv() == b""
+        assert transport.close_code == ws.CLOSE_GOING_AWAY
+        frame = _raw_frame(raw, expect_masked=not peer_masks)
+        assert frame.opcode == ws.OP_CLOSE
+        assert frame.payload[:2] == struct.pack(">H", ws.CLOSE_GOING_AWAY)  # the code echoed
+    finally:
+        c.close()
+        s.close()
