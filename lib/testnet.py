@@ -498,40 +498,44 @@ class TorNetwork:
         ]
         lines += [self._dir_authority_line(a) for a in self.by_role(AUTHORITY)]
         if r.role == AUTHORITY:
-            exit_fprs = ",".join(x.fingerprint for x in self.by_role(EXIT))
-            lines += [
-                "AuthoritativeDirectory 1",
-                "V3AuthoritativeDirectory 1",
-                f"DirPort {r.address}:{r.dir_port}",
-                f"TestingV3AuthInitialVotingInterval {INITIAL_VOTING_INTERVAL}",
-                "TestingV3AuthInitialVoteDelay 2",
-                "TestingV3AuthInitialDistDelay 2",
-                f"V3AuthVotingInterval {VOTING_INTERVAL}",
-                "V3AuthVoteDelay 2",
-                "V3AuthDistDelay 2",
-                "V3AuthNIntervalsValid 2",
-                "TestingDirAuthVoteGuard *",
-                "TestingDirAuthVoteHSDir *",
-                f"TestingDirAuthVoteExit {exit_fprs}",
-                "TestingDirAuthVoteExitIsStrict 1",
-                "TestingMinExitFlagThreshold 0",
-                "ExitRelay 0",
-                "ExitPolicy reject *:*",
-            ]
-        elif r.role == EXIT:
-            lines += [
-                "ExitRelay 1",
-                "ExitPolicyRejectPrivate 0",
-                "ExitPolicyRejectLocalInterfaces 0",
-                "IPv6Exit 0",
-                "ExitPolicy accept 127.0.0.0/8:*",
-            ]
+            return lines + self._authority_lines(r)
+        if r.role == EXIT:
+            return lines + self._exit_lines()
+        return lines + ["ExitRelay 0", "ExitPolicy reject *:*"]
+
+    def _authority_lines(self, r: Relay) -> list[str]:
+        exit_fprs = ",".join(x.fingerprint for x in self.by_role(EXIT))
+        return [
+            "AuthoritativeDirectory 1",
+            "V3AuthoritativeDirectory 1",
+            f"DirPort {r.address}:{r.dir_port}",
+            f"TestingV3AuthInitialVotingInterval {INITIAL_VOTING_INTERVAL}",
+            "TestingV3AuthInitialVoteDelay 2",
+            "TestingV3AuthInitialDistDelay 2",
+            f"V3AuthVotingInterval {VOTING_INTERVAL}",
+            "V3AuthVoteDelay 2",
+            "V3AuthDistDelay 2",
+            "V3AuthNIntervalsValid 2",
+            "TestingDirAuthVoteGuard *",
+            "TestingDirAuthVoteHSDir *",
+            f"TestingDirAuthVoteExit {exit_fprs}",
+            "TestingDirAuthVoteExitIsStrict 1",
+            "TestingMinExitFlagThreshold 0",
+            "ExitRelay 0",
+            "ExitPolicy reject *:*",
+        ]
+
+    def _exit_lines(self) -> list[str]:
+        return [
+            "ExitRelay 1",
+            "ExitPolicyRejectPrivate 0",
+            "ExitPolicyRejectLocalInterfaces 0",
+            "IPv6Exit 0",
+            "ExitPolicy accept 127.0.0.0/8:*",
             # pitfall 1: clients only see exits whose policy summary accepts *:PORT
-            lines += [f"ExitPolicy accept *:{ports}" for ports in self.exit_ports]
-            lines += ["ExitPolicy reject *:*"]
-        else:
-            lines += ["ExitRelay 0", "ExitPolicy reject *:*"]
-        return lines
+            *[f"ExitPolicy accept *:{ports}" for ports in self.exit_ports],
+            "ExitPolicy reject *:*",
+        ]
 
     # -- launch and readiness -----------------------------------------------------------------
 

@@ -157,65 +157,20 @@ def launch_tor(
     if shutil.which(tor_cmd) is None:
         raise TorError(f"tor not found (looked for {tor_cmd!r} on PATH): install it, e.g. "
                        "'apt-get install tor' on Debian, or attach to a running tor instead")
-    data_dir = os.path.abspath(data_dir)
-    tor_dir = os.path.join(data_dir, "tor")
-    os.makedirs(tor_dir, mode=0o700, exist_ok=True)
-    os.chmod(tor_dir, 0o700)  # tor refuses a DataDirectory others can read
-    port_file = os.path.join(tor_dir, "control-port")
-    log_path = os.path.join(tor_dir, "notice.log")
-    for stale in (port_file, log_path):
-        if os.path.exists(stale):
-            os.remove(stale)
-    torrc = os.path.join(data_dir, "torrc")
-    defaults = os.path.join(data_dir, "torrc-defaults")  # empty: ignore /etc/tor/torrc-defaults
-    lines = [
-        f"DataDirectory {tor_dir}",
-        "SocksPort 127.0.0.1:auto",  # IsolateSOCKSAuth is on by default
-        "ControlPort 127.0.0.1:auto",
-        f"ControlPortWriteToFile {port_file}",
-        "CookieAuthentication 1",
-        f"__OwningControllerProcess {os.getpid()}",  # tor exits if we die
-        f"Log notice file {log_path}",
-        "RunAsDaemon 0",
-        "ClientOnly 1",
-        # We never resolve names locally (SOCKS5 with remote DNS); an IP literal target leaks no
-        # lookup either, so tor's "giving Tor only an IP address" warning is noise here.
-        "WarnUnsafeSocks 0",
-    ] + [line.strip() for line in extra_torrc_lines
-         if line.strip() and not line.strip().startswith("#")]
-    with open(torrc, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    open(defaults, "w").close()
-
-    stdout_path = os.path.join(tor_dir, "stdout.log")
-    with open(stdout_path, "wb") as out:
-        try:
-            process = subprocess.Popen([tor_cmd, "-f", torrc, "--defaults-torrc", defaults],
-                                       stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as e:
-            raise TorError(f"could not start {tor_cmd!r}: {e}") from e
+    files = _write_torrc(os.path.abspath(data_dir), extra_torrc_lines)
+    process = _start_process(tor_cmd, files)
 
     def failure(what: str) -> TorError:
         _stop_process(process)
-        said = _tor_complaints(log_path, stdout_path)
-        return TorError(f"{what}{'; tor said: ' + said if said else ''} (log: {log_path})")
+        said = _tor_complaints(files.log, files.stdout)
+        return TorError(f"{what}{'; tor said: ' + said if said else ''} (log: {files.log})")
 
     controller = None
     try:
-        while controller is None:  # until tor writes its control port (≈ 0.1 s)
-            if process.poll() is not None:
-                raise TorError(f"tor exited with code {process.returncode} while starting")
-            address = _read_port_file(port_file)
-            if address:
-                controller = _connect(address, None, f"launched tor (pid {process.pid})")
-                break
-            if time.monotonic() >= deadline:
-                raise TorError(f"tor did not open its control port within {timeout:g} s")
-            time.sleep(BOOTSTRAP_POLL_SECONDS)
+        controller = _await_control_port(process, files.port_file, deadline, timeout)
         # Closing our control connection now also stops tor, even if our pid is reused later.
         controller.msg("TAKEOWNERSHIP")
-        access = TorAccess(controller, process=process, log_path=log_path)
+        access = TorAccess(controller, process=process, log_path=files.log)
         _wait_bootstrapped(access, deadline, timeout, progress,
                            died=lambda: process.poll() is not None)
         return access
@@ -228,6 +183,75 @@ def launch_tor(
             raise failure(str(e)) from None
         _stop_process(process)
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class _TorFiles:
+    """Where a launched tor keeps its state, configuration and logs (all under the data dir)."""
+
+    tor_dir: str
+    torrc: str
+    defaults: str
+    port_file: str
+    log: str
+    stdout: str
+
+
+def _write_torrc(data_dir: str, extra_torrc_lines: Iterable[str]) -> _TorFiles:
+    tor_dir = os.path.join(data_dir, "tor")
+    # torrc-defaults stays empty, so that /etc/tor/torrc-defaults is not read.
+    files = _TorFiles(tor_dir=tor_dir, torrc=os.path.join(data_dir, "torrc"),
+                      defaults=os.path.join(data_dir, "torrc-defaults"),
+                      port_file=os.path.join(tor_dir, "control-port"),
+                      log=os.path.join(tor_dir, "notice.log"),
+                      stdout=os.path.join(tor_dir, "stdout.log"))
+    os.makedirs(tor_dir, mode=0o700, exist_ok=True)
+    os.chmod(tor_dir, 0o700)  # tor refuses a DataDirectory others can read
+    for stale in (files.port_file, files.log):
+        if os.path.exists(stale):
+            os.remove(stale)
+    lines = [
+        f"DataDirectory {tor_dir}",
+        "SocksPort 127.0.0.1:auto",  # IsolateSOCKSAuth is on by default
+        "ControlPort 127.0.0.1:auto",
+        f"ControlPortWriteToFile {files.port_file}",
+        "CookieAuthentication 1",
+        f"__OwningControllerProcess {os.getpid()}",  # tor exits if we die
+        f"Log notice file {files.log}",
+        "RunAsDaemon 0",
+        "ClientOnly 1",
+        # We never resolve names locally (SOCKS5 with remote DNS); an IP literal target leaks no
+        # lookup either, so tor's "giving Tor only an IP address" warning is noise here.
+        "WarnUnsafeSocks 0",
+    ] + [line.strip() for line in extra_torrc_lines
+         if line.strip() and not line.strip().startswith("#")]
+    with open(files.torrc, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    open(files.defaults, "w").close()
+    return files
+
+
+def _start_process(tor_cmd: str, files: _TorFiles) -> subprocess.Popen:
+    with open(files.stdout, "wb") as out:
+        try:
+            return subprocess.Popen([tor_cmd, "-f", files.torrc, "--defaults-torrc",
+                                     files.defaults], stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            raise TorError(f"could not start {tor_cmd!r}: {e}") from e
+
+
+def _await_control_port(process, port_file: str, deadline: float, timeout: float):
+    """A controller on the launched tor, once it has written its control port (~0.1 s)."""
+    while True:
+        if process.poll() is not None:
+            raise TorError(f"tor exited with code {process.returncode} while starting")
+        address = _read_port_file(port_file)
+        if address:
+            return _connect(address, None, f"launched tor (pid {process.pid})")
+        if time.monotonic() >= deadline:
+            raise TorError(f"tor did not open its control port within {timeout:g} s")
+        time.sleep(BOOTSTRAP_POLL_SECONDS)
 
 
 def attach_tor(

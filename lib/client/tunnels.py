@@ -311,40 +311,7 @@ class TunnelRunner:
             raise TunnelError(f"cannot reach proxy {self.proxy}: {e}") from None
         self.sock = raw
         try:
-            raw.settimeout(cfg.handshake_timeout)
-            if self.proxy.scheme == "ws":
-                tls = raw  # plain WebSocket: local tests only
-            else:
-                # A platform's router picks its certificate by SNI: always send it for wss.
-                sni = (self.proxy.host if self.proxy.scheme == "wss"
-                       or not self.client.pinned(self.proxy) else None)
-                tls = TLSTransport.client(raw, self.client.tls_context(self.proxy), sni,
-                                          cfg.handshake_timeout)
-                self.sock = tls  # CircuitWatcher finds the circuit by its local port
-                self.client.verify_proxy(self.proxy, tls)
-            if self.proxy.websocket:
-                from lib.protocol.websocket import HandshakeError
-                from lib.net.wstransport import client_handshake
-
-                try:
-                    tls = client_handshake(tls, self.proxy.host_header, self.proxy.path,
-                                           cfg.handshake_timeout)
-                except HandshakeError as e:
-                    raise TunnelError(f"WebSocket handshake with {self.proxy} failed: "
-                                      f"{e}") from None
-                # A platform's router terminates TLS: the proxy knows the names it is reached
-                # by, not the router's certificate.
-                try:
-                    self.proxy_id = msg.proxy_id_for_host(self.proxy.host_header)
-                except ValueError as e:
-                    raise TunnelError(f"proxy {self.proxy}: bad host name: {e}",
-                                      permanent=True) from None
-            else:
-                der = tls.getpeercert(binary_form=True)
-                if not der:
-                    raise TunnelError(f"proxy {self.proxy} presented no certificate")
-                self.proxy_id = msg.proxy_id_for_cert(der)
-            tls.settimeout(None)
+            transport = self._secure(raw, cfg.handshake_timeout)
         except ssl.SSLError as e:
             raw.close()
             raise TunnelError(f"TLS with proxy {self.proxy} failed: {e}. If the certificate "
@@ -353,30 +320,73 @@ class TunnelRunner:
         except (TunnelError, OSError):
             raw.close()
             raise
-        session = Session(tls, client=True, config=cfg.mux, name=f"proxy {self.proxy}")
+        session = Session(transport, client=True, config=cfg.mux, name=f"proxy {self.proxy}")
         self.session = session
         try:
-            nonce = self._auth(session)
-            refused = self._bind_all(session, cfg.services, nonce)
-            if len(refused) == len(cfg.services):
-                raise TunnelError("; ".join(refused.values()))
-            if refused:
-                # Serve what was granted; ask again for the rest now and then (an operator
-                # may fix an allow-list, a DNS record may appear).
-                gevent.spawn(self._rebind_loop, session, refused, nonce)
-            self.connects += 1
-            self.connected_at = time.time()
-            self._set("online")
-            if self.client.on_connected is not None:
-                self.client.on_connected(self)
-            log.info("tunnel %s online in %.2f s (%d services)", self.proxy,
-                     time.monotonic() - t0, len(self.bound))
-            self._serve(session)
+            self._bind_and_serve(session, t0)
         finally:
             session.close()
             self.bound.clear()
             self.urls.clear()
             self.session = None
+
+    def _secure(self, raw, timeout: float):
+        """TLS to the proxy, verified (then the WebSocket handshake for ws/wss proxies); sets
+        ``proxy_id``, the proxy our binds will name (docs/PROTOCOL.md, "Proxy id")."""
+        raw.settimeout(timeout)
+        if self.proxy.scheme == "ws":
+            tls = raw  # plain WebSocket: local tests only
+        else:
+            # A platform's router picks its certificate by SNI: always send it for wss.
+            sni = (self.proxy.host if self.proxy.scheme == "wss"
+                   or not self.client.pinned(self.proxy) else None)
+            tls = TLSTransport.client(raw, self.client.tls_context(self.proxy), sni, timeout)
+            self.sock = tls  # CircuitWatcher finds the circuit by its local port
+            self.client.verify_proxy(self.proxy, tls)
+        if self.proxy.websocket:
+            tls = self._websocket_handshake(tls, timeout)
+        else:
+            der = tls.getpeercert(binary_form=True)
+            if not der:
+                raise TunnelError(f"proxy {self.proxy} presented no certificate")
+            self.proxy_id = msg.proxy_id_for_cert(der)
+        tls.settimeout(None)
+        return tls
+
+    def _websocket_handshake(self, tls, timeout: float):
+        from lib.net.wstransport import client_handshake
+        from lib.protocol.websocket import HandshakeError
+
+        try:
+            transport = client_handshake(tls, self.proxy.host_header, self.proxy.path, timeout)
+        except HandshakeError as e:
+            raise TunnelError(f"WebSocket handshake with {self.proxy} failed: {e}") from None
+        # A platform's router terminates TLS: the proxy knows the names it is reached by, not
+        # the router's certificate.
+        try:
+            self.proxy_id = msg.proxy_id_for_host(self.proxy.host_header)
+        except ValueError as e:
+            raise TunnelError(f"proxy {self.proxy}: bad host name: {e}", permanent=True) from None
+        return transport
+
+    def _bind_and_serve(self, session: Session, t0: float) -> None:
+        services = self.client.config.services
+        nonce = self._auth(session)
+        refused = self._bind_all(session, services, nonce)
+        if len(refused) == len(services):
+            raise TunnelError("; ".join(refused.values()))
+        if refused:
+            # Serve what was granted; ask again for the rest now and then (an operator may fix
+            # an allow-list, a DNS record may appear).
+            gevent.spawn(self._rebind_loop, session, refused, nonce)
+        self.connects += 1
+        self.connected_at = time.time()
+        self._set("online")
+        if self.client.on_connected is not None:
+            self.client.on_connected(self)
+        log.info("tunnel %s online in %.2f s (%d services)", self.proxy,
+                 time.monotonic() - t0, len(self.bound))
+        self._serve(session)
 
     def _auth(self, session: Session) -> bytes | None:
         cfg = self.client.config
