@@ -63,6 +63,12 @@ OPTIONS = [
     ("--discovery-key", "DISCOVERY_KEY", None, "discovery certificate's private key (PEM)"),
     ("--fleet", "FLEET", "", "discovery: the fleet's tunnel addresses, host:port[=sha256 fingerprint],..."),
     ("--proxy-domain", "PROXY_DOMAIN", "", "discovery: a domain must CNAME to <domain>.<this>; without --fleet, proxies come from its SRV records"),
+    ("--database-url", "DATABASE_URL", os.environ.get("DATABASE_URL"), "PostgreSQL URL of the fleet's shared store (postgresql://USER@HOST/DB; sslmode=... honoured); without it, SQLite in the data dir. Prefer the environment (also DATABASE_URL): a command line is visible to local users"),
+    ("--fleet-heartbeat", "FLEET_HEARTBEAT", "5", "seconds between this instance's heartbeats in the fleet's registry (rows expire after 3 missed)"),
+    ("--max-names-per-key", "MAX_NAMES_PER_KEY", "100", "names one key may own by first use (0: no limit)"),
+    ("--claim-burst", "CLAIM_BURST", "64", "new first-use names one address may claim at once (0: no rate limit)"),
+    ("--claims-per-hour", "CLAIMS_PER_HOUR", "60", "new first-use names per address and hour after the burst"),
+    ("--claim-expiry-days", "CLAIM_EXPIRY_DAYS", "90", "a first-use name nobody bound for this many days may be claimed anew (0: never)"),
     ("--log-level", "LOG_LEVEL", "info", "debug, info, warning, error"),
     ("--log-format", "LOG_FORMAT", "text", "text or json"),
 ]
@@ -91,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args):
     from lib.proxy.server import ProxyConfig, parse_port_ranges, proxy_mux_config
+    from lib.proxy.store import ClaimLimits
 
     interval, timeout = float(args.heartbeat_interval), float(args.heartbeat_timeout)
     if not 0 < interval < timeout:
@@ -109,7 +116,12 @@ def config_from_args(args):
         max_tunnels_per_key=int(args.max_tunnels_per_key), mux=mux,
         max_streams_per_tunnel=int(args.max_streams_per_tunnel),
         bind_burst=int(args.bind_burst), bind_rate=float(args.bind_rate),
-        peek_timeout=float(args.peek_timeout), idle_timeout=float(args.idle_timeout) or None)
+        peek_timeout=float(args.peek_timeout), idle_timeout=float(args.idle_timeout) or None,
+        database_url=args.database_url or None, fleet_heartbeat=float(args.fleet_heartbeat),
+        claim_limits=ClaimLimits(max_names_per_key=int(args.max_names_per_key),
+                                 claim_burst=int(args.claim_burst),
+                                 claims_per_hour=float(args.claims_per_hour),
+                                 expiry_days=float(args.claim_expiry_days)))
 
 
 def admin_settings(args) -> dict:

@@ -77,3 +77,172 @@ def test_migrate_store_mistakes_are_one_clear_line(tmp_path, pg_url):
     assert down.returncode == 1 and "--database-url" in down.stderr, down.stderr
     assert "Traceback" not in down.stderr and "s3cret-pw" not in down.stderr
     assert len(down.stderr.strip().splitlines()) == 1
+
+
+# --- proxies sharing one database -----------------------------------------------------------
+import http.client  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from lib.protocol import messages as msg  # noqa: E402
+from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc  # noqa: E402
+from tests.support.rawtunnel import RawTunnel  # noqa: E402
+from tests.support.visitor import http_get  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+
+# Fast beats so the expiry test needs seconds, not tens of seconds.
+BEAT = "0.5"
+
+
+@pytest.fixture
+def fleet(tmp_path, pg_url):
+    """start(name) -> a ProxyProc on the shared database; client(key_dir, pairs, proxies)."""
+    procs = []
+    origin = OriginProc(str(tmp_path))
+    procs.append(origin)
+
+    def start(name, extra=(), env=None):
+        p = ProxyProc(str(tmp_path), str(tmp_path / f"{name}-data"), name=name,
+                      extra=["--database-url", pg_url, "--fleet-heartbeat", BEAT, *extra],
+                      env=env)
+        procs.append(p)
+        return p
+
+    def client(key_dir, names, proxies, name="client"):
+        pairs = []
+        for n in names:
+            pairs += [f"http:{n}", f"127.0.0.1:{origin.port}"]
+        c = ClientProc(str(tmp_path), str(tmp_path / key_dir), pairs,
+                       [f"127.0.0.1:{p.ports['tunnel']}" for p in proxies],
+                       pins=[p.fingerprint for p in proxies], name=name)
+        procs.append(c)
+        return c
+
+    yield type("Fleet", (), {"start": staticmethod(start), "client": staticmethod(client),
+                             "url": pg_url, "dir": tmp_path, "procs": procs})
+    for p in reversed(procs):
+        p.stop()
+
+
+def _api(proxy, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", proxy.ports["admin"], timeout=10)
+    try:
+        c.request(method, path, body=json.dumps(body) if body is not None else None,
+                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                           "Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"{}")
+    finally:
+        c.close()
+
+
+def _raw_bind(proxy, identity, name):
+    t = RawTunnel(proxy, identity)
+    try:
+        t.auth()
+        return t.bind(name)
+    finally:
+        t.close()
+
+
+def test_split_brain_other_key_refused_on_every_proxy(fleet):
+    """The owner binds on A; another key then tries B first (a proxy the owner has not reached
+    yet). B refuses it: the first use on A owns the name fleet-wide. The owner is served on
+    both."""
+    a, b = fleet.start("proxy-a"), fleet.start("proxy-b")
+    fleet.client("owner", ["victim.test"], [a], name="owner-on-a")
+    owner = a.wait_bound("victim.test")["owner"]
+    thief = _raw_bind(b, Identity.generate(), "victim.test")
+    assert thief.error and thief.reason == msg.REASON_NOT_OWNER, thief
+    assert owner[:16] in thief.error
+    fleet.client("owner", ["victim.test"], [b], name="owner-on-b")
+    assert b.wait_bound("victim.test")["owner"] == owner
+    for proxy in (a, b):
+        assert http_get(proxy.ports["http"], "victim.test") == (200, b"hello from origin\n")
+
+
+def test_block_on_one_proxy_is_refused_on_the_other(fleet):
+    a, b = fleet.start("proxy-a"), fleet.start("proxy-b")
+    fleet.client("owner", ["app.test"], [a, b])
+    for proxy in (a, b):
+        proxy.wait_bound("app.test")
+        assert http_get(proxy.ports["http"], "app.test")[0] == 200
+    status, answer = _api(a, "POST", "/api/block", {"kind": "hostname", "target": "app.test",
+                                                    "detail": "abuse"})
+    assert status == 200, answer
+    t0 = time.monotonic()
+    # NOTIFY carries it: well inside the watcher's 30 s fallback reload (lib/proxy/fleet.py).
+    wait_for(lambda: http_get(b.ports["http"], "app.test")[0] == 403,
+             "the block made on A refuses visitors on B", timeout=10, interval=0.05)
+    print(f"block reached B in {time.monotonic() - t0:.3f} s")
+    refused = _raw_bind(b, Identity.generate(), "app.test")
+    assert refused.error and refused.reason == msg.REASON_NOT_ALLOWED, refused
+    assert not any(x["name"] == "app.test" for x in b.status()["bindings"])
+    status, _ = _api(b, "POST", "/api/unblock", {"kind": "hostname", "target": "app.test"})
+    assert status == 200
+    assert _api(a, "GET", "/api/blocks")[1]["hostnames"] == []  # one store
+
+
+def test_instance_killed_leaves_the_fleet_view(fleet):
+    a, b = fleet.start("proxy-a"), fleet.start("proxy-b")
+    fleet.client("owner", ["app.test"], [b])
+    b.wait_bound("app.test")
+
+    def b_seen():
+        view = _api(a, "GET", "/api/fleet")[1]
+        ids = {i["id"]: i for i in view["instances"]}
+        names = {n["name"]: n for n in view["names"]}
+        return len(ids) == 2 and "app.test" in names and view
+    view = wait_for(b_seen, "A's fleet view shows B and its name", timeout=20)
+    b_id = next(i["id"] for i in view["instances"] if not i["this"])
+    assert view["names"][0]["instances"] == [b_id] and view["names"][0]["protocols"] == ["http"]
+    assert "s3cret" not in json.dumps(view) and view["store"].startswith("PostgreSQL ")
+    b.signal(signal.SIGKILL)
+    b.p.wait(5)
+    wait_for(lambda: [i["id"] for i in _api(a, "GET", "/api/fleet")[1]["instances"]]
+             == [view["this"]], "B's rows expire after three missed heartbeats", timeout=20)
+    assert _api(a, "GET", "/api/fleet")[1]["names"] == []
+
+
+def test_postgres_killed_and_restarted_under_load(fleet, postgres_server):
+    a = fleet.start("proxy-a")
+    fleet.client("owner", ["app.test"], [a])
+    a.wait_bound("app.test")
+    failures, served = [], [0]
+    stop = threading.Event()
+
+    def load():
+        for _ in range(20000):  # bounded; stopped long before
+            if stop.is_set():
+                return
+            try:
+                status, body = http_get(a.ports["http"], "app.test", timeout=10)
+                if status != 200:
+                    failures.append(status)
+                served[0] += 1
+            except OSError as exc:
+                failures.append(repr(exc))
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        wait_for(lambda: served[0] >= 20, "traffic flows before the crash")
+        postgres_server.kill()
+        refused = _raw_bind(a, Identity.generate(), "new.test")
+        assert refused.error and refused.reason == msg.REASON_STORE_UNAVAILABLE, refused
+        late = fleet.client("late", ["late.test"], [a], name="late-client")
+        late.wait_log("store is unavailable", timeout=30)
+        during = served[0]
+        wait_for(lambda: served[0] >= during + 20, "traffic flows while the database is down")
+        postgres_server.start()
+        a.wait_bound("late.test", timeout=60)  # the client asked again and got it
+        wait_for(lambda: not _raw_bind(a, Identity.generate(), "after.test").error,
+                 "binds are accepted again", timeout=30)
+    finally:
+        stop.set()
+        loader.join(30)
+        if not postgres_server.running():
+            postgres_server.start()
+    assert failures == [] and served[0] > 40, (failures[:5], served[0])
+    assert http_get(a.ports["http"], "late.test") == (200, b"hello from origin\n")

@@ -8,6 +8,8 @@ Public API::
     actions.unblock_hostname(name, actor, detail="") -> bool
     actions.block_key(key, actor, detail="") -> int         # that key's tunnels disconnected
     actions.unblock_key(key, actor, detail="") -> bool
+    actions.apply_blocks(names, keys) -> (bindings, tunnels)   # blocks made elsewhere in the
+                                                              # fleet (lib/proxy/fleet.py)
 
 Blocks are kept durably by the store (which writes the audit entry); this class applies them
 to the live state at once. New binds and public connections check the store's blocks
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 
 from lib.errors import ErrorCode
-from lib.proxy.ownership import canonical_name
+from lib.proxy.ownership import Blocks, canonical_name
 from lib.proxy.registry import Registry
 
 log = logging.getLogger("shroud.proxy")
@@ -86,3 +88,18 @@ class OperatorActions:
 
     def unblock_key(self, key: str, actor: str, detail: str = "") -> bool:
         return self._require_store().unblock_key(key, actor, detail)
+
+    def apply_blocks(self, names, keys) -> tuple:
+        """Drop the live bindings that blocked ``names`` cover and disconnect the tunnels of
+        blocked ``keys``: blocks another instance of the fleet made (already in the store).
+        :returns: (bindings dropped, tunnels disconnected)."""
+        covering = Blocks(frozenset(names))
+        dropped = [b for b in list(self.registry.bindings.values())
+                   if covering.covering(b.name) is not None]
+        for binding in dropped:
+            self.registry.unbind(binding)
+        tunnels = [t for t in list(self.registry.tunnels.values()) if t.key in keys]
+        for tunnel in tunnels:
+            self.registry.remove_tunnel(tunnel)
+            tunnel.session.close(ErrorCode.NO_ERROR, "key blocked by the operator")
+        return len(dropped), len(tunnels)

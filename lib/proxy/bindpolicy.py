@@ -176,6 +176,14 @@ def _proof_refusal(request: BindRequest) -> BindAnswer | None:
     return _refuse(msg.REASON_BAD_SIGNATURE, "bind signature missing or invalid")
 
 
+def _ownership_counter(decision) -> str:
+    """The refusal counter for an ownership policy's "no" (docs/OPERATIONS.md, Counters)."""
+    if decision.code == msg.REASON_STORE_UNAVAILABLE:
+        return "store_unavailable"  # the database is away; the client asks again soon
+    return {"error": "ownership_error", "limit": "claim_limit"}.get(decision.method,
+                                                                   "ownership")
+
+
 def decide_bind(request: BindRequest, rules: BindRules, blocks, registry,
                 ownership=None) -> BindAnswer:
     """The answer to one bind (see the module docstring for the rules and their order).
@@ -209,6 +217,5 @@ def decide_bind(request: BindRequest, rules: BindRules, blocks, registry,
     if ownership is None:
         return BindAnswer(ASK_OWNERSHIP, name=name, url=url)
     if not ownership.allowed:
-        return _refuse(ownership.code, ownership.reason,
-                       "ownership_error" if ownership.method == "error" else "ownership", name)
+        return _refuse(ownership.code, ownership.reason, _ownership_counter(ownership), name)
     return BindAnswer(ACCEPT, name=name, url=url, method=ownership.method)

@@ -11,6 +11,8 @@ Public API::
     proxy.router             # public connections (lib.proxy.routing.PublicRouter)
     proxy.actions            # the operator's audited actions (lib.proxy.actions.OperatorActions)
     proxy.policy, proxy.store   # ownership (lib.proxy.ownership); store may be None
+    proxy.fleet              # this instance in its fleet (lib.proxy.fleet.FleetMember), once
+                             # started; the store's live registry and blocks made elsewhere
     proxy.add_listener(name, server)   # show a listener started elsewhere in the status views
     proxy.open_tcp_port(port) -> bool  # a raw TCP listener for a tcp bind (idempotent)
     proxy.stop()
@@ -45,7 +47,8 @@ from lib.net.muxsession import MuxConfig
 from lib.protocol.muxstate import WindowPool
 from lib.protocol import messages as msg
 from lib.proxy.actions import OperatorActions
-from lib.proxy.ownership import Blocks
+from lib.proxy.fleet import HEARTBEAT_INTERVAL, FleetMember, InstanceIdentity
+from lib.proxy.store import Blocks, ClaimLimits, open_store
 from lib.proxy.registry import Registry
 from lib.proxy.routing import PublicRouter
 from lib.proxy.tunnels import TunnelService
@@ -124,6 +127,11 @@ class ProxyConfig:
     # backlog. The streams the proxy opens (visitors) keep the large windows.
     mux: MuxConfig = field(default_factory=lambda: proxy_mux_config())
     ownership: object | None = None  # an OwnershipPolicy; built from the fields above if None
+    # The store: PostgreSQL shared by the fleet when set (lib/proxy/store/postgres.py), else
+    # SQLite in data_dir. Claim limits bound first-use squatting (docs/SECURITY.md).
+    database_url: str | None = None
+    claim_limits: ClaimLimits = field(default_factory=ClaimLimits)
+    fleet_heartbeat: float = HEARTBEAT_INTERVAL  # seconds (lib/proxy/fleet.py)
 
 
 def proxy_mux_config(**overrides) -> MuxConfig:
@@ -162,13 +170,15 @@ class ProxyServer:
         self.router = PublicRouter(config, self.registry, blocks=self.blocks,
                                    pool_full=self._public_pool.full)
         self.actions = OperatorActions(self.registry, self.store)
+        self.fleet = None  # this instance's FleetMember once started (lib/proxy/fleet.py)
 
     def _make_policy(self):
-        from lib.proxy.ownership import OwnershipPolicy, OwnershipStore
+        from lib.proxy.ownership import OwnershipPolicy
         c = self.config
-        os.makedirs(c.data_dir, mode=0o700, exist_ok=True)
-        # threaded: a write's fsync never stalls the event loop that serves every visitor
-        store = OwnershipStore(os.path.join(c.data_dir, "ownership.sqlite3"), threaded=True)
+        # threaded: a SQLite write's fsync never stalls the event loop that serves every
+        # visitor; PostgreSQL's I/O is cooperative under the entry points' monkey-patching.
+        store = open_store(c.data_dir, c.database_url, threaded=True, limits=c.claim_limits)
+        log.info("store: %s", store.describe())
         resolver = parse_addr(c.dns_resolver, "127.0.0.1", "--dns-resolver", listen=False)
         return OwnershipPolicy(store, allowlist_path=c.allowlist, dns_resolver=resolver,
                                tofu=c.tofu, allow_unsigned=set(c.allow_unsigned) or None)
@@ -194,6 +204,17 @@ class ProxyServer:
             self.addresses[name] = server.address[:2]
             self.add_listener(name, server)
             log.info("%s listener on %s:%d", name, *server.address[:2])
+        self.start_fleet()
+
+    def start_fleet(self) -> None:
+        """Join the fleet's live registry and follow its blocks (lib/proxy/fleet.py)."""
+        if self.store is None or self.fleet is not None:
+            return
+        identity = InstanceIdentity(self.config.hostname, self.registry.listeners,
+                                    self.fingerprint)
+        self.fleet = FleetMember(self.store, self.registry, identity, self.actions.apply_blocks,
+                                 heartbeat_interval=self.config.fleet_heartbeat)
+        self.fleet.start()
 
     def add_listener(self, name: str, server) -> None:
         """Show a listener (anything with ``.address``) in the status views."""
@@ -214,6 +235,9 @@ class ProxyServer:
         return True
 
     def stop(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()  # leaves the fleet's registry (else it expires there)
+            self.fleet = None
         for server in list(self.servers.values()) + list(self.tcp_servers.values()):
             server.stop(timeout=1)
         self.tunnels.close_all("proxy shutting down")

@@ -304,7 +304,7 @@ class TunnelService:
                                             bindings_held=len(tunnel.bindings))
         answer = bindpolicy.decide_bind(request, self.rules, self.blocks(), self.registry)
         if answer.verdict == bindpolicy.ASK_OWNERSHIP:
-            decision = self._ownership(answer.name, tunnel.key)
+            decision = self._ownership(answer.name, tunnel.key, peer_host(tunnel.peer))
             # Asked again with the blocks and bindings as they are after the wait on the store.
             answer = bindpolicy.decide_bind(request, self.rules, self.blocks(), self.registry,
                                             ownership=decision)
@@ -325,9 +325,9 @@ class TunnelService:
         log.info("tunnel %d bound %s (%s)", tunnel.id, answer.url, answer.method)
         return msg.BindResp(url=answer.url, protocol=bind.protocol)
 
-    def _ownership(self, name: str, key: str | None):
+    def _ownership(self, name: str, key: str | None, address: str):
         try:
-            return self.policy.decide(name, key)
+            return self.policy.decide(name, key, address=address)
         except Exception as e:  # a broken policy must refuse, loudly, never allow
             log.exception("ownership check failed for %s", name)
             return Decision(False, "error", f"ownership check failed: {e}", msg.REASON_INTERNAL)
@@ -339,6 +339,12 @@ class TunnelService:
         self.registry.count_refusal(answer.counter)
         return msg.BindResp(url="", protocol=bind.protocol, error=answer.text,
                             extra=msg.refusal_extra(answer.code))
+
+
+def peer_host(peer: str) -> str:
+    """The host of a tunnel's "host:port" / "[v6]:port" peer: whom claim rates are kept for."""
+    host = peer.rpartition(":")[0] if ":" in peer else peer
+    return host.strip("[]") or peer
 
 
 def _is_client_id(value: str) -> bool:
