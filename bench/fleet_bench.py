@@ -233,8 +233,7 @@ def main() -> int:
     when = time.strftime("%Y-%m-%d")
     block = ("`.venv/bin/python bench/fleet_bench.py --binds %d --blocks %d --ttfb %d "
              "--conn-seconds %g --workers %d` on %s, %d CPUs (%s), Python %s, PostgreSQL "
-             "from Debian on loopback
-(fsync on, as SQLite's synchronous=FULL).\n\n%s"
+             "from Debian on loopback (fsync on, as SQLite's synchronous=FULL).\n\n%s"
              % (args.binds, args.blocks, args.ttfb, args.conn_seconds, args.workers, when,
                 os.cpu_count(), platform.machine(), platform.python_version(),
                 table(results, args)))

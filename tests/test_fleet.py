@@ -246,3 +246,36 @@ def test_postgres_killed_and_restarted_under_load(fleet, postgres_server):
             postgres_server.start()
     assert failures == [] and served[0] > 40, (failures[:5], served[0])
     assert http_get(a.ports["http"], "late.test") == (200, b"hello from origin\n")
+
+
+def test_slow_database_parks_the_bind_not_the_visitors(fleet):
+    """A bind waiting on a locked table (a slow database) waits in its own greenlet: visitors
+    of bound names are served meanwhile (psycopg is cooperative under the entry point's
+    monkey-patching; lib/ patches nothing)."""
+    import psycopg
+
+    a = fleet.start("proxy-a")
+    fleet.client("owner", ["app.test"], [a])
+    a.wait_bound("app.test")
+    served = []
+
+    def visit():
+        for _ in range(20):
+            served.append((http_get(a.ports["http"], "app.test", timeout=30)[0],
+                           time.monotonic()))
+    with psycopg.connect(fleet.url, autocommit=True) as locker:
+        with locker.transaction():
+            locker.execute("LOCK TABLE shroud.ownership IN ACCESS EXCLUSIVE MODE")
+            visitor = threading.Thread(target=visit)
+            tunnel = RawTunnel(a, Identity.generate())
+            try:
+                tunnel.auth()
+                visitor.start()
+                answer = tunnel.bind("slow.test")  # waits on the lock (statement timeout)
+                answered = time.monotonic()
+            finally:
+                tunnel.close()
+                visitor.join(60)
+    assert answer.error and answer.reason == msg.REASON_STORE_UNAVAILABLE, answer
+    assert [s for s, _ in served] == [200] * 20
+    assert max(t for _, t in served) < answered  # all served while the bind still waited
