@@ -251,11 +251,20 @@ def test_password_never_appears_in_errors(postgres_server):
     assert "s3cret-pw" not in str(exc.value) and "shroud:***@" in str(exc.value)
 
 
-def test_sslmode_in_the_url_is_honoured(postgres_server, pg_url):
+def test_tls_to_the_database_as_the_url_asks(postgres_server, pg_url, tmp_path):
     from lib.proxy.store.postgres import PostgresStore
+    from tests.support.visitor import tls_site
 
-    with pytest.raises(OwnershipError, match="SSL"):  # the test server speaks no TLS
-        PostgresStore(pg_url + "?sslmode=require")
+    store = PostgresStore(f"{pg_url}?sslmode=verify-full&sslrootcert={postgres_server.ca_pem}")
+    try:
+        assert store._rows("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == [
+            (True,)]
+        assert store.claim("tls.test", K1)[1]
+    finally:
+        store.close()
+    other_ca = tls_site(tmp_path, "elsewhere.test").ca_pem  # not the server's CA
+    with pytest.raises(OwnershipError, match="certificate"):
+        PostgresStore(f"{pg_url}?sslmode=verify-full&sslrootcert={other_ca}")
 
 
 def test_database_down_refuses_with_store_unavailable_then_recovers(postgres_server, pg_url):
