@@ -215,9 +215,15 @@ def test_ownership_answer_decides_last(registry):
         False, "tofu", "app.test belongs to key 0123", msg.REASON_NOT_OWNER))
     assert (refused.code, refused.counter, refused.text) == (
         msg.REASON_NOT_OWNER, "ownership", "app.test belongs to key 0123")
-    broken = bp.decide_bind(req, RULES, NO_BLOCKS, registry, ownership=Decision(
+    away = bp.decide_bind(req, RULES, NO_BLOCKS, registry, ownership=Decision(
         False, "error", "store unavailable", msg.REASON_STORE_UNAVAILABLE))
-    assert (broken.code, broken.counter) == (msg.REASON_STORE_UNAVAILABLE, "ownership_error")
+    assert (away.code, away.counter) == (msg.REASON_STORE_UNAVAILABLE, "store_unavailable")
+    broken = bp.decide_bind(req, RULES, NO_BLOCKS, registry, ownership=Decision(
+        False, "error", "database is full", msg.REASON_INTERNAL))
+    assert (broken.code, broken.counter) == (msg.REASON_INTERNAL, "ownership_error")
+    limited = bp.decide_bind(req, RULES, NO_BLOCKS, registry, ownership=Decision(
+        False, "limit", "key already owns 100 names", msg.REASON_LIMIT))
+    assert (limited.code, limited.counter) == (msg.REASON_LIMIT, "claim_limit")
     # blocks still win over an allowed answer (the second call, after the wait on the store)
     late = bp.decide_bind(req, RULES, Blocks(names=frozenset({"app.test"})), registry,
                           ownership=allowed)
