@@ -88,3 +88,21 @@ def test_callers_share_the_rules():
         pdisc._resolver("1.1.1.1:99999")
     with pytest.raises(ValueError, match="--fleet entry"):
         pdisc.parse_fleet("p.example:0")
+
+
+def test_send_quietly_and_nodelay_are_shared(tmp_path):
+    import socket
+
+    from lib.net.sockets import send_quietly, set_nodelay
+    a, b = socket.socketpair()
+    assert set_nodelay(a) is False  # not TCP: left alone, no error
+    send_quietly(a, b"bye")
+    assert b.recv(3) == b"bye"
+    b.close()
+    a.close()
+    send_quietly(a, b"to a closed socket")  # no error either
+    srv = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(srv.getsockname())
+    assert set_nodelay(c) is True and c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    c.close()
+    srv.close()

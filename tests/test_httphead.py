@@ -76,3 +76,13 @@ def test_error_response_one_builder():
         b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n")
     with pytest.raises(ValueError):
         http_error_response(400, headers=[("X", "a\r\nInjected: 1")])
+
+
+def test_redirect_keeps_the_target_with_a_body_after_the_head():
+    from lib.proxy.routing import _redirect_to_https
+    raw = _redirect_to_https("a.example", b"POST /x?y=1 HTTP/1.1\r\nHost: a.example\r\n"
+                                          b"Content-Length: 3\r\n\r\nabc")
+    assert raw.startswith(b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://a.example/x?y=1\r\n")
+    assert b"Content-Length: 0\r\n" in raw
+    assert _redirect_to_https("a.example", b"GET http://evil/ HTTP/1.1\r\n\r\n").split(
+        b"\r\n")[1] == b"Location: https://a.example/"

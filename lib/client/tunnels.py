@@ -41,7 +41,7 @@ from lib.protocol import sniff
 from lib.certs import PinMismatch, check_pin, client_tls_context
 from lib.net.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError, ShroudError
-from lib.hostport import format_hostport, parse_hostport
+from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
 from lib.net.sockets import set_nodelay
 from lib.net.splice import splice
@@ -96,9 +96,11 @@ class Service:
         if not sep or not rest:
             return False
         if self.protocol == "tcp":
-            host, _, port = rest.rpartition(":")
-            return scheme == "tcp" and bool(host) and port.isdigit() \
-                and int(port) == self.remote_port
+            try:
+                _, port = parse_hostport(rest, what="BindResp.Url")
+            except AddressError:
+                return False
+            return scheme == "tcp" and port == self.remote_port
         if scheme not in (("tls", "https") if self.protocol == "tls" else ("http",)):
             return False
         try:

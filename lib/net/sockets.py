@@ -3,6 +3,7 @@
 ::
 
     set_nodelay(sock) -> bool      # Nagle off; False (and nothing raised) if sock is not TCP
+    send_quietly(sock, data)       # a last word before closing: refusals, alerts, redirects
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
 segment of each window would otherwise wait for the peer's delayed ACK, 40 ms per window; and a
@@ -25,3 +26,17 @@ def set_nodelay(sock) -> bool:
     except (AttributeError, OSError, ValueError):
         return False
     return True
+
+
+# A refusal is a courtesy to a peer we are about to drop: it may not hold a slot for longer.
+SEND_QUIETLY_TIMEOUT = 2.0
+
+
+def send_quietly(sock, data: bytes, timeout: float = SEND_QUIETLY_TIMEOUT) -> None:
+    """Send ``data`` within ``timeout`` seconds, ignoring a peer that is gone or stalls
+    (the caller closes the socket next, whatever happened)."""
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(data)
+    except OSError:  # socket.timeout and ssl.SSLError are OSErrors too
+        pass

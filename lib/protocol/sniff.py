@@ -40,11 +40,12 @@ from lib.protocol import httphead
 # The proxy's refusals are built by the one HTTP error builder (re-exported for its callers).
 from lib.protocol.httphead import http_error_response  # noqa: F401
 
-# --- TLS alert descriptions used here (RFC 8446 6.2, RFC 6066 3) ---------------------------
+# --- TLS alert descriptions (RFC 8446 6.2, RFC 6066 3): the one set, for sniffers and refusals --
 ALERT_UNEXPECTED_MESSAGE = 10
 ALERT_RECORD_OVERFLOW = 22
 ALERT_HANDSHAKE_FAILURE = 40
 ALERT_ILLEGAL_PARAMETER = 47
+ALERT_ACCESS_DENIED = 49  # a blocked name
 ALERT_DECODE_ERROR = 50
 ALERT_PROTOCOL_VERSION = 70
 ALERT_INTERNAL_ERROR = 80

@@ -49,6 +49,7 @@ from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
 from lib.net.httpexchange import OneExchangeSocket, OneRequestSocket, ReplaySocket
+from lib.net.sockets import send_quietly
 from lib.proxy.routing import PeekTimeout, peek_name
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
 from lib.net.wstransport import WebSocketTransport
@@ -133,7 +134,7 @@ class OnePortRouter:
                 return None, b""
         except PeekTimeout:
             proxy.registry.count_refusal("peek_timeout")
-            _send_quietly(sock, sniff.http_error_response(408, "Request Timeout",
+            send_quietly(sock, sniff.http_error_response(408, "Request Timeout",
                                                           "No request arrived in time.\n"))
             sock.close()
             return None, b""
@@ -159,7 +160,7 @@ class OnePortRouter:
             registry.count_refusal("tunnel_handshake")
             log.warning("tunnel upgrade for %s refused: not one of this proxy's names (%s)",
                         name, ", ".join(sorted(self.admin_hosts)))
-            _send_quietly(sock, sniff.http_error_response(
+            send_quietly(sock, sniff.http_error_response(
                 421, "Misdirected Request", f"{name} is not one of this proxy's names; its "
                 f"operator can add it to SHROUD_ADMIN_HOSTS.\n"))
             sock.close()
@@ -168,7 +169,7 @@ class OnePortRouter:
             # Bound for TLS passthrough only, which the platform's TLS-terminating router makes
             # impossible here (the http listener would redirect to https: a loop).
             registry.count_refusal("tls_only_name")
-            _send_quietly(sock, sniff.http_error_response(
+            send_quietly(sock, sniff.http_error_response(
                 421, "Misdirected Request", f"{name} is bound for TLS passthrough, which this "
                 f"proxy cannot do behind its platform's router; the client should bind "
                 f"http:{name}.\n"))
@@ -183,7 +184,7 @@ class OnePortRouter:
             req = ws.parse_upgrade_request(head)
         except ws.HandshakeError as e:
             registry.count_refusal("tunnel_handshake")
-            _send_quietly(sock, ws.handshake_refusal(e.http_status, e.reason))
+            send_quietly(sock, ws.handshake_refusal(e.http_status, e.reason))
             sock.close()
             return
         try:
@@ -198,11 +199,3 @@ class OnePortRouter:
         self.proxy.tunnels.serve(WebSocketTransport(sock, client=False, leftover=rest),
                                  peer_text, transport_name="websocket",
                                  proxy_ids=self.proxy_ids)
-
-
-def _send_quietly(sock, data: bytes) -> None:
-    try:
-        sock.settimeout(2.0)
-        sock.sendall(data)
-    except OSError:
-        pass

@@ -40,19 +40,16 @@ import gevent
 
 from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import format_hostport
-from lib.net.sockets import set_nodelay
+from lib.net.sockets import send_quietly, set_nodelay
 from lib.net.splice import splice
 from lib.protocol import messages as msg
 from lib.protocol import sniff
+from lib.protocol.httphead import http_error_response, parse_request_head, split_head
+from lib.protocol.sniff import ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME
 from lib.proxy.ownership import Blocks
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
 
 log = logging.getLogger("shroud.proxy")
-
-# TLS alerts we send on refusal (RFC 8446 6.2).
-ALERT_ACCESS_DENIED = 49
-ALERT_INTERNAL_ERROR = 80
-ALERT_UNRECOGNIZED_NAME = 112
 
 FORWARD = "forward"
 REDIRECT = "redirect"
@@ -155,7 +152,7 @@ class PublicRouter:
             return
         route = self.choose(kind, name, protocols)
         if route.action == REDIRECT:
-            _send_quietly(sock, _redirect_to_https(name, peeked))
+            send_quietly(sock, _redirect_to_https(name, peeked))
             sock.close()
             return
         fallback = (sniff.http_error_response(502, "Bad Gateway",
@@ -242,10 +239,10 @@ def refuse(sock, kind: str, refusal: Refusal, linger: bool = False) -> None:
     """Answer ``refusal`` as the ``kind`` listener speaks ("http": an HTTP response, "tls": an
     alert, "tcp": nothing) and close ``sock``."""
     if kind == "http":
-        _send_quietly(sock, sniff.http_error_response(refusal.status, refusal.reason,
+        send_quietly(sock, sniff.http_error_response(refusal.status, refusal.reason,
                                                       refusal.body))
     elif kind == "tls" and refusal.alert is not None:
-        _send_quietly(sock, sniff.tls_alert(refusal.alert))
+        send_quietly(sock, sniff.tls_alert(refusal.alert))
     if linger:
         _lingering_close(sock)  # the client may still be sending: let it read our answer
     else:
@@ -310,14 +307,6 @@ def peek_name(sock, sniffer, timeout: float) -> tuple[str | None, bytes]:
         raise PeekTimeout(f"no name within {timeout:g} s") from None
 
 
-def _send_quietly(sock, data: bytes) -> None:
-    try:
-        sock.settimeout(2.0)
-        sock.sendall(data)
-    except OSError:
-        pass
-
-
 def _public_addr(sock) -> str | None:
     """The "ip:port" of the listener a public connection arrived on (StartProxy.PublicAddr)."""
     try:
@@ -328,11 +317,11 @@ def _public_addr(sock) -> str | None:
 
 def _redirect_to_https(name: str, head: bytes) -> bytes:
     try:
-        target = head.split(b" ", 2)[1].decode("ascii")
-    except (IndexError, UnicodeDecodeError):
+        split = split_head(head)  # the head passed the Host sniffer; a body may follow it
+        target = parse_request_head(split[0] if split else head).target
+    except ValueError:
         target = "/"
-    if not target.startswith("/"):
+    if not target.startswith("/") or not target.isascii():
         target = "/"
-    location = f"https://{name}{target}"
-    return (f"HTTP/1.1 301 Moved Permanently\r\nLocation: {location}\r\nContent-Length: 0\r\n"
-            f"Connection: close\r\n\r\n").encode("ascii", "replace")
+    return http_error_response(301, body=b"", headers=[("Location", f"https://{name}{target}")],
+                               version="1.1")
