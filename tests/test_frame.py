@@ -130,20 +130,68 @@ def test_reserved_bits_ignored_on_read():
     assert frames == [fr.Data(3, b"hello")]
 
 
-@pytest.mark.parametrize("hexs,code", [
-    ("00 00 00 07 00 00 00 03", ErrorCode.PROTOCOL_ERROR),         # unknown type
-    ("00 00 00 05 00 00 00 03", ErrorCode.PROTOCOL_ERROR),         # PRI
-    ("00 00 00 00 00 00 00 03", ErrorCode.PROTOCOL_ERROR),         # type 0
-    ("00 05 00 02 00 00 00 03 00 00 00 00 00", ErrorCode.FRAME_SIZE_ERROR),  # RST length 5
-    ("00 0C 00 01 00 00 00 03" + " 00" * 12, ErrorCode.FRAME_SIZE_ERROR),     # SYN length 12
-    ("00 04 00 01 00 00 00 03 00 00 00 01", ErrorCode.FRAME_SIZE_ERROR),      # SYN len vs flags
-    ("00 04 00 06 00 00 00 00 00 00 00 02", ErrorCode.FRAME_SIZE_ERROR),      # GOAWAY < 8
-    ("00 01 00 03 00 00 00 00 41", ErrorCode.PROTOCOL_ERROR),      # DATA on stream 0
+@pytest.mark.parametrize("hexs,code,message", [
+    ("00 00 00 07 00 00 00 03", ErrorCode.PROTOCOL_ERROR, "unknown frame type 7"),
+    ("00 00 00 05 00 00 00 03", ErrorCode.PROTOCOL_ERROR, "unknown frame type 5"),  # PRI
+    ("00 00 00 00 00 00 00 03", ErrorCode.PROTOCOL_ERROR, "unknown frame type 0"),
+    ("00 05 00 02 00 00 00 03 00 00 00 00 00", ErrorCode.FRAME_SIZE_ERROR, "RST length must be 4"),
+    ("00 03 00 04 00 00 00 03 00 00 01", ErrorCode.FRAME_SIZE_ERROR, "WNDINC length must be 4"),
+    ("00 0C 00 01 00 00 00 03" + " 00" * 12, ErrorCode.FRAME_SIZE_ERROR,
+     "SYN length 12 does not match flags 0x0"),
+    ("00 04 00 01 00 00 00 03 00 00 00 01", ErrorCode.FRAME_SIZE_ERROR,
+     "SYN length 4 does not match flags 0x0"),
+    ("00 04 00 06 00 00 00 00 00 00 00 02", ErrorCode.FRAME_SIZE_ERROR, "GOAWAY length 4 < 8"),
+    ("00 01 00 03 00 00 00 00 41", ErrorCode.PROTOCOL_ERROR, "frame type 3 on stream 0"),
+    ("00 04 00 04 00 00 00 00 00 00 00 01", ErrorCode.PROTOCOL_ERROR, "frame type 4 on stream 0"),
 ])
-def test_malformed_frames(hexs, code):
+def test_malformed_frames(hexs, code, message):
+    d = fr.FrameDecoder()
+    d.feed(h(hexs))
     with pytest.raises(ProtocolError) as e:
-        decode_all(h(hexs))
-    assert e.value.code == code
+        d.next_frame()
+    assert e.value.code == code and e.value.args[0] == message  # the wire code and the log line
+    # The session is over: the decoder refuses to go on, whatever is fed next.
+    d.feed(fr.encode(fr.Data(3, b"x")))
+    with pytest.raises(ProtocolError) as again:
+        d.next_frame()
+    assert again.value.args[0] == "decoder used after a protocol error"
+
+
+def test_syn_fin_flag_and_priority_with_fin():
+    # We never send SYN FIN, but muxado defines it: read and written as the flag says.
+    for frame, hexs in [(fr.Syn(3, fin=True), "00 00 01 01 00 00 00 03"),
+                        (fr.Syn(3, priority=1, fin=True), "00 04 03 01 00 00 00 03 00 00 00 01"),
+                        (fr.Syn(3, stream_type=2), "00 04 04 01 00 00 00 03 00 00 00 02")]:
+        assert fr.encode(frame) == h(hexs)
+        assert decode_all(h(hexs))[0] == [frame]
+
+
+def test_new_decoder_holds_nothing():
+    d = fr.FrameDecoder()
+    assert d.buffered == 0 and d.next_frame() is None
+
+
+def test_goaway_debug_remainder_skipped_across_many_pieces():
+    d = fr.FrameDecoder()
+    # GOAWAY declaring 10 debug bytes; they arrive 3, 4 and 3 at a time, then a DATA frame.
+    d.feed(h("00 12 00 06 00 00 00 00 00 00 00 02 00 00 00 00") + b"abc")
+    assert d.next_frame() == fr.GoAway(2, 0, b"abc")
+    d.feed(b"defg")
+    assert d.next_frame() is None and d.buffered == 0
+    d.feed(b"hij" + fr.encode(fr.Data(3, b"x")))
+    assert d.next_frame() == fr.Data(3, b"x") and d.buffered == 0
+
+
+def test_encode_bounds():
+    assert len(fr.encode(fr.Data(3, bytes(fr.MAX_PAYLOAD)))) == fr.HEADER_SIZE + fr.MAX_PAYLOAD
+    with pytest.raises(ValueError, match=f"DATA payload of {fr.MAX_PAYLOAD + 1} bytes exceeds"):
+        fr.encode_data(3, bytes(fr.MAX_PAYLOAD + 1))
+    for bad in (0, fr.STREAM_ID_MASK + 1):
+        with pytest.raises(ValueError, match=f"window increment {bad} out of range"):
+            fr.encode(fr.WndInc(3, bad))
+    assert fr.encode(fr.WndInc(3, fr.STREAM_ID_MASK))[8:] == h("7F FF FF FF")
+    with pytest.raises(TypeError, match="not a muxado frame"):
+        fr.encode(object())
 
 
 def test_encode_refuses_oversized_data():
