@@ -236,3 +236,348 @@ def test_proxy_side_defaults_bound_what_a_client_can_make_it_hold():
     from lib.proxy.server import ProxyConfig
     c = ProxyConfig().mux
     assert not c.grant_peer_streams and c.max_streams <= 64 and c.accept_backlog <= 32
+
+
+# --- the state machine's bookkeeping, rule by rule (found by mutation testing) --------------
+
+def conn(client=False, **kw):
+    return mp.MuxConnection(client, cfg(**kw))
+
+
+def syn(*sids, **kw):
+    return b"".join(fr.encode(fr.Syn(sid, **kw)) for sid in sids)
+
+
+def data(sid, payload=b"", fin=False):
+    return fr.encode(fr.Data(sid, payload, fin))
+
+
+def test_fresh_connection_has_nothing_queued_and_counts_what_it_queues():
+    c = conn(True)
+    assert c.outgoing_size == 0 and c.data_to_send() == b""
+    a, b = c.open_stream(), c.open_stream()
+    assert c.outgoing_size == 2 * fr.HEADER_SIZE
+    out = c.data_to_send()
+    assert frames(out) == [fr.Syn(a), fr.Syn(b)] and c.outgoing_size == 0
+    c.send_data(a, b"xyz")
+    assert c.outgoing_size == fr.HEADER_SIZE + 3
+    assert c.data_to_send() == data(a, b"xyz") and c.outgoing_size == 0
+
+
+def test_heartbeat_stream_is_opened_with_gos_priority_and_type():
+    c = mp.MuxConnection(True, mp.MuxConfig(receive_window=mp.INITIAL_WINDOW))
+    assert frames(c.data_to_send()) == [fr.Syn(3, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE)]
+
+
+def test_open_stream_refusals_carry_their_code():
+    c = conn(True)
+    c.receive_data(fr.encode(fr.GoAway(0, 0)))
+    with pytest.raises(ProtocolError) as e:
+        c.open_stream()
+    assert e.value.code == ErrorCode.REFUSED_STREAM
+    assert e.value.args[0] == "peer sent GOAWAY: no new streams"
+    c = conn(True)
+    c.terminate(ErrorCode.INTERNAL_ERROR, "gone")
+    with pytest.raises(ProtocolError) as e:
+        c.open_stream()
+    assert e.value.code == ErrorCode.INTERNAL_ERROR and e.value.args[0] == "session is closed"
+
+
+def test_stream_ids_end_at_2_31_minus_1():
+    c = conn(True)
+    c._next_local = fr.STREAM_ID_MASK  # the last odd id (white box: 2^30 opens otherwise)
+    assert c.open_stream() == fr.STREAM_ID_MASK
+    with pytest.raises(ProtocolError) as e:
+        c.open_stream()
+    assert e.value.code == ErrorCode.REFUSED_STREAM and e.value.args[0] == "stream ids exhausted"
+
+
+def test_extra_window_granted_exactly_within_the_budget():
+    extra = 1000
+    c = conn(True, receive_window=mp.INITIAL_WINDOW + extra, session_window_budget=extra)
+    a = c.open_stream()
+    assert frames(c.data_to_send()) == [fr.Syn(a), fr.WndInc(a, extra)]
+    b = c.open_stream()  # the budget is spent: 64 KiB only
+    assert frames(c.data_to_send()) == [fr.Syn(b)]
+    c.forget_stream(a)  # gives its share back
+    c.data_to_send()
+    d = c.open_stream()
+    assert frames(c.data_to_send()) == [fr.Syn(d), fr.WndInc(d, extra)]
+    # The peer may send the whole larger window, and not a byte more.
+    c.receive_data(data(d, bytes(16383)) * 4)
+    tail = mp.INITIAL_WINDOW + extra - 4 * 16383
+    assert c.receive_data(data(d, bytes(tail))) == [mp.DataReceived(d, bytes(tail))]
+    assert c.receive_data(data(d, b"x"))[-1].code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_one_byte_of_extra_window_is_granted():
+    c = conn(True, receive_window=mp.INITIAL_WINDOW + 1)
+    a = c.open_stream()
+    assert frames(c.data_to_send()) == [fr.Syn(a), fr.WndInc(a, 1)]
+
+
+def test_send_data_on_a_closed_or_unknown_stream_is_refused():
+    c = conn(True)
+    a = c.open_stream()
+    c.end_stream(a)
+    for sid in (a, 99):
+        with pytest.raises(ProtocolError) as e:
+            c.send_data(sid, b"x")
+        assert e.value.code == ErrorCode.STREAM_CLOSED
+        assert e.value.args[0] == f"stream {sid} is closed for writing"
+    assert c.send_window(99) == 0 and c.send_window(a) == mp.INITIAL_WINDOW
+    c.end_stream(99)  # unknown: nothing
+    c.data_to_send()
+    c.end_stream(a)  # already half-closed: no second FIN
+    assert c.data_to_send() == b""
+
+
+def test_send_data_takes_what_the_window_allows_and_fin_only_with_the_last_byte():
+    c = conn(True)
+    a = c.open_stream()
+    c.data_to_send()
+    n = 2 * fr.MAX_PAYLOAD + 5
+    assert c.send_data(a, bytes(n)) == n
+    assert c.outgoing_size == n + 3 * fr.HEADER_SIZE
+    c.data_to_send()
+    left = mp.INITIAL_WINDOW - n
+    # More than the window with fin: takes the window, no FIN, stream still open for writing.
+    assert c.send_data(a, bytes(left + 10), fin=True) == left
+    assert not any(f.fin for f in frames(c.data_to_send()))
+    assert c.send_window(a) == 0
+    assert c.send_data(a, b"more") == 0 and c.data_to_send() == b""  # nothing fits
+    assert c.send_data(a, b"", fin=True) == 0  # an empty FIN always fits
+    assert frames(c.data_to_send()) == [fr.Data(a, b"", True)]
+    with pytest.raises(ProtocolError):
+        c.send_data(a, b"x")
+
+
+def test_empty_send_without_fin_queues_nothing():
+    c = conn(True)
+    a = c.open_stream()
+    c.data_to_send()
+    assert c.send_data(a, b"") == 0 and c.data_to_send() == b""
+    assert c.send_data(a, b"ab", fin=True) == 2
+    assert frames(c.data_to_send()) == [fr.Data(a, b"ab", True)]
+
+
+def test_a_mutable_buffer_is_copied_when_queued():
+    c = conn(True)
+    a = c.open_stream()
+    c.data_to_send()
+    buf = bytearray(b"before")
+    c.send_data(a, buf)
+    buf[:] = b"AFTER!"
+    assert frames(c.data_to_send()) == [fr.Data(a, b"before")]
+
+
+def test_forget_stream_sends_fin_once_and_answers_late_data():
+    p = Pair()
+    a = p.client.open_stream()
+    p.pump()
+    p.client.forget_stream(a)
+    assert frames(p.client.data_to_send()) == [fr.Data(a, b"", True)]
+    p.client.forget_stream(a)  # gone: nothing more
+    assert p.client.data_to_send() == b""
+    assert p.client.receive_data(data(a, b"late")) == []
+    assert frames(p.client.data_to_send()) == [fr.Rst(a, ErrorCode.STREAM_CLOSED)]
+    b = p.client.open_stream()
+    p.client.end_stream(b)
+    p.client.data_to_send()
+    p.client.forget_stream(b)  # FIN already sent: none again
+    assert p.client.data_to_send() == b""
+
+
+def test_freed_peer_streams_make_room_and_ours_do_not_count():
+    s = conn(False, max_streams=1, accept_backlog=8)
+    assert s.receive_data(syn(3)) == [mp.StreamOpened(3)]
+    s.stream_accepted(3)
+    mine = s.open_stream()  # our own stream does not count against the peer's limit...
+    s.forget_stream(mine)  # ...nor does dropping it make room for the peer
+    s.data_to_send()
+    assert s.receive_data(syn(5)) == []  # refused: 3 is still open
+    assert frames(s.data_to_send()) == [fr.Rst(5, ErrorCode.REFUSED_STREAM)]
+    s.forget_stream(3)
+    s.data_to_send()
+    assert s.receive_data(syn(7)) == [mp.StreamOpened(7)]
+    assert s.refused_streams == 1
+
+
+def test_accept_backlog_is_freed_by_accepting_and_never_below_zero():
+    s = conn(False, max_streams=100, accept_backlog=2)
+    s.stream_accepted(1)  # nothing waiting: stays at zero
+    assert s.receive_data(syn(3, 5)) == [mp.StreamOpened(3), mp.StreamOpened(5)]
+    assert s.receive_data(syn(7)) == []  # backlog full
+    for sid in (3, 5):
+        s.stream_accepted(sid)
+    s.stream_accepted(5)
+    assert s.receive_data(syn(9, 11)) == [mp.StreamOpened(9), mp.StreamOpened(11)]
+    assert s.receive_data(syn(13)) == []
+
+
+def test_syn_flood_needs_more_than_max_refused_in_a_row_and_a_freed_stream_resets_it():
+    s = conn(False, max_streams=1, accept_backlog=8, max_refused=2)
+    s.receive_data(syn(3))
+    assert s.receive_data(syn(5, 7)) == [] and s.terminated is None  # 2 refusals: allowed
+    s.forget_stream(3)  # a stream freed: the streak starts again
+    s.receive_data(syn(9))
+    assert s.receive_data(syn(11, 13)) == [] and s.terminated is None
+    ev = s.receive_data(syn(15))
+    assert ev[-1].code == ErrorCode.PROTOCOL_ERROR
+    assert ev[-1].reason == "SYN flood: 3 streams refused in a row"
+
+
+def test_after_our_goaway_every_peer_stream_is_refused_and_goaway_is_sent_once():
+    s = conn(False)
+    s.goaway(ErrorCode.NO_ERROR)
+    s.goaway(ErrorCode.PROTOCOL_ERROR)
+    # Last peer id before any: 1 for a listener (the dialer's ids start at 3), 0 for a dialer.
+    assert frames(s.data_to_send()) == [fr.GoAway(1, ErrorCode.NO_ERROR)]
+    assert s.goaway_sent is True
+    c = conn(True)
+    c.goaway()
+    assert frames(c.data_to_send()) == [fr.GoAway(0, ErrorCode.NO_ERROR)]
+    assert s.receive_data(syn(3)) == []
+    assert frames(s.data_to_send()) == [fr.Rst(3, ErrorCode.REFUSED_STREAM)]
+
+
+def test_peer_stream_type_is_reported_and_a_second_heartbeat_refused():
+    s = conn(False)
+    assert s.receive_data(syn(3, stream_type=5)) == [mp.StreamOpened(3, 5)]
+    hb = fr.Syn(5, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE)
+    assert s.receive_data(fr.encode(hb)) == []
+    assert s.receive_data(fr.encode(fr.Syn(7, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE))) == []
+    assert frames(s.data_to_send()) == [fr.Rst(7, ErrorCode.STREAM_CLOSED)]
+
+
+def test_frames_for_ids_never_opened_end_the_session_naming_the_id():
+    c = conn(True)
+    a = c.open_stream()  # 3; the next would be 5
+    c.forget_stream(a)
+    assert c.receive_data(data(a, b"")) == []  # opened and closed: fine
+    ev = c.receive_data(fr.encode(fr.WndInc(5, 1)))
+    assert ev[-1].reason == "frame for stream 5 we never opened"
+    s = conn(False)
+    ev = s.receive_data(fr.encode(fr.Rst(3, 0)))
+    assert ev[-1].reason == "frame for stream 3 the peer never opened"
+    s = conn(False)
+    ev = s.receive_data(syn(2))
+    assert ev[-1].reason == "peer opened stream 2 with our parity"
+    s = conn(False)
+    ev = s.receive_data(syn(5, 3))
+    assert ev[-1].reason == "peer reused stream id 3 (last was 5)"
+
+
+def test_data_after_fin_resets_that_stream_only():
+    s = conn(False)
+    s.receive_data(syn(3, 5))
+    assert s.receive_data(data(3, b"", True)) == [mp.DataReceived(3, b"", True),
+                                                  mp.StreamEnded(3)]
+    s.data_to_send()
+    assert s.receive_data(data(3, b"")) == []  # empty after FIN: ignored
+    assert s.receive_data(data(3, b"x")) == [mp.StreamReset(3, ErrorCode.STREAM_CLOSED,
+                                                            remote=False)]
+    assert frames(s.data_to_send()) == [fr.Rst(3, ErrorCode.STREAM_CLOSED)]
+    assert s.terminated is None
+    assert s.receive_data(data(5, b"ok")) == [mp.DataReceived(5, b"ok")]
+
+
+def test_acknowledge_grants_back_an_eighth_of_the_window_at_a_time():
+    s = conn(False)
+    s.receive_data(syn(3))
+    s.receive_data(data(3, bytes(16383)) * 4 + data(3, bytes(4)))  # the whole 64 KiB
+    s.data_to_send()
+    s.acknowledge(3, 0)
+    s.acknowledge(3, -5)
+    s.acknowledge(3, 8191)
+    assert s.data_to_send() == b""
+    s.acknowledge(3, 1)
+    assert frames(s.data_to_send()) == [fr.WndInc(3, 8192)]
+    # Exactly the granted bytes may come now, no more.
+    assert s.receive_data(data(3, bytes(8192)))[-1] == mp.DataReceived(3, bytes(8192))
+    assert s.receive_data(data(3, b"x"))[-1].code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_no_window_given_back_after_the_peers_fin():
+    s = conn(False)
+    s.receive_data(syn(3) + data(3, bytes(9000), True))
+    s.data_to_send()
+    s.acknowledge(3, 9000)
+    assert s.data_to_send() == b""
+
+
+def test_window_opened_only_when_a_full_frame_fits_again():
+    p = Pair()
+    a = p.client.open_stream()
+    p.pump()
+    p.client.send_data(a, bytes(mp.INITIAL_WINDOW - (mp.SEND_THRESHOLD - 1)))
+    p.client.data_to_send()
+    assert p.client.send_window(a) == mp.SEND_THRESHOLD - 1
+    assert p.client.receive_data(fr.encode(fr.WndInc(a, 1))) == [mp.WindowOpened(a)]
+    assert p.client.receive_data(fr.encode(fr.WndInc(a, 1))) == []  # already open
+    assert p.client.receive_data(fr.HEADER.pack(4, 0, fr.TYPE_WNDINC, a) + bytes(4)) == []
+    ev = p.client.receive_data(fr.encode(fr.WndInc(a, fr.STREAM_ID_MASK)))
+    assert ev[-1].code == ErrorCode.FLOW_CONTROL_ERROR
+    assert ev[-1].reason == f"stream {a}: window above 2^31-1"
+
+
+def test_window_at_exactly_2_31_minus_1_is_allowed():
+    c = conn(True)
+    a = c.open_stream()
+    assert c.receive_data(fr.encode(fr.WndInc(a, fr.STREAM_ID_MASK - mp.INITIAL_WINDOW))) == []
+    assert c.terminated is None and c.send_window(a) == fr.STREAM_ID_MASK
+
+
+def test_heartbeat_stream_window_is_not_a_writer_wakeup():
+    c = mp.MuxConnection(True, mp.MuxConfig(receive_window=mp.INITIAL_WINDOW))
+    c.data_to_send()
+    for _ in range((mp.INITIAL_WINDOW - mp.SEND_THRESHOLD) // 4 + 1):
+        assert c.send_heartbeat()
+    c.data_to_send()
+    assert c.receive_data(fr.encode(fr.WndInc(3, 8))) == []
+
+
+def test_send_heartbeat_needs_four_bytes_of_window():
+    c = mp.MuxConnection(True, mp.MuxConfig(receive_window=mp.INITIAL_WINDOW))
+    for _ in range(mp.INITIAL_WINDOW // 4):
+        assert c.send_heartbeat()
+    assert not c.send_heartbeat()
+    c.receive_data(fr.encode(fr.WndInc(3, 3)))
+    assert not c.send_heartbeat()
+    c.receive_data(fr.encode(fr.WndInc(3, 1)))
+    assert c.send_heartbeat()
+
+
+def test_partial_heartbeat_echoes_are_counted_when_whole():
+    c = mp.MuxConnection(True, mp.MuxConfig(receive_window=mp.INITIAL_WINDOW))
+    c.data_to_send()
+    assert c.receive_data(data(3, bytes(6))) == [mp.HeartbeatEchoed(1)]
+    assert c.receive_data(data(3, bytes(2))) == [mp.HeartbeatEchoed(1)]
+    assert c.receive_data(data(3, bytes(3))) == []
+    assert frames(c.data_to_send()) == [fr.WndInc(3, 6), fr.WndInc(3, 2), fr.WndInc(3, 3)]
+
+
+def test_our_heartbeat_stream_reset_stops_heartbeats():
+    c = mp.MuxConnection(True, mp.MuxConfig(receive_window=mp.INITIAL_WINDOW))
+    c.data_to_send()
+    assert c.receive_data(fr.encode(fr.Rst(3, ErrorCode.CANCEL))) == []  # not a user stream
+    assert not c.send_heartbeat()
+
+
+def test_goaway_received_is_reported_whole_and_only_once():
+    c = conn(True)
+    a, b = c.open_stream(), c.open_stream()
+    ev = c.receive_data(fr.HEADER.pack(11, 0, fr.TYPE_GOAWAY, 0) + fr.U32X2.pack(a, 2) + b"bye")
+    assert ev == [mp.GoAwayReceived(a, ErrorCode.INTERNAL_ERROR, b"bye", [b])]
+    assert c.send_window(b) == 0 and c.send_window(a) == mp.INITIAL_WINDOW
+    ev = c.receive_data(fr.encode(fr.GoAway(a, 0)))
+    assert ev[-1].code == ErrorCode.PROTOCOL_ERROR and ev[-1].reason == "a second GOAWAY"
+
+
+def test_termination_is_reported_once_with_its_reason():
+    s = conn(False)
+    ev = s.receive_data(syn(2) + syn(3))
+    assert ev == [mp.ConnectionTerminated(ErrorCode.PROTOCOL_ERROR,
+                                          "peer opened stream 2 with our parity")]
+    assert s.terminated is ev[0] and not ev[0].remote
+    assert s.receive_data(syn(5)) == []
