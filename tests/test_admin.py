@@ -683,3 +683,38 @@ def test_rate_reads_the_last_full_bucket_and_the_current_one():
     want = (sum(b[1] for b in recent) / span, sum(b[2] for b in recent) / span)
     assert h.rate() == pytest.approx(want) and want[0] > 0
     assert h.rate(now[0] + 3600) == (0.0, 0.0)  # an hour later: nothing recent
+
+
+# --- the fleet view ------------------------------------------------------------------------------
+
+def test_fleet_view_and_blocks_made_by_another_instance(proxy, config):
+    from lib.proxy.fleet import FleetMember, InstanceIdentity
+
+    make_tunnel(proxy, ["a.test", "b.test"], key=KEY_A)
+    member = FleetMember(proxy.store, proxy.registry, InstanceIdentity(
+        "p1", proxy.registry.listeners, proxy.fingerprint), proxy.actions.apply_blocks)
+    member.beat()  # what its heartbeat greenlet does every few seconds
+    proxy.fleet = member
+    client = create_admin_app(proxy, config).test_client()
+    f = client.get("/api/fleet", headers=bearer()).json
+    assert [(i["id"], i["this"], i["state"], i["tunnels"], i["names"])
+            for i in f["instances"]] == [(member.id, True, "live", 1, 2)]
+    assert f["instances"][0]["addresses"]["https"] == "127.0.0.1:8443"
+    assert [(n["name"], n["instances"], n["protocols"], n["blocked"]) for n in f["names"]] == [
+        ("a.test", [member.id], ["https"], False), ("b.test", [member.id], ["https"], False)]
+    assert f["store"] == "SQLite " + proxy.store.path
+    # Another instance (another process on the same store) blocks b.test: the watcher's
+    # reload hands it to apply_blocks, which drops the live binding here.
+    other = ownership.OwnershipStore(proxy.store.path)
+    other.block_hostname("b.test", "op-elsewhere")
+    other.close()
+    member.refresh_blocks()
+    assert [b.name for b in proxy.registry.bindings.values()] == ["a.test"]
+    member.beat()
+    f = client.get("/api/fleet", headers=bearer()).json
+    assert [n["name"] for n in f["names"]] == ["a.test"]
+    login(client)
+    page = client.get("/fleet")
+    assert page.status_code == 200 and b'id="instances"' in page.data
+    member.stop()
+    assert client.get("/api/fleet", headers=bearer()).json["instances"] == []
