@@ -460,47 +460,55 @@ def test_long_name_under_dns_policy_is_decided_not_crashed(tmp_path):
 SLOW_COMMIT = 0.5  # seconds an insert takes below (a stand-in for a slow fsync)
 
 
-def _slow_inserts(store):
-    """Make every ownership insert take SLOW_COMMIT seconds, in whatever thread runs it."""
-    store._conn.create_function("shroud_test_slow", 0, lambda: time.sleep(SLOW_COMMIT))
-    store._conn.execute("CREATE TEMP TRIGGER slow AFTER INSERT ON ownership "
-                        "BEGIN SELECT shroud_test_slow(); END")
+class _SlowInserts:
+    """Every ownership insert takes SLOW_COMMIT seconds, in whatever thread runs it, and notes
+    the event loop's tick count as it starts and ends (``during``: ticks while it ran)."""
+
+    def __init__(self, store, ticks: list | None = None):
+        self.ticks = ticks if ticks is not None else []
+        self.started = threading.Event()
+        self.during: list[int] = []
+        store._conn.create_function("shroud_test_slow", 0, self._slow)
+        store._conn.execute("CREATE TEMP TRIGGER slow AFTER INSERT ON ownership "
+                            "BEGIN SELECT shroud_test_slow(); END")
+
+    def _slow(self):
+        before = len(self.ticks)
+        self.started.set()
+        time.sleep(SLOW_COMMIT)
+        self.during.append(len(self.ticks) - before)
 
 
-def _longest_loop_stall(work) -> float:
-    """Run ``work`` in a greenlet while another ticks every 5 ms; the longest tick gap."""
+def _ticks_while(work, ticks: list) -> None:
+    """Run ``work`` in a greenlet while another appends to ``ticks`` every 5 ms."""
     import gevent
 
-    gaps = []
-
     def tick():
-        last = time.monotonic()
         while True:
             gevent.sleep(0.005)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+            ticks.append(1)
 
     ticker = gevent.spawn(tick)
     try:
         gevent.spawn(work).get(timeout=10)
-        gevent.sleep(0.05)  # the ticker sees the end of a stall too
     finally:
         ticker.kill()
-    return max(gaps)
 
 
 @pytest.mark.parametrize("threaded", [True, False])
 def test_threaded_store_writes_leave_the_event_loop_free(db, threaded):
+    # Ordering, not speed: did the event loop tick while the slow insert ran?
     store = OwnershipStore(db, threaded=threaded)
     try:
-        _slow_inserts(store)
-        stall = _longest_loop_stall(lambda: store.claim("slow.example", K1))
+        ticks: list = []
+        slow = _SlowInserts(store, ticks)
+        _ticks_while(lambda: store.claim("slow.example", K1), ticks)
         assert store.owner("slow.example").key == K1
+        assert len(slow.during) == 1
         if threaded:
-            assert stall < SLOW_COMMIT / 2, stall   # the loop kept running meanwhile
+            assert slow.during[0] > 0  # the loop kept running meanwhile
         else:
-            assert stall >= SLOW_COMMIT * 0.9, stall  # the unthreaded store blocks it
+            assert slow.during[0] == 0  # the unthreaded store blocks it
     finally:
         store.close()
 
@@ -510,9 +518,12 @@ def test_threaded_store_interrupted_caller_leaves_a_consistent_store(db):
 
     store = OwnershipStore(db, threaded=True)
     try:
-        _slow_inserts(store)
+        slow = _SlowInserts(store)
         g = gevent.spawn(store.claim, "cut.example", K1)
-        gevent.sleep(SLOW_COMMIT / 5)  # the transaction is running in its thread
+        deadline = time.monotonic() + 10
+        while not slow.started.is_set() and time.monotonic() < deadline:
+            gevent.sleep(0.005)
+        assert slow.started.is_set()  # the transaction is running in its thread
         g.kill()  # e.g. the tunnel's greenlet ended
         # The next user waits for that transaction; the claim committed whole.
         assert store.claim("cut.example", K2) == (store.owner("cut.example"), False)
