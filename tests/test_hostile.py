@@ -26,6 +26,7 @@ from lib.protocol import muxframe as fr
 from lib.protocol import muxstate as mp
 from tests.support.procs import ClientProc, OriginProc, ProxyProc
 from tests.support.rawtunnel import RawTunnel
+from tests.support.wait import wait_for
 from tests.support.rawmux import RawPeer
 
 pytestmark = pytest.mark.timeout(120)
@@ -316,9 +317,8 @@ def test_ten_thousand_idle_connections_are_bounded_by_the_peek_deadline(world):
     finally:
         for s in idle:
             s.close()
-    time.sleep(0.5)
-    fds_after = _fd_count(proxy.pid)
-    assert fds_after <= fds0 + 20, (fds0, fds_after)
+    fds_after = wait_for(lambda: (n := _fd_count(proxy.pid)) <= fds0 + 20 and n,
+                         f"proxy back to about {fds0} fds after the idle connections closed")
     print(f"{IDLE_CONNECTIONS} idle connections: proxy fds {fds0} -> {peak_fds} -> {fds_after}, "
           f"legitimate request worst {worst * 1000:.0f} ms, all cut {all_cut:.1f} s after start")
 
@@ -328,28 +328,30 @@ def test_full_public_pool_does_not_stall_tunnels(world, tmp_path):
     # backlog. A client still connects its tunnel and binds at once (tunnels have their own
     # pool), and a visitor is served once the peek deadline frees slots.
     d = tmp_path
-    peek = 1.0
+    # 1,000 idle connections, 200 at a time, each slot freed after `peek` seconds: the pool
+    # stays full for 10 s, long enough to see the tunnel bind while it is full.
+    peek = 2.0
     proxy = ProxyProc(str(d), str(d / "proxy-data"), name="small-proxy",
                       extra=["--peek-timeout", str(peek), "--max-public-connections", "200"])
     client = None
     idle = []
     try:
         idle = _open_idle(proxy.ports["http"], 1000)
-        time.sleep(0.5)
-        assert proxy.status()["refusals"].get("limit_public_connections", 0) >= 1
+        wait_for(lambda: proxy.status()["refusals"].get("limit_public_connections", 0) >= 1,
+                 "the public pool full")
         t0 = time.monotonic()
         client = ClientProc(str(d), str(d / "client"),
                             [f"http:{GOOD}", f"127.0.0.1:{world['origin'].port}"],
                             [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
-        proxy.wait_bound(GOOD, timeout=10)
+        proxy.wait_bound(GOOD, timeout=30)
         bound_in = time.monotonic() - t0
-        # Python start-up of the client is most of it; the tunnel itself takes milliseconds.
-        assert bound_in < 5, bound_in
-        status, took = good_get(proxy, timeout=30)
+        # Ordering, not speed: bound while idle connections still waited for the public pool.
+        cut = proxy.status()["refusals"].get("peek_timeout", 0)
+        assert cut < len(idle), f"the tunnel bound only after all {cut} idle connections were cut"
+        status, took = good_get(proxy, timeout=60)
         assert status == 200
-        # 1,000 ahead of it, 200 at a time, each slot freed after `peek` seconds.
-        assert took < peek * (1000 / 200 + 3), took
-        print(f"full pool: tunnel bound in {bound_in:.2f} s, visitor served in {took:.2f} s")
+        print(f"full pool: tunnel bound in {bound_in:.2f} s ({cut} idle cut by then), "
+              f"visitor served in {took:.2f} s")
     finally:
         for s in idle:
             s.close()
