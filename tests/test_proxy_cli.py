@@ -37,3 +37,39 @@ def test_bad_heartbeat_refused(monkeypatch):
     args = sp.build_parser().parse_args(["--heartbeat-interval", "5", "--heartbeat-timeout", "3"])
     with pytest.raises(SystemExit):
         sp.config_from_args(args)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("entry", ["python", "gunicorn"])
+def test_both_entry_points_refuse_a_busy_port_in_one_line(tmp_path, entry):
+    """`python shroud_proxy.py` and gunicorn start the proxy through one path
+    (shroud_proxy.start_proxy): a port in use is one line naming it, never a traceback, and
+    the process ends with an error status (gunicorn halts instead of restarting its worker)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.procs import ROOT, free_port
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    args = ["--data-dir", str(tmp_path / "data"), "--tunnel-addr", f"127.0.0.1:{port}"]
+    env = dict(os.environ)
+    if entry == "python":
+        argv = [sys.executable, "shroud_proxy.py", *args, "--admin-addr", ""]
+    else:
+        env["SHROUD_ARGS"] = " ".join(args)
+        env["SHROUD_ADMIN_ADDR"] = f"127.0.0.1:{free_port()}"
+        argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
+                "gunicorn.conf.py", "shroud_proxy:app"]
+    try:
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=90)
+    finally:
+        busy.close()
+    assert done.returncode != 0, done.stderr
+    assert "shroud_proxy: cannot start:" in done.stderr and str(port) in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
