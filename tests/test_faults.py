@@ -30,6 +30,7 @@ from lib.identity import Identity
 from tests.support import procs
 from tests.support.origin import pattern
 from tests.support.visitor import tls_site
+from tests.support.wait import wait_for
 from tests.support.procs import (PY, ROOT, ClientProc, OriginProc, Proc, ProxyProc, free_port,
                                  wait_port)
 
@@ -130,7 +131,7 @@ def test_proxy_sigkilled_mid_transfer_and_restarted(tmp_path):
         assert bytes(got) == pattern(len(got)), "corrupt bytes in the interrupted transfer"
 
         # Restart on the same ports and data dir; the client (same process) rebinds.
-        time.sleep(1.0)  # down for a while: the client is in backoff
+        wait_log(client, r"retrying in", log_mark)  # down for a while: the client is in backoff
         t_up = time.monotonic()
         proxy2 = ProxyProc(str(d), str(d / "proxy-data"), name="proxy-restarted", ports=ports)
         started = time.monotonic() - t_up
@@ -185,9 +186,14 @@ def test_one_of_three_proxies_down_the_others_serve_every_request(tmp_path):
         threads = [threading.Thread(target=visitor) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        wait_for(lambda: len(results) >= 50, "visitors served before the kill")
+        mark = len(client.log())
         proxies[1].signal(signal.SIGKILL)
-        time.sleep(3.0)
+        served_at_kill = len(results)
+        # Visitors keep going until the client has noticed the dead proxy and well after.
+        wait_log(client, r"retrying in", mark, timeout=30)
+        wait_for(lambda: len(results) >= served_at_kill + 200 or len(results) >= 5000 * 4,
+                 "visitors served after the kill", timeout=60)
         stop.set()
         for t in threads:
             t.join(10)
