@@ -67,6 +67,7 @@ import time
 from typing import Callable, NamedTuple
 
 from lib.net import dnsclient
+from lib.net.muxsession import PeerLog
 from lib.protocol.messages import (REASON_BAD_REQUEST, REASON_INTERNAL, REASON_INVALID_HOSTNAME,
                                    REASON_NOT_ALLOWED, REASON_NOT_OWNER,
                                    REASON_SIGNATURE_REQUIRED)
@@ -247,6 +248,9 @@ class OwnershipPolicy:
         self._dns_inflight: dict = {}
         self._dns_lock = threading.Lock()
         self._clock = clock
+        # Lines a client's binds trigger, rate-limited per address ("store" for the store's
+        # own failures, which every bind meets while the database is away).
+        self._peer_log = PeerLog()
 
     # --- DNS --------------------------------------------------------------------------
     def _dns_keys(self, qname: str):
@@ -310,11 +314,11 @@ class OwnershipPolicy:
         try:
             return self._decide(name, key, address)
         except StoreUnavailable as exc:
-            log.warning("bind of %s refused: %s", name, exc)
+            self._peer_log.log("store", logging.WARNING, "bind of %s refused: %s", name, exc)
             return _refused("error", "the proxy's ownership store is unavailable; try again "
                             "shortly (%s)" % exc, StoreUnavailable.code)
         except OwnershipError as exc:
-            log.error("bind of %s refused: %s", name, exc)
+            self._peer_log.log("store", logging.ERROR, "bind of %s refused: %s", name, exc)
             return _refused("error", "the proxy cannot check ownership of %s right now: %s"
                             % (name, exc), REASON_INTERNAL)
 
@@ -396,13 +400,15 @@ class OwnershipPolicy:
         try:
             owner, created = self.store.claim(name, key, "tofu", address=address)
         except ClaimRefused as exc:
-            log.info("first use of %s by key %s refused: %s", name, short_key(key), exc)
+            self._peer_log.log(address or key, logging.INFO, "first use of %s by key %s "
+                               "refused: %s", name, short_key(key), exc)
             return _refused("limit", str(exc), ClaimRefused.code)
         if owner.key != key:  # another bind won the race for this name
             return _refused("tofu", "%s belongs to key %s since %s" % (
                 name, short_key(owner.key), _when(owner.first_bound)), REASON_NOT_OWNER)
         if created:
-            log.info("%s now owned by key %s (first use)", name, short_key(key))
+            self._peer_log.log(address or key, logging.INFO, "%s now owned by key %s (first use)",
+                               name, short_key(key))
             return _allowed("tofu", "first use: %s now belongs to key %s"
                             % (name, short_key(key)))
         return _allowed("tofu", "%s belongs to key %s since %s"
