@@ -344,7 +344,7 @@ def run_round(rnd: int, args, names: list[str], proxy: ProxyProc, sampler: Sampl
     return time.monotonic() - started
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, default=1000)
     p.add_argument("--names", type=int, default=100)
@@ -370,56 +370,74 @@ def main(argv=None) -> int:
     p.add_argument("--smaps", action="store_true",
                    help="print where resident memory is (heap / anonymous mmaps / files / stack, "
                         "from /proc/PID/smaps) at the start and after each settle")
-    args = p.parse_args(argv)
+    return p
 
+
+def raise_fd_limit(concurrency: int) -> bool:
+    """Raise RLIMIT_NOFILE for this process and its children; False if still too low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # children inherit it
-    need = args.concurrency * 2 + 200
+    need = concurrency * 2 + 200
     if want < need:
-        print(f"[load] RLIMIT_NOFILE is {want}; {need} needed for {args.concurrency} connections",
+        print(f"[load] RLIMIT_NOFILE is {want}; {need} needed for {concurrency} connections",
               file=sys.stderr)
-        return 2
+        return False
+    return True
 
-    tmp = tempfile.mkdtemp(prefix="shroud-load-")
-    procs = []
-    sampler = None
+
+class World(collections.namedtuple("World", "origin proxy client names origin_note")):
+    """The processes under load: an origin, one proxy, one client binding ``names``."""
+
+
+def start_world(args, tmp: str, procs: list, error) -> World:
+    """Start origin, proxy and client (appended to ``procs`` as they start); wait for binds."""
+    print(f"[load] starting origin ({args.origin}), proxy and client in {tmp}", flush=True)
+    origin = NginxOrigin(tmp) if args.origin == "nginx" else OriginProc(tmp)
+    procs.append(origin)
+    for item in args.env:  # inherited by the proxy and the client (Proc copies os.environ)
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            error(f"--env wants KEY=VALUE, not {item!r}")
+        os.environ[key] = value
+    proxy = ProxyProc(tmp, os.path.join(tmp, "proxy-data"),
+                      extra=["--log-level", "warning", "--idle-timeout", "120"])
+    procs.append(proxy)
+    names = [f"h{i}.{DOMAIN}" for i in range(args.names)]
+    pairs = []
+    for name in names:
+        pairs += [f"http:{name}", f"127.0.0.1:{origin.port}"]
+    client = ClientProc(tmp, os.path.join(tmp, "client-data"), pairs,
+                        [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
+                        extra=["--log-level", "warning"])
+    procs.append(client)
+    deadline = time.monotonic() + 60
+    for name in names:
+        proxy.wait_bound(name, timeout=max(1.0, deadline - time.monotonic()))
+    status = proxy.status()
+    print(f"[load] {len(status['bindings'])} names bound over {len(status['tunnels'])} "
+          f"tunnel(s); proxy pid {proxy.pid}, client pid {client.pid}", flush=True)
+    if args.env:
+        print(f"[load] proxy and client environment: {' '.join(args.env)}", flush=True)
+    if args.origin == "python":
+        origin_note = "tests/support/origin.py"
+    else:
+        origin_note = "nginx (2 workers, `return 200 \"$host\\n\"`)"
+    return World(origin, proxy, client, names, origin_note)
+
+
+class Measurement(collections.namedtuple(
+        "Measurement", "stats duration sampler cold smaps after_round end_status")):
+    """What one run measured: request stats, RSS/fd samples, per-round plateaus."""
+
+
+def measure(args, world: World) -> Measurement:
+    """Baseline (cold, then warm with --warmup), the rounds of load, each followed by a settle."""
+    proxy, client, names = world.proxy, world.client, world.names
+    sampler = Sampler({"proxy": proxy, "client": client}, proxy)
+    sampler.start(args.baseline + args.rounds * (args.timeout + args.settle) + 30)
     try:
-        print(f"[load] starting origin ({args.origin}), proxy and client in {tmp}", flush=True)
-        origin = NginxOrigin(tmp) if args.origin == "nginx" else OriginProc(tmp)
-        procs.append(origin)
-        for item in args.env:  # inherited by the proxy and the client (Proc copies os.environ)
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                p.error(f"--env wants KEY=VALUE, not {item!r}")
-            os.environ[key] = value
-        proxy = ProxyProc(tmp, os.path.join(tmp, "proxy-data"),
-                          extra=["--log-level", "warning", "--idle-timeout", "120"])
-        procs.append(proxy)
-        names = [f"h{i}.{DOMAIN}" for i in range(args.names)]
-        pairs = []
-        for name in names:
-            pairs += [f"http:{name}", f"127.0.0.1:{origin.port}"]
-        client = ClientProc(tmp, os.path.join(tmp, "client-data"), pairs,
-                            [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
-                            extra=["--log-level", "warning"])
-        procs.append(client)
-        deadline = time.monotonic() + 60
-        for name in names:
-            proxy.wait_bound(name, timeout=max(1.0, deadline - time.monotonic()))
-        status = proxy.status()
-        print(f"[load] {len(status['bindings'])} names bound over {len(status['tunnels'])} "
-              f"tunnel(s); proxy pid {proxy.pid}, client pid {client.pid}", flush=True)
-        if args.env:
-            print(f"[load] proxy and client environment: {' '.join(args.env)}", flush=True)
-        if args.origin == "python":
-            origin_note = "tests/support/origin.py"
-        else:
-            origin_note = "nginx (2 workers, `return 200 \"$host\\n\"`)"
-
-        sampler = Sampler({"proxy": proxy, "client": client}, proxy)
-        sampler.start(args.baseline + args.rounds * (args.timeout + args.settle) + 30)
         gevent.sleep(args.baseline)
         cold = None
         smaps = {}  # (label, name) -> breakdown
@@ -439,7 +457,6 @@ def main(argv=None) -> int:
             sampler.phase = "warm"
             gevent.sleep(args.baseline)
         take_smaps("start")
-
         stats = Stats()
         duration = 0.0
         after_round = []  # (round, {name: (rss, fds)}) at the end of each settle
@@ -450,84 +467,104 @@ def main(argv=None) -> int:
             gevent.sleep(args.settle)
             after_round.append((rnd, sampler.samples[-1][2]))
             take_smaps(f"after round {rnd}")
-        sampler.stop()
-        end_status = proxy.status()
-
-        lat = sorted(stats.latencies)
-        base = sampler.of("warm" if args.warmup else "start")[-1][2]
-        load_rows = [r for r in sampler.samples if r[1].startswith("load")]
-        peak = {n: (max(r[2][n][0] for r in load_rows), max(r[2][n][1] for r in load_rows))
-                for n in ("proxy", "client")}
-        peak_streams = max(r[3] for r in load_rows)
-        end = after_round[-1][1]
-        total_requests = args.requests * args.rounds
-
-        print()
-        print(f"Origin: {origin_note}. {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-              f"load generator in the same host (gevent, one process).")
-        print()
-        print("| measure | value |")
-        print("| --- | ---: |")
-        print(f"| requests answered / asked | {stats.done:,} / {total_requests:,} |")
-        print(f"| errors | {sum(stats.errors.values())} |")
-        print(f"| public connections (concurrent / total) | {args.concurrency:,} / "
-              f"{stats.connections:,} |")
-        print(f"| names bound on the one tunnel | {len(names)} |")
-        print(f"| peak streams open on the tunnel | {peak_streams} |")
-        print(f"| duration s | {duration:.1f} |")
-        print(f"| requests/s | {stats.done / duration:,.0f} |")
-        for q in (50, 90, 99):
-            print(f"| latency p{q} ms | {percentile(lat, q) * 1000:.1f} |")
-        print(f"| latency max ms | {(lat[-1] if lat else float('nan')) * 1000:.1f} |")
-        verdicts = []
-        for n in ("proxy", "client"):
-            b_rss, b_fd = base[n]
-            e_rss, e_fd = end[n]
-            ok_rss = e_rss <= b_rss * 1.10
-            ok_fd = e_fd <= b_fd * 1.10
-            verdicts.append(ok_rss and ok_fd)
-            print(f"| {n} RSS MiB start / peak / end | {fmt_mib(b_rss)} / {fmt_mib(peak[n][0])} "
-                  f"/ {fmt_mib(e_rss)} ({(e_rss / b_rss - 1) * 100:+.0f} %, "
-                  f"{'within' if ok_rss else 'NOT within'} 10 %) |")
-            print(f"| {n} fds start / peak / end | {b_fd} / {peak[n][1]} / {e_fd} "
-                  f"({'within' if ok_fd else 'NOT within'} 10 %) |")
-            if cold is not None:
-                c_rss = cold[n][0]
-                print(f"| {n} RSS MiB cold start (before the {args.warmup}-request warm-up) / end "
-                      f"| {fmt_mib(c_rss)} / {fmt_mib(e_rss)} "
-                      f"({(e_rss / c_rss - 1) * 100:+.0f} %) |")
-        print(f"| proxy refusals | {end_status['refusals'] or 'none'} |")
-        if args.rounds > 1:
-            print()
-            print("After each round and its settle (plateau, or growth per round = a leak):")
-            print()
-            for rnd, values in after_round:
-                print(f"- round {rnd}: proxy {fmt_mib(values['proxy'][0])} MiB, "
-                      f"{values['proxy'][1]} fds; client {fmt_mib(values['client'][0])} MiB, "
-                      f"{values['client'][1]} fds")
-        if smaps:
-            print()
-            print("Resident MiB by mapping (/proc/PID/smaps):")
-            print()
-            for (label, n), b in smaps.items():
-                print(f"- {label}, {n}: {fmt_smaps(b)}")
-        if stats.errors:
-            print()
-            for kind, n in stats.errors.most_common():
-                print(f"- {kind}: {n} (e.g. {stats.error_examples[kind]})")
-        print()
-        print("RSS MiB and fds, one sample every 5 s (phase: start, load, settle):")
-        print()
-        print("```")
-        print("   t  phase    proxy MiB  fds   client MiB  fds  streams")
-        for t, phase, values, streams in sampler.samples[::5] + sampler.samples[-1:]:
-            print(f"{t:4.0f}  {phase:7} {fmt_mib(values['proxy'][0]):>9} {values['proxy'][1]:5}"
-                  f"  {fmt_mib(values['client'][0]):>10} {values['client'][1]:5}  {streams:6}")
-        print("```")
-        return 0 if not stats.errors and all(verdicts) else 1
     finally:
-        if sampler is not None:
-            sampler.stop()
+        sampler.stop()
+    return Measurement(stats, duration, sampler, cold, smaps, after_round, proxy.status())
+
+
+def report(args, world: World, m: Measurement) -> int:
+    """Print the results as markdown; 0 when no errors and RSS and fds came back within 10 %."""
+    stats, sampler = m.stats, m.sampler
+    lat = sorted(stats.latencies)
+    base = sampler.of("warm" if args.warmup else "start")[-1][2]
+    load_rows = [r for r in sampler.samples if r[1].startswith("load")]
+    peak = {n: (max(r[2][n][0] for r in load_rows), max(r[2][n][1] for r in load_rows))
+            for n in ("proxy", "client")}
+    print()
+    print(f"Origin: {world.origin_note}. {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+          f"load generator in the same host (gevent, one process).")
+    print()
+    print("| measure | value |")
+    print("| --- | ---: |")
+    print(f"| requests answered / asked | {stats.done:,} / {args.requests * args.rounds:,} |")
+    print(f"| errors | {sum(stats.errors.values())} |")
+    print(f"| public connections (concurrent / total) | {args.concurrency:,} / "
+          f"{stats.connections:,} |")
+    print(f"| names bound on the one tunnel | {len(world.names)} |")
+    print(f"| peak streams open on the tunnel | {max(r[3] for r in load_rows)} |")
+    print(f"| duration s | {m.duration:.1f} |")
+    print(f"| requests/s | {stats.done / m.duration:,.0f} |")
+    for q in (50, 90, 99):
+        print(f"| latency p{q} ms | {percentile(lat, q) * 1000:.1f} |")
+    print(f"| latency max ms | {(lat[-1] if lat else float('nan')) * 1000:.1f} |")
+    verdicts = [report_memory(args, n, base[n], peak[n], m.after_round[-1][1][n],
+                              m.cold[n] if m.cold is not None else None)
+                for n in ("proxy", "client")]
+    print(f"| proxy refusals | {m.end_status['refusals'] or 'none'} |")
+    report_details(m)
+    return 0 if not stats.errors and all(verdicts) else 1
+
+
+def report_memory(args, n: str, base, peak, end, cold) -> bool:
+    """One process's RSS and fd rows; True when both came back within 10 % of the baseline."""
+    (b_rss, b_fd), (e_rss, e_fd) = base, end
+    ok_rss = e_rss <= b_rss * 1.10
+    ok_fd = e_fd <= b_fd * 1.10
+    print(f"| {n} RSS MiB start / peak / end | {fmt_mib(b_rss)} / {fmt_mib(peak[0])} "
+          f"/ {fmt_mib(e_rss)} ({(e_rss / b_rss - 1) * 100:+.0f} %, "
+          f"{'within' if ok_rss else 'NOT within'} 10 %) |")
+    print(f"| {n} fds start / peak / end | {b_fd} / {peak[1]} / {e_fd} "
+          f"({'within' if ok_fd else 'NOT within'} 10 %) |")
+    if cold is not None:
+        c_rss = cold[0]
+        print(f"| {n} RSS MiB cold start (before the {args.warmup}-request warm-up) / end "
+              f"| {fmt_mib(c_rss)} / {fmt_mib(e_rss)} "
+              f"({(e_rss / c_rss - 1) * 100:+.0f} %) |")
+    return ok_rss and ok_fd
+
+
+def report_details(m: Measurement) -> None:
+    """Per-round plateaus, smaps, error examples and the sample table."""
+    if len(m.after_round) > 1:
+        print()
+        print("After each round and its settle (plateau, or growth per round = a leak):")
+        print()
+        for rnd, values in m.after_round:
+            print(f"- round {rnd}: proxy {fmt_mib(values['proxy'][0])} MiB, "
+                  f"{values['proxy'][1]} fds; client {fmt_mib(values['client'][0])} MiB, "
+                  f"{values['client'][1]} fds")
+    if m.smaps:
+        print()
+        print("Resident MiB by mapping (/proc/PID/smaps):")
+        print()
+        for (label, n), b in m.smaps.items():
+            print(f"- {label}, {n}: {fmt_smaps(b)}")
+    if m.stats.errors:
+        print()
+        for kind, n in m.stats.errors.most_common():
+            print(f"- {kind}: {n} (e.g. {m.stats.error_examples[kind]})")
+    print()
+    print("RSS MiB and fds, one sample every 5 s (phase: start, load, settle):")
+    print()
+    print("```")
+    print("   t  phase    proxy MiB  fds   client MiB  fds  streams")
+    for t, phase, values, streams in m.sampler.samples[::5] + m.sampler.samples[-1:]:
+        print(f"{t:4.0f}  {phase:7} {fmt_mib(values['proxy'][0]):>9} {values['proxy'][1]:5}"
+              f"  {fmt_mib(values['client'][0]):>10} {values['client'][1]:5}  {streams:6}")
+    print("```")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not raise_fd_limit(args.concurrency):
+        return 2
+    tmp = tempfile.mkdtemp(prefix="shroud-load-")
+    procs = []
+    try:
+        world = start_world(args, tmp, procs, parser.error)
+        return report(args, world, measure(args, world))
+    finally:
         for proc in reversed(procs):
             proc.stop()
         if args.keep:

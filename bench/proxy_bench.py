@@ -692,7 +692,7 @@ def update_readme(block: str) -> None:
 # --- main ---------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="runs per row; the median is reported")
     ap.add_argument("--bulk-bytes", type=int, default=1 << 30,
@@ -704,20 +704,50 @@ def main() -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help="subset of direct,ssh,shroud")
     ap.add_argument("--no-readme", action="store_true", help="do not write bench/README.md")
     args = ap.parse_args()
-    paths = [p for p in args.paths.split(",") if p]
-    if any(p not in PATHS for p in paths) or args.runs < 1:
+    args.path_list = [p for p in args.paths.split(",") if p]
+    if any(p not in PATHS for p in args.path_list) or args.runs < 1:
         ap.error("bad --paths or --runs")
-    if os.geteuid() != 0 and "ssh" in paths:
+    if os.geteuid() != 0 and "ssh" in args.path_list:
         ap.error("the ssh -R baseline starts its own sshd: run as root (or --paths direct,shroud)")
     for tool in ("nginx", "wrk", "curl", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             ap.error(f"{tool} not found (Debian packages nginx, wrk, curl, openssh-server)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.idle + 1024)), hard))
-
     started = time.time()
     d = tempfile.mkdtemp(prefix="shroud-proxy-bench-")
-    log(f"work dir {d}; {args.runs} run(s), paths {', '.join(paths)}")
+    log(f"work dir {d}; {args.runs} run(s), paths {', '.join(args.path_list)}")
+    try:
+        results = run_all(args, d)
+    finally:
+        if os.environ.get("PROXY_BENCH_KEEP"):
+            log(f"logs kept in {d}")
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+    took = time.time() - started
+    tab = table(results, args.idle)
+    header = (f"`.venv/bin/python bench/proxy_bench.py --runs {args.runs}` on "
+              f"{time.strftime('%Y-%m-%d')}, {machine()}; {versions()}. Median of {args.runs} "
+              f"run(s), {took / 60:.1f} min in all. Bulk: {args.bulk_bytes / (1 << 20):.0f} MiB "
+              f"per row; wrk {args.wrk_seconds} s per row; TTFB {args.ttfb_samples} fresh "
+              f"connections per row; {args.idle} idle keep-alive connections held.")
+    print(header + "\n\n" + tab)
+    print("\nraw runs:\n" + json.dumps(results, indent=1), file=sys.stderr)
+    if not args.no_readme:
+        update_readme(header + "\n\n" + tab)
+        log(f"wrote {README}")
+    return 0
+
+
+def run_all(args, d: str) -> dict[str, list[dict]]:
+    """nginx once, then ``--runs`` runs of every path, each path started fresh per run."""
+    paths = args.path_list
     results: dict[str, list[dict]] = {p: [] for p in PATHS}
     nginx = None
     live: list[Path] = []
@@ -746,25 +776,7 @@ def main() -> int:
             live.pop().stop()
         if nginx is not None:
             nginx.stop()
-        keep = os.environ.get("PROXY_BENCH_KEEP")
-        if keep:
-            log(f"logs kept in {d}")
-        else:
-            shutil.rmtree(d, ignore_errors=True)
-
-    took = time.time() - started
-    tab = table(results, args.idle)
-    header = (f"`.venv/bin/python bench/proxy_bench.py --runs {args.runs}` on "
-              f"{time.strftime('%Y-%m-%d')}, {machine()}; {versions()}. Median of {args.runs} "
-              f"run(s), {took / 60:.1f} min in all. Bulk: {args.bulk_bytes / (1 << 20):.0f} MiB "
-              f"per row; wrk {args.wrk_seconds} s per row; TTFB {args.ttfb_samples} fresh "
-              f"connections per row; {args.idle} idle keep-alive connections held.")
-    print(header + "\n\n" + tab)
-    print("\nraw runs:\n" + json.dumps(results, indent=1), file=sys.stderr)
-    if not args.no_readme:
-        update_readme(header + "\n\n" + tab)
-        log(f"wrote {README}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

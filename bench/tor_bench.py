@@ -405,7 +405,7 @@ def write_readme(table: str) -> None:
 # --- main ------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conns", type=int, default=10, help="fresh connections per TTFB cell")
     ap.add_argument("--rtts", type=int, default=50, help="round trips per RTT cell")
@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in ("conns", "rtts", "bulk_mib", "starts"):
         if not 1 <= getattr(args, n) <= 1000:
             ap.error(f"--{n.replace('_', '-')} must be 1..1000")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if os.environ.get("SHROUD_IN_NETNS") != "1":
         log("WARNING: not inside run_tor_bench.sh's network namespace: the exits accept any "
             "address; run ./bench/run_tor_bench.sh (as root) instead")
@@ -426,67 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.monotonic()
     d = tempfile.mkdtemp(prefix="tor-bench-")
     net = TorNetwork(os.path.join(d, "net"), log=lambda line: log(line))
-    origin = shroud = onion = None
+    parts = []  # origin, Shroud, onion: stopped in reverse order
     try:
-        log("starting the private Tor network (about 20 s)")
-        net.start(timeout=NETWORK_TIMEOUT)
-        origin_port = free_port()
-        origin = Proc("origin", [PY, "tests/support/origin.py", "--port", str(origin_port)], d)
-        wait_port(origin_port)
-
-        shroud = Shroud(d, origin_port, net.client_torrc_path)
-        starts = []
-        for i in range(args.starts):
-            starts.append(shroud.start_client())
-            log(f"client start {i + 1}/{args.starts}: first request served after "
-                f"{starts[-1]:.2f} s")
-        sv = shroud.visitor()
-
-        log("starting the onion service's tor and the visitor's tor")
-        onion = Onion(d, origin_port, net)
-        main_onion, took = onion.publish()
-        publish = [took]
-        onion.ttfb(main_onion, "warm")  # fetch its descriptor once: the "cached" cells
-        log(f"onion {main_onion} published in {took:.2f} s")
-
-        r = {"shroud": {}, "onion": {}}
-        log(f"fresh-connection TTFB, {args.conns} each")
-        st, oc, ocold = [], [], []
-        for i in range(args.conns):
-            st.append(sv.ttfb(f"s{i}"))
-            oc.append(onion.ttfb(main_onion, f"cached-{i}-{secrets.token_hex(4)}"))
-            address, took = onion.publish()
-            publish.append(took)
-            ocold.append(onion.ttfb(address, f"cold-{i}"))
-            log(f"  {i + 1}/{args.conns}: Shroud {st[-1] * 1000:.1f} ms, onion cached "
-                f"{oc[-1] * 1000:.1f} ms, cold {ocold[-1] * 1000:.1f} ms")
-        r["shroud"]["ttfb"], r["onion"]["ttfb_cached"] = summary(st), summary(oc)
-        r["onion"]["ttfb_cold"], r["onion"]["publish"] = summary(ocold), summary(publish)
-
-        log(f"round trips on an open connection, {args.rtts} each")
-        r["shroud"]["rtt"] = summary(sv.rtts(args.rtts, "rtt"))
-        r["onion"]["rtt"] = summary(onion.visitor(main_onion).rtts(args.rtts, "rtt"))
-        bare = Visitor("127.0.0.1", origin_port, onion.visitor_tor.socks_address[1])
-        r["exit_rtt"] = summary(bare.rtts(args.rtts, "bare"))
-        log(f"  Shroud {r['shroud']['rtt']['median'] * 1000:.1f} ms, onion "
-            f"{r['onion']['rtt']['median'] * 1000:.1f} ms, bare 3-hop exit circuit "
-            f"{r['exit_rtt']['median'] * 1000:.1f} ms")
-
-        nbytes = args.bulk_mib << 20
-        log(f"bulk, {args.bulk_mib} MiB each")
-        r["shroud"]["bulk"] = sv.bulk(nbytes, "bulk")
-        r["onion"]["bulk"] = onion.visitor(main_onion).bulk(nbytes, "bulk")
-        log(f"  Shroud {r['shroud']['bulk']:.1f} MiB/s, onion {r['onion']['bulk']:.1f} MiB/s")
-        r["shroud"]["start"] = summary(starts)
-        r["onion_failures"] = onion.failures
+        r = run(args, d, net, parts)
         r["seconds"] = time.monotonic() - t_all
     finally:
-        for part in (onion, shroud, origin):
-            if part is not None:
-                try:
-                    part.stop()
-                except Exception as e:  # noqa: BLE001  keep stopping the rest
-                    log(f"stopping {part}: {e}")
+        for part in reversed(parts):
+            try:
+                part.stop()
+            except Exception as e:  # noqa: BLE001  keep stopping the rest
+                log(f"stopping {part}: {e}")
         net.stop()
         if args.keep:
             log(f"work directory kept: {d}")
@@ -498,6 +452,70 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_readme:
         write_readme(table)
     return 0
+
+
+def run(args, d: str, net: TorNetwork, parts: list) -> dict:
+    """Start everything (appending to ``parts``), then measure each cell; the results dict."""
+    log("starting the private Tor network (about 20 s)")
+    net.start(timeout=NETWORK_TIMEOUT)
+    origin_port = free_port()
+    parts.append(Proc("origin", [PY, "tests/support/origin.py", "--port", str(origin_port)], d))
+    wait_port(origin_port)
+
+    shroud = Shroud(d, origin_port, net.client_torrc_path)
+    parts.append(shroud)
+    starts = []
+    for i in range(args.starts):
+        starts.append(shroud.start_client())
+        log(f"client start {i + 1}/{args.starts}: first request served after "
+            f"{starts[-1]:.2f} s")
+    sv = shroud.visitor()
+
+    log("starting the onion service's tor and the visitor's tor")
+    onion = Onion(d, origin_port, net)
+    parts.append(onion)
+    main_onion, took = onion.publish()
+    onion.ttfb(main_onion, "warm")  # fetch its descriptor once: the "cached" cells
+    log(f"onion {main_onion} published in {took:.2f} s")
+
+    r = {"shroud": {}, "onion": {}}
+    measure_ttfb(args, sv, onion, main_onion, [took], r)
+    measure_rtt_and_bulk(args, sv, onion, main_onion, origin_port, r)
+    r["shroud"]["start"] = summary(starts)
+    r["onion_failures"] = onion.failures
+    return r
+
+
+def measure_ttfb(args, sv, onion, main_onion: str, publish: list, r: dict) -> None:
+    log(f"fresh-connection TTFB, {args.conns} each")
+    st, oc, ocold = [], [], []
+    for i in range(args.conns):
+        st.append(sv.ttfb(f"s{i}"))
+        oc.append(onion.ttfb(main_onion, f"cached-{i}-{secrets.token_hex(4)}"))
+        address, took = onion.publish()
+        publish.append(took)
+        ocold.append(onion.ttfb(address, f"cold-{i}"))
+        log(f"  {i + 1}/{args.conns}: Shroud {st[-1] * 1000:.1f} ms, onion cached "
+            f"{oc[-1] * 1000:.1f} ms, cold {ocold[-1] * 1000:.1f} ms")
+    r["shroud"]["ttfb"], r["onion"]["ttfb_cached"] = summary(st), summary(oc)
+    r["onion"]["ttfb_cold"], r["onion"]["publish"] = summary(ocold), summary(publish)
+
+
+def measure_rtt_and_bulk(args, sv, onion, main_onion: str, origin_port: int, r: dict) -> None:
+    log(f"round trips on an open connection, {args.rtts} each")
+    r["shroud"]["rtt"] = summary(sv.rtts(args.rtts, "rtt"))
+    r["onion"]["rtt"] = summary(onion.visitor(main_onion).rtts(args.rtts, "rtt"))
+    bare = Visitor("127.0.0.1", origin_port, onion.visitor_tor.socks_address[1])
+    r["exit_rtt"] = summary(bare.rtts(args.rtts, "bare"))
+    log(f"  Shroud {r['shroud']['rtt']['median'] * 1000:.1f} ms, onion "
+        f"{r['onion']['rtt']['median'] * 1000:.1f} ms, bare 3-hop exit circuit "
+        f"{r['exit_rtt']['median'] * 1000:.1f} ms")
+
+    nbytes = args.bulk_mib << 20
+    log(f"bulk, {args.bulk_mib} MiB each")
+    r["shroud"]["bulk"] = sv.bulk(nbytes, "bulk")
+    r["onion"]["bulk"] = onion.visitor(main_onion).bulk(nbytes, "bulk")
+    log(f"  Shroud {r['shroud']['bulk']:.1f} MiB/s, onion {r['onion']['bulk']:.1f} MiB/s")
 
 
 if __name__ == "__main__":
