@@ -22,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from lib.net.sockets import set_nodelay  # noqa: E402
 from tests.support.procs import ProxyProc  # noqa: E402
 
 MAX_TLS_PEEK = 20480
@@ -48,7 +49,7 @@ def hostile_http_bytes() -> list[bytes]:
 
 def send_slowly(port: int, pieces: list[bytes], pause: float) -> None:
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    set_nodelay(s)
     try:
         for p in pieces:
             s.sendall(p)

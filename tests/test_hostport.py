@@ -106,3 +106,14 @@ def test_send_quietly_and_nodelay_are_shared(tmp_path):
     assert set_nodelay(c) is True and c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     c.close()
     srv.close()
+
+
+def test_proxy_peer_host_reads_back_what_the_proxy_writes():
+    """Claim rates are kept per peer address: an IPv6 peer must map to its address, not to
+    address-and-port (which an unbracketed "2001:db8::1:443" would)."""
+    from lib.hostport import format_hostport
+    from lib.proxy.tunnels import peer_host
+    assert peer_host(format_hostport("2001:db8::1", 443)) == "2001:db8::1"
+    assert peer_host(format_hostport("2001:db8::1", 444)) == "2001:db8::1"
+    assert peer_host("203.0.113.9:5") == "203.0.113.9"
+    assert peer_host("not-an-address") == "not-an-address"

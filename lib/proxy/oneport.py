@@ -44,6 +44,7 @@ import ipaddress
 import logging
 
 
+from lib.hostport import format_hostport
 from lib.protocol import http1
 from lib.protocol import messages as msg
 from lib.protocol import sniff
@@ -192,7 +193,7 @@ class OnePortRouter:
         except OSError:
             sock.close()
             return
-        peer_text = "%s:%d" % peer[:2]
+        peer_text = format_hostport(*peer[:2])
         log.info("websocket tunnel from %s", peer_text)
         # The platform's router terminated TLS, so a client signs its binds for the name it
         # asked for: any of this proxy's own names.

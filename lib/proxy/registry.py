@@ -21,6 +21,7 @@ import itertools
 import time
 from collections import Counter, deque
 
+from lib.hostport import format_hostport
 from lib.protocol.sniff import wildcard_candidates
 
 ROUTE_BY_SNI = ("tls", "https")
@@ -177,7 +178,7 @@ class Registry:
 
     def add_listener(self, name: str, address) -> None:
         """Show a listener in the status views; ``address`` is (host, port, ...) as bound."""
-        self.listeners[name] = "%s:%d" % tuple(address[:2])
+        self.listeners[name] = format_hostport(*address[:2])
 
     def add_tunnel(self, session, peer: str, key: str | None, client_id: str,
                    transport: str = "tls") -> Tunnel:

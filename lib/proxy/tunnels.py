@@ -31,6 +31,7 @@ import time
 import gevent
 
 from lib.errors import ErrorCode, MuxError
+from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.identity import fingerprint as key_fingerprint
 from lib.net.muxsession import PeerLog, Session
 from lib.net.sockets import set_nodelay
@@ -87,7 +88,7 @@ class TunnelService:
 
     def handle_connection(self, sock, address) -> None:
         """The tunnel listener's handler: TLS handshake (one deadline), then :meth:`serve`."""
-        peer = "%s:%d" % address[:2]
+        peer = format_hostport(*address[:2])  # "[v6]:port": peer_host reads it back
         set_nodelay(sock)
         timeout = self.config.handshake_timeout
         try:
@@ -111,7 +112,7 @@ class TunnelService:
         a TLS handshake it made with us."""
         # Untrusted until Auth: the mux runs from the handshake, keyless (lib.protocol.muxstate)
         session = Session(transport, client=False, config=self.config.mux, name=f"tunnel {peer}",
-                          trusted=False, log_limiter=self.peer_log, log_key=peer.rsplit(":", 1)[0])
+                          trusted=False, log_limiter=self.peer_log, log_key=peer_host(peer))
         tunnel = None
         watchdog = None
         try:
@@ -343,8 +344,10 @@ class TunnelService:
 
 def peer_host(peer: str) -> str:
     """The host of a tunnel's "host:port" / "[v6]:port" peer: whom claim rates are kept for."""
-    host = peer.rpartition(":")[0] if ":" in peer else peer
-    return host.strip("[]") or peer
+    try:
+        return parse_hostport(peer, what="a tunnel's peer", port_zero=True)[0]
+    except AddressError:
+        return peer
 
 
 def _is_client_id(value: str) -> bool:
