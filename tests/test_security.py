@@ -618,8 +618,59 @@ class TinyDns(threading.Thread):
 
 _SOCKADDR = re.compile(r"sa_family=AF_(\w+)(?:, sin6?_port=htons\((\d+)\), "
                        r"(?:sin_addr=inet_addr\(\"([\d.]+)\"\)|[^}]*))?(?:, sun_path=\"([^\"]*)\")?")
+# A send with no address of its own (a connected socket), and the second half of a call strace
+# split across threads (its address, if any, was on the "<unfinished ...>" half).
+_NO_ADDRESS = re.compile(r"^\d+\s+(?:sendto\(.*, NULL, 0(?:\)| <unfinished)"
+                         r"|sendmsg\(\d+, \{msg_name=NULL,)|<\.\.\. \w+ resumed>")
 _NAME_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf",
                "/etc/host.conf", "/var/run/nscd", "/run/nscd")
+
+
+def socket_calls(lines: list[str]) -> list[tuple[str, str | None, int | None, str | None, str]]:
+    """(family, address, port, unix path, line) of every connect/sendto/sendmsg that names an
+    address. A call whose address cannot be parsed fails the test: an audit that skips what it
+    cannot read would pass the very connection it exists to catch."""
+    out = []
+    for ln in lines:
+        call = re.match(r"\d+\s+(?:<\.\.\. )?(\w+)[( ]", ln)
+        if call is None or call.group(1) not in ("connect", "sendto", "sendmsg"):
+            continue
+        if _NO_ADDRESS.search(ln):
+            continue
+        m = _SOCKADDR.search(ln)
+        assert m is not None, f"strace line not understood (teach the audit to read it): {ln}"
+        family, port, addr, path = m.groups()
+        out.append((family, addr, int(port) if port else None, path, ln))
+    return out
+
+
+def test_socket_call_parser_fails_on_what_it_cannot_read():
+    lines = [
+        '12 connect(5, {sa_family=AF_INET, sin_port=htons(9050), '
+        'sin_addr=inet_addr("127.0.0.1")}, 16) = 0',
+        '12 sendto(5, "x", 1, MSG_NOSIGNAL, NULL, 0) = 1',
+        '14 sendto(3, "TAKEOWNERSHIP\\r\\n", 15, 0, NULL, 0 <unfinished ...>',
+        '13 connect(6, {sa_family=AF_UNIX, sun_path="/run/x"}, 110 <unfinished ...>',
+        '13 <... connect resumed>) = -1 ENOENT',
+        '12 openat(AT_FDCWD, "/etc/hosts", O_RDONLY) = 3',
+    ]
+    assert [c[:4] for c in socket_calls(lines)] == [("INET", "127.0.0.1", 9050, None),
+                                                    ("UNIX", None, None, "/run/x")]
+    with pytest.raises(AssertionError, match="not understood"):
+        socket_calls(['12 connect(5, 0x7ffd1234, 16) = -1 EFAULT'])
+
+
+def served_through(proxy, times: int) -> None:
+    for _ in range(times):
+        c = http.client.HTTPConnection("127.0.0.1", proxy.ports["http"], timeout=30)
+        c.request("GET", "/hello", headers={"Host": "anon.test"})
+        assert c.getresponse().read() == b"hello from origin\n"
+        c.close()
+
+
+def wait_log_since(proc, rx, since, timeout=60.0):
+    return wait_for(lambda: re.search(rx, proc.log()[since:]), f"{rx!r} in {proc.name}'s log",
+                    timeout=timeout)
 
 
 @pytest.mark.tor
@@ -640,19 +691,27 @@ def test_tor_mode_client_connects_only_to_its_tor_and_the_local_target(tor_netwo
             "--proxy", f"proxy0.shroud.test:{proxy.ports['tunnel']}", "--pin", proxy.fingerprint,
             "http:anon.test", f"127.0.0.1:{origin.port}"]
     client = Proc("client-traced", argv, str(d))
+    proxy2 = None
     try:
         proxy.wait_bound("anon.test", timeout=120)
-        for _ in range(3):
-            c = http.client.HTTPConnection("127.0.0.1", proxy.ports["http"], timeout=30)
-            c.request("GET", "/hello", headers={"Host": "anon.test"})
-            assert c.getresponse().read() == b"hello from origin\n"
-            c.close()
+        served_through(proxy, 3)
         socks_port = int(wait_log(client, r"tor ready: SOCKS 127\.0\.0\.1:(\d+)").group(1))
         with open(client_dir / "tor" / "control-port") as f:
             control_port = int(f.read().strip().rsplit(":", 1)[1])
+        # A redial: the proxy goes away and comes back on the same ports; the client's second
+        # connection is audited too.
+        ports = dict(proxy.ports)
+        mark = len(client.log())
+        proxy.stop()
+        wait_log_since(client, r"retrying in", mark)
+        proxy2 = ProxyProc(str(d), str(d / "proxy-data"), name="proxy-restarted", ports=ports)
+        proxy2.wait_bound("anon.test", timeout=120)
+        served_through(proxy2, 1)
     finally:
         client.stop()
-        proxy.stop()
+        for p in (proxy2, proxy):
+            if p is not None:
+                p.stop()
         origin.stop()
         dns.stop()
     lines = open(trace, encoding="utf-8", errors="replace").read().splitlines()
@@ -661,27 +720,25 @@ def test_tor_mode_client_connects_only_to_its_tor_and_the_local_target(tor_netwo
     mine = [ln for ln in lines if ln.split()[0] not in tor_pids]
     allowed = {socks_port: "tor SOCKS", control_port: "tor control", origin.port: "local target"}
     seen: dict[str, int] = {}
-    for ln in mine:
-        call = re.match(r"\d+\s+(\w+)\(", ln)
-        if call is None or call.group(1) not in ("connect", "sendto", "sendmsg"):
-            continue
-        m = _SOCKADDR.search(ln)
-        if m is None:
-            continue  # a send on a connected socket: no address of its own
-        family, port, addr, path = m.groups()
-        assert family not in ("UNIX",) or path in ("", None), f"unix socket connect: {ln}"
+    for family, addr, port, path, ln in socket_calls(mine):
+        assert family != "UNIX" or path in ("", None), f"unix socket connect: {ln}"
         if family in ("INET", "INET6"):
-            assert addr == "127.0.0.1" and port is not None and int(port) in allowed, \
+            assert addr == "127.0.0.1" and port in allowed, \
                 f"the client connected somewhere else: {ln}"
-            seen[allowed[int(port)]] = seen.get(allowed[int(port)], 0) + 1
+            seen[allowed[port]] = seen.get(allowed[port], 0) + 1
         else:
-            assert family not in ("NETLINK",) or "sendto" not in ln, ln
+            assert family != "NETLINK" or "sendto" not in ln, ln
     assert set(seen) == {"tor SOCKS", "tor control", "local target"}, seen
+    # The first tunnel and the redial each went through tor's SOCKS port.
+    socks_connects = [ln for _, _, port, _, ln in socket_calls(mine)
+                      if port == socks_port and " connect(" in ln]
+    assert len(socks_connects) >= 2, socks_connects
     name_lookups = [ln for ln in mine if "open" in ln.split("(")[0]
                     and any(f'"{p}' in ln for p in _NAME_FILES)]
     assert not name_lookups, f"the client looked up a name itself: {name_lookups[:3]}"
     assert not any(":53" in ln or "htons(53)" in ln for ln in mine)
     # The exit resolved the proxy's name; the client never asked.
     assert any(name == "proxy0.shroud.test" for _, name in dns.queries), dns.queries
-    print(f"tor mode: {len(mine)} traced calls of the client, connect() calls {seen}; "
+    print(f"tor mode (first connection and a redial): {len(mine)} traced calls of the client, "
+          f"connect() calls {seen}; "
           f"tor pids excluded {sorted(tor_pids)}; exits' DNS queries {len(dns.queries)}")
