@@ -74,11 +74,27 @@ OPTIONS = [
 ]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default (the environment's value when set) after its help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, "", False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lib.protocol.messages import SHROUD_VERSION
+    from lib.version import __version__
+
     p = argparse.ArgumentParser(
-        prog="shroud_proxy.py", description="Shroud public proxy: routes public TLS (by SNI) and "
+        prog="shroud_proxy.py", formatter_class=HelpFormatter,
+        description="Shroud public proxy: routes public TLS (by SNI) and "
         "HTTP (by Host) connections to clients' tunnels. Options also come from SHROUD_* "
         "environment variables.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} "
+                   f"(Shroud protocol {SHROUD_VERSION}; muxado v1)")
     for flag, env, default, help_ in OPTIONS:
         p.add_argument(flag, default=os.environ.get("SHROUD_" + env, default),
                        help=f"{help_} [env SHROUD_{env}]")

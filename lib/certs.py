@@ -7,7 +7,7 @@ Public API::
     normalize_pin(text) -> str                        # 64 lower-case hex; raises ValueError
     client_tls_context(cafile=None, pinned=False) -> SSLContext
     check_pin(tls, pins) -> fingerprint               # raises PinMismatch(.fingerprint)
-    server_tls_context(cert_path, key_path) -> SSLContext
+    server_tls_context(cert_path, key_path) -> SSLContext   # CertificateError names the file
 
 The one pin check, for tunnels and discovery alike: a pin replaces the CA (the context verifies
 nothing; the fingerprint of the leaf is compared right after the handshake), and a CA given with
@@ -128,10 +128,36 @@ def client_tls_context(cafile: str | None = None, pinned: bool = False) -> ssl.S
     return ctx
 
 
+class CertificateError(ValueError):
+    """A certificate or key file cannot be used; the message names the file and the fix."""
+
+
 def server_tls_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """:raises CertificateError: naming the file that is unreadable, damaged or mismatched
+    (OpenSSL's own error, "[SSL] PEM lib", names none)."""
     import gevent.ssl
 
     ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_path, key_path)
+    try:
+        ctx.load_cert_chain(cert_path, key_path)
+    except (ssl.SSLError, OSError) as e:
+        raise CertificateError(_which_file(cert_path, key_path, e)) from None
     return ctx
+
+
+def _which_file(cert_path: str, key_path: str, error: Exception) -> str:
+    generated = os.path.basename(cert_path) == CERT_FILE and os.path.basename(key_path) == KEY_FILE
+    fix = (f"; to start over, move {cert_path} and {key_path} aside: a new pair is generated "
+           f"and every client must pin its new fingerprint (--print-fingerprint)"
+           if generated else "; give the PEM files with --cert and --key")
+    for path, load in ((cert_path, x509.load_pem_x509_certificate),
+                       (key_path, lambda b: serialization.load_pem_private_key(b, None))):
+        try:
+            with open(path, "rb") as f:
+                load(f.read())
+        except OSError as e:
+            return f"cannot read {path}: {e.strerror}"
+        except (ValueError, TypeError) as e:
+            return f"{path} is damaged or not PEM ({str(e).split('.')[0]}){fix}"
+    return f"the key {key_path} does not belong to the certificate {cert_path} ({error}){fix}"

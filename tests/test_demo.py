@@ -208,8 +208,17 @@ def test_full_run_unprivileged_through_tee_stopped_by_ctrl_c_twice(demo_runs):
 @pytest.mark.tor
 @pytest.mark.slow
 def test_two_ctrl_c_while_tor_starts(demo_runs):
-    run = DemoRun([PY, "scripts/demo.py"])
-    demo_runs.append(run)
+    import socket
+
+    taken = socket.socket()  # someone else's port 4443: the demo says which port it uses instead
+    try:
+        taken.bind(("127.0.0.1", 4443))
+        run = DemoRun([PY, "scripts/demo.py"])
+        demo_runs.append(run)
+        m = run.wait_for(r"port 4443 is taken: the tunnel port of proxy0 uses (\d+) instead")
+        assert m.group(1) != "4443"
+    finally:
+        taken.close()
     run.wait_for(r"testnet event=launched")
     run.signal_group(signal.SIGINT)
     time.sleep(0.3)

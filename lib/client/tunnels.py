@@ -49,6 +49,23 @@ from lib.net.splice import splice
 log = logging.getLogger("shroud.client")
 
 
+PERMANENT_RETRY_BASE = 60.0  # seconds: a permanent failure is asked again after 1-2 minutes,
+PERMANENT_RETRY_CAP = 600.0  # doubling up to every 5-10 minutes
+
+
+def ownership_hint(svc, error: str, identity) -> str:
+    """The fix for a name another key owns (lib/proxy/ownership.py, rule 4: a DNS TXT record
+    naming our key overrides a first-use owner)."""
+    if "belongs to key" not in error:
+        return ""
+    if svc.protocol == "tcp" or identity is None:
+        return ""
+    base = svc.name[2:] if svc.name.startswith("*.") else svc.name
+    return (f". If {svc.name} is yours, publish the DNS TXT record _shroud.{base} "
+            f"\"shroud-key={identity.fingerprint}\" (this client's key): proxies then grant "
+            f"it to this key; or run with the identity key that bound it first")
+
+
 class TunnelError(ShroudError):
     """A tunnel could not be set up; ``permanent`` errors are not worth retrying soon."""
 
@@ -56,6 +73,13 @@ class TunnelError(ShroudError):
         super().__init__(message)
         self.permanent = permanent
         self.reason = reason  # the proxy's refusal code (lib.protocol.messages REASON_*)
+
+
+# Refusals that time fixes (the proxy's store is full or away, a rate limit): retried at the
+# normal pace. Every other refusal (another key owns the name, no rule allows it, a bad
+# signature) needs someone to act, and is retried slowly (PERMANENT_RETRY_*).
+TRANSIENT_REFUSALS = frozenset({msg.REASON_INTERNAL, msg.REASON_STORE_UNAVAILABLE,
+                                msg.REASON_LIMIT})
 
 
 @dataclass
@@ -82,8 +106,9 @@ class Service:
         if proto == "https":
             proto = "tls"
         if proto == "tcp":
-            if not rest.isdigit() or not 0 < int(rest) < 65536:
-                raise ValueError(f"tcp service needs a port: tcp:PORT, got {name!r}")
+            if not rest.isdigit() or len(rest) > 5 or not 0 < int(rest) < 65536:
+                raise ValueError(f"{name}: a raw TCP service is tcp:PORT, PORT (1-65535) the "
+                                 f"port to open on each proxy, e.g. tcp:20001")
             return cls("tcp", f"tcp:{int(rest)}", tgt, int(rest))
         return cls(proto, sniff.normalize_hostname(rest, allow_wildcard=True), tgt)
 
@@ -216,6 +241,20 @@ class ClientConfig:
     max_streams: int = 4096
 
 
+@dataclass
+class StreamRecord:
+    """One visitor connection as this client served it (the console's connection log)."""
+
+    started: float  # epoch seconds
+    proxy: str  # which tunnel carried it
+    visitor: str = "?"  # the public peer's address, as the proxy reported it
+    name: str = "?"  # the service it was for
+    bytes_in: int = 0  # visitor -> service
+    bytes_out: int = 0  # service -> visitor
+    duration: float = 0.0  # seconds
+    result: str = "ok"  # or why it was refused
+
+
 class TunnelRunner:
     """Keeps one proxy's tunnel up: dial, verify, auth, bind, serve; redial on failure."""
 
@@ -231,6 +270,7 @@ class TunnelRunner:
         # route another proxy's streams (docs/SECURITY.md, "A proxy operator").
         self.urls: dict[str, Service] = {}
         self.refused: dict[str, str] = {}  # service name -> the proxy's reason
+        self.refused_reasons: dict[str, str | None] = {}  # service name -> its REASON_* code
         self.retry_soon: set[str] = set()  # refused only because the proxy's store was down
         self.streams_open = 0
         self.streams_total = 0
@@ -242,6 +282,11 @@ class TunnelRunner:
         self.generation = 0  # bumped per connection: a fresh Tor circuit each time
         self.proxy_id: str | None = None  # what this connection's binds are signed for
         self.backoff = Backoff(client.config.backoff_base, client.config.backoff_cap)
+        # Permanent failures (a wrong pin, a name owned by another key, a protocol mismatch)
+        # will not fix themselves in seconds: ask again every few minutes, not every 30 s.
+        self.slow_backoff = Backoff(PERMANENT_RETRY_BASE, PERMANENT_RETRY_CAP)
+        self.retry_at: float | None = None  # when the next attempt is due (epoch seconds)
+        self._reported: str | None = None  # the last failure logged
         self._greenlet: gevent.Greenlet | None = None
         self._stopping = False
         self.sock = None
@@ -274,19 +319,19 @@ class TunnelRunner:
 
     def _run(self) -> None:
         while not self._stopping:
+            permanent = False
             try:
                 self._connect_and_serve()
+                error = "the proxy closed the tunnel"
             except TunnelError as e:
-                self._set("error", str(e))
-                log.error("tunnel %s: %s", self.proxy, e)
+                error, permanent = str(e), e.permanent
             except (OSError, ShroudError, EOFError) as e:  # MuxError, MessageError, TorError...
-                self._set("error", f"{type(e).__name__}: {e}")
-                log.warning("tunnel %s failed: %s", self.proxy, e)
+                error = f"{type(e).__name__}: {e}"
             except gevent.GreenletExit:
                 raise
             except Exception as e:  # a bug: it costs a retry (logged with its traceback), never
                 # the tunnel; every error we expect is above
-                self._set("error", f"{type(e).__name__}: {e}")
+                error = f"{type(e).__name__}: {e}"
                 log.exception("tunnel %s: unexpected error", self.proxy)
             if self._stopping:
                 break
@@ -295,11 +340,28 @@ class TunnelRunner:
             # second forever.
             if self.connected_at and time.time() - self.connected_at > 60:
                 self.backoff.reset()
-            delay = self.backoff.next_delay()
+                self.slow_backoff.reset()
+            delay = (self.slow_backoff if permanent else self.backoff).next_delay()
             self.connected_at = None
-            self._set("backoff", self.error)
-            log.info("tunnel %s: retrying in %.1f s", self.proxy, delay)
+            self.retry_at = time.time() + delay
+            self._report(error, permanent, delay)
+            self._set("backoff", error)
             gevent.sleep(delay)
+        self.retry_at = None
+
+    def _report(self, error: str, permanent: bool, delay: float) -> None:
+        """One log line per failed attempt, with its fix and when the next one is; a permanent
+        failure is reported once (it would repeat its whole fix every few minutes) and then
+        only at debug level until the tunnel comes online."""
+        if not permanent:
+            self._reported = None
+            log.warning("tunnel %s: %s; retrying in %.1f s", self.proxy, error, delay)
+        elif error != self._reported:
+            self._reported = error
+            log.error("tunnel %s: %s. Retrying every few minutes in case it is fixed "
+                      "meanwhile (next in %.0f s)", self.proxy, error, delay)
+        else:
+            log.debug("tunnel %s: %s (again; retrying in %.0f s)", self.proxy, error, delay)
 
     def _connect_and_serve(self) -> None:
         cfg = self.client.config
@@ -376,19 +438,26 @@ class TunnelRunner:
         nonce = self._auth(session)
         refused = self._bind_all(session, services, nonce)
         if len(refused) == len(services):
-            raise TunnelError("; ".join(refused.values()))
+            transient = all(r in TRANSIENT_REFUSALS for r in self.refused_reasons.values())
+            raise TunnelError("; ".join(refused.values()), permanent=not transient)
         if refused:
             # Serve what was granted; ask again for the rest now and then (an operator may fix
             # an allow-list, a DNS record may appear).
             gevent.spawn(self._rebind_loop, session, refused, nonce)
+        self._went_online(t0)
+        self._serve(session)
+
+    def _went_online(self, t0: float) -> None:
         self.connects += 1
         self.connected_at = time.time()
+        self._reported = None  # a failure after this is news again
+        self.retry_at = None
+        self.slow_backoff.reset()
         self._set("online")
         if self.client.on_connected is not None:
             self.client.on_connected(self)
         log.info("tunnel %s online in %.2f s (%d services)", self.proxy,
                  time.monotonic() - t0, len(self.bound))
-        self._serve(session)
 
     def _auth(self, session: Session) -> bytes | None:
         cfg = self.client.config
@@ -416,8 +485,10 @@ class TunnelRunner:
         return nonce
 
     def _bind_all(self, session: Session, services, nonce) -> dict:
-        """Bind every service; returns {service name: refusal} for those refused."""
-        refused = {}
+        """Bind every service; returns {service name: refusal} for those refused. Each refusal
+        is logged when it is news (not on every periodic re-bind), unless every service was
+        refused: _run reports that, once."""
+        refused, reasons = {}, {}
         for svc in services:
             try:
                 self._bind(session, svc, nonce)
@@ -426,13 +497,18 @@ class TunnelRunner:
                 if not e.permanent:
                     raise
                 refused[svc.name] = str(e)
+                reasons[svc.name] = e.reason
+                news = self.refused.get(svc.name) != str(e) and len(refused) < len(services)
                 if e.reason == msg.REASON_STORE_UNAVAILABLE:
                     self.retry_soon.add(svc.name)
-                    log.warning("tunnel %s: %s (asking again shortly)", self.proxy, e)
+                    if news:
+                        log.warning("tunnel %s: %s (asking again shortly)", self.proxy, e)
                 else:
                     self.retry_soon.discard(svc.name)
-                    log.error("tunnel %s: %s", self.proxy, e)
+                    if news:
+                        log.error("tunnel %s: %s", self.proxy, e)
         self.refused = dict(refused)
+        self.refused_reasons = reasons
         return refused
 
     def _rebind_loop(self, session: Session, refused: dict, nonce) -> None:
@@ -463,8 +539,9 @@ class TunnelRunner:
         if not isinstance(resp, msg.BindResp):
             raise TunnelError(f"proxy {self.proxy} answered Bind with {type(resp).__name__}")
         if resp.error:
-            raise TunnelError(f"proxy {self.proxy} refused {svc.name}: {resp.error}",
-                              permanent=True, reason=resp.reason)
+            raise TunnelError(f"proxy {self.proxy} refused {svc.name}: {resp.error}"
+                              f"{ownership_hint(svc, resp.error, cfg.identity)}", permanent=True,
+                              reason=resp.reason)
         if not svc.answers_bind(resp.url):
             raise TunnelError(f"proxy {self.proxy} answered the bind for {svc.name} with "
                               f"{resp.url[:200]!r}, which is not what was asked: not used",
@@ -493,47 +570,67 @@ class TunnelRunner:
             gevent.spawn(self._handle_stream, stream)
 
     def _handle_stream(self, stream) -> None:
-        cfg = self.client.config
+        record = StreamRecord(started=time.time(), proxy=str(self.proxy))
+        t0 = time.monotonic()
         self.client._changed(self)
         local = None
         try:
-            stream.settimeout(cfg.start_proxy_timeout)
-            try:
-                start = msg.read_message(stream)
-            except (MuxError, EOFError, msg.MessageError) as e:
-                log.info("stream %d from %s: no StartProxy: %s", stream.id, self.proxy, e)
-                stream.reset(ErrorCode.PROTOCOL_ERROR)
-                return
-            stream.settimeout(None)
-            svc = self.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
-            if svc is None:
-                log.warning("stream for unknown url %r from %s", getattr(start, "url", None),
-                            self.proxy)
-                stream.reset(ErrorCode.REFUSED_STREAM)
-                return
-            try:
-                local = connect_local(svc.target, cfg.local_connect_timeout)
-            except OSError as e:
-                log.warning("local target %s:%d refused %s: %s", *svc.target, start.url, e)
-                stream.reset(ErrorCode.REFUSED_STREAM)
-                return
-            if cfg.proxy_protocol:
-                try:
-                    local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
-                                                        _destination(start, local),
-                                                        str(self.proxy)))
-                except (OSError, struct.error) as e:
-                    log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
-                    stream.reset(ErrorCode.CANCEL)
-                    return
-            n_in, n_out = splice(stream, local, on_a_to_b=self._count_in,
-                                 on_b_to_a=self._count_out)
+            local = self._open_local(stream, record)
+            if local is not None:
+                record.bytes_in, record.bytes_out = splice(
+                    stream, local, on_a_to_b=self._count_in, on_b_to_a=self._count_out)
         finally:
             self.streams_open -= 1
             stream.close()
             if local is not None:
                 local.close()
+            record.duration = time.monotonic() - t0
             self.client._changed(self)
+            self.client._stream_done(record)
+
+    def _open_local(self, stream, record: "StreamRecord"):
+        """Read the stream's StartProxy and connect its service's local target (sending a PROXY
+        header when asked); None, with the stream reset and ``record.result`` saying why, when
+        that fails."""
+        cfg = self.client.config
+        stream.settimeout(cfg.start_proxy_timeout)
+        try:
+            start = msg.read_message(stream)
+        except (MuxError, EOFError, msg.MessageError) as e:
+            log.info("stream %d from %s: no StartProxy: %s", stream.id, self.proxy, e)
+            stream.reset(ErrorCode.PROTOCOL_ERROR)
+            record.result = "no StartProxy"
+            return None
+        stream.settimeout(None)
+        svc = self.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
+        record.visitor = getattr(start, "client_addr", None) or "?"
+        record.name = getattr(start, "url", None) or "?"
+        if svc is None:
+            log.warning("stream for unknown url %r from %s", getattr(start, "url", None),
+                        self.proxy)
+            stream.reset(ErrorCode.REFUSED_STREAM)
+            record.result = "unknown name"
+            return None
+        record.name = svc.name
+        try:
+            local = connect_local(svc.target, cfg.local_connect_timeout)
+        except OSError as e:
+            log.warning("local target %s:%d refused %s: %s", *svc.target, start.url, e)
+            stream.reset(ErrorCode.REFUSED_STREAM)
+            record.result = f"local target: {e.strerror or e}"
+            return None
+        if cfg.proxy_protocol:
+            try:
+                local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
+                                                    _destination(start, local),
+                                                    str(self.proxy)))
+            except (OSError, struct.error) as e:
+                log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
+                stream.reset(ErrorCode.CANCEL)
+                local.close()
+                record.result = "PROXY header failed"
+                return None
+        return local
 
     def _count_in(self, n: int) -> None:
         self.bytes_in += n
@@ -550,7 +647,11 @@ class TunnelRunner:
             "bound": sorted(self.bound), "refused": dict(self.refused),
             "isolation_key": self.isolation_key,
             "circuit": (None if self.circuit is None else
-                        {"id": self.circuit.id, "path": [n for _, n in self.circuit.path]}),
+                        {"id": self.circuit.id, "path": [n for _, n in self.circuit.path],
+                         "exit": self.circuit.exit_nickname}),
+            "retry_at": self.retry_at,
+            # what each bound URL forwards to (the console's Forwarding lines)
+            "targets": {url: format_hostport(*svc.target) for url, svc in self.urls.items()},
             "heartbeat_rtt_ms": (round(s.heartbeat_rtt * 1000, 1)
                                  if s is not None and s.heartbeat_rtt is not None else None),
         }
@@ -637,6 +738,7 @@ class Client:
         self.runners = [TunnelRunner(self, p, i) for i, p in enumerate(config.proxies)]
         self.on_change = on_change
         self.on_connected: Callable | None = None  # (runner) once a tunnel is online
+        self.on_stream: Callable | None = None  # (StreamRecord) once a visitor's stream ends
         self._contexts: dict[ProxyAddr, ssl.SSLContext] = {}
 
     def start(self) -> None:
@@ -666,6 +768,10 @@ class Client:
         if self.on_change is not None:
             self.on_change(runner)
 
+    def _stream_done(self, record: StreamRecord) -> None:
+        if self.on_stream is not None:
+            self.on_stream(record)
+
     # --- verifying the proxy --------------------------------------------------------------
 
     def pinned(self, proxy: ProxyAddr) -> bool:
@@ -688,6 +794,9 @@ class Client:
             check_pin(tls, pins)
         except PinMismatch as e:
             raise TunnelError(
-                f"proxy {proxy} presented certificate {e.fingerprint[:16]}..., which matches no "
-                f"pinned fingerprint: refusing the tunnel (something between us and the proxy, such "
-                f"as a Tor exit, may be intercepting TLS)")
+                f"proxy {proxy} presented certificate {e.fingerprint}, which matches no pinned "
+                f"fingerprint: refusing the tunnel (something between us and the proxy, such as "
+                f"a Tor exit, may be intercepting TLS). If the proxy's certificate changed "
+                f"instead, ask its operator for the output of `shroud_proxy.py "
+                f"--print-fingerprint` and give it to --pin",
+                permanent=True) from None
