@@ -322,7 +322,7 @@ class TunnelRunner:
             permanent = False
             try:
                 self._connect_and_serve()
-                error = "the proxy closed the tunnel"
+                error = "the tunnel closed"
             except TunnelError as e:
                 error, permanent = str(e), e.permanent
             except (OSError, ShroudError, EOFError) as e:  # MuxError, MessageError, TorError...
@@ -355,7 +355,7 @@ class TunnelRunner:
         only at debug level until the tunnel comes online."""
         if not permanent:
             self._reported = None
-            log.warning("tunnel %s: %s; retrying in %.1f s", self.proxy, error, delay)
+            log.warning("tunnel %s failed: %s; retrying in %.1f s", self.proxy, error, delay)
         elif error != self._reported:
             self._reported = error
             log.error("tunnel %s: %s. Retrying every few minutes in case it is fixed "
