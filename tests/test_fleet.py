@@ -138,6 +138,15 @@ def _api(proxy, method, path, body=None):
         c.close()
 
 
+def _metrics(proxy) -> str:
+    c = http.client.HTTPConnection("127.0.0.1", proxy.ports["admin"], timeout=10)
+    try:
+        c.request("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        return c.getresponse().read().decode()
+    finally:
+        c.close()
+
+
 def _raw_bind(proxy, identity, name):
     t = RawTunnel(proxy, identity)
     try:
@@ -163,10 +172,10 @@ def test_split_brain_other_key_refused_on_every_proxy(fleet):
         assert http_get(proxy.ports["http"], "victim.test") == (200, b"hello from origin\n")
 
 
-def test_block_on_one_proxy_is_refused_on_the_other(fleet):
-    a, b = fleet.start("proxy-a"), fleet.start("proxy-b")
-    fleet.client("owner", ["app.test"], [a, b])
-    for proxy in (a, b):
+def test_block_on_one_proxy_is_refused_on_the_others(fleet):
+    a, b, c = fleet.start("proxy-a"), fleet.start("proxy-b"), fleet.start("proxy-c")
+    fleet.client("owner", ["app.test"], [a, b, c])
+    for proxy in (a, b, c):
         proxy.wait_bound("app.test")
         assert http_get(proxy.ports["http"], "app.test")[0] == 200
     status, answer = _api(a, "POST", "/api/block", {"kind": "hostname", "target": "app.test",
@@ -174,12 +183,15 @@ def test_block_on_one_proxy_is_refused_on_the_other(fleet):
     assert status == 200, answer
     t0 = time.monotonic()
     # NOTIFY carries it: well inside the watcher's 30 s fallback reload (lib/proxy/fleet.py).
-    wait_for(lambda: http_get(b.ports["http"], "app.test")[0] == 403,
-             "the block made on A refuses visitors on B", timeout=10, interval=0.05)
-    print(f"block reached B in {time.monotonic() - t0:.3f} s")
-    refused = _raw_bind(b, Identity.generate(), "app.test")
-    assert refused.error and refused.reason == msg.REASON_NOT_ALLOWED, refused
-    assert not any(x["name"] == "app.test" for x in b.status()["bindings"])
+    for other in (b, c):
+        wait_for(lambda: http_get(other.ports["http"], "app.test")[0] == 403,
+                 f"the block made on A refuses visitors on {other.name}", timeout=10,
+                 interval=0.05)
+    print(f"block reached B and C in {time.monotonic() - t0:.3f} s")
+    for other in (b, c):
+        refused = _raw_bind(other, Identity.generate(), "app.test")
+        assert refused.error and refused.reason == msg.REASON_NOT_ALLOWED, refused
+        assert not any(x["name"] == "app.test" for x in other.status()["bindings"])
     status, _ = _api(b, "POST", "/api/unblock", {"kind": "hostname", "target": "app.test"})
     assert status == 200
     assert _api(a, "GET", "/api/blocks")[1]["hostnames"] == []  # one store
@@ -233,6 +245,11 @@ def test_postgres_killed_and_restarted_under_load(fleet, postgres_server):
         assert refused.error and refused.reason == msg.REASON_STORE_UNAVAILABLE, refused
         late = fleet.client("late", ["late.test"], [a], name="late-client")
         late.wait_log("store is unavailable", timeout=30)
+        assert _api(a, "GET", "/api/overview")[0] == 200  # the dashboard reads memory
+        status, answer = _api(a, "GET", "/api/fleet")  # the fleet view needs the database
+        assert status == 503 and "unavailable" in answer["error"], answer
+        wait_for(lambda: "shroud_store_reachable 0.0" in _metrics(a),
+                 "the metrics say the store is unreachable", timeout=30)
         during = served[0]
         wait_for(lambda: served[0] >= during + 20, "traffic flows while the database is down")
         postgres_server.start()

@@ -73,10 +73,16 @@ class ShroudCollector:
         yield c
         store = self.live.store
         if store is not None:
+            # From memory (the blocks in force here): a scrape never waits on the database.
+            blocks = store.blocks()
             yield gauge("shroud_blocked_hostnames", "Names blocked by the operator.",
-                        len(store.blocked_hostnames()))
+                        len(blocks.names))
             yield gauge("shroud_blocked_keys", "Client keys blocked by the operator.",
-                        len(store.blocked_keys()))
+                        len(blocks.keys))
+        fleet = getattr(self.live, "fleet", None)
+        if fleet is not None:
+            yield gauge("shroud_store_reachable", "1 while this instance's last heartbeat "
+                        "reached the store (lib/proxy/fleet.py), else 0.", int(fleet.reachable))
 
     def _per_hostname(self, bindings):
         """Series for the top names by traffic, the rest summed into OTHER: bounded."""
