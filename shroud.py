@@ -18,8 +18,14 @@ if __name__ == "__main__":
 
     reexec_with_jemalloc()
     # Patch before anything else imports socket or threading.
-    from gevent import monkey
+    try:
+        from gevent import monkey
+    except ImportError:
+        import sys
 
+        sys.exit("shroud: gevent is not installed for this Python: run the client with the "
+                 "project's virtual environment, .venv/bin/python shroud.py ... "
+                 "(./scripts/setup.sh creates it)")
     monkey.patch_all()
 
 import argparse

@@ -195,6 +195,14 @@ def assert_refused_before_start(r: subprocess.CompletedProcess, message: str, da
     assert not os.path.exists(os.path.join(data_dir, "tor")), "tor was started"
 
 
+def test_outside_the_virtual_environment_says_how_to_run_it():
+    r = run(["-S", "shroud.py", "--version"])  # no site-packages: no gevent
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "shroud: gevent is not installed for this Python: run the client with the project's "
+        "virtual environment, .venv/bin/python shroud.py ... (./scripts/setup.sh creates it)")
+
+
 def test_bad_port_exits_before_tor_starts(tmp_path):
     # --tor launch is the default: before, Tor was launched (and bootstrapped) before --proxy
     # was read.

@@ -25,6 +25,13 @@ from tests.support.wait import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+ARTIFACTS = os.path.join(ROOT, "artifacts")  # tmux captures of the console (gitignored)
+
+
+def save_capture(name: str, text: str) -> None:
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with open(os.path.join(ARTIFACTS, name), "w") as f:
+        f.write(text)
 
 
 class Tmux:
@@ -119,6 +126,7 @@ def test_real_client_console_shows_forwarding_identity_and_connections(tmp_path,
         rows = re.findall(r"^\d\d:\d\d:\d\d\s+127\.0\.0\.1:\d+\s+web\.test\s+\S+\s+\S+\s+"
                           r"[\d.]+s\s+ok\s*$", screen, re.M)
         assert len(rows) == 2, screen
+        save_capture("console-direct.txt", screen)
         t.keys("C-c")
         wait_for(lambda: "CLIENT-EXIT=0" in t.history(), "the client to stop on Ctrl-C",
                  timeout=20)
@@ -148,6 +156,7 @@ def test_console_over_tor_shows_tor_state_and_each_tunnels_exit(tmp_path, tmux_r
             return len(rows) == 2 and all(r in exits for r in rows) and screen
 
         screen = wait_for(exits_shown, "both tunnels online with their Tor exit", timeout=120)
+        save_capture("console-tor.txt", t.history())
         assert re.search(r"^Tor: ready, launched, SOCKS 127\.0\.0\.1:\d+$", screen, re.M), screen
         assert screen.count("Forwarding http://web.test") == 2, screen
         history = t.history()
