@@ -713,6 +713,14 @@ def test_fleet_view_and_blocks_made_by_another_instance(proxy, config):
     member.beat()
     f = client.get("/api/fleet", headers=bearer()).json
     assert [n["name"] for n in f["names"]] == ["a.test"]
+    assert "shroud_store_reachable 1.0" in client.get("/metrics", headers=bearer()).text
+    # A key blocked elsewhere: its tunnels here are cut.
+    tunnel = next(iter(proxy.registry.tunnels.values()))
+    other = ownership.OwnershipStore(proxy.store.path)
+    other.block_key(KEY_A, "op-elsewhere")
+    other.close()
+    member.refresh_blocks()
+    assert proxy.registry.tunnels == {} and tunnel.session.closed
     login(client)
     page = client.get("/fleet")
     assert page.status_code == 200 and b'id="instances"' in page.data
