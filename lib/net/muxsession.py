@@ -224,7 +224,7 @@ class Stream:
             conn = session._conn
             room = conn.config.write_high_water - conn.unsent_size
             if room <= 0:
-                session._wait_drained(deadline, self)
+                session._wait_room(deadline, self)
                 continue
             window = conn.send_window(self.id)
             if window < len(view) and window < mp.SEND_THRESHOLD:
@@ -341,8 +341,10 @@ class Session:
         self._backlog: deque[Stream] = deque()
         self._accept_waiter = Event()
         self._writer_wake = Event()
-        self._drained = Event()
-        self._drained.set()
+        # Set while the output is below half the high-water mark: writers at the mark wait for
+        # it (hysteresis: they resume in bulk, not a frame at a time).
+        self._room = Event()
+        self._room.set()
         self._done = Event()
         self._end: SessionEnd | None = None
         self.stats = SessionStats()
@@ -442,14 +444,13 @@ class Session:
 
     def _wake_writer(self) -> None:
         if self._conn.outgoing_size:
-            self._drained.clear()
             self._writer_wake.set()
 
-    def _wait_drained(self, deadline: float | None, stream: Stream) -> None:
-        if self._conn.outgoing_size:
-            self._drained.clear()
+    def _wait_room(self, deadline: float | None, stream: Stream) -> None:
+        if self._conn.unsent_size >= self.config.write_high_water // 2:
+            self._room.clear()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._drained.wait(timeout):
+        if not self._room.wait(timeout):
             raise StreamTimeout(f"stream {stream.id}: send timed out (transport is slow)")
 
     def _consumed(self, stream: Stream, n: int) -> None:
@@ -460,6 +461,7 @@ class Session:
     def _write_loop(self) -> None:
         conn = self._conn
         wake = self._writer_wake
+        half = self.config.write_high_water // 2
         try:
             while True:
                 wake.wait()
@@ -470,8 +472,10 @@ class Session:
                     self._transport.sendall(data)
                     conn.batch_written()
                     self._last_progress = time.monotonic()
+                    if conn.unsent_size < half:
+                        self._room.set()
                     data = conn.data_to_send(WRITE_BATCH)
-                self._drained.set()
+                self._room.set()
                 if self._end is not None:
                     return
         except (OSError, ValueError) as e:
@@ -638,7 +642,7 @@ class Session:
                 st._wake()
         self._streams.clear()
         self._accept_waiter.set()
-        self._drained.set()
+        self._room.set()
         self._writer_wake.set()
         current = gevent.getcurrent()
         for g in (self._reader, self._writer, self._heartbeat):
