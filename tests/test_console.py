@@ -165,3 +165,35 @@ def test_console_over_tor_shows_tor_state_and_each_tunnels_exit(tmp_path, tmux_r
     finally:
         for p in (*proxies, origin):
             p.stop()
+
+
+class _NoTunnels:
+    def status(self):
+        return []
+
+
+def test_plain_connection_log_is_rate_limited_and_the_panel_bounded(caplog):
+    """Visitors decide how many connections there are: past the burst, lines are dropped and
+    the next logged one says how many; the panel keeps the last CONNECTION_ROWS."""
+    import logging
+
+    from lib.client import console as consolemod
+    from lib.client.tunnels import StreamRecord
+
+    now = [0.0]
+    c = consolemod.Console(_NoTunnels(), "ab" * 32, "none", live=False,
+                           monotonic=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="shroud.client")
+    pushed = consolemod.CONNECTION_LOG_BURST * 5
+    for i in range(pushed):
+        c.stream_done(StreamRecord(started=0, proxy="p:1", visitor=f"192.0.2.1:{i}", name="n"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("visitor ")]
+    assert len(lines) == consolemod.CONNECTION_LOG_BURST
+    assert c.connection_count == pushed
+    assert len(c.connections) == consolemod.CONNECTION_ROWS
+    assert c.connections[-1].visitor == f"192.0.2.1:{pushed - 1}"
+    now[0] += 1.0  # a second later: CONNECTION_LOG_RATE more lines, the first counting the gap
+    c.stream_done(StreamRecord(started=0, proxy="p:1", visitor="192.0.2.9:1", name="n"))
+    last = [r.getMessage() for r in caplog.records if r.getMessage().startswith("visitor ")][-1]
+    dropped = pushed - consolemod.CONNECTION_LOG_BURST
+    assert f"({dropped} connections before this one not logged)" in last

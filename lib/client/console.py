@@ -3,6 +3,7 @@
 Public API::
 
     console = Console(client, fingerprint, tor_mode, live=True, stream=sys.stderr)
+                                 # clock=time.time, monotonic=time.monotonic: injectable
     console.start()              # live: a rich Live panel owns the bottom of the terminal, and
                                  # every log record prints above it (never into it)
     console.tor_progress(percent, summary)   # start_tor's progress callback
@@ -81,7 +82,8 @@ class LiveLogHandler(logging.Handler):
 
 class Console:
     def __init__(self, client, fingerprint: str, tor_mode: str, live: bool,
-                 stream=None, clock: Callable[[], float] = time.time):
+                 stream=None, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
         self.client = client
         self.fingerprint = fingerprint
         self.live = live
@@ -94,7 +96,7 @@ class Console:
         self.connection_count = 0
         self.dirty = False
         self._last: dict = {}  # tunnel index -> last state seen (plain mode)
-        self._log_limit = RateLimit(CONNECTION_LOG_RATE, CONNECTION_LOG_BURST)
+        self._log_limit = RateLimit(CONNECTION_LOG_RATE, CONNECTION_LOG_BURST, monotonic)
         self._live: Live | None = None
         self._handler: LiveLogHandler | None = None
         self._saved_handlers: list = []
