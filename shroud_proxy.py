@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under gunicorn: serve the dashboard, WebSocket tunnels at "
                         "/_shroud/tunnel and public HTTP by Host all on gunicorn's port (on "
                         "by itself when only $PORT is set) [env SHROUD_ONE_PORT]")
+    p.add_argument("--allow-loopback-names", action="store_true",
+                   default=os.environ.get("SHROUD_ALLOW_LOOPBACK_NAMES", "") not in ("", "0"),
+                   help="let tunnels bind names under .localhost, which browsers send only to "
+                        "this machine (a demo on one machine; never on a public proxy) "
+                        "[env SHROUD_ALLOW_LOOPBACK_NAMES]")
     p.add_argument("--print-fingerprint", action="store_true",
                    help="print the tunnel certificate's SHA-256 fingerprint and exit")
     return p
@@ -124,7 +129,8 @@ def config_from_args(args):
         data_dir=args.data_dir, tunnel_addr=args.tunnel_addr or None,
         https_addr=args.https_addr or None, http_addr=args.http_addr or None,
         admin_addr=args.admin_addr or None, cert=args.cert, key=args.key,
-        hostname=args.hostname, public_host=args.public_host,
+        hostname=args.hostname, public_host=args.public_host, own_names=own_names(args),
+        allow_loopback_names=args.allow_loopback_names,
         tcp_ports=parse_port_ranges(args.tcp_ports), allowlist=args.allowlist,
         dns_resolver=args.dns_resolver, tofu=not args.no_tofu,
         allow_unsigned=tuple(x.strip() for x in (args.allow_unsigned or "").split(",") if x.strip()),
@@ -138,6 +144,14 @@ def config_from_args(args):
                                  claim_burst=int(args.claim_burst),
                                  claims_per_hour=float(args.claims_per_hour),
                                  expiry_days=float(args.claim_expiry_days)))
+
+
+def own_names(args, environ=os.environ) -> tuple[str, ...]:
+    """The proxy's names besides --hostname: --admin-hosts and the platform's app name (the
+    one-port router serves the dashboard on them; no tunnel may bind them)."""
+    hosts = [h.strip() for h in args.admin_hosts.split(",")]
+    hosts.append(environ.get("HEROKU_APP_DEFAULT_DOMAIN_NAME", ""))
+    return tuple(h for h in hosts if h)
 
 
 def admin_settings(args) -> dict:
@@ -249,9 +263,7 @@ WORKER_BOOT_ERROR = 3
 def _start_one_port(args, proxy, worker) -> None:
     from lib.proxy.oneport import TUNNEL_PATH, OnePortRouter
 
-    hosts = [args.hostname, *(h.strip() for h in args.admin_hosts.split(",")),
-             os.environ.get("HEROKU_APP_DEFAULT_DOMAIN_NAME", "")]
-    worker.shroud_router = OnePortRouter(proxy, [h for h in hosts if h],
+    worker.shroud_router = OnePortRouter(proxy, [args.hostname, *own_names(args)],
                                          trust_forwarded_for=trust_forwarded_for(args))
     for sock in getattr(worker, "sockets", []):
         try:

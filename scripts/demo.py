@@ -298,7 +298,8 @@ class Demo:
                     "--tunnel-addr", f"127.0.0.1:{tunnel_ports[i]}",
                     "--https-addr", f"127.0.0.1:{https_ports[i]}",
                     "--http-addr", f"127.0.0.1:{http_ports[i]}",
-                    "--hostname", f"proxy{i}.demo.test"]
+                    "--hostname", f"proxy{i}.demo.test",
+                    "--allow-loopback-names"]  # the site is a .localhost name
             env = {"SHROUD_ADMIN_PASSWORD_HASH": pw_hash, "SHROUD_ADMIN_TOKEN": self.token}
             if i == 2:
                 env.update(SHROUD_ARGS=" ".join(args),

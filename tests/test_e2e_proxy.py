@@ -113,16 +113,34 @@ def test_wildcard_binding_routes_subdomains(world):
     assert status == 200 and body == b"hello from origin\n"
 
 
-def test_host_routing_and_keepalive(world):
+def test_each_request_reaches_its_own_hosts_origin(world):
+    """Issue 11 item 4. A visitor (or a front pooling connections) sends requests for two
+    names on one keep-alive connection: each reaches its own name's origin. The proxy carries
+    one exchange per public connection (the answer says Connection: close, and http.client
+    opens the next connection by itself); routing a whole connection by its first Host used to
+    send pp.test's request, cookie included, to web.test's origin."""
     before = world["proxy"].status()["connections"]
     c = http_conn(world)
-    for _ in range(20):
-        c.request("GET", "/hello", headers={"Host": "WEB.test:80"})
+    for host in ("web.test", "pp.test", "WEB.test:80", "pp.test"):
+        c.request("GET", "/peer", headers={"Host": host, "Cookie": f"session-for={host}"})
         r = c.getresponse()
-        assert r.status == 200 and r.read() == b"hello from origin\n"
+        info = json.loads(r.read())
+        assert r.status == 200 and r.getheader("Connection") == "close"
+        # pp.test's origin reads a PROXY header (its client sends one); web.test's does not.
+        assert info["proxy_header"].startswith("PROXY ") == host.startswith("pp."), (host, info)
     c.close()
-    # 20 requests, one public connection, one stream.
-    assert world["proxy"].status()["connections"] - before == 1
+    assert world["proxy"].status()["connections"] - before == 4
+
+
+def test_pipelined_second_request_reaches_no_origin(world):
+    s = socket.create_connection(("127.0.0.1", world["proxy"].ports["http"]), timeout=30)
+    s.sendall(b"GET /peer HTTP/1.1\r\nHost: web.test\r\n\r\n"
+              b"GET /peer HTTP/1.1\r\nHost: pp.test\r\nCookie: secret=1\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    assert data.count(b"HTTP/1.") == 1 and b"pp.test" not in data, data
 
 
 def test_http_to_tls_only_name_redirects_to_https(world):

@@ -370,9 +370,10 @@ class _PublicKeyOnly:
         return bytes(64)  # cannot sign for a key it does not hold
 
 
-def test_claimed_key_without_proof_neither_counts_nor_evicts(world):
+def test_claimed_key_without_proof_neither_locks_out_nor_evicts(world):
     """Auth's key is a claim; only a signed bind proves it. Eight tunnels claiming the
-    victim's key (the per-key limit) must not lock the victim out, and a claim with the
+    victim's key (the per-key limit, counted at Auth) must not lock the victim out: at the
+    limit the oldest unproven claim makes room, never a proven tunnel; and a claim with the
     victim's client id must not kick its live tunnel."""
     proxy = world["proxy"]
     victim = Identity.load_or_create(str(world["dir"] / "client"))
@@ -382,7 +383,9 @@ def test_claimed_key_without_proof_neither_counts_nor_evicts(world):
             a = Attacker(proxy, _PublicKeyOnly(victim))
             a.auth()
             squatters.append(a)
-        assert squatters[0].bind("squat.test").error  # the forged signature is refused
+        assert squatters[-1].bind("squat.test").error  # the forged signature is refused
+        claiming = [t for t in proxy.status()["tunnels"] if t["key"] == victim.fingerprint]
+        assert len(claiming) <= 8  # claims count at Auth (issue 11 item 11)
         # The victim's tunnel is still there, still serving; its client id cannot be stolen
         # by a claim either.
         victim_tunnels = [t for t in proxy.status()["tunnels"] if t["key"] == victim.fingerprint]

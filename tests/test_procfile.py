@@ -300,6 +300,28 @@ def test_pooled_router_connection_is_not_handed_to_an_attackers_origin(platform,
                 p.stop()
 
 
+def test_the_proxys_own_names_cannot_be_bound_in_one_port_mode(platform):
+    """Issue 11 item 5: the admin host (SHROUD_HOSTNAME, here localhost) and addresses are
+    reserved to the proxy; a fresh key's binds for them are refused."""
+    d = platform["dir"]
+    squatter = ClientProc(str(d), str(d / "client-squat"),
+                          ["http:localhost", f"127.0.0.1:{platform['http_origin'].port}",
+                           "http:127.0.0.1", f"127.0.0.1:{platform['http_origin'].port}",
+                           "http:squat-ok.test", f"127.0.0.1:{platform['http_origin'].port}"],
+                          [platform["tunnel_url"]], name="client-squat",
+                          extra=["--proxy-ca", platform["ca_pem"]])
+    try:
+        wait_bound(platform, "squat-ok.test")
+        squatter.wait_log("localhost is reserved")
+        squatter.wait_log("127.0.0.1 is reserved")
+        tunnel = wait_bound(platform, "squat-ok.test")
+        assert tunnel["names"] == ["squat-ok.test"]
+        code, body = front_get(platform, "localhost", "/healthz")  # still the dashboard
+        assert code == 200 and json.loads(body) == {"ok": True}
+    finally:
+        squatter.stop()
+
+
 def test_dashboard_on_own_hostname_only(platform):
     code, body = front_get(platform, "localhost", "/healthz")
     assert code == 200 and json.loads(body) == {"ok": True}

@@ -95,6 +95,7 @@ REASON_WRONG_PROXY = "wrong-proxy"            # the signature names another prox
 REASON_NOT_ALLOWED = "not-allowed"            # no rule lets this key bind this name
 REASON_LIMIT = "limit"                        # too many tunnels / binds
 REASON_INTERNAL = "internal"
+REASON_RESERVED = "reserved"                  # the proxy's own names, addresses, localhost, .onion
 # The proxy's ownership store (its fleet's database) cannot be reached: nothing is wrong with the
 # bind; the client asks again soon (lib/client/tunnels.py), live bindings keep serving.
 REASON_STORE_UNAVAILABLE = "store-unavailable"

@@ -29,6 +29,7 @@ The rules, in order; the first that speaks answers (``blocks`` is a lib.proxy.ow
     tunnel holds max_binds_per_tunnel names      limit                   limit_binds
     tcp port the operator does not offer         not-allowed             not_allowed
     host name invalid                            invalid-hostname        bad_bind
+    name reserved (lib/proxy/names.py)           reserved                reserved_name
     keyed tunnel, bind's proxy id malformed      bad-request             bad_bind
     keyed tunnel, signed for another proxy       wrong-proxy             wrong_proxy
     keyed tunnel, signature missing or invalid   bad-signature           ownership
@@ -47,12 +48,13 @@ what they may bind (its allow_unsigned patterns).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from lib.identity import verify_bind
 from lib.protocol import messages as msg
 from lib.protocol.sniff import normalize_hostname
+from lib.proxy.names import ReservedNames
 
 PROTOCOLS = ("tls", "https", "http", "tcp")
 
@@ -74,6 +76,9 @@ class BindRules:
     max_binds_per_tunnel: int = 256
     tcp_ports: frozenset = frozenset()
     public_host: str = "127.0.0.1"  # tcp binds are reported as tcp://public_host:PORT
+    # Names no tunnel may bind (the proxy's own, addresses, localhost, .onion): whoever holds
+    # the proxy's name passes ACME for it (docs/SECURITY.md, "Names reserved to the proxy").
+    reserved: ReservedNames = field(default_factory=ReservedNames)
 
 
 class BindRequest(NamedTuple):
@@ -159,6 +164,11 @@ def name_and_url(request: BindRequest, rules: BindRules) -> BindAnswer:
         name = normalize_hostname(request.hostname, allow_wildcard=True)
     except ValueError as e:
         return _refuse(msg.REASON_INVALID_HOSTNAME, f"invalid hostname: {e}", "bad_bind")
+    why = rules.reserved.reason(name)
+    if why is not None:
+        # Before any ownership rule: nothing is recorded for a reserved name.
+        return _refuse(msg.REASON_RESERVED, f"{name} is reserved: it is {why}",
+                       "reserved_name", name)
     return BindAnswer(ACCEPT, name=name, url=f"{protocol}://{name}")
 
 

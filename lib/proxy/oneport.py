@@ -49,7 +49,7 @@ from lib.protocol import http1
 from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
-from lib.net.httpexchange import OneExchangeSocket, OneRequestSocket, ReplaySocket
+from lib.net.httpexchange import OneRequestSocket, ReplaySocket
 from lib.net.sockets import send_quietly
 from lib.proxy.routing import PeekTimeout, peek_name
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
@@ -119,17 +119,17 @@ class OnePortRouter:
             return OneRequestSocket(sock, data)
         if self._misdirected(sock, name, is_tunnel_path and is_upgrade):
             return None
-        # A bound name (or an unknown one: 404), as on the http listener: one exchange, raw
-        # both ways only after the origin's 101 (lib.net.httpexchange).
-        self.proxy.router.route(OneExchangeSocket(sock, data), peer, "http",
-                                sniff.sniff_http_host, ROUTE_BY_HOST)
+        # A bound name (or an unknown one: 404), as on the http listener, which carries one
+        # exchange, raw both ways only after the origin's 101 (lib.net.httpexchange).
+        self.proxy.router.route(ReplaySocket(sock, data), peer, "http", sniff.HTTPHostSniffer,
+                                ROUTE_BY_HOST)
         return None
 
     def _peek(self, sock, address) -> tuple[str | None, bytes]:
         """The request's Host and head; (None, b"") when the connection was answered here."""
         proxy = self.proxy
         try:
-            name, head = peek_name(sock, sniff.sniff_http_host, proxy.config.peek_timeout)
+            name, head = peek_name(sock, sniff.HTTPHostSniffer, proxy.config.peek_timeout)
             if name is None:
                 sock.close()
                 return None, b""
@@ -143,7 +143,7 @@ class OnePortRouter:
             # The http listener's code answers (400 / 405 / 431) and counts it, at once: the
             # replayed bytes fail the same way.
             proxy.router.route(ReplaySocket(sock, e.peeked), address, "http",
-                               sniff.sniff_http_host, ROUTE_BY_HOST)
+                               sniff.HTTPHostSniffer, ROUTE_BY_HOST)
             return None, b""
         except OSError:
             sock.close()

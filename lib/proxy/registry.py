@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter, deque
+from typing import Callable
 
 from lib.hostport import format_hostport
 from lib.protocol.sniff import wildcard_candidates
@@ -175,6 +176,13 @@ class Registry:
         self.history = RateHistory()
         self.started = time.time()
         self.listeners: dict[str, str] = {}
+        # Called with each Binding that leaves the table (its last tunnel went, or it was
+        # unbound): the proxy closes a tcp:PORT listener nobody is bound to any more.
+        self.on_unbound: Callable[[Binding], None] | None = None
+
+    def _gone(self, binding: Binding) -> None:
+        if self.on_unbound is not None:
+            self.on_unbound(binding)
 
     def add_listener(self, name: str, address) -> None:
         """Show a listener in the status views; ``address`` is (host, port, ...) as bound."""
@@ -191,13 +199,17 @@ class Registry:
         return [t for t in self.tunnels.values()
                 if t.key == key and key is not None and t.proven]
 
+    def tunnels_claiming(self, key: str | None) -> list[Tunnel]:
+        """Every live tunnel whose Auth named ``key``, proven or not, oldest first."""
+        return [t for t in self.tunnels.values() if t.key == key and key is not None]
+
     def remove_tunnel(self, tunnel: Tunnel) -> None:
         self.tunnels.pop(tunnel.id, None)
         for b in list(tunnel.bindings):
             if tunnel in b.tunnels:
                 b.tunnels.remove(tunnel)
-            if not b.tunnels:
-                self.bindings.pop((b.protocol, b.name), None)
+            if not b.tunnels and self.bindings.pop((b.protocol, b.name), None) is not None:
+                self._gone(b)
         tunnel.bindings.clear()
 
     def existing(self, protocol: str, name: str) -> Binding | None:
@@ -214,10 +226,12 @@ class Registry:
         return b
 
     def unbind(self, binding: Binding) -> None:
-        self.bindings.pop((binding.protocol, binding.name), None)
+        popped = self.bindings.pop((binding.protocol, binding.name), None)
         for t in binding.tunnels:
             t.bindings.discard(binding)
         binding.tunnels.clear()
+        if popped is not None:
+            self._gone(popped)
 
     def lookup(self, protocols: tuple[str, ...], hostname: str) -> Binding | None:
         for candidate in wildcard_candidates(hostname):

@@ -6,15 +6,17 @@ Public API::
     router.handle_https(sock, address)    # the listeners' handlers
     router.handle_http(sock, address)
     router.handle_tcp(sock, address)
-    router.route(sock, address, kind, sniffer, protocols)   # peek, choose, forward or refuse
+    router.route(sock, address, kind, new_sniffer, protocols)   # peek, choose, forward or refuse
     router.choose(kind, name, protocols) -> Route           # the decision alone (no I/O)
     router.forward(sock, address, route, peeked, fallback, kind)
-    peek_name(sock, sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
+    peek_name(sock, new_sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
+        # new_sniffer: lib.protocol.sniff.TLSNameSniffer or HTTPHostSniffer (fed each read)
 
 The decision, in order (``kind`` is the listener: "tls" by SNI, "http" by Host; tcp binds go
 by port straight to the binding)::
 
     the public connection asks for             we answer (http / tls)          counter
+    a reserved name (lib/proxy/names.py)       404 / unrecognized_name         reserved_name
     a blocked name (or under a blocked *.)     403 / access_denied             blocked
     a name bound for its kind (exact, then     forward through the binding's
       the nearest wildcard)                      least-busy live tunnel
@@ -40,12 +42,14 @@ import gevent
 
 from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import format_hostport
+from lib.net.httpexchange import OneExchangeSocket
 from lib.net.sockets import send_quietly, set_nodelay
 from lib.net.splice import splice
 from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol.httphead import http_error_response, parse_request_head, split_head
 from lib.protocol.sniff import ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME
+from lib.proxy.names import ReservedNames
 from lib.proxy.ownership import Blocks
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
 
@@ -89,11 +93,18 @@ class PublicRouter:
         self.registry = registry
         self.blocks = blocks          # () -> the operator's blocks now
         self.pool_full = pool_full    # () -> whether this connection took the last slot
+        self.reserved = ReservedNames.for_config(config)
 
     # --- the decision ---------------------------------------------------------------------
 
     def choose(self, kind: str, name: str, protocols: tuple[str, ...]) -> Route:
         """Where a public connection for ``name`` goes (see the module docstring's table)."""
+        if self.reserved.reason(name) is not None:
+            # Never a tunnel's, whatever is bound (a binding made before the name was
+            # reserved, a wildcard): the proxy's own names answer only for the proxy.
+            return _refused("reserved_name", 404, "Not Found",
+                            f"{name} is not served through this proxy.\n",
+                            ALERT_UNRECOGNIZED_NAME)
         if self.blocks().covering(name) is not None:
             return _refused("blocked", 403, "Forbidden",
                             f"{name} is blocked by this proxy's operator.\n", ALERT_ACCESS_DENIED)
@@ -120,10 +131,10 @@ class PublicRouter:
     # --- the listeners' handlers ----------------------------------------------------------
 
     def handle_https(self, sock, address) -> None:
-        self.route(sock, address, "tls", sniff.sniff_tls_sni, ROUTE_BY_SNI)
+        self.route(sock, address, "tls", sniff.TLSNameSniffer, ROUTE_BY_SNI)
 
     def handle_http(self, sock, address) -> None:
-        self.route(sock, address, "http", sniff.sniff_http_host, ROUTE_BY_HOST)
+        self.route(sock, address, "http", sniff.HTTPHostSniffer, ROUTE_BY_HOST)
 
     def handle_tcp(self, sock, address) -> None:
         port = sock.getsockname()[1]
@@ -143,11 +154,15 @@ class PublicRouter:
             # one ends (the kernel's backlog holds the next ones). Tunnels have their own pool.
             self.registry.count_refusal("limit_public_connections")
 
-    def route(self, sock, address, kind: str, sniffer, protocols) -> None:
+    def route(self, sock, address, kind: str, new_sniffer, protocols) -> None:
         """Serve one public connection on a ``kind`` ("tls" or "http") listener: peek its
-        name with ``sniffer``, then forward it or answer the refusal (sock is closed)."""
+        name with a ``new_sniffer()``, then forward it or answer the refusal (sock is closed).
+
+        An HTTP connection carries one exchange (lib.net.httpexchange.OneExchangeSocket): a
+        second request on it would otherwise reach this request's origin, whatever its Host
+        (docs/SECURITY.md, "One exchange per routed connection")."""
         self._accepted(sock)
-        name, peeked = self._peek(sock, kind, sniffer)
+        name, peeked = self._peek(sock, kind, new_sniffer)
         if name is None:
             return
         route = self.choose(kind, name, protocols)
@@ -155,15 +170,19 @@ class PublicRouter:
             send_quietly(sock, _redirect_to_https(name, peeked))
             sock.close()
             return
-        fallback = (sniff.http_error_response(502, "Bad Gateway",
-                                              f"The origin of {name} is not reachable.\n")
-                    if kind == "http" else None)
+        fallback = None
+        if kind == "http":
+            fallback = sniff.http_error_response(502, "Bad Gateway",
+                                                 f"The origin of {name} is not reachable.\n")
+            if route.action == FORWARD:
+                # The head is replayed by the exchange (with Connection: close), not by forward.
+                sock, peeked = OneExchangeSocket(sock, peeked), b""
         self.forward(sock, address, route, peeked, fallback, kind)
 
-    def _peek(self, sock, kind: str, sniffer) -> tuple[str | None, bytes]:
+    def _peek(self, sock, kind: str, new_sniffer) -> tuple[str | None, bytes]:
         """The connection's name and the bytes read; (None, ...) when it was answered here."""
         try:
-            name, peeked = peek_name(sock, sniffer, self.config.peek_timeout)
+            name, peeked = peek_name(sock, new_sniffer, self.config.peek_timeout)
         except PeekTimeout:
             self.registry.count_refusal("peek_timeout")
             refuse(sock, kind, Refusal("peek_timeout", 408, "Request Timeout",
@@ -205,12 +224,16 @@ class PublicRouter:
         # Only a Shroud client (it has a key) is told the listener: go-tunnel's StartProxy has
         # exactly two fields, and the original client is checked byte for byte against it.
         public_addr = _public_addr(sock) if tunnel.key is not None else None
+        # Counted before the first call that can yield (sendall waits for the writer): the
+        # limit choose_tunnel checked must hold for every connection that passed it at once.
+        tunnel.streams_open += 1
         stream = None
         try:
             stream = tunnel.session.open()
             stream.sendall(msg.encode(msg.StartProxy(url=binding.url, client_addr=client_addr,
                                                      public_addr=public_addr)) + peeked)
         except MuxError as e:
+            tunnel.streams_open -= 1
             registry.count_refusal("tunnel_lost", binding)
             log.info("stream to tunnel %d failed: %s", tunnel.id, e)
             if stream is not None:
@@ -219,7 +242,6 @@ class PublicRouter:
                                        "The tunnel is down.\n", ALERT_INTERNAL_ERROR))
             return
         binding.connections += 1
-        tunnel.streams_open += 1
         tunnel.streams_total += 1
         registry.count_bytes(binding, tunnel, n_in=len(peeked))
         # Sizes and names only: the bytes themselves are never logged (docs/SECURITY.md).
@@ -280,15 +302,20 @@ def _lingering_close(sock) -> None:
             pass
 
 
-def peek_name(sock, sniffer, timeout: float) -> tuple[str | None, bytes]:
-    """Read a public connection's first bytes until ``sniffer`` finds its name; nothing read is
-    lost: the bytes come back for replay. ``(None, peeked)`` when the peer closed first.
+def peek_name(sock, new_sniffer, timeout: float) -> tuple[str | None, bytes]:
+    """Read a public connection's first bytes until a ``new_sniffer()`` (lib.protocol.sniff's
+    TLSNameSniffer or HTTPHostSniffer), fed each read, finds its name; nothing read is lost:
+    the bytes come back for replay. ``(None, peeked)`` when the peer closed first. The sniffer
+    looks at each byte once: a peer splitting its hello or head into tiny pieces costs time
+    linear in what it sends (re-sniffing the whole buffer after each read cost 6-7 s of CPU
+    for a 20 KiB hello in 1-byte records, docs/OPERATIONS.md).
 
     :raises PeekTimeout: after ``timeout`` seconds in all (slow senders are cut here).
     :raises lib.protocol.sniff.SniffError: the bytes are not what the listener speaks, or too many
         (its ``peeked`` attribute holds what was read).
     """
     peeked = bytearray()
+    sniffer = new_sniffer()
     try:
         with gevent.Timeout(timeout):
             while True:
@@ -297,7 +324,7 @@ def peek_name(sock, sniffer, timeout: float) -> tuple[str | None, bytes]:
                     return None, bytes(peeked)
                 peeked += data
                 try:
-                    name = sniffer(bytes(peeked))
+                    name = sniffer.feed(data)
                 except sniff.SniffError as e:
                     e.peeked = bytes(peeked)  # for a caller that replays them elsewhere
                     raise

@@ -14,7 +14,8 @@ Public API::
     proxy.fleet              # this instance in its fleet (lib.proxy.fleet.FleetMember), once
                              # started; the store's live registry and blocks made elsewhere
     proxy.add_listener(name, server)   # show a listener started elsewhere in the status views
-    proxy.open_tcp_port(port) -> bool  # a raw TCP listener for a tcp bind (idempotent)
+    proxy.open_tcp_port(port) -> bool  # a raw TCP listener for a tcp bind (idempotent); it
+                                       # closes when the port's last binding goes
     proxy.stop()
     parse_addr("HOST:PORT") -> (host, port);  parse_port_ranges("20000-20100,22") -> frozenset
 
@@ -94,6 +95,10 @@ class ProxyConfig:
     cert: str | None = None
     key: str | None = None
     hostname: str = "shroud-proxy"  # the proxy's own name (tunnel certificate, dashboard)
+    # More names of this proxy (one-port admin hosts, the platform's app name): like hostname,
+    # no tunnel may bind them (lib/proxy/names.py).
+    own_names: tuple[str, ...] = ()
+    allow_loopback_names: bool = False  # tunnels may bind names under .localhost (demos)
     public_host: str = "127.0.0.1"  # host tcp binds are reported under (tcp://HOST:PORT)
     tcp_ports: frozenset[int] = frozenset()
     tcp_bind_host: str = "0.0.0.0"
@@ -171,6 +176,7 @@ class ProxyServer:
                                    pool_full=self._public_pool.full)
         self.actions = OperatorActions(self.registry, self.store)
         self.fleet = None  # this instance's FleetMember once started (lib/proxy/fleet.py)
+        self.registry.on_unbound = self._binding_gone
 
     def _make_policy(self):
         from lib.proxy.ownership import OwnershipPolicy
@@ -233,6 +239,18 @@ class ProxyServer:
             return False
         self.tcp_servers[port] = server
         return True
+
+    def _binding_gone(self, binding) -> None:
+        """A tcp:PORT binding's last tunnel went: stop listening on PORT (a later bind opens
+        it again). close(), not stop(): stop() would also kill every handler of the public
+        pool the listener shares with the other public listeners."""
+        if binding.protocol != "tcp":
+            return
+        port = int(binding.name.split(":", 1)[1])
+        server = self.tcp_servers.pop(port, None)
+        if server is not None:
+            server.close()
+            log.info("tcp listener on port %d closed: nothing is bound to it", port)
 
     def stop(self) -> None:
         if self.fleet is not None:

@@ -38,6 +38,7 @@ from lib.net.sockets import set_nodelay
 from lib.net.tlstransport import TLSTransport
 from lib.protocol import messages as msg
 from lib.proxy import bindpolicy
+from lib.proxy.names import ReservedNames
 from lib.proxy.ownership import Blocks, Decision
 from lib.proxy.registry import Registry, Tunnel
 
@@ -79,7 +80,8 @@ class TunnelService:
         self.peer_log = PeerLog()  # log lines a tunnel's peer triggers, per address
         self.rules = bindpolicy.BindRules(max_binds_per_tunnel=config.max_binds_per_tunnel,
                                           tcp_ports=frozenset(config.tcp_ports),
-                                          public_host=config.public_host)
+                                          public_host=config.public_host,
+                                          reserved=ReservedNames.for_config(config))
 
     def blocks(self) -> Blocks:
         return self.store.blocks() if self.store is not None else Blocks()
@@ -212,12 +214,37 @@ class TunnelService:
                 # go-tunnel did. A keyed one does so on its first signed bind (bind()): the key
                 # in Auth is only a claim until a signature proves it.
                 self.replace_stale(client_id, None, keep=None)
-            if fp and len(self.registry.tunnels_of_key(fp)) >= c.max_tunnels_per_key:
+            if fp and not self._room_for_key(fp, peer):
                 self.registry.count_refusal("limit_tunnels_per_key")
                 self._auth_refuse(stream, f"too many tunnels for this key "
                                           f"(limit {c.max_tunnels_per_key})", peer)
                 return None, None
             return self._accept_auth(session, stream, peer, transport_name, key, fp, client_id)
+
+    def _room_for_key(self, fp: str, peer: str) -> bool:
+        """Whether a new tunnel claiming key ``fp`` may be admitted.
+
+        Counted at Auth, every tunnel claiming the key: counting only those that proved it
+        let a key open any number of tunnels by authenticating them all before binding (issue
+        11: 40 against a limit of 8). At the cap, the oldest tunnel that has not proved the key
+        (bound nothing signed yet) makes room: a claim alone, which anyone who knows a public
+        key can make, must not lock the key's holder out (it gets in, and proves the key with
+        its first bind). Only proven tunnels at the cap refuse the newcomer.
+        """
+        claiming = self.registry.tunnels_claiming(fp)
+        if len(claiming) < self.config.max_tunnels_per_key:
+            return True
+        unproven = [t for t in claiming if not t.proven]
+        if not unproven:
+            return False
+        oldest = unproven[0]
+        self.peer_log.log(peer.rsplit(":", 1)[0], logging.INFO,
+                          "tunnel %d from %s: key %s at its tunnel limit; this unproven claim "
+                          "makes room for one from %s", oldest.id, oldest.peer, fp[:16], peer)
+        self.registry.count_refusal("limit_tunnels_per_key")
+        self.registry.remove_tunnel(oldest)
+        oldest.session.close(ErrorCode.NO_ERROR, "too many tunnels for this key")
+        return True
 
     def _auth_refusal(self, auth, peer: str) -> str | None:
         """Why an Auth message is refused before any state is made, or None."""

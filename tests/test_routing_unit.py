@@ -1,0 +1,120 @@
+"""lib.proxy.routing units with stand-ins for sockets and tunnels (this module only: the real
+router runs against real processes in tests/test_e2e_proxy.py and tests/test_e2e_hardening.py).
+
+- peek_name feeds each read to an incremental sniffer: a hello in 1-byte records, one record
+  per read, costs work linear in the bytes (issue 11 item 12; bench/sniff_cpu.py measures it).
+- The per-tunnel stream limit holds for connections that pass the check at once, while the
+  first stream's StartProxy is still being written (issue 11, code-read).
+"""
+from __future__ import annotations
+
+import types
+from collections import Counter
+
+import gevent
+import pytest
+
+from lib.protocol import sniff
+from lib.proxy import routing
+from lib.proxy.registry import Registry
+from lib.proxy.server import ProxyConfig
+
+
+class Reads:
+    """A socket whose recv returns the given pieces, one per call, then EOF."""
+
+    def __init__(self, pieces):
+        self.pieces = list(pieces)
+
+    def recv(self, n):
+        return self.pieces.pop(0) if self.pieces else b""
+
+
+def test_peek_name_work_is_linear_in_tiny_records(monkeypatch):
+    calls = []
+    check = sniff._check_record_header_prefix
+    monkeypatch.setattr(sniff, "_check_record_header_prefix",
+                        lambda head, first: calls.append(1) or check(head, first))
+    n = sniff.MAX_TLS_PEEK // 6  # 1-byte records up to the peek bound
+    hello = b"\x01" + (n - 4).to_bytes(3, "big") + b"\x03\x03" + b"\x00" * (n - 6)
+    records = [b"\x16\x03\x01\x00\x01" + hello[i:i + 1] for i in range(n)]
+    with pytest.raises(sniff.SniffError):  # the body is no ClientHello: refused at its end
+        routing.peek_name(Reads(records), sniff.TLSNameSniffer, timeout=60)
+    # Re-sniffing the whole buffer after each read checked ~n^2/2 = 5.8 M record headers.
+    assert len(calls) <= 2 * n
+
+
+def test_peek_name_returns_every_byte_read():
+    head = b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\nbody"
+    name, peeked = routing.peek_name(Reads([head[i:i + 3] for i in range(0, len(head), 3)]),
+                                     sniff.HTTPHostSniffer, timeout=5)
+    end = head.index(b"\r\n\r\n") + 4
+    assert name == "a.test" and head.startswith(peeked) and len(peeked) >= end
+
+
+class SlowStream:
+    """A stream whose sendall yields, as a mux stream's does while the writer is busy."""
+    id = 1
+
+    def sendall(self, data):
+        gevent.sleep(0.01)
+
+    def reset(self, code=None):
+        pass
+
+
+class Tunnel:
+    def __init__(self):
+        self.id, self.key, self.streams_open, self.streams_total = 1, None, 0, 0
+        self.bytes_in = self.bytes_out = 0
+        self.session = types.SimpleNamespace(open=SlowStream)
+
+
+class Binding:
+    def __init__(self, tunnel):
+        self.url, self.name, self.connections = "http://a.test", "a.test", 0
+        self.tunnels = [tunnel]
+        self.refusals = Counter()
+
+    def pick(self):
+        return self.tunnels[0]
+
+    def count(self, n_in=0, n_out=0):
+        pass
+
+
+class Public:
+    def __init__(self):
+        self.answer = b""
+
+    def sendall(self, data):
+        self.answer += data
+
+    def settimeout(self, t):
+        pass
+
+    def close(self):
+        pass
+
+    def getsockname(self):
+        return ("127.0.0.1", 80)
+
+
+def test_stream_limit_holds_while_start_proxy_is_being_written(monkeypatch):
+    limit = 4
+    config = ProxyConfig(max_streams_per_tunnel=limit, idle_timeout=None)
+    router = routing.PublicRouter(config, Registry())
+    tunnel = Tunnel()
+    binding = Binding(tunnel)
+    forwarded = []
+    monkeypatch.setattr(routing, "splice", lambda a, b, **kw: forwarded.append(b) or
+                        gevent.sleep(0.05) or (0, 0))
+
+    def visitor():
+        sock = Public()
+        router.forward(sock, ("127.0.0.1", 1), router.choose_tunnel(binding), b"", None, "http")
+        return sock.answer
+    answers = [g.get(timeout=10) for g in [gevent.spawn(visitor) for _ in range(3 * limit)]]
+    assert len(forwarded) == limit
+    assert sum(a.startswith(b"HTTP/1.0 503") for a in answers) == 2 * limit
+    assert tunnel.streams_open == 0
