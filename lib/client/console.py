@@ -170,7 +170,8 @@ class Console:
 
     def render(self) -> Group:
         rows = self.client.status()
-        head = Text.assemble(("Shroud client", "bold"), "   identity key ",
+        # Two lines: the 64-digit fingerprint fits an 80-column terminal on its own line.
+        head = Text.assemble(("Shroud client", "bold"), "\nidentity key ",
                              (self.fingerprint, "cyan"), "\nTor: ", self.tor_state)
         parts = [head, self._forwarding(rows), self._tunnels(rows)]
         if self.connections:
