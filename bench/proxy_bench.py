@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/proxy_bench.py [--runs 3] [--bulk-bytes 1073741824] [--wrk-seconds 10]
                                           [--idle 1000] [--ttfb-samples 200] [--no-readme]
+                                          [--phases idle,bulk,wrk,cost] [--fresh-conns 1000]
 
 Everything runs on 127.0.0.1 in one go, side by side, three paths to the same nginx origin:
 
@@ -20,6 +21,15 @@ and while --idle keep-alive connections are held open through the same path; and
 of the path's processes (proxy, client; sshd tree, ssh) per held connection. Each cell is the
 median of --runs runs; ssh and Shroud processes are started fresh for every run, so memory
 deltas are not hidden by memory kept from an earlier run.
+
+The ``cost`` phase uses a second origin that answers in one write (bench/single_write_origin.py,
+a 13-byte and a 1 KiB body, reached as ``http:one.test`` / a third ``-R``): nginx's two-write
+answers provoke ssh's Nagle/delayed-ACK stalls, which flatter Shroud's requests/s. It reports
+wrk requests/s at 1 and 64 connections, TTFB of --fresh-conns fresh connections, and the CPU
+the path itself burns: user+sys seconds (/proc/PID/stat) of proxy+client, or of the sshd tree
++ ssh, per 1,000 requests and per fresh connection. CPU seconds per request do not depend on
+how busy the shared cores are, so they are the figure to compare across runs; the ratios are
+against ssh -R measured in the same run.
 
 Results: progress lines on stderr, a table on stdout, and (unless --no-readme) the table
 between the proxy-bench markers in the "Proxy and client (--tor none) vs ssh -R vs direct"
@@ -56,7 +66,11 @@ README = os.path.join(ROOT, "bench", "README.md")
 SECTION = "## Proxy and client (--tor none) vs ssh -R vs direct"
 BEGIN, END = "<!-- proxy-bench:begin -->", "<!-- proxy-bench:end -->"
 PATHS = ("direct", "ssh", "shroud")
-TLS_NAME, HTTP_NAME = "app.test", "web.test"
+PHASES = ("idle", "bulk", "wrk", "cost")
+TLS_NAME, HTTP_NAME, ONE_NAME = "app.test", "web.test", "one.test"
+# The single-write origin's two answers (bench/single_write_origin.py): 13 bytes and 1 KiB.
+ONE_BODIES = {"small": "/small", "1k": "/1k"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 SMALL = "/small.txt"
 SMALL_BYTES = 1024  # a small static file: the request/response cost dominates, not the bytes
 PARALLEL = 16  # "16 at once" in the brief
@@ -154,6 +168,20 @@ def rss_kib(pids) -> int:
     return total
 
 
+def cpu_seconds(pids) -> float:
+    """user+sys CPU seconds of these processes so far (/proc/PID/stat utime and stime)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / CLK_TCK
+
+
 def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           stdin=subprocess.DEVNULL)
@@ -229,6 +257,17 @@ http {{
     return p, http_port, tls_port, ca
 
 
+def start_single_write(d: str) -> tuple[Proc, int]:
+    port = free_port()
+    p = Proc("single-write-origin", [PY, os.path.join(ROOT, "bench", "single_write_origin.py"),
+                                     str(port)], d)
+    try:
+        wait_port(port)
+    except TimeoutError:
+        raise RuntimeError(f"single-write origin did not start:\n{p.log_tail()}") from None
+    return p, port
+
+
 # --- the paths ---------------------------------------------------------------------------------
 
 
@@ -237,13 +276,18 @@ class Path:
 
     name = "?"
 
-    def __init__(self, http_port: int, tls_port: int):
+    def __init__(self, http_port: int, tls_port: int, one_port: int):
         self.http_port = http_port
         self.tls_port = tls_port
+        self.one_port = one_port  # HTTP to the single-write origin
         self.procs: list[Proc] = []
 
     def mem_pids(self) -> dict[str, list[int]]:
         return {}
+
+    def cpu_pids(self) -> list[int]:
+        """Every process of the path, read again each time (sshd forks per session)."""
+        return [pid for pids in self.mem_pids().values() for pid in pids]
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -258,7 +302,7 @@ class Direct(Path):
 class SshPath(Path):
     name = "ssh"
 
-    def __init__(self, d: str, origin_http: int, origin_tls: int):
+    def __init__(self, d: str, origin_http: int, origin_tls: int, origin_one: int):
         sd = os.path.join(d, "sshd")
         os.makedirs(sd, exist_ok=True)
         host_key, user_key = os.path.join(sd, "host_key"), os.path.join(sd, "user_key")
@@ -276,7 +320,7 @@ class SshPath(Path):
                     "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                     "AllowTcpForwarding yes\nGatewayPorts no\nUseDNS no\nPrintMotd no\n"
                     "MaxSessions 10\n")
-        super().__init__(free_port(), free_port())
+        super().__init__(free_port(), free_port(), free_port())
         self.sshd = Proc("sshd", ["/usr/sbin/sshd", "-f", conf, "-D", "-e"], d)
         self.procs.append(self.sshd)
         try:
@@ -288,6 +332,7 @@ class SshPath(Path):
             "ssh", "-N", "-F", "/dev/null",
             "-R", f"127.0.0.1:{self.http_port}:127.0.0.1:{origin_http}",
             "-R", f"127.0.0.1:{self.tls_port}:127.0.0.1:{origin_tls}",
+            "-R", f"127.0.0.1:{self.one_port}:127.0.0.1:{origin_one}",
             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
             "-i", user_key, "-p", str(sshd_port), "root@127.0.0.1"], d)
@@ -295,6 +340,7 @@ class SshPath(Path):
         try:
             wait_port(self.http_port)
             wait_port(self.tls_port)
+            wait_port(self.one_port)
         except TimeoutError:
             tail = self.ssh.log_tail() + self.sshd.log_tail()
             self.stop()
@@ -307,7 +353,7 @@ class SshPath(Path):
 class ShroudPath(Path):
     name = "shroud"
 
-    def __init__(self, d: str, origin_http: int, origin_tls: int):
+    def __init__(self, d: str, origin_http: int, origin_tls: int, origin_one: int):
         pdata, cdata = os.path.join(d, "proxy-data"), os.path.join(d, "client-data")
         out = run([PY, "shroud_proxy.py", "--data-dir", pdata, "--print-fingerprint"], 60)
         if out.returncode:
@@ -315,7 +361,8 @@ class ShroudPath(Path):
         pin = out.stdout.strip()
         tunnel, self.admin = free_port(), free_port()
         self.token = secrets.token_hex(16)  # the status API wants a bearer token
-        super().__init__(free_port(), free_port())
+        http = free_port()
+        super().__init__(http, free_port(), http)  # the single-write origin by Host: one.test
         self.proxy = Proc("shroud-proxy", [
             PY, "shroud_proxy.py", "--data-dir", pdata,
             "--tunnel-addr", f"127.0.0.1:{tunnel}", "--https-addr", f"127.0.0.1:{self.tls_port}",
@@ -333,10 +380,11 @@ class ShroudPath(Path):
         self.client = Proc("shroud-client", [
             PY, "shroud.py", "--tor", "none", "--data-dir", cdata, "--status", "plain",
             "--log-level", "warning", "--proxy", f"127.0.0.1:{tunnel}", "--pin", pin,
-            TLS_NAME, f"127.0.0.1:{origin_tls}", f"http:{HTTP_NAME}", f"127.0.0.1:{origin_http}"], d)
+            TLS_NAME, f"127.0.0.1:{origin_tls}", f"http:{HTTP_NAME}", f"127.0.0.1:{origin_http}",
+            f"http:{ONE_NAME}", f"127.0.0.1:{origin_one}"], d)
         self.procs.append(self.client)
         try:
-            self._wait_bound((TLS_NAME, HTTP_NAME), 30)
+            self._wait_bound((TLS_NAME, HTTP_NAME, ONE_NAME), 30)
         except TimeoutError as e:
             tail = self.client.log_tail() + self.proxy.log_tail()
             self.stop()
@@ -360,9 +408,9 @@ class ShroudPath(Path):
 # --- load: small HTTP on plain sockets -------------------------------------------------------
 
 
-def request_bytes(keep_alive: bool) -> bytes:
+def request_bytes(keep_alive: bool, target: str = SMALL, host: str = HTTP_NAME) -> bytes:
     conn = "keep-alive" if keep_alive else "close"
-    return f"GET {SMALL} HTTP/1.1\r\nHost: {HTTP_NAME}\r\nConnection: {conn}\r\n\r\n".encode()
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: {conn}\r\n\r\n".encode()
 
 
 def read_response(sock: socket.socket) -> bytes:
@@ -388,9 +436,9 @@ def read_response(sock: socket.socket) -> bytes:
     return body
 
 
-def ttfb_samples(port: int, n: int, timeout: float = 10.0) -> list[float]:
+def ttfb_samples(port: int, n: int, timeout: float = 10.0, req: bytes | None = None) -> list[float]:
     """n fresh connections, one after another: seconds from connect() to the first byte."""
-    req = request_bytes(keep_alive=False)
+    req = req or request_bytes(keep_alive=False)
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -486,15 +534,18 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def wrk(path: Path, conns: int, seconds: int) -> dict:
+def wrk(path: Path, conns: int, seconds: int, port: int | None = None, target: str = SMALL,
+        host: str = HTTP_NAME) -> dict:
     threads = 1 if conns == 1 else min(2, os.cpu_count() or 1)
+    port = port or path.http_port
     argv = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--latency",
-            "--timeout", "5s", "-H", f"Host: {HTTP_NAME}", f"http://127.0.0.1:{path.http_port}{SMALL}"]
+            "--timeout", "5s", "-H", f"Host: {host}", f"http://127.0.0.1:{port}{target}"]
     out = run(argv, seconds + 30)
     if out.returncode:
         raise RuntimeError(f"wrk failed: {out.stderr or out.stdout}")
     text = out.stdout
     rps = float(re.search(r"Requests/sec:\s*([\d.]+)", text).group(1))
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
     dist = dict(re.findall(r"^\s*(50|99)%\s+(\S+)", text, re.M))
     errors = 0
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
@@ -503,7 +554,8 @@ def wrk(path: Path, conns: int, seconds: int) -> dict:
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     if m:
         errors += int(m.group(1))
-    return {"rps": rps, "p50": _ms(dist["50"]), "p99": _ms(dist["99"]), "errors": errors}
+    return {"rps": rps, "p50": _ms(dist["50"]), "p99": _ms(dist["99"]), "errors": errors,
+            "requests": requests}
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -560,18 +612,61 @@ def phase_wrk(path: Path, args, res: dict, conns: int) -> None:
         f"p99 {w['p99']:.2f} ms")
 
 
+def phase_cost(path: Path, args, res: dict, body: str, conns: int) -> None:
+    """wrk against the single-write origin; the path's CPU (user+sys) per 1,000 requests."""
+    pids = path.cpu_pids()
+    c0 = cpu_seconds(pids)
+    w = wrk(path, conns, args.wrk_seconds, port=path.one_port, target=ONE_BODIES[body],
+            host=ONE_NAME)
+    cpu = cpu_seconds(pids) - c0
+    tag = f"one_{body}_{conns}"
+    res[f"{tag}_rps"], res[f"{tag}_p50"] = w["rps"], w["p50"]
+    if pids and w["requests"]:
+        res[f"{tag}_cpu"] = cpu / w["requests"] * 1000
+    log(f"  {path.name}: single-write {body} c={conns}: {w['rps']:.0f} req/s p50 {w['p50']:.2f} ms"
+        + (f", CPU {res[f'{tag}_cpu']:.3f} s per 1,000 requests" if f"{tag}_cpu" in res else "")
+        + (f", {w['errors']} errors" if w["errors"] else ""))
+
+
+def phase_fresh(path: Path, args, res: dict) -> None:
+    """Fresh connections to the single-write origin, one after another: TTFB and the path's
+    CPU per connection."""
+    req = request_bytes(keep_alive=False, target=ONE_BODIES["small"], host=ONE_NAME)
+    ttfb_samples(path.one_port, 5, req=req)  # warm
+    pids = path.cpu_pids()
+    c0 = cpu_seconds(pids)
+    xs = ttfb_samples(path.one_port, args.fresh_conns, req=req)
+    cpu = cpu_seconds(pids) - c0
+    res["one_ttfb_p50"], res["one_ttfb_p99"] = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
+    if pids:
+        res["one_conn_cpu"] = cpu / len(xs) * 1e3
+    log(f"  {path.name}: single-write fresh conn TTFB p50 {res['one_ttfb_p50']:.2f} ms p99 "
+        f"{res['one_ttfb_p99']:.2f} ms" + (f", CPU {res['one_conn_cpu']:.3f} ms per connection"
+                                          if pids else ""))
+
+
 def one_run(live: list[Path], args, ca: str) -> dict[str, dict]:
     """Every phase on every path, the paths taking turns within each phase, so a busy moment
     on a shared machine does not land on one path only. Held-connection memory comes first,
     on fresh processes: earlier loads leave freed-but-kept memory that would hide its cost."""
     res: dict[str, dict] = {p.name: {} for p in live}
-    phases = [lambda p: phase_idle(p, args, res[p.name])]
-    for proto in ("tls", "http"):
-        for conns in (1, PARALLEL):
-            phases.append(lambda p, proto=proto, conns=conns:
-                          phase_bulk(p, args, ca, res[p.name], proto, conns))
-    for conns in (1, 64):
-        phases.append(lambda p, conns=conns: phase_wrk(p, args, res[p.name], conns))
+    phases = []
+    if "idle" in args.phase_list:
+        phases.append(lambda p: phase_idle(p, args, res[p.name]))
+    if "bulk" in args.phase_list:
+        for proto in ("tls", "http"):
+            for conns in (1, PARALLEL):
+                phases.append(lambda p, proto=proto, conns=conns:
+                              phase_bulk(p, args, ca, res[p.name], proto, conns))
+    if "wrk" in args.phase_list:
+        for conns in (1, 64):
+            phases.append(lambda p, conns=conns: phase_wrk(p, args, res[p.name], conns))
+    if "cost" in args.phase_list:
+        phases.append(lambda p: phase_fresh(p, args, res[p.name]))
+        for body in ONE_BODIES:
+            for conns in (1, 64):
+                phases.append(lambda p, body=body, conns=conns:
+                              phase_cost(p, args, res[p.name], body, conns))
     for phase in phases:
         for path in live:
             phase(path)
@@ -597,6 +692,19 @@ ROWS = [
     ("ttfb_held_p50", "TTFB p50, 1,000 held", "ms", False),
     ("ttfb_held_p99", "TTFB p99, 1,000 held", "ms", False),
     ("mem_total", "RSS per held conn (path total)", "KiB", False),
+    # The single-write origin (bench/single_write_origin.py): no Nagle stall to hide behind.
+    ("one_small_1_rps", "single-write small, wrk 1 conn", "req/s", True),
+    ("one_small_1_p50", "single-write small, wrk 1 conn p50", "ms", False),
+    ("one_small_64_rps", "single-write small, wrk 64 conns", "req/s", True),
+    ("one_1k_1_rps", "single-write 1 KiB, wrk 1 conn", "req/s", True),
+    ("one_1k_64_rps", "single-write 1 KiB, wrk 64 conns", "req/s", True),
+    ("one_small_1_cpu", "CPU per 1,000 req, small, 1 conn", "cpu s", False),
+    ("one_small_64_cpu", "CPU per 1,000 req, small, 64 conns", "cpu s", False),
+    ("one_1k_1_cpu", "CPU per 1,000 req, 1 KiB, 1 conn", "cpu s", False),
+    ("one_1k_64_cpu", "CPU per 1,000 req, 1 KiB, 64 conns", "cpu s", False),
+    ("one_ttfb_p50", "single-write fresh conn TTFB p50", "ms", False),
+    ("one_ttfb_p99", "single-write fresh conn TTFB p99", "ms", False),
+    ("one_conn_cpu", "CPU per fresh conn", "cpu ms", False),
 ]
 MEM_DETAIL = [("ssh", "mem_sshd", "sshd"), ("ssh", "mem_ssh", "ssh"),
               ("shroud", "mem_proxy", "proxy"), ("shroud", "mem_client", "client")]
@@ -612,6 +720,8 @@ def fmt(v, unit: str) -> str:
         return "-"
     if unit in ("ms",):
         return f"{v:.2f}"
+    if unit in ("cpu s", "cpu ms"):
+        return f"{v:.3f}"
     if unit == "KiB":
         return f"{v:.1f}"
     return f"{v:,.0f}"
@@ -627,8 +737,11 @@ def table(results: dict[str, list[dict]], idle: int) -> str:
     lines = ["| row | unit | direct | ssh -R | Shroud | Shroud / ssh -R | Shroud / direct | goal |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for key, label, unit, higher in ROWS:
-        label = label.replace("1,000", f"{idle:,}")
+        if "held" in label:
+            label = label.replace("1,000", f"{idle:,}")
         d, s, h = med["direct"][key], med["ssh"][key], med["shroud"][key]
+        if d is None and s is None and h is None:
+            continue  # a phase left out (--phases)
         if h is None or s is None:
             goal = "-"
         elif higher:
@@ -639,6 +752,8 @@ def table(results: dict[str, list[dict]], idle: int) -> str:
             goal += ", < 10 ms " + ("met" if h < 10 else "**missed**")
         lines.append(f"| {label} | {unit} | {fmt(d, unit)} | {fmt(s, unit)} | {fmt(h, unit)} | "
                      f"{ratio(h, s)} | {ratio(h, d)} | {goal} |")
+    if all(med[p][k] is None for p, k, _ in MEM_DETAIL):
+        return "\n".join(lines)
     detail = ", ".join(f"{label} {fmt(med[p][k], 'KiB')}" for p, k, label in MEM_DETAIL)
     lines.append("")
     lines.append(f"RSS growth per held connection by process (KiB): {detail}.")
@@ -702,9 +817,15 @@ def parse_args():
     ap.add_argument("--idle", type=int, default=1000, help="idle connections held open")
     ap.add_argument("--ttfb-samples", type=int, default=200, help="fresh connections per TTFB row")
     ap.add_argument("--paths", default=",".join(PATHS), help="subset of direct,ssh,shroud")
+    ap.add_argument("--phases", default=",".join(PHASES), help="subset of " + ",".join(PHASES))
+    ap.add_argument("--fresh-conns", type=int, default=1000,
+                    help="fresh connections for the CPU-per-connection row")
     ap.add_argument("--no-readme", action="store_true", help="do not write bench/README.md")
     args = ap.parse_args()
     args.path_list = [p for p in args.paths.split(",") if p]
+    args.phase_list = [p for p in args.phases.split(",") if p]
+    if any(p not in PHASES for p in args.phase_list):
+        ap.error(f"bad --phases: pick from {','.join(PHASES)}")
     if any(p not in PATHS for p in args.path_list) or args.runs < 1:
         ap.error("bad --paths or --runs")
     if os.geteuid() != 0 and "ssh" in args.path_list:
@@ -732,7 +853,7 @@ def main() -> int:
 
     took = time.time() - started
     tab = table(results, args.idle)
-    header = (f"`.venv/bin/python bench/proxy_bench.py --runs {args.runs}` on "
+    header = (f"`.venv/bin/python bench/proxy_bench.py --runs {args.runs} --phases {args.phases}` on "
               f"{time.strftime('%Y-%m-%d')}, {machine()}; {versions()}. Median of {args.runs} "
               f"run(s), {took / 60:.1f} min in all. Bulk: {args.bulk_bytes / (1 << 20):.0f} MiB "
               f"per row; wrk {args.wrk_seconds} s per row; TTFB {args.ttfb_samples} fresh "
@@ -749,22 +870,24 @@ def run_all(args, d: str) -> dict[str, list[dict]]:
     """nginx once, then ``--runs`` runs of every path, each path started fresh per run."""
     paths = args.path_list
     results: dict[str, list[dict]] = {p: [] for p in PATHS}
-    nginx = None
+    nginx = one = None
     live: list[Path] = []
     try:
         nginx, origin_http, origin_tls, ca = start_nginx(d, args.bulk_bytes)
-        log(f"nginx on :{origin_http} (HTTP) and :{origin_tls} (TLS)")
+        one, origin_one = start_single_write(d)
+        log(f"nginx on :{origin_http} (HTTP) and :{origin_tls} (TLS); single-write origin on "
+            f":{origin_one}")
         for i in range(args.runs):
             # Rotate the order each run; ssh and Shroud start fresh for every run.
             order = paths[i % len(paths):] + paths[:i % len(paths)]
             log(f"run {i + 1}/{args.runs}: starting {', '.join(order)}")
             for name in order:
                 if name == "direct":
-                    live.append(Direct(origin_http, origin_tls))
+                    live.append(Direct(origin_http, origin_tls, origin_one))
                 elif name == "ssh":
-                    live.append(SshPath(d, origin_http, origin_tls))
+                    live.append(SshPath(d, origin_http, origin_tls, origin_one))
                 else:
-                    live.append(ShroudPath(d, origin_http, origin_tls))
+                    live.append(ShroudPath(d, origin_http, origin_tls, origin_one))
             try:
                 for name, res in one_run(live, args, ca).items():
                     results[name].append(res)
@@ -776,6 +899,8 @@ def run_all(args, d: str) -> dict[str, list[dict]]:
             live.pop().stop()
         if nginx is not None:
             nginx.stop()
+        if one is not None:
+            one.stop()
     return results
 
 
