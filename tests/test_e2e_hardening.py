@@ -126,3 +126,16 @@ def test_tcp_listener_closes_after_its_last_binding(world, tmp_path):
             return True
         return False
     wait_for(refused, timeout=20, what=f"the tcp:{port} listener to close")
+    # A later bind of the port opens it again.
+    again = ClientProc(str(tmp_path), str(tmp_path / "tcp"),
+                       [f"tcp:{port}", f"127.0.0.1:{world['origin'].port}"],
+                       [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
+                       name="tcp-client-again")
+    try:
+        proxy.wait_bound(f"tcp:{port}")
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"GET /hello HTTP/1.0\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        s.close()
+    finally:
+        again.stop()

@@ -37,6 +37,12 @@ def test_replay_socket_returns_head_first():
     assert read_all(r) == (b"hello world", None)
 
 
+def test_connection_close_drops_folded_connection_headers_whole():
+    assert connection_close(b"HTTP/1.1 200 OK\r\nConnection: close\r\n keep-alive\r\n"
+                            b"Content-Length: 2\r\n\r\n") == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+
+
 def test_connection_close_replaces_keepalive_headers():
     assert connection_close(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n"
                             b"Keep-Alive: timeout=5\r\nX: y\r\n\r\n") == (

@@ -53,8 +53,10 @@ HEAD, BODY, DONE, SWITCHED = "head", "body", "done", "switched"
 # h11's own end-of-head rule (a line feed, an optional CR, a line feed), so that the head we
 # cut is exactly the one h11 parses.
 _BLANK_LINE_RE = re.compile(rb"\n\r?\n")
+# The header and any obs-fold continuation lines of it (an origin's "Connection: close\r\n
+# keep-alive" must not leave " keep-alive" behind, folded onto the line before).
 _CONNECTION_HEADER_RE = re.compile(rb"(?im)^(?:connection|keep-alive|proxy-connection)[ \t]*:"
-                                   rb"[^\n]*\n")
+                                   rb"[^\n]*\n(?:[ \t][^\n]*\n)*")
 
 
 class FramingError(ShroudError, ValueError):
