@@ -223,3 +223,10 @@ def test_upgrade_with_no_answer_ends_when_the_origin_does():
     sock.shutdown(1)  # the splice carries the origin's FIN
     front.sendall(VICTIM)
     assert waiting.get(timeout=5) == b""
+
+
+def test_bytes_before_the_upgrade_answer_are_bounded():
+    from lib.net.httpexchange import MAX_EARLY_BYTES
+    sock, front = exchange(UPGRADE + b"\x81" * (MAX_EARLY_BYTES + 1))
+    with pytest.raises(ConnectionAbortedError, match="before the upgrade's answer"):
+        sock.recv(4 * MAX_EARLY_BYTES)
