@@ -6,7 +6,9 @@
     python shroud.py --tor none --proxy proxy.example.net:4443 --pin SHA256 example.com 127.0.0.1:443
 
 NAME forms: ``example.com`` or ``tls:example.com`` (TLS routed by SNI and passed through
-undecrypted to a TLS target), ``http:example.com`` (HTTP routed by Host), ``*.example.com``
+undecrypted to a TLS target), ``https:example.com`` (TLS routed the same way, ended in this
+client with a certificate it gets by ACME; the target speaks plain HTTP),
+``http:example.com`` (HTTP routed by Host), ``*.example.com``
 (wildcard), ``tcp:PORT`` (a raw TCP port on each proxy).
 """
 from __future__ import annotations
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tor_options(p)
     _add_discovery_options(p)
     _add_tuning_options(p)
+    _add_acme_options(p)
     return p
 
 
@@ -168,6 +171,16 @@ def _add_discovery_options(p) -> None:
             "9.9.9.9:53", metavar="HOST:PORT")
     _option(p, "--count", "number of proxies to use from discovery",
             str(DEFAULT_PROXY_COUNT), type=int)
+
+
+def _add_acme_options(p) -> None:
+    _option(p, "--acme-directory", "ACME directory that issues the certificates of https:NAME "
+            "services (Let's Encrypt's production directory by default)",
+            "https://acme-v02.api.letsencrypt.org/directory", metavar="URL")
+    _option(p, "--acme-email", "contact address of the ACME account (expiry notices); "
+            "optional", metavar="ADDRESS")
+    _option(p, "--acme-ca", "CA bundle that verifies the ACME server's HTTPS (a private CA "
+            "such as step-ca, or a test CA; default: the system's CAs)", metavar="FILE")
 
 
 def _add_tuning_options(p) -> None:
@@ -237,10 +250,14 @@ def check_inputs(parser, args) -> Inputs:
             raise UsageError(f"--discovery-pin: {e}") from None
     _check_tor_and_discovery(args, proxies)
     _check_numbers(args)
-    for flag in ("--proxy-ca", "--discovery-ca", "--tor-config"):
+    for flag in ("--proxy-ca", "--discovery-ca", "--tor-config", "--acme-ca"):
         _check_readable(flag, getattr(args, flag[2:].replace("-", "_")))
     _check_ca(args.proxy_ca, "--proxy-ca")
     _check_ca(args.discovery_ca, "--discovery-ca")
+    _check_ca(args.acme_ca, "--acme-ca")
+    if not args.acme_directory.lower().startswith("https://"):
+        raise UsageError(f"--acme-directory {args.acme_directory}: an ACME directory is an "
+                         f"https:// URL, e.g. https://acme-v02.api.letsencrypt.org/directory")
     return Inputs(services, pins, proxies, load_identity(args.data_dir))
 
 
@@ -420,6 +437,7 @@ def run(args, inputs: Inputs) -> int:
         dial, tor = open_dialer(args, console)
         proxies = inputs.proxies or find_proxies(args, inputs, tor)
         client = Client(client_config(args, inputs, proxies, dial))
+        certs = start_acme(args, inputs.services, client, tor)
     except StartError as e:
         console.stop()
         print(f"shroud: {e}", file=sys.stderr)
@@ -445,6 +463,8 @@ def run(args, inputs: Inputs) -> int:
     while not stop.wait(1.0 if live else None):
         console.refresh()
     log.info("stopping")
+    if certs is not None:
+        certs.stop()
     client.stop()
     console.stop()
     if tor is not None:
@@ -488,6 +508,30 @@ def open_dialer(args, console):
     if args.distinct_exits:
         return clienttor.ExitPlanner(tor).dial, tor
     return tor.open_connection, tor
+
+
+def start_acme(args, services, client, tor):
+    """For https: services: TLS ends in this client (lib.client.terminate) with certificates
+    ordered by ACME (lib.client.acme) the same way out as the tunnels: tor's SOCKS port,
+    --socks, or directly with --tor none. The started CertManager, or None."""
+    names = [s.name for s in services if s.terminate]
+    if not names:
+        return None
+    from lib.client.acme import AcmeConfig, CertManager, requests_session
+    from lib.client.terminate import CertBook, terminate
+    from lib.hostport import parse_hostport
+
+    book = CertBook()
+    client.config.terminate = lambda stream, svc: terminate(stream, svc.name, book)
+    socks = (tor.socks_address if tor is not None else
+             parse_hostport(args.socks, what="--socks") if args.socks else None)
+    acme = AcmeConfig(directory=args.acme_directory, data_dir=args.data_dir,
+                      session=lambda key: requests_session(socks, key),
+                      email=args.acme_email, ca_file=args.acme_ca)
+    manager = CertManager(acme, names, book,
+                          ready=lambda: client.online() == len(client.runners))
+    manager.start()
+    return manager
 
 
 def find_proxies(args, inputs: Inputs, tor) -> list:

@@ -41,6 +41,7 @@ if [ "$mode" = all ]; then
     # jemalloc: the entry points run on it (lib/allocator.py), so memory returns after a load
     # peak. The demo runs without it (the allocator falls back to the system's).
     want libjemalloc2
+    want pebble                                    # ACME test CA + pebble-challtestsrv (https: names)
 fi
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then

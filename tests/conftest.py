@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.fixtures.gotunnel",
     "tests.fixtures.dns",
     "tests.fixtures.postgres",
+    "tests.fixtures.pebble",
 ]

@@ -90,6 +90,9 @@ class Service:
     name: str  # hostname (or wildcard) for tls/http, "tcp:PORT" for tcp
     target: tuple[str, int]
     remote_port: int | None = None
+    # https:NAME: bound as a TLS name, but TLS ends here with a certificate obtained by ACME
+    # (lib.client.terminate, lib.client.acme) and the target gets plain bytes.
+    terminate: bool = False
 
     @classmethod
     def parse(cls, name: str, target: str) -> "Service":
@@ -103,8 +106,14 @@ class Service:
                 break
         else:
             proto, rest = "tls", name
+        terminate = low.startswith("https:") and not low.startswith("https://")
         if proto == "https":
             proto = "tls"
+        if terminate:
+            if rest.startswith("*"):
+                raise ValueError(f"{name}: a wildcard certificate needs ACME's DNS-01 challenge, "
+                                 f"which Shroud does not do; name each host (https:a.{rest[2:]})")
+            return cls("tls", sniff.normalize_hostname(rest), tgt, terminate=True)
         if proto == "tcp":
             if not rest.isdigit() or len(rest) > 5 or not 0 < int(rest) < 65536:
                 raise ValueError(f"{name}: a raw TCP service is tcp:PORT, PORT (1-65535) the "
@@ -226,6 +235,9 @@ class ClientConfig:
     proxy_ca: str | None = None
     dial: Callable = direct_dial
     proxy_protocol: str | None = None  # None | "v1" | "v2"
+    # For https: services: (stream, service) -> a plain-bytes stream, or None when the stream
+    # is finished (lib.client.terminate.terminate through lib.client.acme).
+    terminate: Callable | None = None
     # The proxy opens a stream per visitor: accept as many as we serve, so a burst of visitors
     # is queued rather than refused (bench/load.py: 1,000 at once overflowed a 256 backlog).
     mux: MuxConfig = field(default_factory=lambda: MuxConfig(max_streams=4096,
@@ -573,14 +585,17 @@ class TunnelRunner:
         record = StreamRecord(started=time.time(), proxy=str(self.proxy))
         t0 = time.monotonic()
         self.client._changed(self)
-        local = None
+        local = peer = None
         try:
-            local = self._open_local(stream, record)
-            if local is not None:
+            opened = self._open_local(stream, record)
+            if opened is not None:
+                peer, local = opened
                 record.bytes_in, record.bytes_out = splice(
-                    stream, local, on_a_to_b=self._count_in, on_b_to_a=self._count_out)
+                    peer, local, on_a_to_b=self._count_in, on_b_to_a=self._count_out)
         finally:
             self.streams_open -= 1
+            if peer is not None and peer is not stream:
+                peer.close()
             stream.close()
             if local is not None:
                 local.close()
@@ -590,8 +605,9 @@ class TunnelRunner:
 
     def _open_local(self, stream, record: "StreamRecord"):
         """Read the stream's StartProxy and connect its service's local target (sending a PROXY
-        header when asked); None, with the stream reset and ``record.result`` saying why, when
-        that fails."""
+        header when asked): (the visitor's side, the local connection); None, with the stream
+        reset and ``record.result`` saying why, when that fails. The visitor's side is the
+        stream, or for an https: service the TLS ended on it (``ClientConfig.terminate``)."""
         cfg = self.client.config
         stream.settimeout(cfg.start_proxy_timeout)
         try:
@@ -612,6 +628,12 @@ class TunnelRunner:
             record.result = "unknown name"
             return None
         record.name = svc.name
+        peer = stream
+        if svc.terminate:
+            peer = cfg.terminate(stream, svc) if cfg.terminate is not None else None
+            if peer is None:
+                record.result = "TLS ended here (validation, alert or handshake failure)"
+                return None
         try:
             local = connect_local(svc.target, cfg.local_connect_timeout)
         except OSError as e:
@@ -630,7 +652,7 @@ class TunnelRunner:
                 local.close()
                 record.result = "PROXY header failed"
                 return None
-        return local
+        return peer, local
 
     def _count_in(self, n: int) -> None:
         self.bytes_in += n
