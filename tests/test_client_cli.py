@@ -222,7 +222,7 @@ def test_damaged_identity_key_is_one_line(tmp_path):
 
 
 def test_read_only_data_dir_as_a_regular_user(tmp_path):
-    from tests.test_demo import unprivileged
+    from tests.support.users import unprivileged
 
     data = tmp_path / "ro"
     data.mkdir()

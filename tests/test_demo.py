@@ -25,22 +25,13 @@ import uuid
 
 import pytest
 
+from tests.support.users import unprivileged
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = os.path.join(ROOT, ".venv", "bin", "python")
 MARK = "SHROUD_DEMO_TEST_MARK"
 START_TIMEOUT = 150  # a full demo start is ~30 s; a loaded 2-core machine may take a few times that
 STOP_TIMEOUT = 60  # the demo's own bound: 10 s grace per child group, 10 s per relay, 5 s sweep
-
-def unprivileged() -> list[str]:
-    """argv prefix running a command as nobody. This machine's Python may live under a
-    directory nobody cannot search (a pyenv in /root): then nobody may read past directory
-    permissions (CAP_DAC_READ_SEARCH) and nothing more: it still cannot write a root file."""
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    python = os.path.realpath(PY)
-    if subprocess.run([*prefix, "test", "-x", python]).returncode != 0:
-        prefix += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
-    return prefix
-
 
 def listening_ports() -> set[tuple[str, int]]:
     ports = set()
