@@ -16,7 +16,7 @@ import subprocess
 import pytest
 from cryptography import x509
 
-from tests.support.procs import ClientProc, OriginProc, ProxyProc
+from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.wait import wait_for
 
 NAME = "app.test"
@@ -111,3 +111,106 @@ def test_wildcard_https_is_refused_with_reason(tmp_path):
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "DNS-01" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_restart_reuses_the_certificate(tmp_path, pebble, site):
+    origin, proxy, procs = site
+    client = start_client(tmp_path, proxy, pebble, origin)
+    procs.append(client)
+    client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
+    root = pebble.root_file(str(tmp_path))
+    first = peer_cert(pebble.tls_port, root).serial_number
+    client.stop()
+    again = start_client(tmp_path, proxy, pebble, origin, name="client-again")
+    procs.append(again)
+    again.wait_log(f"{NAME}: certificate loaded", timeout=30)
+    proxy.wait_bound(NAME)
+    r = wait_for(lambda: (lambda r: r if r.returncode == 0 else None)(curl(root, pebble.tls_port)),
+                 "the restarted client serves", timeout=30)
+    assert r.stdout.startswith("hello from the plain origin")
+    assert peer_cert(pebble.tls_port, root).serial_number == first
+    assert "ordering a certificate" not in again.log()
+
+
+def test_nonce_rejection_still_ends_in_a_certificate(tmp_path, pebble_factory):
+    ca = pebble_factory(nonce_reject=50)
+    origin = OriginProc(str(tmp_path))
+    proxy = start_proxy(tmp_path, ca)
+    client = start_client(tmp_path, proxy, ca, origin, extra=["--log-level", "debug"])
+    try:
+        client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
+        assert "badNonce, retrying" in client.log()  # pebble did reject some
+        r = curl(ca.root_file(str(tmp_path)), ca.tls_port)
+        assert r.returncode == 0 and r.stdout.startswith("hello from origin"), r
+    finally:
+        for p in (client, proxy, origin):
+            p.stop()
+
+
+def test_failed_challenge_shows_the_cas_reason(tmp_path, pebble_factory, site):
+    """pebble validates on a port where nothing listens: the client says what pebble said."""
+    origin, proxy, procs = site
+    ca = pebble_factory(tls_port=free_port())
+    client = start_client(tmp_path, proxy, ca, origin)
+    procs.append(client)
+    text = client.wait_log("certificate not obtained", timeout=ISSUE_TIMEOUT)
+    line = next(x for x in text.splitlines() if "certificate not obtained" in x)
+    assert "validation failed: app.test: tls-alpn-01:" in line, line
+    assert f"Failed to connect to 127.0.0.1:{ca.tls_port}" in line, line  # pebble's words
+    assert "next try in" in line
+
+
+def test_rate_limit_names_the_time_to_retry():
+    from acme import messages
+
+    from lib.client.acme import explain_error
+
+    err = messages.Error.with_code("rateLimited", detail="too many certificates for app.test")
+    e = explain_error(err, "Wed, 02 Dec 2026 07:00:00 GMT")
+    assert "rate limited by the CA: too many certificates" in str(e)
+    assert "retry after 2026-12-02 07:00:00 UTC" in str(e)
+    assert e.retry_after == 1796194800
+    assert "retry after" in str(explain_error(err, "120"))
+
+
+def test_renewal_while_a_visitor_downloads_50_mib(tmp_path, pebble_factory):
+    """pebble issues 30-second certificates: the client renews when 10 s remain, in the
+    background; a visitor's 50 MiB download that started on the old certificate runs through
+    the renewal unbroken, and new visitors get the new certificate."""
+    import hashlib
+
+    from tests.support.origin import pattern
+
+    ca = pebble_factory(validity=30)
+    origin = OriginProc(str(tmp_path))
+    proxy = start_proxy(tmp_path, ca)
+    client = start_client(tmp_path, proxy, ca, origin)
+    size = 50 * 1024 * 1024
+    try:
+        client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
+        root = ca.root_file(str(tmp_path))
+        first = peer_cert(ca.tls_port, root).serial_number
+        ctx = ssl.create_default_context(cafile=root)
+        with socket.create_connection(("127.0.0.1", ca.tls_port), timeout=30) as raw, \
+                ctx.wrap_socket(raw, server_hostname=NAME) as tls:
+            tls.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode())
+            got = bytearray()
+            while len(got) < 1024 * 1024:
+                got += tls.recv(65536)
+            # Paused mid-download until the client has renewed (issued twice).
+            wait_for(lambda: client.log().count(f"{NAME}: certificate issued") >= 2,
+                     "the certificate renewed", timeout=60)
+            head, _, body = bytes(got).partition(b"\r\n\r\n")
+            digest = hashlib.sha256(body)
+            n = len(body)
+            while n < size:
+                chunk = tls.recv(1 << 20)
+                assert chunk, f"download broken after {n} bytes"
+                digest.update(chunk)
+                n += len(chunk)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert n == size and digest.digest() == hashlib.sha256(pattern(size)).digest()
+        assert peer_cert(ca.tls_port, root).serial_number != first
+    finally:
+        for p in (client, proxy, origin):
+            p.stop()

@@ -271,7 +271,7 @@ class CertManager:
         try:
             chain = self._order(name, key_pem)
         except messages.Error as e:
-            raise self._explain(e) from None
+            raise explain_error(e, self._retry_after_header) from None
         except errors.ValidationError as e:
             raise AcmeError(_validation_reasons(e)) from None
         except errors.TimeoutError:
@@ -306,13 +306,16 @@ class CertManager:
         order = _retry_nonce(acme.poll_finalization, order, deadline)
         return order.fullchain_pem.encode()
 
-    def _explain(self, e: messages.Error) -> AcmeError:
-        if e.code == "rateLimited":
-            when = _parse_retry_after(self._retry_after_header)
-            return AcmeError(f"rate limited by the CA: {e.detail}; retry after "
-                             f"{_when(when) if when else 'an hour'}",
-                             retry_after=when or time.time() + RETRY_MAX)
-        return AcmeError(f"the CA refused: {e.code or e.typ}: {e.detail}")
+
+def explain_error(e: messages.Error, retry_after: str | None) -> AcmeError:
+    """One line for an ACME problem document; ``retry_after`` is the Retry-After header of
+    the response that carried it (rateLimited: when to try again, RFC 8555 section 6.6)."""
+    if e.code == "rateLimited":
+        when = _parse_retry_after(retry_after)
+        return AcmeError(f"rate limited by the CA: {e.detail}; retry after "
+                         f"{_when(when) if when else 'an hour'}",
+                         retry_after=when or time.time() + RETRY_MAX)
+    return AcmeError(f"the CA refused: {e.code or e.typ}: {e.detail}")
 
 
 def _tls_alpn_challenge(authz) -> messages.ChallengeBody:
