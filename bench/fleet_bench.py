@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Fleet store benchmark: the same proxy on SQLite (the data dir) and on PostgreSQL.
 
-    .venv/bin/python bench/fleet_bench.py [--binds 200] [--blocks 10] [--ttfb 300]
-                                          [--conn-seconds 5] [--workers 8] [--no-readme]
+    .venv/bin/python bench/fleet_bench.py [--rounds 3] [--binds 200] [--blocks 10]
+                                          [--ttfb 300] [--conn-seconds 5] [--workers 8]
+                                          [--no-readme]
 
 Per store, on 127.0.0.1, real processes (shroud_proxy.py, shroud.py --tor none, the tests'
 origin, Debian's PostgreSQL started like tests/fixtures/postgres.py):
@@ -19,6 +20,10 @@ origin, Debian's PostgreSQL started like tests/fixtures/postgres.py):
   (connect, GET, first response byte), p50/p99; and connections/s with --workers threads each
   opening fresh connections for --conn-seconds. Routing reads memory only, so these must not
   depend on the store.
+
+The stores take turns, --rounds times (fresh processes, data dirs and database each round), and
+each cell is the median over the rounds: on a shared machine the load of the moment would
+otherwise be measured instead of the store.
 
 Claim limits are off for the bench (--max-names-per-key 0 --claim-burst 0): it measures the
 store, not the squatting guard. Results: a table on stdout and (unless --no-readme) between the
@@ -183,6 +188,17 @@ def run_store(label: str, d: str, extra: list, shared_dir: bool, args) -> dict:
             p.stop()
 
 
+def median_of(runs: list) -> dict:
+    """Each measurement's median over the rounds (tuples element by element)."""
+    def med(values):
+        if isinstance(values[0], tuple):
+            return tuple(statistics.median(v) for v in zip(*values))
+        return statistics.median(values)
+    return {"bind": {phase: med([r["bind"][phase] for r in runs]) for phase in runs[0]["bind"]},
+            "block": med([r["block"] for r in runs]), "ttfb": med([r["ttfb"] for r in runs]),
+            "cps": med([r["cps"] for r in runs])}
+
+
 def table(results: dict, args) -> str:
     rows = [
         ("bind, first use: p50 / p90 ms", lambda r: "%.2f / %.2f" % r["bind"]["first use"]),
@@ -213,6 +229,7 @@ def update_readme(block: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--binds", type=int, default=200)
     ap.add_argument("--blocks", type=int, default=10)
     ap.add_argument("--ttfb", type=int, default=300)
@@ -222,19 +239,23 @@ def main() -> int:
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="shroud-fleet-bench-")
     pg = PostgresServer(fsync=True)  # SQLite commits with fsync too
+    rounds = {"SQLite": [], "PostgreSQL": []}
     try:
-        url = pg.create_database()
-        results = {
-            "SQLite": run_store("sqlite", d, [], True, args),
-            "PostgreSQL": run_store("postgres", d, ["--database-url", url], False, args),
-        }
+        for r in range(args.rounds):
+            rounds["SQLite"].append(run_store(f"sqlite{r}", d, [], True, args))
+            url = pg.create_database()
+            rounds["PostgreSQL"].append(run_store(f"postgres{r}", d, ["--database-url", url],
+                                                  False, args))
     finally:
         pg.stop()
+    results = {label: median_of(runs) for label, runs in rounds.items()}
     when = time.strftime("%Y-%m-%d")
-    block = ("`.venv/bin/python bench/fleet_bench.py --binds %d --blocks %d --ttfb %d "
-             "--conn-seconds %g --workers %d` on %s, %d CPUs (%s), Python %s, PostgreSQL "
-             "from Debian on loopback (fsync on, as SQLite's synchronous=FULL).\n\n%s"
-             % (args.binds, args.blocks, args.ttfb, args.conn_seconds, args.workers, when,
+    block = ("`.venv/bin/python bench/fleet_bench.py --rounds %d --binds %d --blocks %d "
+             "--ttfb %d --conn-seconds %g --workers %d` on %s, %d CPUs (%s), Python %s, "
+             "PostgreSQL from Debian on loopback (fsync on, as SQLite's synchronous=FULL); "
+             "medians over the rounds.\n\n%s"
+             % (args.rounds, args.binds, args.blocks, args.ttfb, args.conn_seconds,
+                args.workers, when,
                 os.cpu_count(), platform.machine(), platform.python_version(),
                 table(results, args)))
     print(block)

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -200,12 +201,12 @@ class PostgresStore(Store):
         return StoreUnavailable("cannot %s: the database %s is unavailable (%s)"
                                 % (what, self.safe_url, self._scrub(exc) or type(exc).__name__))
 
-    def _transaction(self, what: str, body: Callable):
+    @contextlib.contextmanager
+    def _errors(self, what: str):
+        """psycopg's and the pool's errors as the store's (see the module docstring)."""
         psycopg = self._psycopg
         try:
-            with self._pool.connection() as conn:
-                with conn.transaction():
-                    return body(_Tx(conn))
+            yield
         except self._pool_errors as exc:
             raise self._unavailable(what, exc) from None
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -214,9 +215,15 @@ class PostgresStore(Store):
             raise OwnershipError("cannot %s in the database %s: %s"
                                  % (what, self.safe_url, self._scrub(exc))) from None
 
+    def _transaction(self, what: str, body: Callable):
+        with self._errors(what), self._pool.connection() as conn, conn.transaction():
+            return body(_Tx(conn))
+
     def _rows(self, sql: str, args=()) -> list:
-        return self._transaction("read the ownership store",
-                                 lambda tx: tx.execute(sql, args).fetchall())
+        # One statement on an autocommit connection is its own transaction: no BEGIN/COMMIT
+        # round trips for a read.
+        with self._errors("read the ownership store"), self._pool.connection() as conn:
+            return conn.execute(_pg(sql), args).fetchall()
 
     def _notify(self, tx, payload: str) -> None:
         tx.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))
