@@ -182,6 +182,11 @@ def trust_forwarded_for(args) -> bool:
     return args.trust_forwarded_for.lower() not in ("0", "no", "false")
 
 
+# A listener's name (lib.errors.ListenError.listener) -> the flag that sets its address.
+LISTENER_FLAG = {"tunnel": "--tunnel-addr", "https": "--https-addr", "http": "--http-addr",
+                 "discovery": "--discovery-addr", "admin": "--admin-addr"}
+
+
 class StartError(Exception):
     """The proxy cannot start; the message is one line naming the problem."""
 
@@ -200,6 +205,7 @@ def start_proxy(args, one_port: bool = False, admin: bool = True) -> dict:
         option, an unusable ownership store), in one line.
     """
     from lib.admin.app import create_admin_app
+    from lib.errors import ListenError
     from lib.memtrim import start_memory_trimmer
     from lib.proxy.discovery import start_discovery
     from lib.proxy.ownership import OwnershipError
@@ -210,6 +216,8 @@ def start_proxy(args, one_port: bool = False, admin: bool = True) -> dict:
         proxy.start()
         start_memory_trimmer()
         discovery = start_discovery(args, proxy)
+    except ListenError as e:
+        raise StartError(f"cannot start: {e.line(LISTENER_FLAG.get(e.listener))}") from None
     except (OSError, ValueError, OwnershipError) as e:
         raise StartError(f"cannot start: {e}") from None
     app = None
@@ -324,12 +332,16 @@ def _serve_admin(args, started):
         return None
     from gevent.pywsgi import WSGIServer
 
+    from lib.errors import ListenError
     from lib.proxy.server import parse_addr
 
     try:
         admin = WSGIServer(parse_addr(args.admin_addr, "127.0.0.1"), started["app"], log=None)
         admin.start()
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        line = ListenError("admin", args.admin_addr, e).line("--admin-addr")
+        raise StartError(f"cannot start: {line}") from None
+    except ValueError as e:
         raise StartError(f"cannot start the admin listener on {args.admin_addr}: {e}") from None
     started["proxy"].add_listener("admin", admin)
     log.info("admin on http://%s:%d/", *admin.address[:2])

@@ -30,6 +30,7 @@ class for its meaning. Each error keeps the builtin base its callers catch (a co
       |    +- StoreUnavailable       .code: the bind answer (store-unavailable)
       +- ClaimRefused                .code: the bind answer (limit)              lib.proxy.store.base
       +- PeekTimeout                 no routing name within the peek deadline    lib.proxy.server
+      +- ListenError (OSError)       a listener cannot open: .listener, .addr    lib.errors
       +- QueryError (ValueError)     an API query parameter we cannot honour     lib.admin.dashboard
       +- TestnetError                the private Tor network did not start       lib.testnet
 
@@ -43,6 +44,7 @@ stem's ``stem.ControllerError`` / ``stem.SocketError``, ``ssl.SSLError``, ``OSEr
 from __future__ import annotations
 
 import enum
+import errno
 
 
 class ErrorCode(enum.IntEnum):
@@ -67,6 +69,36 @@ def code_name(code: int) -> str:
 
 class ShroudError(Exception):
     """Base of every error Shroud raises on purpose (the tree is in the module docstring)."""
+
+
+class ListenError(ShroudError, OSError):
+    """A listener could not open its address. ``listener`` names it ("tunnel", "https",
+    "http", "discovery", "admin"), ``addr`` is the address as the operator gave it, ``errno``
+    the system's reason. :meth:`line` is the one line an operator reads, naming the flag."""
+
+    # errno -> what to do about it (the rest: the system's own words)
+    _FIXES = {
+        errno.EADDRINUSE: "address already in use; choose another port or stop the process "
+                          "using it",
+        errno.EACCES: "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE "
+                      "(docs/DEPLOY.md), or choose a port above 1023",
+        errno.EADDRNOTAVAIL: "no such address on this machine; use one of its addresses, or "
+                             "0.0.0.0 for all",
+    }
+
+    def __init__(self, listener: str, addr: str, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.listener, self.addr = listener, addr
+
+    def reason(self) -> str:
+        return self._FIXES.get(self.errno, self.strerror or "cannot listen")
+
+    def line(self, flag: str | None = None) -> str:
+        """'--tunnel-addr 127.0.0.1:4443: address already in use; choose another port ...'"""
+        return f"{flag or self.listener} {self.addr}: {self.reason()}"
+
+    def __str__(self) -> str:
+        return self.line()
 
 
 class MuxError(ShroudError, OSError):

@@ -39,12 +39,18 @@ def test_bad_heartbeat_refused(monkeypatch):
         sp.config_from_args(args)
 
 
-@pytest.mark.timeout(120)
+# Each listener flag of the proxy: a port in use on it is one line naming that flag.
+LISTENER_FLAGS = ["--tunnel-addr", "--https-addr", "--http-addr", "--discovery-addr"]
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("entry", ["python", "gunicorn"])
-def test_both_entry_points_refuse_a_busy_port_in_one_line(tmp_path, entry):
+@pytest.mark.parametrize("flag", LISTENER_FLAGS)
+def test_both_entry_points_refuse_a_busy_port_in_one_line(tmp_path, entry, flag):
     """`python shroud_proxy.py` and gunicorn start the proxy through one path
-    (shroud_proxy.start_proxy): a port in use is one line naming it, never a traceback, and
-    the process ends with an error status (gunicorn halts instead of restarting its worker)."""
+    (shroud_proxy.start_proxy): a port in use is one line naming the flag and the fix (not a
+    Python address tuple), never a traceback, and the process ends with an error status
+    (gunicorn halts instead of restarting its worker)."""
     import os
     import socket
     import subprocess
@@ -56,7 +62,11 @@ def test_both_entry_points_refuse_a_busy_port_in_one_line(tmp_path, entry):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
-    args = ["--data-dir", str(tmp_path / "data"), "--tunnel-addr", f"127.0.0.1:{port}"]
+    addr = f"127.0.0.1:{port}"
+    args = ["--data-dir", str(tmp_path / "data"), "--tunnel-addr", f"127.0.0.1:{free_port()}"]
+    args += [flag, addr]
+    if flag == "--discovery-addr":
+        args += ["--fleet", "p1.example:4443"]  # the role needs one to start
     env = dict(os.environ)
     if entry == "python":
         argv = [sys.executable, "shroud_proxy.py", *args, "--admin-addr", ""]
@@ -71,5 +81,33 @@ def test_both_entry_points_refuse_a_busy_port_in_one_line(tmp_path, entry):
     finally:
         busy.close()
     assert done.returncode != 0, done.stderr
-    assert "shroud_proxy: cannot start:" in done.stderr and str(port) in done.stderr, done.stderr
+    want = (f"shroud_proxy: cannot start: {flag} {addr}: address already in use; "
+            "choose another port or stop the process using it")
+    assert want in done.stderr, done.stderr
+    assert f"('127.0.0.1', {port})" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_busy_admin_port_names_its_flag(tmp_path):
+    """--admin-addr (served by shroud_proxy.py itself; under gunicorn it is gunicorn's bind)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.procs import ROOT, free_port
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    addr = "127.0.0.1:%d" % busy.getsockname()[1]
+    try:
+        done = subprocess.run([sys.executable, "shroud_proxy.py", "--data-dir",
+                               str(tmp_path / "data"), "--tunnel-addr",
+                               f"127.0.0.1:{free_port()}", "--admin-addr", addr],
+                              cwd=ROOT, capture_output=True, text=True, timeout=90)
+    finally:
+        busy.close()
+    assert done.returncode != 0, done.stderr
+    assert (f"shroud_proxy: cannot start: --admin-addr {addr}: address already in use; "
+            "choose another port or stop the process using it") in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr

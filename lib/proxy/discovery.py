@@ -43,6 +43,7 @@ from gevent.pywsgi import WSGIServer
 
 from lib.net import dnsclient
 from lib.certs import normalize_pin
+from lib.errors import ListenError
 from lib.hostport import parse_hostport
 from lib.protocol.sniff import normalize_hostname
 
@@ -284,7 +285,10 @@ def start_discovery(args, proxy=None) -> DiscoveryServer | None:
                           dns_resolver=_resolver(getattr(args, "dns_resolver", None)))
     server = DiscoveryServer(parse_addr(addr, "0.0.0.0"), create_discovery_app(discovery),
                              server_tls_context(cert, key))
-    server.start()
+    try:
+        server.start()
+    except OSError as e:
+        raise ListenError("discovery", addr, e) from None
     if proxy is not None:
         proxy.add_listener("discovery", server)
     log.info("discovery on https://%s:%d%s (%s%s)", *server.address[:2], PATH,

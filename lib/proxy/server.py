@@ -43,6 +43,7 @@ import gevent.pool
 import gevent.server
 
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
+from lib.errors import ListenError
 from lib.hostport import parse_hostport
 from lib.net.muxsession import MuxConfig
 from lib.protocol.muxstate import WindowPool
@@ -196,6 +197,7 @@ class ProxyServer:
     # --- listeners ------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Open the listeners and join the fleet. :raises ListenError: one cannot open."""
         c = self.config
         plan = [("tunnel", c.tunnel_addr, self.tunnels.handle_connection, self._tunnel_pool),
                 ("https", c.https_addr, self.router.handle_https, self._public_pool),
@@ -205,7 +207,10 @@ class ProxyServer:
             if bind is None:
                 continue
             server = gevent.server.StreamServer(bind, handler, spawn=pool, backlog=1024)
-            server.start()
+            try:
+                server.start()
+            except OSError as e:
+                raise ListenError(name, addr, e) from None
             self.servers[name] = server
             self.addresses[name] = server.address[:2]
             self.add_listener(name, server)
