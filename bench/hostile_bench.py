@@ -100,6 +100,8 @@ def pinger(port: int, out: list, stop_at: float) -> None:
 # DATA of one byte on 4,096 different stream ids below 99,999, none of them open: each one a
 # RST (the proxy answers once per id among the ones it answered lately).
 FLOOD = b"".join(fr.encode_data(3 + 2 * i, b"x") for i in range(4096))
+# Frames that provoke nothing: WNDINC on stream ids never opened below 99,999 (a decode each).
+NOOP = b"".join(fr.encode(fr.WndInc(3 + 2 * i, 1)) for i in range(4096))
 
 
 def flood(world, args) -> dict:
@@ -111,7 +113,7 @@ def flood(world, args) -> dict:
             p.handshake(Identity.load_or_create(os.path.join(world["dir"], f"flood-{i}")),
                         f"flood{i}.test")
         peers.append(p)
-    frame = FLOOD
+    frame = NOOP if args.noop else FLOOD
     for p in peers:
         p.start_reading()
         p.send(fr.encode(fr.Syn(99999)))  # ids below it are "closed": DATA there gets a RST
@@ -240,6 +242,8 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=8)
     ap.add_argument("--frames", type=int, default=2_000_000, help="per peer, at most")
     ap.add_argument("--visitors", type=int, default=64)
+    ap.add_argument("--noop", action="store_true",
+                    help="flood: frames that provoke no answer (WNDINC on closed ids)")
     ap.add_argument("--auth", action="store_true",
                     help="flood: each peer authenticates with a key and binds a name first")
     ap.add_argument("--proxy-arg", action="append", default=[],

@@ -380,3 +380,95 @@ def test_a_reader_that_lags_does_not_grow_the_window():
     assert st.receive_window == mp.INITIAL_WINDOW
     g.kill()
     server.close()
+
+
+# --- what a peer may provoke (lib.protocol.muxstate), with a clock that does not move ----------
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _server(trusted=True, **kw):
+    clock = _Clock()
+    conn = mp.MuxConnection(False, MuxConfig(heartbeat=False, **kw), trusted=trusted, clock=clock)
+    conn.receive_data(fr.encode(fr.Syn(99999)))  # every lower odd id is now "closed"
+    conn.data_to_send()
+    return conn, clock
+
+
+def _rst_bait(n, first=3):
+    return b"".join(fr.encode_data(first + 2 * i, b"x") for i in range(n))
+
+
+def _hostile(events):
+    ends = [e for e in events if isinstance(e, mp.ConnectionTerminated)]
+    return ends[0] if ends else None
+
+
+def test_before_trust_sixteen_answers_then_hostile_and_after_trust_the_larger_bucket():
+    conn, clock = _server(trusted=False)
+    assert _hostile(conn.receive_data(_rst_bait(15))) is None  # (each frame costs 1/64 too)
+    end = _hostile(conn.receive_data(_rst_bait(2, first=101)))
+    assert end is not None and end.hostile and end.code == ErrorCode.PROTOCOL_ERROR
+    conn, clock = _server(trusted=False)
+    conn.trust()
+    assert _hostile(conn.receive_data(_rst_bait(4000))) is None
+    end = _hostile(conn.receive_data(_rst_bait(200, first=9001)))
+    assert end is not None and end.hostile
+
+
+def test_the_bucket_refills_with_time():
+    conn, clock = _server()
+    for k in range(10):  # 4,000 answers every second for 10 s: never past the bucket
+        clock.now += 1.0
+        assert _hostile(conn.receive_data(_rst_bait(3900, first=3 + 8000 * k))) is None
+        conn.data_to_send()
+
+
+def test_frames_that_provoke_nothing_still_cost_and_a_flood_is_cut():
+    conn, clock = _server()
+    noop = fr.encode(fr.WndInc(3, 1)) * 8192
+    sent = 0
+    end = None
+    while end is None and sent < 1_000_000:
+        end = _hostile(conn.receive_data(noop))
+        sent += 8192
+    assert end is not None and end.hostile, "a no-op frame flood was never cut"
+    assert sent <= (MuxConfig.answer_burst + 1) * mp.FRAMES_PER_ANSWER + 8192
+
+
+def test_frames_before_trust_are_capped():
+    conn, _ = _server(trusted=False)
+    end = _hostile(conn.receive_data(fr.encode(fr.WndInc(3, 1)) * 300))
+    assert end is not None and end.hostile and "before Auth" in end.reason
+
+
+def test_one_rst_per_closed_stream_id():
+    conn, _ = _server()
+    conn.receive_data(fr.encode_data(3, b"x") * 100)
+    out = conn.data_to_send()
+    assert out == fr.encode(fr.Rst(3, ErrorCode.STREAM_CLOSED))
+
+
+def test_answers_nobody_reads_are_bounded_in_bytes():
+    conn, _ = _server(answer_burst=100_000)
+    end = None
+    first = 3
+    while end is None and first < 200_000:
+        end = _hostile(conn.receive_data(_rst_bait(1000, first)))
+        first += 2000
+    assert end is not None and end.hostile and "does not read" in end.reason
+    assert conn.unsent_answers == 0  # dropped: the GOAWAY goes out alone
+    assert conn.data_to_send() == fr.encode(fr.GoAway(99999, ErrorCode.PROTOCOL_ERROR))
+
+
+def test_a_second_goaway_ends_the_session():
+    conn, _ = _server()
+    ga = fr.encode(fr.GoAway(0, ErrorCode.NO_ERROR))
+    assert _hostile(conn.receive_data(ga)) is None
+    end = _hostile(conn.receive_data(ga))
+    assert end is not None and end.code == ErrorCode.PROTOCOL_ERROR and not end.hostile

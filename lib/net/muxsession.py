@@ -70,6 +70,12 @@ READ_SIZE = 256 * 1024
 # The writer hands the transport at most this much at a time, so that a peer that stops
 # reading is seen as no progress (MuxConfig.write_stall_timeout) within 64 KiB.
 WRITE_BATCH = 64 * 1024
+# A read is decoded this much at a time, and the reader yields between two pieces that held
+# more than YIELD_FRAMES frames: 16 KiB of 8-byte frames is 2,048 frames, a few milliseconds,
+# so a peer flooding tiny frames takes its turn like everyone else, while bulk data (one frame
+# per 16 KiB) is decoded a whole read at a time.
+FEED_SLICE = 16 * 1024
+YIELD_FRAMES = 64
 
 
 class PeerLog:
@@ -504,11 +510,7 @@ class Session:
                                          remote=True)
                     self._finish(end)
                     return
-                events = conn.receive_data(data)
-                if events:
-                    self._dispatch(events)
-                if conn.outgoing_size:
-                    self._wake_writer()
+                self._feed(data)
                 # Yield after every read: bytes already waiting would otherwise be read and
                 # decoded without a pause, and one flooding peer would starve every other
                 # session and deadline in the process. What this read provoked is bounded by
@@ -519,6 +521,21 @@ class Session:
                                     remote=True))
         except gevent.GreenletExit:
             pass
+
+    def _feed(self, data: bytes) -> None:
+        conn = self._conn
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_SLICE):
+            before = conn.frames_received
+            events = conn.receive_data(view[start:start + FEED_SLICE])
+            if events:
+                self._dispatch(events)
+            if conn.outgoing_size:
+                self._wake_writer()
+            if self._end is not None:
+                return
+            if conn.frames_received - before > YIELD_FRAMES:
+                gevent.sleep(0)  # a dense piece: others' turn before the next
 
     def _dispatch(self, events: list) -> None:
         streams = self._streams

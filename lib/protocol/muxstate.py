@@ -51,7 +51,10 @@ answers queued unwritten > max_queued_answers  GOAWAY PROTOCOL_ERROR, hostile
 
 Answers are the frames we send only because the peer sent one: the RSTs above and the echo of
 its heartbeat (DATA and WNDINC). Each costs a decode and a write, so what a peer may provoke is
-a token bucket (``answer_rate`` / ``answer_burst``, far less before ``trust()``), and answers
+a token bucket (``answer_rate`` / ``answer_burst``, far less before ``trust()``). Every frame
+received takes 1/``FRAMES_PER_ANSWER`` of a token too: a frame that provokes nothing (a WNDINC
+on a closed stream, say) still costs a decode, and a flood of them is cut off the same way. And
+answers
 waiting for a peer that does not read are bounded in bytes (``max_queued_answers``, as Go's
 HTTP/2 bounds queued control frames). A session ended for either is ``hostile`` on its
 ConnectionTerminated event (docs/SECURITY.md, "Tunnel sessions").
@@ -82,6 +85,10 @@ RECENT_RSTS = 1024
 # ~200 KiB on loopback), which grew windows to 256 KiB with one; with two they stay at 128 KiB,
 # and a reader that keeps up reaches 1 MiB after ~2 MiB.
 GROW_AFTER = 2
+# Every frame received costs this fraction of an answer token (module doc). 64: with the
+# default bucket, 256k frames a second sustained; a real peer at 500 MiB/s sends ~32k DATA
+# frames and ~20k WNDINCs a second, and through Tor far fewer.
+FRAMES_PER_ANSWER = 64
 _RST_SIZE = fr.HEADER_SIZE + 4
 _WNDINC_SIZE = fr.HEADER_SIZE + 4
 
@@ -288,6 +295,7 @@ class MuxConnection:
         self._recent_rst_ids: deque[int] = deque()
         self._recent_rst_set: set[int] = set()
         self.answers = 0  # answers sent, ever (a counter)
+        self.frames_received = 0  # a counter
         self._answers_queued = 0  # bytes of answers in _out
         self._answer_marks: deque[tuple[int, int]] = deque()  # (end offset in output, size)
         self._taken = 0  # bytes ever handed out by data_to_send
@@ -359,15 +367,19 @@ class MuxConnection:
 
     def _provoked(self) -> None:
         """Take a token for one answer; a peer with none left is hostile."""
+        self._spend(1.0)
+        self.answers += 1
+
+    def _spend(self, tokens: float) -> None:
         rate, burst = self._answer_limits()
         now = self._clock()
         self._tokens = min(float(burst), self._tokens + (now - self._stamp) * rate)
         self._stamp = now
-        if self._tokens < 1:
+        if self._tokens < tokens:
             raise PeerAbuse(f"peer provoked more than {burst} answers at once or {rate:g} a "
-                            f"second{'' if self.trusted else ' before Auth'}")
-        self._tokens -= 1
-        self.answers += 1
+                            f"second{'' if self.trusted else ' before Auth'} (a frame counts "
+                            f"1/{FRAMES_PER_ANSWER})")
+        self._tokens -= tokens
 
     def _answered(self, size: int) -> None:
         """The last ``size`` bytes queued are an answer: bound what waits unwritten."""
@@ -591,11 +603,13 @@ class MuxConnection:
         if self.terminated is not None:
             return events
         self._decoder.feed(data)
+        frames = 0
         try:
             while True:
                 f = self._decoder.next_frame()
                 if f is None:
                     break
+                frames += 1
                 if not self.trusted:
                     self._frames_untrusted += 1
                     if self._frames_untrusted > self.config.untrusted_frames:
@@ -605,6 +619,9 @@ class MuxConnection:
                 if self.terminated is not None:
                     events.append(self.terminated)
                     break
+            self.frames_received += frames
+            if frames and self.terminated is None:
+                self._spend(frames / FRAMES_PER_ANSWER)
         except ProtocolError as e:
             events.append(self.terminate(e.code, str(e.args[0]),
                                          hostile=isinstance(e, PeerAbuse)))
