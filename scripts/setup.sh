@@ -36,6 +36,7 @@ if [ "$mode" = all ]; then
     want iproute2
     want strace                                    # the Tor-mode connection audit
     want tmux                                      # the client console tests drive a terminal
+    want systemd                                   # systemd-analyze verify: docs/DEPLOY.md's unit
     # PostgreSQL: the fleet store's tests start a real server (tests/fixtures/postgres.py).
     compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || need_pkgs+=(postgresql)
     # jemalloc: the entry points run on it (lib/allocator.py), so memory returns after a load
