@@ -43,6 +43,7 @@ if [ "$mode" = all ]; then
     # peak. The demo runs without it (the allocator falls back to the system's).
     want libjemalloc2
     want pebble                                    # ACME test CA + pebble-challtestsrv (https: names)
+    want libnss3-tools                             # certutil: Chromium trusts pebble's root
 fi
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -7,6 +7,7 @@ ends visitors' TLS itself and hands plain HTTP to the origin.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import ssl
@@ -75,6 +76,7 @@ def test_curl_gets_plain_origin_with_pebble_certificate(tmp_path, pebble, site):
     assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
         .get_values_for_type(x509.DNSName) == [NAME]
     assert "Pebble" in cert.issuer.rfc4514_string()
+    assert_proxy_saw_no_plaintext_or_key(proxy, tmp_path / "client-data")
     # The key and certificate files are the client's only: 0600 in its data dir.
     files = [f for f in glob.glob(str(tmp_path / "client-data" / "acme" / "**"), recursive=True)
              if os.path.isfile(f)]
@@ -214,3 +216,48 @@ def test_renewal_while_a_visitor_downloads_50_mib(tmp_path, pebble_factory):
     finally:
         for p in (client, proxy, origin):
             p.stop()
+
+
+def assert_proxy_saw_no_plaintext_or_key(proxy, client_data) -> None:
+    """The proxy's debug log and data dir hold none of the page's plaintext and none of the
+    client's keys (it passed TLS through; issue 15)."""
+    secrets = [b"hello from the plain origin"]
+    for key in glob.glob(str(client_data / "acme" / "**" / "key.pem"), recursive=True):
+        with open(key, "rb") as f:
+            body = b"".join(f.read().splitlines()[1:-1])
+        # From 48 on: the first 48 base64 characters are PKCS#8's P-256 header, in every key.
+        secrets += [body[i:i + 24] for i in range(48, len(body) - 24, 24)]
+    with open(str(client_data / "acme" / "account.json"), "rb") as f:
+        secrets.append(json.loads(f.read())["d"].encode())
+    paths = [proxy.log_path] + [f for f in glob.glob(os.path.join(proxy.data_dir, "**"),
+                                                     recursive=True) if os.path.isfile(f)]
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        for secret in secrets:
+            assert secret not in data, f"{path} holds {secret[:20]!r}..."
+
+
+def chromium_page(root_pem: str, port: int, home) -> str:
+    """Headless Chromium trusting only pebble's root (its own NSS database): the page text."""
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    subprocess.run(["certutil", "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True)
+    subprocess.run(["certutil", "-A", "-d", f"sql:{nssdb}", "-n", "pebble", "-t", "C,,",
+                    "-i", root_pem], check=True)
+    r = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                        "--disable-quic", "--no-first-run", "--disable-background-networking",
+                        f"--host-resolver-rules=MAP {NAME} 127.0.0.1", "--dump-dom",
+                        "--virtual-time-budget=5000", f"https://{NAME}:{port}/hello"],
+                       capture_output=True, text=True, timeout=90,
+                       env=dict(os.environ, HOME=str(home)))
+    return r.stdout + r.stderr[-2000:]
+
+
+def test_chromium_trusting_pebbles_root_gets_the_page(tmp_path, pebble, site):
+    origin, proxy, procs = site
+    client = start_client(tmp_path, proxy, pebble, origin)
+    procs.append(client)
+    client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
+    page = chromium_page(pebble.root_file(str(tmp_path)), pebble.tls_port, tmp_path / "home")
+    assert "hello from the plain origin" in page, page
