@@ -23,7 +23,9 @@ median of --runs runs; ssh and Shroud processes are started fresh for every run,
 deltas are not hidden by memory kept from an earlier run.
 
 The ``cost`` phase uses a second origin that answers in one write (bench/single_write_origin.py,
-a 13-byte and a 1 KiB body, reached as ``http:one.test`` / a third ``-R``): nginx's two-write
+a 13-byte and a 1 KiB body, reached through Shroud as a ``tcp:`` bind (connections kept alive,
+as through ssh -R) and as ``http:one.test`` (routed by Host: one exchange per connection, so wrk
+reconnects for every request); through ssh -R by a third ``-R``): nginx's two-write
 answers provoke ssh's Nagle/delayed-ACK stalls, which flatter Shroud's requests/s. It reports
 wrk requests/s at 1 and 64 connections, TTFB of --fresh-conns fresh connections, and the CPU
 the path itself burns: user+sys seconds (/proc/PID/stat) of proxy+client, or of the sshd tree
@@ -279,7 +281,8 @@ class Path:
     def __init__(self, http_port: int, tls_port: int, one_port: int):
         self.http_port = http_port
         self.tls_port = tls_port
-        self.one_port = one_port  # HTTP to the single-write origin
+        self.one_port = one_port  # the single-write origin, keep-alive (Shroud: a tcp: bind)
+        self.one_http_port = one_port  # the same origin by Host (Shroud: one exchange/connection)
         self.procs: list[Proc] = []
 
     def mem_pids(self) -> dict[str, list[int]]:
@@ -361,15 +364,20 @@ class ShroudPath(Path):
         pin = out.stdout.strip()
         tunnel, self.admin = free_port(), free_port()
         self.token = secrets.token_hex(16)  # the status API wants a bearer token
-        http = free_port()
-        super().__init__(http, free_port(), http)  # the single-write origin by Host: one.test
+        # The single-write origin twice: by Host (one.test; the proxy lets a routed HTTP
+        # connection carry one exchange, docs/SECURITY.md) and as a raw tcp: bind, whose
+        # connections stay open for many requests as ssh -R's do.
+        http, raw = free_port(), free_port()
+        super().__init__(http, free_port(), raw)
+        self.one_http_port = http
         self.proxy = Proc("shroud-proxy", [
             PY, "shroud_proxy.py", "--data-dir", pdata,
             "--tunnel-addr", f"127.0.0.1:{tunnel}", "--https-addr", f"127.0.0.1:{self.tls_port}",
             "--http-addr", f"127.0.0.1:{self.http_port}", "--admin-addr", f"127.0.0.1:{self.admin}",
             "--admin-token", self.token,
             # 1,000 held + 64 wrk + closing streams stay under the client's own 1,024 limit.
-            "--max-streams-per-tunnel", "4096", "--log-level", "warning"], d)
+            "--max-streams-per-tunnel", "4096", "--log-level", "warning",
+            "--tcp-ports", str(raw)], d)
         self.procs.append(self.proxy)
         try:
             wait_port(tunnel)
@@ -381,10 +389,11 @@ class ShroudPath(Path):
             PY, "shroud.py", "--tor", "none", "--data-dir", cdata, "--status", "plain",
             "--log-level", "warning", "--proxy", f"127.0.0.1:{tunnel}", "--pin", pin,
             TLS_NAME, f"127.0.0.1:{origin_tls}", f"http:{HTTP_NAME}", f"127.0.0.1:{origin_http}",
-            f"http:{ONE_NAME}", f"127.0.0.1:{origin_one}"], d)
+            f"http:{ONE_NAME}", f"127.0.0.1:{origin_one}", f"tcp:{raw}", f"127.0.0.1:{origin_one}"], d)
         self.procs.append(self.client)
         try:
-            self._wait_bound((TLS_NAME, HTTP_NAME, ONE_NAME), 30)
+            self._wait_bound((TLS_NAME, HTTP_NAME, ONE_NAME, f"tcp:{raw}"), 30)
+            wait_port(raw)
         except TimeoutError as e:
             tail = self.client.log_tail() + self.proxy.log_tail()
             self.stop()
@@ -612,14 +621,15 @@ def phase_wrk(path: Path, args, res: dict, conns: int) -> None:
         f"p99 {w['p99']:.2f} ms")
 
 
-def phase_cost(path: Path, args, res: dict, body: str, conns: int) -> None:
-    """wrk against the single-write origin; the path's CPU (user+sys) per 1,000 requests."""
+def phase_cost(path: Path, args, res: dict, body: str, conns: int, by_host: bool = False) -> None:
+    """wrk against the single-write origin; the path's CPU (user+sys) per 1,000 requests.
+    ``by_host``: Shroud routes by Host, one request per connection (wrk reconnects)."""
     pids = path.cpu_pids()
     c0 = cpu_seconds(pids)
-    w = wrk(path, conns, args.wrk_seconds, port=path.one_port, target=ONE_BODIES[body],
-            host=ONE_NAME)
+    w = wrk(path, conns, args.wrk_seconds, port=path.one_http_port if by_host else path.one_port,
+            target=ONE_BODIES[body], host=ONE_NAME)
     cpu = cpu_seconds(pids) - c0
-    tag = f"one_{body}_{conns}"
+    tag = f"one_{body}_{conns}" + ("_host" if by_host else "")
     res[f"{tag}_rps"], res[f"{tag}_p50"] = w["rps"], w["p50"]
     if pids and w["requests"]:
         res[f"{tag}_cpu"] = cpu / w["requests"] * 1000
@@ -632,10 +642,10 @@ def phase_fresh(path: Path, args, res: dict) -> None:
     """Fresh connections to the single-write origin, one after another: TTFB and the path's
     CPU per connection."""
     req = request_bytes(keep_alive=False, target=ONE_BODIES["small"], host=ONE_NAME)
-    ttfb_samples(path.one_port, 5, req=req)  # warm
+    ttfb_samples(path.one_http_port, 5, req=req)  # warm
     pids = path.cpu_pids()
     c0 = cpu_seconds(pids)
-    xs = ttfb_samples(path.one_port, args.fresh_conns, req=req)
+    xs = ttfb_samples(path.one_http_port, args.fresh_conns, req=req)
     cpu = cpu_seconds(pids) - c0
     res["one_ttfb_p50"], res["one_ttfb_p99"] = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
     if pids:
@@ -667,6 +677,7 @@ def one_run(live: list[Path], args, ca: str) -> dict[str, dict]:
             for conns in (1, 64):
                 phases.append(lambda p, body=body, conns=conns:
                               phase_cost(p, args, res[p.name], body, conns))
+        phases.append(lambda p: phase_cost(p, args, res[p.name], "small", 64, by_host=True))
     for phase in phases:
         for path in live:
             phase(path)
@@ -693,15 +704,17 @@ ROWS = [
     ("ttfb_held_p99", "TTFB p99, 1,000 held", "ms", False),
     ("mem_total", "RSS per held conn (path total)", "KiB", False),
     # The single-write origin (bench/single_write_origin.py): no Nagle stall to hide behind.
-    ("one_small_1_rps", "single-write small, wrk 1 conn", "req/s", True),
-    ("one_small_1_p50", "single-write small, wrk 1 conn p50", "ms", False),
-    ("one_small_64_rps", "single-write small, wrk 64 conns", "req/s", True),
-    ("one_1k_1_rps", "single-write 1 KiB, wrk 1 conn", "req/s", True),
-    ("one_1k_64_rps", "single-write 1 KiB, wrk 64 conns", "req/s", True),
-    ("one_small_1_cpu", "CPU per 1,000 req, small, 1 conn", "cpu s", False),
-    ("one_small_64_cpu", "CPU per 1,000 req, small, 64 conns", "cpu s", False),
-    ("one_1k_1_cpu", "CPU per 1,000 req, 1 KiB, 1 conn", "cpu s", False),
-    ("one_1k_64_cpu", "CPU per 1,000 req, 1 KiB, 64 conns", "cpu s", False),
+    ("one_small_1_rps", "single-write small keep-alive, 1 conn", "req/s", True),
+    ("one_small_1_p50", "single-write small keep-alive, 1 conn p50", "ms", False),
+    ("one_small_64_rps", "single-write small keep-alive, 64 conns", "req/s", True),
+    ("one_1k_1_rps", "single-write 1 KiB keep-alive, 1 conn", "req/s", True),
+    ("one_1k_64_rps", "single-write 1 KiB keep-alive, 64 conns", "req/s", True),
+    ("one_small_1_cpu", "CPU per 1,000 req keep-alive, small, 1 conn", "cpu s", False),
+    ("one_small_64_cpu", "CPU per 1,000 req keep-alive, small, 64 conns", "cpu s", False),
+    ("one_1k_1_cpu", "CPU per 1,000 req keep-alive, 1 KiB, 1 conn", "cpu s", False),
+    ("one_1k_64_cpu", "CPU per 1,000 req keep-alive, 1 KiB, 64 conns", "cpu s", False),
+    ("one_small_64_host_rps", "single-write small by Host (1 req/conn), 64 conns", "req/s", True),
+    ("one_small_64_host_cpu", "CPU per 1,000 req by Host (1 req/conn), 64 conns", "cpu s", False),
     ("one_ttfb_p50", "single-write fresh conn TTFB p50", "ms", False),
     ("one_ttfb_p99", "single-write fresh conn TTFB p99", "ms", False),
     ("one_conn_cpu", "CPU per fresh conn", "cpu ms", False),

@@ -4,6 +4,8 @@
 
     set_nodelay(sock) -> bool      # Nagle off; False (and nothing raised) if sock is not TCP
     send_quietly(sock, data)       # a last word before closing: refusals, alerts, redirects
+    sender(end) -> callable(data)  # end.sendall, or for a socket one that skips gevent's
+                                   # getsockopt(SO_SNDBUF) on every call (send_all)
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
 segment of each window would otherwise wait for the peer's delayed ACK, 40 ms per window; and a
@@ -13,6 +15,8 @@ client, service). Go sets TCP_NODELAY on every connection for the same reason.
 from __future__ import annotations
 
 import socket
+
+import gevent.socket
 
 
 def set_nodelay(sock) -> bool:
@@ -40,3 +44,26 @@ def send_quietly(sock, data: bytes, timeout: float = SEND_QUIETLY_TIMEOUT) -> No
         sock.sendall(data)
     except OSError:  # socket.timeout and ssl.SSLError are OSErrors too
         pass
+
+
+_SOCKET_TYPES = (gevent.socket.socket, socket.socket)
+
+
+def send_all(sock, data) -> None:
+    """``sock.sendall(data)`` for a socket, in one ``send`` when the kernel takes it all.
+
+    gevent's sendall asks the kernel for SO_SNDBUF on every call (one more system call per
+    write: bench/README.md, "Per-request cost"); a small write that fits the socket buffer, which
+    is nearly every write of a request/response exchange, needs only its send(). What send()
+    left over (a full buffer) goes through sendall, with its waiting and timeout."""
+    n = sock.send(data)
+    if n < len(data):
+        sock.sendall(memoryview(data)[n:])
+
+
+def sender(end):
+    """The function that sends all of a bytes-like object on ``end``: :func:`send_all` bound to
+    a socket, ``end.sendall`` for anything else (mux streams, TLS and HTTP wrappers)."""
+    if isinstance(end, _SOCKET_TYPES):
+        return lambda data: send_all(end, data)
+    return end.sendall

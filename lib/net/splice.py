@@ -30,6 +30,8 @@ import time
 
 import gevent
 
+from lib.net.sockets import sender
+
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
 # is only allocated once data is readable).
@@ -56,6 +58,7 @@ def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None 
     total = 0
     if getattr(src, "family", None) is None:  # a mux stream (sockets have a family)
         chunk = min(chunk, STREAM_CHUNK)
+    send = sender(dst)
     try:
         while True:
             try:
@@ -67,7 +70,7 @@ def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None 
                 raise
             if not data:
                 break
-            dst.sendall(data)
+            send(data)
             n = len(data)
             total += n
             state.last = time.monotonic()

@@ -22,6 +22,8 @@ import ssl
 
 from gevent.lock import Semaphore
 
+from lib.net.sockets import sender
+
 RAW_READ = 256 * 1024
 SEND_PIECE = 32 * 1024
 
@@ -35,6 +37,7 @@ class TLSTransport:
         self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
                                      server_hostname=server_hostname)
         self._wlock = Semaphore()
+        self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         self._eof = False
         self._closed = False
 
@@ -77,7 +80,7 @@ class TLSTransport:
             with self._wlock:
                 data = self._out.read()
                 if data:
-                    self._sock.sendall(data)
+                    self._send(data)
 
     # --- socket-like surface --------------------------------------------------------------
 
@@ -121,7 +124,7 @@ class TLSTransport:
                 # encrypt the next (encrypting a whole MiB first halved throughput).
                 n = self._obj.write(view[:SEND_PIECE])
                 view = view[n:]
-                self._sock.sendall(self._out.read())
+                self._send(self._out.read())
 
     def send(self, data) -> int:
         self.sendall(data)
