@@ -472,3 +472,16 @@ def test_a_second_goaway_ends_the_session():
     assert _hostile(conn.receive_data(ga)) is None
     end = _hostile(conn.receive_data(ga))
     assert end is not None and end.code == ErrorCode.PROTOCOL_ERROR and not end.hostile
+
+
+def test_streams_reset_before_accept_are_not_handed_out():
+    # SYN then RST, in a loop: the application must not read (and log) each dead stream.
+    a, b = gsocket.socketpair()
+    s = Session(b, client=False, config=MuxConfig(heartbeat=False))
+    wire = b"".join(fr.encode(fr.Syn(3 + 2 * i)) + fr.encode(fr.Rst(3 + 2 * i, ErrorCode.CANCEL))
+                    for i in range(100))
+    a.sendall(wire + fr.encode(fr.Syn(1001)) + fr.encode_data(1001, b"alive"))
+    st = s.accept(timeout=5)
+    assert st.id == 1001 and st.recv(10) == b"alive"
+    s.close()
+    a.close()

@@ -415,6 +415,11 @@ class Session:
             if self._backlog:
                 stream = self._backlog.popleft()
                 self._conn.stream_accepted(stream.id)
+                if stream._error is not None and not stream._chunks:
+                    # Reset by the peer before anyone took it: nothing to hand out, and a peer
+                    # opening and resetting streams in a loop must not make the application
+                    # read (and log) each one.
+                    continue
                 self.stats.streams_accepted += 1
                 return stream
             if self._end is not None:
