@@ -297,7 +297,9 @@ class TunnelService:
                 self.registry.count_refusal("bad_bind")
                 return False
             except (MuxError, EOFError) as e:
-                log.info("tunnel %d: no control message: %s", tunnel.id, e)
+                # repeatable at will (open a stream, close it): rate-limited per address
+                self.peer_log.log(peer_host(tunnel.peer), logging.INFO,
+                                  "tunnel %d: no control message: %s", tunnel.id, e)
                 self.registry.count_refusal("bad_bind")
                 return True
             if not isinstance(bind, msg.Bind):
