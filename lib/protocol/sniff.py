@@ -202,11 +202,13 @@ class TLSNameSniffer:
     after an answer (a name or an error) it answers the same again.
     """
 
-    __slots__ = ("_header", "_left", "_first", "_offset", "_hello", "_hello_len", "_answer")
+    __slots__ = ("_header", "_left", "_length", "_first", "_offset", "_hello", "_hello_len",
+                 "_answer")
 
     def __init__(self) -> None:
         self._header = bytearray()  # the current record's header, while incomplete
         self._left = 0  # bytes of the current record's fragment still to come
+        self._length = 0  # the current record's fragment length
         self._first = True  # the current record is the first
         self._offset = 0  # where the current record starts in the stream
         self._hello = bytearray()  # the handshake message, reassembled from fragments
@@ -224,15 +226,21 @@ class TLSNameSniffer:
         return self._answer
 
     def _consume(self, data: memoryview) -> str | None:
-        i = 0
-        while i < len(data):
+        i, end = 0, len(data)
+        while i < end:
             if self._left == 0:
-                take = min(_RECORD_HEADER - len(self._header), len(data) - i)
+                if not self._header and end - i >= _RECORD_HEADER \
+                        and data[i] == _CONTENT_HANDSHAKE and data[i + 1] == 3:
+                    # A whole, well-started header in this read (the usual case): no copy.
+                    self._open_record((data[i + 3] << 8) | data[i + 4])
+                    i += _RECORD_HEADER
+                    continue
+                take = min(_RECORD_HEADER - len(self._header), end - i)
                 self._header += data[i:i + take]
                 i += take
                 self._start_record()
                 continue
-            take = min(self._left, len(data) - i)
+            take = min(self._left, end - i)
             self._hello += data[i:i + take]
             i += take
             self._left -= take
@@ -247,7 +255,7 @@ class TLSNameSniffer:
                     # Whatever follows the last record (a TLS 1.3 client may send a
                     # change_cipher_spec and 0-RTT data at once) is left for the origin.
                     return _parse_client_hello(bytes(self._hello[_HANDSHAKE_HEADER:]))
-                self._offset += _RECORD_HEADER + int.from_bytes(self._header[3:5], "big")
+                self._offset += _RECORD_HEADER + self._length
                 self._header.clear()
                 self._first = False
         if self._left == 0:
@@ -260,7 +268,10 @@ class TLSNameSniffer:
         _check_record_header_prefix(header, first=self._first)
         if len(header) < _RECORD_HEADER:
             return
-        length = int.from_bytes(header[3:5], "big")
+        self._open_record(int.from_bytes(header[3:5], "big"))
+
+    def _open_record(self, length: int) -> None:
+        """A record of ``length`` fragment bytes starts (its header was checked)."""
         if length == 0:
             # RFC 8446 5.1: zero-length handshake fragments are forbidden.
             raise SniffError("empty handshake record", alert=ALERT_UNEXPECTED_MESSAGE)
@@ -270,7 +281,7 @@ class TLSNameSniffer:
         if self._offset + _RECORD_HEADER + length > MAX_TLS_PEEK:
             raise SniffError("ClientHello not complete within %d bytes" % MAX_TLS_PEEK,
                              alert=ALERT_INTERNAL_ERROR)
-        self._left = length
+        self._left = self._length = length
 
 
 def _need_more(needed: int) -> None:
