@@ -183,6 +183,7 @@ def test_goaway_debug_remainder_skipped_across_many_pieces():
 
 
 def test_encode_bounds():
+    assert fr.encode_data(3) == h("00 00 00 03 00 00 00 03")  # empty, no FIN by default
     assert len(fr.encode(fr.Data(3, bytes(fr.MAX_PAYLOAD)))) == fr.HEADER_SIZE + fr.MAX_PAYLOAD
     with pytest.raises(ValueError, match=f"DATA payload of {fr.MAX_PAYLOAD + 1} bytes exceeds"):
         fr.encode_data(3, bytes(fr.MAX_PAYLOAD + 1))
