@@ -16,11 +16,12 @@ p = configparser.ConfigParser()
 p.read(sys.argv[1])
 if not p.has_section(sys.argv[2]):
     sys.exit(f"scripts/mutation.cfg has no module {sys.argv[2]!r}; one of: {', '.join(p.sections())}")
-print(p.get(sys.argv[2], sys.argv[3]))
+print(p.get(sys.argv[2], sys.argv[3], fallback=""))
 PY
 }
 source_file="$(read_key "$module" source)"
 tests="$(read_key "$module" tests)"
+deselect="$(read_key "$module" deselect)"  # optional: a pytest -k expression of tests to skip
 .venv/bin/python -c "import mutmut" 2>/dev/null || {
     echo "mutmut is missing: .venv/bin/pip install -r scripts/mutation-requirements.txt" >&2; exit 2; }
 work="artifacts/mutation/$module"
@@ -34,7 +35,7 @@ cat > "$work/pyproject.toml" <<TOML
 source_paths = ["lib"]
 only_mutate = ["$source_file"]
 pytest_add_cli_args_test_selection = [${test_args%, }]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"${deselect:+, "-k", "not ($deselect)"}]
 TOML
 cd "$work"
 nice -n 10 ../../../.venv/bin/mutmut run --max-children 1 "$@" > run.log 2>&1 || {
