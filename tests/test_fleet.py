@@ -296,3 +296,25 @@ def test_slow_database_parks_the_bind_not_the_visitors(fleet):
     assert answer.error and answer.reason == msg.REASON_STORE_UNAVAILABLE, answer
     assert [s for s, _ in served] == [200] * 20
     assert max(t for _, t in served) < answered  # all served while the bind still waited
+
+
+def test_platform_restart_on_an_ephemeral_disk_keeps_first_use_owners(fleet, tmp_path):
+    """The Procfile case: gunicorn with the platform's DATABASE_URL; the dyno restarts with an
+    empty disk (a new data dir). The first-use owner is remembered: another key is refused."""
+    import shutil
+
+    env = {"DATABASE_URL": fleet.url}
+    first = ProxyProc(str(tmp_path), str(tmp_path / "dyno-1"), name="dyno-1", gunicorn=True,
+                      env=env)
+    fleet.procs.append(first)
+    fleet.client("owner", ["app.test"], [first])
+    owner = first.wait_bound("app.test")["owner"]
+    first.stop()
+    shutil.rmtree(tmp_path / "dyno-1")  # the platform's disk is gone with the dyno
+    second = ProxyProc(str(tmp_path), str(tmp_path / "dyno-2"), name="dyno-2", gunicorn=True,
+                       env=env)
+    fleet.procs.append(second)
+    refused = _raw_bind(second, Identity.generate(), "app.test")
+    assert refused.error and refused.reason == msg.REASON_NOT_OWNER, refused
+    assert owner[:16] in refused.error
+    assert "PostgreSQL" in _api(second, "GET", "/api/fleet")[1]["store"]
