@@ -375,3 +375,25 @@ def test_transport_answers_a_close_with_a_close_and_ends(side):
     finally:
         c.close()
         s.close()
+
+
+def test_a_ping_flood_is_answered_up_to_the_bucket_then_closed_1008():
+    from lib.net.wstransport import PING_BURST, PeerFlood
+    c, s = ws_pair()
+    try:
+        ping = ws.encode_frame(ws.OP_PING, b"p", mask_key=MASK)
+        c.sock.sendall(ping * (PING_BURST * 4))
+        with pytest.raises(PeerFlood) as e, gevent.Timeout(5):
+            s.recv()
+        assert e.value.hostile
+        pongs = 0
+        while True:
+            frame = _raw_frame(c.sock, expect_masked=False)
+            if frame.opcode != ws.OP_PONG:
+                break
+            pongs += 1
+        assert frame.opcode == ws.OP_CLOSE and frame.payload[:2] == struct.pack(">H", 1008)
+        assert pongs <= PING_BURST
+    finally:
+        c.close()
+        s.close()

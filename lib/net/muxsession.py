@@ -522,8 +522,10 @@ class Session:
                 # the answer bucket and max_queued_answers (lib.protocol.muxstate).
                 gevent.sleep(0)
         except (OSError, ValueError) as e:
+            # A transport that cut off a flood of its own (wstransport.PeerFlood) says so.
+            hostile = getattr(e, "hostile", False)
             self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport read failed: {e}",
-                                    remote=True))
+                                    remote=not hostile, hostile=hostile))
         except gevent.GreenletExit:
             pass
 

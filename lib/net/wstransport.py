@@ -8,8 +8,10 @@ Public API::
     transport.shutdown(how)   transport.close()   transport.settimeout(t)
 
 Bytes written go out as binary frames (masked by the client); binary frames received are
-delivered as bytes in order; pings are answered; a close frame ends the stream (b"") after the
-close reply. Socket writes are serialised by a lock: the mux session's writer greenlet and its
+delivered as bytes in order; pings are answered (``PING_BURST`` at once, then ``PING_RATE`` a
+second: a peer pinging faster gets close 1008 and the transport fails with a ``PeerFlood``,
+whose ``hostile`` the mux session reports); a close frame ends the stream (b"") after the close
+reply. Socket writes are serialised by a lock: the mux session's writer greenlet and its
 reader (answering pings) both write. The codec is lib.protocol.websocket (sans-I/O).
 
 This module uses gevent's APIs directly and never monkey-patches.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 
 import gevent
 import gevent.lock
@@ -31,6 +34,17 @@ log = logging.getLogger("shroud.websocket")
 READ_SIZE = 256 * 1024
 # How long a close frame may take to leave before we just close the socket.
 CLOSE_SEND_TIMEOUT = 2.0
+# Pings a peer may make us answer: a platform's router pings every few tens of seconds; each
+# pong is a write the peer provoked (docs/SECURITY.md, "Tunnel sessions").
+PING_BURST = 32
+PING_RATE = 8.0
+CLOSE_POLICY_VIOLATION = 1008  # RFC 6455 7.4.1
+
+
+class PeerFlood(ConnectionResetError):
+    """The peer provoked more answers than allowed; the session it carried was hostile."""
+
+    hostile = True
 
 
 class WebSocketTransport:
@@ -45,6 +59,8 @@ class WebSocketTransport:
         self._eof = False
         self._write_lock = gevent.lock.Semaphore()
         self.close_code: int | None = None
+        self._pings = float(PING_BURST)  # a token bucket for pongs
+        self._pings_stamp = time.monotonic()
 
     # --- reading -----------------------------------------------------------------------
 
@@ -77,15 +93,33 @@ class WebSocketTransport:
             self._send_raw(self.conn.send_close(e.close_code, e.reason[:100]), quiet=True)
             self._eof = True
             raise ConnectionResetError(f"WebSocket protocol error: {e}") from None
+        pings = 0
         for ev in events:
             if isinstance(ev, ws.DataReceived):
                 self._pending += ev.data
             elif isinstance(ev, ws.CloseReceived):
                 self.close_code = ev.code
                 self._eof = True
+            elif isinstance(ev, ws.PingReceived):
+                pings += 1
+        if pings:
+            self._take_pings(pings)
         owed = self.conn.data_to_send()
         if owed:
             self._send_raw(owed, quiet=True)
+
+    def _take_pings(self, n: int) -> None:
+        now = time.monotonic()
+        self._pings = min(float(PING_BURST), self._pings + (now - self._pings_stamp) * PING_RATE)
+        self._pings_stamp = now
+        self._pings -= n
+        if self._pings < 0:
+            self.conn.data_to_send()  # the pongs owed are not sent
+            self._send_raw(self.conn.send_close(CLOSE_POLICY_VIOLATION, "too many pings"),
+                           quiet=True)
+            self._eof = True
+            raise PeerFlood(f"WebSocket peer sent more than {PING_BURST} pings at once or "
+                            f"{PING_RATE:g} a second")
 
     # --- writing -----------------------------------------------------------------------
 
