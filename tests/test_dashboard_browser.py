@@ -346,6 +346,28 @@ def test_unblock_disconnect_and_audit(world, page, clients, unblock_after):
     assert all(r[1] == "admin" for r in rows[:3])
 
 
+def test_fleet_page_lists_this_instance_and_blocks_fleet_wide(world, page, clients,
+                                                             unblock_after):
+    clients("client-fleet", "fleet-a", ["fleet-one.test", "fleet-two.test"])
+    world["proxy"].wait_bound("fleet-two.test")
+    page.goto(admin(world) + "/fleet")
+    me = page.locator("#instances tbody tr").filter(has_text="(this)")
+    me.wait_for()
+    assert "live" in me.inner_text().lower()
+    wait_for(lambda: "admin 127.0.0.1:" in me.inner_text(), "the admin listener in the row")
+    row = page.locator('#fleet-names tr[data-name="fleet-one.test"]')
+    row.wait_for()  # written by the heartbeat, read back from the store
+    assert me.get_attribute("data-instance") in row.inner_text()
+    unblock_after.append("fleet-one.test")
+    row.locator("button.block").click()
+    confirm(page, "fleet page test")
+    row.locator(".badge.blocked").wait_for()  # next poll: blocked, and the row stays until
+    assert public_get(world, "fleet-one.test")[0] == 403  # the next heartbeat drops it
+    assert public_get(world, "fleet-two.test")[0] == 200
+    wait_for(lambda: page.locator('#fleet-names tr[data-name="fleet-one.test"]').count() == 0,
+             "the blocked name leaves the fleet's registry", timeout=20)
+
+
 def test_log_out(world, page, browser):
     stolen = page.context.cookies()
     page.locator("#logout").click()

@@ -86,7 +86,7 @@ class FleetMember:
         self.last_heartbeat = 0.0
         self.last_error = ""
         self._published: dict = {}  # (protocol, name, tunnel id) -> LiveBinding
-        self._registered = False
+        self._registered: dict | None = None  # the addresses last written, once registered
         self._greenlets: list = []
         self._error_logged_at = float("-inf")
         self._housekept_at = float("-inf")
@@ -123,11 +123,15 @@ class FleetMember:
     def beat(self) -> None:
         """One heartbeat: register if needed, write stats and binding changes, expire the
         silent. :raises OwnershipError:"""
-        if not self._registered:
+        if self._registered is None:
             self.store.register_instance(self._instance_row())
             self._published = {}
-            self._registered = True
+            self._registered = dict(self.identity.addresses)
             log.info("instance %s joined the fleet in %s", self.id, self.store.describe())
+        elif self._registered != self.identity.addresses:
+            # A listener started after us (the admin app, one-port mode): show it too.
+            self.store.register_instance(self._instance_row())
+            self._registered = dict(self.identity.addresses)
         add, remove = self._binding_changes()
         if not self.store.heartbeat(self.id, self._stats(), add=add, remove=remove):
             log.warning("instance %s had expired from the fleet's registry: registering again",
