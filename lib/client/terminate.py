@@ -1,6 +1,6 @@
-"""TLS that ends at the hidden origin, for ``https:NAME`` services (docs/DESIGN.md, "Automatic
-HTTPS"): the proxies pass the visitor's TLS through by SNI as for any TLS name, and this client
-decrypts it and hands plain bytes to the local target.
+"""TLS that ends at the hidden origin, for ``https:NAME`` services (docs/DESIGN.md,
+"Decisions", automatic HTTPS): the proxies pass the visitor's TLS through by SNI as for any TLS
+name, and this client decrypts it and hands plain bytes to the local target.
 
     book = CertBook()
     book.set_certificate("example.com", cert_path, key_path)   # issued by lib.client.acme
@@ -30,15 +30,17 @@ import tempfile
 
 from lib.acmetls import ACME_TLS_ALPN, client_hello_alpn
 from lib.errors import MuxError
+from lib.net.muxsession import PeerLog
 from lib.net.tlstransport import TLSTransport
 from lib.protocol.sniff import SniffError, TLSNameSniffer, tls_alert
 
-log = logging.getLogger("shroud.client")
 
 ALERT_HANDSHAKE_FAILURE = 40
 # The ClientHello is read before the handshake (to choose by ALPN): sniff bounds its size.
 HELLO_READ = 16 * 1024
 SITE_ALPN = ["http/1.1"]  # h2 would need the local service to speak it: not offered (yet)
+# Any visitor can trigger these lines (one per connection): 10 a minute per name.
+_peer_log = PeerLog(lines=10, per=60.0)
 
 
 class CertBook:
@@ -126,7 +128,7 @@ def terminate(stream, name: str, book: CertBook, timeout: float = 15.0):
     try:
         got = read_client_hello(stream)
     except (OSError, MuxError) as e:
-        log.info("%s: no ClientHello: %s", name, e)
+        _peer_log.log(name, logging.INFO, "%s: no ClientHello: %s", name, e)
         return None
     if got is None:
         return None
@@ -134,17 +136,17 @@ def terminate(stream, name: str, book: CertBook, timeout: float = 15.0):
     offered = client_hello_alpn(head)
     ctx = book.context_for(name, offered)
     if ctx is None:
-        log.info("%s: no %s yet: TLS alert", name,
+        _peer_log.log(name, logging.INFO, "%s: no %s yet: TLS alert", name,
                  "challenge" if ACME_TLS_ALPN in offered else "certificate")
         _alert(stream, ALERT_HANDSHAKE_FAILURE)
         return None
     try:
         tls = TLSTransport.server(_Replay(stream, head), ctx, timeout)
     except (ssl.SSLError, OSError, EOFError, MuxError) as e:
-        log.info("%s: TLS handshake failed: %s", name, e)
+        _peer_log.log(name, logging.INFO, "%s: TLS handshake failed: %s", name, e)
         return None
     if tls.selected_alpn_protocol() == ACME_TLS_ALPN:
-        log.info("%s: answered a TLS-ALPN-01 validation", name)
+        _peer_log.log(name, logging.INFO, "%s: answered a TLS-ALPN-01 validation", name)
         tls.close()
         return None
     stream.settimeout(None)
