@@ -175,7 +175,7 @@ def _add_discovery_options(p) -> None:
 
 def _add_acme_options(p) -> None:
     _option(p, "--acme-directory", "ACME directory that issues the certificates of https:NAME "
-            "services (Let's Encrypt's production directory by default)",
+            "services (the default is Let's Encrypt's production directory)",
             "https://acme-v02.api.letsencrypt.org/directory", metavar="URL")
     _option(p, "--acme-email", "contact address of the ACME account (expiry notices); "
             "optional", metavar="ADDRESS")

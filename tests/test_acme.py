@@ -17,7 +17,7 @@ import subprocess
 import pytest
 from cryptography import x509
 
-from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port
+from tests.support.procs import PY, ROOT, ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.wait import wait_for
 
 NAME = "app.test"
@@ -30,18 +30,18 @@ def start_proxy(tmp_path, pebble, name="proxy"):
 
 
 def start_client(tmp_path, proxy, pebble, origin, name="client", data="client-data",
-                 extra=()):
-    return ClientProc(str(tmp_path), str(tmp_path / data),
-                      [f"https:{NAME}", f"127.0.0.1:{origin.port}"],
+                 extra=(), names=(NAME,)):
+    pairs = [x for n in names for x in (f"https:{n}", f"127.0.0.1:{origin.port}")]
+    return ClientProc(str(tmp_path), str(tmp_path / data), pairs,
                       [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
                       name=name, extra=["--acme-directory", pebble.directory,
                                         "--acme-ca", pebble.ca_file, *extra])
 
 
-def curl(root: str, port: int, path: str = "/hello") -> subprocess.CompletedProcess:
+def curl(root: str, port: int, path: str = "/hello", name: str = NAME):
     return subprocess.run(["curl", "-sS", "--max-time", "20", "--cacert", root,
-                           "--resolve", f"{NAME}:{port}:127.0.0.1", "-w", "\n%{http_version}",
-                           f"https://{NAME}:{port}{path}"],
+                           "--resolve", f"{name}:{port}:127.0.0.1", "-w", "\n%{http_version}",
+                           f"https://{name}:{port}{path}"],
                           capture_output=True, text=True, timeout=30)
 
 
@@ -64,14 +64,16 @@ def site(tmp_path, pebble):
 
 def test_curl_gets_plain_origin_with_pebble_certificate(tmp_path, pebble, site):
     origin, proxy, procs = site
-    client = start_client(tmp_path, proxy, pebble, origin)
+    client = start_client(tmp_path, proxy, pebble, origin, names=(NAME, "two.test"))
     procs.append(client)
     proxy.wait_bound(NAME)
     client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
+    client.wait_log("two.test: certificate issued", timeout=ISSUE_TIMEOUT)
     root = pebble.root_file(str(tmp_path))
-    r = curl(root, pebble.tls_port)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == "hello from the plain origin\n\n1.1", r.stdout
+    for name in (NAME, "two.test"):  # two https: names share one client, each its own order
+        r = curl(root, pebble.tls_port, name=name)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == "hello from the plain origin\n\n1.1", r.stdout
     cert = peer_cert(pebble.tls_port, root)
     assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
         .get_values_for_type(x509.DNSName) == [NAME]
@@ -80,7 +82,7 @@ def test_curl_gets_plain_origin_with_pebble_certificate(tmp_path, pebble, site):
     # The key and certificate files are the client's only: 0600 in its data dir.
     files = [f for f in glob.glob(str(tmp_path / "client-data" / "acme" / "**"), recursive=True)
              if os.path.isfile(f)]
-    assert len(files) == 3, files  # account.json, app.test/cert.pem, app.test/key.pem
+    assert len(files) == 5, files  # account.json, and cert.pem and key.pem per name
     for f in files:
         assert stat.S_IMODE(os.stat(f).st_mode) == 0o600, f
 
@@ -106,11 +108,9 @@ def test_no_certificate_yet_is_a_tls_alert(tmp_path, pebble, site):
 
 
 def test_wildcard_https_is_refused_with_reason(tmp_path):
-    r = subprocess.run([ClientProc.__init__.__globals__["PY"], "shroud.py", "--tor", "none",
-                        "--proxy", "127.0.0.1:1", "--data-dir", str(tmp_path),
-                        "https:*.example.com", "127.0.0.1:8080"],
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run([PY, "shroud.py", "--tor", "none", "--proxy", "127.0.0.1:1",
+                        "--data-dir", str(tmp_path), "https:*.example.com", "127.0.0.1:8080"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert "DNS-01" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
@@ -261,3 +261,15 @@ def test_chromium_trusting_pebbles_root_gets_the_page(tmp_path, pebble, site):
     client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
     page = chromium_page(pebble.root_file(str(tmp_path)), pebble.tls_port, tmp_path / "home")
     assert "hello from the plain origin" in page, page
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--acme-directory", "http://ca.example/dir"], "--acme-directory http://ca.example/dir: "
+                                                    "an ACME directory is an https:// URL"),
+    (["--acme-ca", "/nonexistent.pem"], "--acme-ca /nonexistent.pem: cannot read it"),
+])
+def test_acme_flags_mistakes_are_one_line(tmp_path, args, says):
+    r = subprocess.run([PY, "shroud.py", "--tor", "none", "--proxy", "127.0.0.1:1",
+                        "--data-dir", str(tmp_path), *args, f"https:{NAME}", "127.0.0.1:8080"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
