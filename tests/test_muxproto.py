@@ -581,3 +581,70 @@ def test_termination_is_reported_once_with_its_reason():
                                           "peer opened stream 2 with our parity")]
     assert s.terminated is ev[0] and not ev[0].remote
     assert s.receive_data(syn(5)) == []
+
+
+def test_grown_windows_start_at_64k_and_double_after_two_windows_read():
+    c = conn(True, grow_windows=True, receive_window=2 * mp.INITIAL_WINDOW)
+    a = c.open_stream()
+    assert frames(c.data_to_send()) == [fr.Syn(a)]  # no early grant: it grows as it is read
+    assert c.receive_window(a) == mp.INITIAL_WINDOW and c.receive_window(99) == 0
+    whole = data(a, bytes(16383)) * 4 + data(a, bytes(4))  # one 64 KiB window
+    c.receive_data(whole)
+    c.acknowledge(a, mp.INITIAL_WINDOW)  # one window read: not yet
+    assert frames(c.data_to_send()) == [fr.WndInc(a, mp.INITIAL_WINDOW)]
+    assert c.receive_window(a) == mp.INITIAL_WINDOW
+    c.receive_data(whole)
+    c.acknowledge(a, mp.INITIAL_WINDOW)  # two, nothing left unread: doubles
+    assert frames(c.data_to_send()) == [fr.WndInc(a, 2 * mp.INITIAL_WINDOW)]
+    assert c.receive_window(a) == 2 * mp.INITIAL_WINDOW
+    for _ in range(4):  # at receive_window: never more
+        c.receive_data(whole)
+        c.acknowledge(a, mp.INITIAL_WINDOW)
+    assert c.receive_window(a) == 2 * mp.INITIAL_WINDOW
+    assert all(f.increment == mp.INITIAL_WINDOW for f in frames(c.data_to_send()))
+
+
+def test_a_window_with_bytes_unread_does_not_grow():
+    c = conn(True, grow_windows=True, receive_window=4 * mp.INITIAL_WINDOW)
+    a = c.open_stream()
+    c.data_to_send()
+    whole = data(a, bytes(16383)) * 4 + data(a, bytes(4))  # one 64 KiB window
+    c.receive_data(whole)
+    c.acknowledge(a, mp.INITIAL_WINDOW)
+    c.receive_data(whole)
+    c.acknowledge(a, mp.INITIAL_WINDOW - 1)  # one byte still waits for the application
+    c.acknowledge(a, 0)
+    assert c.receive_window(a) == mp.INITIAL_WINDOW
+
+
+def test_shared_window_pool_bounds_extra_windows_across_streams():
+    pool = mp.WindowPool(1000)
+    c = conn(True, receive_window=mp.INITIAL_WINDOW + 1000, window_pool=pool)
+    a = c.open_stream()
+    assert frames(c.data_to_send()) == [fr.Syn(a), fr.WndInc(a, 1000)]
+    assert (pool.used, pool.refused) == (1000, 0)  # exactly the limit: taken
+    b = c.open_stream()
+    assert frames(c.data_to_send()) == [fr.Syn(b)]
+    assert (pool.used, pool.refused) == (1000, 1)
+    c.forget_stream(a)
+    assert pool.used == 0
+    d = c.open_stream()
+    assert pool.used == 1000
+    c.terminate(ErrorCode.NO_ERROR, "done")
+    assert pool.used == 0  # released with the session
+    c.forget_stream(d)
+    assert pool.used == 0
+
+
+def test_untrusted_peer_may_provoke_few_answers_until_trusted():
+    def pings(conn, n):
+        conn.receive_data(fr.encode(fr.Syn(3, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE)))
+        return conn.receive_data(data(3, bytes(4)) * n)
+
+    limits = dict(heartbeat=False, untrusted_answer_burst=4, untrusted_answer_rate=0.0001)
+    s = mp.MuxConnection(False, cfg(**limits), trusted=False)
+    ev = pings(s, 5)
+    assert ev[-1].hostile and ev[-1].code == ErrorCode.PROTOCOL_ERROR
+    s = mp.MuxConnection(False, cfg(**limits), trusted=False)
+    s.trust()
+    assert s.trusted and pings(s, 5) == [] and s.terminated is None
