@@ -7,6 +7,7 @@ SQLite ownership store, the Flask app, its templates and static files.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from urllib.parse import urlparse
@@ -442,8 +443,44 @@ def test_overview_counts_and_chart(client, proxy):
     assert o["listeners"]["https"] == "127.0.0.1:8443"
     assert o["rate_out"] > 0
     c = o["chart"]
-    assert len(c["t"]) == len(c["in"]) == len(c["out"]) == 360
+    assert len(c["t"]) == len(c["in"]) == len(c["out"]) >= 2
     assert c["t"][1] - c["t"][0] == 10 and sum(c["out"]) > 0 and c["out"][-1] > 0
+
+
+def test_chart_ranges_to_the_data_on_a_young_proxy(client, proxy):
+    """A proxy up for 35 s charts its 35 s (a spike on an hour of zeros is unreadable); an
+    old one charts the last hour; a name bound a minute ago charts that minute."""
+    started = proxy.registry.started = time.time() - 35
+    c = client.get("/api/overview", headers=bearer()).json["chart"]
+    assert c["t"][0] <= started < c["t"][0] + 10 and len(c["t"]) <= 6, c["t"]
+    proxy.registry.started = time.time() - 7200
+    c = client.get("/api/overview", headers=bearer()).json["chart"]
+    assert len(c["t"]) == 360
+    proxy.registry.started = time.time() - 1  # at least two points: the chart has a width
+    assert len(client.get("/api/overview", headers=bearer()).json["chart"]["t"]) >= 2
+    t, (b,) = make_tunnel(proxy, ["app.test"])
+    b.bound_at = time.time() - 60
+    c = client.get("/api/hostnames/https/app.test", headers=bearer()).json["chart"]
+    assert c["t"][0] <= b.bound_at < c["t"][0] + 10 and len(c["t"]) <= 8, c["t"]
+
+
+def test_public_link_is_what_a_visitor_opens(client, proxy):
+    """The dashboard links each name to its public page: https://NAME with the https
+    listener's port unless 443, http://NAME for http: names; nothing for tcp: or wildcards."""
+    make_tunnel(proxy, ["app.test", "*.wild.test"])
+    make_tunnel(proxy, ["plain.test"], protocol="http", peer="10.0.0.2:1")
+    proxy.registry.listeners["http"] = "0.0.0.0:80"
+    links = {b["name"]: b["link"] for b in
+             client.get("/api/hostnames", headers=bearer()).json["items"]}
+    assert links == {"app.test": "https://app.test:8443", "*.wild.test": None,
+                     "plain.test": "http://plain.test"}
+    d = client.get("/api/hostnames/https/app.test", headers=bearer()).json
+    assert d["link"] == "https://app.test:8443"
+    link = dashboard.public_link
+    assert link("tls", "a.test", {"https": "[::]:443"}) == "https://a.test"
+    assert link("tcp", "tcp:2000", {"https": "0.0.0.0:443"}) is None
+    assert link("http", "a.test", {"one-port": "0.0.0.0:5000"}) == "https://a.test"
+    assert link("https", "a.test", {"tunnel": "0.0.0.0:4443"}) is None
 
 
 def test_hostnames_filter_sort_paginate(client, proxy):
@@ -480,7 +517,7 @@ def test_hostname_detail(client, proxy):
     (tl,) = d["tunnel_list"]
     assert tl["peer"] == "10.0.0.1:5000" and tl["heartbeat_rtt_ms"] == 12.0
     assert tl["bytes_in"] == 10 and tl["streams_open"] == 2
-    assert len(d["chart"]["t"]) == 360
+    assert 2 <= len(d["chart"]["t"]) <= 3  # bound just now: the chart spans its life
     r = client.get("/api/hostnames/https/other.test", headers=bearer())
     assert r.status_code == 404 and r.json["bound"] is False
 
@@ -668,21 +705,37 @@ def test_blocks_cache_follows_changes(tmp_path):
     other.close()
 
 
-def test_rate_reads_the_last_full_bucket_and_the_current_one():
-    """One rate for the registry, the status API and the dashboard (RateHistory.rate)."""
-    from lib.proxy.registry import BUCKET_SECONDS, RateHistory
+def test_rate_reads_the_last_few_seconds():
+    """One rate for the registry, the status API and the dashboard (RateHistory.rate): the
+    bytes of the last RATE_SECONDS over the time they span, so a card shows the transfer now."""
+    from lib.proxy.registry import RATE_SECONDS, RateHistory
 
-    now = [10_000.0]
+    now = [10_000.5]
     h = RateHistory(clock=lambda: now[0])
     for i in range(400):
-        now[0] += 3
+        now[0] += 0.25
         h.add(i, 2 * i)
-    start = (int(now[0]) // BUCKET_SECONDS - 1) * BUCKET_SECONDS
-    recent = [b for b in h.series() if b[0] >= start]
-    span = now[0] - start
-    want = (sum(b[1] for b in recent) / span, sum(b[2] for b in recent) / span)
+    first = int(now[0]) - RATE_SECONDS + 1
+    recent = [i for i in range(400) if int(10_000.5 + 0.25 * (i + 1)) >= first]
+    span = now[0] - first
+    want = (sum(recent) / span, 2 * sum(recent) / span)
     assert h.rate() == pytest.approx(want) and want[0] > 0
     assert h.rate(now[0] + 3600) == (0.0, 0.0)  # an hour later: nothing recent
+
+
+def test_rate_falls_to_zero_seconds_after_a_transfer_ends():
+    """A download at 2 MB/s for a minute, then nothing: the card reads 0 once RATE_SECONDS
+    have passed (over 10 s buckets it read ~1.9 MB/s for up to 20 s more)."""
+    from lib.proxy.registry import RATE_SECONDS, RateHistory
+
+    now = [20_000.0]
+    h = RateHistory(clock=lambda: now[0])
+    for _ in range(600):  # 60 s in 0.1 s steps
+        now[0] += 0.1
+        h.add(0, 200_000)
+    assert h.rate()[1] == pytest.approx(2_000_000, rel=0.15)
+    now[0] += RATE_SECONDS + 0.01
+    assert h.rate() == (0.0, 0.0)
 
 
 # --- the fleet view ------------------------------------------------------------------------------

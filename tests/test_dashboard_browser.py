@@ -7,7 +7,9 @@ the form, starts the clients that bind the names it uses (names no other test us
 them at its end, and undoes its blocks. The stories: log in; a hostname appears when a client
 binds; byte counters and the chart move during a transfer (screenshots); block a hostname and
 the public is refused; unblock, disconnect a tunnel (the client reconnects) and read the audit
-list; log out (and the old cookie is refused). Screenshots land in artifacts/ (gitignored).
+list; log out (and the old cookie is refused); empty tables say so in a row; one time zone
+(UTC) in a browser set to another; the chart ranged to a young proxy's life; the public URL as
+a link. Screenshots land in artifacts/ (gitignored).
 """
 from __future__ import annotations
 
@@ -188,9 +190,9 @@ def test_login_is_required(world, fresh_page, tmp_path):
     log_in(world, page)
     want = api(world, "GET", "/api/overview")
     page.locator("#stat-tunnels").filter(has_text=str(want["tunnels"])).wait_for()
-    # The empty-state note shows exactly when nothing is bound (said plainly).
-    wait_for(lambda: page.locator("#empty").is_visible() == (
-        api(world, "GET", "/api/overview")["bindings"] == 0), "the empty-state note")
+    # The empty-state row shows exactly when nothing is bound (said plainly).
+    wait_for(lambda: page.locator("#hostnames tr.empty-row").is_visible() == (
+        api(world, "GET", "/api/overview")["bindings"] == 0), "the empty-state row")
 
 
 def test_hostname_appears_when_a_client_binds(world, page, clients):
@@ -264,6 +266,84 @@ def test_counters_and_chart_move_during_a_transfer(world, page, clients):
     wait_for(lambda: _chart_sum(page) > 0, "chart data")
     canvas_after = page.evaluate("() => document.querySelector('#chart canvas').toDataURL()")
     assert canvas_after != canvas_before  # pixels, not only data, changed
+
+
+def test_empty_tables_say_so_in_a_row(world, page):
+    """A table with nothing to list shows one row across all its columns saying why, not
+    headers alone; a search that matches nothing says that instead."""
+    def empty_row(table: str, text: str) -> None:
+        row = page.locator(f"#{table} tbody tr.empty-row")
+        row.filter(has_text=text).wait_for()
+        assert page.locator(f"#{table} tbody tr").count() == 1
+        columns = page.locator(f"#{table} thead th").count()
+        assert row.locator("td").get_attribute("colspan") == str(columns)
+
+    page.locator("#search").fill("no-such-name-anywhere")
+    empty_row("hostnames", "No hostname matches this search.")
+    page.goto(admin(world) + "/tunnels?q=no-such-tunnel-anywhere")
+    empty_row("tunnels", "No tunnel matches this search.")
+    page.goto(admin(world) + "/blocks")
+    empty_row("blocked-keys", "No key is blocked.")  # this module never blocks a key
+    page.goto(admin(world) + "/h/http/never-bound.test")
+    page.locator("#h-state").filter(has_text="not bound").wait_for()
+    empty_row("tunnels", "No live tunnel.")
+
+
+def test_one_time_zone_and_a_chart_ranged_to_the_data(world, browser):
+    """In a browser set to New York the chart's axis and legend read UTC clock times (24 h),
+    as the cards do, and a proxy younger than an hour charts its own life, not an hour."""
+    import datetime
+    import re
+
+    context = browser.new_context(viewport={"width": 1440, "height": 1000},
+                                  timezone_id="America/New_York")
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        log_in(world, page)
+        page.locator("#stat-started").filter(has_text="UTC").wait_for()
+        wait_for(lambda: page.evaluate("() => window.shroud.charts.main.data[0].length") > 1,
+                 "chart data")
+        o = api(world, "GET", "/api/overview")
+        assert o["uptime"] < 3000  # this module's proxy is minutes old
+        span = page.evaluate("() => { const x = window.shroud.charts.main.scales.x;"
+                             " return x.max - x.min; }")
+        assert span <= o["uptime"] + 20, (span, o["uptime"])
+        # the axis' tick labels for a known instant, and the legend under the cursor
+        ts = 1_796_000_400  # 2026-11-30 01:00 UTC, 8 pm the day before in New York
+        ticks = page.evaluate(f"""() => {{ const u = window.shroud.charts.main;
+            return u.axes[0].values(u, [{ts}, {ts + 600}], 0, 50, 600); }}""")
+        assert ticks == ["01:00", "01:10"], ticks
+        assert page.evaluate(f"() => window.shroud.charts.main.axes[0].values("
+                             f"window.shroud.charts.main, [{ts + 30}], 0, 50, 30)") == ["01:00:30"]
+        box = page.locator("#chart .u-over").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        legend = page.locator("#chart .u-legend .u-series").first
+        wait_for(lambda: re.fullmatch(r"\d\d:\d\d:\d\d", legend.locator(".u-value").inner_text()),
+                 "a time in the legend")
+        assert "UTC" in legend.locator(".u-label").inner_text()
+        hovered = page.evaluate("() => { const u = window.shroud.charts.main;"
+                                " return u.data[0][u.cursor.idx]; }")
+        want = datetime.datetime.fromtimestamp(hovered, datetime.timezone.utc).strftime("%H:%M:%S")
+        assert legend.locator(".u-value").inner_text() == want
+        assert not re.search(r"[ap]m\b", page.locator("#cards").inner_text(), re.I)
+    finally:
+        context.close()
+
+
+def test_public_url_is_a_link(world, page, clients):
+    clients("client-link", "link-a", ["link.test"])
+    world["proxy"].wait_bound("link.test")
+    want = f"http://link.test:{world['proxy'].ports['http']}"
+    row_link = page.locator('#hostnames tr[data-name="link.test"] a.public-link')
+    row_link.wait_for()
+    assert row_link.get_attribute("href") == want
+    page.goto(admin(world) + "/h/http/link.test")
+    link = page.locator("#h-meta a.public-link")
+    link.wait_for()
+    assert link.get_attribute("href") == want and link.inner_text() == want
+    assert link.get_attribute("target") == "_blank"
+    assert "noopener" in link.get_attribute("rel")
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ Public API::
     audit(store, limit=200) -> list[dict]
     fleet(store, member, now=None) -> dict   # every instance of the fleet and every name
                                              # bound anywhere (from the store's live registry)
-    chart(history, now=None) -> dict         # {"t": [...], "in": [...], "out": [...]} bytes/s
+    chart(history, now=None, since=None) -> dict  # {"t", "in", "out"} bytes/s from since
+    public_link(protocol, name, listeners) -> str | None  # what a visitor opens: https://NAME
     QueryError(ValueError)                   # a bad sort key, order or page; says which
 
 A Page is a dict: ``{"items", "total", "page", "per_page", "pages", "sort", "order", "q"}``.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import time
 
 from lib.errors import ShroudError
+from lib.hostport import AddressError, parse_hostport
 from lib.proxy.registry import BUCKET_SECONDS, HISTORY_BUCKETS
 
 # One page of the hostname table: 50 rows fills a screen; 500 is the most a browser table
@@ -77,14 +79,20 @@ class QueryError(ShroudError, ValueError):
 
 # --- rates and charts ------------------------------------------------------------------------
 
-def chart(history, now: float | None = None) -> dict:
-    """The last hour as bytes/s per 10 s bucket, gaps filled with zeros (uPlot's columns).
+def chart(history, now: float | None = None, since: float | None = None) -> dict:
+    """Bytes/s per 10 s bucket, gaps filled with zeros (uPlot's columns), from ``since`` (when
+    the proxy started or the name was bound) or an hour ago, whichever is later: a young
+    proxy's chart spans its own life, not an hour of zeros with a spike at the right edge. At
+    least two buckets, so the chart has a width.
 
     The newest bucket is still filling: its rate is over the seconds elapsed so far.
     """
     now = time.time() if now is None else now
     last = int(now) // BUCKET_SECONDS * BUCKET_SECONDS
     first = last - (HISTORY_BUCKETS - 1) * BUCKET_SECONDS
+    if since is not None:
+        first = max(first, min(last - BUCKET_SECONDS,
+                               int(since) // BUCKET_SECONDS * BUCKET_SECONDS))
     by_start = {b[0]: b for b in history.buckets if b[0] >= first}
     t, r_in, r_out = [], [], []
     for start in range(first, last + 1, BUCKET_SECONDS):
@@ -98,10 +106,35 @@ def chart(history, now: float | None = None) -> dict:
 
 # --- rows ------------------------------------------------------------------------------------
 
-def _binding_row(b, now: float) -> dict:
+# A bound protocol -> (the URL scheme a visitor's browser uses, the listener serving it, the
+# scheme's default port). tcp: names and wildcards have no page to open.
+LINKS = {"tls": ("https", "https", 443), "https": ("https", "https", 443),
+         "http": ("http", "http", 80)}
+
+
+def public_link(protocol: str, name: str, listeners: dict) -> str | None:
+    """What a visitor opens for a bound name: ``https://NAME`` (with the port when the https
+    listener is not on 443), ``http://NAME`` for http: names; on a one-port platform, whose
+    router ends TLS, ``https://NAME``. None when there is nothing to open (tcp:, wildcards,
+    no listener for it)."""
+    if protocol not in LINKS or name.startswith("*."):
+        return None
+    scheme, listener, default = LINKS[protocol]
+    addr = listeners.get(listener)
+    if addr is None:
+        return f"https://{name}" if protocol == "http" and "one-port" in listeners else None
+    try:
+        port = parse_hostport(addr, port_zero=True)[1]
+    except AddressError:
+        return None
+    return f"{scheme}://{name}" + ("" if port == default else f":{port}")
+
+
+def _binding_row(b, now: float, listeners: dict) -> dict:
     rate_in, rate_out = b.history.rate(now)
     return {
         "id": f"{b.protocol}/{b.name}", "name": b.name, "protocol": b.protocol, "url": b.url,
+        "link": public_link(b.protocol, b.name, listeners),
         "owner": b.owner, "owner_short": (b.owner or "unsigned")[:16], "method": b.method,
         "bound_at": b.bound_at, "tunnels": len(b.tunnels), "streams_open": b.streams_open,
         "connections": b.connections, "bytes_in": b.bytes_in, "bytes_out": b.bytes_out,
@@ -169,7 +202,7 @@ def query_bindings(registry, q: str = "", protocol: str = "", sort: str = "name"
             continue
         if q and q not in b.name and q not in (b.owner or "unsigned") and q not in b.url:
             continue
-        rows.append(_binding_row(b, now))
+        rows.append(_binding_row(b, now, registry.listeners))
     rows.sort(key=BINDING_SORTS[sort], reverse=(order == "desc"))
     return _page(rows, sort, order, page, per_page, q)
 
@@ -196,9 +229,9 @@ def binding_detail(registry, protocol: str, name: str, now=None) -> dict | None:
     b = registry.bindings.get((protocol, name))
     if b is None:
         return None
-    d = _binding_row(b, now)
+    d = _binding_row(b, now, registry.listeners)
     d["tunnel_list"] = [_tunnel_row(t, now) for t in b.tunnels]
-    d["chart"] = chart(b.history, now)
+    d["chart"] = chart(b.history, now, since=b.bound_at)
     return d
 
 
@@ -237,7 +270,7 @@ def overview(live, now=None) -> dict:
         # From the proxy's memory (store.blocks()): the overview works with the database away.
         "blocked_hostnames": len(store.blocks().names) if store is not None else 0,
         "blocked_keys": len(store.blocks().keys) if store is not None else 0,
-        "chart": chart(reg.history, now),
+        "chart": chart(reg.history, now, since=reg.started),
     }
 
 

@@ -29,7 +29,10 @@
     return s + 's';
   }
   const fmtAgo = (ts) => fmtDuration(Date.now() / 1000 - ts) + ' ago';
+  /* One time zone everywhere, UTC (the proxy's logs and the audit store are in UTC, and two
+   * operators in two zones read the same page): cards, tooltips, the chart's axis and legend. */
   const fmtTime = (ts) => new Date(ts * 1000).toISOString().replace('T', ' ').slice(0, 19) + ' UTC';
+  const fmtClock = (ts, seconds) => new Date(ts * 1000).toISOString().slice(11, seconds ? 19 : 16);
 
   function el(tag, props, ...children) {
     const e = document.createElement(tag);
@@ -45,6 +48,14 @@
     return e;
   }
   const setText = (sel, text) => { const e = $(sel); if (e) e.textContent = text; };
+  /* A table body's rows, or one row across every column saying why there are none (a table
+   * of headers alone reads as "still loading" or "broken"). */
+  function fillBody(tbody, rows, none) {
+    if (rows.length) { tbody.replaceChildren(...rows); return; }
+    const columns = tbody.closest('table').querySelectorAll('thead th').length;
+    tbody.replaceChildren(el('tr', { class: 'empty-row' }, el('td', { colspan: columns, text: none })));
+  }
+  const emptyText = (s, none, noMatch) => (s.q || s.protocol ? noMatch : none);
 
   // --- talking to the API --------------------------------------------------------------------
   function toLogin() {
@@ -140,10 +151,12 @@
     const opts = {
       width: Math.max(300, container.clientWidth), height: 240,
       cursor: { drag: { x: false, y: false } },
+      tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),  // ticks on UTC minutes
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1000, max * 1.1)] } },
-      axes: [axis, Object.assign({}, axis, { size: 84, values: (u, vals) => vals.map(fmtAxisRate) })],
+      axes: [Object.assign({}, axis, { values: fmtAxisTimes }),
+        Object.assign({}, axis, { size: 84, values: (u, vals) => vals.map(fmtAxisRate) })],
       series: [
-        {},
+        { label: 'UTC', value: (u, v) => v == null ? '–' : fmtClock(v, true) },
         { label: 'in', stroke: '#4cc38a', fill: 'rgba(76,195,138,.15)', width: 1.5, value: (u, v) => v == null ? '–' : fmtRate(v) },
         { label: 'out', stroke: '#f0a33a', fill: 'rgba(240,163,58,.12)', width: 1.5, value: (u, v) => v == null ? '–' : fmtRate(v) },
       ],
@@ -175,6 +188,10 @@
       if (lastChart) updateChart(u, lastChart);
     }));
     mark();
+  }
+  /* Tick labels as 24-hour UTC clock times, with seconds when ticks are closer than a minute. */
+  function fmtAxisTimes(u, vals, axisIdx, space, incr) {
+    return vals.map((v) => fmtClock(v, incr < 60));
   }
   function fmtAxisRate(n) {
     const s = fmtRate(n);
@@ -232,8 +249,9 @@
     setText('#pageinfo', lo + '–' + Math.min(res.total, res.page * res.per_page) + ' of ' + fmtInt(res.total) + ' · page ' + res.page + '/' + res.pages);
     $('#prev').disabled = res.page <= 1;
     $('#next').disabled = res.page >= res.pages;
-    $('#empty').hidden = res.total > 0 || !!s.q || !!s.protocol;
   }
+  /* The public address a visitor opens (https://NAME[:port]), in a new tab. */
+  const publicLink = (href, text, title) => el('a', { class: 'public-link', href, text, title, target: '_blank', rel: 'noopener noreferrer' });
   const hostHref = (proto, name) => '/h/' + encodeURIComponent(proto) + '/' + encodeURIComponent(name);
   function refusalText(r) {
     const parts = Object.entries(r || {}).map(([k, v]) => k.replace(/_/g, ' ') + ' ' + v);
@@ -269,8 +287,9 @@
       $('#refusals').replaceChildren(...(refs.length ? refs.map(([k, v]) => el('li', {}, el('span', { text: k.replace(/_/g, ' ') }), el('span', { class: 'refused', text: fmtInt(v) })))
         : [el('li', { class: 'muted', text: 'none' })]));
       updateChart(chart, o.chart);
-      tbody.replaceChildren(...res.items.map((b) => el('tr', { dataset: { name: b.name, protocol: b.protocol } },
-        el('td', { class: 'name' }, el('span', { class: 'badge proto', text: b.protocol }), ' ', el('a', { href: hostHref(b.protocol, b.name), text: b.name })),
+      fillBody(tbody, res.items.map((b) => el('tr', { dataset: { name: b.name, protocol: b.protocol } },
+        el('td', { class: 'name' }, el('span', { class: 'badge proto', text: b.protocol }), ' ', el('a', { href: hostHref(b.protocol, b.name), text: b.name }),
+          b.link ? publicLink(b.link, '↗', 'open ' + b.link) : null),
         el('td', { class: 'key', title: (b.owner || 'unsigned') + ' (' + b.method + ')', text: b.owner_short }),
         el('td', { class: 'num', text: fmtInt(b.tunnels) }),
         el('td', { class: 'num', text: fmtInt(b.streams_open) }),
@@ -279,7 +298,8 @@
         el('td', { class: 'num out', text: fmtBytes(b.bytes_out), dataset: { bytes: b.bytes_out }, 'data-col': 'bytes_out' }),
         el('td', { class: 'num', text: fmtRate(b.rate_in + b.rate_out), title: 'in ' + fmtRate(b.rate_in) + ', out ' + fmtRate(b.rate_out) }),
         el('td', { class: 'num' + (b.refusals_total ? ' refused' : ''), text: fmtInt(b.refusals_total), title: refusalText(b.refusals) || 'none' }),
-        el('td', { title: fmtTime(b.bound_at), text: fmtAgo(b.bound_at) }))));
+        el('td', { title: fmtTime(b.bound_at), text: fmtAgo(b.bound_at) }))),
+        emptyText(s, 'No hostnames are bound. Clients appear here as soon as they bind.', 'No hostname matches this search.'));
       renderPager(res, s);
     }
     wireTable($('#hostnames'), s, () => refresh());
@@ -314,14 +334,13 @@
       if (!d.bound) {
         $('#h-meta').replaceChildren(el('span', { text: d.blocked ? 'Blocked by the operator: public requests are refused and binds are refused.' : 'No client has this name bound right now.' }));
         $('#block-key').hidden = true;
-        $('#tunnels tbody').replaceChildren();
-        $('#empty').hidden = false;
+        fillBody($('#tunnels tbody'), [], 'No live tunnel.');
         return;
       }
       owner = d.owner;
       $('#block-key').hidden = !owner || d.owner_blocked;
       $('#h-meta').replaceChildren(
-        el('span', {}, 'URL ', el('b', { text: d.url })),
+        el('span', {}, 'URL ', d.link ? publicLink(d.link, d.link) : el('b', { text: d.url })),
         el('span', {}, 'owner ', el('b', { class: 'mono', title: d.owner || '', text: d.owner_short }), ' via ' + d.method),
         el('span', {}, 'bound ', el('b', { title: fmtTime(d.bound_at), text: fmtAgo(d.bound_at) })));
       setText('#h-tunnels', fmtInt(d.tunnels));
@@ -335,8 +354,7 @@
       $('#h-bytes-in').dataset.bytes = d.bytes_in;
       $('#h-bytes-out').dataset.bytes = d.bytes_out;
       updateChart(chart, d.chart);
-      $('#empty').hidden = d.tunnel_list.length > 0;
-      $('#tunnels tbody').replaceChildren(...d.tunnel_list.map((t) => el('tr', { dataset: { tunnel: t.id } },
+      fillBody($('#tunnels tbody'), d.tunnel_list.map((t) => el('tr', { dataset: { tunnel: t.id } },
         el('td', { text: String(t.id) }),
         el('td', { class: 'mono', text: t.peer }),
         keyCell(t),
@@ -350,7 +368,7 @@
           class: 'btn danger ghost small disconnect', text: 'Disconnect',
           onclick: () => act('Disconnect tunnel ' + t.id + '?', 'Closes the tunnel from ' + t.peer + ' now. The client will reconnect with backoff unless its key or name is blocked.', 'Disconnect',
             '/api/tunnels/' + t.id + '/disconnect', {}, () => 'Tunnel ' + t.id + ' disconnected'),
-        })))));
+        })))), 'No live tunnel.');
     }
     $('#block-host').addEventListener('click', () => act('Block ' + name + '?', 'Public connections for ' + name + ' are refused at once (HTTP 403 / TLS access_denied), its live binding is dropped and binds are refused until you unblock it.', 'Block',
       '/api/block', { kind: 'hostname', target: name }, (r) => name + ' blocked (' + r.bindings_dropped + ' live binding(s) dropped)'));
@@ -365,7 +383,7 @@
     const s = tableState({ sort: 'connected_at', order: 'desc', page: 1, per_page: 50, protocol: '', q: '' });
     async function load() {
       const res = await getJSON('/api/tunnels?' + s.query());
-      $('#tunnels tbody').replaceChildren(...res.items.map((t) => el('tr', { dataset: { tunnel: t.id } },
+      fillBody($('#tunnels tbody'), res.items.map((t) => el('tr', { dataset: { tunnel: t.id } },
         el('td', { text: String(t.id) }),
         el('td', { class: 'mono', text: t.peer }),
         keyCell(t),
@@ -382,7 +400,7 @@
           class: 'btn danger ghost small disconnect', text: 'Disconnect',
           onclick: () => act('Disconnect tunnel ' + t.id + '?', 'Closes the tunnel from ' + t.peer + ' now. The client will reconnect with backoff unless blocked.', 'Disconnect',
             '/api/tunnels/' + t.id + '/disconnect', {}, () => 'Tunnel ' + t.id + ' disconnected'),
-        })))));
+        })))), emptyText(s, 'No live tunnel. Clients appear here as soon as they connect.', 'No tunnel matches this search.'));
       renderPager(res, s);
     }
     wireTable($('#tunnels'), s, () => refresh());
@@ -406,14 +424,14 @@
       const [bl, au] = await Promise.all([getJSON('/api/blocks'), getJSON('/api/audit?limit=200')]);
       setText('#n-hosts', String(bl.hostnames.length));
       setText('#n-keys', String(bl.keys.length));
-      $('#blocked-hostnames tbody').replaceChildren(...blockRows(bl.hostnames, 'hostname'));
-      $('#blocked-keys tbody').replaceChildren(...blockRows(bl.keys, 'key'));
-      $('#audit tbody').replaceChildren(...au.items.map((e) => el('tr', {},
+      fillBody($('#blocked-hostnames tbody'), blockRows(bl.hostnames, 'hostname'), 'No hostname is blocked.');
+      fillBody($('#blocked-keys tbody'), blockRows(bl.keys, 'key'), 'No key is blocked.');
+      fillBody($('#audit tbody'), au.items.map((e) => el('tr', {},
         el('td', { title: fmtTime(e.time), text: fmtTime(e.time) }),
         el('td', { text: e.actor }),
         el('td', {}, el('span', { class: 'badge' + (e.action.startsWith('block') ? ' blocked' : ''), text: e.action })),
         el('td', { class: 'mono', text: e.target }),
-        el('td', { class: 'wrap', text: e.detail }))));
+        el('td', { class: 'wrap', text: e.detail }))), 'No operator action yet: blocks, unblocks and disconnects are listed here.');
     }
     $('#block-form').addEventListener('submit', async (ev) => {
       ev.preventDefault();
@@ -434,7 +452,7 @@
       setText('#fleet-store', f.store + (f.reachable ? '' : ' (unreachable: showing the last answer)'));
       setText('#n-instances', String(f.instances.length));
       setText('#n-names', fmtInt(f.names_total) + (f.truncated ? '+' : ''));
-      $('#instances tbody').replaceChildren(...f.instances.map((i) => el('tr', { dataset: { instance: i.id } },
+      fillBody($('#instances tbody'), f.instances.map((i) => el('tr', { dataset: { instance: i.id } },
         el('td', { class: 'mono', text: i.id + (i.this ? ' (this)' : '') }),
         el('td', { text: i.hostname }),
         el('td', {}, el('span', { class: 'badge' + (i.state === 'live' ? '' : ' blocked'), text: i.state })),
@@ -443,9 +461,8 @@
         el('td', { class: 'num', text: fmtInt(i.names) }),
         el('td', { class: 'num', text: fmtInt(i.connections) }),
         el('td', { class: 'num', text: fmtRate(i.rate_in) + ' / ' + fmtRate(i.rate_out) }),
-        el('td', { title: fmtTime(i.heartbeat), text: fmtAgo(i.heartbeat) }))));
-      $('#fleet-empty').hidden = f.names.length > 0;
-      $('#fleet-names tbody').replaceChildren(...f.names.map((n) => el('tr', { dataset: { name: n.name } },
+        el('td', { title: fmtTime(i.heartbeat), text: fmtAgo(i.heartbeat) }))), 'No instance has reported to the store yet.');
+      fillBody($('#fleet-names tbody'), f.names.map((n) => el('tr', { dataset: { name: n.name } },
         el('td', { class: 'name', text: n.name }),
         el('td', { text: n.protocols.join(', ') }),
         el('td', { class: 'key', title: n.key || 'unsigned', text: n.key_short }),
@@ -455,7 +472,7 @@
           class: 'btn danger ghost small block', text: 'Block',
           onclick: () => act('Block ' + n.name + ' on every instance?', 'Visitors are refused and live bindings dropped on every proxy of the fleet; binds are refused.', 'Block',
             '/api/block', { kind: 'hostname', target: n.name }, () => n.name + ' blocked fleet-wide'),
-        })))));
+        })))), 'No name is bound anywhere in the fleet.');
     }
     refresh = poll(load);
   };
