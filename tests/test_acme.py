@@ -273,3 +273,20 @@ def test_acme_flags_mistakes_are_one_line(tmp_path, args, says):
                         "--data-dir", str(tmp_path), *args, f"https:{NAME}", "127.0.0.1:8080"],
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_renewal_schedule_third_left_or_the_cas_earlier_window():
+    import datetime
+
+    import trustme
+
+    from lib.client.acme import next_renewal, renewal_due
+
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    ca = trustme.CA()
+    cert = ca.issue_cert(NAME, not_before=start, not_after=start + datetime.timedelta(days=90))
+    due = renewal_due(cert.cert_chain_pems[0].bytes())
+    assert due == (start + datetime.timedelta(days=60)).timestamp()
+    assert next_renewal(due, None) == due
+    assert next_renewal(due, due - 86400) == due - 86400  # ARI says earlier: follow it
+    assert next_renewal(due, due + 86400) == due  # later: our own schedule still holds

@@ -119,6 +119,13 @@ def renewal_due(cert_pem: bytes) -> float:
     return end - (end - start) * RENEW_FRACTION
 
 
+def next_renewal(due: float, ari: float | None) -> float:
+    """The earlier of our own schedule (a third of the lifetime left) and the time the CA's
+    renewal information (ARI) picked in its suggested window: a CA that plans to revoke early
+    moves its window forward, and we follow; a later window does not make us wait longer."""
+    return due if ari is None else min(due, ari)
+
+
 def _retry_nonce(call, *args):
     """``call(*args)``, again while the CA answers badNonce (RFC 8555 section 6.5): the library
     keeps the fresh nonce of each rejection and retries once itself."""
@@ -143,7 +150,6 @@ class CertManager:
         self.account_key = load_or_create_account_key(self.dir)
         self.orders = 0  # orders placed by this process (tests read it from the log)
         self._greenlets: list[gevent.Greenlet] = []
-        self._retry_after_header: str | None = None
 
     def start(self) -> None:
         for name in self.names:
@@ -223,12 +229,11 @@ class CertManager:
         due = renewal_due(cert_pem)
         if due <= time.time():
             return due
-        ari = self._ari(name, cert_pem)
-        return due if ari is None else min(due, ari)
+        return next_renewal(due, self._ari(name, cert_pem))
 
     def _ari(self, name: str, cert_pem: bytes) -> float | None:
         try:
-            acme, _ = self._client(f"acme-ari-{name}-{time.time_ns()}")
+            acme, _, _ = self._client(f"acme-ari-{name}-{time.time_ns()}")
             when, _recheck = acme.renewal_time(cert_pem)
         except (errors.Error, messages.Error, OSError, ValueError) as e:
             log.info("%s: no renewal information from the CA: %s", name, e)
@@ -238,17 +243,21 @@ class CertManager:
     # --- one order -------------------------------------------------------------------------
 
     def _client(self, isolation_key: str):
+        """(ClientV2, ClientNetwork, seen) on a session of its own; ``seen["retry_after"]`` is
+        the last response's Retry-After (the library drops an error response's headers)."""
         session = self.config.session(isolation_key)
-        session.hooks["response"].append(self._remember_retry_after)
+        seen: dict = {"retry_after": None}
+
+        def remember(response, *args, **kwargs):
+            seen["retry_after"] = response.headers.get("Retry-After")
+
+        session.hooks["response"].append(remember)
         net = acme_client.ClientNetwork(self.account_key, alg=jose.ES256,
                                         verify_ssl=self.config.ca_file or True,
                                         user_agent="shroud-acme")
         net.session = session
         directory = acme_client.ClientV2.get_directory(self.config.directory, net)
-        return acme_client.ClientV2(directory, net), net
-
-    def _remember_retry_after(self, response, *args, **kwargs):
-        self._retry_after_header = response.headers.get("Retry-After")
+        return acme_client.ClientV2(directory, net), net, seen
 
     def _account(self, acme, net) -> None:
         reg = messages.NewRegistration.from_data(email=self.config.email,
@@ -270,8 +279,6 @@ class CertManager:
                  self.orders)
         try:
             chain = self._order(name, key_pem)
-        except messages.Error as e:
-            raise explain_error(e, self._retry_after_header) from None
         except errors.ValidationError as e:
             raise AcmeError(_validation_reasons(e)) from None
         except errors.TimeoutError:
@@ -288,7 +295,13 @@ class CertManager:
 
     def _order(self, name: str, key_pem: bytes) -> bytes:
         # Each order on its own Tor circuit (the isolation key), docs/SECURITY.md.
-        acme, net = self._client(f"acme-order-{name}-{time.time_ns()}")
+        acme, net, seen = self._client(f"acme-order-{name}-{time.time_ns()}")
+        try:
+            return self._steps(acme, net, name, key_pem)
+        except messages.Error as e:
+            raise explain_error(e, seen["retry_after"]) from None
+
+    def _steps(self, acme, net, name: str, key_pem: bytes) -> bytes:
         self._account(acme, net)
         order = _retry_nonce(acme.new_order, crypto_util.make_csr(key_pem, [name]))
         for authz in order.authorizations:
