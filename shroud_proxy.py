@@ -18,8 +18,14 @@ if __name__ == "__main__":
 
     reexec_with_jemalloc()
     # Patch before anything else imports socket or threading.
-    from gevent import monkey
+    try:
+        from gevent import monkey
+    except ImportError:
+        import sys
 
+        sys.exit("shroud_proxy: gevent is not installed for this Python: run the proxy with "
+                 "the project's virtual environment, .venv/bin/python shroud_proxy.py ... "
+                 "(./scripts/setup.sh creates it)")
     monkey.patch_all()
 
 import argparse

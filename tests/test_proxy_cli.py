@@ -111,3 +111,19 @@ def test_a_busy_admin_port_names_its_flag(tmp_path):
     assert (f"shroud_proxy: cannot start: --admin-addr {addr}: address already in use; "
             "choose another port or stop the process using it") in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_outside_the_virtual_environment_says_how_to_run_it():
+    """The README's first step is the virtual environment; without it, one line saying so."""
+    import subprocess
+    import sys
+
+    from tests.support.procs import ROOT
+
+    r = subprocess.run([sys.executable, "-S", "shroud_proxy.py", "--version"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)  # -S: no gevent
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        "shroud_proxy: gevent is not installed for this Python: run the proxy with the "
+        "project's virtual environment, .venv/bin/python shroud_proxy.py ... "
+        "(./scripts/setup.sh creates it)")
