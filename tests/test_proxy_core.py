@@ -407,7 +407,7 @@ def route_http(r, head: bytes) -> bytes:
     ours, theirs = socket.socketpair()
     with theirs:
         theirs.sendall(head)
-        r.route(ours, ("192.0.2.1", 4000), "http", sniff.sniff_http_host, ROUTE_BY_HOST)
+        r.route(ours, ("192.0.2.1", 4000), "http", sniff.HTTPHostSniffer, ROUTE_BY_HOST)
         theirs.settimeout(5)
         answer = b""
         while chunk := theirs.recv(65536):
