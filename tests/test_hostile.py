@@ -5,6 +5,11 @@ The hostile tunnel client is written here with lib.net.muxsession and lib.protoc
 protocol, then abuses it): SYN floods, huge declared message lengths, binds for names it does
 not own, bind storms. Hostile public clients: slow senders, oversized heads, and 10,000 idle
 half-open connections (plus a full public pool, which must not stall the tunnel listener).
+
+The multiplexer's own bounds (docs/SECURITY.md, "Tunnel sessions") are attacked with a raw
+muxado peer (tests/support/rawmux.py): RST-bait floods before and after Auth, tunnels that never
+read what they provoke, GOAWAY floods; then visitors that never read (memory per visitor), and
+a client frozen with SIGSTOP that the proxy's own heartbeat must drop.
 """
 from __future__ import annotations
 
