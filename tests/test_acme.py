@@ -290,3 +290,36 @@ def test_renewal_schedule_third_left_or_the_cas_earlier_window():
     assert next_renewal(due, None) == due
     assert next_renewal(due, due - 86400) == due - 86400  # ARI says earlier: follow it
     assert next_renewal(due, due + 86400) == due  # later: our own schedule still holds
+
+
+def test_each_order_gets_its_own_tor_circuit_credentials():
+    """Tor isolates circuits by SOCKS credentials (IsolateSOCKSAuth): each isolation key gets
+    its own; --tor none gets no proxy at all."""
+    from lib.client.acme import requests_session
+
+    a = requests_session(("127.0.0.1", 9050), "acme-order-app.test-1").proxies["https"]
+    b = requests_session(("127.0.0.1", 9050), "acme-order-app.test-2").proxies["https"]
+    assert a.startswith("socks5h://") and a.endswith("@127.0.0.1:9050") and a != b
+    direct = requests_session(None, "acme-order-app.test-1")
+    assert not direct.proxies and not direct.trust_env
+
+
+def test_an_expired_stored_certificate_is_replaced_not_served(tmp_path, pebble, site):
+    import datetime
+
+    import trustme
+
+    origin, proxy, procs = site
+    now = datetime.datetime.now(datetime.timezone.utc)
+    old = trustme.CA().issue_cert(NAME, not_before=now - datetime.timedelta(days=2),
+                                  not_after=now - datetime.timedelta(days=1))
+    d = tmp_path / "client-data" / "acme" / NAME
+    d.mkdir(parents=True, mode=0o700)
+    old.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+    old.private_key_pem.write_to_path(str(d / "key.pem"))
+    client = start_client(tmp_path, proxy, pebble, origin)
+    procs.append(client)
+    client.wait_log(f"{NAME}: stored certificate expired", timeout=30)
+    client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
+    assert "Pebble" in peer_cert(pebble.tls_port, pebble.root_file(str(tmp_path))) \
+        .issuer.rfc4514_string()

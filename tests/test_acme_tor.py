@@ -63,4 +63,8 @@ def test_acme_through_tor_and_the_audit_holds(tor_network, pebble, tmp_path):
     socks_connects = [ln for _, _, port, _, ln in socket_calls(mine)
                       if port == socks_port and " connect(" in ln]
     assert len(socks_connects) >= 2, socks_connects
-    print(f"tor mode with ACME: connect() calls {seen}, {len(socks_connects)} through SOCKS")
+    log = client.log()
+    stamps = [re.search(rf"^(\S+) .*{re.escape(what)}", log, re.M).group(1)
+              for what in ("online in", "ordering a certificate", "certificate issued")]
+    print(f"tor mode with ACME: connect() calls {seen}, {len(socks_connects)} through SOCKS; "
+          f"tunnel online / ordering / issued at {stamps}")

@@ -169,6 +169,12 @@ class CertManager:
         try:
             with open(cert_path, "rb") as f:
                 cert_pem = f.read()
+            end = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
+            if end <= time.time():
+                # Visitors get a TLS alert until the new one comes, not an expired certificate.
+                log.warning("%s: stored certificate expired at %s: ordering a new one", name,
+                            _when(end))
+                return None
             self.book.set_certificate(name, cert_path, key_path)
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
             if not isinstance(e, FileNotFoundError):
