@@ -1,7 +1,11 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py shroud_proxy:app` (the Procfile's command).
 
-One gevent worker runs the whole proxy: its listeners start when the worker starts
-(post_worker_init) and the WSGI app is the admin dashboard. Proxy options come from SHROUD_*
+WEB_CONCURRENCY gevent workers (default: one per core) each run the whole proxy: the raw
+listeners (tunnel, https, http, discovery) are opened by the master before it forks, one
+SO_REUSEPORT socket per worker slot (on_starting, pre_fork; lib/proxy/prefork.py says why), and
+every worker accepts on all of them, and on gunicorn's own port, whose WSGI app is the admin dashboard. A public connection that
+lands on a worker without a live tunnel for its name is handed, socket and peeked bytes, to the
+worker that has one (lib/proxy/workers.py, over Unix sockets in a private run directory). Proxy options come from SHROUD_*
 environment variables, as for `python shroud_proxy.py`. On a platform that gives one $PORT,
 gunicorn serves on it, and in one-port mode (only $PORT set, or SHROUD_ONE_PORT=1) everything
 arrives there: the dashboard on the proxy's own hostname, tunnels as WebSockets at
@@ -15,13 +19,17 @@ import sys
 # re-executes itself here, before it opens a socket; its workers are forked from it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lib.allocator import reexec_with_jemalloc  # noqa: E402
+from lib.proxy import prefork  # noqa: E402
 
 reexec_with_jemalloc()
 
 # gunicorn's gevent worker, with one hook: connections go to the one-port router first.
 worker_class = "lib.proxy.gworker.ShroudGeventWorker"
-# One worker: live tunnel state lives in the process (docs/DESIGN.md, "Process model").
-workers = 1
+# Live tunnel state lives in each worker; a visitor on another worker is handed over to it.
+try:
+    workers = prefork.worker_count()
+except prefork.PreforkError as _e:
+    sys.exit(f"gunicorn.conf.py: {_e}")
 worker_connections = int(os.environ.get("SHROUD_MAX_PUBLIC_CONNECTIONS", "20000"))
 _port = os.environ.get("PORT")
 bind = [f"0.0.0.0:{_port}"] if _port else [os.environ.get("SHROUD_ADMIN_ADDR", "127.0.0.1:8080")]
@@ -34,7 +42,49 @@ errorlog = "-"
 loglevel = os.environ.get("SHROUD_LOG_LEVEL", "info")
 
 
+# Opened in the master before the fork, one socket per worker slot and listener, inherited by
+# every worker (and by the replacement of one that died: its queued connections wait for it).
+_shared = {"listeners": {}, "run_dir": None, "slots": {}}
+
+
+def on_starting(server):
+    import shroud_proxy
+
+    try:
+        plan = prefork.listener_plan(shroud_proxy.listener_addrs(_argv()))
+        _shared["listeners"] = prefork.open_listeners(plan, slots=server.cfg.workers)
+    except prefork.PreforkError as e:
+        sys.exit(f"shroud_proxy: cannot start: {e}")
+    _shared["run_dir"] = prefork.make_run_dir()
+
+
+def pre_fork(server, worker):
+    taken = set(_shared["slots"].values())
+    worker.shroud_slot = min(set(range(len(taken) + 1)) - taken)
+    _shared["slots"][worker] = worker.shroud_slot
+
+
+def child_exit(server, worker):
+    _shared["slots"].pop(worker, None)
+
+
+def on_exit(server):
+    import shutil
+
+    for socks in _shared["listeners"].values():
+        for sock in socks:
+            sock.close()
+    if _shared["run_dir"]:
+        shutil.rmtree(_shared["run_dir"], ignore_errors=True)
+
+
 def post_worker_init(worker):
     import shroud_proxy
 
-    shroud_proxy.start_in_worker(shlex.split(os.environ.get("SHROUD_ARGS", "")), worker)
+    listeners = prefork.slot_listeners(_shared["listeners"], worker.shroud_slot)
+    shroud_proxy.start_in_worker(_argv(), worker, listeners=listeners,
+                                 run_dir=_shared["run_dir"])
+
+
+def _argv() -> list:
+    return shlex.split(os.environ.get("SHROUD_ARGS", ""))

@@ -197,13 +197,16 @@ class StartError(Exception):
     """The proxy cannot start; the message is one line naming the problem."""
 
 
-def start_proxy(args, one_port: bool = False, admin: bool = True) -> dict:
+def start_proxy(args, one_port: bool = False, admin: bool = True, listeners=None,
+                run_dir: str | None = None) -> dict:
     """Start a proxy from parsed ``args``: the one start path of both ``python
     shroud_proxy.py`` (:func:`main`) and gunicorn (:func:`start_in_worker`).
 
     Starts the proxy's listeners, the memory trimmer and the discovery role (if asked), and
     builds the admin WSGI app when ``admin`` (served by the caller: a WSGIServer in main,
-    gunicorn itself).
+    gunicorn itself). Under gunicorn, ``listeners`` are the sockets its master opened before
+    the fork ({"https": socket, ...}, adopted instead of bound again) and ``run_dir`` the
+    workers' private directory (lib/proxy/workers.py).
 
     :returns: {"proxy": ProxyServer, "discovery": DiscoveryServer | None,
                "app": the admin WSGI app | None}
@@ -219,9 +222,10 @@ def start_proxy(args, one_port: bool = False, admin: bool = True) -> dict:
 
     try:
         proxy = ProxyServer(config_from_args(args))
-        proxy.start()
+        listeners = dict(listeners or {})
+        proxy.start(listeners=listeners, run_dir=run_dir)
         start_memory_trimmer()
-        discovery = start_discovery(args, proxy)
+        discovery = start_discovery(args, proxy, listener=listeners.get("discovery"))
     except ListenError as e:
         raise StartError(f"cannot start: {e.line(LISTENER_FLAG.get(e.listener))}") from None
     except (OSError, ValueError, OwnershipError) as e:
@@ -238,8 +242,38 @@ def start_proxy(args, one_port: bool = False, admin: bool = True) -> dict:
     return {"proxy": proxy, "discovery": discovery, "app": app}
 
 
-def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
-    """Called by gunicorn.conf.py when a (gevent) worker starts: the listeners start with it.
+def worker_args(argv: list[str]):
+    """Parsed options for a gunicorn worker, and whether it runs in one-port mode (where the
+    raw tunnel port stays closed unless asked for: tunnels come as WebSockets on $PORT)."""
+    args = build_parser().parse_args(argv)
+    one_port = one_port_mode(args, argv)
+    given = set(a.split("=", 1)[0] for a in argv)
+    if one_port and "--tunnel-addr" not in given and os.environ.get("SHROUD_TUNNEL_ADDR") is None:
+        args.tunnel_addr = ""
+    return args, one_port
+
+
+def listener_addrs(argv: list[str]) -> dict:
+    """What gunicorn's master does once before it forks: make the tunnel certificate and the
+    dashboard's session key (workers making them at once would each make their own), and name the raw listeners it opens for
+    them (lib/proxy/prefork.py): {"tunnel": addr, "https": ..., "http": ..., "discovery": ...},
+    '' for the ones off."""
+    from lib.admin.auth import load_secret
+    from lib.certs import ensure_tunnel_cert
+
+    args, _ = worker_args(argv)
+    os.makedirs(args.data_dir, mode=0o700, exist_ok=True)
+    if not (args.cert and args.key):
+        ensure_tunnel_cert(args.data_dir, args.hostname)
+    load_secret(args.data_dir)  # the dashboard's session key, one for every worker
+    return {"tunnel": args.tunnel_addr, "https": args.https_addr, "http": args.http_addr,
+            "discovery": args.discovery_addr}
+
+
+def start_in_worker(argv: list[str] | None = None, worker=None, listeners=None,
+                    run_dir: str | None = None) -> None:
+    """Called by gunicorn.conf.py when a (gevent) worker starts: the listeners start with it
+    (``listeners`` and ``run_dir``: see :func:`start_proxy`).
 
     In one-port mode the worker's connections on $PORT go to a lib.proxy.oneport.OnePortRouter
     first (``worker.shroud_router``, read by lib.proxy.gworker.ShroudGeventWorker). When the
@@ -249,18 +283,14 @@ def start_in_worker(argv: list[str] | None = None, worker=None) -> None:
     from lib.logsetup import setup_logging
 
     argv = list(argv or [])
-    args = build_parser().parse_args(argv)
+    args, one_port = worker_args(argv)
     setup_logging(args.log_level, args.log_format)
-    one_port = one_port_mode(args, argv)
-    given = set(a.split("=", 1)[0] for a in argv)
-    if one_port and "--tunnel-addr" not in given and os.environ.get("SHROUD_TUNNEL_ADDR") is None:
-        args.tunnel_addr = ""  # tunnels come as WebSockets on $PORT; no raw port to open
     if one_port and (worker is None or not hasattr(worker, "shroud_router")):
         log.error("shroud_proxy: one-port mode needs gunicorn's worker_class "
                   "lib.proxy.gworker.ShroudGeventWorker (see gunicorn.conf.py)")
         sys.exit(WORKER_BOOT_ERROR)
     try:
-        _state.update(start_proxy(args, one_port))
+        _state.update(start_proxy(args, one_port, listeners=listeners, run_dir=run_dir))
     except StartError as e:
         log.error("shroud_proxy: %s", e)
         sys.exit(WORKER_BOOT_ERROR)

@@ -20,6 +20,7 @@ from werkzeug.security import generate_password_hash
 from tests.support.origin import pattern
 from tests.support.procs import PY, ROOT, ClientProc, OriginProc, Proc, free_port, wait_port
 from tests.support.visitor import tls_site, ws_echo, ws_upgrade
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -104,7 +105,9 @@ def platform(tmp_path_factory):
         port = free_port()
         # Only $PORT and SHROUD_* settings, as a platform's config vars would give.
         env = {k: v for k, v in os.environ.items() if not k.startswith("SHROUD_")}
+        # Two workers (issue 13): tunnels and visitors land on either; each serves every name.
         env.update(PORT=str(port), PATH=VENV_BIN + os.pathsep + env.get("PATH", ""),
+                   WEB_CONCURRENCY="2",
                    SHROUD_DATA_DIR=str(d / "proxy-data"), SHROUD_HOSTNAME="localhost",
                    SHROUD_ADMIN_TOKEN=TOKEN, SHROUD_PEEK_TIMEOUT="3",
                    SHROUD_ADMIN_PASSWORD_HASH=generate_password_hash(DASH_PASSWORD,
@@ -134,6 +137,9 @@ def platform(tmp_path_factory):
                  tunnel_url=tunnel_url, front_pin=front_pin)
         for name in ("web.test", "pp.test"):
             wait_bound(w, name)
+        # each worker holds every name or knows the sibling that does (lib/proxy/workers.py)
+        wait_for(lambda: all(x["bindings"] + x["names_elsewhere"] >= 3
+                             for x in status(w)["workers"]), "every worker knows every name", 30)
         yield w
     finally:
         for p in reversed(procs):
@@ -200,8 +206,20 @@ def test_tunnels_arrive_as_websockets_on_port(platform):
     assert "tunnel" not in st["listeners"]  # no raw tunnel port opened on a platform
     tunnels = [t for t in st["tunnels"] if "web.test" in t["names"]]
     assert len(tunnels) == 1 and tunnels[0]["transport"] == "websocket"
-    # gunicorn's one worker serves everything, started by honcho from the Procfile
+    # gunicorn's two workers serve everything, started by honcho from the Procfile
     assert "web.1" in platform["web"].log()
+
+
+def test_two_workers_each_serve_every_name(platform):
+    """WEB_CONCURRENCY=2: router connections land on either worker; each tunnel lives on one,
+    and the other hands its visitors over (lib/proxy/workers.py); the API shows both."""
+    st = status(platform)
+    assert len(st["workers"]) == 2, st.get("workers")
+    for _ in range(30):  # one router connection per request: each lands on either worker
+        assert front_get(platform, "web.test", "/hello") == (200, b"hello from origin\n")
+    workers = status(platform)["workers"]
+    assert sum(w["handoffs"].get("taken", 0) for w in workers) > 0, workers
+    assert all(w["rss"] for w in workers), workers  # memory per worker, reported
 
 
 def test_host_routing_through_front_and_tunnel(platform):

@@ -11,8 +11,13 @@ Public API::
     check_login(form) -> str                      # "ok", "csrf", "throttled" or "wrong"
     start_session(), end_session()                # end_session revokes the session server-side
     login_client() -> str                         # whom the login throttle counts against
-    LoginThrottle(limit, clock)                   # failed logins per client and overall
+    LoginThrottle(limit, clock, data_dir=None)    # failed logins per client and overall
     SessionTable(data_dir, limit, clock)          # the live sessions, kept server-side
+
+With a data dir, the session table and the throttle are kept in files there and re-read when
+another process changed them, under an flock for each change: gunicorn's workers (several per
+host, lib/proxy/prefork.py) share one login state, so a cookie issued by one worker is good at
+every other and a guesser's failures count wherever they land.
 
 A session cookie is signed (Flask) and names a session id; the id must also be in the
 :class:`SessionTable`, so logging out (or the table's bound, or expiry) revokes the cookie:
@@ -26,6 +31,7 @@ and these helpers are module-level and one process may hold several apps (as the
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -35,6 +41,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import wraps
 
@@ -46,6 +53,7 @@ log = logging.getLogger("shroud.admin")
 EXTENSION = "shroud_auth"
 SECRET_FILE = "admin-secret"
 SESSIONS_FILE = "admin-sessions"
+THROTTLE_FILE = "admin-throttle"
 # An operator's working day; after it the login form asks again.
 SESSION_HOURS = 12
 # Failed logins allowed per minute and client: a person mistyping never meets it, a guesser
@@ -89,6 +97,41 @@ def _write_private(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+class _SharedFile:
+    """A JSON file several processes change under an flock and re-read when it changed."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stamp = None
+
+    def changed(self) -> bool:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp == self.stamp:
+            return False
+        self.stamp = stamp
+        return True
+
+    @contextmanager
+    def locked(self):
+        """Held while a change is read, made and saved; unlocked when the lock file cannot be
+        made (the save then fails too, and says so: memory still serves)."""
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            fd = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
 def valid_hash(value: str | None) -> bool:
     # werkzeug's format: "method$salt$hash", e.g. "scrypt:32768:8:1$...$..."
     return bool(value) and value.count("$") == 2
@@ -119,19 +162,59 @@ class LoginThrottle:
     times that): one guesser cannot lock the operator out, many cannot brute-force quickly.
     Clients are remembered in a bounded LRU (MAX_THROTTLED_CLIENTS)."""
 
-    def __init__(self, limit: int = LOGIN_FAILURES_PER_MINUTE, clock=time.monotonic):
+    def __init__(self, limit: int = LOGIN_FAILURES_PER_MINUTE, clock=time.monotonic,
+                 data_dir: str | None = None):
         self.limit = limit
-        self.clock = clock
+        self.clock = clock  # time.monotonic: one clock for every process of the host
         self.clients: OrderedDict[str, _Window] = OrderedDict()
         self.overall = _Window(limit * OVERALL_FACTOR)
         self.forgotten = 0  # clients dropped from the LRU while their window may be open
+        self.file = _SharedFile(os.path.join(data_dir, THROTTLE_FILE)) if data_dir else None
+
+    def _refresh(self) -> None:
+        if self.file is None or not self.file.changed():
+            return
+        try:
+            with open(self.file.path) as f:
+                saved = json.load(f)
+            clients = OrderedDict()
+            for client, times in saved["clients"]:
+                clients[str(client)] = w = _Window(self.limit)
+                w.times = [float(t) for t in times][-self.limit:]
+            self.clients = clients
+            self.overall.times = [float(t) for t in saved["overall"]][-self.overall.limit:]
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            log.warning("%s unreadable (%s): the login throttle starts afresh", self.file.path,
+                        e)
+
+    def _save(self) -> None:
+        now = self.clock()
+        recent = [[c, [t for t in w.times if now - t < 60.0]] for c, w in self.clients.items()]
+        data = {"clients": [[c, times] for c, times in recent if times],
+                "overall": self.overall.times}
+        try:
+            _write_private(self.file.path, json.dumps(data))
+        except OSError as e:
+            log.warning("cannot save the login throttle to %s: %s", self.file.path, e)
 
     def allowed(self, client: str = "") -> bool:
+        self._refresh()
         now = self.clock()
         window = self.clients.get(client)
         return not self.overall.full(now) and not (window is not None and window.full(now))
 
     def failed(self, client: str = "") -> None:
+        if self.file is None:
+            self._failed(client)
+            return
+        with self.file.locked():
+            self._refresh()
+            self._failed(client)
+            self._save()
+
+    def _failed(self, client: str) -> None:
         now = self.clock()
         window = self.clients.pop(client, None) or _Window(self.limit)
         window.add(now)
@@ -159,7 +242,24 @@ class SessionTable:
         self.clock = clock
         self.live: OrderedDict[str, float] = OrderedDict()  # digest -> login time, oldest first
         self.evicted = 0  # sessions logged out by the bound
-        self._load()
+        self.file = _SharedFile(self.path) if self.path else None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        if self.file is not None and self.file.changed():
+            self.live.clear()
+            self._load()
+
+    @contextmanager
+    def _change(self):
+        """Re-read, change, save: under the file's lock when there is one."""
+        if self.file is None:
+            yield
+            return
+        with self.file.locked():
+            self._refresh()
+            yield
+            self._save()
 
     @staticmethod
     def _digest(sid: str) -> str:
@@ -168,22 +268,27 @@ class SessionTable:
     def issue(self) -> str:
         """A new session id, now live; the oldest session goes when the table is full."""
         sid = secrets.token_urlsafe(32)
-        self.live[self._digest(sid)] = self.clock()
-        while len(self.live) > self.limit:
-            self.live.popitem(last=False)
-            self.evicted += 1
-        self._save()
+        with self._change():
+            self.live[self._digest(sid)] = self.clock()
+            while len(self.live) > self.limit:
+                self.live.popitem(last=False)
+                self.evicted += 1
+        if self.file is None:
+            self._save()
         return sid
 
     def valid(self, sid) -> bool:
         if not isinstance(sid, str):
             return False
+        self._refresh()
         since = self.live.get(self._digest(sid))
         return since is not None and self.clock() - since < SESSION_HOURS * 3600
 
     def revoke(self, sid) -> None:
-        if isinstance(sid, str) and self.live.pop(self._digest(sid), None) is not None:
-            self._save()
+        if not isinstance(sid, str):
+            return
+        with self._change():
+            self.live.pop(self._digest(sid), None)
 
     def _load(self) -> None:
         if self.path is None:
@@ -243,7 +348,8 @@ class AuthSettings:
         return cls(password_hash=password_hash, token=config.get("ADMIN_TOKEN") or None,
                    user=config.get("ADMIN_USER") or "admin", problem=problem,
                    trust_forwarded_for=bool(config.get("TRUST_FORWARDED_FOR")),
-                   sessions=SessionTable(config.get("DATA_DIR")))
+                   sessions=SessionTable(config.get("DATA_DIR")),
+                   throttle=LoginThrottle(data_dir=config.get("DATA_DIR")))
 
 
 def settings() -> AuthSettings:

@@ -48,9 +48,11 @@ class Live:
 
     @classmethod
     def of_proxy(cls, proxy) -> "Live":
-        return cls(registry=proxy.registry, store=proxy.store,
-                   hostname=getattr(proxy.config, "hostname", ""),
-                   fingerprint=proxy.fingerprint, actions=proxy.actions,
+        # With gunicorn workers, the views read and act on every worker's state (a proxy's
+        # view_registry and view_actions, lib/proxy/groupview.py).
+        return cls(registry=getattr(proxy, "view_registry", proxy.registry), store=proxy.store,
+                   hostname=getattr(proxy.config, "hostname", ""), fingerprint=proxy.fingerprint,
+                   actions=getattr(proxy, "view_actions", proxy.actions),
                    fleet=getattr(proxy, "fleet", None))
 
 
@@ -152,7 +154,11 @@ def fleet_page():
 @bp.get("/api/status")
 @auth.api
 def status():
-    snap = live().registry.snapshot()
+    reg = live().registry
+    snap = reg.snapshot()
+    workers = getattr(reg, "workers", None)  # gunicorn workers (lib/proxy/groupview.py)
+    if workers is not None:
+        snap["workers"] = workers
     snap["fingerprint"] = live().fingerprint
     return jsonify(snap)
 

@@ -6,6 +6,7 @@
     send_quietly(sock, data)       # a last word before closing: refusals, alerts, redirects
     sender(end) -> callable(data)  # end.sendall, or for a socket one that skips gevent's
                                    # getsockopt(SO_SNDBUF) on every call (send_all)
+    adopt_listener(sock) -> gevent socket  # a listener inherited from gunicorn's master
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
 segment of each window would otherwise wait for the peer's delayed ACK, 40 ms per window; and a
@@ -67,3 +68,11 @@ def sender(end):
     if isinstance(end, _SOCKET_TYPES):
         return lambda data: send_all(end, data)
     return end.sendall
+def adopt_listener(sock):
+    """A gevent socket owning ``sock``'s descriptor: ``sock`` is a listener opened before the
+    fork (lib/proxy/prefork.py) by the unpatched master. The old object lets go of the
+    descriptor (detach), so it is not closed twice; the master's own copy stays open."""
+    if isinstance(sock, gevent.socket.socket):
+        return sock
+    family = sock.family
+    return gevent.socket.socket(family, socket.SOCK_STREAM, fileno=sock.detach())

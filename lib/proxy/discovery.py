@@ -262,8 +262,10 @@ class DiscoveryServer(WSGIServer):
             tls.close()
 
 
-def start_discovery(args, proxy=None) -> DiscoveryServer | None:
+def start_discovery(args, proxy=None, listener=None) -> DiscoveryServer | None:
     """Start the discovery role when ``args.discovery_addr`` is set; None otherwise.
+    ``listener``: a socket opened before gunicorn forked (lib/proxy/prefork.py), used instead
+    of binding ``discovery_addr`` again.
 
     The certificate is ``--discovery-cert/--discovery-key``, else the proxy's own (so clients
     can pin the proxy's fingerprint for discovery too).
@@ -283,7 +285,10 @@ def start_discovery(args, proxy=None) -> DiscoveryServer | None:
     discovery = Discovery(fleet=parse_fleet(getattr(args, "fleet", None)),
                           proxy_domain=getattr(args, "proxy_domain", None) or None,
                           dns_resolver=_resolver(getattr(args, "dns_resolver", None)))
-    server = DiscoveryServer(parse_addr(addr, "0.0.0.0"), create_discovery_app(discovery),
+    from lib.net.sockets import adopt_listener
+
+    bind = adopt_listener(listener) if listener is not None else parse_addr(addr, "0.0.0.0")
+    server = DiscoveryServer(bind, create_discovery_app(discovery),
                              server_tls_context(cert, key))
     try:
         server.start()

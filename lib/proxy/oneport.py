@@ -153,7 +153,8 @@ class OnePortRouter:
     def _misdirected(self, sock, name: str, tunnel_upgrade: bool) -> bool:
         """Refuse (421) what this port cannot serve for ``name``; True when refused."""
         registry = self.proxy.registry
-        if registry.lookup(ROUTE_BY_HOST, name) is not None:
+        router = self.proxy.router
+        if router.bound_anywhere(ROUTE_BY_HOST, name):
             return False
         if tunnel_upgrade:
             # Not a tunnel: a client signs its binds for the name it asked for, and this proxy
@@ -166,7 +167,7 @@ class OnePortRouter:
                 f"operator can add it to SHROUD_ADMIN_HOSTS.\n"))
             sock.close()
             return True
-        if registry.lookup(ROUTE_BY_SNI, name) is not None and "https" not in self.proxy.servers:
+        if router.bound_anywhere(ROUTE_BY_SNI, name) and "https" not in self.proxy.servers:
             # Bound for TLS passthrough only, which the platform's TLS-terminating router makes
             # impossible here (the http listener would redirect to https: a loop).
             registry.count_refusal("tls_only_name")

@@ -181,6 +181,8 @@ class Registry:
         self.history = RateHistory()
         self.started = time.time()
         self.listeners: dict[str, str] = {}
+        # Bumped whenever a name gains or loses a tunnel (lib/proxy/workers.py republishes).
+        self.version = 0
         # Called with each Binding that leaves the table (its last tunnel went, or it was
         # unbound): the proxy closes a tcp:PORT listener nobody is bound to any more.
         self.on_unbound: Callable[[Binding], None] | None = None
@@ -199,6 +201,11 @@ class Registry:
         self.tunnels[t.id] = t
         return t
 
+    @staticmethod
+    def number_tunnels_from(first: int) -> None:
+        """New tunnels get ids from ``first`` on (each worker of a host its own range)."""
+        Tunnel._ids = itertools.count(first)
+
     def tunnels_of_key(self, key: str | None) -> list[Tunnel]:
         """Tunnels that proved they hold ``key`` (a claim in Auth alone does not count)."""
         return [t for t in self.tunnels.values()
@@ -209,6 +216,7 @@ class Registry:
         return [t for t in self.tunnels.values() if t.key == key and key is not None]
 
     def remove_tunnel(self, tunnel: Tunnel) -> None:
+        self.version += 1
         self.tunnels.pop(tunnel.id, None)
         for b in list(tunnel.bindings):
             if tunnel in b.tunnels:
@@ -222,6 +230,7 @@ class Registry:
 
     def bind(self, tunnel: Tunnel, protocol: str, name: str, owner: str | None, method: str,
              url: str) -> Binding:
+        self.version += 1
         b = self.bindings.get((protocol, name))
         if b is None:
             b = self.bindings[(protocol, name)] = Binding(protocol, name, owner, method, url)
@@ -231,6 +240,7 @@ class Registry:
         return b
 
     def unbind(self, binding: Binding) -> None:
+        self.version += 1
         popped = self.bindings.pop((binding.protocol, binding.name), None)
         for t in binding.tunnels:
             t.bindings.discard(binding)

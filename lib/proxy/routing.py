@@ -9,6 +9,9 @@ Public API::
     router.route(sock, address, kind, new_sniffer, protocols)   # peek, choose, forward or refuse
     router.choose(kind, name, protocols) -> Route           # the decision alone (no I/O)
     router.forward(sock, address, route, peeked, fallback, kind)
+    router.siblings = WorkerGroup | None    # this host's other workers (lib/proxy/workers.py)
+    router.take_handed(header, peeked) -> run(sock) | Refused   # a sibling's connection
+    router.bound_anywhere(protocols, name) -> bool   # live here or on a sibling
     peek_name(sock, new_sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
         # new_sniffer: lib.protocol.sniff.TLSNameSniffer or HTTPHostSniffer (fed each read)
 
@@ -24,6 +27,10 @@ by port straight to the binding)::
     ... whose tunnel carries max streams       503 / internal_error            limit_streams
     http, a name bound only for TLS            301 to https://name/path        -
     any other name                             404 / unrecognized_name         unknown_name
+
+With siblings (gunicorn workers), an unknown name or a binding whose tunnels are all gone is
+first handed, socket and peeked bytes, to a sibling holding a live tunnel for it; only when none
+takes it is it refused as above. A handed connection is never handed on (one hop at most).
 
 Before a name is known: no name in time 408 (peek_timeout), bytes that are not the listener's
 protocol 400/405/431 or a TLS alert (bad_request), no name given 400 (no_name). TLS is never
@@ -52,8 +59,13 @@ from lib.protocol.sniff import ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_
 from lib.proxy.names import ReservedNames
 from lib.proxy.ownership import Blocks
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
+from lib.proxy.workers import LIMIT, TAKEN, Refused
 
 log = logging.getLogger("shroud.proxy")
+
+# What a worker hands to a sibling instead of refusing (the name is live elsewhere).
+HAND_OVER = frozenset({"unknown_name", "tunnel_lost"})
+KIND_PROTOCOLS = {"tls": ROUTE_BY_SNI, "http": ROUTE_BY_HOST, "tcp": ("tcp",)}
 
 FORWARD = "forward"
 REDIRECT = "redirect"
@@ -94,6 +106,7 @@ class PublicRouter:
         self.blocks = blocks          # () -> the operator's blocks now
         self.pool_full = pool_full    # () -> whether this connection took the last slot
         self.reserved = ReservedNames.for_config(config)
+        self.siblings = None          # a lib.proxy.workers.WorkerGroup under gunicorn
 
     # --- the decision ---------------------------------------------------------------------
 
@@ -110,7 +123,7 @@ class PublicRouter:
                             f"{name} is blocked by this proxy's operator.\n", ALERT_ACCESS_DENIED)
         binding = self.registry.lookup(protocols, name)
         if binding is None:
-            if kind == "http" and self.registry.lookup(ROUTE_BY_SNI, name) is not None:
+            if kind == "http" and self.bound_anywhere(ROUTE_BY_SNI, name):
                 # Only TLS is bound: send visitors to https, as the original proxy did.
                 return Route(REDIRECT)
             return _refused("unknown_name", 404, "Not Found",
@@ -139,12 +152,16 @@ class PublicRouter:
     def handle_tcp(self, sock, address) -> None:
         port = sock.getsockname()[1]
         self._accepted(sock)
-        binding = self.registry.bindings.get(("tcp", f"tcp:{port}"))
-        if binding is None or not binding.tunnels:
-            self.registry.count_refusal("unknown_name")
-            sock.close()
+        route = self._tcp_route(f"tcp:{port}")
+        if self._hand_over(sock, address, "tcp", f"tcp:{port}", b"", route):
             return
-        self.forward(sock, address, self.choose_tunnel(binding), b"", None)
+        self.forward(sock, address, route, b"", None)
+
+    def _tcp_route(self, name: str) -> Route:
+        binding = self.registry.bindings.get(("tcp", name))
+        if binding is None or not binding.tunnels:
+            return _refused("unknown_name", 0, "", "", None)
+        return self.choose_tunnel(binding)
 
     def _accepted(self, sock) -> None:
         set_nodelay(sock)
@@ -166,6 +183,8 @@ class PublicRouter:
         if name is None:
             return
         route = self.choose(kind, name, protocols)
+        if self._hand_over(sock, address, kind, name, peeked, route):
+            return
         if route.action == REDIRECT:
             send_quietly(sock, _redirect_to_https(name, peeked))
             sock.close()
@@ -207,6 +226,61 @@ class PublicRouter:
                                        ALERT_UNRECOGNIZED_NAME))
             return None, peeked
         return name, peeked
+
+    # --- siblings (lib/proxy/workers.py) ---------------------------------------------------
+
+    def _hand_over(self, sock, address, kind: str, name: str, peeked: bytes,
+                   route: Route) -> bool:
+        """Hand a connection this worker would refuse to a sibling holding its name live;
+        True when it was taken, or answered here (503: too many hand-overs in flight)."""
+        if (self.siblings is None or route.action != REFUSE
+                or route.refusal.counter not in HAND_OVER):
+            return False
+        header = {"kind": kind, "name": name, "client": [address[0], address[1]]}
+        for pid in self.siblings.candidates(KIND_PROTOCOLS[kind], name):
+            result = self.siblings.hand_off(pid, sock, header, peeked)
+            if result == TAKEN:
+                sock.close()  # our copy of the descriptor; the sibling serves the visitor
+                return True
+            if result == LIMIT:
+                self.registry.count_refusal("handoff_limit")
+                refuse(sock, kind, Refusal("handoff_limit", 503, "Service Unavailable",
+                                           "Too many connections.\n", ALERT_INTERNAL_ERROR))
+                return True
+        return False  # refused or unreachable everywhere: answered here as it would have been
+
+    def bound_anywhere(self, protocols, name: str) -> bool:
+        """Whether ``name`` has a live binding under ``protocols`` here or on a sibling."""
+        return self.registry.lookup(protocols, name) is not None or (
+            self.siblings is not None and self.siblings.holder(protocols, name) is not None)
+
+    def take_handed(self, header: dict, peeked: bytes):
+        """A sibling's connection for ``header["name"]``: a runner serving it (``run(sock)``)
+        when this worker has a live tunnel for it, else :class:`Refused` (never handed on)."""
+        kind, name = header.get("kind"), header.get("name")
+        client = header.get("client")
+        if kind not in KIND_PROTOCOLS or not isinstance(name, str) or not (
+                isinstance(client, list) and len(client) == 2):
+            return Refused("bad header")
+        route = (self._tcp_route(name) if kind == "tcp"
+                 else self.choose(kind, name, KIND_PROTOCOLS[kind]))
+        if route.action != FORWARD:
+            return Refused(route.refusal.counter if route.refusal else route.action)
+        address = (str(client[0]), int(client[1]))
+
+        def run(sock) -> None:
+            set_nodelay(sock)
+            try:
+                if kind == "http":  # one exchange, its head replayed (as route() does)
+                    fallback = http_error_response(
+                        502, "Bad Gateway", f"The origin of {name} is not reachable.\n")
+                    self.forward(OneExchangeSocket(sock, peeked), address, route, b"",
+                                 fallback, kind)
+                else:
+                    self.forward(sock, address, route, peeked, None, kind)
+            finally:
+                sock.close()
+        return run
 
     # --- forwarding -----------------------------------------------------------------------
 
@@ -261,7 +335,7 @@ def refuse(sock, kind: str, refusal: Refusal, linger: bool = False) -> None:
     """Answer ``refusal`` as the ``kind`` listener speaks ("http": an HTTP response, "tls": an
     alert, "tcp": nothing) and close ``sock``."""
     if kind == "http":
-        send_quietly(sock, sniff.http_error_response(refusal.status, refusal.reason,
+        send_quietly(sock, http_error_response(refusal.status, refusal.reason,
                                                       refusal.body))
     elif kind == "tls" and refusal.alert is not None:
         send_quietly(sock, sniff.tls_alert(refusal.alert))

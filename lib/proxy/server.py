@@ -41,21 +41,28 @@ from dataclasses import dataclass, field
 
 import gevent.pool
 import gevent.server
+import gevent.socket
 
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
 from lib.errors import ListenError
 from lib.hostport import parse_hostport
 from lib.net.muxsession import MuxConfig
+from lib.net.sockets import adopt_listener
 from lib.protocol.muxstate import WindowPool
 from lib.protocol import messages as msg
 from lib.proxy.actions import OperatorActions
 from lib.proxy.fleet import HEARTBEAT_INTERVAL, FleetMember, InstanceIdentity
+from lib.proxy.prefork import listening_socket
 from lib.proxy.store import Blocks, ClaimLimits, open_store
 from lib.proxy.registry import Registry
 from lib.proxy.routing import PublicRouter
 from lib.proxy.tunnels import TunnelService
 
 log = logging.getLogger("shroud.proxy")
+
+# Each worker numbers its tunnels from pid * this: ids stay unique across a host's workers
+# (pids are below 2**22, so ids stay below 2**53, exact in JSON).
+TUNNEL_IDS_PER_WORKER = 1_000_000
 
 # Window above muxado's 64 KiB granted to visitors' streams, across all tunnels: 64 visitors
 # reading at full speed (1 MiB windows) at once; past it streams keep what they have.
@@ -178,6 +185,9 @@ class ProxyServer:
         self.actions = OperatorActions(self.registry, self.store)
         self.fleet = None  # this instance's FleetMember once started (lib/proxy/fleet.py)
         self.registry.on_unbound = self._binding_gone
+        self.workers = None  # a lib.proxy.workers.WorkerGroup under gunicorn (start(run_dir=))
+        # What the dashboard reads and acts through: with siblings, every worker's state.
+        self.view_registry, self.view_actions = self.registry, self.actions
 
     def _make_policy(self):
         from lib.proxy.ownership import OwnershipPolicy
@@ -196,9 +206,14 @@ class ProxyServer:
 
     # --- listeners ------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Open the listeners and join the fleet. :raises ListenError: one cannot open."""
+    def start(self, listeners: dict | None = None, run_dir: str | None = None) -> None:
+        """Open the listeners and join the fleet (``listeners``: sockets opened before gunicorn
+        forked, by name, adopted instead of bound; ``run_dir``: this worker's place among its
+        siblings, lib/proxy/workers.py). :raises ListenError: one cannot open."""
         c = self.config
+        listeners = listeners or {}
+        if run_dir is not None:
+            self._join_siblings(run_dir)
         plan = [("tunnel", c.tunnel_addr, self.tunnels.handle_connection, self._tunnel_pool),
                 ("https", c.https_addr, self.router.handle_https, self._public_pool),
                 ("http", c.http_addr, self.router.handle_http, self._public_pool)]
@@ -206,7 +221,10 @@ class ProxyServer:
             bind = parse_addr(addr)
             if bind is None:
                 continue
-            server = gevent.server.StreamServer(bind, handler, spawn=pool, backlog=1024)
+            inherited = listeners.get(name)
+            server = (gevent.server.StreamServer(adopt_listener(inherited), handler, spawn=pool)
+                      if inherited is not None else
+                      gevent.server.StreamServer(bind, handler, spawn=pool, backlog=1024))
             try:
                 server.start()
             except OSError as e:
@@ -227,6 +245,33 @@ class ProxyServer:
                                  heartbeat_interval=self.config.fleet_heartbeat)
         self.fleet.start()
 
+    def _join_siblings(self, run_dir: str) -> None:
+        from lib.proxy.groupview import GroupActions, GroupRegistry
+        from lib.proxy.workers import WorkerGroup
+
+        self.workers = WorkerGroup(run_dir, self.registry, take=self.router.take_handed,
+                                   answer=self.answer_sibling)
+        # Tunnel ids unique on the host, for a dashboard showing every worker's tunnels.
+        self.registry.number_tunnels_from(os.getpid() * TUNNEL_IDS_PER_WORKER + 1)
+        self.workers.start()
+        self.router.siblings = self.workers
+        self.view_registry = GroupRegistry(self.registry, self.workers)
+        self.view_actions = GroupActions(self.actions, self.workers)
+
+    def answer_sibling(self, request: dict):
+        """A sibling worker's question (lib/proxy/workers.py): this worker's live state, or an
+        operator action on a tunnel that lives here."""
+        op = request.get("op")
+        if op == "state":
+            from lib.proxy.groupview import export_state
+
+            return export_state(self.registry, self.workers)
+        if op == "disconnect-tunnel":
+            return {"done": self.actions.disconnect_tunnel(
+                int(request.get("tunnel", 0)), str(request.get("actor", "?")),
+                str(request.get("detail", "")))}
+        return {"error": f"unknown question {str(op)[:40]!r}"}
+
     def add_listener(self, name: str, server) -> None:
         """Show a listener (anything with ``.address``) in the status views."""
         self.registry.add_listener(name, server.address)
@@ -235,9 +280,13 @@ class ProxyServer:
         """Listen on ``port`` for a tcp bind (once; later binds share it); False on failure."""
         if port in self.tcp_servers:
             return True
+        addr = (self.config.tcp_bind_host, port)
         try:
-            server = gevent.server.StreamServer((self.config.tcp_bind_host, port),
-                                                self.router.handle_tcp, spawn=self._public_pool)
+            # Workers: each one holding a tunnel for this port opens it (lib/proxy/prefork.py)
+            listener = (listening_socket(addr, reuseport=True, factory=gevent.socket.socket)
+                        if self.workers is not None else addr)
+            server = gevent.server.StreamServer(listener, self.router.handle_tcp,
+                                                spawn=self._public_pool)
             server.start()
         except OSError as e:
             log.error("tcp listener on port %d failed: %s", port, e)
@@ -261,6 +310,8 @@ class ProxyServer:
         if self.fleet is not None:
             self.fleet.stop()  # leaves the fleet's registry (else it expires there)
             self.fleet = None
+        if self.workers is not None:
+            self.workers.stop()
         for server in list(self.servers.values()) + list(self.tcp_servers.values()):
             server.stop(timeout=1)
         self.tunnels.close_all("proxy shutting down")

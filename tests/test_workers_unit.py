@@ -1,0 +1,187 @@
+"""lib/proxy/workers.py in one process: the message framing, and hand-overs between two
+WorkerGroups over real Unix sockets (descriptors passed with SCM_RIGHTS), including a dead
+sibling, the in-flight bound and a connection from another user."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import gevent
+import gevent.event
+import gevent.socket
+import pytest
+
+from lib.proxy import workers as w
+from lib.proxy.registry import Registry
+
+
+def test_message_whole_and_byte_by_byte_agree():
+    data = w.encode_message({"op": "handoff", "name": "a.test"}, b"\x16\x03\x01hello")
+    whole = w.MessageReader()
+    whole.feed(data)
+    trickle = w.MessageReader()
+    for i in range(len(data)):
+        assert not trickle.done
+        trickle.feed(data[i:i + 1])
+    assert whole.done and trickle.done
+    assert whole.header == trickle.header == {"op": "handoff", "name": "a.test"}
+    assert whole.payload == trickle.payload == b"\x16\x03\x01hello"
+
+
+@pytest.mark.parametrize("head,payload", [(w.MAX_HEADER + 1, 0), (2, w.MAX_PAYLOAD + 1)])
+def test_message_over_its_bound_is_refused_before_it_is_read(head, payload):
+    with pytest.raises(w.MessageError):
+        w.MessageReader().feed(w._LEN.pack(head, payload))
+
+
+def test_header_must_be_a_json_object():
+    with pytest.raises(w.MessageError):
+        w.MessageReader().feed(w._LEN.pack(2, 0) + b"[]")
+
+
+def green_wait(predicate, what: str, timeout: float = 10.0):
+    """tests.support.wait.wait_for, sleeping with gevent (the groups' greenlets must run)."""
+    with gevent.Timeout(timeout, AssertionError(f"not within {timeout:g} s: {what}")):
+        while not predicate():
+            gevent.sleep(0.05)
+
+
+class Sibling:
+    """A WorkerGroup whose take() serves a handed socket by echoing what it reads, prefixed by
+    the peeked bytes (as a tunnel would get them first)."""
+
+    def __init__(self, run_dir, pid, gate=None):
+        self.registry = Registry()
+        self.taken = []
+        self.gate = gate
+        self.group = w.WorkerGroup(run_dir, self.registry, take=self.take,
+                                   answer=lambda req: {"pid": pid, "asked": req.get("op")},
+                                   pid=pid, max_in_flight=2)
+
+    def take(self, header, peeked):
+        if header.get("name") != "held.test":
+            return w.Refused("unknown_name")
+        if self.gate is not None:
+            self.gate.wait()
+
+        def run(sock):
+            self.taken.append(header)
+            sock.sendall(b"served:" + peeked + sock.recv(100))
+            sock.close()
+        return run
+
+
+@pytest.fixture
+def pair(tmp_path):
+    run_dir = str(tmp_path)
+    # two real, live pids (siblings whose process is gone are forgotten)
+    a, b = Sibling(run_dir, os.getpid()), Sibling(run_dir, os.getppid())
+    a.group.start()
+    b.group.start()
+    yield a, b
+    a.group.stop()
+    b.group.stop()
+
+
+def test_hand_off_passes_the_socket_and_the_peeked_bytes(pair):
+    a, b = pair
+    visitor, accepted = gevent.socket.socketpair()
+    result = a.group.hand_off(b.group.pid, accepted, {"name": "held.test"}, b"PEEKED")
+    assert result == w.TAKEN
+    accepted.close()  # the sender's copy: the sibling owns the connection now
+    visitor.sendall(b"+more")
+    visitor.settimeout(5)
+    assert visitor.recv(100) == b"served:PEEKED+more"
+    assert a.group.counters[w.TAKEN] == 1 and b.group.counters["handoff_taken_here"] == 1
+
+
+def test_refused_hand_off_leaves_the_connection_with_the_sender(pair):
+    a, b = pair
+    visitor, accepted = gevent.socket.socketpair()
+    assert a.group.hand_off(b.group.pid, accepted, {"name": "other.test"}, b"") == w.REFUSED
+    assert a.group.counters["refused:unknown_name"] == 1
+    accepted.sendall(b"404")  # still ours to answer
+    visitor.settimeout(5)
+    assert visitor.recv(10) == b"404"
+
+
+def test_names_published_and_found_with_wildcards(pair):
+    a, b = pair
+
+    class FakeSession:
+        closed = False
+
+    t = b.registry.add_tunnel(FakeSession(), "1.2.3.4:5", None, "c" * 32)
+    b.registry.bind(t, "http", "*.held.test", None, "tofu", "http://*.held.test")
+    green_wait(lambda: a.group.holder(("http",), "x.held.test") == b.group.pid,
+               "a sees b's wildcard")
+    assert a.group.holder(("tls",), "x.held.test") is None
+    b.registry.remove_tunnel(t)
+    green_wait(lambda: a.group.holder(("http",), "x.held.test") is None, "a sees it gone")
+
+
+def test_hand_off_to_a_dead_sibling_is_refused_at_once(pair, tmp_path):
+    a, _ = pair
+    dead = 999_999_999  # no such process; its socket file stays behind, nobody listening
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(a.group.path(dead, "sock"))
+    s.close()
+    visitor, accepted = gevent.socket.socketpair()
+    with gevent.Timeout(1.0):  # ECONNREFUSED, not the hand-over deadline
+        assert a.group.hand_off(dead, accepted, {"name": "held.test"}, b"") == w.UNREACHABLE
+    assert not os.path.exists(a.group.path(dead, "sock"))  # forgotten, its file removed
+
+
+def test_hand_overs_in_flight_are_bounded(tmp_path):
+    gate = gevent.event.Event()
+    a, b = Sibling(str(tmp_path), os.getpid()), Sibling(str(tmp_path), os.getppid(), gate)
+    a.group.start()
+    b.group.start()
+    try:
+        socks = [gevent.socket.socketpair() for _ in range(3)]
+        jobs = [gevent.spawn(a.group.hand_off, b.group.pid, s[1], {"name": "held.test"}, b"")
+                for s in socks[:2]]
+        gevent.sleep(0.2)  # both wait in b's take (the gate)
+        assert a.group.hand_off(b.group.pid, socks[2][1], {"name": "held.test"}, b"") == w.LIMIT
+        assert a.group.counters[w.LIMIT] == 1
+        gate.set()
+        gevent.joinall(jobs, timeout=5)
+        assert [j.value for j in jobs] == [w.TAKEN, w.TAKEN]
+    finally:
+        a.group.stop()
+        b.group.stop()
+
+
+def test_questions_reach_every_sibling(pair):
+    a, b = pair
+    green_wait(lambda: a.group.siblings() == [b.group.pid], "a knows b")
+    assert a.group.ask_all({"op": "state"}) == [{"pid": b.group.pid, "asked": "state"}]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_another_user_is_refused_and_counted():
+    import shutil
+    import tempfile
+
+    # A run directory others may enter (the real one is 0700: the first protection), so the
+    # connection reaches the second one, SO_PEERCRED.
+    run_dir = tempfile.mkdtemp(prefix="shroud-peercred-", dir="/tmp")
+    os.chmod(run_dir, 0o755)
+    a = Sibling(run_dir, os.getpid())
+    a.group.start()
+    try:
+        path = a.group.path(a.group.pid, "sock")
+        os.chmod(path, 0o777)
+        code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                "s.sendall(b'x'); print('closed' if s.recv(10) == b'' else 'answered')")
+        job = gevent.get_hub().threadpool.spawn(
+            subprocess.run, ["/usr/bin/python3", "-c", code, path],
+            preexec_fn=lambda: os.setuid(65534), capture_output=True, text=True, timeout=20)
+        out = job.get(timeout=30)
+        # connected (the directory let it), then dropped unanswered: closed or reset
+        assert "answered" not in out.stdout and "Permission" not in out.stderr, out
+        assert a.group.counters["peer_refused"] == 1
+    finally:
+        a.group.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
