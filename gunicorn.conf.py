@@ -50,11 +50,16 @@ _shared = {"listeners": {}, "run_dir": None, "slots": {}}
 def on_starting(server):
     import shroud_proxy
 
+    from lib.errors import ListenError
+
     try:
         plan = prefork.listener_plan(shroud_proxy.listener_addrs(_argv()))
         _shared["listeners"] = prefork.open_listeners(plan, slots=server.cfg.workers)
     except prefork.PreforkError as e:
         sys.exit(f"shroud_proxy: cannot start: {e}")
+    except ListenError as e:  # one line naming the flag, as the worker would say it
+        sys.exit(f"shroud_proxy: cannot start: "
+                 f"{e.line(shroud_proxy.LISTENER_FLAG.get(e.listener))}")
     _shared["run_dir"] = prefork.make_run_dir()
 
 

@@ -41,7 +41,8 @@ import os
 import socket
 import tempfile
 
-from lib.hostport import AddressError, parse_hostport
+from lib.errors import ListenError
+from lib.hostport import AddressError, format_hostport, parse_hostport
 
 # The kernel's accept queue per listener: bursts of visitors wait here while every worker is
 # busy (as gevent.server's default for ours, and bounded by net.core.somaxconn).
@@ -109,7 +110,7 @@ def open_listeners(plan: dict, slots: int = 1) -> dict:
     """Open ``slots`` sockets listening on every address of ``plan`` (see :func:`listener_plan`),
     with SO_REUSEPORT when more than one; a port 0 is chosen once and shared.
 
-    :raises PreforkError: one cannot be opened (the ones already open are closed).
+    :raises lib.errors.ListenError: one cannot be opened (the ones already open are closed).
     """
     opened: dict = {}
     try:
@@ -119,11 +120,10 @@ def open_listeners(plan: dict, slots: int = 1) -> dict:
                 try:
                     sock = listening_socket(addr, reuseport=slots > 1)
                 except OSError as e:
-                    raise PreforkError(f"cannot listen for {name} on {addr[0]}:{addr[1]}: "
-                                       f"{e.strerror or e}") from None
+                    raise ListenError(name, format_hostport(*addr), e) from None
                 opened[name].append(sock)
                 addr = sock.getsockname()[:2]  # port 0: the next slots take the same port
-    except PreforkError:
+    except ListenError:
         for socks in opened.values():
             for sock in socks:
                 sock.close()
