@@ -185,3 +185,38 @@ def test_another_user_is_refused_and_counted():
     finally:
         a.group.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def test_merged_view_adds_up_every_workers_state():
+    from lib.proxy.groupview import export_state, merged_registry
+
+    class FakeSession:
+        closed = False
+        heartbeat_rtt = 0.01
+
+    here, there = Registry(), Registry()
+    Registry.number_tunnels_from(1_000_001)
+    t1 = here.add_tunnel(FakeSession(), "1.1.1.1:1", None, "a" * 32)
+    Registry.number_tunnels_from(2_000_001)
+    t2 = there.add_tunnel(FakeSession(), "2.2.2.2:2", None, "b" * 32)
+    b1 = here.bind(t1, "tls", "app.test", None, "tofu", "tls://app.test")
+    b2 = there.bind(t2, "tls", "app.test", None, "tofu", "tls://app.test")
+    there.bind(t2, "http", "web.test", None, "tofu", "http://web.test")
+    here.connections, there.connections = 3, 4
+    b1.connections, b2.connections = 1, 2
+    here.count_bytes(b1, t1, n_in=100)
+    there.count_bytes(b2, t2, n_in=50, n_out=7)
+    view = merged_registry(here, [json_roundtrip(export_state(there))])
+    assert set(view.bindings) == {("tls", "app.test"), ("http", "web.test")}
+    app = view.bindings[("tls", "app.test")]
+    assert sorted(t.id for t in app.tunnels) == [1_000_001, 2_000_001]
+    assert (app.connections, app.bytes_in, app.bytes_out) == (3, 150, 7)
+    assert app.history.rate()[0] > 0  # the per-second buckets add up too
+    assert view.connections == 7 and len(view.tunnels) == 2 and len(view.workers) == 2
+    snap = view.snapshot()  # what /api/status serves
+    assert sorted(t["names"] for t in snap["tunnels"]) == [["app.test"], ["app.test", "web.test"]]
+
+
+def json_roundtrip(data):
+    import json
+    return json.loads(json.dumps(data))

@@ -46,12 +46,14 @@ def export_state(registry: Registry, workers=None) -> dict:
         "connections": registry.connections, "bytes_in": registry.bytes_in,
         "bytes_out": registry.bytes_out, "refusals": dict(registry.refusals),
         "history": registry.history.series(),
+        "seconds": [list(x) for x in registry.history.seconds],
         "handoffs": dict(workers.counters) if workers is not None else {},
         "names_elsewhere": workers.names_elsewhere() if workers is not None else 0,
         "tunnels": [dict(t.snapshot(), alive=t.alive,
                          bindings=[[b.protocol, b.name] for b in t.bindings])
                     for t in list(registry.tunnels.values())],
-        "bindings": [dict(b.snapshot(history=True), tunnel_ids=[t.id for t in b.tunnels])
+        "bindings": [dict(b.snapshot(history=True), tunnel_ids=[t.id for t in b.tunnels],
+                          seconds=[list(x) for x in b.history.seconds])
                      for b in list(registry.bindings.values())],
     }
 
@@ -125,16 +127,22 @@ class _Binding:
         return d
 
 
-def _merge_history(into: RateHistory, series) -> None:
-    by_start = {b[0]: b for b in into.buckets}
+def _merge_ring(ring, series) -> None:
+    by_start = {b[0]: b for b in ring}
     for start, n_in, n_out in series:
         if start in by_start:
             by_start[start][1] += n_in
             by_start[start][2] += n_out
         else:
             by_start[start] = [start, n_in, n_out]
-    into.buckets.clear()
-    into.buckets.extend(by_start[k] for k in sorted(by_start))
+    ring.clear()
+    ring.extend(by_start[k] for k in sorted(by_start)[-(ring.maxlen or len(by_start)):])
+
+
+def _merge_history(into: RateHistory, series, seconds=()) -> None:
+    """Add a worker's chart buckets and per-second rate buckets into ``into``."""
+    _merge_ring(into.buckets, series)
+    _merge_ring(into.seconds, seconds)
 
 
 def merged_registry(local: Registry, states: list, workers=None) -> Registry:
@@ -160,7 +168,7 @@ def _merge_one(view: Registry, state: dict) -> None:
     view.bytes_in += state["bytes_in"]
     view.bytes_out += state["bytes_out"]
     view.refusals.update(state["refusals"])
-    _merge_history(view.history, state["history"])
+    _merge_history(view.history, state["history"], state.get("seconds", ()))
     tunnels = {}
     for d in state["tunnels"]:
         tunnels[d["id"]] = view.tunnels[d["id"]] = _Tunnel(d)
@@ -176,7 +184,7 @@ def _merge_one(view: Registry, state: dict) -> None:
         b.bytes_in += d["bytes_in"]
         b.bytes_out += d["bytes_out"]
         b.refusals.update(d["refusals"])
-        _merge_history(b.history, d.get("history", []))
+        _merge_history(b.history, d.get("history", []), d.get("seconds", ()))
         for tid in d["tunnel_ids"]:
             t = tunnels.get(tid)
             if t is not None:
