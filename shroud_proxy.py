@@ -75,6 +75,7 @@ OPTIONS = [
     ("--claim-burst", "CLAIM_BURST", "64", "new first-use names one address may claim at once (0: no rate limit)"),
     ("--claims-per-hour", "CLAIMS_PER_HOUR", "60", "new first-use names per address and hour after the burst"),
     ("--claim-expiry-days", "CLAIM_EXPIRY_DAYS", "90", "a first-use name nobody bound for this many days may be claimed anew (0: never)"),
+    ("--max-first-use-names", "MAX_FIRST_USE_NAMES", "300000", "first-use names the whole store may hold (0: no limit; SQLite's file is capped at 64 MiB anyway)"),
     ("--log-level", "LOG_LEVEL", "info", "debug, info, warning, error"),
     ("--log-format", "LOG_FORMAT", "text", "text or json"),
 ]
@@ -149,7 +150,8 @@ def config_from_args(args):
         claim_limits=ClaimLimits(max_names_per_key=int(args.max_names_per_key),
                                  claim_burst=int(args.claim_burst),
                                  claims_per_hour=float(args.claims_per_hour),
-                                 expiry_days=float(args.claim_expiry_days)))
+                                 expiry_days=float(args.claim_expiry_days),
+                                 max_first_use_names=int(args.max_first_use_names)))
 
 
 def own_names(args, environ=os.environ) -> tuple[str, ...]:

@@ -92,6 +92,27 @@ def test_unused_first_use_claims_lapse_and_live_names_are_kept(reopen):
     assert store.audit_log(1)[0].action == "claims-lapsed"
 
 
+def test_first_use_names_in_the_whole_store_are_bounded(reopen):
+    now = [1_000_000.0]
+    limits = ClaimLimits(max_names_per_key=0, claim_burst=0, expiry_days=0,
+                         max_first_use_names=4)
+    a = reopen(clock=lambda: now[0], limits=limits)
+    b = reopen(clock=lambda: now[0], limits=limits)  # another instance of the fleet
+    for i in range(2):
+        assert a.claim(f"a{i}.test", Identity.generate().fingerprint)[1]
+        assert b.claim(f"b{i}.test", Identity.generate().fingerprint)[1]
+    now[0] += 61  # both instances re-count: 4 in the store
+    for store in (a, b):
+        with pytest.raises(ClaimRefused, match="--max-first-use-names"):
+            store.claim("one-too-many.test", K1)
+    a.assign("granted.test", K1, actor="admin")  # the operator is not bounded by it
+    assert a.claim("a0.test", a.owner("a0.test").key)[1] is False  # owners keep binding
+    a.release("a0.test", actor="admin")
+    now[0] += 61
+    assert b.claim("room-again.test", K1)[1]
+    assert len(a.owners()) == 5
+
+
 def test_claim_rate_table_is_bounded(reopen, monkeypatch):
     import lib.proxy.store.base as base
 

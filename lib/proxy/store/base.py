@@ -52,6 +52,10 @@ BLOCK_CACHE_TTL = 5.0
 MAX_RATE_ROWS = 100_000
 # A fleet's live bindings are written in batches of this many rows per statement.
 BATCH = 500
+# The store-wide count of first-use names is re-read at most this often per instance (one
+# index scan); between reads each instance adds its own claims. Other instances' claims of the
+# last minute may overshoot the bound by that much: a bound, not an account.
+COUNT_REFRESH = 60.0
 
 METHODS = ("allowlist", "dns", "tofu", "operator")
 KEY_RE = re.compile(r"[0-9a-f]{64}\Z")
@@ -92,6 +96,9 @@ class ClaimLimits:
     # A first-use claim nobody has bound for this long lapses (a name bound all along is
     # touched by its instance, lib/proxy/fleet.py).
     expiry_days: float = 90.0
+    # First-use names in the whole store: ~300k rows is what SQLite's 64 MiB cap holds, and far
+    # beyond a real fleet; PostgreSQL has no file cap, so this is its bound.
+    max_first_use_names: int = 300_000
 
 
 class Ownership(NamedTuple):
@@ -209,6 +216,8 @@ class Store:
         self.watched = False  # a fleet watcher keeps the block cache fresh (no lazy reloads)
         self._blocks_loaded_at = float("-inf")
         self._blocks_cache = Blocks()
+        self._first_use_count = 0
+        self._first_use_counted_at = float("-inf")
 
     # --- backend plumbing (overridden) -------------------------------------------------
     def _transaction(self, what: str, body: Callable):
@@ -319,6 +328,8 @@ class Store:
                                     "ON CONFLICT (name) DO NOTHING" % _OWNER_COLUMNS,
                                     (name, key, method, now, now))
                 if cursor.rowcount == 1:
+                    if method == "tofu":
+                        self._first_use_count += 1
                     return Ownership(name, key, method, now, now), True
                 current = self._owner_row(tx, name)  # another instance claimed it just now
             if current.key == key and now - current.last_bound >= TOUCH_INTERVAL:
@@ -335,6 +346,15 @@ class Store:
         """Why a new first-use claim by ``key`` from ``address`` is refused, or ""; takes a
         token from the address's bucket when it is not."""
         limits = self.limits
+        if limits.max_first_use_names > 0:
+            if now - self._first_use_counted_at >= COUNT_REFRESH:
+                self._first_use_count = tx.execute(
+                    "SELECT count(*) FROM ownership WHERE method = ?", ("tofu",)).fetchone()[0]
+                self._first_use_counted_at = now
+            if self._first_use_count >= limits.max_first_use_names:
+                return ("this proxy's store holds its limit of %d first-use names "
+                        "(--max-first-use-names); no new name is granted by first use"
+                        % limits.max_first_use_names)
         if limits.max_names_per_key > 0:
             self._lock_key(tx, key)
             owned = tx.execute("SELECT count(*) FROM ownership WHERE key = ? AND method = ?",
