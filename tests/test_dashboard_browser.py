@@ -344,6 +344,12 @@ def test_public_url_is_a_link(world, page, clients):
     assert link.get_attribute("href") == want and link.inner_text() == want
     assert link.get_attribute("target") == "_blank"
     assert "noopener" in link.get_attribute("rel")
+    # A name bound seconds ago: its chart spans 10-20 s, and the axis as drawn (uPlot's
+    # axes[0]._values) shows no label twice (ticks were half-seconds, each printed twice).
+    wait_for(lambda: page.evaluate("() => (window.shroud.charts.main.axes[0]._values || [])"
+                                   ".length") > 1, "the chart's axis drawn")
+    drawn = page.evaluate("() => window.shroud.charts.main.axes[0]._values")
+    assert len(drawn) == len(set(drawn)), drawn
 
 
 @pytest.fixture

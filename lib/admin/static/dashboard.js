@@ -153,7 +153,9 @@
       cursor: { drag: { x: false, y: false } },
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),  // ticks on UTC minutes
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1000, max * 1.1)] } },
-      axes: [Object.assign({}, axis, { values: fmtAxisTimes }),
+      // x ticks a whole number of 10 s buckets apart (uPlot would split a 10 s chart in
+      // half-seconds, each label then printed twice)
+      axes: [Object.assign({}, axis, { values: fmtAxisTimes, incrs: [10, 20, 30, 60, 120, 300, 600, 900, 1800, 3600] }),
         Object.assign({}, axis, { size: 84, values: (u, vals) => vals.map(fmtAxisRate) })],
       series: [
         { label: 'UTC', value: (u, v) => v == null ? '–' : fmtClock(v, true) },
