@@ -648,3 +648,170 @@ def test_untrusted_peer_may_provoke_few_answers_until_trusted():
     s = mp.MuxConnection(False, cfg(**limits), trusted=False)
     s.trust()
     assert s.trusted and pings(s, 5) == [] and s.terminated is None
+
+
+# --- answers the peer provokes, and shared windows (second mutation pass) -------------------
+
+def test_window_pool_counts_takes_and_refusals():
+    pool = mp.WindowPool(2000)
+    assert pool.take(1000) and pool.take(1000) and pool.used == 2000
+    assert not pool.take(1) and not pool.take(1) and pool.refused == 2
+    pool.give(500)
+    assert pool.used == 1500
+
+
+def test_pooled_windows_of_several_streams_all_return():
+    pool = mp.WindowPool(10_000)
+    c = conn(True, receive_window=mp.INITIAL_WINDOW + 1000, window_pool=pool)
+    c.open_stream(), c.open_stream()
+    assert pool.used == 2000
+    c.terminate(ErrorCode.NO_ERROR, "done")
+    assert pool.used == 0
+    one = mp.WindowPool(1)
+    c = conn(True, receive_window=mp.INITIAL_WINDOW + 1, window_pool=one)
+    c.forget_stream(c.open_stream())
+    assert one.used == 0
+
+
+def test_freed_budget_is_exactly_what_the_stream_had():
+    c = conn(True, receive_window=mp.INITIAL_WINDOW + 1000, session_window_budget=1000)
+    c.forget_stream(c.open_stream())
+    c.open_stream()
+    c.data_to_send()
+    e = c.open_stream()  # the budget holds one extra window: this one gets 64 KiB
+    assert frames(c.data_to_send()) == [fr.Syn(e)]
+
+
+def heartbeat_peer(**kw):
+    s = mp.MuxConnection(False, cfg(**kw))
+    s.receive_data(fr.encode(fr.Syn(3, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE)))
+    return s
+
+
+def test_answers_are_counted_and_bounded_exactly():
+    s = heartbeat_peer()
+    s.receive_data(data(3, bytes(4)) * 3)
+    assert s.answers == 3
+    assert s.unsent_answers == 3 * (fr.HEADER_SIZE + 4 + fr.HEADER_SIZE + 4)  # echo + WNDINC
+    s.data_to_send()
+    assert s.unsent_answers == 3 * 24 and s.unsent_size == 3 * 24  # handed out, not written
+    s.batch_written()
+    assert s.unsent_answers == 0 and s.unsent_size == 0
+    # A bucket of 5 (each frame also costs 1/64): four answers at once are allowed, a fifth
+    # is hostile.
+    s = heartbeat_peer(answer_burst=5, answer_rate=0.0001)
+    assert s.receive_data(data(3, bytes(4)) * 4) == [] and s.terminated is None
+    assert s.receive_data(data(3, bytes(4)))[-1].hostile
+
+
+def test_unwritten_answers_bounded_at_exactly_max_queued_answers():
+    s = conn(False, max_streams=100, accept_backlog=100, max_queued_answers=3 * 12)
+    s.receive_data(syn(3, 5, 7, 9, 11, 13, 15))
+    for sid in (3, 5, 7, 9, 11, 13, 15):
+        s.reset_stream(sid)
+    s.data_to_send()
+    s.batch_written()
+    assert s.receive_data(data(3, b"x") + data(5, b"x") + data(7, b"x")) == []
+    assert s.unsent_answers == 36 and s.terminated is None  # at the bound: allowed
+    s.data_to_send()
+    s.batch_written()  # written: three more fit again
+    assert s.receive_data(data(9, b"x") + data(11, b"x") + data(13, b"x")) == []
+    ev = s.receive_data(data(15, b"x"))  # 48 bytes unwritten: over
+    assert ev[-1].hostile and ev[-1].code == ErrorCode.PROTOCOL_ERROR
+    assert ev[-1].reason == "peer does not read: 48 bytes of answers unwritten (limit 36)"
+
+
+def test_a_closed_stream_is_answered_once_among_the_recent_ones():
+    s = conn(False, max_streams=2000, accept_backlog=2000, answer_burst=5000)
+    ids = [2 * i + 3 for i in range(mp.RECENT_RSTS + 1)]
+    s.receive_data(syn(*ids))
+    for sid in ids:
+        s.reset_stream(sid)
+    s.data_to_send()
+    s.receive_data(data(ids[0], b"x") * 2)  # answered once
+    assert frames(s.data_to_send()) == [fr.Rst(ids[0], ErrorCode.STREAM_CLOSED)]
+    s.receive_data(b"".join(data(sid, b"x") for sid in ids[1:]))  # 1,024 more: ids[0] forgotten
+    assert len(frames(s.data_to_send())) == mp.RECENT_RSTS
+    s.receive_data(data(ids[1], b"x"))  # still among the recent: no answer
+    assert s.data_to_send() == b""
+    s.receive_data(data(ids[0], b"x"))  # forgotten: answered again
+    assert frames(s.data_to_send()) == [fr.Rst(ids[0], ErrorCode.STREAM_CLOSED)]
+
+
+def test_partial_acknowledge_restores_exactly_the_credit_used():
+    s = conn(False)
+    s.receive_data(syn(3) + data(3, bytes(8192)))
+    s.acknowledge(3, 8192)
+    assert frames(s.data_to_send())[-1] == fr.WndInc(3, 8192)
+    full = data(3, bytes(16383)) * 4 + data(3, bytes(4))  # the whole window again
+    assert s.receive_data(full)[-1] == mp.DataReceived(3, bytes(4))
+    ev = s.receive_data(data(3, b"x"))
+    assert ev[-1].reason == "stream 3: 1 bytes exceed the window of 0"
+
+
+def test_peer_streams_do_not_grow_even_when_ours_do():
+    s = conn(False, grow_windows=True, grant_peer_streams=False,
+             receive_window=2 * mp.INITIAL_WINDOW)
+    s.receive_data(syn(3))
+    whole = data(3, bytes(16383)) * 4 + data(3, bytes(4))
+    for _ in range(3):
+        s.receive_data(whole)
+        s.acknowledge(3, mp.INITIAL_WINDOW)
+    assert s.receive_window(3) == mp.INITIAL_WINDOW
+
+
+def test_windows_grow_by_doubling_up_to_the_limit_exactly():
+    c = conn(True, grow_windows=True, receive_window=3 * mp.INITIAL_WINDOW)
+    a = c.open_stream()
+    whole = data(a, bytes(16383)) * 4 + data(a, bytes(4))
+    for _ in range(2):
+        c.receive_data(whole)
+        c.acknowledge(a, mp.INITIAL_WINDOW)
+    assert c.receive_window(a) == 2 * mp.INITIAL_WINDOW
+    # Two windows of 128 KiB more, less one byte: not yet; the last byte: grows to the limit
+    # (3 x 64 KiB, not double).
+    c.receive_data(whole * 2)
+    c.acknowledge(a, 2 * mp.INITIAL_WINDOW)
+    c.receive_data(whole * 2)
+    c.acknowledge(a, 2 * mp.INITIAL_WINDOW - 1)
+    assert c.receive_window(a) == 2 * mp.INITIAL_WINDOW
+    c.acknowledge(a, 1)
+    assert c.receive_window(a) == 3 * mp.INITIAL_WINDOW
+    assert c.terminated is None
+
+
+def test_backlog_frees_one_slot_per_accept():
+    s = conn(False, max_streams=100, accept_backlog=2)
+    s.receive_data(syn(3, 5))
+    s.stream_accepted(3)
+    assert s.receive_data(syn(7)) == [mp.StreamOpened(7)]
+    assert s.receive_data(syn(9)) == []
+
+
+def test_heartbeat_windows_are_given_back_for_ever():
+    # The peer's heartbeat stream: its window comes back with every echo (8,200 pings are more
+    # than 64 KiB); then one larger ping still fits.
+    def feed(conn):
+        events = []
+        for chunk in [data(3, bytes(4)) * 200] * 41 + [data(3, bytes(64))]:
+            events += conn.receive_data(chunk)
+            conn.data_to_send()
+            conn.batch_written()
+        return events
+
+    s = heartbeat_peer(answer_burst=20_000)
+    assert feed(s) == [] and s.terminated is None
+    # Our heartbeat stream: the peer's echoes likewise.
+    c = mp.MuxConnection(True, mp.MuxConfig(receive_window=mp.INITIAL_WINDOW, answer_burst=20_000))
+    c.data_to_send()
+    ev = feed(c)
+    assert c.terminated is None and sum(e.count for e in ev) == 8200 + 16
+
+
+def test_a_reset_user_stream_leaves_the_heartbeat_alone():
+    c = mp.MuxConnection(True, mp.MuxConfig(receive_window=mp.INITIAL_WINDOW))
+    a = c.open_stream()
+    c.data_to_send()
+    assert c.receive_data(fr.encode(fr.Rst(a, ErrorCode.CANCEL))) == [
+        mp.StreamReset(a, ErrorCode.CANCEL)]
+    assert c.send_heartbeat()
