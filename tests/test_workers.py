@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc
+from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.visitor import http_get, https_get, tls_site
 from tests.support.wait import wait_for
 
@@ -37,17 +37,21 @@ def host(tmp_path_factory):
         procs.append(origin)
         web = OriginProc(str(d), name="http-origin")
         procs.append(web)
+        tcp_port = free_port()
         proxy = ProxyProc(str(d), str(d / "proxy-data"), gunicorn=True, name="gunicorn",
-                          env={"WEB_CONCURRENCY": "2"}, extra=["--peek-timeout", "20"])
+                          env={"WEB_CONCURRENCY": "2"},
+                          extra=["--peek-timeout", "20", "--tcp-ports", str(tcp_port)])
         procs.append(proxy)
         client = ClientProc(str(d), str(d / "client"), [
-            "app.test", f"127.0.0.1:{origin.port}", "http:web.test", f"127.0.0.1:{web.port}"],
+            "app.test", f"127.0.0.1:{origin.port}", "http:web.test", f"127.0.0.1:{web.port}",
+            f"tcp:{tcp_port}", f"127.0.0.1:{web.port}"],
             [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint])
         procs.append(client)
         wait_for(lambda: len(workers_of(proxy)) == 2, "two workers", 30)
         wait_for(lambda: every_name_shown(proxy.status()), "both names bound", 30)
         wait_for(lambda: every_worker_knows(proxy.status()), "every worker knows them", 30)
-        yield dict(dir=d, proxy=proxy, client=client, ca=site.ca_pem, origin=origin)
+        yield dict(dir=d, proxy=proxy, client=client, ca=site.ca_pem, origin=origin,
+                   tcp_port=tcp_port)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -59,7 +63,7 @@ def workers_of(proxy) -> list:
         return [int(x) for x in f.read().split()]
 
 
-def every_worker_knows(status: dict, names: int = 2) -> bool:
+def every_worker_knows(status: dict, names: int = 3) -> bool:
     """Each worker holds the names or knows a sibling that does (lib/proxy/workers.py: within
     PUBLISH_INTERVAL + POLL_INTERVAL of a bind)."""
     return len(status["workers"]) == 2 and all(
@@ -132,8 +136,26 @@ def test_dashboard_and_api_answer_the_same_from_any_worker(host):
         tunnels = admin_get(proxy, "/api/tunnels")["items"]
         assert len(tunnels) == 1
         tunnel_ids.add(tunnels[0]["id"])
-        assert admin_get(proxy, "/api/overview")["bindings"] == 2
+        assert admin_get(proxy, "/api/overview")["bindings"] == 3
     assert len(tunnel_ids) == 1
+
+
+def test_raw_tcp_bind_with_two_workers(host):
+    """A tcp:PORT bind opens PORT in the worker holding the tunnel (SO_REUSEPORT, so a second
+    worker holding one may open it too); connections to it reach the origin."""
+    proxy = host["proxy"]
+    for _ in range(10):
+        s = socket.create_connection(("127.0.0.1", host["tcp_port"]), timeout=30)
+        try:
+            s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        finally:
+            s.close()
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello from origin\n")
+    names = {b["name"] for b in proxy.status()["bindings"]}
+    assert f"tcp:{host['tcp_port']}" in names
 
 
 def test_disconnect_applies_where_the_tunnel_lives(host):
