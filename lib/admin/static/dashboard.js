@@ -151,6 +151,7 @@
     const opts = {
       width: Math.max(300, container.clientWidth), height: 240,
       cursor: { drag: { x: false, y: false } },
+      padding: [null, 32, null, null],  // room for the last time label (it was clipped)
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),  // ticks on UTC minutes
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1000, max * 1.1)] } },
       // x ticks a whole number of 10 s buckets apart (uPlot would split a 10 s chart in
