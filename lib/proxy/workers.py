@@ -407,7 +407,11 @@ class WorkerGroup:
             else:
                 for fd in fds:
                     os.close(fd)
-                body = json.dumps(self.answer(msg.header), separators=(",", ":")).encode()
+                try:
+                    answer = self.answer(msg.header)
+                except (ValueError, TypeError, KeyError) as e:  # a malformed question
+                    answer = {"error": f"bad question: {e}"}
+                body = json.dumps(answer, separators=(",", ":")).encode()
                 link.sendall(encode_message({"ok": True}, body))
         except OSError:
             pass
@@ -416,7 +420,10 @@ class WorkerGroup:
 
     def _taken(self, link, header: dict, peeked: bytes, fd: int) -> None:
         sock = gevent.socket.socket(fileno=fd)
-        late = time.monotonic() > float(header.get("deadline", 0)) - HANDOFF_MARGIN
+        try:
+            late = time.monotonic() > float(header.get("deadline", 0)) - HANDOFF_MARGIN
+        except (TypeError, ValueError):
+            late = True  # no usable deadline: never take it
         decision = Refused("late") if late else self.take(header, peeked)
         if isinstance(decision, Refused):
             self.counters["handoff_refused_here"] += 1
