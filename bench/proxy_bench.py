@@ -466,9 +466,8 @@ def ttfb_samples(port: int, n: int, timeout: float = 10.0, req: bytes | None = N
     return out
 
 
-def hold_idle(port: int, n: int, timeout: float = 10.0) -> list[socket.socket]:
+def hold_idle(port: int, n: int, req: bytes, timeout: float = 10.0) -> list[socket.socket]:
     """n keep-alive connections, each after one answered GET: established end to end, idle."""
-    req = request_bytes(keep_alive=True)
     held: list[socket.socket] = []
     try:
         for _ in range(n):
@@ -578,7 +577,11 @@ def phase_idle(path: Path, args, res: dict) -> None:
     pids = path.mem_pids()
     before = {k: rss_kib(v) for k, v in pids.items()}
     t0 = time.monotonic()
-    held = hold_idle(path.http_port, args.idle)
+    # Held on the single-write origin's keep-alive port: through Shroud a connection routed by
+    # Host ends after one exchange (docs/SECURITY.md), so it would not stay held; the tcp: bind
+    # carries it as ssh -R's forward does.
+    req = request_bytes(keep_alive=True, target=ONE_BODIES["small"], host=ONE_NAME)
+    held = hold_idle(path.one_port, args.idle, req)
     try:
         time.sleep(1.0)  # let the last streams settle before reading RSS
         after = {k: rss_kib(v) for k, v in pids.items()}
@@ -593,7 +596,7 @@ def phase_idle(path: Path, args, res: dict) -> None:
         res["ttfb_held_p50"], res["ttfb_held_p99"] = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
         # The held connections must still be alive (not silently dropped by the path).
         for s in held[:: max(1, len(held) // 20)]:
-            s.sendall(request_bytes(keep_alive=True))
+            s.sendall(req)
             read_response(s)
     finally:
         release(held)
