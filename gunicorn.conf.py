@@ -52,6 +52,7 @@ def on_starting(server):
 
     from lib.errors import ListenError
 
+    _check_own_port(server)
     try:
         plan = prefork.listener_plan(shroud_proxy.listener_addrs(_argv()))
         _shared["listeners"] = prefork.open_listeners(plan, slots=server.cfg.workers)
@@ -61,6 +62,33 @@ def on_starting(server):
         sys.exit(f"shroud_proxy: cannot start: "
                  f"{e.line(shroud_proxy.LISTENER_FLAG.get(e.listener))}")
     _shared["run_dir"] = prefork.make_run_dir()
+
+
+def _check_own_port(server):
+    """gunicorn's own port (the dashboard; everything on $PORT in one-port mode): a port in
+    use is one line naming the variable that set it, before gunicorn retries it five times and
+    prints a Python address tuple each time. A probe, bound and closed: gunicorn still binds
+    (and still reports a port taken between the two)."""
+    import socket
+
+    from lib.errors import ListenError
+    from lib.hostport import format_hostport
+
+    if os.environ.get("GUNICORN_FD") or os.environ.get("LISTEN_FDS"):
+        return  # sockets inherited (a USR2 upgrade, systemd's socket activation): held already
+    where = "$PORT" if _port else "SHROUD_ADMIN_ADDR"
+    for addr in server.cfg.address:
+        if not isinstance(addr, tuple):
+            continue  # a unix socket: gunicorn's own message
+        probe = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+            probe.bind(addr[:2])
+        except OSError as e:
+            line = ListenError("admin", format_hostport(addr[0], addr[1]), e).line(where)
+            sys.exit(f"shroud_proxy: cannot start: {line}")
+        finally:
+            probe.close()
 
 
 def pre_fork(server, worker):

@@ -88,8 +88,13 @@ def test_both_entry_points_refuse_a_busy_port_in_one_line(tmp_path, entry, flag)
     assert "Traceback" not in done.stderr, done.stderr
 
 
-def test_a_busy_admin_port_names_its_flag(tmp_path):
-    """--admin-addr (served by shroud_proxy.py itself; under gunicorn it is gunicorn's bind)."""
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("entry", ["python", "gunicorn"])
+def test_a_busy_admin_port_names_its_flag(tmp_path, entry):
+    """The dashboard's port: --admin-addr for shroud_proxy.py; under gunicorn it is gunicorn's
+    own bind, set by SHROUD_ADMIN_ADDR (or $PORT): named so, one line, not gunicorn's five
+    'Connection in use: ('127.0.0.1', P)' retries."""
+    import os
     import socket
     import subprocess
     import sys
@@ -100,16 +105,26 @@ def test_a_busy_admin_port_names_its_flag(tmp_path):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     addr = "127.0.0.1:%d" % busy.getsockname()[1]
+    args = ["--data-dir", str(tmp_path / "data"), "--tunnel-addr", f"127.0.0.1:{free_port()}"]
+    env = dict(os.environ)
+    if entry == "python":
+        argv = [sys.executable, "shroud_proxy.py", *args, "--admin-addr", addr]
+        flag = "--admin-addr"
+    else:
+        env.update(SHROUD_ARGS=" ".join(args), SHROUD_ADMIN_ADDR=addr, WEB_CONCURRENCY="1")
+        env.pop("PORT", None)
+        argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c",
+                "gunicorn.conf.py", "shroud_proxy:app"]
+        flag = "SHROUD_ADMIN_ADDR"
     try:
-        done = subprocess.run([sys.executable, "shroud_proxy.py", "--data-dir",
-                               str(tmp_path / "data"), "--tunnel-addr",
-                               f"127.0.0.1:{free_port()}", "--admin-addr", addr],
-                              cwd=ROOT, capture_output=True, text=True, timeout=90)
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=90)
     finally:
         busy.close()
     assert done.returncode != 0, done.stderr
-    assert (f"shroud_proxy: cannot start: --admin-addr {addr}: address already in use; "
+    assert (f"shroud_proxy: cannot start: {flag} {addr}: address already in use; "
             "choose another port or stop the process using it") in done.stderr, done.stderr
+    assert "Connection in use" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
 
 
