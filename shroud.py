@@ -518,10 +518,16 @@ def start_acme(args, services, client, tor):
     if not names:
         return None
     from lib.client.acme import AcmeConfig, CertManager, requests_session
-    from lib.client.terminate import CertBook, terminate
+    from lib.client.terminate import CertBook, local_protocols, terminate
     from lib.hostport import parse_hostport
 
     book = CertBook()
+    for svc in services:
+        if svc.terminate:
+            alpn = local_protocols(svc.target)
+            book.set_protocols(svc.name, alpn)
+            log.info("%s: offering ALPN %s (what %s:%d answers)", svc.name, ",".join(alpn),
+                     *svc.target)
     client.config.terminate = lambda stream, svc: terminate(stream, svc.name, book)
     socks = (tor.socks_address if tor is not None else
              parse_hostport(args.socks, what="--socks") if args.socks else None)

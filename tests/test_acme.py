@@ -69,6 +69,7 @@ def test_curl_gets_plain_origin_with_pebble_certificate(tmp_path, pebble, site):
     proxy.wait_bound(NAME)
     client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
     client.wait_log("two.test: certificate issued", timeout=ISSUE_TIMEOUT)
+    assert f"{NAME}: offering ALPN http/1.1 (" in client.log()  # the origin speaks no h2
     root = pebble.root_file(str(tmp_path))
     for name in (NAME, "two.test"):  # two https: names share one client, each its own order
         r = curl(root, pebble.tls_port, name=name)
@@ -324,3 +325,57 @@ def test_an_expired_stored_certificate_is_replaced_not_served(tmp_path, pebble, 
     client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
     assert "Pebble" in peer_cert(pebble.tls_port, pebble.root_file(str(tmp_path))) \
         .issuer.rfc4514_string()
+
+
+NGINX_H2C = """daemon off;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_processes 1;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} http2;
+        location / {{ return 200 "hello over h2\\n"; }}
+    }}
+}}
+"""
+
+
+def test_h2_offered_when_the_local_service_speaks_it(tmp_path, pebble, site):
+    """nginx speaking HTTP/2 in clear (prior knowledge) as the local service: the client
+    offers ALPN h2 and curl gets HTTP/2 end to end; the plain-HTTP/1.1 origin of the other
+    tests is offered http/1.1 only (test_curl_gets_plain_origin_with_pebble_certificate)."""
+    from tests.support.procs import Proc, free_port, wait_port
+
+    _origin, proxy, procs = site
+    d = tmp_path / "nginx"
+    d.mkdir()
+    port = free_port()
+    (d / "nginx.conf").write_text(NGINX_H2C.format(d=d, port=port))
+    nginx = Proc("nginx", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")], str(tmp_path))
+    procs.append(nginx)
+    wait_port(port)
+
+    class Target:
+        pass
+
+    target = Target()
+    target.port = port
+    client = start_client(tmp_path, proxy, pebble, target)
+    procs.append(client)
+    client.wait_log(f"{NAME}: offering ALPN h2 ", timeout=30)
+    client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
+    r = subprocess.run(["curl", "-sS", "--http2", "--max-time", "20", "--cacert",
+                        pebble.root_file(str(tmp_path)),
+                        "--resolve", f"{NAME}:{pebble.tls_port}:127.0.0.1",
+                        "-w", "\n%{http_version}", f"https://{NAME}:{pebble.tls_port}/"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello over h2\n\n2", r.stdout

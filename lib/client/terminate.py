@@ -7,13 +7,17 @@ name, and this client decrypts it and hands plain bytes to the local target.
     book.add_challenge("example.com", cert_pem, key_pem)       # TLS-ALPN-01, while ordering
     book.remove_challenge("example.com")
     tls = terminate(stream, "example.com", book, timeout=15)   # a TLSTransport, or None
+    book.set_protocols("example.com", local_protocols(("127.0.0.1", 8080)))   # at start
 
 Which certificate a connection gets ("visitor offers / we answer"):
 
     ALPN acme-tls/1, a challenge pending   -> the challenge certificate, ALPN acme-tls/1; the
                                               handshake is the whole answer (RFC 8737 section 3)
     ALPN acme-tls/1, no challenge pending  -> TLS alert handshake_failure
-    anything else, a certificate issued     -> the certificate, ALPN http/1.1 (or none offered)
+    anything else, a certificate issued     -> the certificate, ALPN what the local target speaks
+                                              (local_protocols: h2 when it answers HTTP/2 with
+                                              prior knowledge, http/1.1 when it answers that;
+                                              http/1.1 when it answers neither at start)
     anything else, no certificate yet       -> TLS alert handshake_failure: never a self-signed
                                               certificate a visitor could learn to click through
     not a ClientHello                      -> the alert lib.protocol.sniff names
@@ -28,6 +32,8 @@ import os
 import ssl
 import tempfile
 
+import gevent.socket as gsocket
+
 from lib.acmetls import ACME_TLS_ALPN, client_hello_alpn
 from lib.errors import MuxError
 from lib.net.muxsession import PeerLog
@@ -38,7 +44,11 @@ from lib.protocol.sniff import SniffError, TLSNameSniffer, tls_alert
 ALERT_HANDSHAKE_FAILURE = 40
 # The ClientHello is read before the handshake (to choose by ALPN): sniff bounds its size.
 HELLO_READ = 16 * 1024
-SITE_ALPN = ["http/1.1"]  # h2 would need the local service to speak it: not offered (yet)
+SITE_ALPN = ["http/1.1"]  # what we offer when the local target's protocols are not known
+# RFC 9113 section 3.4: the client preface, then our (empty) SETTINGS frame.
+_H2_PROBE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H1_PROBE = b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+PROBE_TIMEOUT = 2.0  # seconds per probe of the local target, at start
 # Any visitor can trigger these lines (one per connection): 10 a minute per name.
 _peer_log = PeerLog(lines=10, per=60.0)
 
@@ -49,9 +59,14 @@ class CertBook:
     def __init__(self) -> None:
         self._sites: dict[str, ssl.SSLContext] = {}
         self._challenges: dict[str, ssl.SSLContext] = {}
+        self._alpn: dict[str, list[str]] = {}
+
+    def set_protocols(self, name: str, alpn: list[str]) -> None:
+        """What visitors may negotiate for ``name`` (before its certificate is set)."""
+        self._alpn[name] = list(alpn)
 
     def set_certificate(self, name: str, cert_path: str, key_path: str) -> None:
-        self._sites[name] = _context(cert_path, key_path, SITE_ALPN)
+        self._sites[name] = _context(cert_path, key_path, self._alpn.get(name, SITE_ALPN))
 
     def has_certificate(self, name: str) -> bool:
         return name in self._sites
@@ -83,6 +98,35 @@ def _context(cert_path: str, key_path: str, alpn: list[str]) -> ssl.SSLContext:
     ctx.load_cert_chain(cert_path, key_path)
     ctx.set_alpn_protocols(alpn)
     return ctx
+
+
+def local_protocols(target: tuple[str, int], timeout: float = PROBE_TIMEOUT) -> list[str]:
+    """The ALPN names to offer for a local target: ``h2`` when it answers an HTTP/2 preface
+    with a SETTINGS frame (prior knowledge, RFC 9113 section 3.3), ``http/1.1`` when it answers
+    an HTTP/1.1 request; ``["http/1.1"]`` when it answers neither (not up yet)."""
+    h2 = _answers(target, _H2_PROBE, lambda b: len(b) >= 9 and b[3] == 4, timeout)
+    h1 = _answers(target, _H1_PROBE, lambda b: b.startswith(b"HTTP/1."), timeout)
+    return (["h2"] if h2 else []) + (["http/1.1"] if h1 or not h2 else [])
+
+
+def _answers(target, probe: bytes, check, timeout: float) -> bool:
+    try:
+        sock = gsocket.create_connection(target, timeout=timeout)
+    except OSError:
+        return False
+    try:
+        sock.sendall(probe)
+        data = b""
+        while len(data) < 9:
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        return check(data)
+    except OSError:
+        return False
+    finally:
+        sock.close()
 
 
 class _Replay:
