@@ -128,7 +128,7 @@ def client_tls_context(cafile: str | None = None, pinned: bool = False) -> ssl.S
     return ctx
 
 
-class CertificateError(ValueError):
+class CertificateError(ShroudError, ValueError):
     """A certificate or key file cannot be used; the message names the file and the fix."""
 
 

@@ -20,7 +20,9 @@ class for its meaning. Each error keeps the builtin base its callers catch (a co
       +- FramingError (ValueError)   an origin's response that is not HTTP/1.x   lib.protocol.http1
       +- AddressError (ValueError)   not HOST:PORT (the message names the input) lib.hostport
       +- PinMismatch (ValueError)    .fingerprint the peer presented             lib.certs
+      +- CertificateError (ValueError) a certificate or key file cannot be used  lib.certs
       +- IdentityError               the identity key file cannot be used        lib.identity
+      +- PeerFlood (ConnectionResetError) a WebSocket peer over its ping bound lib.net.wstransport
       +- DnsError                    .kind (nxdomain, servfail, timeout...)      lib.net.dnsclient
       +- TunnelError                 .permanent: not worth retrying soon         lib.client.tunnels
       +- TorError                    tor missing, failed, or refused             lib.client.tor
@@ -29,6 +31,8 @@ class for its meaning. Each error keeps the builtin base its callers catch (a co
       +- OwnershipError              the ownership store failed                  lib.proxy.store.base
       |    +- StoreUnavailable       .code: the bind answer (store-unavailable)
       +- ClaimRefused                .code: the bind answer (limit)              lib.proxy.store.base
+      +- PreforkError                a listener setting the master cannot honour lib.proxy.prefork
+      +- MessageError (workers)      a sibling worker's message we refuse        lib.proxy.workers
       +- PeekTimeout                 no routing name within the peek deadline    lib.proxy.server
       +- ListenError (OSError)       a listener cannot open: .listener, .addr    lib.errors
       +- QueryError (ValueError)     an API query parameter we cannot honour     lib.admin.dashboard

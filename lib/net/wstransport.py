@@ -26,6 +26,7 @@ import gevent
 import gevent.lock
 
 from lib.protocol import websocket as ws
+from lib.errors import ShroudError
 
 log = logging.getLogger("shroud.websocket")
 
@@ -41,7 +42,7 @@ PING_RATE = 8.0
 CLOSE_POLICY_VIOLATION = 1008  # RFC 6455 7.4.1
 
 
-class PeerFlood(ConnectionResetError):
+class PeerFlood(ShroudError, ConnectionResetError):
     """The peer provoked more answers than allowed; the session it carried was hostile."""
 
     hostile = True

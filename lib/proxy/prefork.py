@@ -41,7 +41,7 @@ import os
 import socket
 import tempfile
 
-from lib.errors import ListenError
+from lib.errors import ListenError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
 
 # The kernel's accept queue per listener: bursts of visitors wait here while every worker is
@@ -52,7 +52,7 @@ BACKLOG = 1024
 MAX_WORKERS = 256
 
 
-class PreforkError(Exception):
+class PreforkError(ShroudError):
     """A user's mistake or the system's refusal, in one line naming the setting."""
 
 

@@ -67,6 +67,7 @@ import gevent.server
 import gevent.socket
 
 from lib.protocol.sniff import wildcard_candidates
+from lib.errors import ShroudError
 
 log = logging.getLogger("shroud.workers")
 
@@ -106,7 +107,7 @@ class Refused(NamedTuple):
     reason: str
 
 
-class MessageError(Exception):
+class MessageError(ShroudError):
     """A sibling's message does not parse or is over a bound."""
 
 
