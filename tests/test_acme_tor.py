@@ -25,7 +25,7 @@ def test_acme_through_tor_and_the_audit_holds(tor_network, pebble, tmp_path):
     trace = str(d / "client.strace")
     client_dir = d / "client"
     argv = ["strace", "-f", "-qq", "-s", "64", "-o", trace,
-            "-e", "trace=connect,sendto,sendmsg,execve",
+            "-e", "trace=connect,sendto,sendmsg,execve", "-e", "signal=none",
             PY, "shroud.py", "--tor", "launch", "--tor-config", tor_network.client_torrc_path,
             "--data-dir", str(client_dir), "--status", "plain",
             "--proxy", f"127.0.0.1:{proxy.ports['tunnel']}", "--pin", proxy.fingerprint,
@@ -63,8 +63,15 @@ def test_acme_through_tor_and_the_audit_holds(tor_network, pebble, tmp_path):
     socks_connects = [ln for _, _, port, _, ln in socket_calls(mine)
                       if port == socks_port and " connect(" in ln]
     assert len(socks_connects) >= 2, socks_connects
+    # The SOCKS user names the client sent (strace shows the start of each send): the order's
+    # requests carried one of their own, so tor gave them a circuit of their own (tor's
+    # IsolateSOCKSAuth), apart from the tunnel's.
+    users = set(re.findall(r'"\\1[^"]*?(shroud-acme-order-[\w.-]+|shroud:shroud-tunnel-[\w-]+)',
+                           "\n".join(mine)))
+    orders = {u for u in users if u.startswith("shroud-acme-order-")}
+    assert orders and any(u.startswith("shroud:shroud-tunnel-") for u in users), users
     log = client.log()
     stamps = [re.search(rf"^(\S+) .*{re.escape(what)}", log, re.M).group(1)
               for what in ("online in", "ordering a certificate", "certificate issued")]
     print(f"tor mode with ACME: connect() calls {seen}, {len(socks_connects)} through SOCKS; "
-          f"tunnel online / ordering / issued at {stamps}")
+          f"tunnel online / ordering / issued at {stamps}; SOCKS users {sorted(users)}")
