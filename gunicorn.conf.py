@@ -3,9 +3,10 @@
 WEB_CONCURRENCY gevent workers (default: one per core) each run the whole proxy: the raw
 listeners (tunnel, https, http, discovery) are opened by the master before it forks, one
 SO_REUSEPORT socket per worker slot (on_starting, pre_fork; lib/proxy/prefork.py says why), and
-every worker accepts on all of them, and on gunicorn's own port, whose WSGI app is the admin dashboard. A public connection that
-lands on a worker without a live tunnel for its name is handed, socket and peeked bytes, to the
-worker that has one (lib/proxy/workers.py, over Unix sockets in a private run directory). Proxy options come from SHROUD_*
+every worker accepts on all of them, and on gunicorn's own port, whose WSGI app is the admin
+dashboard. A public connection that lands on a worker without a live tunnel for its name is
+handed, socket and peeked bytes, to the worker that has one (lib/proxy/workers.py, over Unix
+sockets in a private run directory). Proxy options come from SHROUD_*
 environment variables, as for `python shroud_proxy.py`. On a platform that gives one $PORT,
 gunicorn serves on it, and in one-port mode (only $PORT set, or SHROUD_ONE_PORT=1) everything
 arrives there: the dashboard on the proxy's own hostname, tunnels as WebSockets at
