@@ -34,7 +34,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -47,6 +46,8 @@ from functools import wraps
 
 from flask import current_app, g, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.security import check_password_hash
+
+from lib.protocol.httphead import forwarded_client
 
 log = logging.getLogger("shroud.admin")
 
@@ -435,19 +436,6 @@ def login_client() -> str:
         return peer
     values = request.headers.getlist("X-Forwarded-For")
     return forwarded_client(values[-1] if values else "") or peer
-
-
-def forwarded_client(header: str) -> str | None:
-    """The last entry of an X-Forwarded-For value, if it is an IP address."""
-    last = header.rsplit(",", 1)[-1].strip()
-    if last.startswith("[") and "]" in last:  # "[2001:db8::1]:1234"
-        last = last[1:last.index("]")]
-    elif last.count(":") == 1:  # "203.0.113.9:1234"
-        last = last.split(":")[0]
-    try:
-        return str(ipaddress.ip_address(last))
-    except ValueError:
-        return None
 
 
 def check_login(form) -> str:

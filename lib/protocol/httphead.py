@@ -6,6 +6,7 @@
     parse_request_head(head) -> RequestHead                    # raises HeadError(400)
     parse_response_head(head) -> ResponseHead                  # raises HeadError
     http_error_response(status, reason, body=None, *, headers=(), version="1.0") -> bytes
+    forwarded_client(x_forwarded_for) -> str | None             # its last entry, if an address
     HeadError (ValueError)  .http_status: the status to answer
 
 One parser for every request head the proxy reads (Host routing in lib.protocol.sniff, the
@@ -29,6 +30,7 @@ connection's state where we only peek at a head.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -180,3 +182,20 @@ def http_error_response(status: int, reason: str | None = None, body: str | byte
     head = (f"HTTP/{version} {status} {reason}\r\n{extra}Content-Type: text/plain; charset=utf-8"
             f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     return head.encode("ascii", "replace") + body
+
+
+def forwarded_client(header: str) -> str | None:
+    """The last entry of an X-Forwarded-For value, if it is an IP address (its port dropped).
+
+    Only the last entry is the front's own observation (the one-port router, the dashboard's
+    login throttle behind it); earlier ones come from the visitor and may be forged.
+    """
+    last = header.rsplit(",", 1)[-1].strip()
+    if last.startswith("[") and "]" in last:  # "[2001:db8::1]:1234" (RFC 7239 style)
+        last = last[1:last.index("]")]
+    elif last.count(":") == 1:  # "203.0.113.9:1234"
+        last = last.split(":")[0]
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return None

@@ -40,12 +40,11 @@ This module uses gevent's APIs directly and never monkey-patches.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 
 from lib.hostport import format_hostport
-from lib.protocol import http1
+from lib.protocol import http1, httphead
 from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
@@ -73,15 +72,7 @@ def forwarded_for(head: bytes) -> str | None:
     values = headers.get("x-forwarded-for")
     if not values:
         return None
-    last = values[-1].split(",")[-1].strip()
-    if last.startswith("[") and "]" in last:  # "[2001:db8::1]:1234" (RFC 7239 style)
-        last = last[1:last.index("]")]
-    elif last.count(":") == 1:  # "203.0.113.9:1234"
-        last = last.split(":")[0]
-    try:
-        return str(ipaddress.ip_address(last))
-    except ValueError:
-        return None
+    return httphead.forwarded_client(values[-1])
 
 
 class OnePortRouter:
