@@ -673,7 +673,9 @@ class TunnelRunner:
                          "exit": self.circuit.exit_nickname}),
             "retry_at": self.retry_at,
             # what each bound URL forwards to (the console's Forwarding lines)
-            "targets": {url: format_hostport(*svc.target) for url, svc in self.urls.items()},
+            "targets": {url: format_hostport(*svc.target)
+                        + (" (https: TLS ends in this client)" if svc.terminate else "")
+                        for url, svc in self.urls.items()},
             "heartbeat_rtt_ms": (round(s.heartbeat_rtt * 1000, 1)
                                  if s is not None and s.heartbeat_rtt is not None else None),
         }
