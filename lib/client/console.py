@@ -37,6 +37,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from lib.tokenbucket import TokenBucket
+
 log = logging.getLogger("shroud.client")
 
 CONNECTION_ROWS = 10  # visitor connections kept for the panel; older ones scroll away
@@ -44,26 +46,6 @@ CONNECTION_ROWS = 10  # visitor connections kept for the panel; older ones scrol
 # a burst of CONNECTION_LOG_BURST, then CONNECTION_LOG_RATE a second.
 CONNECTION_LOG_RATE = 5.0
 CONNECTION_LOG_BURST = 20
-
-
-class RateLimit:
-    """A token bucket; ``allow()`` is True while under the rate. Injectable clock."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.tokens = float(burst)
-        self.last = clock()
-        self.dropped = 0  # refused since the last allowed call
-
-    def allow(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        self.dropped += 1
-        return False
 
 
 class LiveLogHandler(logging.Handler):
@@ -96,7 +78,7 @@ class Console:
         self.connection_count = 0
         self.dirty = False
         self._last: dict = {}  # tunnel index -> last state seen (plain mode)
-        self._log_limit = RateLimit(CONNECTION_LOG_RATE, CONNECTION_LOG_BURST, monotonic)
+        self._log_limit = TokenBucket(CONNECTION_LOG_BURST, CONNECTION_LOG_RATE, monotonic)
         self._live: Live | None = None
         self._handler: LiveLogHandler | None = None
         self._saved_handlers: list = []
@@ -158,7 +140,7 @@ class Console:
     def stream_done(self, record) -> None:
         self.connection_count += 1
         self.connections.append(record)
-        if self.live or not self._log_limit.allow():
+        if self.live or not self._log_limit.take():
             return
         dropped, self._log_limit.dropped = self._log_limit.dropped, 0
         log.info("visitor %s -> %s via %s: %s in, %s out, %.2f s, %s%s", record.visitor,

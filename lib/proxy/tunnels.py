@@ -10,7 +10,6 @@ Public API::
     tunnels.answer_bind_stream(tunnel, stream, nonce, bucket=None) -> bool
     tunnels.bind(tunnel, bind, nonce) -> BindResp          # decide (bindpolicy), then register
     tunnels.close_all(reason)
-    TokenBucket(burst, rate, clock=time.monotonic).take() -> bool
 
 A tunnel is a muxado session (lib.net.muxsession) whose first stream carries Auth/AuthResp
 (with a fresh nonce) and each later client stream one Bind/BindResp (docs/PROTOCOL.md). Which
@@ -26,7 +25,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 
 import gevent
 
@@ -41,28 +39,9 @@ from lib.proxy import bindpolicy
 from lib.proxy.names import ReservedNames
 from lib.proxy.ownership import Blocks, Decision
 from lib.proxy.registry import Registry, Tunnel
+from lib.tokenbucket import TokenBucket
 
 log = logging.getLogger("shroud.proxy")
-
-
-class TokenBucket:
-    """``burst`` tokens, refilled at ``rate`` a second; injectable clock for tests."""
-
-    __slots__ = ("burst", "rate", "tokens", "stamp", "clock")
-
-    def __init__(self, burst: int, rate: float, clock=time.monotonic):
-        self.burst, self.rate, self.clock = burst, rate, clock
-        self.tokens = float(burst)
-        self.stamp = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 class TunnelService:
