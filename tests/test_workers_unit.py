@@ -220,3 +220,14 @@ def test_merged_view_adds_up_every_workers_state():
 def json_roundtrip(data):
     import json
     return json.loads(json.dumps(data))
+
+
+def test_blind_offers_of_unknown_names_are_bounded(pair):
+    """A name no sibling is known to hold goes to every sibling, within a budget: a flood of
+    unknown names (a scanner) is refused at once past it, and counted."""
+    a, b = pair
+    green_wait(lambda: a.group.siblings() == [b.group.pid], "a knows b")
+    offered = [a.group.candidates(("http",), f"n{i}.test") for i in range(w.BLIND_OFFER_BURST + 20)]
+    assert offered[0] == [b.group.pid]
+    assert sum(1 for o in offered if o) <= w.BLIND_OFFER_BURST + 2  # refill while looping
+    assert a.group.counters["blind_offer_limit"] >= 18

@@ -86,6 +86,11 @@ HANDOFFS_IN_FLIGHT = 256
 # the sniffers' 64 KiB; a snapshot answer: a worker's whole registry).
 MAX_HEADER = 64 * 1024
 MAX_PAYLOAD = 64 * 1024 * 1024
+# Names no sibling is known to hold are offered to every sibling (a bind in the last 0.2 s);
+# a flood of unknown names (a scanner) must not cost N-1 round trips each: past this budget an
+# unknown name is refused here at once (counter blind_offer_limit).
+BLIND_OFFER_BURST = 64
+BLIND_OFFERS_PER_SECOND = 100.0
 # Sibling connections served at once (hand-overs in flight from all siblings, questions).
 MAX_SIBLING_CONNECTIONS = 1024
 
@@ -196,6 +201,7 @@ class WorkerGroup:
         self._siblings: dict = {}       # pid -> ((mtime_ns, size), names)
         self._published_version = None
         self._in_flight = gevent.lock.BoundedSemaphore(max_in_flight)
+        self._blind = [float(BLIND_OFFER_BURST), time.monotonic()]  # token bucket: tokens, at
         self._server = None
         self._greenlets: list = []
 
@@ -244,9 +250,23 @@ class WorkerGroup:
     def candidates(self, protocols, name: str) -> list:
         """Whom to offer a connection for ``name``: the sibling known to hold it, else every
         sibling (a name bound within the last PUBLISH_INTERVAL + POLL_INTERVAL is not in
-        their files yet; each refuses at once what it does not hold)."""
+        their files yet; each refuses at once what it does not hold), within the blind-offer
+        budget (BLIND_OFFERS_PER_SECOND); past it, nobody."""
         pid = self.holder(protocols, name)
-        return [pid] if pid is not None else self.siblings()
+        if pid is not None:
+            return [pid]
+        siblings = self.siblings()
+        if siblings and not self._take_blind():
+            self.counters["blind_offer_limit"] += 1
+            return []
+        return siblings
+
+    def _take_blind(self) -> bool:
+        now = time.monotonic()
+        tokens, at = self._blind
+        tokens = min(BLIND_OFFER_BURST, tokens + (now - at) * BLIND_OFFERS_PER_SECOND)
+        self._blind = [tokens - 1, now] if tokens >= 1 else [tokens, now]
+        return tokens >= 1
 
     def names_elsewhere(self) -> int:
         """How many (protocol, name) this worker knows live on its siblings."""
