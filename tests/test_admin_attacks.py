@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import subprocess
 import time
 import urllib.parse
 
@@ -52,10 +53,11 @@ class Visitor:
     def __init__(self, world, source: str):
         self.port = world["proxy"].ports["admin"]
         self.source = source
+        self.host = "::1" if ":" in source else "127.0.0.1"
         self.cookie = None
 
     def request(self, method, path, form=None, headers=None, json_body=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10,
+        c = http.client.HTTPConnection(self.host, self.port, timeout=10,
                                        source_address=(self.source, 0))
         headers = dict(headers or {})
         body = None
@@ -98,6 +100,48 @@ def test_rotating_forwarded_for_buys_no_fresh_window(world):
     assert guesser.login(forwarded="192.0.2.77") == 429
     # ...but the operator, at another address, is not locked out.
     assert Visitor(world, "127.0.0.2").login() == 302
+
+
+# Documentation prefixes (RFC 3849), put on the test's own loopback: a guesser's /64 and the
+# operator's.
+GUESSER_64, OPERATOR_64 = "2001:db8:64:1::", "2001:db8:64:2::"
+
+
+@pytest.fixture(scope="module")
+def world6(tmp_path_factory):
+    """A proxy whose dashboard listens dual-stack ([::]), and addresses on lo in two /64s."""
+    added = [f"{GUESSER_64}{i:x}" for i in range(1, 26)] + [f"{OPERATOR_64}1"]
+    for addr in added:
+        subprocess.run(["ip", "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad"],
+                       check=True)
+    d = tmp_path_factory.mktemp("admin-attacks6")
+    proxy = ProxyProc(str(d), str(d / "proxy-data"), admin_host="[::]", extra=[
+        "--admin-password-hash", generate_password_hash(PASSWORD, "pbkdf2:sha256:1000")])
+    try:
+        yield dict(dir=d, proxy=proxy)
+    finally:
+        proxy.stop()
+        for addr in added:
+            subprocess.run(["ip", "-6", "addr", "del", f"{addr}/128", "dev", "lo"])
+
+
+def test_a_guesser_rotating_ipv6_addresses_in_its_64_buys_no_fresh_window(world6):
+    """One host holds a whole /64. Keyed by the full address, each of 25 addresses got its own
+    20 guesses a minute, and 10 addresses filled the overall cap of 200: the operator, from
+    anywhere, was then answered 429 with the right password."""
+    answers = [Visitor(world6, f"{GUESSER_64}{i % 25 + 1:x}").login("guess-%d" % i)
+               for i in range(25)]
+    assert answers[:20] == [401] * 20
+    assert answers[20:] == [429] * 5, answers
+    assert Visitor(world6, f"{OPERATOR_64}1").login() == 302
+
+
+def test_ipv4_clients_of_a_dual_stack_dashboard_are_told_apart(world6):
+    """IPv4-mapped (::ffff:a.b.c.d) peers count per IPv4 address, not as one /64 of all."""
+    guesser = Visitor(world6, "127.0.0.6")
+    answers = [guesser.login("guess-%d" % i) for i in range(21)]
+    assert answers[20] == 429, answers
+    assert Visitor(world6, "127.0.0.7").login() == 302
 
 
 def test_cookie_replayed_after_logout_is_refused(world):

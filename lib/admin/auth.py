@@ -11,6 +11,7 @@ Public API::
     check_login(form) -> str                      # "ok", "csrf", "throttled" or "wrong"
     start_session(), end_session()                # end_session revokes the session server-side
     login_client() -> str                         # whom the login throttle counts against
+    throttle_key(addr) -> str                     # an IPv4 address or an IPv6 /64
     LoginThrottle(limit, clock, data_dir=None)    # failed logins per client and overall
     SessionTable(data_dir, limit, clock)          # the live sessions, kept server-side
 
@@ -431,11 +432,29 @@ def login_client() -> str:
     """Whom a failed login counts against: the socket's peer. Behind the platform's router
     (one-port mode: TRUST_FORWARDED_FOR) every request comes from the router, and the last
     X-Forwarded-For entry, the one the router appended, names the client."""
-    peer = request.remote_addr or ""
+    peer = throttle_key(request.remote_addr or "")
     if not settings().trust_forwarded_for:
         return peer
     values = request.headers.getlist("X-Forwarded-For")
-    return forwarded_client(values[-1] if values else "") or peer
+    forwarded = forwarded_client(values[-1] if values else "")
+    return throttle_key(forwarded) if forwarded else peer
+
+
+def throttle_key(addr: str) -> str:
+    """The client a failed login from ``addr`` counts against: an IPv4 address (also when a
+    dual-stack listener shows it IPv4-mapped), or the /64 an IPv6 address lies in. One host
+    is routinely given a whole /64 (RFC 6177), so keyed by the full address a single guesser
+    had a fresh window per address, and 10 of them filled the overall cap: the operator was
+    locked out (docs/SECURITY.md, "The dashboard")."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr  # not an address (a Unix socket's peer): as given
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
 
 
 def check_login(form) -> str:

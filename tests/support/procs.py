@@ -129,8 +129,10 @@ class Proc:
 
 class ProxyProc(Proc):
     def __init__(self, logdir: str, data_dir: str, name: str = "proxy", extra: list[str] = (),
-                 gunicorn: bool = False, env: dict | None = None, ports: dict | None = None):
+                 gunicorn: bool = False, env: dict | None = None, ports: dict | None = None,
+                 admin_host: str = "127.0.0.1"):
         ports = dict(ports or {})
+        admin_addr = f"{admin_host}:{ports.setdefault('admin', free_port())}"
         for k in ("tunnel", "https", "http", "admin"):
             ports.setdefault(k, free_port())
         self.ports = ports
@@ -142,11 +144,11 @@ class ProxyProc(Proc):
         if gunicorn:
             env = dict(env or {})
             env["SHROUD_ARGS"] = " ".join(args)
-            env["SHROUD_ADMIN_ADDR"] = f"127.0.0.1:{ports['admin']}"
+            env["SHROUD_ADMIN_ADDR"] = admin_addr
             argv = [os.path.join(os.path.dirname(PY), "gunicorn"), "-c", "gunicorn.conf.py",
                     "shroud_proxy:app"]
         else:
-            argv = [PY, "shroud_proxy.py", *args, "--admin-addr", f"127.0.0.1:{ports['admin']}"]
+            argv = [PY, "shroud_proxy.py", *args, "--admin-addr", admin_addr]
         super().__init__(name, argv, logdir, env)
         for k in ("tunnel", "admin"):
             try:
