@@ -275,8 +275,6 @@ class SessionTable:
             while len(self.live) > self.limit:
                 self.live.popitem(last=False)
                 self.evicted += 1
-        if self.file is None:
-            self._save()
         return sid
 
     def valid(self, sid) -> bool:
