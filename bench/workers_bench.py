@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import socket
 import statistics
 import struct
@@ -186,8 +187,12 @@ def main() -> int:
                 log(f"{workers} worker(s): {rows[-1]}")
             finally:
                 host.stop()
+    except BaseException:
+        log(f"failed: the processes' logs are in {d}")
+        raise
     finally:
         origin.stop()
+    shutil.rmtree(d, ignore_errors=True)
     print(table(rows))
     if len(rows) == 2 and rows[1]["forwarded_p50_ms"] and rows[1]["direct_p50_ms"]:
         extra = rows[1]["forwarded_p50_ms"] - rows[1]["direct_p50_ms"]
