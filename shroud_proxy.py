@@ -127,31 +127,51 @@ def config_from_args(args):
     from lib.proxy.server import ProxyConfig, parse_port_ranges, proxy_mux_config
     from lib.proxy.store import ClaimLimits
 
-    interval, timeout = float(args.heartbeat_interval), float(args.heartbeat_timeout)
+    interval, timeout = _number(args, "--heartbeat-interval"), _number(args, "--heartbeat-timeout")
     if not 0 < interval < timeout:
         raise SystemExit("shroud_proxy: --heartbeat-interval must be above 0 and below "
                          "--heartbeat-timeout")
     mux = proxy_mux_config(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
+    try:
+        tcp_ports = parse_port_ranges(args.tcp_ports)
+    except ValueError as e:
+        raise ValueError(f"--tcp-ports: {e}; write ports and ranges, e.g. 20000-20100,22022"
+                         ) from None
     return ProxyConfig(
         data_dir=args.data_dir, tunnel_addr=args.tunnel_addr or None,
         https_addr=args.https_addr or None, http_addr=args.http_addr or None,
         admin_addr=args.admin_addr or None, cert=args.cert, key=args.key,
         hostname=args.hostname, public_host=args.public_host, own_names=own_names(args),
         allow_loopback_names=args.allow_loopback_names,
-        tcp_ports=parse_port_ranges(args.tcp_ports), allowlist=args.allowlist,
+        tcp_ports=tcp_ports, allowlist=args.allowlist,
         dns_resolver=args.dns_resolver, tofu=not args.no_tofu,
         allow_unsigned=tuple(x.strip() for x in (args.allow_unsigned or "").split(",") if x.strip()),
-        max_public_connections=int(args.max_public_connections),
-        max_tunnels_per_key=int(args.max_tunnels_per_key), mux=mux,
-        max_streams_per_tunnel=int(args.max_streams_per_tunnel),
-        bind_burst=int(args.bind_burst), bind_rate=float(args.bind_rate),
-        peek_timeout=float(args.peek_timeout), idle_timeout=float(args.idle_timeout) or None,
-        database_url=args.database_url or None, fleet_heartbeat=float(args.fleet_heartbeat),
-        claim_limits=ClaimLimits(max_names_per_key=int(args.max_names_per_key),
-                                 claim_burst=int(args.claim_burst),
-                                 claims_per_hour=float(args.claims_per_hour),
-                                 expiry_days=float(args.claim_expiry_days),
-                                 max_first_use_names=int(args.max_first_use_names)))
+        max_public_connections=_number(args, "--max-public-connections", int),
+        max_tunnels_per_key=_number(args, "--max-tunnels-per-key", int), mux=mux,
+        max_streams_per_tunnel=_number(args, "--max-streams-per-tunnel", int),
+        bind_burst=_number(args, "--bind-burst", int), bind_rate=_number(args, "--bind-rate"),
+        peek_timeout=_number(args, "--peek-timeout"),
+        idle_timeout=_number(args, "--idle-timeout") or None,
+        database_url=args.database_url or None,
+        fleet_heartbeat=_number(args, "--fleet-heartbeat"),
+        claim_limits=ClaimLimits(max_names_per_key=_number(args, "--max-names-per-key", int),
+                                 claim_burst=_number(args, "--claim-burst", int),
+                                 claims_per_hour=_number(args, "--claims-per-hour"),
+                                 expiry_days=_number(args, "--claim-expiry-days"),
+                                 max_first_use_names=_number(args, "--max-first-use-names",
+                                                             int)))
+
+
+def _number(args, flag: str, kind=float):
+    """``flag``'s value (from the command line or SHROUD_*) as ``kind``; a ValueError naming
+    the flag, its environment variable and the value otherwise (start_proxy: one line)."""
+    value = getattr(args, flag[2:].replace("-", "_"))
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "a whole number" if kind is int else "a number"
+        env = "SHROUD_" + flag[2:].upper().replace("-", "_")
+        raise ValueError(f"{flag} (or {env}) must be {what}, got {value!r}") from None
 
 
 def own_names(args, environ=os.environ) -> tuple[str, ...]:

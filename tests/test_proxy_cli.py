@@ -39,6 +39,24 @@ def test_bad_heartbeat_refused(monkeypatch):
         sp.config_from_args(args)
 
 
+@pytest.mark.parametrize("flag, value, want", [
+    ("--max-tunnels-per-key", "eight", "--max-tunnels-per-key (or SHROUD_MAX_TUNNELS_PER_KEY) "
+     "must be a whole number, got 'eight'"),
+    ("--bind-rate", "fast", "--bind-rate (or SHROUD_BIND_RATE) must be a number, got 'fast'"),
+    ("--heartbeat-interval", "x", "--heartbeat-interval (or SHROUD_HEARTBEAT_INTERVAL) must be "
+     "a number, got 'x'"),
+    ("--tcp-ports", "20000-abc", "--tcp-ports: bad port range '20000-abc'"),
+])
+def test_a_bad_number_names_its_flag(monkeypatch, flag, value, want):
+    """A value that is not a number is one line naming the flag (start_proxy turns the
+    ValueError into 'cannot start: ...'), not Python's 'invalid literal for int()'."""
+    sp = load(monkeypatch)
+    args = sp.build_parser().parse_args([flag, value])
+    with pytest.raises(ValueError) as e:
+        sp.config_from_args(args)
+    assert want in str(e.value)
+
+
 # Each listener flag of the proxy: a port in use on it is one line naming that flag.
 LISTENER_FLAGS = ["--tunnel-addr", "--https-addr", "--http-addr", "--discovery-addr"]
 

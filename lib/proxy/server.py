@@ -86,7 +86,10 @@ def parse_port_ranges(spec: str | None) -> frozenset[int]:
         if not part:
             continue
         lo, _, hi = part.partition("-")
-        lo_i, hi_i = int(lo), int(hi or lo)
+        try:
+            lo_i, hi_i = int(lo), int(hi or lo)
+        except ValueError:
+            lo_i = hi_i = 0  # refused just below, with the range that is wrong
         if not (1 <= lo_i <= hi_i <= 65535):
             raise ValueError(f"bad port range {part!r}")
         ports.update(range(lo_i, hi_i + 1))
