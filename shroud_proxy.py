@@ -132,6 +132,9 @@ def config_from_args(args):
         raise SystemExit("shroud_proxy: --heartbeat-interval must be above 0 and below "
                          "--heartbeat-timeout")
     mux = proxy_mux_config(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
+    fleet_heartbeat = _number(args, "--fleet-heartbeat")
+    if not fleet_heartbeat > 0:  # 0: a busy loop that expires this very instance each beat
+        raise ValueError(f"--fleet-heartbeat must be above 0 seconds, got {fleet_heartbeat:g}")
     try:
         tcp_ports = parse_port_ranges(args.tcp_ports)
     except ValueError as e:
@@ -153,7 +156,7 @@ def config_from_args(args):
         peek_timeout=_number(args, "--peek-timeout"),
         idle_timeout=_number(args, "--idle-timeout") or None,
         database_url=args.database_url or None,
-        fleet_heartbeat=_number(args, "--fleet-heartbeat"),
+        fleet_heartbeat=fleet_heartbeat,
         claim_limits=ClaimLimits(max_names_per_key=_number(args, "--max-names-per-key", int),
                                  claim_burst=_number(args, "--claim-burst", int),
                                  claims_per_hour=_number(args, "--claims-per-hour"),

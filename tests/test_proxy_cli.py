@@ -57,6 +57,15 @@ def test_a_bad_number_names_its_flag(monkeypatch, flag, value, want):
     assert want in str(e.value)
 
 
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_fleet_heartbeat_must_be_above_zero(monkeypatch, value):
+    """0 would beat in a busy loop and expire this very instance at every beat."""
+    sp = load(monkeypatch)
+    args = sp.build_parser().parse_args(["--fleet-heartbeat", value])
+    with pytest.raises(ValueError, match="--fleet-heartbeat must be above 0"):
+        sp.config_from_args(args)
+
+
 # Each listener flag of the proxy: a port in use on it is one line naming that flag.
 LISTENER_FLAGS = ["--tunnel-addr", "--https-addr", "--http-addr", "--discovery-addr"]
 
