@@ -5,6 +5,7 @@
     parse_hostport(text, *, what="address", default_host=None, default_port=None,
                    port_zero=False) -> (host, port)               # raises AddressError
     format_hostport(host, port) -> "host:port" | "[v6]:port"
+    client_network(host) -> "1.2.3.4" | "2001:db8::/64"         # whom a per-client limit counts
     AddressError (ValueError)                                     # names the input and the fix
 
 The rules, the same everywhere (a flag, a --fleet entry, a discovery answer, a control port):
@@ -72,6 +73,26 @@ def parse_hostport(text: str, *, what: str = "address", default_host: str | None
 def format_hostport(host: str, port: int) -> str:
     """The inverse of parse_hostport: an IPv6 host goes in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# One host is routinely given a whole IPv6 /64 (RFC 6177), so a limit kept per client address
+# keys IPv6 by its /64: keyed by the full address, one host had 2^64 fresh windows.
+IPV6_CLIENT_PREFIX = 64
+
+
+def client_network(host: str) -> str:
+    """The client a per-address limit (login throttle, claim rate) counts ``host`` as: an IPv4
+    address (also IPv4-mapped, as a dual-stack socket shows it), the /64 of an IPv6 address,
+    or ``host`` itself when it is no IP address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    return str(ip)
 
 
 def _split(text: str, what: str) -> tuple[str, str | None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import subprocess
 import time
 import urllib.parse
 
@@ -16,6 +15,7 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from lib.identity import Identity
+from tests.support.loaddrs import loopback_addresses
 from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc
 from tests.test_hostile import Attacker, _PublicKeyOnly
 
@@ -110,19 +110,15 @@ GUESSER_64, OPERATOR_64 = "2001:db8:64:1::", "2001:db8:64:2::"
 @pytest.fixture(scope="module")
 def world6(tmp_path_factory):
     """A proxy whose dashboard listens dual-stack ([::]), and addresses on lo in two /64s."""
-    added = [f"{GUESSER_64}{i:x}" for i in range(1, 26)] + [f"{OPERATOR_64}1"]
-    for addr in added:
-        subprocess.run(["ip", "-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad"],
-                       check=True)
+    addrs = [f"{GUESSER_64}{i:x}" for i in range(1, 26)] + [f"{OPERATOR_64}1"]
     d = tmp_path_factory.mktemp("admin-attacks6")
-    proxy = ProxyProc(str(d), str(d / "proxy-data"), admin_host="[::]", extra=[
-        "--admin-password-hash", generate_password_hash(PASSWORD, "pbkdf2:sha256:1000")])
-    try:
-        yield dict(dir=d, proxy=proxy)
-    finally:
-        proxy.stop()
-        for addr in added:
-            subprocess.run(["ip", "-6", "addr", "del", f"{addr}/128", "dev", "lo"])
+    with loopback_addresses(addrs):
+        proxy = ProxyProc(str(d), str(d / "proxy-data"), admin_host="[::]", extra=[
+            "--admin-password-hash", generate_password_hash(PASSWORD, "pbkdf2:sha256:1000")])
+        try:
+            yield dict(dir=d, proxy=proxy)
+        finally:
+            proxy.stop()
 
 
 def test_a_guesser_rotating_ipv6_addresses_in_its_64_buys_no_fresh_window(world6):

@@ -13,7 +13,10 @@ import subprocess
 import pytest
 
 from lib.identity import Identity
+from lib.protocol import messages as msg
+from tests.support.loaddrs import loopback_addresses
 from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port, wait_port
+from tests.support.rawtunnel import RawTunnel
 from tests.support.visitor import https_get, tls_site
 
 pytestmark = pytest.mark.timeout(180)
@@ -65,6 +68,35 @@ def test_second_key_refused_with_reason(site):
     binding = proxy.wait_bound("app.test")
     assert binding["tunnels"] == 1 and binding["owner"] == owner_a
     assert get(site, proxy) == (200, b"hello from origin\n")
+
+
+def test_claim_rate_counts_an_ipv6_peer_by_its_64(site):
+    """One host holds a whole /64. Keyed by the full address, three addresses of one /64, each
+    with a fresh key (free), claimed --claim-burst new names each: enough of them fill the
+    store's --max-first-use-names, after which no first use is granted to anyone."""
+    squatter = [f"2001:db8:65:1::{i}" for i in (1, 2, 3)]
+    honest = "2001:db8:65:2::1"
+    with loopback_addresses(squatter + [honest]):
+        port = free_port()
+        proxy = start_proxy(site, ports={"tunnel": port}, extra=[
+            "--tunnel-addr", f"[::]:{port}", "--claim-burst", "4", "--claims-per-hour", "1"])
+        answers = []
+        for n, source in enumerate(squatter):
+            t = RawTunnel(proxy, Identity.load_or_create(str(site["dir"] / f"squat-{n}")),
+                          host="::1", source=source)
+            try:
+                t.auth()
+                answers += [t.bind(f"squat-{n}-{i}.test").reason for i in (1, 2)]
+            finally:
+                t.close()
+        assert answers == [None] * 4 + [msg.REASON_LIMIT] * 2, answers
+        t = RawTunnel(proxy, Identity.load_or_create(str(site["dir"] / "honest")),
+                      host="::1", source=honest)
+        try:
+            t.auth()
+            assert t.bind("honest.test").reason is None  # another /64 has its own bucket
+        finally:
+            t.close()
 
 
 def test_same_key_twice_is_balanced(site):

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from lib.hostport import AddressError, format_hostport, parse_hostport
+from lib.hostport import AddressError, client_network, format_hostport, parse_hostport
 
 
 @pytest.mark.parametrize("text,kwargs,want", [
@@ -117,3 +117,13 @@ def test_proxy_peer_host_reads_back_what_the_proxy_writes():
     assert peer_host(format_hostport("2001:db8::1", 444)) == "2001:db8::1"
     assert peer_host("203.0.113.9:5") == "203.0.113.9"
     assert peer_host("not-an-address") == "not-an-address"
+
+
+def test_client_network_keys_ipv6_by_its_64_and_mapped_ipv4_by_ipv4():
+    assert client_network("203.0.113.9") == "203.0.113.9"
+    assert client_network("::ffff:203.0.113.9") == "203.0.113.9"
+    assert client_network("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert client_network("2001:db8:1:2:bbbb::7") == client_network("2001:db8:1:2::1")
+    assert client_network("2001:db8:1:3::1") != client_network("2001:db8:1:2::1")
+    assert client_network("fe80::1%lo") == "fe80::/64"
+    assert client_network("") == "" and client_network("unix") == "unix"

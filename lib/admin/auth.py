@@ -48,6 +48,7 @@ from functools import wraps
 from flask import current_app, g, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.security import check_password_hash
 
+from lib.hostport import client_network
 from lib.protocol.httphead import forwarded_client
 
 log = logging.getLogger("shroud.admin")
@@ -439,20 +440,11 @@ def login_client() -> str:
 
 
 def throttle_key(addr: str) -> str:
-    """The client a failed login from ``addr`` counts against: an IPv4 address (also when a
-    dual-stack listener shows it IPv4-mapped), or the /64 an IPv6 address lies in. One host
-    is routinely given a whole /64 (RFC 6177), so keyed by the full address a single guesser
-    had a fresh window per address, and 10 of them filled the overall cap: the operator was
+    """The client a failed login from ``addr`` counts against (lib.hostport.client_network):
+    an IPv4 address, or an IPv6 /64. Keyed by the full address, one guesser with one /64 had
+    a fresh window per address, and ten of them filled the overall cap: the operator was
     locked out (docs/SECURITY.md, "The dashboard")."""
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return addr  # not an address (a Unix socket's peer): as given
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    if ip.version == 6:
-        return str(ipaddress.ip_network((ip, 64), strict=False))
-    return str(ip)
+    return client_network(addr)
 
 
 def check_login(form) -> str:

@@ -29,7 +29,7 @@ import socket
 import gevent
 
 from lib.errors import ErrorCode, MuxError
-from lib.hostport import AddressError, format_hostport, parse_hostport
+from lib.hostport import AddressError, client_network, format_hostport, parse_hostport
 from lib.identity import fingerprint as key_fingerprint
 from lib.net.muxsession import PeerLog, Session
 from lib.net.sockets import set_nodelay
@@ -313,7 +313,9 @@ class TunnelService:
                                             bindings_held=len(tunnel.bindings))
         answer = bindpolicy.decide_bind(request, self.rules, self.blocks(), self.registry)
         if answer.verdict == bindpolicy.ASK_OWNERSHIP:
-            decision = self._ownership(answer.name, tunnel.key, peer_host(tunnel.peer))
+            # Claim rates per client network: an IPv6 peer's /64 (docs/SECURITY.md, "Squatting")
+            decision = self._ownership(answer.name, tunnel.key,
+                                       client_network(peer_host(tunnel.peer)))
             # Asked again with the blocks and bindings as they are after the wait on the store.
             answer = bindpolicy.decide_bind(request, self.rules, self.blocks(), self.registry,
                                             ownership=decision)

@@ -2,6 +2,7 @@
 that speak the protocol to a real proxy and then misbehave (floods, forged or replayed binds).
 
     t = RawTunnel(proxy, identity)      # TLS to proxy.ports["tunnel"], a client mux session
+    RawTunnel(proxy, identity, host="::1", source="2001:db8::5")   # from a chosen address
     t.auth() -> AuthResp                # t.nonce is the proxy's nonce for this session
     t.signed_bind(name, protocol="http") -> Bind   # signed over t.nonce for this proxy
     t.bind(name, protocol="http", sign=True, bad_signature=False) -> BindResp
@@ -29,12 +30,14 @@ REPLY_TIMEOUT = 10
 class RawTunnel:
     """Speaks just enough of the tunnel protocol to get in, then does what the test says."""
 
-    def __init__(self, proxy, identity: Identity | None, mux: MuxConfig | None = None):
+    def __init__(self, proxy, identity: Identity | None, mux: MuxConfig | None = None,
+                 host: str = "127.0.0.1", source: str | None = None):
         ctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        raw = gevent.socket.create_connection(("127.0.0.1", proxy.ports["tunnel"]),
-                                              timeout=REPLY_TIMEOUT)
+        raw = gevent.socket.create_connection((host, proxy.ports["tunnel"]),
+                                              timeout=REPLY_TIMEOUT,
+                                              source_address=(source, 0) if source else None)
         self.tls = ctx.wrap_socket(raw)
         self.tls.settimeout(None)
         self.proxy_id = msg.proxy_id_for_cert(self.tls.getpeercert(binary_form=True))
