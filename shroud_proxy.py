@@ -132,6 +132,9 @@ def config_from_args(args):
         raise SystemExit("shroud_proxy: --heartbeat-interval must be above 0 and below "
                          "--heartbeat-timeout")
     mux = proxy_mux_config(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
+    if bool(args.cert) != bool(args.key):  # one alone was ignored: a certificate generated
+        raise ValueError("--cert and --key go together (the tunnel certificate and its "
+                         "private key); give both, or neither to use the data dir's")
     fleet_heartbeat = _number(args, "--fleet-heartbeat")
     if not fleet_heartbeat > 0:  # 0: a busy loop that expires this very instance each beat
         raise ValueError(f"--fleet-heartbeat must be above 0 seconds, got {fleet_heartbeat:g}")

@@ -66,6 +66,15 @@ def test_fleet_heartbeat_must_be_above_zero(monkeypatch, value):
         sp.config_from_args(args)
 
 
+@pytest.mark.parametrize("given", [["--cert", "c.pem"], ["--key", "k.pem"]])
+def test_cert_and_key_go_together(monkeypatch, given):
+    """One without the other used to be ignored silently (a certificate was generated)."""
+    sp = load(monkeypatch)
+    args = sp.build_parser().parse_args(given)
+    with pytest.raises(ValueError, match="--cert and --key go together"):
+        sp.config_from_args(args)
+
+
 # Each listener flag of the proxy: a port in use on it is one line naming that flag.
 LISTENER_FLAGS = ["--tunnel-addr", "--https-addr", "--http-addr", "--discovery-addr"]
 
