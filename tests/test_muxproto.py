@@ -815,3 +815,93 @@ def test_a_reset_user_stream_leaves_the_heartbeat_alone():
     assert c.receive_data(fr.encode(fr.Rst(a, ErrorCode.CANCEL))) == [
         mp.StreamReset(a, ErrorCode.CANCEL)]
     assert c.send_heartbeat()
+
+
+# --- output batches and termination (third mutation pass) ------------------------------------
+
+def test_data_to_send_hands_out_whole_pieces_up_to_about_the_limit():
+    c = conn(True)
+    ids = [c.open_stream() for _ in range(3)]  # three 8-byte SYNs
+    assert c.data_to_send(limit=8) == fr.encode(fr.Syn(ids[0]))
+    assert c.outgoing_size == 16
+    assert c.data_to_send(limit=9) == syn(*ids[1:])  # at most one piece more than the limit
+    assert c.outgoing_size == 0 and c.data_to_send(limit=8) == b""
+
+
+def test_answers_count_as_unsent_until_their_batch_is_written():
+    s = heartbeat_peer()
+    own = s.open_stream()
+    s.send_data(own, bytes(100))  # 116 bytes of our own output first
+    s.receive_data(data(3, bytes(4)))  # then a 24-byte answer
+    s.data_to_send(limit=50)  # our output only: the answer still waits
+    s.batch_written()
+    assert s.unsent_answers == 24
+    s.data_to_send()
+    assert s.unsent_answers == 24
+    s.batch_written()
+    assert s.unsent_answers == 0
+
+
+def test_answer_bucket_refills_with_time():
+    now = [0.0]
+    s = mp.MuxConnection(False, cfg(answer_burst=5, answer_rate=1.0), clock=lambda: now[0])
+    s.receive_data(fr.encode(fr.Syn(3, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE)))
+    assert s.receive_data(data(3, bytes(4)) * 4) == []
+    now[0] += 10  # the bucket is full again
+    assert s.receive_data(data(3, bytes(4)) * 4) == [] and s.terminated is None
+    ev = s.receive_data(data(3, bytes(4)) * 2)
+    assert ev[-1].reason == ("peer provoked more than 5 answers at once or 1 a second "
+                             "(a frame counts 1/64)")
+    u = mp.MuxConnection(False, cfg(untrusted_answer_burst=1), trusted=False)
+    u.receive_data(fr.encode(fr.Syn(3, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE)))
+    ev = u.receive_data(data(3, bytes(4)) * 2)
+    assert ev[-1].reason == ("peer provoked more than 1 answers at once or 2 a second before "
+                             "Auth (a frame counts 1/64)")
+
+
+def test_termination_drops_queued_output_only_when_it_is_an_error_of_ours():
+    def queued():
+        c = conn(True)
+        a = c.open_stream()
+        c.send_data(a, b"queued")
+        return c, a
+
+    c, a = queued()
+    ended = c.terminate(ErrorCode.NO_ERROR, "bye")
+    assert not ended.hostile and not ended.remote
+    assert frames(c.data_to_send()) == [fr.Syn(a), fr.Data(a, b"queued"), fr.GoAway(0, 0)]
+    c, a = queued()
+    c.terminate(ErrorCode.PROTOCOL_ERROR, "broken")
+    assert frames(c.data_to_send()) == [fr.GoAway(0, ErrorCode.PROTOCOL_ERROR)]
+    assert c.outgoing_size == 0
+    c, a = queued()
+    c.terminate(ErrorCode.NO_ERROR, "abuse", hostile=True)
+    assert frames(c.data_to_send()) == [fr.GoAway(0, 0)]
+    c, a = queued()
+    ended = c.terminate(ErrorCode.PROTOCOL_ERROR, "the peer's", remote=True)
+    assert ended.remote and frames(c.data_to_send()) == [fr.Syn(a), fr.Data(a, b"queued")]
+
+
+def test_send_data_counts_headers_exactly_and_takes_a_last_byte_of_window():
+    c = conn(True)
+    a = c.open_stream()
+    c.data_to_send()
+    c.send_data(a, bytes(1))
+    assert c.outgoing_size == fr.HEADER_SIZE + 1
+    c.data_to_send()
+    c.send_data(a, bytes(fr.MAX_PAYLOAD))
+    assert c.outgoing_size == fr.HEADER_SIZE + fr.MAX_PAYLOAD
+    c.data_to_send()
+    c.send_data(a, bytes(c.send_window(a) - 1))
+    assert c.send_window(a) == 1 and c.send_data(a, b"ab") == 1
+
+
+def test_both_fins_forget_the_stream():
+    p = Pair()
+    a = p.client.open_stream()
+    p.pump()
+    p.server.end_stream(a)
+    p.pump()
+    assert p.client.open_streams == 1
+    p.client.send_data(a, b"last", fin=True)
+    assert p.client.open_streams == 0 and p.client.send_window(a) == 0
