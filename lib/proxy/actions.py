@@ -60,13 +60,7 @@ class OperatorActions:
         store = self._require_store()
         blocked = canonical_name(name)
         store.block_hostname(blocked, actor, detail)
-        dropped = 0
-        for binding in list(self.registry.bindings.values()):
-            covered = binding.name == blocked or (
-                blocked.startswith("*.") and binding.name.endswith(blocked[1:]))
-            if covered:
-                self.registry.unbind(binding)
-                dropped += 1
+        dropped, _ = self.apply_blocks({blocked}, ())
         log.warning("%s blocked by %s (%d live binding(s) dropped)", blocked, actor, dropped)
         return dropped
 
@@ -78,20 +72,17 @@ class OperatorActions:
         store = self._require_store()
         store.block_key(key, actor, detail)
         key = key.lower()
-        tunnels = [t for t in self.registry.tunnels.values() if t.key == key]
-        for tunnel in tunnels:
-            self.registry.remove_tunnel(tunnel)
-            tunnel.session.close(ErrorCode.NO_ERROR, "key blocked by the operator")
-        log.warning("key %s blocked by %s (%d tunnel(s) disconnected)", key[:16], actor,
-                    len(tunnels))
-        return len(tunnels)
+        _, cut = self.apply_blocks((), {key})
+        log.warning("key %s blocked by %s (%d tunnel(s) disconnected)", key[:16], actor, cut)
+        return cut
 
     def unblock_key(self, key: str, actor: str, detail: str = "") -> bool:
         return self._require_store().unblock_key(key, actor, detail)
 
     def apply_blocks(self, names, keys) -> tuple:
-        """Drop the live bindings that blocked ``names`` cover and disconnect the tunnels of
-        blocked ``keys``: blocks another instance of the fleet made (already in the store).
+        """Drop the live bindings that blocked ``names`` cover (by the rule routing uses,
+        Blocks.covering) and disconnect the tunnels of blocked ``keys``: blocks made here or by
+        another instance of the fleet (already in the store).
         :returns: (bindings dropped, tunnels disconnected)."""
         covering = Blocks(frozenset(names))
         dropped = [b for b in list(self.registry.bindings.values())
