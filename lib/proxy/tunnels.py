@@ -193,37 +193,39 @@ class TunnelService:
                 # go-tunnel did. A keyed one does so on its first signed bind (bind()): the key
                 # in Auth is only a claim until a signature proves it.
                 self.replace_stale(client_id, None, keep=None)
-            if fp and not self._room_for_key(fp, peer):
+            if fp and not self._room_for_key(fp, client_id):
                 self.registry.count_refusal("limit_tunnels_per_key")
                 self._auth_refuse(stream, f"too many tunnels for this key "
                                           f"(limit {c.max_tunnels_per_key})", peer)
                 return None, None
             return self._accept_auth(session, stream, peer, transport_name, key, fp, client_id)
 
-    def _room_for_key(self, fp: str, peer: str) -> bool:
-        """Whether a new tunnel claiming key ``fp`` may be admitted.
+    def _room_for_key(self, fp: str, client_id: str) -> bool:
+        """Whether a new tunnel claiming key ``fp`` may be admitted: the key has fewer than
+        --max-tunnels-per-key tunnels that proved it, not counting ``client_id``'s own (a
+        reconnect replaces them when it proves; see :meth:`_over_key_cap`)."""
+        others = [t for t in self.registry.tunnels_of_key(fp) if t.client_id != client_id]
+        return len(others) < self.config.max_tunnels_per_key
 
-        Counted at Auth, every tunnel claiming the key: counting only those that proved it
-        let a key open any number of tunnels by authenticating them all before binding (issue
-        11: 40 against a limit of 8). At the cap, the oldest tunnel that has not proved the key
-        (bound nothing signed yet) makes room: a claim alone, which anyone who knows a public
-        key can make, must not lock the key's holder out (it gets in, and proves the key with
-        its first bind). Only proven tunnels at the cap refuse the newcomer.
+    def _over_key_cap(self, tunnel: Tunnel) -> bool:
+        """Whether ``tunnel``, about to prove its key, would pass --max-tunnels-per-key.
+
+        The cap holds where a key is proven (its first signed bind), not at Auth: Auth's key
+        is a claim anyone who knows the public key can make. Counted at Auth, with the oldest
+        unproven claim closed to make room, eight claims sent in the round trip between a
+        client's AuthResp and its first bind (0.1 s on loopback; a Tor circuit's round trip
+        is longer) closed the holder's fresh tunnel, every time: a lock-out for whoever
+        learned the key (any proxy the client uses). Counting only at Auth the tunnels that
+        had bound let one key authenticate 40 and bind them all (issue 11 item 11); here the
+        ninth bind is refused. Unproven claims hold no name and are dropped after
+        --handshake-timeout (drop_if_unbound), like a fresh key's tunnels. The client's own
+        stale tunnels are not counted: replace_stale closes them when this one proves.
         """
-        claiming = self.registry.tunnels_claiming(fp)
-        if len(claiming) < self.config.max_tunnels_per_key:
-            return True
-        unproven = [t for t in claiming if not t.proven]
-        if not unproven:
+        if tunnel.key is None or tunnel.proven:
             return False
-        oldest = unproven[0]
-        self.peer_log.log(peer.rsplit(":", 1)[0], logging.INFO,
-                          "tunnel %d from %s: key %s at its tunnel limit; this unproven claim "
-                          "makes room for one from %s", oldest.id, oldest.peer, fp[:16], peer)
-        self.registry.count_refusal("limit_tunnels_per_key")
-        self.registry.remove_tunnel(oldest)
-        oldest.session.close(ErrorCode.NO_ERROR, "too many tunnels for this key")
-        return True
+        others = [t for t in self.registry.tunnels_of_key(tunnel.key)
+                  if t.client_id != tunnel.client_id]
+        return len(others) >= self.config.max_tunnels_per_key
 
     def _auth_refusal(self, auth, peer: str) -> str | None:
         """Why an Auth message is refused before any state is made, or None."""
@@ -312,6 +314,8 @@ class TunnelService:
         request = bindpolicy.BindRequest.of(bind, key=tunnel.key, proof=proof,
                                             bindings_held=len(tunnel.bindings))
         answer = bindpolicy.decide_bind(request, self.rules, self.blocks(), self.registry)
+        if answer.verdict != bindpolicy.REFUSE and self._over_key_cap(tunnel):
+            answer = self._key_cap_refusal()  # before the store: no claim is written
         if answer.verdict == bindpolicy.ASK_OWNERSHIP:
             # Claim rates per client network: an IPv6 peer's /64 (docs/SECURITY.md, "Squatting")
             decision = self._ownership(answer.name, tunnel.key,
@@ -324,6 +328,9 @@ class TunnelService:
             answer = bindpolicy.BindAnswer(
                 bindpolicy.REFUSE, code=msg.REASON_INTERNAL, counter="tcp_listen",
                 text=f"cannot listen on tcp port {request.remote_port}")
+        if answer.accepted and self._over_key_cap(tunnel):
+            # Checked again after the store's wait (it yields): no overshoot under load.
+            answer = self._key_cap_refusal()
         if not answer.accepted:
             return self._bind_refused(tunnel, bind, answer)
         self.registry.bind(tunnel, bind.protocol, answer.name, tunnel.key, answer.method,
@@ -335,6 +342,11 @@ class TunnelService:
             self.replace_stale(tunnel.client_id, tunnel.key, keep=tunnel)
         log.info("tunnel %d bound %s (%s)", tunnel.id, answer.url, answer.method)
         return msg.BindResp(url=answer.url, protocol=bind.protocol)
+
+    def _key_cap_refusal(self) -> bindpolicy.BindAnswer:
+        return bindpolicy.BindAnswer(
+            bindpolicy.REFUSE, code=msg.REASON_LIMIT, counter="limit_tunnels_per_key",
+            text=f"too many tunnels for this key (limit {self.config.max_tunnels_per_key})")
 
     def _ownership(self, name: str, key: str | None, address: str):
         try:
