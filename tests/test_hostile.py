@@ -377,9 +377,9 @@ class _PublicKeyOnly:
 
 def test_claimed_key_without_proof_neither_locks_out_nor_evicts(world):
     """Auth's key is a claim; only a signed bind proves it. Eight tunnels claiming the
-    victim's key (the per-key limit, counted at Auth) must not lock the victim out: at the
-    limit the oldest unproven claim makes room, never a proven tunnel; and a claim with the
-    victim's client id must not kick its live tunnel."""
+    victim's key (the per-key limit, which counts proven tunnels) must not lock the victim out
+    nor close its tunnel; and a claim with the victim's client id must not kick its live
+    tunnel."""
     proxy = world["proxy"]
     victim = Identity.load_or_create(str(world["dir"] / "client"))
     squatters = []

@@ -211,10 +211,6 @@ class Registry:
         return [t for t in self.tunnels.values()
                 if t.key == key and key is not None and t.proven]
 
-    def tunnels_claiming(self, key: str | None) -> list[Tunnel]:
-        """Every live tunnel whose Auth named ``key``, proven or not, oldest first."""
-        return [t for t in self.tunnels.values() if t.key == key and key is not None]
-
     def remove_tunnel(self, tunnel: Tunnel) -> None:
         self.version += 1
         self.tunnels.pop(tunnel.id, None)
