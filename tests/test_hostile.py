@@ -547,6 +547,26 @@ def test_goaway_flood_ends_the_session_at_the_second_and_logs_little(world):
     print(f"GOAWAY flood: {sent} x 10,000 sent, {logged} lines logged for 21 sessions")
 
 
+def test_failed_tls_handshakes_log_little(world):
+    """Anyone can fail a TLS handshake on the tunnel port at will: the lines saying so stay
+    within PeerLog's 10 a minute for the address (each was logged)."""
+    proxy = world["proxy"]
+    log_before = proxy.log().count("TLS handshake failed")
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", proxy.ports["tunnel"]), timeout=20)
+        try:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello
+            while s.recv(4096):  # until the proxy closes, after its log line
+                pass
+        except OSError:
+            pass
+        finally:
+            s.close()
+    logged = proxy.log().count("TLS handshake failed") - log_before
+    assert logged <= 10, logged
+    assert good_get(proxy)[0] == 200
+
+
 def _heartbeat_bait(sid: int) -> bytes:
     """A peer heartbeat stream with a huge window for our echo, then 16 KiB pings."""
     return (fr.encode(fr.Syn(sid, mp.HEARTBEAT_PRIORITY, mp.HEARTBEAT_TYPE))

@@ -78,7 +78,8 @@ class TunnelService:
             with gevent.Timeout(timeout, TimeoutError):
                 tls = TLSTransport.server(sock, self.tls_context, timeout)
         except (OSError, ValueError) as e:
-            log.info("tunnel from %s: TLS handshake failed: %s", peer, e)
+            self.peer_log.log(peer_host(peer), logging.INFO,
+                              "tunnel from %s: TLS handshake failed: %s", peer, e)
             self.registry.count_refusal("tunnel_handshake")
             sock.close()
             return
@@ -177,7 +178,8 @@ class TunnelService:
                 stream.settimeout(c.control_timeout)
                 auth = msg.read_message(stream)
         except (MuxError, EOFError, msg.MessageError, TimeoutError) as e:
-            log.info("tunnel from %s: no valid Auth: %s", peer, e)
+            self.peer_log.log(peer_host(peer), logging.INFO,
+                              "tunnel from %s: no valid Auth: %s", peer, e)
             self.registry.count_refusal("tunnel_auth")
             return None, None
         with stream:
@@ -256,7 +258,8 @@ class TunnelService:
         return tunnel, nonce
 
     def _auth_refuse(self, stream, error: str, peer: str) -> None:
-        log.warning("tunnel from %s refused: %s", peer, error)
+        self.peer_log.log(peer_host(peer), logging.WARNING, "tunnel from %s refused: %s", peer,
+                          error)
         self.registry.count_refusal("tunnel_auth")
         try:
             msg.write_message(stream, msg.AuthResp(version=msg.PROTOCOL_VERSION, error=error))
@@ -273,8 +276,9 @@ class TunnelService:
             try:
                 bind = msg.read_message(stream)
             except msg.MessageError as e:
-                log.warning("tunnel %d from %s: malformed control message: %s", tunnel.id,
-                            tunnel.peer, e)
+                self.peer_log.log(peer_host(tunnel.peer), logging.WARNING,
+                                  "tunnel %d from %s: malformed control message: %s",
+                                  tunnel.id, tunnel.peer, e)
                 self.registry.count_refusal("bad_bind")
                 return False
             except (MuxError, EOFError) as e:
@@ -284,8 +288,9 @@ class TunnelService:
                 self.registry.count_refusal("bad_bind")
                 return True
             if not isinstance(bind, msg.Bind):
-                log.warning("tunnel %d from %s: %s where a Bind belongs", tunnel.id,
-                            tunnel.peer, type(bind).__name__)
+                self.peer_log.log(peer_host(tunnel.peer), logging.WARNING,
+                                  "tunnel %d from %s: %s where a Bind belongs", tunnel.id,
+                                  tunnel.peer, type(bind).__name__)
                 self.registry.count_refusal("bad_bind")
                 return False
             if bucket is not None and not bucket.take():
