@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 
 import gevent.event
 import h11
@@ -40,6 +39,7 @@ import h11
 from lib.protocol import http1
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
+from lib.tokenbucket import TokenBucket
 
 log = logging.getLogger("shroud.exchange")
 
@@ -49,22 +49,8 @@ log = logging.getLogger("shroud.exchange")
 MAX_EARLY_BYTES = 65536
 
 
-class _LogLimit:
-    """At most ``burst`` lines, then one per ``interval`` seconds: a peer can trigger these."""
-
-    def __init__(self, burst: int = 10, interval: float = 10.0):
-        self.burst, self.interval = burst, interval
-        self.sent, self.window = 0, time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self.window >= self.interval:
-            self.sent, self.window = 0, now
-        self.sent += 1
-        return self.sent <= self.burst
-
-
-_dropped_log = _LogLimit()
+# Lines a peer can trigger here: ten at once, then one a second (lib/tokenbucket.py).
+_dropped_log = TokenBucket(10, 1.0)
 
 
 class ReplaySocket:
@@ -148,7 +134,7 @@ class OneRequestSocket(ReplaySocket):
         if not self._reused:
             self._reused = True
             self.dropped_requests += 1
-            if _dropped_log.allow():
+            if _dropped_log.take():
                 log.info("a second request on a routed connection was dropped")
         return b""
 
@@ -223,7 +209,7 @@ class OneExchangeSocket(OneRequestSocket):
                 except OSError:
                     pass
         if framer.dropped and not self.dropped_response_bytes:
-            if _dropped_log.allow():
+            if _dropped_log.take():
                 log.info("an origin sent bytes after its response on a routed connection; "
                          "dropped")
         self.dropped_response_bytes = framer.dropped
