@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import socket
 import time
@@ -184,6 +185,19 @@ def test_wsgi_app_forms_and_errors():
     assert c.get("/proxies?q=bad..name").status_code == 400
     assert c.get("/other?q=a.b").status_code == 404
     assert c.post("/proxies?q=a.b").status_code == 405
+
+
+def test_answers_logged_within_a_bound_per_address(caplog):
+    """Anyone may ask discovery: its line per answer stays within PeerLog's 10 a minute for
+    one address, logged as shroud.discovery."""
+    d = Discovery(fleet=[FleetEntry("p1:4443", FP1)])
+    c = WsgiClient(create_discovery_app(d))
+    with caplog.at_level(logging.INFO, logger="shroud.discovery"):
+        for _ in range(30):
+            assert c.get("/proxies?q=example.com").status_code == 200
+    lines = [r for r in caplog.records if r.getMessage().startswith("discovery example.com")]
+    assert 1 <= len(lines) <= 10, len(lines)
+    assert {r.name for r in lines} == {"shroud.discovery"}
 
 
 # --- HTTPS end to end in this process ------------------------------------------------------------

@@ -11,7 +11,7 @@ Public API::
     session.close()                         # GOAWAY, transport closed, every stream failed
     end = session.wait(timeout=None)        # blocks until the session ends -> SessionEnd
     session.closed, session.stats, session.heartbeat_rtt, session.refused_streams, session.answers
-    PeerLog(lines=10, per=60.0)             # rate-limits the log lines a peer can trigger
+    PeerLog(lines=10, per=60.0, logger=None)  # rate-limits the log lines a peer can trigger
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
@@ -85,8 +85,9 @@ class PeerLog:
     bounded (``max_keys``; the oldest is forgotten first)."""
 
     def __init__(self, lines: int = 10, per: float = 60.0, max_keys: int = 4096,
-                 clock=time.monotonic):
+                 clock=time.monotonic, logger: logging.Logger | None = None):
         self.lines, self.per, self.max_keys, self.clock = lines, per, max_keys, clock
+        self.logger = logger or log  # the caller's logger ("shroud.mux" by default)
         self._keys: dict[str, list] = {}  # key -> [window start, lines in it, dropped]
         self.dropped = 0
 
@@ -99,14 +100,14 @@ class PeerLog:
                 del self._keys[next(iter(self._keys))]
             entry = self._keys[key] = [now, 0, 0]
             if dropped:
-                log.log(level, "(%d lines about %s dropped in the last %.0f s)", dropped, key,
-                        self.per)
+                self.logger.log(level, "(%d lines about %s dropped in the last %.0f s)",
+                                dropped, key, self.per)
         if entry[1] >= self.lines:
             entry[2] += 1
             self.dropped += 1
             return
         entry[1] += 1
-        log.log(level, fmt, *args)
+        self.logger.log(level, fmt, *args)
 
 
 @dataclass(frozen=True)

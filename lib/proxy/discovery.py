@@ -42,6 +42,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 from lib.net import dnsclient
+from lib.net.muxsession import PeerLog
 from lib.certs import normalize_pin
 from lib.errors import ListenError
 from lib.hostport import parse_hostport
@@ -204,6 +205,9 @@ def _wants_json(environ, params) -> bool:
 def create_discovery_app(discovery: Discovery):
     """The WSGI app: ``GET /proxies?q=<domain>`` (HEAD too); every other path is 404."""
 
+    # Anyone may ask: the line per answer is rate-limited per asking address.
+    answers_log = PeerLog(logger=log)
+
     def app(environ, start_response):
         params = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=8)
         want_json = _wants_json(environ, params)
@@ -221,8 +225,9 @@ def create_discovery_app(discovery: Discovery):
                 answer = Answer(400, [], f"q must be a domain name, got {q[:80]!r}")
             else:
                 answer = discovery.answer(domain)
-                log.info("discovery %s: %d %s", domain, answer.status,
-                         answer.reason or f"{len(answer.entries)} proxies")
+                answers_log.log(environ.get("REMOTE_ADDR") or "?", logging.INFO,
+                                "discovery %s: %d %s", domain, answer.status,
+                                answer.reason or f"{len(answer.entries)} proxies")
         status, ctype, body = render(answer, want_json)
         headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
                    ("Cache-Control", "no-store")]
