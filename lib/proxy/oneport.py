@@ -95,8 +95,10 @@ class OnePortRouter:
         request_head = end[0] if end else data
         method, path, headers = http1.request_fields(request_head)
         peer = address
-        if self.trust_forwarded_for:
-            fwd = forwarded_for(request_head)
+        forwarded = headers.get("x-forwarded-for")
+        if self.trust_forwarded_for and forwarded:
+            # As forwarded_for(head), from the fields already parsed (one parse per request).
+            fwd = httphead.forwarded_client(forwarded[-1])
             if fwd is not None:
                 peer = (fwd, 0)
         is_tunnel_path = path == TUNNEL_PATH
