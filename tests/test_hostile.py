@@ -415,6 +415,37 @@ def test_claimed_key_without_proof_neither_locks_out_nor_evicts(world):
             a.close()
 
 
+def test_idle_connections_from_one_address_do_not_hold_every_tunnel_slot(world):
+    """2,050 TCP connections from one address that never say a word (no key, no TLS) held
+    all 2,000 tunnel slots for the handshake deadline: a new client's TLS handshake timed
+    out, and ~133 connects a second kept it so. Past 64 not yet bound per address, they are
+    closed at once."""
+    proxy = world["proxy"]
+    before = refusals(proxy)
+    idle = []
+    try:
+        for _ in range(2050):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.settimeout(5)
+            try:
+                s.connect(("127.0.0.1", proxy.ports["tunnel"]))
+            except OSError:
+                s.close()
+                continue
+            idle.append(s)
+        honest = Attacker(proxy, Identity.load_or_create(str(world["dir"] / "newcomer")))
+        try:
+            honest.auth()
+            assert not honest.bind("newcomer.test").error
+        finally:
+            honest.close()
+        assert delta(before, refusals(proxy), "limit_pending_tunnels") >= 2000 - 64
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_claims_sent_between_auth_and_first_bind_do_not_evict_the_key_holder(world):
     """Whoever learned a client's public key (any proxy it uses) used to close the client's
     fresh tunnel, every time, with the per-key limit's worth of claims sent between its Auth

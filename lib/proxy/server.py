@@ -121,6 +121,11 @@ class ProxyConfig:
     # sockets each (~40 KiB): 20,000 is ~1 GiB, the most a small VM should hold.
     max_public_connections: int = 20000
     max_tunnels: int = 2000
+    # Tunnel connections from one address (an IPv6 /64) that have not bound a name yet (TLS,
+    # Auth, first bind: seconds for a real client). Without it 2,000 idle TCP connections
+    # from one address, renewed every handshake_timeout, held every tunnel slot. A busy Tor
+    # exit's clients connect a few at a time; 64 leaves room for many.
+    max_pending_tunnels_per_address: int = 64
     max_tunnels_per_key: int = 8  # 3 proxies' worth of clients, a few replicas each
     max_binds_per_tunnel: int = 256
     # Public connections carried by one tunnel at once. A closing stream holds its slot until

@@ -57,6 +57,8 @@ class TunnelService:
         self.own_proxy_ids = own_proxy_ids
         self.open_tcp_port = open_tcp_port
         self.peer_log = PeerLog()  # log lines a tunnel's peer triggers, per address
+        # Tunnel connections not yet bound, per client network (handle_connection)
+        self.pending: dict[str, int] = {}
         self.rules = bindpolicy.BindRules(max_binds_per_tunnel=config.max_binds_per_tunnel,
                                           tcp_ports=frozenset(config.tcp_ports),
                                           public_host=config.public_host,
@@ -68,25 +70,41 @@ class TunnelService:
     # --- one tunnel's life ----------------------------------------------------------------
 
     def handle_connection(self, sock, address) -> None:
-        """The tunnel listener's handler: TLS handshake (one deadline), then :meth:`serve`."""
+        """The tunnel listener's handler: TLS handshake (one deadline), then :meth:`serve`.
+
+        Until it has bound a name, a connection counts against its address's
+        --max-pending-tunnels-per-address (an IPv6 peer: its /64); past that it is closed at
+        once (counter ``limit_pending_tunnels``)."""
         peer = format_hostport(*address[:2])  # "[v6]:port": peer_host reads it back
-        set_nodelay(sock)
-        timeout = self.config.handshake_timeout
-        try:
-            # One deadline for the whole handshake: a peer trickling a byte at a time must not
-            # hold a tunnel slot for hours.
-            with gevent.Timeout(timeout, TimeoutError):
-                tls = TLSTransport.server(sock, self.tls_context, timeout)
-        except (OSError, ValueError) as e:
-            self.peer_log.log(peer_host(peer), logging.INFO,
-                              "tunnel from %s: TLS handshake failed: %s", peer, e)
-            self.registry.count_refusal("tunnel_handshake")
+        network = client_network(str(address[0]))
+        if self.pending.get(network, 0) >= self.config.max_pending_tunnels_per_address:
+            self.registry.count_refusal("limit_pending_tunnels")
+            self.peer_log.log(network, logging.INFO, "tunnel from %s refused: %d connections "
+                              "from its address have not bound yet", peer,
+                              self.pending[network])
             sock.close()
             return
-        self.serve(tls, peer, transport_name="tls")
+        slot = _PendingSlot(self.pending, network)
+        try:
+            set_nodelay(sock)
+            timeout = self.config.handshake_timeout
+            try:
+                # One deadline for the whole handshake: a peer trickling a byte at a time must
+                # not hold a tunnel slot for hours.
+                with gevent.Timeout(timeout, TimeoutError):
+                    tls = TLSTransport.server(sock, self.tls_context, timeout)
+            except (OSError, ValueError) as e:
+                self.peer_log.log(peer_host(peer), logging.INFO,
+                                  "tunnel from %s: TLS handshake failed: %s", peer, e)
+                self.registry.count_refusal("tunnel_handshake")
+                sock.close()
+                return
+            self.serve(tls, peer, transport_name="tls", pending=slot)
+        finally:
+            slot.release()
 
     def serve(self, transport, peer: str, transport_name: str = "tls",
-              proxy_ids: frozenset[str] | None = None) -> None:
+              proxy_ids: frozenset[str] | None = None, pending=None) -> None:
         """Run one tunnel (any socket-like transport: TLS socket, WebSocket) until it ends.
 
         ``proxy_ids``: what a signed bind on it may name as its proxy (lib.protocol.messages
@@ -103,6 +121,7 @@ class TunnelService:
                 return
             session.trust()
             tunnel.proxy_ids = proxy_ids if proxy_ids is not None else self.own_proxy_ids
+            tunnel.pending_slot = pending  # released by its first bind (bind())
             # Auth's key is a claim until a signed bind proves it (docs/OPERATIONS.md).
             log.info("tunnel %d up from %s claiming key=%s (unproven)", tunnel.id, peer,
                      (tunnel.key or "unsigned")[:16])
@@ -340,6 +359,9 @@ class TunnelService:
             return self._bind_refused(tunnel, bind, answer)
         self.registry.bind(tunnel, bind.protocol, answer.name, tunnel.key, answer.method,
                            answer.url)
+        slot = getattr(tunnel, "pending_slot", None)
+        if slot is not None:
+            slot.release()  # bound: no longer pending (handle_connection)
         tunnel.ever_bound = True
         if tunnel.key is not None and not tunnel.proven:
             tunnel.proven = True  # the signature over our nonce proved the key
@@ -367,6 +389,24 @@ class TunnelService:
         self.registry.count_refusal(answer.counter)
         return msg.BindResp(url="", protocol=bind.protocol, error=answer.text,
                             extra=msg.refusal_extra(answer.code))
+
+
+class _PendingSlot:
+    """One tunnel connection counted in ``table[network]`` until it binds or ends."""
+
+    def __init__(self, table: dict, network: str):
+        self.table, self.network, self.held = table, network, True
+        table[network] = table.get(network, 0) + 1
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        left = self.table.get(self.network, 0) - 1
+        if left > 0:
+            self.table[self.network] = left
+        else:
+            self.table.pop(self.network, None)
 
 
 def peer_host(peer: str) -> str:
