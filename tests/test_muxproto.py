@@ -905,3 +905,29 @@ def test_both_fins_forget_the_stream():
     assert p.client.open_streams == 1
     p.client.send_data(a, b"last", fin=True)
     assert p.client.open_streams == 0 and p.client.send_window(a) == 0
+
+
+def test_frames_are_counted_and_capped_exactly_before_trust():
+    s = mp.MuxConnection(False, cfg(untrusted_frames=3), trusted=False)
+    assert s.frames_received == 0
+    assert s.receive_data(syn(3, 5)) == [mp.StreamOpened(3), mp.StreamOpened(5)]
+    assert s.receive_data(syn(7)) == [mp.StreamOpened(7)] and s.frames_received == 3
+    ev = s.receive_data(syn(9))  # the fourth before trust(): hostile
+    assert ev[-1].hostile and ev[-1].reason == "more than 3 frames before Auth"
+    t = mp.MuxConnection(False, cfg(untrusted_frames=3), trusted=True)
+    t.receive_data(syn(3, 5, 7, 9, 11))
+    assert t.terminated is None and t.frames_received == 5
+
+
+def test_syn_with_fin_opens_a_stream_the_peer_will_not_write_on():
+    s = conn(False)
+    assert s.receive_data(fr.encode(fr.Syn(3, fin=True))) == [mp.StreamOpened(3),
+                                                             mp.StreamEnded(3)]
+    s.data_to_send()
+    assert s.receive_data(data(3, b"x")) == [mp.StreamReset(3, ErrorCode.STREAM_CLOSED,
+                                                            remote=False)]
+
+
+def test_fresh_connection_has_nothing_unsent():
+    c = conn(True)
+    assert c.unsent_size == 0 and c.unsent_answers == 0
