@@ -128,9 +128,9 @@ def config_from_args(args):
     from lib.proxy.store import ClaimLimits
 
     interval, timeout = _number(args, "--heartbeat-interval"), _number(args, "--heartbeat-timeout")
-    if not 0 < interval < timeout:
-        raise SystemExit("shroud_proxy: --heartbeat-interval must be above 0 and below "
-                         "--heartbeat-timeout")
+    if not 0 < interval < timeout:  # ValueError: start_proxy's one line (gunicorn halts)
+        raise ValueError(f"--heartbeat-interval ({interval:g}) must be above 0 and below "
+                         f"--heartbeat-timeout ({timeout:g})")
     mux = proxy_mux_config(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
     if bool(args.cert) != bool(args.key):  # one alone was ignored: a certificate generated
         raise ValueError("--cert and --key go together (the tunnel certificate and its "

@@ -35,8 +35,34 @@ def test_environment_supplies_options_and_flags_win(monkeypatch):
 def test_bad_heartbeat_refused(monkeypatch):
     sp = load(monkeypatch)
     args = sp.build_parser().parse_args(["--heartbeat-interval", "5", "--heartbeat-timeout", "3"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--heartbeat-interval .* must be above 0 and below "
+                                         "--heartbeat-timeout"):
         sp.config_from_args(args)
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_option_halts_gunicorn_in_one_line(tmp_path):
+    """A mistake in the options is a boot error under gunicorn: one line, and gunicorn stops
+    (a SystemExit from the option check made the worker exit 1, which gunicorn restarted in a
+    loop, silently)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support.procs import ROOT, free_port
+
+    env = dict(os.environ, WEB_CONCURRENCY="1", SHROUD_ADMIN_ADDR=f"127.0.0.1:{free_port()}",
+               SHROUD_ARGS=f"--data-dir {tmp_path / 'data'} --tunnel-addr 127.0.0.1:"
+                           f"{free_port()} --heartbeat-interval 5 --heartbeat-timeout 3")
+    env.pop("PORT", None)
+    argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn"), "-c", "gunicorn.conf.py",
+            "shroud_proxy:app"]
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode != 0, done.stderr
+    assert ("shroud_proxy: cannot start: --heartbeat-interval (5) must be above 0 and below "
+            "--heartbeat-timeout (3)") in done.stderr, done.stderr
+    assert done.stderr.count("Booting worker") == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("flag, value, want", [
