@@ -37,27 +37,13 @@ import gevent.socket
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.procstat import cpu_seconds, rss_kib  # noqa: E402
 from lib.identity import Identity  # noqa: E402
 from lib.protocol import muxframe as fr  # noqa: E402
 from tests.support.procs import ClientProc, OriginProc, ProxyProc  # noqa: E402
 from tests.support.rawmux import RawPeer  # noqa: E402
 
 GOOD = "good.test"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class Sampler:

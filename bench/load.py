@@ -50,6 +50,7 @@ import gevent.pool  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.procstat import rss_kib, fd_count  # noqa: E402
 from tests.support.procs import ClientProc, OriginProc, Proc, ProxyProc, free_port, \
     wait_port  # noqa: E402
 
@@ -99,19 +100,7 @@ class NginxOrigin(Proc):
         wait_port(self.port)
 
 
-# --- /proc sampling -------------------------------------------------------------------------
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
+# --- /proc sampling (rss_kib, fd_count: bench/procstat.py) ------------------------------------
 def smaps_breakdown(pid: int) -> dict:
     """Resident KiB of a process by kind of mapping, from /proc/PID/smaps: ``heap`` (glibc's
     main arena, brk), ``anon`` (anonymous mmaps: CPython's 1 MiB object arenas, glibc's large

@@ -22,17 +22,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.procstat import cpu_seconds  # noqa: E402
 from lib.net.sockets import set_nodelay  # noqa: E402
 from tests.support.procs import ProxyProc  # noqa: E402
 
 MAX_TLS_PEEK = 20480
 MAX_HTTP_HEAD = 16384
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def hostile_hello_records() -> list[bytes]:
