@@ -30,12 +30,15 @@ rm -rf "$work" && mkdir -p "$work"
 git ls-files -z lib tests pytest.ini | xargs -0 cp --parents -t "$work"
 test_args=""
 for t in $tests; do test_args="$test_args\"$t\", "; done
+# (quotes inside ${var:+...} do not survive a heredoc: build the -k pair here)
+deselect_args=""
+[ -n "$deselect" ] && deselect_args=", \"-k\", \"not ($deselect)\""
 cat > "$work/pyproject.toml" <<TOML
 [tool.mutmut]
 source_paths = ["lib"]
 only_mutate = ["$source_file"]
 pytest_add_cli_args_test_selection = [${test_args%, }]
-pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"${deselect:+, "-k", "not ($deselect)"}]
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"$deselect_args]
 TOML
 cd "$work"
 nice -n 10 ../../../.venv/bin/mutmut run --max-children 1 "$@" > run.log 2>&1 || {
