@@ -256,3 +256,32 @@ def test_bytes_before_the_upgrade_answer_are_bounded():
     sock, front = exchange(UPGRADE + b"\x81" * (MAX_EARLY_BYTES + 1))
     with pytest.raises(ConnectionAbortedError, match="before the upgrade's answer"):
         sock.recv(4 * MAX_EARLY_BYTES)
+
+
+def test_misdirected_tunnel_upgrades_log_little(caplog):
+    """Anyone can ask $PORT for a tunnel under a name that is not the proxy's: each is refused
+    (421) and counted, and the line saying so stays within PeerLog's 10 a minute per address."""
+    import logging
+    import socket
+    from types import SimpleNamespace
+
+    from lib.proxy.oneport import OnePortRouter
+    from lib.proxy.registry import Registry
+
+    registry = Registry()
+    proxy = SimpleNamespace(registry=registry, servers={}, config=SimpleNamespace(peek_timeout=5),
+                            router=SimpleNamespace(bound_anywhere=lambda protocols, name: False))
+    router = OnePortRouter(proxy, admin_hosts=["proxy.test"], trust_forwarded_for=False)
+    request = (b"GET /_shroud/tunnel HTTP/1.1\r\nHost: other.test\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")
+    with caplog.at_level(logging.WARNING, logger="shroud.oneport"):
+        for _ in range(30):
+            ours, theirs = socket.socketpair()
+            theirs.sendall(request)
+            assert router.dispatch(ours, ("203.0.113.9", 1234)) is None
+            assert theirs.recv(4096).startswith(b"HTTP/1.0 421")
+            theirs.close()
+    lines = [r for r in caplog.records if "tunnel upgrade for other.test refused" in r.message]
+    assert 1 <= len(lines) <= 10, len(lines)
+    assert registry.refusals["tunnel_handshake"] == 30

@@ -49,6 +49,7 @@ from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
 from lib.net.httpexchange import OneRequestSocket, ReplaySocket
+from lib.net.muxsession import PeerLog
 from lib.net.sockets import send_quietly
 from lib.proxy.routing import PeekTimeout, peek_name
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
@@ -81,6 +82,7 @@ class OnePortRouter:
         self.admin_hosts = {sniff.normalize_hostname(h) for h in admin_hosts if h}
         self.proxy_ids = frozenset(msg.proxy_id_for_host(h) for h in self.admin_hosts)
         self.trust_forwarded_for = trust_forwarded_for
+        self.peer_log = PeerLog(logger=log)  # lines a visitor triggers, per address
 
     def dispatch(self, sock, address):
         """Decide what a new connection on ``$PORT`` is.
@@ -110,7 +112,7 @@ class OnePortRouter:
             # One request here too: gunicorn would keep the router's connection alive and
             # serve the next request on it, for whatever host, with the dashboard.
             return OneRequestSocket(sock, data)
-        if self._misdirected(sock, name, is_tunnel_path and is_upgrade):
+        if self._misdirected(sock, name, is_tunnel_path and is_upgrade, peer):
             return None
         # A bound name (or an unknown one: 404), as on the http listener, which carries one
         # exchange, raw both ways only after the origin's 101 (lib.net.httpexchange).
@@ -143,7 +145,7 @@ class OnePortRouter:
             return None, b""
         return name, bytes(head)
 
-    def _misdirected(self, sock, name: str, tunnel_upgrade: bool) -> bool:
+    def _misdirected(self, sock, name: str, tunnel_upgrade: bool, peer) -> bool:
         """Refuse (421) what this port cannot serve for ``name``; True when refused."""
         registry = self.proxy.registry
         router = self.proxy.router
@@ -153,8 +155,9 @@ class OnePortRouter:
             # Not a tunnel: a client signs its binds for the name it asked for, and this proxy
             # accepts only its own names (a relay could put any Host here).
             registry.count_refusal("tunnel_handshake")
-            log.warning("tunnel upgrade for %s refused: not one of this proxy's names (%s)",
-                        name, ", ".join(sorted(self.admin_hosts)))
+            self.peer_log.log(str(peer[0]), logging.WARNING,
+                              "tunnel upgrade for %s refused: not one of this proxy's names (%s)",
+                              name, ", ".join(sorted(self.admin_hosts)))
             send_quietly(sock, sniff.http_error_response(
                 421, "Misdirected Request", f"{name} is not one of this proxy's names; its "
                 f"operator can add it to SHROUD_ADMIN_HOSTS.\n"))
