@@ -29,7 +29,8 @@ from lib.errors import ErrorCode, MuxError
 from lib.identity import Identity
 from lib.protocol import muxframe as fr
 from lib.protocol import muxstate as mp
-from tests.support.procs import ClientProc, OriginProc, ProxyProc
+from tests.support.loaddrs import loopback_addresses
+from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.rawtunnel import RawTunnel
 from tests.support.wait import wait_for
 from tests.support.rawmux import RawPeer
@@ -596,6 +597,33 @@ def test_failed_tls_handshakes_log_little(world):
     logged = proxy.log().count("TLS handshake failed") - log_before
     assert logged <= 10, logged
     assert good_get(proxy)[0] == 200
+
+
+def test_failed_tls_handshakes_from_one_64_log_little(tmp_path):
+    """The same from 25 addresses of one IPv6 /64 (one host's): each address had its own 10
+    lines a minute, so every handshake was logged."""
+    addrs = [f"2001:db8:66:1::{i:x}" for i in range(1, 26)]
+    with loopback_addresses(addrs):
+        port = free_port()
+        proxy = ProxyProc(str(tmp_path), str(tmp_path / "data"), ports={"tunnel": port},
+                          extra=["--tunnel-addr", f"[::]:{port}"])
+        try:
+            for addr in addrs:
+                s = socket.create_connection(("::1", port), timeout=20,
+                                             source_address=(addr, 0))
+                try:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello
+                    while s.recv(4096):  # until the proxy closes, after its log line
+                        pass
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            logged = [line for line in proxy.log().splitlines()
+                      if "TLS handshake failed" in line and "[2001:db8:66:1::" in line]
+            assert len(logged) <= 10, len(logged)
+        finally:
+            proxy.stop()
 
 
 def _heartbeat_bait(sid: int) -> bytes:

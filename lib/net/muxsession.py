@@ -56,6 +56,7 @@ from gevent.event import Event
 
 from lib.errors import (ErrorCode, MuxError, ProtocolError, SessionClosed, StreamClosed,
                         StreamReset, StreamTimeout, code_name)
+from lib.hostport import client_network
 from lib.protocol import muxstate as mp
 from lib.protocol.muxstate import MuxConfig
 from lib.net.sockets import set_nodelay
@@ -82,7 +83,9 @@ YIELD_FRAMES = 64
 class PeerLog:
     """Rate-limits log lines that a peer can trigger: ``lines`` per ``per`` seconds for each
     key (a peer address), then one line saying how many were dropped. The table of keys is
-    bounded (``max_keys``; the oldest is forgotten first)."""
+    bounded (``max_keys``; the oldest is forgotten first). An address key counts as its
+    client network (lib.hostport.client_network: an IPv6 /64): one host holds a whole /64,
+    and keyed by the full address it logged a line per connection from a fresh address."""
 
     def __init__(self, lines: int = 10, per: float = 60.0, max_keys: int = 4096,
                  clock=time.monotonic, logger: logging.Logger | None = None):
@@ -92,6 +95,7 @@ class PeerLog:
         self.dropped = 0
 
     def log(self, key: str, level: int, fmt: str, *args) -> None:
+        key = client_network(key)
         now = self.clock()
         entry = self._keys.get(key)
         if entry is None or now - entry[0] >= self.per:
