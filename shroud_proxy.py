@@ -132,6 +132,12 @@ def config_from_args(args):
         raise ValueError(f"--heartbeat-interval ({interval:g}) must be above 0 and below "
                          f"--heartbeat-timeout ({timeout:g})")
     mux = proxy_mux_config(heartbeat_interval=interval, heartbeat_tolerance=timeout - interval)
+    # (critical too: SHROUD_LOG_LEVEL is also gunicorn's loglevel, gunicorn.conf.py)
+    if args.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError(f"--log-level {args.log_level!r} is not one of debug, info, warning, "
+                         f"error")
+    if args.log_format not in ("text", "json"):
+        raise ValueError(f"--log-format {args.log_format!r} is not one of text, json")
     if bool(args.cert) != bool(args.key):  # one alone was ignored: a certificate generated
         raise ValueError("--cert and --key go together (the tunnel certificate and its "
                          "private key); give both, or neither to use the data dir's")

@@ -101,6 +101,20 @@ def test_cert_and_key_go_together(monkeypatch, given):
         sp.config_from_args(args)
 
 
+@pytest.mark.parametrize("given, want", [
+    (["--log-level", "loud"], "--log-level 'loud' is not one of debug, info, warning, error"),
+    (["--log-format", "xml"], "--log-format 'xml' is not one of text, json"),
+])
+def test_log_options_are_checked(monkeypatch, given, want):
+    """A log level or format the proxy does not know was taken silently (info, text)."""
+    sp = load(monkeypatch)
+    args = sp.build_parser().parse_args(given)
+    with pytest.raises(ValueError) as e:
+        sp.config_from_args(args)
+    assert want in str(e.value)
+    sp.config_from_args(sp.build_parser().parse_args(["--log-level", "DEBUG"]))  # any case
+
+
 # Each listener flag of the proxy: a port in use on it is one line naming that flag.
 LISTENER_FLAGS = ["--tunnel-addr", "--https-addr", "--http-addr", "--discovery-addr"]
 
