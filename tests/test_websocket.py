@@ -397,3 +397,33 @@ def test_a_ping_flood_is_answered_up_to_the_bucket_then_closed_1008():
     finally:
         c.close()
         s.close()
+
+
+class _Trickle:
+    """A socket whose recv returns one byte at a time."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def recv(self, n: int) -> bytes:
+        out, self.data = self.data[:1], self.data[1:]
+        return out
+
+
+@pytest.mark.parametrize("size", [ws.MAX_HEAD - 64, ws.MAX_HEAD + 64])
+def test_read_head_splits_once_when_sent_byte_by_byte(monkeypatch, size):
+    """A hostile proxy answering the client's upgrade a byte a time: the head was split
+    (searched and copied whole) on every read, ~n^2 work (1.6 s of CPU for 16 KiB)."""
+    from lib.net import wstransport
+    calls = []
+    split = ws.split_head
+    monkeypatch.setattr(ws, "split_head", lambda buf: calls.append(len(buf)) or split(buf))
+    head = b"HTTP/1.1 101 Switching Protocols\r\nX: " + b"a" * size + b"\r\n\r\n"
+    try:
+        got, rest = wstransport.read_head(_Trickle(head + b"more"), timeout=30)
+    except ws.HandshakeError:
+        assert size > ws.MAX_HEAD  # over the bound: refused, as before
+    else:
+        assert got == head and rest == b""
+    assert len(calls) <= 2, len(calls)
+

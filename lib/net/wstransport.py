@@ -25,6 +25,7 @@ import time
 import gevent
 import gevent.lock
 
+from lib.protocol import httphead
 from lib.protocol import websocket as ws
 from lib.errors import ShroudError
 
@@ -191,14 +192,21 @@ def read_head(sock, timeout: float) -> tuple[bytes, bytes]:
 
     :raises HandshakeError: oversized head; :raises OSError: EOF or timeout.
     """
-    buf = b""
+    buf = bytearray()
+    searched = 0  # the head's end is not before this (each byte is searched about once)
     with gevent.Timeout(timeout, TimeoutError(f"no complete HTTP head within {timeout:g} s")):
         while True:
             data = sock.recv(4096)
             if not data:
                 raise ConnectionResetError("connection closed during the WebSocket handshake")
             buf += data
-            split = ws.split_head(buf)
+            # Split only once the end is here or the bound is passed: splitting the whole
+            # buffer on every read took 1.6 s of CPU for a 16 KiB head sent a byte a time.
+            if (httphead.END_OF_HEAD_RE.search(buf, searched) is None
+                    and len(buf) < ws.MAX_HEAD):
+                searched = max(0, len(buf) - 3)
+                continue
+            split = ws.split_head(bytes(buf))
             if split is not None:
                 return split
 
