@@ -130,8 +130,8 @@ class OnePortRouter:
                 return None, b""
         except PeekTimeout:
             proxy.registry.count_refusal("peek_timeout")
-            send_quietly(sock, sniff.http_error_response(408, "Request Timeout",
-                                                          "No request arrived in time.\n"))
+            send_quietly(sock, httphead.http_error_response(408, "Request Timeout",
+                                                             "No request arrived in time.\n"))
             sock.close()
             return None, b""
         except sniff.SniffError as e:
@@ -158,7 +158,7 @@ class OnePortRouter:
             self.peer_log.log(str(peer[0]), logging.WARNING,
                               "tunnel upgrade for %s refused: not one of this proxy's names (%s)",
                               name, ", ".join(sorted(self.admin_hosts)))
-            send_quietly(sock, sniff.http_error_response(
+            send_quietly(sock, httphead.http_error_response(
                 421, "Misdirected Request", f"{name} is not one of this proxy's names; its "
                 f"operator can add it to SHROUD_ADMIN_HOSTS.\n"))
             sock.close()
@@ -167,7 +167,7 @@ class OnePortRouter:
             # Bound for TLS passthrough only, which the platform's TLS-terminating router makes
             # impossible here (the http listener would redirect to https: a loop).
             registry.count_refusal("tls_only_name")
-            send_quietly(sock, sniff.http_error_response(
+            send_quietly(sock, httphead.http_error_response(
                 421, "Misdirected Request", f"{name} is bound for TLS passthrough, which this "
                 f"proxy cannot do behind its platform's router; the client should bind "
                 f"http:{name}.\n"))
