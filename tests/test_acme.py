@@ -142,7 +142,10 @@ def test_nonce_rejection_still_ends_in_a_certificate(tmp_path, pebble_factory):
     client = start_client(tmp_path, proxy, ca, origin, extra=["--log-level", "debug"])
     try:
         client.wait_log(f"{NAME}: certificate issued", timeout=ISSUE_TIMEOUT)
-        assert "badNonce, retrying" in client.log()  # pebble did reject some
+        # pebble did reject some: the acme library retries a badNonce once by itself and logs
+        # the answer at debug, our own retry only follows a second one in a row (about one
+        # request in four), so either line shows a rejection.
+        assert "badNonce" in client.log()
         r = curl(ca.root_file(str(tmp_path)), ca.tls_port)
         assert r.returncode == 0 and r.stdout.startswith("hello from origin"), r
     finally:

@@ -255,12 +255,16 @@ def test_wrong_pin_is_reported_once_with_the_whole_fingerprint(monkeypatch, capl
 
     import gevent
     import gevent.server
+    import gevent.ssl
 
-    from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
+    from lib.certs import cert_fingerprint, ensure_tunnel_cert
     from lib.client import tunnels
 
     cert, key = ensure_tunnel_cert(str(tmp_path))
-    ctx = server_tls_context(cert, key)
+    # gevent's SSLContext: the standard one would take the gevent socket's descriptor into a
+    # blocking socket, and its handshake would hold the hub (and the client in it) until a timeout.
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
     accepted = []
 
     def handle(sock, addr):
