@@ -70,6 +70,8 @@ OPTIONS = [
     ("--fleet", "FLEET", "", "discovery: the fleet's tunnel addresses, host:port[=sha256 fingerprint],..."),
     ("--proxy-domain", "PROXY_DOMAIN", "", "discovery: a domain must CNAME to <domain>.<this>; without --fleet, proxies come from its SRV records"),
     ("--database-url", "DATABASE_URL", os.environ.get("DATABASE_URL"), "PostgreSQL URL of the fleet's shared store (postgresql://USER@HOST/DB; sslmode=... honoured); without it, SQLite in the data dir. Prefer the environment (also DATABASE_URL): a command line is visible to local users"),
+    ("--fleet-addr", "FLEET_ADDR", "", "TLS listener for links from the fleet's other proxies (a visitor for a name held elsewhere in the fleet is carried there); off by default"),
+    ("--fleet-advertise", "FLEET_ADVERTISE", "", "HOST:PORT the other proxies use to reach --fleet-addr (required when it listens on 0.0.0.0 or ::)"),
     ("--fleet-heartbeat", "FLEET_HEARTBEAT", "5", "seconds between this instance's heartbeats in the fleet's registry (rows expire after 3 missed)"),
     ("--max-names-per-key", "MAX_NAMES_PER_KEY", "100", "names one key may own by first use (0: no limit)"),
     ("--claim-burst", "CLAIM_BURST", "64", "new first-use names one address may claim at once (0: no rate limit)"),
@@ -166,6 +168,7 @@ def config_from_args(args):
         idle_timeout=_number(args, "--idle-timeout") or None,
         database_url=args.database_url or None,
         fleet_heartbeat=fleet_heartbeat,
+        fleet_addr=args.fleet_addr or None, fleet_advertise=fleet_advertise(args),
         claim_limits=ClaimLimits(max_names_per_key=_number(args, "--max-names-per-key", int),
                                  claim_burst=_number(args, "--claim-burst", int),
                                  claims_per_hour=_number(args, "--claims-per-hour"),
@@ -184,6 +187,21 @@ def _number(args, flag: str, kind=float):
         what = "a whole number" if kind is int else "a number"
         env = "SHROUD_" + flag[2:].upper().replace("-", "_")
         raise ValueError(f"{flag} (or {env}) must be {what}, got {value!r}") from None
+
+
+def fleet_advertise(args) -> str | None:
+    """--fleet-advertise, checked; the other proxies cannot dial a wildcard address.
+    :raises ValueError: naming the flag (start_proxy: one line)."""
+    from lib.hostport import format_hostport, parse_hostport
+
+    bind = (parse_hostport(args.fleet_addr, what="--fleet-addr", default_host="0.0.0.0",
+                           port_zero=True) if args.fleet_addr else None)
+    if args.fleet_advertise:
+        return format_hostport(*parse_hostport(args.fleet_advertise, what="--fleet-advertise"))
+    if bind is not None and bind[0] in ("", "0.0.0.0", "::"):
+        raise ValueError("--fleet-addr listens on every address: give --fleet-advertise "
+                         "HOST:PORT, the address the other proxies dial")
+    return None
 
 
 def own_names(args, environ=os.environ) -> tuple[str, ...]:

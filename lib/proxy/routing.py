@@ -10,6 +10,7 @@ Public API::
     router.choose(kind, name, protocols) -> Route           # the decision alone (no I/O)
     router.forward(sock, address, route, peeked, fallback, kind)
     router.siblings = WorkerGroup | None    # this host's other workers (lib/proxy/workers.py)
+    router.fleet_links = FleetLinks | None  # the fleet's other hosts (lib/proxy/hostlinks.py)
     router.take_handed(header, peeked) -> run(sock) | Refused   # a sibling's connection
     router.bound_anywhere(protocols, name) -> bool   # live here or on a sibling
     peek_name(sock, new_sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
@@ -29,8 +30,9 @@ by port straight to the binding)::
     any other name                             404 / unrecognized_name         unknown_name
 
 With siblings (gunicorn workers), an unknown name or a binding whose tunnels are all gone is
-first handed, socket and peeked bytes, to a sibling holding a live tunnel for it; only when none
-takes it is it refused as above. A handed connection is never handed on (one hop at most).
+first handed, socket and peeked bytes, to a sibling holding a live tunnel for it, then (with
+--fleet-addr) sent over a fleet link to another instance holding it; only when none takes it is
+it refused as above. A handed or forwarded connection is never handed on (one hop at most).
 
 Before a name is known: no name in time 408 (peek_timeout), bytes that are not the listener's
 protocol 400/405/431 or a TLS alert (bad_request), no name given 400 (no_name). TLS is never
@@ -107,6 +109,7 @@ class PublicRouter:
         self.pool_full = pool_full    # () -> whether this connection took the last slot
         self.reserved = ReservedNames.for_config(config)
         self.siblings = None          # a lib.proxy.workers.WorkerGroup under gunicorn
+        self.fleet_links = None       # a lib.proxy.hostlinks.FleetLinks with --fleet-addr
 
     # --- the decision ---------------------------------------------------------------------
 
@@ -231,22 +234,30 @@ class PublicRouter:
 
     def _hand_over(self, sock, address, kind: str, name: str, peeked: bytes,
                    route: Route) -> bool:
-        """Hand a connection this worker would refuse to a sibling holding its name live;
-        True when it was taken, or answered here (503: too many hand-overs in flight)."""
-        if (self.siblings is None or route.action != REFUSE
+        """Hand a connection this worker would refuse to a sibling holding its name live, else
+        to another instance of the fleet that does (lib/proxy/hostlinks.py); True when it was
+        taken, or answered here (503: too many hand-overs or links in flight)."""
+        if ((self.siblings is None and self.fleet_links is None) or route.action != REFUSE
                 or route.refusal.counter not in HAND_OVER):
             return False
         header = {"kind": kind, "name": name, "client": [address[0], address[1]]}
-        for pid in self.siblings.candidates(KIND_PROTOCOLS[kind], name):
+        result = None
+        for pid in (self.siblings.candidates(KIND_PROTOCOLS[kind], name)
+                    if self.siblings is not None else ()):
             result = self.siblings.hand_off(pid, sock, header, peeked)
-            if result == TAKEN:
-                sock.close()  # our copy of the descriptor; the sibling serves the visitor
-                return True
-            if result == LIMIT:
-                self.registry.count_refusal("handoff_limit")
-                refuse(sock, kind, Refusal("handoff_limit", 503, "Service Unavailable",
-                                           "Too many connections.\n", ALERT_INTERNAL_ERROR))
-                return True
+            if result in (TAKEN, LIMIT):
+                break
+        if result not in (TAKEN, LIMIT) and self.fleet_links is not None and kind != "tcp":
+            # tcp:PORT is not forwarded between hosts: a port means nothing on another host.
+            result = self.fleet_links.send(sock, header, peeked, KIND_PROTOCOLS[kind])
+        if result == TAKEN:
+            sock.close()  # our copy of the descriptor; the sibling or the link serves it
+            return True
+        if result == LIMIT:
+            self.registry.count_refusal("handoff_limit")
+            refuse(sock, kind, Refusal("handoff_limit", 503, "Service Unavailable",
+                                       "Too many connections.\n", ALERT_INTERNAL_ERROR))
+            return True
         return False  # refused or unreachable everywhere: answered here as it would have been
 
     def bound_anywhere(self, protocols, name: str) -> bool:

@@ -45,7 +45,7 @@ import gevent.socket
 
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
 from lib.errors import ListenError
-from lib.hostport import parse_hostport
+from lib.hostport import format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig
 from lib.net.sockets import adopt_listener
 from lib.protocol.muxstate import WindowPool
@@ -153,6 +153,10 @@ class ProxyConfig:
     database_url: str | None = None
     claim_limits: ClaimLimits = field(default_factory=ClaimLimits)
     fleet_heartbeat: float = HEARTBEAT_INTERVAL  # seconds (lib/proxy/fleet.py)
+    # Links between the fleet's hosts (lib/proxy/hostlinks.py): the listener, and the address
+    # other instances use to reach it (None: the listener's own).
+    fleet_addr: str | None = None
+    fleet_advertise: str | None = None
 
 
 def proxy_mux_config(**overrides) -> MuxConfig:
@@ -192,6 +196,7 @@ class ProxyServer:
                                    pool_full=self._public_pool.full)
         self.actions = OperatorActions(self.registry, self.store)
         self.fleet = None  # this instance's FleetMember once started (lib/proxy/fleet.py)
+        self.links = None  # links to the fleet's other hosts (lib/proxy/hostlinks.py), if any
         self.registry.on_unbound = self._binding_gone
         self.workers = None  # a lib.proxy.workers.WorkerGroup under gunicorn (start(run_dir=))
         # What the dashboard reads and acts through: with siblings, every worker's state.
@@ -247,11 +252,40 @@ class ProxyServer:
         """Join the fleet's live registry and follow its blocks (lib/proxy/fleet.py)."""
         if self.store is None or self.fleet is not None:
             return
+        link_addr = self._start_links()
         identity = InstanceIdentity(self.config.hostname, self.registry.listeners,
-                                    self.fingerprint)
+                                    self.fingerprint, link_addr)
         self.fleet = FleetMember(self.store, self.registry, identity, self.actions.apply_blocks,
                                  heartbeat_interval=self.config.fleet_heartbeat)
+        if self.links is not None:
+            self.links.self_id = self.fleet.id
         self.fleet.start()
+
+    def _start_links(self) -> str:
+        """Listen for the fleet's links (--fleet-addr); the address to register ("" without).
+        :raises ListenError:"""
+        from lib.proxy.fleet import EXPIRE_BEATS
+        from lib.proxy.hostlinks import FleetLinks
+
+        c = self.config
+        bind = parse_addr(c.fleet_addr)
+        if bind is None:
+            return ""
+        beat = c.fleet_heartbeat
+        self.links = FleetLinks(self.store, self.registry, self.router.take_handed,
+                                self.cert_path, self.key_path, self.fingerprint, bind,
+                                refresh=min(1.0, beat), max_age=beat * EXPIRE_BEATS)
+        try:
+            # Workers: each one opens it (lib/proxy/prefork.py); a link lands on any of them.
+            listener = (listening_socket(bind, reuseport=True, factory=gevent.socket.socket)
+                        if self.workers is not None else None)
+            self.links.start(listener)
+        except OSError as e:
+            raise ListenError("fleet", c.fleet_addr, e) from None
+        self.router.fleet_links = self.links
+        self.registry.add_listener("fleet", self.links.address)
+        log.info("fleet link listener on %s:%d", *self.links.address)
+        return c.fleet_advertise or format_hostport(*self.links.address)
 
     def _join_siblings(self, run_dir: str) -> None:
         from lib.proxy.groupview import GroupActions, GroupRegistry
@@ -318,6 +352,8 @@ class ProxyServer:
         if self.fleet is not None:
             self.fleet.stop()  # leaves the fleet's registry (else it expires there)
             self.fleet = None
+        if self.links is not None:
+            self.links.stop()
         if self.workers is not None:
             self.workers.stop()
         for server in list(self.servers.values()) + list(self.tcp_servers.values()):
