@@ -242,7 +242,8 @@ def trust_forwarded_for(args) -> bool:
 
 # A listener's name (lib.errors.ListenError.listener) -> the flag that sets its address.
 LISTENER_FLAG = {"tunnel": "--tunnel-addr", "https": "--https-addr", "http": "--http-addr",
-                 "discovery": "--discovery-addr", "admin": "--admin-addr"}
+                 "discovery": "--discovery-addr", "admin": "--admin-addr",
+                 "fleet": "--fleet-addr"}
 
 
 class StartError(Exception):
