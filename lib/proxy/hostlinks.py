@@ -69,6 +69,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from lib.certs import PinMismatch, check_pin, client_tls_context, server_tls_context
 from lib.hostport import parse_hostport
+from lib.net.splice import splice
 from lib.proxy.store.base import OwnershipError, candidates
 from lib.proxy.workers import LIMIT, TAKEN, Refused
 
@@ -187,7 +188,7 @@ class FleetLinks:
                 instance = self._instances.get(instance_id)
                 link = instance and self._open(instance, header, peeked, left)
                 if link is not None:
-                    self._splice(sock, link)
+                    splice(sock, link)  # closes both when the visitor or the holder is done
                     return TAKEN
             return None
         finally:
@@ -219,11 +220,6 @@ class FleetLinks:
         if tls is not None:
             tls.close()
         return None
-
-    def _splice(self, sock, link) -> None:
-        from lib.net.splice import splice
-
-        splice(sock, link)
 
     # --- holder --------------------------------------------------------------------------
     def _serve(self, raw, address) -> None:
