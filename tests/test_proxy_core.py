@@ -116,6 +116,33 @@ def test_check_proof_every_outcome():
         assert bp.check_proof(key, NONCE, bind, ours) == bp.PROOF_INVALID, bind
 
 
+def test_check_proof_odd_extras_are_invalid():
+    """Extra that is not a JSON object, or a signature naming no proxy id: invalid, no crash."""
+    key = CLIENT.public_key_b64
+    ours = frozenset({OUR_ID})
+    for extra in (["sig"], "sig", 7):
+        assert bp.check_proof(key, NONCE, msg.Bind("tls", hostname="a.test", extra=extra),
+                              ours) == bp.PROOF_INVALID, extra
+    no_to = signed_bind("tls", "a.test")
+    no_to.extra = {msg.EXTRA_SIG: no_to.extra[msg.EXTRA_SIG]}
+    assert bp.check_proof(key, NONCE, no_to, ours) == bp.PROOF_INVALID
+
+
+def test_bind_request_reads_the_bind():
+    """Every field BindRequest.of takes from the Bind, exactly; a malformed proxy id is kept
+    as the note the client reads, with no proxy id."""
+    of = bp.BindRequest.of
+    key = CLIENT.fingerprint
+    assert of(signed_bind("tls", "App.test", to=THEIR_ID), key=key, proof=bp.PROOF_WRONG_PROXY,
+              bindings_held=2) == ("tls", "App.test", 0, key, bp.PROOF_WRONG_PROXY, 2,
+                                   THEIR_ID, "")
+    assert of(msg.Bind("tcp", remote_port=2222), key=None, proof=bp.PROOF_UNSIGNED,
+              bindings_held=0) == ("tcp", "", 2222, None, bp.PROOF_UNSIGNED, 0, "", "")
+    malformed = msg.Bind("tls", hostname="a.test", extra={msg.EXTRA_SIG: "x", "to": "nope"})
+    assert of(malformed, key=key, proof=bp.PROOF_MALFORMED, bindings_held=1) == (
+        "tls", "a.test", 0, key, bp.PROOF_MALFORMED, 1, "", "Extra.to: malformed proxy id 'nope'")
+
+
 # --- the bind decision: each rule -----------------------------------------------------------
 REFUSALS = [  # (request, blocks, the REASON_* answered, the refusal counter)
     (request(protocol="ftp"), NO_BLOCKS, msg.REASON_UNSUPPORTED_PROTOCOL, "bad_bind"),
@@ -142,6 +169,62 @@ def test_each_refusal_has_its_reason_and_counter(registry, req, blocks, code, co
     assert answer.verdict == bp.REFUSE
     assert (answer.code, answer.counter) == (code, counter), answer
     assert answer.text
+
+
+def refused(code, text, counter, name=""):
+    return bp.BindAnswer(bp.REFUSE, name=name, code=code, text=text, counter=counter)
+
+
+EXACT_REFUSALS = [  # (request, blocks, the whole answer: code, the text the client shows,
+    # counter, and the name the refusal is about, "" before the name is known)
+    (request(protocol="ftp"), NO_BLOCKS,
+     refused(msg.REASON_UNSUPPORTED_PROTOCOL, "unsupported protocol 'ftp'", "bad_bind")),
+    (request(held=3), NO_BLOCKS,
+     refused(msg.REASON_LIMIT, "too many names on one tunnel (limit 3)", "limit_binds")),
+    (request(protocol="tcp", port=2223), NO_BLOCKS,
+     refused(msg.REASON_NOT_ALLOWED, "tcp port 2223 is not offered by this proxy",
+             "not_allowed")),
+    (request(name="a.localhost"), NO_BLOCKS,
+     refused(msg.REASON_RESERVED, "a.localhost is reserved: it is a loopback name",
+             "reserved_name", "a.localhost")),
+    (request(proof=bp.PROOF_MALFORMED), NO_BLOCKS,
+     refused(msg.REASON_BAD_REQUEST, "bind: malformed proxy id", "bad_bind", "app.test")),
+    (request(proof=bp.PROOF_MALFORMED)._replace(note="Extra.to: malformed proxy id 'x'"),
+     NO_BLOCKS, refused(msg.REASON_BAD_REQUEST, "bind: Extra.to: malformed proxy id 'x'",
+                        "bad_bind", "app.test")),
+    (request(proof=bp.PROOF_WRONG_PROXY, proxy_id=THEIR_ID), NO_BLOCKS,
+     refused(msg.REASON_WRONG_PROXY, f"bind was signed for another proxy ({THEIR_ID[:21]}...);"
+             f" a proxy between you and us may be relaying your binds", "wrong_proxy",
+             "app.test")),
+    (request(proof=bp.PROOF_INVALID), NO_BLOCKS,
+     refused(msg.REASON_BAD_SIGNATURE, "bind signature missing or invalid", "ownership",
+             "app.test")),
+    (request(), Blocks(names=frozenset({"app.test"})),
+     refused(msg.REASON_NOT_ALLOWED, "app.test is blocked by the operator", "blocked",
+             "app.test")),
+    (request(name="x.app.test"), Blocks(names=frozenset({"*.app.test"})),
+     refused(msg.REASON_NOT_ALLOWED, "x.app.test is blocked by the operator (*.app.test is "
+             "blocked)", "blocked", "x.app.test")),
+    (request(), Blocks(keys=frozenset({CLIENT.fingerprint})),
+     refused(msg.REASON_NOT_ALLOWED, f"key {CLIENT.fingerprint[:16]} is blocked by the "
+             f"operator", "blocked", "app.test")),
+]
+
+
+@pytest.mark.parametrize("req,blocks,answer", EXACT_REFUSALS)
+def test_refusals_exactly(registry, req, blocks, answer):
+    """The whole answer, text included: the text is what the client shows its user."""
+    assert bp.decide_bind(req, RULES, blocks, registry) == answer
+
+
+def test_owner_and_ownership_refusals_name_the_name(registry):
+    bound(registry, ["theirs.test"], key=OTHER.fingerprint)
+    assert bp.decide_bind(request(name="theirs.test"), RULES, NO_BLOCKS, registry) == refused(
+        msg.REASON_NOT_OWNER, "theirs.test is already bound by another key", "ownership",
+        "theirs.test")
+    no = Decision(False, "tofu", "app.test belongs to key 0123", msg.REASON_NOT_OWNER)
+    assert bp.decide_bind(request(), RULES, NO_BLOCKS, registry, ownership=no) == refused(
+        msg.REASON_NOT_OWNER, "app.test belongs to key 0123", "ownership", "app.test")
 
 
 def test_texts_name_the_cause(registry):
