@@ -21,7 +21,7 @@ Rule table (name / answer):
     be allowed with --allow-loopback-names, for demos on one machine)       "a loopback name"
     a name under .onion (RFC 7686: only Tor resolves them)                  "an onion name"
     one of the proxy's own names (--hostname, one-port admin hosts)         "this proxy's own name"
-    a wildcard covering any of the above                                    "covers ..."
+    a wildcard covering any of the above                     "a wildcard covering ..."
     anything else                                                           None
 """
 from __future__ import annotations
@@ -61,10 +61,10 @@ class ReservedNames:
             base = name[2:]
             why = self._exact(base) or self._special_suffix(base)
             if why is not None:
-                return f"covers {why}"
+                return f"a wildcard covering {why}"
             for own in sorted(self.own):
                 if own.endswith("." + base):
-                    return f"covers this proxy's own name {own}"
+                    return f"a wildcard covering this proxy's own name {own}"
             return None
         return self._exact(name)
 
