@@ -68,6 +68,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lib.certs import PinMismatch, check_pin, client_tls_context, server_tls_context
+from lib.errors import ShroudError
 from lib.hostport import parse_hostport
 from lib.net.splice import splice
 from lib.proxy.store.base import OwnershipError, candidates
@@ -93,7 +94,7 @@ MAX_PEEKED = 256 * 1024
 REFUSED_LOG_INTERVAL = 30.0
 
 
-class LinkRefused(Exception):
+class LinkRefused(ShroudError):
     """A link the holder will not serve (the reason is logged, rate-limited, and counted)."""
 
 
