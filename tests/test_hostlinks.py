@@ -1,7 +1,8 @@
 """Links between the hosts of a fleet (lib/proxy/hostlinks.py): proxies sharing the session's
-PostgreSQL (tests/fixtures/postgres.py), each with its fleet listener on its own loopback
-address (127.0.0.2, .3, .4: the suite runs in a network namespace with lo up). Real processes
-throughout: proxies, clients (`shroud.py --tor none`), origins."""
+PostgreSQL (tests/fixtures/postgres.py), each host wholly on its own loopback address (tunnel,
+https, http, admin and fleet listeners on 127.0.0.2, .3, .4: the suite runs in a network
+namespace with lo up). Real processes throughout: proxies, clients (`shroud.py --tor none`),
+origins."""
 import base64
 import hashlib
 import json
@@ -31,13 +32,13 @@ def fleet(tmp_path, pg_url):
     site = tls_site(tmp_path, "app.test")
     procs = [OriginProc(str(tmp_path), tls=(site.cert_pem, site.key_pem), name="tls-origin")]
 
-    def start(name, host=None, extra=()):
-        """A proxy on the shared database; ``host``: its fleet listener's loopback address."""
-        link = ["--fleet-addr", f"{host}:{free_port()}"] if host else []
-        p = ProxyProc(str(tmp_path), str(tmp_path / f"{name}-data"), name=name,
-                      extra=["--fleet-heartbeat", BEAT, *link, *extra],
+    def start(name, host, extra=()):
+        """A proxy on the shared database, every listener on ``host`` (a loopback address)."""
+        link = f"{host}:{free_port(host)}"
+        p = ProxyProc(str(tmp_path), str(tmp_path / f"{name}-data"), name=name, host=host,
+                      extra=["--fleet-heartbeat", BEAT, "--fleet-addr", link, *extra],
                       env={"SHROUD_DATABASE_URL": pg_url})
-        p.link = link[1] if link else None
+        p.link = link
         procs.append(p)
         return p
 
@@ -49,7 +50,7 @@ def fleet(tmp_path, pg_url):
     def client(proxy, pairs, name):
         # One key for every client: the names are its, whichever proxy it binds them on.
         c = ClientProc(str(tmp_path), str(tmp_path / "client-key"), pairs,
-                       [f"127.0.0.1:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
+                       [f"{proxy.host}:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
                        name=name)
         procs.append(c)
         return c
@@ -61,11 +62,26 @@ def fleet(tmp_path, pg_url):
         p.stop()
 
 
+def get(proxy, name, path="/hello", timeout=10):
+    """A visitor's GET at ``proxy``'s http listener, on the proxy's own address."""
+    return http_get(proxy.ports["http"], name, path, timeout=timeout, addr=proxy.host)
+
+
 def _served(proxy, name, want=200):
     try:
-        return http_get(proxy.ports["http"], name, timeout=10)[0] == want
+        return get(proxy, name)[0] == want
     except OSError:
         return False
+
+
+def _on_own_address(proxy) -> None:
+    """Every listener of ``proxy`` is on its own address, none on 127.0.0.1."""
+    listeners = proxy.status()["listeners"]
+    assert set(listeners) >= {"tunnel", "https", "http", "admin", "fleet"}, listeners
+    assert all(a.rsplit(":", 1)[0] == proxy.host for a in listeners.values()), listeners
+    for kind in ("tunnel", "https", "http", "admin"):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", proxy.ports[kind]), timeout=5).close()
 
 
 def test_visitor_at_b_reaches_a_tunnel_held_only_on_a(fleet):
@@ -77,19 +93,22 @@ def test_visitor_at_b_reaches_a_tunnel_held_only_on_a(fleet):
     a.wait_bound("web.test")
     a.wait_bound("app.test")
     assert all(x["name"] not in ("web.test", "app.test") for x in b.status()["bindings"])
+    _on_own_address(a)
+    _on_own_address(b)
 
     # By Host: B carries the visitor to A's tunnel once it has read A's rows.
     wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
-    assert http_get(b.ports["http"], "web.test") == (200, b"from-a\n")
+    assert get(b, "web.test") == (200, b"from-a\n")
     # By SNI: the visitor's TLS reaches the origin undecrypted; it sees the origin's own cert.
-    status, body, der = https_get(fleet.site.ca_pem, b.ports["https"], "app.test")
+    status, body, der = https_get(fleet.site.ca_pem, b.ports["https"], "app.test",
+                                  addr=b.host)
     with open(fleet.site.cert_pem) as f:
         origin_der = ssl.PEM_cert_to_DER_cert(f.read())
     assert (status, der) == (200, origin_der)
 
     # A large download arrives intact through B, the link and A's tunnel.
     import http.client
-    c = http.client.HTTPConnection("127.0.0.1", b.ports["http"], timeout=120)
+    c = http.client.HTTPConnection(b.host, b.ports["http"], timeout=120)
     c.request("GET", f"/bytes/{BIG}", headers={"Host": "web.test"})
     r = c.getresponse()
     digest, n = hashlib.sha256(), 0
@@ -104,7 +123,7 @@ def test_visitor_at_b_reaches_a_tunnel_held_only_on_a(fleet):
     assert n == BIG and digest.hexdigest() == hashlib.sha256(pattern(BIG)).hexdigest()
 
     # A name held nowhere is still a clear 404 at B.
-    assert http_get(b.ports["http"], "nobody.test")[0] == 404
+    assert get(b, "nobody.test")[0] == 404
 
 
 def test_holder_killed_the_other_holder_takes_over(fleet):
@@ -118,14 +137,14 @@ def test_holder_killed_the_other_holder_takes_over(fleet):
     seen = set()
 
     def both_seen():
-        status, body = http_get(b.ports["http"], "web.test", timeout=10)
+        status, body = get(b, "web.test")
         seen.add(body if status == 200 else status)
         return {b"from-a\n", b"from-c\n"} <= seen
     wait_for(both_seen, "B forwards to both holders", timeout=30)
 
     a.signal(signal.SIGKILL)  # no clean shutdown: A's rows stay until they expire
     for _ in range(20):       # served at once by C, whether B tries A first or not
-        assert http_get(b.ports["http"], "web.test", timeout=10) == (200, b"from-c\n")
+        assert get(b, "web.test") == (200, b"from-c\n")
 
 
 def _link(addr, cert_der, key, peer_fingerprint, name="web.test", send_cert=True):

@@ -29,7 +29,8 @@ _PORT_RANGE = (10000, 32000)
 _handed_out: set[int] = set()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (a loopback address of its own: 127.0.0.2, ...)."""
     import random
 
     for _ in range(200):
@@ -38,7 +39,7 @@ def free_port() -> int:
             continue
         s = socket.socket()
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             continue
         finally:
@@ -59,9 +60,10 @@ def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
-def admin_status(port: int, token: str | None, timeout: float = 10.0) -> dict:
-    """GET /api/status of a proxy's admin listener on 127.0.0.1:``port``."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def admin_status(port: int, token: str | None, timeout: float = 10.0,
+                 host: str = "127.0.0.1") -> dict:
+    """GET /api/status of a proxy's admin listener on ``host``:``port``."""
+    c = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         c.request("GET", "/api/status", headers=headers)
@@ -128,18 +130,23 @@ class Proc:
 
 
 class ProxyProc(Proc):
+    """A proxy whose listeners (tunnel, https, http, admin) are on ``host``, a loopback address
+    (a host of a fleet gets one of its own: 127.0.0.2, ...); the admin listener on
+    ``admin_host`` when given."""
+
     def __init__(self, logdir: str, data_dir: str, name: str = "proxy", extra: list[str] = (),
                  gunicorn: bool = False, env: dict | None = None, ports: dict | None = None,
-                 admin_host: str = "127.0.0.1"):
+                 admin_host: str | None = None, host: str = "127.0.0.1"):
         ports = dict(ports or {})
-        admin_addr = f"{admin_host}:{ports.setdefault('admin', free_port())}"
+        self.host = host
+        admin_addr = f"{admin_host or host}:{ports.setdefault('admin', free_port(host))}"
         for k in ("tunnel", "https", "http", "admin"):
-            ports.setdefault(k, free_port())
+            ports.setdefault(k, free_port(host))
         self.ports = ports
         self.data_dir = data_dir
-        args = ["--data-dir", data_dir, "--tunnel-addr", f"127.0.0.1:{ports['tunnel']}",
-                "--https-addr", f"127.0.0.1:{ports['https']}",
-                "--http-addr", f"127.0.0.1:{ports['http']}", "--admin-token", ADMIN_TOKEN,
+        args = ["--data-dir", data_dir, "--tunnel-addr", f"{host}:{ports['tunnel']}",
+                "--https-addr", f"{host}:{ports['https']}",
+                "--http-addr", f"{host}:{ports['http']}", "--admin-token", ADMIN_TOKEN,
                 *extra]
         if gunicorn:
             env = dict(env or {})
@@ -152,13 +159,13 @@ class ProxyProc(Proc):
         super().__init__(name, argv, logdir, env)
         for k in ("tunnel", "admin"):
             try:
-                wait_port(ports[k])
+                wait_port(ports[k], host=host)
             except TimeoutError:
                 raise RuntimeError(f"{name} did not start:\n{self.log()}") from None
         self.fingerprint = self.status()["fingerprint"]
 
     def status(self, token: str | None = ADMIN_TOKEN) -> dict:
-        return admin_status(self.ports["admin"], token)
+        return admin_status(self.ports["admin"], token, host=self.host)
 
     def wait_bound(self, name: str, tunnels: int = 1, timeout: float = 30.0) -> dict:
         deadline = time.monotonic() + timeout

@@ -2,7 +2,7 @@
 
     site = tls_site(directory, "app.test", "*.wild.test")   # .ca .ca_pem .cert_pem .key_pem
     status, body, der = https_get(site.ca_pem, port, "app.test", "/hello")
-    status, body = http_get(port, "web.test", "/hello")
+    status, body = http_get(port, "web.test", "/hello", addr="127.0.0.1")
     ws_upgrade(sock, "web.test", "/ws") -> response head;  ws_echo(sock, b"msg") -> echoed bytes
 """
 from __future__ import annotations
@@ -38,10 +38,11 @@ def tls_site(directory, *names: str) -> Site:
     return Site(ca, *paths)
 
 
-def https_get(ca_pem: str, port: int, name: str, path: str = "/hello", timeout: float = 30.0):
-    """GET over TLS with SNI ``name`` to 127.0.0.1:port: (status, body, server's cert DER)."""
+def https_get(ca_pem: str, port: int, name: str, path: str = "/hello", timeout: float = 30.0,
+              addr: str = "127.0.0.1"):
+    """GET over TLS with SNI ``name`` to addr:port: (status, body, server's cert DER)."""
     ctx = ssl.create_default_context(cafile=ca_pem)
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    raw = socket.create_connection((addr, port), timeout=timeout)
     tls = ctx.wrap_socket(raw, server_hostname=name)
     conn = http.client.HTTPConnection(name, port, timeout=timeout)
     conn.sock = tls
@@ -54,8 +55,10 @@ def https_get(ca_pem: str, port: int, name: str, path: str = "/hello", timeout: 
         conn.close()
 
 
-def http_get(port: int, host: str, path: str = "/hello", timeout: float = 30.0):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(port: int, host: str, path: str = "/hello", timeout: float = 30.0,
+             addr: str = "127.0.0.1"):
+    """GET with Host ``host`` to addr:port: (status, body)."""
+    c = http.client.HTTPConnection(addr, port, timeout=timeout)
     try:
         c.request("GET", path, headers={"Host": host})
         r = c.getresponse()
