@@ -7,7 +7,8 @@
     bucket.dropped             # refusals since the owner last reset it to 0
 
 Used where a peer's or a visitor's pace must be held (the proxy's bind requests per tunnel,
-lib/proxy/tunnels.py; the client's plain connection log, lib/client/console.py). No I/O; the
+lib/proxy/tunnels.py; its blind offers of unknown names to sibling workers,
+lib/proxy/workers.py; the client's plain connection log, lib/client/console.py). No I/O; the
 clock is injectable for tests. A shared leaf below every floor (docs/DESIGN.md, "Floors").
 """
 from __future__ import annotations

@@ -68,6 +68,7 @@ import gevent.socket
 
 from lib.protocol.sniff import wildcard_candidates
 from lib.errors import ShroudError
+from lib.tokenbucket import TokenBucket
 
 log = logging.getLogger("shroud.workers")
 
@@ -201,7 +202,7 @@ class WorkerGroup:
         self._siblings: dict = {}       # pid -> ((mtime_ns, size), names)
         self._published_version = None
         self._in_flight = gevent.lock.BoundedSemaphore(max_in_flight)
-        self._blind = [float(BLIND_OFFER_BURST), time.monotonic()]  # token bucket: tokens, at
+        self._blind = TokenBucket(BLIND_OFFER_BURST, BLIND_OFFERS_PER_SECOND)
         self._server = None
         self._greenlets: list = []
 
@@ -256,17 +257,10 @@ class WorkerGroup:
         if pid is not None:
             return [pid]
         siblings = self.siblings()
-        if siblings and not self._take_blind():
+        if siblings and not self._blind.take():
             self.counters["blind_offer_limit"] += 1
             return []
         return siblings
-
-    def _take_blind(self) -> bool:
-        now = time.monotonic()
-        tokens, at = self._blind
-        tokens = min(BLIND_OFFER_BURST, tokens + (now - at) * BLIND_OFFERS_PER_SECOND)
-        self._blind = [tokens - 1, now] if tokens >= 1 else [tokens, now]
-        return tokens >= 1
 
     def names_elsewhere(self) -> int:
         """How many (protocol, name) this worker knows live on its siblings."""
