@@ -10,7 +10,8 @@ import pytest
 
 from tests.support.procs import PY, OriginProc, Proc
 from tests.test_acme import NAME, curl, start_proxy
-from tests.test_security import socket_calls, wait_log
+from tests.support.straceaudit import ClientTrace, strace_argv
+from tests.test_security import wait_log
 
 ISSUE_TIMEOUT = 180  # tunnel up through Tor, then each ACME request over a fresh circuit
 
@@ -24,13 +25,12 @@ def test_acme_through_tor_and_the_audit_holds(tor_network, pebble, tmp_path):
     proxy = start_proxy(d, pebble)
     trace = str(d / "client.strace")
     client_dir = d / "client"
-    argv = ["strace", "-f", "-qq", "-s", "64", "-o", trace,
-            "-e", "trace=connect,sendto,sendmsg,execve", "-e", "signal=none",
-            PY, "shroud.py", "--tor", "launch", "--tor-config", tor_network.client_torrc_path,
-            "--data-dir", str(client_dir), "--status", "plain",
-            "--proxy", f"127.0.0.1:{proxy.ports['tunnel']}", "--pin", proxy.fingerprint,
-            "--acme-directory", pebble.directory, "--acme-ca", pebble.ca_file,
-            f"https:{NAME}", f"127.0.0.1:{origin.port}"]
+    argv = strace_argv(trace, [
+        PY, "shroud.py", "--tor", "launch", "--tor-config", tor_network.client_torrc_path,
+        "--data-dir", str(client_dir), "--status", "plain",
+        "--proxy", f"127.0.0.1:{proxy.ports['tunnel']}", "--pin", proxy.fingerprint,
+        "--acme-directory", pebble.directory, "--acme-ca", pebble.ca_file,
+        f"https:{NAME}", f"127.0.0.1:{origin.port}"])
     client = Proc("client-traced", argv, str(d))
     try:
         proxy.wait_bound(NAME, timeout=120)
@@ -44,25 +44,15 @@ def test_acme_through_tor_and_the_audit_holds(tor_network, pebble, tmp_path):
         client.stop()
         proxy.stop()
         origin.stop()
-    lines = open(trace, encoding="utf-8", errors="replace").read().splitlines()
-    tor_pids = {ln.split()[0] for ln in lines if re.search(r'execve\("[^"]*/tor"', ln)}
-    assert tor_pids, "the client did not launch tor"
-    mine = [ln for ln in lines if ln.split()[0] not in tor_pids]
-    allowed = {socks_port: "tor SOCKS", control_port: "tor control", origin.port: "local target"}
-    seen: dict[str, int] = {}
-    for family, addr, port, path, ln in socket_calls(mine):
-        assert family != "UNIX" or path in ("", None), f"unix socket connect: {ln}"
-        if family in ("INET", "INET6"):
-            assert port != pebble.port, f"the client reached the CA directly: {ln}"
-            assert addr == "127.0.0.1" and port in allowed, \
-                f"the client connected somewhere else: {ln}"
-            seen[allowed[port]] = seen.get(allowed[port], 0) + 1
-    assert set(seen) == {"tor SOCKS", "tor control", "local target"}, seen
+    client_trace = ClientTrace.read(trace)
+    seen = client_trace.audit(
+        {socks_port: "tor SOCKS", control_port: "tor control", origin.port: "local target"},
+        forbidden={pebble.port: "the CA"})
     # The tunnel plus the ACME requests (directory, account, order, challenge, polls,
     # finalize, certificate) all went in through tor's SOCKS port.
-    socks_connects = [ln for _, _, port, _, ln in socket_calls(mine)
-                      if port == socks_port and " connect(" in ln]
+    socks_connects = client_trace.connects_to(socks_port)
     assert len(socks_connects) >= 2, socks_connects
+    mine = client_trace.mine
     # The SOCKS user names the client sent (strace shows the start of each send): the order's
     # requests carried one of their own, so tor gave them a circuit of their own (tor's
     # IsolateSOCKSAuth), apart from the tunnel's.

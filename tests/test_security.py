@@ -46,6 +46,7 @@ from tests.support.procs import (ADMIN_TOKEN, PY, ClientProc, OriginProc, Proc, 
                                  free_port, wait_port)
 from tests.support.visitor import http_get
 from tests.support.rawtunnel import RawTunnel
+from tests.support.straceaudit import CONNECT_CALLS, ClientTrace, socket_calls, strace_argv
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -616,34 +617,6 @@ class TinyDns(threading.Thread):
         self.sock.close()
 
 
-_SOCKADDR = re.compile(r"sa_family=AF_(\w+)(?:, sin6?_port=htons\((\d+)\), "
-                       r"(?:sin_addr=inet_addr\(\"([\d.]+)\"\)|[^}]*))?(?:, sun_path=\"([^\"]*)\")?")
-# A send with no address of its own (a connected socket), and the second half of a call strace
-# split across threads (its address, if any, was on the "<unfinished ...>" half).
-_NO_ADDRESS = re.compile(r"^\d+\s+(?:sendto\(.*, NULL, 0(?:\)| <unfinished)"
-                         r"|sendmsg\(\d+, \{msg_name=NULL,)|<\.\.\. \w+ resumed>")
-_NAME_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf", "/etc/gai.conf",
-               "/etc/host.conf", "/var/run/nscd", "/run/nscd")
-
-
-def socket_calls(lines: list[str]) -> list[tuple[str, str | None, int | None, str | None, str]]:
-    """(family, address, port, unix path, line) of every connect/sendto/sendmsg that names an
-    address. A call whose address cannot be parsed fails the test: an audit that skips what it
-    cannot read would pass the very connection it exists to catch."""
-    out = []
-    for ln in lines:
-        call = re.match(r"\d+\s+(?:<\.\.\. )?(\w+)[( ]", ln)
-        if call is None or call.group(1) not in ("connect", "sendto", "sendmsg"):
-            continue
-        if _NO_ADDRESS.search(ln):
-            continue
-        m = _SOCKADDR.search(ln)
-        assert m is not None, f"strace line not understood (teach the audit to read it): {ln}"
-        family, port, addr, path = m.groups()
-        out.append((family, addr, int(port) if port else None, path, ln))
-    return out
-
-
 def test_socket_call_parser_fails_on_what_it_cannot_read():
     lines = [
         '12 connect(5, {sa_family=AF_INET, sin_port=htons(9050), '
@@ -684,12 +657,11 @@ def test_tor_mode_client_connects_only_to_its_tor_and_the_local_target(tor_netwo
     proxy = ProxyProc(str(d), str(d / "proxy-data"))
     trace = str(d / "client.strace")
     client_dir = d / "client"
-    argv = ["strace", "-f", "-qq", "-s", "64", "-o", trace,
-            "-e", "trace=connect,sendto,sendmsg,execve,openat,open",
-            PY, "shroud.py", "--tor", "launch", "--tor-config", tor_network.client_torrc_path,
-            "--data-dir", str(client_dir), "--status", "plain",
-            "--proxy", f"proxy0.shroud.test:{proxy.ports['tunnel']}", "--pin", proxy.fingerprint,
-            "http:anon.test", f"127.0.0.1:{origin.port}"]
+    argv = strace_argv(trace, [
+        PY, "shroud.py", "--tor", "launch", "--tor-config", tor_network.client_torrc_path,
+        "--data-dir", str(client_dir), "--status", "plain",
+        "--proxy", f"proxy0.shroud.test:{proxy.ports['tunnel']}", "--pin", proxy.fingerprint,
+        "http:anon.test", f"127.0.0.1:{origin.port}"], calls=CONNECT_CALLS + ",openat,open")
     client = Proc("client-traced", argv, str(d))
     proxy2 = None
     try:
@@ -714,28 +686,15 @@ def test_tor_mode_client_connects_only_to_its_tor_and_the_local_target(tor_netwo
                 p.stop()
         origin.stop()
         dns.stop()
-    lines = open(trace, encoding="utf-8", errors="replace").read().splitlines()
-    tor_pids = {ln.split()[0] for ln in lines if re.search(r'execve\("[^"]*/tor"', ln)}
-    assert tor_pids, "the client did not launch tor"
-    mine = [ln for ln in lines if ln.split()[0] not in tor_pids]
-    allowed = {socks_port: "tor SOCKS", control_port: "tor control", origin.port: "local target"}
-    seen: dict[str, int] = {}
-    for family, addr, port, path, ln in socket_calls(mine):
-        assert family != "UNIX" or path in ("", None), f"unix socket connect: {ln}"
-        if family in ("INET", "INET6"):
-            assert addr == "127.0.0.1" and port in allowed, \
-                f"the client connected somewhere else: {ln}"
-            seen[allowed[port]] = seen.get(allowed[port], 0) + 1
-        else:
-            assert family != "NETLINK" or "sendto" not in ln, ln
-    assert set(seen) == {"tor SOCKS", "tor control", "local target"}, seen
+    client_trace = ClientTrace.read(trace)
+    seen = client_trace.audit(
+        {socks_port: "tor SOCKS", control_port: "tor control", origin.port: "local target"})
     # The first tunnel and the redial each went through tor's SOCKS port.
-    socks_connects = [ln for _, _, port, _, ln in socket_calls(mine)
-                      if port == socks_port and " connect(" in ln]
+    socks_connects = client_trace.connects_to(socks_port)
     assert len(socks_connects) >= 2, socks_connects
-    name_lookups = [ln for ln in mine if "open" in ln.split("(")[0]
-                    and any(f'"{p}' in ln for p in _NAME_FILES)]
+    name_lookups = client_trace.name_lookups()
     assert not name_lookups, f"the client looked up a name itself: {name_lookups[:3]}"
+    mine, tor_pids = client_trace.mine, client_trace.tor_pids
     assert not any(":53" in ln or "htons(53)" in ln for ln in mine)
     # The exit resolved the proxy's name; the client never asked.
     assert any(name == "proxy0.shroud.test" for _, name in dns.queries), dns.queries
