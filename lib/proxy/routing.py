@@ -9,6 +9,7 @@ Public API::
     router.route(sock, address, kind, new_sniffer, protocols)   # peek, choose, forward or refuse
     router.choose(kind, name, protocols) -> Route           # the decision alone (no I/O)
     router.forward(sock, address, route, peeked, fallback, kind)
+    router.forward_exchange(sock, address, route, head, name)   # HTTP: one exchange, 502 fallback
     router.siblings = WorkerGroup | None    # this host's other workers (lib/proxy/workers.py)
     router.fleet_links = FleetLinks | None  # the fleet's other hosts (lib/proxy/hostlinks.py)
     router.take_handed(header, peeked) -> run(sock) | Refused   # a sibling's connection
@@ -192,14 +193,10 @@ class PublicRouter:
             send_quietly(sock, _redirect_to_https(name, peeked))
             sock.close()
             return
-        fallback = None
-        if kind == "http":
-            fallback = sniff.http_error_response(502, "Bad Gateway",
-                                                 f"The origin of {name} is not reachable.\n")
-            if route.action == FORWARD:
-                # The head is replayed by the exchange (with Connection: close), not by forward.
-                sock, peeked = OneExchangeSocket(sock, peeked), b""
-        self.forward(sock, address, route, peeked, fallback, kind)
+        if kind == "http" and route.action == FORWARD:
+            self.forward_exchange(sock, address, route, peeked, name)
+        else:
+            self.forward(sock, address, route, peeked, None, kind)
 
     def _peek(self, sock, kind: str, new_sniffer) -> tuple[str | None, bytes]:
         """The connection's name and the bytes read; (None, ...) when it was answered here."""
@@ -282,11 +279,8 @@ class PublicRouter:
         def run(sock) -> None:
             set_nodelay(sock)
             try:
-                if kind == "http":  # one exchange, its head replayed (as route() does)
-                    fallback = http_error_response(
-                        502, "Bad Gateway", f"The origin of {name} is not reachable.\n")
-                    self.forward(OneExchangeSocket(sock, peeked), address, route, b"",
-                                 fallback, kind)
+                if kind == "http":
+                    self.forward_exchange(sock, address, route, peeked, name)
                 else:
                     self.forward(sock, address, route, peeked, None, kind)
             finally:
@@ -294,6 +288,12 @@ class PublicRouter:
         return run
 
     # --- forwarding -----------------------------------------------------------------------
+
+    def forward_exchange(self, sock, address, route: Route, head: bytes, name: str) -> None:
+        """Forward one HTTP exchange: its ``head`` is replayed by the exchange (with
+        Connection: close), not by forward; a 502 answers when the origin sends nothing."""
+        self.forward(OneExchangeSocket(sock, head), address, route, b"",
+                     origin_unreachable(name), "http")
 
     def forward(self, sock, address, route: Route, peeked: bytes, fallback: bytes | None,
                 kind: str = "tcp") -> None:
@@ -340,6 +340,12 @@ class PublicRouter:
         finally:
             tunnel.streams_open -= 1
             log.debug("tunnel %d stream %d for %s ended", tunnel.id, stream.id, binding.name)
+
+
+def origin_unreachable(name: str) -> bytes:
+    """The 502 an HTTP visitor gets when the client could not reach ``name``'s origin (splice's
+    fallback: sent only when the origin sent nothing)."""
+    return http_error_response(502, "Bad Gateway", f"The origin of {name} is not reachable.\n")
 
 
 def refuse(sock, kind: str, refusal: Refusal, linger: bool = False) -> None:
