@@ -5,6 +5,8 @@ router runs against real processes in tests/test_e2e_proxy.py and tests/test_e2e
   per read, costs work linear in the bytes (issue 11 item 12; bench/sniff_cpu.py measures it).
 - The per-tunnel stream limit holds for connections that pass the check at once, while the
   first stream's StartProxy is still being written (issue 11, code-read).
+- A handed connection's header (a sibling's, a fleet link's) whose client is not [HOST, PORT] by
+  lib.hostport's rules is refused, counted and logged rate-limited, never raised.
 """
 from __future__ import annotations
 
@@ -118,3 +120,43 @@ def test_stream_limit_holds_while_start_proxy_is_being_written(monkeypatch):
     assert len(forwarded) == limit
     assert sum(a.startswith(b"HTTP/1.0 503") for a in answers) == 2 * limit
     assert tunnel.streams_open == 0
+
+
+class LiveSession:
+    closed = False
+
+
+@pytest.mark.parametrize("client", [
+    ["1.2.3.4", "x"], ["1.2.3.4", 70000], ["1.2.3.4", -1], ["1.2.3.4", True], ["1.2.3.4", 80.5],
+    ["a b", 80], ["2001:db8::1::2", 80], [None, 80], "1.2.3.4:80", ["1.2.3.4"], None,
+])
+def test_a_handed_header_with_a_bad_client_is_refused_counted_and_logged_rate_limited(
+        client, caplog):
+    """A sibling's (or a fleet link's) header whose client is not [HOST, PORT] by
+    lib.hostport's rules is refused ("bad header"), never raised out of take_handed."""
+    registry = Registry()
+    router = routing.PublicRouter(ProxyConfig(), registry)
+    tunnel = registry.add_tunnel(LiveSession(), "127.0.0.1:5", None, "c" * 32)
+    registry.bind(tunnel, "http", "a.test", None, "tofu", "http://a.test")
+    header = {"kind": "http", "name": "a.test", "client": client}
+    lines = router.peer_log.lines
+    with caplog.at_level("WARNING", logger="shroud.proxy"):
+        for _ in range(3 * lines):
+            assert router.take_handed(header, b"") == routing.Refused("bad header")
+    assert registry.refusals["bad_handed_header"] == 3 * lines
+    said = [r.getMessage() for r in caplog.records if "handed connection" in r.getMessage()]
+    assert len(said) == lines and "handed connection's client" in said[0], said[:2]
+
+
+@pytest.mark.parametrize("client,address", [
+    (["1.2.3.4", 80], ("1.2.3.4", 80)), (["2001:db8::1", 443], ("2001:db8::1", 443)),
+    (["203.0.113.9", 0], ("203.0.113.9", 0)),  # one-port mode's X-Forwarded-For visitor
+])
+def test_a_handed_header_with_a_good_client_is_taken(client, address):
+    assert routing.handed_client(client) == address
+    registry = Registry()
+    router = routing.PublicRouter(ProxyConfig(), registry)
+    tunnel = registry.add_tunnel(LiveSession(), "127.0.0.1:5", None, "c" * 32)
+    registry.bind(tunnel, "http", "a.test", None, "tofu", "http://a.test")
+    assert callable(router.take_handed({"kind": "http", "name": "a.test", "client": client}, b""))
+    assert not registry.refusals

@@ -13,6 +13,7 @@ Public API::
     router.siblings = WorkerGroup | None    # this host's other workers (lib/proxy/workers.py)
     router.fleet_links = FleetLinks | None  # the fleet's other hosts (lib/proxy/hostlinks.py)
     router.take_handed(header, peeked) -> run(sock) | Refused   # a sibling's connection
+        # a header it cannot read: Refused("bad header"), counted bad_handed_header
     router.bound_anywhere(protocols, name) -> bool   # live here or on a sibling
     peek_name(sock, new_sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
         # new_sniffer: lib.protocol.sniff.TLSNameSniffer or HTTPHostSniffer (fed each read)
@@ -51,8 +52,9 @@ from typing import NamedTuple
 import gevent
 
 from lib.errors import ErrorCode, MuxError, ShroudError
-from lib.hostport import format_hostport
+from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.httpexchange import OneExchangeSocket
+from lib.net.muxsession import PeerLog
 from lib.net.sockets import send_quietly, set_nodelay
 from lib.net.splice import splice
 from lib.protocol import messages as msg
@@ -111,6 +113,7 @@ class PublicRouter:
         self.reserved = ReservedNames.for_config(config)
         self.siblings = None          # a lib.proxy.workers.WorkerGroup under gunicorn
         self.fleet_links = None       # a lib.proxy.hostlinks.FleetLinks with --fleet-addr
+        self.peer_log = PeerLog(logger=log)  # lines a handed connection's header triggers
 
     # --- the decision ---------------------------------------------------------------------
 
@@ -266,15 +269,16 @@ class PublicRouter:
         """A sibling's connection for ``header["name"]``: a runner serving it (``run(sock)``)
         when this worker has a live tunnel for it, else :class:`Refused` (never handed on)."""
         kind, name = header.get("kind"), header.get("name")
-        client = header.get("client")
-        if kind not in KIND_PROTOCOLS or not isinstance(name, str) or not (
-                isinstance(client, list) and len(client) == 2):
-            return Refused("bad header")
+        if kind not in KIND_PROTOCOLS or not isinstance(name, str):
+            return self._bad_header(f"kind {kind!r:.40}, name {name!r:.80}")
+        try:
+            address = handed_client(header.get("client"))
+        except AddressError as e:
+            return self._bad_header(str(e))
         route = (self._tcp_route(name) if kind == "tcp"
                  else self.choose(kind, name, KIND_PROTOCOLS[kind]))
         if route.action != FORWARD:
             return Refused(route.refusal.counter if route.refusal else route.action)
-        address = (str(client[0]), int(client[1]))
 
         def run(sock) -> None:
             set_nodelay(sock)
@@ -286,6 +290,13 @@ class PublicRouter:
             finally:
                 sock.close()
         return run
+
+    def _bad_header(self, why: str) -> Refused:
+        """Refuse a handed connection whose header this worker cannot read (a sibling or an
+        instance of another version, a bug): counted, logged at most PeerLog's lines a minute."""
+        self.registry.count_refusal("bad_handed_header")
+        self.peer_log.log("handed", logging.WARNING, "refused a handed connection: %s", why)
+        return Refused("bad header")
 
     # --- forwarding -----------------------------------------------------------------------
 
@@ -340,6 +351,20 @@ class PublicRouter:
         finally:
             tunnel.streams_open -= 1
             log.debug("tunnel %d stream %d for %s ended", tunnel.id, stream.id, binding.name)
+
+
+def handed_client(client) -> tuple[str, int]:
+    """The visitor's address in a handed connection's header (``[HOST, PORT]``, as _hand_over
+    and lib/proxy/hostlinks.py write it), checked by lib.hostport's rules; port 0 is allowed
+    (unknown: one-port mode's X-Forwarded-For visitor).
+
+    :raises AddressError: not a [HOST, PORT] pair, or not an address by those rules.
+    """
+    what = "a handed connection's client"
+    if not (isinstance(client, list) and len(client) == 2 and isinstance(client[0], str)
+            and type(client[1]) is int):
+        raise AddressError(f"{what} must be [HOST, PORT], got {client!r:.120}")
+    return parse_hostport(format_hostport(client[0], client[1]), what=what, port_zero=True)
 
 
 def origin_unreachable(name: str) -> bytes:
