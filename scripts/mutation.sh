@@ -27,7 +27,9 @@ deselect="$(read_key "$module" deselect)"  # optional: a pytest -k expression of
 work="artifacts/mutation/$module"
 rm -rf "$work" && mkdir -p "$work"
 # A scratch copy of the tracked files: mutmut writes mutants/ and its caches beside the config.
-git ls-files -z lib tests pytest.ini | xargs -0 cp --parents -t "$work"
+# templates/ is the dashboard's (lib/admin/app.py finds it beside lib/): mutmut copies only
+# source_paths and tests into mutants/, so it is named in also_copy below.
+git ls-files -z lib tests pytest.ini templates | xargs -0 cp --parents -t "$work"
 test_args=""
 for t in $tests; do test_args="$test_args\"$t\", "; done
 # (quotes inside ${var:+...} do not survive a heredoc: build the -k pair here)
@@ -37,6 +39,7 @@ cat > "$work/pyproject.toml" <<TOML
 [tool.mutmut]
 source_paths = ["lib"]
 only_mutate = ["$source_file"]
+also_copy = ["templates"]
 pytest_add_cli_args_test_selection = [${test_args%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"$deselect_args]
 TOML
