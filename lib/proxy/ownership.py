@@ -249,8 +249,9 @@ class OwnershipPolicy:
         self._dns_lock = threading.Lock()
         self._clock = clock
         # Lines a client's binds trigger, rate-limited per address ("store" for the store's
-        # own failures, which every bind meets while the database is away).
-        self._peer_log = PeerLog()
+        # own failures, which every bind meets while the database is away); under this
+        # module's logger, not PeerLog's default (the mux's).
+        self._peer_log = PeerLog(logger=log)
 
     # --- DNS --------------------------------------------------------------------------
     def _dns_keys(self, qname: str):
@@ -390,9 +391,10 @@ class OwnershipPolicy:
             return _refused("dns", "cannot check DNS for %s (%s); try again later"
                             % (name, dns_failed), REASON_INTERNAL)
         if not self.tofu:
-            return _refused("none", "no allow-list entry or DNS TXT record %s lets key %s "
-                            "bind %s" % (_dns_name(name) or "", short_key(key), name),
-                            REASON_NOT_ALLOWED)
+            qname = _dns_name(name)  # a port or an address has none: only the allow-list
+            vouchers = "allow-list entry" + (" or DNS TXT record %s" % qname if qname else "")
+            return _refused("none", "no %s lets key %s bind %s" % (
+                vouchers, short_key(key), name), REASON_NOT_ALLOWED)
         if name.startswith("*.") and (cover is None or cover.name != name):
             return _refused("none", "wildcard %s needs an allow-list entry or a DNS TXT "
                             "record %s naming key %s (first use never grants a wildcard)"
