@@ -44,6 +44,9 @@ pytest_add_cli_args_test_selection = [${test_args%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"$deselect_args]
 TOML
 cd "$work"
+# Tests that build a Go helper (tests/test_messages.py) default to a fresh cache per pytest
+# session, i.e. a full build per mutant: one cache for the whole run.
+export GOCACHE="${GOCACHE:-$PWD/gocache}"
 nice -n 10 ../../../.venv/bin/mutmut run --max-children 1 "$@" > run.log 2>&1 || {
     tail -30 run.log >&2; exit 1; }
 ../../../.venv/bin/mutmut results --all true > results.txt 2>&1 || true

@@ -88,7 +88,7 @@ def test_encode_refuses_what_go_would_not_write_the_same():
                 StartProxy("u", 5)]:
         with pytest.raises(ValueError):
             encode(bad)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"\Anot a control message: \{'Type': 'Auth'\}\Z"):
         encode({"Type": "Auth"})
 
 
@@ -121,51 +121,156 @@ def test_extra_is_plain_json():
     encode(unpack(surrogate))
 
 
+def test_decoding_edges_a_peer_can_reach():
+    # Version entries may be null (Go's zero value), and the list may be a tuple when we encode.
+    body = b'{"Type":"Auth","Payload":{"Version":[null,"1"],"ClientId":""}}'
+    assert unpack(body).version == ["", "1"]
+    assert pack(Auth(version=("1", "2"), extra=(1, "a"))) == \
+        b'{"Type":"Auth","Payload":{"Version":["1","2"],"ClientId":"","Extra":[1,"a"]}}'
+    # Extra objects: the last duplicate wins at every depth; lone surrogates in keys and list
+    # items decode to U+FFFD as in strings, so every decoded Extra encodes again.
+    body = (b'{"Type":"Auth","Payload":{"Version":["\\udc00"],"ClientId":"","Extra":'
+            b'{"a":1,"a":[{"b":1,"b":2}],"\\ud800":3}}}')
+    auth = unpack(body)
+    assert auth == Auth(version=["\ufffd"], extra={"a": [{"b": 2}], "\ufffd": 3})
+    assert '"\ufffd":3'.encode() in pack(auth)  # U+FFFD itself is valid: written as UTF-8
+    # A key that is not ASCII after Go's fold matches no field.
+    body = '{"Type":"StartProxy","Payload":{"Url":"u","ClientAddr":"a","\u00dcrl":"x"}}'
+    assert unpack(body.encode()) == StartProxy("u", "a")
+    # Bind options: Auth absent -> None (a tls/https bind), null -> "", Hostname null -> "".
+    opts = b'{"Type":"Bind","Payload":{"Protocol":"http","Options":{%s}}}'
+    assert unpack(opts % b'"Hostname":null,"Subdomain":"s"').auth is None
+    assert unpack(opts % b'"Hostname":"h","Subdomain":"","Auth":null') == \
+        Bind("http", hostname="h", auth="")
+    assert unpack(opts % b'"Hostname":"","Subdomain":"","auth":"u:p"').auth == "u:p"
+    # RemotePort: both ends of the range, the key matched case-insensitively.
+    tcp = b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"remoteport":%d}}}'
+    assert unpack(tcp % 0) == Bind("tcp", remote_port=0)
+    assert unpack(tcp % 65535) == Bind("tcp", remote_port=65535)
+    # PublicAddr (Shroud's): absent, null and "" all mean "not told".
+    for public in (b"", b',"PublicAddr":null', b',"PublicAddr":""'):
+        body = b'{"Type":"StartProxy","Payload":{"Url":"u","ClientAddr":"a"%s}}' % public
+        assert unpack(body).public_addr is None
+    assert unpack(b'{"Type":"StartProxy","Payload":{"Url":"u","ClientAddr":"a",'
+                  b'"publicaddr":"198.51.100.1:80"}}').public_addr == "198.51.100.1:80"
+    # The unknown type a peer names is logged cut to 40 characters.
+    with pytest.raises(MessageError) as e:
+        unpack(b'{"Type":"%s","Payload":{}}' % (b"A" * 500))
+    assert e.value.reason == "unknown message type %r" % ("A" * 40)
+
+
+def test_encoding_edges():
+    # Go writes a lone surrogate (invalid UTF-8 there) as U+FFFD.
+    assert pack(StartProxy("a\ud800b", "")) == \
+        b'{"Type":"StartProxy","Payload":{"Url":"a\\ufffdb","ClientAddr":""}}'
+    for port in (0, 65535):
+        assert unpack(pack(Bind("tcp", remote_port=port))).remote_port == port
+    # auth="" is an HTTP bind without credentials: the field is written (None omits it).
+    assert pack(Bind("http", auth="")).endswith(b'"Subdomain":"","Auth":""},"Extra":null}}')
+    assert pack(StartProxy("u", "a", public_addr="")).endswith(b',"PublicAddr":""}}')
+
+
+@pytest.mark.parametrize("msg,error", [
+    (Auth(extra=1.5), "cannot encode float in a control message"),
+    (Auth(extra={"a": {1: "x"}}), "JSON object keys must be strings"),
+    (Auth(extra=object()), "cannot encode object in a control message"),
+    (Auth(version="1"), "Auth.version must be a list of str"),
+    (Auth(version=[1]), "Auth.version must be a str"),
+    (Auth(client_id=None), "Auth.client_id must be a str"),
+    (AuthResp(version=1), "AuthResp.version must be a str"),
+    (AuthResp(client_id=1), "AuthResp.client_id must be a str"),
+    (AuthResp(error=1), "AuthResp.error must be a str"),
+    (Bind(None), "Bind.protocol must be a str"),
+    (Bind("tcp", remote_port=-1), "Bind.remote_port must be 0-65535"),
+    (Bind("tcp", remote_port=65536), "Bind.remote_port must be 0-65535"),
+    (Bind("tcp", remote_port="80"), "Bind.remote_port must be 0-65535"),
+    (Bind("tls", hostname=1), "Bind.hostname must be a str"),
+    (Bind("tls", subdomain=1), "Bind.subdomain must be a str"),
+    (Bind("http", auth=1), "Bind.auth must be a str"),
+    (BindResp(1), "BindResp.url must be a str"),
+    (BindResp("u", protocol=1), "BindResp.protocol must be a str"),
+    (BindResp("u", error=1), "BindResp.error must be a str"),
+    (StartProxy(1, "a"), "StartProxy.url must be a str"),
+    (StartProxy("u", 1), "StartProxy.client_addr must be a str"),
+    (StartProxy("u", "a", public_addr=1), "StartProxy.public_addr must be a str"),
+])
+def test_encode_refusals_name_the_field(msg, error):
+    with pytest.raises(ValueError) as e:
+        pack(msg)
+    assert str(e.value) == error
+
+
+JSON_ERROR = "control message is not valid JSON: "
+BAD_PORT = "Bind.Options.RemotePort must be an integer 0-65535"
+
+
 @pytest.mark.parametrize("body,reason", [
-    (b"", "JSON"),
-    (b"{", "JSON"),
-    (b"[]", "object"),
-    (b'{"Type":"Auth"}', "Payload"),
-    (b'{"Type":"Nope","Payload":{}}', "unknown"),
-    (b'{"Type":"auth","Payload":{}}', "unknown"),  # the Type value is matched exactly
-    (b'{"Type":"Unbind","Payload":{"Url":""}}', "unknown"),  # not registered in go-tunnel
-    (b'{"Type":1,"Payload":{}}', "Type"),
-    (b'{"Payload":{}}', "Type"),
-    (b'{"Type":"Auth","Payload":[]}', "object"),
-    (b'{"Type":"Auth","Payload":null}', "object"),
-    (b'{"Type":"Auth","Payload":{"ClientId":""}}', "Version"),
-    (b'{"Type":"Auth","Payload":{"Version":"1","ClientId":""}}', "Version"),
-    (b'{"Type":"Auth","Payload":{"Version":[1],"ClientId":""}}', "Version"),
-    (b'{"Type":"Auth","Payload":{"Version":["1"]}}', "ClientId"),
-    (b'{"Type":"AuthResp","Payload":{"Version":"1","ClientId":5,"Error":""}}', "string"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tls"}}', "Options"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":"x"}}', "object"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":{"Hostname":"a"}}}', "Subdomain"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{}}}', "RemotePort"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":65536}}}', "0-65535"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":-1}}}', "0-65535"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":80.0}}}', "0-65535"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":"80"}}}', "0-65535"),
-    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":true}}}', "0-65535"),
-    (b'{"Type":"BindResp","Payload":{"Protocol":"","Error":""}}', "Url"),
-    (b'{"Type":"StartProxy","Payload":{"Url":"u"}}', "ClientAddr"),
-    (b'{"Type":"StartProxy","Payload":{"Url":"u","ClientAddr":"a"}} x', "JSON"),
-    (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":NaN}}', "JSON"),
-    (b'{"Type":"StartProxy","Payload":{"Url":"\xff","ClientAddr":""}}', "UTF-8"),
+    (b"", JSON_ERROR),
+    (b"{", JSON_ERROR),
+    (b"[]", "message must be a JSON object"),
+    (b'{"Type":"Auth"}', "Auth message has no Payload"),
+    (b'{"Type":"Nope","Payload":{}}', "unknown message type 'Nope'"),
+    # the Type value is matched exactly
+    (b'{"Type":"auth","Payload":{}}', "unknown message type 'auth'"),
+    (b'{"Type":"Unbind","Payload":{"Url":""}}',
+     "unknown message type 'Unbind'"),  # not registered in go-tunnel
+    (b'{"Type":1,"Payload":{}}', "message has no Type"),
+    (b'{"Payload":{}}', "message has no Type"),
+    (b'{"Type":"Auth","Payload":[]}', "Auth must be a JSON object"),
+    (b'{"Type":"Auth","Payload":null}', "Auth must be a JSON object"),
+    (b'{"Type":"Auth","Payload":{"ClientId":""}}', "Auth has no Version"),
+    (b'{"Type":"Auth","Payload":{"Version":"1","ClientId":""}}',
+     "Auth.Version must be a list of strings"),
+    (b'{"Type":"Auth","Payload":{"Version":[1],"ClientId":""}}',
+     "Auth.Version must be a list of strings"),
+    (b'{"Type":"Auth","Payload":{"Version":["1"]}}', "Auth has no ClientId"),
+    (b'{"Type":"AuthResp","Payload":{"Version":"1","ClientId":5,"Error":""}}',
+     "AuthResp.ClientId must be a string"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tls"}}', "Bind has no Options"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":"x"}}',
+     "Bind.Options must be a JSON object"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tls","Options":{"Hostname":"a"}}}',
+     "Bind.Options has no Subdomain"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{}}}',
+     "Bind.Options has no RemotePort"),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":65536}}}', BAD_PORT),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":-1}}}', BAD_PORT),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":80.0}}}', BAD_PORT),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":"80"}}}', BAD_PORT),
+    (b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"RemotePort":true}}}', BAD_PORT),
+    (b'{"Type":"BindResp","Payload":{"Protocol":"","Error":""}}', "BindResp has no Url"),
+    (b'{"Type":"StartProxy","Payload":{"Url":"u"}}', "StartProxy has no ClientAddr"),
+    (b'{"Type":"StartProxy","Payload":{"Url":"u","ClientAddr":"a"}} x', JSON_ERROR),
+    (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":NaN}}',
+     "NaN is not valid JSON"),
+    (b'{"Type":"StartProxy","Payload":{"Url":"\xff","ClientAddr":""}}',
+     "control message is not valid UTF-8"),
     (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":' + b"9" * 5000 + b"}}",
-     "JSON"),
+     JSON_ERROR),
     (b'{"Type":"Auth","Payload":{"Version":["1"],"ClientId":"","Extra":' + b"[" * 30000
-     + b"]" * 30000 + b"}}", "deep"),
+     + b"]" * 30000 + b"}}",
+     "control message nested too deeply"),
 ])
 def test_malformed_messages(body, reason):
-    with pytest.raises(MessageError, match=reason):
+    """Each refusal's reason exactly (the proxy logs it, rate-limited, and drops the stream);
+    JSON_ERROR is a prefix, the rest is Python's json module's own words."""
+    def check(exc):
+        assert str(exc) == exc.reason
+        if reason == JSON_ERROR:
+            assert exc.reason.startswith(JSON_ERROR)
+        else:
+            assert exc.reason == reason
+    with pytest.raises(MessageError) as e:
         unpack(body)
+    check(e.value)
     reader = MessageReader()
     reader.feed(frame(body))
-    with pytest.raises(MessageError):
+    with pytest.raises(MessageError) as e:
         reader.next_message()
-    with pytest.raises(MessageError):  # the error is sticky
+    check(e.value)
+    with pytest.raises(MessageError) as again:  # the error is sticky
         reader.next_message()
+    assert again.value is e.value
 
 
 # --- MessageReader --------------------------------------------------------------------------
@@ -225,8 +330,37 @@ def test_length_bound_is_exact_and_configurable():
     assert reader.next_message().extra.startswith("xxx")
     small = MessageReader(max_size=64)
     small.feed(encode(VECTORS[1][0]))
-    with pytest.raises(MessageError):
+    with pytest.raises(MessageError, match=r"\Amessage length 115 exceeds 64\Z"):
         small.next_message()
+    assert MessageReader().max_size == MAX_MESSAGE
+    too_long = MessageReader()
+    too_long.feed(struct.pack("<q", MAX_MESSAGE + 1))
+    with pytest.raises(MessageError, match=r"\Amessage length 65537 exceeds 65536\Z"):
+        too_long.next_message()
+    negative = MessageReader()
+    negative.feed(struct.pack("<q", -1))
+    with pytest.raises(MessageError, match=r"\Anegative message length -1\Z"):
+        negative.next_message()
+
+
+def test_message_bound_fits_one_stream_window():
+    """MAX_MESSAGE is 64 KiB: no more than a muxado stream's initial window (all a peer's
+    stream gets from the proxy), so one hostile stream makes us hold at most that much."""
+    from lib.protocol.muxstate import INITIAL_WINDOW
+    assert MAX_MESSAGE == 64 * 1024 <= INITIAL_WINDOW
+
+
+def test_reader_prefix_boundaries():
+    reader = MessageReader()
+    reader.feed(encode(VECTORS[0][0])[:7])  # 7 bytes: not even a length yet
+    assert reader.next_message() is None
+    reader.feed(encode(VECTORS[0][0])[7:8])  # the whole length, none of the body
+    assert reader.next_message() is None
+    assert reader.trailing_data == encode(VECTORS[0][0])[:8]
+    empty = MessageReader()
+    empty.feed(struct.pack("<q", 0))  # a zero length is an empty body: not JSON
+    with pytest.raises(MessageError, match=r"\Acontrol message is not valid JSON: "):
+        empty.next_message()
 
 
 # --- read_message / write_message over real sockets ------------------------------------------
@@ -268,8 +402,38 @@ def test_read_message_bounds_length_before_reading_body():
     with pytest.raises(MessageError):
         read_message(stream)
     stream = OneShot(encode(VECTORS[0][0]))
-    with pytest.raises(MessageError):
+    with pytest.raises(MessageError, match=r"\Amessage length 70 exceeds 10\Z"):
         read_message(stream, max_size=10)
+    assert stream.reads == 1  # the prefix alone: the body was never read
+
+
+class Chunks:
+    """A stream whose recv hands out the given pieces, then b"" (closed)."""
+
+    def __init__(self, *pieces):
+        self.pieces = list(pieces)
+
+    def recv(self, n):
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        assert len(piece) <= n, "read past what was asked"
+        return piece
+
+
+def test_read_message_ends():
+    data = encode(VECTORS[0][0])
+    # Pieces of any size are joined: the prefix in two, the body in three.
+    assert read_message(Chunks(data[:3], data[3:8], data[8:9], data[9:20], data[20:])) == \
+        VECTORS[0][0]
+    with pytest.raises(EOFError, match=r"\Astream closed before a control message\Z"):
+        read_message(Chunks())
+    # Closed inside the length prefix, right after it, or inside the body: a broken message.
+    for pieces in [(data[:1],), (data[:3], data[3:7]), (data[:8],), (data[:8], data[8:20])]:
+        with pytest.raises(MessageError, match=r"\Astream closed inside a control message\Z"):
+            read_message(Chunks(*pieces))
+    with pytest.raises(MessageError, match=r"\Acontrol message is not valid JSON: "):
+        read_message(Chunks(struct.pack("<q", 0)))  # an empty body reads nothing more
 
 
 # --- Shroud extras and signatures -----------------------------------------------------------
@@ -315,6 +479,70 @@ def test_proxy_ids():
     with pytest.raises(ValueError):
         m.proxy_id_for_cert(b"")
 
+def test_proxy_id_bounds_and_refusals():
+    longest = "host:" + "a" * (m.MAX_PROXY_ID - 5)  # 300 characters in all
+    assert m.check_proxy_id(longest) == longest and len(longest) == 300
+    for bad in ["host:" + "a" * 296, "host:A", "cert:" + "a" * 65, " cert:" + "a" * 64, None]:
+        with pytest.raises(ValueError, match=r"\Amalformed proxy id "):
+            m.check_proxy_id(bad)
+    assert m.check_proxy_id("host:[2001:db8::1]") == "host:[2001:db8::1]"
+    assert m.check_proxy_id("host:a_b-c.d") == "host:a_b-c.d"
+    assert m.proxy_id_for_cert(bytearray(b"der")) == m.proxy_id_for_cert(b"der")
+    for bad in [b"", "der", None]:
+        with pytest.raises(ValueError, match=r"\Acertificate must be non-empty DER bytes\Z"):
+            m.proxy_id_for_cert(bad)
+    with pytest.raises(ValueError, match=r"\Ahost must be a str\Z"):
+        m.proxy_id_for_host(5)
+    assert m.proxy_id_for_fingerprint("ab" * 32) == "cert:" + "ab" * 32
+    # Extra "to": absent, null, or Extra not an object -> unsigned-for-a-proxy (None).
+    for extra in [None, [], "to", {"to": None}, {"sig": "x"}]:
+        assert Bind("tls", extra=extra).proxy_id is None
+    with pytest.raises(MessageError) as e:
+        _ = Bind("tls", extra={"to": 5}).proxy_id
+    assert e.value.reason == "Extra.to: malformed proxy id 5"
+
+
+def test_extra_fields_exactly():
+    assert m.auth_extra(bytearray(KEY)) == {"shroud": 2, "key": base64.b64encode(KEY).decode()}
+    assert m.auth_resp_extra(NONCE) == {"shroud": 2, "nonce": base64.b64encode(NONCE).decode()}
+    assert m.bind_extra(SIG, PROXY) == {"sig": base64.b64encode(SIG).decode(), "to": PROXY}
+    assert m.refusal_extra(m.REASON_LIMIT) == {"reason": "limit"}
+    for call, error in [(lambda: m.auth_extra(KEY[:31]), "key must be 32 bytes"),
+                        (lambda: m.auth_extra(KEY.hex()), "key must be 32 bytes"),
+                        (lambda: m.auth_resp_extra(NONCE + b"x"), "nonce must be 32 bytes"),
+                        (lambda: m.bind_extra(SIG[:63], PROXY), "signature must be 64 bytes"),
+                        (lambda: m.refusal_extra(5), "reason must be a str")]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == error
+    # The version a peer announced: an int, never a bool, a string or anything outside an object.
+    assert m.shroud_version({"shroud": 3}) == 3
+    for extra in [{"shroud": True}, {"shroud": "2"}, {"shroud": 2.0}, {}, [2], 2, None]:
+        assert m.shroud_version(extra) is None
+    # The refusal code: a string in an object, else none.
+    assert BindResp("", extra={"reason": "limit", "x": 1}).reason == "limit"
+    for extra in [{"reason": 5}, {"reason": None}, ["reason"], "limit"]:
+        assert BindResp("", extra=extra).reason is None
+
+
+def test_extra_bytes_refusals_exactly():
+    short = base64.b64encode(b"short").decode()
+    cases = [(5, "Extra.key must be a base64 string"), ([], "Extra.key must be a base64 string"),
+             ("not base64!", "Extra.key is not valid base64"),
+             ("\u00e9" * 4, "Extra.key is not valid base64"),  # not even ASCII
+             (short, "Extra.key must hold 32 bytes, not 5")]
+    for value, reason in cases:
+        with pytest.raises(MessageError) as e:
+            _ = Auth(extra={"key": value}).public_key
+        assert e.value.reason == reason
+    with pytest.raises(MessageError, match=r"\AExtra\.nonce must hold 32 bytes, not 5\Z"):
+        _ = AuthResp(extra={"nonce": short}).nonce
+    with pytest.raises(MessageError, match=r"\AExtra\.sig must hold 64 bytes, not 5\Z"):
+        _ = Bind("tls", extra={"sig": short}).signature
+    for extra in [None, {"key": None}, {"other": "x"}, ["key"]]:
+        assert Auth(extra=extra).public_key is None
+
+
 @pytest.mark.parametrize("value", [5, "not base64!", base64.b64encode(b"short").decode(),
                                    base64.b64encode(KEY).decode().rstrip("=")])
 def test_malformed_extra_values(value):
@@ -334,6 +562,18 @@ def test_bind_signature_payload_exact_bytes():
                                     Bind("tcp", remote_port=22).signed_name) \
         == b"shroud-bind-v2\x00" + NONCE + b"\x00host:p.example\x00tcp\x0022"
     assert Bind("tls", hostname="Example.COM.").signed_name == "Example.COM."
+    assert m.bind_signature_payload(bytearray(NONCE), PROXY, "tls", "é") == \
+        b"shroud-bind-v2\x00" + NONCE + b"\x00" + PROXY.encode() + b"\x00tls\x00\xc3\xa9"
+    for args, error in [((NONCE[:31], PROXY, "tls", "a"), "nonce must be 32 bytes"),
+                        ((NONCE.hex(), PROXY, "tls", "a"), "nonce must be 32 bytes"),
+                        ((NONCE, PROXY, "tls\0", "a"), "protocol must not contain NUL"),
+                        ((NONCE, PROXY, "tls", "a\0b"), "name must not contain NUL"),
+                        ((NONCE, PROXY, None, "a"), "protocol must be a str"),
+                        ((NONCE, PROXY, "tls", 22), "name must be a str")]:
+        with pytest.raises(ValueError) as e:
+            m.bind_signature_payload(*args)
+        assert str(e.value) == error
+    assert Bind("tcp").signed_name == "0"
     for args in [(NONCE[:31], PROXY, "tls", "a"), (NONCE, PROXY, "tls\0", "a"),
                  (NONCE, PROXY, "tls", "a\0b"), (NONCE, "host:a\0b", "tls", "a"),
                  (NONCE, "example.com", "tls", "a")]:
