@@ -40,7 +40,8 @@ class FakeSession:
 def proxy(tmp_path):
     p = ProxyServer(ProxyConfig(data_dir=str(tmp_path / "data"), tunnel_addr=None,
                                 admin_addr=None))
-    p.registry.listeners.update({"tunnel": "127.0.0.1:4443", "https": "127.0.0.1:8443"})
+    p.registry.add_listener("tunnel", ("127.0.0.1", 4443))
+    p.registry.add_listener("https", ("127.0.0.1", 8443))
     yield p
     p.store.close()
 
@@ -469,7 +470,7 @@ def test_public_link_is_what_a_visitor_opens(client, proxy):
     listener's port unless 443, http://NAME for http: names; nothing for tcp: or wildcards."""
     make_tunnel(proxy, ["app.test", "*.wild.test"])
     make_tunnel(proxy, ["plain.test"], protocol="http", peer="10.0.0.2:1")
-    proxy.registry.listeners["http"] = "0.0.0.0:80"
+    proxy.registry.add_listener("http", ("0.0.0.0", 80))
     links = {b["name"]: b["link"] for b in
              client.get("/api/hostnames", headers=bearer()).json["items"]}
     assert links == {"app.test": "https://app.test:8443", "*.wild.test": None,
