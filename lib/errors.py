@@ -34,6 +34,7 @@ class for its meaning. Each error keeps the builtin base its callers catch (a co
       +- PreforkError                a listener setting the master cannot honour lib.proxy.prefork
       +- MessageError (workers)      a sibling worker's message we refuse        lib.proxy.workers
       +- LinkRefused                 a fleet link the holder will not serve      lib.proxy.hostlinks
+      +- NoStore                     a block on a proxy without a store (503)    lib.proxy.actions
       +- PeekTimeout                 no routing name within the peek deadline    lib.proxy.server
       +- ListenError (OSError)       a listener cannot open: .listener, .addr    lib.errors
       +- QueryError (ValueError)     an API query parameter we cannot honour     lib.admin.dashboard

@@ -384,6 +384,32 @@ def test_the_blueprint_serves_any_live_state_without_a_proxy(tmp_path):
     assert c.get("/api/overview").status_code == 401
 
 
+def test_a_block_without_a_store_is_a_clear_503_naming_it(tmp_path):
+    """A proxy without an ownership store (an embedding that passed its own policy) cannot keep
+    a block: /api/block and /api/unblock say so in JSON, naming the store and its flags."""
+    from flask import Flask
+
+    from lib.admin import auth, views
+    from lib.proxy.actions import OperatorActions
+    from lib.proxy.registry import Registry
+
+    registry = Registry()
+    app = Flask(__name__, template_folder=str(tmp_path))
+    app.secret_key = b"k" * 32
+    app.extensions[views.EXTENSION] = views.Live(
+        registry=registry, store=None, hostname="p.test", fingerprint="f" * 64,
+        actions=OperatorActions(registry, store=None))
+    app.extensions[auth.EXTENSION] = auth.AuthSettings(password_hash=None, token=TOKEN)
+    app.register_blueprint(views.bp)
+    c = app.test_client()
+    for path in ("/api/block", "/api/unblock"):
+        for kind, target in (("hostname", "app.test"), ("key", KEY_B)):
+            r = c.post(path, json={"kind": kind, "target": target}, headers=bearer())
+            assert r.status_code == 503 and r.json["missing"] == "store", (path, r.data)
+            assert "no ownership store" in r.json["error"], r.json
+            assert "--data-dir" in r.json["error"] and "--database-url" in r.json["error"]
+
+
 def test_login_throttle_alone():
     now = [0.0]
     from lib.admin.auth import LoginThrottle

@@ -42,6 +42,7 @@ JSON API (all GET unless marked)::
     POST /api/tunnels/<id>/disconnect
     POST /api/block     {"kind": "hostname"|"key", "target": ..., "detail": ...}
     POST /api/unblock   {"kind": "hostname"|"key", "target": ..., "detail": ...}
+        # both: 503 {"error": ..., "missing": "store"} on a proxy without an ownership store
     /metrics                           Prometheus text format (lib.admin.metrics)
 """
 from __future__ import annotations

@@ -22,6 +22,7 @@ from flask import (Blueprint, abort, current_app, g, jsonify, redirect, render_t
 
 from lib.admin import auth, dashboard
 from lib.admin.metrics import render as render_metrics
+from lib.proxy.actions import NoStore
 from lib.proxy.store import OwnershipError
 
 EXTENSION = "shroud_live"
@@ -70,6 +71,12 @@ def store_error(e):
     # The store (the fleet's database) cannot answer: say so; its message never holds a
     # password (lib/proxy/store/postgres.py redact_url).
     return jsonify(error=str(e)), 503
+
+
+@bp.errorhandler(NoStore)
+def no_store(e):
+    # Not the operator's request: this proxy was started without a store to keep a block in.
+    return jsonify(error=str(e), missing="store"), 503
 
 
 # --- open ------------------------------------------------------------------------------------

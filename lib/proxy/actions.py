@@ -15,17 +15,28 @@ Blocks are kept durably by the store (which writes the audit entry); this class 
 to the live state at once. New binds and public connections check the store's blocks
 themselves (lib/proxy/bindpolicy.py, lib/proxy/routing.py).
 
-:raises RuntimeError: a block on a proxy without an ownership store (nothing could keep it).
+:raises NoStore: a block or unblock on a proxy without an ownership store (nothing could keep
+    it; the dashboard answers 503 naming the store).
 """
 from __future__ import annotations
 
 import logging
 
-from lib.errors import ErrorCode
+from lib.errors import ErrorCode, ShroudError
 from lib.proxy.ownership import Blocks, canonical_name
 from lib.proxy.registry import Registry
 
 log = logging.getLogger("shroud.proxy")
+
+
+class NoStore(ShroudError):
+    """A block needs the ownership store, and this proxy has none (an embedding that passed
+    its own ownership policy; the entry points always open one)."""
+
+    def __init__(self):
+        super().__init__("this proxy has no ownership store, so blocks cannot be kept: it keeps "
+                         "them in its store (SQLite in --data-dir, or PostgreSQL with "
+                         "--database-url); start the proxy with one")
 
 
 class OperatorActions:
@@ -35,7 +46,7 @@ class OperatorActions:
 
     def _require_store(self):
         if self.store is None:
-            raise RuntimeError("this proxy has no ownership store: blocks cannot be kept")
+            raise NoStore()
         return self.store
 
     def disconnect_tunnel(self, tunnel_id: int, actor: str, detail: str = "") -> bool:
