@@ -86,3 +86,119 @@ def test_redirect_keeps_the_target_with_a_body_after_the_head():
     assert b"Content-Length: 0\r\n" in raw
     assert _redirect_to_https("a.example", b"GET http://evil/ HTTP/1.1\r\n\r\n").split(
         b"\r\n")[1] == b"Location: https://a.example/"
+
+
+# --- edges a peer reaches (issue 17, httphead mutants) ---------------------------------------
+def test_request_line_edges():
+    head = parse_request_head(b"OPTIONS * HTTP/1.0")  # no blank line: still a whole head
+    assert (head.method, head.target, head.version, head.path, head.fields) == \
+        ("OPTIONS", "*", "1.0", "*", [])
+    longest = b"A" * httphead.MAX_METHOD
+    assert parse_request_head(longest + b" / HTTP/1.1\r\n\r\n").method == "A" * 64
+    # obs-text in the target is kept, read as latin-1; "?" splits off the query once
+    head = parse_request_head(b"GET /caf\xe9?a=1?b HTTP/1.1\r\n\r\n")
+    assert (head.target, head.path) == ("/caf\u00e9?a=1?b", "/caf\u00e9")
+    for bad in [b"GET / HTTP/1.1 \r\n\r\n", b"GET /\x7f HTTP/1.1\r\n\r\n", b"GET\r\n\r\n",
+                b"G(T / HTTP/1.1\r\n\r\n", b"GET / http/1.1\r\n\r\n", b" GET / HTTP/1.1\r\n\r\n"]:
+        with pytest.raises(HeadError) as e:
+            parse_request_head(bad)
+        assert (e.value.reason, str(e.value), e.value.http_status) == \
+            ("malformed HTTP/1.x request line", "malformed HTTP/1.x request line", 400)
+    with pytest.raises(HeadError) as e:
+        parse_request_head(b"A" * 65 + b" / HTTP/1.1\r\n\r\n")
+    assert (e.value.reason, e.value.http_status) == ("not an HTTP/1.x request", 400)
+
+
+def test_header_values_stripped_and_checked():
+    head = parse_request_head(b"GET / HTTP/1.1\r\nX-A: \t a \t b \t\r\nX-B:caf\xe9\r\n"
+                              b"X-C:\r\n!#$%&'*+-.^_`|~09AZaz: t\r\n\r\n")
+    assert head.fields == [("x-a", "a \t b"), ("x-b", "caf\u00e9"), ("x-c", ""),
+                           ("!#$%&'*+-.^_`|~09azaz", "t")]
+    for line in [b"X: a\x00b", b"X: a\x7f", b"X: a\x1fb", b"X: a\nb", b": v", b"X\x01: v",
+                 b"X :v", b"\tX: v"]:
+        with pytest.raises(HeadError) as e:
+            parse_request_head(b"GET / HTTP/1.1\r\n" + line + b"\r\n\r\n")
+        assert (e.value.reason, e.value.http_status) == ("malformed header line", 400)
+
+
+def test_split_head_bound_exactly():
+    # A head of exactly ``limit`` bytes, its blank line included, fits; one more byte does not,
+    # whether the head arrives whole or in pieces.
+    fits = b"GET / HTTP/1.1\r\nX: " + b"a" * 40
+    fits += b"a" * (64 - len(fits) - 4) + b"\r\n\r\n"
+    assert len(fits) == 64
+    assert httphead.split_head(fits + b"body", limit=64) == (fits, b"body")
+    assert httphead.split_head(fits[:-1], limit=64) is None
+    over = fits[:-4] + b"a\r\n\r\n"
+    for data in [over, over[:64], over[:65]]:
+        with pytest.raises(HeadError) as e:
+            httphead.split_head(data, limit=64)
+        assert (e.value.reason, e.value.http_status) == ("HTTP head exceeds 64 bytes", 431)
+    assert httphead.split_head(b"GET / HTTP/1.1\n\nrest") == (b"GET / HTTP/1.1\n\n", b"rest")
+    assert httphead.split_head(bytearray(b"GET / HTTP/1.1\r\n\r\n")) == \
+        (b"GET / HTTP/1.1\r\n\r\n", b"")
+    assert httphead.MAX_HEAD == 16384
+    assert httphead.split_head(b"x" * 16383) is None
+    with pytest.raises(HeadError, match=r"\AHTTP head exceeds 16384 bytes\Z"):
+        httphead.split_head(b"x" * 16384)
+
+
+def test_response_head_edges():
+    r = httphead.parse_response_head(b"HTTP/1.0 204\r\nX-A:  b \r\n\r\n")
+    assert (r.version, r.status, r.phrase, r.fields) == ("1.0", 204, "", [("x-a", "b")])
+    assert r.get_all("X-A") == ["b"] and r.get("x-b", "none") == "none"
+    r = httphead.parse_response_head(b"HTTP/1.1 404 Not\tFound \xe9\n\n")
+    assert (r.version, r.status, r.phrase) == ("1.1", 404, "Not\tFound \u00e9")
+    for bad in [b"HTTP/1.1 20 OK", b"HTTP/2.0 200 OK", b"HTTP/1.1 200 O\x01K", b"HTTP/1.1 200OK"]:
+        with pytest.raises(HeadError) as e:
+            httphead.parse_response_head(bad + b"\r\n\r\n")
+        assert e.value.reason == f"not an HTTP response: {bad!r}"
+    with pytest.raises(HeadError) as e:  # what is quoted of a hostile line is bounded
+        httphead.parse_response_head(b"x" * 500 + b"\r\n\r\n")
+    assert e.value.reason == "not an HTTP response: " + repr(b"x" * 80)
+    with pytest.raises(HeadError, match=r"\Amalformed header line\Z"):
+        httphead.parse_response_head(b"HTTP/1.1 200 OK\r\nX : y\r\n\r\n")
+
+
+@pytest.mark.parametrize("status,phrase", [
+    (301, "Moved Permanently"), (400, "Bad Request"), (404, "Not Found"),
+    (405, "Method Not Allowed"), (408, "Request Timeout"), (421, "Misdirected Request"),
+    (426, "Upgrade Required"), (431, "Request Header Fields Too Large"), (502, "Bad Gateway"),
+    (503, "Service Unavailable"), (418, "Error"), (100, "Error"), (599, "Error")])
+def test_error_response_whole(status, phrase):
+    """What a visitor reads, byte for byte: the standard phrase, which is also the body."""
+    body = phrase.encode() + b"\n"
+    assert http_error_response(status) == (
+        f"HTTP/1.0 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def test_error_response_bodies_headers_and_refusals():
+    raw = http_error_response(404, "Gone Fishing", "caf\u00e9\n")  # Content-Length in bytes
+    assert raw == (b"HTTP/1.0 404 Gone Fishing\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   b"Content-Length: 6\r\nConnection: close\r\n\r\ncaf\xc3\xa9\n")
+    assert http_error_response(301, body=b"", headers=[("Location", "/a"), ("X", "\u00e9")],
+                               version="1.1") == (
+        b"HTTP/1.1 301 Moved Permanently\r\nLocation: /a\r\nX: ?\r\nContent-Type: text/plain;"
+        b" charset=utf-8\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    for args, error in [((99,), "HTTP status must be 100-599"),
+                        ((600,), "HTTP status must be 100-599"),
+                        ((400, "Bad\r\n"), "HTTP reason must be printable ASCII"),
+                        ((400, "Caf\u00e9"), "HTTP reason must be printable ASCII")]:
+        with pytest.raises(ValueError) as e:
+            http_error_response(*args)
+        assert str(e.value) == error
+    for name, value in [("X\n", "a"), ("X", "a\rb")]:
+        with pytest.raises(ValueError) as e:
+            http_error_response(400, headers=[(name, value)])
+        assert str(e.value) == f"HTTP header {name!r} must be printable"
+
+
+@pytest.mark.parametrize("value,want", [
+    ("203.0.113.9", "203.0.113.9"), (" 1.2.3.4 , 203.0.113.9 ", "203.0.113.9"),
+    ("203.0.113.9:4711", "203.0.113.9"), ("x, [2001:db8::1]:443", "2001:db8::1"),
+    ("[2001:DB8::1]", "2001:db8::1"), ("2001:db8:0::1", "2001:db8::1"), ("::1", "::1"),
+    ("203.0.113.9, junk", None), ("junk, ", None), ("", None), ("unknown", None),
+    ("[junk]:1", None), ("203.0.113.9:1:2", None), ("a:1", None)])
+def test_forwarded_client_is_the_last_entry_if_an_address(value, want):
+    assert httphead.forwarded_client(value) == want

@@ -105,7 +105,10 @@ def split_head(buf: bytes, limit: int = MAX_HEAD) -> tuple[bytes, bytes] | None:
     :returns: ``(head, rest)``, or ``None`` when the head is not complete yet.
     :raises HeadError: no end of head within ``limit`` bytes (431).
     """
-    m = END_OF_HEAD_RE.search(buf, 0, limit + 4)
+    # The blank line must end within ``limit`` bytes, the bound the 431 below enforces: a head
+    # is accepted or refused alike whether it arrives whole or in pieces (searching ``limit + 4``
+    # bytes accepted a whole head of up to limit + 4 bytes but refused it read in pieces).
+    m = END_OF_HEAD_RE.search(buf, 0, limit)
     if m is None:
         if len(buf) >= limit:
             raise HeadError(f"HTTP head exceeds {limit} bytes", 431)
