@@ -124,6 +124,10 @@ def test_visitor_at_b_reaches_a_tunnel_held_only_on_a(fleet):
 
     # A name held nowhere is still a clear 404 at B.
     assert get(b, "nobody.test")[0] == 404
+    # Each forwarded exchange ended cleanly at both ends: the splice half-closes the link
+    # (lib.proxy.hostlinks.LinkEnd), which SSLSocket.shutdown would unwrap under its reader.
+    for proxy in (a, b):
+        assert "Traceback" not in proxy.log(), proxy.log()[-3000:]
 
 
 def test_holder_killed_the_other_holder_takes_over(fleet):

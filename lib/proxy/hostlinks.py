@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from lib.certs import PinMismatch, check_pin, client_tls_context, server_tls_context
 from lib.errors import ShroudError
 from lib.hostport import parse_hostport
+from lib.net.sockets import set_nodelay
 from lib.net.splice import splice
 from lib.proxy.store.base import OwnershipError, candidates
 from lib.proxy.workers import LIMIT, TAKEN, Refused
@@ -189,7 +190,7 @@ class FleetLinks:
                 instance = self._instances.get(instance_id)
                 link = instance and self._open(instance, header, peeked, left)
                 if link is not None:
-                    splice(sock, link)  # closes both when the visitor or the holder is done
+                    splice(sock, LinkEnd(link))  # closes both when the visitor or the holder is done
                     return TAKEN
             return None
         finally:
@@ -202,6 +203,7 @@ class FleetLinks:
             with gevent.Timeout(timeout):
                 host, port = parse_hostport(instance.fleet_addr)
                 raw = gevent.socket.create_connection((host, port))
+                set_nodelay(raw)  # the nonce, head and answer are small writes (Nagle: 40 ms)
                 tls = self._client_ctx.wrap_socket(raw, server_hostname=None)
                 check_pin(tls, {instance.fingerprint})
                 nonce = _read_exact(tls, NONCE_BYTES)
@@ -224,6 +226,7 @@ class FleetLinks:
 
     # --- holder --------------------------------------------------------------------------
     def _serve(self, raw, address) -> None:
+        set_nodelay(raw)
         try:
             with gevent.Timeout(LINK_TIMEOUT):
                 tls = self._server_ctx.wrap_socket(raw, server_side=True)
@@ -251,7 +254,7 @@ class FleetLinks:
             self._log_refused(address, "handshake: %s" % (exc or type(exc).__name__))
             raw.close()
             return
-        run(tls)
+        run(LinkEnd(tls))
 
     def _read_head(self, tls, nonce: bytes) -> tuple:
         """The sender's head and peeked bytes, checked. :raises LinkRefused:"""
@@ -289,6 +292,23 @@ class FleetLinks:
             self._logged_at = now
             log.warning("fleet link from %s refused: %s (counter fleet_link_refused; one "
                         "line per %g s)", address[0], reason, REFUSED_LOG_INTERVAL)
+
+
+class LinkEnd:
+    """A TLS link as one end of a splice (lib/net/splice.py half-closes its ends). Python's ssl
+    cannot half-close TLS: SSLSocket.shutdown drops the TLS state, and the next read of the
+    other direction raised ValueError (a traceback at the holder after every forwarded HTTP
+    exchange). Here SHUT_WR sends the TCP FIN alone, no close_notify (the peer's ssl reads it as
+    the end, suppress_ragged_eofs), and reads go on. Everything else is the TLS socket's."""
+
+    def __init__(self, tls):
+        self._tls = tls
+
+    def __getattr__(self, name):
+        return getattr(self._tls, name)
+
+    def shutdown(self, how: int) -> None:
+        gevent.socket.socket.shutdown(self._tls, how)
 
 
 def _read_exact(sock, n: int) -> bytes:
