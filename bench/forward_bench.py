@@ -24,10 +24,10 @@ tests/fixtures/postgres.py does.
    worker-direct gunicorn (2 workers), a source port the kernel  the holding worker
                  hashes (SO_REUSEPORT) to the holding worker
    via-worker   the same, a source port hashed to the other one  handed over (SCM_RIGHTS)
-   host-direct  proxy A's public port (127.0.0.1)                A, the holder
-   via-host     proxy B's public port                            carried to A over the link
-                                                                 (B's --fleet-addr 127.0.0.3,
-                                                                 A's 127.0.0.2, one database)
+   host-direct  proxy A's public port (every listener of A on     A, the holder
+                 127.0.0.2)
+   via-host     proxy B's public port (B's on 127.0.0.3)          carried to A over the link
+                                                                 (one PostgreSQL database)
 
    A visitor is put on a chosen worker deterministically: the kernel picks a SO_REUSEPORT
    socket by a hash of the connection's addresses, stable for a given source port. Before the
@@ -78,7 +78,7 @@ def loadavg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def fresh_ttfb(port: int, sport: int | None = None) -> float:
+def fresh_ttfb(port: int, sport: int | None = None, host: str = "127.0.0.1") -> float:
     """One fresh connection (from source port ``sport`` when given): seconds from connect() to
     the first response byte. Reset after reading to the end: no TIME_WAIT on either side, so a
     source port can be used again at once."""
@@ -91,7 +91,7 @@ def fresh_ttfb(port: int, sport: int | None = None) -> float:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", sport))
         t0 = time.perf_counter()
-        s.connect(("127.0.0.1", port))
+        s.connect((host, port))
         s.sendall(req)
         first = s.recv(65536)
         took = time.perf_counter() - t0
@@ -140,14 +140,14 @@ class Fleet:
                                                                        ("b", "127.0.0.3")))
             self.procs.append(ClientProc(d, os.path.join(d, "fleet-client"),
                                          [f"http:{NAME}", f"127.0.0.1:{origin}"],
-                                         [f"127.0.0.1:{self.a.ports['tunnel']}"],
+                                         [f"{self.a.host}:{self.a.ports['tunnel']}"],
                                          pins=[self.a.fingerprint], name="fleet-client",
                                          extra=["--log-level", "warning"]))
             self.a.wait_bound(NAME, timeout=READY_TIMEOUT)
             deadline = time.monotonic() + READY_TIMEOUT
             while True:  # B serves the name once it has read A's rows
                 try:
-                    fresh_ttfb(self.b.ports["http"])
+                    fresh_ttfb(self.b.ports["http"], host=self.b.host)
                     break
                 except (OSError, ConnectionError):
                     if time.monotonic() > deadline:
@@ -158,8 +158,8 @@ class Fleet:
             raise
 
     def _proxy(self, d: str, n: str, ip: str, url: str) -> ProxyProc:
-        p = ProxyProc(d, os.path.join(d, f"fleet-{n}"), name=f"fleet-{n}",
-                      extra=["--fleet-addr", f"{ip}:{free_port()}", "--fleet-heartbeat",
+        p = ProxyProc(d, os.path.join(d, f"fleet-{n}"), name=f"fleet-{n}", host=ip,
+                      extra=["--fleet-addr", f"{ip}:{free_port(ip)}", "--fleet-heartbeat",
                              FLEET_BEAT, "--log-level", "warning"],
                       env={"SHROUD_DATABASE_URL": url})
         self.procs.append(p)
@@ -174,9 +174,10 @@ class Fleet:
         self.pg.stop()
 
 
-def throughput(label: str, port: int, pids, args) -> dict:
+def throughput(label: str, port: int, pids, args, addr: str = "127.0.0.1") -> dict:
     cpu0 = cpu_seconds(pids())
-    w = wrk(None, args.conns, args.wrk_seconds, port=port, target="/small", host=NAME)
+    w = wrk(None, args.conns, args.wrk_seconds, port=port, target="/small", host=NAME,
+            addr=addr)
     cpu = cpu_seconds(pids()) - cpu0
     row = {"label": label, "rps": w["rps"], "errors": w["errors"], "requests": w["requests"],
            "cpu_us": cpu / max(1, w["requests"]) * 1e6}
@@ -259,17 +260,17 @@ def run(d: str, args) -> str:
         fleet = Fleet(d, origin_port)
         rss["fleet A, B"] = [rss_kib([p]) / 1024 for p in fleet.pids()]
         tput.append(throughput("fleet, at A (holder)", fleet.a.ports["http"],
-                               lambda: [fleet.a.pid], args))
+                               lambda: [fleet.a.pid], args, fleet.a.host))
         tput.append(throughput("fleet, at B (all via A)", fleet.b.ports["http"],
-                               fleet.pids, args))
+                               fleet.pids, args, fleet.b.host))
         direct, handed = classify_ports(host)
         log(f"source ports: direct {direct}, handed over {handed}")
         before = host.handed()
         samples = rounds({
             "worker-direct": lambda i: fresh_ttfb(host.http, direct[i % POOL]),
             "via-worker": lambda i: fresh_ttfb(host.http, handed[i % POOL]),
-            "host-direct": lambda i: fresh_ttfb(fleet.a.ports["http"]),
-            "via-host": lambda i: fresh_ttfb(fleet.b.ports["http"]),
+            "host-direct": lambda i: fresh_ttfb(fleet.a.ports["http"], host=fleet.a.host),
+            "via-host": lambda i: fresh_ttfb(fleet.b.ports["http"], host=fleet.b.host),
         }, args.fresh)
         if host.handed() - before != args.fresh:
             raise RuntimeError(f"{host.handed() - before} hand-overs for {args.fresh} "

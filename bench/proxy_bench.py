@@ -543,11 +543,11 @@ def _ms(text: str) -> float:
 
 
 def wrk(path: Path, conns: int, seconds: int, port: int | None = None, target: str = SMALL,
-        host: str = HTTP_NAME) -> dict:
+        host: str = HTTP_NAME, addr: str = "127.0.0.1") -> dict:
     threads = 1 if conns == 1 else min(2, os.cpu_count() or 1)
     port = port or path.http_port
     argv = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--latency",
-            "--timeout", "5s", "-H", f"Host: {host}", f"http://127.0.0.1:{port}{target}"]
+            "--timeout", "5s", "-H", f"Host: {host}", f"http://{addr}:{port}{target}"]
     out = run(argv, seconds + 30)
     if out.returncode:
         raise RuntimeError(f"wrk failed: {out.stderr or out.stdout}")
