@@ -160,9 +160,10 @@ def test_decoding_edges_a_peer_can_reach():
 
 
 def test_encoding_edges():
-    # Go writes a lone surrogate (invalid UTF-8 there) as U+FFFD.
-    assert pack(StartProxy("a\ud800b", "")) == \
-        b'{"Type":"StartProxy","Payload":{"Url":"a\\ufffdb","ClientAddr":""}}'
+    # Go writes a lone surrogate (invalid UTF-8 there) as U+FFFD: both ends of the range.
+    assert pack(StartProxy("a\ud800b\udfff", "\ud7ff\ue000")) == (
+        b'{"Type":"StartProxy","Payload":{"Url":"a\\ufffdb\\ufffd","ClientAddr":"'
+        + "\ud7ff\ue000".encode() + b'"}}')
     for port in (0, 65535):
         assert unpack(pack(Bind("tcp", remote_port=port))).remote_port == port
     # auth="" is an HTTP bind without credentials: the field is written (None omits it).
@@ -271,6 +272,51 @@ def test_malformed_messages(body, reason):
     with pytest.raises(MessageError) as again:  # the error is sticky
         reader.next_message()
     assert again.value is e.value
+
+
+# Every message type's payload, whole; each refusal below names the type and the field.
+WHOLE = {
+    "Auth": {"Version": ["1"], "ClientId": "c", "Extra": None},
+    "AuthResp": {"Version": "1", "ClientId": "c", "Error": "", "Extra": None},
+    "Bind": {"Protocol": "http", "Options": {"Hostname": "h", "Subdomain": "s", "Auth": "a"},
+             "Extra": None},
+    "BindResp": {"Url": "u", "Protocol": "p", "Error": "", "Extra": None},
+    "StartProxy": {"Url": "u", "ClientAddr": "a", "PublicAddr": "p"},
+}
+OPTIONAL = {"Extra", "PublicAddr"}
+NOT_A_STRING = {"Auth.Version": "Auth.Version must be a list of strings",
+                "Bind.Options": "Bind.Options must be a JSON object"}
+
+
+def refusal(msg_type, payload):
+    with pytest.raises(MessageError) as e:
+        unpack(json.dumps({"Type": msg_type, "Payload": payload}).encode())
+    return e.value.reason
+
+
+@pytest.mark.parametrize("msg_type", sorted(WHOLE))
+def test_every_field_refused_by_name(msg_type):
+    whole = WHOLE[msg_type]
+    msg = unpack(json.dumps({"Type": msg_type, "Payload": whole}).encode())
+    assert json.loads(pack(msg))["Payload"] == whole  # every field read, and read where it goes
+    for payload in ([], None, "x", 1):
+        assert refusal(msg_type, payload) == "%s must be a JSON object" % msg_type
+    for name in whole:
+        if name == "Extra":
+            continue
+        where = "%s.%s" % (msg_type, name)
+        assert refusal(msg_type, dict(whole, **{name: 5})) == \
+            NOT_A_STRING.get(where, where + " must be a string")
+        if name not in OPTIONAL:
+            rest = {k: v for k, v in whole.items() if k != name}
+            assert refusal(msg_type, rest) == "%s has no %s" % (msg_type, name)
+    if msg_type == "Bind":
+        options = whole["Options"]
+        for name in options:
+            assert refusal("Bind", dict(whole, Options=dict(options, **{name: 5}))) == \
+                "Bind.Options.%s must be a string" % name
+        assert refusal("Bind", dict(whole, Protocol="tcp", Options=[])) == \
+            "Bind.Options must be a JSON object"
 
 
 # --- MessageReader --------------------------------------------------------------------------
@@ -408,17 +454,19 @@ def test_read_message_bounds_length_before_reading_body():
 
 
 class Chunks:
-    """A stream whose recv hands out the given pieces, then b"" (closed)."""
+    """A stream on which the given pieces arrive one by one, then it closes: recv(n) returns at
+    most n bytes of the piece at hand, as a socket does."""
 
     def __init__(self, *pieces):
-        self.pieces = list(pieces)
+        self.pieces = [p for p in pieces if p]
 
     def recv(self, n):
         if not self.pieces:
             return b""
         piece = self.pieces.pop(0)
-        assert len(piece) <= n, "read past what was asked"
-        return piece
+        if len(piece) > n:
+            self.pieces.insert(0, piece[n:])
+        return piece[:n]
 
 
 def test_read_message_ends():
@@ -426,6 +474,9 @@ def test_read_message_ends():
     # Pieces of any size are joined: the prefix in two, the body in three.
     assert read_message(Chunks(data[:3], data[3:8], data[8:9], data[9:20], data[20:])) == \
         VECTORS[0][0]
+    # Nothing past the message is read, however the bytes arrive.
+    stream = Chunks(data[:3], data[3:] + b"after")
+    assert read_message(stream) == VECTORS[0][0] and stream.pieces == [b"after"]
     with pytest.raises(EOFError, match=r"\Astream closed before a control message\Z"):
         read_message(Chunks())
     # Closed inside the length prefix, right after it, or inside the body: a broken message.
