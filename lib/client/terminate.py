@@ -36,7 +36,7 @@ import gevent.socket as gsocket
 
 from lib.acmetls import ACME_TLS_ALPN, client_hello_alpn
 from lib.errors import MuxError
-from lib.net.muxsession import PeerLog
+from lib.peerlog import PeerLog
 from lib.net.tlstransport import TLSTransport
 from lib.protocol.sniff import SniffError, TLSNameSniffer, tls_alert
 

@@ -11,7 +11,7 @@ Public API::
     session.close()                         # GOAWAY, transport closed, every stream failed
     end = session.wait(timeout=None)        # blocks until the session ends -> SessionEnd
     session.closed, session.stats, session.heartbeat_rtt, session.refused_streams, session.answers
-    PeerLog(lines=10, per=60.0, logger=None)  # rate-limits the log lines a peer can trigger
+    # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
@@ -37,7 +37,8 @@ does not read: answers queued past their bound GOAWAY PROTOCOL_ERROR, closed, en
 does not read: output makes no progress for    closed ("peer stopped reading"), end.hostile
   ``write_stall_timeout``
 is silent past interval + tolerance            closed ("heartbeat timeout")
-triggers log lines (GOAWAY, errors)            at most PeerLog's lines per key and minute
+triggers log lines (GOAWAY, errors)            at most lib.peerlog.PeerLog's lines per key
+                                               and minute
 =============================================  ===============================================
 
 This module uses gevent primitives and never monkey-patches; the transport must be a gevent
@@ -56,10 +57,10 @@ from gevent.event import Event
 
 from lib.errors import (ErrorCode, MuxError, ProtocolError, SessionClosed, StreamClosed,
                         StreamReset, StreamTimeout, code_name)
-from lib.hostport import client_network
 from lib.protocol import muxstate as mp
 from lib.protocol.muxstate import MuxConfig
 from lib.net.sockets import set_nodelay
+from lib.peerlog import PeerLog
 
 __all__ = ["Session", "Stream", "MuxConfig", "SessionEnd"]
 
@@ -78,40 +79,6 @@ WRITE_BATCH = 64 * 1024
 # whole read without a yield.
 FEED_SLICE = 4 * 1024
 YIELD_FRAMES = 64
-
-
-class PeerLog:
-    """Rate-limits log lines that a peer can trigger: ``lines`` per ``per`` seconds for each
-    key (a peer address), then one line saying how many were dropped. The table of keys is
-    bounded (``max_keys``; the oldest is forgotten first). An address key counts as its
-    client network (lib.hostport.client_network: an IPv6 /64): one host holds a whole /64,
-    and keyed by the full address it logged a line per connection from a fresh address."""
-
-    def __init__(self, lines: int = 10, per: float = 60.0, max_keys: int = 4096,
-                 clock=time.monotonic, logger: logging.Logger | None = None):
-        self.lines, self.per, self.max_keys, self.clock = lines, per, max_keys, clock
-        self.logger = logger or log  # the caller's logger ("shroud.mux" by default)
-        self._keys: dict[str, list] = {}  # key -> [window start, lines in it, dropped]
-        self.dropped = 0
-
-    def log(self, key: str, level: int, fmt: str, *args) -> None:
-        key = client_network(key)
-        now = self.clock()
-        entry = self._keys.get(key)
-        if entry is None or now - entry[0] >= self.per:
-            dropped = entry[2] if entry is not None else 0
-            if entry is None and len(self._keys) >= self.max_keys:
-                del self._keys[next(iter(self._keys))]
-            entry = self._keys[key] = [now, 0, 0]
-            if dropped:
-                self.logger.log(level, "(%d lines about %s dropped in the last %.0f s)",
-                                dropped, key, self.per)
-        if entry[1] >= self.lines:
-            entry[2] += 1
-            self.dropped += 1
-            return
-        entry[1] += 1
-        self.logger.log(level, fmt, *args)
 
 
 @dataclass(frozen=True)
@@ -347,7 +314,7 @@ class Session:
         self._transport = transport
         set_nodelay(transport)  # not TCP (socketpair, WebSocket): left alone
         self._conn = mp.MuxConnection(client, self.config, trusted=trusted)
-        self._peer_log = log_limiter or PeerLog()
+        self._peer_log = log_limiter or PeerLog(logger=log)
         self._log_key = log_key or self.name
         self._streams: dict[int, Stream] = {}
         self._backlog: deque[Stream] = deque()

@@ -42,7 +42,7 @@ from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 from lib.net import dnsclient
-from lib.net.muxsession import PeerLog
+from lib.peerlog import PeerLog
 from lib.certs import normalize_pin
 from lib.errors import ListenError
 from lib.hostport import parse_hostport

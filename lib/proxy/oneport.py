@@ -49,7 +49,7 @@ from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
 from lib.net.httpexchange import OneRequestSocket, ReplaySocket
-from lib.net.muxsession import PeerLog
+from lib.peerlog import PeerLog
 from lib.net.sockets import send_quietly
 from lib.proxy.routing import PeekTimeout, peek_name
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI

@@ -67,7 +67,7 @@ import time
 from typing import Callable, NamedTuple
 
 from lib.net import dnsclient
-from lib.net.muxsession import PeerLog
+from lib.peerlog import PeerLog
 from lib.protocol.messages import (REASON_BAD_REQUEST, REASON_INTERNAL, REASON_INVALID_HOSTNAME,
                                    REASON_NOT_ALLOWED, REASON_NOT_OWNER,
                                    REASON_SIGNATURE_REQUIRED)

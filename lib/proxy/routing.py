@@ -54,7 +54,7 @@ import gevent
 from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.httpexchange import OneExchangeSocket
-from lib.net.muxsession import PeerLog
+from lib.peerlog import PeerLog
 from lib.net.sockets import send_quietly, set_nodelay
 from lib.net.splice import splice
 from lib.protocol import messages as msg

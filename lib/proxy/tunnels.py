@@ -31,8 +31,9 @@ import gevent
 from lib.errors import ErrorCode, MuxError
 from lib.hostport import AddressError, client_network, format_hostport, parse_hostport
 from lib.identity import fingerprint as key_fingerprint
-from lib.net.muxsession import PeerLog, Session
+from lib.net.muxsession import Session
 from lib.net.sockets import set_nodelay
+from lib.peerlog import PeerLog
 from lib.net.tlstransport import TLSTransport
 from lib.protocol import messages as msg
 from lib.proxy import bindpolicy
