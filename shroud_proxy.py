@@ -72,6 +72,7 @@ OPTIONS = [
     ("--database-url", "DATABASE_URL", os.environ.get("DATABASE_URL"), "PostgreSQL URL of the fleet's shared store (postgresql://USER@HOST/DB; sslmode=... honoured); without it, SQLite in the data dir. Prefer the environment (also DATABASE_URL): a command line is visible to local users"),
     ("--fleet-addr", "FLEET_ADDR", "", "TLS listener for links from the fleet's other proxies (a visitor for a name held elsewhere in the fleet is carried there); off by default"),
     ("--fleet-advertise", "FLEET_ADVERTISE", "", "HOST:PORT the other proxies use to reach --fleet-addr (required when it listens on 0.0.0.0 or ::)"),
+    ("--fleet-max-links", "FLEET_MAX_LINKS", "1024", "links to and from the fleet's other proxies in flight at once, each way (past it: 503, or the next holder)"),
     ("--fleet-heartbeat", "FLEET_HEARTBEAT", "5", "seconds between this instance's heartbeats in the fleet's registry (rows expire after 3 missed)"),
     ("--max-names-per-key", "MAX_NAMES_PER_KEY", "100", "names one key may own by first use (0: no limit)"),
     ("--claim-burst", "CLAIM_BURST", "64", "new first-use names one address may claim at once (0: no rate limit)"),
@@ -143,6 +144,10 @@ def config_from_args(args):
     if bool(args.cert) != bool(args.key):  # one alone was ignored: a certificate generated
         raise ValueError("--cert and --key go together (the tunnel certificate and its "
                          "private key); give both, or neither to use the data dir's")
+    fleet_max_links = _number(args, "--fleet-max-links", int)
+    if fleet_max_links < 1:  # 0 would refuse every link: leave --fleet-addr unset instead
+        raise ValueError(f"--fleet-max-links must be at least 1, got {fleet_max_links}; to "
+                         f"forward nothing between proxies, leave --fleet-addr unset")
     fleet_heartbeat = _number(args, "--fleet-heartbeat")
     if not fleet_heartbeat > 0:  # 0: a busy loop that expires this very instance each beat
         raise ValueError(f"--fleet-heartbeat must be above 0 seconds, got {fleet_heartbeat:g}")
@@ -169,6 +174,7 @@ def config_from_args(args):
         database_url=args.database_url or None,
         fleet_heartbeat=fleet_heartbeat,
         fleet_addr=args.fleet_addr or None, fleet_advertise=fleet_advertise(args),
+        fleet_max_links=fleet_max_links,
         claim_limits=ClaimLimits(max_names_per_key=_number(args, "--max-names-per-key", int),
                                  claim_burst=_number(args, "--claim-burst", int),
                                  claims_per_hour=_number(args, "--claims-per-hour"),

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from lib.certs import ensure_tunnel_cert
 from lib.proxy.hostlinks import LABEL, NONCE_BYTES, OK
-from tests.support.procs import ClientProc, OriginProc, ProxyProc, free_port
-from tests.support.visitor import http_get, https_get, tls_site
+from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc, free_port
+from tests.support.visitor import http_get, https_get, tls_site, ws_echo, ws_upgrade
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -219,3 +219,100 @@ def test_forged_links_are_refused_and_counted(fleet):
     b.signal(signal.SIGKILL)
     wait_for(lambda: _link(a.link, b_der, b_key, a.fingerprint) == b"",
              "B's certificate refused once B's row expired", timeout=20)
+
+
+def _api(proxy, path):
+    import http.client
+    c = http.client.HTTPConnection(proxy.host, proxy.ports["admin"], timeout=10)
+    try:
+        c.request("GET", path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        r = c.getresponse()
+        assert r.status == 200, (path, r.status)
+        return json.loads(r.read())
+    finally:
+        c.close()
+
+
+def test_a_forwarded_connection_counts_once_in_the_fleets_totals(fleet):
+    """Accepted at B, served at A: one connection in the fleet's totals (B's), its bytes and
+    its name's count at A, and forwarded_out at B = forwarded_in at A."""
+    a = fleet.start("proxy-a", "127.0.0.2")
+    b = fleet.start("proxy-b", "127.0.0.3")
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
+    a.wait_bound("web.test")
+    answers = {"a": [], "b": []}
+
+    def visit(at, key):
+        answers[key].append(get(at, "web.test")[0])
+        return answers[key][-1] == 200
+    wait_for(lambda: visit(b, "b"), "web.test served at B", timeout=20)
+    for _ in range(10):
+        assert visit(b, "b")
+    for _ in range(3):
+        assert visit(a, "a")
+    at_a, at_b = a.status(), b.status()
+    forwarded = answers["b"].count(200)
+    assert (at_a["connections"], at_a["forwarded_in"], at_a["forwarded_out"]) == (3, forwarded, 0)
+    assert (at_b["connections"], at_b["forwarded_in"], at_b["forwarded_out"]) == (
+        len(answers["b"]), 0, forwarded)
+    assert at_b["bytes_in"] == at_b["bytes_out"] == 0  # the bytes count where they are served
+    web = next(x for x in at_a["bindings"] if x["name"] == "web.test")
+    assert web["connections"] == 3 + forwarded
+
+    want = {"connections": 3 + len(answers["b"]), "forwarded_in": forwarded,
+            "forwarded_out": forwarded, "bytes_in": at_a["bytes_in"],
+            "bytes_out": at_a["bytes_out"]}
+
+    def totals(proxy):
+        t = _api(proxy, "/api/fleet")["totals"]
+        return {k: t[k] for k in want}
+    # The totals come from each instance's heartbeat: the same answer at A and at B.
+    wait_for(lambda: totals(a) == want, "A's fleet totals count each connection once",
+             timeout=20)
+    wait_for(lambda: totals(b) == want, "B's fleet totals count each connection once",
+             timeout=20)
+    # /metrics carries them as their own series.
+    import http.client
+    c = http.client.HTTPConnection(b.host, b.ports["admin"], timeout=10)
+    c.request("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    metrics = c.getresponse().read().decode()
+    c.close()
+    assert f'shroud_forwarded_connections_total{{direction="out"}} {forwarded}.0' in metrics
+
+
+def _hold(proxy, name="web.test"):
+    """A visitor holding a connection open through ``proxy``: a WebSocket to the origin."""
+    sock = socket.create_connection((proxy.host, proxy.ports["http"]), timeout=10)
+    head = ws_upgrade(sock, name)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def test_links_past_the_bound_are_refused_at_once_counted_and_freed(fleet):
+    """--fleet-max-links 2 at the sender B and the holder A: a third visitor at B gets 503 from
+    B (fleet_link_limit); a visitor at C, whose own bound is far, gets 503 because A answers
+    BUSY (fleet_link_busy at A); once the held visitors leave, the links are free again."""
+    a = fleet.start("proxy-a", "127.0.0.2", extra=["--fleet-max-links", "2"])
+    b = fleet.start("proxy-b", "127.0.0.3", extra=["--fleet-max-links", "2"])
+    c = fleet.start("proxy-c", "127.0.0.4")
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
+    a.wait_bound("web.test")
+    wait_for(lambda: _served(b, "web.test") and _served(c, "web.test"),
+             "web.test served at B and C", timeout=20)
+
+    held = [_hold(b), _hold(b)]
+    try:
+        assert (b.status()["links_out"], a.status()["links_in"]) == (2, 2)
+        assert get(b, "web.test")[0] == 503           # B's own bound
+        assert b.status()["refusals"].get("fleet_link_limit") == 1
+        assert get(c, "web.test")[0] == 503           # A's bound: it answers BUSY
+        assert a.status()["refusals"].get("fleet_link_busy") == 1
+        assert c.status()["refusals"].get("fleet_link_limit") == 1
+        assert ws_echo(held[0], b"still here") == b"still here"  # the held ones go on
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: (b.status()["links_out"], a.status()["links_in"]) == (0, 0),
+             "the links are given back", timeout=20)
+    assert get(b, "web.test") == (200, b"from-a\n")
+    assert get(c, "web.test") == (200, b"from-a\n")

@@ -264,6 +264,8 @@ def overview(live, now=None) -> dict:
         "keys_unproven": len({t.key for t in tunnels if t.key is not None} - proven),
         "streams_open": sum(t.streams_open for t in tunnels),
         "connections": reg.connections,
+        "forwarded_in": reg.forwarded_in, "forwarded_out": reg.forwarded_out,
+        "links_in": reg.links_in, "links_out": reg.links_out,
         "bytes_in": reg.bytes_in, "bytes_out": reg.bytes_out,
         "rate_in": round(rate_in, 1), "rate_out": round(rate_out, 1),
         "refusals": dict(reg.refusals), "refusals_total": sum(reg.refusals.values()),
@@ -285,6 +287,12 @@ def audit(store, limit: int = 200) -> list:
     if store is None:
         return []
     return [e._asdict() for e in store.audit_log(max(1, min(int(limit), MAX_AUDIT)))]
+
+
+# What each instance's heartbeat reports (lib/proxy/fleet.py), and the fleet view sums.
+INSTANCE_STATS = ("tunnels", "bindings", "connections", "bytes_in", "bytes_out", "rate_in",
+                  "rate_out", "streams_open", "forwarded_in", "forwarded_out", "links_in",
+                  "links_out")
 
 
 def fleet(store, member, now: float | None = None) -> dict:
@@ -314,15 +322,17 @@ def fleet(store, member, now: float | None = None) -> dict:
             "age": age, "state": "live" if age <= 2 * interval else "late",
             "this": member is not None and i.id == member.id,
             "names": len(per_instance.get(i.id, ())), **{
-                k: i.stats.get(k, 0) for k in ("tunnels", "bindings", "connections",
-                                               "bytes_in", "bytes_out", "rate_in", "rate_out",
-                                               "streams_open")}})
+                k: i.stats.get(k, 0) for k in INSTANCE_STATS}})
     blocks = store.blocks()
     listed = sorted(names.values(), key=lambda e: (-len(e["instances"]), e["name"]))
     return {
         "store": store.describe(), "this": member.id if member is not None else None,
         "reachable": member.reachable if member is not None else True,
         "heartbeat_interval": interval, "instances": instances,
+        # Each connection once: where it was accepted (connections), its bytes where it was
+        # served; a forwarded one also as forwarded_out at its sender and forwarded_in at its
+        # holder (lib/proxy/hostlinks.py), never as a second connection.
+        "totals": {k: sum(i[k] for i in instances) for k in INSTANCE_STATS},
         "names_total": len(names), "rows_read": len(rows), "truncated": len(rows) >= MAX_FLEET_ROWS,
         "names": [{**e, "protocols": sorted(e["protocols"]), "instances": sorted(e["instances"]),
                    "key_short": (e["key"] or "unsigned")[:16],

@@ -66,6 +66,18 @@ class ShroudCollector:
         c.add_metric(["in"], reg.bytes_in)
         c.add_metric(["out"], reg.bytes_out)
         yield c
+        c = CounterMetricFamily("shroud_forwarded_connections", "Public connections carried "
+                                "between the fleet's proxies: out = accepted here, served by "
+                                "another; in = accepted by another, served here.",
+                                labels=["direction"])
+        c.add_metric(["in"], reg.forwarded_in)
+        c.add_metric(["out"], reg.forwarded_out)
+        yield c
+        g = GaugeMetricFamily("shroud_fleet_links_open", "Links to (out) and from (in) the "
+                              "fleet's other proxies open now.", labels=["direction"])
+        g.add_metric(["in"], reg.links_in)
+        g.add_metric(["out"], reg.links_out)
+        yield g
         c = CounterMetricFamily("shroud_refusals", "Refused connections and binds by reason.",
                                 labels=["reason"])
         for reason, n in sorted(reg.refusals.items()):

@@ -161,7 +161,9 @@ class FleetMember:
         return {"tunnels": len(r.tunnels), "bindings": len(r.bindings),
                 "connections": r.connections, "bytes_in": r.bytes_in,
                 "bytes_out": r.bytes_out, "rate_in": rate_in, "rate_out": rate_out,
-                "streams_open": sum(t.streams_open for t in r.tunnels.values())}
+                "streams_open": sum(t.streams_open for t in r.tunnels.values()),
+                "forwarded_in": r.forwarded_in, "forwarded_out": r.forwarded_out,
+                "links_in": r.links_in, "links_out": r.links_out}
 
     def _binding_changes(self) -> tuple:
         current = {}

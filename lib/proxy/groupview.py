@@ -31,6 +31,8 @@ import gevent
 
 from lib.proxy.registry import RateHistory, Registry
 
+# What crosses the fleet's links (lib/proxy/registry.py: counters and links open now).
+FLEET_COUNTS = ("forwarded_in", "forwarded_out", "links_in", "links_out")
 # A sibling busy beyond this is left out of one dashboard answer rather than stall it.
 ASK_TIMEOUT = 1.0
 # One dashboard request (one greenlet) reads the registry many times: it merges once; the
@@ -44,6 +46,7 @@ def export_state(registry: Registry, workers=None) -> dict:
         "pid": os.getpid(), "rss": rss_bytes(),
         "started": registry.started, "listeners": dict(registry.listeners),
         "connections": registry.connections, "bytes_in": registry.bytes_in,
+        **{k: getattr(registry, k) for k in FLEET_COUNTS},
         "bytes_out": registry.bytes_out, "refusals": dict(registry.refusals),
         "history": registry.history.series(),
         "seconds": [list(x) for x in registry.history.seconds],
@@ -165,6 +168,8 @@ def merged_registry(local: Registry, states: list, workers=None) -> Registry:
 def _merge_one(view: Registry, state: dict) -> None:
     view.started = min(view.started, state["started"])
     view.connections += state["connections"]
+    for k in FLEET_COUNTS:
+        setattr(view, k, getattr(view, k) + state.get(k, 0))
     view.bytes_in += state["bytes_in"]
     view.bytes_out += state["bytes_out"]
     view.refusals.update(state["refusals"])

@@ -6,13 +6,20 @@ instance over a mutually authenticated TLS link (docs/DESIGN.md, "Workers"; docs
 Public API::
 
     links = FleetLinks(store, registry, take, cert_path, key_path, fingerprint,
-                       listen_addr=("0.0.0.0", 7443), refresh=1.0, max_age=15.0)
-        take(header, peeked) -> run(sock) | lib.proxy.workers.Refused   (router.take_handed)
+                       listen_addr=("0.0.0.0", 7443), refresh=1.0, max_age=15.0,
+                       max_links=MAX_LINKS)
+        take(header, peeked) -> run(sock) | lib.proxy.workers.Refused   (router.take_linked)
     links.start(); links.stop()
     links.address                      # the fleet listener as bound: (host, port)
     links.self_id = "instance id"      # set once this instance is in the registry
-    links.send(sock, header, peeked, protocols) -> TAKEN | LIMIT | None
-        # the sender's side: None when no holder took it (the caller refuses as before)
+    links.send(sock, header, peeked, protocols) -> TAKEN | LIMIT | UNREACHABLE | None
+        # the sender's side: LIMIT (503) when its links or every holder's are all busy,
+        # UNREACHABLE (502) when a holder was tried and none answered, None when every holder
+        # refused or none is known (the caller refuses as without the fleet)
+
+The registry counts what crosses hosts: ``forwarded_out`` (sender: carried to a holder) and
+``forwarded_in`` (holder: served from a link), and ``links_out``/``links_in``, the links open
+now (at most ``max_links`` each way; ``--fleet-max-links``).
 
 The store is the trust anchor: an instance row carries the advertised link address and the
 tunnel certificate's SHA-256; only rows whose heartbeat is younger than ``max_age`` count. A
@@ -42,10 +49,20 @@ registered.
       signature, a certificate of no live instance
     a head without "forwarded" or an unknown kind     closes the link       fleet_link_refused
     a name it holds no live tunnel for                REFUSED               (its refusal)
-    more links than MAX_LINKS at once                 BUSY                  fleet_link_limit
+    max_links links already served here               BUSY                  fleet_link_busy
 
-A forwarded connection is served where it lands, never forwarded again (take_handed does not
-hand on). Counting: the sender counted the connection, the holder counts its bytes.
+    the sender meets                                  the visitor gets      counter (sender)
+    its own max_links links in flight                 503 / internal_error  fleet_link_limit
+    every holder it tried answered BUSY               503 / internal_error  fleet_link_limit
+    a holder silent for ATTEMPT_TIMEOUT, or dead      the next holder; if   fleet_link_failed
+      (connection refused, TLS or pin failure)          none: 502 / alert
+    every holder answered REFUSED                     as without the fleet  (404: unknown_name)
+
+A forwarded connection is served where it lands, or relayed to the sibling worker there that
+holds the name (routing.take_linked), never forwarded to another host (at most one link).
+Counting: the sender counts the connection (``connections``) and ``forwarded_out``; the holder
+counts ``forwarded_in``, the connection's bytes and its name's count: the fleet's totals hold
+each connection once.
 """
 from __future__ import annotations
 
@@ -73,19 +90,28 @@ from lib.hostport import parse_hostport
 from lib.net.sockets import set_nodelay
 from lib.net.splice import splice
 from lib.proxy.store.base import OwnershipError, candidates
-from lib.proxy.workers import LIMIT, TAKEN, Refused
+from lib.proxy.workers import LIMIT, TAKEN, UNREACHABLE, Refused
 
 log = logging.getLogger("shroud.fleet")
 
 LABEL = b"shroud-fleet-link/1\0"
 NONCE_BYTES = 32
 OK, REFUSED, BUSY = b"\x00", b"\x01", b"\x02"
+FAILED = b""  # not an answer: no link, or none in time (the sender's own mark)
 # A visitor waits at most this long for the links (connect, TLS, the holder's answer) before
-# the clear error it would have had here; on a LAN a link takes a millisecond.
+# a clear error; on a LAN a link takes a millisecond. One holder gets at most ATTEMPT_TIMEOUT
+# of it: a hung holder (its row not expired yet) costs a visitor one second, not the whole
+# deadline, and is tried last for SUSPECT_SECONDS.
 LINK_TIMEOUT = 3.0
-# Links in flight, each way: each is a greenlet and a TLS socket (~60 KiB). Past it the
-# visitor gets 503 here (sender) or the sender tries the next holder (BUSY).
+ATTEMPT_TIMEOUT = 1.0
+SUSPECT_SECONDS = 10.0
+# Links in flight, each way (the default of --fleet-max-links): each is a greenlet and a TLS
+# socket (~60 KiB), so 1,024 is ~60 MiB. Past it the visitor gets 503 here (sender) or the
+# sender tries the next holder (BUSY).
 MAX_LINKS = 1024
+# Links past max_links still get their BUSY answered (a greenlet each, for the handshake);
+# past this many more, the kernel's backlog holds them until a slot frees or the sender gives up.
+BUSY_ANSWERS = 64
 # A head carries a certificate (under 1 KiB) and a name; peeked bytes are bounded by the
 # sniffers (a ClientHello or a request head), well under this.
 MAX_HEAD = 16 * 1024
@@ -101,7 +127,10 @@ class LinkRefused(ShroudError):
 
 class FleetLinks:
     def __init__(self, store, registry, take, cert_path: str, key_path: str, fingerprint: str,
-                 listen_addr: tuple, refresh: float = 1.0, max_age: float = 15.0):
+                 listen_addr: tuple, refresh: float = 1.0, max_age: float = 15.0,
+                 max_links: int = MAX_LINKS):
+        if max_links < 1:
+            raise ValueError(f"--fleet-max-links must be at least 1, got {max_links}")
         self.store = store
         self.registry = registry
         self.take = take
@@ -119,7 +148,9 @@ class FleetLinks:
         self._client_ctx = client_tls_context(pinned=True)
         self._instances: dict = {}   # id -> Instance, live ones only
         self._holders: dict = {}     # (protocol, name) -> [instance id]
-        self._out = gevent.lock.BoundedSemaphore(MAX_LINKS)
+        self.max_links = max_links
+        self._out = gevent.lock.BoundedSemaphore(max_links)
+        self._suspects: dict = {}    # instance id -> when a link to it last failed (monotonic)
         self._server = None
         self._refresher = None
         self._logged_at = float("-inf")
@@ -130,7 +161,7 @@ class FleetLinks:
         """Listen (on ``listener``, a socket, when given) and start following the store."""
         self._server = gevent.server.StreamServer(
             listener if listener is not None else self.listen_addr, self._serve,
-            spawn=gevent.pool.Pool(MAX_LINKS + 1))
+            spawn=gevent.pool.Pool(self.max_links + BUSY_ANSWERS))
         self._server.start()
         self.address = self._server.address[:2]
         self._refresher = gevent.spawn(self._refresh_loop)
@@ -162,42 +193,53 @@ class FleetLinks:
 
     # --- sender --------------------------------------------------------------------------
     def holders(self, protocols, name: str) -> list:
-        """Live instances holding ``name`` (exact, then the nearest wildcard), shuffled."""
+        """Live instances holding ``name`` (exact, then the nearest wildcard), shuffled; those
+        a link recently failed to are tried last."""
+        now = time.monotonic()
         for candidate in candidates(name):
             found = []
             for protocol in protocols:
                 found += self._holders.get((protocol, candidate), [])
             found = [i for i in dict.fromkeys(found) if i in self._instances]
             if found:
-                return sorted(found, key=lambda _: os.urandom(4))
+                return sorted(found, key=lambda i: (
+                    now - self._suspects.get(i, -SUSPECT_SECONDS) < SUSPECT_SECONDS,
+                    os.urandom(4)))
         return []
 
     def send(self, sock, header: dict, peeked: bytes, protocols):
         """Carry a visitor's connection to a live holder of ``header["name"]`` and splice
-        (returns when it ends): TAKEN; LIMIT (too many links in flight, answer 503); None
-        (no holder took it within LINK_TIMEOUT: answer as without the fleet)."""
+        (returns when it ends): TAKEN, LIMIT, UNREACHABLE or None (the module docstring)."""
         holders = self.holders(protocols, header["name"])
         if not holders:
             return None
         if not self._out.acquire(blocking=False):
             return LIMIT
+        self.registry.links_out += 1
         try:
             deadline = time.monotonic() + LINK_TIMEOUT
+            answers = set()
             for instance_id in holders:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 instance = self._instances.get(instance_id)
-                link = instance and self._open(instance, header, peeked, left)
-                if link is not None:
-                    splice(sock, LinkEnd(link))  # closes both when the visitor or the holder is done
-                    return TAKEN
-            return None
+                link = instance and self._open(instance, header, peeked,
+                                               min(left, ATTEMPT_TIMEOUT))
+                if isinstance(link, bytes):
+                    answers.add(link)
+                    continue
+                self.registry.forwarded_out += 1
+                splice(sock, LinkEnd(link))  # closes both when the visitor or the holder is done
+                return TAKEN
+            return LIMIT if BUSY in answers else UNREACHABLE if answers - {REFUSED} else None
         finally:
+            self.registry.links_out -= 1
             self._out.release()
 
     def _open(self, instance, header: dict, peeked: bytes, timeout: float):
-        """A link to ``instance`` whose holder answered OK, else None."""
+        """A link to ``instance`` whose holder answered OK, else why not: its answer (REFUSED,
+        BUSY) or FAILED (no link, or no answer in ``timeout``)."""
         tls = None
         try:
             with gevent.Timeout(timeout):
@@ -220,41 +262,58 @@ class FleetLinks:
             log.debug("fleet link to %s: answer %r", instance.id, answer)
         except (OSError, ValueError, PinMismatch, gevent.Timeout) as exc:
             log.debug("fleet link to %s failed: %s", instance.id, exc)
+            answer = FAILED
+            self._suspects[instance.id] = time.monotonic()
         if tls is not None:
             tls.close()
-        return None
+        return answer if answer in (REFUSED, BUSY) else FAILED
 
     # --- holder --------------------------------------------------------------------------
     def _serve(self, raw, address) -> None:
         set_nodelay(raw)
+        link = self._accept(raw, address)
+        if link is None:
+            return
+        tls, header, peeked = link
+        registry = self.registry
+        if registry.links_in >= self.max_links:
+            registry.count_refusal("fleet_link_busy")
+            _answer(tls, BUSY)
+            return
+        registry.links_in += 1  # before take(), which may yield: the bound holds at once
+        try:
+            run = self.take(header, peeked)
+            if isinstance(run, Refused):
+                _answer(tls, REFUSED)
+                return
+            try:
+                tls.sendall(OK)
+            except OSError:  # the sender gave up; dropping run closes what it holds
+                tls.close()
+                return
+            registry.forwarded_in += 1
+            run(LinkEnd(tls))
+        finally:
+            registry.links_in -= 1
+
+    def _accept(self, raw, address):
+        """(tls, head, peeked) of a link from a live instance, checked; else None (closed,
+        counted, logged at most once per REFUSED_LOG_INTERVAL)."""
         try:
             with gevent.Timeout(LINK_TIMEOUT):
                 tls = self._server_ctx.wrap_socket(raw, server_side=True)
                 nonce = os.urandom(NONCE_BYTES)
                 tls.sendall(nonce)
                 header, peeked = self._read_head(tls, nonce)
-            if self._server is not None and self._server.pool.free_count() <= 1:
-                self.registry.count_refusal("fleet_link_limit")
-                tls.sendall(BUSY)
-                tls.close()
-                return
-            run = self.take(header, peeked)
-            if isinstance(run, Refused):
-                tls.sendall(REFUSED)
-                tls.close()
-                return
-            tls.sendall(OK)
+            return tls, header, peeked
         except LinkRefused as exc:
-            self.registry.count_refusal("fleet_link_refused")
-            self._log_refused(address, str(exc))
-            raw.close()
-            return
+            reason = str(exc)
         except (OSError, ValueError, gevent.Timeout) as exc:
-            self.registry.count_refusal("fleet_link_refused")
-            self._log_refused(address, "handshake: %s" % (exc or type(exc).__name__))
-            raw.close()
-            return
-        run(LinkEnd(tls))
+            reason = "handshake: %s" % (exc or type(exc).__name__)
+        self.registry.count_refusal("fleet_link_refused")
+        self._log_refused(address, reason)
+        raw.close()
+        return None
 
     def _read_head(self, tls, nonce: bytes) -> tuple:
         """The sender's head and peeked bytes, checked. :raises LinkRefused:"""
@@ -309,6 +368,15 @@ class LinkEnd:
 
     def shutdown(self, how: int) -> None:
         gevent.socket.socket.shutdown(self._tls, how)
+
+
+def _answer(tls, answer: bytes) -> None:
+    """Send the holder's one-byte answer and close the link."""
+    try:
+        tls.sendall(answer)
+    except OSError:
+        pass
+    tls.close()
 
 
 def _read_exact(sock, n: int) -> bytes:

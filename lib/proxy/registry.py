@@ -178,6 +178,11 @@ class Registry:
         self.connections = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        # Connections carried between the fleet's hosts (lib/proxy/hostlinks.py): counted at
+        # the sender (out, besides ``connections``) and at the holder (in, never in
+        # ``connections``), and the links open now each way.
+        self.forwarded_in = self.forwarded_out = 0
+        self.links_in = self.links_out = 0
         self.history = RateHistory()
         self.started = time.time()
         self.listeners: dict[str, str] = {}
@@ -274,6 +279,8 @@ class Registry:
             "tunnels": [t.snapshot() for t in self.tunnels.values()],
             "bindings": [b.snapshot() for b in self.bindings.values()],
             "connections": self.connections,
+            "forwarded_in": self.forwarded_in, "forwarded_out": self.forwarded_out,
+            "links_in": self.links_in, "links_out": self.links_out,
             "streams_open": sum(t.streams_open for t in self.tunnels.values()),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "rate_in": rate_in, "rate_out": rate_out,

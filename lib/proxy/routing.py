@@ -14,6 +14,8 @@ Public API::
     router.fleet_links = FleetLinks | None  # the fleet's other hosts (lib/proxy/hostlinks.py)
     router.take_handed(header, peeked) -> run(sock) | Refused   # a sibling's connection
         # a header it cannot read: Refused("bad header"), counted bad_handed_header
+    router.take_linked(header, peeked) -> run(sock) | Refused   # another host's (relayed to
+                                                                # the sibling holding it)
     router.bound_anywhere(protocols, name) -> bool   # live here or on a sibling
     peek_name(sock, new_sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
         # new_sniffer: lib.protocol.sniff.TLSNameSniffer or HTTPHostSniffer (fed each read)
@@ -34,7 +36,15 @@ by port straight to the binding)::
 With siblings (gunicorn workers), an unknown name or a binding whose tunnels are all gone is
 first handed, socket and peeked bytes, to a sibling holding a live tunnel for it, then (with
 --fleet-addr) sent over a fleet link to another instance holding it; only when none takes it is
-it refused as above. A handed or forwarded connection is never handed on (one hop at most).
+it refused as above, or::
+
+    the siblings or the fleet's links answer         we answer (http / tls)         counter
+    too many hand-overs in flight                    503 / internal_error           handoff_limit
+    too many links, or every holder busy             503 / internal_error           fleet_link_limit
+    a holder known, none answered in time            502 / internal_error           fleet_link_failed
+
+A handed connection is never handed on (one hop); a linked one (from another host) is served
+where it lands or by the sibling holding it there, never sent to another host.
 
 Before a name is known: no name in time 408 (peek_timeout), bytes that are not the listener's
 protocol 400/405/431 or a TLS alert (bad_request), no name given 400 (no_name). TLS is never
@@ -50,6 +60,7 @@ import time
 from typing import NamedTuple
 
 import gevent
+import gevent.socket
 
 from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
@@ -64,13 +75,17 @@ from lib.protocol.sniff import ALERT_ACCESS_DENIED, ALERT_INTERNAL_ERROR, ALERT_
 from lib.proxy.names import ReservedNames
 from lib.proxy.ownership import Blocks
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI, Binding, Registry, Tunnel
-from lib.proxy.workers import LIMIT, TAKEN, Refused
+from lib.proxy.workers import LIMIT, TAKEN, UNREACHABLE, Refused
 
 log = logging.getLogger("shroud.proxy")
 
 # What a worker hands to a sibling instead of refusing (the name is live elsewhere).
 HAND_OVER = frozenset({"unknown_name", "tunnel_lost"})
 KIND_PROTOCOLS = {"tls": ROUTE_BY_SNI, "http": ROUTE_BY_HOST, "tcp": ("tcp",)}
+
+# What the fleet's links answered (lib/proxy/hostlinks.py), told apart from the siblings'.
+FLEET_LIMIT = "fleet_link_limit"
+FLEET_UNREACHABLE = "fleet_link_failed"
 
 FORWARD = "forward"
 REDIRECT = "redirect"
@@ -250,13 +265,20 @@ class PublicRouter:
         if result not in (TAKEN, LIMIT) and self.fleet_links is not None and kind != "tcp":
             # tcp:PORT is not forwarded between hosts: a port means nothing on another host.
             result = self.fleet_links.send(sock, header, peeked, KIND_PROTOCOLS[kind])
+            result = {LIMIT: FLEET_LIMIT, UNREACHABLE: FLEET_UNREACHABLE}.get(result, result)
         if result == TAKEN:
             sock.close()  # our copy of the descriptor; the sibling or the link serves it
             return True
-        if result == LIMIT:
-            self.registry.count_refusal("handoff_limit")
-            refuse(sock, kind, Refusal("handoff_limit", 503, "Service Unavailable",
+        if result in (LIMIT, FLEET_LIMIT):
+            counter = "handoff_limit" if result == LIMIT else "fleet_link_limit"
+            self.registry.count_refusal(counter)
+            refuse(sock, kind, Refusal(counter, 503, "Service Unavailable",
                                        "Too many connections.\n", ALERT_INTERNAL_ERROR))
+            return True
+        if result == FLEET_UNREACHABLE:  # held elsewhere, but no holder answered in time
+            self.registry.count_refusal("fleet_link_failed")
+            refuse(sock, kind, Refusal("fleet_link_failed", 502, "Bad Gateway",
+                                       "The tunnel is down.\n", ALERT_INTERNAL_ERROR))
             return True
         return False  # refused or unreachable everywhere: answered here as it would have been
 
@@ -297,6 +319,28 @@ class PublicRouter:
         self.registry.count_refusal("bad_handed_header")
         self.peer_log.log("handed", logging.WARNING, "refused a handed connection: %s", why)
         return Refused("bad header")
+
+    def take_linked(self, header: dict, peeked: bytes):
+        """A connection arriving over a fleet link (lib/proxy/hostlinks.py): served here as
+        :meth:`take_handed` serves it, else relayed to the sibling worker holding its name.
+        The link's TLS socket cannot cross SCM_RIGHTS, so the sibling gets one end of a socket
+        pair (handed over as a visitor's socket is) and this worker splices the link's
+        plaintext to the other end (docs/DESIGN.md, "Workers"). Never on to another host."""
+        run = self.take_handed(header, peeked)
+        if not isinstance(run, Refused) or run.reason not in HAND_OVER or self.siblings is None:
+            return run
+        mine, theirs = gevent.socket.socketpair()
+        try:
+            for pid in self.siblings.candidates(KIND_PROTOCOLS[header["kind"]], header["name"]):
+                result = self.siblings.hand_off(pid, theirs, header, peeked)
+                if result == TAKEN:
+                    return lambda link: splice(link, mine)  # closes both when done
+                if result == LIMIT:
+                    break
+        finally:
+            theirs.close()  # our copy; a sibling that took it holds its own
+        mine.close()
+        return run
 
     # --- forwarding -----------------------------------------------------------------------
 

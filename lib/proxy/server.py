@@ -157,6 +157,7 @@ class ProxyConfig:
     # other instances use to reach it (None: the listener's own).
     fleet_addr: str | None = None
     fleet_advertise: str | None = None
+    fleet_max_links: int = 1024  # links in flight each way (hostlinks.MAX_LINKS: why 1,024)
 
 
 def proxy_mux_config(**overrides) -> MuxConfig:
@@ -272,9 +273,10 @@ class ProxyServer:
         if bind is None:
             return ""
         beat = c.fleet_heartbeat
-        self.links = FleetLinks(self.store, self.registry, self.router.take_handed,
+        self.links = FleetLinks(self.store, self.registry, self.router.take_linked,
                                 self.cert_path, self.key_path, self.fingerprint, bind,
-                                refresh=min(1.0, beat), max_age=beat * EXPIRE_BEATS)
+                                refresh=min(1.0, beat), max_age=beat * EXPIRE_BEATS,
+                                max_links=c.fleet_max_links)
         try:
             # Workers: each one opens it (lib/proxy/prefork.py); a link lands on any of them.
             listener = (listening_socket(bind, reuseport=True, factory=gevent.socket.socket)

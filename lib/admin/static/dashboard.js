@@ -463,8 +463,15 @@
         el('td', { class: 'num', text: fmtInt(i.tunnels) }),
         el('td', { class: 'num', text: fmtInt(i.names) }),
         el('td', { class: 'num', text: fmtInt(i.connections) }),
+        el('td', { class: 'num', text: fmtInt(i.forwarded_in) + ' / ' + fmtInt(i.forwarded_out) }),
         el('td', { class: 'num', text: fmtRate(i.rate_in) + ' / ' + fmtRate(i.rate_out) }),
         el('td', { title: fmtTime(i.heartbeat), text: fmtAgo(i.heartbeat) }))), 'No instance has reported to the store yet.');
+      const t = f.totals;
+      $('#fleet-totals').replaceChildren(el('th', { colspan: '4', text: 'Fleet' }),
+        el('td', { class: 'num', text: fmtInt(t.tunnels) }), el('td', {}),
+        el('td', { class: 'num', text: fmtInt(t.connections) }),
+        el('td', { class: 'num', text: fmtInt(t.forwarded_in) + ' / ' + fmtInt(t.forwarded_out) }),
+        el('td', { class: 'num', text: fmtRate(t.rate_in) + ' / ' + fmtRate(t.rate_out) }), el('td', {}));
       fillBody($('#fleet-names tbody'), f.names.map((n) => el('tr', { dataset: { name: n.name } },
         el('td', { class: 'name', text: n.name }),
         el('td', { text: n.protocols.join(', ') }),
