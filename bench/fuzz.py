@@ -386,7 +386,7 @@ def http_seeds() -> list[bytes]:
         b"Accept: */*\r\n\r\n",
         b"POST /form HTTP/1.1\r\nHost: app.test\r\nContent-Type: application/x-www-form-"
         b"urlencoded\r\nContent-Length: 7\r\n\r\na=b&c=d",
-        b"GET http://abs.test:80/x HTTP/1.1\r\nHost: other.test\r\n\r\n",
+        b"GET http://abs.test:80/x HTTP/1.1\r\nHost: ABS.test\r\n\r\n",
         b"GET / HTTP/1.0\nHost: bare-lf.test\n\n",
         b"OPTIONS * HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
         b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -143,6 +143,40 @@ def test_pipelined_second_request_reaches_no_origin(world):
     assert data.count(b"HTTP/1.") == 1 and b"pp.test" not in data, data
 
 
+def raw_exchange(world, head: bytes) -> bytes:
+    s = socket.create_connection(("127.0.0.1", world["proxy"].ports["http"]), timeout=30)
+    s.sendall(head)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    return data
+
+
+def test_absolute_form_whose_host_differs_is_refused_and_reaches_no_origin(world):
+    """docs/SECURITY.md, "Absolute-form requests": we route by the request target's host, the
+    origin may read the Host header, so the two must name the same host. A request for
+    web.test's origin that says Host: pp.test used to reach web.test's origin as pp.test."""
+    before = world["proxy"].status()["refusals"].get("bad_request", 0)
+    for target, host in (("http://web.test/peer", "pp.test"), ("http://pp.test/peer", "web.test"),
+                         ("https://web.test:80/peer", "nobody.test")):
+        data = raw_exchange(world, b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                            % (target.encode(), host.encode()))
+        assert data.startswith(b"HTTP/1.0 400 ") and b"proxy_header" not in data, (target, data)
+        assert b"Host" in data.split(b"\r\n\r\n", 1)[1], data
+    assert world["proxy"].status()["refusals"]["bad_request"] - before == 3
+    # The same host both ways (case, port and a trailing dot aside) is served, as is
+    # HTTP/1.0's absolute form without a Host header.
+    for head in (b"GET http://web.test/peer HTTP/1.1\r\nHost: WEB.test.:80\r\n\r\n",
+                 b"GET http://WEB.TEST:80/peer HTTP/1.1\r\nHost: web.test\r\n\r\n",
+                 b"GET http://web.test/peer HTTP/1.0\r\n\r\n"):
+        data = raw_exchange(world, head)
+        assert data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n", 1)[0], data
+        info = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        # web.test's origin (pp.test's reads a PROXY header), given the target as sent.
+        assert info["proxy_header"] == "" and info["target"].lower().startswith("http://web.test")
+
+
 def test_http_to_tls_only_name_redirects_to_https(world):
     status, _ = http_get(world, "app.test", "/x?y=1")
     assert status == 301

@@ -429,7 +429,8 @@ def sniff_http_host(data: bytes) -> str | None:
     """Find the host an HTTP/1.x request is for.
 
     The name is the absolute-URI host of the request line when there is one (RFC 9112 3.2.2:
-    it overrides Host), else the single Host header. Lines may end in CRLF or bare LF (RFC 9112
+    it overrides Host; a Host header naming another host is refused, since the origin may go
+    by it), else the single Host header. Lines may end in CRLF or bare LF (RFC 9112
     2.2 allows it; Go's parser, which go-vhost used, accepts it).
 
     :returns: the normalised host (port stripped), or ``None`` when more bytes are needed.
@@ -511,16 +512,25 @@ def _host_of_head(head: bytes) -> str:
         host = uri.group(1)
         if b"@" in host:
             raise SniffError("user info in request URI", http_status=400)
+        if hosts and _name(hosts[0], "Host") != _name(host, "request target host"):
+            # We route by the target (RFC 9112 3.2.2), the origin may go by Host: the two must
+            # name one host (docs/SECURITY.md, "Absolute-form requests").
+            raise SniffError("the Host header names another host than the request target",
+                             http_status=400)
     elif target.startswith(b"/") or target == b"*":
         if not hosts or not hosts[0]:
             raise SniffError("no Host header", http_status=400)
         host = hosts[0]
     else:
         raise SniffError("unsupported request target", http_status=400)
+    return _name(host, "host")
+
+
+def _name(host: bytes, what: str) -> str:
     try:
         return normalize_hostname(host.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise SniffError("invalid host: %s" % exc, http_status=400) from None
+        raise SniffError("invalid %s: %s" % (what, exc), http_status=400) from None
 
 
 def _check_request_line_prefix(data: bytes) -> None:

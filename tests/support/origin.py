@@ -3,7 +3,7 @@
     python tests/support/origin.py --port 0 [--tls CERT KEY] --port-file FILE
 
 Endpoints: GET /hello ("hello from origin" or --hello TEXT), GET /bytes/N (N deterministic bytes), POST /sha256 (hash of the body),
-GET /peer (what the origin saw: PROXY header and peer address), GET /ws (WebSocket echo).
+GET /peer (what the origin saw: PROXY header, peer address, Host and request target), GET /ws (WebSocket echo).
 With --proxy-protocol, a PROXY v1/v2 header is expected at the start of every connection.
 """
 import argparse
@@ -38,10 +38,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        if self.path == "/hello":
+        path = self.path
+        if path.startswith(("http://", "https://")):  # absolute-form: a server MUST accept it
+            parts = path.split("/", 3)                # (RFC 9112 3.2.2)
+            path = "/" + (parts[3] if len(parts) > 3 else "")
+        if path == "/hello":
             self._send(200, self.server.hello)
-        elif self.path.startswith("/bytes/"):
-            n = int(self.path.split("/")[2])
+        elif path.startswith("/bytes/"):
+            n = int(path.split("/")[2])
             self.send_response(200)
             self.send_header("Content-Length", str(n))
             self.end_headers()
@@ -49,13 +53,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             view = memoryview(data)
             for i in range(0, n, 1 << 20):
                 self.wfile.write(view[i:i + (1 << 20)])
-        elif self.path == "/peer":
+        elif path == "/peer":
             body = json.dumps({"peer": list(self.client_address[:2]),
                                "proxy_header": self.server.proxy_headers.get(
                                    self.client_address[:2], b"").decode("latin-1"),
-                               "host": self.headers.get("Host")}).encode()
+                               "host": self.headers.get("Host"), "target": self.path}).encode()
             self._send(200, body, "application/json")
-        elif self.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+        elif path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
             self._websocket()
         else:
             self._send(404, b"not found\n")
