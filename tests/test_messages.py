@@ -559,7 +559,7 @@ def test_extra_fields_exactly():
     assert m.bind_extra(SIG, PROXY) == {"sig": base64.b64encode(SIG).decode(), "to": PROXY}
     assert m.refusal_extra(m.REASON_LIMIT) == {"reason": "limit"}
     for call, error in [(lambda: m.auth_extra(KEY[:31]), "key must be 32 bytes"),
-                        (lambda: m.auth_extra(KEY.hex()), "key must be 32 bytes"),
+                        (lambda: m.auth_extra("k" * 32), "key must be 32 bytes"),
                         (lambda: m.auth_resp_extra(NONCE + b"x"), "nonce must be 32 bytes"),
                         (lambda: m.bind_extra(SIG[:63], PROXY), "signature must be 64 bytes"),
                         (lambda: m.refusal_extra(5), "reason must be a str")]:
@@ -580,6 +580,9 @@ def test_extra_bytes_refusals_exactly():
     short = base64.b64encode(b"short").decode()
     cases = [(5, "Extra.key must be a base64 string"), ([], "Extra.key must be a base64 string"),
              ("not base64!", "Extra.key is not valid base64"),
+             # strict: a lenient decoder would skip the "!" and find 32 bytes
+             (base64.b64encode(KEY).decode()[:8] + "!" + base64.b64encode(KEY).decode()[8:],
+              "Extra.key is not valid base64"),
              ("\u00e9" * 4, "Extra.key is not valid base64"),  # not even ASCII
              (short, "Extra.key must hold 32 bytes, not 5")]
     for value, reason in cases:
@@ -616,7 +619,7 @@ def test_bind_signature_payload_exact_bytes():
     assert m.bind_signature_payload(bytearray(NONCE), PROXY, "tls", "é") == \
         b"shroud-bind-v2\x00" + NONCE + b"\x00" + PROXY.encode() + b"\x00tls\x00\xc3\xa9"
     for args, error in [((NONCE[:31], PROXY, "tls", "a"), "nonce must be 32 bytes"),
-                        ((NONCE.hex(), PROXY, "tls", "a"), "nonce must be 32 bytes"),
+                        (("n" * 32, PROXY, "tls", "a"), "nonce must be 32 bytes"),
                         ((NONCE, PROXY, "tls\0", "a"), "protocol must not contain NUL"),
                         ((NONCE, PROXY, "tls", "a\0b"), "name must not contain NUL"),
                         ((NONCE, PROXY, None, "a"), "protocol must be a str"),
