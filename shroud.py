@@ -212,7 +212,12 @@ def parse_services(pairs: list[str]):
     if len(pairs) % 2:
         raise ValueError(f"services come in NAME TARGET pairs, e.g. example.com 127.0.0.1:443; "
                          f"{pairs[-1]!r} has no target")
-    return [Service.parse(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+    services = [Service.parse(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+    for i in range(0, len(pairs), 2):
+        note = Service.spelling_note(pairs[i], pairs[i + 1])
+        if note is not None:
+            log.warning("%s", note)
+    return services
 
 
 @dataclass

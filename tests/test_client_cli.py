@@ -148,6 +148,17 @@ BAD = [
     (["x.example", "127.0.0.1:1", "--socks", "127.0.0.1:1080"], "--socks needs --proxy"),
     (["x.example", "127.0.0.1:1", "--proxy", "p:1", "--count", "0"],
      "--count must be at least 1, got 0"),
+    # A URL where a service name goes: the name to write instead.
+    (["https:/example.com", "127.0.0.1:1", "--proxy", "p:1"],
+     "https:/example.com: a service name has no slashes; write https:example.com (a "
+     "certificate obtained here, TLS ended by this client) or example.com (TLS passed through)"),
+    (["https://example.com/", "127.0.0.1:1", "--proxy", "p:1"],
+     "https://example.com/: a service name has no slashes; write https:example.com"),
+    (["http://example.com/app", "127.0.0.1:1", "--proxy", "p:1"],
+     "http://example.com/app: a service name has no slashes; write http:example.com (a path "
+     "is not part of it: the whole host is served)"),
+    (["https:https://example.com", "127.0.0.1:1", "--proxy", "p:1"],
+     "write https:example.com"),
 ]
 
 
@@ -182,6 +193,20 @@ def test_valid_input_passes_and_creates_the_key(tmp_path):
                     "p.example:4443", "--pin", GOOD_PIN.upper()], tmp_path / "new")
     assert inputs.pins == {GOOD_PIN}
     assert inputs.identity.fingerprint == Identity.load_or_create(str(tmp_path / "new")).fingerprint
+
+
+def test_https_slashes_name_warns_once_with_the_spelling_for_a_certificate(tmp_path, caplog):
+    """https://NAME is the older spelling of a passed-through TLS name (README), easily taken
+    for https:NAME: accepted, with one line saying what it does and what to write instead."""
+    with caplog.at_level("WARNING", logger="shroud"):
+        inputs = check(["https://Example.com", "127.0.0.1:8080", "https:b.example",
+                        "127.0.0.1:8081", "--proxy", "p.example:4443"], tmp_path)
+    assert [(s.name, s.terminate) for s in inputs.services] == [("example.com", False),
+                                                                ("b.example", True)]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == ["https://Example.com passes TLS through to 127.0.0.1:8080, which must end "
+                    "TLS itself; for a certificate obtained here (TLS ended by this client), "
+                    "write https:Example.com"], said
 
 
 # --- as a user sees it: the real entry point ---------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import random
+import re
 import socket
 import ssl
 import struct
@@ -82,6 +83,25 @@ TRANSIENT_REFUSALS = frozenset({msg.REASON_INTERNAL, msg.REASON_STORE_UNAVAILABL
                                 msg.REASON_LIMIT})
 
 
+# A scheme and its slashes, as a URL starts: what a user may write before a name by mistake.
+_URL_PREFIX = re.compile(r"(?i)(tls|https|http|tcp)?[:/]+")
+
+
+def _no_slashes(name: str) -> str:
+    """The one line for a URL written where a service name goes, naming the name to write."""
+    rest, proto = name, ""
+    while (m := _URL_PREFIX.match(rest)) is not None:
+        proto = proto or (m.group(1) or "").lower()
+        rest = rest[m.end():]
+    host, _, path = rest.partition("/")
+    fix = {"https": f"https:{host} (a certificate obtained here, TLS ended by this client) or "
+                    f"{host} (TLS passed through)",
+           "http": f"http:{host}", "tcp": f"tcp:{host}"}.get(proto, host)
+    if path:
+        fix += " (a path is not part of it: the whole host is served)"
+    return f"{name}: a service name has no slashes; write {fix}"
+
+
 @dataclass
 class Service:
     """One NAME TARGET pair: what the proxy routes to us, and where we send it locally."""
@@ -106,6 +126,8 @@ class Service:
                 break
         else:
             proto, rest = "tls", name
+        if "/" in rest:
+            raise ValueError(_no_slashes(name))
         terminate = low.startswith("https:") and not low.startswith("https://")
         if proto == "https":
             proto = "tls"
@@ -120,6 +142,16 @@ class Service:
                                  f"port to open on each proxy, e.g. tcp:20001")
             return cls("tcp", f"tcp:{int(rest)}", tgt, int(rest))
         return cls(proto, sniff.normalize_hostname(rest, allow_wildcard=True), tgt)
+
+    @staticmethod
+    def spelling_note(name: str, target: str) -> str | None:
+        """One line for a valid spelling that is easily a mistake: ``https://NAME``, the older
+        spelling of a passed-through TLS name (README), written for ``https:NAME``."""
+        if not name.lower().startswith("https://"):
+            return None
+        return (f"{name} passes TLS through to {target}, which must end TLS itself; for a "
+                f"certificate obtained here (TLS ended by this client), write "
+                f"https:{name[len('https://'):]}")
 
     def answers_bind(self, url: str) -> bool:
         """Whether ``url`` (a proxy's BindResp.Url) names what this service asked for: its
