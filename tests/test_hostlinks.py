@@ -25,6 +25,7 @@ pytestmark = pytest.mark.timeout(240)
 
 BEAT = "0.5"  # fast fleet heartbeats: rows of a killed proxy expire in ~1.5 s
 BIG = 100 * 1024 * 1024
+VISITS = 20  # links from B to a two-worker A: all 20 on one worker has odds of 2 ** -19
 
 
 @pytest.fixture
@@ -32,12 +33,16 @@ def fleet(tmp_path, pg_url):
     site = tls_site(tmp_path, "app.test")
     procs = [OriginProc(str(tmp_path), tls=(site.cert_pem, site.key_pem), name="tls-origin")]
 
-    def start(name, host, extra=()):
-        """A proxy on the shared database, every listener on ``host`` (a loopback address)."""
+    def start(name, host, extra=(), workers=None):
+        """A proxy on the shared database, every listener on ``host`` (a loopback address);
+        with ``workers``, gunicorn from the Procfile's config with WEB_CONCURRENCY=workers."""
         link = f"{host}:{free_port(host)}"
+        env = {"SHROUD_DATABASE_URL": pg_url}
+        if workers:
+            env["WEB_CONCURRENCY"] = str(workers)
         p = ProxyProc(str(tmp_path), str(tmp_path / f"{name}-data"), name=name, host=host,
                       extra=["--fleet-heartbeat", BEAT, "--fleet-addr", link, *extra],
-                      env={"SHROUD_DATABASE_URL": pg_url})
+                      env=env, gunicorn=bool(workers))
         p.link = link
         procs.append(p)
         return p
@@ -316,3 +321,33 @@ def test_links_past_the_bound_are_refused_at_once_counted_and_freed(fleet):
              "the links are given back", timeout=20)
     assert get(b, "web.test") == (200, b"from-a\n")
     assert get(c, "web.test") == (200, b"from-a\n")
+
+
+def test_a_link_landing_on_the_worker_without_the_name_is_relayed_to_its_holder(fleet):
+    """A under gunicorn with two workers, its one tunnel on one of them; both listen on the
+    fleet port (SO_REUSEPORT), so about half of B's links land on the other worker, which
+    relays each to the holder (routing.take_linked): every visitor is served, by Host and by
+    SNI."""
+    a = fleet.start("proxy-a", "127.0.0.2", workers=2)
+    b = fleet.start("proxy-b", "127.0.0.3")
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}",
+                     "app.test", f"127.0.0.1:{fleet.tls_origin.port}"], "client-a")
+    a.wait_bound("web.test")
+    a.wait_bound("app.test")
+    wait_for(lambda: len(a.status()["workers"]) == 2 and all(
+        w["bindings"] + w["names_elsewhere"] >= 2 for w in a.status()["workers"]),
+        "both of A's workers know the names", timeout=30)
+    assert len([w for w in a.status()["workers"] if w["tunnels"]]) == 1
+    wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+    before = a.status()["forwarded_in"]
+    with open(fleet.site.cert_pem) as f:
+        origin_der = ssl.PEM_cert_to_DER_cert(f.read())
+    for _ in range(VISITS):
+        assert get(b, "web.test") == (200, b"from-a\n"), a.status()["workers"]
+        status, _, der = https_get(fleet.site.ca_pem, b.ports["https"], "app.test",
+                                   addr=b.host)
+        assert (status, der) == (200, origin_der)
+    workers = a.status()["workers"]
+    # Links landed on both workers: the one without the tunnel handed them to its sibling.
+    assert sum(w["handoffs"].get("taken", 0) for w in workers) > 0, workers
+    assert a.status()["forwarded_in"] - before == 2 * VISITS
