@@ -147,6 +147,9 @@ def test_decoding_edges_a_peer_can_reach():
     tcp = b'{"Type":"Bind","Payload":{"Protocol":"tcp","Options":{"remoteport":%d}}}'
     assert unpack(tcp % 0) == Bind("tcp", remote_port=0)
     assert unpack(tcp % 65535) == Bind("tcp", remote_port=65535)
+    # A signed tcp bind keeps its Extra (the signature and the proxy it names).
+    signed = unpack(pack(Bind("tcp", remote_port=22, extra=m.bind_extra(SIG, PROXY))))
+    assert (signed.signature, signed.proxy_id, signed.signed_name) == (SIG, PROXY, "22")
     # PublicAddr (Shroud's): absent, null and "" all mean "not told".
     for public in (b"", b',"PublicAddr":null', b',"PublicAddr":""'):
         body = b'{"Type":"StartProxy","Payload":{"Url":"u","ClientAddr":"a"%s}}' % public
