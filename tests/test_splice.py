@@ -49,6 +49,31 @@ def test_idle_timeout_ends_silent_connection_but_not_a_busy_one():
     assert time.monotonic() - t0 < 1.5
 
 
+def test_idle_timeout_arms_no_timeout_per_read():
+    # One timer per splice bounds idleness: an end with a timeout of its own would make gevent
+    # arm a Timeout object for every read that waits (bench/README.md, "Per-request cost").
+    a_out, a_in = gsocket.socketpair()
+    b_in, b_out = gsocket.socketpair()
+    g = gevent.spawn(splice, a_in, b_in, idle_timeout=30)
+    a_out.sendall(b"ping")
+    assert b_out.recv(10) == b"ping"
+    assert a_in.gettimeout() is None and b_in.gettimeout() is None
+    a_out.close()
+    b_out.close()
+    g.get(timeout=5)
+
+
+def test_idle_timeout_before_any_answer_sends_the_fallback():
+    a_out, a_in = gsocket.socketpair()
+    b_in, b_out = gsocket.socketpair()
+    g = gevent.spawn(splice, a_in, b_in, idle_timeout=0.2,
+                     fallback_to_a=b"HTTP/1.1 502 x\r\n\r\n")
+    a_out.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert b_out.recv(100).startswith(b"GET")
+    assert a_out.recv(100).startswith(b"HTTP/1.1 502")  # b said nothing: idle, then the 502
+    g.get(timeout=5)
+
+
 def test_works_with_mux_streams():
     a, b = gsocket.socketpair()
     c, s = Session(a, client=True), Session(b, client=False)

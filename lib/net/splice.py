@@ -10,10 +10,12 @@ Half-close is carried through: when one side reaches EOF, the other side gets
 runs in the calling greenlet and one in a spawned greenlet, joined before return; both ends are
 closed on return (gevent's rule: when the handler returns, its socket is closed). An error in
 either direction ends both. ``on_*`` callbacks get the byte count of each chunk (bandwidth
-counters). ``idle_timeout`` bounds how long both directions may stay silent: each end's recv
-waits at most that long, and gives up only if the other direction was silent too. With
-``idle_timeout=None`` (``--idle-timeout 0``) the ends keep their own timeouts, and one that
-fires ends both directions like any other error.
+counters). ``idle_timeout`` bounds how long both directions may stay silent: one repeating
+timer per splice looks every ``idle_timeout / IDLE_CHECKS`` seconds, and once neither direction
+has moved a byte for ``idle_timeout`` it raises TimeoutError in both directions, which then end
+as on any other error (the ends themselves wait without a timeout). With ``idle_timeout=None``
+(``--idle-timeout 0``) the ends keep their own timeouts, and one that fires ends both
+directions like any other error.
 
 A TCP end gets TCP_NOTSENT_LOWAT (``UNSENT_LOWAT``): its kernel queue of bytes not yet sent is
 bounded, so a reader that stops (a slow visitor) blocks our send at once instead of after
@@ -43,18 +45,36 @@ STREAM_CHUNK = 64 * 1024
 # Bytes a TCP end may hold unsent in its kernel queue (beyond what is in flight): 64 KiB keeps
 # a fast path busy between two of our writes (the kernel still autotunes what is in flight).
 UNSENT_LOWAT = 64 * 1024
+# How often, per idle_timeout, a splice's timer looks for silence: an idle connection ends
+# between 1 and 1 + 1/IDLE_CHECKS idle_timeouts after its last byte. One timer per splice instead
+# of a timeout on every read: gevent arms a Timeout object for each read or write that has to
+# wait on an end with a timeout, which cost the proxy ~12 % of its CPU per request
+# (bench/README.md, "Per-request cost").
+IDLE_CHECKS = 4
 
 
 class _State:
-    __slots__ = ("last", "idle_timeout", "dead")
+    __slots__ = ("last", "idle_timeout", "dead", "pumps")
 
     def __init__(self, idle_timeout: float | None) -> None:
         self.last = time.monotonic()
         self.idle_timeout = idle_timeout
         self.dead = False
+        # The greenlets inside _pump's copy loop, the one owing a fallback answer first: told of
+        # idleness first, it answers before the other direction aborts both ends.
+        self.pumps: list = []
 
 
 def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None = None) -> int:
+    me = gevent.getcurrent()
+    state.pumps.insert(0 if fallback is not None else len(state.pumps), me)
+    try:
+        return _copy(src, dst, on_bytes, state, chunk, fallback)
+    finally:
+        state.pumps.remove(me)
+
+
+def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None) -> int:
     total = 0
     if getattr(src, "family", None) is None:  # a mux stream (sockets have a family)
         chunk = min(chunk, STREAM_CHUNK)
@@ -134,6 +154,27 @@ def _abort(*ends, hard: bool = False) -> None:
             pass
 
 
+def _check_idle(state: _State, timer) -> None:
+    """The idle timer's callback (in the hub): both directions silent for idle_timeout ->
+    TimeoutError raised in each copy loop still running, as an end's own timeout would."""
+    if state.dead:  # ending already
+        timer.stop()
+        return
+    if time.monotonic() - state.last < state.idle_timeout:
+        return
+    timer.stop()
+    for g in list(state.pumps):
+        if g in state.pumps:  # not ended by the one before
+            g.throw(TimeoutError(f"idle for {state.idle_timeout:g} s"))
+
+
+def _start_idle_timer(state: _State):
+    every = state.idle_timeout / IDLE_CHECKS
+    timer = gevent.get_hub().loop.timer(every, every, ref=False)
+    timer.start(_check_idle, state, timer)
+    return timer
+
+
 def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None = None,
            chunk: int = CHUNK, fallback_to_a: bytes | None = None) -> tuple[int, int]:
     state = _State(idle_timeout)
@@ -141,14 +182,18 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
         _limit_unsent(end)
         if idle_timeout is not None:
             try:
-                end.settimeout(idle_timeout)
+                end.settimeout(None)  # the idle timer bounds waiting (IDLE_CHECKS)
             except OSError:
                 pass
+    timer = _start_idle_timer(state) if idle_timeout is not None else None
     g = gevent.spawn(_pump, a, b, on_a_to_b, state, chunk)
     try:
         n_ba = _pump(b, a, on_b_to_a, state, chunk, fallback_to_a)
         g.join()
     finally:
+        if timer is not None:
+            timer.stop()
+            timer.close()
         if not g.ready():
             _abort(a, b)
             g.kill(block=True, timeout=1)
