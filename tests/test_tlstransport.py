@@ -95,3 +95,60 @@ def test_mux_session_over_it(pki):
         got += d
     assert got == b"x" * 500_000
     cs.close()
+
+
+class _CountingRaw(gevent._socket3._wrefsocket):
+    """The descriptor under a gevent socket, counting reads that found nothing (EAGAIN)."""
+    __slots__ = ()
+    empty_reads = 0
+
+    def recv(self, *args):
+        try:
+            return super().recv(*args)
+        except BlockingIOError:
+            _CountingRaw.empty_reads += 1
+            raise
+
+
+class _CountingSocket(gsocket.socket):
+    _gevent_sock_class = _CountingRaw
+
+
+def _echo(t):
+    while (d := t.recv(100)):
+        t.sendall(d)
+
+
+def test_a_drained_socket_is_waited_on_not_read_in_vain(pki):
+    # A short read left the kernel's buffer empty: the next read waits for readability first
+    # instead of failing with EAGAIN (a system call and an exception per message:
+    # bench/README.md, "Per-request cost").
+    server_ctx, client_ctx, _ = pki
+    a, b = socket.socketpair()
+    a, b = gsocket.socket(fileno=a.detach()), _CountingSocket(fileno=b.detach())
+    g = gevent.spawn(TLSTransport.server, b, server_ctx)
+    c = TLSTransport.client(a, client_ctx, "tunnel.test")
+    s = g.get(timeout=10)
+    echo = gevent.spawn(_echo, s)
+    c.sendall(b"first")
+    assert c.recv(100) == b"first"
+    _CountingRaw.empty_reads = 0
+    for i in range(30):
+        c.sendall(b"ping %d" % i)
+        assert c.recv(100) == b"ping %d" % i
+    assert _CountingRaw.empty_reads == 0
+    assert s.waits_before_read
+    c.close()
+    echo.get(timeout=5)
+
+
+def test_close_ends_a_read_waiting_for_readability(pki):
+    c, s = pair(pki)
+    c.sendall(b"one")
+    assert s.recv(100) == b"one"  # drained: the next read waits on the descriptor
+    reader = gevent.spawn(s.recv, 100)
+    gevent.sleep(0.05)
+    assert not reader.ready()
+    s.close()
+    with pytest.raises(OSError):
+        reader.get(timeout=5)

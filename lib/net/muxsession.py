@@ -492,8 +492,12 @@ class Session:
                 # Yield after every read: bytes already waiting would otherwise be read and
                 # decoded without a pause, and one flooding peer would starve every other
                 # session and deadline in the process. What this read provoked is bounded by
-                # the answer bucket and max_queued_answers (lib.protocol.muxstate).
-                gevent.sleep(0)
+                # the answer bucket and max_queued_answers (lib.protocol.muxstate). A
+                # transport whose next read waits for the socket first (it found the kernel's
+                # buffer empty: TLSTransport.waits_before_read) yields there instead: one hub
+                # round trip per read, not two.
+                if not getattr(self._transport, "waits_before_read", False):
+                    gevent.sleep(0)
         except (OSError, ValueError) as e:
             # A transport that cut off a flood of its own (wstransport.PeerFlood) says so.
             hostile = getattr(e, "hostile", False)

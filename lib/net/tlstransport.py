@@ -14,12 +14,20 @@ record already received is decrypted in one go, so the mux reader gets all of th
 Cooperative use: one greenlet reads while another writes (the mux session does exactly that);
 SSLObject calls never yield, and the raw socket's writes are serialised by a lock. Post-handshake
 records produced while reading (TLS 1.3 key updates) go out with the next write.
+
+``waits_before_read``: True when the next ``recv`` that needs bytes from the kernel will first
+wait for the socket to be readable, i.e. yield to the hub. A raw read that came back short left
+the kernel's buffer empty, so the next one would fail with EAGAIN (a system call and an
+exception for nothing) and then wait: waiting first skips that, and the mux reader skips its own
+yield after such a read (lib/net/muxsession.py, ``_read_loop``).
 """
 from __future__ import annotations
 
 import socket
 import ssl
 
+import gevent
+import gevent.socket
 from gevent.lock import Semaphore
 
 from lib.net.sockets import sender
@@ -40,6 +48,11 @@ class TLSTransport:
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         self._eof = False
         self._closed = False
+        # Waiting for readability before a read, on gevent sockets only (a mux stream under a
+        # TLS ended in the client has no descriptor): see waits_before_read.
+        self._hub = gevent.get_hub() if isinstance(sock, gevent.socket.socket) else None
+        self._readable = None  # an io watcher, made on first use
+        self._drained = False  # the last raw read came back short
 
     @classmethod
     def client(cls, sock, context, server_hostname=None, timeout: float | None = 30.0):
@@ -96,7 +109,7 @@ class TLSTransport:
                     break
                 if self._eof:
                     return b""
-                raw = self._sock.recv(RAW_READ)
+                raw = self._read_raw()
                 if not raw:
                     # The peer's TCP FIN: reading is over. The BIO is not told (write_eof would
                     # also stop our writes), so a half-closed transport can still send.
@@ -115,6 +128,20 @@ class TLSTransport:
         if self._out.pending and not self._wlock.locked():
             self._flush()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @property
+    def waits_before_read(self) -> bool:
+        return (self._drained and self._hub is not None and not self._in.pending
+                and not self._obj.pending() and self._sock.gettimeout() is None)
+
+    def _read_raw(self) -> bytes:
+        if self._drained and self._hub is not None and self._sock.gettimeout() is None:
+            if self._readable is None:
+                self._readable = self._hub.loop.io(self._sock.fileno(), 1)
+            self._hub.wait(self._readable)
+        raw = self._sock.recv(RAW_READ)
+        self._drained = len(raw) < RAW_READ
+        return raw
 
     def sendall(self, data) -> None:
         with self._wlock:
@@ -136,6 +163,8 @@ class TLSTransport:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._readable is not None:  # a reader waiting on it gets EBADF, as gevent's own
+                self._hub.cancel_wait(self._readable, gevent.socket.cancel_wait_ex, True)
             self._sock.close()
 
     def getpeercert(self, binary_form: bool = False):
