@@ -91,6 +91,50 @@ def test_works_with_mux_streams():
     g.get(timeout=5)
 
 
+class _CountingTransport:
+    """A socket recording each write a mux session's writer makes on it."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.writes = []
+
+    def sendall(self, data):
+        self.writes.append(bytes(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_bytes_waiting_at_a_leave_with_what_was_just_written_to_b():
+    # The proxy writes StartProxy on a new stream, then splices; the visitor's request head is
+    # already waiting: it must leave in the same transport write (one TLS record, one send())
+    # as the SYN and StartProxy, not in a second one after a hub turn.
+    x, y = gsocket.socketpair()
+    transport = _CountingTransport(x)
+    c, s = Session(transport, client=True), Session(y, client=False)
+    pub_out, pub_in = gsocket.socketpair()
+    pub_out.sendall(b"GET / HTTP/1.1")
+    warm = c.open()  # a first exchange: the session's own first writes are out
+    warm.sendall(b"x")
+    assert s.accept(timeout=5).recv(10) == b"x"
+    before = len(transport.writes)
+
+    def forward():
+        st = c.open()
+        st.sendall(b"StartProxy|")
+        splice(pub_in, st)
+    g = gevent.spawn(forward)
+    peer = s.accept(timeout=5)
+    assert peer.recv(100) == b"StartProxy|GET / HTTP/1.1"
+    assert len(transport.writes) == before + 1
+    pub_out.close()
+    peer.close()
+    g.get(timeout=5)
+    c.close()
+    s.close()
+
+
 def test_failure_reaches_the_other_end_as_a_reset_not_a_clean_end():
     # The public side dies mid-upload: the origin (here a mux stream's peer) must see a reset,
     # not an EOF that would pass a truncated upload off as complete.

@@ -6,9 +6,10 @@ Public API::
            fallback_to_a=None) -> (n_ab, n_ba)
 
 Half-close is carried through: when one side reaches EOF, the other side gets
-``shutdown(SHUT_WR)`` and the opposite direction keeps flowing until it ends too. One direction
-runs in the calling greenlet and one in a spawned greenlet, joined before return; both ends are
-closed on return (gevent's rule: when the handler returns, its socket is closed). An error in
+``shutdown(SHUT_WR)`` and the opposite direction keeps flowing until it ends too. ``a`` to
+``b`` runs in the calling greenlet, ``b`` to ``a`` in a spawned greenlet, joined before return;
+both ends are closed on return (gevent's rule: when the handler returns, its socket is closed).
+An error in
 either direction ends both. ``on_*`` callbacks get the byte count of each chunk (bandwidth
 counters). ``idle_timeout`` bounds how long both directions may stay silent: one repeating
 timer per splice looks every ``idle_timeout / IDLE_CHECKS`` seconds, and once neither direction
@@ -186,9 +187,12 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
             except OSError:
                 pass
     timer = _start_idle_timer(state) if idle_timeout is not None else None
-    g = gevent.spawn(_pump, a, b, on_a_to_b, state, chunk)
+    # a -> b in this greenlet, at once: bytes already waiting in a (the proxy's replayed
+    # request head, the client's first bytes from the visitor) join what the caller just
+    # wrote to b (a new stream's SYN and StartProxy) in one TLS record and one send().
+    g = gevent.spawn(_pump, b, a, on_b_to_a, state, chunk, fallback_to_a)
     try:
-        n_ba = _pump(b, a, on_b_to_a, state, chunk, fallback_to_a)
+        n_ab = _pump(a, b, on_a_to_b, state, chunk)
         g.join()
     finally:
         if timer is not None:
@@ -198,4 +202,4 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
             _abort(a, b)
             g.kill(block=True, timeout=1)
         _abort(a, b)
-    return (g.value or 0, n_ba)
+    return (n_ab, g.value or 0)
