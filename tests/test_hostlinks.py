@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lib.certs import ensure_tunnel_cert
-from lib.proxy.hostlinks import LABEL, NONCE_BYTES, OK
+from lib.proxy.hostlinks import LABEL, NONCE_BYTES, OK, REFUSED
 from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.visitor import http_get, https_get, tls_site, ws_echo, ws_upgrade
 from tests.support.wait import wait_for
@@ -47,16 +47,17 @@ def fleet(tmp_path, pg_url):
         procs.append(p)
         return p
 
-    def origin(hello):
-        o = OriginProc(str(tmp_path), name=f"origin-{hello}", hello=hello)
+    def origin(hello, proxy_protocol=False):
+        o = OriginProc(str(tmp_path), name=f"origin-{hello}", hello=hello,
+                       proxy_protocol=proxy_protocol)
         procs.append(o)
         return o
 
-    def client(proxy, pairs, name):
+    def client(proxy, pairs, name, extra=()):
         # One key for every client: the names are its, whichever proxy it binds them on.
         c = ClientProc(str(tmp_path), str(tmp_path / "client-key"), pairs,
                        [f"{proxy.host}:{proxy.ports['tunnel']}"], pins=[proxy.fingerprint],
-                       name=name)
+                       name=name, extra=extra)
         procs.append(c)
         return c
 
@@ -351,3 +352,79 @@ def test_a_link_landing_on_the_worker_without_the_name_is_relayed_to_its_holder(
     # Links landed on both workers: the one without the tunnel handed them to its sibling.
     assert sum(w["handoffs"].get("taken", 0) for w in workers) > 0, workers
     assert a.status()["forwarded_in"] - before == 2 * VISITS
+
+
+def test_the_visitors_address_reaches_the_origin_through_a_link(fleet):
+    """The origin behind A's tunnel reads a PROXY header (the client's --proxy-protocol v1)
+    naming the visitor who reached B, from its own address, and B's listener: not the link's
+    ends."""
+    a = fleet.start("proxy-a", "127.0.0.2")
+    b = fleet.start("proxy-b", "127.0.0.3")
+    pp = fleet.origin("pp", proxy_protocol=True)
+    fleet.client(a, ["http:pp.test", f"127.0.0.1:{pp.port}"], "client-pp",
+                 extra=["--proxy-protocol", "v1"])
+    a.wait_bound("pp.test")
+    wait_for(lambda: _served(b, "pp.test"), "pp.test served at B", timeout=20)
+    import http.client
+    c = http.client.HTTPConnection(b.host, b.ports["http"], timeout=10,
+                                   source_address=("127.0.0.9", 0))
+    c.connect()
+    port = c.sock.getsockname()[1]
+    c.request("GET", "/peer", headers={"Host": "pp.test"})
+    info = json.loads(c.getresponse().read())
+    c.close()
+    assert info["proxy_header"] == f"PROXY TCP4 127.0.0.9 127.0.0.3 {port} {b.ports['http']}\r\n"
+
+
+def test_a_linked_connection_is_never_forwarded_again(fleet):
+    """At most one link: B, asked over a link for a name only C holds, refuses it (the sender
+    tries its next holder) rather than carry it on to C, though B itself forwards visitors
+    for that name to C."""
+    a = fleet.start("proxy-a", "127.0.0.2")
+    b = fleet.start("proxy-b", "127.0.0.3")
+    c = fleet.start("proxy-c", "127.0.0.4")
+    fleet.client(c, ["http:web.test", f"127.0.0.1:{fleet.origin('from-c').port}"], "client-c")
+    c.wait_bound("web.test")
+    wait_for(lambda: _served(b, "web.test"), "web.test served at B, by C", timeout=20)
+    before_b, before_c = b.status(), c.status()
+    a_der, a_key = _identity(fleet.dir / "proxy-a-data")
+    assert _link(b.link, a_der, a_key, b.fingerprint, name="web.test") == REFUSED
+    after_b, after_c = b.status(), c.status()
+    assert after_b["forwarded_out"] == before_b["forwarded_out"]
+    assert after_c["forwarded_in"] == before_c["forwarded_in"]
+    assert after_b["refusals"].get("fleet_link_refused", 0) == 0  # a refusal, not a forgery
+
+
+def test_a_hung_holder_costs_a_visitor_a_second_then_a_clear_error(fleet):
+    """Heartbeats every 5 s (rows live 15-20 s): A and C hold web.test; A hangs (SIGSTOP).
+    Visitors at B are served by C (A gets ATTEMPT_TIMEOUT of their wait, then is tried last);
+    with C hung too, a visitor gets 502 (fleet_link_failed), not a hang; once the rows expire
+    the name is unknown at B (404)."""
+    slow = ["--fleet-heartbeat", "5"]
+    a = fleet.start("proxy-a", "127.0.0.2", extra=slow)
+    b = fleet.start("proxy-b", "127.0.0.3", extra=slow)
+    c = fleet.start("proxy-c", "127.0.0.4", extra=slow)
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
+    fleet.client(c, ["http:web.test", f"127.0.0.1:{fleet.origin('from-c').port}"], "client-c")
+    a.wait_bound("web.test")
+    c.wait_bound("web.test")
+    seen = set()
+
+    def both_seen():
+        status, body = get(b, "web.test")
+        seen.add(body if status == 200 else status)
+        return {b"from-a\n", b"from-c\n"} <= seen
+    wait_for(both_seen, "B forwards to both holders", timeout=30)
+    try:
+        a.signal(signal.SIGSTOP)
+        for _ in range(10):
+            assert get(b, "web.test") == (200, b"from-c\n")
+        c.signal(signal.SIGSTOP)
+        status, body = get(b, "web.test", timeout=10)  # 1 s for each holder, then the answer
+        assert (status, body) == (502, b"The tunnel is down.\n")
+        assert b.status()["refusals"].get("fleet_link_failed", 0) >= 1
+        wait_for(lambda: get(b, "web.test")[0] == 404, "A's and C's rows expired at B",
+                 timeout=40)
+    finally:
+        for p in (a, c):
+            p.signal(signal.SIGKILL)

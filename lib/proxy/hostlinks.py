@@ -31,7 +31,8 @@ holder's row::
 
     holder -> sender   NONCE: 32 random bytes
     sender -> holder   u32 length, JSON head {"v": 1, "cert": base64 DER of the sender's tunnel
-                       certificate, "kind", "name", "client": [ip, port], "forwarded": true,
+                       certificate, "kind", "name", "client": [ip, port], "public": the
+                       listener the visitor reached ("host:port"), "forwarded": true,
                        "peeked": n}; u16 length, ECDSA-SHA256 signature with the sender's
                        tunnel key over LABEL | NONCE | holder's fingerprint | the JSON head;
                        then the n peeked bytes
@@ -224,8 +225,9 @@ class FleetLinks:
                 if left <= 0:
                     break
                 instance = self._instances.get(instance_id)
-                link = instance and self._open(instance, header, peeked,
-                                               min(left, ATTEMPT_TIMEOUT))
+                if instance is None:  # its row expired while an earlier holder was tried
+                    continue
+                link = self._open(instance, header, peeked, min(left, ATTEMPT_TIMEOUT))
                 if isinstance(link, bytes):
                     answers.add(link)
                     continue

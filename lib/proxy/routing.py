@@ -255,7 +255,10 @@ class PublicRouter:
         if ((self.siblings is None and self.fleet_links is None) or route.action != REFUSE
                 or route.refusal.counter not in HAND_OVER):
             return False
-        header = {"kind": kind, "name": name, "client": [address[0], address[1]]}
+        # "public": the listener the visitor reached (StartProxy.PublicAddr, the PROXY header's
+        # destination), which the serving worker's socket (a link, a socket pair) is not.
+        header = {"kind": kind, "name": name, "client": [address[0], address[1]],
+                  "public": _public_addr(sock)}
         result = None
         for pid in (self.siblings.candidates(KIND_PROTOCOLS[kind], name)
                     if self.siblings is not None else ()):
@@ -295,6 +298,7 @@ class PublicRouter:
             return self._bad_header(f"kind {kind!r:.40}, name {name!r:.80}")
         try:
             address = handed_client(header.get("client"))
+            public = handed_public(header.get("public"))
         except AddressError as e:
             return self._bad_header(str(e))
         route = (self._tcp_route(name) if kind == "tcp"
@@ -306,9 +310,9 @@ class PublicRouter:
             set_nodelay(sock)
             try:
                 if kind == "http":
-                    self.forward_exchange(sock, address, route, peeked, name)
+                    self.forward_exchange(sock, address, route, peeked, name, public)
                 else:
-                    self.forward(sock, address, route, peeked, None, kind)
+                    self.forward(sock, address, route, peeked, None, kind, public)
             finally:
                 sock.close()
         return run
@@ -344,16 +348,18 @@ class PublicRouter:
 
     # --- forwarding -----------------------------------------------------------------------
 
-    def forward_exchange(self, sock, address, route: Route, head: bytes, name: str) -> None:
+    def forward_exchange(self, sock, address, route: Route, head: bytes, name: str,
+                         public: str | None = None) -> None:
         """Forward one HTTP exchange: its ``head`` is replayed by the exchange (with
         Connection: close), not by forward; a 502 answers when the origin sends nothing."""
         self.forward(OneExchangeSocket(sock, head), address, route, b"",
-                     origin_unreachable(name), "http")
+                     origin_unreachable(name), "http", public)
 
     def forward(self, sock, address, route: Route, peeked: bytes, fallback: bytes | None,
-                kind: str = "tcp") -> None:
+                kind: str = "tcp", public: str | None = None) -> None:
         """Carry the connection through ``route``'s tunnel (a stream with StartProxy and the
-        peeked bytes at its head), or answer ``route``'s refusal."""
+        peeked bytes at its head), or answer ``route``'s refusal. ``public``: the listener
+        the visitor reached, when ``sock`` is not the visitor's own (a handed connection)."""
         registry = self.registry
         binding, tunnel = route.binding, route.tunnel
         if route.action != FORWARD:
@@ -363,7 +369,7 @@ class PublicRouter:
         client_addr = format_hostport(*address[:2])  # "[v6]:port", as Go's net.Addr writes it
         # Only a Shroud client (it has a key) is told the listener: go-tunnel's StartProxy has
         # exactly two fields, and the original client is checked byte for byte against it.
-        public_addr = _public_addr(sock) if tunnel.key is not None else None
+        public_addr = (public or _public_addr(sock)) if tunnel.key is not None else None
         # Counted before the first call that can yield (sendall waits for the writer): the
         # limit choose_tunnel checked must hold for every connection that passed it at once.
         tunnel.streams_open += 1
@@ -409,6 +415,17 @@ def handed_client(client) -> tuple[str, int]:
             and type(client[1]) is int):
         raise AddressError(f"{what} must be [HOST, PORT], got {client!r:.120}")
     return parse_hostport(format_hostport(client[0], client[1]), what=what, port_zero=True)
+
+
+def handed_public(public) -> str | None:
+    """The listener a handed visitor reached (``"HOST:PORT"`` or None, as _hand_over writes
+    it), checked. :raises AddressError:"""
+    if public is None:
+        return None
+    if not isinstance(public, str):
+        raise AddressError(f"a handed connection's listener must be HOST:PORT, got "
+                           f"{public!r:.120}")
+    return format_hostport(*parse_hostport(public, what="a handed connection's listener"))
 
 
 def origin_unreachable(name: str) -> bytes:
