@@ -16,4 +16,6 @@ ip route change table local local 127.0.0.0/8 dev lo proto kernel scope host src
 ip route change table local local 127.0.0.1 dev lo proto kernel scope host src 127.0.0.1 quickack 1 2>/dev/null || true
 # The floors of lib/ (.importlinter, docs/DESIGN.md): a forbidden import fails the run before any test.
 .venv/bin/lint-imports --no-cache --no-logo
-exec .venv/bin/python -m pytest "$@"
+# The 40 slowest tests (of 0.5 s or more) close every log, so a run that grows toward the 20-minute budget shows where
+# (a later --durations=N on the command line wins).
+exec .venv/bin/python -m pytest --durations=40 --durations-min=0.5 "$@"
