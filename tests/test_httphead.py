@@ -111,9 +111,10 @@ def test_request_line_edges():
 
 def test_header_values_stripped_and_checked():
     head = parse_request_head(b"GET / HTTP/1.1\r\nX-A: \t a \t b \t\r\nX-B:caf\xe9\r\n"
-                              b"X-C:\r\n!#$%&'*+-.^_`|~09AZaz: t\r\n\r\n")
+                              b"X-C:\r\n!#$%&'*+-.^_`|~09AZaz: t\r\nX-D: XoX\r\n\r\n")
     assert head.fields == [("x-a", "a \t b"), ("x-b", "caf\u00e9"), ("x-c", ""),
-                           ("!#$%&'*+-.^_`|~09azaz", "t")]
+                           ("!#$%&'*+-.^_`|~09azaz", "t"), ("x-d", "XoX")]
+    assert head.get("absent") == "" and head.get_all("absent") == []
     for line in [b"X: a\x00b", b"X: a\x7f", b"X: a\x1fb", b"X: a\nb", b": v", b"X\x01: v",
                  b"X :v", b"\tX: v"]:
         with pytest.raises(HeadError) as e:
@@ -135,6 +136,8 @@ def test_split_head_bound_exactly():
             httphead.split_head(data, limit=64)
         assert (e.value.reason, e.value.http_status) == ("HTTP head exceeds 64 bytes", 431)
     assert httphead.split_head(b"GET / HTTP/1.1\n\nrest") == (b"GET / HTTP/1.1\n\n", b"rest")
+    # A blank line first is an (empty) head at once, for the parser to refuse; never a wait.
+    assert httphead.split_head(b"\n\nGET / HTTP/1.1\n\n") == (b"\n\n", b"GET / HTTP/1.1\n\n")
     assert httphead.split_head(bytearray(b"GET / HTTP/1.1\r\n\r\n")) == \
         (b"GET / HTTP/1.1\r\n\r\n", b"")
     assert httphead.MAX_HEAD == 16384
@@ -156,8 +159,11 @@ def test_response_head_edges():
     with pytest.raises(HeadError) as e:  # what is quoted of a hostile line is bounded
         httphead.parse_response_head(b"x" * 500 + b"\r\n\r\n")
     assert e.value.reason == "not an HTTP response: " + repr(b"x" * 80)
-    with pytest.raises(HeadError, match=r"\Amalformed header line\Z"):
-        httphead.parse_response_head(b"HTTP/1.1 200 OK\r\nX : y\r\n\r\n")
+    for last in [b"X : y", b"X: y\x0c", b"X: y\x0b"]:  # control bytes, even at the very end
+        with pytest.raises(HeadError, match=r"\Amalformed header line\Z"):
+            httphead.parse_response_head(b"HTTP/1.1 200 OK\r\n" + last + b"\r\n\r\n")
+    r = httphead.parse_response_head(b"HTTP/1.1 200 OK\r\nX: XoX\r\n\r\n")
+    assert r.fields == [("x", "XoX")]
 
 
 @pytest.mark.parametrize("status,phrase", [
@@ -198,7 +204,9 @@ def test_error_response_bodies_headers_and_refusals():
     ("203.0.113.9", "203.0.113.9"), (" 1.2.3.4 , 203.0.113.9 ", "203.0.113.9"),
     ("203.0.113.9:4711", "203.0.113.9"), ("x, [2001:db8::1]:443", "2001:db8::1"),
     ("[2001:DB8::1]", "2001:db8::1"), ("2001:db8:0::1", "2001:db8::1"), ("::1", "::1"),
+    ("198.51.100.1, 1.2.3.4, 203.0.113.9", "203.0.113.9"),
     ("203.0.113.9, junk", None), ("junk, ", None), ("", None), ("unknown", None),
+    ("a203.0.113.9]", None), ("203.0.113.9]:80", None),
     ("[junk]:1", None), ("203.0.113.9:1:2", None), ("a:1", None)])
 def test_forwarded_client_is_the_last_entry_if_an_address(value, want):
     assert httphead.forwarded_client(value) == want
