@@ -7,6 +7,7 @@ class for its meaning. Each error keeps the builtin base its callers catch (a co
     ShroudError
       +- MuxError (OSError)          .code: the muxado ErrorCode for RST/GOAWY   lib.errors
       |    +- ProtocolError          the peer broke muxado v1; fatal for its session
+      |    |    +- PeerAbuse         it provoked more than a bound allows: hostile  lib.errors
       |    +- SessionClosed          the session is gone (GOAWAY, transport EOF, close(), heartbeat)
       |    +- StreamError
       |         +- StreamReset       RST received (or sent by us); .code is the RST code
@@ -124,6 +125,11 @@ class ProtocolError(MuxError):
     """The peer sent something muxado v1 forbids. The session ends with GOAWAY(code)."""
 
     default_code = ErrorCode.PROTOCOL_ERROR
+
+
+class PeerAbuse(ProtocolError):
+    """The peer provoked more than a bound allows: a hostile peer, not a broken one
+    (lib.protocol.muxstate raises it; the session's ConnectionTerminated says ``hostile``)."""
 
 
 class SessionClosed(MuxError):

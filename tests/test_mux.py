@@ -278,10 +278,10 @@ def test_windows_grow_while_read_and_stay_at_64k_when_not():
     fast.settimeout(10)
     while got < 4 << 20:
         got += len(fast.recv(1 << 20))
-    assert fast.receive_window == MuxConfig.receive_window  # grew: the reader kept up
+    assert fast.receive_window == MuxConfig().receive_window  # grew: the reader kept up
     assert deaf.receive_window == mp.INITIAL_WINDOW  # never read: never grew
     assert deaf._buffered <= mp.INITIAL_WINDOW
-    assert pool.used == MuxConfig.receive_window - mp.INITIAL_WINDOW
+    assert pool.used == MuxConfig().receive_window - mp.INITIAL_WINDOW
     fast.close()
     deadline = time.monotonic() + 5
     while pool.used and time.monotonic() < deadline:  # freed when the peer's FIN comes back
@@ -438,7 +438,7 @@ def test_frames_that_provoke_nothing_still_cost_and_a_flood_is_cut():
         end = _hostile(conn.receive_data(noop))
         sent += 8192
     assert end is not None and end.hostile, "a no-op frame flood was never cut"
-    assert sent <= (MuxConfig.answer_burst + 1) * mp.FRAMES_PER_ANSWER + 8192
+    assert sent <= (MuxConfig().answer_burst + 1) * mp.FRAMES_PER_ANSWER + 8192
 
 
 def test_frames_before_trust_are_capped():

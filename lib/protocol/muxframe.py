@@ -22,6 +22,10 @@ from dataclasses import dataclass
 
 from lib.errors import ErrorCode, ProtocolError
 
+# What the public functions take as bytes. Spelled out rather than ``bytes``: a compiled build
+# (scripts/build_native.py) checks argument types, and mypyc's ``bytes`` refuses a bytearray.
+Buffer = bytes | bytearray | memoryview
+
 HEADER = struct.Struct(">HBBI")
 HEADER_SIZE = 8
 U32 = struct.Struct(">I")
@@ -90,7 +94,7 @@ def _header(length: int, flags: int, ftype: int, stream_id: int) -> bytes:
     return HEADER.pack(length, flags, ftype, stream_id)
 
 
-def encode_data(stream_id: int, payload: bytes | memoryview = b"", fin: bool = False) -> bytes:
+def encode_data(stream_id: int, payload: Buffer = b"", fin: bool = False) -> bytes:
     """One DATA frame (payload of at most MAX_PAYLOAD bytes)."""
     n = len(payload)
     if n > MAX_PAYLOAD:
@@ -98,7 +102,7 @@ def encode_data(stream_id: int, payload: bytes | memoryview = b"", fin: bool = F
     return HEADER.pack(n, FLAG_FIN if fin else 0, TYPE_DATA, stream_id) + payload
 
 
-def encode(frame: Frame) -> bytes:
+def encode(frame: object) -> bytes:  # object: a non-frame gets the TypeError below
     """The wire bytes of one frame, exactly as Go muxado's encoder writes them (GOAWAY: length 8)."""
     if isinstance(frame, Data):
         return encode_data(frame.stream_id, frame.data, frame.fin)
@@ -146,7 +150,7 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: Buffer) -> None:
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n

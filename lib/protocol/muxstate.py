@@ -66,7 +66,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lib.protocol import muxframe as fr
-from lib.errors import ErrorCode, ProtocolError
+# PeerAbuse lives in lib.errors: a compiled build of this module cannot define a subclass of
+# an interpreted OSError subclass (scripts/build_native.py).
+from lib.errors import ErrorCode, PeerAbuse, ProtocolError
 
 # muxado v1 fixes the initial window at 64 KiB each way; it cannot be negotiated.
 INITIAL_WINDOW = 65536
@@ -175,10 +177,6 @@ class WindowPool:
         self.used -= n
 
 
-class PeerAbuse(ProtocolError):
-    """The peer provoked more than a bound allows: a hostile peer, not a broken one."""
-
-
 # --- events -------------------------------------------------------------------------------
 
 
@@ -266,7 +264,7 @@ class MuxConnection:
         self.config = config or MuxConfig()
         self.client = client
         self._decoder = fr.FrameDecoder()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []  # send_data queues views of immutable bytes
         self.outgoing_size = 0
         self._streams: dict[int, _Stream] = {}
         # Dialer opens odd ids from 3, listener even ids from 2 (stream 1 is rejected by Go).
@@ -310,7 +308,7 @@ class MuxConnection:
         self._out.append(data)
         self.outgoing_size += len(data)
 
-    def data_to_send(self, limit: int | None = None) -> bytes:
+    def data_to_send(self, limit: int | None = None) -> bytes | memoryview:
         """The queued output (up to about ``limit`` bytes: whole pieces, so at most one frame
         more). Handing out a batch means the one before was written (see batch_written)."""
         out = self._out
@@ -445,17 +443,19 @@ class MuxConnection:
     def _unreserve(self, extra: int) -> None:
         self._window_granted -= extra
         give = min(extra, self._pooled)
-        if give > 0:
-            self.config.window_pool.give(give)
+        pool = self.config.window_pool
+        if give > 0 and pool is not None:  # _pooled > 0 only ever with a pool
+            pool.give(give)
             self._pooled -= give
 
     def release(self) -> None:
         """The session is over: give its share of the shared window pool back."""
-        if self._pooled:
-            self.config.window_pool.give(self._pooled)
+        pool = self.config.window_pool
+        if self._pooled and pool is not None:  # _pooled > 0 only ever with a pool
+            pool.give(self._pooled)
             self._pooled = 0
 
-    def send_data(self, sid: int, data: bytes | memoryview, fin: bool = False) -> int:
+    def send_data(self, sid: int, data: fr.Buffer, fin: bool = False) -> int:
         """Queue as much of ``data`` as the peer's window allows; FIN rides on the last frame
         only when all of it fit. Returns the number of bytes taken."""
         st = self._streams.get(sid)
@@ -565,10 +565,11 @@ class MuxConnection:
         self._backlog = max(0, self._backlog - 1)
 
     def send_heartbeat(self) -> bool:
-        st = self._streams.get(self._hb_id) if self._hb_id is not None else None
-        if st is None or st.send_window < 4 or self.terminated is not None:
+        hb = self._hb_id
+        st = self._streams.get(hb) if hb is not None else None
+        if hb is None or st is None or st.send_window < 4 or self.terminated is not None:
             return False
-        self.send_data(self._hb_id, HEARTBEAT_PING)
+        self.send_data(hb, HEARTBEAT_PING)
         return True
 
     def goaway(self, code: int = ErrorCode.NO_ERROR) -> None:
@@ -598,7 +599,7 @@ class MuxConnection:
 
     # --- input ----------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: fr.Buffer) -> list[Event]:
         events: list[Event] = []
         if self.terminated is not None:
             return events
@@ -628,14 +629,14 @@ class MuxConnection:
         return events
 
     def _handle(self, f: fr.Frame, events: list[Event]) -> None:
-        t = type(f)
-        if t is fr.Data:
+        # isinstance, not type() is: a compiled build (scripts/build_native.py) narrows on it.
+        if isinstance(f, fr.Data):
             self._on_data(f, events)
-        elif t is fr.WndInc:
+        elif isinstance(f, fr.WndInc):
             self._on_wndinc(f, events)
-        elif t is fr.Syn:
+        elif isinstance(f, fr.Syn):
             self._on_syn(f, events)
-        elif t is fr.Rst:
+        elif isinstance(f, fr.Rst):
             self._on_rst(f, events)
         else:
             self._on_goaway(f, events)

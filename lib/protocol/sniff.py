@@ -40,6 +40,10 @@ from lib.protocol import httphead
 # The proxy's refusals are built by the one HTTP error builder (re-exported for its callers).
 from lib.protocol.httphead import http_error_response  # noqa: F401
 
+# What the sniffers take as bytes. Spelled out rather than ``bytes``: a compiled build
+# (scripts/build_native.py) checks argument types, and mypyc's ``bytes`` refuses a bytearray.
+Buffer = bytes | bytearray | memoryview
+
 # --- TLS alert descriptions (RFC 8446 6.2, RFC 6066 3): the one set, for sniffers and refusals --
 ALERT_UNEXPECTED_MESSAGE = 10
 ALERT_RECORD_OVERFLOW = 22
@@ -183,7 +187,7 @@ def _is_ipv4(name: str) -> bool:
 
 
 # --- TLS ------------------------------------------------------------------------------------
-def sniff_tls_sni(data: bytes) -> str | None:
+def sniff_tls_sni(data: Buffer) -> str | None:
     """Find the server name in a TLS ClientHello, which may span several records.
 
     :returns: the normalised server_name; ``""`` when the ClientHello has no server_name
@@ -212,10 +216,10 @@ class TLSNameSniffer:
         self._first = True  # the current record is the first
         self._offset = 0  # where the current record starts in the stream
         self._hello = bytearray()  # the handshake message, reassembled from fragments
-        self._hello_len = None  # its total length, header included, once known
-        self._answer = None  # a name, or the SniffError raised
+        self._hello_len: int | None = None  # its total length, header included, once known
+        self._answer: str | SniffError | None = None  # a name, or the SniffError raised
 
-    def feed(self, data: bytes) -> str | None:
+    def feed(self, data: Buffer) -> str | None:
         if self._answer is None:
             try:
                 self._answer = self._consume(memoryview(data))
@@ -259,7 +263,7 @@ class TLSNameSniffer:
                 self._header.clear()
                 self._first = False
         if self._left == 0:
-            return _need_more(self._offset + _RECORD_HEADER)
+            _need_more(self._offset + _RECORD_HEADER)
         return None  # inside a record whose end was checked against the bound
 
     def _start_record(self) -> None:
@@ -292,7 +296,7 @@ def _need_more(needed: int) -> None:
     return None
 
 
-def _check_record_header_prefix(head: bytes, first: bool) -> None:
+def _check_record_header_prefix(head: bytes | bytearray, first: bool) -> None:
     """Validate as much of a record header as has arrived (type and version bytes)."""
     if not head:
         return
@@ -425,7 +429,7 @@ _METHOD_PREFIX_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*\Z")
 _ABSOLUTE_URI_RE = re.compile(rb"(?i:https?)://([^/?#]*)")
 
 
-def sniff_http_host(data: bytes) -> str | None:
+def sniff_http_host(data: Buffer) -> str | None:
     """Find the host an HTTP/1.x request is for.
 
     The name is the absolute-URI host of the request line when there is one (RFC 9112 3.2.2:
@@ -456,9 +460,9 @@ class HTTPHostSniffer:
         self._newline_from = 0  # no line feed before this offset
         self._method_checked = False  # the method is whole (a space came) and was found valid
         self._line_checked = False  # the request line is whole and was found valid
-        self._answer = None  # a name, or the SniffError raised
+        self._answer: str | SniffError | None = None  # a name, or the SniffError raised
 
-    def feed(self, data: bytes) -> str | None:
+    def feed(self, data: Buffer) -> str | None:
         if self._answer is None:
             try:
                 self._answer = self._consume(data)
@@ -468,7 +472,7 @@ class HTTPHostSniffer:
             raise self._answer
         return self._answer
 
-    def _consume(self, data: bytes) -> str | None:
+    def _consume(self, data: Buffer) -> str | None:
         buf = self._buf
         # The blank line is at most 4 bytes: one ending in the new bytes starts in them or in
         # the 3 bytes before (an earlier one would have been found by an earlier call).
@@ -549,7 +553,7 @@ def _check_request_line_prefix(data: bytes) -> None:
 
 
 # --- Both -----------------------------------------------------------------------------------
-def classify(data: bytes) -> str | None:
+def classify(data: Buffer) -> str | None:
     """Tell a TLS ClientHello from an HTTP/1.x request by the first bytes.
 
     :returns: ``'tls'`` (a handshake record), ``'http'`` (starts like a request line), or
