@@ -105,7 +105,9 @@ _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 MAX_HOSTNAME = 253  # RFC 1035 2.3.4: 255 octets on the wire = 253 characters in text form
 
 
-def normalize_hostname(name: str, *, allow_wildcard: bool = False) -> str:
+def normalize_hostname(name: object, *, allow_wildcard: bool = False) -> str:
+    # ``object``, not ``str``: a non-str gets the ValueError below in the compiled build too
+    # (scripts/build_native.py; mypyc would raise TypeError on a str annotation).
     """Return the canonical routing form of a host name.
 
     Lower-cases, strips a ``:port`` suffix and one trailing dot. Accepts ASCII host names whose
