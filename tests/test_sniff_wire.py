@@ -36,7 +36,13 @@ def refusal(sniffer, data):
     (b"GET a.example HTTP/1.1\r\nHost: a.example\r\n\r\n", 400, "unsupported request target"),
     (b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n", 405,
      "CONNECT is not supported by a reverse proxy"),
-    (b"GET http:///x HTTP/1.1\r\nHost: a.example\r\n\r\n", 400, "invalid host: empty host name"),
+    (b"GET http:///x HTTP/1.1\r\n\r\n", 400, "invalid host: empty host name"),
+    (b"GET http:///x HTTP/1.1\r\nHost: a.example\r\n\r\n", 400,
+     "invalid request target host: empty host name"),
+    (b"GET http://a.example/ HTTP/1.1\r\nHost: a..b\r\n\r\n", 400,
+     "invalid Host: empty label in host name"),
+    (b"GET http://a.example/ HTTP/1.1\r\nHost: b.example\r\n\r\n", 400,
+     "the Host header names another host than the request target"),
     (b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400, "invalid host: unterminated IPv6 literal"),
     (b"GET / HTTP/1.1\r\nHost: a..b\r\n\r\n", 400, "invalid host: empty label in host name"),
     (b"GET / HTTP/1.1\r\nHost: a.example:0x50\r\n\r\n", 400,
@@ -64,7 +70,7 @@ def test_http_head_bound_answer():
 @pytest.mark.parametrize("head,host", [
     (b"GET / HTTP/1.1\r\nHOST: upper.example\r\n\r\n", "upper.example"),
     (b"GET HTTP://A.example:8080?q HTTP/1.1\r\n\r\n", "a.example"),
-    (b"GET http://a.example#f HTTP/1.1\r\nHost: other.example\r\n\r\n", "a.example"),
+    (b"GET http://a.example#f HTTP/1.1\r\nHost: A.Example.:80\r\n\r\n", "a.example"),
     (b"GET * HTTP/1.1\r\nHost: star.example\r\n\r\n", "star.example"),
 ])
 def test_http_hosts_more(head, host):
