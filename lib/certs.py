@@ -4,6 +4,7 @@ Public API::
 
     ensure_tunnel_cert(data_dir, hostname) -> (cert_path, key_path)   # created on first run
     cert_fingerprint(der_or_pem_path_or_bytes) -> str                 # hex SHA-256 of the DER
+    leaf_pem(cert_path) -> str                        # the file's first certificate, PEM
     normalize_pin(text) -> str                        # 64 lower-case hex; raises ValueError
     client_tls_context(cafile=None, pinned=False) -> SSLContext
     check_pin(tls, pins) -> fingerprint               # raises PinMismatch(.fingerprint)
@@ -58,6 +59,18 @@ def ensure_tunnel_cert(data_dir: str, hostname: str = "shroud-proxy") -> tuple[s
     os.replace(key_path + ".tmp", key_path)
     os.replace(cert_path + ".tmp", cert_path)
     return cert_path, key_path
+
+
+def leaf_pem(cert_path: str) -> str:
+    """The first certificate of a PEM file (the leaf a peer sees), as PEM text.
+    :raises ValueError: none in the file. :raises OSError:"""
+    with open(cert_path, "rb") as f:
+        data = f.read()
+    begin, marker = data.find(b"-----BEGIN CERTIFICATE-----"), b"-----END CERTIFICATE-----"
+    end = data.find(marker, begin)
+    if begin < 0 or end < 0:
+        raise ValueError(f"{cert_path} holds no PEM certificate")
+    return data[begin:end + len(marker)].decode("ascii") + "\n"
 
 
 def cert_fingerprint(cert: bytes | str) -> str:

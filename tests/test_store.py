@@ -178,6 +178,20 @@ def test_live_registry_heartbeats_bindings_and_expiry(reopen):
     assert a.instances() == [] and a.live_bindings() == []
 
 
+def test_an_instance_row_carries_its_certificate_and_a_worker_tunnel_id(reopen):
+    """The certificate (the fleet links' trust anchor, lib/proxy/hostlinks.py) round-trips;
+    a gunicorn worker's tunnel id (pid * 10^6 + n, past 2^31) is stored whole."""
+    now = 1_000_000.0
+    a, b = reopen(), reopen()
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    a.register_instance(_instance("A", now)._replace(cert=pem))
+    b.register_instance(_instance("B", now))
+    assert {i.id: i.cert for i in b.instances()} == {"A": pem, "B": ""}
+    tunnel = 4_194_303 * 1_000_000 + 1
+    assert a.heartbeat("A", {}, add=[LiveBinding("A", "tls", "x.test", tunnel, K1, now)])
+    assert [x.tunnel for x in b.live_bindings()] == [tunnel]
+
+
 # --- blocks reach the other instances -------------------------------------------------------
 def _drain(store):
     while store.wait_for_change(0.2):  # a fresh LISTEN connection reports a change once

@@ -62,6 +62,7 @@ class InstanceIdentity(NamedTuple):
     addresses: dict
     fingerprint: str
     fleet_addr: str = ""
+    cert: str = ""  # the tunnel certificate, PEM (registered when fleet_addr is)
 
 
 def new_instance_id(hostname: str) -> str:
@@ -153,7 +154,7 @@ class FleetMember:
         now = self.clock()
         i = self.identity
         return Instance(self.id, i.hostname, dict(i.addresses), i.fleet_addr, i.fingerprint,
-                        self.started, now, self._stats())
+                        self.started, now, self._stats(), i.cert)
 
     def _stats(self) -> dict:
         r = self.registry

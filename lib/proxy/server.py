@@ -43,7 +43,7 @@ import gevent.pool
 import gevent.server
 import gevent.socket
 
-from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context
+from lib.certs import cert_fingerprint, ensure_tunnel_cert, leaf_pem, server_tls_context
 from lib.errors import ListenError
 from lib.hostport import format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig
@@ -254,8 +254,11 @@ class ProxyServer:
         if self.store is None or self.fleet is not None:
             return
         link_addr = self._start_links()
+        # With links, the tunnel certificate itself: the other instances' trust anchor for
+        # links from this one (lib/proxy/hostlinks.py).
         identity = InstanceIdentity(self.config.hostname, self.registry.listeners,
-                                    self.fingerprint, link_addr)
+                                    self.fingerprint, link_addr,
+                                    leaf_pem(self.cert_path) if link_addr else "")
         self.fleet = FleetMember(self.store, self.registry, identity, self.actions.apply_blocks,
                                  heartbeat_interval=self.config.fleet_heartbeat)
         if self.links is not None:

@@ -150,6 +150,9 @@ class Instance(NamedTuple):
     started: float
     heartbeat: float
     stats: dict          # tunnels, bindings, connections, bytes_in, bytes_out, rates
+    # Its tunnel certificate (PEM): the fleet's links trust exactly the live instances'
+    # certificates (lib/proxy/hostlinks.py); "" from an instance that predates it.
+    cert: str = ""
 
 
 class LiveBinding(NamedTuple):
@@ -625,14 +628,14 @@ class Store:
         """Insert or replace this instance's row (its bindings are written separately)."""
         args = (instance.id, instance.hostname, json.dumps(instance.addresses),
                 instance.fleet_addr, instance.fingerprint, instance.started,
-                instance.heartbeat, json.dumps(instance.stats))
+                instance.heartbeat, json.dumps(instance.stats), instance.cert)
         self._transaction("register instance %s" % instance.id, lambda tx: tx.execute(
             "INSERT INTO instance (id, hostname, addresses, fleet_addr, fingerprint, started, "
-            "heartbeat, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-            "hostname = excluded.hostname, addresses = excluded.addresses, "
+            "heartbeat, stats, cert) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO "
+            "UPDATE SET hostname = excluded.hostname, addresses = excluded.addresses, "
             "fleet_addr = excluded.fleet_addr, fingerprint = excluded.fingerprint, "
             "started = excluded.started, heartbeat = excluded.heartbeat, "
-            "stats = excluded.stats", args))
+            "stats = excluded.stats, cert = excluded.cert", args))
 
     def heartbeat(self, instance_id: str, stats: dict, add=(), remove=()) -> bool:
         """Refresh this instance's heartbeat and stats, and apply binding changes
@@ -687,9 +690,9 @@ class Store:
 
     def instances(self) -> list:
         rows = self._rows("SELECT id, hostname, addresses, fleet_addr, fingerprint, started, "
-                          "heartbeat, stats FROM instance ORDER BY hostname, id")
-        return [Instance(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7]))
-                for r in rows]
+                          "heartbeat, stats, cert FROM instance ORDER BY hostname, id")
+        return [Instance(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5], r[6], json.loads(r[7]),
+                         r[8]) for r in rows]
 
     def live_bindings(self, limit: int = 100_000) -> list:
         rows = self._rows("SELECT instance, protocol, name, tunnel, key, since FROM "

@@ -29,7 +29,7 @@ from typing import Callable
 
 from lib.proxy.store.base import ClaimLimits, OwnershipError, Store, StoreUnavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # pg_advisory_xact_lock keys: "Shrd" for migrations; per-key claim locks use it as the class.
 LOCK_CLASS = 0x53687264
 CHANNEL = "shroud_fleet"
@@ -82,6 +82,8 @@ _MIGRATIONS = {
     # Tunnel ids of gunicorn workers are pid * 10^6 + n (lib/proxy/server.py), past INTEGER's
     # 2^31: every heartbeat of a worker holding a tunnel failed ("integer out of range").
     2: ["ALTER TABLE live_binding ALTER COLUMN tunnel TYPE BIGINT"],
+    # Each instance's tunnel certificate: the trust anchors of the fleet's links.
+    3: ["ALTER TABLE instance ADD COLUMN cert TEXT NOT NULL DEFAULT ''"],
 }
 
 _PASSWORD_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)

@@ -26,7 +26,7 @@ from typing import Callable
 
 from lib.proxy.store.base import ClaimLimits, OwnershipError, Store
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Ownership rows are ~200 bytes: 64 MiB holds ~300k names, far beyond one proxy's real use, yet
 # a flood of first-use binds with fresh keys stops there instead of filling the disk.
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
@@ -70,6 +70,8 @@ _MIGRATIONS = {
         """CREATE TABLE claim_rate (
                address TEXT PRIMARY KEY, tokens REAL NOT NULL, stamp REAL NOT NULL)""",
     ],
+    # Each instance's tunnel certificate: the trust anchors of the fleet's links.
+    3: ["ALTER TABLE instance ADD COLUMN cert TEXT NOT NULL DEFAULT ''"],
 }
 
 
