@@ -10,13 +10,14 @@ import signal
 import socket
 import ssl
 import struct
+import time
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from lib.certs import ensure_tunnel_cert
-from lib.proxy.hostlinks import LABEL, NONCE_BYTES, OK, REFUSED
+from lib.proxy.hostlinks import LABEL, LINK_IDLE, LINK_TIMEOUT, NONCE_BYTES, OK, REFUSED
 from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.visitor import http_get, https_get, tls_site, ws_echo, ws_upgrade
 from tests.support.wait import wait_for
@@ -80,6 +81,13 @@ def _served(proxy, name, want=200):
         return False
 
 
+def _tls_served(fleet, proxy, name) -> bool:
+    try:
+        return https_get(fleet.site.ca_pem, proxy.ports["https"], name, addr=proxy.host)[0] == 200
+    except OSError:  # ssl.SSLError too: unrecognized_name until the proxy knows the holder
+        return False
+
+
 def _on_own_address(proxy) -> None:
     """Every listener of ``proxy`` is on its own address, none on 127.0.0.1."""
     listeners = proxy.status()["listeners"]
@@ -106,6 +114,8 @@ def test_visitor_at_b_reaches_a_tunnel_held_only_on_a(fleet):
     wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
     assert get(b, "web.test") == (200, b"from-a\n")
     # By SNI: the visitor's TLS reaches the origin undecrypted; it sees the origin's own cert.
+    # (A writes each binding to the store at its next heartbeat: app.test may be a beat later.)
+    wait_for(lambda: _tls_served(fleet, b, "app.test"), "app.test served at B", timeout=20)
     status, body, der = https_get(fleet.site.ca_pem, b.ports["https"], "app.test",
                                   addr=b.host)
     with open(fleet.site.cert_pem) as f:
@@ -157,9 +167,11 @@ def test_holder_killed_the_other_holder_takes_over(fleet):
         assert get(b, "web.test") == (200, b"from-c\n")
 
 
-def _link(addr, cert_der, key, peer_fingerprint, name="web.test", send_cert=True):
+def _link(addr, cert_der, key, peer_fingerprint, name="web.test", send_cert=True, idle=0.0,
+          send=True):
     """Speak the link protocol to ``addr`` as a sender would; the holder's answer byte (b""
-    when it closed the link)."""
+    when it closed the link). ``idle``: seconds between the nonce and the head (a spare link
+    waiting for its visitor); ``send=False``: close after the nonce (a spare retired unused)."""
     host, port = addr.rsplit(":", 1)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -168,6 +180,9 @@ def _link(addr, cert_der, key, peer_fingerprint, name="web.test", send_cert=True
             nonce = b""
             while len(nonce) < NONCE_BYTES:
                 nonce += tls.recv(NONCE_BYTES - len(nonce))
+            if not send:
+                return b""
+            time.sleep(idle)
             peeked = f"GET /hello HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
             head = {"v": 1, "kind": "http", "name": name, "client": ["10.9.8.7", 4242],
                     "forwarded": True, "peeked": len(peeked)}
@@ -225,6 +240,24 @@ def test_forged_links_are_refused_and_counted(fleet):
     b.signal(signal.SIGKILL)
     wait_for(lambda: _link(a.link, b_der, b_key, a.fingerprint) == b"",
              "B's certificate refused once B's row expired", timeout=20)
+
+
+def test_a_spare_link_waits_for_its_visitor(fleet):
+    """A sender opens links ahead (lib/proxy/hostlinks.py, SPARE_LINKS): the holder lets one
+    wait past LINK_TIMEOUT for its head, and one closed unused is not a refused link."""
+    a = fleet.start("proxy-a", "127.0.0.2")
+    b = fleet.start("proxy-b", "127.0.0.3")
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
+    a.wait_bound("web.test")
+    wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+    b_der, b_key = _identity(fleet.dir / "proxy-b-data")
+    assert LINK_IDLE > LINK_TIMEOUT + 1
+    # The head arrives after the handshake's own deadline (the stimulus, not a wait).
+    assert _link(a.link, b_der, b_key, a.fingerprint, idle=LINK_TIMEOUT + 1) == OK
+    for _ in range(3):
+        assert _link(a.link, b_der, b_key, a.fingerprint, send=False) == b""
+    assert _link(a.link, b_der, b_key, a.fingerprint) == OK  # A saw every close by now
+    assert a.status()["refusals"].get("fleet_link_refused", 0) == 0
 
 
 def _api(proxy, path):

@@ -38,6 +38,11 @@ holder's row::
                        then the n peeked bytes
     holder -> sender   one byte: OK (a splice of the visitor's bytes follows), REFUSED, BUSY
 
+A link carries one visitor. The sender opens up to SPARE_LINKS per holder ahead of need (TCP,
+TLS, nonce read), so a visitor's path holds only the head and the answer (one round trip); the
+holder waits LINK_IDLE for the head of such a link, and the sender closes a spare unused after
+SPARE_AGE, before that.
+
 The sender presents its certificate inside the link, signed over the holder's fresh nonce,
 rather than as a TLS client certificate: Python's ssl module checks a client certificate only
 against CA files, and fleet certificates are self-signed, known by their fingerprint. The
@@ -51,6 +56,9 @@ registered.
     a head without "forwarded" or an unknown kind     closes the link       fleet_link_refused
     a name it holds no live tunnel for                REFUSED               (its refusal)
     max_links links already served here               BUSY                  fleet_link_busy
+    a link closed before its first head byte (a       closes it             -
+      spare the sender retired)
+    no head within LINK_IDLE of the handshake         closes the link       fleet_link_refused
 
     the sender meets                                  the visitor gets      counter (sender)
     its own max_links links in flight                 503 / internal_error  fleet_link_limit
@@ -74,6 +82,8 @@ import logging
 import os
 import struct
 import time
+from collections import Counter
+from typing import NamedTuple
 
 import gevent
 import gevent.lock
@@ -120,6 +130,28 @@ MAX_SIGNATURE = 512
 MAX_PEEKED = 256 * 1024
 # One line per this many seconds for refused links: a scanner must not flood the log.
 REFUSED_LOG_INTERVAL = 30.0
+# Spare links: a sender keeps up to SPARE_LINKS links per holder open ahead (TCP, TLS and the
+# nonce done), so a visitor's path holds only its head and the holder's answer: a fresh link's
+# handshakes cost milliseconds of CPU and round trips (bench/README.md, "Forwarding between
+# workers and between hosts"). A spare is opened when a visitor was just sent to that holder
+# (the next is likely to go there too), used once, and closed unused after SPARE_AGE. The
+# holder waits LINK_IDLE for a head after the handshake (LINK_TIMEOUT for the rest): longer
+# than SPARE_AGE, so a sender never sends on a link the holder is closing.
+SPARE_LINKS = 2
+SPARE_AGE = 5.0
+LINK_IDLE = 10.0
+
+
+class _Spare(NamedTuple):
+    """A link opened ahead: TLS pinned to ``fingerprint`` at ``addr``, the holder's nonce read."""
+    tls: object
+    nonce: bytes
+    fingerprint: str
+    addr: str
+    at: float  # time.monotonic() when opened
+
+
+_DEAD = object()  # a spare link that failed before the holder's answer
 
 
 class LinkRefused(ShroudError):
@@ -152,6 +184,10 @@ class FleetLinks:
         self.max_links = max_links
         self._out = gevent.lock.BoundedSemaphore(max_links)
         self._suspects: dict = {}    # instance id -> when a link to it last failed (monotonic)
+        self._keys: dict = {}        # fingerprint -> public key, live instances only
+        self._spares: dict = {}      # instance id -> [_Spare], at most SPARE_LINKS each
+        self._warming: Counter = Counter()  # instance id -> spares being opened
+        self._stopped = False
         self._server = None
         self._refresher = None
         self._logged_at = float("-inf")
@@ -168,6 +204,8 @@ class FleetLinks:
         self._refresher = gevent.spawn(self._refresh_loop)
 
     def stop(self) -> None:
+        self._stopped = True
+        self._sweep()
         if self._refresher is not None:
             self._refresher.kill()
         if self._server is not None:
@@ -179,6 +217,7 @@ class FleetLinks:
                 self.refresh()
             except OwnershipError as exc:  # the store is away: keep the last view
                 log.warning("fleet links: could not read the registry: %s", exc)
+            self._sweep()
             gevent.sleep(self.refresh_interval)
 
     def refresh(self) -> None:
@@ -191,6 +230,8 @@ class FleetLinks:
             if b.instance in live and b.instance != self.self_id:
                 holders.setdefault((b.protocol, b.name), []).append(b.instance)
         self._instances, self._holders = live, holders
+        fingerprints = {i.fingerprint for i in live.values()}
+        self._keys = {f: k for f, k in self._keys.items() if f in fingerprints}
 
     # --- sender --------------------------------------------------------------------------
     def holders(self, protocols, name: str) -> list:
@@ -232,7 +273,7 @@ class FleetLinks:
                     answers.add(link)
                     continue
                 self.registry.forwarded_out += 1
-                splice(sock, LinkEnd(link))  # closes both when the visitor or the holder is done
+                splice(sock, LinkEnd(link))  # closes both ends when either is done
                 return TAKEN
             return LIMIT if BUSY in answers else UNREACHABLE if answers - {REFUSED} else None
         finally:
@@ -241,34 +282,119 @@ class FleetLinks:
 
     def _open(self, instance, header: dict, peeked: bytes, timeout: float):
         """A link to ``instance`` whose holder answered OK, else why not: its answer (REFUSED,
-        BUSY) or FAILED (no link, or no answer in ``timeout``)."""
-        tls = None
+        BUSY) or FAILED (no link, or no answer in ``timeout``). A spare link (opened ahead) is
+        tried first; one that failed before an answer (the holder restarted) costs a fresh
+        one. The holder reads a head once: a link that failed before its answer carried nothing
+        to the origin, unless it broke between the holder's OK and our reading it."""
+        deadline = time.monotonic() + timeout
+        spare = self._take_spare(instance)
+        self._warm(instance)
+        if spare is not None:
+            answer = self._try(spare, instance, header, peeked, deadline)
+            if answer is not _DEAD:
+                return answer
+        return self._try(None, instance, header, peeked, deadline)
+
+    def _try(self, link, instance, header: dict, peeked: bytes, deadline: float):
+        """The TLS socket of ``link`` (None: a new one) when the holder answered OK, else its
+        answer (REFUSED, BUSY) or FAILED; _DEAD when the spare ``link`` failed unanswered."""
+        spare = link is not None
         try:
-            with gevent.Timeout(timeout):
-                host, port = parse_hostport(instance.fleet_addr)
-                raw = gevent.socket.create_connection((host, port))
-                set_nodelay(raw)  # the nonce, head and answer are small writes (Nagle: 40 ms)
-                tls = self._client_ctx.wrap_socket(raw, server_hostname=None)
-                check_pin(tls, {instance.fingerprint})
-                nonce = _read_exact(tls, NONCE_BYTES)
-                head = dict(header, v=1, forwarded=True, peeked=len(peeked),
-                            cert=base64.b64encode(self._cert_der).decode())
-                body = json.dumps(head, separators=(",", ":")).encode()
-                sig = self._key.sign(LABEL + nonce + instance.fingerprint.encode() + body,
-                                     ec.ECDSA(hashes.SHA256()))
-                tls.sendall(struct.pack(">I", len(body)) + body + struct.pack(">H", len(sig))
-                            + sig + peeked)
-                answer = _read_exact(tls, 1)
-            if answer == OK:
-                return tls
-            log.debug("fleet link to %s: answer %r", instance.id, answer)
+            with gevent.Timeout(max(0.001, deadline - time.monotonic())):
+                link = link or self._connect(instance)
+                answer = self._ask(link, instance, header, peeked)
         except (OSError, ValueError, PinMismatch, gevent.Timeout) as exc:
             log.debug("fleet link to %s failed: %s", instance.id, exc)
-            answer = FAILED
+            if link is not None:
+                link.tls.close()
+            if spare and not isinstance(exc, gevent.Timeout):
+                return _DEAD
             self._suspects[instance.id] = time.monotonic()
-        if tls is not None:
-            tls.close()
+            return FAILED
+        if answer == OK:
+            return link.tls
+        log.debug("fleet link to %s: answer %r", instance.id, answer)
+        link.tls.close()
         return answer if answer in (REFUSED, BUSY) else FAILED
+
+    def _connect(self, instance) -> _Spare:
+        """TCP, TLS pinned to the holder's registered certificate, its nonce read."""
+        host, port = parse_hostport(instance.fleet_addr)
+        raw = gevent.socket.create_connection((host, port))
+        set_nodelay(raw)  # the nonce, head and answer are small writes (Nagle: 40 ms)
+        tls = None
+        try:
+            tls = self._client_ctx.wrap_socket(raw, server_hostname=None)
+            check_pin(tls, {instance.fingerprint})
+            nonce = _read_exact(tls, NONCE_BYTES)
+        except BaseException:
+            (tls or raw).close()
+            raise
+        return _Spare(tls, nonce, instance.fingerprint, instance.fleet_addr, time.monotonic())
+
+    def _ask(self, link: _Spare, instance, header: dict, peeked: bytes) -> bytes:
+        """Send the signed head and the peeked bytes; the holder's answer byte."""
+        head = dict(header, v=1, forwarded=True, peeked=len(peeked),
+                    cert=base64.b64encode(self._cert_der).decode())
+        body = json.dumps(head, separators=(",", ":")).encode()
+        sig = self._key.sign(LABEL + link.nonce + instance.fingerprint.encode() + body,
+                             ec.ECDSA(hashes.SHA256()))
+        link.tls.sendall(struct.pack(">I", len(body)) + body + struct.pack(">H", len(sig))
+                         + sig + peeked)
+        return _read_exact(link.tls, 1)
+
+    # --- spare links (sender) ------------------------------------------------------------
+    def _take_spare(self, instance):
+        """A spare link to ``instance``, young enough, to its current address and certificate;
+        else None (stale ones are closed)."""
+        spares = self._spares.get(instance.id)
+        now = time.monotonic()
+        while spares:
+            link = spares.pop()
+            if (now - link.at < SPARE_AGE and link.fingerprint == instance.fingerprint
+                    and link.addr == instance.fleet_addr):
+                return link
+            link.tls.close()
+        return None
+
+    def _warm(self, instance) -> None:
+        """Open spare links to ``instance`` in the background, up to SPARE_LINKS."""
+        have = len(self._spares.get(instance.id, ())) + self._warming[instance.id]
+        for _ in range(SPARE_LINKS - have):
+            self._warming[instance.id] += 1
+            gevent.spawn(self._fill, instance)
+
+    def _fill(self, instance) -> None:
+        try:
+            with gevent.Timeout(LINK_TIMEOUT):
+                link = self._connect(instance)
+        except (OSError, ValueError, PinMismatch, gevent.Timeout) as exc:
+            log.debug("spare link to %s failed: %s", instance.id, exc)
+            return
+        finally:
+            self._warming[instance.id] -= 1
+            if not self._warming[instance.id]:
+                del self._warming[instance.id]
+        if self._stopped or instance.id not in self._instances:
+            link.tls.close()
+            return
+        self._spares.setdefault(instance.id, []).append(link)
+
+    def _sweep(self) -> None:
+        """Close spare links past SPARE_AGE or to instances no longer live (or all, stopped)."""
+        now = time.monotonic()
+        for instance_id in list(self._spares):
+            keep = []
+            for link in self._spares[instance_id]:
+                if (not self._stopped and now - link.at < SPARE_AGE
+                        and instance_id in self._instances):
+                    keep.append(link)
+                else:
+                    link.tls.close()
+            if keep:
+                self._spares[instance_id] = keep
+            else:
+                del self._spares[instance_id]
 
     # --- holder --------------------------------------------------------------------------
     def _serve(self, raw, address) -> None:
@@ -306,7 +432,13 @@ class FleetLinks:
                 tls = self._server_ctx.wrap_socket(raw, server_side=True)
                 nonce = os.urandom(NONCE_BYTES)
                 tls.sendall(nonce)
-                header, peeked = self._read_head(tls, nonce)
+            with gevent.Timeout(LINK_IDLE):  # a spare link waits here for its visitor
+                first = tls.recv(4)
+            if not first:  # a spare link closed unused (SPARE_AGE): nothing was asked
+                raw.close()
+                return None
+            with gevent.Timeout(LINK_TIMEOUT):
+                header, peeked = self._read_head(tls, nonce, first)
             return tls, header, peeked
         except LinkRefused as exc:
             reason = str(exc)
@@ -317,9 +449,10 @@ class FleetLinks:
         raw.close()
         return None
 
-    def _read_head(self, tls, nonce: bytes) -> tuple:
-        """The sender's head and peeked bytes, checked. :raises LinkRefused:"""
-        (n,) = struct.unpack(">I", _read_exact(tls, 4))
+    def _read_head(self, tls, nonce: bytes, start: bytes = b"") -> tuple:
+        """The sender's head and peeked bytes (``start``: its first bytes, read already),
+        checked. :raises LinkRefused:"""
+        (n,) = struct.unpack(">I", start + _read_exact(tls, 4 - len(start)))
         if n > MAX_HEAD:
             raise LinkRefused("head of %d bytes" % n)
         body = _read_exact(tls, n)
@@ -340,7 +473,10 @@ class FleetLinks:
         if fingerprint not in {i.fingerprint for i in self._instances.values()}:
             raise LinkRefused("certificate %s... of no live instance" % fingerprint[:16])
         try:
-            key = x509.load_der_x509_certificate(der).public_key()
+            key = self._keys.get(fingerprint)
+            if key is None:  # parsed once per live instance's certificate, not per link
+                key = self._keys[fingerprint] = x509.load_der_x509_certificate(
+                    der).public_key()
             key.verify(sig, LABEL + nonce + self.fingerprint.encode() + body,
                        ec.ECDSA(hashes.SHA256()))
         except (ValueError, TypeError, InvalidSignature):
