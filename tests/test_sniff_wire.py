@@ -6,7 +6,11 @@ import pytest
 
 from lib.protocol import sniff
 from lib.protocol.sniff import (
-    MAX_HTTP_HEAD, SniffError, classify, normalize_hostname, sniff_http_host, tls_alert,
+    MAX_CLIENT_HELLO, MAX_HTTP_HEAD, MAX_TLS_PEEK, MAX_TLS_RECORD, SniffError, classify,
+    normalize_hostname, sniff_http_host, sniff_tls_sni, tls_alert,
+)
+from tests.test_sniff import (
+    REAL, client_hello, extension, handshake_message, records, sni_extension, vec,
 )
 
 
@@ -151,3 +155,185 @@ def test_tls_alert_description_bounds():
     for bad in (-1, 256):
         with pytest.raises(ValueError, match="^alert description must fit in one byte$"):
             tls_alert(bad)
+
+
+def test_method_length_bound():
+    # httphead.MAX_METHOD (64) bytes of method is still a request; one more is not.
+    assert classify(b"A" * 64 + b" ") == "http"
+    assert sniff_http_host(b"A" * 64 + b" / HTTP/1.1\r\n") is None
+    assert refusal(sniff_http_host, b"A" * 65) == (400, None, "not an HTTP/1.x request")
+    assert refusal(sniff_http_host, b"A" * 65 + b" ") == (400, None, "not an HTTP/1.x request")
+
+
+# --- TLS: the alert each refusal sends, and its reason ----------------------------------------
+HM = handshake_message(REAL)
+
+
+def hello_body(body: bytes) -> bytes:
+    """A flight of one record carrying a ClientHello with this body."""
+    return records(b"\x01" + vec(3, body), [4096])
+
+
+def sni_list(*entries: bytes, trailing=b"") -> bytes:
+    return records(client_hello(extension(0, vec(2, b"".join(entries)) + trailing)), [4096])
+
+
+BODY = client_hello(with_extensions=False)[4:]  # version, random, session id, suites, compression
+V_R = b"\x03\x03" + b"\x22" * 32
+
+
+@pytest.mark.parametrize("flight,alert,reason", [
+    (bytes.fromhex("802e0100020015000000100100800700c0"), None, "SSLv2-style hello refused"),
+    (b"\x17\x03\x03\x00\x05hello", 10, "not a TLS handshake record (first byte 0x17)"),
+    (b"\x16\x04\x01", 70, "bad TLS record version 0x04.."),
+    (b"\x16\x03\x01\x00\x00", 10, "empty handshake record"),
+    (b"\x16\x03\x01\x40\x01", 22, "TLS record of 16385 bytes exceeds 16384"),
+    (records(HM, [100])[:105] + b"\x17\x03\x03\x00\x01x", 10,
+     "non-handshake record inside ClientHello"),
+    (records(HM, [100])[:105] + b"\x80", 10, "non-handshake record inside ClientHello"),
+    (records(HM, [100])[:105] + b"\x16\x02", 70, "bad TLS record version 0x02.."),
+    (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", 10,
+     "first handshake message is type 2, not ClientHello"),
+    (b"\x16\x03\x01\x00\x04\x01" + (MAX_CLIENT_HELLO - 3).to_bytes(3, "big"), 80,
+     "ClientHello of 16385 bytes exceeds 16384"),
+    (records(HM + b"\x0b\x00\x00\x00", [4096]), 10, "data after ClientHello"),
+    (hello_body(b"\x02\x00" + V_R[2:]), 70, "ClientHello version 0x0200 is not TLS"),
+    (hello_body(b""), 50, "ClientHello truncated in version"),
+    (hello_body(b"\x03"), 50, "ClientHello truncated in version"),
+    (hello_body(V_R[:33]), 50, "ClientHello truncated in random"),
+    (hello_body(V_R), 50, "ClientHello truncated in session id"),
+    (hello_body(V_R + b"\x01"), 50, "ClientHello truncated in session id"),
+    (hello_body(V_R + b"\x00\x00"), 50, "ClientHello truncated in cipher suites"),
+    (hello_body(V_R + b"\x00\x00\x02\x13"), 50, "ClientHello truncated in cipher suites"),
+    (hello_body(V_R + b"\x00\x00\x02\x13\x01"), 50, "ClientHello truncated in compression methods"),
+    (hello_body(V_R + b"\x00\x00\x02\x13\x01\x01"), 50,
+     "ClientHello truncated in compression methods"),
+    (hello_body(V_R + vec(1, b"\x00" * 33)), 50, "session id longer than 32 bytes"),
+    (records(client_hello(suites=b""), [4096]), 50, "bad cipher suite list"),
+    (records(client_hello(suites=b"\x13\x01\x13"), [4096]), 50, "bad cipher suite list"),
+    (records(client_hello(compression=b""), [4096]), 50, "empty compression method list"),
+    (hello_body(BODY + b"\x00"), 50, "ClientHello truncated in extensions"),
+    (hello_body(BODY + b"\x00\x05abc"), 50, "ClientHello truncated in extensions"),
+    (hello_body(BODY + vec(2, b"") + b"zz"), 50, "bytes after ClientHello extensions"),
+    (records(client_hello(b"\x00"), [4096]), 50, "ClientHello truncated in extension type"),
+    (records(client_hello(b"\x00\x15\x00"), [4096]), 50, "ClientHello truncated in extension"),
+    (records(client_hello(b"\x00\x15\x00\x05abc"), [4096]), 50,
+     "ClientHello truncated in extension"),
+    (records(client_hello(extension(5, b"") + extension(5, b"")), [4096]), 47,
+     "duplicate extension 5"),
+    (records(client_hello(sni_extension(b"a.example") + sni_extension(b"b.example")), [4096]),
+     47, "duplicate extension 0"),
+    (records(client_hello(sni_extension(b"a.example", b"b.example")), [4096]), 47,
+     "two host_name entries in server_name"),
+    (records(client_hello(extension(0, b"")), [4096]), 50,
+     "ClientHello truncated in server name list"),
+    (records(client_hello(extension(0, b"\x00\x05ab")), [4096]), 50,
+     "ClientHello truncated in server name list"),
+    (sni_list(), 50, "bad server_name extension"),
+    (sni_list(b"\x00" + vec(2, b"a.example"), trailing=b"x"), 50, "bad server_name extension"),
+    (sni_list(b"\x00\x00"), 50, "ClientHello truncated in server name"),
+    (sni_list(b"\x00\x00\x09a.ex"), 50, "ClientHello truncated in server name"),
+    (sni_list(b"\x00" + vec(2, b"a.example"), b"\x01"), 50,
+     "ClientHello truncated in server name"),
+    (records(client_hello(sni_extension(b"bad/name.example")), [4096]), 112,
+     "invalid server_name: invalid label 'bad/name' in host name"),
+])
+def test_tls_refusal_answers(flight, alert, reason):
+    assert refusal(sniff_tls_sni, flight) == (None, alert, reason)
+
+
+def test_tls_refusal_of_a_name_that_is_not_ascii():
+    status, alert, reason = refusal(
+        sniff_tls_sni, records(client_hello(sni_extension(b"caf\xc3\xa9.example")), [4096]))
+    assert (status, alert) == (None, 112) and reason.startswith("invalid server_name: ")
+
+
+@pytest.mark.parametrize("flight,name", [
+    (hello_body(V_R + vec(1, b"\x00" * 32) + b"\x00\x02\x13\x01\x01\x00"), ""),  # 32-byte id
+    (hello_body(BODY + vec(2, b"")), ""),  # an empty extension list
+    (records(client_hello(extension(5, b"") + extension(0x0a, b"\x00")), [4096]), ""),
+    (sni_list(b"\x01" + vec(2, b"x"), b"\x00" + vec(2, b"A.Example"), b"\x02" + vec(2, b"")),
+     "a.example"),
+    (records(client_hello(extension(0xff01, b"\x00") + sni_extension(b"last.example")),
+             [4096]), "last.example"),
+])
+def test_tls_hellos_accepted(flight, name):
+    assert sniff_tls_sni(flight) == name
+
+
+# --- TLS bounds to the byte -------------------------------------------------------------------
+def test_hello_filling_the_peek_bound_exactly_is_read():
+    # 820 records (10, 10, then 20-byte fragments) of a 16,380-byte hello: 20,480 bytes in all.
+    pad = 16380 - len(client_hello(sni_extension(b"fits.example") + extension(21, b"")))
+    message = client_hello(sni_extension(b"fits.example") + extension(21, b"\x00" * pad))
+    flight = records(message, [10, 10, 20])
+    assert len(flight) == MAX_TLS_PEEK
+    assert sniff_tls_sni(flight) == "fits.example"
+    # one byte more of hello needs one more record, past the bound: refused at its header
+    message = client_hello(sni_extension(b"fits.example") + extension(21, b"\x00" * (pad + 1)))
+    flight = records(message, [10, 10, 20])
+    assert refusal(sniff_tls_sni, flight[:MAX_TLS_PEEK + 5]) == (
+        None, 80, "ClientHello not complete within 20480 bytes")
+
+
+def test_need_more_until_a_next_record_cannot_fit():
+    message = client_hello(sni_extension(b"x.example") + extension(21, b"\x00" * 4000))
+    # a 4-byte record then 1-byte records: after 3,412 records the next header ends at the bound
+    fits = records(message, [4, 1])[:9 + 6 * 3411]
+    assert sniff_tls_sni(fits) is None
+    # a 5-byte record first: the next header would end one byte past it
+    over = records(message, [5, 1])[:10 + 6 * 3411]
+    assert refusal(sniff_tls_sni, over) == (None, 80, "ClientHello not complete within 20480 bytes")
+
+
+# --- the answer does not depend on where a read ends ------------------------------------------
+SPLIT_FLIGHTS = [
+    records(HM, [200, 50, 3]),
+    records(client_hello(sni_extension(b"two.example")), [40, 1]),
+    records(HM, [100])[:105] + b"\x17\x03\x03\x00\x01x",
+    records(HM, [100])[:105] + b"\x16\x02",
+    b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
+    b"\x80\x2e\x01\x00",
+    records(HM + b"\x0b\x00\x00\x00", [200]),
+]
+
+
+@pytest.mark.parametrize("flight", SPLIT_FLIGHTS)
+def test_tls_sniffer_answers_the_same_wherever_a_read_ends(flight):
+    whole = answer(sniff_tls_sni, flight)
+    for cut in range(1, len(flight)):
+        fed = sniff.TLSNameSniffer()
+        got = answer(fed.feed, flight[:cut])
+        if got == ("more", None):
+            got = answer(fed.feed, flight[cut:])
+        assert got == whole, cut
+
+
+HTTP_HEADS = [
+    b"GET /x HTTP/1.1\r\nHost: split.example\r\n\r\n",
+    b"GET /x HTTP/1.1\nHost: lf.example\n\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n",
+    b"GE\x00 /x HTTP/1.1\r\n",
+    b"A" * 65 + b" / HTTP/1.1\r\n",
+]
+
+
+@pytest.mark.parametrize("head", HTTP_HEADS)
+def test_http_sniffer_answers_the_same_wherever_a_read_ends(head):
+    whole = answer(sniff_http_host, head)
+    for cut in range(1, len(head)):
+        fed = sniff.HTTPHostSniffer()
+        got = answer(fed.feed, head[:cut])
+        if got == ("more", None):
+            got = answer(fed.feed, head[cut:])
+        assert got == whole, cut
+        assert answer(fed.feed, b"more bytes") == whole  # and the same again after deciding
+
+
+def answer(feed, data):
+    try:
+        value = feed(data)
+    except SniffError as e:
+        return "error", e.reason, e.alert, e.http_status
+    return ("more", None) if value is None else ("name", value)
