@@ -158,3 +158,183 @@ def test_close_frame_refusals_say_why():
     server = ws.WebSocketConnection(client=False)
     assert server.receive_data(close_frame(1000, "é".encode())) == [
         ws.CloseReceived(1000, "é")]
+
+
+# --- frames we refuse: the close code and the reason the peer reads ---------------------------
+@pytest.mark.parametrize("head,code,why", [
+    (bytes([0xC2, 0x80]), 1002, "reserved bits set (no extension was negotiated)"),
+    (bytes([0xA2, 0x80]), 1002, "reserved bits set (no extension was negotiated)"),
+    (bytes([0x92, 0x80]), 1002, "reserved bits set (no extension was negotiated)"),
+    (bytes([0x83, 0x80]), 1002, "unknown opcode 0x3"),
+    (bytes([0x8B, 0x80]), 1002, "unknown opcode 0xb"),
+    (bytes([0x82, 0x00]), 1002, "client frames must be masked"),
+    (bytes([0x08, 0x80]), 1002, "fragmented control frame"),
+    (bytes([0x0A, 0x80]), 1002, "fragmented control frame"),
+    (bytes([0x89, 0xFE, 0x00, 0x7E]), 1002, "control frame payload over 125 bytes"),
+    (bytes([0x88, 0xFF]) + struct.pack(">Q", 65536), 1002,
+     "control frame payload over 125 bytes"),
+    (bytes([0x82, 0xFE, 0x00, 0x7D]), 1002, "non-minimal payload length"),
+    (bytes([0x82, 0xFF]) + struct.pack(">Q", 65535), 1002, "non-minimal payload length"),
+    (bytes([0x82, 0xFF]) + struct.pack(">Q", 1 << 63), 1002,
+     "payload length with the high bit set"),
+    (bytes([0x82, 0xFF]) + struct.pack(">Q", (1 << 64) - 1), 1002,
+     "payload length with the high bit set"),
+    (bytes([0x82, 0xFF]) + struct.pack(">Q", ws.MAX_PAYLOAD + 1), 1009,
+     "frame of 1048577 bytes exceeds 1048576"),
+])
+def test_frames_refused_with_code_and_reason(head, code, why):
+    server = ws.WebSocketConnection(client=False)
+    assert refused(server, head) == (code, why)
+
+
+def test_a_masked_frame_from_the_server_is_refused():
+    client = ws.WebSocketConnection(client=True)
+    assert refused(client, ws.encode_frame(ws.OP_BINARY, b"x", mask_key=MASK)) == (
+        1002, "server frames must not be masked")
+
+
+@pytest.mark.parametrize("n,header", [
+    (0, "8200"), (125, "827d"), (126, "827e007e"), (65535, "827effff"),
+    (65536, "827f0000000000010000"),
+])
+def test_payload_length_encodings_both_ways(n, header):
+    frame = ws.encode_frame(ws.OP_BINARY, bytes(n))
+    assert frame[:len(header) // 2] == bytes.fromhex(header)
+    assert len(frame) == len(header) // 2 + n
+    assert ws.parse_frame(frame, expect_masked=False) == (ws.Frame(True, ws.OP_BINARY, bytes(n)),
+                                                          len(frame))
+    for cut in range(len(header) // 2):  # a header that has not all arrived: read more
+        assert ws.parse_frame(frame[:cut], expect_masked=False) is None
+
+
+def test_max_payload_is_the_connections_bound():
+    server = ws.WebSocketConnection(client=False, max_payload=1000)
+    frame = ws.encode_frame(ws.OP_BINARY, bytes(1000), mask_key=MASK)
+    assert server.receive_data(frame) == [ws.DataReceived(bytes(1000))]
+    too_big = ws.encode_frame(ws.OP_BINARY, bytes(1001), mask_key=MASK)
+    assert refused(server, too_big[:4]) == (1009, "frame of 1001 bytes exceeds 1000")
+    ws.parse_frame(bytes([0x82, 0x7F]) + struct.pack(">Q", ws.MAX_PAYLOAD), expect_masked=False)
+
+
+def test_control_frame_of_125_bytes_is_read():
+    f, n = ws.parse_frame(ws.encode_frame(ws.OP_PING, bytes(125), mask_key=MASK),
+                          expect_masked=True)
+    assert (f, n) == (ws.Frame(True, ws.OP_PING, bytes(125)), 2 + 4 + 125)
+
+
+@pytest.mark.parametrize("args,why", [
+    ((0x3, b""), "unknown opcode 3"),
+    ((ws.OP_PING, bytes(126)), "control frames carry at most 125 bytes and are never fragmented"),
+    ((ws.OP_CLOSE, b"", False), "control frames carry at most 125 bytes and are never fragmented"),
+])
+def test_encode_frame_refuses(args, why):
+    opcode, payload, *fin = args
+    with pytest.raises(ValueError) as info:
+        ws.encode_frame(opcode, payload, fin=fin[0] if fin else True)
+    assert str(info.value) == why
+    with pytest.raises(ValueError, match="^mask key must be 4 bytes$"):
+        ws.encode_frame(ws.OP_BINARY, b"x", mask_key=b"abc")
+    assert ws.encode_frame(ws.OP_PONG, bytes(125))[:2] == b"\x8a\x7d"
+
+
+# --- the connection: events and what it owes the peer -------------------------------------------
+def counting_rand(n):
+    return bytes(range(1, n + 1))  # n bytes exactly: a 5-byte mask would be refused
+
+
+def test_client_frames_use_a_fresh_4_byte_mask_each():
+    keys = iter([b"\x01\x02\x03\x04", b"\x05\x06\x07\x08", b"\x09\x0a\x0b\x0c"])
+    client = ws.WebSocketConnection(client=True, rand=lambda n: next(keys)[:n])
+    assert client.send_data(b"ab") == b"\x82\x82\x01\x02\x03\x04" + ws.apply_mask(
+        b"ab", b"\x01\x02\x03\x04")
+    assert client.send_ping(b"p")[2:6] == b"\x05\x06\x07\x08"
+    assert client.send_close(1000)[2:6] == b"\x09\x0a\x0b\x0c"
+    counted = ws.WebSocketConnection(client=True, rand=counting_rand)
+    assert counted.send_ping() == b"\x89\x80\x01\x02\x03\x04"
+
+
+def test_send_data_frames_at_most_max_send_frame():
+    server = ws.WebSocketConnection(client=False)
+    assert server.send_data(b"") == b""
+    one = server.send_data(bytes(ws.MAX_SEND_FRAME))
+    assert one == ws.encode_frame(ws.OP_BINARY, bytes(ws.MAX_SEND_FRAME))
+    two = server.send_data(bytes(ws.MAX_SEND_FRAME) + b"x")
+    assert two == one + ws.encode_frame(ws.OP_BINARY, b"x")
+
+
+def test_send_close_bytes_and_after():
+    server = ws.WebSocketConnection(client=False)
+    assert not server.close_sent
+    assert server.send_close() == b"\x88\x02\x03\xe8"
+    assert server.close_sent
+    assert server.send_close(1001, "again") == b""  # one close frame per connection
+    with pytest.raises(ws.WebSocketError) as info:
+        server.send_data(b"x")
+    assert (info.value.close_code, info.value.reason) == (1000, "WebSocket already closed by us")
+    other = ws.WebSocketConnection(client=False)
+    assert other.send_close(4000, "r" * 200) == b"\x88\x7d\x0f\xa0" + b"r" * 123
+
+
+def test_bytes_after_a_close_frame_are_not_read():
+    server = ws.WebSocketConnection(client=False)
+    wire = close_frame(1000) + ws.encode_frame(ws.OP_BINARY, b"late", mask_key=MASK)
+    assert server.receive_data(wire) == [ws.CloseReceived(1000, "")]
+    assert server.close_received == ws.CloseReceived(1000, "")
+
+
+def test_no_pong_and_no_close_reply_once_we_closed():
+    client = ws.WebSocketConnection(client=True, rand=counting_rand)
+    client.send_close(1000)
+    assert client.receive_data(b"\x89\x01p") == [ws.PingReceived(b"p")]
+    assert client.receive_data(b"\x8a\x01q") == [ws.PongReceived(b"q")]
+    assert client.receive_data(b"\x88\x02\x03\xe9") == [ws.CloseReceived(1001, "")]
+    assert client.data_to_send() == b""
+
+
+def test_pongs_are_queued_in_order_and_handed_out_once():
+    server = ws.WebSocketConnection(client=False)
+    wire = (ws.encode_frame(ws.OP_PING, b"1", mask_key=MASK)
+            + ws.encode_frame(ws.OP_PONG, b"x", mask_key=MASK)
+            + ws.encode_frame(ws.OP_PING, b"2", mask_key=MASK))
+    assert server.receive_data(wire) == [ws.PingReceived(b"1"), ws.PongReceived(b"x"),
+                                         ws.PingReceived(b"2")]
+    assert server.data_to_send() == b"\x8a\x011\x8a\x012"
+    assert server.data_to_send() == b""
+
+
+def test_fragmented_messages_and_empty_frames():
+    server = ws.WebSocketConnection(client=False)
+    wire = (ws.encode_frame(ws.OP_BINARY, b"", fin=False, mask_key=MASK)
+            + ws.encode_frame(ws.OP_CONTINUATION, b"", mask_key=MASK)
+            + ws.encode_frame(ws.OP_BINARY, b"next", mask_key=MASK)
+            + ws.encode_frame(ws.OP_BINARY, b"", mask_key=MASK))
+    # empty frames carry no event; a finished message lets the next one start
+    assert server.receive_data(wire) == [ws.DataReceived(b"next")]
+    assert refused(server, ws.encode_frame(ws.OP_CONTINUATION, b"x", mask_key=MASK)) == (
+        1002, "continuation frame outside a message")
+
+
+@pytest.mark.parametrize("wire,code,why", [
+    (ws.encode_frame(ws.OP_TEXT, b"x", mask_key=MASK), 1003,
+     "text messages are not part of a tunnel"),
+    (ws.encode_frame(ws.OP_BINARY, b"x", fin=False, mask_key=MASK)
+     + ws.encode_frame(ws.OP_TEXT, b"y", mask_key=MASK), 1002,
+     "new message before the previous one finished"),
+    (ws.encode_frame(ws.OP_BINARY, b"x", fin=False, mask_key=MASK)
+     + ws.encode_frame(ws.OP_BINARY, b"y", mask_key=MASK), 1002,
+     "new message before the previous one finished"),
+])
+def test_data_frame_refusals(wire, code, why):
+    assert refused(ws.WebSocketConnection(client=False), wire) == (code, why)
+
+
+def test_a_frame_split_anywhere_is_read_once():
+    server = ws.WebSocketConnection(client=False)
+    wire = (ws.encode_frame(ws.OP_BINARY, b"abc", mask_key=MASK)
+            + ws.encode_frame(ws.OP_PING, b"p", mask_key=MASK)
+            + ws.encode_frame(ws.OP_BINARY, bytes(300), mask_key=MASK))
+    for cut in range(len(wire) + 1):
+        server = ws.WebSocketConnection(client=False)
+        events = server.receive_data(wire[:cut]) + server.receive_data(wire[cut:])
+        assert events == [ws.DataReceived(b"abc"), ws.PingReceived(b"p"),
+                          ws.DataReceived(bytes(300))], cut
