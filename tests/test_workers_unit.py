@@ -51,13 +51,13 @@ class Sibling:
     """A WorkerGroup whose take() serves a handed socket by echoing what it reads, prefixed by
     the peeked bytes (as a tunnel would get them first)."""
 
-    def __init__(self, run_dir, pid, gate=None):
+    def __init__(self, run_dir, pid, gate=None, max_in_flight=2):
         self.registry = Registry()
         self.taken = []
         self.gate = gate
         self.group = w.WorkerGroup(run_dir, self.registry, take=self.take,
                                    answer=lambda req: {"pid": pid, "asked": req.get("op")},
-                                   pid=pid, max_in_flight=2)
+                                   pid=pid, max_in_flight=max_in_flight)
 
     def take(self, header, peeked):
         if header.get("name") != "held.test":
@@ -94,6 +94,43 @@ def test_hand_off_passes_the_socket_and_the_peeked_bytes(pair):
     visitor.settimeout(5)
     assert visitor.recv(100) == b"served:PEEKED+more"
     assert a.group.counters[w.TAKEN] == 1 and b.group.counters["handoff_taken_here"] == 1
+
+
+def test_hand_overs_share_one_channel_and_each_visitor_gets_its_own_socket(tmp_path):
+    """Hand-overs to a sibling travel on one persistent channel, answered in order: at once
+    and mixed with refusals, each visitor still reaches the sibling with its own bytes."""
+    a = Sibling(str(tmp_path), os.getpid(), max_in_flight=64)
+    b = Sibling(str(tmp_path), os.getppid())
+    a.group.start()
+    b.group.start()
+    try:
+        pairs = [gevent.socket.socketpair() for _ in range(30)]
+        names = ["held.test" if i % 3 else "other.test" for i in range(30)]
+        jobs = [gevent.spawn(a.group.hand_off, b.group.pid, accepted, {"name": name},
+                             b"V%02d" % i)
+                for i, ((_, accepted), name) in enumerate(zip(pairs, names))]
+        gevent.joinall(jobs, timeout=10)
+        assert [j.value for j in jobs] == [w.TAKEN if n == "held.test" else w.REFUSED
+                                           for n in names]
+        for i, (visitor, accepted) in enumerate(pairs):
+            accepted.close()  # the sender's copy (a refused one: the visitor sees its end)
+            visitor.settimeout(5)
+            if names[i] == "held.test":
+                visitor.sendall(b"+")
+                assert visitor.recv(100) == b"served:V%02d+" % i
+            else:
+                assert visitor.recv(100) == b""
+        assert a.group.counters["channel_opened"] == 1
+        # The sibling's end closed (it restarted): the next hand-over opens a new channel.
+        b.group.stop()
+        b.group.start()
+        visitor, accepted = gevent.socket.socketpair()
+        green_wait(lambda: a.group.hand_off(b.group.pid, accepted, {"name": "held.test"},
+                                            b"") == w.TAKEN, "a hand-over after b restarted")
+        assert a.group.counters["channel_opened"] == 2
+    finally:
+        a.group.stop()
+        b.group.stop()
 
 
 def test_refused_hand_off_leaves_the_connection_with_the_sender(pair):

@@ -27,16 +27,20 @@ PUBLISH_INTERVAL + POLL_INTERVAL; until then (and for names bound nowhere) a wor
 connection to every sibling in turn, each refusing at once what it does not hold.
 
 Handing over (docs/DESIGN.md, "Workers"): the worker that accepted a connection and peeked its
-name connects to the holder's socket and sends one message, the header and the peeked bytes,
-with the connection's descriptor attached (SCM_RIGHTS): the holder splices the visitor's
-socket with its tunnel directly, so no byte is copied between workers. The holder answers
-before it starts::
+name sends the holder one message, the header and the peeked bytes, with the connection's
+descriptor attached (SCM_RIGHTS): the holder splices the visitor's socket with its tunnel
+directly, so no byte is copied between workers. Hand-overs travel on one persistent channel
+per sibling (connected at the first; a visitor pays no connect, accept or close:
+bench/README.md, "Forwarding between workers and between hosts"), answered in order; questions
+take a connection each. The holder answers before it starts::
 
     holder's answer               the sender does                      counter
     taken                         closes its copy; done                handed_off
     refused (no live binding      answers the visitor as for an        refused_by_sibling
       here: it never forwards       unknown name / lost tunnel
       again, so at most one hop)
+    refused busy (it serves       the same                             refused_by_sibling
+      MAX_HANDED_SERVED already)
     no answer by the deadline     the same (the holder takes nothing   sibling_timeout
                                     after the deadline)
     socket refused / gone         the same, and forgets the sibling    sibling_unreachable
@@ -57,10 +61,11 @@ import os
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Callable, NamedTuple
 
 import gevent
+import gevent.event
 import gevent.lock
 import gevent.pool
 import gevent.server
@@ -92,8 +97,11 @@ MAX_PAYLOAD = 64 * 1024 * 1024
 # unknown name is refused here at once (counter blind_offer_limit).
 BLIND_OFFER_BURST = 64
 BLIND_OFFERS_PER_SECOND = 100.0
-# Sibling connections served at once (hand-overs in flight from all siblings, questions).
+# Sibling connections served at once (a channel per sibling for hand-overs, questions).
 MAX_SIBLING_CONNECTIONS = 1024
+# Connections taken from siblings and served here at once; past it a hand-over is refused
+# ("busy": the sender answers the visitor) rather than piling up greenlets and sockets.
+MAX_HANDED_SERVED = 20000
 
 TAKEN = "taken"
 REFUSED = "refused_by_sibling"
@@ -102,7 +110,7 @@ UNREACHABLE = "sibling_unreachable"
 LIMIT = "handoff_limit"
 
 # Why a sibling refuses (its routing's refusal counters and ours), counted apiece.
-REFUSAL_REASONS = frozenset({"late", "bad header", "unknown_name", "tunnel_lost",
+REFUSAL_REASONS = frozenset({"late", "busy", "bad header", "unknown_name", "tunnel_lost",
                              "limit_streams", "blocked", "redirect"})
 
 _LEN = struct.Struct("!II")  # header length, payload length
@@ -133,6 +141,7 @@ class MessageReader:
         self.header: dict | None = None
         self.payload = b""
         self.done = False
+        self.rest = b""  # bytes past this message (the next one's start), once done
         self._need: tuple | None = None
 
     def feed(self, data: bytes) -> None:
@@ -151,28 +160,22 @@ class MessageReader:
             if not isinstance(header, dict):
                 raise MessageError("header is not a JSON object")
             self.header = header
-            self.payload = bytes(self.buf[_LEN.size + hlen:_LEN.size + hlen + plen])
+            end = _LEN.size + hlen + plen
+            self.payload = bytes(self.buf[_LEN.size + hlen:end])
+            self.rest = bytes(self.buf[end:])
             self.done = True
 
 
-def _recv_message(sock, deadline: float, fds: list | None = None) -> MessageReader:
-    """Read one message from ``sock`` by ``deadline`` (monotonic); descriptors passed with
-    it are appended to ``fds``. :raises MessageError, OSError, TimeoutError:"""
+def _recv_message(sock, deadline: float) -> MessageReader:
+    """Read one message from ``sock`` by ``deadline`` (monotonic): a question's answer.
+    :raises MessageError, OSError, TimeoutError:"""
     reader = MessageReader()
     while not reader.done:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("no message in time")
         sock.settimeout(left)
-        if fds is not None:
-            data, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
-            for level, kind, cdata in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(cdata[:len(cdata) - len(cdata) % arr.itemsize])
-                    fds.extend(arr)
-        else:
-            data = sock.recv(65536)
+        data = sock.recv(65536)
         if not data:
             raise MessageError("closed before a whole message")
         reader.feed(data)
@@ -187,6 +190,111 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _Inbox:
+    """The messages arriving on one sibling connection, in turn: each ``next()`` waits as long
+    as it takes for a message to start, then HANDOFF_TIMEOUT for the rest of it. Descriptors
+    passed alongside (SCM_RIGHTS) queue in ``fds`` in the order sent: each hand-over message
+    carries one, and Linux ends a read at the end of the bytes a descriptor came with, so a
+    message is never complete before its descriptor is here."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.fds: deque = deque()
+        self._rest = b""
+
+    def next(self) -> MessageReader | None:
+        """The next message; None at a clean end between messages.
+        :raises MessageError, OSError, TimeoutError:"""
+        reader = MessageReader()
+        if self._rest:
+            reader.feed(self._rest)
+        deadline = None
+        while not reader.done:
+            if reader.buf and deadline is None:
+                deadline = time.monotonic() + HANDOFF_TIMEOUT
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("a sibling's message did not end in time")
+            self.sock.settimeout(left)
+            data, ancdata, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(cdata[:len(cdata) - len(cdata) % arr.itemsize])
+                    self.fds.extend(arr)
+            if not data:
+                if reader.buf:
+                    raise MessageError("closed inside a message")
+                return None
+            reader.feed(data)
+        self._rest = reader.rest
+        return reader
+
+    def close(self) -> None:
+        while self.fds:
+            os.close(self.fds.popleft())
+
+
+class _Channel:
+    """One persistent connection to a sibling, for hand-overs: no connect, accept or new
+    greenlet per visitor (each cost the visitor a round of the hub, in both processes).
+    Messages go out one at a time (a lock); the sibling answers them in order, so answers are
+    matched to a queue of waiters by one reader greenlet. When the connection ends, every
+    waiter gets None (UNREACHABLE) and the channel is dropped; the next hand-over opens one."""
+
+    def __init__(self, sock, on_close: Callable):
+        self.sock = sock
+        self.dead = False
+        self._lock = gevent.lock.Semaphore()
+        self._waiting: deque = deque()
+        self._on_close = on_close
+        self._reader = gevent.spawn(self._read)
+
+    def send(self, message: bytes, fd: int) -> gevent.event.AsyncResult:
+        """Send one hand-over message with ``fd``; its answer's header arrives in the result
+        (None: the channel ended first). :raises OSError: the channel is dead now."""
+        result = gevent.event.AsyncResult()
+        with self._lock:
+            if self.dead:
+                raise OSError("the channel to this sibling has ended")
+            self._waiting.append(result)
+            try:
+                fds = array.array("i", [fd]).tobytes()
+                sent = self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                      fds)])
+                if sent < len(message):
+                    self.sock.sendall(message[sent:])
+            except OSError:
+                self.close()  # half a message may be out: the stream is unusable
+                raise
+        return result
+
+    def _read(self) -> None:
+        inbox = _Inbox(self.sock)
+        try:
+            while self._waiting or not self.dead:
+                msg = inbox.next()
+                if msg is None or not self._waiting:
+                    break  # closed, or an answer nobody asked for
+                self._waiting.popleft().set(msg.header)
+        except (OSError, MessageError, TimeoutError) as e:
+            log.info("sibling channel ended: %s", e)
+        finally:
+            inbox.close()
+            self.close(reader=False)
+
+    def close(self, reader: bool = True) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        while self._waiting:
+            self._waiting.popleft().set(None)
+        self.sock.close()
+        if reader:
+            self._reader.kill(block=False)
+        self._on_close(self)
 
 
 class WorkerGroup:
@@ -205,6 +313,8 @@ class WorkerGroup:
         self._blind = TokenBucket(BLIND_OFFER_BURST, BLIND_OFFERS_PER_SECOND)
         self._server = None
         self._greenlets: list = []
+        self._channels: dict = {}       # pid -> _Channel (hand-overs to that sibling)
+        self._served = gevent.pool.Pool(MAX_HANDED_SERVED)  # connections taken from siblings
 
     def path(self, pid: int, ext: str) -> str:
         return os.path.join(self.run_dir, f"{pid}.{ext}")
@@ -225,6 +335,8 @@ class WorkerGroup:
 
     def stop(self) -> None:
         gevent.killall(self._greenlets, timeout=1)
+        for channel in list(self._channels.values()):
+            channel.close()
         if self._server is not None:
             self._server.stop(timeout=1)
         for ext in ("names", "sock"):
@@ -375,53 +487,74 @@ class WorkerGroup:
     def _hand_off(self, pid: int, sock, header: dict, peeked: bytes) -> str:
         deadline = time.monotonic() + HANDOFF_TIMEOUT  # CLOCK_MONOTONIC: one for the host
         message = encode_message(dict(header, op="handoff", deadline=deadline), peeked)
-        link = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            link.settimeout(HANDOFF_TIMEOUT)
-            try:
-                link.connect(self.path(pid, "sock"))
-                fds = array.array("i", [sock.fileno()])
-                sent = link.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 fds.tobytes())])
-                if sent < len(message):
-                    link.sendall(message[sent:])
-            except OSError as e:
-                log.info("worker %d unreachable (%s): forgetting it", pid, e)
-                self.forget(pid)
-                return UNREACHABLE
-            try:
-                reply = _recv_message(link, deadline)
-            except TimeoutError:
-                return TIMEOUT
-            except (OSError, MessageError):
-                return UNREACHABLE
-            if reply.header.get("taken"):
-                return TAKEN
-            reason = str(reply.header.get("reason", ""))
-            if reason in REFUSAL_REASONS:
-                self.counters[f"refused:{reason}"] += 1  # which refusal: a fixed, small set
-            return REFUSED
-        finally:
-            link.close()
+            channel = self._channel(pid)
+        except OSError as e:
+            log.info("worker %d unreachable (%s): forgetting it", pid, e)
+            self.forget(pid)
+            return UNREACHABLE
+        try:
+            result = channel.send(message, sock.fileno())
+        except OSError:
+            return UNREACHABLE
+        try:
+            reply = result.get(timeout=max(0.0, deadline - time.monotonic()))
+        except gevent.Timeout:
+            return TIMEOUT
+        if reply is None:
+            return UNREACHABLE
+        if reply.get("taken"):
+            return TAKEN
+        reason = str(reply.get("reason", ""))
+        if reason in REFUSAL_REASONS:
+            self.counters[f"refused:{reason}"] += 1  # which refusal: a fixed, small set
+        return REFUSED
+
+    def _channel(self, pid: int) -> _Channel:
+        """The open channel to sibling ``pid``, connected now if there is none.
+        :raises OSError: the sibling's socket refuses or is gone."""
+        channel = self._channels.get(pid)
+        if channel is not None and not channel.dead:
+            return channel
+        sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(HANDOFF_TIMEOUT)
+            sock.connect(self.path(pid, "sock"))
+        except OSError:
+            sock.close()
+            raise
+        channel = self._channels.get(pid)
+        if channel is not None and not channel.dead:  # another greenlet connected meanwhile
+            sock.close()
+            return channel
+        self.counters["channel_opened"] += 1
+        channel = self._channels[pid] = _Channel(
+            sock, lambda c: self._channels.pop(pid, None) if self._channels.get(pid) is c
+            else None)
+        return channel
 
     def _serve(self, link, _address) -> None:
+        """A sibling's connection: hand-overs (a channel, many in turn) or one question."""
+        inbox = _Inbox(link)
         try:
             if not self._same_user(link):
                 self.counters["peer_refused"] += 1
                 return
-            fds: list = []
-            try:
-                msg = _recv_message(link, time.monotonic() + HANDOFF_TIMEOUT, fds)
-            except (OSError, MessageError, TimeoutError) as e:
-                log.info("sibling message refused: %s", e)
-                for fd in fds:
-                    os.close(fd)
-                return
-            if msg.header.get("op") == "handoff" and len(fds) == 1:
-                self._taken(link, msg.header, msg.payload, fds[0])
-            else:
-                for fd in fds:
-                    os.close(fd)
+            while True:
+                try:
+                    msg = inbox.next()
+                except (OSError, MessageError, TimeoutError) as e:
+                    log.info("sibling message refused: %s", e)
+                    return
+                if msg is None:
+                    return
+                if msg.header.get("op") == "handoff":
+                    if not inbox.fds:
+                        log.info("sibling message refused: a hand-over without its socket")
+                        return
+                    self._taken(link, msg.header, msg.payload, inbox.fds.popleft())
+                    continue
+                inbox.close()  # a question carries no descriptor
                 try:
                     answer = self.answer(msg.header)
                 except (ValueError, TypeError, KeyError) as e:  # a malformed question
@@ -431,6 +564,7 @@ class WorkerGroup:
         except OSError:
             pass
         finally:
+            inbox.close()
             link.close()
 
     def _taken(self, link, header: dict, peeked: bytes, fd: int) -> None:
@@ -439,7 +573,12 @@ class WorkerGroup:
             late = time.monotonic() > float(header.get("deadline", 0)) - HANDOFF_MARGIN
         except (TypeError, ValueError):
             late = True  # no usable deadline: never take it
-        decision = Refused("late") if late else self.take(header, peeked)
+        if late:
+            decision = Refused("late")
+        elif self._served.full():
+            decision = Refused("busy")
+        else:
+            decision = self.take(header, peeked)
         if isinstance(decision, Refused):
             self.counters["handoff_refused_here"] += 1
             sock.close()  # our copy only (no shutdown): the sender answers the visitor
@@ -449,10 +588,9 @@ class WorkerGroup:
             link.sendall(encode_message({"taken": True}))
         except OSError:
             sock.close()  # the sender gave up: it answers the visitor
-            return
-        link.close()
+            raise
         self.counters["handoff_taken_here"] += 1
-        decision(sock)
+        self._served.spawn(decision, sock)  # the channel reads the next hand-over meanwhile
 
     @staticmethod
     def _same_user(link) -> bool:
