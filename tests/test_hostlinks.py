@@ -3,7 +3,6 @@ PostgreSQL (tests/fixtures/postgres.py), each host wholly on its own loopback ad
 https, http, admin and fleet listeners on 127.0.0.2, .3, .4: the suite runs in a network
 namespace with lo up). Real processes throughout: proxies, clients (`shroud.py --tor none`),
 origins."""
-import base64
 import hashlib
 import json
 import signal
@@ -13,11 +12,9 @@ import struct
 import time
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from lib.certs import ensure_tunnel_cert
-from lib.proxy.hostlinks import LABEL, LINK_IDLE, LINK_TIMEOUT, NONCE_BYTES, OK, REFUSED
+from lib.proxy.hostlinks import LINK_IDLE, LINK_TIMEOUT, OK, REFUSED
 from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.visitor import http_get, https_get, tls_site, ws_echo, ws_upgrade
 from tests.support.wait import wait_for
@@ -167,64 +164,66 @@ def test_holder_killed_the_other_holder_takes_over(fleet):
         assert get(b, "web.test") == (200, b"from-c\n")
 
 
-def _link(addr, cert_der, key, peer_fingerprint, name="web.test", send_cert=True, idle=0.0,
-          send=True):
-    """Speak the link protocol to ``addr`` as a sender would; the holder's answer byte (b""
-    when it closed the link). ``idle``: seconds between the nonce and the head (a spare link
-    waiting for its visitor); ``send=False``: close after the nonce (a spare retired unused)."""
+def _link(addr, identity, peer_fingerprint, name="web.test", idle=0.0, send=True,
+          before_head=None, forwarded=True):
+    """Speak the link protocol to ``addr`` as a sender would, with ``identity`` ((cert, key)
+    paths, or None: no client certificate) and the holder pinned to ``peer_fingerprint``; the
+    holder's answer byte (b"" when it refused the handshake or closed the link). ``idle``:
+    seconds between the handshake and the head (a spare link waiting for its visitor);
+    ``before_head``: called then; ``send=False``: close after the handshake (a spare retired
+    unused)."""
     host, port = addr.rsplit(":", 1)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if identity is not None:
+        ctx.load_cert_chain(*identity)
     with socket.create_connection((host, int(port)), timeout=10) as raw:
-        with ctx.wrap_socket(raw) as tls:
-            nonce = b""
-            while len(nonce) < NONCE_BYTES:
-                nonce += tls.recv(NONCE_BYTES - len(nonce))
-            if not send:
-                return b""
-            time.sleep(idle)
-            peeked = f"GET /hello HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
-            head = {"v": 1, "kind": "http", "name": name, "client": ["10.9.8.7", 4242],
-                    "forwarded": True, "peeked": len(peeked)}
-            if send_cert:
-                head["cert"] = base64.b64encode(cert_der).decode()
-            body = json.dumps(head).encode()
-            sig = key.sign(LABEL + nonce + peer_fingerprint.encode() + body,
-                           ec.ECDSA(hashes.SHA256()))
-            try:
-                tls.sendall(struct.pack(">I", len(body)) + body + struct.pack(">H", len(sig))
-                            + sig + peeked)
+        try:
+            with ctx.wrap_socket(raw) as tls:
+                der = tls.getpeercert(binary_form=True)
+                assert hashlib.sha256(der).hexdigest() == peer_fingerprint
+                if not send:
+                    return b""
+                time.sleep(idle)
+                if before_head is not None:
+                    before_head()
+                peeked = f"GET /hello HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
+                head = {"v": 2, "kind": "http", "name": name, "client": ["10.9.8.7", 4242],
+                        "peeked": len(peeked)}
+                if forwarded:
+                    head["forwarded"] = True
+                body = json.dumps(head).encode()
+                tls.sendall(struct.pack(">I", len(body)) + body + peeked)
                 return tls.recv(1)
-            except (ssl.SSLError, OSError):
-                return b""
+        except (ssl.SSLError, OSError):  # TLS 1.3: a refused certificate shows at the read
+            return b""
 
 
 def _identity(data_dir):
-    cert_path, key_path = ensure_tunnel_cert(str(data_dir))
-    with open(cert_path) as f:
-        der = ssl.PEM_cert_to_DER_cert(f.read())
-    with open(key_path, "rb") as f:
-        return der, serialization.load_pem_private_key(f.read(), password=None)
+    """(cert, key) paths of a proxy's tunnel certificate (made when missing: a stranger's)."""
+    return ensure_tunnel_cert(str(data_dir))
 
 
 def test_forged_links_are_refused_and_counted(fleet):
+    """TLS client authentication with the store as trust anchor (lib/proxy/hostlinks.py): the
+    holder serves only a link whose certificate a live instance registered."""
     a = fleet.start("proxy-a", "127.0.0.2")
     b = fleet.start("proxy-b", "127.0.0.3")
     fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
     a.wait_bound("web.test")
     wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
-    b_der, b_key = _identity(fleet.dir / "proxy-b-data")
-    stranger_der, stranger_key = _identity(fleet.dir / "stranger")
+    b_id = _identity(fleet.dir / "proxy-b-data")
+    stranger = _identity(fleet.dir / "stranger")  # CN=shroud-proxy, as A's and B's
 
     def refused():
         return a.status()["refusals"].get("fleet_link_refused", 0)
-    # The control: B's registered certificate and key are served.
-    assert _link(a.link, b_der, b_key, a.fingerprint) == OK
+    # The control: B's registered certificate is served (certificates sharing one subject).
+    assert _link(a.link, b_id, a.fingerprint) == OK
     assert refused() == 0
-    # No certificate; a certificate of no instance; B's certificate without B's key.
-    assert _link(a.link, b_der, b_key, a.fingerprint, send_cert=False) == b""
-    assert _link(a.link, stranger_der, stranger_key, a.fingerprint) == b""
-    assert _link(a.link, b_der, stranger_key, a.fingerprint) == b""
+    # No certificate; a certificate of no instance; B's, with a head that is not a link's.
+    assert _link(a.link, None, a.fingerprint) == b""
+    assert _link(a.link, stranger, a.fingerprint) == b""
+    assert _link(a.link, b_id, a.fingerprint, forwarded=False) == b""
     # Not TLS at all.
     host, port = a.link.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as raw:
@@ -236,10 +235,14 @@ def test_forged_links_are_refused_and_counted(fleet):
             pass
     wait_for(lambda: refused() == 4, "4 refused links counted at A", timeout=10)
 
-    # B gone (killed, its row expired): its certificate is stale and refused.
-    b.signal(signal.SIGKILL)
-    wait_for(lambda: _link(a.link, b_der, b_key, a.fingerprint) == b"",
-             "B's certificate refused once B's row expired", timeout=20)
+    # B gone (killed, its row expired): its certificate is stale, refused at the handshake
+    # of a new link, and at the head of a link opened while B was live (a spare).
+    def b_expired():
+        b.signal(signal.SIGKILL)
+        wait_for(lambda: _link(a.link, b_id, a.fingerprint) == b"",
+                 "B's certificate refused at the handshake once B's row expired", timeout=20)
+    assert _link(a.link, b_id, a.fingerprint, before_head=b_expired) == b""
+    wait_for(lambda: refused() >= 6, "the stale links counted at A", timeout=10)
 
 
 def test_a_spare_link_waits_for_its_visitor(fleet):
@@ -250,13 +253,13 @@ def test_a_spare_link_waits_for_its_visitor(fleet):
     fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
     a.wait_bound("web.test")
     wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
-    b_der, b_key = _identity(fleet.dir / "proxy-b-data")
+    b_id = _identity(fleet.dir / "proxy-b-data")
     assert LINK_IDLE > LINK_TIMEOUT + 1
     # The head arrives after the handshake's own deadline (the stimulus, not a wait).
-    assert _link(a.link, b_der, b_key, a.fingerprint, idle=LINK_TIMEOUT + 1) == OK
+    assert _link(a.link, b_id, a.fingerprint, idle=LINK_TIMEOUT + 1) == OK
     for _ in range(3):
-        assert _link(a.link, b_der, b_key, a.fingerprint, send=False) == b""
-    assert _link(a.link, b_der, b_key, a.fingerprint) == OK  # A saw every close by now
+        assert _link(a.link, b_id, a.fingerprint, send=False) == b""
+    assert _link(a.link, b_id, a.fingerprint) == OK  # A saw every close by now
     assert a.status()["refusals"].get("fleet_link_refused", 0) == 0
 
 
@@ -420,8 +423,8 @@ def test_a_linked_connection_is_never_forwarded_again(fleet):
     c.wait_bound("web.test")
     wait_for(lambda: _served(b, "web.test"), "web.test served at B, by C", timeout=20)
     before_b, before_c = b.status(), c.status()
-    a_der, a_key = _identity(fleet.dir / "proxy-a-data")
-    assert _link(b.link, a_der, a_key, b.fingerprint, name="web.test") == REFUSED
+    assert _link(b.link, _identity(fleet.dir / "proxy-a-data"), b.fingerprint,
+                 name="web.test") == REFUSED
     after_b, after_c = b.status(), c.status()
     assert after_b["forwarded_out"] == before_b["forwarded_out"]
     assert after_c["forwarded_in"] == before_c["forwarded_in"]

@@ -21,38 +21,43 @@ The registry counts what crosses hosts: ``forwarded_out`` (sender: carried to a 
 ``forwarded_in`` (holder: served from a link), and ``links_out``/``links_in``, the links open
 now (at most ``max_links`` each way; ``--fleet-max-links``).
 
-The store is the trust anchor: an instance row carries the advertised link address and the
-tunnel certificate's SHA-256; only rows whose heartbeat is younger than ``max_age`` count. A
-background greenlet reads the rows (and the live bindings) every ``refresh`` seconds, so no
-connection waits on the store.
+The store is the trust anchor: an instance row carries the advertised link address, its
+tunnel certificate and that certificate's SHA-256; only rows whose heartbeat is younger than
+``max_age`` count. A background greenlet reads the rows (and the live bindings) every
+``refresh`` seconds, so no connection waits on the store.
 
-The link, after a TLS handshake in which the sender pins the holder's certificate to the
-holder's row::
+The link is TLS 1.3 with a certificate on both sides (mutual authentication by TLS itself):
 
-    holder -> sender   NONCE: 32 random bytes
-    sender -> holder   u32 length, JSON head {"v": 1, "cert": base64 DER of the sender's tunnel
-                       certificate, "kind", "name", "client": [ip, port], "public": the
-                       listener the visitor reached ("host:port"), "forwarded": true,
-                       "peeked": n}; u16 length, ECDSA-SHA256 signature with the sender's
-                       tunnel key over LABEL | NONCE | holder's fingerprint | the JSON head;
-                       then the n peeked bytes
+- the sender presents its tunnel certificate as its client certificate and pins the holder's
+  to the holder's row (check_pin, right after the handshake);
+- the holder requires a client certificate and trusts exactly the live instances' registered
+  certificates: its server context is rebuilt whenever that set changes, with those
+  certificates as its only trust anchors (``load_verify_locations(cadata=...)``) and
+  VERIFY_X509_PARTIAL_CHAIN, so a certificate that is itself in the store is a whole chain.
+  Without that flag OpenSSL looks for a self-signed certificate's issuer by subject name, and
+  our certificates share one (CN=shroud-proxy, no key identifiers): it found another
+  instance's and refused the link. When the head arrives the holder checks again that the
+  certificate is a live instance's (a spare link may wait LINK_IDLE; its sender's row may have
+  expired since).
+
+TLS's own CertificateVerify signs the handshake with the sender's key over both sides' fresh
+randoms, so the link needs no nonce or signature of its own (docs/DESIGN.md, "Workers").
+Then::
+
+    sender -> holder   u32 length, JSON head {"v": 2, "kind", "name", "client": [ip, port],
+                       "public": the listener the visitor reached ("host:port"),
+                       "forwarded": true, "peeked": n}; then the n peeked bytes
     holder -> sender   one byte: OK (a splice of the visitor's bytes follows), REFUSED, BUSY
 
-A link carries one visitor. The sender opens up to SPARE_LINKS per holder ahead of need (TCP,
-TLS, nonce read), so a visitor's path holds only the head and the answer (one round trip); the
-holder waits LINK_IDLE for the head of such a link, and the sender closes a spare unused after
+A link carries one visitor. The sender opens up to SPARE_LINKS per holder ahead of need (TCP and
+TLS done), so a visitor's path holds only the head and the answer (one round trip); the holder
+waits LINK_IDLE for the head of such a link, and the sender closes a spare unused after
 SPARE_AGE, before that.
 
-The sender presents its certificate inside the link, signed over the holder's fresh nonce,
-rather than as a TLS client certificate: Python's ssl module checks a client certificate only
-against CA files, and fleet certificates are self-signed, known by their fingerprint. The
-guarantee is the same: the holder serves only a peer that holds the private key of a
-certificate registered by a live instance; the sender only talks to the certificate the holder
-registered.
-
     the holder sees                                   it answers            counter
-    no head, a head without cert/signature, a bad     closes the link       fleet_link_refused
-      signature, a certificate of no live instance
+    no client certificate, or one of no live          TLS alert, closes     fleet_link_refused
+      instance (a stranger's, an expired row's)
+    a head whose certificate's row expired since      closes the link       fleet_link_refused
     a head without "forwarded" or an unknown kind     closes the link       fleet_link_refused
     a name it holds no live tunnel for                REFUSED               (its refusal)
     max_links links already served here               BUSY                  fleet_link_busy
@@ -75,11 +80,11 @@ each connection once.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import os
+import ssl
 import struct
 import time
 from collections import Counter
@@ -90,12 +95,8 @@ import gevent.lock
 import gevent.pool
 import gevent.server
 import gevent.socket
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from lib.certs import PinMismatch, check_pin, client_tls_context, server_tls_context
+from lib.certs import (PinMismatch, cert_fingerprint, check_pin, client_tls_context, leaf_pem,
+                       server_tls_context)
 from lib.errors import ShroudError
 from lib.hostport import parse_hostport
 from lib.net.sockets import set_nodelay
@@ -105,8 +106,7 @@ from lib.proxy.workers import LIMIT, TAKEN, UNREACHABLE, Refused
 
 log = logging.getLogger("shroud.fleet")
 
-LABEL = b"shroud-fleet-link/1\0"
-NONCE_BYTES = 32
+VERSION = 2  # of the head (1: a nonce and a signature of its own, before TLS client auth)
 OK, REFUSED, BUSY = b"\x00", b"\x01", b"\x02"
 FAILED = b""  # not an answer: no link, or none in time (the sender's own mark)
 # A visitor waits at most this long for the links (connect, TLS, the holder's answer) before
@@ -123,15 +123,14 @@ MAX_LINKS = 1024
 # Links past max_links still get their BUSY answered (a greenlet each, for the handshake);
 # past this many more, the kernel's backlog holds them until a slot frees or the sender gives up.
 BUSY_ANSWERS = 64
-# A head carries a certificate (under 1 KiB) and a name; peeked bytes are bounded by the
-# sniffers (a ClientHello or a request head), well under this.
+# A head carries a name and two addresses; peeked bytes are bounded by the sniffers (a
+# ClientHello or a request head), well under this.
 MAX_HEAD = 16 * 1024
-MAX_SIGNATURE = 512
 MAX_PEEKED = 256 * 1024
 # One line per this many seconds for refused links: a scanner must not flood the log.
 REFUSED_LOG_INTERVAL = 30.0
-# Spare links: a sender keeps up to SPARE_LINKS links per holder open ahead (TCP, TLS and the
-# nonce done), so a visitor's path holds only its head and the holder's answer: a fresh link's
+# Spare links: a sender keeps up to SPARE_LINKS links per holder open ahead (TCP and TLS
+# done), so a visitor's path holds only its head and the holder's answer: a fresh link's
 # handshakes cost milliseconds of CPU and round trips (bench/README.md, "Forwarding between
 # workers and between hosts"). A spare is opened when a visitor was just sent to that holder
 # (the next is likely to go there too), used once, and closed unused after SPARE_AGE. The
@@ -143,9 +142,9 @@ LINK_IDLE = 10.0
 
 
 class _Spare(NamedTuple):
-    """A link opened ahead: TLS pinned to ``fingerprint`` at ``addr``, the holder's nonce read."""
+    """A link opened ahead: TLS, both sides authenticated, pinned to ``fingerprint`` at
+    ``addr``."""
     tls: object
-    nonce: bytes
     fingerprint: str
     addr: str
     at: float  # time.monotonic() when opened
@@ -172,19 +171,18 @@ class FleetLinks:
         self.refresh_interval = refresh
         self.max_age = max_age
         self.self_id = None
-        with open(cert_path, "rb") as f:
-            self._cert_der = x509.load_pem_x509_certificate(f.read()).public_bytes(
-                serialization.Encoding.DER)
-        with open(key_path, "rb") as f:
-            self._key = serialization.load_pem_private_key(f.read(), password=None)
-        self._server_ctx = server_tls_context(cert_path, key_path)
+        self.cert_pem = leaf_pem(cert_path)  # registered: the others' anchor for our links
+        self._cert_path, self._key_path = cert_path, key_path
+        self._anchors: dict = {}     # fingerprint -> PEM: whom the holder's context trusts
+        self._server_ctx = self._holder_context({})  # nobody until the first refresh
         self._client_ctx = client_tls_context(pinned=True)
+        self._client_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        self._client_ctx.load_cert_chain(cert_path, key_path)  # our side of the mutual auth
         self._instances: dict = {}   # id -> Instance, live ones only
         self._holders: dict = {}     # (protocol, name) -> [instance id]
         self.max_links = max_links
         self._out = gevent.lock.BoundedSemaphore(max_links)
         self._suspects: dict = {}    # instance id -> when a link to it last failed (monotonic)
-        self._keys: dict = {}        # fingerprint -> public key, live instances only
         self._spares: dict = {}      # instance id -> [_Spare], at most SPARE_LINKS each
         self._warming: Counter = Counter()  # instance id -> spares being opened
         self._stopped = False
@@ -224,14 +222,35 @@ class FleetLinks:
         """Re-read the live instances and their bindings (the background greenlet does)."""
         now = time.time()
         live = {i.id: i for i in self.store.instances()
-                if now - i.heartbeat <= self.max_age and i.fleet_addr and i.fingerprint}
+                if now - i.heartbeat <= self.max_age and i.fleet_addr and i.fingerprint
+                and i.cert}
         holders: dict = {}
         for b in self.store.live_bindings():
             if b.instance in live and b.instance != self.self_id:
                 holders.setdefault((b.protocol, b.name), []).append(b.instance)
         self._instances, self._holders = live, holders
-        fingerprints = {i.fingerprint for i in live.values()}
-        self._keys = {f: k for f, k in self._keys.items() if f in fingerprints}
+        anchors = {i.fingerprint: i.cert for i in live.values()}
+        if anchors != self._anchors:
+            self._server_ctx = self._holder_context(anchors)
+            self._anchors = anchors
+
+    def _holder_context(self, anchors: dict):
+        """The holder's TLS context: a client certificate required, trusted only when it is one
+        of ``anchors`` (fingerprint -> PEM) itself (the module docstring says why
+        PARTIAL_CHAIN). A PEM that does not parse or match its fingerprint is left out."""
+        ctx = server_tls_context(self._cert_path, self._key_path)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        for fingerprint, pem in anchors.items():
+            try:
+                if cert_fingerprint(pem.encode()) != fingerprint:
+                    raise ValueError("the certificate does not match the row's fingerprint")
+                ctx.load_verify_locations(cadata=pem)
+            except (ValueError, ssl.SSLError) as exc:
+                log.warning("fleet links: the registered certificate %s... is left out: %s",
+                            fingerprint[:16], exc)
+        return ctx
 
     # --- sender --------------------------------------------------------------------------
     def holders(self, protocols, name: str) -> list:
@@ -318,29 +337,24 @@ class FleetLinks:
         return answer if answer in (REFUSED, BUSY) else FAILED
 
     def _connect(self, instance) -> _Spare:
-        """TCP, TLS pinned to the holder's registered certificate, its nonce read."""
+        """TCP, TLS with our certificate, the holder's pinned to its registered one."""
         host, port = parse_hostport(instance.fleet_addr)
         raw = gevent.socket.create_connection((host, port))
-        set_nodelay(raw)  # the nonce, head and answer are small writes (Nagle: 40 ms)
+        set_nodelay(raw)  # the head and the answer are small writes (Nagle: 40 ms)
         tls = None
         try:
             tls = self._client_ctx.wrap_socket(raw, server_hostname=None)
             check_pin(tls, {instance.fingerprint})
-            nonce = _read_exact(tls, NONCE_BYTES)
         except BaseException:
             (tls or raw).close()
             raise
-        return _Spare(tls, nonce, instance.fingerprint, instance.fleet_addr, time.monotonic())
+        return _Spare(tls, instance.fingerprint, instance.fleet_addr, time.monotonic())
 
     def _ask(self, link: _Spare, instance, header: dict, peeked: bytes) -> bytes:
-        """Send the signed head and the peeked bytes; the holder's answer byte."""
-        head = dict(header, v=1, forwarded=True, peeked=len(peeked),
-                    cert=base64.b64encode(self._cert_der).decode())
+        """Send the head and the peeked bytes; the holder's answer byte."""
+        head = dict(header, v=VERSION, forwarded=True, peeked=len(peeked))
         body = json.dumps(head, separators=(",", ":")).encode()
-        sig = self._key.sign(LABEL + link.nonce + instance.fingerprint.encode() + body,
-                             ec.ECDSA(hashes.SHA256()))
-        link.tls.sendall(struct.pack(">I", len(body)) + body + struct.pack(">H", len(sig))
-                         + sig + peeked)
+        link.tls.sendall(struct.pack(">I", len(body)) + body + peeked)
         return _read_exact(link.tls, 1)
 
     # --- spare links (sender) ------------------------------------------------------------
@@ -428,17 +442,15 @@ class FleetLinks:
         """(tls, head, peeked) of a link from a live instance, checked; else None (closed,
         counted, logged at most once per REFUSED_LOG_INTERVAL)."""
         try:
-            with gevent.Timeout(LINK_TIMEOUT):
+            with gevent.Timeout(LINK_TIMEOUT):  # TLS checks the sender's certificate here
                 tls = self._server_ctx.wrap_socket(raw, server_side=True)
-                nonce = os.urandom(NONCE_BYTES)
-                tls.sendall(nonce)
             with gevent.Timeout(LINK_IDLE):  # a spare link waits here for its visitor
                 first = tls.recv(4)
             if not first:  # a spare link closed unused (SPARE_AGE): nothing was asked
                 raw.close()
                 return None
             with gevent.Timeout(LINK_TIMEOUT):
-                header, peeked = self._read_head(tls, nonce, first)
+                header, peeked = self._read_head(tls, first)
             return tls, header, peeked
         except LinkRefused as exc:
             reason = str(exc)
@@ -449,38 +461,24 @@ class FleetLinks:
         raw.close()
         return None
 
-    def _read_head(self, tls, nonce: bytes, start: bytes = b"") -> tuple:
+    def _read_head(self, tls, start: bytes = b"") -> tuple:
         """The sender's head and peeked bytes (``start``: its first bytes, read already),
         checked. :raises LinkRefused:"""
+        fingerprint = hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest()
+        if fingerprint not in self._anchors:  # its row expired since the handshake
+            raise LinkRefused("certificate %s... of no live instance" % fingerprint[:16])
         (n,) = struct.unpack(">I", start + _read_exact(tls, 4 - len(start)))
         if n > MAX_HEAD:
             raise LinkRefused("head of %d bytes" % n)
         body = _read_exact(tls, n)
-        (m,) = struct.unpack(">H", _read_exact(tls, 2))
-        if m > MAX_SIGNATURE:
-            raise LinkRefused("signature of %d bytes" % m)
-        sig = _read_exact(tls, m)
         try:
             head = json.loads(body)
-            der = base64.b64decode(head["cert"], validate=True)
             size = int(head["peeked"])
         except (ValueError, KeyError, TypeError):
-            raise LinkRefused("no certificate in the head") from None
+            raise LinkRefused("a head that does not parse") from None
         if not isinstance(head, dict) or head.get("forwarded") is not True or not (
                 0 <= size <= MAX_PEEKED):
             raise LinkRefused("not a forwarded connection")
-        fingerprint = hashlib.sha256(der).hexdigest()
-        if fingerprint not in {i.fingerprint for i in self._instances.values()}:
-            raise LinkRefused("certificate %s... of no live instance" % fingerprint[:16])
-        try:
-            key = self._keys.get(fingerprint)
-            if key is None:  # parsed once per live instance's certificate, not per link
-                key = self._keys[fingerprint] = x509.load_der_x509_certificate(
-                    der).public_key()
-            key.verify(sig, LABEL + nonce + self.fingerprint.encode() + body,
-                       ec.ECDSA(hashes.SHA256()))
-        except (ValueError, TypeError, InvalidSignature):
-            raise LinkRefused("bad signature for certificate %s..." % fingerprint[:16]) from None
         return head, _read_exact(tls, size)
 
     def _log_refused(self, address, reason: str) -> None:
