@@ -338,3 +338,61 @@ def test_a_frame_split_anywhere_is_read_once():
         events = server.receive_data(wire[:cut]) + server.receive_data(wire[cut:])
         assert events == [ws.DataReceived(b"abc"), ws.PingReceived(b"p"),
                           ws.DataReceived(bytes(300))], cut
+
+
+# --- the client's upgrade request, as the server checks it --------------------------------------
+def upgrade(request_line=b"GET /_shroud/tunnel HTTP/1.1", **headers):
+    fields = {"Host": "proxy.test", "Upgrade": "websocket", "Connection": "Upgrade",
+              "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"}
+    for name, value in headers.items():
+        name = name.replace("_", "-")
+        if value is None:
+            fields.pop(name, None)
+        else:
+            fields[name] = value
+    lines = [request_line] + [f"{n}: {v}".encode() for n, v in fields.items()]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def test_upgrade_request_fields():
+    req = ws.parse_upgrade_request(upgrade(X_Forwarded_For="192.0.2.1"))
+    assert (req.path, req.host, req.key) == ("/_shroud/tunnel", "proxy.test", KEY)
+    assert req.headers == {"host": "proxy.test", "upgrade": "websocket", "connection": "Upgrade",
+                           "sec-websocket-key": KEY, "sec-websocket-version": "13",
+                           "x-forwarded-for": "192.0.2.1"}
+    assert ws.parse_upgrade_request(upgrade(Host=None)).host == ""
+    assert ws.parse_upgrade_request(upgrade(Upgrade="WebSocket",
+                                            Connection="keep-alive,upgrade")).key == KEY
+
+
+@pytest.mark.parametrize("head,status,why", [
+    (upgrade(b"GET /_shroud/tunnel HTTP/1.0"), 400, "WebSocket handshake needs HTTP/1.1"),
+    (upgrade(b"POST /_shroud/tunnel HTTP/1.1"), 405,
+     "WebSocket handshake must be GET, not POST"),
+    (upgrade(Upgrade=None), 426, "this endpoint only accepts WebSocket upgrades"),
+    (upgrade(Upgrade="h2c"), 426, "this endpoint only accepts WebSocket upgrades"),
+    (upgrade(Connection=None), 426, "this endpoint only accepts WebSocket upgrades"),
+    (upgrade(Connection="keep-alive Upgrade"), 426,
+     "this endpoint only accepts WebSocket upgrades"),
+    (upgrade(Sec_WebSocket_Version=None), 426, "unsupported Sec-WebSocket-Version (need 13)"),
+    (upgrade(Sec_WebSocket_Version="8"), 426, "unsupported Sec-WebSocket-Version (need 13)"),
+    (upgrade(Sec_WebSocket_Key=None), 400, "bad Sec-WebSocket-Key"),
+    (upgrade(Sec_WebSocket_Key="c2hvcnQ="), 400, "bad Sec-WebSocket-Key"),
+    (upgrade(Sec_WebSocket_Key="not base64!!"), 400, "bad Sec-WebSocket-Key"),
+])
+def test_upgrade_request_refused(head, status, why):
+    with pytest.raises(ws.HandshakeError) as info:
+        ws.parse_upgrade_request(head)
+    assert (info.value.http_status, info.value.reason) == (status, why)
+
+
+def test_upgrade_head_errors_keep_their_status_and_reason():
+    with pytest.raises(ws.HandshakeError) as info:
+        ws.parse_upgrade_request(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n")
+    assert info.value.http_status == 400 and info.value.reason
+    with pytest.raises(ws.HandshakeError) as info:
+        ws.split_head(b"GET / HTTP/1.1\r\nX: " + b"a" * ws.MAX_HEAD)
+    assert (info.value.http_status, info.value.reason) == (431, "HTTP head exceeds 16384 bytes")
+    fits = b"GET / HTTP/1.1\r\nX: "
+    fits += b"a" * (ws.MAX_HEAD - len(fits) - 4) + b"\r\n\r\n"
+    assert ws.split_head(fits + b"\x82") == (fits, b"\x82")
