@@ -20,8 +20,9 @@ For each worker count (WEB_CONCURRENCY=1, then 2) it starts the Procfile's comma
 - each worker's resident memory (its baseline with one tunnel, idle).
 
 Results: a table on stdout (and progress on stderr). Every process is stopped in a ``finally``;
-each load is bounded in time and count. Forwarding between hosts (--fleet-addr) is not built
-yet, so it is not measured here.
+each load is bounded in time and count. bench/forward_bench.py measures the same side by side
+with forwarding between hosts (--fleet-addr), a visitor put on a chosen worker by its source
+port.
 """
 from __future__ import annotations
 

@@ -339,6 +339,8 @@ class WorkerGroup:
             channel.close()
         if self._server is not None:
             self._server.stop(timeout=1)
+        self._served.join(timeout=1)  # as the server's own handlers: a second, then killed
+        self._served.kill(block=False)
         for ext in ("names", "sock"):
             try:
                 os.unlink(self.path(self.pid, ext))
