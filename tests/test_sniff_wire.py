@@ -186,6 +186,11 @@ V_R = b"\x03\x03" + b"\x22" * 32
     (bytes.fromhex("802e0100020015000000100100800700c0"), None, "SSLv2-style hello refused"),
     (b"\x17\x03\x03\x00\x05hello", 10, "not a TLS handshake record (first byte 0x17)"),
     (b"\x16\x04\x01", 70, "bad TLS record version 0x04.."),
+    # a whole record header in one read is checked as one arriving in pieces
+    (b"\x16\x04\x01\x00\x04\x01\x00\x00\x00", 70, "bad TLS record version 0x04.."),
+    (b"\x16\x02\x03\x00\x04\x01\x00\x00\x00", 70, "bad TLS record version 0x02.."),
+    (b"\x17\x03\x03\x00\x04\x01\x00\x00\x00", 10,
+     "not a TLS handshake record (first byte 0x17)"),
     (b"\x16\x03\x01\x00\x00", 10, "empty handshake record"),
     (b"\x16\x03\x01\x40\x01", 22, "TLS record of 16385 bytes exceeds 16384"),
     (records(HM, [100])[:105] + b"\x17\x03\x03\x00\x01x", 10,
