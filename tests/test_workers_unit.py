@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 
 import gevent
 import gevent.event
@@ -268,3 +269,43 @@ def test_blind_offers_of_unknown_names_are_bounded(pair):
     assert offered[0] == [b.group.pid]
     assert sum(1 for o in offered if o) <= w.BLIND_OFFER_BURST + 2  # refill while looping
     assert a.group.counters["blind_offer_limit"] >= 18
+
+
+STUCK_SIBLING = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(os.path.join(sys.argv[1], "%d.sock" % os.getpid()))
+s.listen(16)
+conns = [s.accept()[0]]  # accepted, then never read: a sibling stuck in a long call
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_stuck_sibling_costs_each_hand_over_its_deadline_at_most(tmp_path):
+    """A sibling process that accepted the channel and then stopped reading (stuck, stopped):
+    once its socket buffer is full, a hand-over's send must still end by the hand-over's
+    deadline, and the hand-overs queued behind it too (they wait for the channel's lock).
+    Was: the channel's reader set the shared socket to no timeout, so the send blocked until
+    the sibling died and every hand-over to it waited, holding its in-flight slot."""
+    stuck = subprocess.Popen([sys.executable, "-c", STUCK_SIBLING, str(tmp_path)],
+                             stdout=subprocess.PIPE)
+    a = Sibling(str(tmp_path), os.getpid(), max_in_flight=64)
+    a.group.start()
+    try:
+        path = a.group.path(stuck.pid, "sock")
+        green_wait(lambda: os.path.exists(path), "the stuck sibling listens")
+        peeked = b"x" * 60_000  # a few messages fill the Unix socket's buffer
+        pairs = [gevent.socket.socketpair() for _ in range(12)]
+        first = a.group.hand_off(stuck.pid, pairs[0][1], {"name": "held.test"}, peeked)
+        assert first == w.TIMEOUT
+        # A hang guard, not a speed bound: each ends by its own deadline (HANDOFF_TIMEOUT).
+        with gevent.Timeout(4 * w.HANDOFF_TIMEOUT + 5, AssertionError("hand-overs hang")):
+            jobs = [gevent.spawn(a.group.hand_off, stuck.pid, accepted, {"name": "held.test"},
+                                 peeked) for _, accepted in pairs[1:]]
+            gevent.joinall(jobs, raise_error=True)
+        assert {j.value for j in jobs} <= {w.TIMEOUT, w.UNREACHABLE}
+    finally:
+        a.group.stop()
+        stuck.kill()
+        stuck.wait()

@@ -41,8 +41,9 @@ take a connection each. The holder answers before it starts::
       again, so at most one hop)
     refused busy (it serves       the same                             refused_by_sibling
       MAX_HANDED_SERVED already)
-    no answer by the deadline     the same (the holder takes nothing   sibling_timeout
-                                    after the deadline)
+    no answer by the deadline,    the same (the holder takes nothing   sibling_timeout
+      or not even sent by it        after the deadline)
+      (it stopped reading)
     socket refused / gone         the same, and forgets the sibling    sibling_unreachable
     HANDOFFS_IN_FLIGHT reached    503 / internal_error                 handoff_limit
 
@@ -246,21 +247,30 @@ class _Channel:
 
     def __init__(self, sock, on_close: Callable):
         self.sock = sock
+        # The reader's own socket object on the same connection: _Inbox sets its timeout to
+        # none between messages, which on a shared object lifted the senders' deadline too (a
+        # sibling that stopped reading held a send, and everyone behind the lock, forever).
+        self._rsock = sock.dup()
         self.dead = False
         self._lock = gevent.lock.Semaphore()
         self._waiting: deque = deque()
         self._on_close = on_close
         self._reader = gevent.spawn(self._read)
 
-    def send(self, message: bytes, fd: int) -> gevent.event.AsyncResult:
-        """Send one hand-over message with ``fd``; its answer's header arrives in the result
-        (None: the channel ended first). :raises OSError: the channel is dead now."""
+    def send(self, message: bytes, fd: int, deadline: float) -> gevent.event.AsyncResult:
+        """Send one hand-over message with ``fd`` by ``deadline`` (monotonic); its answer's
+        header arrives in the result (None: the channel ended first).
+        :raises TimeoutError: not sent by the deadline (the channel is closed if it had begun).
+        :raises OSError: the channel is dead now."""
         result = gevent.event.AsyncResult()
-        with self._lock:
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise TimeoutError("the channel to this sibling is busy sending")
+        try:
             if self.dead:
                 raise OSError("the channel to this sibling has ended")
             self._waiting.append(result)
             try:
+                self.sock.settimeout(max(0.001, deadline - time.monotonic()))
                 fds = array.array("i", [fd]).tobytes()
                 sent = self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                       fds)])
@@ -269,10 +279,12 @@ class _Channel:
             except OSError:
                 self.close()  # half a message may be out: the stream is unusable
                 raise
+        finally:
+            self._lock.release()
         return result
 
     def _read(self) -> None:
-        inbox = _Inbox(self.sock)
+        inbox = _Inbox(self._rsock)
         try:
             while self._waiting or not self.dead:
                 msg = inbox.next()
@@ -292,6 +304,7 @@ class _Channel:
         while self._waiting:
             self._waiting.popleft().set(None)
         self.sock.close()
+        self._rsock.close()
         if reader:
             self._reader.kill(block=False)
         self._on_close(self)
@@ -496,7 +509,9 @@ class WorkerGroup:
             self.forget(pid)
             return UNREACHABLE
         try:
-            result = channel.send(message, sock.fileno())
+            result = channel.send(message, sock.fileno(), deadline)
+        except TimeoutError:  # stuck behind a send to a sibling that stopped reading
+            return TIMEOUT
         except OSError:
             return UNREACHABLE
         try:
