@@ -55,6 +55,8 @@ CHUNK = 256 * 1024
 # Sink reads this much at a time (the Python session hands over up to its receive window).
 READ_SIZE = 256 * 1024
 COUNT = struct.Struct(">Q")
+# (sender, listener, streams) -> the Python peers' CPU seconds per GiB (run_pair fills it).
+PY_CPU: dict = {}
 
 
 def log(msg: str) -> None:
@@ -184,7 +186,7 @@ def send(args) -> None:
         except OSError as e:
             errors.append(f"stream {i}: {e}")
 
-    start = time.monotonic()
+    start, cpu0 = time.monotonic(), time.process_time()
     jobs = [gevent.spawn(one, i) for i in range(args.streams)]
     gevent.joinall(jobs, timeout=args.timeout)
     secs = time.monotonic() - start
@@ -194,7 +196,8 @@ def send(args) -> None:
     # On a timeout the rate is an upper bound: bytes handed to the session, not delivered.
     total = sent[0] if timed_out else per * args.streams
     emit("send_done", ok=not errors, errors=errors[:3], streams=args.streams, bytes=total,
-         seconds=secs, mib_per_s=total / 2**20 / secs, timed_out=timed_out)
+         seconds=secs, mib_per_s=total / 2**20 / secs, timed_out=timed_out,
+         cpu=time.process_time() - cpu0)
     session.close()
 
 
@@ -233,6 +236,12 @@ class Proc:
         raise RuntimeError(f"{self.argv} exited ({self.p.wait()}) before {event!r}: "
                            f"{self.p.stderr.read().decode()[-2000:]}")
 
+    def cpu(self) -> float:
+        """user+sys seconds so far (/proc/PID/stat): what a Python peer spent, load or not."""
+        with open(f"/proc/{self.p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         if self.p.poll() is None:
             self.p.kill()
@@ -240,7 +249,9 @@ class Proc:
 
 
 def run_pair(opts, gobin, certs, sender, listener, streams):
-    """One throughput run: returns MiB/s."""
+    """One throughput run: returns MiB/s and a note; PY_CPU[(sender, listener, streams)] gets
+    the Python peers' CPU seconds per GiB moved (the sender's during the transfer, the sink's
+    from listening to the sender's result)."""
     if listener == "go":
         server = Proc([gobin, "-listen", "127.0.0.1:0", "-tls", "-cert", certs["cert"], "-key",
                        certs["key"], "-accept", "sink", "-raw", "-sessions", "1",
@@ -249,6 +260,7 @@ def run_pair(opts, gobin, certs, sender, listener, streams):
         server = Proc(py_argv(opts, certs, "--serve-sink"))
     try:
         addr = server.expect("listening", 30)["addr"]
+        sink_cpu0 = server.cpu()
         if sender == "go":
             client = Proc([gobin, "-dial", addr, "-tls", "-raw", "-accept", "none", "-run", "send",
                            "-streams", str(streams), "-size", str(opts.size),
@@ -257,6 +269,9 @@ def run_pair(opts, gobin, certs, sender, listener, streams):
             client = Proc(py_argv(opts, certs, "--send", "--dial", addr, "--streams", str(streams)))
         try:
             result = client.expect("send_done", opts.timeout + 10)
+            cpu = (result.get("cpu", 0.0) if sender == "python" else 0.0) + (
+                server.cpu() - sink_cpu0 if listener == "python" else 0.0)
+            PY_CPU[(sender, listener, streams)] = cpu / (result["bytes"] / 2**30)
         finally:
             client.stop()
     finally:
@@ -344,8 +359,10 @@ def main_bench(opts):
                 started = time.monotonic()
                 mib, note = run_pair(opts, gobin, certs, sender, listener, streams)
                 results[(sender, listener, streams)] = (mib, note)
+                cpu = PY_CPU.get((sender, listener, streams))
                 log(f"{sender} -> {listener} x{streams}: {mib:.1f} MiB/s {note} "
-                    f"({time.monotonic() - started:.1f} s)")
+                    f"({time.monotonic() - started:.1f} s)"
+                    + (f", Python CPU {cpu:.2f} s/GiB" if cpu else ""))
         idle = None
         if opts.idle_streams:
             log(f"opening {opts.idle_streams} idle streams Python -> Python ...")

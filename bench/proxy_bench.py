@@ -67,7 +67,9 @@ PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
 SECTION = "## Proxy and client (--tor none) vs ssh -R vs direct"
 BEGIN, END = "<!-- proxy-bench:begin -->", "<!-- proxy-bench:end -->"
-PATHS = ("direct", "ssh", "shroud")
+# shroud-pure: Shroud on the pure-Python codec modules (SHROUD_PURE=1, lib/native.py), beside
+# the compiled build; not in the table (its figures are in the progress lines and raw runs).
+PATHS = ("direct", "ssh", "shroud", "shroud-pure")
 PHASES = ("idle", "bulk", "wrk", "cost")
 TLS_NAME, HTTP_NAME, ONE_NAME = "app.test", "web.test", "one.test"
 # The single-write origin's two answers (bench/single_write_origin.py): 13 bytes and 1 KiB.
@@ -90,11 +92,11 @@ def log(msg: str) -> None:
 class Proc:
     """A subprocess in its own session, logging to a file; stop() ends it and its group."""
 
-    def __init__(self, name: str, argv: list[str], logdir: str):
+    def __init__(self, name: str, argv: list[str], logdir: str, env: dict | None = None):
         self.name = name
         self.log_path = os.path.join(logdir, f"{name}.log")
         self._log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.p = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.pid = self.p.pid
@@ -355,9 +357,11 @@ class SshPath(Path):
 
 class ShroudPath(Path):
     name = "shroud"
+    env: dict = {}  # the compiled codec modules when built (lib/native.py)
 
     def __init__(self, d: str, origin_http: int, origin_tls: int, origin_one: int):
-        pdata, cdata = os.path.join(d, "proxy-data"), os.path.join(d, "client-data")
+        pdata, cdata = (os.path.join(d, f"{self.name}-proxy-data"),
+                        os.path.join(d, f"{self.name}-client-data"))
         out = run([PY, "shroud_proxy.py", "--data-dir", pdata, "--print-fingerprint"], 60)
         if out.returncode:
             raise RuntimeError(f"shroud_proxy.py --print-fingerprint failed: {out.stderr}")
@@ -370,14 +374,14 @@ class ShroudPath(Path):
         http, raw = free_port(), free_port()
         super().__init__(http, free_port(), raw)
         self.one_http_port = http
-        self.proxy = Proc("shroud-proxy", [
+        self.proxy = Proc(f"{self.name}-proxy", [
             PY, "shroud_proxy.py", "--data-dir", pdata,
             "--tunnel-addr", f"127.0.0.1:{tunnel}", "--https-addr", f"127.0.0.1:{self.tls_port}",
             "--http-addr", f"127.0.0.1:{self.http_port}", "--admin-addr", f"127.0.0.1:{self.admin}",
             "--admin-token", self.token,
             # 1,000 held + 64 wrk + closing streams stay under the client's own 1,024 limit.
             "--max-streams-per-tunnel", "4096", "--log-level", "warning",
-            "--tcp-ports", str(raw)], d)
+            "--tcp-ports", str(raw)], d, env=self.env)
         self.procs.append(self.proxy)
         try:
             wait_port(tunnel)
@@ -385,11 +389,12 @@ class ShroudPath(Path):
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"proxy did not start:\n{self.proxy.log_tail()}") from None
-        self.client = Proc("shroud-client", [
+        self.client = Proc(f"{self.name}-client", [
             PY, "shroud.py", "--tor", "none", "--data-dir", cdata, "--status", "plain",
             "--log-level", "warning", "--proxy", f"127.0.0.1:{tunnel}", "--pin", pin,
             TLS_NAME, f"127.0.0.1:{origin_tls}", f"http:{HTTP_NAME}", f"127.0.0.1:{origin_http}",
-            f"http:{ONE_NAME}", f"127.0.0.1:{origin_one}", f"tcp:{raw}", f"127.0.0.1:{origin_one}"], d)
+            f"http:{ONE_NAME}", f"127.0.0.1:{origin_one}", f"tcp:{raw}", f"127.0.0.1:{origin_one}"], d,
+            env=self.env)
         self.procs.append(self.client)
         try:
             self._wait_bound((TLS_NAME, HTTP_NAME, ONE_NAME, f"tcp:{raw}"), 30)
@@ -412,6 +417,13 @@ class ShroudPath(Path):
 
     def mem_pids(self) -> dict[str, list[int]]:
         return {"proxy": [self.proxy.pid], "client": [self.client.pid]}
+
+
+class ShroudPurePath(ShroudPath):
+    """Shroud with SHROUD_PURE=1: the pure-Python codec modules, to compare with the build."""
+
+    name = "shroud-pure"
+    env = {"SHROUD_PURE": "1"}
 
 
 # --- load: small HTTP on plain sockets -------------------------------------------------------
@@ -832,7 +844,8 @@ def parse_args():
     ap.add_argument("--wrk-seconds", type=int, default=10, help="duration of each wrk run")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections held open")
     ap.add_argument("--ttfb-samples", type=int, default=200, help="fresh connections per TTFB row")
-    ap.add_argument("--paths", default=",".join(PATHS), help="subset of direct,ssh,shroud")
+    ap.add_argument("--paths", default="direct,ssh,shroud",
+                    help="subset of " + ",".join(PATHS))
     ap.add_argument("--phases", default=",".join(PHASES), help="subset of " + ",".join(PHASES))
     ap.add_argument("--fresh-conns", type=int, default=1000,
                     help="fresh connections for the CPU-per-connection row")
@@ -859,6 +872,9 @@ def main() -> int:
     started = time.time()
     d = tempfile.mkdtemp(prefix="shroud-proxy-bench-")
     log(f"work dir {d}; {args.runs} run(s), paths {', '.join(args.path_list)}")
+    import lib.protocol  # noqa: F401  (the build the shroud path's processes will choose)
+    from lib import native
+    log(f"codec modules: shroud {native.STATUS}; shroud-pure SHROUD_PURE=1")
     try:
         results = run_all(args, d)
     finally:
@@ -902,8 +918,10 @@ def run_all(args, d: str) -> dict[str, list[dict]]:
                     live.append(Direct(origin_http, origin_tls, origin_one))
                 elif name == "ssh":
                     live.append(SshPath(d, origin_http, origin_tls, origin_one))
-                else:
+                elif name == "shroud":
                     live.append(ShroudPath(d, origin_http, origin_tls, origin_one))
+                else:
+                    live.append(ShroudPurePath(d, origin_http, origin_tls, origin_one))
             try:
                 for name, res in one_run(live, args, ca).items():
                     results[name].append(res)
