@@ -174,6 +174,8 @@ class FleetLinks:
         self.cert_pem = leaf_pem(cert_path)  # registered: the others' anchor for our links
         self._cert_path, self._key_path = cert_path, key_path
         self._anchors: dict = {}     # fingerprint -> PEM: whom the holder's context trusts
+        self._pem_fingerprints: dict = {}  # registered PEM -> its SHA-256 (None: unreadable)
+        self._mismatched: set = set()      # ids of rows whose PEM is not their fingerprint's
         self._server_ctx = self._holder_context({})  # nobody until the first refresh
         self._client_ctx = client_tls_context(pinned=True)
         self._client_ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -221,9 +223,8 @@ class FleetLinks:
     def refresh(self) -> None:
         """Re-read the live instances and their bindings (the background greenlet does)."""
         now = time.time()
-        live = {i.id: i for i in self.store.instances()
-                if now - i.heartbeat <= self.max_age and i.fleet_addr and i.fingerprint
-                and i.cert}
+        live = {i.id: i for i in self._consistent(self.store.instances())
+                if now - i.heartbeat <= self.max_age and i.fleet_addr}
         holders: dict = {}
         for b in self.store.live_bindings():
             if b.instance in live and b.instance != self.self_id:
@@ -234,20 +235,42 @@ class FleetLinks:
             self._server_ctx = self._holder_context(anchors)
             self._anchors = anchors
 
+    def _consistent(self, rows) -> list:
+        """The rows whose certificate is the one their fingerprint names; the others (no
+        certificate: an instance of an older version; a mismatch) are left out, each mismatch
+        logged once. Fingerprints are computed once per certificate."""
+        known, fingerprints, kept = self._pem_fingerprints, {}, []
+        for row in rows:
+            if not row.cert:
+                continue
+            if row.cert not in known:
+                try:
+                    known[row.cert] = cert_fingerprint(row.cert.encode())
+                except ValueError:
+                    known[row.cert] = None
+            fingerprints[row.cert] = known[row.cert]
+            if known[row.cert] == row.fingerprint:
+                kept.append(row)
+            elif row.id not in self._mismatched:
+                log.warning("fleet links: instance %s registered a certificate that is not "
+                            "the one its fingerprint %s... names: no links to or from it",
+                            row.id, row.fingerprint[:16])
+        self._pem_fingerprints = fingerprints  # only the certificates still registered
+        self._mismatched = {r.id for r in rows if r.cert and fingerprints[r.cert] != r.fingerprint}
+        return kept
+
     def _holder_context(self, anchors: dict):
         """The holder's TLS context: a client certificate required, trusted only when it is one
         of ``anchors`` (fingerprint -> PEM) itself (the module docstring says why
-        PARTIAL_CHAIN). A PEM that does not parse or match its fingerprint is left out."""
+        PARTIAL_CHAIN)."""
         ctx = server_tls_context(self._cert_path, self._key_path)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         for fingerprint, pem in anchors.items():
             try:
-                if cert_fingerprint(pem.encode()) != fingerprint:
-                    raise ValueError("the certificate does not match the row's fingerprint")
                 ctx.load_verify_locations(cadata=pem)
-            except (ValueError, ssl.SSLError) as exc:
+            except ssl.SSLError as exc:  # hashed right, yet not a certificate OpenSSL reads
                 log.warning("fleet links: the registered certificate %s... is left out: %s",
                             fingerprint[:16], exc)
         return ctx

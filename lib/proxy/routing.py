@@ -38,10 +38,10 @@ first handed, socket and peeked bytes, to a sibling holding a live tunnel for it
 --fleet-addr) sent over a fleet link to another instance holding it; only when none takes it is
 it refused as above, or::
 
-    the siblings or the fleet's links answer         we answer (http / tls)         counter
-    too many hand-overs in flight                    503 / internal_error           handoff_limit
-    too many links, or every holder busy             503 / internal_error           fleet_link_limit
-    a holder known, none answered in time            502 / internal_error           fleet_link_failed
+    the siblings or the fleet's links answer     we answer (http / tls)     counter
+    too many hand-overs in flight                503 / internal_error       handoff_limit
+    too many links, or every holder busy         503 / internal_error       fleet_link_limit
+    a holder known, none answered in time        502 / internal_error       fleet_link_failed
 
 A handed connection is never handed on (one hop); a linked one (from another host) is served
 where it lands or by the sibling holding it there, never sent to another host.

@@ -1,0 +1,86 @@
+"""lib/proxy/hostlinks.py alone: the holder trusts exactly the certificates the live instances
+registered (a stand-in store; real TLS on loopback, in-process under gevent)."""
+import json
+import struct
+import time
+
+import gevent.socket
+import gevent.ssl
+import pytest
+
+from lib.certs import cert_fingerprint, ensure_tunnel_cert, leaf_pem
+from lib.proxy.hostlinks import REFUSED, FleetLinks
+from lib.proxy.registry import Registry
+from lib.proxy.store.base import Instance
+from lib.proxy.workers import Refused
+
+
+class Rows:
+    """The store as FleetLinks reads it: instance rows, no bindings."""
+
+    def __init__(self):
+        self.rows = []
+
+    def instances(self):
+        return list(self.rows)
+
+    def live_bindings(self):
+        return []
+
+
+def _row(name, cert_path, fingerprint=None, heartbeat=None):
+    return Instance(name, name, {}, "127.0.0.1:1", fingerprint or cert_fingerprint(cert_path),
+                    0.0, time.time() if heartbeat is None else heartbeat, {},
+                    leaf_pem(cert_path))
+
+
+@pytest.fixture
+def holder(tmp_path):
+    ids = {n: ensure_tunnel_cert(str(tmp_path / n)) for n in ("a", "b", "c", "stranger")}
+    store, registry = Rows(), Registry()
+    links = FleetLinks(store, registry, lambda header, peeked: Refused("unknown_name"),
+                       *ids["a"], cert_fingerprint(ids["a"][0]), ("127.0.0.1", 0))
+    links.start()
+    yield links, store, registry, ids
+    links.stop()
+
+
+def _ask(links, identity) -> bytes:
+    """A link from ``identity`` ((cert, key) paths): the holder's answer byte, b"" when it
+    refused the handshake or closed the link."""
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, gevent.ssl.CERT_NONE
+    ctx.load_cert_chain(*identity)
+    body = json.dumps({"v": 2, "kind": "http", "name": "web.test", "client": ["10.0.0.1", 1],
+                       "forwarded": True, "peeked": 0}).encode()
+    raw = gevent.socket.create_connection(links.address, timeout=5)
+    try:
+        with ctx.wrap_socket(raw) as tls:
+            tls.sendall(struct.pack(">I", len(body)) + body)
+            return tls.recv(1)
+    except OSError:  # ssl.SSLError too: TLS 1.3 shows a refused certificate at the read
+        return b""
+    finally:
+        raw.close()
+
+
+def test_the_holder_trusts_exactly_the_live_rows_certificates(holder):
+    links, store, registry, ids = holder
+    stale = time.time() - 3600
+    store.rows = [_row("a", ids["a"][0]), _row("b", ids["b"][0]),
+                  _row("old", ids["stranger"][0], heartbeat=stale),  # expired: not trusted
+                  _row("c", ids["c"][0], fingerprint=cert_fingerprint(ids["b"][0]))]
+    links.refresh()
+    # B's row: trusted (the holder answers: no live tunnel here). Every certificate shares
+    # one subject (CN=shroud-proxy), so OpenSSL's issuer lookup by name would pick any of them.
+    assert _ask(links, ids["b"]) == REFUSED
+    assert _ask(links, ids["a"]) == REFUSED  # a sibling worker shares this instance's cert
+    # A stranger; an expired row's certificate; C's certificate in a row whose fingerprint is
+    # B's (the row is inconsistent: its certificate is left out).
+    assert _ask(links, ids["stranger"]) == b""
+    assert _ask(links, ids["c"]) == b""
+    # B's row gone: the context is rebuilt without its certificate.
+    store.rows = store.rows[:1]
+    links.refresh()
+    assert _ask(links, ids["b"]) == b""
+    assert registry.refusals["fleet_link_refused"] == 3
