@@ -235,6 +235,7 @@ def test_encode_frame_refuses(args, why):
     with pytest.raises(ValueError, match="^mask key must be 4 bytes$"):
         ws.encode_frame(ws.OP_BINARY, b"x", mask_key=b"abc")
     assert ws.encode_frame(ws.OP_PONG, bytes(125))[:2] == b"\x8a\x7d"
+    assert ws.encode_frame(ws.OP_CLOSE) == b"\x88\x00"  # no payload unless given
 
 
 # --- the connection: events and what it owes the peer -------------------------------------------
@@ -389,7 +390,7 @@ def test_upgrade_request_refused(head, status, why):
 def test_upgrade_head_errors_keep_their_status_and_reason():
     with pytest.raises(ws.HandshakeError) as info:
         ws.parse_upgrade_request(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n")
-    assert info.value.http_status == 400 and info.value.reason
+    assert (info.value.http_status, info.value.reason) == (400, "malformed header line")
     with pytest.raises(ws.HandshakeError) as info:
         ws.split_head(b"GET / HTTP/1.1\r\nX: " + b"a" * ws.MAX_HEAD)
     assert (info.value.http_status, info.value.reason) == (431, "HTTP head exceeds 16384 bytes")
