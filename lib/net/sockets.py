@@ -7,6 +7,8 @@
     sender(end) -> callable(data)  # end.sendall, or for a socket one that skips gevent's
                                    # getsockopt(SO_SNDBUF) on every call (send_all)
     adopt_listener(sock) -> gevent socket  # a listener inherited from gunicorn's master
+    connect_numeric(family, address, timeout) -> gevent socket  # TCP, no hub turn when the
+                                   # connection completes at once (a listener on this host)
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
 segment of each window would otherwise wait for the peer's delayed ACK, 40 ms per window; and a
@@ -15,6 +17,9 @@ client, service). Go sets TCP_NODELAY on every connection for the same reason.
 """
 from __future__ import annotations
 
+import _socket
+import errno
+import os
 import socket
 
 import gevent.socket
@@ -76,3 +81,27 @@ def adopt_listener(sock):
         return sock
     family = sock.family
     return gevent.socket.socket(family, socket.SOCK_STREAM, fileno=sock.detach())
+
+
+def connect_numeric(family: int, address: tuple, timeout: float | None):
+    """A TCP gevent socket connected to the numeric ``address`` (its timeout left as None).
+
+    A connection to a listener on this host is complete when connect() returns (Linux answers
+    the handshake in the caller's own system call), yet a non-blocking connect() says
+    EINPROGRESS and gevent's ``connect`` then waits a hub turn for writability, with a Timeout
+    armed: a second connect_ex looks first, and only a connection still in progress waits, at
+    most ``timeout`` seconds (socket.timeout). Errors are OSErrors, as from ``connect``."""
+    raw = _socket.socket(family, socket.SOCK_STREAM)
+    try:
+        raw.setblocking(False)
+        err = raw.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            err = raw.connect_ex(address)
+            if err in (errno.EALREADY, errno.EINPROGRESS):
+                gevent.socket.wait_write(raw.fileno(), timeout=timeout)
+                err = raw.connect_ex(address)
+        if err not in (0, errno.EISCONN):
+            raise OSError(err, os.strerror(err))
+        return gevent.socket.socket(family, socket.SOCK_STREAM, fileno=raw.detach())
+    finally:
+        raw.close()  # detached on success: closes nothing then

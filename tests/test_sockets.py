@@ -1,0 +1,52 @@
+"""lib.net.sockets.connect_numeric (the client's connect to its local target)."""
+import errno
+import socket
+
+import gevent
+import gevent.socket as gsocket
+import pytest
+
+from lib.client.tunnels import connect_local
+from lib.net.sockets import connect_numeric
+
+
+def _listener():
+    lsock = gsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    return lsock
+
+
+def test_a_listener_on_this_host_is_reached_without_a_hub_turn():
+    # gevent's connect waits a hub turn (and arms a Timeout) for a connection that completed
+    # inside connect() already: a per-connection cost (bench/README.md, "Per-request cost").
+    lsock = _listener()
+    ran = []
+    gevent.spawn(ran.append, "another greenlet ran")
+    sock = connect_local(lsock.getsockname(), 5)  # numeric: lib.net.sockets.connect_numeric
+    assert ran == []  # no yield happened
+    conn, _ = lsock.accept()
+    sock.sendall(b"x")
+    assert conn.recv(1) == b"x"
+    assert sock.gettimeout() is None and isinstance(sock, gsocket.socket)
+    gevent.sleep(0)
+    assert ran  # the spawned greenlet was only waiting for a turn
+
+
+def test_refused_is_an_oserror_and_connect_local_keeps_nodelay():
+    lsock = _listener()
+    port = lsock.getsockname()[1]
+    sock = connect_local(("127.0.0.1", port), 5)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    sock.close()
+    lsock.close()
+    with pytest.raises(OSError) as e:
+        connect_numeric(socket.AF_INET, ("127.0.0.1", port), 5)
+    assert e.value.errno == errno.ECONNREFUSED
+
+
+def test_a_connection_in_progress_waits_at_most_the_timeout():
+    # 192.0.2.1 (TEST-NET-1) is not routed in the test's network namespace or answers nothing:
+    # the connect either fails at once (no route) or stays in progress until the timeout.
+    with pytest.raises(OSError):
+        connect_numeric(socket.AF_INET, ("192.0.2.1", 9), 0.2)
