@@ -50,3 +50,24 @@ def test_a_connection_in_progress_waits_at_most_the_timeout():
     # the connect either fails at once (no route) or stays in progress until the timeout.
     with pytest.raises(OSError):
         connect_numeric(socket.AF_INET, ("192.0.2.1", 9), 0.2)
+
+
+class _AsksBufferSize(gsocket.socket):
+    """Counts the SO_SNDBUF look-ups gevent's sendall makes before every write."""
+    asked = 0
+
+    def getsockopt(self, *args):
+        if args[:2] == (socket.SOL_SOCKET, socket.SO_SNDBUF):
+            _AsksBufferSize.asked += 1
+        return super().getsockopt(*args)
+
+
+def test_a_routed_exchange_answers_in_one_send_per_write():
+    from lib.net.httpexchange import OneExchangeSocket
+    a, b = socket.socketpair()
+    visitor, ours = gsocket.socket(fileno=a.detach()), _AsksBufferSize(fileno=b.detach())
+    ex = OneExchangeSocket(ours, b"GET / HTTP/1.1\r\nHost: x.test\r\n\r\n")
+    _AsksBufferSize.asked = 0
+    ex.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert _AsksBufferSize.asked == 0
+    assert visitor.recv(200).endswith(b"\r\n\r\nok")

@@ -36,6 +36,7 @@ import socket
 import gevent.event
 import h11
 
+from lib.net.sockets import sender
 from lib.protocol import http1
 from lib.protocol import sniff
 from lib.protocol import websocket as ws
@@ -161,6 +162,7 @@ class OneExchangeSocket(OneRequestSocket):
         self._upgrade = bool(headers.get("upgrade"))
         super().__init__(sock, head, keep_connection_header=self._upgrade)
         self._framer = http1.ResponseFramer(method, upgrade=self._upgrade)
+        self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         self._answered = gevent.event.Event()  # the final answer (or the 101) went out
         self._early = bytearray()
 
@@ -199,7 +201,10 @@ class OneExchangeSocket(OneRequestSocket):
             self._answered.set()
             raise ConnectionAbortedError(f"origin's response: {e}") from None
         if out:
-            self._sock.sendall(out, flags)
+            if flags:
+                self._sock.sendall(out, flags)
+            else:
+                self._send(out)
         if framer.state in (http1.DONE, http1.SWITCHED) and not self._answered.is_set():
             self._answered.set()
             if framer.state == http1.DONE:
