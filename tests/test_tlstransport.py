@@ -152,3 +152,24 @@ def test_close_ends_a_read_waiting_for_readability(pki):
     s.close()
     with pytest.raises(OSError):
         reader.get(timeout=5)
+
+
+def test_a_small_message_allocates_no_read_sized_buffer(pki):
+    # Raw reads go through lib.net.sockets' scratch buffer and SSLObject.read asks for one
+    # record at most: no 256 KiB allocation per message (bench/README.md, "Per-request cost").
+    import tracemalloc
+    c, s = pair(pki)
+    echo = gevent.spawn(_echo, s)
+    c.sendall(b"warm")
+    assert c.recv(100) == b"warm"
+    tracemalloc.start()
+    try:
+        for i in range(20):
+            c.sendall(b"ping %d" % i)
+            assert c.recv(100) == b"ping %d" % i
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+    c.close()
+    echo.get(timeout=5)

@@ -9,6 +9,9 @@
     adopt_listener(sock) -> gevent socket  # a listener inherited from gunicorn's master
     connect_numeric(family, address, timeout) -> gevent socket  # TCP, no hub turn when the
                                    # connection completes at once (a listener on this host)
+    recv_copy(sock, bufsize) -> bytes        # sock.recv without a bufsize allocation per call
+    recv_scratch(sock, bufsize) -> memoryview  # the same, uncopied: valid until the next yield
+    reader(end) -> callable(n) -> bytes      # recv_copy bound to a socket, end.recv for others
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
 segment of each window would otherwise wait for the peer's delayed ACK, 40 ms per window; and a
@@ -54,6 +57,17 @@ def send_quietly(sock, data: bytes, timeout: float = SEND_QUIETLY_TIMEOUT) -> No
 
 _SOCKET_TYPES = (gevent.socket.socket, socket.socket)
 
+# One scratch buffer for the process's socket reads (recv_copy, recv_scratch). A socket's
+# recv(n) allocates n bytes per call and then shrinks them to what arrived: for the 256 KiB reads
+# of the splice and of the tunnel's TLS that is a large allocation per read, under glibc an mmap
+# and munmap (18 us against 3 us for a 100-byte read; under jemalloc 3.7 against 3.3 us, 16 KiB
+# 7.5 against 5.8 us: bench/README.md, "Per-request cost"). Sharing it is safe under gevent:
+# bytes land in it in the recv_into that returns them, and the caller takes them out before
+# anything can yield (a read that has to wait waits before it writes into the buffer). Threads
+# other than the hub's must not use these.
+SCRATCH_SIZE = 256 * 1024
+_scratch = memoryview(bytearray(SCRATCH_SIZE))
+
 
 def send_all(sock, data) -> None:
     """``sock.sendall(data)`` for a socket, in one ``send`` when the kernel takes it all.
@@ -65,6 +79,27 @@ def send_all(sock, data) -> None:
     n = sock.send(data)
     if n < len(data):
         sock.sendall(memoryview(data)[n:])
+
+
+def recv_scratch(sock, bufsize: int) -> memoryview:
+    """Up to ``bufsize`` (at most SCRATCH_SIZE) bytes read from ``sock`` into the shared
+    scratch buffer: a view that is overwritten by the next read, so use it before yielding."""
+    n = sock.recv_into(_scratch[:bufsize])
+    return _scratch[:n]
+
+
+def recv_copy(sock, bufsize: int) -> bytes:
+    """``sock.recv(bufsize)`` through the scratch buffer: a copy of what arrived only."""
+    n = sock.recv_into(_scratch[:bufsize])
+    return bytes(_scratch[:n])
+
+
+def reader(end):
+    """The function that reads up to n bytes from ``end``: :func:`recv_copy` bound to a socket,
+    ``end.recv`` for anything else (a mux stream hands out its frames without a copy)."""
+    if isinstance(end, _SOCKET_TYPES):
+        return lambda n: recv_copy(end, n)
+    return end.recv
 
 
 def sender(end):

@@ -33,7 +33,7 @@ import time
 
 import gevent
 
-from lib.net.sockets import sender
+from lib.net.sockets import reader, sender
 
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
@@ -79,11 +79,11 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
     total = 0
     if getattr(src, "family", None) is None:  # a mux stream (sockets have a family)
         chunk = min(chunk, STREAM_CHUNK)
-    send = sender(dst)
+    recv, send = reader(src), sender(dst)
     try:
         while True:
             try:
-                data = src.recv(chunk)
+                data = recv(chunk)
             except TimeoutError:
                 idle = state.idle_timeout
                 if idle is not None and time.monotonic() - state.last < idle and not state.dead:

@@ -30,9 +30,13 @@ import gevent
 import gevent.socket
 from gevent.lock import Semaphore
 
-from lib.net.sockets import sender
+from lib.net.sockets import recv_scratch, sender
 
 RAW_READ = 256 * 1024
+# A TLS record carries at most 16 KiB of plaintext, and SSLObject.read(n) allocates n bytes
+# before it shrinks them to what one record held: asking for more than a record allocated 256 KiB
+# per record (lib.net.sockets.SCRATCH_SIZE says what that costs).
+RECORD = 16 * 1024
 SEND_PIECE = 32 * 1024
 
 
@@ -103,19 +107,17 @@ class TLSTransport:
         size = 0
         while size < n:
             try:
-                data = self._obj.read(n - size)
+                data = self._obj.read(min(n - size, RECORD))
             except ssl.SSLWantReadError:
                 if chunks:
                     break
                 if self._eof:
                     return b""
-                raw = self._read_raw()
-                if not raw:
+                if not self._read_raw():
                     # The peer's TCP FIN: reading is over. The BIO is not told (write_eof would
                     # also stop our writes), so a half-closed transport can still send.
                     self._eof = True
                     break
-                self._in.write(raw)
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 self._eof = True
@@ -134,14 +136,26 @@ class TLSTransport:
         return (self._drained and self._hub is not None and not self._in.pending
                 and not self._obj.pending() and self._sock.gettimeout() is None)
 
-    def _read_raw(self) -> bytes:
-        if self._drained and self._hub is not None and self._sock.gettimeout() is None:
-            if self._readable is None:
-                self._readable = self._hub.loop.io(self._sock.fileno(), 1)
-            self._hub.wait(self._readable)
-        raw = self._sock.recv(RAW_READ)
-        self._drained = len(raw) < RAW_READ
-        return raw
+    def _read_raw(self) -> int:
+        """Read from the socket into the incoming BIO: the byte count (0 at EOF)."""
+        if self._hub is None:  # not a socket (a mux stream under a TLS ended in the client)
+            raw = self._sock.recv(RAW_READ)
+            n = len(raw)
+            if n:
+                self._in.write(raw)
+        else:
+            if self._drained and self._sock.gettimeout() is None:
+                if self._readable is None:
+                    self._readable = self._hub.loop.io(self._sock.fileno(), 1)
+                self._hub.wait(self._readable)
+            # Into the shared scratch buffer and on into the BIO, with no yield between (no
+            # 256 KiB allocation per read: lib.net.sockets.SCRATCH_SIZE).
+            view = recv_scratch(self._sock, RAW_READ)
+            n = len(view)
+            if n:
+                self._in.write(view)
+        self._drained = n < RAW_READ
+        return n
 
     def sendall(self, data) -> None:
         with self._wlock:
