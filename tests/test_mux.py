@@ -485,3 +485,28 @@ def test_streams_reset_before_accept_are_not_handed_out():
     assert st.id == 1001 and st.recv(10) == b"alive"
     s.close()
     a.close()
+
+
+
+class _RecordsReads(gsocket.socket):
+    """A gevent socket recording the sizes asked of recv(): recv(n) allocates n bytes."""
+    sizes: list = []
+
+    def recv(self, n, *args):
+        _RecordsReads.sizes.append(n)
+        return super().recv(n, *args)
+
+
+def test_the_reader_allocates_no_read_sized_buffer_per_read():
+    # The reader's 256 KiB reads from a plain socket go through lib.net.sockets' scratch
+    # buffer: recv(256 KiB) allocated that much per read (bench/README.md, "Per-request cost").
+    import socket as stdsocket
+    x, y = stdsocket.socketpair()
+    a, b = _RecordsReads(fileno=x.detach()), gsocket.socket(fileno=y.detach())
+    c, s = Session(a, client=True), Session(b, client=False)
+    st = s.open()
+    st.sendall(b"ping")
+    assert c.accept(timeout=5).recv(10) == b"ping"
+    assert not [n for n in _RecordsReads.sizes if n > 16 * 1024]
+    c.close()
+    s.close()

@@ -98,13 +98,23 @@ def test_mux_session_over_it(pki):
 
 
 class _CountingRaw(gevent._socket3._wrefsocket):
-    """The descriptor under a gevent socket, counting reads that found nothing (EAGAIN)."""
+    """The descriptor under a gevent socket, counting reads that found nothing (EAGAIN) and
+    recording the sizes asked of recv()."""
     __slots__ = ()
     empty_reads = 0
+    recv_sizes: list = []
 
     def recv(self, *args):
+        _CountingRaw.recv_sizes.append(args[0])
         try:
             return super().recv(*args)
+        except BlockingIOError:
+            _CountingRaw.empty_reads += 1
+            raise
+
+    def recv_into(self, buffer, *args):
+        try:
+            return super().recv_into(buffer, *args)
         except BlockingIOError:
             _CountingRaw.empty_reads += 1
             raise
@@ -154,22 +164,36 @@ def test_close_ends_a_read_waiting_for_readability(pki):
         reader.get(timeout=5)
 
 
-def test_a_small_message_allocates_no_read_sized_buffer(pki):
-    # Raw reads go through lib.net.sockets' scratch buffer and SSLObject.read asks for one
-    # record at most: no 256 KiB allocation per message (bench/README.md, "Per-request cost").
-    import tracemalloc
-    c, s = pair(pki)
-    echo = gevent.spawn(_echo, s)
-    c.sendall(b"warm")
-    assert c.recv(100) == b"warm"
-    tracemalloc.start()
-    try:
-        for i in range(20):
-            c.sendall(b"ping %d" % i)
-            assert c.recv(100) == b"ping %d" % i
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 * 1024
+
+class _RecordsReads:
+    """Stands in for a TLSTransport's SSLObject, recording the sizes asked of read()."""
+
+    def __init__(self, obj):
+        self.obj = obj
+        self.sizes = []
+
+    def read(self, n, *args):
+        self.sizes.append(n)
+        return self.obj.read(n, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.obj, name)
+
+
+def test_a_message_costs_no_read_sized_allocation(pki):
+    # SSLObject.read(n) and socket.recv(n) allocate n bytes before shrinking them to what came:
+    # asked for 256 KiB, that was a large allocation per record and per raw read (under glibc an
+    # mmap and munmap each: bench/README.md, "Per-request cost").
+    server_ctx, client_ctx, _ = pki
+    a, b = socket.socketpair()
+    a, b = gsocket.socket(fileno=a.detach()), _CountingSocket(fileno=b.detach())
+    g = gevent.spawn(TLSTransport.server, b, server_ctx)
+    c = TLSTransport.client(a, client_ctx, "tunnel.test")
+    s = g.get(timeout=10)
+    s._obj = _RecordsReads(s._obj)
+    _CountingRaw.recv_sizes = []
+    c.sendall(b"ping")
+    assert s.recv(1 << 20) == b"ping"
+    assert max(s._obj.sizes) <= 16 * 1024
+    assert not [n for n in _CountingRaw.recv_sizes if n > 16 * 1024]
     c.close()
-    echo.get(timeout=5)

@@ -59,7 +59,7 @@ from lib.errors import (ErrorCode, MuxError, ProtocolError, SessionClosed, Strea
                         StreamReset, StreamTimeout, code_name)
 from lib.protocol import muxstate as mp
 from lib.protocol.muxstate import MuxConfig
-from lib.net.sockets import set_nodelay
+from lib.net.sockets import reader, set_nodelay
 from lib.peerlog import PeerLog
 
 __all__ = ["Session", "Stream", "MuxConfig", "SessionEnd"]
@@ -474,7 +474,7 @@ class Session:
 
     def _read_loop(self) -> None:
         conn = self._conn
-        recv = self._transport.recv
+        recv = reader(self._transport)  # a plain socket: no 256 KiB allocation per read
         try:
             while self._end is None:
                 data = recv(READ_SIZE)

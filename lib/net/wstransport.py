@@ -28,6 +28,7 @@ import gevent.lock
 from lib.protocol import httphead
 from lib.protocol import websocket as ws
 from lib.errors import ShroudError
+from lib.net.sockets import reader
 
 log = logging.getLogger("shroud.websocket")
 
@@ -58,6 +59,7 @@ class WebSocketTransport:
                      else ws.WebSocketConnection(client, rand=rand))
         self._pending = bytearray()  # application bytes received, not yet returned by recv
         self._leftover = bytes(leftover)  # bytes read past the handshake head
+        self._read = reader(sock)  # a plain socket: no READ_SIZE allocation per read
         self._eof = False
         self._write_lock = gevent.lock.Semaphore()
         self.close_code: int | None = None
@@ -73,7 +75,7 @@ class WebSocketTransport:
             if self._leftover:
                 data, self._leftover = self._leftover, b""
             else:
-                data = self.sock.recv(READ_SIZE)
+                data = self._read(READ_SIZE)
             if not data:
                 self._eof = True
                 return b""
