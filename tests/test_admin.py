@@ -765,6 +765,21 @@ def test_rate_falls_to_zero_seconds_after_a_transfer_ends():
     assert h.rate() == (0.0, 0.0)
 
 
+def test_counts_survive_rings_rebuilt_elsewhere():
+    """RateHistory.add keeps the current second's buckets at hand (it runs twice per spliced
+    chunk); rings rebuilt outside it (lib.proxy.groupview merges) are looked up again."""
+    from lib.proxy.registry import RateHistory
+
+    h = RateHistory(clock=lambda: 30_000.5)
+    h.add(5, 1)
+    h.add(5, 1)
+    assert list(h.seconds[-1]) == [30_000, 10, 2] and h.series()[-1] == [30_000, 10, 2]
+    h.seconds.clear()
+    h.buckets.clear()
+    h.add(7, 0)
+    assert list(h.seconds[-1]) == [30_000, 7, 0] and h.series() == [[30_000, 7, 0]]
+
+
 # --- the fleet view ------------------------------------------------------------------------------
 
 def test_fleet_view_and_blocks_made_by_another_instance(proxy, config):

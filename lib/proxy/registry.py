@@ -41,21 +41,37 @@ RATE_SECONDS = 5
 class RateHistory:
     """Bytes in/out per fixed time bucket, for charts, and per second for current rates."""
 
-    __slots__ = ("buckets", "seconds", "clock")
+    __slots__ = ("buckets", "seconds", "clock", "_second", "_bucket", "_current")
 
     def __init__(self, clock=time.time):
         self.buckets: deque[list] = deque(maxlen=HISTORY_BUCKETS)  # [start, in, out]
         self.seconds: deque[list] = deque(maxlen=RATE_SECONDS)  # [second, in, out]
         self.clock = clock
+        # The second add() last counted in and its two buckets: the proxy adds every chunk it
+        # splices, twice (binding and registry), and looking the buckets up each time was 4-5 %
+        # of its CPU per keep-alive request (bench/README.md, "Per-request cost").
+        self._second: int | None = None
+        self._bucket = self._current = None
 
     def add(self, n_in: int = 0, n_out: int = 0) -> None:
         second = int(self.clock())
+        bucket, current = self._bucket, self._current
+        if (second != self._second or not self.seconds or self.seconds[-1] is not current
+                or self.buckets[-1] is not bucket):  # a new second, or rings rebuilt elsewhere
+            bucket, current = self._turn(second)
+        bucket[1] += n_in
+        bucket[2] += n_out
+        current[1] += n_in
+        current[2] += n_out
+
+    def _turn(self, second: int) -> tuple[list, list]:
         for ring, start in ((self.buckets, second // BUCKET_SECONDS * BUCKET_SECONDS),
                             (self.seconds, second)):
             if not ring or ring[-1][0] != start:
                 ring.append([start, 0, 0])
-            ring[-1][1] += n_in
-            ring[-1][2] += n_out
+        self._second = second
+        self._bucket, self._current = self.buckets[-1], self.seconds[-1]
+        return self._bucket, self._current
 
     def series(self) -> list[list]:
         return [list(x) for x in self.buckets]
