@@ -26,7 +26,7 @@ if [ $# = 0 ]; then
     # heartbeat test: the whole run keeps within its 20-minute budget.
     SHROUD_PURE=1 SHROUD_EXPECT_BUILD=pure .venv/bin/python -m pytest -q \
         tests/test_native.py tests/test_frame.py tests/test_muxproto.py tests/test_sniff.py \
-        tests/test_sniff_wire.py tests/test_httphead.py tests/test_fuzz.py \
+        tests/test_sniff_wire.py tests/test_httphead.py tests/test_fuzz.py tests/test_routing_unit.py \
         tests/test_mux_go_interop.py --deselect \
         tests/test_mux_go_interop.py::test_heartbeats_keep_idle_sessions_alive
 fi

@@ -5,7 +5,9 @@ import h11
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from lib import native
 from lib.protocol import sniff
+from tests.support.sniffwork import count_records_opened
 from lib.protocol.sniff import (
     MAX_CLIENT_HELLO, MAX_HTTP_HEAD, MAX_TLS_PEEK, MAX_TLS_RECORD, SniffError, classify,
     http_error_response, normalize_hostname, sniff_http_host, sniff_tls_sni, tls_alert,
@@ -537,10 +539,7 @@ def test_sniffer_answers_the_same_after_deciding():
 def test_tls_sniffer_work_is_linear_in_tiny_records(monkeypatch):
     # Issue 11 item 12: a hello in 1-byte records up to the peek bound, one record per read.
     # Re-walking every record on each read checked ~n^2/2 record headers (6-7 s of CPU).
-    calls = []
-    check = sniff._check_record_header_prefix
-    monkeypatch.setattr(sniff, "_check_record_header_prefix",
-                        lambda head, first: calls.append(1) or check(head, first))
+    calls = count_records_opened(monkeypatch)
     n = MAX_TLS_PEEK // 6
     hello = b"\x01" + (n - 4).to_bytes(3, "big") + handshake_message(REAL)[4:][:n - 4]
     flight = records(hello, [1])
@@ -550,7 +549,7 @@ def test_tls_sniffer_work_is_linear_in_tiny_records(monkeypatch):
             fed.feed(flight[i:i + 6])
         except SniffError:
             break
-    assert len(calls) <= n + 1
+    assert native.compiled() or 0 < len(calls) <= n + 1  # n^2/2 when re-walked
 
 
 def test_http_sniffer_work_is_linear_byte_by_byte(monkeypatch):
@@ -565,4 +564,6 @@ def test_http_sniffer_work_is_linear_byte_by_byte(monkeypatch):
             fed.feed(head[i:i + 1])
         except SniffError:
             break
-    assert sum(examined) <= 2 * MAX_HTTP_HEAD  # re-checking every read: ~n^2/2 = 134 M
+    # Counted on the sources only: the compiled build (lib/native.py) calls its own functions
+    # directly, past the monkeypatch; scripts/test.sh runs this file on the sources too.
+    assert native.compiled() or 0 < sum(examined) <= 2 * MAX_HTTP_HEAD  # re-checking: ~n^2/2 = 134 M
