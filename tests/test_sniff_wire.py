@@ -98,6 +98,10 @@ def test_http_hosts_more(head, host):
     ("[::1]:", "bad text after IPv6 literal"),
     ("[::1]:65536", "bad text after IPv6 literal"),
     ("[zz]", "invalid IPv6 literal"),
+    ("[::1]]", "bad text after IPv6 literal"),
+    ("[::1]x80", "bad text after IPv6 literal"),
+    ("[::1]:x", "bad text after IPv6 literal"),
+    ("a.com:80:80", "invalid label 'com:80' in host name"),
     ("*.example.com", "invalid label '*' in host name"),
 ])
 def test_normalize_hostname_says_why(raw, why):
@@ -203,6 +207,7 @@ V_R = b"\x03\x03" + b"\x22" * 32
      "ClientHello of 16385 bytes exceeds 16384"),
     (records(HM + b"\x0b\x00\x00\x00", [4096]), 10, "data after ClientHello"),
     (hello_body(b"\x02\x00" + V_R[2:]), 70, "ClientHello version 0x0200 is not TLS"),
+    (hello_body(b"\x02\x03" + V_R[2:]), 70, "ClientHello version 0x0203 is not TLS"),
     (hello_body(b""), 50, "ClientHello truncated in version"),
     (hello_body(b"\x03"), 50, "ClientHello truncated in version"),
     (hello_body(V_R[:33]), 50, "ClientHello truncated in random"),
@@ -257,6 +262,11 @@ def test_tls_refusal_of_a_name_that_is_not_ascii():
     (hello_body(V_R + vec(1, b"\x00" * 32) + b"\x00\x02\x13\x01\x01\x00"), ""),  # 32-byte id
     (hello_body(BODY + vec(2, b"")), ""),  # an empty extension list
     (records(client_hello(extension(5, b"") + extension(0x0a, b"\x00")), [4096]), ""),
+    # the legacy_version of a TLS 1.0 client, or one from the future: any 0x03xx is TLS
+    (records(client_hello(sni_extension(b"v.example"), version=b"\x03\x01"), [4096]),
+     "v.example"),
+    (records(client_hello(sni_extension(b"v.example"), version=b"\x03\x07"), [4096]),
+     "v.example"),
     (sni_list(b"\x01" + vec(2, b"x"), b"\x00" + vec(2, b"A.Example"), b"\x02" + vec(2, b"")),
      "a.example"),
     (records(client_hello(extension(0xff01, b"\x00") + sni_extension(b"last.example")),
