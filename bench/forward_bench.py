@@ -44,6 +44,7 @@ is stopped in a ``finally``; every loop is bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import socket
@@ -61,9 +62,11 @@ from tests.support.procs import ClientProc, ProxyProc, free_port  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
 BEGIN, END = "<!-- forward-bench:begin -->", "<!-- forward-bench:end -->"
-# Source ports tried for the worker paths (below the usual ephemeral range's busiest part; a
-# port in use is skipped). Each class needs POOL ports; at most PORT_TRIES are tried.
-PORT_BASE = 33000
+# Source ports tried for the worker paths: above tests.support.procs.free_port's range (other
+# engineers' listeners) and below the kernel's ephemeral range (32768-60999 here: anyone's
+# outgoing connections). A port in use is skipped, then and during the rounds. Each class
+# needs POOL ports; at most PORT_TRIES are tried.
+PORT_BASE = 32200
 POOL = 8
 PORT_TRIES = 200
 FLEET_BEAT = "1"     # seconds between fleet heartbeats (the rows B reads A's binding from)
@@ -103,6 +106,17 @@ def fresh_ttfb(port: int, sport: int | None = None, host: str = "127.0.0.1") -> 
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.close()
     return took
+
+
+def from_pool(port: int, sports: list, i: int) -> float:
+    """fresh_ttfb from the i-th source port of ``sports``, or the next free one."""
+    for k in range(len(sports)):
+        try:
+            return fresh_ttfb(port, sports[(i + k) % len(sports)])
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+    raise RuntimeError(f"every source port of {sports} is in use")
 
 
 def classify_ports(host: Host) -> tuple[list, list]:
@@ -267,8 +281,8 @@ def run(d: str, args) -> str:
         log(f"source ports: direct {direct}, handed over {handed}")
         before = host.handed()
         samples = rounds({
-            "worker-direct": lambda i: fresh_ttfb(host.http, direct[i % POOL]),
-            "via-worker": lambda i: fresh_ttfb(host.http, handed[i % POOL]),
+            "worker-direct": lambda i: from_pool(host.http, direct, i),
+            "via-worker": lambda i: from_pool(host.http, handed, i),
             "host-direct": lambda i: fresh_ttfb(fleet.a.ports["http"], host=fleet.a.host),
             "via-host": lambda i: fresh_ttfb(fleet.b.ports["http"], host=fleet.b.host),
         }, args.fresh)

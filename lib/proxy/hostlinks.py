@@ -138,6 +138,11 @@ REFUSED_LOG_INTERVAL = 30.0
 # than SPARE_AGE, so a sender never sends on a link the holder is closing.
 SPARE_LINKS = 2
 SPARE_AGE = 5.0
+# A spare is opened this long after the visitor that called for it: its handshake costs both
+# hosts milliseconds of CPU, which on a busy host would otherwise compete with that very
+# visitor's first bytes (the holder handles the new link's handshake and the visitor's head
+# in the same loop).
+SPARE_DELAY = 0.05
 LINK_IDLE = 10.0
 
 
@@ -399,7 +404,7 @@ class FleetLinks:
         have = len(self._spares.get(instance.id, ())) + self._warming[instance.id]
         for _ in range(SPARE_LINKS - have):
             self._warming[instance.id] += 1
-            gevent.spawn(self._fill, instance)
+            gevent.spawn_later(SPARE_DELAY, self._fill, instance)
 
     def _fill(self, instance) -> None:
         try:
