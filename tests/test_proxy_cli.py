@@ -92,6 +92,25 @@ def test_fleet_heartbeat_must_be_above_zero(monkeypatch, value):
         sp.config_from_args(args)
 
 
+@pytest.mark.parametrize("value, want", [
+    ("0", "--fleet-max-links must be at least 1, got 0; to forward nothing between proxies, "
+          "leave --fleet-addr unset"),
+    ("many", "--fleet-max-links (or SHROUD_FLEET_MAX_LINKS) must be a whole number")])
+def test_fleet_max_links_is_a_positive_number(monkeypatch, value, want):
+    """0 would refuse every link while the instance still registered as a holder."""
+    sp = load(monkeypatch)
+    args = sp.build_parser().parse_args(["--fleet-max-links", value])
+    with pytest.raises(ValueError) as e:
+        sp.config_from_args(args)
+    assert want in str(e.value)
+
+
+def test_fleet_max_links_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SHROUD_FLEET_MAX_LINKS", "7")
+    sp = load(monkeypatch)
+    assert sp.config_from_args(sp.build_parser().parse_args([])).fleet_max_links == 7
+
+
 @pytest.mark.parametrize("given", [["--cert", "c.pem"], ["--key", "k.pem"]])
 def test_cert_and_key_go_together(monkeypatch, given):
     """One without the other used to be ignored silently (a certificate was generated)."""
