@@ -3,6 +3,7 @@
 Public API::
 
     MODULES                  # the lib.protocol modules scripts/build_native.py compiles
+    DEPENDS                  # the lib/ files they import (a build is keyed on them too)
     BUILD_DIR                # build/native: out of the tree (.gitignore), one per checkout
     sources_digest() -> str  # what a build is keyed on: the sources and the Python version
     install(path) -> str     # lib.protocol's __init__ calls it with its __path__; returns STATUS
@@ -14,9 +15,9 @@ scripts/test.sh); they only cost less CPU per frame (bench/README.md, "Per-reque
 They are used when all of this holds, else the sources are, and STATUS says why:
 
 - ``SHROUD_PURE`` is unset or ``0`` (``SHROUD_PURE=1`` forces the sources);
-- ``build/native/SOURCES`` names the digest of the current sources: an edited module or
-  another Python makes the build stale, never silently used (scripts/setup.sh rebuilds it, and
-  also when the pinned mypy changes);
+- ``build/native/SOURCES`` names the digest of the current sources: an edited module (or a
+  module of lib/ it imports: DEPENDS) or another Python makes the build stale, never silently
+  used (scripts/setup.sh rebuilds it, and also when the pinned mypy changes);
 - the build's shared library imports (built for this Python, not corrupted).
 
 Then ``install`` puts ``build/native/lib/protocol`` before the package's own directory on its
@@ -39,6 +40,11 @@ STAMP = os.path.join(BUILD_DIR, "SOURCES")
 # cost"): frames, the session state machine, the sniffers. Not lib.protocol.httphead (2 % of a
 # fresh connection's CPU): websocket.py subclasses its HeadError, which a compiled class forbids.
 MODULES = ("muxframe", "muxstate", "sniff")
+# The modules of lib/ the compiled ones import: mypyc compiled them against these modules'
+# types (a call's result is checked against its annotation), so an edit here can break a build
+# that still matches MODULES: get_all returning a tuple made every compiled sniff of an HTTP
+# head a TypeError. Part of the digest (tests/test_native.py checks the list is whole).
+DEPENDS = ("lib/errors.py", "lib/protocol/httphead.py")
 # The shared library mypyc builds for the group (scripts/build_native.py).
 GROUP = "native__mypyc"
 PURE_ENV = "SHROUD_PURE"
@@ -47,14 +53,18 @@ STATUS = "pure Python (lib.protocol not loaded yet)"
 
 
 def sources_digest() -> str:
-    """sha256 over the compiled modules' sources and the Python that runs them. (The build's
-    stamp also names the mypy that compiled it, so a new pin rebuilds; the check here stays
-    cheap: importing mypy to ask its version costs ~80 ms at every start.)"""
+    """sha256 over the compiled modules' sources, those they import (DEPENDS) and the Python
+    that runs them. (The build's stamp also names the mypy that compiled it, so a new pin
+    rebuilds; the check here stays cheap: importing mypy to ask its version costs ~80 ms at
+    every start.)"""
     h = hashlib.sha256()
     h.update(f"{platform.python_implementation()} {sys.version}\n".encode())
     for name in MODULES:
         with open(os.path.join(ROOT, "lib", "protocol", name + ".py"), "rb") as f:
             h.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    for path in DEPENDS:
+        with open(os.path.join(ROOT, path), "rb") as f:
+            h.update(path.encode() + b"\0" + hashlib.sha256(f.read()).digest())
     return h.hexdigest()
 
 

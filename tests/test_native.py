@@ -80,6 +80,51 @@ def test_an_edited_source_makes_the_build_stale_and_the_edit_runs(checkout):
     assert out.stdout.strip() == "True"
 
 
+def test_an_edited_module_the_compiled_ones_import_makes_the_build_stale(checkout):
+    """mypyc compiled sniff against httphead's types: get_all returning a tuple (a fine edit
+    for the sources) made every compiled HTTP sniff a TypeError while the build still counted
+    as current. An edit to a module in DEPENDS makes the build stale; the sources run."""
+    source = checkout / "lib" / "protocol" / "httphead.py"
+    text = source.read_text()
+    edited = text.replace("def get_all(self, name: str) -> list[str]:",
+                          "def get_all(self, name: str) -> tuple[str, ...]:").replace(
+        "return [v for n, v in self.fields if n == name]",
+        "return tuple(v for n, v in self.fields if n == name)")
+    assert edited != text
+    source.write_text(edited)
+    sniffed = subprocess.run(
+        [sys.executable, "-c", "import lib.native as n, lib.protocol.sniff as s; print(n.STATUS);"
+         " print(s.sniff_http_host(b'GET / HTTP/1.1\\r\\nHost: a.test\\r\\n\\r\\n'))"],
+        cwd=checkout, env=_env(False), capture_output=True, text=True, timeout=60)
+    assert sniffed.returncode == 0, sniffed.stderr
+    status, name = sniffed.stdout.splitlines()
+    assert "stale" in status and name == "a.test"
+
+
+def test_every_module_of_lib_the_compiled_ones_import_is_in_the_digest():
+    """A new import of lib/ in a compiled module must join native.DEPENDS."""
+    import ast
+    imported = set()
+    for name in native.MODULES:
+        with open(os.path.join(ROOT, "lib", "protocol", name + ".py")) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lib"):
+                modules = [node.module + "." + a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names if a.name.startswith("lib")]
+            else:
+                continue
+            for module in modules:  # "from lib.protocol import httphead" names a module
+                path = module.replace(".", "/")
+                if os.path.exists(os.path.join(ROOT, path + ".py")):
+                    imported.add(path + ".py")
+                elif os.path.exists(os.path.join(ROOT, path.rsplit("/", 1)[0] + ".py")):
+                    imported.add(path.rsplit("/", 1)[0] + ".py")
+    compiled = {f"lib/protocol/{m}.py" for m in native.MODULES}
+    assert imported - compiled == set(native.DEPENDS)
+
+
 def test_a_build_that_does_not_load_falls_back_to_the_sources(checkout):
     shared = [f for f in os.listdir(checkout / "build" / "native" / "lib" / "protocol")
               if f.startswith(native.GROUP)]
