@@ -352,3 +352,39 @@ def answer(feed, data):
     except SniffError as e:
         return "error", e.reason, e.alert, e.http_status
     return ("more", None) if value is None else ("name", value)
+
+
+def test_http_blank_line_past_the_bound_is_431_whole_or_in_pieces():
+    head = b"GET / HTTP/1.1\r\nHost: a.example\r\nX: "
+    head += b"x" * (MAX_HTTP_HEAD + 1 - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == MAX_HTTP_HEAD + 1
+    assert refusal(sniff_http_host, head)[0] == 431
+    fed = sniff.HTTPHostSniffer()
+    assert fed.feed(head[:MAX_HTTP_HEAD - 1]) is None
+    assert answer(fed.feed, head[MAX_HTTP_HEAD - 1:])[3] == 431
+
+
+@pytest.mark.parametrize("data", [
+    b"GE\x00 / HTTP/1.1\r\n", b"GET\x00/ HTTP/1.1\r\n", b"GET / HTTP/3\r\nHost: a\r\n\r\n",
+    b"A" * 70 + b" / HTTP/1.1\r\n", b"GET /x HTTP/1.1 \r\n", b"\r\n\r\nGET / HTTP/1.1\r\n",
+    b"GET /" + b"\x00" * 5 + b" HTTP/1.1\r\n",
+])
+def test_http_refused_at_the_same_byte_read_one_by_one(data):
+    # A client sending a byte at a time is refused as soon as the bytes so far can no longer
+    # become a request: at the same byte as the whole-buffer sniffer.
+    whole_at = next(n for n in range(1, len(data) + 1)
+                    if answer(sniff_http_host, data[:n])[0] == "error")
+    fed = sniff.HTTPHostSniffer()
+    fed_at = next(n for n in range(1, len(data) + 1)
+                  if answer(fed.feed, data[n - 1:n])[0] == "error")
+    assert fed_at == whole_at
+
+
+@pytest.mark.parametrize("flight", SPLIT_FLIGHTS[2:] + [b"\x16\x04\x01\x00\x04\x01\x00\x00\x00"])
+def test_tls_refused_at_the_same_byte_read_one_by_one(flight):
+    whole_at = next(n for n in range(1, len(flight) + 1)
+                    if answer(sniff_tls_sni, flight[:n])[0] == "error")
+    fed = sniff.TLSNameSniffer()
+    fed_at = next(n for n in range(1, len(flight) + 1)
+                  if answer(fed.feed, flight[n - 1:n])[0] == "error")
+    assert fed_at == whole_at
