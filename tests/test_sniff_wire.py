@@ -388,3 +388,16 @@ def test_tls_refused_at_the_same_byte_read_one_by_one(flight):
     fed_at = next(n for n in range(1, len(flight) + 1)
                   if answer(fed.feed, flight[n - 1:n])[0] == "error")
     assert fed_at == whole_at
+
+
+def test_wildcard_patterns_are_checked_past_the_star():
+    # A "*" first label is a pattern (allow-lists, wildcard binds); the labels after it are
+    # checked like any name's. A two-label pattern is well-formed; it never matches a name
+    # under a top-level domain, as wildcard_candidates never yields "*.<tld>".
+    assert normalize_hostname("*.example", allow_wildcard=True) == "*.example"
+    with pytest.raises(ValueError) as info:
+        normalize_hostname("*.a/b.example", allow_wildcard=True)
+    assert str(info.value) == "invalid label 'a/b' in host name"
+    with pytest.raises(ValueError) as info:
+        normalize_hostname("*.example..com", allow_wildcard=True)
+    assert str(info.value) == "empty label in host name"
