@@ -80,7 +80,7 @@ def _why_not() -> str | None:
     except OSError as e:
         return f"cannot read {STAMP}: {e.strerror}"
     if built != sources_digest():
-        return "the compiled build is stale (sources changed): run ./scripts/setup.sh"
+        return "the compiled build is stale, its sources changed: run ./scripts/setup.sh"
     return None
 
 
