@@ -193,6 +193,13 @@ def test_a_client_has_limit_failures_in_a_rolling_minute():
     assert not t.allowed("a")
 
 
+def test_the_default_client_is_one_client():
+    t = LoginThrottle(limit=2, clock=lambda: T0)
+    t.failed()
+    t.failed()
+    assert not t.allowed() and t.allowed("other")
+
+
 def test_default_limits_per_client_and_overall():
     t = LoginThrottle(clock=lambda: T0)
     assert (LOGIN_FAILURES_PER_MINUTE, OVERALL_FACTOR) == (20, 10)
@@ -248,9 +255,9 @@ def test_workers_share_the_throttle_through_the_data_dir(tmp_path):
     assert json.loads(saved.read_text()) == {"clients": [["a", [T0, T0]]], "overall": [T0, T0]}
     assert saved.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "admin-throttle.lock").stat().st_mode & 0o777 == 0o600
-    now[0] += 61
-    one.failed("b")  # a's failures are over a minute old: not written again
-    assert json.loads(saved.read_text())["clients"] == [["b", [T0 + 61]]]
+    now[0] += 60
+    one.failed("b")  # a's failures are a minute old: not written again
+    assert json.loads(saved.read_text())["clients"] == [["b", [T0 + 60]]]
     restarted = LoginThrottle(limit=2, clock=lambda: now[0], data_dir=str(tmp_path))
     restarted.failed("b")
     assert not restarted.allowed("b") and restarted.allowed("a")
@@ -277,6 +284,7 @@ def test_a_damaged_throttle_file_starts_afresh(tmp_path, caplog, content):
     message = caplog.records[0].getMessage()
     assert message.startswith("%s unreadable (" % saved)
     assert message.endswith("): the login throttle starts afresh")
+    assert "(None)" not in message  # the reason is named
     t.failed("a")
     assert not t.allowed("a")
 
@@ -290,6 +298,7 @@ def test_an_unwritable_throttle_counts_in_memory_and_says_so(tmp_path, caplog):
     assert not t.allowed("a")
     assert caplog.records[0].getMessage().startswith(
         "cannot save the login throttle to %s: " % (blocker / "data" / "admin-throttle"))
+    assert caplog.records[0].getMessage().endswith("Not a directory: '%s'" % (blocker / "data"))
 
 
 # --- server-side sessions --------------------------------------------------------------------
@@ -363,6 +372,7 @@ def test_a_damaged_sessions_file_logs_everyone_out(tmp_path, caplog, content):
     message = caplog.records[0].getMessage()
     assert message.startswith("%s unreadable (" % saved)
     assert message.endswith("): every dashboard session must log in again")
+    assert "(None)" not in message  # the reason is named
     assert table.valid(table.issue())
 
 
@@ -375,6 +385,7 @@ def test_an_unwritable_sessions_file_serves_from_memory_and_says_so(tmp_path, ca
     assert table.valid(sid)
     assert caplog.records[0].getMessage().startswith(
         "cannot save dashboard sessions to %s: " % (blocker / "data" / "admin-sessions"))
+    assert caplog.records[0].getMessage().endswith("Not a directory: '%s'" % (blocker / "data"))
 
 
 # --- who is asking ---------------------------------------------------------------------------

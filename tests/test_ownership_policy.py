@@ -380,6 +380,20 @@ def test_allowlist_must_be_utf8_and_within_its_size_bound(tmp_path, monkeypatch)
     assert str(exc.value) == "allow-list %s is larger than 100 bytes" % path
 
 
+def test_allowlist_that_cannot_be_opened_or_parsed_names_itself(tmp_path):
+    with pytest.raises(OwnershipError) as exc:
+        AllowList(str(tmp_path))  # a directory: stat works, open does not
+    assert str(exc.value).startswith("cannot read allow-list %s: [Errno 21] Is a directory"
+                                     % tmp_path)
+    with pytest.raises(OwnershipError) as exc:
+        AllowList.parse(b"app.example.com\n")
+    assert str(exc.value).startswith("allow-list <allow-list> line 1: ")
+    with pytest.raises(OwnershipError, match="'deadbeef' is not a key fingerprint"):
+        AllowList.parse(b"app.example.com * deadbeef\n")  # checked after a '*' too
+    assert AllowList.parse(b"app.example.com * %s\n" % K1.encode()) == {
+        "app.example.com": frozenset({"*", K1})}
+
+
 def test_allowlist_lookup_is_most_specific_first(tmp_path):
     allow = AllowList(write(tmp_path / "a.txt", "*.example.com %s\n*.b.example.com %s\n"
                                                 "c.b.example.com %s\n" % (K1, K2, K3)))
@@ -430,11 +444,12 @@ def test_dns_name_at_the_length_limit(store):
     """A qname of 253 characters is asked; a longer one cannot exist and is not."""
     txt = Txt()
     policy = OwnershipPolicy(store, dns_lookup=txt)
-    label = "a" * 63
-    longest = ".".join([label, label, label, "a" * (245 - 3 * 64)])  # 245 + "_shroud." = 253
-    assert len(longest) == 245
+    def name_of(length, letter):
+        label = letter * 63
+        return ".".join([label, label, label, letter * (length - 3 * 64)])
+    longest, one_more = name_of(245, "a"), name_of(246, "b")  # + "_shroud." = 253, 254
+    assert (len(longest), len(one_more)) == (245, 246)
     assert policy.decide(longest, K1).allowed
-    one_more = "b." + longest
     assert policy.decide(one_more, K1).allowed
     assert txt.asked == ["_shroud." + longest]
 
@@ -578,4 +593,6 @@ def test_dns_resolver_address_and_timeout_reach_the_client(store, monkeypatch):
     assert OwnershipPolicy(store, dns_resolver=("127.0.0.53", 53), dns_lookup=hook) \
         .decide("b.example.com", K1).method == "dns"
     assert hook.asked == ["_shroud.b.example.com"] and len(asked) == 1
+    OwnershipPolicy(store, dns_resolver=("127.0.0.53", 53)).decide("d.example.com", K1)
+    assert asked[-1] == ("_shroud.d.example.com", ("127.0.0.53", 53), 2.0)  # the default
     assert OwnershipPolicy(store).decide("c.example.com", K1).method == "tofu"  # no DNS
