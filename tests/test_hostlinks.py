@@ -464,3 +464,62 @@ def test_a_hung_holder_costs_a_visitor_a_second_then_a_clear_error(fleet):
     finally:
         for p in (a, c):
             p.signal(signal.SIGKILL)
+
+
+class _Strangers:
+    """``n`` TCP connections from ``source`` to ``addr`` held open in their handshake (no byte
+    sent), each reopened when the holder closes it: no key, only an address on the network."""
+
+    def __init__(self, addr: str, n: int, source: str = "127.0.0.9"):
+        import threading
+        host, port = addr.rsplit(":", 1)
+        self.target, self.source = (host, int(port)), source
+        self.stop = threading.Event()
+        self.opened = 0
+        self.threads = [threading.Thread(target=self._hold, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _hold(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(self.target, timeout=2,
+                                              source_address=(self.source, 0)) as s:
+                    self.opened += 1
+                    s.settimeout(1)
+                    while not self.stop.is_set():
+                        try:
+                            if not s.recv(100):
+                                break  # closed by the holder: open the next
+                        except socket.timeout:
+                            continue
+            except OSError:
+                self.stop.wait(0.05)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+def test_strangers_holding_handshakes_open_do_not_starve_the_links(fleet):
+    """Anyone who can reach --fleet-addr can open TCP connections and send nothing: each sat in
+    the holder's link pool for its handshake's LINK_TIMEOUT, so max_links + BUSY_ANSWERS of
+    them (renewed every 3 s) stopped A accepting links at all, and visitors at B got 502.
+    Handshakes have slots of their own (MAX_HANDSHAKES, the oldest closed past them)."""
+    from lib.proxy.hostlinks import BUSY_ANSWERS, MAX_HANDSHAKES
+    a = fleet.start("proxy-a", "127.0.0.2", extra=["--fleet-max-links", "2"])
+    b = fleet.start("proxy-b", "127.0.0.3")
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
+    a.wait_bound("web.test")
+    wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+    n = max(2 + BUSY_ANSWERS, MAX_HANDSHAKES) + 40  # past the old pool and the new slots
+    strangers = _Strangers(a.link, n)
+    try:
+        wait_for(lambda: strangers.opened >= n, f"{n} strangers' connections at A", timeout=30)
+        # B's spare links (opened before) serve the first visitors; the next need new links.
+        answers = [get(b, "web.test")[0] for _ in range(6)]
+    finally:
+        strangers.close()
+    assert answers == [200] * 6, (answers, b.status()["refusals"])
+    assert "Traceback" not in a.log(), a.log()[-3000:]

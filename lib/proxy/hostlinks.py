@@ -57,6 +57,7 @@ SPARE_AGE, before that.
     the holder sees                                   it answers            counter
     no client certificate, or one of no live          TLS alert, closes     fleet_link_refused
       instance (a stranger's, an expired row's)
+    MAX_HANDSHAKES connections in their handshake     closes the oldest     fleet_link_refused
     a head whose certificate's row expired since      closes the link       fleet_link_refused
     a head without "forwarded" or an unknown kind     closes the link       fleet_link_refused
     a name it holds no live tunnel for                REFUSED               (its refusal)
@@ -84,6 +85,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import ssl
 import struct
 import time
@@ -123,6 +125,13 @@ MAX_LINKS = 1024
 # Links past max_links still get their BUSY answered (a greenlet each, for the handshake);
 # past this many more, the kernel's backlog holds them until a slot frees or the sender gives up.
 BUSY_ANSWERS = 64
+# Connections still in their TLS handshake (no certificate checked yet: anyone on the network
+# can open one), at most this many at once, in slots of their own: past it the oldest is closed
+# (counted fleet_link_refused). They shared the links' pool, so a stranger holding
+# max_links + BUSY_ANSWERS idle TCP connections (renewed every LINK_TIMEOUT) stopped the
+# holder accepting links at all. Evicting the oldest, a stranger must open this many
+# connections within one fleet handshake (milliseconds) to cut a real one short.
+MAX_HANDSHAKES = 128
 # A head carries a name and two addresses; peeked bytes are bounded by the sniffers (a
 # ClientHello or a request head), well under this.
 MAX_HEAD = 16 * 1024
@@ -196,6 +205,7 @@ class FleetLinks:
         self._server = None
         self._refresher = None
         self._logged_at = float("-inf")
+        self._handshaking: dict = {}  # greenlet -> its raw socket, oldest first (MAX_HANDSHAKES)
         self.address = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -203,7 +213,7 @@ class FleetLinks:
         """Listen (on ``listener``, a socket, when given) and start following the store."""
         self._server = gevent.server.StreamServer(
             listener if listener is not None else self.listen_addr, self._serve,
-            spawn=gevent.pool.Pool(self.max_links + BUSY_ANSWERS))
+            spawn=gevent.pool.Pool(self.max_links + BUSY_ANSWERS + MAX_HANDSHAKES))
         self._server.start()
         self.address = self._server.address[:2]
         self._refresher = gevent.spawn(self._refresh_loop)
@@ -471,7 +481,7 @@ class FleetLinks:
         counted, logged at most once per REFUSED_LOG_INTERVAL)."""
         try:
             with gevent.Timeout(LINK_TIMEOUT):  # TLS checks the sender's certificate here
-                tls = self._server_ctx.wrap_socket(raw, server_side=True)
+                tls = self._handshake(raw)
             with gevent.Timeout(LINK_IDLE):  # a spare link waits here for its visitor
                 first = tls.recv(4)
             if not first:  # a spare link closed unused (SPARE_AGE): nothing was asked
@@ -488,6 +498,19 @@ class FleetLinks:
         self._log_refused(address, reason)
         raw.close()
         return None
+
+    def _handshake(self, raw):
+        """The TLS socket once the sender's certificate checked out; meanwhile ``raw`` holds one
+        of MAX_HANDSHAKES slots, and past them the oldest handshake's connection is shut down
+        (its handshake then fails with OSError, as any other). :raises OSError, ValueError:"""
+        me = gevent.getcurrent()
+        self._handshaking[me] = raw.fileno()  # ssl takes the descriptor from raw: keep the fd
+        try:
+            if len(self._handshaking) > MAX_HANDSHAKES:
+                _shut_down(self._handshaking.pop(next(iter(self._handshaking))))
+            return self._server_ctx.wrap_socket(raw, server_side=True)
+        finally:
+            self._handshaking.pop(me, None)
 
     def _read_head(self, tls, start: bytes = b"") -> tuple:
         """The sender's head and peeked bytes (``start``: its first bytes, read already),
@@ -541,6 +564,18 @@ def _answer(tls, answer: bytes) -> None:
     except OSError:
         pass
     tls.close()
+
+
+def _shut_down(fd: int) -> None:
+    """Shut a connection down both ways by its descriptor (its socket object stays its owner's,
+    whose next wait on it then ends)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
 
 
 def _read_exact(sock, n: int) -> bytes:
