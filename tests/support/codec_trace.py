@@ -209,6 +209,60 @@ def sniffers(rng: random.Random) -> None:
             out("classify", str(e), e.alert, e.http_status)
 
 
+def noise(rng: random.Random) -> None:
+    """Random bytes (some behind a TLS record header or a request line) as bytes, bytearray or
+    memoryview, whole and in random pieces, through every sniffer, the frame decoder and a
+    session: a hostile peer's input, where a compiled build must answer and refuse as the
+    sources (a type check mypyc adds must never fire on what a peer can send)."""
+    for _ in range(150):
+        data = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 1, 5, 9, 40, 300, 3000])))
+        data = rng.choice([b"", b"\x16\x03\x01", b"GET / HTTP/1.1\r\nHost: "]) + data
+        kind = rng.choice([bytes, bytearray, memoryview])
+        for name, call in (("sni", sniff.sniff_tls_sni), ("host", sniff.sniff_http_host),
+                           ("classify", sniff.classify)):
+            try:
+                out("noise", name, call(kind(data)))
+            except sniff.SniffError as e:
+                out("noise", name, str(e), e.alert, e.http_status)
+        for make in (sniff.TLSNameSniffer, sniff.HTTPHostSniffer):
+            fed, answer, i = make(), None, 0
+            try:
+                while i < len(data) and answer is None:
+                    n = rng.randint(1, 64)
+                    answer = fed.feed(kind(data[i:i + n]))
+                    i += n
+                out("noise feed", make.__name__, answer, i)
+            except sniff.SniffError as e:
+                out("noise feed", make.__name__, str(e), e.alert, e.http_status, i)
+        dec, got, i = fr.FrameDecoder(), [], 0
+        try:
+            while i < len(data):
+                n = rng.randint(1, 64)
+                dec.feed(kind(data[i:i + n]))
+                i += n
+                while (f := dec.next_frame()) is not None:
+                    got.append(f)
+            out("noise frames", got, dec.buffered)
+        except ProtocolError as e:
+            out("noise frames", got, str(e), int(e.code))
+        conn = ms.MuxConnection(client=rng.random() < .5, trusted=rng.random() < .5,
+                                clock=Clock())
+        events, i = [], 0
+        while i < len(data):
+            n = rng.randint(1, 200)
+            events += conn.receive_data(kind(data[i:i + n]))
+            i += n
+        out("noise session", events, conn.data_to_send())
+    for name in ("", ".", "a..b", "*.x.test", "x" * 300, "\u00e9.test", "[::1]", "1.2.3.4:80",
+                 "a.test.", "A_B.test", "*", "**.a"):
+        for wild in (False, True):
+            try:
+                out("normalize", sniff.normalize_hostname(name, allow_wildcard=wild))
+            except ValueError as e:
+                out("normalize", name, str(e))
+        out("candidates", list(sniff.wildcard_candidates(name)))
+
+
 def main() -> None:
     if "--which" in sys.argv:  # first line: which build ran (lib/native.py)
         from lib import native
@@ -218,6 +272,7 @@ def main() -> None:
     sessions(rng)
     hostile(rng)
     sniffers(rng)
+    noise(rng)
 
 
 if __name__ == "__main__":
