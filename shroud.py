@@ -420,10 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shroud: {e}", file=sys.stderr)
         return 2
     log.info("identity key %s (data dir %s)", inputs.identity.fingerprint, args.data_dir)
-    import lib.protocol  # noqa: F401  (chooses the codec build: lib/native.py)
-    from lib.native import STATUS as codec_build
-
-    log.info("codec modules: %s", codec_build)
     return run(args, inputs)
 
 

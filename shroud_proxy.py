@@ -275,12 +275,10 @@ def start_proxy(args, one_port: bool = False, admin: bool = True, listeners=None
     from lib.admin.app import create_admin_app
     from lib.errors import ListenError
     from lib.memtrim import start_memory_trimmer
-    from lib.native import STATUS as codec_build
     from lib.proxy.discovery import start_discovery
     from lib.proxy.ownership import OwnershipError
     from lib.proxy.server import ProxyServer
 
-    log.info("codec modules: %s", codec_build)  # lib/native.py: compiled or pure, and why
     try:
         proxy = ProxyServer(config_from_args(args))
         listeners = dict(listeners or {})

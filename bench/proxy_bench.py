@@ -67,9 +67,7 @@ PY = sys.executable
 README = os.path.join(ROOT, "bench", "README.md")
 SECTION = "## Proxy and client (--tor none) vs ssh -R vs direct"
 BEGIN, END = "<!-- proxy-bench:begin -->", "<!-- proxy-bench:end -->"
-# shroud-pure: Shroud on the pure-Python codec modules (SHROUD_PURE=1, lib/native.py), beside
-# the compiled build; not in the table (its figures are in the progress lines and raw runs).
-PATHS = ("direct", "ssh", "shroud", "shroud-pure")
+PATHS = ("direct", "ssh", "shroud")
 PHASES = ("idle", "bulk", "wrk", "cost")
 TLS_NAME, HTTP_NAME, ONE_NAME = "app.test", "web.test", "one.test"
 # The single-write origin's two answers (bench/single_write_origin.py): 13 bytes and 1 KiB.
@@ -357,7 +355,7 @@ class SshPath(Path):
 
 class ShroudPath(Path):
     name = "shroud"
-    env: dict = {}  # the compiled codec modules when built (lib/native.py)
+    env: dict = {}  # extra environment for the proxy and client processes
 
     def __init__(self, d: str, origin_http: int, origin_tls: int, origin_one: int):
         pdata, cdata = (os.path.join(d, f"{self.name}-proxy-data"),
@@ -417,13 +415,6 @@ class ShroudPath(Path):
 
     def mem_pids(self) -> dict[str, list[int]]:
         return {"proxy": [self.proxy.pid], "client": [self.client.pid]}
-
-
-class ShroudPurePath(ShroudPath):
-    """Shroud with SHROUD_PURE=1: the pure-Python codec modules, to compare with the build."""
-
-    name = "shroud-pure"
-    env = {"SHROUD_PURE": "1"}
 
 
 # --- load: small HTTP on plain sockets -------------------------------------------------------
@@ -872,9 +863,6 @@ def main() -> int:
     started = time.time()
     d = tempfile.mkdtemp(prefix="shroud-proxy-bench-")
     log(f"work dir {d}; {args.runs} run(s), paths {', '.join(args.path_list)}")
-    import lib.protocol  # noqa: F401  (the build the shroud path's processes will choose)
-    from lib import native
-    log(f"codec modules: shroud {native.STATUS}; shroud-pure SHROUD_PURE=1")
     try:
         results = run_all(args, d)
     finally:
@@ -918,10 +906,8 @@ def run_all(args, d: str) -> dict[str, list[dict]]:
                     live.append(Direct(origin_http, origin_tls, origin_one))
                 elif name == "ssh":
                     live.append(SshPath(d, origin_http, origin_tls, origin_one))
-                elif name == "shroud":
-                    live.append(ShroudPath(d, origin_http, origin_tls, origin_one))
                 else:
-                    live.append(ShroudPurePath(d, origin_http, origin_tls, origin_one))
+                    live.append(ShroudPath(d, origin_http, origin_tls, origin_one))
             try:
                 for name, res in one_run(live, args, ca).items():
                     results[name].append(res)

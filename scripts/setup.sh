@@ -4,8 +4,6 @@
 #   ./scripts/setup.sh demo    only what ./scripts/demo.sh uses (tor and a Python venv)
 # - as root, the Debian packages that are missing;
 # - always, a virtual environment at .venv with requirements.txt (pinned versions);
-# - the compiled codec modules (scripts/build_native.py, lib/native.py), rebuilt when their
-#   sources change. Without a C compiler the demo runs the pure-Python sources; CI fails.
 # Packages are found with dpkg-query, never on PATH: a regular user's PATH has no /usr/sbin, so
 # an installed nginx or sshd would look missing. A package still missing afterwards is an error:
 # CI must fail, never skip.
@@ -28,7 +26,6 @@ want tor
 [ -x .venv/bin/python ] || want python3-venv
 if [ "$mode" = all ]; then
     want golang-go
-    want gcc                                       # mypyc's C: scripts/build_native.py
     want golang-github-inconshreveable-muxado-dev  # the Go muxado the interop tests run
     want chromium                                  # dashboard and visitor browser tests
     want nginx-light                               # bench: nginx as the origin
@@ -82,20 +79,3 @@ if [ ! -x .venv/bin/python ] || [ ! -e "$stamp" ]; then
     touch "$stamp"
 fi
 
-# The compiled codec modules, into build/native (not .venv: each checkout builds its own
-# sources). The script returns at once while build/native/SOURCES matches the sources.
-# flock: test runs started at once in one checkout build once.
-native=0
-if mkdir -p build 2>/dev/null; then
-    flock build/.native.lock .venv/bin/python scripts/build_native.py || native=$?
-else
-    echo "setup: cannot create $(pwd)/build for the compiled codec modules" >&2
-    native=1
-fi
-if [ "$native" != 0 ]; then
-    if [ "$mode" = all ]; then
-        echo "setup: the compiled codec modules did not build (above); CI needs them" >&2
-        exit 1
-    fi
-    echo "setup: the demo runs the pure-Python codec modules (no compiled build)" >&2
-fi

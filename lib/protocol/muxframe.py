@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 from lib.errors import ErrorCode, ProtocolError
 
-# What the public functions take as bytes. Spelled out rather than ``bytes``: a compiled build
-# (scripts/build_native.py) checks argument types, and mypyc's ``bytes`` refuses a bytearray.
+# What the public functions take as bytes (any buffer: a socket's bytes, a bytearray, a view).
 Buffer = bytes | bytearray | memoryview
 
 HEADER = struct.Struct(">HBBI")

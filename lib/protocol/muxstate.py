@@ -66,8 +66,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lib.protocol import muxframe as fr
-# PeerAbuse lives in lib.errors: a compiled build of this module cannot define a subclass of
-# an interpreted OSError subclass (scripts/build_native.py).
+# PeerAbuse (a peer's flood or misuse, as opposed to a malformed frame) lives in lib.errors.
 from lib.errors import ErrorCode, PeerAbuse, ProtocolError
 
 # muxado v1 fixes the initial window at 64 KiB each way; it cannot be negotiated.
@@ -629,7 +628,6 @@ class MuxConnection:
         return events
 
     def _handle(self, f: fr.Frame, events: list[Event]) -> None:
-        # isinstance, not type() is: a compiled build (scripts/build_native.py) narrows on it.
         if isinstance(f, fr.Data):
             self._on_data(f, events)
         elif isinstance(f, fr.WndInc):

@@ -40,8 +40,7 @@ from lib.protocol import httphead
 # The proxy's refusals are built by the one HTTP error builder (re-exported for its callers).
 from lib.protocol.httphead import http_error_response  # noqa: F401
 
-# What the sniffers take as bytes. Spelled out rather than ``bytes``: a compiled build
-# (scripts/build_native.py) checks argument types, and mypyc's ``bytes`` refuses a bytearray.
+# What the sniffers take as bytes (any buffer: a socket's bytes, a bytearray, a view).
 Buffer = bytes | bytearray | memoryview
 
 # --- TLS alert descriptions (RFC 8446 6.2, RFC 6066 3): the one set, for sniffers and refusals --
@@ -106,8 +105,7 @@ MAX_HOSTNAME = 253  # RFC 1035 2.3.4: 255 octets on the wire = 253 characters in
 
 
 def normalize_hostname(name: object, *, allow_wildcard: bool = False) -> str:
-    # ``object``, not ``str``: a non-str gets the ValueError below in the compiled build too
-    # (scripts/build_native.py; mypyc would raise TypeError on a str annotation).
+    # ``object``, not ``str``: a non-str is refused with the ValueError below.
     """Return the canonical routing form of a host name.
 
     Lower-cases, strips a ``:port`` suffix and one trailing dot. Accepts ASCII host names whose
