@@ -165,7 +165,7 @@ def test_holder_killed_the_other_holder_takes_over(fleet):
 
 
 def _link(addr, identity, peer_fingerprint, name="web.test", idle=0.0, send=True,
-          before_head=None, forwarded=True):
+          before_head=None, forwarded=True, kind="http"):
     """Speak the link protocol to ``addr`` as a sender would, with ``identity`` ((cert, key)
     paths, or None: no client certificate) and the holder pinned to ``peer_fingerprint``; the
     holder's answer byte (b"" when it refused the handshake or closed the link). ``idle``:
@@ -188,7 +188,7 @@ def _link(addr, identity, peer_fingerprint, name="web.test", idle=0.0, send=True
                 if before_head is not None:
                     before_head()
                 peeked = f"GET /hello HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
-                head = {"v": 2, "kind": "http", "name": name, "client": ["10.9.8.7", 4242],
+                head = {"v": 2, "kind": kind, "name": name, "client": ["10.9.8.7", 4242],
                         "peeked": len(peeked)}
                 if forwarded:
                     head["forwarded"] = True
@@ -523,3 +523,21 @@ def test_strangers_holding_handshakes_open_do_not_starve_the_links(fleet):
         strangers.close()
     assert answers == [200] * 6, (answers, b.status()["refusals"])
     assert "Traceback" not in a.log(), a.log()[-3000:]
+
+
+def test_a_link_carries_http_or_tls_only(fleet):
+    """The holder's table: a head of an unknown kind closes the link (fleet_link_refused). A
+    sender never sends tcp:PORT (a port means nothing on another host); the holder served a
+    head of kind "tcp" by its own tcp:PORT binding, and refused an unknown kind with REFUSED
+    (bad_handed_header) instead of closing the link."""
+    a = fleet.start("proxy-a", "127.0.0.2")
+    b = fleet.start("proxy-b", "127.0.0.3")
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
+    a.wait_bound("web.test")
+    wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+    b_id = _identity(fleet.dir / "proxy-b-data")
+    assert _link(a.link, b_id, a.fingerprint) == OK  # the control
+    for kind in ("tcp", "smtp", None):
+        assert _link(a.link, b_id, a.fingerprint, name=str(a.ports["http"]), kind=kind) == b""
+    wait_for(lambda: a.status()["refusals"].get("fleet_link_refused", 0) == 3,
+             "3 refused links counted at A", timeout=10)

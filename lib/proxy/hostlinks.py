@@ -132,6 +132,9 @@ BUSY_ANSWERS = 64
 # holder accepting links at all. Evicting the oldest, a stranger must open this many
 # connections within one fleet handshake (milliseconds) to cut a real one short.
 MAX_HANDSHAKES = 128
+# What a link carries: names by SNI or Host. Not tcp:PORT, a port of the sender's host (the
+# sender never sends one: lib/proxy/routing.py).
+LINK_KINDS = ("http", "tls")
 # A head carries a name and two addresses; peeked bytes are bounded by the sniffers (a
 # ClientHello or a request head), well under this.
 MAX_HEAD = 16 * 1024
@@ -530,6 +533,8 @@ class FleetLinks:
         if not isinstance(head, dict) or head.get("forwarded") is not True or not (
                 0 <= size <= MAX_PEEKED):
             raise LinkRefused("not a forwarded connection")
+        if head.get("kind") not in LINK_KINDS:
+            raise LinkRefused("a head of kind %.40r" % (head.get("kind"),))
         return head, _read_exact(tls, size)
 
     def _log_refused(self, address, reason: str) -> None:
