@@ -1,11 +1,25 @@
 """Give memory back to the OS after a load peak (entry points start it).
 
     start_memory_trimmer(interval=30.0)     # also logs "memory allocator: jemalloc|system"
+    trimmer_stats() -> {"passes": n, "skipped_busy": n}
 
 CPython and glibc keep freed memory for reuse: after 1,000 connections come and go, a proxy's
-RSS stayed ~40 % above its start although nothing leaked (bench/load.py). Every ``interval``
-seconds this runs the garbage collector and glibc's ``malloc_trim(0)``, which returns free heap
-pages; each pass costs a few milliseconds. Elsewhere than glibc it does nothing.
+RSS stayed ~40 % above its start although nothing leaked (bench/load.py). A pass runs the
+garbage collector (cycles left by the peak: once the process is idle nothing allocates, so
+CPython's own collector never runs again and they stay) and glibc's ``malloc_trim(0)``, which
+returns free heap pages. Elsewhere than glibc it does nothing.
+
+A full collection walks every live object and holds the hub meanwhile: ~0.5 s in a proxy with
+its peak's tunnels and streams live (bench/README.md "Memory trimmer"), during which every
+visitor and tunnel waits. So a pass runs only when the process is quiet: the trimmer looks every
+``interval / 6`` seconds, and passes when ``interval`` has gone by since its last pass and the
+last window saw at most ``QUIET_GEN0`` young collections of CPython's own collector (each one
+means ~700 new container objects: a busy process makes hundreds a second). A busy process needs
+no pass: its own allocations keep CPython's collector running and reuse the freed memory. The
+pass that matters, after a peak, comes within one window of the load ending. At start the
+trimmer also moves the objects of start-up (modules, classes, functions: they live as long as
+the process) to ``gc.freeze()``'s permanent generation, so no later full collection, ours or
+CPython's, walks them again.
 
 Under jemalloc (``LD_PRELOAD=libjemalloc.so.2 PYTHONMALLOC=malloc``, see bench/README.md "Load
 and soak") a pass also purges the dirty pages of all jemalloc arenas (``mallctl
@@ -18,6 +32,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import time
 
 import gevent
 
@@ -25,6 +40,16 @@ log = logging.getLogger("shroud.memtrim")
 
 # jemalloc's MALLCTL_ARENAS_ALL is 4096: "arena.4096.purge" purges every arena.
 _JEMALLOC_PURGE_ALL = b"arena.4096.purge"
+
+# Young (generation 0) collections in one window below which the process counts as quiet.
+# Measured (bench/README.md "Memory trimmer"): an idle proxy or client with its tunnels and
+# heartbeats makes a handful a minute; one request through the proxy ~1. Ten per window
+# (5 s at the default interval) is "a couple of requests a second": a pass then delays few.
+QUIET_GEN0 = 10
+# Windows per interval: the pass after a peak comes at most interval / 6 after it ends.
+_WINDOWS = 6
+
+_stats = {"passes": 0, "skipped_busy": 0}
 
 
 def _malloc_trim():
@@ -55,14 +80,37 @@ def _trimmers() -> list:
     return [t for t in (_malloc_trim(), _jemalloc_purge()) if t is not None]
 
 
+def _young_collections() -> int:
+    return gc.get_stats()[0]["collections"]
+
+
 def trim_once() -> None:
+    """One pass now, busy or not (tests, and a caller that knows the process is idle)."""
     gc.collect()
     for trim in _trimmers():
         trim()
 
 
-def start_memory_trimmer(interval: float = 30.0) -> gevent.Greenlet | None:
-    """Start the trimmer (every entry point does, once); logs the process's allocator."""
+def trimmer_stats() -> dict:
+    """Passes run and windows skipped because the process was busy, since start."""
+    return dict(_stats)
+
+
+def _pass(trimmers: list) -> None:
+    start = time.perf_counter()
+    gc.collect()
+    collected = time.perf_counter()
+    for trim in trimmers:
+        trim()
+    _stats["passes"] += 1
+    log.debug("memory trim pass: collect %.1f ms, trim %.1f ms",
+              (collected - start) * 1e3, (time.perf_counter() - collected) * 1e3)
+
+
+def start_memory_trimmer(interval: float = 30.0,
+                         quiet_gen0: int = QUIET_GEN0) -> gevent.Greenlet | None:
+    """Start the trimmer (every entry point does, once, after start-up); logs the process's
+    allocator and freezes the start-up objects (see the overview)."""
     from lib.allocator import active
 
     log.info("memory allocator: %s", active())
@@ -70,12 +118,23 @@ def start_memory_trimmer(interval: float = 30.0) -> gevent.Greenlet | None:
     if not trimmers:
         log.debug("neither malloc_trim nor jemalloc available: memory trimmer off")
         return None
+    gc.collect()  # start-up's garbage is not frozen with the rest
+    gc.freeze()
+    window = interval / _WINDOWS
 
     def loop() -> None:
+        last_pass = time.monotonic()
+        seen = _young_collections()
         while True:
-            gevent.sleep(interval)
-            gc.collect()
-            for trim in trimmers:
-                trim()
+            gevent.sleep(window)
+            now, young = time.monotonic(), _young_collections()
+            busy, seen = young - seen > quiet_gen0, young
+            if now - last_pass < interval:
+                continue
+            if busy:
+                _stats["skipped_busy"] += 1
+                continue
+            _pass(trimmers)
+            last_pass, seen = time.monotonic(), _young_collections()
 
     return gevent.spawn(loop)
