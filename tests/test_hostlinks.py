@@ -541,3 +541,36 @@ def test_a_link_carries_http_or_tls_only(fleet):
         assert _link(a.link, b_id, a.fingerprint, name=str(a.ports["http"]), kind=kind) == b""
     wait_for(lambda: a.status()["refusals"].get("fleet_link_refused", 0) == 3,
              "3 refused links counted at A", timeout=10)
+
+
+def test_a_visitor_silent_after_its_answer_gives_its_link_back(fleet):
+    """A visitor at B for a name held on A reads its answer, gets the end of it (FIN), and then
+    neither sends nor closes. B's splice of it with the link waited on the visitor without the
+    idle timeout (every other public connection has one), so each such visitor held one of B's
+    --fleet-max-links for good: two of them and B answered 503 to everyone for names held
+    elsewhere. Now B's link (and the visitor) end after --idle-timeout of silence."""
+    a = fleet.start("proxy-a", "127.0.0.2")
+    b = fleet.start("proxy-b", "127.0.0.3",
+                    extra=["--fleet-max-links", "2", "--idle-timeout", "2"])
+    fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
+    a.wait_bound("web.test")
+    wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+    silent = []
+    try:
+        for _ in range(2):
+            sock = socket.create_connection((b.host, b.ports["http"]), timeout=10)
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: web.test\r\n\r\n")
+            answer = b""
+            while True:  # to the end of the answer: B passes A's FIN on
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"from-a\n")
+            silent.append(sock)  # and now: silence, never a close
+        wait_for(lambda: b.status()["links_out"] == 0,
+                 "B's links given back after --idle-timeout", timeout=30)
+        assert get(b, "web.test") == (200, b"from-a\n")
+    finally:
+        for sock in silent:
+            sock.close()

@@ -7,7 +7,7 @@ Public API::
 
     links = FleetLinks(store, registry, take, cert_path, key_path, fingerprint,
                        listen_addr=("0.0.0.0", 7443), refresh=1.0, max_age=15.0,
-                       max_links=MAX_LINKS)
+                       max_links=MAX_LINKS, idle_timeout=None)   # --idle-timeout
         take(header, peeked) -> run(sock) | lib.proxy.workers.Refused   (router.take_linked)
     links.start(); links.stop()
     links.address                      # the fleet listener as bound: (host, port)
@@ -177,7 +177,7 @@ class LinkRefused(ShroudError):
 class FleetLinks:
     def __init__(self, store, registry, take, cert_path: str, key_path: str, fingerprint: str,
                  listen_addr: tuple, refresh: float = 1.0, max_age: float = 15.0,
-                 max_links: int = MAX_LINKS):
+                 max_links: int = MAX_LINKS, idle_timeout: float | None = None):
         if max_links < 1:
             raise ValueError(f"--fleet-max-links must be at least 1, got {max_links}")
         self.store = store
@@ -200,6 +200,9 @@ class FleetLinks:
         self._instances: dict = {}   # id -> Instance, live ones only
         self._holders: dict = {}     # (protocol, name) -> [instance id]
         self.max_links = max_links
+        # --idle-timeout, as for every public connection: a visitor silent after the holder's
+        # FIN (its answer's end) waited on for good held a link slot for good.
+        self.idle_timeout = idle_timeout
         self._out = gevent.lock.BoundedSemaphore(max_links)
         self._suspects: dict = {}    # instance id -> when a link to it last failed (monotonic)
         self._spares: dict = {}      # instance id -> [_Spare], at most SPARE_LINKS each
@@ -333,7 +336,8 @@ class FleetLinks:
                     answers.add(link)
                     continue
                 self.registry.forwarded_out += 1
-                splice(sock, LinkEnd(link))  # closes both ends when either is done
+                # Closes both ends when either is done, or both were silent idle_timeout.
+                splice(sock, LinkEnd(link), idle_timeout=self.idle_timeout)
                 return TAKEN
             return LIMIT if BUSY in answers else UNREACHABLE if answers - {REFUSED} else None
         finally:

@@ -338,7 +338,9 @@ class PublicRouter:
             for pid in self.siblings.candidates(KIND_PROTOCOLS[header["kind"]], header["name"]):
                 result = self.siblings.hand_off(pid, theirs, header, peeked)
                 if result == TAKEN:
-                    return lambda link: splice(link, mine)  # closes both when done
+                    # Closes both when done, or silent --idle-timeout (as the sibling's own).
+                    return lambda link: splice(link, mine,
+                                               idle_timeout=self.config.idle_timeout)
                 if result == LIMIT:
                     break
         finally:

@@ -279,7 +279,7 @@ class ProxyServer:
         self.links = FleetLinks(self.store, self.registry, self.router.take_linked,
                                 self.cert_path, self.key_path, self.fingerprint, bind,
                                 refresh=min(1.0, beat), max_age=beat * EXPIRE_BEATS,
-                                max_links=c.fleet_max_links)
+                                max_links=c.fleet_max_links, idle_timeout=c.idle_timeout)
         try:
             # Workers: each one opens it (lib/proxy/prefork.py); a link lands on any of them.
             listener = (listening_socket(bind, reuseport=True, factory=gevent.socket.socket)
