@@ -205,6 +205,7 @@ V_R = b"\x03\x03" + b"\x22" * 32
      "first handshake message is type 2, not ClientHello"),
     (b"\x16\x03\x01\x00\x04\x01" + (MAX_CLIENT_HELLO - 3).to_bytes(3, "big"), 80,
      "ClientHello of 16385 bytes exceeds 16384"),
+    (b"\x16\x03\x01\x00\x04\x01\x01\x00\x00", 80, "ClientHello of 65540 bytes exceeds 16384"),
     (records(HM + b"\x0b\x00\x00\x00", [4096]), 10, "data after ClientHello"),
     (hello_body(b"\x02\x00" + V_R[2:]), 70, "ClientHello version 0x0200 is not TLS"),
     (hello_body(b"\x02\x03" + V_R[2:]), 70, "ClientHello version 0x0203 is not TLS"),
