@@ -301,6 +301,16 @@ def test_an_unwritable_throttle_counts_in_memory_and_says_so(tmp_path, caplog):
     assert caplog.records[0].getMessage().endswith("Not a directory: '%s'" % (blocker / "data"))
 
 
+def test_a_failed_save_keeps_counting_in_memory(tmp_path, caplog):
+    """The file is re-read only when another worker changed it: a save that failed does not
+    make this worker forget the failure by re-reading the older file."""
+    t = LoginThrottle(limit=1, clock=lambda: T0, data_dir=str(tmp_path))
+    t.failed("other")  # the file exists now
+    (tmp_path / "admin-throttle.tmp").mkdir()  # the next save cannot write
+    t.failed("a")
+    assert not t.allowed("a")
+
+
 # --- server-side sessions --------------------------------------------------------------------
 def test_a_session_lives_twelve_hours():
     now = [T0]
