@@ -54,6 +54,7 @@ def refusal(sniffer, data):
     (b" GET / HTTP/1.1\r\n", 400, "not an HTTP/1.x request"),
     (b"G\x00T", 400, "not an HTTP/1.x request"),
     (b"GET / HTTP/3\r\n", 400, "malformed HTTP/1.x request line"),
+    (b"GET /X HTTP/1.1X\r\n", 400, "malformed HTTP/1.x request line"),
 ])
 def test_http_refusal_answers(head, status, reason):
     assert refusal(sniff_http_host, head) == (status, None, reason)
@@ -193,6 +194,7 @@ V_R = b"\x03\x03" + b"\x22" * 32
     # a whole record header in one read is checked as one arriving in pieces
     (b"\x16\x04\x01\x00\x04\x01\x00\x00\x00", 70, "bad TLS record version 0x04.."),
     (b"\x16\x02\x03\x00\x04\x01\x00\x00\x00", 70, "bad TLS record version 0x02.."),
+    (b"\x16\x02\x01\x00\x01\x03", 70, "bad TLS record version 0x02.."),
     (b"\x17\x03\x03\x00\x04\x01\x00\x00\x00", 10,
      "not a TLS handshake record (first byte 0x17)"),
     (b"\x16\x03\x01\x00\x00", 10, "empty handshake record"),
@@ -304,6 +306,7 @@ def test_need_more_until_a_next_record_cannot_fit():
 
 # --- the answer does not depend on where a read ends ------------------------------------------
 SPLIT_FLIGHTS = [
+    b"\x16" + REAL,  # a second header start inside the first header: bad version 0x16
     records(HM, [200, 50, 3]),
     records(client_hello(sni_extension(b"two.example")), [40, 1]),
     records(HM, [100])[:105] + b"\x17\x03\x03\x00\x01x",
@@ -381,7 +384,7 @@ def test_http_refused_at_the_same_byte_read_one_by_one(data):
     assert fed_at == whole_at
 
 
-@pytest.mark.parametrize("flight", SPLIT_FLIGHTS[2:] + [b"\x16\x04\x01\x00\x04\x01\x00\x00\x00"])
+@pytest.mark.parametrize("flight", SPLIT_FLIGHTS[:1] + SPLIT_FLIGHTS[3:] + [b"\x16\x04\x01\x00\x04\x01\x00\x00\x00"])
 def test_tls_refused_at_the_same_byte_read_one_by_one(flight):
     whole_at = next(n for n in range(1, len(flight) + 1)
                     if answer(sniff_tls_sni, flight[:n])[0] == "error")
@@ -402,3 +405,25 @@ def test_wildcard_patterns_are_checked_past_the_star():
     with pytest.raises(ValueError) as info:
         normalize_hostname("*.example..com", allow_wildcard=True)
     assert str(info.value) == "empty label in host name"
+
+
+def test_record_reaching_past_the_peek_bound_refused_at_its_header():
+    message = client_hello(sni_extension(b"x.example") + extension(21, b"\x00" * 15000))
+    tiny = 3330  # 1-byte records up to 19,980 bytes, then one record with the rest
+    flight = records(message[:tiny], [1]) + records(message[tiny:], [MAX_TLS_RECORD])
+    assert refusal(sniff_tls_sni, flight[:6 * tiny + 5]) == (
+        None, 80, "ClientHello not complete within 20480 bytes")
+
+
+def test_http_request_line_checked_once_however_the_headers_arrive(monkeypatch):
+    examined = []
+    check = sniff._check_request_line_prefix
+    monkeypatch.setattr(sniff, "_check_request_line_prefix",
+                        lambda data: examined.append(len(data)) or check(data))
+    line = b"GET /" + b"a" * 4000 + b" HTTP/1.1\r\n"
+    head = line + b"Host: a.example\r\n" + b"X: " + b"x" * 4000 + b"\r\n\r\n"
+    fed = sniff.HTTPHostSniffer()
+    for i in range(len(head) - 1):
+        assert fed.feed(head[i:i + 1]) is None
+    assert fed.feed(head[-1:]) == "a.example"
+    assert sum(examined) <= 2 * len(head)  # re-checking the line per read: ~4000 x 4000
