@@ -9,12 +9,12 @@ garbage collector (cycles left by the peak: once the process is idle nothing all
 CPython's own collector never runs again and they stay) and glibc's ``malloc_trim(0)``, which
 returns free heap pages. Elsewhere than glibc it does nothing.
 
-A full collection walks every live object and holds the hub meanwhile: ~0.5 s in a proxy with
-its peak's tunnels and streams live (bench/README.md "Memory trimmer"), during which every
-visitor and tunnel waits. So a pass runs only when the process is quiet: the trimmer looks every
+A full collection walks every live object and holds the hub meanwhile: 0.1-0.4 s in a proxy
+with ~1,000 streams live (bench/README.md "Memory trimmer: a pass only when quiet"), during
+which every visitor and tunnel waits. So a pass runs only when the process is quiet: the trimmer looks every
 ``interval / 6`` seconds, and passes when ``interval`` has gone by since its last pass and the
 last window saw at most ``QUIET_GEN0`` young collections of CPython's own collector (each one
-means ~700 new container objects: a busy process makes hundreds a second). A busy process needs
+means ~700 new container objects: a busy proxy makes ~70 a second). A busy process needs
 no pass: its own allocations keep CPython's collector running and reuse the freed memory. The
 pass that matters, after a peak, comes within one window of the load ending. At start the
 trimmer also moves the objects of start-up (modules, classes, functions: they live as long as
@@ -42,9 +42,10 @@ log = logging.getLogger("shroud.memtrim")
 _JEMALLOC_PURGE_ALL = b"arena.4096.purge"
 
 # Young (generation 0) collections in one window below which the process counts as quiet.
-# Measured (bench/README.md "Memory trimmer"): an idle proxy or client with its tunnels and
-# heartbeats makes a handful a minute; one request through the proxy ~1. Ten per window
-# (5 s at the default interval) is "a couple of requests a second": a pass then delays few.
+# Measured (bench/README.md "Memory trimmer: a pass only when quiet"): an idle proxy or
+# client with its tunnel makes none in 5 s; under load the proxy makes one per ~11 requests
+# (~370 per 5 s at ~880 requests/s). Ten per window (5 s at the default interval) is thus
+# "below ~20 requests/s": few visitors wait on a pass then, and it is short (small heap).
 QUIET_GEN0 = 10
 # Windows per interval: the pass after a peak comes at most interval / 6 after it ends.
 _WINDOWS = 6
