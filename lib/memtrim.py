@@ -9,16 +9,16 @@ garbage collector (cycles left by the peak: once the process is idle nothing all
 CPython's own collector never runs again and they stay) and glibc's ``malloc_trim(0)``, which
 returns free heap pages. Elsewhere than glibc it does nothing.
 
-A full collection walks every live object and holds the hub meanwhile: 0.1-0.4 s in a proxy
-with ~1,000 streams live (bench/README.md "Memory trimmer: a pass only when quiet"), during
-which every visitor and tunnel waits. So a pass runs only when the process is quiet: the
-trimmer looks every ``interval / 6`` seconds, and passes when ``interval`` has gone by since its
-last pass and the last window saw at most ``QUIET_GEN0`` young collections of CPython's own collector (each one
-means ~700 new container objects: a busy proxy makes ~70 a second). A busy process needs
-no pass: its own allocations keep CPython's collector running and reuse the freed memory. The
-pass that matters, after a peak, comes within one window of the load ending. At start the
-trimmer also moves the objects of start-up (modules, classes, functions: they live as long as
-the process) to ``gc.freeze()``'s permanent generation, so no later full collection, ours or
+A full collection walks every live object and holds the hub meanwhile: 0.1-0.4 s in a proxy with
+~1,000 streams live (bench/README.md "Memory trimmer: a pass only when quiet"), during which
+every visitor and tunnel waits. So a pass runs only when the process is quiet: the trimmer looks
+every ``interval / 6`` seconds, and passes when ``interval`` has gone by since its last pass and
+the last window saw at most ``QUIET_GEN0`` young collections of CPython's own collector (each
+one means ~700 new container objects: a busy proxy makes ~70 a second). A busy process needs no
+pass: its own allocations keep CPython's collector running and reuse the freed memory. The pass
+that matters, after a peak, comes within one window of the load ending. At start the trimmer
+also moves the objects of start-up (modules, classes, functions: they live as long as the
+process) to ``gc.freeze()``'s permanent generation, so no later full collection, ours or
 CPython's, walks them again.
 
 Under jemalloc (``LD_PRELOAD=libjemalloc.so.2 PYTHONMALLOC=malloc``, see bench/README.md "Load
