@@ -196,8 +196,10 @@ class Stats:
         self.error_examples.setdefault(kind, detail[:200])
 
 
-def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bytes]:
-    """One HTTP/1.1 response with Content-Length (nginx's `return` always sends one)."""
+def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bytes, bool]:
+    """One HTTP/1.1 response with Content-Length (nginx's `return` always sends one): its
+    status, its body, and whether it ends the connection (``Connection: close``, which the
+    proxy adds: a routed HTTP connection carries one exchange, docs/SECURITY.md)."""
     while True:  # bounded: MAX_RESPONSE bytes at least 1 byte per pass, and the socket timeout
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
@@ -211,10 +213,13 @@ def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bytes]:
     head = bytes(buf[:end]).decode("latin-1")
     status = int(head.split(" ", 2)[1])
     length = None
+    closes = False
     for line in head.split("\r\n")[1:]:
         k, _, v = line.partition(":")
         if k.strip().lower() == "content-length":
             length = int(v)
+        elif k.strip().lower() == "connection":
+            closes = "close" in v.lower()
     if length is None or length > MAX_RESPONSE:
         raise ValueError(f"bad Content-Length in {head[:80]!r}")
     while len(buf) < end + 4 + length:  # bounded as above
@@ -224,12 +229,13 @@ def read_response(sock: socket.socket, buf: bytearray) -> tuple[int, bytes]:
         buf += chunk
     body = bytes(buf[end + 4:end + 4 + length])
     del buf[:end + 4 + length]
-    return status, body
+    return status, body, closes
 
 
 def worker(index: int, quota: int, per_connection: int, names: list[str], port: int,
            stats: Stats, gate=None) -> None:
-    """Send ``quota`` requests, ``per_connection`` per keep-alive connection, rotating names.
+    """Send ``quota`` requests, up to ``per_connection`` per keep-alive connection (fewer when the
+    answer says Connection: close, as a routed one does), rotating names.
     With a ``gate`` (an Event), wait after the first answer until every worker has had one,
     so all connections (and their streams) are open at once."""
     sent = 0
@@ -253,7 +259,7 @@ def worker(index: int, quota: int, per_connection: int, names: list[str], port: 
                 started = time.perf_counter()
                 sent += 1
                 sock.sendall(request)
-                status, body = read_response(sock, buf)
+                status, body, closes = read_response(sock, buf)
                 if status != 200:
                     stats.error(f"status:{status}", body[:100].decode("latin-1"))
                     break
@@ -265,6 +271,8 @@ def worker(index: int, quota: int, per_connection: int, names: list[str], port: 
                 if gate is not None:
                     gate.wait(timeout=REQUEST_TIMEOUT * 4)
                     gate = None
+                if closes:  # the server ends this connection: the next request reconnects
+                    break
         except (OSError, ValueError) as e:
             stats.error(f"request:{type(e).__name__}", str(e))
         finally:
