@@ -8,13 +8,13 @@ import json
 import signal
 import socket
 import ssl
-import struct
-import time
+import threading
 
 import pytest
 
 from lib.certs import ensure_tunnel_cert
-from lib.proxy.hostlinks import LINK_IDLE, LINK_TIMEOUT, OK, REFUSED
+from lib.proxy.hostlinks import LINK_TIMEOUT, OK, REFUSED
+from tests.support.fleetlink import Link
 from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.visitor import http_get, https_get, tls_site, ws_echo, ws_upgrade
 from tests.support.wait import wait_for
@@ -73,6 +73,7 @@ def get(proxy, name, path="/hello", timeout=10):
 
 def _served(proxy, name, want=200):
     try:
+
         return get(proxy, name)[0] == want
     except OSError:
         return False
@@ -164,39 +165,23 @@ def test_holder_killed_the_other_holder_takes_over(fleet):
         assert get(b, "web.test") == (200, b"from-c\n")
 
 
-def _link(addr, identity, peer_fingerprint, name="web.test", idle=0.0, send=True,
-          before_head=None, forwarded=True, kind="http"):
-    """Speak the link protocol to ``addr`` as a sender would, with ``identity`` ((cert, key)
-    paths, or None: no client certificate) and the holder pinned to ``peer_fingerprint``; the
-    holder's answer byte (b"" when it refused the handshake or closed the link). ``idle``:
-    seconds between the handshake and the head (a spare link waiting for its visitor);
-    ``before_head``: called then; ``send=False``: close after the handshake (a spare retired
-    unused)."""
-    host, port = addr.rsplit(":", 1)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    if identity is not None:
-        ctx.load_cert_chain(*identity)
-    with socket.create_connection((host, int(port)), timeout=10) as raw:
-        try:
-            with ctx.wrap_socket(raw) as tls:
-                der = tls.getpeercert(binary_form=True)
-                assert hashlib.sha256(der).hexdigest() == peer_fingerprint
-                if not send:
-                    return b""
-                time.sleep(idle)
-                if before_head is not None:
-                    before_head()
-                peeked = f"GET /hello HTTP/1.1\r\nHost: {name}\r\n\r\n".encode()
-                head = {"v": 2, "kind": kind, "name": name, "client": ["10.9.8.7", 4242],
-                        "peeked": len(peeked)}
-                if forwarded:
-                    head["forwarded"] = True
-                body = json.dumps(head).encode()
-                tls.sendall(struct.pack(">I", len(body)) + body + peeked)
-                return tls.recv(1)
-        except (ssl.SSLError, OSError):  # TLS 1.3: a refused certificate shows at the read
-            return b""
+def _link(addr, identity, peer_fingerprint, name="web.test", before_head=None,
+          forwarded=True, kind="http"):
+    """Speak the link protocol to ``addr`` as a sender would (tests/support/fleetlink.py), with
+    ``identity`` ((cert, key) paths, or None: no client certificate) and the holder pinned to
+    ``peer_fingerprint``: the holder's answer byte to one stream (b"" when it refused the
+    handshake or closed the link). ``before_head``: called between the handshake and the
+    stream (a link open while something changes)."""
+    try:
+        link = Link(addr, identity, peer_fingerprint)
+    except OSError:  # ssl.SSLError too: TLS 1.3 shows a refused certificate at the read
+        return b""
+    try:
+        if before_head is not None:
+            before_head()
+        return link.ask(name, forwarded, kind=kind)
+    finally:
+        link.close()
 
 
 def _identity(data_dir):
@@ -236,7 +221,7 @@ def test_forged_links_are_refused_and_counted(fleet):
     wait_for(lambda: refused() == 4, "4 refused links counted at A", timeout=10)
 
     # B gone (killed, its row expired): its certificate is stale, refused at the handshake
-    # of a new link, and at the head of a link opened while B was live (a spare).
+    # of a new link, and a link opened while B was live is closed (counted).
     def b_expired():
         b.signal(signal.SIGKILL)
         wait_for(lambda: _link(a.link, b_id, a.fingerprint) == b"",
@@ -245,22 +230,94 @@ def test_forged_links_are_refused_and_counted(fleet):
     wait_for(lambda: refused() >= 6, "the stale links counted at A", timeout=10)
 
 
-def test_a_spare_link_waits_for_its_visitor(fleet):
-    """A sender opens links ahead (lib/proxy/hostlinks.py, SPARE_LINKS): the holder lets one
-    wait past LINK_TIMEOUT for its head, and one closed unused is not a refused link."""
+def test_a_link_carries_many_visitors_and_may_idle(fleet):
+    """A link is kept open (lib/proxy/hostlinks.py): its first stream may come after
+    LINK_TIMEOUT, it carries visitor after visitor, and links closed unused are not refused
+    links."""
+    import gevent
     a = fleet.start("proxy-a", "127.0.0.2")
     b = fleet.start("proxy-b", "127.0.0.3")
     fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"], "client-a")
     a.wait_bound("web.test")
     wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
     b_id = _identity(fleet.dir / "proxy-b-data")
-    assert LINK_IDLE > LINK_TIMEOUT + 1
-    # The head arrives after the handshake's own deadline (the stimulus, not a wait).
-    assert _link(a.link, b_id, a.fingerprint, idle=LINK_TIMEOUT + 1) == OK
+    link = Link(a.link, b_id, a.fingerprint)
+    try:
+        gevent.sleep(LINK_TIMEOUT + 1)  # the stimulus: an idle link (heartbeats answered)
+        for _ in range(5):
+            answer, reply = link.ask_reply("web.test")
+            assert answer == OK and reply.endswith(b"from-a\n"), (answer, reply)
+    finally:
+        link.close()
     for _ in range(3):
-        assert _link(a.link, b_id, a.fingerprint, send=False) == b""
+        Link(a.link, b_id, a.fingerprint).close()
     assert _link(a.link, b_id, a.fingerprint) == OK  # A saw every close by now
     assert a.status()["refusals"].get("fleet_link_refused", 0) == 0
+
+
+class _CountingRelay:
+    """A TCP relay on ``host`` to ``target`` ("host:port", set before the first connection),
+    counting the connections it accepted: what a sender dialled."""
+
+    def __init__(self, host: str):
+        self.listener = socket.create_server((host, 0))
+        self.addr = "%s:%d" % self.listener.getsockname()[:2]
+        self.target = None
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            host, port = self.target.rsplit(":", 1)
+            try:
+                up = socket.create_connection((host, int(port)), timeout=10)
+            except OSError:
+                conn.close()
+                continue
+            for src, dst in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            src.close()
+            dst.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_visitors_in_a_row_share_one_tls_link(fleet):
+    """One long-lived link per (sender, holder) pair (lib/proxy/hostlinks.py): A advertises a
+    relay that counts connections; 10 visitors at B, one after the other, all served by A over
+    one TCP (TLS) connection, and B's and A's gauges say one link."""
+    relay = _CountingRelay("127.0.0.2")
+    try:
+        a = fleet.start("proxy-a", "127.0.0.2", extra=["--fleet-advertise", relay.addr])
+        relay.target = a.link
+        b = fleet.start("proxy-b", "127.0.0.3")
+        fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"],
+                     "client-a")
+        a.wait_bound("web.test")
+        wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+        for _ in range(10):
+            assert get(b, "web.test") == (200, b"from-a\n")
+        assert relay.accepted == 1
+        assert (b.status()["link_sessions_out"], a.status()["link_sessions_in"]) == (1, 1)
+    finally:
+        relay.close()
 
 
 def _api(proxy, path):
@@ -362,9 +419,9 @@ def test_links_past_the_bound_are_refused_at_once_counted_and_freed(fleet):
 
 def test_a_link_landing_on_the_worker_without_the_name_is_relayed_to_its_holder(fleet):
     """A under gunicorn with two workers, its one tunnel on one of them; both listen on the
-    fleet port (SO_REUSEPORT), so about half of B's links land on the other worker, which
-    relays each to the holder (routing.take_linked): every visitor is served, by Host and by
-    SNI."""
+    fleet port (SO_REUSEPORT), so a link lands on either: B's one link on one of them (every
+    visitor served, by Host and by SNI), and of VISITS new links from here about half on the
+    other worker, which relays each stream to the holder (routing.take_linked)."""
     a = fleet.start("proxy-a", "127.0.0.2", workers=2)
     b = fleet.start("proxy-b", "127.0.0.3")
     fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}",
@@ -384,10 +441,18 @@ def test_a_link_landing_on_the_worker_without_the_name_is_relayed_to_its_holder(
         status, _, der = https_get(fleet.site.ca_pem, b.ports["https"], "app.test",
                                    addr=b.host)
         assert (status, der) == (200, origin_der)
+    b_id = _identity(fleet.dir / "proxy-b-data")
+    for _ in range(VISITS):
+        link = Link(a.link, b_id, a.fingerprint)
+        try:
+            answer, reply = link.ask_reply("web.test")
+        finally:
+            link.close()
+        assert answer == OK and reply.endswith(b"from-a\n"), (answer, reply)
     workers = a.status()["workers"]
     # Links landed on both workers: the one without the tunnel handed them to its sibling.
     assert sum(w["handoffs"].get("taken", 0) for w in workers) > 0, workers
-    assert a.status()["forwarded_in"] - before == 2 * VISITS
+    assert a.status()["forwarded_in"] - before == 3 * VISITS
 
 
 def test_the_visitors_address_reaches_the_origin_through_a_link(fleet):
@@ -517,7 +582,8 @@ def test_strangers_holding_handshakes_open_do_not_starve_the_links(fleet):
     strangers = _Strangers(a.link, n)
     try:
         wait_for(lambda: strangers.opened >= n, f"{n} strangers' connections at A", timeout=30)
-        # B's spare links (opened before) serve the first visitors; the next need new links.
+        # B's link (opened before) serves the first visitors; its dead-link re-dial would
+        # need a handshake among the strangers'.
         answers = [get(b, "web.test")[0] for _ in range(6)]
     finally:
         strangers.close()

@@ -1,11 +1,8 @@
 """lib/proxy/hostlinks.py alone: the holder trusts exactly the certificates the live instances
 registered (a stand-in store; real TLS on loopback, in-process under gevent)."""
-import json
-import struct
 import time
 
-import gevent.socket
-import gevent.ssl
+import gevent
 import pytest
 
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, leaf_pem
@@ -13,6 +10,7 @@ from lib.proxy.hostlinks import REFUSED, FleetLinks
 from lib.proxy.registry import Registry
 from lib.proxy.store.base import Instance
 from lib.proxy.workers import Refused
+from tests.support.fleetlink import ask
 
 
 class Rows:
@@ -46,22 +44,9 @@ def holder(tmp_path):
 
 
 def _ask(links, identity) -> bytes:
-    """A link from ``identity`` ((cert, key) paths): the holder's answer byte, b"" when it
-    refused the handshake or closed the link."""
-    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, gevent.ssl.CERT_NONE
-    ctx.load_cert_chain(*identity)
-    body = json.dumps({"v": 2, "kind": "http", "name": "web.test", "client": ["10.0.0.1", 1],
-                       "forwarded": True, "peeked": 0}).encode()
-    raw = gevent.socket.create_connection(links.address, timeout=5)
-    try:
-        with ctx.wrap_socket(raw) as tls:
-            tls.sendall(struct.pack(">I", len(body)) + body)
-            return tls.recv(1)
-    except OSError:  # ssl.SSLError too: TLS 1.3 shows a refused certificate at the read
-        return b""
-    finally:
-        raw.close()
+    """A link from ``identity`` ((cert, key) paths), one stream: the holder's answer byte, b""
+    when it refused the handshake or closed the link."""
+    return ask("%s:%d" % links.address, identity)
 
 
 def test_the_holder_trusts_exactly_the_live_rows_certificates(holder):
@@ -80,6 +65,9 @@ def test_the_holder_trusts_exactly_the_live_rows_certificates(holder):
     assert _ask(links, ids["stranger"]) == b""
     assert _ask(links, ids["c"]) == b""
     # B's row gone: the context is rebuilt without its certificate.
+    deadline = time.monotonic() + 10
+    while links.registry.link_sessions_in and time.monotonic() < deadline:
+        gevent.sleep(0.01)  # the holder saw our links close (else refresh closes them)
     store.rows = store.rows[:1]
     links.refresh()
     assert _ask(links, ids["b"]) == b""

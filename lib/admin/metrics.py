@@ -73,10 +73,16 @@ class ShroudCollector:
         c.add_metric(["in"], reg.forwarded_in)
         c.add_metric(["out"], reg.forwarded_out)
         yield c
-        g = GaugeMetricFamily("shroud_fleet_links_open", "Links to (out) and from (in) the "
-                              "fleet's other proxies open now.", labels=["direction"])
+        g = GaugeMetricFamily("shroud_fleet_links_open", "Visitors on links to (out) and from "
+                              "(in) the fleet's other proxies now.", labels=["direction"])
         g.add_metric(["in"], reg.links_in)
         g.add_metric(["out"], reg.links_out)
+        yield g
+        g = GaugeMetricFamily("shroud_fleet_link_sessions_open", "Links (TLS connections, each "
+                              "carrying many visitors) to (out) and from (in) the fleet's other "
+                              "proxies open now.", labels=["direction"])
+        g.add_metric(["in"], reg.link_sessions_in)
+        g.add_metric(["out"], reg.link_sessions_out)
         yield g
         c = CounterMetricFamily("shroud_refusals", "Refused connections and binds by reason.",
                                 labels=["reason"])

@@ -136,7 +136,10 @@ class Stream:
     def gettimeout(self) -> float | None:
         return self._timeout
 
-    def recv(self, bufsize: int = 65536) -> bytes:
+    def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
+        # ``flags``: a socket's signature (wrappers pass it on); a stream has no flags to take.
+        if flags:
+            raise ValueError(f"stream recv takes no flags, got {flags}")
         deadline = self._deadline()
         while True:
             if self._chunks:

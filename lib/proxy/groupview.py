@@ -31,8 +31,10 @@ import gevent
 
 from lib.proxy.registry import RateHistory, Registry
 
-# What crosses the fleet's links (lib/proxy/registry.py: counters and links open now).
-FLEET_COUNTS = ("forwarded_in", "forwarded_out", "links_in", "links_out")
+# What crosses the fleet's links (lib/proxy/registry.py: counters, visitors on links now, and
+# the links themselves).
+FLEET_COUNTS = ("forwarded_in", "forwarded_out", "links_in", "links_out", "link_sessions_in",
+                "link_sessions_out")
 # A sibling busy beyond this is left out of one dashboard answer rather than stall it.
 ASK_TIMEOUT = 1.0
 # One dashboard request (one greenlet) reads the registry many times: it merges once; the

@@ -1,7 +1,7 @@
 """Links between the hosts of a fleet: a public connection for a name that no tunnel of this
 instance (nor a sibling worker) holds live, but another instance of the fleet does, goes to that
-instance over a mutually authenticated TLS link (docs/DESIGN.md, "Workers"; docs/SECURITY.md,
-"Links between proxies").
+instance as one stream of a long-lived, mutually authenticated TLS link (docs/DESIGN.md,
+"Links between hosts"; docs/SECURITY.md, "Links between proxies").
 
 Public API::
 
@@ -13,20 +13,21 @@ Public API::
     links.address                      # the fleet listener as bound: (host, port)
     links.self_id = "instance id"      # set once this instance is in the registry
     links.send(sock, header, peeked, protocols) -> TAKEN | LIMIT | UNREACHABLE | None
-        # the sender's side: LIMIT (503) when its links or every holder's are all busy,
+        # the sender's side: LIMIT (503) when its streams or every holder's are all busy,
         # UNREACHABLE (502) when a holder was tried and none answered, None when every holder
         # refused or none is known (the caller refuses as without the fleet)
 
 The registry counts what crosses hosts: ``forwarded_out`` (sender: carried to a holder) and
-``forwarded_in`` (holder: served from a link), and ``links_out``/``links_in``, the links open
-now (at most ``max_links`` each way; ``--fleet-max-links``).
+``forwarded_in`` (holder: served from a link); ``links_out``/``links_in``, the visitors in
+flight on links now (at most ``max_links`` each way; ``--fleet-max-links``); and
+``link_sessions_out``/``link_sessions_in``, the TLS links open now.
 
 The store is the trust anchor: an instance row carries the advertised link address, its
 tunnel certificate and that certificate's SHA-256; only rows whose heartbeat is younger than
 ``max_age`` count. A background greenlet reads the rows (and the live bindings) every
 ``refresh`` seconds, so no connection waits on the store.
 
-The link is TLS 1.3 with a certificate on both sides (mutual authentication by TLS itself):
+A link is TLS 1.3 with a certificate on both sides (mutual authentication by TLS itself):
 
 - the sender presents its tunnel certificate as its client certificate and pins the holder's
   to the holder's row (check_pin, right after the handshake);
@@ -36,42 +37,41 @@ The link is TLS 1.3 with a certificate on both sides (mutual authentication by T
   VERIFY_X509_PARTIAL_CHAIN, so a certificate that is itself in the store is a whole chain.
   Without that flag OpenSSL looks for a self-signed certificate's issuer by subject name, and
   our certificates share one (CN=shroud-proxy, no key identifiers): it found another
-  instance's and refused the link. When the head arrives the holder checks again that the
-  certificate is a live instance's (a spare link may wait LINK_IDLE; its sender's row may have
-  expired since).
+  instance's and refused the link.
 
 TLS's own CertificateVerify signs the handshake with the sender's key over both sides' fresh
-randoms, so the link needs no nonce or signature of its own (docs/DESIGN.md, "Workers").
-Then::
+randoms, so the link needs no nonce or signature of its own. Over it runs a muxado session
+(lib/net/muxsession.py; the sender dials, odd stream ids), kept open: one per (sender worker,
+holder worker) pair, dialled at the first visitor and re-dialled when it ends (the peer's
+close, a heartbeat past LINK_HEARTBEAT + LINK_TOLERANCE, the peer's row gone or changed). A
+visitor costs one stream, no handshake (bench/README.md, issue 13). Each stream::
 
     sender -> holder   u32 length, JSON head {"v": 2, "kind", "name", "client": [ip, port],
                        "public": the listener the visitor reached ("host:port"),
                        "forwarded": true, "peeked": n}; then the n peeked bytes
     holder -> sender   one byte: OK (a splice of the visitor's bytes follows), REFUSED, BUSY
 
-A link carries one visitor. The sender opens up to SPARE_LINKS per holder ahead of need (TCP and
-TLS done), so a visitor's path holds only the head and the answer (one round trip); the holder
-waits LINK_IDLE for the head of such a link, and the sender closes a spare unused after
-SPARE_AGE, before that.
-
     the holder sees                                   it answers            counter
     no client certificate, or one of no live          TLS alert, closes     fleet_link_refused
       instance (a stranger's, an expired row's)
     MAX_HANDSHAKES connections in their handshake     closes the oldest     fleet_link_refused
-    a head whose certificate's row expired since      closes the link       fleet_link_refused
+    a link whose certificate's row expired or         closes the link (all  fleet_link_refused
+      changed since (at the refresh, or a head)         its streams)
     a head without "forwarded" or an unknown kind     closes the link       fleet_link_refused
+    no head within LINK_TIMEOUT of the stream         resets the stream     fleet_link_refused
     a name it holds no live tunnel for                REFUSED               (its refusal)
-    max_links links already served here               BUSY                  fleet_link_busy
-    a link closed before its first head byte (a       closes it             -
-      spare the sender retired)
-    no head within LINK_IDLE of the handshake         closes the link       fleet_link_refused
+    max_links streams already served here             BUSY                  fleet_link_busy
+    streams past MuxConfig.max_streams on one link    RST (muxado)          -
+    SESSIONS_PER_PEER links with one certificate      closes the oldest     -
 
     the sender meets                                  the visitor gets      counter (sender)
-    its own max_links links in flight                 503 / internal_error  fleet_link_limit
+    its own max_links streams in flight               503 / internal_error  fleet_link_limit
     every holder it tried answered BUSY               503 / internal_error  fleet_link_limit
     a holder silent for ATTEMPT_TIMEOUT, or dead      the next holder; if   fleet_link_failed
       (connection refused, TLS or pin failure)          none: 502 / alert
-    every holder answered REFUSED                     as without the fleet  (404: unknown_name)
+
+A link that ended under a visitor before its answer (the holder restarted) costs that visitor
+one fresh dial, not an error: the holder reads a head once, so nothing reached the origin.
 
 A forwarded connection is served where it lands, or relayed to the sibling worker there that
 holds the name (routing.take_linked), never forwarded to another host (at most one link).
@@ -84,25 +84,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import socket
 import ssl
 import struct
+import os
 import time
-from collections import Counter
 from typing import NamedTuple
 
 import gevent
+import gevent.event
 import gevent.lock
 import gevent.pool
 import gevent.server
 import gevent.socket
 from lib.certs import (PinMismatch, cert_fingerprint, check_pin, client_tls_context, leaf_pem,
                        server_tls_context)
-from lib.errors import ShroudError
+from lib.errors import MuxError, ShroudError
 from lib.hostport import parse_hostport
+from lib.net.muxsession import MuxConfig, Session
 from lib.net.sockets import set_nodelay
 from lib.net.splice import splice
+from lib.net.tlstransport import TLSTransport
+from lib.peerlog import PeerLog
 from lib.proxy.store.base import OwnershipError, candidates
 from lib.proxy.workers import LIMIT, TAKEN, UNREACHABLE, Refused
 
@@ -111,67 +114,57 @@ log = logging.getLogger("shroud.fleet")
 VERSION = 2  # of the head (1: a nonce and a signature of its own, before TLS client auth)
 OK, REFUSED, BUSY = b"\x00", b"\x01", b"\x02"
 FAILED = b""  # not an answer: no link, or none in time (the sender's own mark)
-# A visitor waits at most this long for the links (connect, TLS, the holder's answer) before
-# a clear error; on a LAN a link takes a millisecond. One holder gets at most ATTEMPT_TIMEOUT
-# of it: a hung holder (its row not expired yet) costs a visitor one second, not the whole
-# deadline, and is tried last for SUSPECT_SECONDS.
+# A visitor waits at most this long for the links (dial, TLS, the holder's answer) before
+# a clear error; on a LAN a stream's answer takes a fraction of a millisecond. One holder gets
+# at most ATTEMPT_TIMEOUT of it: a hung holder (its row not expired yet) costs a visitor one
+# second, not the whole deadline, and is tried last for SUSPECT_SECONDS.
 LINK_TIMEOUT = 3.0
 ATTEMPT_TIMEOUT = 1.0
 SUSPECT_SECONDS = 10.0
-# Links in flight, each way (the default of --fleet-max-links): each is a greenlet and a TLS
-# socket (~60 KiB), so 1,024 is ~60 MiB. Past it the visitor gets 503 here (sender) or the
-# sender tries the next holder (BUSY).
+# Visitors in flight on links, each way (the default of --fleet-max-links): each is a greenlet
+# and a stream (its buffers bounded by the mux windows), ~20 KiB idle. Past it the visitor gets
+# 503 here (sender) or the sender tries the next holder (BUSY).
 MAX_LINKS = 1024
-# Links past max_links still get their BUSY answered (a greenlet each, for the handshake);
-# past this many more, the kernel's backlog holds them until a slot frees or the sender gives up.
+# Streams a link may have open at the holder (MuxConfig.max_streams): max_links, plus some
+# that get their BUSY answered; past it muxado refuses the stream (RST) and the sender tries
+# the next holder.
 BUSY_ANSWERS = 64
 # Connections still in their TLS handshake (no certificate checked yet: anyone on the network
-# can open one), at most this many at once, in slots of their own: past it the oldest is closed
-# (counted fleet_link_refused). They shared the links' pool, so a stranger holding
-# max_links + BUSY_ANSWERS idle TCP connections (renewed every LINK_TIMEOUT) stopped the
-# holder accepting links at all. Evicting the oldest, a stranger must open this many
-# connections within one fleet handshake (milliseconds) to cut a real one short.
+# can open one), at most this many at once: past it the oldest is closed (counted
+# fleet_link_refused). A stranger must open this many connections within one fleet handshake
+# (milliseconds) to cut a real one short.
 MAX_HANDSHAKES = 128
 # What a link carries: names by SNI or Host. Not tcp:PORT, a port of the sender's host (the
 # sender never sends one: lib/proxy/routing.py).
 LINK_KINDS = ("http", "tls")
+# Links the holder keeps per sender certificate: one per worker of the sender's host (its
+# workers share the certificate), so the cores of the biggest host. Past it the oldest is
+# closed: a fleet member re-dialling in a loop holds at most this many sessions.
+SESSIONS_PER_PEER = 64
 # A head carries a name and two addresses; peeked bytes are bounded by the sniffers (a
 # ClientHello or a request head), well under this.
 MAX_HEAD = 16 * 1024
 MAX_PEEKED = 256 * 1024
 # One line per this many seconds for refused links: a scanner must not flood the log.
 REFUSED_LOG_INTERVAL = 30.0
-# Spare links: a sender keeps up to SPARE_LINKS links per holder open ahead (TCP and TLS
-# done), so a visitor's path holds only its head and the holder's answer: a fresh link's
-# handshakes cost milliseconds of CPU and round trips (bench/README.md, "Forwarding between
-# workers and between hosts"). A spare is opened when a visitor was just sent to that holder
-# (the next is likely to go there too), used once, and closed unused after SPARE_AGE. The
-# holder waits LINK_IDLE for a head after the handshake (LINK_TIMEOUT for the rest): longer
-# than SPARE_AGE, so a sender never sends on a link the holder is closing.
-SPARE_LINKS = 2
-SPARE_AGE = 5.0
-# A spare is opened this long after the visitor that called for it: its handshake costs both
-# hosts milliseconds of CPU, which on a busy host would otherwise compete with that very
-# visitor's first bytes (the holder handles the new link's handshake and the visitor's head
-# in the same loop).
-SPARE_DELAY = 0.05
-LINK_IDLE = 10.0
-
-
-class _Spare(NamedTuple):
-    """A link opened ahead: TLS, both sides authenticated, pinned to ``fingerprint`` at
-    ``addr``."""
-    tls: object
-    fingerprint: str
-    addr: str
-    at: float  # time.monotonic() when opened
-
-
-_DEAD = object()  # a spare link that failed before the holder's answer
+# The links' heartbeat: a ping every LINK_HEARTBEAT seconds, the link dead (closed, re-dialled
+# at the next visitor) after LINK_HEARTBEAT + LINK_TOLERANCE without a byte from the peer.
+# Shorter than a tunnel's 13 s (MuxConfig's default): hosts of a fleet share a LAN, and a dead
+# link's holder is tried last meanwhile. Longer than a refresh plus a row's expiry (a row that
+# expires closes its links first, counted).
+LINK_HEARTBEAT = 1.0
+LINK_TOLERANCE = 5.0
 
 
 class LinkRefused(ShroudError):
     """A link the holder will not serve (the reason is logged, rate-limited, and counted)."""
+
+
+class _Out(NamedTuple):
+    """A link this sender dialled: its session, to ``addr``, pinned to ``fingerprint``."""
+    session: Session
+    fingerprint: str
+    addr: str
 
 
 class FleetLinks:
@@ -205,8 +198,13 @@ class FleetLinks:
         self.idle_timeout = idle_timeout
         self._out = gevent.lock.BoundedSemaphore(max_links)
         self._suspects: dict = {}    # instance id -> when a link to it last failed (monotonic)
-        self._spares: dict = {}      # instance id -> [_Spare], at most SPARE_LINKS each
-        self._warming: Counter = Counter()  # instance id -> spares being opened
+        self._links: dict = {}       # instance id -> _Out (at most one per live instance)
+        self._dialling: dict = {}    # instance id -> AsyncResult of the dial under way
+        self._served: dict = {}      # peer fingerprint -> [Session], oldest first
+        self._mux = MuxConfig(max_streams=max_links + BUSY_ANSWERS,
+                              heartbeat_interval=LINK_HEARTBEAT,
+                              heartbeat_tolerance=LINK_TOLERANCE)
+        self._peer_log = PeerLog(logger=log)
         self._stopped = False
         self._server = None
         self._refresher = None
@@ -217,20 +215,26 @@ class FleetLinks:
     # --- lifecycle -----------------------------------------------------------------------
     def start(self, listener=None) -> None:
         """Listen (on ``listener``, a socket, when given) and start following the store."""
+        # Unbounded pool: handshakes are bounded by MAX_HANDSHAKES (the oldest closed), links
+        # by SESSIONS_PER_PEER per live certificate.
         self._server = gevent.server.StreamServer(
             listener if listener is not None else self.listen_addr, self._serve,
-            spawn=gevent.pool.Pool(self.max_links + BUSY_ANSWERS + MAX_HANDSHAKES))
+            spawn=gevent.pool.Pool())
         self._server.start()
         self.address = self._server.address[:2]
         self._refresher = gevent.spawn(self._refresh_loop)
 
     def stop(self) -> None:
         self._stopped = True
-        self._sweep()
         if self._refresher is not None:
             self._refresher.kill()
         if self._server is not None:
             self._server.stop(timeout=1)
+        for link in list(self._links.values()):
+            link.session.close()
+        for sessions in list(self._served.values()):
+            for session in list(sessions):
+                session.close()
 
     def _refresh_loop(self) -> None:
         while True:
@@ -238,11 +242,11 @@ class FleetLinks:
                 self.refresh()
             except OwnershipError as exc:  # the store is away: keep the last view
                 log.warning("fleet links: could not read the registry: %s", exc)
-            self._sweep()
             gevent.sleep(self.refresh_interval)
 
     def refresh(self) -> None:
-        """Re-read the live instances and their bindings (the background greenlet does)."""
+        """Re-read the live instances and their bindings (the background greenlet does);
+        close the links of instances no longer live, or whose row changed."""
         now = time.time()
         live = {i.id: i for i in self._consistent(self.store.instances())
                 if now - i.heartbeat <= self.max_age and i.fleet_addr}
@@ -255,6 +259,25 @@ class FleetLinks:
         if anchors != self._anchors:
             self._server_ctx = self._holder_context(anchors)
             self._anchors = anchors
+        self._close_stale()
+
+    def _close_stale(self) -> None:
+        """Close the links dialled to rows gone or changed, and the links served to
+        certificates no live row registers (counted: the peer is no longer of the fleet)."""
+        for instance_id, link in list(self._links.items()):
+            row = self._instances.get(instance_id)
+            if (row is None or row.fingerprint != link.fingerprint
+                    or row.fleet_addr != link.addr or link.session.closed):
+                del self._links[instance_id]
+                link.session.close()
+        for fingerprint in [f for f in self._served if f not in self._anchors]:
+            for session in self._served.pop(fingerprint):
+                if not session.closed:
+                    self.registry.count_refusal("fleet_link_refused")
+                    self._log_refused(("a fleet member",), "certificate %s... of no live instance "
+                                      "any more: its link closed" % fingerprint[:16])
+                    session.close()
+
 
     def _consistent(self, rows) -> list:
         """The rows whose certificate is the one their fingerprint names; the others (no
@@ -331,13 +354,13 @@ class FleetLinks:
                 instance = self._instances.get(instance_id)
                 if instance is None:  # its row expired while an earlier holder was tried
                     continue
-                link = self._open(instance, header, peeked, min(left, ATTEMPT_TIMEOUT))
-                if isinstance(link, bytes):
-                    answers.add(link)
+                stream = self._open(instance, header, peeked, min(left, ATTEMPT_TIMEOUT))
+                if isinstance(stream, bytes):
+                    answers.add(stream)
                     continue
                 self.registry.forwarded_out += 1
                 # Closes both ends when either is done, or both were silent idle_timeout.
-                splice(sock, LinkEnd(link), idle_timeout=self.idle_timeout)
+                splice(sock, stream, idle_timeout=self.idle_timeout)
                 return TAKEN
             return LIMIT if BUSY in answers else UNREACHABLE if answers - {REFUSED} else None
         finally:
@@ -345,190 +368,202 @@ class FleetLinks:
             self._out.release()
 
     def _open(self, instance, header: dict, peeked: bytes, timeout: float):
-        """A link to ``instance`` whose holder answered OK, else why not: its answer (REFUSED,
-        BUSY) or FAILED (no link, or no answer in ``timeout``). A spare link (opened ahead) is
-        tried first; one that failed before an answer (the holder restarted) costs a fresh
-        one. The holder reads a head once: a link that failed before its answer carried nothing
-        to the origin, unless it broke between the holder's OK and our reading it."""
+        """A stream to ``instance`` whose holder answered OK, else why not: its answer
+        (REFUSED, BUSY) or FAILED (no link, or no answer in ``timeout``). A link that was
+        open already and failed before the answer (the holder restarted: its close not seen
+        yet) costs one fresh dial: the holder reads a head once, so nothing reached the
+        origin unless the link broke between the holder's OK and our reading it."""
         deadline = time.monotonic() + timeout
-        spare = self._take_spare(instance)
-        self._warm(instance)
-        if spare is not None:
-            answer = self._try(spare, instance, header, peeked, deadline)
-            if answer is not _DEAD:
-                return answer
-        return self._try(None, instance, header, peeked, deadline)
-
-    def _try(self, link, instance, header: dict, peeked: bytes, deadline: float):
-        """The TLS socket of ``link`` (None: a new one) when the holder answered OK, else its
-        answer (REFUSED, BUSY) or FAILED; _DEAD when the spare ``link`` failed unanswered."""
-        spare = link is not None
-        try:
-            with gevent.Timeout(max(0.001, deadline - time.monotonic())):
-                link = link or self._connect(instance)
-                answer = self._ask(link, instance, header, peeked)
-        except (OSError, ValueError, PinMismatch, gevent.Timeout) as exc:
-            log.debug("fleet link to %s failed: %s", instance.id, exc)
-            if link is not None:
-                link.tls.close()
-            if spare and not isinstance(exc, gevent.Timeout):
-                return _DEAD
-            self._suspects[instance.id] = time.monotonic()
-            return FAILED
-        if answer == OK:
-            return link.tls
-        log.debug("fleet link to %s: answer %r", instance.id, answer)
-        link.tls.close()
-        return answer if answer in (REFUSED, BUSY) else FAILED
-
-    def _connect(self, instance) -> _Spare:
-        """TCP, TLS with our certificate, the holder's pinned to its registered one."""
-        host, port = parse_hostport(instance.fleet_addr)
-        raw = gevent.socket.create_connection((host, port))
-        set_nodelay(raw)  # the head and the answer are small writes (Nagle: 40 ms)
-        tls = None
-        try:
-            tls = self._client_ctx.wrap_socket(raw, server_hostname=None)
-            check_pin(tls, {instance.fingerprint})
-        except BaseException:
-            (tls or raw).close()
-            raise
-        return _Spare(tls, instance.fingerprint, instance.fleet_addr, time.monotonic())
-
-    def _ask(self, link: _Spare, instance, header: dict, peeked: bytes) -> bytes:
-        """Send the head and the peeked bytes; the holder's answer byte."""
         head = dict(header, v=VERSION, forwarded=True, peeked=len(peeked))
         body = json.dumps(head, separators=(",", ":")).encode()
-        link.tls.sendall(struct.pack(">I", len(body)) + body + peeked)
-        return _read_exact(link.tls, 1)
+        message = struct.pack(">I", len(body)) + body + peeked
+        for attempt in (1, 2):
+            stream, session, fresh = None, None, True
+            try:
+                with gevent.Timeout(max(0.001, deadline - time.monotonic())):
+                    session, fresh = self._session(instance)
+                    stream = session.open()
+                    stream.sendall(message)
+                    answer = _read_exact(stream, 1)
+            except gevent.Timeout:
+                log.debug("fleet link to %s: no answer in time", instance.id)
+                if stream is not None:
+                    stream.reset()
+                break
+            except (OSError, ValueError, PinMismatch) as exc:  # MuxError is an OSError
+                log.debug("fleet link to %s failed: %s", instance.id, exc)
+                if stream is not None:
+                    stream.close()
+                if attempt == 1 and isinstance(exc, MuxError) and not fresh:
+                    self._drop(instance.id, session)
+                    continue
+                break
+            if answer == OK:
+                return stream
+            log.debug("fleet link to %s: answer %r", instance.id, answer)
+            stream.close()
+            return answer if answer in (REFUSED, BUSY) else FAILED
+        self._suspects[instance.id] = time.monotonic()
+        return FAILED
 
-    # --- spare links (sender) ------------------------------------------------------------
-    def _take_spare(self, instance):
-        """A spare link to ``instance``, young enough, to its current address and certificate;
-        else None (stale ones are closed)."""
-        spares = self._spares.get(instance.id)
-        now = time.monotonic()
-        while spares:
-            link = spares.pop()
-            if (now - link.at < SPARE_AGE and link.fingerprint == instance.fingerprint
-                    and link.addr == instance.fleet_addr):
-                return link
-            link.tls.close()
-        return None
+    def _session(self, instance) -> tuple:
+        """(session, fresh): the open link to ``instance``, else one dialled now (one dial at
+        a time per instance: visitors arriving meanwhile wait for it).
+        :raises OSError, ValueError, PinMismatch, gevent.Timeout:"""
+        fresh = False
+        link = self._links.get(instance.id)
+        if link is not None and (link.session.closed or link.fingerprint != instance.fingerprint
+                                 or link.addr != instance.fleet_addr):
+            self._drop(instance.id, link.session)
+            link = None
+        if link is None:
+            pending = self._dialling.get(instance.id)
+            if pending is None:
+                pending = self._dialling[instance.id] = gevent.event.AsyncResult()
+                gevent.spawn(self._dial, instance, pending)
+            link, fresh = pending.get(), True
+        return link.session, fresh
 
-    def _warm(self, instance) -> None:
-        """Open spare links to ``instance`` in the background, up to SPARE_LINKS."""
-        have = len(self._spares.get(instance.id, ())) + self._warming[instance.id]
-        for _ in range(SPARE_LINKS - have):
-            self._warming[instance.id] += 1
-            gevent.spawn_later(SPARE_DELAY, self._fill, instance)
-
-    def _fill(self, instance) -> None:
+    def _dial(self, instance, pending) -> None:
+        """TCP, TLS with our certificate, the holder's pinned to its registered one, a mux
+        session over it: the result of ``pending`` (an exception when it failed). A dial runs
+        in its own greenlet: a visitor giving up does not abort it for the others."""
+        raw = tls = None
         try:
             with gevent.Timeout(LINK_TIMEOUT):
-                link = self._connect(instance)
+                host, port = parse_hostport(instance.fleet_addr)
+                raw = gevent.socket.create_connection((host, port))
+                set_nodelay(raw)  # heads and answers are small writes (Nagle: 40 ms)
+                tls = TLSTransport.client(raw, self._client_ctx, timeout=None)
+                check_pin(tls, {instance.fingerprint})
         except (OSError, ValueError, PinMismatch, gevent.Timeout) as exc:
-            log.debug("spare link to %s failed: %s", instance.id, exc)
+            if tls is not None or raw is not None:
+                (tls or raw).close()
+            if isinstance(exc, gevent.Timeout):
+                exc = TimeoutError("fleet link: dial timed out")
+            pending.set_exception(exc)
             return
         finally:
-            self._warming[instance.id] -= 1
-            if not self._warming[instance.id]:
-                del self._warming[instance.id]
-        if self._stopped or instance.id not in self._instances:
-            link.tls.close()
-            return
-        self._spares.setdefault(instance.id, []).append(link)
+            self._dialling.pop(instance.id, None)
+        session = Session(tls, client=True, config=self._mux, name=f"fleet link to {instance.id}",
+                          log_limiter=self._peer_log, log_key=instance.id)
+        link = _Out(session, instance.fingerprint, instance.fleet_addr)
+        if self._stopped:
+            session.close()
+        else:
+            self._links[instance.id] = link
+            self.registry.link_sessions_out += 1
+            gevent.spawn(self._count_end, session, "link_sessions_out")
+        pending.set(link)
 
-    def _sweep(self) -> None:
-        """Close spare links past SPARE_AGE or to instances no longer live (or all, stopped)."""
-        now = time.monotonic()
-        for instance_id in list(self._spares):
-            keep = []
-            for link in self._spares[instance_id]:
-                if (not self._stopped and now - link.at < SPARE_AGE
-                        and instance_id in self._instances):
-                    keep.append(link)
-                else:
-                    link.tls.close()
-            if keep:
-                self._spares[instance_id] = keep
-            else:
-                del self._spares[instance_id]
+    def _drop(self, instance_id, session) -> None:
+        """Close ``session`` and forget it as the link to ``instance_id``."""
+        link = self._links.get(instance_id)
+        if link is not None and link.session is session:
+            del self._links[instance_id]
+        session.close()
+
+    def _count_end(self, session, gauge: str) -> None:
+        """Take ``session`` off the ``gauge`` of the registry once it ends."""
+        session.wait()
+        setattr(self.registry, gauge, getattr(self.registry, gauge) - 1)
 
     # --- holder --------------------------------------------------------------------------
     def _serve(self, raw, address) -> None:
+        """A link from a live instance: its streams, each a visitor, until it ends."""
         set_nodelay(raw)
-        link = self._accept(raw, address)
-        if link is None:
+        try:
+            with gevent.Timeout(LINK_TIMEOUT):  # TLS checks the sender's certificate here
+                tls = self._handshake(raw)
+        except (OSError, ValueError, gevent.Timeout) as exc:
+            self._refused(address, "handshake: %s" % (exc or type(exc).__name__))
+            raw.close()
             return
-        tls, header, peeked = link
+        fingerprint = hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest()
+        session = Session(tls, client=False, config=self._mux,
+                          name=f"fleet link from {address[0]}", log_limiter=self._peer_log,
+                          log_key=address[0])
+        self._admit(fingerprint, session)
+        self.registry.link_sessions_in += 1
+        try:
+            while True:
+                stream = session.accept()  # bounded: MuxConfig.max_streams, accept_backlog
+                gevent.spawn(self._serve_stream, session, fingerprint, stream, address)
+        except MuxError:  # the link ended (the sender's close, heartbeat, _close_stale)
+            pass
+        finally:
+            self.registry.link_sessions_in -= 1
+            session.close()
+            sessions = self._served.get(fingerprint)
+            if sessions is not None and session in sessions:
+                sessions.remove(session)
+                if not sessions:
+                    del self._served[fingerprint]
+
+    def _admit(self, fingerprint: str, session) -> None:
+        """Keep ``session`` among its certificate's links; past SESSIONS_PER_PEER the oldest
+        is closed."""
+        sessions = self._served.setdefault(fingerprint, [])
+        sessions.append(session)
+        while len(sessions) > SESSIONS_PER_PEER:
+            sessions.pop(0).close()
+
+    def _serve_stream(self, session, fingerprint: str, stream, address) -> None:
+        """One visitor: the head checked, the answer, then take()'s run on the stream."""
+        try:
+            with gevent.Timeout(LINK_TIMEOUT):
+                header, peeked = self._read_head(stream, fingerprint)
+        except LinkRefused as exc:  # a fleet member's certificate no longer live, or junk
+            self._refused(address, str(exc))
+            session.close()
+            return
+        except (OSError, ValueError, gevent.Timeout) as exc:
+            self._refused(address, "head: %s" % (exc or type(exc).__name__))
+            stream.reset()
+            return
         registry = self.registry
         if registry.links_in >= self.max_links:
             registry.count_refusal("fleet_link_busy")
-            _answer(tls, BUSY)
+            _answer(stream, BUSY)
             return
         registry.links_in += 1  # before take(), which may yield: the bound holds at once
         try:
             run = self.take(header, peeked)
             if isinstance(run, Refused):
-                _answer(tls, REFUSED)
+                _answer(stream, REFUSED)
                 return
             try:
-                tls.sendall(OK)
+                stream.sendall(OK)
             except OSError:  # the sender gave up; dropping run closes what it holds
-                tls.close()
+                stream.close()
                 return
             registry.forwarded_in += 1
-            run(LinkEnd(tls))
+            run(stream)
         finally:
             registry.links_in -= 1
 
-    def _accept(self, raw, address):
-        """(tls, head, peeked) of a link from a live instance, checked; else None (closed,
-        counted, logged at most once per REFUSED_LOG_INTERVAL)."""
-        try:
-            with gevent.Timeout(LINK_TIMEOUT):  # TLS checks the sender's certificate here
-                tls = self._handshake(raw)
-            with gevent.Timeout(LINK_IDLE):  # a spare link waits here for its visitor
-                first = tls.recv(4)
-            if not first:  # a spare link closed unused (SPARE_AGE): nothing was asked
-                raw.close()
-                return None
-            with gevent.Timeout(LINK_TIMEOUT):
-                header, peeked = self._read_head(tls, first)
-            return tls, header, peeked
-        except LinkRefused as exc:
-            reason = str(exc)
-        except (OSError, ValueError, gevent.Timeout) as exc:
-            reason = "handshake: %s" % (exc or type(exc).__name__)
-        self.registry.count_refusal("fleet_link_refused")
-        self._log_refused(address, reason)
-        raw.close()
-        return None
-
     def _handshake(self, raw):
-        """The TLS socket once the sender's certificate checked out; meanwhile ``raw`` holds one
-        of MAX_HANDSHAKES slots, and past them the oldest handshake's connection is shut down
-        (its handshake then fails with OSError, as any other). :raises OSError, ValueError:"""
+        """The TLS transport once the sender's certificate checked out; meanwhile ``raw`` holds
+        one of MAX_HANDSHAKES slots, and past them the oldest handshake's connection is shut
+        down (its handshake then fails with OSError, as any other). :raises OSError,
+        ValueError:"""
         me = gevent.getcurrent()
-        self._handshaking[me] = raw.fileno()  # ssl takes the descriptor from raw: keep the fd
+        self._handshaking[me] = raw.fileno()
         try:
             if len(self._handshaking) > MAX_HANDSHAKES:
                 _shut_down(self._handshaking.pop(next(iter(self._handshaking))))
-            return self._server_ctx.wrap_socket(raw, server_side=True)
+            return TLSTransport.server(raw, self._server_ctx, timeout=None)
         finally:
             self._handshaking.pop(me, None)
 
-    def _read_head(self, tls, start: bytes = b"") -> tuple:
-        """The sender's head and peeked bytes (``start``: its first bytes, read already),
-        checked. :raises LinkRefused:"""
-        fingerprint = hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest()
+    def _read_head(self, stream, fingerprint: str) -> tuple:
+        """The sender's head and peeked bytes, checked. :raises LinkRefused:"""
         if fingerprint not in self._anchors:  # its row expired since the handshake
             raise LinkRefused("certificate %s... of no live instance" % fingerprint[:16])
-        (n,) = struct.unpack(">I", start + _read_exact(tls, 4 - len(start)))
+        (n,) = struct.unpack(">I", _read_exact(stream, 4))
         if n > MAX_HEAD:
             raise LinkRefused("head of %d bytes" % n)
-        body = _read_exact(tls, n)
+        body = _read_exact(stream, n)
         try:
             head = json.loads(body)
             size = int(head["peeked"])
@@ -539,7 +574,13 @@ class FleetLinks:
             raise LinkRefused("not a forwarded connection")
         if head.get("kind") not in LINK_KINDS:
             raise LinkRefused("a head of kind %.40r" % (head.get("kind"),))
-        return head, _read_exact(tls, size)
+        return head, _read_exact(stream, size)
+
+    def _refused(self, address, reason: str) -> None:
+        """Count a refused link (or stream) and log it, at most once per
+        REFUSED_LOG_INTERVAL."""
+        self.registry.count_refusal("fleet_link_refused")
+        self._log_refused(address, reason)
 
     def _log_refused(self, address, reason: str) -> None:
         now = time.monotonic()
@@ -549,30 +590,13 @@ class FleetLinks:
                         "line per %g s)", address[0], reason, REFUSED_LOG_INTERVAL)
 
 
-class LinkEnd:
-    """A TLS link as one end of a splice (lib/net/splice.py half-closes its ends). Python's ssl
-    cannot half-close TLS: SSLSocket.shutdown drops the TLS state, and the next read of the
-    other direction raised ValueError (a traceback at the holder after every forwarded HTTP
-    exchange). Here SHUT_WR sends the TCP FIN alone, no close_notify (the peer's ssl reads it as
-    the end, suppress_ragged_eofs), and reads go on. Everything else is the TLS socket's."""
-
-    def __init__(self, tls):
-        self._tls = tls
-
-    def __getattr__(self, name):
-        return getattr(self._tls, name)
-
-    def shutdown(self, how: int) -> None:
-        gevent.socket.socket.shutdown(self._tls, how)
-
-
-def _answer(tls, answer: bytes) -> None:
-    """Send the holder's one-byte answer and close the link."""
+def _answer(stream, answer: bytes) -> None:
+    """Send the holder's one-byte answer and close the stream."""
     try:
-        tls.sendall(answer)
+        stream.sendall(answer)
     except OSError:
         pass
-    tls.close()
+    stream.close()
 
 
 def _shut_down(fd: int) -> None:

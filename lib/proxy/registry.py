@@ -196,9 +196,11 @@ class Registry:
         self.bytes_out = 0
         # Connections carried between the fleet's hosts (lib/proxy/hostlinks.py): counted at
         # the sender (out, besides ``connections``) and at the holder (in, never in
-        # ``connections``), and the links open now each way.
+        # ``connections``), the visitors on links now each way, and the links (TLS
+        # connections, each a mux session carrying many visitors) open now each way.
         self.forwarded_in = self.forwarded_out = 0
         self.links_in = self.links_out = 0
+        self.link_sessions_in = self.link_sessions_out = 0
         self.history = RateHistory()
         self.started = time.time()
         self.listeners: dict[str, str] = {}
@@ -297,6 +299,8 @@ class Registry:
             "connections": self.connections,
             "forwarded_in": self.forwarded_in, "forwarded_out": self.forwarded_out,
             "links_in": self.links_in, "links_out": self.links_out,
+            "link_sessions_in": self.link_sessions_in,
+            "link_sessions_out": self.link_sessions_out,
             "streams_open": sum(t.streams_open for t in self.tunnels.values()),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "rate_in": rate_in, "rate_out": rate_out,
