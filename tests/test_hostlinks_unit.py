@@ -72,3 +72,30 @@ def test_the_holder_trusts_exactly_the_live_rows_certificates(holder):
     links.refresh()
     assert _ask(links, ids["b"]) == b""
     assert registry.refusals["fleet_link_refused"] == 3
+
+
+def test_links_past_the_bound_per_certificate_close_the_oldest(holder, monkeypatch):
+    """A fleet member re-dialling in a loop holds at most SESSIONS_PER_PEER links at the holder
+    (lib/proxy/hostlinks.py): past it the oldest is closed, the newest serve."""
+    import lib.proxy.hostlinks as hostlinks
+    from tests.support.fleetlink import Link
+    links, store, registry, ids = holder
+    monkeypatch.setattr(hostlinks, "SESSIONS_PER_PEER", 2)
+    store.rows = [_row("a", ids["a"][0]), _row("b", ids["b"][0])]
+    links.refresh()
+    addr = "%s:%d" % links.address
+    opened = []
+    try:
+        for _ in range(4):
+            opened.append(Link(addr, ids["b"]))
+            assert opened[-1].ask() == REFUSED  # served (no tunnel here): the link is up
+        deadline = time.monotonic() + 10
+        while [x.session.closed for x in opened] != [True, True, False, False] and (
+                time.monotonic() < deadline):
+            gevent.sleep(0.01)  # the holder's close reaches our side
+        assert [link.session.closed for link in opened] == [True, True, False, False]
+        assert registry.link_sessions_in == 2
+        assert [link.ask() for link in opened] == [b"", b"", REFUSED, REFUSED]
+    finally:
+        for link in opened:
+            link.close()

@@ -84,10 +84,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
 import ssl
 import struct
-import os
 import time
 from typing import NamedTuple
 
@@ -225,16 +225,17 @@ class FleetLinks:
         self._refresher = gevent.spawn(self._refresh_loop)
 
     def stop(self) -> None:
+        """Close every link (their visitors end with them) and the listener."""
         self._stopped = True
         if self._refresher is not None:
             self._refresher.kill()
-        if self._server is not None:
-            self._server.stop(timeout=1)
         for link in list(self._links.values()):
             link.session.close()
         for sessions in list(self._served.values()):
             for session in list(sessions):
-                session.close()
+                session.close()  # first: the server's stop waits for its handlers
+        if self._server is not None:
+            self._server.stop(timeout=1)
 
     def _refresh_loop(self) -> None:
         while True:
