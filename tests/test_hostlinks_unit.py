@@ -8,7 +8,7 @@ import pytest
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, leaf_pem
 from lib.proxy.hostlinks import REFUSED, FleetLinks
 from lib.proxy.registry import Registry
-from lib.proxy.store.base import Instance
+from lib.proxy.store.base import Instance, LiveBinding
 from lib.proxy.workers import Refused
 from tests.support.fleetlink import ask
 
@@ -99,3 +99,63 @@ def test_links_past_the_bound_per_certificate_close_the_oldest(holder, monkeypat
     finally:
         for link in opened:
             link.close()
+
+
+class Fleet2(Rows):
+    """Two instances' rows, their heartbeats always fresh, and ``a`` holding web.test."""
+
+    def instances(self):
+        return [r._replace(heartbeat=time.time()) for r in self.rows]
+
+    def live_bindings(self):
+        return [LiveBinding("a", "http", "web.test", 1, "", 0.0)]
+
+
+def test_a_link_closed_under_a_visitor_is_redialled_for_it(tmp_path):
+    """B's link to A was closed by A (here: B's row left A's view, and came back) and B has not
+    read the close yet when the next visitor comes: that visitor's stream fails before any
+    answer, and B dials a new link for it instead of answering 502 (lib/proxy/hostlinks.py)."""
+    import gevent.socket
+    from lib.proxy.workers import TAKEN
+    ids = {n: ensure_tunnel_cert(str(tmp_path / n)) for n in ("a", "b")}
+    store = Fleet2()
+
+    def take(header, peeked):
+        def run(sock):
+            sock.sendall(b"served " + peeked)
+            sock.close()
+        return run
+    a = FleetLinks(store, Registry(), take, *ids["a"], cert_fingerprint(ids["a"][0]),
+                   ("127.0.0.1", 0))
+    b = FleetLinks(store, Registry(), take, *ids["b"], cert_fingerprint(ids["b"][0]),
+                   ("127.0.0.1", 0))
+    a.self_id, b.self_id = "a", "b"
+    a.start()
+    b.start()
+    try:
+        rows = [_row("a", ids["a"][0])._replace(fleet_addr="127.0.0.1:%d" % a.address[1]),
+                _row("b", ids["b"][0])._replace(fleet_addr="127.0.0.1:%d" % b.address[1])]
+
+        def visit():
+            mine, theirs = gevent.socket.socketpair()
+            g = gevent.spawn(b.send, mine, {"kind": "http", "name": "web.test",
+                                            "client": ["10.0.0.1", 1]}, b"GET", ["http"])
+            g.link(lambda _: mine.close())  # not TAKEN: nobody else closes it
+            theirs.settimeout(10)
+            got = theirs.recv(100)
+            theirs.close()
+            return got, g.get(timeout=10)
+        store.rows = rows
+        a.refresh()
+        b.refresh()
+        assert visit() == (b"served GET", TAKEN)
+        assert (b.registry.link_sessions_out, a.registry.link_sessions_in) == (1, 1)
+        store.rows = rows[:1]
+        a.refresh()  # closes B's link at A (counted)
+        store.rows = rows
+        a.refresh()
+        assert visit() == (b"served GET", TAKEN)  # no yield since: B had not seen the close
+        assert a.registry.refusals["fleet_link_refused"] == 1
+    finally:
+        a.stop()
+        b.stop()
