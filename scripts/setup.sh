@@ -3,7 +3,7 @@
 #   ./scripts/setup.sh         everything the tests and benchmarks need (CI runs this)
 #   ./scripts/setup.sh demo    only what ./scripts/demo.sh uses (tor and a Python venv)
 # - as root, the Debian packages that are missing;
-# - always, a virtual environment at .venv with requirements.txt (pinned versions);
+# - always, a virtual environment at .venv with requirements.txt (pinned versions).
 # Packages are found with dpkg-query, never on PATH: a regular user's PATH has no /usr/sbin, so
 # an installed nginx or sshd would look missing. A package still missing afterwards is an error:
 # CI must fail, never skip.
@@ -78,4 +78,3 @@ if [ ! -x .venv/bin/python ] || [ ! -e "$stamp" ]; then
     .venv/bin/pip install -q -r requirements.txt
     touch "$stamp"
 fi
-
