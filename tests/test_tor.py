@@ -36,7 +36,10 @@ def test_client_bootstraps_with_progress(client_tor_factory):
     tor = client_tor_factory(progress=lambda pct, summary: seen.append((pct, summary)))
     took = time.monotonic() - t0
     assert seen[-1] == (100, "Done")
-    assert [p for p, _ in seen] == sorted(p for p, _ in seen) and len(seen) >= 3
+    # Progress before the end, in order. How many steps the 0.1 s polls catch depends on how
+    # fast tor is (a warm private network went 75 -> 100 in one poll), so not a fixed count.
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen) and len(seen) >= 2
+    assert seen[0][0] < 100
     assert tor.socks_address[0] == "127.0.0.1" and tor.socks_address[1] > 0
     assert tor.controller.get_info("status/circuit-established") == "1"
     assert tor.process.poll() is None
