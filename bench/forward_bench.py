@@ -47,17 +47,15 @@ import argparse
 import errno
 import os
 import shutil
-import socket
-import struct
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.proxy_bench import (cpu_seconds, percentile, request_bytes,  # noqa: E402
+from bench.proxy_bench import (cpu_seconds, percentile,  # noqa: E402
                                rss_kib, start_single_write, wrk)
-from bench.workers_bench import NAME, Host  # noqa: E402
+from bench.workers_bench import NAME, Host, fresh_ttfb  # noqa: E402
 from tests.support.procs import ClientProc, ProxyProc, free_port  # noqa: E402
 
 README = os.path.join(ROOT, "bench", "README.md")
@@ -79,33 +77,6 @@ def log(msg: str) -> None:
 
 def loadavg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def fresh_ttfb(port: int, sport: int | None = None, host: str = "127.0.0.1") -> float:
-    """One fresh connection (from source port ``sport`` when given): seconds from connect() to
-    the first response byte. Reset after reading to the end: no TIME_WAIT on either side, so a
-    source port can be used again at once."""
-    req = request_bytes(keep_alive=False, target="/small", host=NAME)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.settimeout(10)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if sport is not None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", sport))
-        t0 = time.perf_counter()
-        s.connect((host, port))
-        s.sendall(req)
-        first = s.recv(65536)
-        took = time.perf_counter() - t0
-        if not first.startswith(b"HTTP/1.1 200"):
-            raise ConnectionError(f"unexpected answer: {first[:200]!r}")
-        while s.recv(65536):
-            pass
-    finally:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        s.close()
-    return took
 
 
 def from_pool(port: int, sports: list, i: int) -> float:
