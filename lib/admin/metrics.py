@@ -38,6 +38,14 @@ def gauge(name: str, doc: str, value) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+def by_direction(family, name: str, doc: str, in_value, out_value):
+    """A metric family with a ``direction`` label: its ``in`` and ``out`` samples."""
+    f = family(name, doc, labels=["direction"])
+    f.add_metric(["in"], in_value)
+    f.add_metric(["out"], out_value)
+    return f
+
+
 class ShroudCollector:
     def __init__(self, live, top_hostnames: int = TOP_HOSTNAMES):
         self.live = live
@@ -61,29 +69,19 @@ class ShroudCollector:
                     sum(t.streams_open for t in tunnels))
         yield CounterMetricFamily("shroud_public_connections", "Public connections accepted.",
                                   value=reg.connections)
-        c = CounterMetricFamily("shroud_bytes", "Bytes carried: in = public to origin, "
-                                "out = origin to public.", labels=["direction"])
-        c.add_metric(["in"], reg.bytes_in)
-        c.add_metric(["out"], reg.bytes_out)
-        yield c
-        c = CounterMetricFamily("shroud_forwarded_connections", "Public connections carried "
-                                "between the fleet's proxies: out = accepted here, served by "
-                                "another; in = accepted by another, served here.",
-                                labels=["direction"])
-        c.add_metric(["in"], reg.forwarded_in)
-        c.add_metric(["out"], reg.forwarded_out)
-        yield c
-        g = GaugeMetricFamily("shroud_fleet_links_open", "Visitors on links to (out) and from "
-                              "(in) the fleet's other proxies now.", labels=["direction"])
-        g.add_metric(["in"], reg.links_in)
-        g.add_metric(["out"], reg.links_out)
-        yield g
-        g = GaugeMetricFamily("shroud_fleet_link_sessions_open", "Links (TLS connections, each "
-                              "carrying many visitors) to (out) and from (in) the fleet's other "
-                              "proxies open now.", labels=["direction"])
-        g.add_metric(["in"], reg.link_sessions_in)
-        g.add_metric(["out"], reg.link_sessions_out)
-        yield g
+        yield by_direction(CounterMetricFamily, "shroud_bytes", "Bytes carried: in = public "
+                           "to origin, out = origin to public.", reg.bytes_in, reg.bytes_out)
+        yield by_direction(CounterMetricFamily, "shroud_forwarded_connections", "Public "
+                           "connections carried between the fleet's proxies: out = accepted "
+                           "here, served by another; in = accepted by another, served here.",
+                           reg.forwarded_in, reg.forwarded_out)
+        yield by_direction(GaugeMetricFamily, "shroud_fleet_links_open", "Visitors on links to "
+                           "(out) and from (in) the fleet's other proxies now.",
+                           reg.links_in, reg.links_out)
+        yield by_direction(GaugeMetricFamily, "shroud_fleet_link_sessions_open", "Links (TLS "
+                           "connections, each carrying many visitors) to (out) and from (in) "
+                           "the fleet's other proxies open now.",
+                           reg.link_sessions_in, reg.link_sessions_out)
         c = CounterMetricFamily("shroud_refusals", "Refused connections and binds by reason.",
                                 labels=["reason"])
         for reason, n in sorted(reg.refusals.items()):
