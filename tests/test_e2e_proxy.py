@@ -177,6 +177,21 @@ def test_absolute_form_whose_host_differs_is_refused_and_reaches_no_origin(world
         assert info["proxy_header"] == "" and info["target"].lower().startswith("http://web.test")
 
 
+def test_a_host_that_is_not_ascii_gets_our_reason_and_is_counted(world):
+    """A Host of UTF-8 bytes was answered with Python's codec message ("'ascii' codec can't
+    decode byte 0xc3 ..."); it gets the one-line reason of every other bad name, and counts as
+    a bad request."""
+    before = world["proxy"].status()["refusals"].get("bad_request", 0)
+    for host in (b"caf\xc3\xa9.test", b"web.test\xff"):
+        data = raw_exchange(world, b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                            % host)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 400 "), data
+        assert body == (b"invalid host: host name must be ASCII (give an internationalised "
+                        b"name in its xn-- form)\n"), data
+    assert world["proxy"].status()["refusals"]["bad_request"] - before == 2
+
+
 def test_http_to_tls_only_name_redirects_to_https(world):
     status, _ = http_get(world, "app.test", "/x?y=1")
     assert status == 301

@@ -157,6 +157,16 @@ def normalize_hostname(name: object, *, allow_wildcard: bool = False) -> str:
     return name
 
 
+def _normalize_wire_name(name: bytes) -> str:
+    """:func:`normalize_hostname` of a name as it came on the wire (SNI, Host, a target).
+
+    Decoded as latin-1, which maps every byte to one character, so a byte beyond ASCII meets
+    normalize_hostname's own "must be ASCII" refusal: an ASCII decode would have made the
+    peer's answer Python's codec message ("'ascii' codec can't decode byte 0xc3 ...").
+    """
+    return normalize_hostname(bytes(name).decode("latin-1"))
+
+
 def _valid_port(port: str) -> bool:
     return bool(_PORT_RE.match(port)) and int(port) <= 65535
 
@@ -406,8 +416,8 @@ def _parse_server_name(ext_data: bytes) -> str:
     if host is None:
         return ""
     try:
-        return normalize_hostname(host.decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        return _normalize_wire_name(host)
+    except ValueError as exc:
         raise SniffError("invalid server_name: %s" % exc,
                          alert=ALERT_UNRECOGNIZED_NAME) from None
 
@@ -532,8 +542,8 @@ def _host_of_head(head: bytes) -> str:
 
 def _name(host: bytes, what: str) -> str:
     try:
-        return normalize_hostname(host.decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        return _normalize_wire_name(host)
+    except ValueError as exc:
         raise SniffError("invalid %s: %s" % (what, exc), http_status=400) from None
 
 
