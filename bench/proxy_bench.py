@@ -90,12 +90,13 @@ def log(msg: str) -> None:
 class Proc:
     """A subprocess in its own session, logging to a file; stop() ends it and its group."""
 
-    def __init__(self, name: str, argv: list[str], logdir: str, env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], logdir: str, env: dict | None = None,
+                 cwd: str = ROOT):
         self.name = name
         self.log_path = os.path.join(logdir, f"{name}.log")
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.p = subprocess.Popen(argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        self.p = subprocess.Popen(argv, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.pid = self.p.pid
 
@@ -184,8 +185,8 @@ def cpu_seconds(pids) -> float:
     return total / CLK_TCK
 
 
-def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+def run(argv: list[str], timeout: float, cwd: str = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           stdin=subprocess.DEVNULL)
 
 
@@ -354,13 +355,20 @@ class SshPath(Path):
 
 
 class ShroudPath(Path):
+    """``root``: the source tree whose shroud_proxy.py and shroud.py run (the same venv python),
+    so bench/cost_ab.py can run a base tree beside a changed one; ``name`` tells them apart."""
+
     name = "shroud"
     env: dict = {}  # extra environment for the proxy and client processes
 
-    def __init__(self, d: str, origin_http: int, origin_tls: int, origin_one: int):
+    def __init__(self, d: str, origin_http: int, origin_tls: int, origin_one: int,
+                 root: str = ROOT, name: str | None = None):
+        if name is not None:
+            self.name = name
+        self.root = root
         pdata, cdata = (os.path.join(d, f"{self.name}-proxy-data"),
                         os.path.join(d, f"{self.name}-client-data"))
-        out = run([PY, "shroud_proxy.py", "--data-dir", pdata, "--print-fingerprint"], 60)
+        out = run([PY, "shroud_proxy.py", "--data-dir", pdata, "--print-fingerprint"], 60, cwd=root)
         if out.returncode:
             raise RuntimeError(f"shroud_proxy.py --print-fingerprint failed: {out.stderr}")
         pin = out.stdout.strip()
@@ -379,7 +387,7 @@ class ShroudPath(Path):
             "--admin-token", self.token,
             # 1,000 held + 64 wrk + closing streams stay under the client's own 1,024 limit.
             "--max-streams-per-tunnel", "4096", "--log-level", "warning",
-            "--tcp-ports", str(raw)], d, env=self.env)
+            "--tcp-ports", str(raw)], d, env=self.env, cwd=root)
         self.procs.append(self.proxy)
         try:
             wait_port(tunnel)
@@ -392,7 +400,7 @@ class ShroudPath(Path):
             "--log-level", "warning", "--proxy", f"127.0.0.1:{tunnel}", "--pin", pin,
             TLS_NAME, f"127.0.0.1:{origin_tls}", f"http:{HTTP_NAME}", f"127.0.0.1:{origin_http}",
             f"http:{ONE_NAME}", f"127.0.0.1:{origin_one}", f"tcp:{raw}", f"127.0.0.1:{origin_one}"], d,
-            env=self.env)
+            env=self.env, cwd=root)
         self.procs.append(self.client)
         try:
             self._wait_bound((TLS_NAME, HTTP_NAME, ONE_NAME, f"tcp:{raw}"), 30)
@@ -546,11 +554,13 @@ def _ms(text: str) -> float:
 
 
 def wrk(path: Path, conns: int, seconds: int, port: int | None = None, target: str = SMALL,
-        host: str = HTTP_NAME, addr: str = "127.0.0.1") -> dict:
+        host: str = HTTP_NAME, addr: str = "127.0.0.1", headers: tuple[str, ...] = ()) -> dict:
+    """``headers``: more request header lines for wrk's -H (e.g. "Connection: close")."""
     threads = 1 if conns == 1 else min(2, os.cpu_count() or 1)
     port = port or path.http_port
     argv = ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--latency",
-            "--timeout", "5s", "-H", f"Host: {host}", f"http://{addr}:{port}{target}"]
+            "--timeout", "5s", "-H", f"Host: {host}",
+            *(a for h in headers for a in ("-H", h)), f"http://{addr}:{port}{target}"]
     out = run(argv, seconds + 30)
     if out.returncode:
         raise RuntimeError(f"wrk failed: {out.stderr or out.stdout}")

@@ -4,7 +4,9 @@
     python bench/single_write_origin.py PORT
 
 ``GET /small`` answers a 13-byte body, ``GET /1k`` a 1,024-byte body, anything else 404; keep-alive
-unless the request says ``Connection: close``. nginx answers a static file in two writes (the head,
+unless the request says ``Connection: close`` (then the answer says so too, and the
+connection ends after it, so a load tool such as wrk reconnects instead of writing the next
+request into a closed connection). nginx answers a static file in two writes (the head,
 then the body by sendfile), which provokes Nagle/delayed-ACK stalls in a path that does not set
 TCP_NODELAY everywhere (ssh -R); this origin takes that stall out, so a path's own cost per request
 is what bench/proxy_bench.py sees. One process, one epoll loop, non-blocking sockets; a request
@@ -19,13 +21,16 @@ import sys
 HEAD_LIMIT = 8192
 
 
-def response(body: bytes, status: str = "200 OK") -> bytes:
+def response(body: bytes, status: str = "200 OK", close: bool = False) -> bytes:
+    conn = "Connection: close\r\n" if close else ""
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-            f"\r\n").encode() + body
+            f"{conn}\r\n").encode() + body
 
 
-BODIES = {b"/small": response(b"hello, world\n"), b"/1k": response(b"x" * 1023 + b"\n")}
-NOT_FOUND = response(b"not found\n", "404 Not Found")
+BODIES = {b"/small": b"hello, world\n", b"/1k": b"x" * 1023 + b"\n"}
+KEEP = {k: response(v) for k, v in BODIES.items()}
+CLOSE = {k: response(v, close=True) for k, v in BODIES.items()}
+NOT_FOUND = {c: response(b"not found\n", "404 Not Found", close=c) for c in (False, True)}
 
 
 def answer(head: bytes) -> tuple[bytes, bool]:
@@ -34,7 +39,7 @@ def answer(head: bytes) -> tuple[bytes, bool]:
     parts = line.split(b" ")
     target = parts[1] if len(parts) == 3 else b""
     close = b"connection: close" in fields.lower()
-    return BODIES.get(target, NOT_FOUND), close
+    return (CLOSE if close else KEEP).get(target, NOT_FOUND[close]), close
 
 
 class Conn:
