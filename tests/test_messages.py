@@ -1016,3 +1016,83 @@ def test_start_proxy_public_addr_is_shroud_only_and_ignored_by_go(go_repack):
     assert unpack(pack(told)) == told and unpack(pack(plain)) == plain
     # A go-tunnel client decodes it and sees its own two fields.
     assert go_repack([told]) == [pack(plain)]
+
+
+# --- StartProxy's plain paths (one per public connection: no general codec) ----------------
+PLAIN = b'{"Type":"StartProxy","Payload":{"Url":"http://a.test","ClientAddr":"203.0.113.7:1"}}'
+
+
+def _general_unpack(monkeypatch, body: bytes):
+    """unpack with the plain path switched off: the general decoder's verdict."""
+    with monkeypatch.context() as mp:
+        mp.setattr(m, "_unpack_plain_start_proxy", lambda body: None)
+        try:
+            return unpack(body)
+        except MessageError as e:
+            return ("error", e.reason)
+
+
+def _general_pack(monkeypatch, msg) -> bytes:
+    with monkeypatch.context() as mp:
+        mp.setattr(m, "_pack_plain_start_proxy", lambda msg: None)
+        return pack(msg)
+
+
+def test_a_plain_start_proxy_skips_the_json_codec(monkeypatch):
+    # Goes red when the plain paths are gone (or never taken): the JSON codec is what they
+    # save per public connection.
+    def no_json(*a, **k):
+        raise AssertionError("the general codec ran")
+    monkeypatch.setattr(m.json, "loads", no_json)
+    monkeypatch.setattr(m, "_go_json", no_json)
+    told = StartProxy("http://a.test", "203.0.113.7:1", public_addr="198.51.100.1:80")
+    assert unpack(pack(told)) == told
+    assert unpack(PLAIN) == StartProxy("http://a.test", "203.0.113.7:1")
+    assert pack(StartProxy("tls://é.test", "[2001:db8::1]:443")) == (
+        '{"Type":"StartProxy","Payload":{"Url":"tls://é.test","ClientAddr":"[2001:db8::1]:443"}}'
+        .encode())
+    # Anything else is the general codec's: a spelling Go would also accept, an escape.
+    for other in (PLAIN.replace(b'"Url"', b'"url"'), PLAIN.replace(b":1", b":\\u0031"),
+                  PLAIN.replace(b",", b", ")):
+        with pytest.raises(AssertionError, match="general codec"):
+            unpack(other)
+    with pytest.raises(AssertionError, match="general codec"):
+        pack(StartProxy("http://a.test/<", "x"))
+
+
+@pytest.mark.parametrize("body", [
+    PLAIN,
+    PLAIN.replace(b"}}", b',"PublicAddr":""}}'),          # empty: None, as Go's zero value
+    PLAIN.replace(b"}}", b',"PublicAddr":"1.2.3.4:5"}}'),
+    PLAIN.replace(b"a.test", b"\xc3\xa9\xe2\x80\xa8\x7f"),  # UTF-8, raw U+2028, DEL
+    PLAIN.replace(b"a.test", b"\xff"),                       # not UTF-8
+    PLAIN.replace(b"a.test", b"\xed\xa0\x80"),               # an encoded surrogate
+    PLAIN.replace(b"a.test", b"\xc0\xae"),                   # overlong
+    PLAIN.replace(b"a.test", b"\x01"),                       # a raw control byte
+    PLAIN.replace(b"a.test", b"a\\\"b"),                     # an escape
+    PLAIN.replace(b"}}", b',"Url":"second"}}'),              # a duplicate: the last wins
+    PLAIN.replace(b'"Url":"http://a.test",', b""),           # a field missing
+    PLAIN + b" ", b" " + PLAIN, PLAIN[:-1],
+])
+def test_plain_start_proxy_decodes_as_the_general_decoder(monkeypatch, body):
+    try:
+        fast = unpack(body)
+    except MessageError as e:
+        fast = ("error", e.reason)
+    assert fast == _general_unpack(monkeypatch, body)
+
+
+@settings(max_examples=500, deadline=None)
+@given(texts, texts, st.none() | texts)
+def test_fuzz_plain_start_proxy_paths_agree_with_the_general_codec(url, client, public):
+    with pytest.MonkeyPatch.context() as mp:
+        msg = StartProxy(url, client, public_addr=public)
+        body = pack(msg)
+        assert body == _general_pack(mp, msg)
+        assert unpack(body) == _general_unpack(mp, body)
+        raw = PLAIN.replace(b"http://a.test", url.encode("utf-8", "surrogatepass"))
+        try:
+            fast = unpack(raw)
+        except MessageError as e:
+            fast = ("error", e.reason)
+        assert fast == _general_unpack(mp, raw)
