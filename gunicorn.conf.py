@@ -112,6 +112,34 @@ def on_exit(server):
         shutil.rmtree(_shared["run_dir"], ignore_errors=True)
 
 
+def worker_exit(server, worker):
+    """A worker's last act: its proxy stops as `python shroud_proxy.py` does on SIGTERM (leaves
+    the fleet, closes its store), then the process ends without the interpreter's teardown, as
+    multiprocessing's forked children do. That teardown collected gunicorn's log handlers after
+    gevent.thread's globals were gone, and logging's clean-up printed "Exception ignored in
+    _removeHandlerRef ... TypeError" from gevent's patched lock at every stop."""
+    import logging
+
+    import shroud_proxy
+
+    shroud_proxy.stop_in_worker()
+    code = _exit_code(sys.exc_info()[1])
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_code(exc) -> int:
+    """The status the worker was leaving with: gunicorn calls worker_exit in a `finally` while
+    the worker's SystemExit propagates (0, or an error code that stops the master)."""
+    if not isinstance(exc, SystemExit):
+        return 1
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    return 1
+
+
 def post_worker_init(worker):
     import shroud_proxy
 

@@ -358,6 +358,14 @@ def start_in_worker(argv: list[str] | None = None, worker=None, listeners=None,
     log.info("proxy started in gunicorn worker pid %d", os.getpid())
 
 
+def stop_in_worker() -> None:
+    """Called by gunicorn.conf.py when a worker exits: its proxy leaves the fleet and closes
+    its listeners, tunnels and store, as `python shroud_proxy.py` does on SIGTERM."""
+    proxy = _state.pop("proxy", None)
+    if proxy is not None:
+        proxy.stop()
+
+
 # gunicorn's Arbiter.WORKER_BOOT_ERROR: a worker exiting with it halts gunicorn ("Worker failed
 # to boot") instead of being restarted.
 WORKER_BOOT_ERROR = 3

@@ -325,3 +325,37 @@ def test_platform_restart_on_an_ephemeral_disk_keeps_first_use_owners(fleet, tmp
     assert refused.error and refused.reason == msg.REASON_NOT_OWNER, refused
     assert owner[:16] in refused.error
     assert "PostgreSQL" in _api(second, "GET", "/api/fleet")[1]["store"]
+
+
+# What a stop must not print: a traceback, "Exception ignored in ..." (a gunicorn worker's
+# interpreter teardown under gevent printed it per worker), psycopg_pool's warnings of a pool
+# torn down unclosed ("couldn't stop thread", "greenlet is being finalized").
+STOP_NOISE = ("Traceback", "Exception ignored", "finalized", "couldn't stop", "Error")
+
+
+@pytest.mark.parametrize("gunicorn", [False, True], ids=["python", "gunicorn"])
+def test_a_stop_is_quiet_and_leaves_the_fleet_at_once(fleet, tmp_path, gunicorn):
+    """SIGTERM to a proxy on the PostgreSQL store: it leaves the fleet's registry at once (not
+    by expiry: beats of 30 s, 90 s to expire), closes its store, exits 0 within Proc.stop's
+    5 s (no SIGKILL), and prints none of STOP_NOISE. Under gunicorn the workers did neither:
+    their rows stayed until they expired, and each printed a teardown traceback."""
+    env = {"SHROUD_DATABASE_URL": fleet.url, "WEB_CONCURRENCY": "2"}
+    proxy = ProxyProc(str(tmp_path), str(tmp_path / "stop-data"), name="stopping",
+                      gunicorn=gunicorn, env=env, extra=["--fleet-heartbeat", "30"])
+    fleet.procs.append(proxy)
+    fleet.client("owner", ["app.test"], [proxy])
+    proxy.wait_bound("app.test")
+    assert http_get(proxy.ports["http"], "app.test")[0] == 200
+    store = PostgresStore(fleet.url)
+    try:
+        wait_for(lambda: len(store.instances()) == (2 if gunicorn else 1),
+                 "every worker registered in the fleet", timeout=20)
+        proxy.stop()
+        assert proxy.p.returncode == 0, proxy.log()[-3000:]
+        assert store.instances() == [], "a stopped proxy's rows wait for expiry"
+    finally:
+        store.close()
+    stopping = proxy.log().split("shutting down" if not gunicorn else "Handling signal: term")
+    assert len(stopping) == 2, proxy.log()[-3000:]
+    for noise in STOP_NOISE:
+        assert noise not in stopping[1], stopping[1]

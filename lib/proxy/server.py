@@ -16,7 +16,8 @@ Public API::
     proxy.add_listener(name, server)   # show a listener started elsewhere in the status views
     proxy.open_tcp_port(port) -> bool  # a raw TCP listener for a tcp bind (idempotent); it
                                        # closes when the port's last binding goes
-    proxy.stop()
+    proxy.stop()             # leaves the fleet, closes every listener and tunnel, and the
+                             # store it opened (a PostgreSQL pool's connections and threads)
     parse_addr("HOST:PORT") -> (host, port);  parse_port_ranges("20000-20100,22") -> frozenset
 
 The parts, each in its own module (docs/PROTOCOL.md has the bytes):
@@ -181,6 +182,8 @@ class ProxyServer:
         self._tunnel_pool = gevent.pool.Pool(config.max_tunnels)
         self.policy = config.ownership if config.ownership is not None else self._make_policy()
         self.store = getattr(self.policy, "store", None)
+        # A store we opened is ours to close at stop(); a caller's policy keeps its own.
+        self._owns_store = config.ownership is None
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
         if config.cert and config.key:
             self.cert_path, self.key_path = config.cert, config.key
@@ -364,3 +367,8 @@ class ProxyServer:
         for server in list(self.servers.values()) + list(self.tcp_servers.values()):
             server.stop(timeout=1)
         self.tunnels.close_all("proxy shutting down")
+        if self._owns_store and self.store is not None:
+            # Last: the fleet's leaving and the tunnels' ends above may still write to it. A
+            # PostgreSQL pool left open was torn down with the interpreter (its threads then
+            # met a finalizing gevent hub).
+            self.store.close()
