@@ -1,4 +1,5 @@
-"""lib.net.sockets.connect_numeric (the client's connect to its local target)."""
+"""lib.net.sockets: connect_numeric (the client's connect to its local target), the public
+listeners' tuned sockets (AcceptedSocket, lib.proxy.server.PublicServer), send_all."""
 import errno
 import socket
 
@@ -71,3 +72,50 @@ def test_a_routed_exchange_answers_in_one_send_per_write():
     ex.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     assert _AsksBufferSize.asked == 0
     assert visitor.recv(200).endswith(b"\r\n\r\nok")
+
+
+def _accept_one(addr):
+    """A PublicServer on ``addr`` and what its handler saw of one connection."""
+    import gevent.event
+    import gevent.pool
+    from lib.net.sockets import AcceptedSocket, set_nodelay
+    from lib.proxy.server import PublicServer
+
+    seen = gevent.event.AsyncResult()
+
+    def handler(sock, address):
+        seen.set({"accepted": type(sock) is AcceptedSocket,
+                  "nodelay": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                  "lowat": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT),
+                  "set_nodelay": set_nodelay(sock), "local_name": sock.local_name,
+                  "getsockname": sock.getsockname()[:2]})
+
+    server = PublicServer(addr, handler, spawn=gevent.pool.Pool(4))
+    server.start()
+    try:
+        c = gsocket.create_connection(("127.0.0.1", server.address[1]), timeout=5)
+        try:
+            return server.address[1], seen.get(timeout=10)
+        finally:
+            c.close()
+    finally:
+        server.stop(timeout=1)
+
+
+def test_a_public_listener_hands_over_connections_already_tuned():
+    # Linux copies a listener's TCP options to what it accepts: no setsockopt per visitor for
+    # Nagle (routing) or the unsent bound (splice). Red when the listener is not tuned: the
+    # routing skips set_nodelay for an AcceptedSocket, so Nagle would stay on.
+    from lib.net.splice import UNSENT_LOWAT
+
+    port, seen = _accept_one(("127.0.0.1", 0))
+    assert seen["accepted"] and seen["set_nodelay"] is True
+    assert seen["nodelay"] == 1 and seen["lowat"] == UNSENT_LOWAT
+    # One address: StartProxy.PublicAddr without a getsockname, and the same answer.
+    assert seen["local_name"] == f"127.0.0.1:{port}" == "%s:%d" % seen["getsockname"]
+
+
+def test_a_wildcard_listener_leaves_the_address_to_getsockname():
+    port, seen = _accept_one(("0.0.0.0", 0))
+    assert seen["local_name"] is None and seen["nodelay"] == 1
+    assert seen["getsockname"] == ("127.0.0.1", port)

@@ -3,6 +3,11 @@
 ::
 
     set_nodelay(sock) -> bool      # Nagle off; False (and nothing raised) if sock is not TCP
+                                   # (no system call for an AcceptedSocket: it has it already)
+    tune_listener(sock, unsent_lowat)  # TCP_NODELAY and TCP_NOTSENT_LOWAT on a listener, which
+                                   # every connection it accepts inherits (Linux)
+    AcceptedSocket                 # a gevent socket accepted by a tuned listener: .tcp_tuned,
+                                   # .local_name ("host:port" of a one-address listener, else None)
     send_quietly(sock, data)       # a last word before closing: refusals, alerts, redirects
     sender(end) -> callable(data)  # end.sendall, or for a socket one that skips gevent's
                                    # getsockopt(SO_SNDBUF) on every call (send_all)
@@ -32,13 +37,42 @@ def set_nodelay(sock) -> bool:
     """Turn Nagle's algorithm off on ``sock``; True if it is now off.
 
     Anything that is not a TCP socket (a socketpair, a WebSocket or TLS transport object, a closed
-    socket) is left alone and answers False, so callers need no guard of their own.
+    socket) is left alone and answers False, so callers need no guard of their own. An
+    :class:`AcceptedSocket` has it from its listener: no system call.
     """
+    if type(sock) is AcceptedSocket:
+        return True
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError, ValueError):
         return False
     return True
+
+
+class AcceptedSocket(gevent.socket.socket):
+    """A connection accepted on a listener prepared by :func:`tune_listener`: TCP_NODELAY and
+    TCP_NOTSENT_LOWAT came with it (Linux copies a listener's TCP options to each connection
+    it accepts), so they cost no system call per connection (``tcp_tuned``: lib.net.splice
+    reads it). ``local_name`` is the listener's "host:port" when it listens on one address,
+    which is then every accepted connection's own (getsockname would answer the same); None
+    for a wildcard listener."""
+
+    __slots__ = ("local_name",)
+    tcp_tuned = True
+
+    def __init__(self, family, type, proto, fileno, local_name: str | None = None):
+        super().__init__(family, type, proto, fileno=fileno)
+        self.local_name = local_name
+
+
+def tune_listener(sock, unsent_lowat: int) -> None:
+    """Set TCP_NODELAY (module doc) and TCP_NOTSENT_LOWAT = ``unsent_lowat`` on the listening
+    ``sock``, for every connection it will accept (wrap those in :class:`AcceptedSocket`).
+
+    :raises OSError: the kernel refused either (the caller must then tune each connection).
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent_lowat)
 
 
 # A refusal is a courtesy to a peer we are about to drop: it may not hold a slot for longer.
@@ -125,10 +159,12 @@ def connect_numeric(family: int, address: tuple, timeout: float | None):
     the handshake in the caller's own system call), yet a non-blocking connect() says
     EINPROGRESS and gevent's ``connect`` then waits a hub turn for writability, with a Timeout
     armed: a second connect_ex looks first, and only a connection still in progress waits, at
-    most ``timeout`` seconds (socket.timeout). Errors are OSErrors, as from ``connect``."""
-    raw = _socket.socket(family, socket.SOCK_STREAM)
+    most ``timeout`` seconds (socket.timeout). Errors are OSErrors, as from ``connect``.
+
+    Created non-blocking (SOCK_NONBLOCK: no ioctl) and wrapped with its protocol named (no
+    getsockopt(SO_PROTOCOL)): two system calls fewer per connection than the plain way."""
+    raw = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        raw.setblocking(False)
         err = raw.connect_ex(address)
         if err == errno.EINPROGRESS:
             err = raw.connect_ex(address)
@@ -137,6 +173,7 @@ def connect_numeric(family: int, address: tuple, timeout: float | None):
                 err = raw.connect_ex(address)
         if err not in (0, errno.EISCONN):
             raise OSError(err, os.strerror(err))
-        return gevent.socket.socket(family, socket.SOCK_STREAM, fileno=raw.detach())
+        return gevent.socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP,
+                                    fileno=raw.detach())
     finally:
         raw.close()  # detached on success: closes nothing then

@@ -129,6 +129,8 @@ def _send_fallback(dst, fallback: bytes | None, total: int) -> bool:
 
 
 def _limit_unsent(end) -> None:
+    if getattr(end, "tcp_tuned", False):
+        return  # inherited from its listener (lib.net.sockets.AcceptedSocket)
     if getattr(end, "family", None) in (socket.AF_INET, socket.AF_INET6):  # not a mux stream
         try:
             end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_LOWAT)

@@ -354,6 +354,8 @@ class PublicRouter:
                          public: str | None = None) -> None:
         """Forward one HTTP exchange: its ``head`` is replayed by the exchange (with
         Connection: close), not by forward; a 502 answers when the origin sends nothing."""
+        if public is None and route.tunnel is not None and route.tunnel.key is not None:
+            public = _public_addr(sock)  # the visitor's socket, not the wrapper
         self.forward(OneExchangeSocket(sock, head), address, route, b"",
                      origin_unreachable(name), "http", public)
 
@@ -514,7 +516,11 @@ def peek_name(sock, new_sniffer, timeout: float) -> tuple[str | None, bytes]:
 
 
 def _public_addr(sock) -> str | None:
-    """The "ip:port" of the listener a public connection arrived on (StartProxy.PublicAddr)."""
+    """The "ip:port" of the listener a public connection arrived on (StartProxy.PublicAddr);
+    an AcceptedSocket of a one-address listener knows it without a system call."""
+    local = getattr(sock, "local_name", None)
+    if local is not None:
+        return local
     try:
         return format_hostport(*sock.getsockname()[:2])
     except (OSError, AttributeError, TypeError):  # a wrapped or already closed socket

@@ -35,6 +35,7 @@ This module uses gevent's APIs directly and never monkey-patches.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -48,7 +49,8 @@ from lib.certs import cert_fingerprint, ensure_tunnel_cert, leaf_pem, server_tls
 from lib.errors import ListenError
 from lib.hostport import format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig
-from lib.net.sockets import adopt_listener
+from lib.net.sockets import AcceptedSocket, adopt_listener, tune_listener
+from lib.net.splice import UNSENT_LOWAT
 from lib.protocol.muxstate import WindowPool
 from lib.protocol import messages as msg
 from lib.proxy.actions import OperatorActions
@@ -171,6 +173,44 @@ def proxy_mux_config(**overrides) -> MuxConfig:
     return MuxConfig(**base)
 
 
+class PublicServer(gevent.server.StreamServer):
+    """A public listener (https, http, tcp:PORT) whose connections cost fewer system calls:
+    TCP_NODELAY and the splice's TCP_NOTSENT_LOWAT are set once on the listener and inherited
+    by every accepted connection (lib.net.sockets.tune_listener), which arrives as an
+    AcceptedSocket carrying the listener's own address when it listens on one (StartProxy's
+    PublicAddr without a getsockname). Otherwise gevent's StreamServer (its pool, its accept
+    loop and back-off)."""
+
+    _tuned = False
+    _local_name: str | None = None
+
+    def init_socket(self):
+        super().init_socket()
+        try:
+            tune_listener(self.socket, UNSENT_LOWAT)
+            self._tuned = True
+        except OSError as e:  # each connection is then tuned as before (routing, splice)
+            log.warning("listener %s: TCP options not set on it (%s): set per connection",
+                        format_hostport(*self.address[:2]), e)
+        host, port = self.address[:2]
+        if not ipaddress.ip_address(host).is_unspecified:
+            self._local_name = format_hostport(host, port)
+
+    def do_read(self):
+        """gevent's StreamServer.do_read (one non-blocking accept), wrapping the connection
+        in an AcceptedSocket when the listener was tuned."""
+        sock = self.socket
+        try:
+            fd, address = sock._accept()
+        except BlockingIOError:
+            if not sock.timeout:
+                return None
+            raise
+        if not self._tuned:
+            return gevent.socket.socket(sock.family, sock.type, sock.proto, fileno=fd), address
+        return AcceptedSocket(sock.family, sock.type, sock.proto, fd, self._local_name), address
+
+
 class ProxyServer:
     def __init__(self, config: ProxyConfig):
         self.config = config
@@ -239,9 +279,11 @@ class ProxyServer:
             if bind is None:
                 continue
             inherited = listeners.get(name)
-            server = (gevent.server.StreamServer(adopt_listener(inherited), handler, spawn=pool)
-                      if inherited is not None else
-                      gevent.server.StreamServer(bind, handler, spawn=pool, backlog=1024))
+            # The tunnel listener is not a public one: its connections are tuned by
+            # lib.proxy.tunnels (no splice, TLS first).
+            cls = gevent.server.StreamServer if name == "tunnel" else PublicServer
+            server = (cls(adopt_listener(inherited), handler, spawn=pool)
+                      if inherited is not None else cls(bind, handler, spawn=pool, backlog=1024))
             try:
                 server.start()
             except OSError as e:
@@ -335,8 +377,7 @@ class ProxyServer:
             # Workers: each one holding a tunnel for this port opens it (lib/proxy/prefork.py)
             listener = (listening_socket(addr, reuseport=True, factory=gevent.socket.socket)
                         if self.workers is not None else addr)
-            server = gevent.server.StreamServer(listener, self.router.handle_tcp,
-                                                spawn=self._public_pool)
+            server = PublicServer(listener, self.router.handle_tcp, spawn=self._public_pool)
             server.start()
         except OSError as e:
             log.error("tcp listener on port %d failed: %s", port, e)
