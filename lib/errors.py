@@ -18,7 +18,8 @@ class for its meaning. Each error keeps the builtin base its callers catch (a co
       +- HeadError (ValueError)      .http_status to answer                      lib.protocol.httphead
       |    +- HandshakeError         a WebSocket opening handshake we refuse     lib.protocol.websocket
       +- WebSocketError (ValueError) .close_code to close with                   lib.protocol.websocket
-      +- FramingError (ValueError)   an origin's response that is not HTTP/1.x   lib.protocol.http1
+      +- FramingError (ValueError)   a routed exchange's request or response we  lib.protocol.http1
+      |                              do not frame (smuggling, not HTTP/1.x)
       +- AddressError (ValueError)   not HOST:PORT (the message names the input) lib.hostport
       +- PinMismatch (ValueError)    .fingerprint the peer presented             lib.certs
       +- CertificateError (ValueError) a certificate or key file cannot be used  lib.certs

@@ -10,9 +10,13 @@ exactly one exchange (docs/SECURITY.md, "One exchange per routed connection").
 Public API::
 
     ReplaySocket(sock, head)          # a socket whose first reads return `head`
-    OneRequestSocket(sock, head)      # ... which reads one request only (EOF after it)
-    OneExchangeSocket(sock, head)     # ... and writes one response only (lib.protocol.http1),
-                                      # raw both ways only after the origin's 101
+    OneRequestSocket(sock, head, request=None)   # ... which reads one request only (EOF
+                                      # after it; lib.protocol.http1.RequestFramer)
+    OneExchangeSocket(sock, head, request=None)  # ... and writes one response only
+                                      # (lib.protocol.http1.ResponseFramer), raw both ways
+                                      # only after the origin's 101
+                                      # request: the head as lib.protocol.httphead parsed it,
+                                      # if it was (else it is parsed here)
     OneExchangeSocket.dropped_requests / .dropped_response_bytes    # counters, for tests
 
 Reads are what the splice forwards to the tunnel; writes (``sendall``) are what it forwards
@@ -34,12 +38,9 @@ import logging
 import socket
 
 import gevent.event
-import h11
 
-from lib.net.sockets import sender
-from lib.protocol import http1
-from lib.protocol import sniff
-from lib.protocol import websocket as ws
+from lib.net.sockets import reader, sender
+from lib.protocol import http1, httphead
 from lib.tokenbucket import TokenBucket
 
 log = logging.getLogger("shroud.exchange")
@@ -60,12 +61,17 @@ class ReplaySocket:
     def __init__(self, sock, head: bytes):
         self._sock = sock
         self._head = bytes(head)
+        # A socket's reads go through lib.net.sockets' scratch buffer: a recv(256 KiB) from the
+        # splice would allocate (and map) 256 KiB per call, even for the EOF that ends it.
+        self._read = reader(sock)
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
         if self._head:
             out, self._head = self._head[:bufsize], self._head[bufsize:]
             return out
-        return self._sock.recv(bufsize, flags)
+        if flags:
+            return self._sock.recv(bufsize, flags)
+        return self._read(bufsize)
 
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
         if self._head:
@@ -82,50 +88,64 @@ class OneRequestSocket(ReplaySocket):
     """The front's connection, limited to its first request.
 
     The first request's head says ``Connection: close`` (a conforming origin closes after
-    answering), its body is framed by h11 on the way in, and whatever follows it is dropped:
-    the tunnel sees EOF there. ``keep_connection_header`` leaves the head as it is (an upgrade
-    request: ``Connection: upgrade`` must reach the origin).
+    answering), its body is framed by :class:`lib.protocol.http1.RequestFramer` on the way in,
+    and whatever follows it is dropped: the tunnel sees EOF there. ``keep_connection_header``
+    leaves the head as it is (an upgrade request: ``Connection: upgrade`` must reach the
+    origin). ``request``: the head as already parsed (lib.protocol.httphead), if it was.
+
+    :raises lib.protocol.httphead.HeadError: ``head`` does not start with a request head.
+    :raises lib.protocol.http1.FramingError: a request the proxy does not frame (both
+        Content-Length and Transfer-Encoding, ...): the caller aborts as on a malformed body.
     """
 
     dropped_requests = 0
 
-    def __init__(self, sock, head: bytes, keep_connection_header: bool = False):
-        head_end = ws.split_head(head)
-        first, rest = head_end if head_end else (head, b"")
+    def __init__(self, sock, head: bytes, keep_connection_header: bool = False,
+                 request: httphead.RequestHead | None = None):
+        end = httphead.END_OF_HEAD_RE.search(head)
+        first, rest = (head[:end.end()], head[end.end():]) if end else (head, b"")
+        if request is None:
+            request = httphead.parse_request_head(first)
         if not keep_connection_header:
             first = http1.connection_close(first)
         super().__init__(sock, first + rest)
-        # A head up to lib.protocol.sniff's bound, plus room for a chunk-size line.
-        self._parser = h11.Connection(h11.SERVER,
-                                      max_incomplete_event_size=sniff.MAX_HTTP_HEAD + 1024)
+        self._head_left = len(first)  # replayed head bytes still to pass before the body
         self._ended = False
         self._reused = False
+        self._refused: http1.FramingError | None = None
+        try:
+            self._framer = http1.RequestFramer(request)
+        except http1.FramingError as e:
+            self._refused = e  # raised by the first read: the splice aborts both ends
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
         if self._reused:
             return b""
+        if self._refused is not None:
+            raise ConnectionAbortedError(
+                f"malformed request on a routed connection: {self._refused}")
         data = super().recv(bufsize, flags)
         if not data:
             return data
         if self._ended:
             return self._after_request(data)
-        self._parser.receive_data(data)
+        framer = self._framer
+        start = 0
+        if self._head_left:
+            start = min(self._head_left, len(data))
+            self._head_left -= start
+            if self._head_left:
+                return data
         try:
-            while True:
-                ev = self._parser.next_event()
-                if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                    break
-                if isinstance(ev, h11.EndOfMessage):
-                    self._ended = True
-                    break
-        except h11.RemoteProtocolError as e:
+            end = start + framer.feed(data[start:] if start else data)
+        except http1.FramingError as e:
             raise ConnectionAbortedError(f"malformed request on a routed connection: {e}") \
                 from None
-        if self._ended:
-            extra = len(self._parser.trailing_data[0])
-            if extra:
-                self._after_request(data[len(data) - extra:])
-                data = data[:len(data) - extra]
+        if framer.done:
+            self._ended = True
+            if end < len(data):
+                self._after_request(data[end:])
+                data = data[:end]
         return data
 
     def _after_request(self, data: bytes) -> bytes:
@@ -144,7 +164,6 @@ class OneRequestSocket(ReplaySocket):
         buffer[:len(out)] = out
         return len(out)
 
-
 class OneExchangeSocket(OneRequestSocket):
     """One request in, one response out (:class:`lib.protocol.http1.ResponseFramer`); raw both
     ways only once the origin has answered an upgrade request with ``101``.
@@ -156,19 +175,19 @@ class OneExchangeSocket(OneRequestSocket):
 
     dropped_response_bytes = 0
 
-    def __init__(self, sock, head: bytes):
-        head_end = ws.split_head(head)
-        method, _, headers = http1.request_fields(head_end[0] if head_end else head)
-        self._upgrade = bool(headers.get("upgrade"))
-        super().__init__(sock, head, keep_connection_header=self._upgrade)
-        self._framer = http1.ResponseFramer(method, upgrade=self._upgrade)
+    def __init__(self, sock, head: bytes, request: httphead.RequestHead | None = None):
+        if request is None:
+            request = httphead.parse_request_head(httphead.END_OF_HEAD_RE.split(head, 1)[0])
+        self._upgrade = any(name == "upgrade" for name, _ in request.fields)
+        super().__init__(sock, head, keep_connection_header=self._upgrade, request=request)
+        self._response = http1.ResponseFramer(request.method, upgrade=self._upgrade)
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         self._answered = gevent.event.Event()  # the final answer (or the 101) went out
         self._early = bytearray()
 
     @property
     def switched(self) -> bool:
-        return self._framer.state == http1.SWITCHED
+        return self._response.state == http1.SWITCHED
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
         if self._ended and self._upgrade:
@@ -194,7 +213,7 @@ class OneExchangeSocket(OneRequestSocket):
         return super()._after_request(data)
 
     def sendall(self, data, flags: int = 0) -> None:
-        framer = self._framer
+        framer = self._response
         try:
             out = framer.feed(bytes(data))
         except http1.FramingError as e:

@@ -24,9 +24,9 @@ no blank line within ``limit`` bytes         HeadError 431
 lines ending in bare LF                      accepted (RFC 9112 2.2; Go's parser does too)
 ===========================================  ==================================================
 
-h11 (used where a whole exchange is parsed: the discovery client, the one-port body framing)
-does not fit here: it unfolds obs-fold lines, which we must refuse, and it needs a whole
-connection's state where we only peek at a head.
+The body and the response of a routed exchange are framed by lib.protocol.http1, on a head
+read here. h11 (the discovery client's) does not fit here: it unfolds obs-fold lines, which we
+must refuse, and it needs a whole connection's state where we only peek at a head.
 """
 from __future__ import annotations
 
