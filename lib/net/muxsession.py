@@ -18,11 +18,23 @@ Public API::
     stream.close()                          # full close, as Go's Stream.Close()
     stream.reset(code)                      # RST
     stream.settimeout(seconds | None)        stream.receive_window
+    stream.set_sink(sink | None)            # direct delivery (below); lib.net.splice sets it
 
 Greenlets per session: one reader (transport -> MuxConnection -> streams), one writer (drains
 MuxConnection's output to the transport, so a reader never blocks on a write and two peers
 writing at once cannot deadlock), one watchdog (heartbeat, stalled output). Streams cost no
 greenlet.
+
+Direct delivery: a stream spliced to a socket (lib.net.splice) has a *sink*, an object with a
+``busy`` flag (its own writer is sending what it took from the stream) and ``offer(data) -> int``
+(a non-blocking send: the bytes the socket took, 0 when it took none or failed; it never waits
+and never raises). Data the reader decodes for such a stream while its buffer is empty and the
+sink is not busy is collected and offered to the sink at the end of the read, from the reader
+greenlet: no Event, no wake-up of the greenlet reading the stream (bench/README.md, "Third pass:
+fewer wake-ups per request"). What the socket took counts as read (the window is given back as
+``recv`` would); what it did not take stays in the buffer and the stream's reader is woken to
+send it, waiting for the socket as before, so a slow socket still stops the window and bytes keep
+their order. EOF, resets and close take their usual path.
 
 What a peer can make a session hold or do is bounded (docs/SECURITY.md, "Tunnel sessions"):
 
@@ -108,7 +120,7 @@ class Stream:
 
     __slots__ = ("session", "id", "_chunks", "_buffered", "_eof", "_error", "_waiter",
                  "_write_closed", "_read_closed", "_closed", "_timeout", "bytes_in",
-                 "bytes_out", "__weakref__")
+                 "bytes_out", "_sink", "_to_sink", "__weakref__")
 
     def __init__(self, session: "Session", sid: int):
         self.session = session
@@ -124,6 +136,8 @@ class Stream:
         self._timeout: float | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self._sink = None  # direct delivery (module doc)
+        self._to_sink = False  # the buffer holds only this read's data, for the sink
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} of {self.session.name}>"
@@ -251,6 +265,11 @@ class Stream:
         self._fail(StreamReset(f"stream {self.id} reset locally", code))
         self.session._streams.pop(self.id, None)
 
+    def set_sink(self, sink) -> None:
+        """Deliver incoming data straight to ``sink`` while nobody waits to send (module doc,
+        "Direct delivery"); None ends it. Set by the one greenlet that reads this stream."""
+        self._sink = sink
+
     def fileno(self) -> int:
         return -1
 
@@ -292,12 +311,41 @@ class Stream:
             # Nobody will read: give the window back so the peer is not stalled.
             self.session._consumed(self, len(data))
             return
-        if self._chunks is None:
-            self._chunks = deque()
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self.bytes_in += len(data)
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = deque()
+        n = len(data)
+        self._buffered += n
+        self.bytes_in += n
+        if self._to_sink:  # more of this read for the sink
+            chunks.append(data)
+            return
+        sink = self._sink
+        if sink is not None and not chunks and not sink.busy:
+            chunks.append(data)
+            self._to_sink = True
+            self.session._to_sink.append(self)  # offered at the end of the read (_sink_flush)
+            return
+        chunks.append(data)
         self._wake()
+
+    def _sink_flush(self) -> None:
+        """Offer what this read brought to the sink; what it does not take waits in the buffer
+        for the stream's reader, woken now."""
+        self._to_sink = False
+        chunks, sink = self._chunks, self._sink
+        if not chunks or sink is None or sink.busy or self._closed or self._read_closed:
+            self._wake()  # taken meanwhile, or back to the usual path
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        n = sink.offer(data)
+        chunks.clear()
+        if n < len(data):
+            chunks.append(data[n:] if n else data)
+            self._wake()
+        if n:
+            self._buffered -= n
+            self.session._consumed(self, n)
 
     def _fail(self, error: MuxError) -> None:
         if self._error is None:
@@ -320,6 +368,7 @@ class Session:
         self._peer_log = log_limiter or PeerLog(logger=log)
         self._log_key = log_key or self.name
         self._streams: dict[int, Stream] = {}
+        self._to_sink: list[Stream] = []  # streams with data for their sink (direct delivery)
         self._backlog: deque[Stream] = deque()
         self._accept_waiter = Event()
         self._writer_wake = Event()
@@ -512,17 +561,30 @@ class Session:
     def _feed(self, data: bytes) -> None:
         conn = self._conn
         view = memoryview(data)
-        for start in range(0, len(data), FEED_SLICE):
-            before = conn.frames_received
-            events = conn.receive_data(view[start:start + FEED_SLICE])
-            if events:
-                self._dispatch(events)
-            if conn.outgoing_size:
-                self._wake_writer()
-            if self._end is not None:
-                return
-            if conn.frames_received - before > YIELD_FRAMES:
-                gevent.sleep(0)  # a dense piece: others' turn before the next
+        try:
+            for start in range(0, len(data), FEED_SLICE):
+                before = conn.frames_received
+                events = conn.receive_data(view[start:start + FEED_SLICE])
+                if events:
+                    self._dispatch(events)
+                if conn.outgoing_size:
+                    self._wake_writer()
+                if self._end is not None:
+                    return
+                if conn.frames_received - before > YIELD_FRAMES:
+                    self._flush_sinks()  # before others run: nothing waits behind a yield
+                    gevent.sleep(0)  # a dense piece: others' turn before the next
+        finally:
+            self._flush_sinks()  # its WNDINCs wake the writer (_consumed)
+
+    def _flush_sinks(self) -> None:
+        """Direct delivery (module doc): each stream's data of this read, offered to its sink
+        in one non-blocking send."""
+        pending = self._to_sink
+        if pending:
+            self._to_sink = []
+            for st in pending:
+                st._sink_flush()
 
     def _dispatch(self, events: list) -> None:
         streams = self._streams

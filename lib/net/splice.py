@@ -24,6 +24,13 @@ megabytes of socket buffer, and a mux stream behind it sees that its reader stop
 window stops growing: docs/OPERATIONS.md, "Memory per visitor").
 ``fallback_to_a`` is sent to ``a`` (then both close) when ``b`` ends or fails before sending a
 single byte: the proxy's 502 for HTTP.
+
+A mux stream spliced to a gevent socket (with no timeout of its own) gets a sink
+(lib.net.muxsession, "Direct delivery"): the session's reader sends what arrives straight to the
+socket, non-blocking, and this direction's copy loop wakes only for what the socket did not take
+(then waiting for it as before), for EOF and for errors. The sink counts its bytes into this
+direction's total, calls ``on_*`` and marks the splice busy (idle timer); a send error it meets
+aborts both ends at once, as the copy loop does on any error.
 """
 from __future__ import annotations
 
@@ -32,7 +39,9 @@ import struct
 import time
 
 import gevent
+import gevent.socket
 
+from lib.net.muxsession import Stream
 from lib.net.sockets import reader, sender
 
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
@@ -66,6 +75,64 @@ class _State:
         self.pumps: list = []
 
 
+class _Sink:
+    """Direct delivery from a mux stream to a socket (lib.net.muxsession, "Direct delivery"):
+    ``offer`` runs in the session's reader, ``send`` is the copy loop's own (waiting) send."""
+
+    __slots__ = ("stream", "sock", "on_bytes", "state", "busy", "sent", "error", "_sendall")
+
+    def __init__(self, stream, sock, on_bytes, state: _State) -> None:
+        self.stream = stream
+        self.sock = sock
+        self.on_bytes = on_bytes
+        self.state = state
+        self.busy = False  # the copy loop is sending: offers wait behind it (byte order)
+        self.sent = 0
+        self.error: OSError | None = None
+        self._sendall = sender(sock)
+
+    def offer(self, data) -> int:
+        """Send what the socket takes now, never waiting (timeout 0: gevent raises instead of
+        waiting); 0 on EAGAIN or an error. An error aborts both ends at once, as the copy loop
+        would: the socket's reset is reported to one call only, and the other direction's read
+        would otherwise take the dead socket for a clean EOF and send the stream a FIN."""
+        if self.error is not None:
+            return 0
+        try:
+            n = self.sock.send(data, 0, 0.0)
+        except BlockingIOError:
+            return 0
+        except OSError as e:
+            self.error = e
+            self.state.dead = True
+            _abort(self.stream, self.sock, hard=True)
+            return 0
+        if n:
+            self.sent += n
+            self.state.last = time.monotonic()
+            if self.on_bytes is not None:
+                self.on_bytes(n)
+        return n
+
+    def send(self, data) -> None:
+        if self.error is not None:
+            raise self.error
+        self.busy = True
+        try:
+            self._sendall(data)
+        finally:
+            self.busy = False
+
+
+def _sink_for(src, dst, on_bytes, state: _State) -> _Sink | None:
+    # A stream with a timeout of its own measures silence by its reads: direct delivery would
+    # starve them, so it keeps the copy loop.
+    if (isinstance(src, Stream) and isinstance(dst, gevent.socket.socket)
+            and src.gettimeout() is None):
+        return _Sink(src, dst, on_bytes, state)
+    return None
+
+
 def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None = None) -> int:
     me = gevent.getcurrent()
     state.pumps.insert(0 if fallback is not None else len(state.pumps), me)
@@ -80,6 +147,10 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
     if getattr(src, "family", None) is None:  # a mux stream (sockets have a family)
         chunk = min(chunk, STREAM_CHUNK)
     recv, send = reader(src), sender(dst)
+    sink = _sink_for(src, dst, on_bytes, state)
+    if sink is not None:
+        send = sink.send
+        src.set_sink(sink)
     try:
         while True:
             try:
@@ -102,11 +173,13 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
         # fallback answer if one is due. Aborted, not closed: the other ends must see a reset,
         # not a clean end that would pass a truncated upload off as complete.
         state.dead = True
+        total += _sink_done(src, sink)
         if _send_fallback(dst, fallback, total):
             _abort(src, dst)
         else:
             _abort(src, dst, hard=True)
         return total
+    total += _sink_done(src, sink)
     if _send_fallback(dst, fallback, total):
         state.dead = True
         _abort(src, dst)
@@ -116,6 +189,14 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
     except OSError:
         pass
     return total
+
+
+def _sink_done(src, sink: _Sink | None) -> int:
+    """Direct delivery is over for this direction: the bytes its sink sent."""
+    if sink is None:
+        return 0
+    src.set_sink(None)
+    return sink.sent
 
 
 def _send_fallback(dst, fallback: bytes | None, total: int) -> bool:

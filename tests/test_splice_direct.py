@@ -1,0 +1,191 @@
+"""Direct delivery: a mux stream spliced to a socket, written by the session's reader.
+
+lib.net.muxsession, "Direct delivery"; lib.net.splice: what the socket takes at once never wakes
+the splice's copy loop; what it does not take is sent by the copy loop, in order, and a socket
+that stops reading still stops the stream's window.
+"""
+import hashlib
+import socket
+import struct
+
+import gevent
+import gevent.socket as gsocket
+import pytest
+
+from lib.errors import MuxError, StreamReset
+from lib.net.muxsession import Session, Stream
+from lib.net.splice import splice
+
+
+def wait_until(predicate, timeout: float, every: float = 0.02) -> None:
+    """Poll (yielding to the hub: these tests are not monkey-patched) until ``predicate``."""
+    with gevent.Timeout(timeout, AssertionError(f"not within {timeout} s")):
+        while not predicate():
+            gevent.sleep(every)
+
+
+def tcp_pair():
+    """Two connected TCP gevent sockets on loopback (TCP_NOTSENT_LOWAT applies to TCP only)."""
+    lsock = gsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    out = gsocket.create_connection(lsock.getsockname())
+    inner, _ = lsock.accept()
+    lsock.close()
+    return out, inner
+
+
+def mux_pair():
+    a, b = gsocket.socketpair()
+    return Session(a, client=True), Session(b, client=False)
+
+
+class _RecvCount:
+    """Counts Stream.recv calls on one stream (the splice's copy loop reads with recv)."""
+
+    def __init__(self, monkeypatch, stream):
+        self.calls = 0
+        real = Stream.recv
+
+        def recv(st, *args, **kw):
+            if st is stream:
+                self.calls += 1
+            return real(st, *args, **kw)
+        monkeypatch.setattr(Stream, "recv", recv)
+
+
+def test_data_reaches_the_socket_without_waking_the_copy_loop(monkeypatch):
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"hello")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"hello"
+    count = _RecvCount(monkeypatch, near)
+    visitor, inner = tcp_pair()
+    counted = []
+    g = gevent.spawn(splice, inner, near, on_b_to_a=counted.append)
+    for i in range(20):
+        far.sendall(b"answer %d" % i)
+        assert visitor.recv(100) == b"answer %d" % i
+    # The copy loop read once (and waits there); every answer went by the reader's send.
+    assert count.calls <= 2
+    assert sum(counted) == sum(len(b"answer %d" % i) for i in range(20))
+    far.shutdown(socket.SHUT_WR)  # EOF takes the usual path: the copy loop wakes for it
+    assert visitor.recv(10) == b""
+    visitor.close()
+    assert g.get(timeout=5) == (0, sum(counted))
+    c.close()
+    s.close()
+
+
+def test_a_visitor_that_stops_reading_stops_the_window_and_order_holds():
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    g = gevent.spawn(splice, inner, near)
+    sent = []
+    digest = hashlib.sha256()
+
+    def write():  # 8 MiB in pieces that do not line up with frames or socket buffers
+        for i in range(8 * 1024 // 7):
+            piece = bytes([i % 251]) * 7 * 1024
+            far.sendall(piece)
+            digest.update(piece)
+            sent.append(len(piece))
+        far.shutdown(socket.SHUT_WR)
+    w = gevent.spawn(write)
+    # Nobody reads the visitor: the far writer must stall once the window, the stream's
+    # buffer and the socket's queues are full, far below the 8 MiB it wants to send.
+    last = [-1]
+
+    def stalled():
+        now, last[0] = last[0], sum(sent)
+        return now == last[0]
+    wait_until(stalled, timeout=10, every=0.5)
+    assert sum(sent) < 2 * 1024 * 1024
+    got = hashlib.sha256()
+    total = 0
+    while True:  # now read it all: every byte, in order
+        data = visitor.recv(65536)
+        if not data:
+            break
+        got.update(data)
+        total += len(data)
+    w.get(timeout=30)
+    assert total == sum(sent) and got.digest() == digest.digest()
+    visitor.close()
+    g.get(timeout=5)
+    c.close()
+    s.close()
+
+
+def test_a_send_error_ends_the_splice_not_the_session():
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    g = gevent.spawn(splice, inner, near)
+    far.sendall(b"first")
+    assert visitor.recv(10) == b"first"
+    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    visitor.close()  # a reset: the next send to it fails
+    with pytest.raises(MuxError):  # the far side sees the stream reset (or the write refused)
+        for _ in range(200):
+            far.sendall(b"more")
+            gevent.sleep(0.01)
+    g.get(timeout=5)
+    with pytest.raises(StreamReset):  # a reset, never a clean end first
+        far.recv(100)
+    assert not c.closed and not s.closed  # the session lives on
+    other = c.open()
+    other.sendall(b"still here")
+    assert s.accept(timeout=5).recv(100) == b"still here"
+    c.close()
+    s.close()
+
+
+def test_direct_bytes_count_against_the_fallback():
+    # The 502 fallback is for a stream that answered nothing: one whose answer went out by
+    # direct delivery did answer.
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    g = gevent.spawn(splice, inner, near, fallback_to_a=b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+    gevent.sleep(0)  # the copy loops are in place
+    far.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+    far.close()
+    out = b""
+    while (data := visitor.recv(100)):
+        out += data
+    assert out == b"HTTP/1.1 200 OK\r\n\r\n"
+    visitor.close()
+    g.get(timeout=5)
+    c.close()
+    s.close()
+
+
+def test_direct_delivery_keeps_the_splice_from_looking_idle():
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    g = gevent.spawn(splice, inner, near, idle_timeout=0.3)
+    for _ in range(10):  # only the direct direction moves, for 1 s: not idle
+        far.sendall(b"tick")
+        assert visitor.recv(10) == b"tick"
+        gevent.sleep(0.1)
+    assert not g.ready()
+    g.get(timeout=5)  # then both silent: the idle timer ends it
+    c.close()
+    s.close()
