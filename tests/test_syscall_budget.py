@@ -36,8 +36,11 @@ PROXY_BUDGET = {
     "getsockopt": 0,
     "shutdown": 2,     # the answer's end (one exchange), then the splice's half-close
     "close": 1,
-    "mmap": 2,         # a new greenlet's first Python frames (3.11: a 16 KiB data stack chunk)
-    "munmap": 2,
+    # A new greenlet's first Python frame maps a 16 KiB data stack chunk (Python 3.11), unmapped
+    # when it ends: the handler runs in a kept greenlet (lib/net/greenpool.py); the one left is
+    # the splice's second direction.
+    "mmap": 1,
+    "munmap": 1,
 }
 CLIENT_BUDGET = {
     "socket": 1,
@@ -49,8 +52,8 @@ CLIENT_BUDGET = {
     "setsockopt": 2,   # TCP_NODELAY, TCP_NOTSENT_LOWAT: a connect()ed socket inherits nothing
     "shutdown": 1,
     "close": 1,
-    "mmap": 2,
-    "munmap": 2,
+    "mmap": 1,         # the stream's handler in a kept greenlet; the splice's second direction
+    "munmap": 1,
 }
 # Calls made now and then by timers while the connections run (heartbeats, the trimmer's look
 # at the clock) and one-off allocations: per connection, at most this much above a budget.

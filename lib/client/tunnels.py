@@ -40,6 +40,7 @@ import gevent.socket as gsocket
 from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.certs import PinMismatch, check_pin, client_tls_context
+from lib.net.greenpool import WorkerPool
 from lib.net.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
@@ -611,7 +612,7 @@ class TunnelRunner:
             # spawned handlers run.
             self.streams_open += 1
             self.streams_total += 1
-            gevent.spawn(self._handle_stream, stream)
+            self.client.stream_workers.spawn(self._handle_stream, stream)
 
     def _handle_stream(self, stream) -> None:
         record = StreamRecord(started=time.time(), proxy=str(self.proxy))
@@ -792,6 +793,9 @@ class Client:
         self.on_connected: Callable | None = None  # (runner) once a tunnel is online
         self.on_stream: Callable | None = None  # (StreamRecord) once a visitor's stream ends
         self._contexts: dict[ProxyAddr, ssl.SSLContext] = {}
+        # Every tunnel's streams are served in kept greenlets (lib/net/greenpool.py): no new
+        # greenlet per visitor.
+        self.stream_workers = WorkerPool()
 
     def start(self) -> None:
         for r in self.runners:
@@ -800,6 +804,7 @@ class Client:
     def stop(self) -> None:
         for r in self.runners:
             r.stop()
+        self.stream_workers.close_idle()
 
     def status(self) -> list[dict]:
         return [r.status() for r in self.runners]

@@ -48,6 +48,7 @@ import gevent.socket
 from lib.certs import cert_fingerprint, ensure_tunnel_cert, leaf_pem, server_tls_context
 from lib.errors import ListenError
 from lib.hostport import format_hostport, parse_hostport
+from lib.net.greenpool import WorkerPool
 from lib.net.muxsession import MuxConfig
 from lib.net.sockets import AcceptedSocket, adopt_listener, tune_listener
 from lib.net.splice import UNSENT_LOWAT
@@ -218,7 +219,8 @@ class ProxyServer:
         self.servers: dict[str, gevent.server.StreamServer] = {}
         self.tcp_servers: dict[int, gevent.server.StreamServer] = {}
         self.addresses: dict[str, tuple[str, int]] = {}
-        self._public_pool = gevent.pool.Pool(config.max_public_connections)
+        # Handlers of public connections run in kept greenlets (lib/net/greenpool.py).
+        self._public_pool = WorkerPool(config.max_public_connections)
         self._tunnel_pool = gevent.pool.Pool(config.max_tunnels)
         self.policy = config.ownership if config.ownership is not None else self._make_policy()
         self.store = getattr(self.policy, "store", None)

@@ -1,0 +1,127 @@
+"""lib.net.greenpool.WorkerPool: jobs in kept greenlets (no new greenlet per connection)."""
+import socket
+
+import gevent
+import gevent.event
+import gevent.socket as gsocket
+import pytest
+
+from lib.net.greenpool import WorkerPool
+
+
+def test_jobs_one_after_another_run_in_one_kept_greenlet():
+    # Red when every job gets a greenlet of its own again (the cost this pool removes).
+    pool = WorkerPool(size=4)
+    ran_in = []
+    for i in range(50):
+        done = gevent.event.Event()
+        pool.spawn(lambda i=i, done=done: (ran_in.append(gevent.getcurrent()), done.set()))
+        done.wait(5)
+    assert len(ran_in) == 50 and len(set(map(id, ran_in))) == 1
+    assert (pool.started, pool.reused, pool.idle, len(pool)) == (1, 49, 1, 0)
+
+
+def test_size_bounds_the_jobs_running_and_spawn_waits_for_a_slot():
+    pool = WorkerPool(size=2)
+    gate = gevent.event.Event()
+    pool.spawn(gate.wait)
+    assert not pool.full()
+    pool.spawn(gate.wait)
+    assert pool.full() and len(pool) == 2 and pool.free_count() == 0
+    third = gevent.spawn(pool.spawn, lambda: None)
+    gevent.sleep(0.05)
+    assert not third.ready()  # waits, as gevent's Pool.spawn does
+    gate.set()
+    third.join(5)
+    assert third.ready() and pool.join(5) and not pool.full()
+
+
+def test_parked_workers_are_bounded_by_keep():
+    # A burst past the bound starts workers that end after their job: at most `keep` wait.
+    pool = WorkerPool(keep=8)
+    gate = gevent.event.Event()
+    for _ in range(100):
+        pool.spawn(gate.wait)
+    gevent.sleep(0)
+    assert len(pool) == 100 and pool.started == 100
+    gate.set()
+    assert pool.join(5)
+    gevent.sleep(0)
+    assert pool.idle == 8
+
+
+def test_a_failing_job_is_reported_and_the_worker_goes_on(monkeypatch):
+    pool = WorkerPool()
+    reported = []
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "handle_error", lambda ctx, t, v, tb: reported.append(v))
+    pool.spawn(lambda: 1 / 0)
+    assert pool.join(5)
+    done = gevent.event.Event()
+    pool.spawn(done.set)
+    assert done.wait(5)
+    assert [type(e) for e in reported] == [ZeroDivisionError]
+    assert (pool.started, pool.reused) == (1, 1)
+
+
+def test_kill_ends_running_and_parked_workers():
+    pool = WorkerPool(size=8)
+    cleaned = []
+
+    def job(gate):
+        try:
+            gate.wait()
+        finally:
+            cleaned.append(True)
+
+    for _ in range(4):
+        pool.spawn(lambda: None)
+    gevent.sleep(0.01)  # four parked
+    for _ in range(3):
+        pool.spawn(job, gevent.event.Event())
+    gevent.sleep(0.01)
+    assert len(pool) == 3 and pool.idle == 1
+    pool.kill(block=True, timeout=5)
+    assert cleaned == [True] * 3 and len(pool) == 0 and pool.idle == 0
+    assert pool.join(0) and pool.free_count() == 8
+
+
+def test_close_idle_leaves_running_jobs_alone():
+    pool = WorkerPool()
+    gate = gevent.event.Event()
+    pool.spawn(lambda: None)
+    gevent.sleep(0.01)
+    pool.spawn(gate.wait)  # the parked worker takes it
+    pool.spawn(lambda: None)  # a second worker, parked after it
+    gevent.sleep(0.01)
+    assert pool.idle == 1 and len(pool) == 1
+    pool.close_idle()
+    gevent.sleep(0.01)
+    assert pool.idle == 0 and len(pool) == 1
+    gate.set()
+    assert pool.join(5)
+
+
+def test_a_public_server_serves_connections_through_kept_workers():
+    from lib.proxy.server import PublicServer
+
+    pool = WorkerPool(size=16)
+
+    def echo(sock, address):
+        sock.sendall(sock.recv(100))
+
+    server = PublicServer(("127.0.0.1", 0), echo, spawn=pool)
+    server.start()
+    try:
+        for i in range(20):
+            c = gsocket.create_connection(("127.0.0.1", server.address[1]), timeout=5)
+            c.sendall(b"x%d" % i)
+            assert c.recv(100) == b"x%d" % i
+            c.close()
+        assert pool.join(5)
+        assert pool.started <= 2 and pool.reused >= 18
+    finally:
+        server.stop(timeout=1)
+    assert pool.idle == 0  # stop() kills the pool's workers, parked ones too
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.address[1]), timeout=1)
