@@ -73,6 +73,7 @@ OPTIONS = [
     ("--fleet-addr", "FLEET_ADDR", "", "TLS listener for links from the fleet's other proxies (a visitor for a name held elsewhere in the fleet is carried there); off by default"),
     ("--fleet-advertise", "FLEET_ADVERTISE", "", "HOST:PORT the other proxies use to reach --fleet-addr (required when it listens on 0.0.0.0 or ::)"),
     ("--fleet-max-links", "FLEET_MAX_LINKS", "1024", "links to and from the fleet's other proxies in flight at once, each way (past it: 503, or the next holder)"),
+    ("--fleet-link-idle", "FLEET_LINK_IDLE", "300", "seconds a link to another proxy of the fleet may go without a visitor before this proxy closes it (the next visitor dials anew; 0: never)"),
     ("--fleet-heartbeat", "FLEET_HEARTBEAT", "5", "seconds between this instance's heartbeats in the fleet's registry (rows expire after 3 missed)"),
     ("--max-names-per-key", "MAX_NAMES_PER_KEY", "100", "names one key may own by first use (0: no limit)"),
     ("--claim-burst", "CLAIM_BURST", "64", "new first-use names one address may claim at once (0: no rate limit)"),
@@ -148,6 +149,10 @@ def config_from_args(args):
     if fleet_max_links < 1:  # 0 would refuse every link: leave --fleet-addr unset instead
         raise ValueError(f"--fleet-max-links must be at least 1, got {fleet_max_links}; to "
                          f"forward nothing between proxies, leave --fleet-addr unset")
+    fleet_link_idle = _number(args, "--fleet-link-idle")
+    if not fleet_link_idle >= 0:
+        raise ValueError(f"--fleet-link-idle must be 0 (never close an unused link) or more "
+                         f"seconds, got {fleet_link_idle:g}")
     fleet_heartbeat = _number(args, "--fleet-heartbeat")
     if not fleet_heartbeat > 0:  # 0: a busy loop that expires this very instance each beat
         raise ValueError(f"--fleet-heartbeat must be above 0 seconds, got {fleet_heartbeat:g}")
@@ -174,7 +179,7 @@ def config_from_args(args):
         database_url=args.database_url or None,
         fleet_heartbeat=fleet_heartbeat,
         fleet_addr=args.fleet_addr or None, fleet_advertise=fleet_advertise(args),
-        fleet_max_links=fleet_max_links,
+        fleet_max_links=fleet_max_links, fleet_link_idle=fleet_link_idle,
         claim_limits=ClaimLimits(max_names_per_key=_number(args, "--max-names-per-key", int),
                                  claim_burst=_number(args, "--claim-burst", int),
                                  claims_per_hour=_number(args, "--claims-per-hour"),

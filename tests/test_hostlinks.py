@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 
@@ -640,3 +641,38 @@ def test_a_visitor_silent_after_its_answer_gives_its_link_back(fleet):
     finally:
         for sock in silent:
             sock.close()
+
+
+def test_a_link_unused_for_fleet_link_idle_is_closed_and_redialled(fleet):
+    """--fleet-link-idle: B (the sender) closes its link to A once no visitor used it for that
+    long (counted link_idle_closes; A sees its end), never while a visitor is on it, and the
+    next visitor at B dials a new one through A's counting relay and is served."""
+    relay = _CountingRelay("127.0.0.2")
+    try:
+        a = fleet.start("proxy-a", "127.0.0.2", extra=["--fleet-advertise", relay.addr])
+        relay.target = a.link
+        b = fleet.start("proxy-b", "127.0.0.3", extra=["--fleet-link-idle", "2"])
+        web = fleet.origin("from-a")
+        fleet.client(a, ["http:web.test", f"127.0.0.1:{web.port}"], "client-a")
+        a.wait_bound("web.test")
+        wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+        assert relay.accepted == 1
+        # A visitor on the link (a WebSocket, silent) for twice the idle time keeps it.
+        ws = socket.create_connection((b.host, b.ports["http"]), timeout=30)
+        try:
+            assert b" 101 " in ws_upgrade(ws, "web.test")
+            time.sleep(2 * 2 + 1)  # the stimulus: a link with a visitor, past --fleet-link-idle
+            assert ws_echo(ws, b"still here") == b"still here"
+        finally:
+            ws.close()
+        assert (b.status()["link_idle_closes"], relay.accepted) == (0, 1)
+        # Unused: closed at both ends, counted at the sender only.
+        wait_for(lambda: b.status()["link_sessions_out"] == 0, "B closed its idle link",
+                 timeout=20)
+        wait_for(lambda: a.status()["link_sessions_in"] == 0, "A saw the link end", timeout=20)
+        assert (b.status()["link_idle_closes"], a.status()["link_idle_closes"]) == (1, 0)
+        assert a.status()["refusals"].get("fleet_link_refused", 0) == 0
+        assert get(b, "web.test") == (200, b"from-a\n")
+        assert relay.accepted == 2 and b.status()["link_sessions_out"] == 1
+    finally:
+        relay.close()

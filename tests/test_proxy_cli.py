@@ -93,6 +93,21 @@ def test_fleet_heartbeat_must_be_above_zero(monkeypatch, value):
 
 
 @pytest.mark.parametrize("value, want", [
+    ("-1", "--fleet-link-idle must be 0 (never close an unused link) or more seconds, got -1"),
+    ("nan", "--fleet-link-idle must be 0 (never close an unused link) or more seconds"),
+    ("soon", "--fleet-link-idle (or SHROUD_FLEET_LINK_IDLE) must be a number")])
+def test_fleet_link_idle_is_zero_or_more_seconds(monkeypatch, value, want):
+    sp = load(monkeypatch)
+    args = sp.build_parser().parse_args(["--fleet-link-idle", value])
+    with pytest.raises(ValueError) as e:
+        sp.config_from_args(args)
+    assert want in str(e.value)
+    assert sp.config_from_args(sp.build_parser().parse_args([])).fleet_link_idle == 300
+    monkeypatch.setenv("SHROUD_FLEET_LINK_IDLE", "0")
+    assert sp.config_from_args(sp.build_parser().parse_args([])).fleet_link_idle == 0
+
+
+@pytest.mark.parametrize("value, want", [
     ("0", "--fleet-max-links must be at least 1, got 0; to forward nothing between proxies, "
           "leave --fleet-addr unset"),
     ("many", "--fleet-max-links (or SHROUD_FLEET_MAX_LINKS) must be a whole number")])

@@ -267,6 +267,7 @@ def overview(live, now=None) -> dict:
         "forwarded_in": reg.forwarded_in, "forwarded_out": reg.forwarded_out,
         "links_in": reg.links_in, "links_out": reg.links_out,
         "link_sessions_in": reg.link_sessions_in, "link_sessions_out": reg.link_sessions_out,
+        "link_idle_closes": reg.link_idle_closes,
         "bytes_in": reg.bytes_in, "bytes_out": reg.bytes_out,
         "rate_in": round(rate_in, 1), "rate_out": round(rate_out, 1),
         "refusals": dict(reg.refusals), "refusals_total": sum(reg.refusals.values()),

@@ -82,6 +82,9 @@ class ShroudCollector:
                            "connections, each carrying many visitors) to (out) and from (in) "
                            "the fleet's other proxies open now.",
                            reg.link_sessions_in, reg.link_sessions_out)
+        yield CounterMetricFamily("shroud_fleet_link_idle_closes", "Links to the fleet's other "
+                                  "proxies closed here after --fleet-link-idle seconds without "
+                                  "a visitor.", value=reg.link_idle_closes)
         c = CounterMetricFamily("shroud_refusals", "Refused connections and binds by reason.",
                                 labels=["reason"])
         for reason, n in sorted(reg.refusals.items()):

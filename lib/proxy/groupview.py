@@ -34,7 +34,7 @@ from lib.proxy.registry import RateHistory, Registry
 # What crosses the fleet's links (lib/proxy/registry.py: counters, visitors on links now, and
 # the links themselves).
 FLEET_COUNTS = ("forwarded_in", "forwarded_out", "links_in", "links_out", "link_sessions_in",
-                "link_sessions_out")
+                "link_sessions_out", "link_idle_closes")
 # A sibling busy beyond this is left out of one dashboard answer rather than stall it.
 ASK_TIMEOUT = 1.0
 # One dashboard request (one greenlet) reads the registry many times: it merges once; the

@@ -7,7 +7,8 @@ Public API::
 
     links = FleetLinks(store, registry, take, cert_path, key_path, fingerprint,
                        listen_addr=("0.0.0.0", 7443), refresh=1.0, max_age=15.0,
-                       max_links=MAX_LINKS, idle_timeout=None)   # --idle-timeout
+                       max_links=MAX_LINKS, idle_timeout=None,   # --idle-timeout
+                       link_idle=LINK_IDLE)                      # --fleet-link-idle
         take(header, peeked) -> run(sock) | lib.proxy.workers.Refused   (router.take_linked)
     links.start(); links.stop()
     links.address                      # the fleet listener as bound: (host, port)
@@ -20,7 +21,8 @@ Public API::
 The registry counts what crosses hosts: ``forwarded_out`` (sender: carried to a holder) and
 ``forwarded_in`` (holder: served from a link); ``links_out``/``links_in``, the visitors in
 flight on links now (at most ``max_links`` each way; ``--fleet-max-links``); and
-``link_sessions_out``/``link_sessions_in``, the TLS links open now.
+``link_sessions_out``/``link_sessions_in``, the TLS links open now; ``link_idle_closes``, the
+links this sender closed after ``link_idle`` seconds without a visitor.
 
 The store is the trust anchor: an instance row carries the advertised link address, its
 tunnel certificate and that certificate's SHA-256; only rows whose heartbeat is younger than
@@ -43,8 +45,9 @@ TLS's own CertificateVerify signs the handshake with the sender's key over both 
 randoms, so the link needs no nonce or signature of its own. Over it runs a muxado session
 (lib/net/muxsession.py; the sender dials, odd stream ids), kept open: one per (sender worker,
 holder worker) pair, dialled at the first visitor and re-dialled when it ends (the peer's
-close, a heartbeat past LINK_HEARTBEAT + LINK_TOLERANCE, the peer's row gone or changed). A
-visitor costs one stream, no handshake (bench/README.md, issue 13). Each stream::
+close, a heartbeat past LINK_HEARTBEAT + LINK_TOLERANCE, the peer's row gone or changed, or
+``link_idle`` seconds without a visitor: the sender closes it). A visitor costs one stream, no
+handshake (bench/README.md, issue 13). Each stream::
 
     sender -> holder   u32 length, JSON head {"v": 2, "kind", "name", "client": [ip, port],
                        "public": the listener the visitor reached ("host:port"),
@@ -89,7 +92,6 @@ import socket
 import ssl
 import struct
 import time
-from typing import NamedTuple
 
 import gevent
 import gevent.event
@@ -154,25 +156,40 @@ REFUSED_LOG_INTERVAL = 30.0
 # expires closes its links first, counted).
 LINK_HEARTBEAT = 1.0
 LINK_TOLERANCE = 5.0
+# A link no visitor used for this long is closed by its sender (the default of
+# --fleet-link-idle; 0: never). Idle, it still costs both hosts a TLS session, three greenlets
+# and a heartbeat a second each way, and every worker holds one per worker of each other host
+# it forwarded to. Five minutes keeps the link of any holder visited more often than that; a
+# rarer visitor pays one dial (TCP and TLS 1.3 on the LAN, ~2.5 ms of CPU: bench/README.md).
+LINK_IDLE = 300.0
 
 
 class LinkRefused(ShroudError):
     """A link the holder will not serve (the reason is logged, rate-limited, and counted)."""
 
 
-class _Out(NamedTuple):
-    """A link this sender dialled: its session, to ``addr``, pinned to ``fingerprint``."""
-    session: Session
-    fingerprint: str
-    addr: str
+class _Out:
+    """A link this sender dialled: its session, to ``addr``, pinned to ``fingerprint``; ``used``
+    is when a visitor last took or gave back a stream of it (monotonic)."""
+
+    __slots__ = ("session", "fingerprint", "addr", "used")
+
+    def __init__(self, session: Session, fingerprint: str, addr: str):
+        self.session, self.fingerprint, self.addr = session, fingerprint, addr
+        self.used = time.monotonic()
 
 
 class FleetLinks:
     def __init__(self, store, registry, take, cert_path: str, key_path: str, fingerprint: str,
                  listen_addr: tuple, refresh: float = 1.0, max_age: float = 15.0,
-                 max_links: int = MAX_LINKS, idle_timeout: float | None = None):
+                 max_links: int = MAX_LINKS, idle_timeout: float | None = None,
+                 link_idle: float = LINK_IDLE):
         if max_links < 1:
             raise ValueError(f"--fleet-max-links must be at least 1, got {max_links}")
+        if not link_idle >= 0:
+            raise ValueError(f"--fleet-link-idle must be 0 (never) or more seconds, got "
+                             f"{link_idle}")
+        self.link_idle = link_idle
         self.store = store
         self.registry = registry
         self.take = take
@@ -243,6 +260,7 @@ class FleetLinks:
                 self.refresh()
             except OwnershipError as exc:  # the store is away: keep the last view
                 log.warning("fleet links: could not read the registry: %s", exc)
+            self.close_idle()
             gevent.sleep(self.refresh_interval)
 
     def refresh(self) -> None:
@@ -279,6 +297,25 @@ class FleetLinks:
                                       "any more: its link closed" % fingerprint[:16])
                     session.close()
 
+
+    def close_idle(self, now: float | None = None) -> int:
+        """Close the links dialled here that carry no stream and had no visitor for
+        ``link_idle`` seconds (the background greenlet does, each refresh); how many. The next
+        visitor for that holder dials a new one."""
+        if not self.link_idle:
+            return 0
+        now = time.monotonic() if now is None else now
+        closed = 0
+        for instance_id, link in list(self._links.items()):
+            if link.session.open_streams or now - link.used < self.link_idle:
+                continue
+            del self._links[instance_id]
+            link.session.close(reason="idle")
+            self.registry.link_idle_closes += 1
+            closed += 1
+            log.debug("fleet link to %s closed: no visitor for %g s", instance_id,
+                      self.link_idle)
+        return closed
 
     def _consistent(self, rows) -> list:
         """The rows whose certificate is the one their fingerprint names; the others (no
@@ -362,6 +399,7 @@ class FleetLinks:
                 self.registry.forwarded_out += 1
                 # Closes both ends when either is done, or both were silent idle_timeout.
                 splice(sock, stream, idle_timeout=self.idle_timeout)
+                self._used(instance_id)  # link_idle counts from the visitor's end
                 return TAKEN
             return LIMIT if BUSY in answers else UNREACHABLE if answers - {REFUSED} else None
         finally:
@@ -423,6 +461,7 @@ class FleetLinks:
                 pending = self._dialling[instance.id] = gevent.event.AsyncResult()
                 gevent.spawn(self._dial, instance, pending)
             link, fresh = pending.get(), True
+        link.used = time.monotonic()
         return link.session, fresh
 
     def _dial(self, instance, pending) -> None:
@@ -456,6 +495,11 @@ class FleetLinks:
             self.registry.link_sessions_out += 1
             gevent.spawn(self._count_end, session, "link_sessions_out")
         pending.set(link)
+
+    def _used(self, instance_id) -> None:
+        link = self._links.get(instance_id)
+        if link is not None:
+            link.used = time.monotonic()
 
     def _drop(self, instance_id, session) -> None:
         """Close ``session`` and forget it as the link to ``instance_id``."""

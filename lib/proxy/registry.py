@@ -201,6 +201,7 @@ class Registry:
         self.forwarded_in = self.forwarded_out = 0
         self.links_in = self.links_out = 0
         self.link_sessions_in = self.link_sessions_out = 0
+        self.link_idle_closes = 0  # links this sender closed unused (--fleet-link-idle)
         self.history = RateHistory()
         self.started = time.time()
         self.listeners: dict[str, str] = {}
@@ -301,6 +302,7 @@ class Registry:
             "links_in": self.links_in, "links_out": self.links_out,
             "link_sessions_in": self.link_sessions_in,
             "link_sessions_out": self.link_sessions_out,
+            "link_idle_closes": self.link_idle_closes,
             "streams_open": sum(t.streams_open for t in self.tunnels.values()),
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "rate_in": rate_in, "rate_out": rate_out,

@@ -162,6 +162,7 @@ class ProxyConfig:
     fleet_addr: str | None = None
     fleet_advertise: str | None = None
     fleet_max_links: int = 1024  # links in flight each way (hostlinks.MAX_LINKS: why 1,024)
+    fleet_link_idle: float = 300.0  # a link unused this long is closed (hostlinks.LINK_IDLE)
 
 
 def proxy_mux_config(**overrides) -> MuxConfig:
@@ -326,7 +327,8 @@ class ProxyServer:
         self.links = FleetLinks(self.store, self.registry, self.router.take_linked,
                                 self.cert_path, self.key_path, self.fingerprint, bind,
                                 refresh=min(1.0, beat), max_age=beat * EXPIRE_BEATS,
-                                max_links=c.fleet_max_links, idle_timeout=c.idle_timeout)
+                                max_links=c.fleet_max_links, idle_timeout=c.idle_timeout,
+                                link_idle=c.fleet_link_idle)
         try:
             # Workers: each one opens it (lib/proxy/prefork.py); a link lands on any of them.
             listener = (listening_socket(bind, reuseport=True, factory=gevent.socket.socket)
