@@ -12,6 +12,13 @@ Pairs: Go->Go (the reference), Python->Go, Go->Python, Python->Python; each Pyth
 its own process, as each Go peer does. Then it opens ``--idle-streams`` (default 10,000) idle
 streams between two fresh Python processes and reports the RSS growth per stream on each side.
 
+Besides MiB/s (which on a shared machine says more about the load than about the code), each
+pair reports both peers' CPU seconds per GiB moved (user+sys from /proc; a Python sender's from
+its own clock over the transfer, every other peer's from its start or from listening to the
+result): the figure to compare between runs and against Go. ``--pairs`` and ``--stream-counts``
+pick cells (default: all four pairs, 1 and --streams streams); ``--runs N`` repeats them and
+reports each cell's median.
+
 Results go to stdout (progress lines, then a table) and, unless --no-readme, into the
 "Multiplexer" section of bench/README.md. Every run is bounded by --timeout.
 
@@ -32,6 +39,7 @@ import platform  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
+import statistics  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -41,8 +49,9 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# --base: a Python peer imports lib/ from the tree this names (set by the parent per cell).
+ENV_ROOT = "MUX_BENCH_LIB_ROOT"
+sys.path.insert(0, os.environ.get(ENV_ROOT) or ROOT)
 
 from lib.hostport import parse_hostport  # noqa: E402
 from lib.net.tlstransport import TLSTransport  # noqa: E402
@@ -55,8 +64,8 @@ CHUNK = 256 * 1024
 # Sink reads this much at a time (the Python session hands over up to its receive window).
 READ_SIZE = 256 * 1024
 COUNT = struct.Struct(">Q")
-# (sender, listener, streams) -> the Python peers' CPU seconds per GiB (run_pair fills it).
-PY_CPU: dict = {}
+# (sender, listener, streams) -> (sender's, listener's) CPU seconds per GiB (run_pair fills it).
+PEER_CPU: dict = {}
 
 
 def log(msg: str) -> None:
@@ -249,9 +258,9 @@ class Proc:
 
 
 def run_pair(opts, gobin, certs, sender, listener, streams):
-    """One throughput run: returns MiB/s and a note; PY_CPU[(sender, listener, streams)] gets
-    the Python peers' CPU seconds per GiB moved (the sender's during the transfer, the sink's
-    from listening to the sender's result)."""
+    """One throughput run: returns MiB/s and a note; PEER_CPU[(sender, listener, streams)] gets
+    both peers' CPU seconds per GiB moved (a Python sender's during the transfer, a Go sender's
+    from its start, the sink's from listening to the sender's result)."""
     if listener == "go":
         server = Proc([gobin, "-listen", "127.0.0.1:0", "-tls", "-cert", certs["cert"], "-key",
                        certs["key"], "-accept", "sink", "-raw", "-sessions", "1",
@@ -269,9 +278,10 @@ def run_pair(opts, gobin, certs, sender, listener, streams):
             client = Proc(py_argv(opts, certs, "--send", "--dial", addr, "--streams", str(streams)))
         try:
             result = client.expect("send_done", opts.timeout + 10)
-            cpu = (result.get("cpu", 0.0) if sender == "python" else 0.0) + (
-                server.cpu() - sink_cpu0 if listener == "python" else 0.0)
-            PY_CPU[(sender, listener, streams)] = cpu / (result["bytes"] / 2**30)
+            sink_cpu = server.cpu() - sink_cpu0
+            send_cpu = result["cpu"] if sender == "python" else client.cpu()
+            gib = result["bytes"] / 2**30
+            PEER_CPU[(sender, listener, streams)] = (send_cpu / gib, sink_cpu / gib)
         finally:
             client.stop()
     finally:
@@ -345,68 +355,101 @@ def write_readme(text):
         f.write(body.rstrip() + "\n")
 
 
+PAIRS = ("go-go", "python-go", "go-python", "python-python")
+
+
+def run_cell(opts, gobin, certs, sender, listener, streams, tree):
+    """run_pair with the Python peers taken from ``tree`` (None: this one); a result dict."""
+    if tree is None:
+        os.environ.pop(ENV_ROOT, None)
+    else:
+        os.environ[ENV_ROOT] = tree
+    started = time.monotonic()
+    mib, note = run_pair(opts, gobin, certs, sender, listener, streams)
+    send_cpu, sink_cpu = PEER_CPU[(sender, listener, streams)]
+    label = f"{sender} -> {listener} x{streams}" + (f" [{tree_label(opts, tree)}]"
+                                                    if opts.base else "")
+    log(f"{label}: {mib:.1f} MiB/s {note} ({time.monotonic() - started:.1f} s); CPU s/GiB "
+        f"sender {send_cpu:.2f}, sink {sink_cpu:.2f}")
+    return {"mib": mib, "note": note, "send_cpu": send_cpu, "sink_cpu": sink_cpu}
+
+
+def tree_label(opts, tree):
+    if not opts.base:
+        return "-"
+    return "base" if tree == opts.base else "changed"
+
+
 def main_bench(opts):
     from tests.fixtures.gopeer import build_muxpeer
-    pairs = [("go", "go"), ("python", "go"), ("go", "python"), ("python", "python")]
+    pairs = [tuple(p.split("-")) for p in opts.pairs]
+    counts = opts.stream_counts or [1, opts.streams]
+    # cell -> tree label -> runs; the Go -> Go reference has one tree
+    results: dict = {}
     with tempfile.TemporaryDirectory(prefix="mux-bench-") as tmp:
         log("building the Go peer (tests/go/muxpeer, muxado v1 from /usr/share/gocode)")
         gobin = build_muxpeer(tmp)
         certs = make_certs(tmp)
-        results = {}
-        for streams in (1, opts.streams):
-            for sender, listener in pairs:
-                log(f"{sender} -> {listener}: {human(opts.size)} over {streams} stream(s) ...")
-                started = time.monotonic()
-                mib, note = run_pair(opts, gobin, certs, sender, listener, streams)
-                results[(sender, listener, streams)] = (mib, note)
-                cpu = PY_CPU.get((sender, listener, streams))
-                log(f"{sender} -> {listener} x{streams}: {mib:.1f} MiB/s {note} "
-                    f"({time.monotonic() - started:.1f} s)"
-                    + (f", Python CPU {cpu:.2f} s/GiB" if cpu else ""))
+        for run in range(opts.runs):
+            for streams in counts:
+                for sender, listener in pairs:
+                    trees = [None] if "python" not in (sender, listener) or not opts.base else (
+                        [opts.base, None] if run % 2 == 0 else [None, opts.base])
+                    for tree in trees:
+                        r = run_cell(opts, gobin, certs, sender, listener, streams, tree)
+                        cell = results.setdefault((sender, listener, streams), {})
+                        cell.setdefault(tree_label(opts, tree), []).append(r)
         idle = None
         if opts.idle_streams:
             log(f"opening {opts.idle_streams} idle streams Python -> Python ...")
             idle = measure_idle(opts, certs)
             log(f"RSS per idle stream: opener {idle[0] / 1024:.2f} KiB, "
                 f"acceptor {idle[1] / 1024:.2f} KiB")
-
-    lines = [
-        "### TLS on loopback",
-        "",
-        f"`.venv/bin/python bench/mux_bench.py --size {opts.size} --streams {opts.streams} "
-        f"--idle-streams {opts.idle_streams}` on {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-        f"Python {platform.python_version()}, Go muxado v1 (Debian). TLS over loopback; "
-        f"the dialler sends {human(opts.size)} to a sink on the listener; each peer is its own "
-        "process; time runs from the first open to the last count reply. One run per cell: "
-        "with both peers sharing few CPUs, repeated runs vary by about +-30 %.",
-        "",
-        f"| sender -> listener | 1 stream MiB/s | vs Go | {opts.streams} streams MiB/s | vs Go |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    def cell(key):
-        mib, note = results[key]
-        ref = results[("go", "go", key[2])][0]
-        if note:  # a timed-out rate is an upper bound
-            return f"< {mib:.1f} ({note}) | < {mib / ref:.3f}"
-        return f"{mib:.0f} | {mib / ref:.2f}"
-
-    for sender, listener in pairs:
-        lines.append(f"| {sender} -> {listener} | {cell((sender, listener, 1))} "
-                     f"| {cell((sender, listener, opts.streams))} |")
-    lines += ["", "Python -> Python beats Go -> Go on one stream because lib.net.muxsession grants a 1 MiB "
-              "receive window while Go grants 64 KiB per round trip. lib.net.muxsession turns Nagle off like "
-              "Go (commit fe23429); before that, Python -> Go over one stream ran at 1.5 MiB/s: "
-              "the last small segment of every 64 KiB window waited ~40 ms for Go's delayed ACK."]
-    if idle:
-        lines += ["", f"Idle streams (Python -> Python, {opts.idle_streams} streams, SYN only, "
-                  f"RSS delta / streams): opener **{idle[0] / 1024:.2f} KiB**, acceptor "
-                  f"**{idle[1] / 1024:.2f} KiB** per stream (goal < 16 KiB)."]
-    text = "\n".join(lines)
+    text = report(opts, pairs, counts, results, idle)
     print(text)
     if not opts.no_readme:
         write_readme(text)
         log(f"wrote the '{SECTION}' section of {os.path.relpath(README, ROOT)}")
+
+
+def _med(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def report(opts, pairs, counts, results, idle) -> str:
+    """A markdown table: per cell and tree, median MiB/s, its ratio to Go -> Go's median in the
+    same runs, and both peers' CPU per GiB (medians)."""
+    lines = [
+        "### TLS on loopback",
+        "",
+        f"`.venv/bin/python bench/mux_bench.py --size {opts.size} --streams {opts.streams} "
+        f"--idle-streams {opts.idle_streams} --runs {opts.runs}` on {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"Python {platform.python_version()}, Go muxado v1 (Debian), load average "
+        f"{os.getloadavg()[0]:.1f}. TLS over loopback; the dialler sends {human(opts.size)} to a "
+        "sink on the listener; each peer is its own process; time runs from the first open to "
+        f"the last count reply. Medians of {opts.runs} run(s); MiB/s on a shared machine varies "
+        "by +-30 % and more, CPU per GiB far less.",
+        "",
+        "| sender -> listener | streams | tree | MiB/s | vs Go -> Go | sender CPU s/GiB | "
+        "sink CPU s/GiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for streams in counts:
+        ref = next(iter(results.get(("go", "go", streams), {}).values()), None)
+        ref_mib = _med(ref, "mib") if ref else None
+        for sender, listener in pairs:
+            for label, runs in sorted(results[(sender, listener, streams)].items()):
+                mib = _med(runs, "mib")
+                note = " (timed out)" if any(r["note"] for r in runs) else ""
+                vs = f"{mib / ref_mib:.2f}" if ref_mib else "-"
+                lines.append(f"| {sender} -> {listener} | {streams} | {label} | {mib:.0f}{note} | "
+                             f"{vs} | {_med(runs, 'send_cpu'):.2f} | {_med(runs, 'sink_cpu'):.2f} |")
+    if idle:
+        lines += ["", f"Idle streams (Python -> Python, {opts.idle_streams} streams, SYN only, "
+                  f"RSS delta / streams): opener **{idle[0] / 1024:.2f} KiB**, acceptor "
+                  f"**{idle[1] / 1024:.2f} KiB** per stream (goal < 16 KiB)."]
+    return "\n".join(lines)
 
 
 def main():
@@ -416,6 +459,12 @@ def main():
     ap.add_argument("--idle-streams", type=int, default=10_000, help="0 skips the memory test")
     ap.add_argument("--timeout", type=float, default=120, help="bound on each run, seconds")
     ap.add_argument("--no-readme", action="store_true", help="do not update bench/README.md")
+    ap.add_argument("--runs", type=int, default=1, help="runs of every cell (medians reported)")
+    ap.add_argument("--pairs", default=",".join(PAIRS), help="subset of " + ",".join(PAIRS))
+    ap.add_argument("--stream-counts", default="",
+                    help="comma-separated stream counts (default: 1 and --streams)")
+    ap.add_argument("--base", help="A/B: a second source tree whose lib/ the Python peers also "
+                    "run from, cell by cell, alternating with this tree's")
     # internal modes
     ap.add_argument("--serve-sink", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-hold", action="store_true", help=argparse.SUPPRESS)
@@ -426,6 +475,16 @@ def main():
     ap.add_argument("--key", help=argparse.SUPPRESS)
     ap.add_argument("--ca", help=argparse.SUPPRESS)
     opts = ap.parse_args()
+    opts.pairs = [p for p in opts.pairs.split(",") if p]
+    if not opts.pairs or any(p not in PAIRS for p in opts.pairs):
+        ap.error(f"bad --pairs: pick from {','.join(PAIRS)}")
+    opts.stream_counts = [int(n) for n in opts.stream_counts.split(",") if n]
+    if not 1 <= opts.runs <= 50 or any(n < 1 for n in opts.stream_counts):
+        ap.error("--runs 1-50, --stream-counts of at least 1")
+    if opts.base is not None:
+        opts.base = os.path.abspath(opts.base)
+        if not os.path.isfile(os.path.join(opts.base, "lib", "net", "muxsession.py")):
+            ap.error(f"--base {opts.base}: no lib/net/muxsession.py there (a Shroud tree)")
     if opts.serve_sink:
         serve_sink(opts)
     elif opts.serve_hold:

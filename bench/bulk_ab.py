@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""A/B of CPU per GiB in single-connection bulk: a BASE tree against a CHANGED tree, ssh -R beside.
+
+    nice -n -5 .venv/bin/python bench/bulk_ab.py [--base PATH | --base-rev REV] [--changed PATH]
+        [--rounds 4] [--bytes 536870912] [--protos tls,http] [--no-ssh]
+
+One nginx (bench/proxy_bench.py's: sendfile of a sparse file, HTTP and TLS), and in front of it,
+side by side: ssh -R (proxy_bench's SshPath), the base tree's Shroud and the changed tree's
+Shroud (proxy + client ``--tor none``, each from its own directory). ``--base-rev`` (default
+``main``) is checked out as a temporary detached worktree (bench/cost_ab.py's, removed at the
+end). Then ``--rounds`` times, for each protocol (``tls``: curl over HTTPS routed by SNI, passed
+through; ``http``: routed by Host), one curl download of ``--bytes`` through each path, the paths
+taking turns in cost_ab's order (rotated and reversed round by round).
+
+The figure is the CPU the path burns per GiB moved: proxy + client, or the sshd tree + ssh
+(/proc/PID/task/*/schedstat run time), with its user/sys split (/proc/PID/stat ticks, pooled
+over rounds). MiB/s is printed too, but on a shared machine only CPU per GiB and the ratios
+within a round mean much. Progress on stderr; a markdown table on stdout for bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cost_ab as ab  # noqa: E402
+import proxy_bench as pb  # noqa: E402
+
+PROTOS = ("tls", "http")
+LABELS = {"tls": "bulk TLS by SNI, 1 conn", "http": "bulk HTTP by Host, 1 conn"}
+
+
+def log(msg: str) -> None:
+    print(f"[bulk-ab {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def measure(path: pb.Path, proto: str, args, ca: str) -> dict:
+    """One download through one path: {'gib', 'ns', 'ut', 'st', 'mib_s'}."""
+    pids = path.cpu_pids()
+    c0 = ab.cpu_sample(pids)
+    mib_s = pb.bulk(path, proto, 1, args.bytes, ca, args.timeout)
+    c1 = ab.cpu_sample(pids)
+    return {"gib": args.bytes / 2**30, "ns": c1[0] - c0[0], "ut": c1[1] - c0[1],
+            "st": c1[2] - c0[2], "mib_s": mib_s}
+
+
+def run_rounds(paths: list[pb.Path], args, ca: str) -> dict[str, dict[str, list[dict]]]:
+    res = {proto: {p.name: [] for p in paths} for proto in args.protos}
+    for rnd in range(args.rounds):
+        order = ab.order_of(paths, rnd)
+        log(f"round {rnd + 1}/{args.rounds}: {', '.join(p.name for p in order)}")
+        for proto in args.protos:
+            parts = []
+            for p in order:
+                m = measure(p, proto, args, ca)
+                res[proto][p.name].append(m)
+                parts.append(f"{p.name} {m['ns'] / 1e9 / m['gib']:.2f} s/GiB "
+                             f"({m['mib_s']:.0f} MiB/s)")
+            log(f"  {proto}: " + ", ".join(parts))
+    return res
+
+
+def summarize(ms: list[dict]) -> dict | None:
+    if not ms:
+        return None
+    gib = sum(m["gib"] for m in ms)
+    tick = 1 / pb.CLK_TCK
+    per = [m["ns"] / 1e9 / m["gib"] for m in ms]
+    return {"s": statistics.median(per), "per_round": per,
+            "user": sum(m["ut"] for m in ms) * tick / gib,
+            "sys": sum(m["st"] for m in ms) * tick / gib,
+            "mib_s": statistics.median(m["mib_s"] for m in ms)}
+
+
+def table(res: dict[str, dict[str, list[dict]]]) -> str:
+    lines = ["| row (CPU s per GiB, median over rounds) | ssh -R | base | changed | changed/base | "
+             "changed/base by round | base/ssh | changed/ssh | user/sys ssh | user/sys base | "
+             "user/sys changed | MiB/s ssh / base / changed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for proto, by_path in res.items():
+        s, b, c = (summarize(by_path.get(k, [])) for k in ("ssh", "base", "changed"))
+
+        def cell(x):
+            return "-" if x is None else f"{x['s']:.2f}"
+
+        def ratio(x, y):
+            return "-" if x is None or y is None or not y["s"] else f"{x['s'] / y['s']:.2f}"
+
+        def split(x):
+            return "-" if x is None else f"{x['user']:.2f}/{x['sys']:.2f}"
+
+        rs = ([x / y for x, y in zip(c["per_round"], b["per_round"]) if y]
+              if b is not None and c is not None else [])
+        spread = f"{min(rs):.2f}-{max(rs):.2f}" if rs else "-"
+        rates = " / ".join("-" if x is None else f"{x['mib_s']:.0f}" for x in (s, b, c))
+        lines.append(f"| {LABELS[proto]} | {cell(s)} | {cell(b)} | {cell(c)} | {ratio(c, b)} | "
+                     f"{spread} | {ratio(b, s)} | {ratio(c, s)} | {split(s)} | {split(b)} | "
+                     f"{split(c)} | {rates} |")
+    return "\n".join(lines)
+
+
+def start_paths(d: str, origin_http: int, origin_tls: int, base: str, changed: str,
+                ssh: bool) -> list[pb.Path]:
+    paths: list[pb.Path] = []
+    try:
+        if ssh:
+            paths.append(pb.SshPath(d, origin_http, origin_tls, origin_http))
+        for name, root in (("base", base), ("changed", changed)):
+            paths.append(pb.ShroudPath(d, origin_http, origin_tls, origin_http, root=root,
+                                       name=name))
+    except BaseException:
+        for p in paths:
+            p.stop()
+        raise
+    return paths
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--base", help="the base source tree (a directory)")
+    g.add_argument("--base-rev", default="main",
+                   help="a revision checked out as a temporary worktree (default main)")
+    ap.add_argument("--changed", default=pb.ROOT, help="the changed tree (default: this one)")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--bytes", type=int, default=512 << 20, help="per download")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per download")
+    ap.add_argument("--protos", default=",".join(PROTOS), help="subset of " + ",".join(PROTOS))
+    ap.add_argument("--no-ssh", action="store_true", help="leave ssh -R out")
+    args = ap.parse_args()
+    args.protos = [p for p in args.protos.split(",") if p]
+    if not args.protos or any(p not in PROTOS for p in args.protos):
+        ap.error(f"bad --protos: pick from {','.join(PROTOS)}")
+    if not (1 <= args.rounds <= 100 and 1 << 20 <= args.bytes <= 16 << 30):
+        ap.error("--rounds 1-100, --bytes 1 MiB-16 GiB")
+    for flag, tree in (("--base", args.base), ("--changed", args.changed)):
+        if tree is not None and not os.path.isfile(os.path.join(tree, "shroud_proxy.py")):
+            ap.error(f"{flag} {tree}: no shroud_proxy.py there (give a Shroud source tree)")
+    if not args.no_ssh and os.geteuid() != 0:
+        ap.error("the ssh -R yardstick starts its own sshd: run as root, or pass --no-ssh")
+    for tool in ("nginx", "curl", "git") + (() if args.no_ssh else ("ssh", "ssh-keygen")):
+        if shutil.which(tool) is None:
+            ap.error(f"{tool} not found (Debian packages nginx, curl, git, openssh-server)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, ab.on_sigterm)  # through the finally blocks, as Ctrl-C
+    d = tempfile.mkdtemp(prefix="shroud-bulk-ab-")
+    wt = nginx = None
+    paths: list[pb.Path] = []
+    started = time.time()
+    try:
+        base = args.base or (wt := ab.add_worktree(args.base_rev, d))
+        changed = os.path.abspath(args.changed)
+        how = f"--base {base}" if args.base else f"--base-rev {args.base_rev}"
+        head = f"base {ab.describe(base)} ({how}); changed {ab.describe(changed)} ({changed})"
+        log(head)
+        nginx, origin_http, origin_tls, ca = pb.start_nginx(d, args.bytes)
+        paths = start_paths(d, origin_http, origin_tls, os.path.abspath(base), changed,
+                            not args.no_ssh)
+        for p in paths:  # warm: the first stream, the first connection to the origin
+            for proto in args.protos:
+                pb.bulk(p, proto, 1, args.bytes, ca, args.timeout)
+        res = run_rounds(paths, args, ca)
+    finally:
+        for p in paths:
+            p.stop()
+        if nginx is not None:
+            nginx.stop()
+        if wt is not None:
+            ab.remove_worktree(wt)
+        shutil.rmtree(d, ignore_errors=True)
+    cmd = "bench/bulk_ab.py " + " ".join(sys.argv[1:])
+    print(f"`{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')}, {pb.machine()}, load average "
+          f"{os.getloadavg()[0]:.1f}; {args.rounds} rounds of {args.bytes >> 20} MiB per path "
+          f"and protocol, {(time.time() - started) / 60:.1f} min. {head}.\n")
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bulk_ab: interrupted; processes stopped, worktree removed", file=sys.stderr)
+        sys.exit(130)
