@@ -31,6 +31,7 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -456,9 +457,10 @@ def run(args, inputs: Inputs) -> int:
 
         CircuitWatcher(tor, client)
     client.start()
-    from lib.memtrim import start_memory_trimmer
+    from lib.memtrim import GC_THRESHOLDS, start_memory_trimmer
 
     start_memory_trimmer()
+    gc.set_threshold(*GC_THRESHOLDS)  # after start-up: lib/memtrim.py says why
     for svc in inputs.services:
         log.info("exposing %s %s -> %s:%d via %d proxies", svc.protocol, svc.name, *svc.target,
                  len(proxies))

@@ -29,6 +29,7 @@ if __name__ == "__main__":
     monkey.patch_all()
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -279,7 +280,7 @@ def start_proxy(args, one_port: bool = False, admin: bool = True, listeners=None
     """
     from lib.admin.app import create_admin_app
     from lib.errors import ListenError
-    from lib.memtrim import start_memory_trimmer
+    from lib.memtrim import GC_THRESHOLDS, start_memory_trimmer
     from lib.proxy.discovery import start_discovery
     from lib.proxy.ownership import OwnershipError
     from lib.proxy.server import ProxyServer
@@ -289,6 +290,7 @@ def start_proxy(args, one_port: bool = False, admin: bool = True, listeners=None
         listeners = dict(listeners or {})
         proxy.start(listeners=listeners, run_dir=run_dir)
         start_memory_trimmer()
+        gc.set_threshold(*GC_THRESHOLDS)  # after start-up: lib/memtrim.py says why
         discovery = start_discovery(args, proxy, listener=listeners.get("discovery"))
     except ListenError as e:
         raise StartError(f"cannot start: {e.line(LISTENER_FLAG.get(e.listener))}") from None

@@ -2,6 +2,7 @@
 
     start_memory_trimmer(interval=30.0)     # also logs "memory allocator: jemalloc|system"
     trimmer_stats() -> {"passes": n, "skipped_busy": n}
+    gc.set_threshold(*GC_THRESHOLDS)        # what the entry points do after start-up
 
 CPython and glibc keep freed memory for reuse: after 1,000 connections come and go, a proxy's
 RSS stayed ~40 % above its start although nothing leaked (bench/load.py). A pass runs the
@@ -13,13 +14,19 @@ A full collection walks every live object and holds the hub meanwhile: 0.1-0.4 s
 ~1,000 streams live (bench/README.md "Memory trimmer: a pass only when quiet"), during which
 every visitor and tunnel waits. So a pass runs only when the process is quiet: the trimmer looks
 every ``interval / 6`` seconds, and passes when ``interval`` has gone by since its last pass and
-the last window saw at most ``QUIET_GEN0`` young collections of CPython's own collector (each
-one means ~700 new container objects: a busy proxy makes ~70 a second). A busy process needs no
-pass: its own allocations keep CPython's collector running and reuse the freed memory. The pass
-that matters, after a peak, comes within one window of the load ending. At start the trimmer
-also moves the objects of start-up (modules, classes, functions: they live as long as the
-process) to ``gc.freeze()``'s permanent generation, so no later full collection, ours or
-CPython's, walks them again.
+the process used at most ``QUIET_CPU`` of a core in the last window (``time.process_time``). An
+idle proxy or client uses ~0.2 %; keep-alive traffic allocates no lasting objects, so CPython's
+own young collections, the measure before, stayed at zero under it and a pass ran under load
+(bench/README.md "The cost of a loop turn, and the collector"). A busy process needs no pass:
+its own allocations reuse the freed memory. The pass that matters, after a peak, comes within one
+window of the load ending. At start the trimmer also moves the objects of start-up (modules,
+classes, functions: they live as long as the process) to ``gc.freeze()``'s permanent
+generation, so no later full collection, ours or CPython's, walks them again.
+
+The entry points also raise CPython's young-generation threshold to ``GC_THRESHOLDS`` (they
+call ``gc.set_threshold``; nothing in lib/ tunes the interpreter): at 64 concurrent fresh
+connections the default 700 ran a young collection every ~16 requests in the proxy, ~5 % of
+its CPU, though nearly every object a connection makes is freed by reference counting first.
 
 Under jemalloc (``LD_PRELOAD=libjemalloc.so.2 PYTHONMALLOC=malloc``, see bench/README.md "Load
 and soak") a pass also purges the dirty pages of all jemalloc arenas (``mallctl
@@ -41,12 +48,19 @@ log = logging.getLogger("shroud.memtrim")
 # jemalloc's MALLCTL_ARENAS_ALL is 4096: "arena.4096.purge" purges every arena.
 _JEMALLOC_PURGE_ALL = b"arena.4096.purge"
 
-# Young (generation 0) collections in one window below which the process counts as quiet.
-# Measured (bench/README.md "Memory trimmer: a pass only when quiet"): an idle proxy or
-# client with its tunnel makes none in 5 s; under load the proxy makes one per ~11 requests
-# (~370 per 5 s at ~880 requests/s). Ten per window (5 s at the default interval) is thus
-# "below ~20 requests/s": few visitors wait on a pass then, and it is short (small heap).
-QUIET_GEN0 = 10
+# Share of one core the process may use in a window and still count as quiet: an idle proxy
+# or client uses ~0.2 % (timers, heartbeats); 2 % is ~70 fresh connections or ~300 keep-alive
+# requests in a 5 s window (bench/README.md "Per-request cost"): few visitors wait on a pass then.
+QUIET_CPU = 0.02
+# CPython's collector thresholds, set by the entry points (gc.set_threshold): a young collection
+# after 10,000 net new container objects instead of 700. Under 64 concurrent fresh connections
+# the count rose past 700 every ~16 requests in the proxy (~60 collections per 1,000 requests,
+# 50-100 us each per request on a loaded machine) and past 10,000 not once in thousands of
+# requests: a connection's objects are freed by reference counting before they add up. What a
+# collection finds (cycles) waits for at most 10,000 allocations: a few MiB at most. The
+# older generations keep CPython's 10 and 10 (bench/README.md "The cost of a loop turn, and the
+# collector").
+GC_THRESHOLDS = (10_000, 10, 10)
 # Windows per interval: the pass after a peak comes at most interval / 6 after it ends.
 _WINDOWS = 6
 
@@ -81,10 +95,6 @@ def _trimmers() -> list:
     return [t for t in (_malloc_trim(), _jemalloc_purge()) if t is not None]
 
 
-def _young_collections() -> int:
-    return gc.get_stats()[0]["collections"]
-
-
 def trim_once() -> None:
     """One pass now, busy or not (tests, and a caller that knows the process is idle)."""
     gc.collect()
@@ -109,7 +119,7 @@ def _pass(trimmers: list) -> None:
 
 
 def start_memory_trimmer(interval: float = 30.0,
-                         quiet_gen0: int = QUIET_GEN0) -> gevent.Greenlet | None:
+                         quiet_cpu: float = QUIET_CPU) -> gevent.Greenlet | None:
     """Start the trimmer (every entry point does, once, after start-up); logs the process's
     allocator and freezes the start-up objects (see the overview)."""
     from lib.allocator import active
@@ -125,17 +135,17 @@ def start_memory_trimmer(interval: float = 30.0,
 
     def loop() -> None:
         last_pass = time.monotonic()
-        seen = _young_collections()
+        cpu = time.process_time()
         while True:
             gevent.sleep(window)
-            now, young = time.monotonic(), _young_collections()
-            busy, seen = young - seen > quiet_gen0, young
+            now, used = time.monotonic(), time.process_time()
+            busy, cpu = used - cpu > quiet_cpu * window, used
             if now - last_pass < interval:
                 continue
             if busy:
                 _stats["skipped_busy"] += 1
                 continue
             _pass(trimmers)
-            last_pass, seen = time.monotonic(), _young_collections()
+            last_pass, cpu = time.monotonic(), time.process_time()
 
     return gevent.spawn(loop)

@@ -182,14 +182,14 @@ class ProxyProc(Proc):
 class ClientProc(Proc):
     def __init__(self, logdir: str, data_dir: str, pairs: list[str], proxies: list,
                  pins: list[str] = (), name: str = "client", extra: list[str] = (),
-                 tor: str = "none"):
+                 tor: str = "none", env: dict | None = None):
         argv = [PY, "shroud.py", "--tor", tor, "--data-dir", data_dir, "--status", "plain"]
         for p in proxies:
             argv += ["--proxy", p]
         for pin in pins:
             argv += ["--pin", pin]
         argv += list(extra) + list(pairs)
-        super().__init__(name, argv, logdir)
+        super().__init__(name, argv, logdir, env)
 
 
 class OriginProc(Proc):
