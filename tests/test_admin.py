@@ -780,6 +780,36 @@ def test_counts_survive_rings_rebuilt_elsewhere():
     assert list(h.seconds[-1]) == [30_000, 7, 0] and h.series() == [[30_000, 7, 0]]
 
 
+
+def test_count_bytes_reads_the_clock_once_for_every_counter():
+    """Registry.count_bytes runs twice per spliced chunk: one clock read serves the binding's
+    and the registry's histories (it was one each, with Binding.count's call between), and
+    every counter gets the bytes."""
+    from lib.proxy.registry import Registry
+
+    reads = []
+
+    def clock():
+        reads.append(1)
+        return 40_000.5
+
+    class Session:
+        closed = False
+
+    r = Registry()
+    r.history.clock = clock
+    tunnel = r.add_tunnel(Session(), peer="192.0.2.1:5", key=None, client_id="c")
+    b = r.bind(tunnel, protocol="tcp", name="tcp:20000", owner=None, method="tofu",
+               url="tcp://127.0.0.1:20000")
+    b.history.clock = clock
+    r.count_bytes(b, tunnel, n_in=100)
+    r.count_bytes(b, tunnel, n_out=13)
+    assert len(reads) == 2
+    for counted in (b, tunnel, r):
+        assert (counted.bytes_in, counted.bytes_out) == (100, 13)
+    for h in (b.history, r.history):
+        assert list(h.seconds[-1]) == [40_000, 100, 13] and h.series() == [[40_000, 100, 13]]
+
 # --- the fleet view ------------------------------------------------------------------------------
 
 def test_fleet_view_and_blocks_made_by_another_instance(proxy, config):
