@@ -14,7 +14,7 @@ import time
 import pytest
 
 from lib.certs import ensure_tunnel_cert
-from lib.proxy.hostlinks import LINK_TIMEOUT, OK, REFUSED
+from lib.proxy.hostlinks import LINK_HEARTBEAT, LINK_TIMEOUT, LINK_TOLERANCE, OK, REFUSED
 from tests.support.fleetlink import Link
 from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc, free_port
 from tests.support.visitor import http_get, https_get, tls_site, ws_echo, ws_upgrade
@@ -258,14 +258,21 @@ def test_a_link_carries_many_visitors_and_may_idle(fleet):
 
 class _CountingRelay:
     """A TCP relay on ``host`` to ``target`` ("host:port", set before the first connection),
-    counting the connections it accepted: what a sender dialled."""
+    counting the connections it accepted: what a sender dialled. ``blackhole()`` makes the
+    connections relayed so far drop every byte both ways, closing nothing (a link dead without
+    a FIN, as behind a dead switch); later connections are relayed as usual."""
 
     def __init__(self, host: str):
         self.listener = socket.create_server((host, 0))
         self.addr = "%s:%d" % self.listener.getsockname()[:2]
         self.target = None
         self.accepted = 0
+        self._dropping: list = []  # one Event per connection relayed: set, its bytes vanish
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def blackhole(self) -> None:
+        for dropping in self._dropping:
+            dropping.set()
 
     def _accept(self) -> None:
         while True:
@@ -280,17 +287,21 @@ class _CountingRelay:
             except OSError:
                 conn.close()
                 continue
+            dropping = threading.Event()
+            self._dropping.append(dropping)
             for src, dst in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+                threading.Thread(target=self._pump, args=(src, dst, dropping),
+                                 daemon=True).start()
 
     @staticmethod
-    def _pump(src, dst) -> None:
+    def _pump(src, dst, dropping) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if not dropping.is_set():
+                    dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             src.close()
@@ -674,5 +685,39 @@ def test_a_link_unused_for_fleet_link_idle_is_closed_and_redialled(fleet):
         assert a.status()["refusals"].get("fleet_link_refused", 0) == 0
         assert get(b, "web.test") == (200, b"from-a\n")
         assert relay.accepted == 2 and b.status()["link_sessions_out"] == 1
+    finally:
+        relay.close()
+
+
+def test_a_link_dead_without_a_fin_is_noticed_by_its_heartbeat_and_redialled(fleet):
+    """The link from B to A goes dead with nothing closed (A's relay drops its bytes both ways;
+    A itself and its rows stay live, so only the heartbeat can tell): B notices once silent
+    past LINK_HEARTBEAT + LINK_TOLERANCE, checked each LINK_HEARTBEAT, so within 7 s of the
+    last echo (the deadline is twice that; nothing else ever closes such a link: the relay
+    takes every byte), so does A, and the next visitor at B dials a new link and is served,
+    with no failure counted."""
+    relay = _CountingRelay("127.0.0.2")
+    try:
+        a = fleet.start("proxy-a", "127.0.0.2", extra=["--fleet-advertise", relay.addr])
+        relay.target = a.link
+        b = fleet.start("proxy-b", "127.0.0.3")
+        fleet.client(a, ["http:web.test", f"127.0.0.1:{fleet.origin('from-a').port}"],
+                     "client-a")
+        a.wait_bound("web.test")
+        wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+        assert relay.accepted == 1 and b.status()["link_sessions_out"] == 1
+        relay.blackhole()
+        bound = LINK_HEARTBEAT + LINK_TOLERANCE + LINK_HEARTBEAT  # silence, then one check
+        started = time.monotonic()
+        wait_for(lambda: b.status()["link_sessions_out"] == 0,
+                 "B's heartbeat closed the silent link", timeout=2 * bound, interval=0.05)
+        print(f"B noticed the dead link after {time.monotonic() - started:.1f} s "
+              f"(bound {bound:g} s)")
+        wait_for(lambda: a.status()["link_sessions_in"] == 0, "A closed its end too",
+                 timeout=2 * bound)
+        assert get(b, "web.test") == (200, b"from-a\n")
+        assert relay.accepted == 2 and b.status()["link_sessions_out"] == 1
+        refusals = b.status()["refusals"]
+        assert refusals.get("fleet_link_failed", 0) == 0, refusals
     finally:
         relay.close()
