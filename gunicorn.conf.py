@@ -122,6 +122,8 @@ def worker_exit(server, worker):
 
     import shroud_proxy
 
+    if worker.pid != os.getpid():
+        return  # the master, told of a worker found already gone (Arbiter.kill_worker)
     shroud_proxy.stop_in_worker()
     code = _exit_code(sys.exc_info()[1])
     logging.shutdown()

@@ -359,3 +359,16 @@ def test_a_stop_is_quiet_and_leaves_the_fleet_at_once(fleet, tmp_path, gunicorn)
     assert len(stopping) == 2, proxy.log()[-3000:]
     for noise in STOP_NOISE:
         assert noise not in stopping[1], stopping[1]
+
+
+def test_worker_exit_in_the_master_returns_and_does_not_end_it():
+    """gunicorn's master calls worker_exit too, for a worker it finds already gone
+    (Arbiter.kill_worker): there the hook must return, not stop a proxy or end the process
+    (it ends a worker with os._exit)."""
+    code = ("import os, runpy, types\n"
+            "conf = runpy.run_path('gunicorn.conf.py')\n"
+            "conf['worker_exit'](None, types.SimpleNamespace(pid=os.getpid() + 1))\n"
+            "print('the master goes on')\n")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, SHROUD_ALLOCATOR="system"))
+    assert (out.returncode, out.stdout) == (0, "the master goes on\n"), out.stderr
