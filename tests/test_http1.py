@@ -86,6 +86,7 @@ REQUESTS = [
     ("get-no-body", req(b"", b"GET / HTTP/1.1"), NEXT, ENDS),
     ("http10-no-host", b"GET / HTTP/1.0\r\n\r\n", NEXT, ENDS),
     ("cl", req(CL + b"5\r\n"), b"hello" + NEXT, ENDS),
+    ("cl-exact", req(CL + b"5\r\n"), b"hello", ENDS),
     ("cl-0", req(CL + b"0\r\n"), NEXT, ENDS),
     ("cl-incomplete", req(CL + b"10\r\n"), b"hello", None),
     ("cl-list-same", req(CL + b"5, 5\r\n"), b"hello" + NEXT, ENDS),
@@ -128,9 +129,14 @@ REQUESTS = [
     ("chunk-no-last", req(TE), b"5\r\nhello\r\n", None),
     ("trailer", req(TE), b"0\r\nX-Sum: 1\r\nX-B: 2\r\n\r\n" + NEXT, ENDS),
     ("trailer-lf-lines", req(TE), b"0\r\nX-Sum: 1\n\n" + NEXT, ENDS),
+    ("trailer-lf-cl", req(TE), b"0\r\nContent-Length: 5\n\n" + NEXT, ENDS),
+    ("trailer-cl-and-te", req(TE), b"0\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n"
+     b"\r\n" + NEXT, ENDS),
+    ("trailer-cr-then-lf", req(TE), b"0\r\n\r" + b"\n" + NEXT, ENDS),
     ("last-chunk-bare-lf-end", req(TE), b"0\r\n\n" + NEXT, ENDS),
     ("trailer-folded", req(TE), b"0\r\nX-Sum: 1\r\n 2\r\n\r\n" + NEXT, ENDS),
     ("trailer-fold-first", req(TE), b"0\r\n X: 1\r\n\r\n", ERROR),
+    ("trailer-fold-ff", req(TE), b"0\r\nX: 1\r\n \x0c2\r\n\r\n", ERROR),
     ("trailer-bad-line", req(TE), b"0\r\nnot a field\r\n\r\n", ERROR),
     ("trailer-bad-cl", req(TE), b"0\r\nContent-Length: x\r\n\r\n", ERROR),
     ("trailer-incomplete", req(TE), b"0\r\nX-Sum: 1\r\n", None),
@@ -282,6 +288,12 @@ RESPONSES = [
      http1.DONE),
     ("folded-te", b"GET", False, b"", OK + b"Transfer-Encoding:\r\n\tchunked\r\n\r\n",
      b"0\r\n\r\n", http1.DONE),
+    ("folded-lf-lines", b"GET", False, b"", b"HTTP/1.1 200 OK\nX: a\n b\nContent-Length: 2\n\n",
+     b"ok", http1.DONE),
+    ("folded-te-spaces", b"GET", False, b"", OK + b"X: a\r\n b\r\nTransfer-Encoding:  chunked \t"
+     b"\r\n\r\n", b"0\r\n\r\n", http1.DONE),
+    ("te-spaces", b"GET", False, b"", OK + b"Transfer-Encoding: \tchunked  \r\n\r\n",
+     b"0\r\n\r\n", http1.DONE),
     ("value-obs-text-tab", b"GET", False, b"", OK + b"X: a\tb \xff\r\nContent-Length: 2\r\n\r\n",
      b"ok", http1.DONE),
     ("close-delimited", b"GET", False, b"", b"HTTP/1.0 200 OK\r\n\r\n", b"abc" + SECOND,
@@ -340,6 +352,10 @@ BAD_RESPONSES = [
     ("value-ff", b"GET", False, OK + b"X: a\x0cb\r\n\r\n"),
     ("line-two-crs", b"GET", False, OK + b"X: a\r\r\n\r\n"),
     ("fold-first", b"GET", False, OK + b" X: a\r\n\r\n"),
+    ("fold-ff", b"GET", False, OK + b"X: a\r\n \x0cb\r\n\r\n"),
+    ("te-chunked-x", b"GET", False, OK + b"Transfer-Encoding: chunkedX\r\n\r\n"),
+    ("folded-te-chunked-x", b"GET", False, OK + b"X: a\r\n b\r\nTransfer-Encoding: Xchunked"
+     b"\r\n\r\n"),
     ("cl-twice-differs", b"GET", False, OK + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n"),
     ("cl-list-differs", b"GET", False, OK + b"Content-Length: 1, 2\r\n\r\n"),
     ("cl-not-digits", b"GET", False, OK + b"Content-Length: x\r\n\r\n"),
@@ -437,3 +453,133 @@ def test_fuzz_responses_frame_as_h11_framed_them(parts, method, upgrade):
     assert our_state == state
     if state == http1.DONE:
         assert dropped == len(data) - end
+
+
+# --- exact texts: connection_close, the errors, the bounds ------------------------------------
+
+@pytest.mark.parametrize("head, want", [
+    (b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+     b"Proxy-Connection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"),
+    (b"HTTP/1.1 200 OK\nconnection: Keep-Alive\nContent-Length: 2\n\n",
+     b"HTTP/1.1 200 OK\nContent-Length: 2\nConnection: close\n\n"),
+    (b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.0 200 OK\r\nConnection: close\r\n\r\n"),
+    (b"HTTP/1.0 200 OK\n\n", b"HTTP/1.0 200 OK\nConnection: close\n\n"),
+    # a blank line of CR LF after LF lines (h11 and RFC 9112 2.2 take both): the close goes
+    # before the blank line, not after it (it used to end the head early)
+    (b"HTTP/1.1 200 OK\nX: y\n\r\n", b"HTTP/1.1 200 OK\nX: y\nConnection: close\n\n"),
+    (b"HTTP/1.1 200 OK\r\nX: y\r\n\n", b"HTTP/1.1 200 OK\r\nX: y\r\nConnection: close\r\n\r\n"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\n\r\n",
+     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+])
+def test_connection_close_texts(head, want):
+    assert connection_close(head) == want
+
+
+LONG = b"x" * 200
+
+
+@pytest.mark.parametrize("method, upgrade, data, message", [
+    (b"GET", False, SWITCH, "101 Switching Protocols to a request without Upgrade"),
+    (b"GET", False, b" HTTP", "not an HTTP response: b' HTTP'"),
+    (b"GET", False, b"\n" + LONG, "not an HTTP response: " + repr(b"\n" + LONG[:79])),
+    (b"GET", False, b"HTTP/1.1 20 OK\r\n\r\n", "malformed status line: b'HTTP/1.1 20 OK'"),
+    (b"GET", False, LONG + b"\r\n\r\n", "malformed status line: " + repr(LONG[:80])),
+    (b"GET", False, b"HTTP/1.1 099 X\r\n\r\n", "status 99 is not an HTTP status"),
+    (b"GET", False, OK + b"X : y\r\n\r\n", "malformed header line: b'X : y'"),
+    (b"GET", False, OK + b"X " + LONG + b"\r\n\r\n",
+     "malformed header line: " + repr((b"X " + LONG)[:80])),
+    (b"GET", False, OK + b" X: y\r\n\r\n", "continuation line at start of headers"),
+    (b"GET", False, OK + b"Content-Length: 1, 2\r\n\r\n", "conflicting Content-Length headers"),
+    (b"GET", False, OK + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n",
+     "conflicting Content-Length headers"),
+    (b"GET", False, OK + b"Content-Length: x\r\n\r\n", "bad Content-Length"),
+    (b"GET", False, OK + b"Transfer-Encoding: gzip\r\n\r\n",
+     "only Transfer-Encoding: chunked is supported"),
+    (b"GET", False, OK + TE + TE + b"\r\n", "multiple Transfer-Encoding headers"),
+    (b"GET", False, OK + TE + b"\r\n1\r\nxyz", "malformed chunk footer: b'yz'"),
+    (b"GET", False, OK + TE + b"\r\n" + LONG + b"\r\n",
+     "malformed chunk-size line: " + repr(LONG[:80])),
+    (b"GET", False, OK + TE + b"\r\n1;" + b"e" * MAX_RESPONSE_HEAD,
+     f"chunk-size line or trailer over {MAX_RESPONSE_HEAD} bytes"),
+    (b"GET", False, TOO_BIG_HEAD, f"response head over {MAX_RESPONSE_HEAD} bytes"),
+    (b"GET", False, OK + b"X: " + b"a" * MAX_RESPONSE_HEAD + b"\r\n\r\n",
+     f"response head over {MAX_RESPONSE_HEAD} bytes"),
+])
+def test_error_texts(method, upgrade, data, message):
+    with pytest.raises(FramingError) as e:
+        ResponseFramer(method, upgrade).feed(data)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("head, message", [
+    (req(CL + b"1\r\n" + TE), "both Content-Length and Transfer-Encoding"),
+    (b"GET / HTTP/1.1\r\n\r\n", "an HTTP/1.1 request needs one Host header"),
+    (b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n", "request target with a byte outside 0x21-0x7e"),
+])
+def test_request_error_texts(head, message):
+    with pytest.raises(FramingError) as e:
+        RequestFramer(httphead.parse_request_head(head))
+    assert str(e.value) == message
+
+
+def test_request_chunk_line_bound_text():
+    framer = RequestFramer(httphead.parse_request_head(req(TE)))
+    with pytest.raises(FramingError) as e:
+        framer.feed(BIG + b"e")
+    assert str(e.value) == f"chunk-size line or trailer over {MAX_REQUEST_LINE} bytes"
+
+
+def test_an_incomplete_head_at_the_bound_waits_and_one_byte_more_is_refused():
+    head = OK + b"X: " + b"a" * (MAX_RESPONSE_HEAD - len(OK) - 3)
+    assert len(head) == MAX_RESPONSE_HEAD
+    framer = ResponseFramer(b"GET")
+    assert framer.feed(head) == b"" and framer.state == http1.HEAD
+    with pytest.raises(FramingError):
+        framer.feed(b"a")
+
+
+@pytest.mark.parametrize("first", [b"!", b'"', b"H"])
+def test_a_head_may_start_with_any_visible_byte_until_its_end(first):
+    framer = ResponseFramer(b"GET")
+    assert framer.feed(first) == b"" and framer.state == http1.HEAD
+    assert h11_response(first) == (http1.HEAD, None)
+
+
+def test_interim_and_final_heads_split_anywhere():
+    """An interim response and the final one, cut at every byte: each head is found where it
+    ends, however much of it came with the one before."""
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    final = OK + b"Content-Length: 2\r\n\r\n"
+    data = interim + final + b"ok" + SECOND
+    want = interim + connection_close(final) + b"ok"
+    for cut in range(1, len(data)):
+        framer = ResponseFramer(b"POST")
+        assert framer.feed(data[:cut]) + framer.feed(data[cut:]) == want, cut
+        assert framer.dropped == len(SECOND)
+
+
+def test_a_long_final_head_after_an_interim_one_is_bounded_alone_in_pieces():
+    interim = b"HTTP/1.1 100 Continue\r\nX: " + b"a" * 40000 + b"\r\n\r\n"
+    final = OK + b"Y: " + b"b" * 40000 + b"\r\nContent-Length: 2\r\n\r\n"
+    framer = ResponseFramer(b"GET")
+    assert framer.feed(interim + final[:30000]) == interim  # 70,000 bytes held: not one head
+    out = framer.feed(final[30000:] + b"ok")
+    assert out.endswith(b"ok") and framer.state == http1.DONE
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes"])
+def test_upgrade_answer_after_a_long_interim_keeps_every_byte(how):
+    interim = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    data = interim + SWITCH + b"\x81\x02hi"
+    assert frame(data, upgrade=True, how=how) == (data, http1.SWITCHED, 0)
+
+
+def test_a_new_framer_waits_for_a_head():
+    assert ResponseFramer().state == http1.HEAD
+
+
+@pytest.mark.parametrize("method", [b"HEAD", "HEAD"])
+def test_head_is_told_as_bytes_or_text(method):
+    out, state, dropped = frame(OK + b"Content-Length: 5\r\n\r\n" + SECOND, method)
+    assert (state, dropped) == (http1.DONE, len(SECOND))

@@ -102,6 +102,9 @@ MAX_REQUEST_LINE = 16384 + 1024
 # made to cost more than a few machine words.
 MAX_DIGITS = 20
 
+# Bytes of a malformed line an error quotes: enough to recognise it in a log.
+SHOWN = 80
+
 HEAD, BODY, DONE, SWITCHED = "head", "body", "done", "switched"
 
 # The end of a head or trailer section (h11's rule: a line feed, an optional CR, a line feed).
@@ -136,14 +139,20 @@ class FramingError(ShroudError, ValueError):
     """Bytes that are not a valid HTTP/1.x request or response for this exchange."""
 
 
+def _show(data) -> str:
+    """The start of a peer's bytes, for an error's text (never all of a 64 KiB line)."""
+    return repr(bytes(data[:SHOWN]))
+
+
 def connection_close(head: bytes) -> bytes:
-    """The head (request or response) with its Connection/Keep-Alive headers replaced by
-    ``Connection: close``."""
-    line_end = b"\r\n" if head.endswith(b"\r\n\r\n") else b"\n"
-    body = head[:len(head) - 2 * len(line_end)]
-    first, _, rest = body.partition(line_end)
-    rest = _CONNECTION_HEADER_RE.sub(b"", rest + line_end) if rest else b""
-    return first + line_end + rest + b"Connection: close" + line_end + line_end
+    """The head (request or response, up to its blank line) with its Connection, Keep-Alive and
+    Proxy-Connection fields replaced by ``Connection: close``, in the line ends of its last
+    field line."""
+    body = head[:-2] if head.endswith(b"\r\n") else head[:-1]  # without the blank line
+    line_end = b"\r\n" if body.endswith(b"\r\n") else b"\n"
+    first, _, rest = body.partition(b"\n")
+    rest = _CONNECTION_HEADER_RE.sub(b"", rest)
+    return first + b"\n" + rest + b"Connection: close" + line_end + line_end
 
 
 def request_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
@@ -161,7 +170,7 @@ def request_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
 
 def _framing(fields, response: bool) -> tuple[str, int]:
     """(framing, length) of a message by its Content-Length and Transfer-Encoding
-    ``fields`` ((lower-case name, value) bytes pairs, other fields may be there too): the
+    ``fields`` ((name, value) bytes pairs as written, other fields may be there too): the
     module's rules; ``_UNTIL_CLOSE`` for a response with neither, a length of 0 for a request.
 
     :raises FramingError: by the module's tables.
@@ -169,6 +178,7 @@ def _framing(fields, response: bool) -> tuple[str, int]:
     length = None
     chunked = False
     for name, value in fields:
+        name = name.lower()
         if name == b"content-length":
             values = {v.strip() for v in value.split(b",")}
             if len(values) != 1:
@@ -182,7 +192,7 @@ def _framing(fields, response: bool) -> tuple[str, int]:
         elif name == b"transfer-encoding":
             if chunked:
                 raise FramingError("multiple Transfer-Encoding headers")
-            if value.lower() != b"chunked":
+            if value.strip().lower() != b"chunked":  # (a value holds no CR, LF, VT, FF)
                 raise FramingError("only Transfer-Encoding: chunked is supported")
             chunked = True
     if chunked:
@@ -196,27 +206,28 @@ def _framing(fields, response: bool) -> tuple[str, int]:
 
 def _header_fields(lines) -> list[tuple[bytes, bytes]]:
     """[(lower-case name, value)] of header lines (no line ends) by the module's response
-    rules: a line starting with SP or HTAB continues the one before (obs-fold, joined by a
-    space as h11 did).
+    rules: a line starting with SP or HTAB continues the one before (obs-fold, as h11 read it;
+    h11 dropped the continuation's leading SP/HTAB, which changes no verdict here: a value is
+    only checked for bytes it may not hold, and Content-Length and Transfer-Encoding values are
+    compared stripped).
 
     :raises FramingError: a malformed line, or a continuation before any field line.
     """
-    joined: list = []
+    joined: list[list[bytes]] = []  # each field line and its continuations, joined once
     for line in lines:
         if line[:1] in _FOLD:
             if not joined:
                 raise FramingError("continuation line at start of headers")
-            if not isinstance(joined[-1], bytearray):  # appended in place: linear in the head
-                joined[-1] = bytearray(joined[-1])
-            joined[-1] += b" " + line.lstrip(b" \t")
+            joined[-1].append(line)
         else:
-            joined.append(line)
+            joined.append([line])
     fields = []
-    for line in joined:
-        m = _FIELD_RE.fullmatch(bytes(line))
+    for parts in joined:
+        line = b" ".join(parts)
+        m = _FIELD_RE.fullmatch(line)
         if m is None:
-            raise FramingError(f"malformed header line: {line[:80]!r}")
-        fields.append((m.group(1).lower(), m.group(2).strip(b" \t")))
+            raise FramingError(f"malformed header line: {_show(line)}")
+        fields.append((m.group(1), m.group(2)))
     return fields
 
 
@@ -275,7 +286,7 @@ class _Body:
             want = b"\r\n"[2 - self._left:]
             got = bytes(data[i:i + len(want)])
             if got != want[:len(got)]:
-                raise FramingError(f"malformed chunk footer: {got!r}")
+                raise FramingError(f"malformed chunk footer: {_show(got)}")
             self._left -= len(got)
             if not self._left:
                 self._part = _SIZE
@@ -308,7 +319,7 @@ class _Body:
                 return -1
             m = _CHUNK_LINE_RE.fullmatch(buf, pos, crlf)
             if m is None:
-                raise FramingError(f"malformed chunk-size line: {bytes(buf[pos:crlf][:80])!r}")
+                raise FramingError(f"malformed chunk-size line: {_show(buf[pos:crlf])}")
             self._left = int(m.group(1), 16)
             self._part = _DATA if self._left else _TRAILER
             self._searched = 0
@@ -384,7 +395,7 @@ class ResponseFramer:
         self._head_only = method == b"HEAD" or method == "HEAD"
         self._pending = bytearray()
         self._searched = 0  # where the next search for the head's end starts in _pending
-        self._body: _Body | None = None
+        # _body: the final response's body, from its head on (state BODY)
 
     def feed(self, data: bytes) -> bytes:
         """The part of ``data`` (the origin's next bytes) to forward to the visitor now.
@@ -411,7 +422,7 @@ class ResponseFramer:
                 if len(buf) - pos > MAX_RESPONSE_HEAD:
                     raise FramingError(f"response head over {MAX_RESPONSE_HEAD} bytes")
                 if len(buf) > pos and buf[pos] < 0x21:  # as h11: no status line starts so
-                    raise FramingError(f"not an HTTP response: {bytes(buf[pos:pos + 20])!r}")
+                    raise FramingError(f"not an HTTP response: {_show(buf[pos:])}")
                 # The next search starts where a blank line could still begin (it is at most
                 # 3 bytes long): each byte is looked at about once. Searching the whole head
                 # again on every read took 1.4 s of CPU for a 64 KiB head sent a byte a time.
@@ -432,27 +443,29 @@ class ResponseFramer:
                 if not self.upgrade:
                     raise FramingError("101 Switching Protocols to a request without Upgrade")
                 self.state = SWITCHED
-                self._pending = bytearray()
-                return out + head + bytes(buf[end:])
+                rest = bytes(buf[end:])
+                self._pending.clear()  # (buf itself, when the head began in an earlier read)
+                return out + head + rest
             out += head  # an interim response: the final one follows
-        self._pending = bytearray()
+        rest = bytes(buf[end:])
+        self._pending.clear()
         if status in (204, 304) or self._head_only:
             framing, length = _LENGTH, 0
         self._body = _Body(framing, length, MAX_RESPONSE_HEAD)
         self.state = BODY
-        return out + connection_close(head) + self._forward_body(bytes(buf[end:]))
+        return out + connection_close(head) + self._forward_body(rest)
 
     def _read_head(self, head: bytes) -> tuple[int, str, int]:
         """(status, framing, length) of a complete response head, by the module's table."""
-        if _PLAIN_HEAD_RE.fullmatch(head):
-            status = int(head[9:12])
-            fields = [(name.lower(), value.strip(b" \t"))
-                      for name, value in _FRAMING_FIELD_RE.findall(head)]
+        plain = _PLAIN_HEAD_RE.fullmatch(head)
+        if plain is not None:
+            status = int(plain.group(1))
+            fields = _FRAMING_FIELD_RE.findall(head)
         else:
             lines = _head_lines(head)
             m = _STATUS_LINE_RE.fullmatch(lines[0])
             if m is None:
-                raise FramingError(f"malformed status line: {lines[0][:80]!r}")
+                raise FramingError(f"malformed status line: {_show(lines[0])}")
             status = int(m.group(1))
             fields = _header_fields(lines[1:])
         if status < 100:
@@ -466,6 +479,6 @@ class ResponseFramer:
         end = body.feed(data)
         if body.done:
             self.state = DONE
-            self.dropped += len(data) - end
-            return data[:end] if end < len(data) else data
+            self.dropped = len(data) - end  # nothing was dropped before the end
+            return data[:end]  # (all of data, uncopied, when it ends with the body)
         return data
