@@ -153,6 +153,25 @@ def raw_exchange(world, head: bytes) -> bytes:
     return data
 
 
+def test_a_body_framed_two_ways_reaches_no_origin(world):
+    """A request with both Content-Length and Transfer-Encoding (lib/protocol/http1.py's
+    request table): an origin framing it by the length would read the chunked body's tail as a
+    second request of its own. The proxy aborts the connection before forwarding a byte of it;
+    the same body framed one way is served."""
+    body = b"4\r\nabcd\r\n0\r\n\r\n"
+    for fields in (b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+                   b"Transfer-Encoding: chunked\r\nContent-Length: 15\r\n"):
+        try:
+            data = raw_exchange(world, b"POST /sha256 HTTP/1.1\r\nHost: web.test\r\n" + fields
+                                + b"\r\n" + body)
+        except ConnectionResetError:
+            data = b""
+        assert data == b"" or data.startswith(b"HTTP/1.0 502 "), data
+    data = raw_exchange(world, b"POST /sha256 HTTP/1.1\r\nHost: web.test\r\n"
+                        b"Content-Length: 4\r\n\r\nabcd")  # (the test origin reads no chunks)
+    assert data.startswith(b"HTTP/1.") and hashlib.sha256(b"abcd").hexdigest().encode() in data
+
+
 def test_absolute_form_whose_host_differs_is_refused_and_reaches_no_origin(world):
     """docs/SECURITY.md, "Absolute-form requests": we route by the request target's host, the
     origin may read the Host header, so the two must name the same host. A request for

@@ -285,3 +285,25 @@ def test_misdirected_tunnel_upgrades_log_little(caplog):
     lines = [r for r in caplog.records if "tunnel upgrade for other.test refused" in r.message]
     assert 1 <= len(lines) <= 10, len(lines)
     assert registry.refusals["tunnel_handshake"] == 30
+
+
+def test_a_request_we_do_not_frame_aborts_before_a_byte_is_forwarded():
+    """Content-Length and Transfer-Encoding together (lib.protocol.http1): the first read
+    raises, so the tunnel gets nothing of the request (the splice aborts both ends)."""
+    head = (b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    for sock in (OneExchangeSocket(gevent.socket.socketpair()[1], head), routed(head)[0]):
+        with pytest.raises(ConnectionAbortedError, match="both Content-Length and Transfer"):
+            sock.recv(65536)
+
+
+def test_the_head_the_sniffer_parsed_is_used_as_given():
+    from lib.protocol import httphead
+    head = b"HEAD / HTTP/1.1\r\nHost: web.test\r\n\r\n"
+    front, proxy_end = gevent.socket.socketpair()
+    # Parsed as a GET with an Upgrade header: the exchange goes by what it is given.
+    request = httphead.parse_request_head(b"GET / HTTP/1.1\r\nHost: web.test\r\nUpgrade: x\r\n")
+    sock = OneExchangeSocket(proxy_end, head, request=request)
+    assert sock.recv(65536) == head  # an upgrade request's head is left as it is
+    sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nraw")
+    assert sock.switched
