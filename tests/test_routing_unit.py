@@ -28,6 +28,13 @@ class Reads:
 
     def __init__(self, pieces):
         self.pieces = list(pieces)
+        self.timeout = None
+
+    def gettimeout(self):
+        return self.timeout
+
+    def settimeout(self, t):
+        self.timeout = t
 
     def recv(self, n):
         return self.pieces.pop(0) if self.pieces else b""
@@ -158,3 +165,27 @@ def test_a_handed_header_with_a_good_client_is_taken(client, address):
     registry.bind(tunnel, "http", "a.test", None, "tofu", "http://a.test")
     assert callable(router.take_handed({"kind": "http", "name": "a.test", "client": client}, b""))
     assert not registry.refusals
+
+
+def test_peek_deadline_is_for_all_reads_and_the_socket_timeout_comes_back():
+    # The deadline is the socket's timeout, reset to what is left before each read: a peer
+    # sending a byte now and then cannot stretch it, and the socket leaves the peek with the
+    # timeout it had (None: a splice with --idle-timeout 0 relies on it).
+    import gevent.socket as gsocket
+
+    ours, peer = gsocket.socketpair()
+    trickle = gevent.spawn(lambda: [(peer.sendall(b"G"), gevent.sleep(0.05)) for _ in range(200)])
+    try:
+        with gevent.Timeout(5, AssertionError("the peek deadline was stretched")):
+            with pytest.raises(routing.PeekTimeout):
+                routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=0.3)
+        assert ours.gettimeout() is None
+    finally:
+        trickle.kill()
+        ours.close()
+        peer.close()
+    ours, peer = gsocket.socketpair()
+    with ours, peer:
+        peer.sendall(b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n")
+        name, _ = routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=5)
+        assert name == "b.test" and ours.gettimeout() is None

@@ -54,12 +54,12 @@ This module uses gevent's APIs directly and never monkey-patches.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
 from typing import NamedTuple
 
-import gevent
 import gevent.socket
 
 from lib.errors import ErrorCode, MuxError, ShroudError
@@ -432,6 +432,7 @@ def handed_public(public) -> str | None:
     return format_hostport(*parse_hostport(public, what="a handed connection's listener"))
 
 
+@functools.lru_cache(maxsize=1024)  # built for every routed HTTP connection, used by few
 def origin_unreachable(name: str) -> bytes:
     """The 502 an HTTP visitor gets when the client could not reach ``name``'s origin (splice's
     fallback: sent only when the origin sent nothing)."""
@@ -497,22 +498,35 @@ def peek_name(sock, new_sniffer, timeout: float) -> tuple[str | None, bytes]:
     """
     peeked = bytearray()
     sniffer = new_sniffer()
+    # The deadline is the socket's own timeout, set to what is left before each read: gevent
+    # arms a timer only for a read that has to wait, and a visitor's first bytes are usually
+    # there already (a gevent.Timeout around the loop cost a timer per connection).
+    deadline = time.monotonic() + timeout
+    before = sock.gettimeout()
     try:
-        with gevent.Timeout(timeout):
-            while True:
-                data = sock.recv(8192)
-                if not data:
-                    return None, bytes(peeked)
-                peeked += data
-                try:
-                    name = sniffer.feed(data)
-                except sniff.SniffError as e:
-                    e.peeked = bytes(peeked)  # for a caller that replays them elsewhere
-                    raise
-                if name is not None:
-                    return name, bytes(peeked)
-    except gevent.Timeout:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            data = sock.recv(8192)
+            if not data:
+                return None, bytes(peeked)
+            peeked += data
+            try:
+                name = sniffer.feed(data)
+            except sniff.SniffError as e:
+                e.peeked = bytes(peeked)  # for a caller that replays them elsewhere
+                raise
+            if name is not None:
+                return name, bytes(peeked)
+    except TimeoutError:
         raise PeekTimeout(f"no name within {timeout:g} s") from None
+    finally:
+        try:
+            sock.settimeout(before)
+        except OSError:  # closed meanwhile
+            pass
 
 
 def _public_addr(sock) -> str | None:
