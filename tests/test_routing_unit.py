@@ -19,7 +19,7 @@ import pytest
 from lib.protocol import sniff
 from tests.support.sniffwork import count_records_opened
 from lib.proxy import routing
-from lib.proxy.registry import Registry
+from lib.proxy.registry import RateHistory, Registry
 from lib.proxy.server import ProxyConfig
 
 
@@ -82,6 +82,8 @@ class Binding:
         self.url, self.name, self.connections = "http://a.test", "a.test", 0
         self.tunnels = [tunnel]
         self.refusals = Counter()
+        self.bytes_in = self.bytes_out = 0  # Registry.count_bytes counts into them directly
+        self.history = RateHistory()
 
     def pick(self):
         return self.tunnels[0]
