@@ -247,6 +247,8 @@ class OneExchangeSocket(OneRequestSocket):
         # waiting for one goes on as for any request (EOF to the tunnel after it).
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             self._answered.set()
+            if how == socket.SHUT_WR and self._response.state == http1.DONE:
+                return  # sendall shut it down after the answer: a second one only fails
         self._sock.shutdown(how)
 
     def close(self) -> None:
