@@ -272,3 +272,53 @@ def test_go_muxado_encodes_random_frames_as_we_do(go_frame_encoder, frames):
     frames = [fr.Syn(f.stream_id, f.priority or None, f.stream_type or None)
               if isinstance(f, fr.Syn) else f for f in frames]
     assert go_frame_encoder([go_request(f) for f in frames]) == [fr.encode(f) for f in frames]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([h(x) for x, _ in VECTORS] + [fr.encode_data(5, bytes(300))]),
+                min_size=1, max_size=12),
+       st.lists(st.integers(1, 400), min_size=1, max_size=8), st.integers(0, 6))
+def test_pieces_fed_before_the_last_is_drained(frames, cuts, drain_every):
+    # The decoder decodes a piece where it lies and keeps a view of it: fed again before it
+    # returned None, it must carry the undecoded rest, in order, whatever frames were taken in
+    # between (its carried buffer then holds many frames, compacted as it is topped up).
+    data = b"".join(frames)
+    want = decode_all(data)[0]
+    d = fr.FrameDecoder()
+    got = []
+    pos = i = 0
+    while pos < len(data):
+        n = cuts[i % len(cuts)]
+        d.feed(bytearray(data[pos:pos + n]))  # a fresh buffer each time, as a socket read
+        pos += n
+        i += 1
+        for _ in range(drain_every):
+            f = d.next_frame()
+            if f is None:
+                break
+            got.append(f)
+    while (f := d.next_frame()) is not None:
+        got.append(f)
+    strip = [fr.GoAway(f.last_stream_id, f.code) if isinstance(f, fr.GoAway) else f for f in got]
+    assert strip == [fr.GoAway(f.last_stream_id, f.code) if isinstance(f, fr.GoAway) else f
+                     for f in want] and d.buffered == 0
+
+
+def test_a_fed_buffer_is_let_go_once_decoded_or_detached():
+    # A view kept on a caller's bytearray would forbid resizing it (BufferError): after None
+    # (every byte decoded or carried) or detach() the decoder holds none.
+    frame = fr.encode_data(3, b"x" * 100)
+    buf = bytearray(frame + frame[:20])
+    d = fr.FrameDecoder()
+    d.feed(buf)
+    assert d.next_frame() == fr.Data(3, b"x" * 100)
+    assert d.next_frame() is None
+    buf += b"more"  # no export left
+    d.feed(bytearray(frame[20:]))
+    assert d.next_frame() == fr.Data(3, b"x" * 100) and d.buffered == 0
+    buf2 = bytearray(frame * 3)
+    d.feed(buf2)
+    assert d.next_frame() == fr.Data(3, b"x" * 100)
+    d.detach()  # a caller stopping at a budget
+    buf2[:] = b"\xff" * len(buf2)  # reused: what was not decoded was copied
+    assert [d.next_frame(), d.next_frame(), d.next_frame()] == [fr.Data(3, b"x" * 100)] * 2 + [None]

@@ -510,3 +510,43 @@ def test_the_reader_allocates_no_read_sized_buffer_per_read():
     assert not [n for n in _RecordsReads.sizes if n > 16 * 1024]
     c.close()
     s.close()
+
+
+def test_a_read_of_many_frames_gives_others_turns_while_it_is_decoded():
+    # A read is decoded in place, whole, but the reader yields every YIELD_FRAMES frames: a peer
+    # sending a flood of tiny frames in one read must not hold the hub for all of them.
+    a, b = gsocket.socketpair()
+    s = Session(b, client=False, config=MuxConfig(heartbeat=False))
+    n = 10_000
+    a.sendall(fr.encode(fr.Syn(3)) + fr.encode(fr.WndInc(3, 1)) * n)  # ~120 KB: a read or two
+    seen = set()
+    deadline = time.monotonic() + 10
+    while s._conn.frames_received < n + 1 and time.monotonic() < deadline:
+        seen.add(s._conn.frames_received)
+        gevent.sleep(0)
+    assert s._conn.frames_received == n + 1
+    between = {k for k in seen if 1 < k < n + 1}  # the ticker ran in the middle of a read
+    assert len(between) >= n // 256 // 2, sorted(between)
+    s.close()
+    a.close()
+
+
+def test_bulk_is_decoded_a_whole_read_at_a_time():
+    # 16 KiB frames: the decoder gets each read whole (cutting reads into 4 KiB pieces cost a
+    # Python sink 0.3-0.5 s of CPU per GiB: bench/README.md, "Bulk and the multiplexer
+    # against Go"), and a frame a read ends in the middle of is the only thing carried.
+    a, b = gsocket.socketpair()
+    s = Session(b, client=False, config=MuxConfig(heartbeat=False))
+    fed = []
+    receive = s._conn.receive_data
+    s._conn.receive_data = lambda data, *args: (fed.append(len(data)), receive(data, *args))[1]
+    payload = os.urandom(fr.MAX_PAYLOAD)
+    a.sendall(fr.encode(fr.Syn(3)) + fr.encode_data(3, payload) * 8)
+    st = s.accept(timeout=5)
+    got = b""
+    while len(got) < 8 * len(payload):
+        got += st.recv(1 << 20)
+    assert got == payload * 8
+    assert max(fed) > 4 * fr.MAX_PAYLOAD, fed  # not cut into small pieces
+    s.close()
+    a.close()

@@ -84,13 +84,13 @@ READ_SIZE = 256 * 1024
 # The writer hands the transport at most this much at a time, so that a peer that stops
 # reading is seen as no progress (MuxConfig.write_stall_timeout) within 64 KiB.
 WRITE_BATCH = 64 * 1024
-# A read is decoded this much at a time, and the reader yields between two pieces that held
-# more than YIELD_FRAMES frames: 4 KiB of 8-byte frames is 512 frames, about a millisecond, so
-# a peer flooding tiny frames takes its turn like everyone else (8 such tunnels: a visitor's GET
-# 0.36 s, against 1.1 s with 16 KiB pieces), while bulk data (a frame per 16 KiB) is decoded a
-# whole read without a yield.
-FEED_SLICE = 4 * 1024
-YIELD_FRAMES = 64
+# The reader yields after every YIELD_FRAMES frames of one read, about half a millisecond of
+# decoding: a peer flooding tiny frames takes its turn like everyone else (8 such tunnels: a
+# visitor's GET 0.36 s, against 1.1 s when a 16 KiB read of them was decoded at once), while
+# bulk data (a frame per 16 KiB: 16 in a 256 KiB read) is decoded a whole read at once, in place
+# (cutting reads into 4 KiB pieces cost a Python sink 0.3-0.5 s of CPU per GiB: bench/README.md,
+# "Bulk and the multiplexer against Go").
+YIELD_FRAMES = 256
 
 
 @dataclass(frozen=True)
@@ -560,20 +560,18 @@ class Session:
 
     def _feed(self, data: bytes) -> None:
         conn = self._conn
-        view = memoryview(data)
         try:
-            for start in range(0, len(data), FEED_SLICE):
-                before = conn.frames_received
-                events = conn.receive_data(view[start:start + FEED_SLICE])
+            events = conn.receive_data(data, YIELD_FRAMES)
+            while True:
                 if events:
                     self._dispatch(events)
                 if conn.outgoing_size:
                     self._wake_writer()
-                if self._end is not None:
+                if self._end is not None or not conn.more_to_decode:
                     return
-                if conn.frames_received - before > YIELD_FRAMES:
-                    self._flush_sinks()  # before others run: nothing waits behind a yield
-                    gevent.sleep(0)  # a dense piece: others' turn before the next
+                self._flush_sinks()  # before others run: nothing waits behind a yield
+                gevent.sleep(0)  # a dense read: others' turn before its next frames
+                events = conn.receive_data(b"", YIELD_FRAMES)
         finally:
             self._flush_sinks()  # its WNDINCs wake the writer (_consumed)
 

@@ -5,7 +5,8 @@ Public API::
     encode(frame) -> bytes                 # any of Syn, Data, Rst, WndInc, GoAway
     encode_data(stream_id, payload, fin)   # fast path for DATA, returns bytes
     FrameDecoder()                         # .feed(bytes); .next_frame() -> frame | None
-                                           # raises ProtocolError; .buffered bytes left unread
+                                           # raises ProtocolError; .buffered bytes left unread;
+                                           # .detach(): let go of the fed buffer (class doc)
 
 The wire format is documented in docs/PROTOCOL.md ("Framing: muxado v1"); every integer is
 big-endian and a frame is an 8-byte header plus ``length`` payload bytes::
@@ -135,98 +136,196 @@ class FrameDecoder:
     Bytes after the last complete frame stay buffered (``buffered``) for the next call. A frame
     that breaks a stateless rule raises ``ProtocolError`` with the GOAWAY code to send; after that
     the decoder is unusable (the session is over).
+
+    Copies: a fed piece is decoded where it lies (a DATA payload is the one copy of its bytes);
+    only a frame's start that the piece ends in the middle of is copied into the decoder's own
+    buffer, and completed from the next piece with just the bytes it lacks. So the decoder keeps
+    a view of the caller's data until ``next_frame`` returns None (every byte decoded or
+    carried) or ``detach()`` is called: a caller that stops taking frames before that and then
+    reuses its buffer calls ``detach()`` first (lib.protocol.muxstate does, at its frame budget).
+    Bulk data was copied three times before (the piece into the buffer, the payload out as a
+    bytearray, that into bytes): bench/README.md, "Bulk and the multiplexer against Go".
     """
 
-    __slots__ = ("_buf", "_pos", "_skip", "_failed")
+    __slots__ = ("_buf", "_pos", "_src", "_spos", "_skip", "_failed")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray()  # bytes carried over from earlier pieces (usually < 1 frame)
+        self._pos = 0  # decoded up to here in _buf
+        self._src: memoryview | None = None  # the piece being decoded in place
+        self._spos = 0  # decoded up to here in _src
         self._skip = 0  # GOAWAY remainder still to discard (see _goaway)
         self._failed = False
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        src = self._src
+        return len(self._buf) - self._pos + (len(src) - self._spos if src is not None else 0)
 
     def feed(self, data: Buffer) -> None:
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
         if self._skip:
-            n = min(self._skip, len(data))
+            n = min(self._skip, len(view))
             self._skip -= n
-            data = data[n:]
+            view = view[n:]
+        if not view:
+            return
+        if self._src is not None:  # fed again before the last piece was decoded: keep its rest
+            self.detach()
+        self._src, self._spos = view, 0
+
+    def detach(self) -> None:
+        """Copy what is not decoded yet into the decoder's own buffer: the caller may reuse the
+        buffer it fed from (class doc)."""
+        src = self._src
+        if src is None:
+            return
+        self._src = None
+        rest = src[self._spos:]
+        if rest:
+            self._compact()
+            self._buf += rest
+
+    def _compact(self) -> None:
         if self._pos:
-            # Compact once per feed rather than per frame: O(leftover), not O(buffer).
             del self._buf[: self._pos]
             self._pos = 0
-        self._buf += data
 
     def next_frame(self) -> Frame | None:
         if self._failed:
             raise ProtocolError("decoder used after a protocol error")
-        buf = self._buf
-        pos = self._pos
-        if len(buf) - pos < HEADER_SIZE:
-            return None
-        word, flags, ftype, sid = HEADER.unpack_from(buf, pos)
-        length = word & LENGTH_MASK
-        ftype &= TYPE_MASK
-        sid &= STREAM_ID_MASK
-        if ftype == TYPE_GOAWAY:
-            return self._goaway(length, pos)
-        end = pos + HEADER_SIZE + length
-        if len(buf) < end:
-            return None
-        start = pos + HEADER_SIZE
         try:
-            if ftype == TYPE_DATA:
-                frame: Frame = Data(sid, bytes(buf[start:end]), bool(flags & FLAG_FIN))
-            elif ftype == TYPE_WNDINC:
-                self._expect(length == 4, "WNDINC length must be 4", ErrorCode.FRAME_SIZE_ERROR)
-                frame = WndInc(sid, U32.unpack_from(buf, start)[0] & STREAM_ID_MASK)
-            elif ftype == TYPE_SYN:
-                frame = self._syn(sid, flags, length, start)
-            elif ftype == TYPE_RST:
-                self._expect(length == 4, "RST length must be 4", ErrorCode.FRAME_SIZE_ERROR)
-                frame = Rst(sid, U32.unpack_from(buf, start)[0])
-            else:
-                self._fail(f"unknown frame type {ftype}", ErrorCode.PROTOCOL_ERROR)
-            if sid == 0:
-                self._fail(f"frame type {ftype} on stream 0", ErrorCode.PROTOCOL_ERROR)
+            if self._pos < len(self._buf):
+                return self._next_carried()
+            return self._next_in_place()
         except ProtocolError:
             self._failed = True
+            self._src = None
             raise
-        self._pos = end
+
+    def _next_in_place(self) -> Frame | None:
+        """The next frame from the fed piece itself (nothing carried over)."""
+        src = self._src
+        if src is None:
+            return None
+        pos = self._spos
+        avail = len(src) - pos
+        if avail >= HEADER_SIZE:
+            word, flags, ftype, sid = HEADER.unpack_from(src, pos)
+            length = word & LENGTH_MASK
+            ftype &= TYPE_MASK
+            if ftype == TYPE_GOAWAY:
+                frame, used = self._goaway(src, pos, length, avail)
+                if frame is not None:
+                    self._spos = pos + used
+                    return frame
+            elif avail >= HEADER_SIZE + length:
+                self._spos = pos + HEADER_SIZE + length
+                return self._decode(src, pos + HEADER_SIZE, length, flags, ftype,
+                                    sid & STREAM_ID_MASK)
+        # A frame's start only: carried until the rest comes (the piece is done with).
+        self.detach()
+        return None
+
+    def _next_carried(self) -> Frame | None:
+        """The next frame from the carried bytes, topped up from the fed piece with just the
+        bytes the frame lacks."""
+        if not self._top_up(HEADER_SIZE):
+            return None
+        buf = self._buf
+        word, flags, ftype, sid = HEADER.unpack_from(buf, self._pos)
+        length = word & LENGTH_MASK
+        ftype &= TYPE_MASK
+        if ftype == TYPE_GOAWAY:
+            if length >= GOAWAY_FIXED:
+                self.detach()  # the debug bytes available count: all of them carried (rare)
+            pos = self._pos  # (topping up and detaching compact the buffer: _pos moves)
+            with memoryview(buf) as view:
+                frame, used = self._goaway(view, pos, length, len(buf) - pos)
+            if frame is not None:
+                self._done_carried(pos + used)
+            return frame
+        if not self._top_up(HEADER_SIZE + length):
+            return None
+        pos = self._pos
+        with memoryview(buf) as view:
+            frame = self._decode(view, pos + HEADER_SIZE, length, flags, ftype,
+                                 sid & STREAM_ID_MASK)
+        self._done_carried(pos + HEADER_SIZE + length)
         return frame
 
-    def _syn(self, sid: int, flags: int, length: int, start: int) -> Syn:
+    def _top_up(self, want: int) -> bool:
+        """Carry bytes from the fed piece until ``want`` are buffered past _pos; False (the piece
+        used up) if it holds fewer."""
+        lack = want - (len(self._buf) - self._pos)
+        if lack <= 0:
+            return True
+        src = self._src
+        if src is None:
+            return False
+        self._compact()
+        take = src[self._spos:self._spos + lack]
+        self._buf += take
+        self._spos += len(take)
+        if self._spos >= len(src):
+            self._src = None
+        return len(take) == lack
+
+    def _done_carried(self, end: int) -> None:
+        if end >= len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+
+    def _decode(self, buf, start: int, length: int, flags: int, ftype: int, sid: int) -> Frame:
+        """The frame whose payload is buf[start:start + length] (all of it there)."""
+        if ftype == TYPE_DATA:
+            frame: Frame = Data(sid, bytes(buf[start:start + length]), bool(flags & FLAG_FIN))
+        elif ftype == TYPE_WNDINC:
+            self._expect(length == 4, "WNDINC length must be 4", ErrorCode.FRAME_SIZE_ERROR)
+            frame = WndInc(sid, U32.unpack_from(buf, start)[0] & STREAM_ID_MASK)
+        elif ftype == TYPE_SYN:
+            frame = self._syn(buf, sid, flags, length, start)
+        elif ftype == TYPE_RST:
+            self._expect(length == 4, "RST length must be 4", ErrorCode.FRAME_SIZE_ERROR)
+            frame = Rst(sid, U32.unpack_from(buf, start)[0])
+        else:
+            self._fail(f"unknown frame type {ftype}", ErrorCode.PROTOCOL_ERROR)
+        if sid == 0:
+            self._fail(f"frame type {ftype} on stream 0", ErrorCode.PROTOCOL_ERROR)
+        return frame
+
+    def _syn(self, buf, sid: int, flags: int, length: int, start: int) -> Syn:
         want = 4 * bool(flags & FLAG_PRIORITY) + 4 * bool(flags & FLAG_STREAMTYPE)
         self._expect(length == want, f"SYN length {length} does not match flags {flags:#x}",
                      ErrorCode.FRAME_SIZE_ERROR)
         priority = stream_type = None
         if flags & FLAG_PRIORITY:
-            priority = U32.unpack_from(self._buf, start)[0] & STREAM_ID_MASK
+            priority = U32.unpack_from(buf, start)[0] & STREAM_ID_MASK
             start += 4
         if flags & FLAG_STREAMTYPE:
-            stream_type = U32.unpack_from(self._buf, start)[0]
+            stream_type = U32.unpack_from(buf, start)[0]
         return Syn(sid, priority, stream_type, bool(flags & FLAG_FIN))
 
-    def _goaway(self, length: int, pos: int) -> GoAway | None:
-        # Read the 8 fixed bytes and distrust the declared remainder: Go declares debug bytes it
-        # never writes, then closes the transport. Whatever of the remainder does arrive is
-        # discarded as it comes (a correct peer that sends debug text stays in sync).
+    def _goaway(self, buf, pos: int, length: int, avail: int) -> tuple[GoAway | None, int]:
+        """(the GOAWAY at buf[pos:], bytes it used) or (None, 0) while its 16 fixed bytes are
+        not all there. Read the 8 fixed bytes and distrust the declared remainder: Go declares
+        debug bytes it never writes, then closes the transport. Whatever of the remainder does
+        arrive is discarded as it comes (a correct peer that sends debug text stays in sync)."""
         if length < GOAWAY_FIXED:
-            self._failed = True
-            raise ProtocolError(f"GOAWAY length {length} < 8", ErrorCode.FRAME_SIZE_ERROR)
-        end = pos + HEADER_SIZE + GOAWAY_FIXED
-        if len(self._buf) < end:
-            return None
-        last, code = U32X2.unpack_from(self._buf, pos + HEADER_SIZE)
+            self._fail(f"GOAWAY length {length} < 8", ErrorCode.FRAME_SIZE_ERROR)
+        fixed = HEADER_SIZE + GOAWAY_FIXED
+        if avail < fixed:
+            return None, 0
+        last, code = U32X2.unpack_from(buf, pos + HEADER_SIZE)
         remainder = length - GOAWAY_FIXED
-        available = min(remainder, len(self._buf) - end)
-        debug = bytes(self._buf[end:end + available])
-        self._pos = end + available
+        available = min(remainder, avail - fixed)
+        debug = bytes(buf[pos + fixed:pos + fixed + available])
         self._skip = remainder - available
-        return GoAway(last & STREAM_ID_MASK, code, debug)
+        return GoAway(last & STREAM_ID_MASK, code, debug), fixed + available
 
     def _expect(self, ok: bool, message: str, code: ErrorCode) -> None:
         if not ok:

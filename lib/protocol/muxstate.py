@@ -3,7 +3,8 @@
 Public API::
 
     conn = MuxConnection(client=True, config=MuxConfig(), trusted=True, clock=time.monotonic)
-    events = conn.receive_data(bytes)     # -> list of events below; never raises
+    events = conn.receive_data(bytes, max_frames=None)  # -> list of events below; never raises
+    conn.more_to_decode                   # it stopped at max_frames: call again with b""
     conn.trust()                          # the layer above vouches for the peer (the proxy: Auth)
     sid = conn.open_stream()              # SYN (plus an early WNDINC granting a larger window)
     n = conn.send_data(sid, data)         # queues DATA within the peer's window; returns bytes taken
@@ -293,6 +294,7 @@ class MuxConnection:
         self._recent_rst_set: set[int] = set()
         self.answers = 0  # answers sent, ever (a counter)
         self.frames_received = 0  # a counter
+        self.more_to_decode = False  # receive_data stopped at max_frames (its doc)
         self._answers_queued = 0  # bytes of answers in _out
         self._answer_marks: deque[tuple[int, int]] = deque()  # (end offset in output, size)
         self._taken = 0  # bytes ever handed out by data_to_send
@@ -598,15 +600,21 @@ class MuxConnection:
 
     # --- input ----------------------------------------------------------------------------
 
-    def receive_data(self, data: fr.Buffer) -> list[Event]:
+    def receive_data(self, data: fr.Buffer, max_frames: int | None = None) -> list[Event]:
+        """Decode ``data`` (any piece of the byte stream) and act on its frames. With
+        ``max_frames``, stop after that many: ``more_to_decode`` is then True and
+        ``receive_data(b"", max_frames)`` goes on where this stopped (the caller yields between:
+        lib/net/muxsession.py). ``data`` may be reused once this returns."""
         events: list[Event] = []
+        self.more_to_decode = False
         if self.terminated is not None:
             return events
-        self._decoder.feed(data)
+        decoder = self._decoder
+        decoder.feed(data)
         frames = 0
         try:
-            while True:
-                f = self._decoder.next_frame()
+            while frames != max_frames:
+                f = decoder.next_frame()
                 if f is None:
                     break
                 frames += 1
@@ -619,12 +627,19 @@ class MuxConnection:
                 if self.terminated is not None:
                     events.append(self.terminated)
                     break
+            else:
+                # The budget is spent: what is left of data is copied, so the caller may reuse
+                # its buffer (the decoder decodes in place: lib.protocol.muxframe).
+                decoder.detach()
+                self.more_to_decode = decoder.buffered > 0
             self.frames_received += frames
             if frames and self.terminated is None:
                 self._spend(frames / FRAMES_PER_ANSWER)
         except ProtocolError as e:
             events.append(self.terminate(e.code, str(e.args[0]),
                                          hostile=isinstance(e, PeerAbuse)))
+        if self.terminated is not None:
+            decoder.detach()  # no view of data may outlive this call
         return events
 
     def _handle(self, f: fr.Frame, events: list[Event]) -> None:
