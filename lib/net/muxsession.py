@@ -526,7 +526,9 @@ class Session:
 
     def _read_loop(self) -> None:
         conn = self._conn
-        recv = reader(self._transport)  # a plain socket: no 256 KiB allocation per read
+        # A plain socket: no 256 KiB allocation per read. TLSTransport: its own buffer, no
+        # copy (the decoder is done with a read before the next: MuxConnection.receive_data).
+        recv = getattr(self._transport, "recv_view", None) or reader(self._transport)
         try:
             while self._end is None:
                 data = recv(READ_SIZE)
