@@ -96,8 +96,9 @@ from lib.protocol import httphead
 # FramingError, the connection is aborted. Also bounds a response's chunk-size lines and trailer.
 MAX_RESPONSE_HEAD = 65536
 # Longest incomplete chunk-size line or trailer section of a request we hold: a request head's
-# bound (lib.protocol.sniff.MAX_HTTP_HEAD, 16 KiB) plus room for a chunk-size line.
-MAX_REQUEST_LINE = 16384 + 1024
+# bound (lib.protocol.httphead.MAX_HEAD, 16 KiB, as the sniffer's) plus room for a chunk-size
+# line, as h11 was given.
+MAX_REQUEST_LINE = httphead.MAX_HEAD + 1024
 # Content-Length and chunk sizes: h11's bound (len(str(2**64)) == 20), so a number cannot be
 # made to cost more than a few machine words.
 MAX_DIGITS = 20
