@@ -191,3 +191,30 @@ def test_peek_deadline_is_for_all_reads_and_the_socket_timeout_comes_back():
         peer.sendall(b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n")
         name, _ = routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=5)
         assert name == "b.test" and ours.gettimeout() is None
+
+
+def test_a_routed_exchange_reads_its_head_once(monkeypatch):
+    """The head the sniffer read (lib.protocol.httphead) is the one the exchange frames from
+    (lib.net.httpexchange): parsed once per connection, where it was three times with h11."""
+    from lib.protocol import httphead
+    from lib.proxy.registry import ROUTE_BY_HOST
+    parsed = []
+    parse = httphead.parse_request_head
+    monkeypatch.setattr(httphead, "parse_request_head",
+                        lambda head: parsed.append(head) or parse(head))
+    router = routing.PublicRouter(ProxyConfig(), Registry())
+    binding = Binding(Tunnel())
+    monkeypatch.setattr(router, "choose", lambda *a: router.choose_tunnel(binding))
+    exchanges = []
+    monkeypatch.setattr(router, "forward", lambda sock, *a, **kw: exchanges.append(sock))
+
+    class Visitor(Reads):
+        def sendall(self, data):
+            pass
+    head = b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n"
+    router.route(Visitor([head, b"ok", b"GET /next HTTP/1.1\r\n"]), ("127.0.0.1", 1), "http",
+                 sniff.HTTPHostSniffer, ROUTE_BY_HOST)
+    assert len(parsed) == 1
+    (exchange,) = exchanges
+    assert exchange.recv(65536).endswith(b"Connection: close\r\n\r\n")
+    assert exchange.recv(65536) == b"ok" and exchange.recv(65536) == b""

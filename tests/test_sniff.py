@@ -564,3 +564,17 @@ def test_http_sniffer_work_is_linear_byte_by_byte(monkeypatch):
         except SniffError:
             break
     assert 0 < sum(examined) <= 2 * MAX_HTTP_HEAD  # re-checking: ~n^2/2 = 134 M
+
+
+def test_http_sniffer_keeps_the_head_it_read_once_named():
+    """The routed exchange frames from it (lib.net.httpexchange) instead of reading it again."""
+    from lib.protocol import httphead
+    head = b"POST /up?x=1 HTTP/1.1\r\nHost: Web.Test\r\nContent-Length: 2\r\n\r\nok"
+    sniffer = sniff.HTTPHostSniffer()
+    assert sniffer.feed(head[:20]) is None and sniffer.request is None
+    assert sniffer.feed(head[20:]) == "web.test"
+    assert sniffer.request == httphead.parse_request_head(head[:-6])
+    refused = sniff.HTTPHostSniffer()
+    with pytest.raises(sniff.SniffError):
+        refused.feed(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert refused.request is None

@@ -19,6 +19,7 @@ Public API::
     sniff_http_host(data: bytes) -> str | None
     TLSNameSniffer().feed(data) -> str | None     # the same, fed a connection's reads one by
     HTTPHostSniffer().feed(data) -> str | None    # one: linear in the bytes, however split
+    HTTPHostSniffer().request                     # the head as httphead read it, once named
     classify(data: bytes) -> 'tls' | 'http' | None
     normalize_hostname(name: str, *, allow_wildcard=False) -> str      # raises ValueError
     wildcard_candidates(name: str) -> Iterator[str]
@@ -460,10 +461,13 @@ class HTTPHostSniffer:
     The end of the head is searched for only in what is new (and the 3 bytes before it), the
     request line checked once it is whole, and the head parsed once: linear in the bytes sent,
     however they are split. ``feed`` answers as :func:`sniff_http_host` would for everything
-    fed so far; after an answer (a name or an error) it answers the same again.
+    fed so far; after an answer (a name or an error) it answers the same again. Once it has
+    named the host, ``request`` is the head as lib.protocol.httphead read it (the exchange's
+    framing starts from it instead of reading the head again: lib.net.httpexchange).
     """
 
-    __slots__ = ("_buf", "_newline_from", "_method_checked", "_line_checked", "_answer")
+    __slots__ = ("_buf", "_newline_from", "_method_checked", "_line_checked", "_answer",
+                 "request")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -471,6 +475,7 @@ class HTTPHostSniffer:
         self._method_checked = False  # the method is whole (a space came) and was found valid
         self._line_checked = False  # the request line is whole and was found valid
         self._answer: str | SniffError | None = None  # a name, or the SniffError raised
+        self.request: httphead.RequestHead | None = None
 
     def feed(self, data: Buffer) -> str | None:
         if self._answer is None:
@@ -490,7 +495,10 @@ class HTTPHostSniffer:
         buf += data
         match = httphead.END_OF_HEAD_RE.search(buf, start, MAX_HTTP_HEAD)
         if match is not None:
-            return _host_of_head(bytes(buf[:match.start()]))
+            request = _read_head(bytes(buf[:match.start()]))
+            name = _host_of(request)
+            self.request = request
+            return name
         if not self._line_checked:
             newline = buf.find(b"\n", self._newline_from)
             if newline < 0:
@@ -509,12 +517,16 @@ class HTTPHostSniffer:
         return None
 
 
-def _host_of_head(head: bytes) -> str:
-    """The routing name of a complete request head (without its blank line)."""
+def _read_head(head: bytes) -> httphead.RequestHead:
+    """A complete request head (without its blank line), by httphead's rules."""
     try:
-        request = httphead.parse_request_head(head)
+        return httphead.parse_request_head(head)
     except httphead.HeadError as e:
         raise SniffError(e.reason, http_status=e.http_status) from None
+
+
+def _host_of(request: httphead.RequestHead) -> str:
+    """The routing name of a request head."""
     if request.method == "CONNECT":
         raise SniffError("CONNECT is not supported by a reverse proxy", http_status=405)
     target = request.target.encode("latin-1")

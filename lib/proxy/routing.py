@@ -201,7 +201,8 @@ class PublicRouter:
         second request on it would otherwise reach this request's origin, whatever its Host
         (docs/SECURITY.md, "One exchange per routed connection")."""
         self._accepted(sock)
-        name, peeked = self._peek(sock, kind, new_sniffer)
+        sniffer = new_sniffer()
+        name, peeked = self._peek(sock, kind, lambda: sniffer)
         if name is None:
             return
         route = self.choose(kind, name, protocols)
@@ -212,7 +213,9 @@ class PublicRouter:
             sock.close()
             return
         if kind == "http" and route.action == FORWARD:
-            self.forward_exchange(sock, address, route, peeked, name)
+            # The exchange starts from the head the sniffer read (not read a second time).
+            self.forward_exchange(sock, address, route, peeked, name,
+                                  request=getattr(sniffer, "request", None))
         else:
             self.forward(sock, address, route, peeked, None, kind)
 
@@ -351,12 +354,13 @@ class PublicRouter:
     # --- forwarding -----------------------------------------------------------------------
 
     def forward_exchange(self, sock, address, route: Route, head: bytes, name: str,
-                         public: str | None = None) -> None:
+                         public: str | None = None, request=None) -> None:
         """Forward one HTTP exchange: its ``head`` is replayed by the exchange (with
-        Connection: close), not by forward; a 502 answers when the origin sends nothing."""
+        Connection: close), not by forward; a 502 answers when the origin sends nothing.
+        ``request``: the head as lib.protocol.httphead read it, if the sniffer did."""
         if public is None and route.tunnel is not None and route.tunnel.key is not None:
             public = _public_addr(sock)  # the visitor's socket, not the wrapper
-        self.forward(OneExchangeSocket(sock, head), address, route, b"",
+        self.forward(OneExchangeSocket(sock, head, request=request), address, route, b"",
                      origin_unreachable(name), "http", public)
 
     def forward(self, sock, address, route: Route, peeked: bytes, fallback: bytes | None,
