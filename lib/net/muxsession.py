@@ -25,6 +25,15 @@ MuxConnection's output to the transport, so a reader never blocks on a write and
 writing at once cannot deadlock), one watchdog (heartbeat, stalled output). Streams cost no
 greenlet.
 
+Writing: what streams queue is written by one hub callback per loop turn (``_flush``, scheduled
+with ``loop.run_callback`` by the first write of the turn), when the transport can write
+without waiting (``TLSTransport.write_nowait``): it runs after every greenlet made ready in that
+turn, so the frames of many streams still leave as one TLS record and one ``send()``, and no
+greenlet is woken for it (bench/README.md, "Third pass: fewer wake-ups per request"). What the
+kernel does not take at once, and everything on other transports, is the writer greenlet's,
+which waits for the socket; output keeps its order (a write under way or a tail left in the
+transport sends the callback's work to the writer).
+
 Direct delivery: a stream spliced to a socket (lib.net.splice) has a *sink*, an object with a
 ``busy`` flag (its own writer is sending what it took from the stream) and ``offer(data) -> int``
 (a non-blocking send: the bytes the socket took, 0 when it took none or failed; it never waits
@@ -372,6 +381,14 @@ class Session:
         self._backlog: deque[Stream] = deque()
         self._accept_waiter = Event()
         self._writer_wake = Event()
+        # The hub-callback flush (module doc, "Writing"), for a transport that can write
+        # without waiting (a new one is idle: write_idle says whether it can at all, e.g. a
+        # TLSTransport over a gevent socket); None: every write is the writer greenlet's.
+        self._nowait = transport if getattr(transport, "write_idle", False) else None
+        self._loop = gevent.get_hub().loop
+        self._flush_queued = False
+        self._writing = False  # the writer greenlet is writing: _flush leaves it the output
+        self._tail = False  # the transport holds a tail of _flush's batch: the writer's
         # Set while the output is below half the high-water mark: writers at the mark wait for
         # it (hysteresis: they resume in bulk, not a frame at a time).
         self._room = Event()
@@ -480,7 +497,44 @@ class Session:
 
     def _wake_writer(self) -> None:
         if self._conn.outgoing_size:
+            if self._nowait is None:
+                self._writer_wake.set()
+            elif not self._flush_queued:
+                self._flush_queued = True
+                self._loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        """The queued output, written from the hub at the end of this loop turn without
+        waiting (module doc, "Writing"); a tail the kernel did not take, or a write already
+        under way, is the writer greenlet's."""
+        self._flush_queued = False
+        conn, transport = self._conn, self._transport
+        if self._end is not None or not conn.outgoing_size:
+            return
+        if self._writing or self._tail or not transport.write_idle:
             self._writer_wake.set()
+            return
+        half = self.config.write_high_water // 2
+        try:
+            while conn.outgoing_size:
+                if not transport.write_nowait(conn.data_to_send(WRITE_BATCH)):
+                    self._tail = True  # sent (and its batch counted written) by the writer
+                    self._writer_wake.set()
+                    return
+                conn.batch_written()
+                self._last_progress = time.monotonic()
+                if conn.unsent_size < half:
+                    self._room.set()
+        except (OSError, ValueError) as e:
+            self._write_failed(e)
+
+    def _write_failed(self, e: Exception) -> None:
+        ga = self._peer_goaway
+        if ga is not None:  # it said goodbye and closed before reading what we still sent
+            self._finish(SessionEnd(ga, "peer sent GOAWAY and closed", remote=True))
+        else:
+            self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport write failed: {e}",
+                                    remote=True))
 
     def _wait_room(self, deadline: float | None, stream: Stream) -> None:
         if self._conn.unsent_size >= self.config.write_high_water // 2:
@@ -503,6 +557,12 @@ class Session:
                 wake.wait()
                 wake.clear()
                 self._last_progress = time.monotonic()  # idle until now: not a stall
+                self._writing = True
+                if self._tail:
+                    self._nowait.flush_tail()  # what _flush left goes out first
+                    self._tail = False
+                    conn.batch_written()
+                    self._last_progress = time.monotonic()
                 data = conn.data_to_send(WRITE_BATCH)
                 while data:
                     self._transport.sendall(data)
@@ -511,16 +571,12 @@ class Session:
                     if conn.unsent_size < half:
                         self._room.set()
                     data = conn.data_to_send(WRITE_BATCH)
+                self._writing = False
                 self._room.set()
                 if self._end is not None:
                     return
         except (OSError, ValueError) as e:
-            ga = self._peer_goaway
-            if ga is not None:  # it said goodbye and closed before reading what we still sent
-                self._finish(SessionEnd(ga, "peer sent GOAWAY and closed", remote=True))
-            else:
-                self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport write failed: {e}",
-                                        remote=True))
+            self._write_failed(e)
         except gevent.GreenletExit:
             pass
 

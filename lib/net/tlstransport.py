@@ -4,6 +4,8 @@
     tls = TLSTransport.server(sock, context, timeout=15.0)
     tls.recv(n) / tls.sendall(data) / tls.close() / tls.getpeercert(binary_form=True) ...
     tls.recv_view(n) -> memoryview      # recv without a copy: valid until the next recv/recv_view
+    if tls.write_idle: tls.write_nowait(data) -> bool   # never waits, never yields (below)
+    tls.flush_tail()                                    # what write_nowait left, sent (waits)
 
 Why not ``SSLSocket``: its ``recv`` returns at most one TLS record per call. Go muxado writes
 each frame header and payload as two writes, so a Go peer's window updates arrive as two tiny
@@ -22,6 +24,11 @@ than a record: a request or an answer) left the kernel's buffer empty, so the ne
 fail with EAGAIN (a system call and an exception for nothing) and then wait: waiting first skips
 that, and the mux reader skips its own yield after such a read (lib/net/muxsession.py,
 ``_read_loop``).
+
+``write_nowait`` is for a caller that must not wait: the mux session's flush, a hub callback
+(lib/net/muxsession.py, "Writing"). It encrypts everything and offers it to the kernel without
+waiting or yielding; what the kernel did not take is the *tail*, which every later write (and
+``flush_tail``) sends first, so records leave in the order they were sealed.
 """
 from __future__ import annotations
 
@@ -66,6 +73,7 @@ class TLSTransport:
         self._readable = None  # an io watcher, made on first use
         self._drained = False  # the last raw read came back small (WAIT_FIRST_BELOW)
         self._plain: memoryview | None = None  # recv_view's buffer, made on first use
+        self._tail = b""  # sealed records write_nowait could not send: they go out first
 
     @classmethod
     def client(cls, sock, context, server_hostname=None, timeout: float | None = 30.0):
@@ -104,6 +112,7 @@ class TLSTransport:
     def _flush(self) -> None:
         if self._out.pending:
             with self._wlock:
+                self._send_tail()
                 data = self._out.read()
                 if data:
                     self._send(data)
@@ -179,6 +188,7 @@ class TLSTransport:
 
     def sendall(self, data) -> None:
         with self._wlock:
+            self._send_tail()
             view = memoryview(data)
             while view:
                 # Encrypt and send 32 KiB at a time: the peer decrypts one piece while we
@@ -190,6 +200,47 @@ class TLSTransport:
     def send(self, data) -> int:
         self.sendall(data)
         return len(data)
+
+    @property
+    def write_idle(self) -> bool:
+        """True when write_nowait may run: a gevent socket under us, no write under way (none
+        waits on the socket holding the lock) and no tail."""
+        return self._hub is not None and not self._tail and not self._wlock.locked()
+
+    def write_nowait(self, data) -> bool:
+        """Encrypt ``data`` and offer it to the kernel, never waiting or yielding; only when
+        ``write_idle``. True: all of it left. False: the kernel took part; the rest is the
+        tail (module doc). Errors are the socket's (OSError), as from sendall."""
+        self._wlock.acquire(blocking=False)  # free (write_idle): taken without yielding
+        try:
+            view = memoryview(data)
+            while view:  # SEND_PIECE at a time, as sendall: the peer decrypts while we seal
+                n = self._obj.write(view[:SEND_PIECE])
+                view = view[n:]
+                sealed = self._out.read()
+                try:
+                    sent = self._sock.send(sealed, 0, 0.0)  # gevent: timeout 0 raises, never waits
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(sealed):
+                    while view:
+                        view = view[self._obj.write(view[:SEND_PIECE]):]
+                    self._tail = sealed[sent:] + self._out.read()
+                    return False
+            return True
+        finally:
+            self._wlock.release()
+
+    def flush_tail(self) -> None:
+        """Send what write_nowait left (waiting for the socket, as sendall)."""
+        if self._tail:
+            with self._wlock:
+                self._send_tail()
+
+    def _send_tail(self) -> None:
+        if self._tail:
+            tail, self._tail = self._tail, b""
+            self._send(tail)
 
     def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
         self._sock.shutdown(how)
