@@ -541,8 +541,15 @@ def test_bulk_is_decoded_a_whole_read_at_a_time():
     receive = s._conn.receive_data
     s._conn.receive_data = lambda data, *args: (fed.append(len(data)), receive(data, *args))[1]
     payload = os.urandom(fr.MAX_PAYLOAD)
-    a.sendall(fr.encode(fr.Syn(3)) + fr.encode_data(3, payload) * 8)
+    # A peer stream's larger window comes with its first WNDINC (lib.protocol.muxstate): read
+    # one frame, take the grant, then send more than 64 KiB in one write.
+    a.sendall(fr.encode(fr.Syn(3)) + fr.encode_data(3, payload))
     st = s.accept(timeout=5)
+    assert st.recv(1 << 20) == payload
+    grant = fr.FrameDecoder()
+    grant.feed(a.recv(64))
+    assert isinstance(grant.next_frame(), fr.WndInc)
+    a.sendall(fr.encode_data(3, payload) * 8)
     got = b""
     while len(got) < 8 * len(payload):
         got += st.recv(1 << 20)

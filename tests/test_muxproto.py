@@ -931,3 +931,49 @@ def test_syn_with_fin_opens_a_stream_the_peer_will_not_write_on():
 def test_fresh_connection_has_nothing_unsent():
     c = conn(True)
     assert c.unsent_size == 0 and c.unsent_answers == 0
+
+
+def test_a_peer_stream_gets_its_larger_window_with_its_first_wndinc():
+    # No WNDINC of its own at the SYN: on a fresh public connection that was a TLS record, a
+    # send() here and a wake-up of the peer (bench/README.md, "Fresh connections: fewer steps
+    # per connection"). Red when the grant goes back to the SYN.
+    extra = 1 << 20
+    s = conn(False, receive_window=mp.INITIAL_WINDOW + extra)
+    s.receive_data(syn(3) + data(3, b"GET / HTTP/1.1\r\n\r\n"))
+    assert s.data_to_send() == b"" and s.receive_window(3) == mp.INITIAL_WINDOW
+    s.acknowledge(3, 18)  # a request's head: far under an eighth of 64 KiB, nothing due
+    assert s.data_to_send() == b""
+    s.receive_data(_chunked(3, mp.INITIAL_WINDOW - 18))  # the whole initial window
+    s.acknowledge(3, 8192 - 18)
+    assert frames(s.data_to_send()) == [fr.WndInc(3, 8192 + extra)]
+    assert s.receive_window(3) == mp.INITIAL_WINDOW + extra
+    # The peer may now have the larger window in flight, and not a byte more.
+    assert isinstance(s.receive_data(_chunked(3, extra + 8192))[-1], mp.DataReceived)
+    assert s.receive_data(data(3, b"x"))[-1].code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def _chunked(sid, n):
+    """n zero bytes of DATA on ``sid`` in frames of at most 16 KiB."""
+    step = fr.MAX_PAYLOAD
+    return b"".join(data(sid, bytes(min(step, n - i))) for i in range(0, n, step))
+
+
+def test_peer_streams_that_never_need_a_larger_window_reserve_none():
+    # The budget is taken when the grant is sent: many small streams at once leave it whole for
+    # the one that reads a lot (each took 1 MiB of it at its SYN before).
+    extra = 1 << 20
+    s = conn(False, receive_window=mp.INITIAL_WINDOW + extra, session_window_budget=extra)
+    sids = [3 + 2 * i for i in range(50)]
+    s.receive_data(syn(*sids))
+    for sid in sids[:-1]:
+        s.receive_data(data(sid, b"small"))
+        s.acknowledge(sid, 5)
+    big = sids[-1]
+    s.receive_data(data(big, bytes(8192)))
+    s.acknowledge(big, 8192)
+    assert frames(s.data_to_send()) == [fr.WndInc(big, 8192 + extra)]
+    assert s.receive_window(big) == mp.INITIAL_WINDOW + extra
+    # The budget is spent now: the next stream keeps 64 KiB, and its WNDINCs give back reads.
+    s.receive_data(syn(sids[-1] + 2) + data(sids[-1] + 2, bytes(8192)))
+    s.acknowledge(sids[-1] + 2, 8192)
+    assert frames(s.data_to_send()) == [fr.WndInc(sids[-1] + 2, 8192)]
