@@ -87,6 +87,7 @@ REQUESTS = [
     ("http10-no-host", b"GET / HTTP/1.0\r\n\r\n", NEXT, ENDS),
     ("cl", req(CL + b"5\r\n"), b"hello" + NEXT, ENDS),
     ("cl-exact", req(CL + b"5\r\n"), b"hello", ENDS),
+    ("cl-1", req(CL + b"1\r\n"), b"x" + NEXT, ENDS),
     ("cl-0", req(CL + b"0\r\n"), NEXT, ENDS),
     ("cl-incomplete", req(CL + b"10\r\n"), b"hello", None),
     ("cl-list-same", req(CL + b"5, 5\r\n"), b"hello" + NEXT, ENDS),
@@ -119,6 +120,7 @@ REQUESTS = [
     ("chunk-space-first", req(TE), b" 5\r\nhello\r\n0\r\n\r\n", ERROR),
     ("chunk-not-hex", req(TE), b"g\r\n", ERROR),
     ("chunk-empty-size", req(TE), b"\r\nhello\r\n0\r\n\r\n", ERROR),
+    ("chunk-empty-line-only", req(TE), b"\r\n", ERROR),
     ("chunk-negative", req(TE), b"-1\r\nx\r\n0\r\n\r\n", ERROR),
     ("chunk-bare-lf", req(TE), b"5\nhello\r\n0\r\n\r\n", ERROR),
     ("chunk-bare-lf-waits", req(TE), b"5\nhello", None),
@@ -140,6 +142,8 @@ REQUESTS = [
     ("trailer-bad-line", req(TE), b"0\r\nnot a field\r\n\r\n", ERROR),
     ("trailer-bad-cl", req(TE), b"0\r\nContent-Length: x\r\n\r\n", ERROR),
     ("trailer-incomplete", req(TE), b"0\r\nX-Sum: 1\r\n", None),
+    # blank lines inside chunk data are data: the trailer's end is searched for after them
+    ("trailer-after-lf-data", req(TE), b"4\r\n\n\n\n\n\r\n0\r\nX: 1\r\n\r\n" + NEXT, ENDS),
     ("chunk-line-over-bound", req(TE), BIG, ERROR),
     ("chunk-line-at-bound", req(TE), BIG[:MAX_REQUEST_LINE], None),
     ("trailer-over-bound", req(TE), b"0\r\nX: " + b"v" * MAX_REQUEST_LINE, ERROR),
@@ -576,10 +580,16 @@ def test_upgrade_answer_after_a_long_interim_keeps_every_byte(how):
 
 
 def test_a_new_framer_waits_for_a_head():
-    assert ResponseFramer().state == http1.HEAD
+    assert ResponseFramer(b"GET").state == http1.HEAD
 
 
 @pytest.mark.parametrize("method", [b"HEAD", "HEAD"])
 def test_head_is_told_as_bytes_or_text(method):
     out, state, dropped = frame(OK + b"Content-Length: 5\r\n\r\n" + SECOND, method)
     assert (state, dropped) == (http1.DONE, len(SECOND))
+
+
+@pytest.mark.parametrize("fields, done", [
+    (b"", True), (CL + b"0\r\n", True), (CL + b"1\r\n", False), (TE, False)])
+def test_a_request_without_a_body_is_done_with_its_head(fields, done):
+    assert RequestFramer(httphead.parse_request_head(req(fields))).done is done

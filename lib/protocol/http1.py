@@ -22,7 +22,7 @@ Public API::
     framer.feed(data) -> int           # how many of `data` (the bytes after the head) are the
                                        # request's; fewer than len(data) only at its end
     framer.done                        # the request ended
-    framer = ResponseFramer(method=b"GET", upgrade=False)
+    framer = ResponseFramer(method, upgrade=False)  # the request's method
     framer.feed(data) -> bytes         # the part of `data` to forward to the visitor now
     framer.state                       # HEAD, BODY, DONE or SWITCHED
     framer.dropped                     # bytes the origin sent after its response (dropped)
@@ -130,7 +130,7 @@ _CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,%d})(?:;[^\n]*)?[ \t]*" % MAX_DIGI
 _TARGET_RE = re.compile(r"[\x21-\x7e]+")
 _FOLD = (b" ", b"\t")
 
-# Body framings (what ends a message's body).
+# Body framings (what ends a message's body), beside a length (an int: Content-Length).
 _LENGTH, _CHUNKED, _UNTIL_CLOSE = "length", "chunked", "until close"
 # Where a chunked body is: a chunk-size line, chunk data, the CRLF after it, the trailer.
 _SIZE, _DATA, _CRLF, _TRAILER = "size", "data", "crlf", "trailer"
@@ -169,10 +169,11 @@ def request_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
     return request.method, request.path, headers
 
 
-def _framing(fields, response: bool) -> tuple[str, int]:
-    """(framing, length) of a message by its Content-Length and Transfer-Encoding
-    ``fields`` ((name, value) bytes pairs as written, other fields may be there too): the
-    module's rules; ``_UNTIL_CLOSE`` for a response with neither, a length of 0 for a request.
+def _framing(fields, response: bool = False) -> int | str:
+    """How a message's body is framed, by its Content-Length and Transfer-Encoding ``fields``
+    ((name, value) bytes pairs as written, other fields may be there too) and the module's
+    rules: its length (a request with neither: 0), ``_CHUNKED``, or ``_UNTIL_CLOSE`` (a
+    response with neither).
 
     :raises FramingError: by the module's tables.
     """
@@ -199,10 +200,10 @@ def _framing(fields, response: bool) -> tuple[str, int]:
     if chunked:
         if length is not None and not response:
             raise FramingError("both Content-Length and Transfer-Encoding")
-        return _CHUNKED, 0
+        return _CHUNKED
     if length is not None:
-        return _LENGTH, int(length)
-    return (_UNTIL_CLOSE, 0) if response else (_LENGTH, 0)
+        return int(length)
+    return _UNTIL_CLOSE if response else 0
 
 
 def _header_fields(lines) -> list[tuple[bytes, bytes]]:
@@ -242,16 +243,20 @@ class _Body:
     """Where one message's body ends: ``feed`` says how many of the next bytes are the
     body's. A chunked body is checked as it goes by the module's chunk rules."""
 
+    # _left: bytes left of the body (_LENGTH) or of the chunk or its CRLF (_DATA, _CRLF);
+    # _searched: where the next search for the end of _line starts, once it holds bytes
     __slots__ = ("framing", "done", "_left", "_limit", "_part", "_line", "_searched")
 
-    def __init__(self, framing: str, length: int, limit: int):
-        self.framing = framing
-        self.done = framing == _LENGTH and length == 0
-        self._left = length  # bytes left: of the body (_LENGTH) or of the chunk (_DATA)
+    def __init__(self, framing: int | str, limit: int):
+        if isinstance(framing, int):
+            self.framing, self._left = _LENGTH, framing
+            self.done = framing == 0
+        else:
+            self.framing = framing
+            self.done = False
         self._limit = limit  # longest incomplete chunk-size line or trailer section held
         self._part = _SIZE
-        self._line = bytearray()  # an incomplete chunk-size line or trailer section
-        self._searched = 0  # where the next search for its end starts in _line
+        self._line = b""  # an incomplete chunk-size line or trailer section (a bytearray)
 
     def feed(self, data) -> int:
         """How many of ``data``'s bytes are the body's: ``len(data)`` while it goes on.
@@ -265,8 +270,8 @@ class _Body:
             if n < self._left:
                 self._left -= n
                 return n
-            end, self._left, self.done = self._left, 0, True
-            return end
+            self.done = True
+            return self._left
         if self.framing == _UNTIL_CLOSE:
             return n
         i = 0
@@ -297,33 +302,32 @@ class _Body:
             start = len(line)
             line += data[i:]
             end = self._line_end(line, 0, self._searched)
-            if end < 0:
+            if end is None:
                 self._check_held(line)
                 return n
-            self._line = bytearray()
+            self._line = b""
             return i + end - start
         end = self._line_end(data, i, i)
-        if end < 0:
+        if end is None:
             self._line = bytearray(data[i:])
             self._check_held(self._line)
             return n
         return end
 
-    def _line_end(self, buf, pos: int, search: int) -> int:
+    def _line_end(self, buf, pos: int, search: int) -> int | None:
         """Where the chunk-size line or trailer section starting at ``buf[pos]`` ends (what
-        follows it starts there); -1 when it is incomplete (``_searched`` then says where in
+        follows it starts there); None when it is incomplete (``_searched`` then says where in
         ``buf[pos:]`` the next search starts)."""
         if self._part is _SIZE:
             crlf = buf.find(b"\r\n", search)
             if crlf < 0:
                 self._searched = max(0, len(buf) - pos - 1)  # a CR may end buf
-                return -1
+                return None
             m = _CHUNK_LINE_RE.fullmatch(buf, pos, crlf)
             if m is None:
                 raise FramingError(f"malformed chunk-size line: {_show(buf[pos:crlf])}")
             self._left = int(m.group(1), 16)
             self._part = _DATA if self._left else _TRAILER
-            self._searched = 0
             return crlf + 2
         if buf[pos:pos + 1] == b"\n":  # no trailer fields (h11 took a bare LF here too)
             end = pos + 1
@@ -333,7 +337,7 @@ class _Body:
             m = _BLANK_LINE_RE.search(buf, search)
             if m is None:
                 self._searched = max(0, len(buf) - pos - 2)  # a blank line is <= 3 bytes
-                return -1
+                return None
             end = m.end()
             _framing(_header_fields(_head_lines(bytes(buf[pos:end]))), response=True)
         self.done = True
@@ -365,8 +369,7 @@ class RequestFramer:
                 fields.append((name.encode(), value.encode("latin-1")))
         if hosts > 1 or (hosts == 0 and request.version == "1.1"):
             raise FramingError("an HTTP/1.1 request needs one Host header")
-        framing, length = _framing(fields, response=False)
-        self._body = _Body(framing, length, MAX_REQUEST_LINE)
+        self._body = _Body(_framing(fields), MAX_REQUEST_LINE)
 
     @property
     def done(self) -> bool:
@@ -389,7 +392,7 @@ class ResponseFramer:
 
     __slots__ = ("upgrade", "state", "dropped", "_head_only", "_pending", "_searched", "_body")
 
-    def __init__(self, method: bytes | str = b"GET", upgrade: bool = False):
+    def __init__(self, method: bytes | str, upgrade: bool = False):
         self.upgrade = upgrade
         self.state = HEAD
         self.dropped = 0
@@ -437,7 +440,7 @@ class ResponseFramer:
             head = bytes(buf[pos:end])
             self._searched = 0
             pos = end
-            status, framing, length = self._read_head(head)
+            status, framing = self._read_head(head)
             if status >= 200:
                 break
             if status == 101:
@@ -451,13 +454,14 @@ class ResponseFramer:
         rest = bytes(buf[end:])
         self._pending.clear()
         if status in (204, 304) or self._head_only:
-            framing, length = _LENGTH, 0
-        self._body = _Body(framing, length, MAX_RESPONSE_HEAD)
+            framing = 0
+        self._body = _Body(framing, MAX_RESPONSE_HEAD)
         self.state = BODY
         return out + connection_close(head) + self._forward_body(rest)
 
-    def _read_head(self, head: bytes) -> tuple[int, str, int]:
-        """(status, framing, length) of a complete response head, by the module's table."""
+    def _read_head(self, head: bytes) -> tuple[int, int | str]:
+        """(status, body framing as _framing says) of a complete response head, by the
+        module's table."""
         plain = _PLAIN_HEAD_RE.fullmatch(head)
         if plain is not None:
             status = int(plain.group(1))
@@ -471,8 +475,7 @@ class ResponseFramer:
             fields = _header_fields(lines[1:])
         if status < 100:
             raise FramingError(f"status {status} is not an HTTP status")
-        framing, length = _framing(fields, response=True)
-        return status, framing, length
+        return status, _framing(fields, response=True)
 
     def _forward_body(self, data) -> bytes:
         """The part of ``data`` up to the body's end; the rest is dropped (state DONE)."""
