@@ -25,8 +25,9 @@ generation, so no later full collection, ours or CPython's, walks them again.
 
 The entry points also raise CPython's young-generation threshold to ``GC_THRESHOLDS`` (they
 call ``gc.set_threshold``; nothing in lib/ tunes the interpreter): at 64 concurrent fresh
-connections the default 700 ran a young collection every ~16 requests in the proxy, ~5 % of
-its CPU, though nearly every object a connection makes is freed by reference counting first.
+connections the default 700 ran a young collection every ~16 requests in the proxy (18-19 us of
+CPU per request, ~3 %), though nearly every object a connection makes is freed by reference
+counting first.
 
 Under jemalloc (``LD_PRELOAD=libjemalloc.so.2 PYTHONMALLOC=malloc``, see bench/README.md "Load
 and soak") a pass also purges the dirty pages of all jemalloc arenas (``mallctl
@@ -54,12 +55,13 @@ _JEMALLOC_PURGE_ALL = b"arena.4096.purge"
 QUIET_CPU = 0.02
 # CPython's collector thresholds, set by the entry points (gc.set_threshold): a young collection
 # after 10,000 net new container objects instead of 700. Under 64 concurrent fresh connections
-# the count rose past 700 every ~16 requests in the proxy (~60 collections per 1,000 requests,
-# 50-100 us each per request on a loaded machine) and past 10,000 not once in thousands of
-# requests: a connection's objects are freed by reference counting before they add up. What a
-# collection finds (cycles) waits for at most 10,000 allocations: a few MiB at most. The
-# older generations keep CPython's 10 and 10 (bench/README.md "The cost of a loop turn, and the
-# collector").
+# the count rose past 700 every ~16 requests in the proxy (49-63 collections per 1,000 requests,
+# 18-19 us of CPU per request; the client 6.5-8) and past 10,000 not once in thousands of
+# requests: a connection's objects are freed by reference counting before they add up. Under
+# 1,000 connections at once the proxy's collector CPU halved and its full collections went from
+# 17 to 3 in 20,000 requests, RSS unchanged. What a collection finds (cycles) waits for at most
+# 10,000 allocations: a few MiB at most. The older generations keep CPython's 10 and 10
+# (bench/README.md "The cost of a loop turn, and the collector").
 GC_THRESHOLDS = (10_000, 10, 10)
 # Windows per interval: the pass after a peak comes at most interval / 6 after it ends.
 _WINDOWS = 6
