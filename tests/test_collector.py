@@ -82,3 +82,27 @@ def test_entry_points_keep_young_collections_rare_under_fresh_connections(tmp_pa
         print(f"{name}: {young} young collections in {CONNECTIONS} fresh connections "
               f"({per_1000:.1f} per 1,000)")
         assert per_1000 <= YOUNG_PER_1000, (name, young)
+
+
+def test_gunicorn_master_freezes_its_objects_before_forking_a_worker(tmp_path):
+    """gunicorn.conf.py's pre_fork: the workers inherit the master's objects frozen, so their
+    collections leave those pages shared (the probe records the freeze count each fork left)."""
+    env = {"PYTHONPATH": PROBE, "SHROUD_GC_PROBE_DIR": str(tmp_path), "WEB_CONCURRENCY": "2"}
+    proxy = ProxyProc(str(tmp_path), str(tmp_path / "data"), gunicorn=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        workers, forks = set(), {}
+        while (len(workers) < 2 or not workers <= set(forks)) and time.monotonic() < deadline:
+            workers = {w["pid"] for w in proxy.status()["workers"]}
+            for name in os.listdir(tmp_path):
+                if name.startswith("fork-") and name.endswith(".json"):
+                    with open(tmp_path / name) as f:
+                        d = json.load(f)
+                    forks[d["pid"]] = d["frozen_at_fork"]
+            time.sleep(0.1)
+    finally:
+        proxy.stop()
+    assert len(workers) == 2 and workers <= set(forks), (workers, forks)
+    # The master holds tens of thousands of objects (gunicorn, the proxy's modules); without the
+    # freeze a worker starts with none frozen.
+    assert all(forks[pid] > 10_000 for pid in workers), forks
