@@ -50,8 +50,9 @@ log = logging.getLogger("shroud.memtrim")
 _JEMALLOC_PURGE_ALL = b"arena.4096.purge"
 
 # Share of one core the process may use in a window and still count as quiet: an idle proxy
-# or client uses ~0.2 % (timers, heartbeats); 2 % is ~70 fresh connections or ~300 keep-alive
-# requests in a 5 s window (bench/README.md "Per-request cost"): few visitors wait on a pass then.
+# or client uses ~0.2 % (timers, heartbeats); 2 % is ~70 fresh connections or a few hundred
+# keep-alive requests in a 5 s window (bench/README.md "Per-request cost"): few visitors wait
+# on a pass then.
 QUIET_CPU = 0.02
 # CPython's collector thresholds, set by the entry points (gc.set_threshold): a young collection
 # after 10,000 net new container objects instead of 700. Under 64 concurrent fresh connections

@@ -168,11 +168,6 @@ class Binding:
     def streams_open(self) -> int:
         return sum(t.streams_open for t in self.tunnels)
 
-    def count(self, n_in: int = 0, n_out: int = 0) -> None:
-        self.bytes_in += n_in
-        self.bytes_out += n_out
-        self.history.add(n_in, n_out)
-
     def snapshot(self, history: bool = False) -> dict:
         rate_in, rate_out = self.history.rate()
         d = {
@@ -286,9 +281,9 @@ class Registry:
             binding.refusals[reason] += n
 
     def count_bytes(self, binding: Binding, tunnel: Tunnel, n_in: int = 0, n_out: int = 0) -> None:
-        # Twice per spliced chunk: one clock read for both histories, and Binding.count's
-        # work inline (2-4 % of the proxy's keep-alive CPU before; bench/README.md "The cost
-        # of a loop turn, and the collector").
+        # Twice per spliced chunk: one clock read for both histories, every counter inline
+        # (2-4 % of the proxy's keep-alive CPU before; bench/README.md "The cost of a loop
+        # turn, and the collector").
         binding.bytes_in += n_in
         binding.bytes_out += n_out
         tunnel.bytes_in += n_in
