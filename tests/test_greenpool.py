@@ -125,3 +125,33 @@ def test_a_public_server_serves_connections_through_kept_workers():
     assert pool.idle == 0  # stop() kills the pool's workers, parked ones too
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.address[1]), timeout=1)
+
+
+def test_a_started_job_is_joined_for_its_value_and_runs_in_a_kept_worker():
+    pool = WorkerPool()
+    first = pool.start(lambda: gevent.getcurrent())
+    assert first.join(5) and first.ready()
+    second = pool.start(lambda x: (x, gevent.getcurrent()), 7)
+    assert second.join(5)
+    assert second.value == (7, first.value)  # the same greenlet, kept between jobs
+    failing = pool.start(lambda: 1 / 0)
+    assert failing.join(5) and failing.value is None
+
+
+def test_killing_a_job_ends_it_and_only_it():
+    pool = WorkerPool()
+    cleaned = []
+
+    def blocked():
+        try:
+            gevent.sleep(60)
+        finally:
+            cleaned.append("finally ran")
+
+    job = pool.start(blocked)
+    gevent.sleep(0.01)
+    job.kill(block=True, timeout=5)
+    assert job.ready() and cleaned == ["finally ran"] and job.value is None
+    job.kill()  # done: nothing happens
+    late = pool.start(lambda: "still serving")
+    assert late.join(5) and late.value == "still serving"

@@ -38,10 +38,10 @@ PROXY_BUDGET = {
                        # it is not sent again (it failed with ENOTCONN)
     "close": 1,
     # A new greenlet's first Python frame maps a 16 KiB data stack chunk (Python 3.11), unmapped
-    # when it ends: the handler runs in a kept greenlet (lib/net/greenpool.py); the one left is
-    # the splice's second direction.
-    "mmap": 1,
-    "munmap": 1,
+    # when it ends: the handler and the splice's second direction run in kept greenlets
+    # (lib/net/greenpool.py), so no greenlet is started per connection.
+    "mmap": 0,
+    "munmap": 0,
 }
 CLIENT_BUDGET = {
     "socket": 1,
@@ -53,8 +53,8 @@ CLIENT_BUDGET = {
     "setsockopt": 2,   # TCP_NODELAY, TCP_NOTSENT_LOWAT: a connect()ed socket inherits nothing
     "shutdown": 1,
     "close": 1,
-    "mmap": 1,         # the stream's handler in a kept greenlet; the splice's second direction
-    "munmap": 1,
+    "mmap": 0,         # the stream's handler and the splice's second direction: kept greenlets
+    "munmap": 0,
 }
 # Calls made now and then by timers while the connections run (heartbeats, the trimmer's look
 # at the clock) and one-off allocations: per connection, at most this much above a budget.

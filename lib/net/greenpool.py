@@ -6,6 +6,10 @@ Public API::
     pool.spawn(func, *args)       # run func(*args) in an idle worker greenlet, or a new one;
                                   # blocks while ``size`` jobs run (as gevent.pool.Pool.spawn);
                                   # returns None: a worker is no handle on one job
+    job = pool.start(func, *args) # the same, with a handle on this job (what lib.net.splice
+                                  # asks of its second direction's greenlet):
+    job.join(timeout=None) -> bool;  job.ready();  job.value (None if it raised)
+    job.kill(block=True, timeout=None)   # GreenletExit in its worker, if still running it
     pool.full() -> bool           # size jobs running: gevent's StreamServer stops accepting
     len(pool)                     # jobs running;  pool.idle: workers parked for the next job
     pool.join(timeout=None) -> bool   # until no job runs
@@ -54,6 +58,7 @@ class WorkerPool:
         self._semaphore = Semaphore(size) if size is not None else None
         self._running: set[Greenlet] = set()  # workers inside a job
         self._idle: list[Greenlet] = []       # parked, most recent last (warmest stack)
+        self._handing: dict[Greenlet, tuple] = {}  # chosen, its job not yet switched in
         self._empty = Event()
         self._empty.set()
         self._closing = False
@@ -78,25 +83,34 @@ class WorkerPool:
 
     def spawn(self, func, *args) -> None:
         """Run ``func(*args)`` in a worker (blocking while the pool is full)."""
+        self._run((func, args, None))
+
+    def start(self, func, *args) -> "Job":
+        """Run ``func(*args)`` in a worker, as :meth:`spawn`; a :class:`Job` to join or kill."""
+        job = Job()
+        self._run((func, args, job))
+        return job
+
+    def _run(self, job: tuple) -> None:
         if self._semaphore is not None:
             self._semaphore.acquire()
         self._closing = False
         self._empty.clear()
-        job = (func, args)
         if self._idle:
             worker = self._idle.pop()
             self._running.add(worker)
             self.reused += 1
-            get_hub().loop.run_callback(self._hand, worker, job)
+            self._handing[worker] = job
+            get_hub().loop.run_callback(self._hand, worker)
         else:
             worker = Greenlet(self._work, job)
             self._running.add(worker)
             self.started += 1
             worker.start()
 
-    @staticmethod
-    def _hand(worker: Greenlet, job) -> None:
-        if not worker.dead:  # not killed since it was chosen
+    def _hand(self, worker: Greenlet) -> None:
+        job = self._handing.pop(worker, None)
+        if job is not None and not worker.dead:  # not killed since it was chosen
             worker.switch(job)
 
     def join(self, timeout: float | None = None) -> bool:
@@ -121,15 +135,19 @@ class WorkerPool:
         me = gevent.getcurrent()
         hub = get_hub()
         while True:
+            func, args, handle = job
+            if handle is not None:
+                handle.worker = me
             try:
-                job[0](*job[1])
+                value = func(*args)
             except gevent.GreenletExit:
-                self._finished(me)
+                self._finished(me, handle, None)
                 raise  # killed: this worker ends with its job
             except BaseException:  # noqa: BLE001 - a job's error, reported as gevent would
                 hub.handle_error(me, *sys.exc_info())
-            self._finished(me)
-            job = None
+                value = None
+            self._finished(me, handle, value)
+            job = func = args = handle = value = None  # nothing of the job kept while parked
             if self._closing or len(self._idle) >= self.keep:
                 return
             self._idle.append(me)
@@ -141,13 +159,53 @@ class WorkerPool:
             finally:
                 if job is None:  # killed while parked
                     if me in self._running:  # ... just after spawn() chose it: no job ran
-                        self._finished(me)
+                        lost = self._handing.pop(me, None)
+                        self._finished(me, lost[2] if lost else None, None)
                     elif me in self._idle:
                         self._idle.remove(me)
 
-    def _finished(self, worker: Greenlet) -> None:
+    def _finished(self, worker: Greenlet, handle: "Job | None", value) -> None:
+        if handle is not None:
+            handle.value = value
+            handle.worker = None
+            handle.done.set()
         self._running.discard(worker)
         if self._semaphore is not None:
             self._semaphore.release()
         if not self._running:
             self._empty.set()
+
+
+class Job:
+    """One job started by :meth:`WorkerPool.start`: join it, kill it, read its value."""
+
+    __slots__ = ("worker", "value", "done")
+
+    def __init__(self) -> None:
+        self.worker: Greenlet | None = None  # the worker running it, once it runs
+        self.value = None
+        self.done = Event()
+
+    def ready(self) -> bool:
+        return self.done.is_set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    def kill(self, block: bool = True, timeout: float | None = None) -> None:
+        """GreenletExit in the job (from the hub, as gevent's kill), then wait for its end; its
+        worker ends with it. A job handed to a worker but not yet running gets it once it runs
+        (unlike gevent's kill of a greenlet not started, which never runs it)."""
+        if self.ready():
+            return
+        get_hub().loop.run_callback(self._throw)
+        if block:
+            self.done.wait(timeout)
+
+    def _throw(self) -> None:
+        if self.ready():
+            return
+        if self.worker is None:  # handed to a worker that has not run it yet: next turn
+            get_hub().loop.run_callback(self._throw)
+            return
+        self.worker.throw(gevent.GreenletExit)

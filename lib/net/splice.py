@@ -7,10 +7,9 @@ Public API::
 
 Half-close is carried through: when one side reaches EOF, the other side gets
 ``shutdown(SHUT_WR)`` and the opposite direction keeps flowing until it ends too. ``a`` to
-``b`` runs in the calling greenlet, ``b`` to ``a`` in a spawned greenlet, joined before return;
-both ends are closed on return (gevent's rule: when the handler returns, its socket is closed).
-An error in
-either direction ends both. ``on_*`` callbacks get the byte count of each chunk (bandwidth
+``b`` runs in the calling greenlet, ``b`` to ``a`` in a kept one (lib.net.greenpool), joined
+before return; both ends are closed on return (gevent's rule: when the handler returns, its
+socket is closed). An error in either direction ends both. ``on_*`` callbacks get the byte count of each chunk (bandwidth
 counters). ``idle_timeout`` bounds how long both directions may stay silent: one repeating
 timer per splice looks every ``idle_timeout / IDLE_CHECKS`` seconds, and once neither direction
 has moved a byte for ``idle_timeout`` it raises TimeoutError in both directions, which then end
@@ -42,6 +41,7 @@ import gevent
 import gevent.socket
 
 from lib.net.muxsession import Stream
+from lib.net.greenpool import WorkerPool
 from lib.net.sockets import reader, sender
 
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
@@ -61,6 +61,10 @@ UNSENT_LOWAT = 64 * 1024
 # wait on an end with a timeout, which cost the proxy ~12 % of its CPU per request
 # (bench/README.md, "Per-request cost").
 IDLE_CHECKS = 4
+# b -> a runs in a kept greenlet (a Job: joined, killed, its value read as a greenlet's), not
+# a new one per splice: a greenlet's start and end cost ~12 us and an mmap/munmap pair
+# (lib/net/greenpool.py).
+_DIRECTIONS = WorkerPool()
 
 
 class _State:
@@ -273,7 +277,7 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
     # a -> b in this greenlet, at once: bytes already waiting in a (the proxy's replayed
     # request head, the client's first bytes from the visitor) join what the caller just
     # wrote to b (a new stream's SYN and StartProxy) in one TLS record and one send().
-    g = gevent.spawn(_pump, b, a, on_b_to_a, state, chunk, fallback_to_a)
+    g = _DIRECTIONS.start(_pump, b, a, on_b_to_a, state, chunk, fallback_to_a)
     try:
         n_ab = _pump(a, b, on_a_to_b, state, chunk)
         g.join()
