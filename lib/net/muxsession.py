@@ -652,7 +652,8 @@ class Session:
                 if st is None:
                     self._conn.acknowledge(ev.stream_id, len(ev.data))
                     continue
-                st._deliver(ev.data)
+                if ev.data:  # a FIN alone carries none: nothing to deliver (or send on)
+                    st._deliver(ev.data)
                 if ev.fin:
                     st._eof = True
                     st._wake()
