@@ -52,7 +52,7 @@ CLIENT_BUDGET = {
     "getsockopt": 0,   # the wrapper is told the protocol (no SO_PROTOCOL look-up)
     "fcntl": 2,
     "setsockopt": 2,   # TCP_NODELAY, TCP_NOTSENT_LOWAT: a connect()ed socket inherits nothing
-    "shutdown": 1,
+    "shutdown": 0,     # the origin closed first: the visitor's end is a close, not a half-close
     "close": 1,
     "mmap": 0,         # the stream's handler and the splice's second direction: kept greenlets
     "munmap": 0,

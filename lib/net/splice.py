@@ -68,7 +68,7 @@ _DIRECTIONS = WorkerPool()
 
 
 class _State:
-    __slots__ = ("last", "idle_timeout", "dead", "pumps")
+    __slots__ = ("last", "idle_timeout", "dead", "pumps", "ended")
 
     def __init__(self, idle_timeout: float | None) -> None:
         self.last = time.monotonic()
@@ -77,6 +77,7 @@ class _State:
         # The greenlets inside _pump's copy loop, the one owing a fallback answer first: told of
         # idleness first, it answers before the other direction aborts both ends.
         self.pumps: list = []
+        self.ended = 0  # directions whose copy loop returned
 
 
 class _Sink:
@@ -144,6 +145,7 @@ def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None 
         return _copy(src, dst, on_bytes, state, chunk, fallback)
     finally:
         state.pumps.remove(me)
+        state.ended += 1
 
 
 def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None) -> int:
@@ -188,6 +190,8 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
         state.dead = True
         _abort(src, dst)
         return total
+    if state.ended and getattr(dst, "family", None) is not None:
+        return total  # the other direction is over: splice closes the socket now (a FIN too)
     try:
         dst.shutdown(socket.SHUT_WR)
     except OSError:
