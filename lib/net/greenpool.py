@@ -1,4 +1,4 @@
-"""Greenlets kept between jobs: one per connection, without a new greenlet per connection.
+"""Greenlets kept between jobs, so that a connection does not start greenlets of its own.
 
 Public API::
 
@@ -17,8 +17,9 @@ Public API::
     pool.close_idle()             # end the parked workers only (running jobs go on)
     pool.started, pool.reused     # counters: workers created, jobs run by a kept worker
 
-A public connection's handler (lib/proxy/server.py) and a tunnel stream's (lib/client/tunnels.py)
-each ran in a new greenlet: gevent's Greenlet object, its links, and under Python 3.11 the
+A public connection's handler (lib/proxy/server.py), a tunnel stream's (lib/client/tunnels.py)
+and a splice's second direction (lib/net/splice.py) each ran in a new greenlet: gevent's
+Greenlet object, its links, and under Python 3.11 the
 greenlet's first Python frame allocates a 16 KiB data stack chunk by mmap, unmapped when it
 ends: an mmap/munmap pair and ~12 us per connection in each process, against ~2 us to hand a
 job to a parked greenlet (bench/README.md, "Fresh connections: fewer steps per connection").
