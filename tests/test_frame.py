@@ -322,3 +322,22 @@ def test_a_fed_buffer_is_let_go_once_decoded_or_detached():
     d.detach()  # a caller stopping at a budget
     buf2[:] = b"\xff" * len(buf2)  # reused: what was not decoded was copied
     assert [d.next_frame(), d.next_frame(), d.next_frame()] == [fr.Data(3, b"x" * 100)] * 2 + [None]
+
+
+def test_wndinc_fast_path_is_the_frame_and_checks_its_bounds():
+    assert fr.encode_wndinc(3, 20000) == h("00 04 00 04 00 00 00 03 00 00 4E 20")
+    for sid, inc in ((1, 1), (0x7FFFFFFF, fr.STREAM_ID_MASK), (2, 65536)):
+        assert fr.encode_wndinc(sid, inc) == fr.encode(fr.WndInc(sid, inc))
+    for bad in (0, -1, fr.STREAM_ID_MASK + 1):
+        with pytest.raises(ValueError, match="out of range"):
+            fr.encode_wndinc(3, bad)
+
+
+@pytest.mark.parametrize("cls", [fr.Syn, fr.Data, fr.Rst, fr.WndInc, fr.GoAway])
+def test_frames_are_values_made_without_a_python_setattr(cls):
+    # One is made per frame received: a frozen dataclass sets each field through
+    # object.__setattr__ (1.4 us for a Data, against 0.3 us: bench/README.md, "Bulk and the
+    # multiplexer against Go"). They stay values: equal and hashed by their fields.
+    assert "__setattr__" not in vars(cls)
+    a, b = cls(3, 7), cls(3, 7)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1 and a != cls(5, 7)

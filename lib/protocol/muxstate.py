@@ -429,7 +429,7 @@ class MuxConnection:
         if extra > 0 and self._reserve(extra):
             st.window += extra
             st.credit += extra
-            self._emit(fr.encode(fr.WndInc(sid, extra)))
+            self._emit(fr.encode_wndinc(sid, extra))
 
     def _grant_due(self, st: _Stream) -> None:
         """A peer stream's larger window (_on_syn), added to the WNDINC being sent."""
@@ -554,7 +554,7 @@ class MuxConnection:
         if st.unacked >= st.window >> 3:
             if st.extra_due:
                 self._grant_due(st)
-            self._emit(fr.encode(fr.WndInc(sid, st.unacked)))
+            self._emit(fr.encode_wndinc(sid, st.unacked))
             st.credit += st.unacked
             st.unacked = 0
 
@@ -702,7 +702,7 @@ class MuxConnection:
                 self._provoked()
                 before = self.outgoing_size
                 self.send_data(sid, f.data)
-                self._emit(fr.encode(fr.WndInc(sid, n)))
+                self._emit(fr.encode_wndinc(sid, n))
                 st.credit += n
                 self._answered(self.outgoing_size - before)
         elif st.kind == _OUR_HB:
@@ -711,7 +711,7 @@ class MuxConnection:
                 echoes = len(self._hb_pending) // 4
                 del self._hb_pending[: echoes * 4]
                 self._provoked()
-                self._emit(fr.encode(fr.WndInc(sid, n)))
+                self._emit(fr.encode_wndinc(sid, n))
                 self._answered(_WNDINC_SIZE)
                 st.credit += n
                 if echoes:
