@@ -189,3 +189,135 @@ def test_direct_delivery_keeps_the_splice_from_looking_idle():
     g.get(timeout=5)  # then both silent: the idle timer ends it
     c.close()
     s.close()
+
+
+# --- feeding: socket -> stream from an io watcher's callback (lib.net.splice, "Feeding") ---
+
+class _SwitchesInto:
+    """Counts switches into one greenlet (greenlet.settrace)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.count = 0
+
+    def __enter__(self):
+        import greenlet
+
+        def trace(event, args):
+            if event in ("switch", "throw") and args[1] is self.target:
+                self.count += 1
+        self.old = greenlet.settrace(trace)
+        return self
+
+    def __exit__(self, *exc):
+        import greenlet
+        greenlet.settrace(self.old)
+
+
+def test_socket_data_reaches_the_stream_without_waking_the_copy_loop():
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    counted = []
+    g = gevent.spawn(splice, inner, near, on_a_to_b=counted.append)
+    for first in (b"first", b"second"):  # read by the copy loop itself (FEED_AFTER)
+        visitor.sendall(first)
+        assert far.recv(100) == first
+    with _SwitchesInto(g) as into:
+        for i in range(20):
+            visitor.sendall(b"request %d" % i)
+            assert far.recv(100) == b"request %d" % i
+    assert into.count == 0  # every request went by the watcher's callback
+    assert sum(counted) == 11 + sum(len(b"request %d" % i) for i in range(20))
+    visitor.shutdown(socket.SHUT_WR)  # EOF: the copy loop sends the FIN
+    assert far.recv(100) == b""
+    far.sendall(b"answer after FIN")  # the other direction still flows
+    assert visitor.recv(100) == b"answer after FIN"
+    far.close()
+    assert g.get(timeout=5)[0] == sum(counted)
+    c.close()
+    s.close()
+
+
+def test_a_stream_that_stops_reading_stops_the_socket_and_order_holds():
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    inner.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    g = gevent.spawn(splice, inner, near)
+    sent = []
+    digest = hashlib.sha256()
+
+    def write():  # 8 MiB the far side does not read at first
+        for i in range(8 * 1024 // 7):
+            piece = bytes([i % 251]) * 7 * 1024
+            visitor.sendall(piece)
+            digest.update(piece)
+            sent.append(len(piece))
+        visitor.shutdown(socket.SHUT_WR)
+    w = gevent.spawn(write)
+    last = [-1]
+
+    def stalled():
+        now, last[0] = last[0], sum(sent)
+        return now == last[0]
+    wait_until(stalled, timeout=10, every=0.5)
+    assert sum(sent) < 2 * 1024 * 1024  # the window closed: the socket is not read on
+    got = hashlib.sha256()
+    total = 0
+    while (data := far.recv(65536)):
+        got.update(data)
+        total += len(data)
+    w.get(timeout=30)
+    assert total == sum(sent) and got.digest() == digest.digest()
+    far.close()
+    g.get(timeout=5)
+    c.close()
+    s.close()
+
+
+def test_a_stream_reset_ends_a_splice_whose_socket_side_is_quiet():
+    # The copy loop socket -> stream waits on the watcher; the other direction's failure
+    # closes the socket under it: it must be told, not left waiting on a closed descriptor.
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    g = gevent.spawn(splice, inner, near)
+    for data in (b"hello", b"again", b"watched"):  # the last by the watcher (FEED_AFTER)
+        visitor.sendall(data)
+        assert far.recv(100) == data
+    far.reset()
+    g.get(timeout=5)
+    with pytest.raises(OSError):
+        while visitor.recv(100):
+            pass
+    c.close()
+    s.close()
+
+
+def test_feeding_keeps_the_splice_from_looking_idle():
+    c, s = mux_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    g = gevent.spawn(splice, inner, near, idle_timeout=0.3)
+    for _ in range(10):  # only visitor -> stream moves, for 1 s: not idle
+        visitor.sendall(b"tick")
+        assert far.recv(10) == b"tick"
+        gevent.sleep(0.1)
+    assert not g.ready()
+    g.get(timeout=5)  # then both silent: the idle timer ends it
+    c.close()
+    s.close()

@@ -14,6 +14,7 @@ Public API::
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
+    stream.send_nowait(data) -> int         # what fits now, never waiting (0: send would wait)
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
     stream.close()                          # full close, as Go's Stream.Close()
     stream.reset(code)                      # RST
@@ -217,15 +218,36 @@ class Stream:
             return 0
         return self._send_some(view, self._deadline())
 
+    def send_nowait(self, data: bytes) -> int:
+        """Queue what the peer's window and the session's output room take now, never
+        waiting (a hub callback may call it: lib.net.splice); 0 where ``send`` would wait.
+        Raises as ``send`` does on a closed or failed stream."""
+        self._check_writable()
+        session = self.session
+        conn = session._conn
+        room = conn.config.write_high_water - conn.unsent_size
+        window = conn.send_window(self.id)
+        if room <= 0 or (window < len(data) and window < mp.SEND_THRESHOLD):
+            return 0
+        n = conn.send_data(self.id, data[:max(room, mp.SEND_THRESHOLD)])
+        if n:
+            self.bytes_out += n
+            session.stats.bytes_out += n
+            session._wake_writer()
+        return n
+
+    def _check_writable(self) -> None:
+        if self._write_closed or self._closed:
+            raise StreamClosed(f"stream {self.id} is closed for writing")
+        if self._error is not None:
+            raise self._error
+        if self.session._end is not None:
+            raise self.session._closed_error()
+
     def _send_some(self, view: memoryview, deadline: float | None) -> int:
         session = self.session
         while True:
-            if self._write_closed or self._closed:
-                raise StreamClosed(f"stream {self.id} is closed for writing")
-            if self._error is not None:
-                raise self._error
-            if session._end is not None:
-                raise session._closed_error()
+            self._check_writable()
             conn = session._conn
             room = conn.config.write_high_water - conn.unsent_size
             if room <= 0:

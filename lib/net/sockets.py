@@ -16,6 +16,7 @@
                                    # connection completes at once (a listener on this host)
     recv_copy(sock, bufsize) -> bytes        # sock.recv without a bufsize allocation per call
     recv_scratch(sock, bufsize) -> memoryview  # the same, uncopied: valid until the next yield
+    recv_nowait(sock, bufsize) -> bytes      # what is there now, never waiting (a hub callback)
     reader(end) -> callable(n) -> bytes      # recv_copy bound to a socket, end.recv for others
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
@@ -120,6 +121,15 @@ def recv_scratch(sock, bufsize: int) -> memoryview:
     scratch buffer: a view that is overwritten by the next read, so use it before yielding."""
     n = sock.recv_into(_scratch[:bufsize])
     return _scratch[:n]
+
+
+def recv_nowait(sock, bufsize: int) -> bytes:
+    """What ``sock`` has now, up to ``bufsize`` bytes, through the scratch buffer, never waiting
+    (safe in a hub callback; b"" at EOF). BlockingIOError when nothing is there; other errors
+    are the socket's. A read(2) on the descriptor: gevent's recv would wait (or raise) by the
+    socket's timeout, and the caller must not wait whatever that is."""
+    n = os.readv(sock.fileno(), [_scratch[:bufsize]])
+    return bytes(_scratch[:n])
 
 
 def recv_copy(sock, bufsize: int) -> bytes:

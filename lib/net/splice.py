@@ -30,19 +30,30 @@ socket, non-blocking, and this direction's copy loop wakes only for what the soc
 (then waiting for it as before), for EOF and for errors. The sink counts its bytes into this
 direction's total, calls ``on_*`` and marks the splice busy (idle timer); a send error it meets
 aborts both ends at once, as the copy loop does on any error.
+
+Feeding: a gevent socket (with no timeout of its own) spliced to a mux stream is read, after the
+copy loop's first FEED_AFTER reads, by an io watcher's callback in the hub: it reads what is there and
+queues what the stream takes without waiting (``Stream.send_nowait``), so a request wakes no
+greenlet. What the stream does not take (its window or the session's output is full), EOF and
+errors are handed to the copy loop, which stops the watcher meanwhile: it sends the rest,
+waiting as before (the socket is not read on, so a stream that stops reading stops the
+socket), carries EOF and errors as before, and watches again. An abort stops every watcher of
+the splice before it closes an end, and ends a copy loop waiting on one.
 """
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import time
 
 import gevent
 import gevent.socket
+from gevent.hub import Waiter
 
 from lib.net.muxsession import Stream
 from lib.net.greenpool import WorkerPool
-from lib.net.sockets import reader, sender
+from lib.net.sockets import reader, recv_copy, recv_nowait, sender
 
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
@@ -61,6 +72,10 @@ UNSENT_LOWAT = 64 * 1024
 # wait on an end with a timeout, which cost the proxy ~12 % of its CPU per request
 # (bench/README.md, "Per-request cost").
 IDLE_CHECKS = 4
+# Reads a socket -> stream copy loop makes itself before an io watcher's callback takes over
+# (Feeding): the first carries bytes already waiting at once (splice()), and a connection that
+# ends after one answer (a fresh connection per request) never pays for a watcher.
+FEED_AFTER = 2
 # b -> a runs in a kept greenlet (a Job: joined, killed, its value read as a greenlet's), not
 # a new one per splice: a greenlet's start and end cost ~12 us and an mmap/munmap pair
 # (lib/net/greenpool.py).
@@ -68,7 +83,7 @@ _DIRECTIONS = WorkerPool()
 
 
 class _State:
-    __slots__ = ("last", "idle_timeout", "dead", "pumps", "ended")
+    __slots__ = ("last", "idle_timeout", "dead", "pumps", "ended", "feeders")
 
     def __init__(self, idle_timeout: float | None) -> None:
         self.last = time.monotonic()
@@ -78,6 +93,7 @@ class _State:
         # idleness first, it answers before the other direction aborts both ends.
         self.pumps: list = []
         self.ended = 0  # directions whose copy loop returned
+        self.feeders: list = []  # _Feeder: their watchers stop before an end is closed
 
 
 class _Sink:
@@ -110,7 +126,7 @@ class _Sink:
         except OSError as e:
             self.error = e
             self.state.dead = True
-            _abort(self.stream, self.sock, hard=True)
+            _abort(self.state, self.stream, self.sock, hard=True)
             return 0
         if n:
             self.sent += n
@@ -138,6 +154,89 @@ def _sink_for(src, dst, on_bytes, state: _State) -> _Sink | None:
     return None
 
 
+class _Feeder:
+    """Socket -> mux stream from an io watcher's callback in the hub (module doc, "Feeding"):
+    ``recv`` is the copy loop's; it returns only what the callback could not queue."""
+
+    __slots__ = ("sock", "stream", "on_bytes", "state", "chunk", "watcher", "waiter", "sent",
+                 "reads")
+
+    def __init__(self, sock, stream, on_bytes, state: _State, chunk: int) -> None:
+        self.sock = sock
+        self.stream = stream
+        self.on_bytes = on_bytes
+        self.state = state
+        self.chunk = chunk
+        self.watcher = None  # made once the connection has shown it lasts (FEED_AFTER)
+        self.waiter: Waiter | None = None
+        self.sent = 0
+        self.reads = 0
+
+    def recv(self, n: int) -> bytes:
+        if self.reads < FEED_AFTER:
+            self.reads += 1
+            return recv_copy(self.sock, n)
+        if self.watcher is None:
+            self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
+        self.waiter = waiter = Waiter()
+        self.watcher.start(self._readable)
+        try:
+            return waiter.get()  # the callback's hand-off: the rest, b"" at EOF, or an error
+        finally:
+            self.watcher.stop()
+            self.waiter = None
+
+    def _readable(self) -> None:
+        try:
+            data = recv_nowait(self.sock, self.chunk)
+            if not data:
+                self._hand(b"")
+                return
+            n = self.stream.send_nowait(data)
+        except BlockingIOError:
+            return  # readable was stale
+        except OSError as e:  # the socket's, or the stream's (MuxError)
+            self._hand(e)
+            return
+        if n:
+            self.sent += n
+            self.state.last = time.monotonic()
+            if self.on_bytes is not None:
+                self.on_bytes(n)
+        if n < len(data):
+            self._hand(data[n:])  # the window or the session's output is full: wait there
+
+    def _hand(self, what) -> None:
+        self.watcher.stop()
+        waiter = self.waiter
+        if waiter is not None:
+            if isinstance(what, BaseException):
+                waiter.throw(what)
+            else:
+                waiter.switch(what)
+
+    def cancel(self) -> None:
+        """An end is about to be closed: stop watching, and end a copy loop waiting here."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            gevent.get_hub().loop.run_callback(
+                waiter.throw, OSError(errno.EBADF, "splice ended while reading"))
+
+
+def _feeder_for(src, dst, on_bytes, state: _State, chunk: int) -> _Feeder | None:
+    # A socket with a timeout of its own measures silence by its reads: a watcher would
+    # not, so it keeps the copy loop's reads.
+    if (isinstance(dst, Stream) and isinstance(src, gevent.socket.socket)
+            and src.gettimeout() is None):
+        feeder = _Feeder(src, dst, on_bytes, state, chunk)
+        state.feeders.append(feeder)
+        return feeder
+    return None
+
+
 def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None = None) -> int:
     me = gevent.getcurrent()
     state.pumps.insert(0 if fallback is not None else len(state.pumps), me)
@@ -157,6 +256,9 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
     if sink is not None:
         send = sink.send
         src.set_sink(sink)
+    feeder = _feeder_for(src, dst, on_bytes, state, chunk)
+    if feeder is not None:
+        recv = feeder.recv
     try:
         while True:
             try:
@@ -179,16 +281,16 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
         # fallback answer if one is due. Aborted, not closed: the other ends must see a reset,
         # not a clean end that would pass a truncated upload off as complete.
         state.dead = True
-        total += _sink_done(src, sink)
+        total += _done(src, sink, feeder)
         if _send_fallback(dst, fallback, total):
-            _abort(src, dst)
+            _abort(state, src, dst)
         else:
-            _abort(src, dst, hard=True)
+            _abort(state, src, dst, hard=True)
         return total
-    total += _sink_done(src, sink)
+    total += _done(src, sink, feeder)
     if _send_fallback(dst, fallback, total):
         state.dead = True
-        _abort(src, dst)
+        _abort(state, src, dst)
         return total
     if state.ended and getattr(dst, "family", None) is not None:
         return total  # the other direction is over: splice closes the socket now (a FIN too)
@@ -199,8 +301,14 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
     return total
 
 
-def _sink_done(src, sink: _Sink | None) -> int:
-    """Direct delivery is over for this direction: the bytes its sink sent."""
+def _done(src, sink: _Sink | None, feeder: _Feeder | None) -> int:
+    """This direction's copy loop is over: the bytes its sink or feeder moved."""
+    if feeder is not None:
+        feeder.cancel()
+        feeder.state.feeders.remove(feeder)
+        if feeder.watcher is not None:
+            feeder.watcher.close()
+        return feeder.sent
     if sink is None:
         return 0
     src.set_sink(None)
@@ -230,7 +338,9 @@ def _limit_unsent(end) -> None:
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
-def _abort(*ends, hard: bool = False) -> None:
+def _abort(state: _State, *ends, hard: bool = False) -> None:
+    for feeder in state.feeders:  # before the sockets they watch are closed
+        feeder.cancel()
     for end in ends:
         try:
             if hard:
@@ -290,7 +400,7 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
             timer.stop()
             timer.close()
         if not g.ready():
-            _abort(a, b)
+            _abort(state, a, b)
             g.kill(block=True, timeout=1)
-        _abort(a, b)
+        _abort(state, a, b)
     return (n_ab, g.value or 0)
