@@ -305,19 +305,24 @@ def test_wrong_pin_is_reported_once_with_the_whole_fingerprint(monkeypatch, capl
     monkeypatch.setattr(tunnels, "PERMANENT_RETRY_CAP", 0.04)
     client = tunnels.Client(tunnels.ClientConfig(
         services=[tunnels.Service.parse("x.example", "127.0.0.1:1")],
-        proxies=[tunnels.ProxyAddr("127.0.0.1", server.server_port)], pins={GOOD_PIN}))
+        proxies=[tunnels.ProxyAddr("127.0.0.1", server.server_port)], pins={GOOD_PIN},
+        # One attempt whose handshake stalls (seen twice in full-suite runs on a loaded
+        # machine: one accept in 20 s, nothing logged) must not hold the test for the
+        # default 30 s: the next attempt follows, and the property is about the log lines.
+        handshake_timeout=3.0))
     caplog.set_level(logging.INFO, logger="shroud.client")
     client.start()
     try:
-        deadline = gevent.get_hub().loop.now() + 20
+        deadline = gevent.get_hub().loop.now() + 40
         while len(accepted) < 4 and gevent.get_hub().loop.now() < deadline:
             gevent.sleep(0.02)
     finally:
         client.stop()
         server.stop()
-    assert len(accepted) >= 4
+    assert len(accepted) >= 4, (accepted, [r.getMessage() for r in caplog.records])
+    # A stalled attempt's timeout (above) is a warning of its own: the pin's lines are counted.
     lines = [r.getMessage() for r in caplog.records if r.name == "shroud.client"
-             and r.levelno >= logging.WARNING]
+             and r.levelno >= logging.WARNING and "matches no pinned" in r.getMessage()]
     assert len(lines) == 1, lines
     assert f"presented certificate {cert_fingerprint(cert)}, which matches no pinned" in lines[0]
     assert "`shroud_proxy.py --print-fingerprint`" in lines[0]
