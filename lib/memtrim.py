@@ -2,6 +2,8 @@
 
     start_memory_trimmer(interval=30.0)     # also logs "memory allocator: jemalloc|system"
     trimmer_stats() -> {"passes": n, "skipped_busy": n}
+    before_pass(hook)                       # hook() runs first in every pass: a module that
+                                            # keeps things for busy times lets them go
     gc.set_threshold(*GC_THRESHOLDS)        # what the entry points do after start-up
 
 CPython and glibc keep freed memory for reuse: after 1,000 connections come and go, a proxy's
@@ -98,8 +100,23 @@ def _trimmers() -> list:
     return [t for t in (_malloc_trim(), _jemalloc_purge()) if t is not None]
 
 
+# Run first in every pass (before_pass): what a busy time kept for reuse, let go once quiet.
+_hooks: list = []
+
+
+def before_pass(hook) -> None:
+    """``hook()`` runs at the start of every pass (lib.net.greenpool ends its parked workers)."""
+    _hooks.append(hook)
+
+
+def _run_hooks() -> None:
+    for hook in list(_hooks):
+        hook()
+
+
 def trim_once() -> None:
     """One pass now, busy or not (tests, and a caller that knows the process is idle)."""
+    _run_hooks()
     gc.collect()
     for trim in _trimmers():
         trim()
@@ -112,6 +129,7 @@ def trimmer_stats() -> dict:
 
 def _pass(trimmers: list) -> None:
     start = time.perf_counter()
+    _run_hooks()
     gc.collect()
     collected = time.perf_counter()
     for trim in trimmers:

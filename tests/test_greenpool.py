@@ -155,3 +155,22 @@ def test_killing_a_job_ends_it_and_only_it():
     job.kill()  # done: nothing happens
     late = pool.start(lambda: "still serving")
     assert late.join(5) and late.value == "still serving"
+
+
+def test_the_memory_trimmers_pass_ends_every_pools_parked_workers():
+    # Parked workers pay off under load only: after a peak the trimmer's quiet pass lets them go
+    # (lib/memtrim.py before_pass), so they do not hold the proxy's RSS above issue 7's bound.
+    from lib import memtrim
+
+    pools = [WorkerPool(), WorkerPool(size=8)]
+    for pool in pools:
+        for _ in range(5):
+            pool.spawn(gevent.sleep, 0.01)
+        assert pool.join(5)
+        gevent.sleep(0)
+        assert pool.idle == 5
+    memtrim.trim_once()
+    gevent.sleep(0)
+    assert [pool.idle for pool in pools] == [0, 0]
+    pools[0].spawn(gevent.sleep, 0)  # a pool goes on working after the pass: a new worker
+    assert pools[0].join(5) and pools[0].started == 6
