@@ -174,3 +174,27 @@ def test_the_memory_trimmers_pass_ends_every_pools_parked_workers():
     assert [pool.idle for pool in pools] == [0, 0]
     pools[0].spawn(gevent.sleep, 0)  # a pool goes on working after the pass: a new worker
     assert pools[0].join(5) and pools[0].started == 6
+
+
+def test_a_parked_worker_keeps_nothing_of_its_jobs():
+    # A job's arguments (in splice: the stream, its session and transport, the socket) must be
+    # free once the job ends, though its worker stays parked: not the first job (gevent keeps a
+    # greenlet's start arguments), not the latest (the value the park's switch returned).
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    pool = WorkerPool()
+    refs = []
+    for _ in range(3):
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        pool.spawn(lambda p: gevent.sleep(0), payload)
+        del payload
+        assert pool.join(5)
+        gevent.sleep(0)
+    assert pool.idle == 1 and pool.started == 1
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]

@@ -122,9 +122,12 @@ class WorkerPool:
             self._handing[worker] = job
             get_hub().loop.run_callback(self._hand, worker)
         else:
-            worker = Greenlet(self._work, job)
+            # The job goes by _handing, not as the greenlet's argument: gevent keeps a
+            # greenlet's start arguments until it ends, and a kept worker lives on.
+            worker = Greenlet(self._work)
             self._running.add(worker)
             self.started += 1
+            self._handing[worker] = job
             worker.start()
 
     def _hand(self, worker: Greenlet) -> None:
@@ -150,8 +153,9 @@ class WorkerPool:
 
     # --- the workers --------------------------------------------------------------------
 
-    def _work(self, job) -> None:
+    def _work(self) -> None:
         me = gevent.getcurrent()
+        job = self._handing.pop(me)
         hub = get_hub()
         while True:
             func, args, handle = job
@@ -175,6 +179,7 @@ class WorkerPool:
                     got = hub.switch()
                     if type(got) is tuple:
                         job = got
+                    got = None  # the next park must not keep this job
             finally:
                 if job is None:  # killed while parked
                     if me in self._running:  # ... just after spawn() chose it: no job ran
