@@ -105,48 +105,19 @@ def table(res: dict[str, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
-def start_paths(d: str, origin_http: int, origin_tls: int, base: str, changed: str,
-                ssh: bool) -> list[pb.Path]:
-    paths: list[pb.Path] = []
-    try:
-        if ssh:
-            paths.append(pb.SshPath(d, origin_http, origin_tls, origin_http))
-        for name, root in (("base", base), ("changed", changed)):
-            paths.append(pb.ShroudPath(d, origin_http, origin_tls, origin_http, root=root,
-                                       name=name))
-    except BaseException:
-        for p in paths:
-            p.stop()
-        raise
-    return paths
-
-
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    g = ap.add_mutually_exclusive_group()
-    g.add_argument("--base", help="the base source tree (a directory)")
-    g.add_argument("--base-rev", default="main",
-                   help="a revision checked out as a temporary worktree (default main)")
-    ap.add_argument("--changed", default=pb.ROOT, help="the changed tree (default: this one)")
-    ap.add_argument("--rounds", type=int, default=4)
+    ab.add_tree_args(ap)
     ap.add_argument("--bytes", type=int, default=512 << 20, help="per download")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per download")
     ap.add_argument("--protos", default=",".join(PROTOS), help="subset of " + ",".join(PROTOS))
-    ap.add_argument("--no-ssh", action="store_true", help="leave ssh -R out")
     args = ap.parse_args()
     args.protos = [p for p in args.protos.split(",") if p]
     if not args.protos or any(p not in PROTOS for p in args.protos):
         ap.error(f"bad --protos: pick from {','.join(PROTOS)}")
     if not (1 <= args.rounds <= 100 and 1 << 20 <= args.bytes <= 16 << 30):
         ap.error("--rounds 1-100, --bytes 1 MiB-16 GiB")
-    for flag, tree in (("--base", args.base), ("--changed", args.changed)):
-        if tree is not None and not os.path.isfile(os.path.join(tree, "shroud_proxy.py")):
-            ap.error(f"{flag} {tree}: no shroud_proxy.py there (give a Shroud source tree)")
-    if not args.no_ssh and os.geteuid() != 0:
-        ap.error("the ssh -R yardstick starts its own sshd: run as root, or pass --no-ssh")
-    for tool in ("nginx", "curl", "git") + (() if args.no_ssh else ("ssh", "ssh-keygen")):
-        if shutil.which(tool) is None:
-            ap.error(f"{tool} not found (Debian packages nginx, curl, git, openssh-server)")
+    ab.check_trees(ap, args, ("nginx", "curl"), "nginx, curl")
     return args
 
 
@@ -164,8 +135,8 @@ def main() -> int:
         head = f"base {ab.describe(base)} ({how}); changed {ab.describe(changed)} ({changed})"
         log(head)
         nginx, origin_http, origin_tls, ca = pb.start_nginx(d, args.bytes)
-        paths = start_paths(d, origin_http, origin_tls, os.path.abspath(base), changed,
-                            not args.no_ssh)
+        paths = ab.start_paths(d, origin_http, origin_tls, origin_http, os.path.abspath(base),
+                               changed, not args.no_ssh)
         for p in paths:  # warm: the first stream, the first connection to the origin
             for proto in args.protos:
                 pb.bulk(p, proto, 1, args.bytes, ca, args.timeout)

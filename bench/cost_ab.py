@@ -263,13 +263,16 @@ def describe(tree: str) -> str:
     return head + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
-def start_paths(d: str, origin: int, base: str, changed: str, ssh: bool) -> list[pb.Path]:
+def start_paths(d: str, http: int, tls: int, one: int, base: str, changed: str,
+                ssh: bool) -> list[pb.Path]:
+    """ssh -R (unless not ``ssh``), then Shroud from the base and the changed tree, each in front
+    of the origin's ``http``, ``tls`` and ``one`` ports (pb.Path's three); all stopped on error."""
     paths: list[pb.Path] = []
     try:
         if ssh:
-            paths.append(pb.SshPath(d, origin, origin, origin))
-        paths.append(pb.ShroudPath(d, 1, 1, origin, root=base, name="base"))
-        paths.append(pb.ShroudPath(d, 1, 1, origin, root=changed, name="changed"))
+            paths.append(pb.SshPath(d, http, tls, one))
+        for name, root in (("base", base), ("changed", changed)):
+            paths.append(pb.ShroudPath(d, http, tls, one, root=root, name=name))
     except BaseException:
         for p in paths:
             p.stop()
@@ -277,8 +280,8 @@ def start_paths(d: str, origin: int, base: str, changed: str, ssh: bool) -> list
     return paths
 
 
-def parse_args():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_tree_args(ap: argparse.ArgumentParser) -> None:
+    """The A/B tools' common flags: the two trees, the rounds and ssh -R (bulk_ab.py too)."""
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--base", help="the base source tree (a directory)")
     g.add_argument("--base-rev", default="main",
@@ -286,10 +289,28 @@ def parse_args():
     ap.add_argument("--changed", default=pb.ROOT, help="the changed tree (default: this one)")
     ap.add_argument("--rounds", type=int, default=4,
                     help="an even number: the paths' order is reversed every other round")
+    ap.add_argument("--no-ssh", action="store_true", help="leave ssh -R out")
+
+
+def check_trees(ap: argparse.ArgumentParser, args, tools: tuple[str, ...], packages: str) -> None:
+    """One clear line (ap.error) for a tree that is not Shroud's, ssh -R without root, or a tool
+    missing; ``tools`` beside git and ssh's own, ``packages`` the Debian ones to name."""
+    for flag, tree in (("--base", args.base), ("--changed", args.changed)):
+        if tree is not None and not os.path.isfile(os.path.join(tree, "shroud_proxy.py")):
+            ap.error(f"{flag} {tree}: no shroud_proxy.py there (give a Shroud source tree)")
+    if not args.no_ssh and os.geteuid() != 0:
+        ap.error("the ssh -R yardstick starts its own sshd: run as root, or pass --no-ssh")
+    for tool in tools + ("git",) + (() if args.no_ssh else ("ssh", "sshd", "ssh-keygen")):
+        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
+            ap.error(f"{tool} not found (Debian packages {packages}, git, openssh-server)")
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_tree_args(ap)
     ap.add_argument("--seconds", type=int, default=3, help="per wrk row, path and round")
     ap.add_argument("--fresh-conns", type=int, default=300, help="per fresh row, path and round")
     ap.add_argument("--rows", default=",".join(ROWS), help="subset of " + ",".join(ROWS))
-    ap.add_argument("--no-ssh", action="store_true", help="leave ssh -R out")
     args = ap.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
     if not args.rows or any(r not in ROWS for r in args.rows):
@@ -297,14 +318,7 @@ def parse_args():
     if not (1 <= args.rounds <= 100 and 1 <= args.seconds <= 600
             and 1 <= args.fresh_conns <= 100000):
         ap.error("--rounds 1-100, --seconds 1-600, --fresh-conns 1-100000")
-    for flag, tree in (("--base", args.base), ("--changed", args.changed)):
-        if tree is not None and not os.path.isfile(os.path.join(tree, "shroud_proxy.py")):
-            ap.error(f"{flag} {tree}: no shroud_proxy.py there (give a Shroud source tree)")
-    if not args.no_ssh and os.geteuid() != 0:
-        ap.error("the ssh -R yardstick starts its own sshd: run as root, or pass --no-ssh")
-    for tool in ("wrk", "git") + (() if args.no_ssh else ("ssh", "sshd", "ssh-keygen")):
-        if shutil.which(tool) is None and not os.path.exists(f"/usr/sbin/{tool}"):
-            ap.error(f"{tool} not found (Debian packages wrk, git, openssh-server)")
+    check_trees(ap, args, ("wrk",), "wrk")
     return args
 
 
@@ -329,7 +343,8 @@ def main() -> int:
         head = f"base {describe(base)} ({how}); changed {describe(changed)} ({changed})"
         log(head)
         origin_proc, origin = pb.start_single_write(d)
-        paths = start_paths(d, origin, os.path.abspath(base), changed, not args.no_ssh)
+        paths = start_paths(d, origin, origin, origin, os.path.abspath(base), changed,
+                            not args.no_ssh)
         for p in paths:
             warm(p, args.rows)
         log("warmed: " + ", ".join(p.name for p in paths))
