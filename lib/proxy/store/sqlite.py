@@ -32,6 +32,8 @@ SCHEMA_VERSION = 3
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 # Another process (e.g. a dashboard) holding the write lock: wait this long before failing.
 BUSY_TIMEOUT = 5.0
+# How often a store being opened looks again while another process prepares the same file.
+BUSY_RETRY = 0.05
 # How often wait_for_change looks at data_version: a block made by another worker of this host
 # applies here within this (plus the watcher's reload), well inside the fleet's 2 s.
 POLL_INTERVAL = 0.25
@@ -106,7 +108,7 @@ class SqliteStore(Store):
             raise OwnershipError("cannot open ownership database %s: %s" % (self.path, exc)) \
                 from None
         try:
-            self._prepare(conn, max_size_bytes)
+            self._prepare_when_free(conn, max_size_bytes)
         except sqlite3.Error as exc:
             conn.close()
             raise OwnershipError("ownership database %s is unusable: %s" % (self.path, exc)) \
@@ -117,6 +119,23 @@ class SqliteStore(Store):
         self._conn = conn
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         self.reload_blocks()
+
+    def _prepare_when_free(self, conn, max_size_bytes: int) -> None:
+        """_prepare, again while another process holds the file: two gunicorn workers opening
+        a new database at once got "database is locked" at once from the switch to WAL, which
+        does not wait for the busy timeout (12 of 40 three-way races; a worker that fails to
+        boot takes gunicorn's master down)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        while True:
+            try:
+                return self._prepare(conn, max_size_bytes)
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            time.sleep(BUSY_RETRY)
 
     def _prepare(self, conn, max_size_bytes: int) -> None:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -138,18 +157,20 @@ class SqliteStore(Store):
             raise OwnershipError("ownership database %s has schema version %d; this Shroud "
                                  "knows up to %d (downgrade refused)"
                                  % (self.path, version, SCHEMA_VERSION))
-        if version == 0:
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables:
-                raise OwnershipError("%s is an SQLite database but not a Shroud ownership "
-                                     "database" % self.path)
         for target in range(version + 1, SCHEMA_VERSION + 1):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Another worker may have migrated while we waited for the write lock.
-                if conn.execute("PRAGMA user_version").fetchone()[0] >= target:
+                current = conn.execute("PRAGMA user_version").fetchone()[0]
+                if current >= target:
                     conn.execute("COMMIT")
                     continue
+                # Looked at under the write lock: read before it, another worker's first
+                # migration, committed meanwhile, looked like a stranger's tables.
+                tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if current == 0 and tables:
+                    raise OwnershipError("%s is an SQLite database but not a Shroud ownership "
+                                         "database" % self.path)
                 for statement in _MIGRATIONS[target]:
                     conn.execute(statement)
                 conn.execute("PRAGMA user_version=%d" % target)
