@@ -440,7 +440,11 @@ def test_fleet_page_lists_this_instance_and_blocks_fleet_wide(world, page, clien
     me = page.locator("#instances tbody tr").filter(has_text="(this)")
     me.wait_for()
     assert "live" in me.inner_text().lower()
-    wait_for(lambda: "admin 127.0.0.1:" in me.inner_text(), "the admin listener in the row")
+    # The admin listener opens after the proxy joined the fleet: the row gets it at the next
+    # heartbeat that sees the addresses changed (5 s), and the page at its next poll; 20 s ran
+    # out once in a loaded full-suite run.
+    wait_for(lambda: "admin 127.0.0.1:" in me.inner_text(), "the admin listener in the row",
+             timeout=45)
     row = page.locator('#fleet-names tr[data-name="fleet-one.test"]')
     row.wait_for()  # written by the heartbeat, read back from the store
     assert me.get_attribute("data-instance") in row.inner_text()
