@@ -3,43 +3,20 @@ import hashlib
 import time
 import os
 import socket
-import ssl
 
 import time
 
 import gevent
 import gevent.socket as gsocket
-import gevent.ssl
 import pytest
-import trustme
 
 from lib.protocol import muxframe as fr
 from lib.errors import (ErrorCode, MuxError, SessionClosed, StreamClosed, StreamReset,
                         StreamTimeout)
 from lib.net.muxsession import MuxConfig, Session
 from lib.protocol import muxstate as mp
-
-
-def pair(**kw):
-    a, b = gsocket.socketpair()
-    cfg = MuxConfig(**kw)
-    return Session(a, client=True, config=cfg), Session(b, client=False, config=cfg)
-
-
-def echo_server(session):
-    def serve(st):
-        with st:
-            while (d := st.recv(65536)):
-                st.sendall(d)
-            st.shutdown(socket.SHUT_WR)
-    def loop():
-        while True:
-            try:
-                st = session.accept()
-            except MuxError:
-                return
-            gevent.spawn(serve, st)
-    return gevent.spawn(loop)
+from tests.support.muxpair import (echo_server, pki,  # noqa: F401 (pki: a fixture)
+                                    session_pair as pair)
 
 
 def roundtrip(session, data):
@@ -217,13 +194,8 @@ def test_hostile_peer_gets_goaway_while_other_session_works(name, wire, code):
     assert roundtrip(c, b"unharmed") == b"unharmed"
 
 
-def test_over_tls():
-    ca = trustme.CA()
-    cert = ca.issue_cert("mux.test")
-    sctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert.configure_cert(sctx)
-    cctx = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ca.configure_trust(cctx)
+def test_over_tls(pki):
+    sctx, cctx = pki.server, pki.client
     lsock = gsocket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
@@ -237,7 +209,7 @@ def test_over_tls():
         echo_server(holder["s"])
     g = gevent.spawn(serve)
     raw = gsocket.create_connection(("127.0.0.1", port))
-    tls = cctx.wrap_socket(raw, server_hostname="mux.test")
+    tls = cctx.wrap_socket(raw, server_hostname="tunnel.test")
     c = Session(tls, client=True)
     g.join(5)
     data = os.urandom(2_000_000)

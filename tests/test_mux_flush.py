@@ -8,66 +8,15 @@ output bound and stall detection hold.
 import hashlib
 import os
 import socket
-import ssl
 
 import gevent
-import gevent.socket as gsocket
-import gevent.ssl
 import greenlet
 import pytest
-import trustme
 
 from lib.errors import MuxError
 from lib.net.muxsession import MuxConfig, Session
-from lib.net.tlstransport import TLSTransport
 from lib.protocol import muxframe as fr
-
-
-@pytest.fixture(scope="module")
-def pki():
-    ca = trustme.CA()
-    cert = ca.issue_cert("tunnel.test")
-    server = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert.configure_cert(server)
-    client = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ca.configure_trust(client)
-    return server, client
-
-
-def tls_pair(pki, small_buffers=False):
-    """Two TLSTransports over a socket pair (small kernel buffers: the kernel takes little)."""
-    server_ctx, client_ctx = pki
-    a, b = gsocket.socketpair()
-    if small_buffers:
-        for sock in (a, b):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    g = gevent.spawn(TLSTransport.server, b, server_ctx)
-    c = TLSTransport.client(a, client_ctx, "tunnel.test")
-    return c, g.get(timeout=10)
-
-
-def session_pair(pki, small_buffers=False, **cfg):
-    c, s = tls_pair(pki, small_buffers)
-    config = MuxConfig(**cfg)
-    return Session(c, client=True, config=config), Session(s, client=False, config=config)
-
-
-def echo(session):
-    def serve(st):
-        with st:
-            while (d := st.recv(65536)):
-                st.sendall(d)
-            st.shutdown(socket.SHUT_WR)
-
-    def loop():
-        while True:
-            try:
-                st = session.accept()
-            except MuxError:
-                return
-            gevent.spawn(serve, st)
-    return gevent.spawn(loop)
+from tests.support.muxpair import echo_server, pki, session_pair, tls_pair  # noqa: F401
 
 
 class _Switches:
@@ -92,8 +41,8 @@ class _Switches:
 
 
 def test_exchanges_wake_no_writer_greenlet(pki):
-    c, s = session_pair(pki, heartbeat=False)
-    echo(s)
+    c, s = session_pair(tls_pair(pki), heartbeat=False)
+    echo_server(s)
     st = c.open()
     st.sendall(b"warm")
     assert st.recv(100) == b"warm"
@@ -108,8 +57,8 @@ def test_exchanges_wake_no_writer_greenlet(pki):
 
 
 def test_writes_of_many_streams_in_one_turn_leave_in_one_write(pki):
-    c, s = session_pair(pki, heartbeat=False)
-    echo(s)
+    c, s = session_pair(tls_pair(pki), heartbeat=False)
+    echo_server(s)
     streams = [c.open() for _ in range(64)]
     for st in streams:
         st.sendall(b"open")
@@ -134,8 +83,8 @@ def test_writes_of_many_streams_in_one_turn_leave_in_one_write(pki):
 
 
 def test_a_tail_the_kernel_left_goes_out_first_and_every_byte_arrives(pki):
-    c, s = session_pair(pki, small_buffers=True, heartbeat=False)
-    echo(s)
+    c, s = session_pair(tls_pair(pki, small_buffers=True), heartbeat=False)
+    echo_server(s)
     tails = []
     transport = c._transport
     real = transport.write_nowait
@@ -199,7 +148,7 @@ def test_output_stays_under_the_high_water_mark_and_a_stall_is_caught(pki):
 
 
 def test_a_write_that_fails_in_the_flush_ends_the_session(pki):
-    c, s = session_pair(pki, heartbeat=False)
+    c, s = session_pair(tls_pair(pki), heartbeat=False)
     st = c.open()
     st.sendall(b"x")
     s.accept(timeout=5)

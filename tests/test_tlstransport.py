@@ -7,36 +7,10 @@ import gevent
 import gevent.socket as gsocket
 import gevent.ssl
 import pytest
-import trustme
 
 from lib.net.muxsession import Session
 from lib.net.tlstransport import TLSTransport
-
-
-@pytest.fixture(scope="module")
-def pki():
-    ca = trustme.CA()
-    cert = ca.issue_cert("tunnel.test")
-    server = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert.configure_cert(server)
-    client = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ca.configure_trust(client)
-    return server, client, ca
-
-
-def pair(pki, server_bio=True, client_bio=True):
-    server_ctx, client_ctx, _ = pki
-    a, b = gsocket.socketpair()
-    out = {}
-
-    def serve():
-        out["s"] = (TLSTransport.server(b, server_ctx) if server_bio
-                    else server_ctx.wrap_socket(b, server_side=True))
-    g = gevent.spawn(serve)
-    c = (TLSTransport.client(a, client_ctx, "tunnel.test") if client_bio
-         else client_ctx.wrap_socket(a, server_hostname="tunnel.test"))
-    g.get(timeout=10)
-    return c, out["s"]
+from tests.support.muxpair import pki, tls_pair as pair  # noqa: F401 (pki: a fixture)
 
 
 def test_many_small_records_arrive_in_one_recv(pki):
