@@ -13,8 +13,9 @@ import gevent.socket as gsocket
 import pytest
 
 from lib.errors import MuxError, StreamReset
-from lib.net.muxsession import Session, Stream
+from lib.net.muxsession import Stream
 from lib.net.splice import splice
+from tests.support.muxpair import session_pair
 
 
 def wait_until(predicate, timeout: float, every: float = 0.02) -> None:
@@ -35,9 +36,31 @@ def tcp_pair():
     return out, inner
 
 
-def mux_pair():
-    a, b = gsocket.socketpair()
-    return Session(a, client=True), Session(b, client=False)
+class Rig:
+    """What every test here splices: a muxado stream open both ways (``far`` on the client
+    session ``c``, ``near`` its accepted end on ``s``, one byte through already) and a TCP pair
+    (``visitor`` outside, ``inner`` for the splice)."""
+
+    def __init__(self):
+        self.c, self.s = session_pair()
+        self.far = self.c.open()
+        self.far.sendall(b"x")
+        self.near = self.s.accept(timeout=5)
+        assert self.near.recv(10) == b"x"
+        self.visitor, self.inner = tcp_pair()
+
+    def splice(self, **kw):
+        """``inner`` spliced to ``near`` in a greenlet of its own (joined by the test)."""
+        return gevent.spawn(splice, self.inner, self.near, **kw)
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.visitor.close()
+    r.c.close()
+    r.s.close()
 
 
 class _RecvCount:
@@ -54,49 +77,35 @@ class _RecvCount:
         monkeypatch.setattr(Stream, "recv", recv)
 
 
-def test_data_reaches_the_socket_without_waking_the_copy_loop(monkeypatch):
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"hello")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"hello"
-    count = _RecvCount(monkeypatch, near)
-    visitor, inner = tcp_pair()
+def test_data_reaches_the_socket_without_waking_the_copy_loop(rig, monkeypatch):
+    count = _RecvCount(monkeypatch, rig.near)
     counted = []
-    g = gevent.spawn(splice, inner, near, on_b_to_a=counted.append)
+    g = rig.splice(on_b_to_a=counted.append)
     for i in range(20):
-        far.sendall(b"answer %d" % i)
-        assert visitor.recv(100) == b"answer %d" % i
+        rig.far.sendall(b"answer %d" % i)
+        assert rig.visitor.recv(100) == b"answer %d" % i
     # The copy loop read once (and waits there); every answer went by the reader's send.
     assert count.calls <= 2
     assert sum(counted) == sum(len(b"answer %d" % i) for i in range(20))
-    far.shutdown(socket.SHUT_WR)  # EOF takes the usual path: the copy loop wakes for it
-    assert visitor.recv(10) == b""
-    visitor.close()
+    rig.far.shutdown(socket.SHUT_WR)  # EOF takes the usual path: the copy loop wakes for it
+    assert rig.visitor.recv(10) == b""
+    rig.visitor.close()
     assert g.get(timeout=5) == (0, sum(counted))
-    c.close()
-    s.close()
 
 
-def test_a_visitor_that_stops_reading_stops_the_window_and_order_holds():
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
-    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    g = gevent.spawn(splice, inner, near)
+def test_a_visitor_that_stops_reading_stops_the_window_and_order_holds(rig):
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    g = rig.splice()
     sent = []
     digest = hashlib.sha256()
 
     def write():  # 8 MiB in pieces that do not line up with frames or socket buffers
         for i in range(8 * 1024 // 7):
             piece = bytes([i % 251]) * 7 * 1024
-            far.sendall(piece)
+            rig.far.sendall(piece)
             digest.update(piece)
             sent.append(len(piece))
-        far.shutdown(socket.SHUT_WR)
+        rig.far.shutdown(socket.SHUT_WR)
     w = gevent.spawn(write)
     # Nobody reads the visitor: the far writer must stall once the window, the stream's
     # buffer and the socket's queues are full, far below the 8 MiB it wants to send.
@@ -110,85 +119,59 @@ def test_a_visitor_that_stops_reading_stops_the_window_and_order_holds():
     got = hashlib.sha256()
     total = 0
     while True:  # now read it all: every byte, in order
-        data = visitor.recv(65536)
+        data = rig.visitor.recv(65536)
         if not data:
             break
         got.update(data)
         total += len(data)
     w.get(timeout=30)
     assert total == sum(sent) and got.digest() == digest.digest()
-    visitor.close()
+    rig.visitor.close()
     g.get(timeout=5)
-    c.close()
-    s.close()
 
 
-def test_a_send_error_ends_the_splice_not_the_session():
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
-    g = gevent.spawn(splice, inner, near)
-    far.sendall(b"first")
-    assert visitor.recv(10) == b"first"
-    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    visitor.close()  # a reset: the next send to it fails
+def test_a_send_error_ends_the_splice_not_the_session(rig):
+    g = rig.splice()
+    rig.far.sendall(b"first")
+    assert rig.visitor.recv(10) == b"first"
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    rig.visitor.close()  # a reset: the next send to it fails
     with pytest.raises(MuxError):  # the far side sees the stream reset (or the write refused)
         for _ in range(200):
-            far.sendall(b"more")
+            rig.far.sendall(b"more")
             gevent.sleep(0.01)
     g.get(timeout=5)
     with pytest.raises(StreamReset):  # a reset, never a clean end first
-        far.recv(100)
-    assert not c.closed and not s.closed  # the session lives on
-    other = c.open()
+        rig.far.recv(100)
+    assert not rig.c.closed and not rig.s.closed  # the session lives on
+    other = rig.c.open()
     other.sendall(b"still here")
-    assert s.accept(timeout=5).recv(100) == b"still here"
-    c.close()
-    s.close()
+    assert rig.s.accept(timeout=5).recv(100) == b"still here"
 
 
-def test_direct_bytes_count_against_the_fallback():
+def test_direct_bytes_count_against_the_fallback(rig):
     # The 502 fallback is for a stream that answered nothing: one whose answer went out by
     # direct delivery did answer.
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
-    g = gevent.spawn(splice, inner, near, fallback_to_a=b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+    g = rig.splice(fallback_to_a=b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
     gevent.sleep(0)  # the copy loops are in place
-    far.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
-    far.close()
+    rig.far.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+    rig.far.close()
     out = b""
-    while (data := visitor.recv(100)):
+    while (data := rig.visitor.recv(100)):
         out += data
     assert out == b"HTTP/1.1 200 OK\r\n\r\n"
-    visitor.close()
+    rig.visitor.close()
     g.get(timeout=5)
-    c.close()
-    s.close()
 
 
-def test_direct_delivery_keeps_the_splice_from_looking_idle():
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
-    g = gevent.spawn(splice, inner, near, idle_timeout=0.3)
+def test_direct_delivery_keeps_the_splice_from_looking_idle(rig):
+    g = rig.splice(idle_timeout=0.3)
     for _ in range(10):  # only the direct direction moves, for 1 s: not idle
-        far.sendall(b"tick")
-        assert visitor.recv(10) == b"tick"
+        rig.far.sendall(b"tick")
+        assert rig.visitor.recv(10) == b"tick"
         gevent.sleep(0.1)
     assert not g.ready()
     g.get(timeout=5)  # then both silent: the idle timer ends it
-    c.close()
-    s.close()
 
 
 # --- feeding: socket -> stream from an io watcher's callback (lib.net.splice, "Feeding") ---
@@ -214,54 +197,40 @@ class _SwitchesInto:
         greenlet.settrace(self.old)
 
 
-def test_socket_data_reaches_the_stream_without_waking_the_copy_loop():
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
+def test_socket_data_reaches_the_stream_without_waking_the_copy_loop(rig):
     counted = []
-    g = gevent.spawn(splice, inner, near, on_a_to_b=counted.append)
+    g = rig.splice(on_a_to_b=counted.append)
     for first in (b"first", b"second"):  # read by the copy loop itself (FEED_AFTER)
-        visitor.sendall(first)
-        assert far.recv(100) == first
+        rig.visitor.sendall(first)
+        assert rig.far.recv(100) == first
     with _SwitchesInto(g) as into:
         for i in range(20):
-            visitor.sendall(b"request %d" % i)
-            assert far.recv(100) == b"request %d" % i
+            rig.visitor.sendall(b"request %d" % i)
+            assert rig.far.recv(100) == b"request %d" % i
     assert into.count == 0  # every request went by the watcher's callback
     assert sum(counted) == 11 + sum(len(b"request %d" % i) for i in range(20))
-    visitor.shutdown(socket.SHUT_WR)  # EOF: the copy loop sends the FIN
-    assert far.recv(100) == b""
-    far.sendall(b"answer after FIN")  # the other direction still flows
-    assert visitor.recv(100) == b"answer after FIN"
-    far.close()
+    rig.visitor.shutdown(socket.SHUT_WR)  # EOF: the copy loop sends the FIN
+    assert rig.far.recv(100) == b""
+    rig.far.sendall(b"answer after FIN")  # the other direction still flows
+    assert rig.visitor.recv(100) == b"answer after FIN"
+    rig.far.close()
     assert g.get(timeout=5)[0] == sum(counted)
-    c.close()
-    s.close()
 
 
-def test_a_stream_that_stops_reading_stops_the_socket_and_order_holds():
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
-    visitor.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-    inner.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    g = gevent.spawn(splice, inner, near)
+def test_a_stream_that_stops_reading_stops_the_socket_and_order_holds(rig):
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    rig.inner.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    g = rig.splice()
     sent = []
     digest = hashlib.sha256()
 
     def write():  # 8 MiB the far side does not read at first
         for i in range(8 * 1024 // 7):
             piece = bytes([i % 251]) * 7 * 1024
-            visitor.sendall(piece)
+            rig.visitor.sendall(piece)
             digest.update(piece)
             sent.append(len(piece))
-        visitor.shutdown(socket.SHUT_WR)
+        rig.visitor.shutdown(socket.SHUT_WR)
     w = gevent.spawn(write)
     last = [-1]
 
@@ -272,52 +241,34 @@ def test_a_stream_that_stops_reading_stops_the_socket_and_order_holds():
     assert sum(sent) < 2 * 1024 * 1024  # the window closed: the socket is not read on
     got = hashlib.sha256()
     total = 0
-    while (data := far.recv(65536)):
+    while (data := rig.far.recv(65536)):
         got.update(data)
         total += len(data)
     w.get(timeout=30)
     assert total == sum(sent) and got.digest() == digest.digest()
-    far.close()
+    rig.far.close()
     g.get(timeout=5)
-    c.close()
-    s.close()
 
 
-def test_a_stream_reset_ends_a_splice_whose_socket_side_is_quiet():
+def test_a_stream_reset_ends_a_splice_whose_socket_side_is_quiet(rig):
     # The copy loop socket -> stream waits on the watcher; the other direction's failure
     # closes the socket under it: it must be told, not left waiting on a closed descriptor.
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
-    g = gevent.spawn(splice, inner, near)
+    g = rig.splice()
     for data in (b"hello", b"again", b"watched"):  # the last by the watcher (FEED_AFTER)
-        visitor.sendall(data)
-        assert far.recv(100) == data
-    far.reset()
+        rig.visitor.sendall(data)
+        assert rig.far.recv(100) == data
+    rig.far.reset()
     g.get(timeout=5)
     with pytest.raises(OSError):
-        while visitor.recv(100):
+        while rig.visitor.recv(100):
             pass
-    c.close()
-    s.close()
 
 
-def test_feeding_keeps_the_splice_from_looking_idle():
-    c, s = mux_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
-    visitor, inner = tcp_pair()
-    g = gevent.spawn(splice, inner, near, idle_timeout=0.3)
+def test_feeding_keeps_the_splice_from_looking_idle(rig):
+    g = rig.splice(idle_timeout=0.3)
     for _ in range(10):  # only visitor -> stream moves, for 1 s: not idle
-        visitor.sendall(b"tick")
-        assert far.recv(10) == b"tick"
+        rig.visitor.sendall(b"tick")
+        assert rig.far.recv(10) == b"tick"
         gevent.sleep(0.1)
     assert not g.ready()
     g.get(timeout=5)  # then both silent: the idle timer ends it
-    c.close()
-    s.close()
