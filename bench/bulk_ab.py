@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -123,43 +120,20 @@ def parse_args():
 
 def main() -> int:
     args = parse_args()
-    signal.signal(signal.SIGTERM, ab.on_sigterm)  # through the finally blocks, as Ctrl-C
-    d = tempfile.mkdtemp(prefix="shroud-bulk-ab-")
-    wt = nginx = None
-    paths: list[pb.Path] = []
-    started = time.time()
-    try:
-        base = args.base or (wt := ab.add_worktree(args.base_rev, d))
-        changed = os.path.abspath(args.changed)
-        how = f"--base {base}" if args.base else f"--base-rev {args.base_rev}"
-        head = f"base {ab.describe(base)} ({how}); changed {ab.describe(changed)} ({changed})"
-        log(head)
-        nginx, origin_http, origin_tls, ca = pb.start_nginx(d, args.bytes)
-        paths = ab.start_paths(d, origin_http, origin_tls, origin_http, os.path.abspath(base),
-                               changed, not args.no_ssh)
+
+    def start_origin(d: str):
+        nginx, http, tls, ca = pb.start_nginx(d, args.bytes)
+        return nginx, (http, tls, http), ca
+
+    def run(paths: list[pb.Path], ca: str) -> dict:
         for p in paths:  # warm: the first stream, the first connection to the origin
             for proto in args.protos:
                 pb.bulk(p, proto, 1, args.bytes, ca, args.timeout)
-        res = run_rounds(paths, args, ca)
-    finally:
-        for p in paths:
-            p.stop()
-        if nginx is not None:
-            nginx.stop()
-        if wt is not None:
-            ab.remove_worktree(wt)
-        shutil.rmtree(d, ignore_errors=True)
-    cmd = "bench/bulk_ab.py " + " ".join(sys.argv[1:])
-    print(f"`{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')}, {pb.machine()}, load average "
-          f"{os.getloadavg()[0]:.1f}; {args.rounds} rounds of {args.bytes >> 20} MiB per path "
-          f"and protocol, {(time.time() - started) / 60:.1f} min. {head}.\n")
-    print(table(res))
-    return 0
+        return run_rounds(paths, args, ca)
+
+    return ab.run_ab(args, "bulk_ab", log, start_origin, run, table,
+                     f"{args.rounds} rounds of {args.bytes >> 20} MiB per path and protocol")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("bulk_ab: interrupted; processes stopped, worktree removed", file=sys.stderr)
-        sys.exit(130)
+    ab.run_main("bulk_ab", main)

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import proxy_bench as pb  # noqa: E402
@@ -326,14 +327,21 @@ def on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> int:
-    args = parse_args()
+def run_ab(args, tool: str, log: Callable[[str], None], start_origin: Callable, run: Callable,
+           table: Callable, what: str) -> int:
+    """The frame of an A/B run (this tool's and bulk_ab.py's): a temporary directory, the base
+    tree (a temporary worktree of ``--base-rev`` unless ``--base``), the origin, the paths in
+    front of it, then ``run(paths, origin_extra) -> results``; every process is stopped and the
+    worktree removed at the end, on an error and on Ctrl-C or SIGTERM too. On stdout: a header
+    line (the command, the machine, its load, ``what`` was run, the trees) and ``table(results)``.
+
+    ``start_origin(d) -> (process with stop(), (http, tls, one) ports, extra for run)``.
+    """
     # SIGTERM ends the run like Ctrl-C does: through the finally blocks that stop every
     # process and remove the temporary worktree.
     signal.signal(signal.SIGTERM, on_sigterm)
-    d = tempfile.mkdtemp(prefix="shroud-cost-ab-")
-    base = wt = None
-    origin_proc = None
+    d = tempfile.mkdtemp(prefix=f"shroud-{tool.replace('_', '-')}-")
+    wt = origin = None
     paths: list[pb.Path] = []
     started = time.time()
     try:
@@ -342,33 +350,50 @@ def main() -> int:
         how = f"--base {base}" if args.base else f"--base-rev {args.base_rev}"
         head = f"base {describe(base)} ({how}); changed {describe(changed)} ({changed})"
         log(head)
-        origin_proc, origin = pb.start_single_write(d)
-        paths = start_paths(d, origin, origin, origin, os.path.abspath(base), changed,
-                            not args.no_ssh)
-        for p in paths:
-            warm(p, args.rows)
-        log("warmed: " + ", ".join(p.name for p in paths))
-        res = run_rounds(paths, args)
+        origin, ports, extra = start_origin(d)
+        paths = start_paths(d, *ports, os.path.abspath(base), changed, not args.no_ssh)
+        res = run(paths, extra)
     finally:
         for p in paths:
             p.stop()
-        if origin_proc is not None:
-            origin_proc.stop()
+        if origin is not None:
+            origin.stop()
         if wt is not None:
             remove_worktree(wt)
         shutil.rmtree(d, ignore_errors=True)
-    cmd = "bench/cost_ab.py " + " ".join(sys.argv[1:])
+    cmd = f"bench/{tool}.py " + " ".join(sys.argv[1:])
     print(f"`{cmd.strip()}` on {time.strftime('%Y-%m-%d %H:%M')}, {pb.machine()}, load average "
-          f"{os.getloadavg()[0]:.1f}; {args.rounds} rounds, {args.seconds} s per wrk row, "
-          f"{args.fresh_conns} fresh connections per fresh row, {(time.time() - started) / 60:.1f} "
-          f"min. {head}.\n")
+          f"{os.getloadavg()[0]:.1f}; {what}, {(time.time() - started) / 60:.1f} min. {head}.\n")
     print(table(res))
     return 0
 
 
-if __name__ == "__main__":
+def run_main(tool: str, main: Callable[[], int]) -> None:
+    """``sys.exit(main())``; Ctrl-C (or SIGTERM, see run_ab) ends it with one line and 130."""
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("cost_ab: interrupted; processes stopped, worktree removed", file=sys.stderr)
+        print(f"{tool}: interrupted; processes stopped, worktree removed", file=sys.stderr)
         sys.exit(130)
+
+
+def main() -> int:
+    args = parse_args()
+
+    def start_origin(d: str):
+        proc, port = pb.start_single_write(d)
+        return proc, (port, port, port), None
+
+    def run(paths: list[pb.Path], _) -> dict:
+        for p in paths:
+            warm(p, args.rows)
+        log("warmed: " + ", ".join(p.name for p in paths))
+        return run_rounds(paths, args)
+
+    return run_ab(args, "cost_ab", log, start_origin, run, table,
+                  f"{args.rounds} rounds, {args.seconds} s per wrk row, {args.fresh_conns} fresh "
+                  f"connections per fresh row")
+
+
+if __name__ == "__main__":
+    run_main("cost_ab", main)
