@@ -198,3 +198,38 @@ def test_a_parked_worker_keeps_nothing_of_its_jobs():
     assert pool.idle == 1 and pool.started == 1
     gc.collect()
     assert [r() for r in refs] == [None, None, None]
+
+
+@pytest.mark.parametrize("parked", [True, False], ids=["parked-worker", "new-worker"])
+def test_a_job_killed_before_it_ran_has_its_sockets_closed(parked):
+    # At stop, kill() can meet a job handed to a worker that has not run it yet (a parked
+    # worker's hand-off or a new worker's start waits for the next loop turn): the job never
+    # runs, so the socket it would have closed is closed by the pool, not left to the collector.
+    pool = WorkerPool(size=4)
+    if parked:
+        pool.spawn(lambda: None)
+        assert pool.join(5)
+        gevent.sleep(0)
+        assert pool.idle == 1
+    ran = []
+    ours, theirs = gsocket.socketpair()
+    pool.spawn(lambda sock, address: ran.append(sock), ours, ("127.0.0.1", 1))
+    job = pool.start(ran.append, "never")
+    pool.kill(block=True, timeout=5)
+    assert ran == [] and ours.fileno() == -1 and job.ready()
+    assert theirs.recv(10) == b""  # the peer sees the close at once
+    assert pool.abandoned == 2 and len(pool) == 0 and pool.join(0) and pool.free_count() == 4
+    theirs.close()
+
+
+def test_a_job_killed_before_it_ran_without_blocking_is_abandoned_all_the_same():
+    pool = WorkerPool(size=2)
+    pool.spawn(lambda: None)
+    assert pool.join(5)
+    gevent.sleep(0)
+    ours, theirs = gsocket.socketpair()
+    pool.spawn(lambda sock: None, ours)  # the parked worker is handed it
+    pool.spawn(lambda sock: None, theirs)  # a new worker for it
+    pool.kill(block=False)
+    assert pool.join(5) and ours.fileno() == -1 and theirs.fileno() == -1
+    assert pool.abandoned == 2 and pool.free_count() == 2

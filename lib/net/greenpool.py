@@ -13,10 +13,12 @@ Public API::
     pool.full() -> bool           # size jobs running: gevent's StreamServer stops accepting
     len(pool)                     # jobs running;  pool.idle: workers parked for the next job
     pool.join(timeout=None) -> bool   # until no job runs
-    pool.kill(block=True, timeout=None)  # every worker, running or idle (server stop)
+    pool.kill(block=True, timeout=None)  # every worker, running or idle (server stop); a job
+                                  # handed out but not yet running never runs: abandoned
     pool.close_idle()             # end the parked workers only (running jobs go on)
     close_all_idle()              # every pool's: the memory trimmer's quiet pass (lib.memtrim)
     pool.started, pool.reused     # counters: workers created, jobs run by a kept worker
+    pool.abandoned                # counter: jobs killed before they ran (their sockets closed)
 
 A public connection's handler (lib/proxy/server.py), a tunnel stream's (lib/client/tunnels.py)
 and a splice's second direction (lib/net/splice.py) each ran in a new greenlet: gevent's
@@ -26,7 +28,12 @@ ends: an mmap/munmap pair and ~12 us per connection in each process, against ~2 
 job to a parked greenlet (bench/README.md, "Fresh connections: fewer steps per connection").
 A worker runs jobs one after another and parks in the hub between them; at most ``keep`` wait,
 the others end. A worker killed inside a job (GreenletExit) ends with it: whoever killed it
-waits for its end, as for any greenlet.
+waits for its end, as for any greenlet. A job handed to a worker runs at the next loop turn (a
+parked worker's hand-off callback, a new worker's start); killed before then (only ``kill()``,
+at a server's stop, does that) it never runs, as gevent never runs a greenlet killed before it
+started, and is *abandoned*: every socket among its arguments is closed (the handler that would
+have closed it never will; a public connection's visitor sees its close at once instead of at
+the next garbage collection), and its Job, if any, is done with value None.
 
 It is gevent's Pool for what gevent's StreamServer asks of one (``spawn``, ``full``, ``join``,
 ``kill``, and ``_semaphore``, which StreamServer links to resume accepting when a slot frees).
@@ -36,10 +43,12 @@ never cancel would fire in the next job): ``with Timeout(...)`` and socket timeo
 """
 from __future__ import annotations
 
+import socket
 import sys
 import weakref
 
 import gevent
+import gevent.socket
 from gevent.event import Event
 from gevent.greenlet import Greenlet
 from gevent.hub import get_hub
@@ -82,6 +91,7 @@ class WorkerPool:
         self._closing = False
         self.started = 0
         self.reused = 0
+        self.abandoned = 0
         _POOLS.add(self)
 
     def __len__(self) -> int:
@@ -140,11 +150,21 @@ class WorkerPool:
         return self._empty.wait(timeout)
 
     def kill(self, block: bool = True, timeout: float | None = None) -> None:
-        """Kill every worker, in a job or parked; none is kept afterwards."""
+        """Kill every worker, in a job or parked; none is kept afterwards. A job handed out but
+        not yet running is abandoned (module doc)."""
         self._closing = True
         workers = list(self._running) + self._idle
         self._idle = []
+        # First, so that no hand-off callback of this turn runs a job after its server stopped.
+        handed = list(self._handing)
+        for worker in handed:
+            self._abandon(worker)
         gevent.killall(workers, block=block, timeout=timeout)
+        for worker in handed:
+            # Killed before its start (gevent cancels that at once): no _work of its own will
+            # say it finished. A parked one says so itself, from its park's finally.
+            if worker.dead and worker in self._running:
+                self._finished(worker, None, None)
 
     def close_idle(self) -> None:
         """End the parked workers (a client stopping: its streams end on their own)."""
@@ -152,6 +172,17 @@ class WorkerPool:
         gevent.killall(idle, block=False)
 
     # --- the workers --------------------------------------------------------------------
+
+    def _abandon(self, worker: Greenlet) -> None:
+        """``worker``'s job, handed to it and not yet run, will not run: close its sockets and
+        finish its Job (the caller ends the worker)."""
+        func, args, handle = self._handing.pop(worker)
+        self.abandoned += 1
+        for arg in args:
+            if isinstance(arg, (socket.socket, gevent.socket.socket)):
+                arg.close()
+        if handle is not None:
+            handle.done.set()
 
     def _work(self) -> None:
         me = gevent.getcurrent()
@@ -183,8 +214,9 @@ class WorkerPool:
             finally:
                 if job is None:  # killed while parked
                     if me in self._running:  # ... just after spawn() chose it: no job ran
-                        lost = self._handing.pop(me, None)
-                        self._finished(me, lost[2] if lost else None, None)
+                        if me in self._handing:
+                            self._abandon(me)
+                        self._finished(me, None, None)
                     elif me in self._idle:
                         self._idle.remove(me)
 
