@@ -119,3 +119,60 @@ def test_a_wildcard_listener_leaves_the_address_to_getsockname():
     port, seen = _accept_one(("0.0.0.0", 0))
     assert seen["local_name"] is None and seen["nodelay"] == 1
     assert seen["getsockname"] == ("127.0.0.1", port)
+
+
+def test_nowait_reader_and_sender_use_the_os_socket_and_never_wait():
+    """lib.net.sockets.nowait_reader / nowait_sender (a hub callback's reads and writes): on a
+    plain gevent socket one system call on its OS socket, no gevent frame; nothing there ->
+    BlockingIOError, never a wait; closed -> EBADF (a reused descriptor is never touched)."""
+    import gevent.socket as gs
+    from lib.net import sockets
+    a, b = gs.socketpair()
+    try:
+        read, send = sockets.nowait_reader(b), sockets.nowait_sender(a)
+        assert send == a._sock.send  # the OS socket's own: no Python layer before send()
+        with pytest.raises(BlockingIOError):
+            read(1024)
+        assert send(b"hello") == 5
+        assert read(1024) == b"hello"
+        with pytest.raises(BlockingIOError):
+            read(1024)
+        b.close()
+        c, d = gs.socketpair()  # may take b's descriptor number
+        try:
+            d.sendall(b"not yours")
+            with pytest.raises(OSError) as e:
+                read(1024)
+            assert e.value.errno == errno.EBADF
+            assert c.recv(64) == b"not yours"
+        finally:
+            c.close()
+            d.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_nowait_sender_keeps_a_subclass_on_its_own_send():
+    """A subclass whose send means something else (gevent's SSLSocket: its bytes are records)
+    is never bypassed: its OS socket would carry plaintext."""
+    import gevent.ssl
+    from lib.net import sockets
+
+    class Wrapping(gsocket.socket):
+        sent = 0
+
+        def send(self, data, flags=0, timeout=None):
+            self.sent += len(data)
+            return super().send(data, flags, timeout)
+
+    assert gevent.ssl.SSLSocket.send is not gsocket.socket.send  # what the guard relies on
+    a, b = gsocket.socketpair()
+    wrapped = Wrapping(a.family, a.type, 0, fileno=a.detach())
+    try:
+        assert sockets.nowait_sender(wrapped)(b"x") == 1
+        assert wrapped.sent == 1  # through its own send
+        assert b.recv(8) == b"x"
+    finally:
+        b.close()
+        wrapped.close()

@@ -17,6 +17,8 @@
     recv_copy(sock, bufsize) -> bytes        # sock.recv without a bufsize allocation per call
     recv_scratch(sock, bufsize) -> memoryview  # the same, uncopied: valid until the next yield
     recv_nowait(sock, bufsize) -> bytes      # what is there now, never waiting (a hub callback)
+    nowait_reader(sock) -> callable(n) -> bytes  # recv_nowait bound to one socket (below)
+    nowait_sender(sock) -> callable(data) -> int # one send() that never waits (BlockingIOError)
     reader(end) -> callable(n) -> bytes      # recv_copy bound to a socket, end.recv for others
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
@@ -130,6 +132,47 @@ def recv_nowait(sock, bufsize: int) -> bytes:
     socket's timeout, and the caller must not wait whatever that is."""
     n = os.readv(sock.fileno(), [_scratch[:bufsize]])
     return bytes(_scratch[:n])
+
+
+def _os_socket(sock):
+    """The OS socket under a plain gevent socket, or None. gevent keeps it non-blocking and
+    waits on top of it in its own methods, so its ``send``/``recv_into`` are one system call
+    that raises BlockingIOError instead of waiting: what a hub callback needs, without gevent's
+    Python layer (a frame and a timeout test per call) or a ``fileno()`` per read. None for a
+    subclass that changes what those methods mean (gevent's SSLSocket: its bytes are records)."""
+    cls = type(sock)
+    if (isinstance(sock, gevent.socket.socket) and cls.send is gevent.socket.socket.send
+            and cls.recv_into is gevent.socket.socket.recv_into):
+        raw = getattr(sock, "_sock", None)
+        if isinstance(raw, _socket.socket) and raw.gettimeout() == 0.0:
+            return raw
+    return None
+
+
+def nowait_reader(sock):
+    """The function ``recv_nowait`` bound to ``sock``: what is there now, up to n bytes, through
+    the scratch buffer (b"" at EOF, BlockingIOError when nothing is). On a plain gevent socket a
+    ``recv_into`` on its OS socket (bench/README.md, "Per-request cost", kapath pass); the
+    object's own close makes it raise EBADF, so a closed socket's reused descriptor is never
+    read."""
+    raw = _os_socket(sock)
+    if raw is None:
+        return lambda n: recv_nowait(sock, n)
+    recv_into, scratch = raw.recv_into, _scratch
+
+    def read(n: int) -> bytes:
+        return bytes(scratch[:recv_into(scratch, n)])
+    return read
+
+
+def nowait_sender(sock):
+    """The function that offers bytes to ``sock`` once, never waiting: the count the kernel
+    took, BlockingIOError when it took none; other errors are the socket's. On a plain gevent
+    socket its OS socket's bound ``send`` (``_os_socket``); else gevent's with timeout 0."""
+    raw = _os_socket(sock)
+    if raw is None:
+        return lambda data: sock.send(data, 0, 0.0)
+    return raw.send
 
 
 def recv_copy(sock, bufsize: int) -> bytes:

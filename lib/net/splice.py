@@ -53,7 +53,8 @@ from gevent.hub import Waiter
 
 from lib.net.muxsession import Stream
 from lib.net.greenpool import WorkerPool
-from lib.net.sockets import reader, recv_copy, recv_nowait, sender
+from lib.net.sockets import (SCRATCH_SIZE, nowait_reader, nowait_sender, reader, recv_copy,
+                             sender)
 
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
@@ -100,7 +101,8 @@ class _Sink:
     """Direct delivery from a mux stream to a socket (lib.net.muxsession, "Direct delivery"):
     ``offer`` runs in the session's reader, ``send`` is the copy loop's own (waiting) send."""
 
-    __slots__ = ("stream", "sock", "on_bytes", "state", "busy", "sent", "error", "_sendall")
+    __slots__ = ("stream", "sock", "on_bytes", "state", "busy", "sent", "error", "_sendall",
+                 "_send_now")
 
     def __init__(self, stream, sock, on_bytes, state: _State) -> None:
         self.stream = stream
@@ -111,16 +113,17 @@ class _Sink:
         self.sent = 0
         self.error: OSError | None = None
         self._sendall = sender(sock)
+        self._send_now = nowait_sender(sock)  # one send(), never waiting
 
     def offer(self, data) -> int:
-        """Send what the socket takes now, never waiting (timeout 0: gevent raises instead of
-        waiting); 0 on EAGAIN or an error. An error aborts both ends at once, as the copy loop
+        """Send what the socket takes now, never waiting (lib.net.sockets.nowait_sender); 0 on
+        EAGAIN or an error. An error aborts both ends at once, as the copy loop
         would: the socket's reset is reported to one call only, and the other direction's read
         would otherwise take the dead socket for a clean EOF and send the stream a FIN."""
         if self.error is not None:
             return 0
         try:
-            n = self.sock.send(data, 0, 0.0)
+            n = self._send_now(data)
         except BlockingIOError:
             return 0
         except OSError as e:
@@ -159,15 +162,16 @@ class _Feeder:
     ``recv`` is the copy loop's; it returns only what the callback could not queue."""
 
     __slots__ = ("sock", "stream", "on_bytes", "state", "chunk", "watcher", "waiter", "sent",
-                 "reads")
+                 "reads", "_read_now")
 
     def __init__(self, sock, stream, on_bytes, state: _State, chunk: int) -> None:
         self.sock = sock
         self.stream = stream
         self.on_bytes = on_bytes
         self.state = state
-        self.chunk = chunk
+        self.chunk = min(chunk, SCRATCH_SIZE)  # read through the scratch buffer
         self.watcher = None  # made once the connection has shown it lasts (FEED_AFTER)
+        self._read_now = None  # lib.net.sockets.nowait_reader, made with the watcher
         self.waiter: Waiter | None = None
         self.sent = 0
         self.reads = 0
@@ -178,6 +182,7 @@ class _Feeder:
             return recv_copy(self.sock, n)
         if self.watcher is None:
             self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
+            self._read_now = nowait_reader(self.sock)
         self.waiter = waiter = Waiter()
         self.watcher.start(self._readable)
         try:
@@ -188,7 +193,7 @@ class _Feeder:
 
     def _readable(self) -> None:
         try:
-            data = recv_nowait(self.sock, self.chunk)
+            data = self._read_now(self.chunk)
             if not data:
                 self._hand(b"")
                 return

@@ -402,9 +402,11 @@ class PublicRouter:
         log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
                   tunnel.id, stream.id)
         try:
+            # partial, not a lambda: no Python frame of its own per chunk (bench/README.md,
+            # "Per-request cost (issue 16)", kapath pass); the fourth argument is n_out.
             splice(sock, stream,
-                   on_a_to_b=lambda n: registry.count_bytes(binding, tunnel, n_in=n),
-                   on_b_to_a=lambda n: registry.count_bytes(binding, tunnel, n_out=n),
+                   on_a_to_b=functools.partial(registry.count_bytes, binding, tunnel),
+                   on_b_to_a=functools.partial(registry.count_bytes, binding, tunnel, 0),
                    idle_timeout=self.config.idle_timeout, fallback_to_a=fallback)
         finally:
             tunnel.streams_open -= 1
