@@ -206,7 +206,9 @@ def test_a_routed_exchange_reads_its_head_once(monkeypatch):
     binding = Binding(Tunnel())
     monkeypatch.setattr(router, "choose", lambda *a: router.choose_tunnel(binding))
     exchanges = []
-    monkeypatch.setattr(router, "forward", lambda sock, *a, **kw: exchanges.append(sock))
+    monkeypatch.setattr(router, "forward",
+                        lambda sock, address, route, peeked, *a, **kw:
+                        exchanges.append((sock, peeked)))
 
     class Visitor(Reads):
         def sendall(self, data):
@@ -215,6 +217,45 @@ def test_a_routed_exchange_reads_its_head_once(monkeypatch):
     router.route(Visitor([head, b"ok", b"GET /next HTTP/1.1\r\n"]), ("127.0.0.1", 1), "http",
                  sniff.HTTPHostSniffer, ROUTE_BY_HOST)
     assert len(parsed) == 1
-    (exchange,) = exchanges
-    assert exchange.recv(65536).endswith(b"Connection: close\r\n\r\n")
+    ((exchange, sent_with_start),) = exchanges
+    assert sent_with_start.endswith(b"Connection: close\r\n\r\n")
     assert exchange.recv(65536) == b"ok" and exchange.recv(65536) == b""
+
+
+def test_a_routed_exchange_sends_its_head_with_start_proxy(monkeypatch):
+    """StartProxy and the request head leave in the stream's first write (one DATA frame, one
+    TLS record), not the head replayed by the splice afterwards as a second frame; the
+    exchange's reads go on after the head (a body, then EOF at the request's end)."""
+    from lib.protocol import messages as msg
+    from lib.proxy.registry import ROUTE_BY_HOST
+
+    class RecordingStream(SlowStream):
+        def __init__(self):
+            self.writes = []
+
+        def sendall(self, data):
+            self.writes.append(bytes(data))
+    tunnel = Tunnel()
+    streams = []
+    tunnel.session = types.SimpleNamespace(open=lambda: streams.append(RecordingStream())
+                                           or streams[-1])
+    binding = Binding(tunnel)
+    router = routing.PublicRouter(ProxyConfig(idle_timeout=None), Registry())
+    monkeypatch.setattr(router, "choose", lambda *a: router.choose_tunnel(binding))
+    spliced = []
+    monkeypatch.setattr(routing, "splice", lambda a, b, **kw: spliced.append(
+        (a.recv(65536), a.recv(65536))))
+
+    class Visitor(Reads):
+        def sendall(self, data):
+            pass
+    head = b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n"
+    router.route(Visitor([head, b"ok", b"GET /next HTTP/1.1\r\n"]), ("127.0.0.1", 1), "http",
+                 sniff.HTTPHostSniffer, ROUTE_BY_HOST)
+    (stream,) = streams
+    sent = (b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\n")
+    start = msg.encode(msg.StartProxy(url=binding.url, client_addr="127.0.0.1:1"))
+    assert stream.writes == [start + sent]
+    assert spliced == [(b"ok", b"")]
+    assert binding.bytes_in == len(sent)  # counted once, as the splice counted it

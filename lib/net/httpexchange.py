@@ -12,6 +12,7 @@ Public API::
     ReplaySocket(sock, head)          # a socket whose first reads return `head`
     OneRequestSocket(sock, head, request=None)   # ... which reads one request only (EOF
                                       # after it; lib.protocol.http1.RequestFramer)
+    OneRequestSocket.take_head() -> bytes   # the first read's head, taken by the caller
     OneExchangeSocket(sock, head, request=None)  # ... and writes one response only
                                       # (lib.protocol.http1.ResponseFramer), raw both ways
                                       # only after the origin's 101
@@ -147,6 +148,15 @@ class OneRequestSocket(ReplaySocket):
                 self._after_request(data[end:])
                 data = data[:end]
         return data
+
+    def take_head(self) -> bytes:
+        """The request head as the first read would return it (with ``Connection: close``),
+        taken now: the caller sends it itself (lib.proxy.routing sends it with StartProxy, one
+        frame); reads go on after it. b"" when the first read would fail (a request this
+        module does not frame): that read still raises."""
+        if self._refused is not None or not self._head_left:
+            return b""
+        return self.recv(self._head_left)
 
     def _after_request(self, data: bytes) -> bytes:
         """Bytes that arrived after the request's end: look like EOF to the tunnel. The first

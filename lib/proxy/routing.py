@@ -355,12 +355,17 @@ class PublicRouter:
 
     def forward_exchange(self, sock, address, route: Route, head: bytes, name: str,
                          public: str | None = None, request=None) -> None:
-        """Forward one HTTP exchange: its ``head`` is replayed by the exchange (with
-        Connection: close), not by forward; a 502 answers when the origin sends nothing.
+        """Forward one HTTP exchange: its ``head`` is framed by the exchange (with
+        Connection: close) and sent with StartProxy; a 502 answers when the origin sends
+        nothing.
         ``request``: the head as lib.protocol.httphead read it, if the sniffer did."""
         if public is None and route.tunnel is not None and route.tunnel.key is not None:
             public = _public_addr(sock)  # the visitor's socket, not the wrapper
-        self.forward(OneExchangeSocket(sock, head, request=request), address, route, b"",
+        exchange = OneExchangeSocket(sock, head, request=request)
+        # The head (Connection: close added) goes with StartProxy in the stream's first frame:
+        # one frame, one TLS record and one wake-up fewer per connection in each process than
+        # when the splice replayed it (bench/README.md, "Fresh connections: the proxy's side").
+        self.forward(exchange, address, route, exchange.take_head(),
                      origin_unreachable(name), "http", public)
 
     def forward(self, sock, address, route: Route, peeked: bytes, fallback: bytes | None,
@@ -397,7 +402,8 @@ class PublicRouter:
             return
         binding.connections += 1
         tunnel.streams_total += 1
-        registry.count_bytes(binding, tunnel, n_in=len(peeked))
+        if peeked:
+            registry.count_bytes(binding, tunnel, n_in=len(peeked))
         # Sizes and names only: the bytes themselves are never logged (docs/SECURITY.md).
         log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
                   tunnel.id, stream.id)
