@@ -363,8 +363,8 @@ class PublicRouter:
             public = _public_addr(sock)  # the visitor's socket, not the wrapper
         exchange = OneExchangeSocket(sock, head, request=request)
         # The head (Connection: close added) goes with StartProxy in the stream's first frame:
-        # one frame, one TLS record and one wake-up fewer per connection in each process than
-        # when the splice replayed it (bench/README.md, "Fresh connections: the proxy's side").
+        # one DATA frame fewer to encode here and to decode in the client than when the splice
+        # replayed it (bench/README.md, "Fresh connections: the proxy's side").
         self.forward(exchange, address, route, exchange.take_head(),
                      origin_unreachable(name), "http", public)
 
