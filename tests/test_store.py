@@ -221,6 +221,56 @@ def test_block_on_one_instance_reaches_another(reopen):
             b.reload_blocks()
 
 
+class _FakeClock:
+    """time.monotonic for lib.proxy.store.sqlite, moved on only by its own sleep."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def monotonic(self):
+        return self.t
+
+    def sleep(self, seconds):
+        assert seconds > 0, seconds  # a watcher loop that spins would sleep 0
+        self.t += seconds
+
+
+def test_an_idle_sqlite_watcher_looks_once_a_second_and_sees_a_change_within_it(tmp_path,
+                                                                                 monkeypatch):
+    # The fleet's watcher calls wait_for_change(WATCH_TIMEOUT) in a loop. With nothing changing
+    # it looked at data_version 4 times a second and once more per call (an idle proxy's loop
+    # woke for it 5 times a second): now once a second, and a change is still seen within
+    # IDLE_POLL_INTERVAL, the next one within POLL_INTERVAL (bursts are looked for closely).
+    from types import SimpleNamespace
+
+    from lib.proxy.fleet import WATCH_TIMEOUT
+    from lib.proxy.store import sqlite
+
+    path = str(tmp_path / "ownership.sqlite3")
+    a, b = sqlite.SqliteStore(path), sqlite.SqliteStore(path)
+    clock = _FakeClock()
+    monkeypatch.setattr(sqlite, "time", SimpleNamespace(monotonic=clock.monotonic))
+    looks = []
+    real = b._rows
+    monkeypatch.setattr(b, "_rows", lambda sql, *args: looks.append(sql) or real(sql, *args))
+
+    def watch_until_change(limit):
+        start = clock.t
+        while not b.wait_for_change(WATCH_TIMEOUT, sleep=clock.sleep):
+            assert clock.t - start < limit, "no change seen"
+        return clock.t - start
+
+    with pytest.raises(AssertionError, match="no change seen"):
+        watch_until_change(60)  # a quiet minute
+    assert looks == ["PRAGMA data_version"] * len(looks) and len(looks) <= 64
+    a.block_hostname("evil.test", actor="admin")  # another process's commit
+    assert watch_until_change(10) <= sqlite.IDLE_POLL_INTERVAL
+    a.block_hostname("worse.test", actor="admin")
+    assert watch_until_change(10) <= sqlite.POLL_INTERVAL
+    a.close()
+    b.close()
+
+
 def test_reload_blocks_reports_what_was_newly_blocked(reopen):
     a, b = reopen(), reopen()
     a.block_hostname("one.test", actor="x")

@@ -34,9 +34,13 @@ DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 BUSY_TIMEOUT = 5.0
 # How often a store being opened looks again while another process prepares the same file.
 BUSY_RETRY = 0.05
-# How often wait_for_change looks at data_version: a block made by another worker of this host
-# applies here within this (plus the watcher's reload), well inside the fleet's 2 s.
+# How often wait_for_change looks at data_version: every POLL_INTERVAL just after a change
+# (changes come in bursts: a block, then its audit, another block), twice as long after each
+# look that finds none, up to IDLE_POLL_INTERVAL. A block made by another worker of this host
+# applies here within that (plus the watcher's reload), inside the fleet's 2 s; an idle proxy
+# looks (and wakes) once a second, not four times (bench/README.md, "Per-request cost").
 POLL_INTERVAL = 0.25
+IDLE_POLL_INTERVAL = 1.0
 
 _MIGRATIONS = {
     1: [
@@ -118,6 +122,8 @@ class SqliteStore(Store):
             raise
         self._conn = conn
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+        self._poll_interval = POLL_INTERVAL
+        self._looked_at = float("-inf")  # time.monotonic() of wait_for_change's last look
         self.reload_blocks()
 
     def _prepare_when_free(self, conn, max_size_bytes: int) -> None:
@@ -230,18 +236,26 @@ class SqliteStore(Store):
                                      % (self.path, exc)) from None
 
     def wait_for_change(self, timeout: float, sleep: Callable = time.sleep) -> bool:
-        """Whether another connection committed within ``timeout`` seconds (polled every
-        POLL_INTERVAL with ``sleep``: gevent.sleep in a proxy)."""
+        """Whether another connection committed within ``timeout`` seconds: ``PRAGMA
+        data_version`` looked at every POLL_INTERVAL to IDLE_POLL_INTERVAL (see there), with
+        ``sleep`` in between (gevent.sleep in a proxy). A look the last call made less than
+        POLL_INTERVAL ago is not made again: a watcher calling this in a loop looks once per
+        interval, not once more per call."""
         deadline = time.monotonic() + timeout
         while True:
-            version = self._rows("PRAGMA data_version")[0][0]
-            if version != self._data_version:
-                self._data_version = version
-                return True
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if now - self._looked_at >= POLL_INTERVAL:
+                self._looked_at = now
+                version = self._rows("PRAGMA data_version")[0][0]
+                if version != self._data_version:
+                    self._data_version = version
+                    self._poll_interval = POLL_INTERVAL
+                    return True
+                self._poll_interval = min(2 * self._poll_interval, IDLE_POLL_INTERVAL)
+            left = deadline - now
             if left <= 0:
                 return False
-            sleep(min(POLL_INTERVAL, left))
+            sleep(min(self._looked_at + self._poll_interval - now, left))
 
 
 def _in_threadpool(transaction: Callable):
