@@ -46,6 +46,42 @@ def test_refused_is_an_oserror_and_connect_local_keeps_nodelay():
     assert e.value.errno == errno.ECONNREFUSED
 
 
+def _slots(sock) -> dict:
+    """Every slot of gevent's socket classes that ``sock`` has set: name -> type of its value."""
+    out = {}
+    for cls in type(sock).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name != "__weakref__" and hasattr(sock, name):
+                out[name] = type(getattr(sock, name))
+    return out
+
+
+def test_a_connected_socket_is_what_gevents_constructor_makes():
+    # ConnectedSocket replaces gevent's constructor (which makes the socket non-blocking again:
+    # an ioctl); every attribute gevent's sets must be set alike, on the pinned gevent.
+    lsock = _listener()
+    sock = connect_numeric(socket.AF_INET, lsock.getsockname(), 5, 65536)
+    plain = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    assert {k: v for k, v in _slots(sock).items() if k != "tcp_tuned"} == _slots(plain)
+    assert (sock.family, sock.type, sock.proto) == (socket.AF_INET, socket.SOCK_STREAM,
+                                                      socket.IPPROTO_TCP)
+    assert sock.gettimeout() is None and plain.gettimeout() is None
+    assert sock.tcp_tuned and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 65536
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    conn, _ = lsock.accept()
+    # It waits as a gevent socket does: a recv with nothing there lets other greenlets run.
+    gevent.spawn_later(0.05, conn.sendall, b"late")
+    assert sock.recv(10) == b"late"
+    sock.settimeout(0.05)
+    with pytest.raises(socket.timeout):
+        sock.recv(10)
+    sock.close()
+    assert sock.closed and conn.recv(10) == b""
+    plain.close()
+    conn.close()
+    lsock.close()
+
+
 def test_a_connection_in_progress_waits_at_most_the_timeout():
     # 192.0.2.1 (TEST-NET-1) is not routed in the test's network namespace or answers nothing:
     # the connect either fails at once (no route) or stays in progress until the timeout.

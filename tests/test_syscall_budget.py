@@ -47,8 +47,11 @@ PROXY_BUDGET = {
 CLIENT_BUDGET = {
     "socket": 1,
     "connect": 2,      # EINPROGRESS, then done: a local origin answers inside connect()
-    "ioctl": 1,        # created SOCK_NONBLOCK; the one left is gevent's wrapper
-    "getsockname": 1,
+    # Created SOCK_NONBLOCK and wrapped by lib.net.sockets.ConnectedSocket: no ioctl (gevent's
+    # constructor makes it non-blocking again), no getsockname (CPython checks a descriptor it
+    # is given to wrap).
+    "ioctl": 0,
+    "getsockname": 0,
     "getsockopt": 0,   # the wrapper is told the protocol (no SO_PROTOCOL look-up)
     "fcntl": 2,
     "setsockopt": 2,   # TCP_NODELAY, TCP_NOTSENT_LOWAT: a connect()ed socket inherits nothing

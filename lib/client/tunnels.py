@@ -46,7 +46,7 @@ from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
 from lib.net.sockets import connect_numeric, set_nodelay
-from lib.net.splice import splice
+from lib.net.splice import UNSENT_LOWAT, splice
 
 log = logging.getLogger("shroud.client")
 
@@ -306,6 +306,7 @@ class TunnelRunner:
     def __init__(self, client: "Client", proxy: ProxyAddr, index: int):
         self.client = client
         self.proxy = proxy
+        self.proxy_name = str(proxy)  # each stream's record names it
         self.index = index
         self.state = "starting"
         self.error: str | None = None
@@ -615,10 +616,11 @@ class TunnelRunner:
             self.client.stream_workers.spawn(self._handle_stream, stream)
 
     def _handle_stream(self, stream) -> None:
-        record = StreamRecord(started=time.time(), proxy=str(self.proxy))
+        # No on_change per stream: the console reads the counters when it draws (a state
+        # change is what on_change reports).
+        record = StreamRecord(started=time.time(), proxy=self.proxy_name)
         t0 = time.monotonic()
-        self.client._changed(self)
-        local = peer = None
+        opened = None
         try:
             opened = self._open_local(stream, record)
             if opened is not None:
@@ -626,14 +628,12 @@ class TunnelRunner:
                 record.bytes_in, record.bytes_out = splice(
                     peer, local, on_a_to_b=self._count_in, on_b_to_a=self._count_out)
         finally:
+            # splice closed both its ends, whatever happened; the stream is left to close when
+            # it never began, or carries an https: service's TLS (the visitor's side).
+            if opened is None or opened[0] is not stream:
+                stream.close()
             self.streams_open -= 1
-            if peer is not None and peer is not stream:
-                peer.close()
-            stream.close()
-            if local is not None:
-                local.close()
             record.duration = time.monotonic() - t0
-            self.client._changed(self)
             self.client._stream_done(record)
 
     def _open_local(self, stream, record: "StreamRecord"):
@@ -678,7 +678,7 @@ class TunnelRunner:
             try:
                 local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
                                                     _destination(start, local),
-                                                    str(self.proxy)))
+                                                    self.proxy_name))
             except (OSError, struct.error) as e:
                 log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
                 stream.reset(ErrorCode.CANCEL)
@@ -696,7 +696,7 @@ class TunnelRunner:
     def status(self) -> dict:
         s = self.session
         return {
-            "proxy": str(self.proxy), "state": self.state, "error": self.error,
+            "proxy": self.proxy_name, "state": self.state, "error": self.error,
             "streams_open": self.streams_open, "streams_total": self.streams_total,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "connects": self.connects,
             "bound": sorted(self.bound), "refused": dict(self.refused),
@@ -717,8 +717,8 @@ class TunnelRunner:
 def connect_local(target: tuple[str, int], timeout: float):
     """Connect to the local target; a numeric address skips the resolver (gevent's resolver
     costs a thread-pool round trip per connection, a quarter of a fresh stream's CPU) and, when
-    the connection completes at once, the hub turn of gevent's connect
-    (lib.net.sockets.connect_numeric)."""
+    the connection completes at once, the hub turn of gevent's connect; its socket options are
+    set as it is made, for the splice (lib.net.sockets.connect_numeric)."""
     host, port = target
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -726,10 +726,9 @@ def connect_local(target: tuple[str, int], timeout: float):
     except OSError:
         sock = gsocket.create_connection(target, timeout=timeout)
         sock.settimeout(None)
-    else:
-        sock = connect_numeric(family, (host, port), timeout)
-    set_nodelay(sock)
-    return sock
+        set_nodelay(sock)
+        return sock
+    return connect_numeric(family, (host, port), timeout, UNSENT_LOWAT)
 
 
 # PROXY protocol v2 TLV naming the public proxy that carried the visitor (its tunnel address as

@@ -12,8 +12,9 @@
     sender(end) -> callable(data)  # end.sendall, or for a socket one that skips gevent's
                                    # getsockopt(SO_SNDBUF) on every call (send_all)
     adopt_listener(sock) -> gevent socket  # a listener inherited from gunicorn's master
-    connect_numeric(family, address, timeout) -> gevent socket  # TCP, no hub turn when the
-                                   # connection completes at once (a listener on this host)
+    connect_numeric(family, address, timeout, unsent_lowat=None) -> ConnectedSocket
+                                   # TCP, no hub turn when the connection completes at once (a
+                                   # listener on this host), options set as it is made
     recv_copy(sock, bufsize) -> bytes        # sock.recv without a bufsize allocation per call
     recv_scratch(sock, bufsize) -> memoryview  # the same, uncopied: valid until the next yield
     recv_nowait(sock, bufsize) -> bytes      # what is there now, never waiting (a hub callback)
@@ -41,9 +42,10 @@ def set_nodelay(sock) -> bool:
 
     Anything that is not a TCP socket (a socketpair, a WebSocket or TLS transport object, a closed
     socket) is left alone and answers False, so callers need no guard of their own. An
-    :class:`AcceptedSocket` has it from its listener: no system call.
+    :class:`AcceptedSocket` has it from its listener, a :class:`ConnectedSocket` from
+    :func:`connect_numeric`: no system call.
     """
-    if type(sock) is AcceptedSocket:
+    if type(sock) in _NODELAY_SET:
         return True
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -205,8 +207,38 @@ def adopt_listener(sock):
     return gevent.socket.socket(family, socket.SOCK_STREAM, fileno=sock.detach())
 
 
-def connect_numeric(family: int, address: tuple, timeout: float | None):
-    """A TCP gevent socket connected to the numeric ``address`` (its timeout left as None).
+class ConnectedSocket(gevent.socket.socket):
+    """A TCP connection made by :func:`connect_numeric`: a gevent socket built around a native
+    socket created non-blocking (SOCK_NONBLOCK), with TCP_NODELAY and, when asked,
+    TCP_NOTSENT_LOWAT set at creation (``tcp_tuned``: set_nodelay and lib.net.splice skip
+    theirs). gevent's own constructor makes an already non-blocking socket non-blocking again
+    (an ioctl), and wrapping a descriptor made elsewhere costs CPython a getsockname: two system
+    calls per connection to a local target that this constructor does not make. It sets what
+    gevent's does (tests/test_sockets.py compares the two on the pinned gevent)."""
+
+    __slots__ = ("tcp_tuned",)
+
+    def __init__(self, family: int):  # noqa: super().__init__ is what this one replaces
+        self.tcp_tuned = False
+        self._closed = False
+        self._io_refs = 0
+        self._sock = self._gevent_sock_class(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK,
+                                             socket.IPPROTO_TCP)
+        self.hub = hub = gevent.get_hub()
+        fd = self._sock.fileno()
+        self._read_event = hub.loop.io(fd, 1)
+        self._write_event = hub.loop.io(fd, 2)
+        self.timeout = None
+
+
+# Sockets born with TCP_NODELAY: set_nodelay makes no system call for them.
+_NODELAY_SET = (AcceptedSocket, ConnectedSocket)
+
+
+def connect_numeric(family: int, address: tuple, timeout: float | None,
+                    unsent_lowat: int | None = None) -> ConnectedSocket:
+    """A :class:`ConnectedSocket` connected to the numeric ``address`` (its timeout None), with
+    TCP_NODELAY (module doc) and TCP_NOTSENT_LOWAT = ``unsent_lowat`` when given.
 
     A connection to a listener on this host is complete when connect() returns (Linux answers
     the handshake in the caller's own system call), yet a non-blocking connect() says
@@ -214,9 +246,10 @@ def connect_numeric(family: int, address: tuple, timeout: float | None):
     armed: a second connect_ex looks first, and only a connection still in progress waits, at
     most ``timeout`` seconds (socket.timeout). Errors are OSErrors, as from ``connect``.
 
-    Created non-blocking (SOCK_NONBLOCK: no ioctl) and wrapped with its protocol named (no
-    getsockopt(SO_PROTOCOL)): two system calls fewer per connection than the plain way."""
-    raw = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    System calls: socket, connect (twice), the two options: no ioctl, getsockname or
+    getsockopt(SO_PROTOCOL), which the plain way makes (ConnectedSocket)."""
+    sock = ConnectedSocket(family)
+    raw = sock._sock
     try:
         err = raw.connect_ex(address)
         if err == errno.EINPROGRESS:
@@ -226,7 +259,15 @@ def connect_numeric(family: int, address: tuple, timeout: float | None):
                 err = raw.connect_ex(address)
         if err not in (0, errno.EISCONN):
             raise OSError(err, os.strerror(err))
-        return gevent.socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP,
-                                    fileno=raw.detach())
-    finally:
-        raw.close()  # detached on success: closes nothing then
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if unsent_lowat is not None:
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent_lowat)
+            except OSError:
+                pass  # an older kernel: the socket buffer's own bound applies (lib.net.splice)
+            else:
+                sock.tcp_tuned = True
+    except BaseException:
+        sock.close()
+        raise
+    return sock
