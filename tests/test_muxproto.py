@@ -977,3 +977,31 @@ def test_peer_streams_that_never_need_a_larger_window_reserve_none():
     s.receive_data(syn(sids[-1] + 2) + data(sids[-1] + 2, bytes(8192)))
     s.acknowledge(sids[-1] + 2, 8192)
     assert frames(s.data_to_send()) == [fr.WndInc(sids[-1] + 2, 8192)]
+
+
+def test_data_on_an_open_stream_costs_two_python_calls_per_frame_to_decode():
+    """The per-request path (bench/README.md, "Per-request cost (issue 16)", kapath pass): a
+    read of DATA frames for an open stream is decoded inline, each frame one ``next_frame``
+    and the frame's own constructor (it is the DataReceived event), plus a handful per read.
+    Before, each frame took eight calls (the in-place decoder, _decode, _handle, _on_data,
+    _known_or_idle and a second object for the event)."""
+    import sys
+    c, s = mp.MuxConnection(client=True), mp.MuxConnection(client=False)
+    sid = c.open_stream()
+    s.receive_data(c.data_to_send())
+    for i in range(64):
+        c.send_data(sid, b"request %d" % i)
+    wire = c.data_to_send()
+    calls = []
+
+    def count(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_qualname)
+    sys.setprofile(count)
+    try:
+        events = s.receive_data(wire)
+    finally:
+        sys.setprofile(None)
+    assert events == [mp.DataReceived(sid, b"request %d" % i) for i in range(64)]
+    assert all(type(e) is mp.DataReceived for e in events)
+    assert len(calls) <= 2 * 64 + 4, calls

@@ -221,9 +221,13 @@ class Stream:
     def send_nowait(self, data: bytes) -> int:
         """Queue what the peer's window and the session's output room take now, never
         waiting (a hub callback may call it: lib.net.splice); 0 where ``send`` would wait.
-        Raises as ``send`` does on a closed or failed stream."""
-        self._check_writable()
+        Raises as ``send`` does on a closed or failed stream. Once per chunk a visitor sends:
+        _check_writable and _wake_writer are inline (bench/README.md, "Per-request cost (issue
+        16)", kapath pass)."""
         session = self.session
+        if (self._write_closed or self._closed or self._error is not None
+                or session._end is not None):
+            self._check_writable()  # raises
         conn = session._conn
         room = conn.config.write_high_water - conn.unsent_size
         window = conn.send_window(self.id)
@@ -233,7 +237,11 @@ class Stream:
         if n:
             self.bytes_out += n
             session.stats.bytes_out += n
-            session._wake_writer()
+            if session._nowait is None:
+                session._writer_wake.set()
+            elif not session._flush_queued:  # _wake_writer: the output is not empty now
+                session._flush_queued = True
+                session._loop.run_callback(session._flush)
         return n
 
     def _check_writable(self) -> None:
@@ -348,16 +356,14 @@ class Stream:
         n = len(data)
         self._buffered += n
         self.bytes_in += n
+        chunks.append(data)
         if self._to_sink:  # more of this read for the sink
-            chunks.append(data)
             return
         sink = self._sink
-        if sink is not None and not chunks and not sink.busy:
-            chunks.append(data)
+        if sink is not None and len(chunks) == 1 and not sink.busy:
             self._to_sink = True
             self.session._to_sink.append(self)  # offered at the end of the read (_sink_flush)
             return
-        chunks.append(data)
         self._wake()
 
     def _sink_flush(self) -> None:
@@ -376,7 +382,9 @@ class Stream:
             self._wake()
         if n:
             self._buffered -= n
-            self.session._consumed(self, n)
+            session = self.session
+            if session._end is None:  # _consumed, but the writer is woken by _flush_sinks
+                session._conn.acknowledge(self.id, n)
 
     def _fail(self, error: MuxError) -> None:
         if self._error is None:
@@ -663,6 +671,8 @@ class Session:
             self._to_sink = []
             for st in pending:
                 st._sink_flush()
+            if self._conn.outgoing_size:  # their WNDINCs (once for all: _wake_writer)
+                self._wake_writer()
 
     def _dispatch(self, events: list) -> None:
         streams = self._streams

@@ -208,6 +208,23 @@ class FrameDecoder:
     def next_frame(self) -> Frame | None:
         if self._failed:
             raise ProtocolError("decoder used after a protocol error")
+        src = self._src
+        if src is not None and not self._buf:
+            # The common frame inline: a whole DATA frame in the fed piece, nothing carried
+            # (what _next_in_place and _decode do for it, two calls fewer per frame:
+            # bench/README.md, "Per-request cost (issue 16)", kapath pass).
+            pos = self._spos
+            start = pos + HEADER_SIZE
+            if start <= len(src):
+                word, flags, ftype, sid = HEADER.unpack_from(src, pos)
+                end = start + (word & LENGTH_MASK)
+                sid &= STREAM_ID_MASK
+                if ftype & TYPE_MASK == TYPE_DATA and sid and end <= len(src):
+                    self._spos = end
+                    return Data(sid, bytes(src[start:end]), bool(flags & FLAG_FIN))
+            elif pos == len(src):  # all of the piece decoded: nothing to carry
+                self._src = None
+                return None
         try:
             if self._pos < len(self._buf):
                 return self._next_carried()
