@@ -112,3 +112,62 @@ def test_backoff_grows_with_jitter_and_caps():
 ])
 def test_a_bind_answer_must_name_what_was_asked(name, url, ok):
     assert Service.parse(name, "127.0.0.1:1").answers_bind(url) is ok
+
+
+# --- a stream the proxy opens, served by a runner (real muxado sessions over a socket pair) ---
+
+
+def _served_runner(target, proxy_protocol=None):
+    """A TunnelRunner serving http:one.test -> ``target`` on the client end of a session pair,
+    and the proxy's end (as lib.proxy would hold it)."""
+    import gevent
+    from lib.client.tunnels import Client, ClientConfig, ProxyAddr, Service
+    from tests.support.muxpair import session_pair
+
+    svc = Service.parse("http:one.test", f"{target[0]}:{target[1]}")
+    client = Client(ClientConfig(services=[svc], proxies=[ProxyAddr("proxy.test", 4443)],
+                                 proxy_protocol=proxy_protocol))
+    runner = client.runners[0]
+    runner.urls["http://one.test"] = svc
+    ours, theirs = session_pair()
+    done = []
+    client.on_stream = done.append
+    gevent.spawn(runner._serve, ours)
+    return runner, theirs, done
+
+
+def test_the_visitors_bytes_sent_with_startproxy_reach_the_target_first_and_are_counted():
+    import gevent
+    import gevent.socket as gsocket
+    from lib.protocol import messages as m
+
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    runner, proxy_side, done = _served_runner(listener.getsockname())
+    head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
+    stream = proxy_side.open()
+    # As lib/proxy/routing.py sends it: StartProxy and the request head in one frame.
+    stream.sendall(m.encode(m.StartProxy(url="http://one.test", client_addr="192.0.2.7:5"))
+                   + head)
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    got = b""
+    while len(got) < len(head):
+        got += conn.recv(100)
+    assert got == head
+    stream.sendall(b"body")
+    assert conn.recv(100) == b"body"  # then the splice carries the rest, in order
+    conn.sendall(b"answer")
+    conn.close()
+    assert stream.recv(100) == b"answer"
+    stream.close()
+    with gevent.Timeout(5):
+        while not done:
+            gevent.sleep(0.01)
+    record = done[0]
+    assert (record.bytes_in, record.bytes_out) == (len(head) + 4, 6)
+    assert (runner.bytes_in, runner.bytes_out) == (len(head) + 4, 6)
+    assert record.result == "ok" and record.visitor == "192.0.2.7:5"
+    proxy_side.close()
+    listener.close()

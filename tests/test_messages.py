@@ -490,6 +490,60 @@ def test_read_message_ends():
         read_message(Chunks(struct.pack("<q", 0)))  # an empty body reads nothing more
 
 
+class Counted(Chunks):
+    """Chunks that counts its reads."""
+
+    reads = 0
+
+    def recv(self, n):
+        self.reads += 1
+        return super().recv(n)
+
+
+def test_read_message_ahead_takes_the_message_and_what_came_behind_it_in_one_read():
+    start = StartProxy(url="http://one.test", client_addr="127.0.0.1:5", public_addr="1.2.3.4:80")
+    head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
+    stream = Counted(encode(start) + head, b"later")
+    assert m.read_message_ahead(stream) == (start, head)
+    assert stream.reads == 1 and stream.pieces == [b"later"]  # what came later is not read
+    stream = Counted(encode(start))
+    assert m.read_message_ahead(stream) == (start, b"") and stream.reads == 1
+
+
+def test_read_message_ahead_split_anywhere_is_read_message():
+    data = encode(VECTORS[4][0]) + b"after"
+    for cut in range(1, len(data)):
+        for second in (cut + 1, len(data)):  # in two pieces, or three
+            pieces = (data[:cut], data[cut:second], data[second:])
+            stream = Chunks(*pieces)
+            msg, ahead = m.read_message_ahead(stream)
+            assert msg == VECTORS[4][0] == read_message(Chunks(*pieces))
+            # Every byte read past the message is handed back, in order, nothing else.
+            assert ahead + b"".join(stream.pieces) == b"after"
+    for bufsize in (1, 3, 8, 9):  # reads smaller than the message
+        stream = Chunks(data)
+        msg, ahead = m.read_message_ahead(stream, bufsize=bufsize)
+        assert msg == VECTORS[4][0] and ahead + b"".join(stream.pieces) == b"after"
+
+
+def test_read_message_ahead_ends_and_bounds_as_read_message():
+    data = encode(VECTORS[0][0])
+    with pytest.raises(EOFError, match=r"\Astream closed before a control message\Z"):
+        m.read_message_ahead(Chunks())
+    for pieces in [(data[:1],), (data[:3], data[3:7]), (data[:8],), (data[:8], data[8:20])]:
+        with pytest.raises(MessageError, match=r"\Astream closed inside a control message\Z"):
+            m.read_message_ahead(Chunks(*pieces))
+    # A hostile length is refused at the first read, before anything more is read or kept.
+    stream = Counted(struct.pack("<q", 10 ** 12) + b"x" * 100, b"more")
+    with pytest.raises(MessageError, match="exceeds"):
+        m.read_message_ahead(stream)
+    assert stream.reads == 1
+    stream = Counted(data[:5], data[5:])  # the prefix split: found by the reader
+    with pytest.raises(MessageError, match=r"\Amessage length 70 exceeds 10\Z"):
+        m.read_message_ahead(stream, max_size=10)
+    assert stream.reads == 2
+
+
 # --- Shroud extras and signatures -----------------------------------------------------------
 def test_shroud_extras_on_the_wire():
     auth = Auth(extra=m.auth_extra(KEY))

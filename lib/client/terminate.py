@@ -7,6 +7,7 @@ name, and this client decrypts it and hands plain bytes to the local target.
     book.add_challenge("example.com", cert_pem, key_pem)       # TLS-ALPN-01, while ordering
     book.remove_challenge("example.com")
     tls = terminate(stream, "example.com", book, timeout=15)   # a TLSTransport, or None
+    Replay(stream, head)       # a stream whose first reads return ``head`` (bytes taken from it)
     book.set_protocols("example.com", local_protocols(("127.0.0.1", 8080)))   # at start
 
 Which certificate a connection gets ("visitor offers / we answer"):
@@ -129,8 +130,9 @@ def _answers(target, probe: bytes, check, timeout: float) -> bool:
         sock.close()
 
 
-class _Replay:
-    """A stream whose first reads return bytes already taken from it (the ClientHello)."""
+class Replay:
+    """A stream whose first reads return bytes already taken from it (the ClientHello; the
+    visitor's first bytes, read with StartProxy by lib.client.tunnels)."""
 
     def __init__(self, stream, head: bytes):
         self._stream = stream
@@ -185,7 +187,7 @@ def terminate(stream, name: str, book: CertBook, timeout: float = 15.0):
         _alert(stream, ALERT_HANDSHAKE_FAILURE)
         return None
     try:
-        tls = TLSTransport.server(_Replay(stream, head), ctx, timeout)
+        tls = TLSTransport.server(Replay(stream, head), ctx, timeout)
     except (ssl.SSLError, OSError, EOFError, MuxError) as e:
         _peer_log.log(name, logging.INFO, "%s: TLS handshake failed: %s", name, e)
         return None

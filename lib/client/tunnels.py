@@ -40,12 +40,13 @@ import gevent.socket as gsocket
 from lib.protocol import messages as msg
 from lib.protocol import sniff
 from lib.certs import PinMismatch, check_pin, client_tls_context
+from lib.client.terminate import Replay
 from lib.net.greenpool import WorkerPool
 from lib.net.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
-from lib.net.sockets import connect_numeric, set_nodelay
+from lib.net.sockets import connect_numeric, send_all, set_nodelay
 from lib.net.splice import UNSENT_LOWAT, splice
 
 log = logging.getLogger("shroud.client")
@@ -625,8 +626,9 @@ class TunnelRunner:
             opened = self._open_local(stream, record)
             if opened is not None:
                 peer, local = opened
-                record.bytes_in, record.bytes_out = splice(
+                n_in, record.bytes_out = splice(
                     peer, local, on_a_to_b=self._count_in, on_b_to_a=self._count_out)
+                record.bytes_in += n_in
         finally:
             # splice closed both its ends, whatever happened; the stream is left to close when
             # it never began, or carries an https: service's TLS (the visitor's side).
@@ -637,14 +639,19 @@ class TunnelRunner:
             self.client._stream_done(record)
 
     def _open_local(self, stream, record: "StreamRecord"):
-        """Read the stream's StartProxy and connect its service's local target (sending a PROXY
-        header when asked): (the visitor's side, the local connection); None, with the stream
+        """Read the stream's StartProxy and connect its service's local target, sending it a
+        PROXY header when asked and the visitor's bytes that came with StartProxy (counted in
+        ``record.bytes_in``): (the visitor's side, the local connection); None, with the stream
         reset and ``record.result`` saying why, when that fails. The visitor's side is the
-        stream, or for an https: service the TLS ended on it (``ClientConfig.terminate``)."""
+        stream, or for an https: service the TLS ended on it (``ClientConfig.terminate``).
+
+        The visitor's first bytes (a routed request's head comes in StartProxy's frame: lib/proxy/
+        routing.py) leave for the target as soon as it is connected, before the splice is set
+        up: one read of the stream takes both (msg.read_message_ahead)."""
         cfg = self.client.config
         stream.settimeout(cfg.start_proxy_timeout)
         try:
-            start = msg.read_message(stream)
+            start, ahead = msg.read_message_ahead(stream)
         except (MuxError, EOFError, msg.MessageError) as e:
             log.info("stream %d from %s: no StartProxy: %s", stream.id, self.proxy, e)
             stream.reset(ErrorCode.PROTOCOL_ERROR)
@@ -663,7 +670,9 @@ class TunnelRunner:
         record.name = svc.name
         peer = stream
         if svc.terminate:
-            peer = cfg.terminate(stream, svc) if cfg.terminate is not None else None
+            peer = (cfg.terminate(Replay(stream, ahead) if ahead else stream, svc)
+                    if cfg.terminate is not None else None)
+            ahead = b""  # the TLS layer took it
             if peer is None:
                 record.result = "TLS ended here (validation, alert or handshake failure)"
                 return None
@@ -674,18 +683,32 @@ class TunnelRunner:
             stream.reset(ErrorCode.REFUSED_STREAM)
             record.result = f"local target: {e.strerror or e}"
             return None
-        if cfg.proxy_protocol:
-            try:
-                local.sendall(proxy_protocol_header(cfg.proxy_protocol, start.client_addr,
-                                                    _destination(start, local),
-                                                    self.proxy_name))
-            except (OSError, struct.error) as e:
-                log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
-                stream.reset(ErrorCode.CANCEL)
-                local.close()
-                record.result = "PROXY header failed"
-                return None
+        if not self._send_first(local, start, ahead, svc, record):
+            stream.reset(ErrorCode.CANCEL)
+            local.close()
+            return None
         return peer, local
+
+    def _send_first(self, local, start: msg.StartProxy, ahead: bytes, svc: Service,
+                    record: StreamRecord) -> bool:
+        """The PROXY header when asked, then ``ahead`` (the visitor's bytes that came with
+        StartProxy, counted in): in one send. False, with ``record.result`` saying why, when
+        the target fails."""
+        version = self.client.config.proxy_protocol
+        try:
+            header = b"" if not version else proxy_protocol_header(
+                version, start.client_addr, _destination(start, local), self.proxy_name)
+            if header or ahead:
+                send_all(local, header + ahead)
+        except (OSError, struct.error) as e:
+            if version:  # else the target reset a visitor's connection: splice's silence
+                log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
+            record.result = "PROXY header failed" if version else "the visitor's first bytes failed"
+            return False
+        if ahead:
+            record.bytes_in = len(ahead)
+            self._count_in(len(ahead))
+        return True
 
     def _count_in(self, n: int) -> None:
         self.bytes_in += n

@@ -1,6 +1,6 @@
 """go-tunnel control messages, byte for byte as Go's encoder writes them, plus Shroud's Extras.
 
-Sans-I/O codec (except the two tiny stream helpers at the end). A message on the wire is an
+Sans-I/O codec (except the three tiny stream helpers at the end). A message on the wire is an
 8-byte little-endian signed int64 length followed by that many bytes of JSON::
 
     {"Type":"<name>","Payload":{<fields in Go's declared order>}}
@@ -29,6 +29,8 @@ Public API::
     MessageReader(max_size=MAX_MESSAGE): feed(data), next_message() -> Message | None,
                                          trailing_data -> bytes
     read_message(stream, max_size=MAX_MESSAGE) -> Message   # stream has recv(n)
+    read_message_ahead(stream, max_size=MAX_MESSAGE, bufsize=READ_AHEAD)
+                  -> (Message, bytes read past it)          # one read for StartProxy + data
     write_message(stream, msg) -> None                      # stream has sendall(b)
     MessageError(ValueError) .reason
 
@@ -637,6 +639,40 @@ def read_message(stream: Any, max_size: int = MAX_MESSAGE) -> Message:
     length = _check_length(_LENGTH.unpack(_recv_exactly(stream, LENGTH_PREFIX, False))[0],
                            max_size)
     return unpack(_recv_exactly(stream, length, True))
+
+
+# What read_message_ahead asks of each read: a mux stream's (lib.net.splice's STREAM_CHUNK). The
+# proxy sends a routed request's head in the same DATA frame as StartProxy (lib/proxy/routing.py)
+# and a mux stream's recv hands out what is buffered, so one read takes both.
+READ_AHEAD = 64 * 1024
+
+
+def read_message_ahead(stream: Any, max_size: int = MAX_MESSAGE,
+                       bufsize: int = READ_AHEAD) -> tuple[Message, bytes]:
+    """Read one message from ``stream`` in reads of ``bufsize``: (the message, the bytes read
+    past it), which are the caller's to pass on (after StartProxy, the visitor's first bytes).
+    A message that came whole is one read, where :func:`read_message` makes two, each of which
+    cuts a mux stream's buffered chunk (a copy of the rest) when the chunk holds more. Longer
+    messages are reassembled by a :class:`MessageReader`, bounded by ``max_size`` plus a read.
+
+    :raises EOFError: the stream ended cleanly before the first byte.
+    :raises MessageError: the stream ended mid-message, or the message is invalid.
+    """
+    data = stream.recv(bufsize)
+    if not data:
+        raise EOFError("stream closed before a control message")
+    if len(data) >= LENGTH_PREFIX:
+        end = LENGTH_PREFIX + _check_length(_LENGTH.unpack_from(data)[0], max_size)
+        if len(data) >= end:
+            return unpack(data[LENGTH_PREFIX:end]), data[end:]
+    reader = MessageReader(max_size)
+    reader.feed(data)
+    while (msg := reader.next_message()) is None:
+        data = stream.recv(bufsize)
+        if not data:
+            raise MessageError("stream closed inside a control message")
+        reader.feed(data)
+    return msg, reader.trailing_data
 
 
 def write_message(stream: Any, msg: Message) -> None:
