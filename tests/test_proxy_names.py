@@ -39,3 +39,19 @@ def test_reserved_names(name, why):
 
 def test_own_names_are_normalised_and_junk_dropped():
     assert RESERVED.own == {"proxy.example.net", "admin.example.org", "127.0.0.1"}
+
+
+def test_reasons_kept_are_bounded_and_say_the_same():
+    """ReservedNames keeps the answers of the last NAMES_KEPT names it was asked (one per
+    public connection): a peer naming ever new hosts cannot grow it past the bound, and a kept
+    answer is the one worked out."""
+    from lib.proxy.names import NAMES_KEPT
+    rules = ReservedNames(["proxy.example.net"])
+    for i in range(2 * NAMES_KEPT):
+        assert rules.reason(f"h{i}.example.com") is None
+    assert rules._reasons.cache_info().currsize == NAMES_KEPT
+    for _ in range(2):  # worked out, then kept
+        assert rules.reason("proxy.example.net") == "this proxy's own name"
+        assert rules.reason("a.localhost") == "a loopback name"
+        assert rules.reason("*.example.net") == ("a wildcard covering this proxy's own name "
+                                                 "proxy.example.net")

@@ -578,3 +578,20 @@ def test_http_sniffer_keeps_the_head_it_read_once_named():
     with pytest.raises(sniff.SniffError):
         refused.feed(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert refused.request is None
+
+
+def test_wire_names_kept_are_bounded_and_refusals_never_kept():
+    """The canonical forms of the last WIRE_NAMES_KEPT Host/SNI names are kept (one look-up per
+    public connection): bounded however many names a peer sends; a refused name is refused
+    every time and never kept."""
+    sniff._normalize_wire_name.cache_clear()
+    for i in range(2 * sniff.WIRE_NAMES_KEPT):
+        head = b"GET / HTTP/1.1\r\nHost: H%d.Example.COM.\r\n\r\n" % i
+        assert sniff.HTTPHostSniffer().feed(head) == f"h{i}.example.com"
+    assert sniff._normalize_wire_name.cache_info().currsize == sniff.WIRE_NAMES_KEPT
+    for _ in range(2):
+        with pytest.raises(sniff.SniffError):
+            sniff.HTTPHostSniffer().feed(b"GET / HTTP/1.1\r\nHost: bad..name\r\n\r\n")
+    assert sniff._normalize_wire_name.cache_info().currsize == sniff.WIRE_NAMES_KEPT
+    assert sniff.HTTPHostSniffer().feed(b"GET / HTTP/1.1\r\nHost: h5.example.com\r\n\r\n") \
+        == "h5.example.com"

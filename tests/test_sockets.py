@@ -151,6 +151,42 @@ def test_a_public_listener_hands_over_connections_already_tuned():
     assert seen["local_name"] == f"127.0.0.1:{port}" == "%s:%d" % seen["getsockname"]
 
 
+def test_a_public_listener_accepts_a_queued_burst_with_the_listeners_family():
+    """The connections queued in the kernel's backlog while the loop was busy are all
+    accepted; each arrives as an AcceptedSocket with the listener's family (read once)."""
+    import time
+
+    import gevent.pool
+    from lib.net.sockets import AcceptedSocket
+    from lib.proxy.server import PublicServer
+
+    seen = []
+
+    def handler(sock, address):
+        seen.append((type(sock) is AcceptedSocket, sock.family))
+        sock.sendall(b"x")
+
+    server = PublicServer(("127.0.0.1", 0), handler, spawn=gevent.pool.Pool(64))
+    server.start()
+    burst = 40
+    clients = []
+    try:
+        # Plain (blocking) connects: the hub does not run meanwhile, so all 40 wait queued.
+        for _ in range(burst):
+            clients.append(socket.create_connection(("127.0.0.1", server.address[1]),
+                                                    timeout=5))
+        deadline = time.monotonic() + 10
+        while len(seen) < burst and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert seen == [(True, socket.AF_INET)] * burst
+        for c in clients:
+            assert c.recv(1) == b"x"
+    finally:
+        for c in clients:
+            c.close()
+        server.stop(timeout=1)
+
+
 def test_a_wildcard_listener_leaves_the_address_to_getsockname():
     port, seen = _accept_one(("0.0.0.0", 0))
     assert seen["local_name"] is None and seen["nodelay"] == 1

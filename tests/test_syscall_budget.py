@@ -28,7 +28,8 @@ REQUEST = b"GET /small HTTP/1.1\r\nHost: one.test\r\nConnection: close\r\n\r\n"
 # Per fresh connection, in the hub thread. fcntl counts F_GETFD only (gevent's two io watchers
 # per socket look at the descriptor); SQLite's locks (its own thread) are not ours.
 PROXY_BUDGET = {
-    "accept4": 2,      # the connection, then EAGAIN (gevent accepts until the queue is empty)
+    "accept4": 2,      # the connection, then EAGAIN (gevent accepts until the queue is empty;
+                       # one accept per wake-up cost more CPU under load: PublicServer)
     "getsockname": 1,  # CPython checks a descriptor it wraps; PublicAddr comes from the listener
     "ioctl": 1,        # gevent makes the socket non-blocking
     "fcntl": 2,

@@ -65,6 +65,11 @@ class ReplaySocket:
         # A socket's reads go through lib.net.sockets' scratch buffer: a recv(256 KiB) from the
         # splice would allocate (and map) 256 KiB per call, even for the EOF that ends it.
         self._read = reader(sock)
+        # What lib.net.splice asks of each end it joins, read here once rather than through
+        # __getattr__ (a Python call each, and gevent's family property builds an enum).
+        self.family = getattr(sock, "family", None)
+        self.tcp_tuned = getattr(sock, "tcp_tuned", False)
+        self.settimeout = sock.settimeout
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
         if self._head:
@@ -188,7 +193,11 @@ class OneExchangeSocket(OneRequestSocket):
     def __init__(self, sock, head: bytes, request: httphead.RequestHead | None = None):
         if request is None:
             request = httphead.parse_request_head(httphead.END_OF_HEAD_RE.split(head, 1)[0])
-        self._upgrade = any(name == "upgrade" for name, _ in request.fields)
+        self._upgrade = False
+        for name, _ in request.fields:  # (a loop: any() of a generator is 3 calls a field)
+            if name == "upgrade":
+                self._upgrade = True
+                break
         super().__init__(sock, head, keep_connection_header=self._upgrade, request=request)
         self._response = http1.ResponseFramer(request.method, upgrade=self._upgrade)
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)

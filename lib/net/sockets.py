@@ -62,12 +62,15 @@ class AcceptedSocket(gevent.socket.socket):
     which is then every accepted connection's own (getsockname would answer the same); None
     for a wildcard listener."""
 
-    __slots__ = ("local_name",)
+    __slots__ = ("local_name", "family")
     tcp_tuned = True
 
     def __init__(self, family, type, proto, fileno, local_name: str | None = None):
         super().__init__(family, type, proto, fileno=fileno)
         self.local_name = local_name
+        # The listener's, kept: gevent's family property makes an enum of the kernel's int on
+        # every read (lib.net.splice asks each end for it).
+        self.family = family
 
 
 def tune_listener(sock, unsent_lowat: int) -> None:

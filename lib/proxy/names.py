@@ -26,11 +26,13 @@ Rule table (name / answer):
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from lib.protocol.sniff import normalize_hostname
 
 _NUMERIC_LABEL_RE = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
+NAMES_KEPT = 1024
 _SPECIAL_SUFFIXES = (("localhost", "a loopback name"), ("onion", "an onion name"))
 
 
@@ -46,6 +48,10 @@ class ReservedNames:
             except (ValueError, TypeError):
                 continue  # not a host name (an empty setting): nothing to reserve
         self.own = frozenset(own)
+        # Asked for every public connection: the answers for the last NAMES_KEPT names are
+        # kept (they depend on the name and this object only; an LRU, so a peer naming ever
+        # new hosts only evicts older ones).
+        self._reasons = functools.lru_cache(maxsize=NAMES_KEPT)(self._reason)
 
     @classmethod
     def for_config(cls, config) -> "ReservedNames":
@@ -57,6 +63,9 @@ class ReservedNames:
     def reason(self, name: str) -> str | None:
         """Why ``name`` (normalised by lib.protocol.sniff.normalize_hostname, a wildcard
         allowed) is reserved, or None when it is not."""
+        return self._reasons(name)
+
+    def _reason(self, name: str) -> str | None:
         if name.startswith("*."):
             base = name[2:]
             why = self._exact(base) or self._special_suffix(base)

@@ -185,9 +185,15 @@ class PublicServer(gevent.server.StreamServer):
 
     _tuned = False
     _local_name: str | None = None
+    # gevent's max_accept (100) is kept: accepting until EAGAIN costs a second accept4 for a
+    # connection that arrives alone, but one accept per wake-up (nginx's multi_accept off)
+    # made a fresh connection per request at 64 connections cost 1.3x the CPU (bench/README.md,
+    # "Fresh connections: the proxy's side"): the handlers of one wake-up share a TLS record.
 
     def init_socket(self):
         super().init_socket()
+        # Read once: gevent's family property makes an enum of the kernel's int on every read.
+        self._kind = (self.socket.family, self.socket.type, self.socket.proto)
         try:
             tune_listener(self.socket, UNSENT_LOWAT)
             self._tuned = True
@@ -208,9 +214,10 @@ class PublicServer(gevent.server.StreamServer):
             if not sock.timeout:
                 return None
             raise
+        family, kind, proto = self._kind
         if not self._tuned:
-            return gevent.socket.socket(sock.family, sock.type, sock.proto, fileno=fd), address
-        return AcceptedSocket(sock.family, sock.type, sock.proto, fd, self._local_name), address
+            return gevent.socket.socket(family, kind, proto, fileno=fd), address
+        return AcceptedSocket(family, kind, proto, fd, self._local_name), address
 
 
 class ProxyServer:
