@@ -207,3 +207,38 @@ def test_the_mux_reader_takes_views_not_copies(pki):
     assert got == b"y" * 200_000 and not copies
     g.get(timeout=5)
     cs.close()
+
+
+class _CountingSSLObject:
+    """An SSLObject whose reads are counted by outcome (everything else passed through)."""
+
+    def __init__(self, obj):
+        self._obj = obj
+        self.want_read = 0
+
+    def read(self, *args):
+        try:
+            return self._obj.read(*args)
+        except ssl.SSLWantReadError:
+            self.want_read += 1
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._obj, name)
+
+
+def test_a_message_is_read_without_a_want_read_exception(pki):
+    # SSLObject.read raises SSLWantReadError when the BIO holds no whole record: an exception
+    # built twice per message read (before the raw read, after the last record), ~1.7 us each
+    # (bench/README.md, "Per-request cost (issue 16)", kapath pass). Read only with bytes there.
+    c, s = pair(pki)
+    echo = gevent.spawn(_echo, s)
+    c.sendall(b"first")
+    assert c.recv(100) == b"first"
+    c._obj = counting = _CountingSSLObject(c._obj)
+    for i in range(30):
+        c.sendall(b"ping %d" % i)
+        assert c.recv(100) == b"ping %d" % i
+    assert counting.want_read == 0
+    c.close()
+    echo.get(timeout=5)

@@ -39,7 +39,7 @@ import gevent
 import gevent.socket
 from gevent.lock import Semaphore
 
-from lib.net.sockets import recv_scratch, sender
+from lib.net.sockets import nowait_sender, recv_scratch, sender
 
 RAW_READ = 256 * 1024
 # A TLS record carries at most 16 KiB of plaintext, and SSLObject.read(n) allocates n bytes
@@ -65,6 +65,8 @@ class TLSTransport:
                                      server_hostname=server_hostname)
         self._wlock = Semaphore()
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
+        # write_nowait's one send(), never waiting (lib.net.sockets.nowait_sender)
+        self._send_now = nowait_sender(sock) if isinstance(sock, gevent.socket.socket) else None
         self._eof = False
         self._closed = False
         # Waiting for readability before a read, on gevent sockets only (a mux stream under a
@@ -134,36 +136,42 @@ class TLSTransport:
             view = self._plain = memoryview(bytearray(RAW_READ))
         n = min(n, RAW_READ)
         size = 0
-        read = self._obj.read
+        read, incoming, decrypted = self._obj.read, self._in, self._obj.pending
         while size < n:
-            try:
-                got = read(min(n - size, RECORD), view[size:])
-            except ssl.SSLWantReadError:
-                if size:
-                    break
-                if self._eof:
-                    return view[:0]
-                if not self._read_raw():
-                    # The peer's TCP FIN: reading is over. The BIO is not told (write_eof would
-                    # also stop our writes), so a half-closed transport can still send.
+            # Only with bytes to decrypt: else read raises SSLWantReadError, an exception built
+            # (message and all) twice per read that ends a request, ~1.7 us each
+            # (bench/README.md, "Per-request cost (issue 16)", kapath pass).
+            if incoming.pending or decrypted():
+                try:
+                    got = read(min(n - size, RECORD), view[size:])
+                except ssl.SSLWantReadError:
+                    got = -1  # a record's start only: the rest is still to come
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    got = 0
+                if got > 0:
+                    size += got
+                    continue
+                if got == 0:
                     self._eof = True
                     break
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            if size:
+                break
+            if self._eof:
+                return view[:0]
+            if not self._read_raw():
+                # The peer's TCP FIN: reading is over. The BIO is not told (write_eof would
+                # also stop our writes), so a half-closed transport can still send.
                 self._eof = True
                 break
-            if not got:
-                self._eof = True
-                break
-            size += got
         if self._out.pending and not self._wlock.locked():
             self._flush()
         return view[:size]
 
     @property
     def waits_before_read(self) -> bool:
+        # .timeout: a gevent socket's own attribute (_hub), read without gevent's gettimeout()
         return (self._drained and self._hub is not None and not self._in.pending
-                and not self._obj.pending() and self._sock.gettimeout() is None)
+                and not self._obj.pending() and self._sock.timeout is None)
 
     def _read_raw(self) -> int:
         """Read from the socket into the incoming BIO: the byte count (0 at EOF)."""
@@ -173,7 +181,7 @@ class TLSTransport:
             if n:
                 self._in.write(raw)
         else:
-            if self._drained and self._sock.gettimeout() is None:
+            if self._drained and self._sock.timeout is None:  # (waits_before_read)
                 if self._readable is None:
                     self._readable = self._hub.loop.io(self._sock.fileno(), 1)
                 self._hub.wait(self._readable)
@@ -219,7 +227,7 @@ class TLSTransport:
                 view = view[n:]
                 sealed = self._out.read()
                 try:
-                    sent = self._sock.send(sealed, 0, 0.0)  # gevent: timeout 0 raises, never waits
+                    sent = self._send_now(sealed)
                 except BlockingIOError:
                     sent = 0
                 if sent < len(sealed):
