@@ -602,19 +602,19 @@ class TunnelRunner:
         log.info("tunnel %s bound %s -> %s:%d", self.proxy, resp.url, *svc.target)
 
     def _serve(self, session: Session) -> None:
-        while True:
-            try:
-                stream = session.accept()
-            except MuxError:
-                return
-            if self.streams_open >= self.client.config.max_streams:
-                stream.reset(ErrorCode.REFUSED_STREAM)
-                continue
-            # Counted here, not in the handler: a burst must not pass the limit before the
-            # spawned handlers run.
-            self.streams_open += 1
-            self.streams_total += 1
-            self.client.stream_workers.spawn(self._handle_stream, stream)
+        session.serve(self._take_stream)
+
+    def _take_stream(self, stream) -> None:
+        """A stream the proxy opened, from the session's reader (Session.serve): refused past
+        the limit, else handed to a kept greenlet; never waits."""
+        if self.streams_open >= self.client.config.max_streams:
+            stream.reset(ErrorCode.REFUSED_STREAM)
+            return
+        # Counted here, not in the handler: a burst must not pass the limit before the
+        # handlers run.
+        self.streams_open += 1
+        self.streams_total += 1
+        self.client.stream_workers.spawn(self._handle_stream, stream)
 
     def _handle_stream(self, stream) -> None:
         # No on_change per stream: the console reads the counters when it draws (a state
@@ -816,7 +816,8 @@ class Client:
         self.on_stream: Callable | None = None  # (StreamRecord) once a visitor's stream ends
         self._contexts: dict[ProxyAddr, ssl.SSLContext] = {}
         # Every tunnel's streams are served in kept greenlets (lib/net/greenpool.py): no new
-        # greenlet per visitor.
+        # greenlet per visitor. No size: spawn never waits, as a session's reader calling it
+        # must not (Session.serve); max_streams bounds the streams of each tunnel.
         self.stream_workers = WorkerPool()
 
     def start(self) -> None:

@@ -7,6 +7,8 @@ Public API::
     session.trust()                         # the peer is vouched for (the proxy: after Auth)
     stream = session.open()                 # a new stream (SYN sent; no round trip)
     stream = session.accept(timeout=None)   # the next stream the peer opened
+    end = session.serve(handler)            # or: handler(stream) for each, from the reader,
+                                            # until the session ends -> SessionEnd
     session.goaway(code)                    # no new streams from the peer; existing ones go on
     session.close()                         # GOAWAY, transport closed, every stream failed
     end = session.wait(timeout=None)        # blocks until the session ends -> SessionEnd
@@ -410,6 +412,7 @@ class Session:
         self._to_sink: list[Stream] = []  # streams with data for their sink (direct delivery)
         self._backlog: deque[Stream] = deque()
         self._accept_waiter = Event()
+        self._on_stream = None  # serve()'s handler: new streams go to it, not to accept()
         self._writer_wake = Event()
         # The hub-callback flush (module doc, "Writing"), for a transport that can write
         # without waiting (a new one is idle: write_idle says whether it can at all, e.g. a
@@ -484,15 +487,8 @@ class Session:
     def accept(self, timeout: float | None = None) -> Stream:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._backlog:
-                stream = self._backlog.popleft()
-                self._conn.stream_accepted(stream.id)
-                if stream._error is not None and not stream._chunks:
-                    # Reset by the peer before anyone took it: nothing to hand out, and a peer
-                    # opening and resetting streams in a loop must not make the application
-                    # read (and log) each one.
-                    continue
-                self.stats.streams_accepted += 1
+            stream = self._next_accepted()
+            if stream is not None:
                 return stream
             if self._end is not None:
                 raise self._closed_error()
@@ -500,6 +496,34 @@ class Session:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._accept_waiter.wait(left):
                 raise StreamTimeout("accept timed out")
+
+    def serve(self, handler) -> SessionEnd | None:
+        """Hand each stream the peer opens to ``handler(stream)`` instead of :meth:`accept`:
+        called by the reader greenlet once the read that opened the stream is decoded, so no
+        greenlet is woken to accept it (a fresh connection's hand-off: bench/README.md,
+        "freshclient"); the handler must not wait (it starts the stream's work elsewhere).
+        Streams already waiting for accept go first. Returns when the session ends."""
+        self._on_stream = handler
+        self._hand_streams()
+        self._done.wait()
+        return self._end
+
+    def _next_accepted(self) -> Stream | None:
+        while self._backlog:
+            stream = self._backlog.popleft()
+            self._conn.stream_accepted(stream.id)
+            if stream._error is not None and not stream._chunks:
+                # Reset by the peer before anyone took it: nothing to hand out, and a peer
+                # opening and resetting streams in a loop must not make the application
+                # read (and log) each one.
+                continue
+            self.stats.streams_accepted += 1
+            return stream
+        return None
+
+    def _hand_streams(self) -> None:
+        while (stream := self._next_accepted()) is not None:
+            self._on_stream(stream)
 
     def goaway(self, code: int = ErrorCode.NO_ERROR) -> None:
         if self._end is None:
@@ -653,6 +677,8 @@ class Session:
             while True:
                 if events:
                     self._dispatch(events)
+                    if self._backlog and self._on_stream is not None:
+                        self._hand_streams()
                 if conn.outgoing_size:
                     self._wake_writer()
                 if self._end is not None or not conn.more_to_decode:

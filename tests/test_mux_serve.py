@@ -1,0 +1,64 @@
+"""Session.serve: streams the peer opens handed to a handler by the session's reader, with no
+greenlet woken to accept them (lib/net/muxsession.py; bench/README.md, "freshclient")."""
+from __future__ import annotations
+
+import gevent
+import greenlet
+
+from lib.errors import ErrorCode
+from tests.support.muxpair import session_pair
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    with gevent.Timeout(timeout):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
+def test_each_stream_is_handed_over_by_the_reader_and_the_serving_greenlet_sleeps():
+    client, server = session_pair()
+    got = []
+    switched_in: list = []
+    serving = gevent.spawn(server.serve, got.append)
+
+    def trace(event, args):
+        if event in ("switch", "throw") and args[1] is serving:
+            switched_in.append(event)
+
+    gevent.sleep(0.05)  # serve() has handed out nothing and waits for the session's end
+    old = greenlet.settrace(trace)
+    try:
+        streams = [client.open() for _ in range(10)]
+        for st in streams:
+            st.sendall(b"x")
+        wait_until(lambda: len(got) == 10)
+    finally:
+        greenlet.settrace(old)
+    assert switched_in == []  # no greenlet woken per stream (accept() would wake its caller)
+    assert sorted(s.id for s in got) == sorted(s.id for s in streams)
+    assert all(s.recv(10) == b"x" for s in got)
+    assert server.stats.streams_accepted == 10
+    client.close()
+    assert serving.get(timeout=5) is not None  # the session's end
+    server.close()
+
+
+def test_streams_waiting_before_serve_go_first_and_a_reset_one_is_skipped():
+    client, server = session_pair()
+    first = client.open()
+    first.sendall(b"1")
+    gone = client.open()
+    gone.reset(ErrorCode.CANCEL)  # opened and reset before anyone took it
+    wait_until(lambda: server.open_streams >= 1)
+    gevent.sleep(0.05)
+    got = []
+    g = gevent.spawn(server.serve, got.append)
+    wait_until(lambda: got)
+    later = client.open()
+    later.sendall(b"2")
+    wait_until(lambda: len(got) == 2)
+    gevent.sleep(0.05)
+    assert [s.id for s in got] == [first.id, later.id]
+    client.close()
+    g.get(timeout=5)
+    server.close()
