@@ -1,0 +1,161 @@
+"""Bulk sending: lib.net.muxsession, "Sending"; TLSTransport's send pieces.
+
+A ``sendall`` waiting for the peer's window is fed by the session's reader as grants arrive
+(a peer that grants a frame at a time, as Go's muxado does, wakes the sending greenlet once per
+``sendall``, not per frame), bytes keep their order, and what the reader cannot queue (no output
+room, a closed stream) goes back to the sender. A write of two frames leaves in one ``send()``.
+"""
+import os
+import socket
+
+import gevent
+import gevent.socket as gsocket
+import greenlet
+import pytest
+
+from lib.errors import StreamTimeout
+from lib.net.muxsession import MuxConfig, Session
+from lib.net.tlstransport import TLSTransport
+from lib.protocol import muxframe as fr
+from tests.support.muxpair import pki, tls_pair  # noqa: F401
+
+
+class _Switches:
+    """Counts switches into one greenlet (greenlet.settrace)."""
+
+    def __init__(self, target):
+        self.target = target
+        self.count = 0
+        self.old = None
+
+    def __enter__(self):
+        def trace(event, args):
+            if event in ("switch", "throw") and args[1] is self.target:
+                self.count += 1
+            if self.old is not None:
+                self.old(event, args)
+        self.old = greenlet.settrace(trace)
+        return self
+
+    def __exit__(self, *exc):
+        greenlet.settrace(self.old)
+
+
+def _frame_at_a_time_peer(sock, got: bytearray, grant: bool = True):
+    """A raw muxado peer that acknowledges every DATA frame on its own as it reads it, one
+    write per WNDINC (Go's muxado: a WNDINC per Read); returns once a FIN came."""
+    dec = fr.FrameDecoder()
+    while (data := sock.recv(65536)):
+        dec.feed(data)
+        while (f := dec.next_frame()) is not None:
+            if isinstance(f, fr.Data):
+                got += f.data
+                if f.data and grant:
+                    sock.sendall(fr.encode_wndinc(f.stream_id, len(f.data)))
+                if f.fin:
+                    return
+
+
+def _bulk_session(**config):
+    a, b = gsocket.socketpair()
+    return a, Session(b, client=True, config=MuxConfig(heartbeat=False, **config))
+
+
+def test_a_sender_granted_a_frame_at_a_time_wakes_per_sendall_not_per_frame():
+    peer, s = _bulk_session()
+    st = s.open()
+    got = bytearray()
+    reader = gevent.spawn(_frame_at_a_time_peer, peer, got)
+    blob = os.urandom(2 << 20)  # 128 frames, all but the first 4 sent on a peer's grant
+    sender = gevent.spawn(lambda: (st.sendall(blob), st.shutdown(socket.SHUT_WR)))
+    with _Switches(sender) as woken:
+        reader.get(timeout=20)
+        sender.get(timeout=5)
+    assert bytes(got) == blob
+    # The stream's Event set per WindowOpened woke it 32 times here (once per grant the reader
+    # found, 124 at most); now the reader queues the frames and wakes it once all are queued.
+    assert woken.count <= 8, woken.count
+    s.close()
+
+
+def test_a_waiting_sender_fed_by_the_reader_still_stops_at_the_output_bound():
+    # The reader queues only what the session's output room takes: a peer granting a huge
+    # window while its bytes are not being written does not make the session hold more.
+    a, b = gsocket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    s = Session(b, client=True, config=MuxConfig(heartbeat=False, write_high_water=256 * 1024))
+    st = s.open()
+    sender = gevent.spawn(st.sendall, bytes(8 << 20))
+    gevent.sleep(0.1)  # the first 64 KiB queued, the sender waits for window
+    a.sendall(fr.encode_wndinc(st.id, 64 << 20))  # granted, nothing read from `a`
+    deadline = gevent.get_hub().loop.now() + 5
+    while s._conn.unsent_size < 256 * 1024 and gevent.get_hub().loop.now() < deadline:
+        gevent.sleep(0.01)
+    for _ in range(10):
+        gevent.sleep(0)
+    assert s._conn.unsent_size <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
+    sender.kill()
+    s.close()
+
+
+def test_a_timeout_while_the_reader_feeds_a_send_leaves_the_stream_usable():
+    # The peer grants nothing more: the sendall times out with its view taken back from the
+    # reader (a grant after that is not spent on the abandoned bytes).
+    peer, s = _bulk_session()
+    st = s.open()
+    st.settimeout(0.2)
+    with pytest.raises(StreamTimeout):
+        st.sendall(bytes(200_000))
+    assert st._pending is None
+    sent = st.bytes_out
+    peer.sendall(fr.encode_wndinc(st.id, 64 << 10))
+    gevent.sleep(0.1)
+    assert st.bytes_out == sent  # nobody was waiting: nothing queued on its behalf
+    st.settimeout(5)
+    st.sendall(b"after")
+    assert st.bytes_out == sent + 5
+    s.close()
+
+
+def test_a_stream_closed_under_a_waiting_sender_ends_its_send():
+    peer, s = _bulk_session()
+    st = s.open()
+    sender = gevent.spawn(st.sendall, bytes(200_000))
+    gevent.sleep(0.1)
+    st.reset()
+    peer.sendall(fr.encode_wndinc(st.id, 64 << 10))  # a grant after the reset: not spent
+    with pytest.raises(OSError):
+        sender.get(timeout=5)
+    s.close()
+
+
+class _CountingSends(gsocket.socket):
+    sends: list = []
+
+    def send(self, data, flags=0, timeout=None):
+        n = super().send(data, flags, timeout)
+        self.sends.append(n)
+        return n
+
+
+def test_two_frames_leave_in_one_send(pki):
+    # A batch of two 16 KiB frames (32,782 bytes) was sealed as a 32 KiB piece and a 14-byte
+    # one, two send() calls where one does.
+    a, b = socket.socketpair()
+    a, b = _CountingSends(fileno=a.detach()), gsocket.socket(fileno=b.detach())
+    g = gevent.spawn(TLSTransport.server, b, pki.server)
+    c = TLSTransport.client(a, pki.client, "tunnel.test")
+    s = g.get(timeout=10)
+    batch = fr.encode_data(1, bytes(fr.MAX_PAYLOAD)) * 2
+    _CountingSends.sends = []
+    assert c.write_idle and c.write_nowait(batch)
+    assert len(_CountingSends.sends) == 1
+    got = b""
+    while len(got) < len(batch):
+        got += s.recv(1 << 20)
+    assert got == batch
+    _CountingSends.sends = []
+    c.sendall(batch)
+    assert len(_CountingSends.sends) == 1
+    c.close()
+    s.close()
