@@ -63,6 +63,43 @@ def rig():
     r.s.close()
 
 
+class _Flood:
+    """8 MiB written to ``end`` by a greenlet, then its FIN, in 7 KiB pieces (they line up with
+    no frame and no socket buffer) of a repeating pattern."""
+
+    def __init__(self, end):
+        self.sent = 0
+        self.digest = hashlib.sha256()
+        self.writer = gevent.spawn(self._write, end)
+
+    def _write(self, end) -> None:
+        for i in range(8 * 1024 // 7):
+            piece = bytes([i % 251]) * 7 * 1024
+            end.sendall(piece)
+            self.digest.update(piece)
+            self.sent += len(piece)
+        end.shutdown(socket.SHUT_WR)
+
+    def stalled_at(self) -> int:
+        """Bytes written once the writer stopped moving for half a second (10 s at most)."""
+        last = [-1]
+
+        def stalled():
+            now, last[0] = last[0], self.sent
+            return now == last[0]
+        wait_until(stalled, timeout=10, every=0.5)
+        return self.sent
+
+    def check(self, recv) -> None:
+        """Read all of it with ``recv`` to EOF: every byte, in order."""
+        got, total = hashlib.sha256(), 0
+        while (data := recv(65536)):
+            got.update(data)
+            total += len(data)
+        self.writer.get(timeout=30)
+        assert total == self.sent and got.digest() == self.digest.digest()
+
+
 class _RecvCount:
     """Counts Stream.recv calls on one stream (the splice's copy loop reads with recv)."""
 
@@ -96,36 +133,11 @@ def test_data_reaches_the_socket_without_waking_the_copy_loop(rig, monkeypatch):
 def test_a_visitor_that_stops_reading_stops_the_window_and_order_holds(rig):
     rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     g = rig.splice()
-    sent = []
-    digest = hashlib.sha256()
-
-    def write():  # 8 MiB in pieces that do not line up with frames or socket buffers
-        for i in range(8 * 1024 // 7):
-            piece = bytes([i % 251]) * 7 * 1024
-            rig.far.sendall(piece)
-            digest.update(piece)
-            sent.append(len(piece))
-        rig.far.shutdown(socket.SHUT_WR)
-    w = gevent.spawn(write)
+    flood = _Flood(rig.far)
     # Nobody reads the visitor: the far writer must stall once the window, the stream's
     # buffer and the socket's queues are full, far below the 8 MiB it wants to send.
-    last = [-1]
-
-    def stalled():
-        now, last[0] = last[0], sum(sent)
-        return now == last[0]
-    wait_until(stalled, timeout=10, every=0.5)
-    assert sum(sent) < 2 * 1024 * 1024
-    got = hashlib.sha256()
-    total = 0
-    while True:  # now read it all: every byte, in order
-        data = rig.visitor.recv(65536)
-        if not data:
-            break
-        got.update(data)
-        total += len(data)
-    w.get(timeout=30)
-    assert total == sum(sent) and got.digest() == digest.digest()
+    assert flood.stalled_at() < 2 * 1024 * 1024
+    flood.check(rig.visitor.recv)
     rig.visitor.close()
     g.get(timeout=5)
 
@@ -221,31 +233,9 @@ def test_a_stream_that_stops_reading_stops_the_socket_and_order_holds(rig):
     rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
     rig.inner.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     g = rig.splice()
-    sent = []
-    digest = hashlib.sha256()
-
-    def write():  # 8 MiB the far side does not read at first
-        for i in range(8 * 1024 // 7):
-            piece = bytes([i % 251]) * 7 * 1024
-            rig.visitor.sendall(piece)
-            digest.update(piece)
-            sent.append(len(piece))
-        rig.visitor.shutdown(socket.SHUT_WR)
-    w = gevent.spawn(write)
-    last = [-1]
-
-    def stalled():
-        now, last[0] = last[0], sum(sent)
-        return now == last[0]
-    wait_until(stalled, timeout=10, every=0.5)
-    assert sum(sent) < 2 * 1024 * 1024  # the window closed: the socket is not read on
-    got = hashlib.sha256()
-    total = 0
-    while (data := rig.far.recv(65536)):
-        got.update(data)
-        total += len(data)
-    w.get(timeout=30)
-    assert total == sum(sent) and got.digest() == digest.digest()
+    flood = _Flood(rig.visitor)  # the far side does not read at first
+    assert flood.stalled_at() < 2 * 1024 * 1024  # the window closed: the socket is not read on
+    flood.check(rig.far.recv)
     rig.far.close()
     g.get(timeout=5)
 

@@ -99,6 +99,13 @@ class _CountingSocket(gsocket.socket):
     _gevent_sock_class = _CountingRaw
 
 
+def counting_pair(pki):
+    """A TLS pair whose server end reads through a _CountingSocket."""
+    a, b = socket.socketpair()
+    return pair(pki, sockets=(gsocket.socket(fileno=a.detach()),
+                              _CountingSocket(fileno=b.detach())))
+
+
 def _echo(t):
     while (d := t.recv(100)):
         t.sendall(d)
@@ -108,12 +115,7 @@ def test_a_drained_socket_is_waited_on_not_read_in_vain(pki):
     # A short read left the kernel's buffer empty: the next read waits for readability first
     # instead of failing with EAGAIN (a system call and an exception per message:
     # bench/README.md, "Per-request cost").
-    server_ctx, client_ctx, _ = pki
-    a, b = socket.socketpair()
-    a, b = gsocket.socket(fileno=a.detach()), _CountingSocket(fileno=b.detach())
-    g = gevent.spawn(TLSTransport.server, b, server_ctx)
-    c = TLSTransport.client(a, client_ctx, "tunnel.test")
-    s = g.get(timeout=10)
+    c, s = counting_pair(pki)
     echo = gevent.spawn(_echo, s)
     c.sendall(b"first")
     assert c.recv(100) == b"first"
@@ -161,12 +163,7 @@ def test_a_message_costs_no_read_sized_allocation(pki):
     # SSLObject.read(n) and socket.recv(n) allocate n bytes before shrinking them to what came:
     # asked for 256 KiB, that was a large allocation per record and per raw read (under glibc an
     # mmap and munmap each: bench/README.md, "Per-request cost").
-    server_ctx, client_ctx, _ = pki
-    a, b = socket.socketpair()
-    a, b = gsocket.socket(fileno=a.detach()), _CountingSocket(fileno=b.detach())
-    g = gevent.spawn(TLSTransport.server, b, server_ctx)
-    c = TLSTransport.client(a, client_ctx, "tunnel.test")
-    s = g.get(timeout=10)
+    c, s = counting_pair(pki)
     s._obj = _RecordsReads(s._obj)
     _CountingRaw.recv_sizes = []
     c.sendall(b"ping")

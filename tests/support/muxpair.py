@@ -2,8 +2,10 @@
 
     pki                          pytest fixture (module scope): Pki(server, client, ca), gevent
                                  SSL contexts for "tunnel.test" under a throw-away trustme CA
-    tls_pair(pki, server_bio=True, client_bio=True, small_buffers=False) -> (client, server)
-                                 TLSTransport ends (or the standard SSLSocket, ``*_bio=False``)
+    tls_pair(pki, server_bio=True, client_bio=True, small_buffers=False, sockets=None)
+                                 -> (client, server): TLSTransport ends (or the standard
+                                 SSLSocket, ``*_bio=False``) over ``sockets`` (a connected
+                                 pair of gevent sockets) or a new socket pair
     session_pair(transports=None, **config) -> (client, server)
                                  two Sessions with MuxConfig(**config), over ``transports`` or a
                                  plain socket pair
@@ -47,10 +49,10 @@ def pki() -> Pki:
 
 
 def tls_pair(pki: Pki, server_bio: bool = True, client_bio: bool = True,
-             small_buffers: bool = False):
+             small_buffers: bool = False, sockets=None):
     """Both ends handshaken; ``small_buffers``: 8 KiB kernel buffers (the kernel takes little,
     so writes leave tails)."""
-    a, b = gsocket.socketpair()
+    a, b = sockets if sockets is not None else gsocket.socketpair()
     if small_buffers:
         for sock in (a, b):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
