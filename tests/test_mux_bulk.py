@@ -10,7 +10,6 @@ import socket
 
 import gevent
 import gevent.socket as gsocket
-import greenlet
 import pytest
 
 from lib.errors import StreamTimeout
@@ -18,27 +17,7 @@ from lib.net.muxsession import MuxConfig, Session
 from lib.net.tlstransport import TLSTransport
 from lib.protocol import muxframe as fr
 from tests.support.muxpair import pki, tls_pair  # noqa: F401
-
-
-class _Switches:
-    """Counts switches into one greenlet (greenlet.settrace)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.count = 0
-        self.old = None
-
-    def __enter__(self):
-        def trace(event, args):
-            if event in ("switch", "throw") and args[1] is self.target:
-                self.count += 1
-            if self.old is not None:
-                self.old(event, args)
-        self.old = greenlet.settrace(trace)
-        return self
-
-    def __exit__(self, *exc):
-        greenlet.settrace(self.old)
+from tests.support.switches import SwitchesInto
 
 
 def _frame_at_a_time_peer(sock, got: bytearray, grant: bool = True):
@@ -68,7 +47,7 @@ def test_a_sender_granted_a_frame_at_a_time_wakes_per_sendall_not_per_frame():
     reader = gevent.spawn(_frame_at_a_time_peer, peer, got)
     blob = os.urandom(2 << 20)  # 128 frames, all but the first 4 sent on a peer's grant
     sender = gevent.spawn(lambda: (st.sendall(blob), st.shutdown(socket.SHUT_WR)))
-    with _Switches(sender) as woken:
+    with SwitchesInto(sender) as woken:
         reader.get(timeout=20)
         sender.get(timeout=5)
     assert bytes(got) == blob

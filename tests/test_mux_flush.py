@@ -10,34 +10,13 @@ import os
 import socket
 
 import gevent
-import greenlet
 import pytest
 
 from lib.errors import MuxError
 from lib.net.muxsession import MuxConfig, Session
 from lib.protocol import muxframe as fr
 from tests.support.muxpair import echo_server, pki, session_pair, tls_pair  # noqa: F401
-
-
-class _Switches:
-    """Counts switches into one greenlet (greenlet.settrace)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.count = 0
-        self.old = None
-
-    def __enter__(self):
-        def trace(event, args):
-            if event in ("switch", "throw") and args[1] is self.target:
-                self.count += 1
-            if self.old is not None:
-                self.old(event, args)
-        self.old = greenlet.settrace(trace)
-        return self
-
-    def __exit__(self, *exc):
-        greenlet.settrace(self.old)
+from tests.support.switches import SwitchesInto
 
 
 def test_exchanges_wake_no_writer_greenlet(pki):
@@ -46,7 +25,7 @@ def test_exchanges_wake_no_writer_greenlet(pki):
     st = c.open()
     st.sendall(b"warm")
     assert st.recv(100) == b"warm"
-    with _Switches(c._writer) as client_writer, _Switches(s._writer) as server_writer:
+    with SwitchesInto(c._writer) as client_writer, SwitchesInto(s._writer) as server_writer:
         for i in range(50):
             st.sendall(b"request %d" % i)
             assert st.recv(100) == b"request %d" % i

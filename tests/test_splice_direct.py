@@ -16,6 +16,7 @@ from lib.errors import MuxError, StreamReset
 from lib.net.muxsession import Stream
 from lib.net.splice import splice
 from tests.support.muxpair import session_pair
+from tests.support.switches import SwitchesInto
 
 
 def wait_until(predicate, timeout: float, every: float = 0.02) -> None:
@@ -188,34 +189,13 @@ def test_direct_delivery_keeps_the_splice_from_looking_idle(rig):
 
 # --- feeding: socket -> stream from an io watcher's callback (lib.net.splice, "Feeding") ---
 
-class _SwitchesInto:
-    """Counts switches into one greenlet (greenlet.settrace)."""
-
-    def __init__(self, target):
-        self.target = target
-        self.count = 0
-
-    def __enter__(self):
-        import greenlet
-
-        def trace(event, args):
-            if event in ("switch", "throw") and args[1] is self.target:
-                self.count += 1
-        self.old = greenlet.settrace(trace)
-        return self
-
-    def __exit__(self, *exc):
-        import greenlet
-        greenlet.settrace(self.old)
-
-
 def test_socket_data_reaches_the_stream_without_waking_the_copy_loop(rig):
     counted = []
     g = rig.splice(on_a_to_b=counted.append)
     for first in (b"first", b"second"):  # read by the copy loop itself (FEED_AFTER)
         rig.visitor.sendall(first)
         assert rig.far.recv(100) == first
-    with _SwitchesInto(g) as into:
+    with SwitchesInto(g) as into:
         for i in range(20):
             rig.visitor.sendall(b"request %d" % i)
             assert rig.far.recv(100) == b"request %d" % i
