@@ -75,6 +75,14 @@ def summarize(ms: list[dict]) -> dict | None:
             "mib_s": statistics.median(m["mib_s"] for m in ms)}
 
 
+def cell(x: dict | None) -> str:
+    return "-" if x is None else f"{x['s']:.2f}"
+
+
+def split(x: dict | None) -> str:
+    return "-" if x is None else f"{x['user']:.2f}/{x['sys']:.2f}"
+
+
 def table(res: dict[str, dict[str, list[dict]]]) -> str:
     lines = ["| row (CPU s per GiB, median over rounds) | ssh -R | base | changed | changed/base | "
              "changed/base by round | base/ssh | changed/ssh | user/sys ssh | user/sys base | "
@@ -82,23 +90,10 @@ def table(res: dict[str, dict[str, list[dict]]]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for proto, by_path in res.items():
         s, b, c = (summarize(by_path.get(k, [])) for k in ("ssh", "base", "changed"))
-
-        def cell(x):
-            return "-" if x is None else f"{x['s']:.2f}"
-
-        def ratio(x, y):
-            return "-" if x is None or y is None or not y["s"] else f"{x['s'] / y['s']:.2f}"
-
-        def split(x):
-            return "-" if x is None else f"{x['user']:.2f}/{x['sys']:.2f}"
-
-        rs = ([x / y for x, y in zip(c["per_round"], b["per_round"]) if y]
-              if b is not None and c is not None else [])
-        spread = f"{min(rs):.2f}-{max(rs):.2f}" if rs else "-"
         rates = " / ".join("-" if x is None else f"{x['mib_s']:.0f}" for x in (s, b, c))
-        lines.append(f"| {LABELS[proto]} | {cell(s)} | {cell(b)} | {cell(c)} | {ratio(c, b)} | "
-                     f"{spread} | {ratio(b, s)} | {ratio(c, s)} | {split(s)} | {split(b)} | "
-                     f"{split(c)} | {rates} |")
+        lines.append(f"| {LABELS[proto]} | {cell(s)} | {cell(b)} | {cell(c)} | "
+                     f"{ab.ratio(c, b, 's')} | {ab.spread(c, b)} | {ab.ratio(b, s, 's')} | "
+                     f"{ab.ratio(c, s, 's')} | {split(s)} | {split(b)} | {split(c)} | {rates} |")
     return "\n".join(lines)
 
 
