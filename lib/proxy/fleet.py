@@ -124,20 +124,24 @@ class FleetMember:
     def beat(self) -> None:
         """One heartbeat: register if needed, write stats and binding changes, expire the
         silent. :raises OwnershipError:"""
+        # The addresses as this beat writes them: a listener opening while the write waits
+        # (in the store's thread pool) is seen by the next beat, not taken as written.
+        addresses = dict(self.identity.addresses)
         if self._registered is None:
-            self.store.register_instance(self._instance_row())
+            self.store.register_instance(self._instance_row(addresses))
             self._published = {}
-            self._registered = dict(self.identity.addresses)
+            self._registered = addresses
             log.info("instance %s joined the fleet in %s", self.id, self.store.describe())
-        elif self._registered != self.identity.addresses:
+        elif self._registered != addresses:
             # A listener started after us (the admin app, one-port mode): show it too.
-            self.store.register_instance(self._instance_row())
-            self._registered = dict(self.identity.addresses)
+            self.store.register_instance(self._instance_row(addresses))
+            self._registered = addresses
         add, remove = self._binding_changes()
         if not self.store.heartbeat(self.id, self._stats(), add=add, remove=remove):
             log.warning("instance %s had expired from the fleet's registry: registering again",
                         self.id)
-            self.store.register_instance(self._instance_row())
+            self.store.register_instance(self._instance_row(addresses))
+            self._registered = addresses
             self._published = {}  # every binding is written again from the next beat
             return
         for b in add:
@@ -150,10 +154,10 @@ class FleetMember:
             log.info("instances gone silent, removed from the fleet: %s", ", ".join(gone))
         self._housekeeping()
 
-    def _instance_row(self) -> Instance:
+    def _instance_row(self, addresses: dict) -> Instance:
         now = self.clock()
         i = self.identity
-        return Instance(self.id, i.hostname, dict(i.addresses), i.fleet_addr, i.fingerprint,
+        return Instance(self.id, i.hostname, addresses, i.fleet_addr, i.fingerprint,
                         self.started, now, self._stats(), i.cert)
 
     def _stats(self) -> dict:
