@@ -259,3 +259,46 @@ def test_a_routed_exchange_sends_its_head_with_start_proxy(monkeypatch):
     assert stream.writes == [start + sent]
     assert spliced == [(b"ok", b"")]
     assert binding.bytes_in == len(sent)  # counted once, as the splice counted it
+
+
+def test_a_head_already_there_is_peeked_in_one_read_without_a_timeout():
+    """A visitor's head is usually there when its handler runs: peek_name reads what is there
+    once, without setting and restoring the socket's timeout (the timed loop runs only when
+    the name is not whole yet); every byte read still comes back, a refusal's too."""
+    import gevent.socket as gsocket
+
+    class Counting(gsocket.socket):
+        settimeouts = 0
+
+        def settimeout(self, t):
+            Counting.settimeouts += 1
+            super().settimeout(t)
+
+    def pair():
+        a, b = gsocket.socketpair()
+        return Counting(a.family, a.type, a.proto, fileno=a.detach()), b
+
+    ours, peer = pair()
+    with ours, peer:
+        peer.sendall(b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\nbody")
+        assert routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=5) == (
+            "b.test", b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\nbody")
+        assert Counting.settimeouts == 0 and ours.gettimeout() is None
+    ours, peer = pair()
+    with ours, peer:  # half a head now, the rest later: the timed loop, nothing lost
+        peer.sendall(b"GET / HTTP/1.1\r\nHo")
+        later = gevent.spawn_later(0.05, peer.sendall, b"st: c.test\r\n\r\n")
+        assert routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=5) == (
+            "c.test", b"GET / HTTP/1.1\r\nHost: c.test\r\n\r\n")
+        later.join()
+        assert Counting.settimeouts > 0 and ours.gettimeout() is None
+    ours, peer = pair()
+    with ours, peer:
+        peer.sendall(b"\x00\x01 not http")
+        with pytest.raises(sniff.SniffError) as refused:
+            routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=5)
+        assert refused.value.peeked == b"\x00\x01 not http"
+    ours, peer = pair()
+    with ours:
+        peer.close()
+        assert routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=5) == (None, b"")

@@ -156,7 +156,11 @@ class Binding:
 
     def pick(self) -> Tunnel | None:
         """The live tunnel with the fewest open streams; ties rotate."""
-        live = [t for t in self.tunnels if t.alive]
+        tunnels = self.tunnels
+        if len(tunnels) == 1:  # the usual binding: nothing to compare or rotate
+            only = tunnels[0]
+            return only if not only.session.closed else None
+        live = [t for t in tunnels if t.alive]
         if not live:
             return None
         self._rr += 1

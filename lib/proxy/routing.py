@@ -66,7 +66,7 @@ from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.httpexchange import OneExchangeSocket
 from lib.peerlog import PeerLog
-from lib.net.sockets import send_quietly, set_nodelay
+from lib.net.sockets import recv_nowait, send_quietly, set_nodelay
 from lib.net.splice import splice
 from lib.protocol import messages as msg
 from lib.protocol import sniff
@@ -405,8 +405,10 @@ class PublicRouter:
         if peeked:
             registry.count_bytes(binding, tunnel, n_in=len(peeked))
         # Sizes and names only: the bytes themselves are never logged (docs/SECURITY.md).
-        log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
-                  tunnel.id, stream.id)
+        debug = log.isEnabledFor(logging.DEBUG)  # asked once for the connection's two lines
+        if debug:
+            log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
+                      tunnel.id, stream.id)
         try:
             # partial, not a lambda: no Python frame of its own per chunk (bench/README.md,
             # "Per-request cost (issue 16)", kapath pass); the fourth argument is n_out.
@@ -416,7 +418,9 @@ class PublicRouter:
                    idle_timeout=self.config.idle_timeout, fallback_to_a=fallback)
         finally:
             tunnel.streams_open -= 1
-            log.debug("tunnel %d stream %d for %s ended", tunnel.id, stream.id, binding.name)
+            if debug:
+                log.debug("tunnel %d stream %d for %s ended", tunnel.id, stream.id,
+                          binding.name)
 
 
 def handed_client(client) -> tuple[str, int]:
@@ -508,8 +512,30 @@ def peek_name(sock, new_sniffer, timeout: float) -> tuple[str | None, bytes]:
     :raises lib.protocol.sniff.SniffError: the bytes are not what the listener speaks, or too many
         (its ``peeked`` attribute holds what was read).
     """
-    peeked = bytearray()
     sniffer = new_sniffer()
+    if isinstance(sock, gevent.socket.socket):
+        # A visitor's first bytes are usually there already: one read of what is there (no
+        # timeout set and restored, no gevent frame), then the timed loop only if needed.
+        try:
+            data = recv_nowait(sock, 8192)
+        except BlockingIOError:
+            data = None
+        if data is not None:
+            if not data:
+                return None, b""
+            try:
+                name = sniffer.feed(data)
+            except sniff.SniffError as e:
+                e.peeked = data  # for a caller that replays them elsewhere
+                raise
+            if name is not None:
+                return name, data
+            return _peek_rest(sock, sniffer, timeout, bytearray(data))
+    return _peek_rest(sock, sniffer, timeout, bytearray())
+
+
+def _peek_rest(sock, sniffer, timeout: float, peeked: bytearray) -> tuple[str | None, bytes]:
+    """peek_name's reads that may have to wait, ``peeked`` holding what was read before."""
     # The deadline is the socket's own timeout, set to what is left before each read: gevent
     # arms a timer only for a read that has to wait, and a visitor's first bytes are usually
     # there already (a gevent.Timeout around the loop cost a timer per connection).
