@@ -62,9 +62,11 @@ def test_a_connected_socket_is_what_gevents_constructor_makes():
     lsock = _listener()
     sock = connect_numeric(socket.AF_INET, lsock.getsockname(), 5, 65536)
     plain = gsocket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    assert {k: v for k, v in _slots(sock).items() if k != "tcp_tuned"} == _slots(plain)
+    assert {k: v for k, v in _slots(sock).items() if k not in ("tcp_tuned", "family")} == \
+        _slots(plain)
     assert (sock.family, sock.type, sock.proto) == (socket.AF_INET, socket.SOCK_STREAM,
                                                       socket.IPPROTO_TCP)
+    assert type(sock.family) is type(plain.family) is socket.AddressFamily
     assert sock.gettimeout() is None and plain.gettimeout() is None
     assert sock.tcp_tuned and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 65536
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

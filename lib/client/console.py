@@ -140,8 +140,8 @@ class Console:
     def stream_done(self, record) -> None:
         self.connection_count += 1
         self.connections.append(record)
-        if self.live or not self._log_limit.take():
-            return
+        if self.live or not log.isEnabledFor(logging.INFO) or not self._log_limit.take():
+            return  # (a line nobody would see costs no token: --log-level warning)
         dropped, self._log_limit.dropped = self._log_limit.dropped, 0
         log.info("visitor %s -> %s via %s: %s in, %s out, %.2f s, %s%s", record.visitor,
                  record.name, record.proxy, size(record.bytes_in), size(record.bytes_out),

@@ -219,10 +219,13 @@ class ConnectedSocket(gevent.socket.socket):
     calls per connection to a local target that this constructor does not make. It sets what
     gevent's does (tests/test_sockets.py compares the two on the pinned gevent)."""
 
-    __slots__ = ("tcp_tuned",)
+    __slots__ = ("tcp_tuned", "family")
 
     def __init__(self, family: int):  # noqa: super().__init__ is what this one replaces
         self.tcp_tuned = False
+        # Kept, as AcceptedSocket keeps it: gevent's family property makes an enum of the
+        # kernel's int on every read (lib.net.splice asks each end for it).
+        self.family = socket.AddressFamily(family)
         self._closed = False
         self._io_refs = 0
         self._sock = self._gevent_sock_class(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK,
