@@ -3,10 +3,10 @@ greenlet woken to accept them (lib/net/muxsession.py; bench/README.md, "freshcli
 from __future__ import annotations
 
 import gevent
-import greenlet
 
 from lib.errors import ErrorCode
 from tests.support.muxpair import session_pair
+from tests.support.switches import SwitchesInto
 
 
 def wait_until(predicate, timeout: float = 5.0) -> None:
@@ -18,23 +18,14 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
 def test_each_stream_is_handed_over_by_the_reader_and_the_serving_greenlet_sleeps():
     client, server = session_pair()
     got = []
-    switched_in: list = []
     serving = gevent.spawn(server.serve, got.append)
-
-    def trace(event, args):
-        if event in ("switch", "throw") and args[1] is serving:
-            switched_in.append(event)
-
     gevent.sleep(0.05)  # serve() has handed out nothing and waits for the session's end
-    old = greenlet.settrace(trace)
-    try:
+    with SwitchesInto(serving) as into:
         streams = [client.open() for _ in range(10)]
         for st in streams:
             st.sendall(b"x")
         wait_until(lambda: len(got) == 10)
-    finally:
-        greenlet.settrace(old)
-    assert switched_in == []  # no greenlet woken per stream (accept() would wake its caller)
+    assert into.count == 0  # no greenlet woken per stream (accept() would wake its caller)
     assert sorted(s.id for s in got) == sorted(s.id for s in streams)
     assert all(s.recv(10) == b"x" for s in got)
     assert server.stats.streams_accepted == 10
