@@ -1,5 +1,6 @@
 """Session.serve: streams the peer opens handed to a handler by the session's reader, with no
-greenlet woken to accept them (lib/net/muxsession.py; bench/README.md, "freshclient")."""
+greenlet woken to accept them (lib/net/muxsession.py; bench/README.md,
+"Fresh connections, the client's side")."""
 from __future__ import annotations
 
 import gevent

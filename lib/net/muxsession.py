@@ -544,8 +544,8 @@ class Session:
     def serve(self, handler) -> SessionEnd | None:
         """Hand each stream the peer opens to ``handler(stream)`` instead of :meth:`accept`:
         called by the reader greenlet once the read that opened the stream is decoded, so no
-        greenlet is woken to accept it (a fresh connection's hand-off: bench/README.md,
-        "freshclient"); the handler must not wait (it starts the stream's work elsewhere).
+        greenlet is woken to accept it (bench/README.md, "Fresh connections, the client's
+        side"); the handler must not wait (it starts the stream's work elsewhere).
         Streams already waiting for accept go first. Returns when the session ends."""
         self._on_stream = handler
         self._hand_streams()
