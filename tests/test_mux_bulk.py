@@ -1,12 +1,14 @@
-"""Bulk sending: lib.net.muxsession, "Sending"; TLSTransport's send pieces.
+"""Bulk: lib.net.muxsession, "Sending" and "Direct delivery"; TLSTransport's send pieces.
 
 A ``sendall`` waiting for the peer's window is fed by the session's reader as grants arrive
 (a peer that grants a frame at a time, as Go's muxado does, wakes the sending greenlet once per
 ``sendall``, not per frame), bytes keep their order, and what the reader cannot queue (no output
 room, a closed stream) goes back to the sender. A write of two frames leaves in one ``send()``.
+A read's frames reach a spliced socket in one ``sendmsg``, not joined first.
 """
 import os
 import socket
+import time
 
 import gevent
 import gevent.socket as gsocket
@@ -14,6 +16,7 @@ import pytest
 
 from lib.errors import StreamTimeout
 from lib.net.muxsession import MuxConfig, Session
+from lib.net.sockets import IOV_MAX
 from lib.net.tlstransport import TLSTransport
 from lib.protocol import muxframe as fr
 from tests.support.muxpair import pki, tls_pair  # noqa: F401
@@ -138,3 +141,88 @@ def test_two_frames_leave_in_one_send(pki):
     assert len(_CountingSends.sends) == 1
     c.close()
     s.close()
+
+
+class _RecordingSink:
+    """A sink (lib.net.muxsession, "Direct delivery") that records its offers and takes at most
+    ``take`` bytes in all."""
+
+    busy = False
+
+    def __init__(self, take):
+        self.take = take
+        self.got = bytearray()
+        self.offers = []
+
+    def _accept(self, data) -> int:
+        n = min(len(data), self.take - len(self.got))
+        self.got += data[:n]
+        return n
+
+    def offer(self, data) -> int:
+        self.offers.append(("one", len(data)))
+        return self._accept(data)
+
+    def offer_many(self, chunks) -> int:
+        self.offers.append(("many", [len(c) for c in chunks]))
+        return self._accept(b"".join(chunks))
+
+
+def _sink_pair(sink):
+    a, b = gsocket.socketpair()
+    cfg = MuxConfig(heartbeat=False)
+    c, s = Session(a, client=True, config=cfg), Session(b, client=False, config=cfg)
+    st = c.open()
+    st.sendall(b"x")
+    peer = s.accept(timeout=5)
+    assert peer.recv(10) == b"x"
+    peer.set_sink(sink)
+    return c, s, st, peer
+
+
+def test_a_read_of_many_frames_reaches_the_sink_unjoined():
+    # Direct delivery joined a read's frames (a copy of every byte) before one send; now they
+    # are offered as they are, for one sendmsg (splice's _Sink.offer_many).
+    sink = _RecordingSink(1 << 20)
+    c, s, st, peer = _sink_pair(sink)
+    blob = os.urandom(60_000)  # four frames, written at once: one read on the other side
+    st.sendall(blob)
+    deadline = time.monotonic() + 5
+    while len(sink.got) < len(blob) and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert bytes(sink.got) == blob
+    assert any(kind == "many" and len(sizes) > 1 for kind, sizes in sink.offers), sink.offers
+    assert all(kind == "many" or size <= fr.MAX_PAYLOAD for kind, size in sink.offers)
+    c.close()
+    s.close()
+
+
+def test_what_the_sink_does_not_take_is_read_after_it_in_order():
+    sink = _RecordingSink(20_000)  # part of the second frame, then nothing
+    c, s, st, peer = _sink_pair(sink)
+    blob = os.urandom(60_000)
+    st.sendall(blob)
+    st.shutdown(socket.SHUT_WR)
+    peer.settimeout(5)
+    rest = b""
+    while (d := peer.recv(65536)):
+        rest += d
+    assert bytes(sink.got) + rest == blob and len(sink.got) == 20_000
+    c.close()
+    s.close()
+
+
+def test_the_splice_sink_sends_many_buffers_in_one_call():
+    # splice's _Sink over a real socket: sendmsg of the pieces, capped at IOV_MAX of them.
+    from lib.net import splice
+    a, b = gsocket.socketpair()
+    sink = splice._Sink(None, a, None, splice._State(None))
+    pieces = [b"%05d" % i for i in range(IOV_MAX + 10)]
+    n = sink.offer_many(pieces)
+    assert n == 5 * IOV_MAX  # the first IOV_MAX, in one call
+    got = b""
+    while len(got) < n:
+        got += b.recv(65536)
+    assert got == b"".join(pieces[:IOV_MAX]) and sink.sent == n
+    a.close()
+    b.close()

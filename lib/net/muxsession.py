@@ -45,15 +45,17 @@ failed. Go's muxado acknowledges every read, so its grants come a frame at a tim
 woken once per buffer instead of once per 16 KiB frame (bench/README.md, "Bulk: the sender").
 
 Direct delivery: a stream spliced to a socket (lib.net.splice) has a *sink*, an object with a
-``busy`` flag (its own writer is sending what it took from the stream) and ``offer(data) -> int``
+``busy`` flag (its own writer is sending what it took from the stream), ``offer(data) -> int``
 (a non-blocking send: the bytes the socket took, 0 when it took none or failed; it never waits
-and never raises). Data the reader decodes for such a stream while its buffer is empty and the
-sink is not busy is collected and offered to the sink at the end of the read, from the reader
-greenlet: no Event, no wake-up of the greenlet reading the stream (bench/README.md, "Third pass:
-fewer wake-ups per request"). What the socket took counts as read (the window is given back as
-``recv`` would); what it did not take stays in the buffer and the stream's reader is woken to
-send it, waiting for the socket as before, so a slow socket still stops the window and bytes keep
-their order. EOF, resets and close take their usual path.
+and never raises) and ``offer_many(chunks) -> int`` (the same for a sequence of buffers: a
+read's frames go out in one ``sendmsg``, not joined first). Data the reader decodes for such a
+stream while its buffer is empty and the sink is not busy is collected and offered to the sink
+at the end of the read, from the reader greenlet: no Event, no wake-up of the greenlet reading
+the stream (bench/README.md, "Third pass: fewer wake-ups per request"). What the socket took
+counts as read (the window is given back as ``recv`` would); what it did not take stays in the
+buffer and the stream's reader is woken to send it, waiting for the socket as before, so a slow
+socket still stops the window and bytes keep their order. EOF, resets and close take their usual
+path.
 
 What a peer can make a session hold or do is bounded (docs/SECURITY.md, "Tunnel sessions"):
 
@@ -420,11 +422,17 @@ class Stream:
         if not chunks or sink is None or sink.busy or self._closed or self._read_closed:
             self._wake()  # taken meanwhile, or back to the usual path
             return
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        n = sink.offer(data)
-        chunks.clear()
-        if n < len(data):
-            chunks.append(data[n:] if n else data)
+        if len(chunks) == 1:
+            data = chunks[0]
+            n = sink.offer(data)
+            if n == len(data):
+                chunks.clear()
+            elif n:
+                chunks[0] = data[n:]
+        else:  # the read's frames in one sendmsg, not joined first (a copy of every byte)
+            n = sink.offer_many(chunks)
+            _drop_front(chunks, n)
+        if chunks:
             self._wake()
         if n:
             self._buffered -= n
@@ -436,6 +444,18 @@ class Stream:
         if self._error is None:
             self._error = error
         self._wake()
+
+
+def _drop_front(chunks: deque, n: int) -> None:
+    """Remove the first ``n`` bytes of ``chunks`` (a stream's buffer); only a chunk cut in two
+    is copied (its rest, under a frame)."""
+    while n:
+        first = chunks[0]
+        if len(first) > n:
+            chunks[0] = first[n:]
+            return
+        chunks.popleft()
+        n -= len(first)
 
 
 class Session:

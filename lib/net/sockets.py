@@ -20,6 +20,7 @@
     recv_nowait(sock, bufsize) -> bytes      # what is there now, never waiting (a hub callback)
     nowait_reader(sock) -> callable(n) -> bytes  # recv_nowait bound to one socket (below)
     nowait_sender(sock) -> callable(data) -> int # one send() that never waits (BlockingIOError)
+    nowait_sendmsg(sock) -> callable(buffers) -> int | None  # the same for many buffers (sendmsg)
     reader(end) -> callable(n) -> bytes      # recv_copy bound to a socket, end.recv for others
 
 Why Nagle is off everywhere: muxado has 64 KiB stream windows (Go's default), so the last small
@@ -178,6 +179,20 @@ def nowait_sender(sock):
     if raw is None:
         return lambda data: sock.send(data, 0, 0.0)
     return raw.send
+
+
+def nowait_sendmsg(sock):
+    """As ``nowait_sender`` for a sequence of buffers (one ``sendmsg``, no join), or None when
+    ``sock`` is not a plain gevent socket (gevent's own sendmsg waits on EAGAIN). At most
+    ``IOV_MAX`` buffers a call."""
+    raw = _os_socket(sock)
+    if raw is None or type(sock).sendmsg is not gevent.socket.socket.sendmsg:
+        return None
+    return raw.sendmsg
+
+
+# sendmsg's bound on buffers per call (Linux: 1024).
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def recv_copy(sock, bufsize: int) -> bytes:

@@ -46,6 +46,7 @@ import errno
 import socket
 import struct
 import time
+from itertools import islice
 
 import gevent
 import gevent.socket
@@ -53,8 +54,8 @@ from gevent.hub import Waiter
 
 from lib.net.muxsession import Stream
 from lib.net.greenpool import WorkerPool
-from lib.net.sockets import (SCRATCH_SIZE, nowait_reader, nowait_sender, reader, recv_copy,
-                             sender)
+from lib.net.sockets import (IOV_MAX, SCRATCH_SIZE, nowait_reader, nowait_sender,
+                             nowait_sendmsg, reader, recv_copy, sender)
 
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
@@ -102,7 +103,7 @@ class _Sink:
     ``offer`` runs in the session's reader, ``send`` is the copy loop's own (waiting) send."""
 
     __slots__ = ("stream", "sock", "on_bytes", "state", "busy", "sent", "error", "_sendall",
-                 "_send_now")
+                 "_send_now", "_sendmsg_now")
 
     def __init__(self, stream, sock, on_bytes, state: _State) -> None:
         self.stream = stream
@@ -114,16 +115,29 @@ class _Sink:
         self.error: OSError | None = None
         self._sendall = sender(sock)
         self._send_now = nowait_sender(sock)  # one send(), never waiting
+        self._sendmsg_now = nowait_sendmsg(sock)  # the same for a read's frames, or None
 
     def offer(self, data) -> int:
         """Send what the socket takes now, never waiting (lib.net.sockets.nowait_sender); 0 on
         EAGAIN or an error. An error aborts both ends at once, as the copy loop
         would: the socket's reset is reported to one call only, and the other direction's read
         would otherwise take the dead socket for a clean EOF and send the stream a FIN."""
+        return self._offer(self._send_now, data)
+
+    def offer_many(self, chunks) -> int:
+        """``offer`` for a read's data in pieces (a frame's payload each), in one ``sendmsg``
+        instead of a join (a copy of every byte: bench/README.md, "Bulk: the sender")."""
+        if self._sendmsg_now is None:
+            return self.offer(b"".join(chunks))
+        if len(chunks) > IOV_MAX:
+            chunks = list(islice(chunks, IOV_MAX))
+        return self._offer(self._sendmsg_now, chunks)
+
+    def _offer(self, send, data) -> int:
         if self.error is not None:
             return 0
         try:
-            n = self._send_now(data)
+            n = send(data)
         except BlockingIOError:
             return 0
         except OSError as e:
