@@ -172,12 +172,17 @@ class PublicRouter:
         self.route(sock, address, "http", sniff.HTTPHostSniffer, ROUTE_BY_HOST)
 
     def handle_tcp(self, sock, address) -> None:
-        port = sock.getsockname()[1]
+        # The listener's "host:port" is the bind's port and StartProxy's PublicAddr: known
+        # without a system call on a one-address listener, one getsockname on a wildcard one
+        # (there were two: the port's, then forward's PublicAddr).
+        public = _public_addr(sock)
+        port = int(public.rsplit(":", 1)[1]) if public else sock.getsockname()[1]
+        name = f"tcp:{port}"
         self._accepted(sock)
-        route = self._tcp_route(f"tcp:{port}")
-        if self._hand_over(sock, address, "tcp", f"tcp:{port}", b"", route):
+        route = self._tcp_route(name)
+        if self._hand_over(sock, address, "tcp", name, b"", route):
             return
-        self.forward(sock, address, route, b"", None)
+        self.forward(sock, address, route, b"", None, "tcp", public)
 
     def _tcp_route(self, name: str) -> Route:
         binding = self.registry.bindings.get(("tcp", name))
