@@ -458,6 +458,22 @@ def test_fleet_page_lists_this_instance_and_blocks_fleet_wide(world, page, clien
              "the blocked name leaves the fleet's registry", timeout=20)
 
 
+def test_a_hung_request_does_not_stop_the_polling(world, page):
+    """The fleet page's first /api/fleet request is held by the browser's router and never
+    answered: the dashboard gives it up after its request deadline (10 s) and its next poll
+    fills the table. With no deadline the page's one request in flight stayed in flight and
+    the table stayed empty for good."""
+    held, failed = [], []
+    page.route("**/api/fleet", lambda route: held.append(route), times=1)
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.goto(admin(world) + "/fleet")
+    me = page.locator("#instances tbody tr").filter(has_text="(this)")
+    me.wait_for(timeout=45000)  # the deadline, a poll period, and a loaded machine
+    assert len(held) == 1
+    assert [u for u in failed if "/api/fleet" in u], failed  # the held one, aborted
+    assert page.evaluate("window.shroud.polls") >= 1
+
+
 def test_log_out(world, page, browser):
     stolen = page.context.cookies()
     page.locator("#logout").click()

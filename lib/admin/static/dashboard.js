@@ -5,6 +5,7 @@
   'use strict';
 
   const POLL_MS = 2000;          // live enough to watch a transfer, cheap for the proxy
+  const REQUEST_MS = 10000;      // a poll's GET gives up after 5 periods: slow is fine, hung is not
   const csrf = document.querySelector('meta[name=csrf-token]').content;
   const $ = (sel, root) => (root || document).querySelector(sel);
   const $$ = (sel, root) => Array.from((root || document).querySelectorAll(sel));
@@ -61,21 +62,38 @@
   function toLogin() {
     location.href = '/login?next=' + encodeURIComponent(location.pathname + location.search);
   }
+  /* fetch(url, opts) and its JSON body, given up after timeoutMs (0: never). A poll's request
+   * that hangs (a wedged worker, a lost connection) would otherwise hold the poll's one request
+   * in flight forever and freeze the page; aborted, it fails like an unreachable proxy and the
+   * next poll runs. */
+  async function request(url, opts, timeoutMs) {
+    const ctl = new AbortController();
+    const timer = timeoutMs ? setTimeout(() => ctl.abort(), timeoutMs) : null;
+    try {
+      const r = await fetch(url, Object.assign({ credentials: 'same-origin', signal: ctl.signal }, opts));
+      if (r.status === 401) { toLogin(); throw new Error('logged out'); }
+      const body = await r.json().catch((e) => { if (ctl.signal.aborted) throw e; return {}; });
+      return [r, body];
+    } catch (e) {
+      if (ctl.signal.aborted) throw new Error('no answer in ' + timeoutMs / 1000 + ' s');
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
   async function getJSON(url) {
-    const r = await fetch(url, { headers: { Accept: 'application/json' }, credentials: 'same-origin' });
-    if (r.status === 401) { toLogin(); throw new Error('logged out'); }
-    const body = await r.json().catch(() => ({}));
+    const [r, body] = await request(url, { headers: { Accept: 'application/json' } }, REQUEST_MS);
     if (!r.ok) { const e = new Error(body.error || r.statusText); e.status = r.status; e.body = body; throw e; }
     return body;
   }
+  /* An operator's action: no deadline, since giving up would not undo it and "failed" would
+   * be wrong when it went through late. */
   async function post(url, body) {
-    const r = await fetch(url, {
-      method: 'POST', credentials: 'same-origin',
+    const [r, data] = await request(url, {
+      method: 'POST',
       headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': csrf, Accept: 'application/json' },
       body: JSON.stringify(body || {}),
-    });
-    if (r.status === 401) { toLogin(); throw new Error('logged out'); }
-    const data = await r.json().catch(() => ({}));
+    }, 0);
     if (!r.ok) throw new Error(data.error || r.statusText);
     return data;
   }
@@ -91,7 +109,8 @@
   }
 
   /* Poll fn every POLL_MS while the tab is visible; one request in flight at a time, so a
-   * slow proxy is never piled on. */
+   * slow proxy is never piled on, and none longer than REQUEST_MS (getJSON), so a hung one
+   * cannot stop the polling. */
   function poll(fn) {
     let timer = null, running = false;
     async function tick() {
