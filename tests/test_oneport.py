@@ -307,3 +307,41 @@ def test_the_head_the_sniffer_parsed_is_used_as_given():
     assert sock.recv(65536) == head  # an upgrade request's head is left as it is
     sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nraw")
     assert sock.switched
+
+
+def test_a_routed_connection_on_the_port_is_read_and_parsed_once(monkeypatch):
+    """One-port mode: the head the dispatcher's sniffer parsed is the one the router chooses
+    by and the exchange frames from (PublicRouter.route_named): one read, one parse per
+    connection, where the head was parsed three times (the sniffer, request_fields, the http
+    listener's route sniffing it again from a replay)."""
+    from types import SimpleNamespace
+
+    from lib.protocol import httphead
+    from lib.proxy import routing
+    from lib.proxy.oneport import OnePortRouter
+    from lib.proxy.registry import Registry
+    from lib.proxy.server import ProxyConfig
+
+    parsed = []
+    parse = httphead.parse_request_head
+    monkeypatch.setattr(httphead, "parse_request_head",
+                        lambda head: parsed.append(bytes(head)) or parse(head))
+    router = routing.PublicRouter(ProxyConfig(), Registry())
+    tunnel = SimpleNamespace(key=None, streams_open=0)
+    monkeypatch.setattr(router, "choose", lambda *a: routing.Route(routing.FORWARD, None, tunnel))
+    forwarded = []
+    monkeypatch.setattr(router, "forward",
+                        lambda sock, address, route, peeked, *a, **kw:
+                        forwarded.append((sock, address, peeked)))
+    proxy = SimpleNamespace(registry=router.registry, servers={}, router=router,
+                            config=SimpleNamespace(peek_timeout=5))
+    ours, theirs = gevent.socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"GET /a HTTP/1.1\r\nHost: Web.Test\r\nX-Forwarded-For: 198.51.100.7\r\n"
+                       b"\r\n")
+        assert OnePortRouter(proxy, ["proxy.test"]).dispatch(ours, ("10.0.0.1", 5)) is None
+    assert len(parsed) == 1
+    ((exchange, address, peeked),) = forwarded
+    assert address == ("198.51.100.7", 0)
+    assert peeked.endswith(b"Connection: close\r\n\r\n") and peeked.startswith(b"GET /a ")
+    assert type(exchange) is OneExchangeSocket and exchange._sock is ours

@@ -90,12 +90,17 @@ class OnePortRouter:
         :returns: a socket (the head replayed) for gunicorn to serve with the WSGI app, or
             None when the connection was handled here (tunnel, routed, or refused).
         """
-        name, data = self._peek(sock, address)
+        sniffer = sniff.HTTPHostSniffer()
+        name, data = self._peek(sock, address, sniffer)
         if name is None:
             return None
-        end = ws.split_head(data)
-        request_head = end[0] if end else data
-        method, path, headers = http1.request_fields(request_head)
+        # The head as the sniffer parsed it: read and parsed once per connection (it was three
+        # times: here, then again by the http listener's route on the head replayed).
+        request = sniffer.request
+        path = request.path
+        headers: dict[str, list[str]] = {}
+        for field, value in request.fields:
+            headers.setdefault(field, []).append(value)
         peer = address
         forwarded = headers.get("x-forwarded-for")
         if self.trust_forwarded_for and forwarded:
@@ -111,20 +116,20 @@ class OnePortRouter:
                 return None
             # One request here too: gunicorn would keep the router's connection alive and
             # serve the next request on it, for whatever host, with the dashboard.
-            return OneRequestSocket(sock, data)
+            return OneRequestSocket(sock, data, request=request)
         if self._misdirected(sock, name, is_tunnel_path and is_upgrade, peer):
             return None
         # A bound name (or an unknown one: 404), as on the http listener, which carries one
         # exchange, raw both ways only after the origin's 101 (lib.net.httpexchange).
-        self.proxy.router.route(ReplaySocket(sock, data), peer, "http", sniff.HTTPHostSniffer,
-                                ROUTE_BY_HOST)
+        self.proxy.router.route_named(sock, peer, "http", name, data, ROUTE_BY_HOST, request)
         return None
 
-    def _peek(self, sock, address) -> tuple[str | None, bytes]:
-        """The request's Host and head; (None, b"") when the connection was answered here."""
+    def _peek(self, sock, address, sniffer) -> tuple[str | None, bytes]:
+        """The request's Host and head (``sniffer``, a new HTTPHostSniffer, keeps the head it
+        parsed); (None, b"") when the connection was answered here."""
         proxy = self.proxy
         try:
-            name, head = peek_name(sock, sniff.HTTPHostSniffer, proxy.config.peek_timeout)
+            name, head = peek_name(sock, lambda: sniffer, proxy.config.peek_timeout)
             if name is None:
                 sock.close()
                 return None, b""

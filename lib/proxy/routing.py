@@ -7,6 +7,8 @@ Public API::
     router.handle_http(sock, address)
     router.handle_tcp(sock, address)
     router.route(sock, address, kind, new_sniffer, protocols)   # peek, choose, forward or refuse
+    router.route_named(sock, address, kind, name, peeked, protocols, request=None)
+        # the same for a connection whose name was peeked already (one-port mode)
     router.choose(kind, name, protocols) -> Route           # the decision alone (no I/O)
     router.forward(sock, address, route, peeked, fallback, kind)
     router.forward_exchange(sock, address, route, head, name)   # HTTP: one exchange, 502 fallback
@@ -210,6 +212,20 @@ class PublicRouter:
         name, peeked = self._peek(sock, kind, lambda: sniffer)
         if name is None:
             return
+        self._route_named(sock, address, kind, name, peeked, protocols,
+                          getattr(sniffer, "request", None))
+
+    def route_named(self, sock, address, kind: str, name: str, peeked: bytes, protocols,
+                    request=None) -> None:
+        """:meth:`route` for a connection whose name was peeked already (one-port mode,
+        lib/proxy/oneport.py): ``peeked`` is every byte read, ``request`` the head as
+        lib.protocol.httphead parsed it, if it was (an HTTP connection's head is then not read
+        or parsed again)."""
+        self._accepted(sock)
+        self._route_named(sock, address, kind, name, peeked, protocols, request)
+
+    def _route_named(self, sock, address, kind: str, name: str, peeked: bytes, protocols,
+                     request) -> None:
         route = self.choose(kind, name, protocols)
         if self._hand_over(sock, address, kind, name, peeked, route):
             return
@@ -219,8 +235,7 @@ class PublicRouter:
             return
         if kind == "http" and route.action == FORWARD:
             # The exchange starts from the head the sniffer read (not read a second time).
-            self.forward_exchange(sock, address, route, peeked, name,
-                                  request=getattr(sniffer, "request", None))
+            self.forward_exchange(sock, address, route, peeked, name, request=request)
         else:
             self.forward(sock, address, route, peeked, None, kind)
 
