@@ -1005,3 +1005,38 @@ def test_data_on_an_open_stream_costs_two_python_calls_per_frame_to_decode():
     assert events == [mp.DataReceived(sid, b"request %d" % i) for i in range(64)]
     assert all(type(e) is mp.DataReceived for e in events)
     assert len(calls) <= 2 * 64 + 4, calls
+
+
+@pytest.mark.parametrize("size", [1, 13, fr.MAX_PAYLOAD, fr.MAX_PAYLOAD + 1, 40_000])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_send_data_wire_is_the_same_whatever_path_queues_it(size, kind):
+    """send_data's one-frame fast path (immutable bytes, within the window) and the general
+    path write the same frames: header, payload, split at MAX_PAYLOAD."""
+    c = mp.MuxConnection(client=True, config=cfg(heartbeat=False))
+    sid = c.open_stream()
+    c.data_to_send()
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert c.send_data(sid, kind(payload)) == size
+    want = b"".join(fr.encode_data(sid, payload[i:i + fr.MAX_PAYLOAD])
+                    for i in range(0, size, fr.MAX_PAYLOAD))
+    assert c.outgoing_size == len(want)
+    assert bytes(c.data_to_send()) == want
+    assert c.send_window(sid) == mp.INITIAL_WINDOW - size
+
+
+def test_offer_data_takes_only_what_the_room_and_window_allow():
+    """offer_data (Stream.send_nowait's, never waiting): 0 with no output room, 0 for a window
+    under a frame and under the data (no sliver), else what the window takes."""
+    c = mp.MuxConnection(client=True, config=cfg(heartbeat=False, write_high_water=100_000))
+    sid = c.open_stream()
+    c.data_to_send()
+    assert c.offer_data(sid, bytes(13)) == 13
+    assert c.offer_data(sid, bytes(70_000)) == mp.INITIAL_WINDOW - 13  # the window's rest
+    assert c.offer_data(sid, bytes(10)) == 0  # window 0: wait for WindowOpened
+    c.receive_data(fr.encode_wndinc(sid, 200_000))
+    room = 100_000 - c.unsent_size
+    assert room > mp.SEND_THRESHOLD
+    assert c.offer_data(sid, bytes(100_000)) == room  # up to the high-water mark
+    assert c.unsent_size >= 100_000
+    assert c.offer_data(sid, bytes(10)) == 0  # past the high-water mark: no room
+    assert c.offer_data(sid + 2, b"x") == 0  # no such stream (forgotten): nothing taken

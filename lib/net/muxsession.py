@@ -240,12 +240,7 @@ class Stream:
         if (self._write_closed or self._closed or self._error is not None
                 or session._end is not None):
             self._check_writable()  # raises
-        conn = session._conn
-        room = conn.config.write_high_water - conn.unsent_size
-        window = conn.send_window(self.id)
-        if room <= 0 or (window < len(data) and window < mp.SEND_THRESHOLD):
-            return 0
-        n = conn.send_data(self.id, data[:max(room, mp.SEND_THRESHOLD)])
+        n = session._conn.offer_data(self.id, data)  # the window and the output room (its doc)
         if n:
             self.bytes_out += n
             session.stats.bytes_out += n

@@ -83,6 +83,7 @@ class TLSTransport:
         self._hub = gevent.get_hub() if isinstance(sock, gevent.socket.socket) else None
         self._readable = None  # an io watcher, made on first use
         self._drained = False  # the last raw read came back small (WAIT_FIRST_BELOW)
+        self._empty = False  # recv_view returned with nothing left to decrypt
         self._plain: memoryview | None = None  # recv_view's buffer, made on first use
         self._tail = b""  # sealed records write_nowait could not send: they go out first
 
@@ -146,11 +147,14 @@ class TLSTransport:
         n = min(n, RAW_READ)
         size = 0
         read, incoming, decrypted = self._obj.read, self._in, self._obj.pending
+        # Nothing was left to decrypt when the last call returned, and only _read_raw feeds
+        # the BIO since: no need to ask before the first raw read.
+        empty = self._empty
         while size < n:
             # Only with bytes to decrypt: else read raises SSLWantReadError, an exception built
             # (message and all) twice per read that ends a request, ~1.7 us each
             # (bench/README.md, "Per-request cost (issue 16)", kapath pass).
-            if incoming.pending or decrypted():
+            if not empty and (incoming.pending or decrypted()):
                 try:
                     got = read(min(n - size, RECORD), view[size:])
                 except ssl.SSLWantReadError:
@@ -164,6 +168,7 @@ class TLSTransport:
                     self._eof = True
                     break
             if size:
+                self._empty = True  # (waits_before_read)
                 break
             if self._eof:
                 return view[:0]
@@ -172,15 +177,17 @@ class TLSTransport:
                 # also stop our writes), so a half-closed transport can still send.
                 self._eof = True
                 break
+            empty = False
         if self._out.pending and not self._wlock.locked():
             self._flush()
         return view[:size]
 
     @property
     def waits_before_read(self) -> bool:
-        # .timeout: a gevent socket's own attribute (_hub), read without gevent's gettimeout()
-        return (self._drained and self._hub is not None and not self._in.pending
-                and not self._obj.pending() and self._sock.timeout is None)
+        # _empty: recv_view left nothing to decrypt. .timeout: a gevent socket's own attribute
+        # (_hub), read without gevent's gettimeout().
+        return (self._drained and self._empty and self._hub is not None
+                and self._sock.timeout is None)
 
     def _read_raw(self) -> int:
         """Read from the socket into the incoming BIO: the byte count (0 at EOF)."""
@@ -200,6 +207,8 @@ class TLSTransport:
             n = len(view)
             if n:
                 self._in.write(view)
+        if n:
+            self._empty = False
         self._drained = n < WAIT_FIRST_BELOW
         return n
 

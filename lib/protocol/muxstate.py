@@ -9,6 +9,7 @@ Public API::
     sid = conn.open_stream()              # SYN (plus an early WNDINC granting a larger window;
                                           # a peer's stream gets it with its first WNDINC)
     n = conn.send_data(sid, data)         # queues DATA within the peer's window; returns bytes taken
+    n = conn.offer_data(sid, data)        # the same within the output room too, or 0 (never waits)
     conn.send_window(sid), conn.receive_window(sid)   # the peer's window, and ours
     conn.end_stream(sid)                  # DATA+FIN (half-close)
     conn.reset_stream(sid, code)          # RST
@@ -476,6 +477,14 @@ class MuxConnection:
         if st is None or st.local_fin:
             raise ProtocolError(f"stream {sid} is closed for writing", ErrorCode.STREAM_CLOSED)
         total = len(data)
+        if (0 < total <= fr.MAX_PAYLOAD and total <= st.send_window and not fin
+                and type(data) is bytes):
+            # One frame of immutable bytes within the window (a request, an answer): queued
+            # as it is, in one step (bench/README.md, "Per-request cost (issue 16)", kapath).
+            self._out += (fr.HEADER.pack(total, 0, fr.TYPE_DATA, sid), data)
+            self.outgoing_size += total + fr.HEADER_SIZE
+            st.send_window -= total
+            return total
         n = min(total, st.send_window)
         if n == 0 and not (fin and total == 0):
             return 0
@@ -501,6 +510,21 @@ class MuxConnection:
                 self._emit(fr.encode_data(sid, b"", True))
             self._local_fin(sid, st)
         return n
+
+    def offer_data(self, sid: int, data: bytes) -> int:
+        """``send_data`` for a writer that must not wait: what the peer's window and the output
+        room (``write_high_water`` less ``unsent_size``, at least a frame) take now. 0 when
+        there is no room, or when the window holds less than ``data`` and less than a frame:
+        the writer waits for a WindowOpened instead of sending a sliver, as a waiting one would.
+        Raises as send_data on a stream closed for writing; 0 for one already forgotten."""
+        st = self._streams.get(sid)
+        if st is None:
+            return 0
+        room = self.config.write_high_water - self.outgoing_size - self._handed_size
+        window = st.send_window
+        if room <= 0 or (window < len(data) and window < SEND_THRESHOLD):
+            return 0
+        return self.send_data(sid, data[:max(room, SEND_THRESHOLD)])
 
     def send_window(self, sid: int) -> int:
         st = self._streams.get(sid)
