@@ -15,6 +15,7 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from lib.identity import Identity
+from tests.support.greenlets import running_greenlets
 from tests.support.loaddrs import loopback_addresses
 from tests.support.procs import ADMIN_TOKEN, ClientProc, OriginProc, ProxyProc
 from tests.test_hostile import Attacker, _PublicKeyOnly
@@ -184,6 +185,7 @@ def test_a_claimed_key_is_listed_unproven(world):
     """Item 13: a tunnel that only claims the victim's public key in Auth is listed with that
     key, marked unproven; the victim's own tunnel, whose signed bind verified, is proven."""
     victim = Identity.load_or_create(str(world["dir"] / "client"))
+    running = running_greenlets()
     claimer = Attacker(world["proxy"], _PublicKeyOnly(victim))
     try:
         claimer.auth()
@@ -202,3 +204,5 @@ def test_a_claimed_key_is_listed_unproven(world):
         assert row and row[0]["key_proven"] is False
     finally:
         claimer.close()
+    # The tunnel's session greenlets ended with it, not inside the next test.
+    assert not running_greenlets() - running

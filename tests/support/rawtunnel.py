@@ -7,7 +7,7 @@ that speak the protocol to a real proxy and then misbehave (floods, forged or re
     t.signed_bind(name, protocol="http") -> Bind   # signed over t.nonce for this proxy
     t.bind(name, protocol="http", sign=True, bad_signature=False) -> BindResp
     t.send(message) -> the answer       # one control message on a new stream
-    t.close()
+    t.close()                           # and its session's greenlets have ended
 
 The proxy's certificate is not verified: these tests attack the proxy, they do not protect a
 client from it.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ssl
 
+import gevent
 import gevent.socket
 import gevent.ssl
 
@@ -25,6 +26,9 @@ from lib.net.muxsession import MuxConfig, Session
 
 # Every answer comes from a local proxy; 10 s means it is not coming.
 REPLY_TIMEOUT = 10
+# Session.close kills its greenlets without waiting; they end at the hub's next turn, so 5 s
+# means one is stuck (shown here, not as a greenlet running inside the next test).
+CLOSE_TIMEOUT = 5
 
 
 class RawTunnel:
@@ -76,4 +80,14 @@ class RawTunnel:
         return self.send(msg.Bind(protocol=protocol, hostname=name))
 
     def close(self) -> None:
+        """Close the session and wait, at most CLOSE_TIMEOUT, for its reader, writer and
+        watchdog greenlets to end (tests/support/greenlets.py says why)."""
         self.session.close()
+        # Session has no public join (lib/net/muxsession.py); its three greenlets by name, as
+        # tests/test_mux_flush.py reads _writer.
+        session = self.session
+        mine = [g for g in (session._reader, session._writer, session._heartbeat)
+                if g is not None]
+        gevent.joinall(mine, timeout=CLOSE_TIMEOUT)
+        alive = [g for g in mine if not g.dead]
+        assert not alive, f"RawTunnel.close: {alive} still running after {CLOSE_TIMEOUT} s"
