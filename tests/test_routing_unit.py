@@ -19,7 +19,7 @@ import pytest
 from lib.protocol import sniff
 from tests.support.sniffwork import count_records_opened
 from lib.proxy import routing
-from lib.proxy.registry import RateHistory, Registry
+from lib.proxy.registry import ROUTE_BY_HOST, RateHistory, Registry
 from lib.proxy.server import ProxyConfig
 
 
@@ -193,29 +193,33 @@ def test_peek_deadline_is_for_all_reads_and_the_socket_timeout_comes_back():
         assert name == "b.test" and ours.gettimeout() is None
 
 
+def route_a_post(monkeypatch, router, binding, head: bytes) -> None:
+    """A visitor sends ``head``, a 2-byte body "ok" and the start of a next request; the router
+    routes it by Host to ``binding``'s tunnel (what it answers the visitor is dropped)."""
+    monkeypatch.setattr(router, "choose", lambda *a: router.choose_tunnel(binding))
+
+    class Visitor(Reads):
+        def sendall(self, data):
+            pass
+    router.route(Visitor([head, b"ok", b"GET /next HTTP/1.1\r\n"]), ("127.0.0.1", 1), "http",
+                 sniff.HTTPHostSniffer, ROUTE_BY_HOST)
+
+
 def test_a_routed_exchange_reads_its_head_once(monkeypatch):
     """The head the sniffer read (lib.protocol.httphead) is the one the exchange frames from
     (lib.net.httpexchange): parsed once per connection, where it was three times with h11."""
     from lib.protocol import httphead
-    from lib.proxy.registry import ROUTE_BY_HOST
     parsed = []
     parse = httphead.parse_request_head
     monkeypatch.setattr(httphead, "parse_request_head",
                         lambda head: parsed.append(head) or parse(head))
     router = routing.PublicRouter(ProxyConfig(), Registry())
-    binding = Binding(Tunnel())
-    monkeypatch.setattr(router, "choose", lambda *a: router.choose_tunnel(binding))
     exchanges = []
     monkeypatch.setattr(router, "forward",
                         lambda sock, address, route, peeked, *a, **kw:
                         exchanges.append((sock, peeked)))
-
-    class Visitor(Reads):
-        def sendall(self, data):
-            pass
-    head = b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n"
-    router.route(Visitor([head, b"ok", b"GET /next HTTP/1.1\r\n"]), ("127.0.0.1", 1), "http",
-                 sniff.HTTPHostSniffer, ROUTE_BY_HOST)
+    route_a_post(monkeypatch, router, Binding(Tunnel()),
+                 b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n")
     assert len(parsed) == 1
     ((exchange, sent_with_start),) = exchanges
     assert sent_with_start.endswith(b"Connection: close\r\n\r\n")
@@ -227,7 +231,6 @@ def test_a_routed_exchange_sends_its_head_with_start_proxy(monkeypatch):
     TLS record), not the head replayed by the splice afterwards as a second frame; the
     exchange's reads go on after the head (a body, then EOF at the request's end)."""
     from lib.protocol import messages as msg
-    from lib.proxy.registry import ROUTE_BY_HOST
 
     class RecordingStream(SlowStream):
         def __init__(self):
@@ -241,17 +244,11 @@ def test_a_routed_exchange_sends_its_head_with_start_proxy(monkeypatch):
                                            or streams[-1])
     binding = Binding(tunnel)
     router = routing.PublicRouter(ProxyConfig(idle_timeout=None), Registry())
-    monkeypatch.setattr(router, "choose", lambda *a: router.choose_tunnel(binding))
     spliced = []
     monkeypatch.setattr(routing, "splice", lambda a, b, **kw: spliced.append(
         (a.recv(65536), a.recv(65536))))
-
-    class Visitor(Reads):
-        def sendall(self, data):
-            pass
-    head = b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n"
-    router.route(Visitor([head, b"ok", b"GET /next HTTP/1.1\r\n"]), ("127.0.0.1", 1), "http",
-                 sniff.HTTPHostSniffer, ROUTE_BY_HOST)
+    route_a_post(monkeypatch, router, binding,
+                 b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n")
     (stream,) = streams
     sent = (b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n"
             b"Connection: close\r\n\r\n")
