@@ -636,7 +636,7 @@ class Session:
                     return
                 conn.batch_written()
                 self._last_progress = time.monotonic()
-                if conn.unsent_size < half:
+                if conn.outgoing_size < half:  # unsent_size, now that the batch is written
                     self._room.set()
         except (OSError, ValueError) as e:
             self._write_failed(e)
