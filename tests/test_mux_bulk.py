@@ -226,3 +226,24 @@ def test_the_splice_sink_sends_many_buffers_in_one_call():
     assert got == b"".join(pieces[:IOV_MAX]) and sink.sent == n
     a.close()
     b.close()
+
+
+def test_a_grant_and_a_reset_in_one_read_fail_the_stream_not_the_session():
+    # A peer (an honest one too) grants window, then resets the stream, both in one write: the
+    # grant's WindowOpened is dispatched before the reset, when lib.protocol.muxstate has
+    # already forgotten the stream. The reader must not queue the waiting sender's bytes then
+    # (send_data raised "closed for writing" in the reader and ended the whole session).
+    peer, s = _bulk_session()
+    st = s.open()
+    sender = gevent.spawn(st.sendall, bytes(200_000))
+    deadline = time.monotonic() + 5
+    while st._pending is None and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert st._pending is not None  # waiting for window, its bytes left with the reader
+    peer.sendall(fr.encode_wndinc(st.id, 64 << 10) + fr.encode(fr.Rst(st.id, 8)))
+    with pytest.raises(OSError):
+        sender.get(timeout=5)
+    other = s.open()
+    other.sendall(b"still up")  # within the initial window: queued at once
+    assert s._end is None, s._end
+    s.close()

@@ -305,11 +305,13 @@ class Stream:
         see to something itself (no room, closed, failed)."""
         session = self.session
         conn = session._conn
-        room = conn.config.write_high_water - conn.unsent_size
-        if (room > 0 and not self._write_closed and self._error is None
-                and session._end is None):
+        if not self._write_closed and self._error is None and session._end is None:
             view = self._pending
-            n = conn.send_data(self.id, view[:max(room, mp.SEND_THRESHOLD)])
+            # offer_data: what the window and the output room take, and 0 for a stream
+            # lib.protocol.muxstate forgot earlier in this read (a grant then a reset in one
+            # read: its StreamReset is dispatched after this WindowOpened; send_data raised
+            # and ended the session).
+            n = conn.offer_data(self.id, view)
             if n:
                 self.bytes_out += n
                 session.stats.bytes_out += n
