@@ -753,3 +753,44 @@ def test_proxy_drops_a_frozen_client_by_its_own_heartbeat(tmp_path):
     finally:
         for p in (client, proxy, origin):
             p.stop()
+
+
+def _poll(predicate, what: str, timeout: float = 10.0):
+    """wait_for with gevent's sleep: a RawPeer reads in a greenlet of this thread."""
+    deadline = time.monotonic() + timeout
+    while not (last := predicate()):
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        gevent.sleep(0.05)
+    return last
+
+
+def test_a_grant_and_a_reset_in_one_write_end_the_stream_not_the_tunnel(world):
+    """A tunnel client grants window to a stream the proxy is waiting to send an upload on and
+    resets it, in one write (an honest client does, when its origin closes mid-upload): that
+    stream ends, the tunnel goes on. The proxy's reader queued the waiting bytes for a stream
+    it had just forgotten and ended the whole session (lib/net/muxsession.py, _send_pending)."""
+    proxy = world["proxy"]
+    name = "grant-rst.test"
+    p = RawPeer(proxy.ports["tunnel"])
+    visitors = []
+    try:
+        p.handshake(Identity.load_or_create(str(world["dir"] / "grant-rst")), name)
+        p.start_reading()
+        v = socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10)
+        visitors.append(v)
+        v.sendall(f"POST / HTTP/1.1\r\nHost: {name}\r\nContent-Length: {1 << 20}\r\n\r\n"
+                  .encode() + bytes(256 << 10))  # 4 windows' worth: the proxy waits for one
+        sid = _poll(lambda: next((s for s, n in p.data_in.items() if n >= mp.INITIAL_WINDOW),
+                                 None), "the stream's first window filled")
+        gevent.sleep(0.3)  # the splice reaches its waiting sendall (the race needs it there)
+        p.send(fr.encode_wndinc(sid, 1 << 20) + fr.encode(fr.Rst(sid, ErrorCode.CANCEL)))
+        opened = len(p.syns)
+        v2 = socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10)
+        visitors.append(v2)
+        v2.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+        _poll(lambda: len(p.syns) > opened or p.closed.is_set(), "the next visitor's stream")
+        assert not p.closed.is_set() and p.goaway is None, p.goaway
+    finally:
+        for s in visitors:
+            s.close()
+        p.close()

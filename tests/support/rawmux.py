@@ -5,6 +5,7 @@
     peer.send(fr.encode(...)) / peer.send_many(frame_bytes, times)
     peer.start_reading()                    # count the proxy's answers by frame type, in a greenlet
     peer.counts[fr.TYPE_RST], peer.goaway   # what came back; goaway = (last id, code) or None
+    peer.data_in[sid], peer.syns            # DATA bytes per stream, the streams the proxy opened
     peer.wait_closed(timeout) -> bool       # the proxy closed the connection (EOF or reset)
     peer.close()
 
@@ -41,6 +42,8 @@ class RawPeer:
         self.counts: dict[int, int] = {}
         self.bytes_in = 0
         self.goaway: tuple[int, int] | None = None
+        self.data_in: dict[int, int] = {}
+        self.syns: list[int] = []
         self.closed = gevent.event.Event()
         self._reader = None
         self._dec = fr.FrameDecoder()  # one for the connection: frames may straddle reads
@@ -117,6 +120,10 @@ class RawPeer:
                     self.counts[t] = self.counts.get(t, 0) + 1
                     if t == fr.TYPE_GOAWAY:
                         self.goaway = (f.last_stream_id, f.code)
+                    elif t == fr.TYPE_DATA:
+                        self.data_in[f.stream_id] = self.data_in.get(f.stream_id, 0) + len(f.data)
+                    elif t == fr.TYPE_SYN:
+                        self.syns.append(f.stream_id)
         except (OSError, ValueError):
             pass
         finally:
