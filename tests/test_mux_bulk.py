@@ -247,3 +247,58 @@ def test_a_grant_and_a_reset_in_one_read_fail_the_stream_not_the_session():
     other.sendall(b"still up")  # within the initial window: queued at once
     assert s._end is None, s._end
     s.close()
+
+
+class _RecordingEnd:
+    """A socket's stand-in for splice (not a gevent socket: the copy loop writes to it), which
+    records the size of every write."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.family = sock.family
+        self.writes = []
+
+    def recv(self, n):
+        return self.sock.recv(n)
+
+    def sendall(self, data):
+        self.writes.append(len(data))
+        self.sock.sendall(data)
+
+    def __getattr__(self, name):  # shutdown, close, settimeout, setsockopt
+        return getattr(self.sock, name)
+
+
+def _splice_bulk(pool: int) -> list:
+    from lib.net.splice import splice
+    from lib.protocol import muxstate as mp
+    a, b = gsocket.socketpair()
+    cfg = MuxConfig(heartbeat=False, grow_windows=True, window_pool=mp.WindowPool(pool))
+    ours, theirs = Session(a, client=True, config=cfg), Session(b, client=False, config=cfg)
+    st = ours.open()  # ours: its window grows as it is read (the proxy's visitors' streams)
+    st.sendall(b"x")
+    peer = theirs.accept(timeout=5)
+    assert peer.recv(10) == b"x"
+    near, far = gsocket.socketpair()
+    end = _RecordingEnd(near)
+    blob = os.urandom(8 << 20)
+    drained = gevent.spawn(lambda: sum(len(d) for d in iter(lambda: far.recv(1 << 20), b"")))
+    g = gevent.spawn(splice, st, end)
+    peer.sendall(blob)
+    peer.shutdown(socket.SHUT_WR)
+    far.shutdown(socket.SHUT_WR)  # the other direction ends at once
+    assert drained.get(timeout=30) == len(blob)
+    g.get(timeout=10)
+    ours.close()
+    theirs.close()
+    return end.writes
+
+
+def test_a_stream_whose_window_grew_is_copied_in_bulk_pieces():
+    # Its reader keeps up (the window grew to 1 MiB): 256 KiB reads, a quarter of the copy
+    # loop's turns; a stream whose window stays at 64 KiB (here: no pool to grow it from, as
+    # for a visitor that stops reading) keeps 64 KiB reads.
+    grown = _splice_bulk(pool=64 << 20)
+    assert sum(grown) == 8 << 20 and max(grown) > 64 * 1024, max(grown)
+    kept = _splice_bulk(pool=0)
+    assert sum(kept) == 8 << 20 and max(kept) <= 64 * 1024, max(kept)

@@ -65,6 +65,13 @@ CHUNK = 256 * 1024
 # larger read saves no system call, and what one read takes is held while the other end is
 # slow to accept it, per connection.
 STREAM_CHUNK = 64 * 1024
+# ...but a stream whose window grew to BULK_WINDOW (its reader keeps up: MuxConfig.grow_windows)
+# is read up to BULK_STREAM_CHUNK at a time after a read of over half a chunk: a quarter of the copy
+# loop's turns (a wake-up, a join, a send) per GiB, -8 % CPU per GiB at the proxy in bulk HTTP
+# by Host (bench/README.md, "Bulk: the sender"). A visitor that stops reading keeps a 64-128 KiB
+# window, and so 64 KiB reads (docs/OPERATIONS.md, "Memory per visitor").
+BULK_WINDOW = 256 * 1024
+BULK_STREAM_CHUNK = 256 * 1024
 # Bytes a TCP end may hold unsent in its kernel queue (beyond what is in flight): 64 KiB keeps
 # a fast path busy between two of our writes (the kernel still autotunes what is in flight).
 UNSENT_LOWAT = 64 * 1024
@@ -270,6 +277,7 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
     total = 0
     if getattr(src, "family", None) is None:  # a mux stream (sockets have a family)
         chunk = min(chunk, STREAM_CHUNK)
+    bulk_later = chunk == STREAM_CHUNK and isinstance(src, Stream)
     recv, send = reader(src), sender(dst)
     sink = _sink_for(src, dst, on_bytes, state)
     if sink is not None:
@@ -291,6 +299,8 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
                 break
             send(data)
             n = len(data)
+            if bulk_later and n > chunk // 2 and src.receive_window >= BULK_WINDOW:
+                chunk, bulk_later = BULK_STREAM_CHUNK, False
             total += n
             state.last = time.monotonic()
             if on_bytes is not None:
