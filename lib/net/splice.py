@@ -124,27 +124,17 @@ class _Sink:
         self._send_now = nowait_sender(sock)  # one send(), never waiting
         self._sendmsg_now = nowait_sendmsg(sock)  # the same for a read's frames, or None
 
-    def offer(self, data) -> int:
-        """Send what the socket takes now, never waiting (lib.net.sockets.nowait_sender); 0 on
-        EAGAIN or an error. An error aborts both ends at once, as the copy loop
-        would: the socket's reset is reported to one call only, and the other direction's read
-        would otherwise take the dead socket for a clean EOF and send the stream a FIN."""
-        return self._offer(self._send_now, data)
-
-    def offer_many(self, chunks) -> int:
-        """``offer`` for a read's data in pieces (a frame's payload each), in one ``sendmsg``
-        instead of a join (a copy of every byte: bench/README.md, "Bulk: the sender")."""
-        if self._sendmsg_now is None:
-            return self.offer(b"".join(chunks))
-        if len(chunks) > IOV_MAX:
-            chunks = list(islice(chunks, IOV_MAX))
-        return self._offer(self._sendmsg_now, chunks)
-
-    def _offer(self, send, data) -> int:
+    def offer(self, data, send=None) -> int:
+        """Send what the socket takes now, never waiting (lib.net.sockets.nowait_sender, or
+        ``send``: offer_many's sendmsg); 0 on EAGAIN or an error. An error aborts both ends at
+        once, as the copy loop would: the socket's reset is reported to one call only, and the
+        other direction's read would otherwise take the dead socket for a clean EOF and send
+        the stream a FIN. One call per keep-alive answer, no helper under it (bench/README.md,
+        "Per-request cost (issue 16)", kapath pass)."""
         if self.error is not None:
             return 0
         try:
-            n = send(data)
+            n = self._send_now(data) if send is None else send(data)
         except BlockingIOError:
             return 0
         except OSError as e:
@@ -158,6 +148,15 @@ class _Sink:
             if self.on_bytes is not None:
                 self.on_bytes(n)
         return n
+
+    def offer_many(self, chunks) -> int:
+        """``offer`` for a read's data in pieces (a frame's payload each), in one ``sendmsg``
+        instead of a join (a copy of every byte: bench/README.md, "Bulk: the sender")."""
+        if self._sendmsg_now is None:
+            return self.offer(b"".join(chunks))
+        if len(chunks) > IOV_MAX:
+            chunks = list(islice(chunks, IOV_MAX))
+        return self.offer(chunks, self._sendmsg_now)
 
     def send(self, data) -> None:
         if self.error is not None:
