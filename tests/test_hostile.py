@@ -794,3 +794,26 @@ def test_a_grant_and_a_reset_in_one_write_end_the_stream_not_the_tunnel(world):
         for s in visitors:
             s.close()
         p.close()
+
+
+def test_visitors_aborting_downloads_do_not_drop_the_tunnel(world):
+    """A visitor with no key reads part of a large answer and resets its connection, again
+    and again: the proxy's grant for that stream and its reset can reach the client in one
+    read, where the client's reader queued the waiting answer for a stream it had just
+    forgotten and ended the whole tunnel, every other visitor's connection with it
+    (lib/net/muxsession.py, _send_pending). 200 visitors, 60 s at most."""
+    proxy, client = world["proxy"], world["client"]
+    failed = client.log().count(" failed: ")
+    head = f"GET /bytes/{16 << 20} HTTP/1.1\r\nHost: {GOOD}\r\n\r\n".encode()
+    deadline = time.monotonic() + 60
+    for i in range(200):
+        with socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10) as s:
+            s.sendall(head)
+            got, want = 0, (64 << 10) * (1 + i % 8)  # a window's worth to eight
+            while got < want and (data := s.recv(65536)):
+                got += len(data)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if time.monotonic() > deadline:
+            break
+    assert good_get(proxy)[0] == 200
+    assert client.log().count(" failed: ") == failed, client.log()[-2000:]
