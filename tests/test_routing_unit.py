@@ -74,6 +74,7 @@ class Tunnel:
     def __init__(self):
         self.id, self.key, self.streams_open, self.streams_total = 1, None, 0, 0
         self.bytes_in = self.bytes_out = 0
+        self.meters = {}  # Registry.meter keeps the pair's counters here
         self.session = types.SimpleNamespace(open=SlowStream)
 
 
@@ -82,7 +83,7 @@ class Binding:
         self.url, self.name, self.connections = "http://a.test", "a.test", 0
         self.tunnels = [tunnel]
         self.refusals = Counter()
-        self.bytes_in = self.bytes_out = 0  # Registry.count_bytes counts into them directly
+        self.bytes_in = self.bytes_out = 0  # a Meter counts into them directly
         self.history = RateHistory()
 
     def pick(self):

@@ -9,6 +9,8 @@ Public API::
     binding.pick() -> Tunnel | None      # balances new connections across the binding's tunnels
     registry.remove_tunnel(tunnel)        # drops its bindings; a binding with no tunnel goes away
     registry.count_refusal(reason, binding=None, n=1)
+    meter = registry.meter(binding, tunnel)   # one per (binding, tunnel), kept in tunnel.meters
+    meter.count_in(n) / meter.count_out(n)    # a spliced chunk: every byte counter, one call
     registry.add_listener(name, address)  # shown in the status views as "host:port"
     registry.snapshot() -> dict           # JSON-ready view for the status API and dashboard
 
@@ -62,13 +64,15 @@ class RateHistory:
         bucket, current = self._bucket, self._current
         if (second != self._second or not self.seconds or self.seconds[-1] is not current
                 or self.buckets[-1] is not bucket):  # a new second, or rings rebuilt elsewhere
-            bucket, current = self._turn(second)
+            bucket, current = self.turn(second)
         bucket[1] += n_in
         bucket[2] += n_out
         current[1] += n_in
         current[2] += n_out
 
-    def _turn(self, second: int) -> tuple[list, list]:
+    def turn(self, second: int) -> tuple[list, list]:
+        """The chart bucket and the rate bucket ``second`` counts in, appended when it starts
+        one: a Meter calls it once per second and adds to the two lists itself."""
         for ring, start in ((self.buckets, second // BUCKET_SECONDS * BUCKET_SECONDS),
                             (self.seconds, second)):
             if not ring or ring[-1][0] != start:
@@ -118,6 +122,8 @@ class Tunnel:
         self.ever_bound = False
         self.bytes_in = 0  # public -> origin
         self.bytes_out = 0  # origin -> public
+        # Registry.meter's, one per binding through this tunnel (so bounded like bindings).
+        self.meters: dict[Binding, Meter] = {}
 
     @property
     def alive(self) -> bool:
@@ -134,6 +140,63 @@ class Tunnel:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "names": sorted(b.name for b in self.bindings),
         }
+
+
+class Meter:
+    """The byte counters one (binding, tunnel) pair moves: ``count_in(n)`` / ``count_out(n)``
+    add a spliced chunk to the binding's, the tunnel's and the registry's totals and to the
+    binding's and the registry's rate histories, in one Python call.
+
+    The splice calls one of them per chunk, each way, so they are the proxy's hottest Python
+    functions: per keep-alive request Registry.count_bytes and RateHistory.add_at were 6 of
+    its 17 Python calls, now 2 (bench/README.md, "Per-request cost (issue 16)", counters
+    pass). The four current buckets (chart and per-second, binding and registry) are kept here
+    and looked up again (RateHistory.turn) only when the clock leaves their second; the clock
+    is read once per chunk and compared as a float (no int()). A live registry's rings are
+    only ever appended by turn (lib.proxy.groupview rebuilds rings only in its read-only
+    views), so the kept buckets stay the rings' last until the second changes.
+    """
+
+    __slots__ = ("registry", "binding", "tunnel", "clock", "_start", "_end",
+                 "_b_chart", "_b_rate", "_r_chart", "_r_rate")
+
+    def __init__(self, registry: "Registry", binding: "Binding", tunnel: Tunnel):
+        self.registry, self.binding, self.tunnel = registry, binding, tunnel
+        self.clock = registry.history.clock  # one clock for both histories, as count_bytes had
+        self._start = self._end = 0.0  # [start, end): the second the kept buckets count in
+        self._b_chart = self._b_rate = self._r_chart = self._r_rate = None
+
+    def count_in(self, n: int) -> None:
+        """``n`` bytes public -> origin."""
+        self.binding.bytes_in += n
+        self.tunnel.bytes_in += n
+        self.registry.bytes_in += n
+        now = self.clock()
+        if not self._start <= now < self._end:
+            self._turn(now)
+        self._b_chart[1] += n
+        self._b_rate[1] += n
+        self._r_chart[1] += n
+        self._r_rate[1] += n
+
+    def count_out(self, n: int) -> None:
+        """``n`` bytes origin -> public."""
+        self.binding.bytes_out += n
+        self.tunnel.bytes_out += n
+        self.registry.bytes_out += n
+        now = self.clock()
+        if not self._start <= now < self._end:
+            self._turn(now)
+        self._b_chart[2] += n
+        self._b_rate[2] += n
+        self._r_chart[2] += n
+        self._r_rate[2] += n
+
+    def _turn(self, now: float) -> None:
+        second = int(now)
+        self._b_chart, self._b_rate = self.binding.history.turn(second)
+        self._r_chart, self._r_rate = self.registry.history.turn(second)
+        self._start, self._end = second, second + 1
 
 
 class Binding:
@@ -247,6 +310,7 @@ class Registry:
             if not b.tunnels and self.bindings.pop((b.protocol, b.name), None) is not None:
                 self._gone(b)
         tunnel.bindings.clear()
+        tunnel.meters.clear()
 
     def existing(self, protocol: str, name: str) -> Binding | None:
         return self.bindings.get((protocol, name))
@@ -267,6 +331,7 @@ class Registry:
         popped = self.bindings.pop((binding.protocol, binding.name), None)
         for t in binding.tunnels:
             t.bindings.discard(binding)
+            t.meters.pop(binding, None)
         binding.tunnels.clear()
         if popped is not None:
             self._gone(popped)
@@ -284,19 +349,21 @@ class Registry:
         if binding is not None:
             binding.refusals[reason] += n
 
+    def meter(self, binding: Binding, tunnel: Tunnel) -> Meter:
+        """The pair's byte counters, made on first use and kept until the binding or the
+        tunnel goes (routing looks in ``tunnel.meters`` first: no call per connection)."""
+        m = tunnel.meters.get(binding)
+        if m is None:
+            m = tunnel.meters[binding] = Meter(self, binding, tunnel)
+        return m
+
     def count_bytes(self, binding: Binding, tunnel: Tunnel, n_in: int = 0, n_out: int = 0) -> None:
-        # Twice per spliced chunk: one clock read for both histories, every counter inline
-        # (2-4 % of the proxy's keep-alive CPU before; bench/README.md "The cost of a loop
-        # turn, and the collector").
-        binding.bytes_in += n_in
-        binding.bytes_out += n_out
-        tunnel.bytes_in += n_in
-        tunnel.bytes_out += n_out
-        self.bytes_in += n_in
-        self.bytes_out += n_out
-        second = int(self.history.clock())
-        binding.history.add_at(second, n_in, n_out)
-        self.history.add_at(second, n_in, n_out)
+        """Both ways at once (the splice's per-chunk path is Meter.count_in/count_out)."""
+        m = self.meter(binding, tunnel)
+        if n_in or not n_out:
+            m.count_in(n_in)
+        if n_out:
+            m.count_out(n_out)
 
     def snapshot(self) -> dict:
         rate_in, rate_out = self.history.rate()

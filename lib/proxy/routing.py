@@ -422,19 +422,18 @@ class PublicRouter:
             return
         binding.connections += 1
         tunnel.streams_total += 1
+        # The pair's counters (made once per binding and tunnel, not per connection): one
+        # Python call per chunk (bench/README.md, "Per-request cost (issue 16)", counters pass).
+        meter = tunnel.meters.get(binding) or registry.meter(binding, tunnel)
         if peeked:
-            registry.count_bytes(binding, tunnel, n_in=len(peeked))
+            meter.count_in(len(peeked))
         # Sizes and names only: the bytes themselves are never logged (docs/SECURITY.md).
         debug = log.isEnabledFor(logging.DEBUG)  # asked once for the connection's two lines
         if debug:
             log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
                       tunnel.id, stream.id)
         try:
-            # partial, not a lambda: no Python frame of its own per chunk (bench/README.md,
-            # "Per-request cost (issue 16)", kapath pass); the fourth argument is n_out.
-            splice(sock, stream,
-                   on_a_to_b=functools.partial(registry.count_bytes, binding, tunnel),
-                   on_b_to_a=functools.partial(registry.count_bytes, binding, tunnel, 0),
+            splice(sock, stream, on_a_to_b=meter.count_in, on_b_to_a=meter.count_out,
                    idle_timeout=self.config.idle_timeout, fallback_to_a=fallback)
         finally:
             tunnel.streams_open -= 1
