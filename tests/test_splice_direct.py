@@ -15,6 +15,7 @@ import pytest
 from lib.errors import MuxError, StreamReset
 from lib.net.muxsession import Stream
 from lib.net.splice import splice
+from tests.support.calls import PythonCalls
 from tests.support.muxpair import session_pair
 from tests.support.switches import SwitchesInto
 
@@ -248,23 +249,14 @@ def test_a_keep_alive_answer_is_offered_in_one_python_call():
     """_Sink.offer runs once per answer delivered straight to a visitor: its send (the OS
     socket's) and counting happen in it, no helper frame under it (bench/README.md,
     "Per-request cost (issue 16)", kapath pass)."""
-    import sys
     from lib.net import splice as sp
     a, b = gsocket.socketpair()
     try:
         sink = sp._Sink(None, a, None, sp._State(None))
-        calls = []
-
-        def count(frame, event, arg):
-            if event == "call":
-                calls.append(frame.f_code.co_qualname)
-        sys.setprofile(count)
-        try:
+        with PythonCalls() as calls:
             n = sink.offer(b"HTTP/1.1 200 OK\r\n\r\n")
-        finally:
-            sys.setprofile(None)
         assert n == 19 and b.recv(64) == b"HTTP/1.1 200 OK\r\n\r\n"
-        assert calls == ["_Sink.offer"]
+        assert calls.names == ["_Sink.offer"]
     finally:
         a.close()
         b.close()
