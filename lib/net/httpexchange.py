@@ -5,7 +5,7 @@ keepalive) may send the next request, from another visitor and for another host,
 connection. Spliced raw to the first request's origin, that request (with its cookies) would
 reach the wrong origin, and an origin that answers twice would answer the next visitor. These
 wrappers sit between the public socket and lib.net.splice so that a routed connection carries
-exactly one exchange (docs/SECURITY.md, "One exchange per routed connection").
+exactly one exchange (docs/SECURITY.md, "A front that pools connections").
 
 Public API::
 

@@ -26,7 +26,7 @@ decision (lib/proxy/bindpolicy.py) refuses a blocked name or key before it asks 
    short fingerprint and since when). With ``tofu=True`` the first key to bind an unowned name
    becomes its owner, durably. TOFU never grants a wildcard: those need rule 1 or 3.
 
-4a. **Claim limits** (docs/SECURITY.md, "Squatting"; :class:`ClaimLimits`): a new first-use
+4a. **Claim limits** (docs/SECURITY.md, "Another client"; :class:`ClaimLimits`): a new first-use
    claim is refused (``limit``) beyond the key's quota of names or its address's rate; a
    first-use claim nobody bound for ``expiry_days`` lapses and may be claimed anew.
 

@@ -206,7 +206,7 @@ class PublicRouter:
 
         An HTTP connection carries one exchange (lib.net.httpexchange.OneExchangeSocket): a
         second request on it would otherwise reach this request's origin, whatever its Host
-        (docs/SECURITY.md, "One exchange per routed connection")."""
+        (docs/SECURITY.md, "A front that pools connections")."""
         self._accepted(sock)
         sniffer = new_sniffer()
         name, peeked = self._peek(sock, kind, lambda: sniffer)

@@ -342,7 +342,8 @@ class TunnelService:
         if answer.verdict != bindpolicy.REFUSE and self._over_key_cap(tunnel):
             answer = self._key_cap_refusal()  # before the store: no claim is written
         if answer.verdict == bindpolicy.ASK_OWNERSHIP:
-            # Claim rates per client network: an IPv6 peer's /64 (docs/SECURITY.md, "Squatting")
+            # Claim rates per client network: an IPv6 peer's /64 (docs/SECURITY.md, "Another
+            # client")
             decision = self._ownership(answer.name, tunnel.key,
                                        client_network(peer_host(tunnel.peer)))
             # Asked again with the blocks and bindings as they are after the wait on the store.

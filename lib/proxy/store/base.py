@@ -17,7 +17,7 @@ Errors (a tree; callers catch what they can act on)::
       StoreUnavailable        the database cannot be reached now; try again (code
                               "store-unavailable")
     ClaimRefused              a new first-use claim is over a limit (docs/SECURITY.md,
-                              "Squatting"); code "limit"
+                              "Another client"); code "limit"
 
 Durable squatting (docs/SECURITY.md) is bounded here, in one transaction with the claim, so the
 limits hold fleet-wide: :class:`ClaimLimits` caps the first-use names one key may own, rate
@@ -84,7 +84,7 @@ class ClaimLimits:
 
     The defaults let a client bind its names on a fleet of proxies at once, reconnect, and add
     names now and then, while a free key or a free address cannot fill the store
-    (docs/SECURITY.md, "Squatting").
+    (docs/SECURITY.md, "Another client").
     """
 
     # One client's services: a few dozen names is a large configuration.

@@ -62,7 +62,7 @@ _MIGRATIONS = {
                time REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
                target TEXT NOT NULL, detail TEXT NOT NULL)""",
     ],
-    2: [  # the live registry and the claim limits (docs/SECURITY.md, "Squatting")
+    2: [  # the live registry and the claim limits (docs/SECURITY.md, "Another client")
         "CREATE INDEX ownership_expiry ON ownership(method, last_bound)",
         """CREATE TABLE instance (
                id TEXT PRIMARY KEY, hostname TEXT NOT NULL, addresses TEXT NOT NULL,
