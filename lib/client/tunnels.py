@@ -627,7 +627,8 @@ class TunnelRunner:
             if opened is not None:
                 peer, local = opened
                 n_in, record.bytes_out = splice(
-                    peer, local, on_a_to_b=self._count_in, on_b_to_a=self._count_out)
+                    peer, local, on_a_to_b=self._count_in, on_b_to_a=self._count_out,
+                    b_answers=record.bytes_in > 0)
                 record.bytes_in += n_in
         finally:
             # splice closed both its ends, whatever happened; the stream is left to close when

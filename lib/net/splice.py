@@ -3,7 +3,7 @@
 Public API::
 
     splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout=None, chunk=CHUNK,
-           fallback_to_a=None) -> (n_ab, n_ba)
+           fallback_to_a=None, b_answers=False) -> (n_ab, n_ba)
 
 Half-close is carried through: when one side reaches EOF, the other side gets
 ``shutdown(SHUT_WR)`` and the opposite direction keeps flowing until it ends too. ``a`` to
@@ -39,6 +39,13 @@ errors are handed to the copy loop, which stops the watcher meanwhile: it sends 
 waiting as before (the socket is not read on, so a stream that stops reading stops the
 socket), carries EOF and errors as before, and watches again. An abort stops every watcher of
 the splice before it closes an end, and ends a copy loop waiting on one.
+
+``b_answers``: ``b`` (a socket fed to stream ``a``) was just sent a request, so its answer is
+rarely there yet: the first read waits first, in the watcher's callback (no read finding
+nothing: an EAGAIN ``recv``), and reads once more at once, so an origin that answers and closes
+has the stream's FIN queued with the answer's DATA (one record, flushed in that loop turn, before
+the copy loop wakes to end). The client's target after StartProxy's bytes (lib.client.tunnels);
+no ``fallback_to_a`` with it.
 """
 from __future__ import annotations
 
@@ -182,9 +189,10 @@ class _Feeder:
     ``recv`` is the copy loop's; it returns only what the callback could not queue."""
 
     __slots__ = ("sock", "stream", "on_bytes", "state", "chunk", "watcher", "waiter", "sent",
-                 "reads", "_read_now")
+                 "reads", "_read_now", "first", "fin_now")
 
-    def __init__(self, sock, stream, on_bytes, state: _State, chunk: int) -> None:
+    def __init__(self, sock, stream, on_bytes, state: _State, chunk: int,
+                 wait_first: bool = False) -> None:
         self.sock = sock
         self.stream = stream
         self.on_bytes = on_bytes
@@ -194,7 +202,11 @@ class _Feeder:
         self._read_now = None  # lib.net.sockets.nowait_reader, made with the watcher
         self.waiter: Waiter | None = None
         self.sent = 0
-        self.reads = 0
+        # An answer not there yet (splice's b_answers): the watcher's callback takes the first
+        # read too, after the wait, instead of a read finding nothing (an EAGAIN recv).
+        self.reads = FEED_AFTER if wait_first else 0
+        self.first = wait_first  # the next callback is the answer's first (_first_readable)
+        self.fin_now = False  # EOF seen by _first_readable: the FIN is queued at once
 
     def recv(self, n: int) -> bytes:
         if self.reads < FEED_AFTER:
@@ -204,7 +216,7 @@ class _Feeder:
             self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
             self._read_now = nowait_reader(self.sock)
         self.waiter = waiter = Waiter()
-        self.watcher.start(self._readable)
+        self.watcher.start(self._first_readable if self.first else self._readable)
         try:
             return waiter.get()  # the callback's hand-off: the rest, b"" at EOF, or an error
         finally:
@@ -231,14 +243,39 @@ class _Feeder:
         if n < len(data):
             self._hand(data[n:])  # the window or the session's output is full: wait there
 
+    def _first_readable(self) -> None:
+        """The answer's first read (splice's b_answers), then one more at once: an origin that
+        answers once and closes has its EOF behind the answer already, and the stream's FIN
+        then joins the answer's DATA in this loop turn's flush, one record, before the copy
+        loop wakes to end (bench/README.md, "Fresh connections: the answer's path")."""
+        self.first = False
+        self.watcher.callback = self._readable
+        self._readable()
+        if self.watcher.active:  # all of it queued, nothing handed to the copy loop
+            self.fin_now = True
+            try:
+                self._readable()  # stale (EAGAIN): the watcher waits for the rest as usual
+            finally:
+                self.fin_now = False
+
     def _hand(self, what) -> None:
         self.watcher.stop()
         waiter = self.waiter
         if waiter is not None:
             if isinstance(what, BaseException):
                 waiter.throw(what)
-            else:
+            elif what or not self.fin_now:
                 waiter.switch(what)
+            else:  # EOF right behind the first answer: the FIN now, the copy loop after
+                try:
+                    self.stream.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass  # the copy loop's own shutdown meets it again
+                gevent.get_hub().loop.run_callback(self._eof, waiter)
+
+    def _eof(self, waiter: Waiter) -> None:
+        if self.waiter is waiter:  # not cancelled meanwhile
+            waiter.switch(b"")
 
     def cancel(self) -> None:
         """An end is about to be closed: stop watching, and end a copy loop waiting here."""
@@ -251,28 +288,32 @@ class _Feeder:
                 waiter.throw, OSError(errno.EBADF, "splice ended while reading"))
 
 
-def _feeder_for(src, dst, on_bytes, state: _State, chunk: int) -> _Feeder | None:
+def _feeder_for(src, dst, on_bytes, state: _State, chunk: int,
+                wait_first: bool = False) -> _Feeder | None:
     # A socket with a timeout of its own measures silence by its reads: a watcher would
     # not, so it keeps the copy loop's reads.
     if (isinstance(dst, Stream) and isinstance(src, gevent.socket.socket)
             and src.gettimeout() is None):
-        feeder = _Feeder(src, dst, on_bytes, state, chunk)
+        feeder = _Feeder(src, dst, on_bytes, state, chunk, wait_first)
         state.feeders.append(feeder)
         return feeder
     return None
 
 
-def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None = None) -> int:
+def _pump(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None = None,
+          wait_first: bool = False) -> int:
     me = gevent.getcurrent()
     state.pumps.insert(0 if fallback is not None else len(state.pumps), me)
     try:
-        return _copy(src, dst, on_bytes, state, chunk, fallback)
+        return _copy(src, dst, on_bytes, state, chunk, fallback,
+                     wait_first and fallback is None)
     finally:
         state.pumps.remove(me)
         state.ended += 1
 
 
-def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None) -> int:
+def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None,
+          wait_first: bool = False) -> int:
     total = 0
     if getattr(src, "family", None) is None:  # a mux stream (sockets have a family)
         chunk = min(chunk, STREAM_CHUNK)
@@ -282,7 +323,7 @@ def _copy(src, dst, on_bytes, state: _State, chunk: int, fallback: bytes | None)
     if sink is not None:
         send = sink.send
         src.set_sink(sink)
-    feeder = _feeder_for(src, dst, on_bytes, state, chunk)
+    feeder = _feeder_for(src, dst, on_bytes, state, chunk, wait_first)
     if feeder is not None:
         recv = feeder.recv
     try:
@@ -406,7 +447,8 @@ def _start_idle_timer(state: _State):
 
 
 def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None = None,
-           chunk: int = CHUNK, fallback_to_a: bytes | None = None) -> tuple[int, int]:
+           chunk: int = CHUNK, fallback_to_a: bytes | None = None,
+           b_answers: bool = False) -> tuple[int, int]:
     state = _State(idle_timeout)
     for end in (a, b):
         _limit_unsent(end)
@@ -419,7 +461,7 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
     # a -> b in this greenlet, at once: bytes already waiting in a (the proxy's replayed
     # request head, the client's first bytes from the visitor) join what the caller just
     # wrote to b (a new stream's SYN and StartProxy) in one TLS record and one send().
-    g = _DIRECTIONS.start(_pump, b, a, on_b_to_a, state, chunk, fallback_to_a)
+    g = _DIRECTIONS.start(_pump, b, a, on_b_to_a, state, chunk, fallback_to_a, b_answers)
     try:
         n_ab = _pump(a, b, on_a_to_b, state, chunk)
         g.join()
