@@ -140,6 +140,17 @@ def recv_nowait(sock, bufsize: int) -> bytes:
     return bytes(_scratch[:n])
 
 
+def read_watcher(sock):
+    """The io watcher (readable) a plain gevent socket waits on in its own reads, or None: a hub
+    callback reading the socket may wait on it instead of a watcher of its own (each new one
+    costs an ``fcntl(F_GETFD)`` on the descriptor: tests/test_syscall_budget.py). Who starts it
+    stops it before the socket's own methods wait again, and never closes it (the socket's
+    close does)."""
+    if _os_socket(sock) is None:
+        return None
+    return getattr(sock, "_read_event", None)
+
+
 def _os_socket(sock):
     """The OS socket under a plain gevent socket, or None. gevent keeps it non-blocking and
     waits on top of it in its own methods, so its ``send``/``recv_into`` are one system call

@@ -62,7 +62,8 @@ from gevent.hub import Waiter
 from lib.net.muxsession import Stream
 from lib.net.greenpool import WorkerPool
 from lib.net.sockets import (IOV_MAX, SCRATCH_SIZE, nowait_reader, nowait_sender,
-                             nowait_sendmsg, reader, recv_copy, sender)
+                             nowait_sendmsg, read_watcher, reader, recv_copy,
+                             sender)
 
 # A read returns what is there, up to this: large reads mean fewer system calls and hub
 # switches per MiB in bulk transfers, and cost nothing while a connection is idle (the buffer
@@ -189,7 +190,7 @@ class _Feeder:
     ``recv`` is the copy loop's; it returns only what the callback could not queue."""
 
     __slots__ = ("sock", "stream", "on_bytes", "state", "chunk", "watcher", "waiter", "sent",
-                 "reads", "_read_now", "first", "fin_now")
+                 "reads", "_read_now", "first", "fin_now", "own_watcher")
 
     def __init__(self, sock, stream, on_bytes, state: _State, chunk: int,
                  wait_first: bool = False) -> None:
@@ -207,13 +208,19 @@ class _Feeder:
         self.reads = FEED_AFTER if wait_first else 0
         self.first = wait_first  # the next callback is the answer's first (_first_readable)
         self.fin_now = False  # EOF seen by _first_readable: the FIN is queued at once
+        self.own_watcher = True  # False: the socket's own (read_watcher), closed with it
 
     def recv(self, n: int) -> bytes:
         if self.reads < FEED_AFTER:
             self.reads += 1
             return recv_copy(self.sock, n)
         if self.watcher is None:
-            self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
+            # A connection that may end after one answer (b_answers) borrows the socket's own.
+            self.watcher = self.first and read_watcher(self.sock)
+            if self.watcher:
+                self.own_watcher = False
+            else:
+                self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)  # 1: readable
             self._read_now = nowait_reader(self.sock)
         self.waiter = waiter = Waiter()
         self.watcher.start(self._first_readable if self.first else self._readable)
@@ -375,7 +382,7 @@ def _done(src, sink: _Sink | None, feeder: _Feeder | None) -> int:
     if feeder is not None:
         feeder.cancel()
         feeder.state.feeders.remove(feeder)
-        if feeder.watcher is not None:
+        if feeder.watcher is not None and feeder.own_watcher:
             feeder.watcher.close()
         return feeder.sent
     if sink is None:
