@@ -5,6 +5,7 @@ the splice's copy loop; what it does not take is sent by the copy loop, in order
 that stops reading still stops the stream's window.
 """
 import hashlib
+import _socket
 import socket
 import struct
 
@@ -260,3 +261,42 @@ def test_a_keep_alive_answer_is_offered_in_one_python_call():
     finally:
         a.close()
         b.close()
+
+
+class _CountingRaw(_socket.socket):
+    """An OS socket counting its reads (each one system call, EAGAIN included)."""
+
+    def recv_into(self, *args):
+        self.reads += 1
+        return super().recv_into(*args)
+
+
+def _count_reads(sock) -> _CountingRaw:
+    """Put a counting OS socket under gevent socket ``sock`` (the same descriptor, non-blocking
+    as gevent keeps it): its own reads and lib.net.sockets' reads of the OS socket both count."""
+    raw = _CountingRaw(fileno=sock._sock.detach())
+    raw.setblocking(False)
+    raw.reads = 0
+    sock._sock = raw
+    return raw
+
+
+def test_an_awaited_answer_is_read_without_a_read_finding_nothing(rig):
+    """splice's b_answers (the client's target after the visitor's first bytes): the answer's
+    first read waits first, and the read after it, right away, finds the origin's EOF, so the
+    FIN leaves with the answer. Without b_answers the first read finds nothing (an EAGAIN recv)
+    before the wait: 3 reads."""
+    origin = rig.visitor  # inner is our end of the origin's connection
+    raw = _count_reads(rig.inner)
+    g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
+    wait_until(lambda: rig.inner._read_event.active, 5)  # the answer's direction waits
+    origin.sendall(b"HTTP/1.1 200 OK\r\n\r\nanswer")
+    origin.close()
+    data = b""
+    while len(data) < 25:
+        data += rig.far.recv(100)
+    assert data == b"HTTP/1.1 200 OK\r\n\r\nanswer"
+    assert rig.far.recv(100) == b""
+    rig.far.close()
+    assert g.get(timeout=5) == (0, 25)
+    assert raw.reads == 2  # the answer, then its EOF
