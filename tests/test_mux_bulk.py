@@ -245,7 +245,7 @@ def test_a_grant_and_a_reset_in_one_read_fail_the_stream_not_the_session():
         sender.get(timeout=5)
     other = s.open()
     other.sendall(b"still up")  # within the initial window: queued at once
-    assert s._end is None, s._end
+    assert s.end is None, s.end
     s.close()
 
 
