@@ -54,3 +54,22 @@ def test_streams_waiting_before_serve_go_first_and_a_reset_one_is_skipped():
     client.close()
     g.get(timeout=5)
     server.close()
+
+
+def test_a_handler_that_raises_ends_the_session_not_the_reader_alone():
+    # The handler runs in the session's reader: its exception must end the session (serve()
+    # returns, the tunnel reconnects), not leave it open with nobody reading until the
+    # heartbeat watchdog gives up on it.
+    client, server = session_pair(heartbeat=False)
+
+    def handler(stream):
+        raise RuntimeError("a bug in the handler")
+
+    serving = gevent.spawn(server.serve, handler)
+    gevent.sleep(0)
+    client.open().sendall(b"x")
+    end = serving.get(timeout=5)
+    assert end is not None and end.code == ErrorCode.INTERNAL_ERROR, end
+    assert "a bug in the handler" in end.reason
+    assert client.wait(timeout=5) is not None  # the transport was closed: the peer sees it
+    client.close()

@@ -562,7 +562,8 @@ class Session:
         """Hand each stream the peer opens to ``handler(stream)`` instead of :meth:`accept`:
         called by the reader greenlet once the read that opened the stream is decoded, so no
         greenlet is woken to accept it (bench/README.md, "Fresh connections, the client's
-        side"); the handler must not wait (it starts the stream's work elsewhere).
+        side"); the handler must not wait (it starts the stream's work elsewhere), and an
+        exception from it ends the session (INTERNAL_ERROR) and the reader with it.
         Streams already waiting for accept go first. Returns when the session ends."""
         self._on_stream = handler
         self._hand_streams()
@@ -584,7 +585,14 @@ class Session:
 
     def _hand_streams(self) -> None:
         while (stream := self._next_accepted()) is not None:
-            self._on_stream(stream)
+            try:
+                self._on_stream(stream)
+            except BaseException as e:
+                # The handler runs in the reader: failing, it ends the session (serve()
+                # returns), not the reader alone, which left the session open and unread.
+                self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR,
+                                        f"stream handler failed: {e!r}", remote=False))
+                raise
 
     def goaway(self, code: int = ErrorCode.NO_ERROR) -> None:
         if self._end is None:
