@@ -173,3 +173,19 @@ def test_a_spliced_chunk_costs_one_python_call(monkeypatch):
     assert c_calls <= 2 * n + turns  # the clock, once per chunk
     assert (b.bytes_in, b.bytes_out) == (3 + 1 + 13 * n, 1 + 13 * n)
     assert (t.bytes_in, r.bytes_out) == (b.bytes_in, b.bytes_out)
+
+
+def test_a_meter_asked_for_after_its_binding_went_is_not_kept():
+    # A connection routed just before an unbind asks for its meter after it (routing does,
+    # once StartProxy is sent): kept, it stayed in tunnel.meters until the tunnel went, so a
+    # client binding and unbinding a name while visitors come grew the table without bound.
+    r = Registry()
+    t = r.add_tunnel(FakeSession(), "192.0.2.1:1", None, "a" * 32)
+    for _ in range(100):
+        b = r.bind(t, "http", "churn.test", None, "tofu", "http://churn.test")
+        r.unbind(b)
+        r.meter(b, t).count_in(1)  # still counted
+    assert t.meters == {}
+    assert r.bytes_in == 100
+    kept = r.bind(t, "http", "kept.test", None, "tofu", "http://kept.test")
+    assert r.meter(kept, t) is r.meter(kept, t) is t.meters[kept]

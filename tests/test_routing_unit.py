@@ -75,6 +75,7 @@ class Tunnel:
         self.id, self.key, self.streams_open, self.streams_total = 1, None, 0, 0
         self.bytes_in = self.bytes_out = 0
         self.meters = {}  # Registry.meter keeps the pair's counters here
+        self.bindings = set()  # ... while the binding is one of these
         self.session = types.SimpleNamespace(open=SlowStream)
 
 
@@ -82,6 +83,7 @@ class Binding:
     def __init__(self, tunnel):
         self.url, self.name, self.connections = "http://a.test", "a.test", 0
         self.tunnels = [tunnel]
+        tunnel.bindings.add(self)  # as Registry.bind
         self.refusals = Counter()
         self.bytes_in = self.bytes_out = 0  # a Meter counts into them directly
         self.history = RateHistory()

@@ -351,10 +351,14 @@ class Registry:
 
     def meter(self, binding: Binding, tunnel: Tunnel) -> Meter:
         """The pair's byte counters, made on first use and kept until the binding or the
-        tunnel goes (routing looks in ``tunnel.meters`` first: no call per connection)."""
+        tunnel goes (routing looks in ``tunnel.meters`` first: no call per connection). Kept
+        only while the tunnel holds the binding: a connection routed before an unbind asks
+        after it, and a client binding and unbinding names must not grow the table."""
         m = tunnel.meters.get(binding)
         if m is None:
-            m = tunnel.meters[binding] = Meter(self, binding, tunnel)
+            m = Meter(self, binding, tunnel)
+            if binding in tunnel.bindings:
+                tunnel.meters[binding] = m
         return m
 
     def count_bytes(self, binding: Binding, tunnel: Tunnel, n_in: int = 0, n_out: int = 0) -> None:
