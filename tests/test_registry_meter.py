@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import random
-import sys
 import types
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from lib.proxy import routing
 from lib.proxy.registry import BUCKET_SECONDS, HISTORY_BUCKETS, RATE_SECONDS, Registry
 from lib.proxy.server import ProxyConfig
+from tests.support.calls import PythonCalls
 
 
 class FakeSession:
@@ -127,25 +127,10 @@ def test_meters_go_with_their_binding_or_tunnel():
     assert t.meters == {}
 
 
-def probe_calls(fn) -> tuple[int, int]:
-    """(Python calls, C calls) made while ``fn`` runs."""
-    counts = {"call": 0, "c_call": 0}
-
-    def profile(frame, event, arg):
-        if event in counts:
-            counts[event] += 1
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    counts["c_call"] -= 1  # sys.setprofile(None) itself
-    return counts["call"], counts["c_call"]
-
-
 def test_a_spliced_chunk_costs_one_python_call(monkeypatch):
-    """Routing hands the splice the pair's meter; N chunks each way cost N Python calls and N
-    clock reads each way, plus a few once a second (three Python calls per chunk before)."""
+    """Routing hands the splice the pair's meter; N chunks each way cost N Python calls each
+    way, plus a few once a second (three per chunk before: Registry.count_bytes and
+    RateHistory.add_at twice)."""
     n = 2000
     r = Registry()
     sent = []
@@ -157,20 +142,20 @@ def test_a_spliced_chunk_costs_one_python_call(monkeypatch):
 
     def splice(a, s, on_a_to_b, on_b_to_a, **kw):
         on_a_to_b(1), on_b_to_a(1)  # the meter's first second turned outside the probe
-
-        def chunks():
+        with PythonCalls() as calls:
             for _ in range(n):
                 on_a_to_b(13)
                 on_b_to_a(13)
-        measured.append(probe_calls(chunks))
+        measured.append(Counter(calls.names))
         return 0, 0
     monkeypatch.setattr(routing, "splice", splice)
     router.forward(types.SimpleNamespace(getsockname=lambda: ("127.0.0.1", 80)),
                    ("127.0.0.1", 1), router.choose_tunnel(b), b"GET", None, "http")
-    (python_calls, c_calls), = measured
-    turns = 10  # a second boundary or two while it runs: a few calls each
-    assert python_calls <= 2 * n + turns
-    assert c_calls <= 2 * n + turns  # the clock, once per chunk
+    (names,) = measured
+    # A second boundary or two while it runs: a few calls each (Meter._turn, RateHistory.turn).
+    turns = {k: v for k, v in names.items() if k in ("Meter._turn", "RateHistory.turn")}
+    assert sum(turns.values()) <= 10
+    assert names - Counter(turns) == Counter({"Meter.count_in": n, "Meter.count_out": n})
     assert (b.bytes_in, b.bytes_out) == (3 + 1 + 13 * n, 1 + 13 * n)
     assert (t.bytes_in, r.bytes_out) == (b.bytes_in, b.bytes_out)
 
