@@ -202,8 +202,10 @@ def nowait_sendmsg(sock):
     return raw.sendmsg
 
 
-# sendmsg's bound on buffers per call (Linux: 1024).
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# sendmsg's bound on buffers per call (Linux: 1024). sysconf answers -1 where the bound is
+# indeterminate; POSIX's minimum is 16, Linux's kernel constant 1024.
+IOV_MAX = (os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else -1)
+IOV_MAX = IOV_MAX if IOV_MAX > 0 else 1024
 
 
 def recv_copy(sock, bufsize: int) -> bytes:
