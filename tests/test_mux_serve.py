@@ -20,7 +20,9 @@ def test_each_stream_is_handed_over_by_the_reader_and_the_serving_greenlet_sleep
     client, server = session_pair()
     got = []
     serving = gevent.spawn(server.serve, got.append)
-    gevent.sleep(0.05)  # serve() has handed out nothing and waits for the session's end
+    # serve() has handed out nothing and waits for the session's end: the greenlet has a frame
+    # once it ran, and it runs until it waits (its start is then not counted below).
+    wait_until(lambda: serving.gr_frame is not None)
     with SwitchesInto(serving) as into:
         streams = [client.open() for _ in range(10)]
         for st in streams:
@@ -38,18 +40,18 @@ def test_each_stream_is_handed_over_by_the_reader_and_the_serving_greenlet_sleep
 def test_streams_waiting_before_serve_go_first_and_a_reset_one_is_skipped():
     client, server = session_pair()
     first = client.open()
-    first.sendall(b"1")
     gone = client.open()
     gone.reset(ErrorCode.CANCEL)  # opened and reset before anyone took it
-    wait_until(lambda: server.open_streams >= 1)
-    gevent.sleep(0.05)
+    first.sendall(b"1")
+    # Frames are read in order: once first's DATA is in, gone's SYN and RST were read before.
+    wait_until(lambda: server.stats.bytes_in >= 1)
     got = []
     g = gevent.spawn(server.serve, got.append)
     wait_until(lambda: got)
     later = client.open()
     later.sendall(b"2")
     wait_until(lambda: len(got) == 2)
-    gevent.sleep(0.05)
+    # Final: the backlog (first, gone) was handed out by serve() before later's SYN was read.
     assert [s.id for s in got] == [first.id, later.id]
     client.close()
     g.get(timeout=5)
