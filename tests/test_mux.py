@@ -321,15 +321,15 @@ def test_writers_keep_output_under_the_high_water_mark():
     st = s.open()
     a.sendall(fr.encode(fr.WndInc(st.id, 64 << 20)))
     deadline = time.monotonic() + 5
-    while st.session._conn.send_window(st.id) < 64 << 20 and time.monotonic() < deadline:
+    while st.send_window < 64 << 20 and time.monotonic() < deadline:
         gevent.sleep(0.01)
     writer = gevent.spawn(_push, st, 32 << 20)
     deadline = time.monotonic() + 5
-    while s._conn.unsent_size < 256 * 1024 and time.monotonic() < deadline:
+    while s.unsent_size < 256 * 1024 and time.monotonic() < deadline:
         gevent.sleep(0.01)  # until the writer is held at the mark
     for _ in range(10):
         gevent.sleep(0)
-    assert s._conn.unsent_size <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
+    assert s.unsent_size <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
     writer.kill()
     a.close()
 

@@ -71,11 +71,11 @@ def test_a_waiting_sender_fed_by_the_reader_still_stops_at_the_output_bound():
     gevent.sleep(0.1)  # the first 64 KiB queued, the sender waits for window
     a.sendall(fr.encode_wndinc(st.id, 64 << 20))  # granted, nothing read from `a`
     deadline = gevent.get_hub().loop.now() + 5
-    while s._conn.unsent_size < 256 * 1024 and gevent.get_hub().loop.now() < deadline:
+    while s.unsent_size < 256 * 1024 and gevent.get_hub().loop.now() < deadline:
         gevent.sleep(0.01)
     for _ in range(10):
         gevent.sleep(0)
-    assert s._conn.unsent_size <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
+    assert s.unsent_size <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
     sender.kill()
     s.close()
 
@@ -88,7 +88,7 @@ def test_a_timeout_while_the_reader_feeds_a_send_leaves_the_stream_usable():
     st.settimeout(0.2)
     with pytest.raises(StreamTimeout):
         st.sendall(bytes(200_000))
-    assert st._pending is None
+    assert not st.waiting_for_window
     sent = st.bytes_out
     peer.sendall(fr.encode_wndinc(st.id, 64 << 10))
     gevent.sleep(0.1)
@@ -237,9 +237,9 @@ def test_a_grant_and_a_reset_in_one_read_fail_the_stream_not_the_session():
     st = s.open()
     sender = gevent.spawn(st.sendall, bytes(200_000))
     deadline = time.monotonic() + 5
-    while st._pending is None and time.monotonic() < deadline:
+    while not st.waiting_for_window and time.monotonic() < deadline:
         gevent.sleep(0.01)
-    assert st._pending is not None  # waiting for window, its bytes left with the reader
+    assert st.waiting_for_window  # waiting for window, its bytes left with the reader
     peer.sendall(fr.encode_wndinc(st.id, 64 << 10) + fr.encode(fr.Rst(st.id, 8)))
     with pytest.raises(OSError):
         sender.get(timeout=5)

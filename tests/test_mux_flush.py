@@ -25,7 +25,8 @@ def test_exchanges_wake_no_writer_greenlet(pki):
     st = c.open()
     st.sendall(b"warm")
     assert st.recv(100) == b"warm"
-    with SwitchesInto(c._writer) as client_writer, SwitchesInto(s._writer) as server_writer:
+    with (SwitchesInto(c.greenlets.writer) as client_writer,
+          SwitchesInto(s.greenlets.writer) as server_writer):
         for i in range(50):
             st.sendall(b"request %d" % i)
             assert st.recv(100) == b"request %d" % i
@@ -116,7 +117,7 @@ def test_output_stays_under_the_high_water_mark_and_a_stall_is_caught(pki):
     try:
         with gevent.Timeout(10, AssertionError("a peer that never reads kept the session")):
             while session.end is None:
-                highest = max(highest, session._conn.unsent_size)
+                highest = max(highest, session.unsent_size)
                 gevent.sleep(0.01)
         assert highest <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
         assert session.end.hostile and "stopped reading" in session.end.reason, session.end

@@ -13,6 +13,9 @@ Public API::
     session.close()                         # GOAWAY, transport closed, every stream failed
     end = session.wait(timeout=None)        # blocks until the session ends -> SessionEnd
     session.closed, session.stats, session.heartbeat_rtt, session.refused_streams, session.answers
+    # read-only, for tests and operators (never read on the hot path):
+    session.unsent_size                     # output bytes queued or handed out, not yet written
+    session.greenlets                       # SessionGreenlets(reader, writer, watchdog)
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
@@ -20,7 +23,8 @@ Public API::
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
     stream.close()                          # full close, as Go's Stream.Close()
     stream.reset(code)                      # RST
-    stream.settimeout(seconds | None)        stream.receive_window
+    stream.settimeout(seconds | None)        stream.receive_window    stream.send_window
+    stream.waiting_for_window               # a send's bytes are left with the reader (Sending)
     stream.set_sink(sink | None)            # direct delivery (below); lib.net.splice sets it
 
 Greenlets per session: one reader (transport -> MuxConnection -> streams), one writer (drains
@@ -84,6 +88,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import gevent
 from gevent.event import Event
@@ -95,7 +100,7 @@ from lib.protocol.muxstate import MuxConfig
 from lib.net.sockets import reader, set_nodelay
 from lib.peerlog import PeerLog
 
-__all__ = ["Session", "Stream", "MuxConfig", "SessionEnd"]
+__all__ = ["Session", "Stream", "MuxConfig", "SessionEnd", "SessionGreenlets"]
 
 log = logging.getLogger("shroud.mux")
 
@@ -124,6 +129,15 @@ class SessionEnd:
     def __str__(self) -> str:
         who = "peer" if self.remote else "local"
         return f"{self.reason} ({code_name(self.code)}, {who})"
+
+
+class SessionGreenlets(NamedTuple):
+    """A session's three greenlets (module doc, "Greenlets per session"), for a caller that
+    waits for them to end after close() (tests/support/rawtunnel.py) or watches one of them
+    (tests/test_mux_flush.py counts switches into the writer)."""
+    reader: gevent.Greenlet
+    writer: gevent.Greenlet
+    watchdog: gevent.Greenlet
 
 
 class SessionStats:
@@ -372,6 +386,17 @@ class Stream:
         """The window granted to the peer (64 KiB, more once grown: MuxConfig.grow_windows)."""
         return self.session._conn.receive_window(self.id)
 
+    @property
+    def send_window(self) -> int:
+        """The window the peer granted us: bytes we may send before its next grant."""
+        return self.session._conn.send_window(self.id)
+
+    @property
+    def waiting_for_window(self) -> bool:
+        """A ``sendall``/``send`` is asleep with its bytes left with the session's reader,
+        which queues them as the peer's grants arrive (module doc, "Sending")."""
+        return self._pending is not None
+
     # --- internals ------------------------------------------------------------------------
 
     def _deadline(self) -> float | None:
@@ -527,6 +552,17 @@ class Session:
     def answers(self) -> int:
         """Frames the peer provoked from us (RSTs, heartbeat echoes): see lib.protocol.muxstate."""
         return self._conn.answers
+
+    @property
+    def unsent_size(self) -> int:
+        """Output bytes not yet written to the transport: queued frames plus the batch handed
+        out (what ``MuxConfig.write_high_water`` bounds, give or take a frame)."""
+        return self._conn.unsent_size
+
+    @property
+    def greenlets(self) -> SessionGreenlets:
+        """The reader, writer and watchdog greenlets; all three end once the session has."""
+        return SessionGreenlets(self._reader, self._writer, self._heartbeat)
 
     def trust(self) -> None:
         """The peer is vouched for (the proxy: its Auth was accepted): the larger answer

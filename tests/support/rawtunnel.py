@@ -83,11 +83,7 @@ class RawTunnel:
         """Close the session and wait, at most CLOSE_TIMEOUT, for its reader, writer and
         watchdog greenlets to end (tests/support/greenlets.py says why)."""
         self.session.close()
-        # Session has no public join (lib/net/muxsession.py); its three greenlets by name, as
-        # tests/test_mux_flush.py reads _writer.
-        session = self.session
-        mine = [g for g in (session._reader, session._writer, session._heartbeat)
-                if g is not None]
+        mine = [g for g in self.session.greenlets if g is not None]
         gevent.joinall(mine, timeout=CLOSE_TIMEOUT)
         alive = [g for g in mine if not g.dead]
         assert not alive, f"RawTunnel.close: {alive} still running after {CLOSE_TIMEOUT} s"
