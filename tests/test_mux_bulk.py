@@ -19,8 +19,10 @@ from lib.net.muxsession import MuxConfig, Session
 from lib.net.sockets import IOV_MAX
 from lib.net.tlstransport import TLSTransport
 from lib.protocol import muxframe as fr
+from lib.protocol.muxstate import INITIAL_WINDOW
 from tests.support.muxpair import pki, tls_pair  # noqa: F401
 from tests.support.switches import SwitchesInto
+from tests.support.wait import wait_for
 
 
 def _frame_at_a_time_peer(sock, got: bytearray, grant: bool = True):
@@ -36,6 +38,13 @@ def _frame_at_a_time_peer(sock, got: bytearray, grant: bool = True):
                     sock.sendall(fr.encode_wndinc(f.stream_id, len(f.data)))
                 if f.fin:
                     return
+
+
+def _wait_window_spent(st) -> None:
+    """A sendall of more than the initial window in another greenlet has queued the window's
+    worth and waits for a grant (it queues that much without yielding, then waits)."""
+    wait_for(lambda: st.bytes_out >= INITIAL_WINDOW, "the initial window queued", timeout=5,
+             interval=0.01, sleep=gevent.sleep)
 
 
 def _bulk_session(**config):
@@ -68,7 +77,7 @@ def test_a_waiting_sender_fed_by_the_reader_still_stops_at_the_output_bound():
     s = Session(b, client=True, config=MuxConfig(heartbeat=False, write_high_water=256 * 1024))
     st = s.open()
     sender = gevent.spawn(st.sendall, bytes(8 << 20))
-    gevent.sleep(0.1)  # the first 64 KiB queued, the sender waits for window
+    _wait_window_spent(st)  # the first 64 KiB queued, the sender waits for window
     a.sendall(fr.encode_wndinc(st.id, 64 << 20))  # granted, nothing read from `a`
     deadline = gevent.get_hub().loop.now() + 5
     while s.unsent_size < 256 * 1024 and gevent.get_hub().loop.now() < deadline:
@@ -90,10 +99,11 @@ def test_a_timeout_while_the_reader_feeds_a_send_leaves_the_stream_usable():
         st.sendall(bytes(200_000))
     assert not st.waiting_for_window
     sent = st.bytes_out
-    peer.sendall(fr.encode_wndinc(st.id, 64 << 10))
-    gevent.sleep(0.1)
-    assert st.bytes_out == sent  # nobody was waiting: nothing queued on its behalf
     st.settimeout(5)
+    # The grant, then a byte: once the byte is read, the reader has dispatched the grant.
+    peer.sendall(fr.encode_wndinc(st.id, 64 << 10) + fr.encode_data(st.id, b"."))
+    assert st.recv(1) == b"."
+    assert st.bytes_out == sent  # nobody was waiting: nothing queued on its behalf
     st.sendall(b"after")
     assert st.bytes_out == sent + 5
     s.close()
@@ -103,7 +113,7 @@ def test_a_stream_closed_under_a_waiting_sender_ends_its_send():
     peer, s = _bulk_session()
     st = s.open()
     sender = gevent.spawn(st.sendall, bytes(200_000))
-    gevent.sleep(0.1)
+    _wait_window_spent(st)
     st.reset()
     peer.sendall(fr.encode_wndinc(st.id, 64 << 10))  # a grant after the reset: not spent
     with pytest.raises(OSError):

@@ -1,16 +1,19 @@
 """Poll until something holds, with a deadline: the one wait helper of the tests.
 
-    wait_for(predicate, what, timeout=20.0, interval=0.1) -> the predicate's truthy value
+    wait_for(predicate, what, timeout=20.0, interval=0.1, sleep=time.sleep)
+        -> the predicate's truthy value
 
 No fixed sleep decides an outcome: a test waits for the state it needs and fails, naming
-``what`` and the last value seen, when the deadline passes.
+``what`` and the last value seen, when the deadline passes. A test whose state moves in
+greenlets of its own thread (an in-process mux session) passes ``sleep=gevent.sleep``.
 """
 from __future__ import annotations
 
 import time
 
 
-def wait_for(predicate, what: str, timeout: float = 20.0, interval: float = 0.1):
+def wait_for(predicate, what: str, timeout: float = 20.0, interval: float = 0.1,
+             sleep=time.sleep):
     """Call ``predicate`` until it returns something truthy; return that.
 
     :raises AssertionError: not within ``timeout`` seconds (the message names ``what``).
@@ -22,4 +25,4 @@ def wait_for(predicate, what: str, timeout: float = 20.0, interval: float = 0.1)
             return last
         if time.monotonic() >= deadline:
             raise AssertionError(f"not within {timeout:g} s: {what} (last {last!r})")
-        time.sleep(interval)
+        sleep(interval)
