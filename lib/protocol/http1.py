@@ -28,6 +28,7 @@ Public API::
     framer.dropped                     # bytes the origin sent after its response (dropped)
     connection_close(head) -> bytes    # a request or response head with Connection: close
     request_fields(head) -> (method, path, {lower-case name: [values]})
+    fields_by_name(request) -> {lower-case name: [values]}  # of a head already parsed
     FramingError(ValueError)           # bytes that are not this exchange's request or response
     MAX_RESPONSE_HEAD, MAX_REQUEST_LINE
 
@@ -163,10 +164,15 @@ def request_fields(head: bytes) -> tuple[str, str, dict[str, list[str]]]:
     :raises ValueError: (httphead.HeadError) not a request head by lib.protocol.httphead's rules.
     """
     request = httphead.parse_request_head(head)
+    return request.method, request.path, fields_by_name(request)
+
+
+def fields_by_name(request: httphead.RequestHead) -> dict[str, list[str]]:
+    """{lower-case header name: [its values, in order]} of a parsed request head."""
     headers: dict[str, list[str]] = {}
     for name, value in request.fields:
         headers.setdefault(name, []).append(value)
-    return request.method, request.path, headers
+    return headers
 
 
 def _framing(fields, response: bool = False) -> int | str:

@@ -98,9 +98,7 @@ class OnePortRouter:
         # times: here, then again by the http listener's route on the head replayed).
         request = sniffer.request
         path = request.path
-        headers: dict[str, list[str]] = {}
-        for field, value in request.fields:
-            headers.setdefault(field, []).append(value)
+        headers = http1.fields_by_name(request)
         peer = address
         forwarded = headers.get("x-forwarded-for")
         if self.trust_forwarded_for and forwarded:
