@@ -16,7 +16,6 @@ import pytest
 
 from lib.errors import StreamTimeout
 from lib.net.muxsession import MuxConfig, Session
-from lib.net.sockets import IOV_MAX
 from lib.net.tlstransport import TLSTransport
 from lib.protocol import muxframe as fr
 from lib.protocol.muxstate import INITIAL_WINDOW
@@ -220,22 +219,6 @@ def test_what_the_sink_does_not_take_is_read_after_it_in_order():
     assert bytes(sink.got) + rest == blob and len(sink.got) == 20_000
     c.close()
     s.close()
-
-
-def test_the_splice_sink_sends_many_buffers_in_one_call():
-    # splice's _Sink over a real socket: sendmsg of the pieces, capped at IOV_MAX of them.
-    from lib.net import splice
-    a, b = gsocket.socketpair()
-    sink = splice._Sink(None, a, None, splice._State(None))
-    pieces = [b"%05d" % i for i in range(IOV_MAX + 10)]
-    n = sink.offer_many(pieces)
-    assert n == 5 * IOV_MAX  # the first IOV_MAX, in one call
-    got = b""
-    while len(got) < n:
-        got += b.recv(65536)
-    assert got == b"".join(pieces[:IOV_MAX]) and sink.sent == n
-    a.close()
-    b.close()
 
 
 def test_a_grant_and_a_reset_in_one_read_fail_the_stream_not_the_session():

@@ -15,6 +15,7 @@ import pytest
 
 from lib.errors import MuxError, StreamReset
 from lib.net.muxsession import Stream
+from lib.net.sockets import IOV_MAX
 from lib.net.splice import splice
 from tests.support.calls import PythonCalls
 from tests.support.muxpair import session_pair
@@ -261,6 +262,23 @@ def test_a_keep_alive_answer_is_offered_in_one_python_call():
     finally:
         a.close()
         b.close()
+
+
+def test_the_splice_sink_sends_many_buffers_in_one_call():
+    # _Sink over a real socket: sendmsg of the pieces, capped at IOV_MAX of them (a unit test
+    # of splice's own helper, moved here from tests/test_mux_bulk.py).
+    from lib.net import splice
+    a, b = gsocket.socketpair()
+    sink = splice._Sink(None, a, None, splice._State(None))
+    pieces = [b"%05d" % i for i in range(IOV_MAX + 10)]
+    n = sink.offer_many(pieces)
+    assert n == 5 * IOV_MAX  # the first IOV_MAX, in one call
+    got = b""
+    while len(got) < n:
+        got += b.recv(65536)
+    assert got == b"".join(pieces[:IOV_MAX]) and sink.sent == n
+    a.close()
+    b.close()
 
 
 class _CountingRaw(_socket.socket):

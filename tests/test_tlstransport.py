@@ -10,7 +10,8 @@ import pytest
 
 from lib.net.muxsession import Session
 from lib.net.tlstransport import TLSTransport
-from tests.support.muxpair import pki, tls_pair as pair  # noqa: F401 (pki: a fixture)
+from tests.support.muxpair import (SERVER_NAME, Pki, pki,  # noqa: F401 (pki: a fixture)
+                                   tls_pair as pair)
 
 
 def test_many_small_records_arrive_in_one_recv(pki):
@@ -25,7 +26,7 @@ def test_many_small_records_arrive_in_one_recv(pki):
 def test_bulk_both_ways_and_eof(pki):
     c, s = pair(pki)
     blob = os.urandom(3_000_000)
-    g = gevent.spawn(lambda: (c.sendall(blob), c._sock.shutdown(socket.SHUT_WR)))
+    g = gevent.spawn(lambda: (c.sendall(blob), c.shutdown(socket.SHUT_WR)))
     got = bytearray()
     while (d := s.recv(1 << 18)):
         got += d
@@ -142,33 +143,43 @@ def test_close_ends_a_read_waiting_for_readability(pki):
 
 
 
-class _RecordsReads:
-    """Stands in for a TLSTransport's SSLObject, recording the sizes asked of read()."""
+def _contexts(pki: Pki, server_obj=None, client_obj=None) -> Pki:
+    """New contexts under ``pki``'s CA whose TLSTransports use the given SSLObject subclasses:
+    ``SSLContext.sslobject_class``, the standard library's hook for what ``wrap_bio`` makes
+    (the fixture's contexts are shared by the module and left alone)."""
+    server = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    pki.ca.issue_cert(SERVER_NAME).configure_cert(server)
+    client = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    pki.ca.configure_trust(client)
+    if server_obj is not None:
+        server.sslobject_class = server_obj
+    if client_obj is not None:
+        client.sslobject_class = client_obj
+    return Pki(server, client, pki.ca)
 
-    def __init__(self, obj):
-        self.obj = obj
-        self.sizes = []
-        self.into = []
 
-    def read(self, n, *args):
-        self.sizes.append(n)
-        self.into.append(bool(args))  # given a buffer to decrypt into
-        return self.obj.read(n, *args)
+class _RecordsReads(ssl.SSLObject):
+    """An SSLObject recording the sizes asked of read() and whether it was given a buffer to
+    decrypt into (class-wide: the test resets them)."""
+    sizes: list = []
+    into: list = []
 
-    def __getattr__(self, name):
-        return getattr(self.obj, name)
+    def read(self, len=1024, buffer=None):
+        _RecordsReads.sizes.append(len)
+        _RecordsReads.into.append(buffer is not None)
+        return super().read(len, buffer)
 
 
 def test_a_message_costs_no_read_sized_allocation(pki):
     # SSLObject.read(n) and socket.recv(n) allocate n bytes before shrinking them to what came:
     # asked for 256 KiB, that was a large allocation per record and per raw read (under glibc an
     # mmap and munmap each: bench/README.md, "Per-request cost").
-    c, s = counting_pair(pki)
-    s._obj = _RecordsReads(s._obj)
+    c, s = counting_pair(_contexts(pki, server_obj=_RecordsReads))
+    _RecordsReads.sizes = []
     _CountingRaw.recv_sizes = []
     c.sendall(b"ping")
     assert s.recv(1 << 20) == b"ping"
-    assert max(s._obj.sizes) <= 16 * 1024
+    assert max(_RecordsReads.sizes) <= 16 * 1024
     assert not [n for n in _CountingRaw.recv_sizes if n > 16 * 1024]
     c.close()
 
@@ -176,17 +187,17 @@ def test_a_message_costs_no_read_sized_allocation(pki):
 def test_records_are_decrypted_into_one_buffer_and_handed_out_uncopied(pki):
     # recv_view: every record decrypted straight into the transport's own buffer (no bytes
     # object per record, no join), and the views handed out are of that one buffer.
-    c, s = pair(pki)
-    s._obj = _RecordsReads(s._obj)
+    c, s = pair(_contexts(pki, server_obj=_RecordsReads))
+    _RecordsReads.into = []
     blob = os.urandom(300_000)
-    g = gevent.spawn(lambda: (c.sendall(blob), c._sock.shutdown(socket.SHUT_WR)))
+    g = gevent.spawn(lambda: (c.sendall(blob), c.shutdown(socket.SHUT_WR)))
     got, owners = bytearray(), set()
     while (v := s.recv_view(1 << 18)):
         owners.add(id(v.obj))
         got += v
     g.get(timeout=10)
     assert bytes(got) == blob
-    assert len(owners) == 1 and all(s._obj.into) and len(s._obj.into) >= 300_000 // 16384
+    assert len(owners) == 1 and all(_RecordsReads.into) and len(_RecordsReads.into) >= 300_000 // 16384
 
 
 def test_the_mux_reader_takes_views_not_copies(pki):
@@ -206,36 +217,30 @@ def test_the_mux_reader_takes_views_not_copies(pki):
     cs.close()
 
 
-class _CountingSSLObject:
-    """An SSLObject whose reads are counted by outcome (everything else passed through)."""
+class _CountingSSLObject(ssl.SSLObject):
+    """An SSLObject counting the reads that raised SSLWantReadError (class-wide)."""
+    want_read = 0
 
-    def __init__(self, obj):
-        self._obj = obj
-        self.want_read = 0
-
-    def read(self, *args):
+    def read(self, len=1024, buffer=None):
         try:
-            return self._obj.read(*args)
+            return super().read(len, buffer)
         except ssl.SSLWantReadError:
-            self.want_read += 1
+            _CountingSSLObject.want_read += 1
             raise
-
-    def __getattr__(self, name):
-        return getattr(self._obj, name)
 
 
 def test_a_message_is_read_without_a_want_read_exception(pki):
     # SSLObject.read raises SSLWantReadError when the BIO holds no whole record: an exception
     # built twice per message read (before the raw read, after the last record), ~1.7 us each
     # (bench/README.md, "Per-request cost (issue 16)", kapath pass). Read only with bytes there.
-    c, s = pair(pki)
+    c, s = pair(_contexts(pki, client_obj=_CountingSSLObject))
     echo = gevent.spawn(_echo, s)
     c.sendall(b"first")
     assert c.recv(100) == b"first"
-    c._obj = counting = _CountingSSLObject(c._obj)
+    _CountingSSLObject.want_read = 0
     for i in range(30):
         c.sendall(b"ping %d" % i)
         assert c.recv(100) == b"ping %d" % i
-    assert counting.want_read == 0
+    assert _CountingSSLObject.want_read == 0
     c.close()
     echo.get(timeout=5)
