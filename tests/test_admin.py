@@ -705,7 +705,7 @@ def test_is_blocked_is_answered_from_memory(tmp_path):
     store.block_hostname("*.bad.test", "op")
     store.block_key(KEY_A, "op")
     statements = []
-    store._conn.set_trace_callback(statements.append)
+    store.set_trace_callback(statements.append)
     for _ in range(1000):
         assert store.is_blocked(hostname="x.bad.test")
         assert not store.is_blocked(hostname="good.test")

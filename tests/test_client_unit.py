@@ -132,7 +132,7 @@ def _served_runner(target, proxy_protocol=None):
     ours, theirs = session_pair()
     done = []
     client.on_stream = done.append
-    gevent.spawn(runner._serve, ours)
+    gevent.spawn(runner.serve, ours)
     return runner, theirs, done
 
 

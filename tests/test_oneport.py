@@ -344,4 +344,4 @@ def test_a_routed_connection_on_the_port_is_read_and_parsed_once(monkeypatch):
     ((exchange, address, peeked),) = forwarded
     assert address == ("198.51.100.7", 0)
     assert peeked.endswith(b"Connection: close\r\n\r\n") and peeked.startswith(b"GET /a ")
-    assert type(exchange) is OneExchangeSocket and exchange._sock is ours
+    assert type(exchange) is OneExchangeSocket and exchange.fileno() == ours.fileno()

@@ -251,8 +251,7 @@ def test_an_idle_sqlite_watcher_looks_once_a_second_and_sees_a_change_within_it(
     clock = _FakeClock()
     monkeypatch.setattr(sqlite, "time", SimpleNamespace(monotonic=clock.monotonic))
     looks = []
-    real = b._rows
-    monkeypatch.setattr(b, "_rows", lambda sql, *args: looks.append(sql) or real(sql, *args))
+    b.set_trace_callback(looks.append)
 
     def watch_until_change(limit):
         start = clock.t

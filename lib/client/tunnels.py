@@ -10,6 +10,7 @@ Public API::
     client.status()          # [{proxy, state, streams, bytes_in, bytes_out, error, ...}]
     client.wait_bound(n, timeout)   # until n tunnels have bound every service
     client.stop()
+    client.runners[i].serve(session)   # streams the proxy opens on a bound session, until it ends
 
 A tunnel: dial (directly or through Tor: ``dial(host, port, isolation_key, timeout)``), TLS with
 the proxy's certificate verified (pin, CA bundle, or the system's CAs), for a ``wss://`` proxy a
@@ -492,7 +493,7 @@ class TunnelRunner:
             # an allow-list, a DNS record may appear).
             gevent.spawn(self._rebind_loop, session, refused, nonce)
         self._went_online(t0)
-        self._serve(session)
+        self.serve(session)
 
     def _went_online(self, t0: float) -> None:
         self.connects += 1
@@ -601,7 +602,10 @@ class TunnelRunner:
         self.urls[resp.url] = svc
         log.info("tunnel %s bound %s -> %s:%d", self.proxy, resp.url, *svc.target)
 
-    def _serve(self, session: Session) -> None:
+    def serve(self, session: Session) -> None:
+        """Serve every stream the proxy opens on ``session`` (its services bound: see
+        ``urls``) until the session ends; the runner's own loop calls it after binding, a test
+        with a session pair of its own."""
         session.serve(self._take_stream)
 
     def _take_stream(self, stream) -> None:

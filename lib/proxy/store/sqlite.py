@@ -3,6 +3,7 @@ host).
 
     SqliteStore(path, max_size_bytes=DEFAULT_MAX_SIZE, clock=time.time, threaded=False,
                 limits=None)
+    store.set_trace_callback(callback | None)   # every SQL statement it runs (tests, debugging)
 
 Storage: WAL mode with ``synchronous=FULL`` (a bind that was answered "allowed" is on disk),
 schema version in ``PRAGMA user_version``, a size cap (``max_size_bytes``) so a flood of
@@ -193,6 +194,12 @@ class SqliteStore(Store):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def set_trace_callback(self, callback: Callable[[str], None] | None) -> None:
+        """Pass every SQL statement this store runs to ``callback`` (None: stop): sqlite3's
+        ``Connection.set_trace_callback``, for tests and debugging (what a path queries)."""
+        with self._lock:
+            self._connection().set_trace_callback(callback)
 
     # --- plumbing ---------------------------------------------------------------------
     def _connection(self):
