@@ -493,10 +493,10 @@ def test_a_read_of_many_frames_gives_others_turns_while_it_is_decoded():
     a.sendall(fr.encode(fr.Syn(3)) + fr.encode(fr.WndInc(3, 1)) * n)  # ~120 KB: a read or two
     seen = set()
     deadline = time.monotonic() + 10
-    while s._conn.frames_received < n + 1 and time.monotonic() < deadline:
-        seen.add(s._conn.frames_received)
+    while s.frames_received < n + 1 and time.monotonic() < deadline:
+        seen.add(s.frames_received)
         gevent.sleep(0)
-    assert s._conn.frames_received == n + 1
+    assert s.frames_received == n + 1
     between = {k for k in seen if 1 < k < n + 1}  # the ticker ran in the middle of a read
     assert len(between) >= n // 256 // 2, sorted(between)
     s.close()

@@ -10,6 +10,7 @@ import os
 import socket
 
 import gevent
+import gevent.socket as gsocket
 import pytest
 
 from lib.errors import MuxError
@@ -37,7 +38,8 @@ def test_exchanges_wake_no_writer_greenlet(pki):
 
 
 def test_writes_of_many_streams_in_one_turn_leave_in_one_write(pki):
-    c, s = session_pair(tls_pair(pki), heartbeat=False)
+    transport, peer_transport = tls_pair(pki)
+    c, s = session_pair((transport, peer_transport), heartbeat=False)
     echo_server(s)
     streams = [c.open() for _ in range(64)]
     for st in streams:
@@ -45,7 +47,6 @@ def test_writes_of_many_streams_in_one_turn_leave_in_one_write(pki):
     for st in streams:
         assert st.recv(100) == b"open"
     writes = []
-    transport = c._transport
     real = transport.write_nowait
 
     def counting(data):
@@ -63,10 +64,10 @@ def test_writes_of_many_streams_in_one_turn_leave_in_one_write(pki):
 
 
 def test_a_tail_the_kernel_left_goes_out_first_and_every_byte_arrives(pki):
-    c, s = session_pair(tls_pair(pki, small_buffers=True), heartbeat=False)
+    transport, peer_transport = tls_pair(pki, small_buffers=True)
+    c, s = session_pair((transport, peer_transport), heartbeat=False)
     echo_server(s)
     tails = []
-    transport = c._transport
     real = transport.write_nowait
 
     def watching(data):
@@ -128,11 +129,12 @@ def test_output_stays_under_the_high_water_mark_and_a_stall_is_caught(pki):
 
 
 def test_a_write_that_fails_in_the_flush_ends_the_session(pki):
-    c, s = session_pair(tls_pair(pki), heartbeat=False)
+    a, b = gsocket.socketpair()
+    c, s = session_pair(tls_pair(pki, sockets=(a, b)), heartbeat=False)
     st = c.open()
     st.sendall(b"x")
     s.accept(timeout=5)
-    s._transport._sock.close()  # the peer's socket is gone: our next write fails
+    b.close()  # the peer's socket is gone: our next write fails
     with pytest.raises(MuxError):
         for _ in range(100):
             st.sendall(b"y" * 65536)

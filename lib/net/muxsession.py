@@ -15,6 +15,7 @@ Public API::
     session.closed, session.stats, session.heartbeat_rtt, session.refused_streams, session.answers
     # read-only, for tests and operators (never read on the hot path):
     session.unsent_size                     # output bytes queued or handed out, not yet written
+    session.frames_received                 # frames decoded so far (a counter)
     session.greenlets                       # SessionGreenlets(reader, writer, watchdog)
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
@@ -552,6 +553,11 @@ class Session:
     def answers(self) -> int:
         """Frames the peer provoked from us (RSTs, heartbeat echoes): see lib.protocol.muxstate."""
         return self._conn.answers
+
+    @property
+    def frames_received(self) -> int:
+        """Frames decoded from the peer so far (a counter: lib.protocol.muxstate)."""
+        return self._conn.frames_received
 
     @property
     def unsent_size(self) -> int:
