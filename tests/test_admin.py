@@ -1,7 +1,7 @@
 """The admin app with Flask's test client over a ProxyServer built in-process (no listeners).
 
-Tunnels are registered with a stand-in session (the registry only reads ``closed`` and
-``heartbeat_rtt`` and the actions call ``close``); everything else is real: the registry, the
+Tunnels are registered with a stand-in session (the registry only reads ``closed``,
+``heartbeat_rtt`` and ``sends_waiting`` and the actions call ``close``); everything else is real: the registry, the
 SQLite ownership store, the Flask app, its templates and static files.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ class FakeSession:
     def __init__(self, rtt=0.012):
         self.closed = False
         self.heartbeat_rtt = rtt
+        self.sends_waiting = 0
         self.close_reason = None
 
     def close(self, code=0, reason=""):
@@ -456,6 +457,7 @@ def test_status_keeps_its_shape(client, proxy):
     s = client.get("/api/status", headers=bearer()).json
     assert s["fingerprint"] == proxy.fingerprint
     assert s["bindings"][0]["name"] == "app.test" and s["bindings"][0]["tunnels"] == 1
+    assert s["tunnels"][0]["sends_waiting"] == 0
 
 
 def test_overview_counts_and_chart(client, proxy):

@@ -782,7 +782,9 @@ def test_a_grant_and_a_reset_in_one_write_end_the_stream_not_the_tunnel(world):
                   .encode() + bytes(256 << 10))  # 4 windows' worth: the proxy waits for one
         sid = _poll(lambda: next((s for s, n in p.data_in.items() if n >= mp.INITIAL_WINDOW),
                                  None), "the stream's first window filled")
-        gevent.sleep(0.3)  # the splice reaches its waiting sendall (the race needs it there)
+        # The race needs the proxy's sender waiting for window, its bytes left with the reader.
+        _poll(lambda: any(t["sends_waiting"] for t in proxy.status()["tunnels"]
+                          if name in t["names"]), "the proxy's sender waiting for window")
         p.send(fr.encode_wndinc(sid, 1 << 20) + fr.encode(fr.Rst(sid, ErrorCode.CANCEL)))
         opened = len(p.syns)
         v2 = socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10)

@@ -24,6 +24,7 @@ from tests.support.calls import PythonCalls
 class FakeSession:
     closed = False
     heartbeat_rtt = 0.01
+    sends_waiting = 0
 
     def __init__(self, open_stream=None):
         self.open = open_stream

@@ -231,6 +231,7 @@ def test_merged_view_adds_up_every_workers_state():
     class FakeSession:
         closed = False
         heartbeat_rtt = 0.01
+        sends_waiting = 0
 
     here, there = Registry(), Registry()
     Registry.number_tunnels_from(1_000_001)

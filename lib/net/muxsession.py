@@ -16,6 +16,7 @@ Public API::
     # read-only, for tests and operators (never read on the hot path):
     session.unsent_size                     # output bytes queued or handed out, not yet written
     session.frames_received                 # frames decoded so far (a counter)
+    session.sends_waiting                   # streams whose send waits for the peer's window
     session.greenlets                       # SessionGreenlets(reader, writer, watchdog)
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
@@ -543,6 +544,12 @@ class Session:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def sends_waiting(self) -> int:
+        """Streams whose send waits for the peer's window, its bytes left with the reader
+        (Sending): a peer that stops granting shows here. Counted when asked (status)."""
+        return sum(1 for st in self._streams.values() if st._pending is not None)
 
     @property
     def refused_streams(self) -> int:

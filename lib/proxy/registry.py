@@ -137,6 +137,7 @@ class Tunnel:
             "heartbeat_rtt_ms": (None if self.session.heartbeat_rtt is None
                                  else round(self.session.heartbeat_rtt * 1000, 2)),
             "streams_open": self.streams_open, "streams_total": self.streams_total,
+            "sends_waiting": self.session.sends_waiting,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "names": sorted(b.name for b in self.bindings),
         }
