@@ -1,4 +1,5 @@
 """TLSTransport: real TLS through a MemoryBIO, against the standard SSLSocket on the other end."""
+import contextlib
 import os
 import socket
 import ssl
@@ -112,22 +113,33 @@ def _echo(t):
         t.sendall(d)
 
 
+@contextlib.contextmanager
+def _echoing(c, s):
+    """``s`` echoes what ``c`` sends, after one warm-up exchange; ``c`` is closed at the end."""
+    echo = gevent.spawn(_echo, s)
+    c.sendall(b"first")
+    assert c.recv(100) == b"first"
+    yield
+    c.close()
+    echo.get(timeout=5)
+
+
+def _ping_pong(c, n: int) -> None:
+    for i in range(n):
+        c.sendall(b"ping %d" % i)
+        assert c.recv(100) == b"ping %d" % i
+
+
 def test_a_drained_socket_is_waited_on_not_read_in_vain(pki):
     # A short read left the kernel's buffer empty: the next read waits for readability first
     # instead of failing with EAGAIN (a system call and an exception per message:
     # bench/README.md, "Per-request cost").
     c, s = counting_pair(pki)
-    echo = gevent.spawn(_echo, s)
-    c.sendall(b"first")
-    assert c.recv(100) == b"first"
-    _CountingRaw.empty_reads = 0
-    for i in range(30):
-        c.sendall(b"ping %d" % i)
-        assert c.recv(100) == b"ping %d" % i
-    assert _CountingRaw.empty_reads == 0
-    assert s.waits_before_read
-    c.close()
-    echo.get(timeout=5)
+    with _echoing(c, s):
+        _CountingRaw.empty_reads = 0
+        _ping_pong(c, 30)
+        assert _CountingRaw.empty_reads == 0
+        assert s.waits_before_read
 
 
 def test_close_ends_a_read_waiting_for_readability(pki):
@@ -235,13 +247,7 @@ def test_a_message_is_read_without_a_want_read_exception(pki):
     # built twice per message read (before the raw read, after the last record), ~1.7 us each
     # (bench/README.md, "Per-request cost (issue 16)", kapath pass). Read only with bytes there.
     c, s = pair(_contexts(pki, client_obj=_CountingSSLObject))
-    echo = gevent.spawn(_echo, s)
-    c.sendall(b"first")
-    assert c.recv(100) == b"first"
-    _CountingSSLObject.want_read = 0
-    for i in range(30):
-        c.sendall(b"ping %d" % i)
-        assert c.recv(100) == b"ping %d" % i
-    assert _CountingSSLObject.want_read == 0
-    c.close()
-    echo.get(timeout=5)
+    with _echoing(c, s):
+        _CountingSSLObject.want_read = 0
+        _ping_pong(c, 30)
+        assert _CountingSSLObject.want_read == 0
