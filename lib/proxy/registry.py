@@ -43,28 +43,17 @@ RATE_SECONDS = 5
 class RateHistory:
     """Bytes in/out per fixed time bucket, for charts, and per second for current rates."""
 
-    __slots__ = ("buckets", "seconds", "clock", "_second", "_bucket", "_current")
+    __slots__ = ("buckets", "seconds", "clock")
 
     def __init__(self, clock=time.time):
         self.buckets: deque[list] = deque(maxlen=HISTORY_BUCKETS)  # [start, in, out]
         self.seconds: deque[list] = deque(maxlen=RATE_SECONDS)  # [second, in, out]
         self.clock = clock
-        # The second add() last counted in and its two buckets: the proxy adds every chunk it
-        # splices, twice (binding and registry), and looking the buckets up each time was 4-5 %
-        # of its CPU per keep-alive request (bench/README.md, "Per-request cost").
-        self._second: int | None = None
-        self._bucket = self._current = None
 
     def add(self, n_in: int = 0, n_out: int = 0) -> None:
-        self.add_at(int(self.clock()), n_in, n_out)
-
-    def add_at(self, second: int, n_in: int, n_out: int) -> None:
-        """add() in ``second`` (an int of ``clock``'s), read once by a caller adding to
-        several histories."""
-        bucket, current = self._bucket, self._current
-        if (second != self._second or not self.seconds or self.seconds[-1] is not current
-                or self.buckets[-1] is not bucket):  # a new second, or rings rebuilt elsewhere
-            bucket, current = self.turn(second)
+        """Count bytes now. The splice's per-chunk path is Meter, which keeps the two buckets
+        of the current second itself (bench/README.md, "Per-request cost", counters pass)."""
+        bucket, current = self.turn(int(self.clock()))
         bucket[1] += n_in
         bucket[2] += n_out
         current[1] += n_in
@@ -77,9 +66,7 @@ class RateHistory:
                             (self.seconds, second)):
             if not ring or ring[-1][0] != start:
                 ring.append([start, 0, 0])
-        self._second = second
-        self._bucket, self._current = self.buckets[-1], self.seconds[-1]
-        return self._bucket, self._current
+        return self.buckets[-1], self.seconds[-1]
 
     def series(self) -> list[list]:
         return [list(x) for x in self.buckets]
