@@ -178,7 +178,7 @@ class PublicRouter:
         # without a system call on a one-address listener, one getsockname on a wildcard one
         # (there were two: the port's, then forward's PublicAddr).
         public = _public_addr(sock)
-        port = int(public.rsplit(":", 1)[1]) if public else sock.getsockname()[1]
+        port = parse_hostport(public)[1] if public else sock.getsockname()[1]
         name = f"tcp:{port}"
         self._accepted(sock)
         route = self._tcp_route(name)
