@@ -445,6 +445,8 @@ def test_a_link_landing_on_the_worker_without_the_name_is_relayed_to_its_holder(
         "both of A's workers know the names", timeout=30)
     assert len([w for w in a.status()["workers"] if w["tunnels"]]) == 1
     wait_for(lambda: _served(b, "web.test"), "web.test served at B", timeout=20)
+    # Both names: B may learn them from the store in two looks (its watcher backs off when idle).
+    wait_for(lambda: _tls_served(fleet, b, "app.test"), "app.test served at B", timeout=20)
     before = a.status()["forwarded_in"]
     with open(fleet.site.cert_pem) as f:
         origin_der = ssl.PEM_cert_to_DER_cert(f.read())
