@@ -6,6 +6,7 @@ A ``sendall`` waiting for the peer's window is fed by the session's reader as gr
 room, a closed stream) goes back to the sender. A write of two frames leaves in one ``send()``.
 A read's frames reach a spliced socket in one ``sendmsg``, not joined first.
 """
+import contextlib
 import os
 import socket
 import time
@@ -117,6 +118,48 @@ def test_a_stream_closed_under_a_waiting_sender_ends_its_send():
     peer.sendall(fr.encode_wndinc(st.id, 64 << 10))  # a grant after the reset: not spent
     with pytest.raises(OSError):
         sender.get(timeout=5)
+    s.close()
+
+
+def _granting_peer(sock, streams: int, got: dict) -> None:
+    """A raw muxado peer that grants each stream a window of 64 MiB on its SYN and reads
+    everything (what each stream sent, into ``got``); returns once ``streams`` FINs came."""
+    dec = fr.FrameDecoder()
+    fins = 0
+    while fins < streams and (data := sock.recv(1 << 20)):
+        dec.feed(data)
+        while (f := dec.next_frame()) is not None:
+            if isinstance(f, fr.Syn):
+                sock.sendall(fr.encode_wndinc(f.stream_id, 64 << 20))
+            elif isinstance(f, fr.Data):
+                got[f.stream_id] = got.get(f.stream_id, 0) + len(f.data)
+                fins += f.fin
+
+
+def test_streams_at_the_output_bound_are_fed_in_turn_not_all_woken_as_it_drains():
+    # 16 streams send 512 KiB each through a 64 KiB output bound. Each sender waiting for room
+    # was woken each time the output drained below half the bound (an Event: all 16, for the
+    # room a few could fill), 1,000-odd wake-ups for these 8 MiB; now a send parked at the
+    # bound is fed by the writer as the output drains, and woken once all of it is queued.
+    peer, s = _bulk_session(write_high_water=64 * 1024)
+    got: dict = {}
+    reader = gevent.spawn(_granting_peer, peer, 16, got)
+    blob = os.urandom(512 * 1024)
+
+    def send():
+        st = s.open()
+        st.sendall(blob)
+        st.shutdown(socket.SHUT_WR)
+        return st.id
+
+    senders = [gevent.spawn(send) for _ in range(16)]
+    with contextlib.ExitStack() as stack:
+        woken = [stack.enter_context(SwitchesInto(g)) for g in senders]
+        reader.get(timeout=30)
+        ids = [g.get(timeout=5) for g in senders]
+    assert got == {sid: len(blob) for sid in ids}
+    wakes = sum(w.count for w in woken)
+    assert wakes <= 4 * len(senders), wakes
     s.close()
 
 

@@ -27,6 +27,7 @@ Public API::
     stream.reset(code)                      # RST
     stream.settimeout(seconds | None)        stream.receive_window    stream.send_window
     stream.waiting_for_window               # a send's bytes are left with the reader (Sending)
+    stream.waiting_for_room                 # ...with the writer, for output room (Sending)
     stream.set_sink(sink | None)            # direct delivery (below); lib.net.splice sets it
 
 Greenlets per session: one reader (transport -> MuxConnection -> streams), one writer (drains
@@ -43,12 +44,16 @@ kernel does not take at once, and everything on other transports, is the writer 
 which waits for the socket; output keeps its order (a write under way or a tail left in the
 transport sends the callback's work to the writer).
 
-Sending: a ``sendall`` (or ``send``) that finds less than a frame's worth of the peer's window
-leaves the rest of its buffer with the stream and sleeps; the session's reader, on the grant that
-opens the window (WindowOpened), queues from it what the window and the output room take, and
-wakes the sender only once all of it is queued, or when the output is full, the stream closed or
-failed. Go's muxado acknowledges every read, so its grants come a frame at a time: the sender is
-woken once per buffer instead of once per 16 KiB frame (bench/README.md, "Bulk: the sender").
+Sending: a ``sendall`` (or ``send``) that finds less than a frame's worth of the peer's window,
+or the session's output at its bound (``write_high_water``), leaves the rest of its buffer with
+the stream and sleeps (it is *parked*); the session's reader, on the grant that opens the window
+(WindowOpened), and the writer, once the output has drained below half the bound, queue from it
+what the window and the output room take, and wake the sender only once all of it is queued, or
+when the stream closed or failed. Go's muxado acknowledges every read, so its grants come a frame
+at a time: the sender is woken once per buffer instead of once per 16 KiB frame (bench/README.md,
+"Bulk: the sender"); and of many streams at the output bound none is woken each time the output
+drains only to find it full again: they are fed in turn (bench/README.md, "Python -> Go: the
+sender").
 
 Direct delivery: a stream spliced to a socket (lib.net.splice) has a *sink*, an object with a
 ``busy`` flag (its own writer is sending what it took from the stream), ``offer(data) -> int``
@@ -157,7 +162,7 @@ class Stream:
 
     __slots__ = ("session", "id", "_chunks", "_buffered", "_eof", "_error", "_waiter",
                  "_write_closed", "_read_closed", "_closed", "_timeout", "bytes_in",
-                 "bytes_out", "_sink", "_to_sink", "_pending", "__weakref__")
+                 "bytes_out", "_sink", "_to_sink", "_pending", "_room_queued", "__weakref__")
 
     def __init__(self, session: "Session", sid: int):
         self.session = session
@@ -175,7 +180,8 @@ class Stream:
         self.bytes_out = 0
         self._sink = None  # direct delivery (module doc)
         self._to_sink = False  # the buffer holds only this read's data, for the sink
-        self._pending: memoryview | None = None  # a send waiting for window (_wait_window)
+        self._pending: memoryview | None = None  # a send waiting for window or room (_park)
+        self._room_queued = False  # in the session's queue of sends waiting for output room
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} of {self.session.name}>"
@@ -280,45 +286,50 @@ class Stream:
         while True:
             self._check_writable()
             conn = session._conn
-            room = conn.config.write_high_water - conn.unsent_size
-            if room <= 0:
-                session._wait_room(deadline, self)
-                continue
             window = conn.send_window(self.id)
             if window < len(view) and window < mp.SEND_THRESHOLD:
                 # Less than a frame's worth of window: wait for more instead of sending a
                 # sliver (WindowOpened fires once a full frame fits).
-                n = self._wait_window(view, deadline)
-                if n:
-                    return n
-                continue
-            # Output stays under the high-water mark plus one frame (docs/OPERATIONS.md).
-            n = conn.send_data(self.id, view[:max(room, mp.SEND_THRESHOLD)])
+                n = self._park(view, deadline, False)
+            else:
+                room = conn.config.write_high_water - conn.unsent_size
+                if room > 0:
+                    # Output stays under the high-water mark plus one frame
+                    # (docs/OPERATIONS.md).
+                    n = conn.send_data(self.id, view[:max(room, mp.SEND_THRESHOLD)])
+                    if n:
+                        self.bytes_out += n
+                        session.stats.bytes_out += n
+                        session._wake_writer()
+                        return n
+                n = self._park(view, deadline, room <= 0)
             if n:
-                self.bytes_out += n
-                session.stats.bytes_out += n
-                session._wake_writer()
                 return n
-            self._wait(deadline, "send (peer window is closed)")
 
-    def _wait_window(self, view: memoryview, deadline: float | None) -> int:
-        """Wait for the peer's window with ``view`` left with the session's reader, which
-        queues it as grants arrive (``_send_pending``) and wakes us once all of it is queued:
-        a peer granting a frame at a time (Go's muxado acknowledges every read) costs a
-        wake-up per ``sendall`` piece, not per frame (module doc, "Sending"). The bytes queued
-        meanwhile (0: woken for another reason, e.g. no output room or an error)."""
+    def _park(self, view: memoryview, deadline: float | None, for_room: bool) -> int:
+        """Wait for the peer's window (``for_room`` False) or the session's output room with
+        ``view`` left with the session: the reader queues it as grants arrive, the writer as
+        the output drains (``_send_pending``), and wakes us once all of it is queued: a peer
+        granting a frame at a time (Go's muxado acknowledges every read) costs a wake-up per
+        ``sendall`` piece, not per frame, and many streams at the output bound are not all
+        woken each time it drains (module doc, "Sending"). The bytes queued meanwhile (0:
+        woken for another reason, e.g. an error)."""
         self._pending = view
+        if for_room:
+            self.session._park_for_room(self)
         try:
-            self._wait(deadline, "send (peer window is closed)")
+            self._wait(deadline, "send (transport is slow)" if for_room
+                       else "send (peer window is closed)")
         finally:
             left = self._pending
             self._pending = None
         return len(view) - len(left)
 
     def _send_pending(self) -> None:
-        """The reader's half of ``_wait_window``, on WindowOpened: queue what the window and
-        the session's output room take; wake the sender once all is queued, or when it must
-        see to something itself (no room, closed, failed)."""
+        """The session's half of ``_park``, on WindowOpened (the reader) and as the output
+        drains (the writer: ``Session._feed_parked``): queue what the window and the output
+        room take; wake the sender once all is queued, or when it must see to something itself
+        (closed, failed); with no room left, stay parked for it."""
         session = self.session
         conn = session._conn
         if not self._write_closed and self._error is None and session._end is None:
@@ -333,8 +344,12 @@ class Stream:
                 session.stats.bytes_out += n
                 session._wake_writer()
                 self._pending = view = view[n:]
-                if view and conn.unsent_size < conn.config.write_high_water:
-                    return  # more to send as the next grants arrive: stay asleep
+            if view:
+                if conn.unsent_size >= conn.config.write_high_water:
+                    session._park_for_room(self)  # fed again once the output drains
+                    return
+                if n:
+                    return  # the window is spent: more as the next grants arrive
         self._wake()
 
     def shutdown(self, how: int = socket.SHUT_WR) -> None:
@@ -396,8 +411,15 @@ class Stream:
     @property
     def waiting_for_window(self) -> bool:
         """A ``sendall``/``send`` is asleep with its bytes left with the session's reader,
-        which queues them as the peer's grants arrive (module doc, "Sending")."""
-        return self._pending is not None
+        which queues them as the peer's grants arrive (module doc, "Sending"); False for one
+        parked for output room (``waiting_for_room``)."""
+        return self._pending is not None and not self._room_queued
+
+    @property
+    def waiting_for_room(self) -> bool:
+        """A ``sendall``/``send`` is parked for the session's output room, its bytes queued by
+        the writer as the output drains (module doc, "Sending")."""
+        return self._pending is not None and self._room_queued
 
     # --- internals ------------------------------------------------------------------------
 
@@ -510,10 +532,11 @@ class Session:
         self._flush_queued = False
         self._writing = False  # the writer greenlet is writing: _flush leaves it the output
         self._tail = False  # the transport holds a tail of _flush's batch: the writer's
-        # Set while the output is below half the high-water mark: writers at the mark wait for
-        # it (hysteresis: they resume in bulk, not a frame at a time).
-        self._room = Event()
-        self._room.set()
+        # Sends parked at the output bound, their bytes left with the session (Stream._park):
+        # fed in turn by the writer once the output is below half the mark (hysteresis: they
+        # resume in bulk, not a frame at a time), none of them woken until all its bytes are
+        # queued.
+        self._parked: deque[Stream] = deque()
         self._done = Event()
         self._end: SessionEnd | None = None
         self.stats = SessionStats()
@@ -548,8 +571,9 @@ class Session:
     @property
     def sends_waiting(self) -> int:
         """Streams whose send waits for the peer's window, its bytes left with the reader
-        (Sending): a peer that stops granting shows here. Counted when asked (status)."""
-        return sum(1 for st in self._streams.values() if st._pending is not None)
+        (Sending): a peer that stops granting shows here (not sends parked for output room).
+        Counted when asked (status)."""
+        return sum(1 for st in self._streams.values() if st.waiting_for_window)
 
     @property
     def refused_streams(self) -> int:
@@ -686,7 +710,6 @@ class Session:
         if self._writing or self._tail or not transport.write_idle:
             self._writer_wake.set()
             return
-        half = self.config.write_high_water // 2
         try:
             while conn.outgoing_size:
                 if not transport.write_nowait(conn.data_to_send(WRITE_BATCH)):
@@ -695,10 +718,11 @@ class Session:
                     return
                 conn.batch_written()
                 self._last_progress = time.monotonic()
-                if conn.outgoing_size < half:  # unsent_size, now that the batch is written
-                    self._room.set()
         except (OSError, ValueError) as e:
             self._write_failed(e)
+            return
+        if self._parked:  # the output is empty: what they queue is the next callback's
+            self._feed_parked()
 
     def _write_failed(self, e: Exception) -> None:
         ga = self._peer_goaway
@@ -708,12 +732,23 @@ class Session:
             self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport write failed: {e}",
                                     remote=True))
 
-    def _wait_room(self, deadline: float | None, stream: Stream) -> None:
-        if self._conn.unsent_size >= self.config.write_high_water // 2:
-            self._room.clear()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._room.wait(timeout):
-            raise StreamTimeout(f"stream {stream.id}: send timed out (transport is slow)")
+    def _park_for_room(self, stream: Stream) -> None:
+        """``stream``'s send waits for output room (Stream._park): fed by _feed_parked."""
+        if not stream._room_queued:
+            stream._room_queued = True
+            self._parked.append(stream)
+
+    def _feed_parked(self) -> None:
+        """The output drained below half the high-water mark: the parked sends are queued in
+        turn, each what its window and the room take, until the room is gone again (a send
+        that still has bytes then goes to the back: Stream._send_pending)."""
+        parked, conn = self._parked, self._conn
+        high = self.config.write_high_water
+        while parked and conn.unsent_size < high:
+            st = parked.popleft()
+            st._room_queued = False
+            if st._pending is not None:  # else it woke meanwhile (a timeout, an error)
+                st._send_pending()
 
     def _consumed(self, stream: Stream, n: int) -> None:
         if self._end is None:
@@ -740,13 +775,14 @@ class Session:
                     self._transport.sendall(data)
                     conn.batch_written()
                     self._last_progress = time.monotonic()
-                    if conn.unsent_size < half:
-                        self._room.set()
+                    if self._parked and conn.unsent_size < half:
+                        self._feed_parked()
                     data = conn.data_to_send(WRITE_BATCH)
                 self._writing = False
-                self._room.set()
                 if self._end is not None:
                     return
+                if self._parked:
+                    self._feed_parked()
         except (OSError, ValueError) as e:
             self._write_failed(e)
         except gevent.GreenletExit:
@@ -944,7 +980,7 @@ class Session:
                 st._wake()
         self._streams.clear()
         self._accept_waiter.set()
-        self._room.set()
+        self._parked.clear()  # their streams were failed or woken above
         self._writer_wake.set()
         current = gevent.getcurrent()
         for g in (self._reader, self._writer, self._heartbeat):
