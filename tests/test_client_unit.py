@@ -118,8 +118,8 @@ def test_a_bind_answer_must_name_what_was_asked(name, url, ok):
 
 
 def _served_runner(target, proxy_protocol=None):
-    """A TunnelRunner serving http:one.test -> ``target`` on the client end of a session pair,
-    and the proxy's end (as lib.proxy would hold it)."""
+    """A TunnelRunner serving http:one.test -> ``target`` on the client end of a session pair
+    (``ours``), and the proxy's end (as lib.proxy would hold it)."""
     import gevent
     from lib.client.tunnels import Client, ClientConfig, ProxyAddr, Service
     from tests.support.muxpair import session_pair
@@ -133,7 +133,7 @@ def _served_runner(target, proxy_protocol=None):
     done = []
     client.on_stream = done.append
     gevent.spawn(runner.serve, ours)
-    return runner, theirs, done
+    return runner, ours, theirs, done
 
 
 def test_the_visitors_bytes_sent_with_startproxy_reach_the_target_first_and_are_counted():
@@ -144,7 +144,7 @@ def test_the_visitors_bytes_sent_with_startproxy_reach_the_target_first_and_are_
     listener = gsocket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
-    runner, proxy_side, done = _served_runner(listener.getsockname())
+    runner, _, proxy_side, done = _served_runner(listener.getsockname())
     head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
     stream = proxy_side.open()
     # As lib/proxy/routing.py sends it: StartProxy and the request head in one frame.
@@ -169,5 +169,108 @@ def test_the_visitors_bytes_sent_with_startproxy_reach_the_target_first_and_are_
     assert (record.bytes_in, record.bytes_out) == (len(head) + 4, 6)
     assert (runner.bytes_in, runner.bytes_out) == (len(head) + 4, 6)
     assert record.result == "ok" and record.visitor == "192.0.2.7:5"
+    proxy_side.close()
+    listener.close()
+
+
+def test_the_request_reaches_the_target_before_the_sessions_reader_yields():
+    """StartProxy and the visitor's bytes in, the stream is opened from the session's reader:
+    the target is connected and has the request when the reader first yields after the read
+    that brought them, before the stream's handler greenlet (or a teardown woken by the same
+    read) runs (TunnelRunner._open_now; bench/README.md, "Fresh connections, the client's
+    side, second session")."""
+    import select
+    import socket as stdsocket
+
+    import gevent
+    import gevent.socket as gsocket
+    import greenlet
+
+    from lib.protocol import messages as m
+
+    # A plain (blocking) listener: the trace below looks at it without yielding.
+    listener = stdsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    _, ours, proxy_side, done = _served_runner(listener.getsockname())
+    head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
+    seen = []
+
+    def trace(event, args):
+        origin, _target = args
+        if (event == "switch" and not seen and origin is reader
+                and ours.frames_received > frames_before):
+            ready = select.select([listener], [], [], 0)[0]
+            if not ready:
+                seen.append(b"not connected")
+                return
+            conn, _ = listener.accept()
+            try:
+                seen.append(conn.recv(100, stdsocket.MSG_DONTWAIT))
+            except BlockingIOError:
+                seen.append(b"nothing sent")
+            seen.append(conn)
+
+    reader = ours.greenlets.reader
+    frames_before = ours.frames_received
+    old = greenlet.settrace(trace)
+    try:
+        stream = proxy_side.open()
+        stream.sendall(m.encode(m.StartProxy(url="http://one.test", client_addr="192.0.2.7:5"))
+                       + head)
+        with gevent.Timeout(5):
+            while not seen:
+                gevent.sleep(0.01)
+    finally:
+        greenlet.settrace(old)
+    assert seen[0] == head
+    conn = gsocket.socket(fileno=seen[1].detach())
+    conn.sendall(b"answer")
+    conn.close()
+    assert stream.recv(100) == b"answer"
+    stream.close()
+    with gevent.Timeout(5):
+        while not done:
+            gevent.sleep(0.01)
+    assert done[0].result == "ok"
+    proxy_side.close()
+    listener.close()
+
+
+def test_a_startproxy_cut_across_reads_is_read_on_by_the_handler():
+    """The reader takes what came of StartProxy without waiting; the handler reads the rest
+    (TunnelRunner._open_now hands it a Replay of those bytes) and the target gets the
+    visitor's bytes whole."""
+    import gevent
+    import gevent.socket as gsocket
+    from lib.protocol import messages as m
+
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    _, ours, proxy_side, done = _served_runner(listener.getsockname())
+    head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
+    data = m.encode(m.StartProxy(url="http://one.test", client_addr="192.0.2.7:5")) + head
+    stream = proxy_side.open()
+    stream.sendall(data[:3])
+    frames = ours.frames_received
+    with gevent.Timeout(5):
+        while ours.frames_received == frames:  # the reader has had the first 3 bytes
+            gevent.sleep(0.01)
+    stream.sendall(data[3:])
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    got = b""
+    while len(got) < len(head):
+        got += conn.recv(100)
+    assert got == head
+    conn.sendall(b"answer")
+    conn.close()
+    assert stream.recv(100) == b"answer"
+    stream.close()
+    with gevent.Timeout(5):
+        while not done:
+            gevent.sleep(0.01)
+    assert (done[0].result, done[0].bytes_in) == ("ok", len(head))
     proxy_side.close()
     listener.close()

@@ -47,7 +47,8 @@ from lib.net.tlstransport import TLSTransport
 from lib.errors import ErrorCode, MuxError, ShroudError
 from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
-from lib.net.sockets import connect_numeric, send_all, set_nodelay
+from lib.net.sockets import (connect_numeric, finish_connect, nowait_sender, send_all,
+                             set_nodelay, start_connect)
 from lib.net.splice import UNSENT_LOWAT, splice
 
 log = logging.getLogger("shroud.client")
@@ -116,6 +117,12 @@ class Service:
     # https:NAME: bound as a TLS name, but TLS ends here with a certificate obtained by ACME
     # (lib.client.terminate, lib.client.acme) and the target gets plain bytes.
     terminate: bool = False
+    # The target's address family when its host is a numeric address (connected without the
+    # resolver, from the session's reader: TunnelRunner._take_stream), else None.
+    family: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.family = numeric_family(self.target[0])
 
     @classmethod
     def parse(cls, name: str, target: str) -> "Service":
@@ -610,7 +617,9 @@ class TunnelRunner:
 
     def _take_stream(self, stream) -> None:
         """A stream the proxy opened, from the session's reader (Session.serve): refused past
-        the limit, else handed to a kept greenlet; never waits."""
+        the limit; else opened as far as it can be without waiting (``_open_now``: StartProxy
+        read, the local target connected and sent its first bytes, before any other greenlet
+        runs) and handed to a kept greenlet for the rest and the splice."""
         if self.streams_open >= self.client.config.max_streams:
             stream.reset(ErrorCode.REFUSED_STREAM)
             return
@@ -618,16 +627,22 @@ class TunnelRunner:
         # handlers run.
         self.streams_open += 1
         self.streams_total += 1
-        self.client.stream_workers.spawn(self._handle_stream, stream)
-
-    def _handle_stream(self, stream) -> None:
         # No on_change per stream: the console reads the counters when it draws (a state
         # change is what on_change reports).
         record = StreamRecord(started=time.time(), proxy=self.proxy_name)
         t0 = time.monotonic()
+        opening = _Opening(stream)
+        if stream.buffered and not self._open_now(stream, record, opening):
+            stream.close()  # reset already, record.result says why
+            self._stream_over(record, t0)
+            return
+        self.client.stream_workers.spawn(self._handle_stream, stream, record, t0, opening)
+
+    def _handle_stream(self, stream, record: "StreamRecord", t0: float,
+                       opening: "_Opening") -> None:
         opened = None
         try:
-            opened = self._open_local(stream, record)
+            opened = self._open_local(stream, record, opening)
             if opened is not None:
                 peer, local = opened
                 n_in, record.bytes_out = splice(
@@ -639,30 +654,124 @@ class TunnelRunner:
             # it never began, or carries an https: service's TLS (the visitor's side).
             if opened is None or opened[0] is not stream:
                 stream.close()
-            self.streams_open -= 1
-            record.duration = time.monotonic() - t0
-            self.client._stream_done(record)
+            self._stream_over(record, t0)
 
-    def _open_local(self, stream, record: "StreamRecord"):
-        """Read the stream's StartProxy and connect its service's local target, sending it a
-        PROXY header when asked and the visitor's bytes that came with StartProxy (counted in
-        ``record.bytes_in``): (the visitor's side, the local connection); None, with the stream
-        reset and ``record.result`` saying why, when that fails. The visitor's side is the
-        stream, or for an https: service the TLS ended on it (``ClientConfig.terminate``).
+    def _stream_over(self, record: "StreamRecord", t0: float) -> None:
+        self.streams_open -= 1
+        record.duration = time.monotonic() - t0
+        self.client._stream_done(record)
+
+    def _open_now(self, stream, record: "StreamRecord", op: "_Opening") -> bool:
+        """The opening's steps that need no wait, from the session's reader with StartProxy's
+        bytes in (``stream.buffered``): parse it, connect a numeric target when the handshake
+        completes at once (a listener on this host), send it the PROXY header and the visitor's
+        bytes when it takes them at once. ``op`` records how far it got (the handler goes on
+        from there); False when the stream failed here (reset, ``record.result`` says why).
+        The request leaves for the target before any greenlet runs: no hand-off, and no
+        teardown of an older stream whose FIN came in the same read, ahead of it
+        (bench/README.md, "Fresh connections, the client's side, second session")."""
+        data = stream.recv(msg.READ_AHEAD)  # buffered: returns at once
+        try:
+            whole = msg.split_message(data)
+        except msg.MessageError as e:
+            self._no_start(stream, record, e)
+            return False
+        if whole is None:  # cut: the handler reads the rest, waiting
+            op.src = Replay(stream, data)
+            return True
+        op.start, op.ahead = whole
+        svc = op.svc = self._service_for(stream, op.start, record)
+        if svc is None:
+            return False
+        if svc.terminate or svc.family is None:
+            return True  # TLS ended here, or a name to resolve: the handler's
+        try:
+            op.local, connected = start_connect(svc.family, svc.target, UNSENT_LOWAT)
+        except OSError as e:
+            self._refused(stream, svc, op.start, record, e)
+            return False
+        if not connected:
+            op.connecting = True
+            return True
+        first = self._first_bytes(op, record)
+        if first is None:
+            return self._target_failed(stream, op)
+        try:
+            n = nowait_sender(op.local)(first) if first else 0
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._first_failed(record, svc, e)
+            return self._target_failed(stream, op)
+        op.unsent = first[n:]
+        if not op.unsent:
+            self._counted_ahead(op, record)
+        return True
+
+    def _open_local(self, stream, record: "StreamRecord", op: "_Opening"):
+        """The rest of the stream's opening after ``_open_now`` (all of it when StartProxy was
+        not in yet), waiting where it must: read StartProxy, connect its service's local
+        target, send it a PROXY header when asked and the visitor's bytes that came with
+        StartProxy (counted in ``record.bytes_in``): (the visitor's side, the local
+        connection); None, with the stream reset and ``record.result`` saying why, when that
+        fails. The visitor's side is the stream, or for an https: service the TLS ended on it
+        (``ClientConfig.terminate``).
 
         The visitor's first bytes (a routed request's head comes in StartProxy's frame: lib/proxy/
         routing.py) leave for the target as soon as it is connected, before the splice is set
         up: one read of the stream takes both (msg.read_message_ahead)."""
         cfg = self.client.config
-        stream.settimeout(cfg.start_proxy_timeout)
+        if op.start is None:
+            stream.settimeout(cfg.start_proxy_timeout)
+            try:
+                op.start, op.ahead = msg.read_message_ahead(op.src)
+            except (MuxError, EOFError, msg.MessageError) as e:
+                self._no_start(stream, record, e)
+                return None
+            stream.settimeout(None)
+            op.svc = self._service_for(stream, op.start, record)
+            if op.svc is None:
+                return None
+        svc = op.svc
+        peer = stream
+        if svc.terminate:
+            peer = (cfg.terminate(Replay(stream, op.ahead) if op.ahead else stream, svc)
+                    if cfg.terminate is not None else None)
+            op.ahead = b""  # the TLS layer took it
+            if peer is None:
+                record.result = "TLS ended here (validation, alert or handshake failure)"
+                return None
         try:
-            start, ahead = msg.read_message_ahead(stream)
-        except (MuxError, EOFError, msg.MessageError) as e:
-            log.info("stream %d from %s: no StartProxy: %s", stream.id, self.proxy, e)
-            stream.reset(ErrorCode.PROTOCOL_ERROR)
-            record.result = "no StartProxy"
+            if op.local is None:
+                op.local = connect_local(svc.target, cfg.local_connect_timeout)
+            elif op.connecting:
+                finish_connect(op.local, svc.target, cfg.local_connect_timeout, UNSENT_LOWAT)
+        except OSError as e:
+            self._refused(stream, svc, op.start, record, e)
             return None
-        stream.settimeout(None)
+        if op.unsent is None:
+            op.unsent = self._first_bytes(op, record)
+            if op.unsent is None:
+                self._target_failed(stream, op)
+                return None
+        if op.unsent:
+            try:
+                send_all(op.local, op.unsent)
+            except OSError as e:
+                self._first_failed(record, svc, e)
+                self._target_failed(stream, op)
+                return None
+            self._counted_ahead(op, record)
+        return peer, op.local
+
+    def _no_start(self, stream, record: "StreamRecord", e: Exception) -> None:
+        log.info("stream %d from %s: no StartProxy: %s", stream.id, self.proxy, e)
+        stream.reset(ErrorCode.PROTOCOL_ERROR)
+        record.result = "no StartProxy"
+
+    def _service_for(self, stream, start, record: "StreamRecord") -> "Service | None":
+        """The bound service StartProxy names; None (the stream refused) for another message
+        or a name this tunnel did not bind."""
         svc = self.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
         record.visitor = getattr(start, "client_addr", None) or "?"
         record.name = getattr(start, "url", None) or "?"
@@ -673,47 +782,44 @@ class TunnelRunner:
             record.result = "unknown name"
             return None
         record.name = svc.name
-        peer = stream
-        if svc.terminate:
-            peer = (cfg.terminate(Replay(stream, ahead) if ahead else stream, svc)
-                    if cfg.terminate is not None else None)
-            ahead = b""  # the TLS layer took it
-            if peer is None:
-                record.result = "TLS ended here (validation, alert or handshake failure)"
-                return None
-        try:
-            local = connect_local(svc.target, cfg.local_connect_timeout)
-        except OSError as e:
-            log.warning("local target %s:%d refused %s: %s", *svc.target, start.url, e)
-            stream.reset(ErrorCode.REFUSED_STREAM)
-            record.result = f"local target: {e.strerror or e}"
-            return None
-        if not self._send_first(local, start, ahead, svc, record):
-            stream.reset(ErrorCode.CANCEL)
-            local.close()
-            return None
-        return peer, local
+        return svc
 
-    def _send_first(self, local, start: msg.StartProxy, ahead: bytes, svc: Service,
-                    record: StreamRecord) -> bool:
-        """The PROXY header when asked, then ``ahead`` (the visitor's bytes that came with
-        StartProxy, counted in): in one send. False, with ``record.result`` saying why, when
-        the target fails."""
+    def _refused(self, stream, svc: "Service", start, record: "StreamRecord",
+                 e: OSError) -> None:
+        log.warning("local target %s:%d refused %s: %s", *svc.target, start.url, e)
+        stream.reset(ErrorCode.REFUSED_STREAM)
+        record.result = f"local target: {e.strerror or e}"
+
+    def _first_bytes(self, op: "_Opening", record: "StreamRecord") -> bytes | None:
+        """The PROXY header when asked, then the visitor's bytes that came with StartProxy: one
+        send. None, with ``record.result`` saying why, when the header cannot be made."""
         version = self.client.config.proxy_protocol
+        if not version:
+            return op.ahead
         try:
-            header = b"" if not version else proxy_protocol_header(
-                version, start.client_addr, _destination(start, local), self.proxy_name)
-            if header or ahead:
-                send_all(local, header + ahead)
+            header = proxy_protocol_header(version, op.start.client_addr,
+                                           _destination(op.start, op.local), self.proxy_name)
         except (OSError, struct.error) as e:
-            if version:  # else the target reset a visitor's connection: splice's silence
-                log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
-            record.result = "PROXY header failed" if version else "the visitor's first bytes failed"
-            return False
-        if ahead:
-            record.bytes_in = len(ahead)
-            self._count_in(len(ahead))
-        return True
+            self._first_failed(record, op.svc, e)
+            return None
+        return header + op.ahead
+
+    def _first_failed(self, record: "StreamRecord", svc: "Service", e: Exception) -> None:
+        version = self.client.config.proxy_protocol
+        if version:  # else the target reset a visitor's connection: splice's silence
+            log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
+        record.result = "PROXY header failed" if version else "the visitor's first bytes failed"
+
+    @staticmethod
+    def _target_failed(stream, op: "_Opening") -> bool:
+        stream.reset(ErrorCode.CANCEL)
+        op.local.close()
+        return False
+
+    def _counted_ahead(self, op: "_Opening", record: "StreamRecord") -> None:
+        if op.ahead:
+            record.bytes_in = len(op.ahead)
+            self._count_in(len(op.ahead))
 
     def _count_in(self, n: int) -> None:
         self.bytes_in += n
@@ -747,16 +853,40 @@ def connect_local(target: tuple[str, int], timeout: float):
     costs a thread-pool round trip per connection, a quarter of a fresh stream's CPU) and, when
     the connection completes at once, the hub turn of gevent's connect; its socket options are
     set as it is made, for the splice (lib.net.sockets.connect_numeric)."""
-    host, port = target
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        socket.inet_pton(family, host)
-    except OSError:
+    family = numeric_family(target[0])
+    if family is None:
         sock = gsocket.create_connection(target, timeout=timeout)
         sock.settimeout(None)
         set_nodelay(sock)
         return sock
-    return connect_numeric(family, (host, port), timeout, UNSENT_LOWAT)
+    return connect_numeric(family, target, timeout, UNSENT_LOWAT)
+
+
+def numeric_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for a numeric address, None for a name (the resolver's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.inet_pton(family, host)
+    except OSError:
+        return None
+    return family
+
+
+class _Opening:
+    """How far a stream's opening got without waiting (TunnelRunner._open_now); the handler
+    goes on from there (TunnelRunner._open_local)."""
+
+    __slots__ = ("src", "start", "ahead", "svc", "local", "connecting", "unsent")
+
+    def __init__(self, stream) -> None:
+        self.src = stream  # StartProxy's bytes: the stream, or a Replay of those read already
+        self.start = None  # StartProxy, once read
+        self.ahead = b""  # the visitor's bytes read with it
+        self.svc: Service | None = None
+        self.local = None  # the target's socket, once made
+        self.connecting = False  # its handshake still in progress (sockets.finish_connect)
+        self.unsent: bytes | None = None  # of the PROXY header and ahead, what the target
+        # has not taken yet (None: not made yet)
 
 
 # PROXY protocol v2 TLV naming the public proxy that carried the visitor (its tunnel address as

@@ -26,6 +26,7 @@ Public API::
     stream.close()                          # full close, as Go's Stream.Close()
     stream.reset(code)                      # RST
     stream.settimeout(seconds | None)        stream.receive_window    stream.send_window
+    stream.buffered                         # bytes received, not yet read (recv will not wait)
     stream.waiting_for_window               # a send's bytes are left with the reader (Sending)
     stream.waiting_for_room                 # ...with the writer, for output room (Sending)
     stream.set_sink(sink | None)            # direct delivery (below); lib.net.splice sets it
@@ -397,6 +398,13 @@ class Stream:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read: a ``recv`` returns at once while this is not 0 (the
+        client opens a stream's local connection from the reader when StartProxy is in:
+        lib.client.tunnels)."""
+        return self._buffered
 
     @property
     def receive_window(self) -> int:

@@ -15,6 +15,9 @@
     connect_numeric(family, address, timeout, unsent_lowat=None) -> ConnectedSocket
                                    # TCP, no hub turn when the connection completes at once (a
                                    # listener on this host), options set as it is made
+    start_connect(family, address, unsent_lowat=None) -> (ConnectedSocket, connected: bool)
+    finish_connect(sock, address, timeout, unsent_lowat=None)  # connect_numeric in two steps:
+                                   # the first never waits, the second waits for the handshake
     recv_copy(sock, bufsize) -> bytes        # sock.recv without a bufsize allocation per call
     recv_scratch(sock, bufsize) -> memoryview  # the same, uncopied: valid until the next yield
     recv_nowait(sock, bufsize) -> bytes      # what is there now, never waiting (a hub callback)
@@ -282,26 +285,55 @@ def connect_numeric(family: int, address: tuple, timeout: float | None,
 
     System calls: socket, connect (twice), the two options: no ioctl, getsockname or
     getsockopt(SO_PROTOCOL), which the plain way makes (ConnectedSocket)."""
+    sock, done = start_connect(family, address, unsent_lowat)
+    if not done:
+        finish_connect(sock, address, timeout, unsent_lowat)
+    return sock
+
+
+def start_connect(family: int, address: tuple,
+                  unsent_lowat: int | None = None) -> tuple[ConnectedSocket, bool]:
+    """:func:`connect_numeric`'s steps that never wait (a hub callback or a session's reader
+    may call it): (the socket, True) once connected, its options set; (the socket, False) while
+    the handshake is in progress (:func:`finish_connect` waits for it). Errors are OSErrors,
+    the socket closed."""
     sock = ConnectedSocket(family)
     raw = sock._sock
     try:
         err = raw.connect_ex(address)
         if err == errno.EINPROGRESS:
             err = raw.connect_ex(address)
-            if err in (errno.EALREADY, errno.EINPROGRESS):
-                gevent.socket.wait_write(raw.fileno(), timeout=timeout)
-                err = raw.connect_ex(address)
-        if err not in (0, errno.EISCONN):
-            raise OSError(err, os.strerror(err))
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if unsent_lowat is not None:
-            try:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent_lowat)
-            except OSError:
-                pass  # an older kernel: the socket buffer's own bound applies (lib.net.splice)
-            else:
-                sock.tcp_tuned = True
+        if err in (errno.EALREADY, errno.EINPROGRESS):
+            return sock, False
+        _connected(sock, err, unsent_lowat)
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, True
+
+
+def finish_connect(sock: ConnectedSocket, address: tuple, timeout: float | None,
+                   unsent_lowat: int | None = None) -> None:
+    """Wait at most ``timeout`` seconds (socket.timeout) for the handshake
+    :func:`start_connect` left in progress, then set the options; errors close the socket."""
+    raw = sock._sock
+    try:
+        gevent.socket.wait_write(raw.fileno(), timeout=timeout)
+        _connected(sock, raw.connect_ex(address), unsent_lowat)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connected(sock: ConnectedSocket, err: int, unsent_lowat: int | None) -> None:
+    if err not in (0, errno.EISCONN):
+        raise OSError(err, os.strerror(err))
+    raw = sock._sock
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if unsent_lowat is not None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent_lowat)
+        except OSError:
+            pass  # an older kernel: the socket buffer's own bound applies (lib.net.splice)
+        else:
+            sock.tcp_tuned = True

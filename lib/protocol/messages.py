@@ -31,6 +31,7 @@ Public API::
     read_message(stream, max_size=MAX_MESSAGE) -> Message   # stream has recv(n)
     read_message_ahead(stream, max_size=MAX_MESSAGE, bufsize=READ_AHEAD)
                   -> (Message, bytes read past it)          # one read for StartProxy + data
+    split_message(data, max_size=MAX_MESSAGE) -> (Message, rest) | None  # no I/O: None if cut
     write_message(stream, msg) -> None                      # stream has sendall(b)
     MessageError(ValueError) .reason
 
@@ -647,6 +648,20 @@ def read_message(stream: Any, max_size: int = MAX_MESSAGE) -> Message:
 READ_AHEAD = 64 * 1024
 
 
+def split_message(data: bytes, max_size: int = MAX_MESSAGE) -> tuple[Message, bytes] | None:
+    """The message at the head of ``data`` and the bytes after it; None when ``data`` does not
+    hold it whole (read on, as :func:`read_message_ahead` does). No I/O: a caller that must not
+    wait (the client's session reader, lib.client.tunnels) parses what it already has.
+
+    :raises MessageError: the length prefix is over ``max_size``, or the message is invalid.
+    """
+    if len(data) >= LENGTH_PREFIX:
+        end = LENGTH_PREFIX + _check_length(_LENGTH.unpack_from(data)[0], max_size)
+        if len(data) >= end:
+            return unpack(data[LENGTH_PREFIX:end]), data[end:]
+    return None
+
+
 def read_message_ahead(stream: Any, max_size: int = MAX_MESSAGE,
                        bufsize: int = READ_AHEAD) -> tuple[Message, bytes]:
     """Read one message from ``stream`` in reads of ``bufsize``: (the message, the bytes read
@@ -661,10 +676,9 @@ def read_message_ahead(stream: Any, max_size: int = MAX_MESSAGE,
     data = stream.recv(bufsize)
     if not data:
         raise EOFError("stream closed before a control message")
-    if len(data) >= LENGTH_PREFIX:
-        end = LENGTH_PREFIX + _check_length(_LENGTH.unpack_from(data)[0], max_size)
-        if len(data) >= end:
-            return unpack(data[LENGTH_PREFIX:end]), data[end:]
+    whole = split_message(data, max_size)
+    if whole is not None:
+        return whole
     reader = MessageReader(max_size)
     reader.feed(data)
     while (msg := reader.next_message()) is None:
