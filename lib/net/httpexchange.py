@@ -19,6 +19,8 @@ Public API::
                                       # request: the head as lib.protocol.httphead parsed it,
                                       # if it was (else it is parsed here)
     OneExchangeSocket.dropped_requests / .dropped_response_bytes    # counters, for tests
+    OneExchangeSocket.direct_senders() -> (sendall, send_now, sendmsg_now) | None
+                                      # for lib.net.splice's sink (direct delivery, below)
 
 Reads are what the splice forwards to the tunnel; writes (``sendall``) are what it forwards
 from the origin to the visitor. Rule table (peer does / we answer):
@@ -31,6 +33,14 @@ from the origin to the visitor. Rule table (peer does / we answer):
     origin sends a second response     dropped
     malformed request or response      ConnectionAbortedError: the splice aborts both ends
 
+Direct delivery (lib.net.muxsession, "Direct delivery"): the splice's sink sends the stream's
+bytes to the visitor from the session's reader, through ``direct_senders``. The framer reads
+them first (``ResponseFramer.body_part``): the response's body goes out as it is, uncopied, up
+to its end; the head (rewritten with Connection: close), interim responses and the bytes after
+the end (dropped) are left to the copy loop's ``sendall``. Bytes the framer read that the
+socket did not take (a slow visitor) stay with the stream as usual and are sent unread when they
+come again (``_credit``), so every byte is read by the framer exactly once, in order.
+
 This module uses gevent's APIs directly and never monkey-patches.
 """
 from __future__ import annotations
@@ -39,8 +49,9 @@ import logging
 import socket
 
 import gevent.event
+import gevent.socket
 
-from lib.net.sockets import reader, sender
+from lib.net.sockets import nowait_sender, nowait_sendmsg, reader, sender
 from lib.protocol import http1, httphead
 from lib.tokenbucket import TokenBucket
 
@@ -202,6 +213,9 @@ class OneExchangeSocket(OneRequestSocket):
         self._response = http1.ResponseFramer(request.method, upgrade=self._upgrade)
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         self._answered = gevent.event.Event()  # the final answer (or the 101) went out
+        # The origin's next bytes the framer already read as the body (or raw, switched) and
+        # direct delivery did not send yet: they go out as they are when they come again.
+        self._credit = 0
         self._early = bytearray()
 
     @property
@@ -232,6 +246,16 @@ class OneExchangeSocket(OneRequestSocket):
         return super()._after_request(data)
 
     def sendall(self, data, flags: int = 0) -> None:
+        credit = self._credit
+        if credit:  # the body's bytes the framer read already (direct delivery's, not sent)
+            if credit >= len(data):
+                self._credit = credit - len(data)
+                self._send_out(data, flags)
+                self._answer_sent()
+                return
+            self._credit = 0
+            self._send_out(memoryview(data)[:credit], flags)
+            data = data[credit:]
         framer = self._response
         try:
             out = framer.feed(bytes(data))
@@ -239,23 +263,97 @@ class OneExchangeSocket(OneRequestSocket):
             self._answered.set()
             raise ConnectionAbortedError(f"origin's response: {e}") from None
         if out:
-            if flags:
-                self._sock.sendall(out, flags)
-            else:
-                self._send(out)
-        if framer.state in (http1.DONE, http1.SWITCHED) and not self._answered.is_set():
-            self._answered.set()
-            if framer.state == http1.DONE:
-                # The front reads Connection: close and the end: it will not reuse this.
-                try:
-                    self._sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
+            self._send_out(out, flags)
+        self._answer_sent()
         if framer.dropped and not self.dropped_response_bytes:
             if _dropped_log.take():
                 log.info("an origin sent bytes after its response on a routed connection; "
                          "dropped")
         self.dropped_response_bytes = framer.dropped
+
+    def _send_out(self, out, flags: int) -> None:
+        if flags:
+            self._sock.sendall(out, flags)
+        else:
+            self._send(out)
+
+    def _answer_sent(self) -> None:
+        """Once the final answer (or the 101) is all out: reads waiting for it go on, and after
+        a final answer the visitor gets our FIN."""
+        state = self._response.state
+        if (state == http1.DONE or state == http1.SWITCHED) and not self._credit \
+                and not self._answered.is_set():
+            self._answered.set()
+            if state == http1.DONE:
+                # The front reads Connection: close and the end: it will not reuse this.
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    # --- direct delivery (lib.net.splice's sink; lib.net.muxsession, "Direct delivery") ----
+
+    def direct_senders(self):
+        """(sendall, send_now, sendmsg_now) for lib.net.splice's sink, which sends the stream's
+        bytes from the session's reader without waking the splice's copy loop: the response's
+        body goes to the visitor as the framer reads it (``ResponseFramer.body_part``: no copy,
+        and the framer still sees every byte); the head (rewritten), the bytes after the
+        response (dropped) and errors take ``sendall``'s path, in the copy loop. None when the
+        visitor's end is not a gevent socket."""
+        sock = self._sock
+        if not isinstance(sock, gevent.socket.socket):
+            return None
+        self._now = nowait_sender(sock)
+        self._many_now = nowait_sendmsg(sock)
+        return self.sendall, self._send_now, self._many_now and self._sendmsg_now
+
+    def _send_now(self, data) -> int:
+        """What the visitor's socket takes of ``data`` now, never waiting (the sink's offer):
+        the body's bytes as they are. BlockingIOError when it took none, or when ``data`` is
+        for ``sendall`` to frame (a head, bytes after the response)."""
+        credit = self._credit = self._credit or self._body_part((data,))
+        return self._sent(self._now(data if credit >= len(data) else memoryview(data)[:credit]))
+
+    def _sendmsg_now(self, chunks) -> int:
+        """``_send_now`` for a read's frames, in one sendmsg."""
+        left = self._credit = self._credit or self._body_part(chunks)
+        out = []
+        for chunk in chunks:
+            if len(chunk) >= left:
+                out.append(chunk if len(chunk) == left else memoryview(chunk)[:left])
+                break
+            out.append(chunk)
+            left -= len(chunk)
+        return self._sent(self._many_now(out))
+
+    def _body_part(self, chunks) -> int:
+        """How many of ``chunks``' bytes (the origin's next) are the response's body, read by
+        the framer now; BlockingIOError when none is (a head to rewrite, the response over)."""
+        framer = self._response
+        if framer.state != http1.BODY:
+            if framer.state == http1.SWITCHED:
+                return sum(len(c) for c in chunks) if len(chunks) > 1 else len(chunks[0])
+            raise BlockingIOError  # sendall's, in the copy loop
+        n = 0
+        try:
+            for chunk in chunks:
+                k = framer.body_part(chunk)
+                n += k
+                if k < len(chunk):
+                    break
+        except http1.FramingError as e:
+            self._answered.set()
+            raise ConnectionAbortedError(f"origin's response: {e}") from None
+        if not n:
+            raise BlockingIOError  # the response ended with the bytes before
+        return n
+
+    def _sent(self, k: int) -> int:
+        """``k`` judged bytes went out: what is left of them is credit for the next send."""
+        self._credit -= k
+        if not self._credit and self._response.state != http1.BODY:
+            self._answer_sent()
+        return k
 
     def send(self, data, flags: int = 0) -> int:
         self.sendall(data, flags)
@@ -266,7 +364,8 @@ class OneExchangeSocket(OneRequestSocket):
         # waiting for one goes on as for any request (EOF to the tunnel after it).
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             self._answered.set()
-            if how == socket.SHUT_WR and self._response.state == http1.DONE:
+            if how == socket.SHUT_WR and self._response.state == http1.DONE \
+                    and not self._credit:
                 return  # sendall shut it down after the answer: a second one only fails
         self._sock.shutdown(how)
 

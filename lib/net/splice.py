@@ -29,7 +29,10 @@ A mux stream spliced to a gevent socket (with no timeout of its own) gets a sink
 socket, non-blocking, and this direction's copy loop wakes only for what the socket did not take
 (then waiting for it as before), for EOF and for errors. The sink counts its bytes into this
 direction's total, calls ``on_*`` and marks the splice busy (idle timer); a send error it meets
-aborts both ends at once, as the copy loop does on any error.
+aborts both ends at once, as the copy loop does on any error. An end that is not a socket may
+offer its own senders (``end.direct_senders() -> (sendall, send_now, sendmsg_now) | None``: an
+HTTP exchange's framer sees every byte, lib.net.httpexchange); send_now and sendmsg_now return
+the count of bytes they took, never wait, and raise BlockingIOError when they took none.
 
 Feeding: a gevent socket (with no timeout of its own) spliced to a mux stream is read, after the
 copy loop's first FEED_AFTER reads, by an io watcher's callback in the hub: it reads what is there and
@@ -120,7 +123,7 @@ class _Sink:
     __slots__ = ("stream", "sock", "on_bytes", "state", "busy", "sent", "error", "_sendall",
                  "_send_now", "_sendmsg_now")
 
-    def __init__(self, stream, sock, on_bytes, state: _State) -> None:
+    def __init__(self, stream, sock, on_bytes, state: _State, senders=None) -> None:
         self.stream = stream
         self.sock = sock
         self.on_bytes = on_bytes
@@ -128,9 +131,10 @@ class _Sink:
         self.busy = False  # the copy loop is sending: offers wait behind it (byte order)
         self.sent = 0
         self.error: OSError | None = None
-        self._sendall = sender(sock)
-        self._send_now = nowait_sender(sock)  # one send(), never waiting
-        self._sendmsg_now = nowait_sendmsg(sock)  # the same for a read's frames, or None
+        # sendall, one send() never waiting, the same for a read's frames (or None); or the
+        # end's own (``direct_senders``: an HTTP exchange frames what it sends)
+        self._sendall, self._send_now, self._sendmsg_now = senders or (
+            sender(sock), nowait_sender(sock), nowait_sendmsg(sock))
 
     def offer(self, data, send=None) -> int:
         """Send what the socket takes now, never waiting (lib.net.sockets.nowait_sender, or
@@ -179,10 +183,15 @@ class _Sink:
 def _sink_for(src, dst, on_bytes, state: _State) -> _Sink | None:
     # A stream with a timeout of its own measures silence by its reads: direct delivery would
     # starve them, so it keeps the copy loop.
-    if (isinstance(src, Stream) and isinstance(dst, gevent.socket.socket)
-            and src.gettimeout() is None):
+    if not isinstance(src, Stream) or src.gettimeout() is not None:
+        return None
+    if isinstance(dst, gevent.socket.socket):
         return _Sink(src, dst, on_bytes, state)
-    return None
+    # An end with senders of its own (lib.net.httpexchange.OneExchangeSocket: its framer sees
+    # every byte), or None when it has none for this socket.
+    senders = getattr(dst, "direct_senders", None)
+    senders = senders and senders()
+    return _Sink(src, dst, on_bytes, state, senders) if senders else None
 
 
 class _Feeder:

@@ -24,6 +24,8 @@ Public API::
     framer.done                        # the request ended
     framer = ResponseFramer(method, upgrade=False)  # the request's method
     framer.feed(data) -> bytes         # the part of `data` to forward to the visitor now
+    framer.body_part(data) -> int      # in state BODY: how many of `data` are the body's,
+                                       # forwarded as they are (the rest: feed drops it)
     framer.state                       # HEAD, BODY, DONE or SWITCHED
     framer.dropped                     # bytes the origin sent after its response (dropped)
     connection_close(head) -> bytes    # a request or response head with Connection: close
@@ -482,6 +484,21 @@ class ResponseFramer:
         if status < 100:
             raise FramingError(f"status {status} is not an HTTP status")
         return status, _framing(fields, response=True)
+
+    def body_part(self, data) -> int:
+        """In state BODY: how many of ``data`` (the origin's next bytes) are the body's, which
+        ``feed`` would forward as they are; they count as fed. Fewer than ``len(data)`` only at
+        the body's end (state DONE): the rest is not taken, a later ``feed`` drops it. For a
+        sender that takes the body's bytes without a copy (lib.net.httpexchange's direct
+        delivery).
+
+        :raises FramingError: a chunked body breaking the module's rules.
+        """
+        body = self._body
+        end = body.feed(data)
+        if body.done:
+            self.state = DONE
+        return end
 
     def _forward_body(self, data) -> bytes:
         """The part of ``data`` up to the body's end; the rest is dropped (state DONE)."""

@@ -1,0 +1,301 @@
+"""Direct delivery through an HTTP exchange: a routed HTTP connection's response body goes from
+the session's reader to the visitor (lib.net.httpexchange.OneExchangeSocket.direct_senders,
+lib.net.splice's sink) without waking the splice's copy loop, and the framer still sees every
+byte: the head gets Connection: close, the response's end is found (Content-Length, chunked,
+or the origin's close), what follows it is dropped, a second request goes nowhere, a visitor
+that stops reading stops the stream's window, and the 502 answers an origin that sent nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import socket
+
+import gevent
+import gevent.socket as gsocket
+import pytest
+
+from lib.net.httpexchange import OneExchangeSocket
+from lib.net.muxsession import Stream
+from lib.net.splice import splice
+from tests.support.muxpair import session_pair
+from tests.support.switches import SwitchesInto
+
+REQUEST = b"GET /big HTTP/1.1\r\nHost: web.test\r\n\r\n"
+SECOND = b"GET /other HTTP/1.1\r\nHost: victim.test\r\nCookie: secret\r\n\r\n"
+EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+MIB = 1 << 20
+
+
+def wait_until(predicate, timeout: float, every: float = 0.02) -> None:
+    with gevent.Timeout(timeout, AssertionError(f"not within {timeout} s")):
+        while not predicate():
+            gevent.sleep(every)
+
+
+def tcp_pair():
+    lsock = gsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    out = gsocket.create_connection(lsock.getsockname())
+    inner, _ = lsock.accept()
+    lsock.close()
+    return out, inner
+
+
+class Rig:
+    """A routed HTTP connection as the proxy splices it: the visitor's TCP connection
+    (``visitor`` outside, ``exchange`` the proxy's OneExchangeSocket on ``inner``) and a mux
+    stream (``near``, the proxy's; ``origin``, the client's end, which plays the origin)."""
+
+    def __init__(self, head: bytes = REQUEST):
+        self.c, self.s = session_pair()
+        self.origin = self.c.open()
+        self.origin.sendall(b"x")
+        self.near = self.s.accept(timeout=5)
+        assert self.near.recv(10) == b"x"
+        self.visitor, inner = tcp_pair()
+        self.exchange = OneExchangeSocket(inner, head)
+        self.copy_loop = None  # the greenlet reading near (stream -> visitor), once it read
+
+    def splice(self, **kw):
+        real = Stream.recv
+        near, rig = self.near, self
+
+        def recv(st, *args, **kwargs):  # notes the copy loop's greenlet; counts its reads
+            if st is near:
+                rig.copy_loop = gevent.getcurrent()
+                rig.reads += 1
+            return real(st, *args, **kwargs)
+        self.reads = 0
+        self._mp.setattr(Stream, "recv", recv)
+        g = gevent.spawn(splice, self.exchange, self.near, **kw)
+        wait_until(lambda: self.copy_loop is not None, 5)
+        return g
+
+    def request(self) -> bytes:
+        """What the origin receives of the visitor's request, up to its EOF."""
+        got = b""
+        while (data := self.origin.recv(65536)):
+            got += data
+        return got
+
+    def response(self) -> bytes:
+        """All the visitor receives, up to the proxy's FIN."""
+        got = bytearray()
+        while (data := self.visitor.recv(MIB)):
+            got += data
+        return bytes(got)
+
+
+@pytest.fixture
+def rig(monkeypatch):
+    r = Rig()
+    r._mp = monkeypatch
+    yield r
+    r.visitor.close()
+    r.c.close()
+    r.s.close()
+
+
+def pattern(n: int) -> bytes:
+    return bytes(range(256)) * (n // 256) + bytes(n % 256)
+
+
+def chunked(body: bytes, piece: int = 50_000) -> bytes:
+    out = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + piece]), body[i:i + piece])
+                   for i in range(0, len(body), piece))
+    return out + b"0\r\n\r\n"
+
+
+def send_pieces(end, data: bytes, piece: int = 64 * 1024) -> None:
+    for i in range(0, len(data), piece):
+        end.sendall(data[i:i + piece])
+
+
+def head_with_close(head: bytes) -> bytes:
+    return head[:-2] + b"Connection: close\r\n\r\n"
+
+
+def read_in_greenlet(sock):
+    return gevent.spawn(lambda: b"".join(iter(lambda: sock.recv(MIB), b"")))
+
+
+# --- the framer's properties, through the sink -------------------------------------------------
+
+def test_a_length_body_is_delivered_direct_and_what_follows_it_is_dropped(rig):
+    g = rig.splice()
+    body = pattern(4 * MIB)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    reader = read_in_greenlet(rig.visitor)
+    rig.origin.sendall(head)
+    send_pieces(rig.origin, body + EVIL)  # the end inside a frame, a second answer after it
+    rig.origin.sendall(EVIL)  # and in frames of its own, after the response's end
+    got = reader.get(timeout=30)  # the proxy's FIN after the body: no wait for the origin's
+    assert got == head_with_close(head) + body
+    assert rig.exchange.dropped_response_bytes == 2 * len(EVIL)
+    rig.origin.close()
+    rig.visitor.close()
+    g.get(timeout=5)
+
+
+def test_a_chunked_body_ends_at_its_last_chunk_through_the_sink(rig):
+    g = rig.splice()
+    body = chunked(pattern(3 * MIB))
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    reader = read_in_greenlet(rig.visitor)
+    rig.origin.sendall(head)
+    send_pieces(rig.origin, body + EVIL, piece=7 * 1024 + 3)  # chunk lines cut across frames
+    got = reader.get(timeout=30)
+    assert got == head_with_close(head) + body
+    assert rig.exchange.dropped_response_bytes == len(EVIL)
+    rig.origin.close()
+    rig.visitor.close()
+    g.get(timeout=5)
+
+
+def test_a_close_delimited_body_flows_until_the_origin_closes(rig):
+    g = rig.splice()
+    body = pattern(2 * MIB)
+    head = b"HTTP/1.1 200 OK\r\n\r\n"
+    reader = read_in_greenlet(rig.visitor)
+    rig.origin.sendall(head)
+    send_pieces(rig.origin, body)
+    gevent.sleep(0.05)
+    assert not reader.ready()  # no end but the origin's
+    rig.origin.close()
+    assert reader.get(timeout=30) == head_with_close(head) + body
+    rig.visitor.close()
+    g.get(timeout=5)
+
+
+def test_a_malformed_chunk_in_the_body_aborts_the_connection(rig):
+    g = rig.splice()
+    reader = gevent.spawn(lambda: _read_until_error(rig.visitor))
+    rig.origin.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    send_pieces(rig.origin, chunked(pattern(MIB))[:-5])
+    rig.origin.sendall(b"zz\r\n" + EVIL)  # not a chunk-size line: nothing after it passes
+    got, error = reader.get(timeout=30)
+    assert EVIL not in got and error is not None  # a reset, not a clean end
+    g.get(timeout=5)
+
+
+def _read_until_error(sock) -> tuple[bytes, Exception | None]:
+    got = bytearray()
+    try:
+        while (data := sock.recv(MIB)):
+            got += data
+    except OSError as e:
+        return bytes(got), e
+    return bytes(got), None
+
+
+def test_the_second_request_is_refused_while_the_body_goes_direct(rig):
+    g = rig.splice()
+    body = pattern(2 * MIB)
+    rig.visitor.sendall(SECOND)  # a pooling front's next visitor, on the same connection
+    assert rig.request() == head_with_close(REQUEST)  # then EOF: the second went nowhere
+    reader = read_in_greenlet(rig.visitor)
+    rig.origin.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+    send_pieces(rig.origin, body)
+    assert reader.get(timeout=30).endswith(body)
+    assert rig.exchange.dropped_requests == 1
+    rig.origin.close()
+    rig.visitor.close()
+    g.get(timeout=5)
+
+
+def test_an_origin_that_sends_nothing_gets_the_visitor_a_502(rig):
+    g = rig.splice(fallback_to_a=BAD_GATEWAY)
+    rig.origin.close()
+    assert rig.response() == head_with_close(BAD_GATEWAY)  # (sent through the framer too)
+    rig.visitor.close()
+    g.get(timeout=5)
+
+
+def test_a_visitor_that_stops_reading_stops_the_window_and_the_end_is_still_found(rig):
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    g = rig.splice()
+    body = chunked(pattern(8 * MIB))
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    sent = [0]
+
+    def write():
+        rig.origin.sendall(head)
+        for i in range(0, len(body) + len(EVIL), 48 * 1024 + 7):
+            piece = (body + EVIL)[i:i + 48 * 1024 + 7]
+            rig.origin.sendall(piece)
+            sent[0] += len(piece)
+    writer = gevent.spawn(write)
+    last = [-1]
+
+    def stalled():
+        now, last[0] = last[0], sent[0]
+        return now == last[0]
+    wait_until(stalled, timeout=10, every=0.5)
+    assert sent[0] < 2 * MIB  # nobody reads the visitor: the window closed early
+    got = rig.response()  # partial sends left judged bytes with the stream: in order, once
+    assert hashlib.sha256(got).digest() == hashlib.sha256(head_with_close(head) + body).digest()
+    assert rig.exchange.dropped_response_bytes == len(EVIL)
+    writer.get(timeout=10)
+    rig.origin.close()
+    rig.visitor.close()
+    g.get(timeout=5)
+
+
+# --- what direct delivery saves ----------------------------------------------------------------
+
+def test_a_bulk_body_wakes_the_copy_loop_a_few_times_not_per_read(rig):
+    """Red without direct delivery for an exchange (lib.net.splice's copy loop reads the
+    stream, up to 256 KiB at a time, and sends through the framer): 38 switches into the copy
+    loop for 8 MiB; with it 1 (it is woken for the head, which sendall rewrites, and for what
+    the visitor's socket did not take at once)."""
+    g = rig.splice()
+    body = pattern(8 * MIB)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    reader = read_in_greenlet(rig.visitor)
+    rig.origin.sendall(head)
+    wait_until(lambda: rig.reads >= 2, 5)  # the head went by the copy loop; it waits again
+    reads = rig.reads
+    with SwitchesInto(rig.copy_loop) as into:
+        send_pieces(rig.origin, body)
+        got = reader.get(timeout=30)
+    assert got == head_with_close(head) + body
+    per_mib = into.count / 8
+    assert per_mib <= 2, f"{into.count} switches into the copy loop for 8 MiB"
+    assert (rig.reads - reads) / 8 <= 2
+    rig.origin.close()
+    rig.visitor.close()
+    g.get(timeout=5)
+
+
+def test_bytes_judged_but_not_taken_are_sent_unread_and_the_rest_framed():
+    """The sink's send_now read a piece of the body that the socket took only part of; the
+    copy loop's sendall then gets that rest with more behind it (the body's end and a second
+    answer): the rest goes out as it is, the framer reads only what follows it."""
+    a, b = gsocket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    try:
+        exchange = OneExchangeSocket(a, REQUEST)
+        sendall, send_now, _ = exchange.direct_senders()
+        body = pattern(2 * MIB)
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+        sendall(head + body[:100])  # the head by the copy loop (rewritten)
+        taken = send_now(body[100:MIB])
+        assert 0 < taken < MIB - 100  # the socket is full: the rest was read, not sent
+        reader = read_in_greenlet(b)
+        sendall(body[100 + taken:] + EVIL)  # the rest, then what the framer has not read
+        assert reader.get(timeout=30) == head_with_close(head) + body
+        assert exchange.dropped_response_bytes == len(EVIL)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_direct_senders_are_offered_for_a_socket_only():
+    a, b = socket.socketpair()  # not a gevent socket: the copy loop's sendall serves it
+    try:
+        assert OneExchangeSocket(a, REQUEST).direct_senders() is None
+    finally:
+        a.close()
+        b.close()
