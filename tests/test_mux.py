@@ -15,6 +15,7 @@ from lib.errors import (ErrorCode, MuxError, SessionClosed, StreamClosed, Stream
                         StreamTimeout)
 from lib.net.muxsession import MuxConfig, Session
 from lib.protocol import muxstate as mp
+from tests.support.calls import ArgumentLengths
 from tests.support.muxpair import (echo_server, pki,  # noqa: F401 (pki: a fixture)
                                     session_pair as pair)
 
@@ -103,7 +104,7 @@ def test_slow_reader_bounds_memory_and_sender_blocks():
             st.sendall(b"x" * 65536)
             sent += 65536
     peer = s.accept(timeout=1)
-    assert peer._buffered <= 256 * 1024
+    assert peer.buffered <= 256 * 1024
     assert sent <= 256 * 1024
 
 
@@ -252,7 +253,7 @@ def test_windows_grow_while_read_and_stay_at_64k_when_not():
         got += len(fast.recv(1 << 20))
     assert fast.receive_window == MuxConfig().receive_window  # grew: the reader kept up
     assert deaf.receive_window == mp.INITIAL_WINDOW  # never read: never grew
-    assert deaf._buffered <= mp.INITIAL_WINDOW
+    assert deaf.buffered <= mp.INITIAL_WINDOW
     assert pool.used == MuxConfig().receive_window - mp.INITIAL_WINDOW
     fast.close()
     deadline = time.monotonic() + 5
@@ -345,7 +346,7 @@ def test_a_reader_that_lags_does_not_grow_the_window():
     got = 0
     deadline = time.monotonic() + 20
     while got < 512 * 1024 and time.monotonic() < deadline:
-        while st._buffered < 48 * 1024 and time.monotonic() < deadline:
+        while st.buffered < 48 * 1024 and time.monotonic() < deadline:
             gevent.sleep(0.001)
         got += len(st.recv(16 * 1024))
     assert got >= 512 * 1024
@@ -509,9 +510,6 @@ def test_bulk_is_decoded_a_whole_read_at_a_time():
     # against Go"), and a frame a read ends in the middle of is the only thing carried.
     a, b = gsocket.socketpair()
     s = Session(b, client=False, config=MuxConfig(heartbeat=False))
-    fed = []
-    receive = s._conn.receive_data
-    s._conn.receive_data = lambda data, *args: (fed.append(len(data)), receive(data, *args))[1]
     payload = os.urandom(fr.MAX_PAYLOAD)
     # A peer stream's larger window comes with its first WNDINC (lib.protocol.muxstate): read
     # one frame, take the grant, then send more than 64 KiB in one write.
@@ -521,11 +519,12 @@ def test_bulk_is_decoded_a_whole_read_at_a_time():
     grant = fr.FrameDecoder()
     grant.feed(a.recv(64))
     assert isinstance(grant.next_frame(), fr.WndInc)
-    a.sendall(fr.encode_data(3, payload) * 8)
-    got = b""
-    while len(got) < 8 * len(payload):
-        got += st.recv(1 << 20)
+    with ArgumentLengths("MuxConnection.receive_data", "data") as fed:
+        a.sendall(fr.encode_data(3, payload) * 8)
+        got = b""
+        while len(got) < 8 * len(payload):
+            got += st.recv(1 << 20)
     assert got == payload * 8
-    assert max(fed) > 4 * fr.MAX_PAYLOAD, fed  # not cut into small pieces
+    assert max(fed.lengths) > 4 * fr.MAX_PAYLOAD, fed.lengths  # not cut into small pieces
     s.close()
     a.close()

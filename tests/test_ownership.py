@@ -4,6 +4,7 @@
 Tests taking ``store`` or ``reopen`` run twice: against SQLite in a temp dir and against a fresh
 database on the session's real PostgreSQL server (tests/fixtures/postgres.py), so the two
 backends cannot drift. Tests taking ``db`` are about the SQLite file itself."""
+import contextlib
 import os
 import sqlite3
 import threading
@@ -16,6 +17,7 @@ from lib.protocol.messages import (REASON_INTERNAL, REASON_INVALID_HOSTNAME, REA
                           REASON_NOT_OWNER, REASON_SIGNATURE_REQUIRED)
 from lib.proxy.ownership import (SCHEMA_VERSION, AllowList, ClaimLimits, OwnershipError,
                                  OwnershipPolicy, OwnershipStore, canonical_name)
+from lib.proxy.store import sqlite as sqlite_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -194,19 +196,30 @@ def test_full_database_refuses_writes_and_keeps_previous_data(db):
     store.close()
 
 
-def test_sqlite_operational_error_on_write_becomes_ownership_error(db):
-    store = OwnershipStore(db)
-    store.claim("a.example.com", K1)
-    # A second process holds the write lock: our write fails with OperationalError.
+@pytest.fixture
+def short_busy_timeout(monkeypatch):
+    """Stores opened from now on wait 0.1 s, not the full 5 s, for another writer's lock."""
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT", 0.1)
+
+
+@contextlib.contextmanager
+def _write_lock_held(db):
+    """A second process holds the file's write lock: our writes fail with OperationalError
+    (after the busy timeout) until the block ends."""
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     try:
-        store._conn.execute("PRAGMA busy_timeout=100")  # don't wait the full 5 s
-        with pytest.raises(OwnershipError, match="locked"):
-            store.claim("b.example.com", K1)
+        yield
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+def test_sqlite_operational_error_on_write_becomes_ownership_error(db, short_busy_timeout):
+    store = OwnershipStore(db)
+    store.claim("a.example.com", K1)
+    with _write_lock_held(db), pytest.raises(OwnershipError, match="locked"):
+        store.claim("b.example.com", K1)
     assert store.owner("b.example.com") is None and store.owner("a.example.com").key == K1
     store.close()
 
@@ -443,7 +456,11 @@ def test_dns_cache_is_shared_by_a_bind_storm_and_bounded(dns_server, store):
     assert dns_server.count("_shroud.storm.example.com") == 2
     for i in range(10):
         policy.decide("n%d.example.com" % i, K1)
-    assert len(policy._dns_cache) == 4
+    # Bounded at 4: the last four names are answered from the cache, the fifth is asked again.
+    for i in (9, 8, 7, 6, 5):
+        policy.decide("n%d.example.com" % i, K1)
+    assert [dns_server.count("_shroud.n%d.example.com" % i) for i in (9, 8, 7, 6, 5)] == \
+        [1, 1, 1, 1, 2]
 
 
 def test_long_name_under_dns_policy_is_decided_not_crashed(tmp_path):
@@ -461,18 +478,19 @@ SLOW_COMMIT = 0.5  # seconds an insert takes below (a stand-in for a slow fsync)
 
 
 class _SlowInserts:
-    """Every ownership insert takes SLOW_COMMIT seconds, in whatever thread runs it, and notes
-    the event loop's tick count as it starts and ends (``during``: ticks while it ran)."""
+    """Every ownership insert takes SLOW_COMMIT seconds more, in whatever thread runs it (the
+    store's trace callback, called as sqlite starts each statement, sleeps), and notes the event
+    loop's tick count as it starts and ends (``during``: ticks while it ran)."""
 
     def __init__(self, store, ticks: list | None = None):
         self.ticks = ticks if ticks is not None else []
         self.started = threading.Event()
         self.during: list[int] = []
-        store._conn.create_function("shroud_test_slow", 0, self._slow)
-        store._conn.execute("CREATE TEMP TRIGGER slow AFTER INSERT ON ownership "
-                            "BEGIN SELECT shroud_test_slow(); END")
+        store.set_trace_callback(self._statement)
 
-    def _slow(self):
+    def _statement(self, sql: str) -> None:
+        if not sql.lstrip().upper().startswith("INSERT INTO OWNERSHIP"):
+            return
         before = len(self.ticks)
         self.started.set()
         time.sleep(SLOW_COMMIT)
@@ -513,7 +531,7 @@ def test_threaded_store_writes_leave_the_event_loop_free(db, threaded):
         store.close()
 
 
-def test_threaded_store_interrupted_caller_leaves_a_consistent_store(db):
+def test_threaded_store_interrupted_caller_leaves_a_consistent_store(db, short_busy_timeout):
     import gevent
 
     store = OwnershipStore(db, threaded=True)
@@ -528,14 +546,14 @@ def test_threaded_store_interrupted_caller_leaves_a_consistent_store(db):
         # The next user waits for that transaction; the claim committed whole.
         assert store.claim("cut.example", K2) == (store.owner("cut.example"), False)
         assert store.owner("cut.example").key == K1
-        with pytest.raises(OwnershipError):
-            store._transaction("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
+        with _write_lock_held(db), pytest.raises(OwnershipError, match="locked"):
+            store.claim("failed.example", K2)  # a transaction that fails in its thread
         assert store.claim("after.example", K2)[1] is True
     finally:
         store.close()
 
 
-def test_threaded_store_serialises_concurrent_greenlets(db):
+def test_threaded_store_serialises_concurrent_greenlets(db, short_busy_timeout):
     """Many greenlets writing at once (this test process is not monkey-patched, as an
     embedding may not be): every claim succeeds once, no transaction sees another's."""
     import gevent
@@ -547,7 +565,9 @@ def test_threaded_store_serialises_concurrent_greenlets(db):
         gevent.joinall(jobs, timeout=30, raise_error=True)
         assert all(job.value[1] is True for job in jobs)
         assert len(store.owners(limit=1000)) == 100
-        with pytest.raises(OwnershipError):  # an error comes back to its caller, once
-            store._transaction("fail", lambda conn: conn.execute("INSERT INTO nosuchtable VALUES (1)"))
+        # An error comes back to its caller, once, and the store goes on.
+        with _write_lock_held(db), pytest.raises(OwnershipError, match="locked"):
+            store.claim("failed.example", K1)
+        assert store.claim("after.example", K1)[1] is True
     finally:
         store.close()

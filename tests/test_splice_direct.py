@@ -15,8 +15,8 @@ import pytest
 
 from lib.errors import MuxError, StreamReset
 from lib.net.muxsession import Stream
-from lib.net.sockets import IOV_MAX
-from lib.net.splice import splice
+from lib.net.sockets import IOV_MAX, read_watcher
+from lib.net.splice import socket_sink, splice
 from tests.support.calls import PythonCalls
 from tests.support.muxpair import session_pair
 from tests.support.switches import SwitchesInto
@@ -248,13 +248,12 @@ def test_feeding_keeps_the_splice_from_looking_idle(rig):
 
 
 def test_a_keep_alive_answer_is_offered_in_one_python_call():
-    """_Sink.offer runs once per answer delivered straight to a visitor: its send (the OS
+    """The sink's offer runs once per answer delivered straight to a visitor: its send (the OS
     socket's) and counting happen in it, no helper frame under it (bench/README.md,
     "Per-request cost (issue 16)", kapath pass)."""
-    from lib.net import splice as sp
     a, b = gsocket.socketpair()
     try:
-        sink = sp._Sink(None, a, None, sp._State(None))
+        sink = socket_sink(a)
         with PythonCalls() as calls:
             n = sink.offer(b"HTTP/1.1 200 OK\r\n\r\n")
         assert n == 19 and b.recv(64) == b"HTTP/1.1 200 OK\r\n\r\n"
@@ -265,11 +264,10 @@ def test_a_keep_alive_answer_is_offered_in_one_python_call():
 
 
 def test_the_splice_sink_sends_many_buffers_in_one_call():
-    # _Sink over a real socket: sendmsg of the pieces, capped at IOV_MAX of them (a unit test
-    # of splice's own helper, moved here from tests/test_mux_bulk.py).
-    from lib.net import splice
+    # The sink over a real socket: sendmsg of the pieces, capped at IOV_MAX of them (a unit
+    # test of splice's own helper, moved here from tests/test_mux_bulk.py).
     a, b = gsocket.socketpair()
-    sink = splice._Sink(None, a, None, splice._State(None))
+    sink = socket_sink(a)
     pieces = [b"%05d" % i for i in range(IOV_MAX + 10)]
     n = sink.offer_many(pieces)
     assert n == 5 * IOV_MAX  # the first IOV_MAX, in one call
@@ -307,7 +305,7 @@ def test_an_awaited_answer_is_read_without_a_read_finding_nothing(rig):
     origin = rig.visitor  # inner is our end of the origin's connection
     raw = _count_reads(rig.inner)
     g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
-    wait_until(lambda: rig.inner._read_event.active, 5)  # the answer's direction waits
+    wait_until(lambda: read_watcher(rig.inner).active, 5)  # the answer's direction waits
     origin.sendall(b"HTTP/1.1 200 OK\r\n\r\nanswer")
     origin.close()
     data = b""

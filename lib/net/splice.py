@@ -4,6 +4,7 @@ Public API::
 
     splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout=None, chunk=CHUNK,
            fallback_to_a=None, b_answers=False) -> (n_ab, n_ba)
+    socket_sink(sock) -> sink   # a stream's sink to ``sock`` on its own (tests, tools)
 
 Half-close is carried through: when one side reaches EOF, the other side gets
 ``shutdown(SHUT_WR)`` and the opposite direction keeps flowing until it ends too. ``a`` to
@@ -192,6 +193,13 @@ def _sink_for(src, dst, on_bytes, state: _State) -> _Sink | None:
     senders = getattr(dst, "direct_senders", None)
     senders = senders and senders()
     return _Sink(src, dst, on_bytes, state, senders) if senders else None
+
+
+def socket_sink(sock):
+    """The sink splice gives a stream bound for gevent socket ``sock`` (module doc), on its own:
+    tied to no stream and no splice, for tests and tools that drive ``offer``/``offer_many``
+    and read ``sent`` (the bytes the socket took)."""
+    return _Sink(None, sock, None, _State(None))
 
 
 class _Feeder:

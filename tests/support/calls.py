@@ -1,4 +1,5 @@
 """Counting Python calls: ``with PythonCalls() as calls: ...; calls.names``.
+What one function was given: ``with ArgumentLengths(qualname, argument) as seen: ...; seen.lengths``.
 
 The per-request tests (test_muxproto, test_splice_direct) ask how many Python functions one
 step of the data path runs: every Python-level call made while the block runs is recorded by
@@ -29,3 +30,28 @@ class PythonCalls:
         sys.setprofile(self.old)
         if self.names and self.names[-1] == "PythonCalls.__exit__":
             self.names.pop()  # this method's own call, recorded as it began
+
+
+class ArgumentLengths:
+    """``len()`` of one argument of every call of one Python function (by qualified name, e.g.
+    ``"MuxConnection.receive_data"``), in order, while the block runs: what a module hands its
+    helper, seen through the same profile hook as PythonCalls (no attribute of it replaced)."""
+
+    def __init__(self, qualname: str, argument: str) -> None:
+        self.qualname = qualname
+        self.argument = argument
+        self.lengths: list[int] = []
+        self.old = None
+
+    def __enter__(self) -> "ArgumentLengths":
+        lengths, qualname, argument = self.lengths, self.qualname, self.argument
+
+        def record(frame, event, arg):
+            if event == "call" and frame.f_code.co_qualname == qualname:
+                lengths.append(len(frame.f_locals[argument]))
+        self.old = sys.getprofile()
+        sys.setprofile(record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self.old)
