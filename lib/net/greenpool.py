@@ -6,6 +6,9 @@ Public API::
     pool.spawn(func, *args)       # run func(*args) in an idle worker greenlet, or a new one;
                                   # blocks while ``size`` jobs run (as gevent.pool.Pool.spawn);
                                   # returns None: a worker is no handle on one job
+    pool.spawn_now(func, *args)   # the same from a hub callback (an accept loop): a parked
+                                  # worker is switched in at once and runs the job until it
+                                  # first waits, instead of at the next loop turn
     job = pool.start(func, *args) # the same, with a handle on this job (what lib.net.splice
                                   # asks of its second direction's greenlet):
     job.join(timeout=None) -> bool;  job.ready();  job.value (None if it raised)
@@ -51,7 +54,7 @@ import gevent
 import gevent.socket
 from gevent.event import Event
 from gevent.greenlet import Greenlet
-from gevent.hub import get_hub
+from gevent.hub import get_hub, getcurrent
 from gevent.lock import Semaphore
 
 from lib import memtrim
@@ -83,6 +86,9 @@ class WorkerPool:
         self.keep = keep
         # gevent's StreamServer links this (a pool it is given must have a size).
         self._semaphore = Semaphore(size) if size is not None else None
+        # full(): the semaphore's own (compiled) locked(), no Python frame: the accept loop and
+        # routing ask it once per public connection each.
+        self.full = self._semaphore.locked if size is not None else _never
         self._running: set[Greenlet] = set()  # workers inside a job
         self._idle: list[Greenlet] = []       # parked, most recent last (warmest stack)
         self._handing: dict[Greenlet, tuple] = {}  # chosen, its job not yet switched in
@@ -104,9 +110,6 @@ class WorkerPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    def full(self) -> bool:
-        return self._semaphore is not None and self._semaphore.locked()
-
     def free_count(self) -> int:
         return self._semaphore.counter if self._semaphore is not None else sys.maxsize
 
@@ -114,13 +117,20 @@ class WorkerPool:
         """Run ``func(*args)`` in a worker (blocking while the pool is full)."""
         self._run((func, args, None))
 
+    def spawn_now(self, func, *args) -> None:
+        """:meth:`spawn` for a caller running in the hub (a watcher's callback): a parked
+        worker runs the job now, up to its first wait, then the caller goes on; no parked
+        worker (or a caller that is not the hub): as :meth:`spawn`. Saves the hand-off's loop
+        turn and callback (bench/README.md, "Fresh connections: the proxy's accept")."""
+        self._run((func, args, None), now=True)
+
     def start(self, func, *args) -> "Job":
         """Run ``func(*args)`` in a worker, as :meth:`spawn`; a :class:`Job` to join or kill."""
         job = Job()
         self._run((func, args, job))
         return job
 
-    def _run(self, job: tuple) -> None:
+    def _run(self, job: tuple, now: bool = False) -> None:
         if self._semaphore is not None:
             self._semaphore.acquire()
         self._closing = False
@@ -129,21 +139,20 @@ class WorkerPool:
             worker = self._idle.pop()
             self._running.add(worker)
             self.reused += 1
-            self._handing[worker] = job
-            get_hub().loop.run_callback(self._hand, worker)
+            hub = get_hub()
+            if now and getcurrent() is hub:
+                worker.switch(job)  # parked in hub.switch(): it takes the job and runs it
+                return
+            # The worker's own switch at the next turn (no frame of ours); kill() stops it.
+            self._handing[worker] = (job, hub.loop.run_callback(worker.switch, job))
         else:
             # The job goes by _handing, not as the greenlet's argument: gevent keeps a
             # greenlet's start arguments until it ends, and a kept worker lives on.
             worker = Greenlet(self._work)
             self._running.add(worker)
             self.started += 1
-            self._handing[worker] = job
+            self._handing[worker] = (job, None)
             worker.start()
-
-    def _hand(self, worker: Greenlet) -> None:
-        job = self._handing.pop(worker, None)
-        if job is not None and not worker.dead:  # not killed since it was chosen
-            worker.switch(job)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until no job runs; False if ``timeout`` passed first."""
@@ -176,7 +185,9 @@ class WorkerPool:
     def _abandon(self, worker: Greenlet) -> None:
         """``worker``'s job, handed to it and not yet run, will not run: close its sockets and
         finish its Job (the caller ends the worker)."""
-        func, args, handle = self._handing.pop(worker)
+        (func, args, handle), handoff = self._handing.pop(worker)
+        if handoff is not None:
+            handoff.stop()  # the switch into it at the next turn, if not run yet
         self.abandoned += 1
         for arg in args:
             if isinstance(arg, (socket.socket, gevent.socket.socket)):
@@ -186,7 +197,8 @@ class WorkerPool:
 
     def _work(self) -> None:
         me = gevent.getcurrent()
-        job = self._handing.pop(me)
+        handing = self._handing
+        job = self._handing.pop(me)[0]
         hub = get_hub()
         while True:
             func, args, handle = job
@@ -210,6 +222,7 @@ class WorkerPool:
                     got = hub.switch()
                     if type(got) is tuple:
                         job = got
+                        handing.pop(me, None)  # handed at a loop turn (not switched in at once)
                     got = None  # the next park must not keep this job
             finally:
                 if job is None:  # killed while parked
@@ -230,6 +243,10 @@ class WorkerPool:
             self._semaphore.release()
         if not self._running:
             self._empty.set()
+
+
+def _never() -> bool:
+    return False
 
 
 class Job:

@@ -38,6 +38,8 @@ import errno
 import os
 import socket
 
+import gevent._socket3
+import gevent._socketcommon
 import gevent.socket
 
 
@@ -64,17 +66,50 @@ class AcceptedSocket(gevent.socket.socket):
     it accepts), so they cost no system call per connection (``tcp_tuned``: lib.net.splice
     reads it). ``local_name`` is the listener's "host:port" when it listens on one address,
     which is then every accepted connection's own (getsockname would answer the same); None
-    for a wildcard listener."""
+    for a wildcard listener.
+
+    Its constructor and ``close`` are gevent's in one Python frame each (gevent's take three
+    and six: ``__init__`` and its mixin's; ``close``, ``_real_close``, ``_detach_socket``,
+    ``_drop_events_and_close``, and a second close finds a stand-in's ``__bool__``): a public
+    connection makes one of each (bench/README.md, "Fresh connections: the proxy's accept").
+    tests/test_sockets.py holds both to gevent's on the pinned gevent."""
 
     __slots__ = ("local_name", "family")
     tcp_tuned = True
 
     def __init__(self, family, type, proto, fileno, local_name: str | None = None):
-        super().__init__(family, type, proto, fileno=fileno)
+        # What gevent's constructor sets (super().__init__ is what this one replaces).
+        self._closed = False
+        self._io_refs = 0
+        self._sock = sock = self._gevent_sock_class(family, type, proto, fileno)
+        sock.setblocking(False)
+        self.hub = hub = gevent.get_hub()
+        io = hub.loop.io
+        self._read_event = io(fileno, 1)
+        self._write_event = io(fileno, 2)
+        self.timeout = _socket.getdefaulttimeout()
         self.local_name = local_name
         # The listener's, kept: gevent's family property makes an enum of the kernel's int on
         # every read (lib.net.splice asks each end for it).
         self.family = family
+
+    def close(self) -> None:
+        """gevent's close: waiters on the socket are woken with its cancel error, libev is told
+        the descriptor closes (then it is closed), and a stand-in raising EBADF takes its
+        place; nothing when closed already."""
+        self._closed = True
+        sock = self._sock
+        if self._io_refs > 0 or type(sock) is _CLOSED:
+            return
+        events = (self._read_event, self._write_event)
+        self._read_event = self._write_event = None
+        self.hub.cancel_waits_close_and_then(events, _CANCEL_WAIT, self._drop_ref_on_close, sock)
+        self._sock = _CLOSED(sock.family, sock.type, sock.proto, sock.fileno(), "closed")
+
+
+# gevent's stand-in for a closed socket and the error its waiters get (what its close uses).
+_CLOSED = gevent._socket3._closedsocket
+_CANCEL_WAIT = gevent._socketcommon.cancel_wait_ex
 
 
 def tune_listener(sock, unsent_lowat: int) -> None:

@@ -24,6 +24,8 @@ Public API::
     Message = Auth | AuthResp | Bind | BindResp | StartProxy
 
     encode(msg) -> bytes                       # length prefix + JSON
+    encode_start_proxy(url, client_addr, public_addr=None) -> bytes   # the same for a
+                                               # StartProxy, without the object (the proxy's)
     pack(msg) -> bytes                         # the JSON alone (Go's proto.Pack)
     unpack(json_bytes) -> Message              # raises MessageError
     MessageReader(max_size=MAX_MESSAGE): feed(data), next_message() -> Message | None,
@@ -481,7 +483,11 @@ _START_PROXY_PLAIN = re.compile(
 
 def _pack_plain_start_proxy(msg: StartProxy) -> bytes | None:
     """Go's bytes for ``msg`` when no string in it needs escaping, else None."""
-    url, client, public = msg.url, msg.client_addr, msg.public_addr
+    return _plain_start_proxy(msg.url, msg.client_addr, msg.public_addr)
+
+
+def _plain_start_proxy(url, client, public) -> bytes | None:
+    """Go's bytes for StartProxy(url, client, public) when no string needs escaping, else None."""
     if not (isinstance(url, str) and isinstance(client, str)
             and (public is None or isinstance(public, str))):
         return None  # the general path names the field
@@ -510,6 +516,16 @@ def _unpack_plain_start_proxy(body: bytes) -> StartProxy | None:
 def encode(msg: Message) -> bytes:
     """A message ready for the wire: 8-byte little-endian length, then :func:`pack`."""
     body = pack(msg)
+    return _LENGTH.pack(len(body)) + body
+
+
+def encode_start_proxy(url: str, client_addr: str, public_addr: str | None = None) -> bytes:
+    """``encode(StartProxy(url=..., client_addr=..., public_addr=...))``, the same bytes, in two
+    Python calls where that takes four (the message object, encode, pack, the plain form): the
+    proxy writes one per public connection."""
+    body = _plain_start_proxy(url, client_addr, public_addr)
+    if body is None:
+        return encode(StartProxy(url=url, client_addr=client_addr, public_addr=public_addr))
     return _LENGTH.pack(len(body)) + body
 
 

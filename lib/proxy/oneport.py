@@ -51,7 +51,7 @@ from lib.protocol import websocket as ws
 from lib.net.httpexchange import OneRequestSocket, ReplaySocket
 from lib.peerlog import PeerLog
 from lib.net.sockets import send_quietly
-from lib.proxy.routing import PeekTimeout, peek_name
+from lib.proxy.routing import PeekTimeout, peek_with
 from lib.proxy.registry import ROUTE_BY_HOST, ROUTE_BY_SNI
 from lib.net.wstransport import WebSocketTransport
 
@@ -127,7 +127,7 @@ class OnePortRouter:
         parsed); (None, b"") when the connection was answered here."""
         proxy = self.proxy
         try:
-            name, head = peek_name(sock, lambda: sniffer, proxy.config.peek_timeout)
+            name, head = peek_with(sock, sniffer, proxy.config.peek_timeout)
             if name is None:
                 sock.close()
                 return None, b""

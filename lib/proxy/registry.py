@@ -325,9 +325,16 @@ class Registry:
             self._gone(popped)
 
     def lookup(self, protocols: tuple[str, ...], hostname: str) -> Binding | None:
-        for candidate in wildcard_candidates(hostname):
+        """The live binding for ``hostname`` under one of ``protocols``: the name itself, then
+        its wildcards (lib.protocol.sniff.wildcard_candidates), most specific first."""
+        get = self.bindings.get
+        for protocol in protocols:  # the name itself first, without the generator's two calls
+            b = get((protocol, hostname))
+            if b is not None and b.tunnels:
+                return b
+        for candidate in itertools.islice(wildcard_candidates(hostname), 1, None):
             for protocol in protocols:
-                b = self.bindings.get((protocol, candidate))
+                b = get((protocol, candidate))
                 if b is not None and b.tunnels:
                     return b
         return None

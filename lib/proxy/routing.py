@@ -21,6 +21,7 @@ Public API::
     router.bound_anywhere(protocols, name) -> bool   # live here or on a sibling
     peek_name(sock, new_sniffer, timeout) -> (name | None, peeked bytes);  PeekTimeout
         # new_sniffer: lib.protocol.sniff.TLSNameSniffer or HTTPHostSniffer (fed each read)
+    peek_with(sock, sniffer, timeout)   # the same with the sniffer made (read it afterwards)
 
 The decision, in order (``kind`` is the listener: "tls" by SNI, "http" by Host; tcp binds go
 by port straight to the binding)::
@@ -178,11 +179,10 @@ class PublicRouter:
         # without a system call on a one-address listener, one getsockname on a wildcard one
         # (there were two: the port's, then forward's PublicAddr).
         public = _public_addr(sock)
-        port = parse_hostport(public)[1] if public else sock.getsockname()[1]
-        name = f"tcp:{port}"
-        self._accepted(sock)
+        name = _tcp_name(public) if public else f"tcp:{sock.getsockname()[1]}"
+        self._accepted()
         route = self._tcp_route(name)
-        if self._hand_over(sock, address, "tcp", name, b"", route):
+        if route.action == REFUSE and self._hand_over(sock, address, "tcp", name, b"", route):
             return
         self.forward(sock, address, route, b"", None, "tcp", public)
 
@@ -192,8 +192,9 @@ class PublicRouter:
             return _refused("unknown_name", 0, "", "", None)
         return self.choose_tunnel(binding)
 
-    def _accepted(self, sock) -> None:
-        set_nodelay(sock)
+    def _accepted(self) -> None:
+        """Count a public connection. Its TCP options are the listener's (lib.proxy.server.
+        PublicServer sets them on a listener it could not tune)."""
         self.registry.connections += 1
         if self.pool_full():
             # This connection took the last slot: the public listeners stop accepting until
@@ -207,9 +208,9 @@ class PublicRouter:
         An HTTP connection carries one exchange (lib.net.httpexchange.OneExchangeSocket): a
         second request on it would otherwise reach this request's origin, whatever its Host
         (docs/SECURITY.md, "A front that pools connections")."""
-        self._accepted(sock)
+        self._accepted()
         sniffer = new_sniffer()
-        name, peeked = self._peek(sock, kind, lambda: sniffer)
+        name, peeked = self._peek(sock, kind, sniffer)
         if name is None:
             return
         self._route_named(sock, address, kind, name, peeked, protocols,
@@ -221,13 +222,14 @@ class PublicRouter:
         lib/proxy/oneport.py): ``peeked`` is every byte read, ``request`` the head as
         lib.protocol.httphead parsed it, if it was (an HTTP connection's head is then not read
         or parsed again)."""
-        self._accepted(sock)
+        set_nodelay(sock)
+        self._accepted()
         self._route_named(sock, address, kind, name, peeked, protocols, request)
 
     def _route_named(self, sock, address, kind: str, name: str, peeked: bytes, protocols,
                      request) -> None:
         route = self.choose(kind, name, protocols)
-        if self._hand_over(sock, address, kind, name, peeked, route):
+        if route.action == REFUSE and self._hand_over(sock, address, kind, name, peeked, route):
             return
         if route.action == REDIRECT:
             send_quietly(sock, _redirect_to_https(name, peeked))
@@ -239,10 +241,10 @@ class PublicRouter:
         else:
             self.forward(sock, address, route, peeked, None, kind)
 
-    def _peek(self, sock, kind: str, new_sniffer) -> tuple[str | None, bytes]:
+    def _peek(self, sock, kind: str, sniffer) -> tuple[str | None, bytes]:
         """The connection's name and the bytes read; (None, ...) when it was answered here."""
         try:
-            name, peeked = peek_name(sock, new_sniffer, self.config.peek_timeout)
+            name, peeked = peek_with(sock, sniffer, self.config.peek_timeout)
         except PeekTimeout:
             self.registry.count_refusal("peek_timeout")
             refuse(sock, kind, Refusal("peek_timeout", 408, "Request Timeout",
@@ -274,7 +276,8 @@ class PublicRouter:
                    route: Route) -> bool:
         """Hand a connection this worker would refuse to a sibling holding its name live, else
         to another instance of the fleet that does (lib/proxy/hostlinks.py); True when it was
-        taken, or answered here (503: too many hand-overs or links in flight)."""
+        taken, or answered here (503: too many hand-overs or links in flight). Callers ask only
+        for a REFUSE route (one call fewer per forwarded connection)."""
         if ((self.siblings is None and self.fleet_links is None) or route.action != REFUSE
                 or route.refusal.counter not in HAND_OVER):
             return False
@@ -409,8 +412,7 @@ class PublicRouter:
         stream = None
         try:
             stream = tunnel.session.open()
-            stream.sendall(msg.encode(msg.StartProxy(url=binding.url, client_addr=client_addr,
-                                                     public_addr=public_addr)) + peeked)
+            stream.sendall(msg.encode_start_proxy(binding.url, client_addr, public_addr) + peeked)
         except MuxError as e:
             tunnel.streams_open -= 1
             registry.count_refusal("tunnel_lost", binding)
@@ -531,7 +533,11 @@ def peek_name(sock, new_sniffer, timeout: float) -> tuple[str | None, bytes]:
     :raises lib.protocol.sniff.SniffError: the bytes are not what the listener speaks, or too many
         (its ``peeked`` attribute holds what was read).
     """
-    sniffer = new_sniffer()
+    return peek_with(sock, new_sniffer(), timeout)
+
+
+def peek_with(sock, sniffer, timeout: float) -> tuple[str | None, bytes]:
+    """:func:`peek_name` with the sniffer made already (the caller reads what it found)."""
     if isinstance(sock, gevent.socket.socket):
         # A visitor's first bytes are usually there already: one read of what is there (no
         # timeout set and restored, no gevent frame), then the timed loop only if needed.
@@ -584,6 +590,13 @@ def _peek_rest(sock, sniffer, timeout: float, peeked: bytearray) -> tuple[str | 
             sock.settimeout(before)
         except OSError:  # closed meanwhile
             pass
+
+
+@functools.lru_cache(maxsize=256)  # one entry per tcp: listener (a port range at most)
+def _tcp_name(public: str) -> str:
+    """The tcp binding's name for a connection that reached the listener ``public``
+    ("host:port"): parsed once per listener, not per connection (15 Python calls)."""
+    return f"tcp:{parse_hostport(public)[1]}"
 
 
 def _public_addr(sock) -> str | None:

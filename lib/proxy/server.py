@@ -50,7 +50,7 @@ from lib.errors import ListenError
 from lib.hostport import format_hostport, parse_hostport
 from lib.net.greenpool import WorkerPool
 from lib.net.muxsession import MuxConfig
-from lib.net.sockets import AcceptedSocket, adopt_listener, tune_listener
+from lib.net.sockets import AcceptedSocket, adopt_listener, set_nodelay, tune_listener
 from lib.net.splice import UNSENT_LOWAT
 from lib.protocol.muxstate import WindowPool
 from lib.protocol import messages as msg
@@ -180,11 +180,19 @@ class PublicServer(gevent.server.StreamServer):
     TCP_NODELAY and the splice's TCP_NOTSENT_LOWAT are set once on the listener and inherited
     by every accepted connection (lib.net.sockets.tune_listener), which arrives as an
     AcceptedSocket carrying the listener's own address when it listens on one (StartProxy's
-    PublicAddr without a getsockname). Otherwise gevent's StreamServer (its pool, its accept
-    loop and back-off)."""
+    PublicAddr without a getsockname). Otherwise gevent's StreamServer (its pool, its back-off).
+
+    With a lib.net.greenpool.WorkerPool (the proxy's), connections are accepted by a loop of
+    its own: each handler is switched into a parked worker at once, from the listener's
+    callback (WorkerPool.spawn_now), where gevent's loop calls six Python functions per
+    connection to spawn a greenlet that runs at the next loop turn. In a serial run that turn
+    was on the critical path, and the new connection's stream left in a TLS record of its own
+    after the previous connection's FIN (bench/README.md, "Fresh connections: the proxy's
+    accept"). A full pool and accept errors go through gevent's loop (its back-off)."""
 
     _tuned = False
     _local_name: str | None = None
+    _ready = None  # the listener's io watcher when accepting by our own loop
     # gevent's max_accept (100) is kept: accepting until EAGAIN costs a second accept4 for a
     # connection that arrives alone, but one accept per wake-up (nginx's multi_accept off)
     # made a fresh connection per request at 64 connections cost 1.3x the CPU (bench/README.md,
@@ -204,9 +212,60 @@ class PublicServer(gevent.server.StreamServer):
         if not ipaddress.ip_address(host).is_unspecified:
             self._local_name = format_hostport(host, port)
 
+    def start_accepting(self):
+        if not isinstance(self.pool, WorkerPool):
+            super().start_accepting()
+        elif self._ready is None:
+            self._ready = self.loop.io(self.socket.fileno(), 1)
+            self._ready.start(self._accept_ready)
+
+    def stop_accepting(self):
+        if self._ready is not None:
+            self._ready.stop()
+            self._ready.close()
+            self._ready = None
+        super().stop_accepting()
+
+    def _accept_ready(self) -> None:
+        """The listener is readable: accept until EAGAIN (at most ``max_accept``), each
+        connection's handler run at once in a kept worker (class doc)."""
+        pool, accept, serve = self.pool, self.socket._accept, self._serve
+        family, kind, proto = self._kind
+        local_name = self._local_name
+        for _ in range(self.max_accept):
+            if pool.full():
+                self._do_read()  # gevent's: stops accepting until a job ends
+                return
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                return
+            except OSError:
+                self._do_read()  # gevent's: the same error again, logged, then its back-off
+                return
+            sock = (AcceptedSocket(family, kind, proto, fd, local_name) if self._tuned
+                    else self._wrap(fd))
+            pool.spawn_now(serve, sock, address)
+
+    def _serve(self, sock, address) -> None:
+        try:
+            self.handle(sock, address)
+        finally:
+            sock.close()  # nothing when the handler closed it (AcceptedSocket.close)
+
+    def _wrap(self, fd: int):
+        """An accepted descriptor as a gevent socket: an AcceptedSocket when the listener was
+        tuned, else one with Nagle turned off here."""
+        family, kind, proto = self._kind
+        if not self._tuned:
+            sock = gevent.socket.socket(family, kind, proto, fileno=fd)
+            set_nodelay(sock)
+            return sock
+        return AcceptedSocket(family, kind, proto, fd, self._local_name)
+
     def do_read(self):
-        """gevent's StreamServer.do_read (one non-blocking accept), wrapping the connection
-        in an AcceptedSocket when the listener was tuned."""
+        """gevent's StreamServer.do_read (one non-blocking accept), the connection wrapped by
+        :meth:`_wrap`."""
         sock = self.socket
         try:
             fd, address = sock._accept()
@@ -214,10 +273,7 @@ class PublicServer(gevent.server.StreamServer):
             if not sock.timeout:
                 return None
             raise
-        family, kind, proto = self._kind
-        if not self._tuned:
-            return gevent.socket.socket(family, kind, proto, fileno=fd), address
-        return AcceptedSocket(family, kind, proto, fd, self._local_name), address
+        return self._wrap(fd), address
 
 
 class ProxyServer:
@@ -246,7 +302,9 @@ class ProxyServer:
         self.tunnels = TunnelService(config, self.registry, self.policy,
                                      server_tls_context(self.cert_path, self.key_path),
                                      self.own_proxy_ids, open_tcp_port=self.open_tcp_port)
-        self.router = PublicRouter(config, self.registry, blocks=self.blocks,
+        # The store's own blocks() (one call fewer per public connection than self.blocks).
+        self.router = PublicRouter(config, self.registry,
+                                   blocks=self.store.blocks if self.store is not None else Blocks,
                                    pool_full=self._public_pool.full)
         self.actions = OperatorActions(self.registry, self.store)
         self.fleet = None  # this instance's FleetMember once started (lib/proxy/fleet.py)

@@ -1,0 +1,225 @@
+"""The proxy's side of a fresh public connection, counted in Python calls (issue 16): the accept
+(lib.proxy.server.PublicServer with lib.net.greenpool.WorkerPool, lib.net.sockets.
+AcceptedSocket) and the routing up to the splice (lib.proxy.routing, the registry's look-up,
+StartProxy's encoding). Speed lives in bench/ (bench/README.md, "Fresh connections: the
+proxy's accept"); these hold the steps, each red with its change undone:
+
+- the listener's callback accepts and switches the handler into a parked worker at once: five
+  Python calls from the listener's readiness to the handler (gevent's StreamServer took eleven,
+  the handler running a loop turn later), and the socket's set-up and close one frame each;
+- routing a connection by Host to a live binding: no wildcard generator for an exact name, no
+  sibling hand-over call for a forwarded connection, no StartProxy object or general encoder;
+- a tcp: listener's port is parsed once per listener, not per connection.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+import types
+
+import gevent
+import gevent.event
+import gevent.socket as gsocket
+import pytest
+
+from lib.net.greenpool import WorkerPool
+from lib.protocol import messages as msg
+from lib.protocol import sniff
+from lib.proxy import routing
+from lib.proxy.registry import ROUTE_BY_HOST, Registry
+from lib.proxy.server import ProxyConfig, PublicServer
+from tests.support.calls import PythonCalls
+
+
+def _served(pool: WorkerPool):
+    """A PublicServer with ``pool`` whose handler records each connection; (server, seen)."""
+    seen = []
+    ran = gevent.event.Event()
+
+    def handler(sock, address):
+        seen.append(sock)
+        ran.set()
+    server = PublicServer(("127.0.0.1", 0), handler, spawn=pool)
+    server.start()
+    return server, seen, ran
+
+
+def _connect(port: int) -> socket.socket:
+    # A blocking stdlib connect: the kernel completes it (the listener's backlog) while the hub
+    # does not run, so the whole accept happens in the counted window below.
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_the_handler_is_switched_in_from_the_listeners_callback_in_five_calls():
+    pool = WorkerPool(16)
+    server, seen, ran = _served(pool)
+    try:
+        warm = _connect(server.address[1])  # leaves a parked worker behind
+        assert ran.wait(5)
+        ran.clear()
+        gevent.sleep(0.01)
+        assert pool.idle == 1
+        c = _connect(server.address[1])
+        with PythonCalls() as calls:
+            assert ran.wait(5)
+        names = calls.names
+        first = names.index("PublicServer._accept_ready")
+        # The handler runs inside the listener's callback (no loop turn, no hand-off callback):
+        # gevent's loop took _do_read, full, do_read, AcceptedSocket's three __init__s,
+        # do_handle, spawn, _run, then at the next turn _hand, _handle_and_close_when_done.
+        assert names[first:names.index("_served.<locals>.handler")] == [
+            "PublicServer._accept_ready", "AcceptedSocket.__init__", "WorkerPool.spawn_now",
+            "WorkerPool._run", "PublicServer._serve"]
+        gevent.sleep(0.01)
+        assert seen[-1].closed and pool.reused >= 1 and pool.started == 1
+        warm.close()
+        c.close()
+    finally:
+        server.stop(timeout=1)
+
+
+def test_spawn_now_from_a_greenlet_waits_for_the_next_turn():
+    """Only the hub may switch a worker in at once (a greenlet doing so would never be
+    resumed): from a greenlet, spawn_now hands the job over as spawn does."""
+    pool = WorkerPool(4)
+    pool.spawn(lambda: None)
+    gevent.sleep(0.01)
+    order = []
+    pool.spawn_now(order.append, "job")
+    order.append("caller")
+    assert pool.join(5)
+    assert order == ["caller", "job"]
+    assert pool.reused == 1
+
+
+def _slots(sock) -> dict:
+    out = {}
+    for cls in type(sock).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name != "__weakref__" and hasattr(sock, name):
+                out[name] = type(getattr(sock, name))
+    return out
+
+
+def test_an_accepted_socket_is_made_and_closed_as_gevent_does_in_one_frame_each():
+    from lib.net.sockets import AcceptedSocket
+    a, b = socket.socketpair()
+    args = (a.family, a.type, a.proto, a.detach(), "127.0.0.1:80")
+    with PythonCalls() as calls:
+        ours = AcceptedSocket(*args)
+    assert calls.names[0] == "AcceptedSocket.__init__"
+    assert "socket.__init__" not in calls.names and "SocketMixin.__init__" not in calls.names
+    c, d = socket.socketpair()
+    plain = gsocket.socket(c.family, c.type, c.proto, fileno=c.detach())
+    assert {k: v for k, v in _slots(ours).items() if k not in ("local_name", "family")} == \
+        _slots(plain)
+    assert ours.gettimeout() == plain.gettimeout() and ours.family == socket.AF_UNIX
+    # It waits as a gevent socket does, and a close from another greenlet wakes the waiter with
+    # gevent's EBADF (its rule: the descriptor is not reused under a waiter).
+    waiter = gevent.spawn(ours.recv, 10)
+    gevent.sleep(0.01)
+    fd = ours.fileno()
+    with PythonCalls() as calls:
+        ours.close()
+    assert calls.names[0] == "AcceptedSocket.close"
+    assert "socket._detach_socket" not in calls.names
+    with pytest.raises(OSError) as e:
+        waiter.get(timeout=5)
+    assert e.value.errno == errno.EBADF
+    gevent.sleep(0.01)
+    assert b.recv(10) == b""  # the descriptor was closed (after the waiter was woken)
+    with pytest.raises(OSError):
+        import os
+        os.fstat(fd)
+    assert ours.closed and ours.fileno() == -1
+    with pytest.raises(OSError):
+        ours.recv(1)
+    with PythonCalls() as calls:
+        ours.close()  # again: nothing (a server closes what its handler closed)
+    assert calls.names[0] == "AcceptedSocket.close" and "_closedsocket.__bool__" not in calls.names
+    plain.close()
+    for s in (b, d):
+        s.close()
+
+
+class _Session:
+    closed = False
+
+    def __init__(self):
+        self.writes = []
+
+    def open(self):
+        session = self
+
+        class Stream:
+            id = 1
+
+            def sendall(self, data):
+                session.writes.append(bytes(data))
+        return Stream()
+
+
+def _router_with(name: str, key: str | None = "k"):
+    registry = Registry()
+    session = _Session()
+    tunnel = registry.add_tunnel(session, "127.0.0.1:9", key, "c")
+    registry.bind(tunnel, "http", name, None, "test", f"http://{name}")
+    router = routing.PublicRouter(ProxyConfig(idle_timeout=None), registry)
+    return router, session
+
+
+MINE = ("lib/proxy/", "lib/protocol/messages.py")
+
+
+def test_routing_a_connection_by_host_calls_no_generator_hand_over_or_message_object(
+        monkeypatch):
+    router, session = _router_with("a.test")
+    monkeypatch.setattr(routing, "splice", lambda *a, **kw: None)
+    visitor, peer = gsocket.socketpair()
+    peer.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    with PythonCalls() as calls:
+        router.route(visitor, ("127.0.0.1", 5), "http", sniff.HTTPHostSniffer, ROUTE_BY_HOST)
+    names = calls.names
+    for absent in ("wildcard_candidates", "PublicRouter._hand_over", "pack", "encode",
+                   "_pack_plain_start_proxy", "set_nodelay", "peek_name",
+                   "PublicRouter.route.<locals>.<lambda>"):
+        assert absent not in names, absent
+    assert "encode_start_proxy" in names
+    (write,) = session.writes
+    assert write.startswith(msg.encode(msg.StartProxy(
+        url="http://a.test", client_addr="127.0.0.1:5", public_addr=None)))
+    visitor.close()
+    peer.close()
+
+
+def test_a_wildcard_binding_is_still_found():
+    router, _ = _router_with("*.b.test")
+    assert router.registry.lookup(ROUTE_BY_HOST, "x.y.b.test").name == "*.b.test"
+    assert router.registry.lookup(ROUTE_BY_HOST, "b.test") is None
+
+
+def test_a_tcp_listeners_port_is_parsed_once(monkeypatch):
+    from lib import hostport
+    registry = Registry()
+    router = routing.PublicRouter(ProxyConfig(idle_timeout=None), registry)
+    parsed = []
+    parse = hostport.parse_hostport
+    monkeypatch.setattr(routing, "parse_hostport", lambda *a, **kw: parsed.append(a) or
+                        parse(*a, **kw))
+    routing._tcp_name.cache_clear()
+    refused = []
+    monkeypatch.setattr(routing, "refuse", lambda sock, kind, refusal: refused.append(
+        refusal.counter))
+    for _ in range(3):
+        router.handle_tcp(types.SimpleNamespace(local_name="127.0.0.1:20022"),
+                          ("127.0.0.1", 5))
+    assert refused == ["unknown_name"] * 3
+    assert parsed == [("127.0.0.1:20022",)]
+    assert routing._tcp_name("127.0.0.1:20022") == "tcp:20022"
+
+
+@pytest.mark.parametrize("public", [None, "127.0.0.1:443", "[::1]:8443"])
+@pytest.mark.parametrize("url", ["http://a.test", "https://b.test", 'tcp://we"ird:1'])
+def test_start_proxy_encoded_without_the_object_is_the_same_bytes(url, public):
+    assert msg.encode_start_proxy(url, "1.2.3.4:5", public) == msg.encode(
+        msg.StartProxy(url=url, client_addr="1.2.3.4:5", public_addr=public))
