@@ -223,3 +223,50 @@ def test_a_tcp_listeners_port_is_parsed_once(monkeypatch):
 def test_start_proxy_encoded_without_the_object_is_the_same_bytes(url, public):
     assert msg.encode_start_proxy(url, "1.2.3.4:5", public) == msg.encode(
         msg.StartProxy(url=url, client_addr="1.2.3.4:5", public_addr=public))
+
+
+def test_the_accept_queue_is_read_from_the_kernel():
+    from lib.net.sockets import accept_queue
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    queued = accept_queue(listener)
+    assert queued is not None and queued() == 0
+    clients = [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(3)]
+    assert queued() == 3
+    listener.accept()[0].close()
+    assert queued() == 2
+    a, b = socket.socketpair()
+    assert accept_queue(a) is None  # not TCP: the accept loop accepts until EAGAIN
+    plain = socket.socket()
+    assert accept_queue(plain) is None  # not listening
+    for s in clients + [listener, a, b, plain]:
+        s.close()
+
+
+def test_a_queued_burst_is_accepted_in_one_wake_up_by_kept_workers():
+    """Connections queued while the loop was busy are all accepted at the listener's next
+    wake-up (their handlers' first frames share a record), the accept queue asked after each."""
+    pool = WorkerPool(64)
+    served = []
+
+    def handler(sock, address):
+        served.append(sock)
+        sock.sendall(b"x")
+    server = PublicServer(("127.0.0.1", 0), handler, spawn=pool)
+    server.start()
+    clients = []
+    try:
+        for _ in range(40):  # blocking connects: the hub does not run meanwhile
+            clients.append(_connect(server.address[1]))
+        with PythonCalls() as calls:
+            gevent.sleep(0.05)
+        assert len(served) == 40
+        assert calls.names.count("PublicServer._accept_ready") == 1
+        assert calls.names.count("accept_queue.<locals>.<lambda>") == 40
+        for c in clients:
+            assert c.recv(1) == b"x"
+    finally:
+        for c in clients:
+            c.close()
+        server.stop(timeout=1)

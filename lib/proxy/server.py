@@ -50,7 +50,8 @@ from lib.errors import ListenError
 from lib.hostport import format_hostport, parse_hostport
 from lib.net.greenpool import WorkerPool
 from lib.net.muxsession import MuxConfig
-from lib.net.sockets import AcceptedSocket, adopt_listener, set_nodelay, tune_listener
+from lib.net.sockets import (AcceptedSocket, accept_queue, adopt_listener, set_nodelay,
+                              tune_listener)
 from lib.net.splice import UNSENT_LOWAT
 from lib.protocol.muxstate import WindowPool
 from lib.protocol import messages as msg
@@ -193,10 +194,13 @@ class PublicServer(gevent.server.StreamServer):
     _tuned = False
     _local_name: str | None = None
     _ready = None  # the listener's io watcher when accepting by our own loop
-    # gevent's max_accept (100) is kept: accepting until EAGAIN costs a second accept4 for a
-    # connection that arrives alone, but one accept per wake-up (nginx's multi_accept off)
-    # made a fresh connection per request at 64 connections cost 1.3x the CPU (bench/README.md,
-    # "Fresh connections: the proxy's side"): the handlers of one wake-up share a TLS record.
+    _queued = None  # lib.net.sockets.accept_queue's look at the listener, if the kernel tells
+    # Every queued connection is accepted in one wake-up (at most gevent's max_accept, 100):
+    # one accept per wake-up (nginx's multi_accept off) made a fresh connection per request at
+    # 64 connections cost 1.3x the CPU (bench/README.md, "Fresh connections: the proxy's
+    # side"): the handlers of one wake-up share a TLS record. Our loop asks the kernel whether
+    # one is left (_queued) instead of accepting until EAGAIN, which cost an accept4 of ~5 us
+    # for every connection that arrived alone.
 
     def init_socket(self):
         super().init_socket()
@@ -211,6 +215,7 @@ class PublicServer(gevent.server.StreamServer):
         host, port = self.address[:2]
         if not ipaddress.ip_address(host).is_unspecified:
             self._local_name = format_hostport(host, port)
+        self._queued = accept_queue(self.socket)
 
     def start_accepting(self):
         if not isinstance(self.pool, WorkerPool):
@@ -227,11 +232,12 @@ class PublicServer(gevent.server.StreamServer):
         super().stop_accepting()
 
     def _accept_ready(self) -> None:
-        """The listener is readable: accept until EAGAIN (at most ``max_accept``), each
-        connection's handler run at once in a kept worker (class doc)."""
+        """The listener is readable: accept while connections wait (at most ``max_accept``;
+        until EAGAIN when the kernel does not say how many wait), each connection's handler run
+        at once in a kept worker (class doc)."""
         pool, accept, serve = self.pool, self.socket._accept, self._serve
         family, kind, proto = self._kind
-        local_name = self._local_name
+        local_name, queued = self._local_name, self._queued
         for _ in range(self.max_accept):
             if pool.full():
                 self._do_read()  # gevent's: stops accepting until a job ends
@@ -246,6 +252,11 @@ class PublicServer(gevent.server.StreamServer):
             sock = (AcceptedSocket(family, kind, proto, fd, local_name) if self._tuned
                     else self._wrap(fd))
             pool.spawn_now(serve, sock, address)
+            try:
+                if self._ready is None or (queued is not None and not queued()):
+                    return  # stopped by a handler, or none left now (a later one wakes us)
+            except OSError:  # the listener was closed by a handler
+                return
 
     def _serve(self, sock, address) -> None:
         try:
