@@ -316,3 +316,82 @@ def test_an_awaited_answer_is_read_without_a_read_finding_nothing(rig):
     rig.far.close()
     assert g.get(timeout=5) == (0, 25)
     assert raw.reads == 2  # the answer, then its EOF
+
+
+def _greenlets_woken(known):
+    """greenlet.settrace's view: the greenlets other than ``known`` switched into meanwhile."""
+    import greenlet
+    woken = set()
+
+    def trace(event, args):
+        if event in ("switch", "throw") and args[1] not in known:
+            woken.add(args[1])
+    return woken, trace
+
+
+def test_an_awaited_answer_needs_no_greenlet_of_its_own(rig):
+    """splice's b_answers with no idle timeout: the answer's direction (origin -> stream) runs
+    in the watcher's callbacks, EOF and FIN included, so splice's own greenlet is the only one
+    a fresh connection wakes beside the sessions' (module doc, "b_answers")."""
+    import greenlet
+    origin = rig.visitor
+    g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
+    known = {gevent.get_hub(), gevent.getcurrent(), g,
+             *(x for x in (*rig.c.greenlets, *rig.s.greenlets) if x is not None)}
+    woken, trace = _greenlets_woken(known)
+    old = greenlet.settrace(trace)
+    try:
+        wait_until(lambda: rig.inner._read_event.active, 5)  # the answer's direction waits
+        origin.sendall(b"HTTP/1.1 200 OK\r\n\r\nanswer")
+        origin.close()
+        data = b""
+        while len(data) < 25:
+            data += rig.far.recv(100)
+        assert rig.far.recv(100) == b""  # the FIN
+        rig.far.close()
+        assert g.get(timeout=5) == (0, 25)
+    finally:
+        greenlet.settrace(old)
+    assert data == b"HTTP/1.1 200 OK\r\n\r\nanswer"
+    assert not woken, woken
+
+
+def test_an_awaited_answer_the_stream_cannot_take_at_once_keeps_its_order(rig):
+    """The answer's callback queues what the stream's window takes; the rest goes to a copy
+    loop started then, which waits for the window: every byte, in order, and the socket is not
+    read on meanwhile."""
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    rig.inner.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
+    flood = _Flood(rig.visitor)  # the far side does not read at first
+    assert flood.stalled_at() < 2 * 1024 * 1024
+    flood.check(rig.far.recv)
+    rig.far.close()
+    assert g.get(timeout=5) == (0, flood.sent)
+
+
+def test_an_answer_still_coming_when_the_stream_ends_is_waited_for(rig):
+    """The stream's FIN first (the visitor half-closed): splice's greenlet passes it on and
+    waits for the answer's direction, carried by callbacks, to end."""
+    origin = rig.visitor
+    g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
+    wait_until(lambda: rig.inner._read_event.active, 5)
+    rig.far.shutdown(socket.SHUT_WR)
+    assert origin.recv(100) == b""  # the FIN reached the origin as its EOF
+    origin.sendall(b"late answer")
+    origin.close()
+    assert rig.far.recv(100) == b"late answer"
+    assert rig.far.recv(100) == b""
+    rig.far.close()
+    assert g.get(timeout=5) == (0, 11)
+
+
+def test_an_origin_reset_under_an_awaited_answer_resets_the_stream(rig):
+    origin = rig.visitor
+    g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
+    wait_until(lambda: rig.inner._read_event.active, 5)
+    origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    origin.close()  # a reset, not a FIN
+    with pytest.raises(MuxError):
+        rig.far.recv(100)
+    g.get(timeout=5)

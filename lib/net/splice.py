@@ -49,7 +49,12 @@ rarely there yet: the first read waits first, in the watcher's callback (no read
 nothing: an EAGAIN ``recv``), and reads once more at once, so an origin that answers and closes
 has the stream's FIN queued with the answer's DATA (one record, flushed in that loop turn, before
 the copy loop wakes to end). The client's target after StartProxy's bytes (lib.client.tunnels);
-no ``fallback_to_a`` with it.
+no ``fallback_to_a`` with it. With no ``idle_timeout`` either, that direction has no greenlet of
+its own (``_Answer``): the watcher's callback carries the answer, its EOF (the stream's FIN) and
+errors (both ends aborted) by itself, and only what the stream does not take at once starts a
+copy loop (a kept greenlet) that sends it, waiting, and goes on as any other; ``splice`` waits
+for that direction's end only when its own ends first. One greenlet per fresh connection, not two
+(bench/README.md, "Fresh connections, the client's side, second session").
 """
 from __future__ import annotations
 
@@ -207,7 +212,7 @@ class _Feeder:
     ``recv`` is the copy loop's; it returns only what the callback could not queue."""
 
     __slots__ = ("sock", "stream", "on_bytes", "state", "chunk", "watcher", "waiter", "sent",
-                 "reads", "_read_now", "first", "fin_now", "own_watcher")
+                 "reads", "_read_now", "first", "fin_now", "own_watcher", "owner")
 
     def __init__(self, sock, stream, on_bytes, state: _State, chunk: int,
                  wait_first: bool = False) -> None:
@@ -226,6 +231,7 @@ class _Feeder:
         self.first = wait_first  # the next callback is the answer's first (_first_readable)
         self.fin_now = False  # EOF seen by _first_readable: the FIN is queued at once
         self.own_watcher = True  # False: the socket's own (read_watcher), closed with it
+        self.owner: _Answer | None = None  # no copy loop: the callback's hand-offs go there
 
     def recv(self, n: int) -> bytes:
         if self.reads < FEED_AFTER:
@@ -284,6 +290,9 @@ class _Feeder:
 
     def _hand(self, what) -> None:
         self.watcher.stop()
+        if self.owner is not None:
+            self.owner.handed(what)
+            return
         waiter = self.waiter
         if waiter is not None:
             if isinstance(what, BaseException):
@@ -305,11 +314,116 @@ class _Feeder:
         """An end is about to be closed: stop watching, and end a copy loop waiting here."""
         if self.watcher is not None:
             self.watcher.stop()
+        if self.owner is not None:
+            self.owner.over()
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
             gevent.get_hub().loop.run_callback(
                 waiter.throw, OSError(errno.EBADF, "splice ended while reading"))
+
+
+class _Answer:
+    """b -> a of ``splice(..., b_answers=True)`` without a greenlet (module doc, "b_answers"): a
+    feeder watching the socket's own watcher from the start, whose callback ends this direction
+    itself at EOF (the stream's FIN, queued in that loop turn) or on an error (both ends
+    aborted), and starts a copy loop (``_answer_rest``, a kept greenlet) only for what the
+    stream did not take at once. For splice, a Job's surface: ``join``, ``ready``, ``kill``,
+    ``value`` (the bytes moved, once over)."""
+
+    __slots__ = ("feeder", "job", "joiner", "value")
+
+    def __init__(self, feeder: _Feeder) -> None:
+        self.feeder = feeder
+        self.job = None  # the copy loop, once started
+        self.joiner: Waiter | None = None  # splice's greenlet, its own direction over first
+        self.value: int | None = None
+
+    @classmethod
+    def start(cls, sock, stream, on_bytes, state: _State, chunk: int) -> "_Answer | None":
+        """Watching ``sock`` for the answer; None when a copy loop must do it (``sock`` has a
+        timeout of its own or is no plain gevent socket, ``stream`` is no mux stream)."""
+        watcher = read_watcher(sock)
+        if not watcher or not isinstance(stream, Stream) or sock.gettimeout() is not None:
+            return None
+        feeder = _Feeder(sock, stream, on_bytes, state, chunk, wait_first=True)
+        state.feeders.append(feeder)
+        feeder.watcher, feeder.own_watcher = watcher, False
+        feeder._read_now = nowait_reader(sock)
+        answer = feeder.owner = cls(feeder)
+        watcher.start(feeder._first_readable)
+        return answer
+
+    def handed(self, what) -> None:
+        """The feeder's callback could not carry ``what`` itself (it stopped the watcher)."""
+        feeder = self.feeder
+        if isinstance(what, BaseException):  # as the copy loop's error: both ends aborted
+            feeder.state.dead = True
+            self.over()
+            _abort(feeder.state, feeder.sock, feeder.stream, hard=True)
+        elif not what:  # EOF: the FIN now, with the answer's DATA when it came this turn
+            try:
+                feeder.stream.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the stream failed: splice's own direction meets it
+            self.over()
+        else:  # the stream's window or the session's output is full: a copy loop waits
+            self.job = _DIRECTIONS.start(_answer_rest, self, what)
+            self._wake()
+
+    def over(self) -> None:
+        """This direction is done (EOF, an error, or splice's abort cancelled the feeder)."""
+        if self.value is None and self.job is None:
+            self.value = self.feeder.sent
+            self.feeder.state.ended += 1
+            self._wake()
+
+    def _wake(self) -> None:
+        joiner = self.joiner
+        if joiner is not None:
+            self.joiner = None
+            gevent.get_hub().loop.run_callback(joiner.switch, None)
+
+    def join(self) -> None:
+        while self.value is None and self.job is None:
+            self.joiner = waiter = Waiter()
+            try:
+                waiter.get()
+            finally:
+                self.joiner = None
+        if self.job is not None:
+            self.job.join()
+            self.value = self.job.value
+
+    def ready(self) -> bool:
+        job = self.job
+        return self.value is not None if job is None else job.ready()
+
+    def kill(self, block: bool = True, timeout: float | None = None) -> None:
+        if self.job is not None:
+            self.job.kill(block=block, timeout=timeout)
+        else:
+            self.over()
+
+
+def _answer_rest(answer: _Answer, data: bytes) -> int:
+    """An _Answer's copy loop: the bytes its stream did not take at once, sent waiting, then
+    the socket -> stream direction as any other (``_pump``). Its bytes moved in all."""
+    feeder = answer.feeder
+    state, stream = feeder.state, feeder.stream
+    state.feeders.remove(feeder)  # its watcher (the socket's own) is stopped: _pump has its own
+    try:
+        stream.sendall(data)
+    except OSError:
+        state.dead = True
+        state.ended += 1
+        _abort(state, feeder.sock, stream, hard=True)
+        return feeder.sent
+    state.last = time.monotonic()
+    if feeder.on_bytes is not None:
+        feeder.on_bytes(len(data))
+    return feeder.sent + len(data) + _pump(feeder.sock, stream, feeder.on_bytes, state,
+                                           feeder.chunk)
 
 
 def _feeder_for(src, dst, on_bytes, state: _State, chunk: int,
@@ -485,7 +599,11 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
     # a -> b in this greenlet, at once: bytes already waiting in a (the proxy's replayed
     # request head, the client's first bytes from the visitor) join what the caller just
     # wrote to b (a new stream's SYN and StartProxy) in one TLS record and one send().
-    g = _DIRECTIONS.start(_pump, b, a, on_b_to_a, state, chunk, fallback_to_a, b_answers)
+    g = None
+    if b_answers and fallback_to_a is None and idle_timeout is None:
+        g = _Answer.start(b, a, on_b_to_a, state, chunk)  # no greenlet: module doc, b_answers
+    if g is None:
+        g = _DIRECTIONS.start(_pump, b, a, on_b_to_a, state, chunk, fallback_to_a, b_answers)
     try:
         n_ab = _pump(a, b, on_a_to_b, state, chunk)
         g.join()
