@@ -173,21 +173,24 @@ MINE = ("lib/proxy/", "lib/protocol/messages.py")
 
 def test_routing_a_connection_by_host_calls_no_generator_hand_over_or_message_object(
         monkeypatch):
+    from lib.net.sockets import AcceptedSocket
     router, session = _router_with("a.test")
     monkeypatch.setattr(routing, "splice", lambda *a, **kw: None)
-    visitor, peer = gsocket.socketpair()
+    a, peer = socket.socketpair()
+    visitor = AcceptedSocket(a.family, a.type, a.proto, a.detach(), "127.0.0.1:80")
     peer.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
     with PythonCalls() as calls:
-        router.route(visitor, ("127.0.0.1", 5), "http", sniff.HTTPHostSniffer, ROUTE_BY_HOST)
+        router.handle_http(visitor, ("127.0.0.1", 5))
     names = calls.names
+    assert names[0] == "PublicRouter.route"  # the listener's handler is a partial of route
     for absent in ("wildcard_candidates", "PublicRouter._hand_over", "pack", "encode",
-                   "_pack_plain_start_proxy", "set_nodelay", "peek_name",
+                   "_pack_plain_start_proxy", "set_nodelay", "peek_name", "_public_addr",
                    "PublicRouter.route.<locals>.<lambda>"):
         assert absent not in names, absent
     assert "encode_start_proxy" in names
     (write,) = session.writes
     assert write.startswith(msg.encode(msg.StartProxy(
-        url="http://a.test", client_addr="127.0.0.1:5", public_addr=None)))
+        url="http://a.test", client_addr="127.0.0.1:5", public_addr="127.0.0.1:80")))
     visitor.close()
     peer.close()
 

@@ -132,6 +132,14 @@ class PublicRouter:
         self.siblings = None          # a lib.proxy.workers.WorkerGroup under gunicorn
         self.fleet_links = None       # a lib.proxy.hostlinks.FleetLinks with --fleet-addr
         self.peer_log = PeerLog(logger=log)  # lines a handed connection's header triggers
+        # The https and http listeners' handlers (sock, address): route() for their kind, as
+        # partials (no Python frame of their own per connection).
+        self.handle_https = functools.partial(self.route, kind="tls",
+                                              new_sniffer=sniff.TLSNameSniffer,
+                                              protocols=ROUTE_BY_SNI)
+        self.handle_http = functools.partial(self.route, kind="http",
+                                             new_sniffer=sniff.HTTPHostSniffer,
+                                             protocols=ROUTE_BY_HOST)
 
     # --- the decision ---------------------------------------------------------------------
 
@@ -167,12 +175,6 @@ class PublicRouter:
         return Route(FORWARD, binding, tunnel)
 
     # --- the listeners' handlers ----------------------------------------------------------
-
-    def handle_https(self, sock, address) -> None:
-        self.route(sock, address, "tls", sniff.TLSNameSniffer, ROUTE_BY_SNI)
-
-    def handle_http(self, sock, address) -> None:
-        self.route(sock, address, "http", sniff.HTTPHostSniffer, ROUTE_BY_HOST)
 
     def handle_tcp(self, sock, address) -> None:
         # The listener's "host:port" is the bind's port and StartProxy's PublicAddr: known
@@ -383,7 +385,8 @@ class PublicRouter:
         nothing.
         ``request``: the head as lib.protocol.httphead read it, if the sniffer did."""
         if public is None and route.tunnel is not None and route.tunnel.key is not None:
-            public = _public_addr(sock)  # the visitor's socket, not the wrapper
+            # The visitor's socket, not the wrapper; an AcceptedSocket's listener without a call.
+            public = getattr(sock, "local_name", None) or _public_addr(sock)
         exchange = OneExchangeSocket(sock, head, request=request)
         # The head (Connection: close added) goes with StartProxy in the stream's first frame:
         # one DATA frame fewer to encode here and to decode in the client than when the splice
