@@ -156,6 +156,8 @@ class StreamClosed(StreamError):
 
 
 class StreamTimeout(StreamError, TimeoutError):
-    """A recv or send did not complete within the stream's timeout."""
+    """A recv or send did not complete within the stream's timeout. ``sent``: from
+    ``Stream.sendall``, the bytes it queued before the timeout (they reach the peer)."""
 
     default_code = ErrorCode.CANCEL
+    sent = 0

@@ -18,6 +18,7 @@ from lib.protocol import muxstate as mp
 from tests.support.calls import ArgumentLengths
 from tests.support.muxpair import (echo_server, pki,  # noqa: F401 (pki: a fixture)
                                     session_pair as pair)
+from tests.support.wait import wait_for
 
 
 def roundtrip(session, data):
@@ -106,6 +107,55 @@ def test_slow_reader_bounds_memory_and_sender_blocks():
     peer = s.accept(timeout=1)
     assert peer.buffered <= 256 * 1024
     assert sent <= 256 * 1024
+
+
+def _parked_then_granted(c, s):
+    """A stream whose peer (returned too) reads 192 KiB once a send of ours parks for window,
+    then stops reading: its grants let the parked send queue more than the first window."""
+    st = c.open()
+    st.sendall(b"x")
+    peer = s.accept(timeout=5)
+    assert peer.recv(1) == b"x"
+    peer.settimeout(10)
+
+    def read_a_part_once_parked():
+        wait_for(lambda: st.waiting_for_window, "the sender to park", sleep=gevent.sleep)
+        got = 0
+        while got < 192 * 1024:
+            got += len(peer.recv(192 * 1024 - got))
+    return st, peer, gevent.spawn(read_a_part_once_parked)
+
+
+def test_a_send_that_times_out_reports_the_bytes_it_queued():
+    # The parked bytes the session's reader queues on a grant before the timeout reach the
+    # peer: sendall's StreamTimeout says how many it queued in all (.sent), and send returns
+    # them as a socket's send would (raising, the caller would send them twice).
+    c, s = pair(receive_window=256 * 1024)
+    st, peer, part = _parked_then_granted(c, s)
+    st.settimeout(2)
+    with pytest.raises(StreamTimeout) as timed_out:
+        st.sendall(bytes(4 << 20))
+    part.get(timeout=5)
+    sent = timed_out.value.sent
+    assert sent > 256 * 1024  # not only the first window (64 KiB): what the grants let in too
+    st.shutdown(socket.SHUT_WR)  # after what was queued: the peer reads to its EOF
+    got = 192 * 1024
+    while (d := peer.recv(1 << 20)):
+        got += len(d)
+    assert got == sent
+    st, peer, part = _parked_then_granted(c, s)
+    st.settimeout(2)
+    first = st.send(bytes(1 << 20))  # the window's worth, then a send that parks
+    second = st.send(bytes(1 << 20))
+    part.get(timeout=5)
+    assert 0 < second < 1 << 20
+    st.shutdown(socket.SHUT_WR)
+    got = 192 * 1024
+    while (d := peer.recv(1 << 20)):
+        got += len(d)
+    assert got == first + second
+    c.close()
+    s.close()
 
 
 def test_transport_death_fails_streams_with_session_closed():

@@ -21,6 +21,8 @@ Public API::
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
+    # with a timeout: send returns what was queued before it (raises if nothing was); sendall
+    # raises StreamTimeout whose .sent is the bytes it queued (they reach the peer)
     stream.send_nowait(data) -> int         # what fits now, never waiting (0: send would wait)
     stream.shutdown(socket.SHUT_WR)         # half-close: DATA+FIN, reading goes on
     stream.close()                          # full close, as Go's Stream.Close()
@@ -243,9 +245,15 @@ class Stream:
         if view.ndim != 1 or view.itemsize != 1:
             view = view.cast("B")
         deadline = self._deadline()
-        while view:
-            n = self._send_some(view, deadline)
-            view = view[n:]
+        sent = 0
+        try:
+            while view:
+                n = self._send_some(view, deadline)
+                view = view[n:]
+                sent += n
+        except StreamTimeout as e:
+            e.sent = sent  # queued before the timeout: they will reach the peer
+            raise
 
     def send(self, data) -> int:
         view = memoryview(data)
@@ -314,13 +322,17 @@ class Stream:
         granting a frame at a time (Go's muxado acknowledges every read) costs a wake-up per
         ``sendall`` piece, not per frame, and many streams at the output bound are not all
         woken each time it drains (module doc, "Sending"). The bytes queued meanwhile (0:
-        woken for another reason, e.g. an error)."""
+        woken for another reason, e.g. an error). A timeout after some were queued returns
+        their count, as a socket's send does; with none, it raises."""
         self._pending = view
         if for_room:
             self.session._park_for_room(self)
         try:
             self._wait(deadline, "send (transport is slow)" if for_room
                        else "send (peer window is closed)")
+        except StreamTimeout:
+            if self._pending is view:  # nothing queued (_send_pending cuts a new view)
+                raise
         finally:
             left = self._pending
             self._pending = None
