@@ -250,3 +250,42 @@ def test_nowait_sender_keeps_a_subclass_on_its_own_send():
     finally:
         b.close()
         wrapped.close()
+
+
+def test_a_connected_socket_nobody_waits_on_closes_in_one_call():
+    """ConnectedSocket.close without gevent's steps for waiters (none wait): the descriptor is
+    closed at once, later calls raise EBADF, and it costs one Python call (gevent's: ~7)."""
+    import os
+
+    from tests.support.calls import PythonCalls
+
+    lsock = _listener()
+    sock = connect_numeric(socket.AF_INET, lsock.getsockname(), 5, 65536)
+    conn, _ = lsock.accept()
+    fd = sock.fileno()
+    with PythonCalls() as calls:
+        sock.close()
+    assert calls.names == ["ConnectedSocket.close"], calls.names
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(OSError):
+        sock.send(b"x")
+    assert conn.recv(10) == b""  # the peer sees its FIN
+    sock.close()  # twice is harmless
+    conn.close()
+    lsock.close()
+
+
+def test_a_connected_socket_closed_under_a_waiting_reader_wakes_it():
+    """A greenlet waiting to read is woken with an error by the close (gevent's way, kept)."""
+    lsock = _listener()
+    sock = connect_numeric(socket.AF_INET, lsock.getsockname(), 5, 65536)
+    conn, _ = lsock.accept()
+    reader = gevent.spawn(sock.recv, 10)
+    gevent.sleep(0)  # the reader waits on the socket's read watcher
+    assert not reader.ready()
+    sock.close()
+    with pytest.raises(OSError):
+        reader.get(timeout=5)
+    conn.close()
+    lsock.close()
