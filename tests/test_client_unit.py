@@ -175,8 +175,8 @@ def test_the_visitors_bytes_sent_with_startproxy_reach_the_target_first_and_are_
 
 def test_the_request_reaches_the_target_before_the_sessions_reader_yields():
     """StartProxy and the visitor's bytes in, the stream is opened from the session's reader:
-    the target is connected and has the request when the reader first yields after the read
-    that brought them, before the stream's handler greenlet (or a teardown woken by the same
+    the target is connected and has the request when the reader (the hub) first yields after the
+    read that brought them, before the stream's handler greenlet (or a teardown woken by the same
     read) runs (TunnelRunner._open_now; bench/README.md, "Fresh connections, the client's
     side, second session")."""
     import select
@@ -211,7 +211,9 @@ def test_the_request_reaches_the_target_before_the_sessions_reader_yields():
                 seen.append(b"nothing sent")
             seen.append(conn)
 
-    reader = ours.greenlets.reader
+    # The session's reader: a hub callback (lib.net.muxsession, "Reading"), so the first switch
+    # out of the hub after the read; a reader greenlet where the transport must wait.
+    reader = ours.greenlets.reader or gevent.get_hub()
     frames_before = ours.frames_received
     old = greenlet.settrace(trace)
     try:

@@ -251,3 +251,32 @@ def test_a_message_is_read_without_a_want_read_exception(pki):
         _CountingSSLObject.want_read = 0
         _ping_pong(c, 30)
         assert _CountingSSLObject.want_read == 0
+
+
+class _WritesWhileReading(ssl.SSLObject):
+    """An SSLObject whose first read with data also seals a record of its own, as a TLS 1.3
+    KeyUpdate the peer asked for would (the standard library cannot make one on demand)."""
+    sealed = False
+
+    def read(self, len=1024, buffer=None):
+        got = super().read(len, buffer)
+        if not _WritesWhileReading.sealed:
+            _WritesWhileReading.sealed = True
+            self.write(b"sealed while reading")
+        return got
+
+
+def test_records_a_nowait_read_produces_leave_without_a_write(pki):
+    # read_nowait (the mux session's hub reader) must not wait to send them, nor keep them
+    # until the next write: they are offered to the kernel at once.
+    c, s = pair(_contexts(pki, server_obj=_WritesWhileReading))
+    _WritesWhileReading.sealed = False
+    c.sendall(b"ping")
+    with gevent.Timeout(5):
+        while (got := s.read_nowait()) is None:
+            gevent.sleep(0.01)
+    assert bytes(got) == b"ping"
+    with gevent.Timeout(5):
+        assert c.recv(100) == b"sealed while reading"
+    c.close()
+    s.close()

@@ -18,6 +18,7 @@ Public API::
     session.frames_received                 # frames decoded so far (a counter)
     session.sends_waiting                   # streams whose send waits for the peer's window
     session.greenlets                       # SessionGreenlets(reader, writer, watchdog)
+    session.reads_in_hub                    # the transport is read by hub callbacks (Reading)
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
     stream.recv(n) -> bytes ('' at EOF)     stream.sendall(data)     stream.send(data) -> int
@@ -33,10 +34,26 @@ Public API::
     stream.waiting_for_room                 # ...with the writer, for output room (Sending)
     stream.set_sink(sink | None)            # direct delivery (below); lib.net.splice sets it
 
-Greenlets per session: one reader (transport -> MuxConnection -> streams), one writer (drains
-MuxConnection's output to the transport, so a reader never blocks on a write and two peers
-writing at once cannot deadlock), one watchdog (heartbeat, stalled output). Streams cost no
-greenlet.
+Greenlets per session: one writer (drains MuxConnection's output to the transport, so the
+reader never blocks on a write and two peers writing at once cannot deadlock), one watchdog
+(heartbeat, stalled output), and a reader greenlet (transport -> MuxConnection -> streams) only
+for a transport that cannot be read without waiting (below). Streams cost no greenlet.
+
+Reading: a transport that can be read without waiting (a plain gevent socket, or a
+TLSTransport over one: ``reads_nowait``), with no timeout of its own, is read by hub callbacks,
+not by a greenlet: an io watcher's callback reads what is there (``read_nowait``: one system
+call, the records decrypted), decodes it and dispatches the events inline, so a read wakes no
+greenlet (before: a switch into the reader greenlet, gevent's wait on the socket and a switch
+back, per read in each process: bench/README.md, "Per-request cost (issue 16)", hubreader
+pass). It never loops: a dense read (past YIELD_FRAMES frames) is decoded a piece per callback
+scheduled with ``loop.run_callback``, the watcher stopped meanwhile (the decoder holds the
+read), and after a read that filled READ_SIZE (more may be in the transport already:
+TLSTransport.read_buffered) the next read is such a callback too; so a flooding peer gets one
+bounded piece of work per turn, as everyone else. Everything it calls must not wait: streams
+are woken by Events, serve()'s handler starts its work elsewhere, and an end that has a GOAWAY
+to flush (a protocol error) hands the flush and the rest of the end to a greenlet
+(``greenlets.reader`` from then on). Any other transport (WebSocket, a TLSTransport over a mux
+stream) keeps the reader greenlet, which yields after every read.
 
 Writing: what streams queue is written by one hub callback per loop turn (``_flush``, scheduled
 with ``loop.run_callback`` by the first write of the turn), when the transport can write
@@ -64,7 +81,7 @@ Direct delivery: a stream spliced to a socket (lib.net.splice) has a *sink*, an 
 and never raises) and ``offer_many(chunks) -> int`` (the same for a sequence of buffers: a
 read's frames go out in one ``sendmsg``, not joined first). Data the reader decodes for such a
 stream while its buffer is empty and the sink is not busy is collected and offered to the sink
-at the end of the read, from the reader greenlet: no Event, no wake-up of the greenlet reading
+at the end of the read, from the reader: no Event, no wake-up of the greenlet reading
 the stream (bench/README.md, "Third pass: fewer wake-ups per request"). What the socket took
 counts as read (the window is given back as ``recv`` would); what it did not take stays in the
 buffer and the stream's reader is woken to send it, waiting for the socket as before, so a slow
@@ -107,7 +124,7 @@ from lib.errors import (ErrorCode, MuxError, ProtocolError, SessionClosed, Strea
                         StreamReset, StreamTimeout, code_name)
 from lib.protocol import muxstate as mp
 from lib.protocol.muxstate import MuxConfig
-from lib.net.sockets import reader, set_nodelay
+from lib.net.sockets import nowait_reader, nowait_view_reader, reader, set_nodelay
 from lib.peerlog import PeerLog
 
 __all__ = ["Session", "Stream", "MuxConfig", "SessionEnd", "SessionGreenlets"]
@@ -142,10 +159,12 @@ class SessionEnd:
 
 
 class SessionGreenlets(NamedTuple):
-    """A session's three greenlets (module doc, "Greenlets per session"), for a caller that
-    waits for them to end after close() (tests/support/rawtunnel.py) or watches one of them
-    (tests/test_mux_flush.py counts switches into the writer)."""
-    reader: gevent.Greenlet
+    """A session's greenlets (module doc, "Greenlets per session"), for a caller that waits
+    for them to end after close() (tests/support/rawtunnel.py) or watches one of them
+    (tests/test_mux_flush.py counts switches into the writer). ``reader`` is None while a hub
+    callback reads the transport (module doc, "Reading"), and the greenlet it handed the
+    session's end to once there is one."""
+    reader: gevent.Greenlet | None
     writer: gevent.Greenlet
     watchdog: gevent.Greenlet
 
@@ -566,7 +585,17 @@ class Session:
         self._ping_sent: float | None = None
         self._last_progress = self._last_echo  # output written, or none waiting
         self._peer_goaway: int | None = None
-        self._reader = gevent.spawn(self._read_loop)
+        self._hub = gevent.get_hub()
+        self._read_now = _nowait_read(transport)  # the hub reader's read, or None (Reading)
+        self._watcher = None  # the hub reader's io watcher (readable)
+        self._full = False  # the hub reader's last read filled READ_SIZE: more may be there
+        if self._read_now is None:
+            self._reader = gevent.spawn(self._read_loop)
+        else:
+            self._reader = None
+            self._watcher = self._loop.io(transport.fileno(), 1)  # 1: readable
+            # The first read from a callback: the handshake may have left records buffered.
+            self._loop.run_callback(self._readable)
         self._writer = gevent.spawn(self._write_loop)
         self._heartbeat = gevent.spawn(self._watch_loop)
         self._wake_writer()
@@ -618,8 +647,14 @@ class Session:
 
     @property
     def greenlets(self) -> SessionGreenlets:
-        """The reader, writer and watchdog greenlets; all three end once the session has."""
+        """The reader (None: read from the hub), writer and watchdog greenlets; they end once
+        the session has."""
         return SessionGreenlets(self._reader, self._writer, self._heartbeat)
+
+    @property
+    def reads_in_hub(self) -> bool:
+        """The transport is read by hub callbacks, not a greenlet (module doc, "Reading")."""
+        return self._read_now is not None
 
     def trust(self) -> None:
         """The peer is vouched for (the proxy: its Auth was accepted): the larger answer
@@ -653,10 +688,11 @@ class Session:
 
     def serve(self, handler) -> SessionEnd | None:
         """Hand each stream the peer opens to ``handler(stream)`` instead of :meth:`accept`:
-        called by the reader greenlet once the read that opened the stream is decoded, so no
-        greenlet is woken to accept it (bench/README.md, "Fresh connections, the client's
-        side"); the handler must not wait (it starts the stream's work elsewhere), and an
-        exception from it ends the session (INTERNAL_ERROR) and the reader with it.
+        called by the reader (a hub callback, or the reader greenlet: module doc, "Reading")
+        once the read that opened the stream is decoded, so no greenlet is woken to accept it
+        (bench/README.md, "Fresh connections, the client's side"); the handler must not wait
+        (it starts the stream's work elsewhere), and an exception from it ends the session
+        (INTERNAL_ERROR) and the reader with it.
         Streams already waiting for accept go first. Returns when the session ends."""
         self._on_stream = handler
         self._hand_streams()
@@ -818,13 +854,7 @@ class Session:
                 data = recv(READ_SIZE)
                 self._last_heard = time.monotonic()
                 if not data:
-                    ga = self._peer_goaway
-                    if ga is not None:
-                        end = SessionEnd(ga, "peer sent GOAWAY and closed", remote=True)
-                    else:
-                        end = SessionEnd(ErrorCode.NO_ERROR, "transport closed by peer",
-                                         remote=True)
-                    self._finish(end)
+                    self._read_eof()
                     return
                 self._feed(data)
                 # Yield after every read: bytes already waiting would otherwise be read and
@@ -837,12 +867,91 @@ class Session:
                 if not getattr(self._transport, "waits_before_read", False):
                     gevent.sleep(0)
         except (OSError, ValueError) as e:
-            # A transport that cut off a flood of its own (wstransport.PeerFlood) says so.
-            hostile = getattr(e, "hostile", False)
-            self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport read failed: {e}",
-                                    remote=not hostile, hostile=hostile))
+            self._read_failed(e)
         except gevent.GreenletExit:
             pass
+
+    def _read_eof(self) -> None:
+        ga = self._peer_goaway
+        if ga is not None:
+            end = SessionEnd(ga, "peer sent GOAWAY and closed", remote=True)
+        else:
+            end = SessionEnd(ErrorCode.NO_ERROR, "transport closed by peer", remote=True)
+        self._finish(end)
+
+    def _read_failed(self, e: Exception) -> None:
+        # A transport that cut off a flood of its own (wstransport.PeerFlood) says so.
+        hostile = getattr(e, "hostile", False)
+        self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"transport read failed: {e}",
+                                remote=not hostile, hostile=hostile))
+
+    # --- the hub reader (module doc, "Reading"): at any time the watcher is started, or one
+    # of these callbacks is scheduled or running, never two of them.
+
+    def _readable(self) -> None:
+        """The watcher's callback (and the first read's, and a buffered read's): read what is
+        there without waiting, decode its first piece and dispatch it."""
+        if self._end is not None:
+            return
+        try:
+            data = self._read_now(READ_SIZE)
+        except BlockingIOError:  # readable was stale, or nothing came yet (the first read)
+            data = None
+        except (OSError, ValueError) as e:
+            self._read_failed(e)
+            return
+        if data is None:  # (or a record's start only) wait for the rest
+            self._watch()
+            return
+        self._last_heard = time.monotonic()
+        if not data:
+            self._read_eof()
+            return
+        self._full = len(data) == READ_SIZE
+        try:
+            self._decoded(self._conn.receive_data(data, YIELD_FRAMES))
+        except (OSError, ValueError) as e:
+            self._read_failed(e)
+
+    def _decode_more(self) -> None:
+        """The next piece of a dense read, a loop turn after the last (YIELD_FRAMES)."""
+        if self._end is not None:
+            return
+        try:
+            self._decoded(self._conn.receive_data(b"", YIELD_FRAMES))
+        except (OSError, ValueError) as e:
+            self._read_failed(e)
+
+    def _decoded(self, events: list) -> None:
+        """A piece of a read decoded: its events dispatched, its sinks offered; then the next
+        piece or the next read from a callback, or the watcher again."""
+        conn = self._conn
+        try:
+            if events:
+                self._dispatch(events)
+                if self._backlog and self._on_stream is not None:
+                    self._hand_streams()
+            if conn.outgoing_size:
+                self._wake_writer()
+        finally:
+            if self._to_sink:
+                self._flush_sinks()  # its WNDINCs wake the writer (_consumed)
+        if self._end is not None:
+            return
+        watcher = self._watcher
+        if conn.more_to_decode:  # a dense read: others' turn before its next frames
+            watcher.stop()
+            self._loop.run_callback(self._decode_more)
+        elif self._full:  # more may be there already (a TLSTransport's read_buffered)
+            watcher.stop()
+            self._loop.run_callback(self._readable)
+        elif not watcher.active:
+            watcher.start(self._readable)
+
+    def _watch(self) -> None:
+        watcher = self._watcher
+        if not watcher.active:
+            watcher.start(self._readable)
 
     def _feed(self, data: bytes) -> None:
         conn = self._conn
@@ -976,22 +1085,35 @@ class Session:
             return
         self._end = end
         self._conn.release()
-        if flush:
-            # Give the GOAWAY a moment to leave; a dead transport must not hold us up.
-            data = self._conn.data_to_send()
-            if data:
-                try:
-                    with gevent.Timeout(1.0):
-                        self._transport.sendall(data)
-                except (OSError, ValueError, gevent.Timeout, AssertionError):
-                    # AssertionError: gevent's ConcurrentObjectUseError, when the writer
-                    # greenlet is itself blocked sending on a plain socket. We are closing
-                    # anyway; the GOAWAY is best effort.
-                    pass
+        if self._watcher is not None:
+            self._watcher.stop()  # no read after the end; closed with the transport
+        # Give the GOAWAY a moment to leave (flush); a dead transport must not hold us up.
+        data = self._conn.data_to_send() if flush else None
+        if data and gevent.getcurrent() is self._hub:
+            # The hub reader met a protocol error: the hub must not wait for the flush, so the
+            # rest of the end is a greenlet's (module doc, "Reading").
+            self._reader = gevent.spawn(self._close_out, data)
+        else:
+            self._close_out(data)
+
+    def _close_out(self, data) -> None:
+        """The end's second half: ``data`` (the GOAWAY) sent, best effort, within a second;
+        the transport closed, every stream failed, the greenlets ended, waiters told."""
+        if data:
+            try:
+                with gevent.Timeout(1.0):
+                    self._transport.sendall(data)
+            except (OSError, ValueError, gevent.Timeout, AssertionError):
+                # AssertionError: gevent's ConcurrentObjectUseError, when the writer
+                # greenlet is itself blocked sending on a plain socket. We are closing
+                # anyway; the GOAWAY is best effort.
+                pass
         try:
             self._transport.close()
         except OSError:
             pass
+        if self._watcher is not None:
+            self._watcher.close()
         err = self._closed_error()
         for st in list(self._streams.values()):
             if not st._eof:
@@ -1008,3 +1130,15 @@ class Session:
                 g.kill(block=False)
         self._done.set()
 
+
+def _nowait_read(transport):
+    """The hub reader's read for ``transport`` (module doc, "Reading"), or None when it cannot
+    be read without waiting: ``read(n)`` returns what is there (an empty buffer at EOF; None or
+    BlockingIOError when nothing whole is). A TLSTransport's own buffer, uncopied; a plain
+    gevent socket's bytes copied out of the shared scratch buffer (a dense read is decoded
+    across loop turns, and others read into that buffer meanwhile)."""
+    if hasattr(transport, "read_nowait"):
+        return transport.read_nowait if transport.reads_nowait else None
+    if nowait_view_reader(transport) is not None and transport.gettimeout() is None:
+        return nowait_reader(transport)
+    return None

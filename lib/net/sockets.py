@@ -23,6 +23,8 @@
     recv_scratch(sock, bufsize) -> memoryview  # the same, uncopied: valid until the next yield
     recv_nowait(sock, bufsize) -> bytes      # what is there now, never waiting (a hub callback)
     nowait_reader(sock) -> callable(n) -> bytes  # recv_nowait bound to one socket (below)
+    nowait_view_reader(sock) -> callable(n) -> memoryview  # the same, uncopied (or None:
+                                   # not a plain gevent socket, no read without waiting)
     nowait_sender(sock) -> callable(data) -> int # one send() that never waits (BlockingIOError)
     nowait_sendmsg(sock) -> callable(buffers) -> int | None  # the same for many buffers (sendmsg)
     reader(end) -> callable(n) -> bytes      # recv_copy bound to a socket, end.recv for others
@@ -246,6 +248,22 @@ def nowait_reader(sock):
 
     def read(n: int) -> bytes:
         return bytes(scratch[:recv_into(scratch, n)])
+    return read
+
+
+def nowait_view_reader(sock):
+    """As ``nowait_reader`` on a plain gevent socket, uncopied: a view of the scratch buffer,
+    overwritten by the next read of it (use it before yielding). None for anything else (no
+    OS socket to read without waiting, or bytes that are not the socket's: gevent's SSLSocket),
+    which is how a caller tells whether a socket can be read from a hub callback at all (the
+    tunnel's TLS and the mux session's hub reader: lib/net/muxsession.py, "Reading")."""
+    raw = _os_socket(sock)
+    if raw is None:
+        return None
+    recv_into, scratch = raw.recv_into, _scratch
+
+    def read(n: int) -> memoryview:
+        return scratch[:recv_into(scratch, n)]
     return read
 
 

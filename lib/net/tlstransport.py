@@ -4,6 +4,8 @@
     tls = TLSTransport.server(sock, context, timeout=15.0)
     tls.recv(n) / tls.sendall(data) / tls.close() / tls.getpeercert(binary_form=True) ...
     tls.recv_view(n) -> memoryview      # recv without a copy: valid until the next recv/recv_view
+    if tls.reads_nowait: tls.read_nowait(n) -> memoryview | None   # never waits (below)
+    tls.read_buffered                   # bytes received, not yet returned: read before waiting
     if tls.write_idle: tls.write_nowait(data) -> bool   # never waits, never yields (below)
     tls.flush_tail()                                    # what write_nowait left, sent (waits)
 
@@ -25,6 +27,14 @@ fail with EAGAIN (a system call and an exception for nothing) and then wait: wai
 that, and the mux reader skips its own yield after such a read (lib/net/muxsession.py,
 ``_read_loop``).
 
+``read_nowait`` is ``recv_view`` for a caller that must not wait: the mux session's hub reader,
+an io watcher's callback (lib/net/muxsession.py, "Reading"). It decrypts what was received, or
+first reads the socket once without waiting; None when no whole record has come (wait for
+readability then), an empty view at EOF. ``read_buffered`` says that bytes are left to decrypt
+(a read stopped at ``n``): read again before waiting, the socket may hold nothing more. Records
+a read produces (post-handshake) are offered to the kernel without waiting, or go with the
+write under way; what the kernel leaves is the tail (below).
+
 ``write_nowait`` is for a caller that must not wait: the mux session's flush, a hub callback
 (lib/net/muxsession.py, "Writing"). It encrypts everything and offers it to the kernel without
 waiting or yielding; what the kernel did not take is the *tail*, which every later write (and
@@ -39,7 +49,7 @@ import gevent
 import gevent.socket
 from gevent.lock import Semaphore
 
-from lib.net.sockets import nowait_sender, recv_scratch, sender
+from lib.net.sockets import nowait_sender, nowait_view_reader, recv_scratch, sender
 
 RAW_READ = 256 * 1024
 # A TLS record carries at most 16 KiB of plaintext, and SSLObject.read(n) allocates n bytes
@@ -76,6 +86,7 @@ class TLSTransport:
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         # write_nowait's one send(), never waiting (lib.net.sockets.nowait_sender)
         self._send_now = nowait_sender(sock) if isinstance(sock, gevent.socket.socket) else None
+        self._read_now = nowait_view_reader(sock)  # read_nowait's raw read, or None
         self._eof = False
         self._closed = False
         # Waiting for readability before a read, on gevent sockets only (a mux stream under a
@@ -137,32 +148,67 @@ class TLSTransport:
 
     def recv_view(self, n: int = RAW_READ) -> memoryview:
         """As ``recv``, without a copy: a view of this transport's own plaintext buffer, valid
-        until its next ``recv`` or ``recv_view`` (the mux reader decodes it in place before it
-        reads again: lib/net/muxsession.py). Records are decrypted straight into the buffer,
-        with no allocation per record and no join (bench/README.md, "Bulk and the multiplexer
-        against Go")."""
+        until its next ``recv``, ``recv_view`` or ``read_nowait`` (the mux reader decodes it in
+        place before it reads again: lib/net/muxsession.py). Records are decrypted straight
+        into the buffer, with no allocation per record and no join (bench/README.md, "Bulk and
+        the multiplexer against Go")."""
+        view = self._decrypt(n, self._read_raw)
+        if self._out.pending and not self._wlock.locked():
+            self._flush()
+        return view
+
+    @property
+    def reads_nowait(self) -> bool:
+        """True when ``read_nowait`` may be used: a plain gevent socket under us, read by
+        nobody else, with no timeout of its own (a read's timeout would not apply)."""
+        return self._read_now is not None and self._sock.timeout is None
+
+    def read_nowait(self, n: int = RAW_READ) -> memoryview | None:
+        """As ``recv_view``, never waiting or yielding (module doc): None when no whole record
+        is there yet, an empty view at EOF. Errors are the socket's and the TLS layer's."""
+        try:
+            view = self._decrypt(n, self._read_now)
+        except BlockingIOError:
+            return None
+        if self._out.pending and self.write_idle:
+            self._offer_records()
+        return view
+
+    @property
+    def read_buffered(self) -> bool:
+        """Bytes received and not yet returned (a read stopped at its ``n``): the next read
+        returns them without the socket, which may hold nothing more."""
+        return not self._empty
+
+    def _decrypt(self, n: int, fill) -> memoryview:
+        """Up to ``n`` bytes of plaintext into the buffer; ``fill(size)`` reads the socket when
+        nothing is left to decrypt (bytes for the incoming BIO, empty at EOF)."""
         view = self._plain
         if view is None:
             view = self._plain = memoryview(bytearray(RAW_READ))
         n = min(n, RAW_READ)
         size = 0
         read, incoming, decrypted = self._obj.read, self._in, self._obj.pending
-        # Nothing was left to decrypt when the last call returned, and only _read_raw feeds
-        # the BIO since: no need to ask before the first raw read.
+        # Nothing was left to decrypt when the last call returned, and only a fill feeds the
+        # BIO since: no need to ask before the first raw read.
         empty = self._empty
+        short = False  # the last record read gave less than asked: none of it is left
         while size < n:
             # Only with bytes to decrypt: else read raises SSLWantReadError, an exception built
             # (message and all) twice per read that ends a request, ~1.7 us each
-            # (bench/README.md, "Per-request cost (issue 16)", kapath pass).
-            if not empty and (incoming.pending or decrypted()):
+            # (bench/README.md, "Per-request cost (issue 16)", kapath pass). And no pending()
+            # after a short read (hubreader pass): a call into ssl.py per read for nothing.
+            if not empty and (incoming.pending or not short and decrypted()):
+                want = min(n - size, RECORD)
                 try:
-                    got = read(min(n - size, RECORD), view[size:])
+                    got = read(want, view[size:])
                 except ssl.SSLWantReadError:
                     got = -1  # a record's start only: the rest is still to come
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     got = 0
                 if got > 0:
                     size += got
+                    short = got < want
                     continue
                 if got == 0:
                     self._eof = True
@@ -172,14 +218,16 @@ class TLSTransport:
                 break
             if self._eof:
                 return view[:0]
-            if not self._read_raw():
+            raw = fill(RAW_READ)
+            if not raw:
                 # The peer's TCP FIN: reading is over. The BIO is not told (write_eof would
                 # also stop our writes), so a half-closed transport can still send.
                 self._eof = True
                 break
-            empty = False
-        if self._out.pending and not self._wlock.locked():
-            self._flush()
+            incoming.write(raw)
+            empty = self._empty = False
+        else:  # stopped at n: is there more? (read_buffered)
+            self._empty = not (incoming.pending or decrypted())
         return view[:size]
 
     @property
@@ -189,28 +237,32 @@ class TLSTransport:
         return (self._drained and self._empty and self._hub is not None
                 and self._sock.timeout is None)
 
-    def _read_raw(self) -> int:
-        """Read from the socket into the incoming BIO: the byte count (0 at EOF)."""
+    def _read_raw(self, n: int):
+        """Up to ``n`` bytes from the socket, waiting for them (empty at EOF): for the BIO at
+        once (a view of the shared scratch buffer, no ``n``-byte allocation per read:
+        lib.net.sockets.SCRATCH_SIZE)."""
         if self._hub is None:  # not a socket (a mux stream under a TLS ended in the client)
-            raw = self._sock.recv(RAW_READ)
-            n = len(raw)
-            if n:
-                self._in.write(raw)
+            raw = self._sock.recv(n)
         else:
             if self._drained and self._sock.timeout is None:  # (waits_before_read)
                 if self._readable is None:
                     self._readable = self._hub.loop.io(self._sock.fileno(), 1)
                 self._hub.wait(self._readable)
-            # Into the shared scratch buffer and on into the BIO, with no yield between (no
-            # 256 KiB allocation per read: lib.net.sockets.SCRATCH_SIZE).
-            view = recv_scratch(self._sock, RAW_READ)
-            n = len(view)
-            if n:
-                self._in.write(view)
-        if n:
-            self._empty = False
-        self._drained = n < WAIT_FIRST_BELOW
-        return n
+            raw = recv_scratch(self._sock, n)
+        self._drained = len(raw) < WAIT_FIRST_BELOW
+        return raw
+
+    def _offer_records(self) -> None:
+        """Records a read produced (post-handshake), offered to the kernel once, never
+        waiting; only when ``write_idle`` (else the write under way takes them with its next
+        record). What the kernel leaves is the tail, which the next write sends first."""
+        sealed = self._out.read()
+        try:
+            sent = self._send_now(sealed)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(sealed):
+            self._tail = sealed[sent:]
 
     def sendall(self, data) -> None:
         with self._wlock:

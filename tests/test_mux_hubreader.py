@@ -1,0 +1,137 @@
+"""The mux session's hub reader: lib.net.muxsession, "Reading".
+
+A transport that can be read without waiting (a plain gevent socket, a TLSTransport over one)
+is read by an io watcher's callback in the hub: a read wakes no greenlet. Dense reads still
+give others their turn (test_mux: test_a_read_of_many_frames_gives_others_turns_while_it_is_
+decoded), a transport that must wait keeps a reader greenlet, and an end with a GOAWAY to
+flush hands the flush to a greenlet instead of waiting in the hub.
+"""
+import socket
+
+import gevent
+import gevent.socket as gsocket
+import pytest
+
+from lib.errors import ErrorCode
+from lib.net.muxsession import MuxConfig, Session
+from lib.protocol import muxframe as fr
+from tests.support.muxpair import pki, session_pair, tls_pair  # noqa: F401
+from tests.support.switches import SwitchesInto
+
+
+def _transports(kind: str, pki):
+    if kind == "tls":
+        return tls_pair(pki)
+    return gsocket.socketpair()
+
+
+def _echo(stream) -> None:
+    while (data := stream.recv(65536)):
+        stream.sendall(data)
+
+
+@pytest.mark.parametrize("kind", ["tls", "tcp"])
+def test_an_exchange_wakes_no_greenlet_but_the_streams_users(kind, pki):
+    # Per exchange the test greenlet and the echoing one are woken (each waits in recv); the
+    # tunnels' reads are hub callbacks in both sessions. Over a reader greenlet: two more
+    # wake-ups per exchange, one per session (bench/README.md, hubreader pass).
+    c, s = session_pair(_transports(kind, pki), heartbeat=False)
+    assert c.reads_in_hub and s.reads_in_hub
+    assert c.greenlets.reader is None and s.greenlets.reader is None
+    st = c.open()
+    st.sendall(b"warm")
+    echo = gevent.spawn(_echo, s.accept(timeout=5))
+    assert st.recv(100) == b"warm"
+    # Over a plain socket every write is the writer greenlet's (module doc, "Writing": only a
+    # transport with write_nowait is flushed from the hub; test_mux_flush counts that).
+    writers = (c.greenlets.writer, s.greenlets.writer) if kind == "tcp" else ()
+    with SwitchesInto(gevent.get_hub(), gevent.getcurrent(), echo, *writers,
+                      but=True) as others:
+        for i in range(50):
+            st.sendall(b"request %d" % i)
+            assert st.recv(100) == b"request %d" % i
+    assert others.count == 0, others.woken
+    c.close()
+    s.close()
+    echo.join(timeout=5)
+
+
+def test_a_transport_that_must_wait_keeps_the_reader_greenlet(pki):
+    # gevent's SSLSocket (its bytes are records, not the socket's) and a socket with a timeout
+    # of its own: read by a greenlet, as before.
+    a, b = gsocket.socketpair()
+    b.settimeout(30)
+    ssl_c, ssl_s = tls_pair(pki, server_bio=False, client_bio=False)
+    for pair in ((a, b), (ssl_c, ssl_s)):
+        c, s = session_pair(pair, heartbeat=False)
+        assert not s.reads_in_hub and isinstance(s.greenlets.reader, gevent.Greenlet)
+        st = c.open()
+        st.sendall(b"ping")
+        assert s.accept(timeout=5).recv(10) == b"ping"
+        c.close()
+        s.close()
+
+
+def test_records_left_by_a_short_read_are_read_without_the_socket(pki):
+    # read_nowait stopped at n with records still to decrypt: read_buffered says so, and the
+    # next read returns them at once (the hub reader schedules it; the socket holds nothing).
+    c, s = tls_pair(pki)
+    c.sendall(b"a" * 5000)
+    with gevent.Timeout(5):
+        while not (first := s.read_nowait(1000)):
+            gevent.sleep(0.01)
+    assert bytes(first) == b"a" * 1000 and s.read_buffered
+    rest = b""
+    while len(rest) < 4000:
+        rest += bytes(s.read_nowait(1000))
+    assert rest == b"a" * 4000 and not s.read_buffered
+    assert s.read_nowait(1000) is None  # nothing more: wait for the socket
+    c.close()
+    s.close()
+
+
+def test_records_left_in_the_transport_are_read_by_the_session_s_first_read(pki):
+    # Records that arrived before the session was made (with the handshake, in real life) sit
+    # in the transport, not the socket: the session's first read is a callback, not the
+    # watcher, or they would wait for bytes that never come.
+    c, s = tls_pair(pki)
+    c.sendall(b"X" + fr.encode(fr.Syn(3)) + fr.encode_data(3, b"early"))  # one record
+    with gevent.Timeout(5):
+        while not (first := s.read_nowait(1)):
+            gevent.sleep(0.01)
+    assert bytes(first) == b"X" and s.read_buffered  # the rest is decrypted, in the transport
+    server = Session(s, client=False, config=MuxConfig(heartbeat=False))
+    assert server.reads_in_hub
+    assert server.accept(timeout=5).recv(10) == b"early"
+    server.close()
+    c.close()
+
+
+def test_a_protocol_error_s_goaway_waits_for_the_output_in_a_greenlet_not_the_hub(pki):
+    # The peer stops reading (8 KiB socket buffers), the session's writer waits with output
+    # queued, then the peer breaks the protocol: the hub reader ends the session, and the
+    # GOAWAY must follow the queued output once the peer reads again. Flushed from the hub it
+    # could not wait for the writer (gevent refuses to block the hub) and was lost.
+    t, peer = tls_pair(pki, small_buffers=True)
+    c = Session(t, client=True, config=MuxConfig(heartbeat=False))
+    streams = [c.open() for _ in range(4)]
+    senders = [gevent.spawn(st.sendall, b"x" * 65536) for st in streams]
+    with gevent.Timeout(5):  # the writer waits for the socket (a write under way or a tail)
+        while c.unsent_size == 0 or t.write_idle:
+            gevent.sleep(0.01)
+    peer.sendall(bytes.fromhex("0000001100000003"))  # an unknown frame type
+    with gevent.Timeout(5):
+        while not c.closed:
+            gevent.sleep(0.01)
+    assert c.end.code == ErrorCode.PROTOCOL_ERROR and not c.end.remote
+    assert isinstance(c.greenlets.reader, gevent.Greenlet)  # the end's flush, handed over
+    decoder, frames = fr.FrameDecoder(), []
+    with gevent.Timeout(10):
+        while (data := peer.recv(65536)):
+            decoder.feed(data)
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+    assert isinstance(frames[-1], fr.GoAway) and frames[-1].code == ErrorCode.PROTOCOL_ERROR
+    assert c.wait(timeout=5) is not None
+    gevent.joinall(senders, timeout=5)
+    peer.close()
