@@ -156,6 +156,10 @@ class _Session:
 
             def sendall(self, data):
                 session.writes.append(bytes(data))
+
+            def send_nowait(self, data):
+                session.writes.append(bytes(data))
+                return len(data)
         return Stream()
 
 
@@ -273,3 +277,29 @@ def test_a_queued_burst_is_accepted_in_one_wake_up_by_kept_workers():
         for c in clients:
             c.close()
         server.stop(timeout=1)
+
+
+def test_the_streams_first_frame_is_queued_without_waiting(monkeypatch):
+    """StartProxy and the head go to a new mux stream by send_nowait (one call and the
+    state machine's two) where sendall made six; the peer reads them as before."""
+    from tests.support.muxpair import session_pair
+    proxy_side, client_side = session_pair()
+    registry = Registry()
+    tunnel = registry.add_tunnel(proxy_side, "127.0.0.1:9", None, "c")
+    binding = registry.bind(tunnel, "http", "a.test", None, "test", "http://a.test")
+    router = routing.PublicRouter(ProxyConfig(idle_timeout=None), registry)
+    monkeypatch.setattr(routing, "splice", lambda *a, **kw: None)
+    head = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    with PythonCalls() as calls:
+        router.forward(None, ("127.0.0.1", 5), router.choose_tunnel(binding), head, None, "http")
+    assert "Stream.send_nowait" in calls.names
+    for absent in ("Stream.sendall", "Stream._send_some", "Stream._deadline"):
+        assert absent not in calls.names, absent
+    stream = client_side.accept(timeout=5)
+    start = msg.encode(msg.StartProxy(url="http://a.test", client_addr="127.0.0.1:5"))
+    got = b""
+    while len(got) < len(start) + len(head):
+        got += stream.recv(65536)
+    assert got == start + head
+    proxy_side.close()
+    client_side.close()

@@ -415,7 +415,12 @@ class PublicRouter:
         stream = None
         try:
             stream = tunnel.session.open()
-            stream.sendall(msg.encode_start_proxy(binding.url, client_addr, public_addr) + peeked)
+            first = msg.encode_start_proxy(binding.url, client_addr, public_addr) + peeked
+            # The stream's first frame, queued without waiting (a new stream's window takes
+            # a head): one call where sendall makes six; sendall only for what it left.
+            sent = stream.send_nowait(first)
+            if sent < len(first):
+                stream.sendall(memoryview(first)[sent:])
         except MuxError as e:
             tunnel.streams_open -= 1
             registry.count_refusal("tunnel_lost", binding)
