@@ -341,7 +341,7 @@ def test_an_awaited_answer_needs_no_greenlet_of_its_own(rig):
     woken, trace = _greenlets_woken(known)
     old = greenlet.settrace(trace)
     try:
-        wait_until(lambda: rig.inner._read_event.active, 5)  # the answer's direction waits
+        wait_until(lambda: read_watcher(rig.inner).active, 5)  # the answer's direction waits
         origin.sendall(b"HTTP/1.1 200 OK\r\n\r\nanswer")
         origin.close()
         data = b""
@@ -375,7 +375,7 @@ def test_an_answer_still_coming_when_the_stream_ends_is_waited_for(rig):
     waits for the answer's direction, carried by callbacks, to end."""
     origin = rig.visitor
     g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
-    wait_until(lambda: rig.inner._read_event.active, 5)
+    wait_until(lambda: read_watcher(rig.inner).active, 5)
     rig.far.shutdown(socket.SHUT_WR)
     assert origin.recv(100) == b""  # the FIN reached the origin as its EOF
     origin.sendall(b"late answer")
@@ -389,7 +389,7 @@ def test_an_answer_still_coming_when_the_stream_ends_is_waited_for(rig):
 def test_an_origin_reset_under_an_awaited_answer_resets_the_stream(rig):
     origin = rig.visitor
     g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
-    wait_until(lambda: rig.inner._read_event.active, 5)
+    wait_until(lambda: read_watcher(rig.inner).active, 5)
     origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     origin.close()  # a reset, not a FIN
     with pytest.raises(MuxError):
