@@ -79,9 +79,10 @@ def test_a_waiting_sender_fed_by_the_reader_still_stops_at_the_output_bound():
     sender = gevent.spawn(st.sendall, bytes(8 << 20))
     _wait_window_spent(st)  # the first 64 KiB queued, the sender waits for window
     a.sendall(fr.encode_wndinc(st.id, 64 << 20))  # granted, nothing read from `a`
-    deadline = gevent.get_hub().loop.now() + 5
-    while s.unsent_size < 256 * 1024 and gevent.get_hub().loop.now() < deadline:
-        gevent.sleep(0.01)
+    # The grant taken, the sender stops at the output room (not at a deadline read from the
+    # hub's loop.now(), which is stale after tests that never entered the hub).
+    wait_for(lambda: st.waiting_for_room, "the sender to wait for output room", timeout=5,
+             interval=0.01, sleep=gevent.sleep)
     for _ in range(10):
         gevent.sleep(0)
     assert s.unsent_size <= 256 * 1024 + fr.MAX_PAYLOAD + fr.HEADER_SIZE
