@@ -157,7 +157,7 @@ REFUSED_LOG_INTERVAL = 30.0
 LINK_HEARTBEAT = 1.0
 LINK_TOLERANCE = 5.0
 # A link no visitor used for this long is closed by its sender (the default of
-# --fleet-link-idle; 0: never). Idle, it still costs both hosts a TLS session, three greenlets
+# --fleet-link-idle; 0: never). Idle, it still costs both hosts a TLS session, two greenlets
 # and a heartbeat a second each way, and every worker holds one per worker of each other host
 # it forwarded to. Five minutes keeps the link of any holder visited more often than that; a
 # rarer visitor pays one dial (TCP and TLS 1.3 on the LAN, ~2.5 ms of CPU: bench/README.md).
