@@ -289,3 +289,16 @@ def test_a_connected_socket_closed_under_a_waiting_reader_wakes_it():
         reader.get(timeout=5)
     conn.close()
     lsock.close()
+
+
+def test_a_connected_socket_is_built_without_a_python_call_under_it():
+    """ConnectedSocket's constructor runs no Python function of its own (the family's enum
+    member is looked up, not made by the enum's call: two calls per connection)."""
+    from lib.net.sockets import ConnectedSocket
+    from tests.support.calls import PythonCalls
+
+    with PythonCalls() as calls:
+        sock = ConnectedSocket(socket.AF_INET)
+    assert calls.names == ["ConnectedSocket.__init__"], calls.names
+    assert sock.family is socket.AF_INET
+    sock.close()

@@ -323,6 +323,11 @@ def adopt_listener(sock):
     return gevent.socket.socket(family, socket.SOCK_STREAM, fileno=sock.detach())
 
 
+# The enum members for the kernel's ints, looked up without the enum's call (two Python calls
+# per connection: ConnectedSocket).
+_FAMILIES = {int(f): f for f in (socket.AF_INET, socket.AF_INET6)}
+
+
 class ConnectedSocket(gevent.socket.socket):
     """A TCP connection made by :func:`connect_numeric`: a gevent socket built around a native
     socket created non-blocking (SOCK_NONBLOCK), with TCP_NODELAY and, when asked,
@@ -338,7 +343,7 @@ class ConnectedSocket(gevent.socket.socket):
         self.tcp_tuned = False
         # Kept, as AcceptedSocket keeps it: gevent's family property makes an enum of the
         # kernel's int on every read (lib.net.splice asks each end for it).
-        self.family = socket.AddressFamily(family)
+        self.family = _FAMILIES.get(family) or socket.AddressFamily(family)
         self._closed = False
         self._io_refs = 0
         self._sock = self._gevent_sock_class(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK,
