@@ -6,6 +6,7 @@
     peer_log.log(key, level, fmt, *args)   # logged, or dropped and counted
     peer_log.dropped                        # lines dropped, all keys together
     peer_log.table_full                     # lines of new keys that found the table full
+    peer_log.tracked_keys                   # keys with a window now (at most max_keys)
 
 Used wherever a peer's behaviour becomes a log line: the mux (lib/net/muxsession.py), the
 tunnel listener (lib/proxy/tunnels.py), ownership decisions (lib/proxy/ownership.py), one-port
@@ -62,6 +63,12 @@ class PeerLog:
         self._others = [clock(), 0, 0]  # the shared window (the last row of the table)
         self.dropped = 0
         self.table_full = 0
+
+    @property
+    def tracked_keys(self) -> int:
+        """Keys with a window of their own now: the table's bound (``max_keys``) holds. (A
+        count, not __len__: an empty PeerLog must stay truthy for ``log_limiter or ...``.)"""
+        return len(self._keys)
 
     def log(self, key: str, level: int, fmt: str, *args) -> None:
         """Log ``fmt % args`` at ``level`` unless ``key``'s window (or the shared one) is over."""

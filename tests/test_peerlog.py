@@ -49,7 +49,7 @@ def test_rotating_through_more_addresses_than_the_table_holds_gains_no_fresh_bud
     for i in range(100):
         for _ in range(5):
             p.log(f"203.0.113.{i}", logging.WARNING, "from %d", i)
-        assert len(p._keys) <= 4
+        assert p.tracked_keys <= 4
     assert len(out.lines) == 4 * 2 + 2, out.lines
     assert p.table_full == 96 * 5 and p.dropped == 500 - len(out.lines)
     # A window later the table's windows are over: new addresses are given windows again
@@ -58,6 +58,6 @@ def test_rotating_through_more_addresses_than_the_table_holds_gains_no_fresh_bud
     out.lines.clear()
     for i in range(100, 110):
         p.log(f"203.0.113.{i}", logging.WARNING, "from %d", i)
-    assert len(p._keys) <= 4
+    assert p.tracked_keys <= 4
     assert out.lines[:2] == ["(3 lines about 203.0.113.0 dropped in the last 60 s)", "from 100"]
     assert any(line.startswith("(") and OTHERS in line for line in out.lines), out.lines

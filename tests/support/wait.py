@@ -6,6 +6,10 @@
 No fixed sleep decides an outcome: a test waits for the state it needs and fails, naming
 ``what`` and the last value seen, when the deadline passes. A test whose state moves in
 greenlets of its own thread (an in-process mux session) passes ``sleep=gevent.sleep``.
+Deadlines come from ``time.monotonic()``, never from the hub's ``loop.now()``: that is the time
+the loop last ran, which in a full-suite run can be an earlier test's (the tests between never
+enter the hub), so a deadline taken from it can be past before the first sleep (the wrong-pin
+test's flake: tests/test_client_cli.py).
 """
 from __future__ import annotations
 
