@@ -132,6 +132,7 @@ def test_an_accepted_socket_is_made_and_closed_as_gevent_does_in_one_frame_each(
         import os
         os.fstat(fd)
     assert ours.closed and ours.fileno() == -1
+    assert f"fd={fd} closed" in repr(ours)  # the stand-in names the descriptor, as gevent's
     with pytest.raises(OSError):
         ours.recv(1)
     with PythonCalls() as calls:

@@ -107,8 +107,9 @@ class AcceptedSocket(gevent.socket.socket):
             return
         events = (self._read_event, self._write_event)
         self._read_event = self._write_event = None
-        self.hub.cancel_waits_close_and_then(events, _CANCEL_WAIT, self._drop_ref_on_close, sock)
+        # The stand-in first, as gevent's: the descriptor may be closed by the call below.
         self._sock = _CLOSED(sock.family, sock.type, sock.proto, sock.fileno(), "closed")
+        self.hub.cancel_waits_close_and_then(events, _CANCEL_WAIT, self._drop_ref_on_close, sock)
 
 
 # gevent's stand-in for a closed socket and the error its waiters get (what its close uses).
