@@ -47,11 +47,12 @@ from __future__ import annotations
 
 import logging
 import socket
+from itertools import islice
 
 import gevent.event
 import gevent.socket
 
-from lib.net.sockets import nowait_sender, nowait_sendmsg, reader, sender
+from lib.net.sockets import IOV_MAX, nowait_sender, nowait_sendmsg, reader, sender
 from lib.protocol import http1, httphead
 from lib.tokenbucket import TokenBucket
 
@@ -216,6 +217,9 @@ class OneExchangeSocket(OneRequestSocket):
         # The origin's next bytes the framer already read as the body (or raw, switched) and
         # direct delivery did not send yet: they go out as they are when they come again.
         self._credit = 0
+        self._owed = b""  # the rest of a head direct delivery sent only part of
+        self._skip = 0  # bytes of that head left with the stream (to wake the copy loop)
+        self._failed: OSError | None = None  # met by direct delivery; raised by sendall
         self._early = bytearray()
 
     @property
@@ -246,6 +250,13 @@ class OneExchangeSocket(OneRequestSocket):
         return super()._after_request(data)
 
     def sendall(self, data, flags: int = 0) -> None:
+        if self._failed is not None:  # met by direct delivery in these bytes
+            error, self._failed = self._failed, None
+            raise error
+        if self._skip or self._owed:  # direct delivery's head, not all sent
+            data = memoryview(data)[self._skip:]
+            self._skip, owed, self._owed = 0, self._owed, b""
+            self._send_out(owed, flags)
         credit = self._credit
         if credit:  # the body's bytes the framer read already (direct delivery's, not sent)
             if credit >= len(data):
@@ -282,7 +293,7 @@ class OneExchangeSocket(OneRequestSocket):
         a final answer the visitor gets our FIN."""
         state = self._response.state
         if (state == http1.DONE or state == http1.SWITCHED) and not self._credit \
-                and not self._answered.is_set():
+                and not self._owed and not self._answered.is_set():
             self._answered.set()
             if state == http1.DONE:
                 # The front reads Connection: close and the end: it will not reuse this.
@@ -295,11 +306,8 @@ class OneExchangeSocket(OneRequestSocket):
 
     def direct_senders(self):
         """(sendall, send_now, sendmsg_now) for lib.net.splice's sink, which sends the stream's
-        bytes from the session's reader without waking the splice's copy loop: the response's
-        body goes to the visitor as the framer reads it (``ResponseFramer.body_part``: no copy,
-        and the framer still sees every byte); the head (rewritten), the bytes after the
-        response (dropped) and errors take ``sendall``'s path, in the copy loop. None when the
-        visitor's end is not a gevent socket."""
+        bytes from the session's reader without waking the splice's copy loop (module doc,
+        "Direct delivery"). None when the visitor's end is not a gevent socket."""
         sock = self._sock
         if not isinstance(sock, gevent.socket.socket):
             return None
@@ -308,31 +316,76 @@ class OneExchangeSocket(OneRequestSocket):
         return self.sendall, self._send_now, self._many_now and self._sendmsg_now
 
     def _send_now(self, data) -> int:
-        """What the visitor's socket takes of ``data`` now, never waiting (the sink's offer):
-        the body's bytes as they are. BlockingIOError when it took none, or when ``data`` is
-        for ``sendall`` to frame (a head, bytes after the response)."""
-        credit = self._credit = self._credit or self._body_part((data,))
+        """How many of ``data`` (the origin's next bytes) went to the visitor now, never
+        waiting (the sink's offer). BlockingIOError when none did, or when ``data`` is for
+        ``sendall`` (bytes after the response, a malformed head, what is owed first)."""
+        if self._owed or self._skip or self._failed is not None:
+            raise BlockingIOError  # sendall's, in the copy loop
+        credit = self._credit
+        if not credit:
+            if self._response.state == http1.HEAD:
+                return self._head_now((data,))
+            credit = self._credit = self._body_part((data,))
         return self._sent(self._now(data if credit >= len(data) else memoryview(data)[:credit]))
 
     def _sendmsg_now(self, chunks) -> int:
         """``_send_now`` for a read's frames, in one sendmsg."""
-        left = self._credit = self._credit or self._body_part(chunks)
-        out = []
-        for chunk in chunks:
-            if len(chunk) >= left:
-                out.append(chunk if len(chunk) == left else memoryview(chunk)[:left])
-                break
-            out.append(chunk)
-            left -= len(chunk)
-        return self._sent(self._many_now(out))
+        if self._owed or self._skip or self._failed is not None:
+            raise BlockingIOError
+        if not self._credit:
+            if self._response.state == http1.HEAD:
+                return self._head_now(chunks)
+            self._credit = self._body_part(chunks)
+        return self._sent(self._many_now(_first(chunks, self._credit)))
+
+    def _head_now(self, chunks) -> int:
+        """The response's heads (rewritten) and the body behind them, from the sink: how many
+        of ``chunks``' bytes were taken. A head the socket took only part of is owed: the
+        copy loop sends the rest before anything else (``sendall``), woken by what is left
+        with the stream (one byte of the head, ``_skip``, when nothing else is)."""
+        framer = self._response
+        taken, heads, rest = 0, b"", []
+        try:
+            for i, chunk in enumerate(chunks):
+                out, n = framer.head_part(chunk)
+                heads += out
+                taken += n
+                if framer.state != http1.HEAD:
+                    rest = [memoryview(chunk)[n:]] if n < len(chunk) else []
+                    rest += islice(chunks, i + 1, None)
+                    break
+            body = self._body_part(rest) if rest and framer.state != http1.DONE else 0
+        except (http1.FramingError, ConnectionAbortedError) as e:
+            # Raised by the copy loop's sendall, which sends the 502 when nothing went out.
+            self._failed = e if isinstance(e, OSError) else \
+                ConnectionAbortedError(f"origin's response: {e}")
+            self._answered.set()
+            raise BlockingIOError from None
+        except BlockingIOError:
+            body = 0  # nothing of the body in these bytes
+        if not heads:
+            return taken  # an incomplete head, held by the framer
+        self._credit = body
+        out = [heads] + _first(rest, body) if body else [heads]
+        try:
+            k = self._many_now(out[:IOV_MAX]) if self._many_now else self._now(b"".join(out))
+        except BlockingIOError:
+            k = 0
+        if k < len(heads):
+            self._owed = heads[k:]
+            if taken < sum(map(len, chunks)):
+                return taken  # the copy loop is woken for the rest
+            self._skip = 1
+            return taken - 1
+        return taken + self._sent(k - len(heads))
 
     def _body_part(self, chunks) -> int:
-        """How many of ``chunks``' bytes (the origin's next) are the response's body, read by
-        the framer now; BlockingIOError when none is (a head to rewrite, the response over)."""
+        """How many of ``chunks``' bytes (the origin's next) are the response's body (or raw,
+        switched), read by the framer now; BlockingIOError when none is (the response over)."""
         framer = self._response
         if framer.state != http1.BODY:
             if framer.state == http1.SWITCHED:
-                return sum(len(c) for c in chunks) if len(chunks) > 1 else len(chunks[0])
+                return sum(map(len, chunks))
             raise BlockingIOError  # sendall's, in the copy loop
         n = 0
         try:
@@ -365,10 +418,22 @@ class OneExchangeSocket(OneRequestSocket):
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             self._answered.set()
             if how == socket.SHUT_WR and self._response.state == http1.DONE \
-                    and not self._credit:
+                    and not self._credit and not self._owed:
                 return  # sendall shut it down after the answer: a second one only fails
         self._sock.shutdown(how)
 
     def close(self) -> None:
         self._answered.set()
         self._sock.close()
+
+
+def _first(chunks, n: int) -> list:
+    """The first ``n`` bytes of ``chunks`` (buffers), as buffers: the last one cut (a view)."""
+    out = []
+    for chunk in chunks:
+        if len(chunk) >= n:
+            out.append(chunk if len(chunk) == n else memoryview(chunk)[:n])
+            return out
+        out.append(chunk)
+        n -= len(chunk)
+    return out

@@ -24,6 +24,8 @@ Public API::
     framer.done                        # the request ended
     framer = ResponseFramer(method, upgrade=False)  # the request's method
     framer.feed(data) -> bytes         # the part of `data` to forward to the visitor now
+    framer.head_part(data) -> (bytes, int)  # in state HEAD: the heads' bytes to forward,
+                                       # and how many of `data` they took
     framer.body_part(data) -> int      # in state BODY: how many of `data` are the body's,
                                        # forwarded as they are (the rest: feed drops it)
     framer.state                       # HEAD, BODY, DONE or SWITCHED
@@ -422,8 +424,29 @@ class ResponseFramer:
             return b""
         if state == BODY:
             return self._forward_body(data)
+        out, taken = self.head_part(data)
+        if taken == len(data):
+            return out
+        rest = bytes(data[taken:])
+        if self.state == BODY:
+            return out + self._forward_body(rest)
+        if self.state == SWITCHED:
+            return out + rest
+        self.dropped += len(rest)  # DONE: a response without a body
+        return out
+
+    def head_part(self, data) -> tuple[bytes, int]:
+        """In state HEAD: (what to forward for the heads that end in ``data``, interim
+        responses as they are and the final one with Connection: close; how many of ``data``'s
+        bytes they were). All of ``data`` while the head is incomplete (held, up to
+        MAX_RESPONSE_HEAD); once it is complete, the state says what the rest of ``data`` is:
+        BODY, DONE (a response without a body: the rest is for ``feed`` to drop) or SWITCHED.
+
+        :raises FramingError: not a valid response, or a head over ``MAX_RESPONSE_HEAD``.
+        """
         buf = data
-        if self._pending:  # a head begun in an earlier read
+        held = len(self._pending)
+        if held:  # a head begun in an earlier read
             self._pending += data
             buf = self._pending
         out = b""
@@ -441,7 +464,7 @@ class ResponseFramer:
                 self._searched = max(0, len(buf) - pos - 2)
                 if buf is not self._pending or pos:
                     self._pending = bytearray(buf[pos:])
-                return out
+                return out, len(data)
             end = m.end()
             if end - pos > MAX_RESPONSE_HEAD:
                 raise FramingError(f"response head over {MAX_RESPONSE_HEAD} bytes")
@@ -455,17 +478,15 @@ class ResponseFramer:
                 if not self.upgrade:
                     raise FramingError("101 Switching Protocols to a request without Upgrade")
                 self.state = SWITCHED
-                rest = bytes(buf[end:])
                 self._pending.clear()  # (buf itself, when the head began in an earlier read)
-                return out + head + rest
+                return out + head, end - held
             out += head  # an interim response: the final one follows
-        rest = bytes(buf[end:])
         self._pending.clear()
         if status in (204, 304) or self._head_only:
             framing = 0
-        self._body = _Body(framing, MAX_RESPONSE_HEAD)
-        self.state = BODY
-        return out + connection_close(head) + self._forward_body(rest)
+        body = self._body = _Body(framing, MAX_RESPONSE_HEAD)
+        self.state = DONE if body.done else BODY
+        return out + connection_close(head), end - held
 
     def _read_head(self, head: bytes) -> tuple[int, int | str]:
         """(status, body framing as _framing says) of a complete response head, by the
