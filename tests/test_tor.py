@@ -281,6 +281,12 @@ def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
     sees the TCP connection close and sends DESTROY back) and the client's CIRC event follows
     when the circuit is freed. The circuit watched is the one carrying the stream when the
     exit dies, as tor's stream-status says (a conflux leg may have handed it on).
+
+    Not promptly, always: in 2 of ~30 loaded runs the stream's circuit (conflux legs through
+    an authority to the killed exit) stayed BUILT past 30 s while no relay listed an open
+    connection to the dead exit any more and the stream no longer echoed; once the DESTROY
+    came 40.5 s after the kill (DESTROYED/DESTROYED: passed on by the guard). So the wait is
+    90 s: tor's teardown, not a retry.
     """
     closed = []
     remove = client_tor.add_circuit_listener(closed.append)
@@ -300,7 +306,7 @@ def test_killing_the_exit_fails_its_circuit(client_tor, tor_network):
             try:
                 try:
                     wait_for(lambda: any(c.id == circ.id for c in closed),
-                             "CIRC event after kill", timeout=30)
+                             "CIRC event after kill", timeout=90)
                 except AssertionError as e:
                     raise AssertionError(f"{e}; circuit {circ.id} through "
                                          f"{[n for _, n in circ.path]}; "
