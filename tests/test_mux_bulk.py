@@ -339,3 +339,81 @@ def test_a_stream_whose_window_grew_is_copied_in_bulk_pieces():
     assert sum(grown) == 8 << 20 and max(grown) > 64 * 1024, max(grown)
     kept = _splice_bulk(pool=0)
     assert sum(kept) == 8 << 20 and max(kept) <= 64 * 1024, max(kept)
+
+
+def _go_like_peer(sock, sizes: list, grant_every: int = 8192, got: bytearray | None = None):
+    """A raw muxado peer that reads as Go's sink does (io.Discard: 8 KiB reads) and grants each
+    stream back what it read, ``grant_every`` bytes at a time, one write per WNDINC; records the
+    size of every DATA frame in ``sizes``; returns once a FIN came."""
+    dec = fr.FrameDecoder()
+    unacked: dict = {}
+    while (data := sock.recv(65536)):
+        dec.feed(data)
+        while (f := dec.next_frame()) is not None:
+            if isinstance(f, fr.Data):
+                sizes.append(len(f.data))
+                if got is not None:
+                    got += f.data
+                if f.fin:
+                    return
+                n = unacked.get(f.stream_id, 0) + len(f.data)
+                while n >= grant_every:
+                    sock.sendall(fr.encode_wndinc(f.stream_id, grant_every))
+                    n -= grant_every
+                unacked[f.stream_id] = n
+
+
+def test_a_send_cut_by_the_window_leaves_in_whole_frames():
+    # Go grants 8 KiB at a time: the window opens at 16,384 bytes, which went out as a full
+    # frame and a 1-byte one (31 short frames over 2 MiB); now a cut send takes whole frames
+    # (16,383 bytes) and keeps the window's rest for the next grant.
+    peer, s = _bulk_session(send_persist=60.0)  # no grant ever waits this long here
+    st = s.open()
+    sizes: list = []
+    got = bytearray()
+    reader = gevent.spawn(_go_like_peer, peer, sizes, 8192, got)
+    blob = os.urandom(2 << 20)
+    st.sendall(blob)
+    st.shutdown(socket.SHUT_WR)
+    reader.get(timeout=20)
+    assert bytes(got) == blob
+    data = [n for n in sizes if n]  # (the FIN rides on the last frame, or alone)
+    short = [n for n in data[:-1] if n < fr.MAX_PAYLOAD]
+    assert short == [], short
+    assert len(data) == -(-len(blob) // fr.MAX_PAYLOAD)
+    s.close()
+
+
+def test_a_whole_frame_waits_for_no_peer_that_grants_only_a_whole_window_read():
+    # The classic deadlock of sender-side silly-window avoidance: this peer grants only once it
+    # has read its whole 64 KiB window (muxado lets it). Whole frames alone fill 65,532 bytes
+    # of it and keep 4 back for a grant that never comes, while the peer waits for those 4.
+    # The persist timer sends what the window allows once no grant came for send_persist.
+    peer, s = _bulk_session(send_persist=0.01)
+    st = s.open()
+    sizes: list = []
+    got = bytearray()
+    reader = gevent.spawn(_go_like_peer, peer, sizes, INITIAL_WINDOW, got)
+    blob = os.urandom(300_000)
+    sender = gevent.spawn(lambda: (st.sendall(blob), st.shutdown(socket.SHUT_WR)))
+    reader.get(timeout=20)
+    sender.get(timeout=5)
+    assert bytes(got) == blob
+    assert s.persisted_sends >= 1
+    s.close()
+
+
+def test_a_peer_granting_a_byte_at_a_time_still_gets_everything():
+    # Grants of one byte each (a WNDINC per byte read): the window creeps back a byte at a
+    # time; the sender neither stalls nor sends one-byte frames while grants keep coming.
+    peer, s = _bulk_session()
+    st = s.open()
+    sizes: list = []
+    got = bytearray()
+    reader = gevent.spawn(_go_like_peer, peer, sizes, 1, got)
+    blob = os.urandom(100_000)
+    sender = gevent.spawn(lambda: (st.sendall(blob), st.shutdown(socket.SHUT_WR)))
+    reader.get(timeout=30)
+    sender.get(timeout=5)
+    assert bytes(got) == blob
+    s.close()

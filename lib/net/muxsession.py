@@ -18,6 +18,7 @@ Public API::
     session.frames_received                 # frames decoded so far (a counter)
     session.sends_waiting                   # streams whose send waits for the peer's window
     session.greenlets                       # SessionGreenlets(reader, writer, watchdog)
+    session.persisted_sends                 # sends the persist timer made (Sending)
     session.reads_in_hub                    # the transport is read by hub callbacks (Reading)
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
@@ -73,7 +74,12 @@ when the stream closed or failed. Go's muxado acknowledges every read, so its gr
 at a time: the sender is woken once per buffer instead of once per 16 KiB frame (bench/README.md,
 "Bulk: the sender"); and of many streams at the output bound none is woken each time the output
 drains only to find it full again: they are fed in turn (bench/README.md, "Python -> Go: the
-sender").
+sender"). A send cut by the window or the room takes whole frames (``_sendable``): Go's 8 KiB
+grants opened 16,384-byte windows, which went out as a full frame and a 1-byte one. The
+window's rest, under a frame, waits for the next grant; a peer may grant nothing until it has
+that rest (it grants only a whole window read, or waits for a message's tail), so a send held
+so for a whole ``MuxConfig.send_persist`` with no grant is sent what the window allows (the
+persist timer: ``Session._hold``; bench/README.md, "Whole frames and the Python peers against Go").
 
 Direct delivery: a stream spliced to a socket (lib.net.splice) has a *sink*, an object with a
 ``busy`` flag (its own writer is sending what it took from the stream), ``offer(data) -> int``
@@ -122,6 +128,7 @@ from gevent.event import Event
 
 from lib.errors import (ErrorCode, MuxError, ProtocolError, SessionClosed, StreamClosed,
                         StreamReset, StreamTimeout, code_name)
+from lib.protocol import muxframe as fr
 from lib.protocol import muxstate as mp
 from lib.protocol.muxstate import MuxConfig
 from lib.net.sockets import nowait_reader, nowait_view_reader, reader, set_nodelay
@@ -144,6 +151,9 @@ WRITE_BATCH = 64 * 1024
 # (cutting reads into 4 KiB pieces cost a Python sink 0.3-0.5 s of CPU per GiB: bench/README.md,
 # "Bulk and the multiplexer against Go").
 YIELD_FRAMES = 256
+# A full DATA frame's payload (muxado's 14-bit length): a send cut by the window or the output
+# room takes whole ones (_sendable).
+FRAME = mp.SEND_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,8 @@ class Stream:
 
     __slots__ = ("session", "id", "_chunks", "_buffered", "_eof", "_error", "_waiter",
                  "_write_closed", "_read_closed", "_closed", "_timeout", "bytes_in",
-                 "bytes_out", "_sink", "_to_sink", "_pending", "_room_queued", "__weakref__")
+                 "bytes_out", "_sink", "_to_sink", "_pending", "_room_queued", "_hold_state",
+                 "_held_window", "__weakref__")
 
     def __init__(self, session: "Session", sid: int):
         self.session = session
@@ -204,6 +215,8 @@ class Stream:
         self._to_sink = False  # the buffer holds only this read's data, for the sink
         self._pending: memoryview | None = None  # a send waiting for window or room (_park)
         self._room_queued = False  # in the session's queue of sends waiting for output room
+        self._hold_state = 0  # in the session's held sends (Session._hold): 1 new, 2 aged
+        self._held_window = 0  # the window it was held with (Session._persist)
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} of {self.session.name}>"
@@ -315,16 +328,19 @@ class Stream:
             self._check_writable()
             conn = session._conn
             window = conn.send_window(self.id)
-            if window < len(view) and window < mp.SEND_THRESHOLD:
+            if window < len(view) and window < FRAME:
                 # Less than a frame's worth of window: wait for more instead of sending a
-                # sliver (WindowOpened fires once a full frame fits).
+                # sliver (WindowOpened fires once a full frame fits; the persist timer sends
+                # what there is if no grant comes: Session._hold).
+                if window:
+                    session._hold(self, window)
                 n = self._park(view, deadline, False)
             else:
                 room = conn.config.write_high_water - conn.unsent_size
                 if room > 0:
                     # Output stays under the high-water mark plus one frame
-                    # (docs/OPERATIONS.md).
-                    n = conn.send_data(self.id, view[:max(room, mp.SEND_THRESHOLD)])
+                    # (docs/OPERATIONS.md); whole frames when cut (_sendable).
+                    n = conn.send_data(self.id, view[:_sendable(len(view), window, room)])
                     if n:
                         self.bytes_out += n
                         session.stats.bytes_out += n
@@ -357,31 +373,41 @@ class Stream:
             self._pending = None
         return len(view) - len(left)
 
-    def _send_pending(self) -> None:
+    def _send_pending(self, persist: bool = False) -> None:
         """The session's half of ``_park``, on WindowOpened (the reader) and as the output
         drains (the writer: ``Session._feed_parked``): queue what the window and the output
-        room take; wake the sender once all is queued, or when it must see to something itself
-        (closed, failed); with no room left, stay parked for it."""
+        room take, in whole frames when they cut it (``_sendable``), or (``persist``: the
+        session's persist timer) all the window allows; wake the sender once all is queued, or
+        when it must see to something itself (closed, failed); with no room left, stay parked
+        for it."""
         session = self.session
         conn = session._conn
         if not self._write_closed and self._error is None and session._end is None:
             view = self._pending
-            # offer_data: what the window and the output room take, and 0 for a stream
-            # lib.protocol.muxstate forgot earlier in this read (a grant then a reset in one
-            # read: its StreamReset is dispatched after this WindowOpened; send_data raised
-            # and ended the session).
-            n = conn.offer_data(self.id, view)
+            high = conn.config.write_high_water
+            room = high - conn.unsent_size
+            if room <= 0:
+                session._park_for_room(self)  # fed again once the output drains
+                return
+            # 0 for a stream lib.protocol.muxstate forgot earlier in this read (a grant then a
+            # reset in one read: its StreamReset is dispatched after this WindowOpened;
+            # send_data raised and ended the session).
+            window = conn.send_window(self.id)
+            n = _sendable(len(view), window, room)
+            if persist and not n:
+                n = min(len(view), window)  # under a frame, no grant for a while: send it
             if n:
+                conn.send_data(self.id, view[:n])
                 self.bytes_out += n
                 session.stats.bytes_out += n
                 session._wake_writer()
                 self._pending = view = view[n:]
-            if view:
-                if conn.unsent_size >= conn.config.write_high_water:
-                    session._park_for_room(self)  # fed again once the output drains
-                    return
-                if n:
-                    return  # the window is spent: more as the next grants arrive
+                if view:
+                    if conn.unsent_size >= high:
+                        session._park_for_room(self)
+                    elif window > n:  # the window's rest, under a frame: kept for a grant
+                        session._hold(self, window - n)
+                    return  # more as the next grants arrive
         self._wake()
 
     def shutdown(self, how: int = socket.SHUT_WR) -> None:
@@ -531,6 +557,24 @@ class Stream:
         self._wake()
 
 
+def _sendable(size: int, window: int, room: int) -> int:
+    """What a send of ``size`` bytes queues now, given the peer's ``window`` and the output
+    ``room`` (> 0): nothing while the window holds less than ``size`` and less than a frame;
+    else as much as both allow in whole frames (FRAME bytes; all of ``size`` when it fits):
+    a 16,384-byte window (Go grants 8 KiB at a time) went out as a full frame and a 1-byte
+    one. The room is rounded up to whole frames, headers counted, so the output stays under
+    the high-water mark plus one frame."""
+    if window < size:
+        if window < FRAME:
+            return 0
+        size = window - window % FRAME
+    if room < size:
+        frames = -(-room // (FRAME + fr.HEADER_SIZE))
+        if frames * FRAME < size:
+            size = frames * FRAME
+    return size
+
+
 def _drop_front(chunks: deque, n: int) -> None:
     """Remove the first ``n`` bytes of ``chunks`` (a stream's buffer); only a chunk cut in two
     is copied (its rest, under a frame)."""
@@ -576,6 +620,11 @@ class Session:
         # resume in bulk, not a frame at a time), none of them woken until all its bytes are
         # queued.
         self._parked: deque[Stream] = deque()
+        # Sends waiting for window with some left under a frame (Stream._hold_state), and the
+        # persist timer that sends it when no grant came (_hold); at most one entry a stream.
+        self._held: list[Stream] = []
+        self._persist_timer = None
+        self.persisted_sends = 0  # sends the persist timer made (read-only: tests, operators)
         self._done = Event()
         self._end: SessionEnd | None = None
         self.stats = SessionStats()
@@ -805,6 +854,51 @@ class Session:
             st._room_queued = False
             if st._pending is not None:  # else it woke meanwhile (a timeout, an error)
                 st._send_pending()
+
+    def _hold(self, stream: Stream, window: int) -> None:
+        """``stream`` waits for window with ``window`` (0 < window < a frame) left unused: the
+        whole-frame rule's rest (_sendable) or a grant under a frame. A peer may grant only once
+        it has read what it waits for (its whole window, or a message whose tail is that rest):
+        if no grant comes for a whole ``send_persist`` period, _persist sends what the window
+        allows (sender-side silly-window avoidance has TCP's persist timer for the same
+        deadlock)."""
+        if stream._hold_state:
+            if window != stream._held_window:
+                stream._hold_state = 1  # the window moved: a new period starts
+                stream._held_window = window
+            return
+        stream._hold_state = 1
+        stream._held_window = window
+        self._held.append(stream)
+        timer = self._persist_timer
+        if timer is None:
+            period = self.config.send_persist
+            timer = self._persist_timer = self._loop.timer(period, period)
+        if not timer.active:
+            timer.start(self._persist)
+
+    def _persist(self) -> None:
+        """The persist timer (_hold), every ``send_persist`` while sends are held: a send held
+        since the last tick whose window has not moved is sent what the window allows; one new
+        or whose window moved is looked at again next tick; one no longer waiting for window
+        is let go."""
+        held, self._held = self._held, []
+        conn = self._conn
+        for st in held:
+            window = conn.send_window(st.id)
+            if (st._pending is None or st._room_queued or not window or window >= FRAME
+                    or self._end is not None):
+                st._hold_state = 0  # sent, woken, fed or opened meanwhile
+            elif st._hold_state == 2 and window == st._held_window:
+                st._hold_state = 0
+                self.persisted_sends += 1
+                st._send_pending(persist=True)
+            else:
+                st._hold_state = 2
+                st._held_window = window
+                self._held.append(st)
+        if not self._held:
+            self._persist_timer.stop()
 
     def _consumed(self, stream: Stream, n: int) -> None:
         if self._end is None:
@@ -1114,6 +1208,8 @@ class Session:
             pass
         if self._watcher is not None:
             self._watcher.close()
+        if self._persist_timer is not None:
+            self._persist_timer.close()
         err = self._closed_error()
         for st in list(self._streams.values()):
             if not st._eof:
