@@ -1032,3 +1032,28 @@ def test_offer_data_takes_only_what_the_room_and_window_allow():
     assert c.unsent_size >= 100_000
     assert c.offer_data(sid, bytes(10)) == 0  # past the high-water mark: no room
     assert c.offer_data(sid + 2, b"x") == 0  # no such stream (forgotten): nothing taken
+
+
+def test_a_window_update_costs_two_python_calls_to_decode():
+    """A Go peer acknowledges every Read (a WNDINC per 8 KiB its sink reads): ~131k of them per
+    GiB sent to it, decoded inline as DATA is, each one ``next_frame`` and the frame's own
+    constructor, plus a handful per read and the WindowOpened once a frame fits (bench/README.md,
+    "Whole frames and the Python peers against Go"). Before, each took eight calls (the in-place
+    decoder, _decode, _expect, _handle, _on_wndinc, _known_or_idle)."""
+    c, s = mp.MuxConnection(client=True), mp.MuxConnection(client=False)
+    sid = c.open_stream()
+    s.receive_data(c.data_to_send())
+    c.send_data(sid, bytes(mp.INITIAL_WINDOW))  # the window spent: grants reopen it
+    s.receive_data(c.data_to_send())
+    wire = fr.encode_wndinc(sid, 1024) * 64
+    with PythonCalls() as calls:
+        events = c.receive_data(wire)
+    assert events == [mp.WindowOpened(sid)]  # at the 16th grant: 16,384 >= a frame
+    assert c.send_window(sid) == 64 * 1024
+    assert len(calls.names) <= 2 * 64 + 5, calls.names
+    # The rules still hold on the inline path: an overflow ends the session, a grant for a
+    # stream never opened too.
+    ev = c.receive_data(fr.encode_wndinc(sid, fr.STREAM_ID_MASK))
+    assert ev[-1].code == ErrorCode.FLOW_CONTROL_ERROR
+    c2 = mp.MuxConnection(client=True)
+    assert c2.receive_data(fr.encode_wndinc(7, 1))[-1].code == ErrorCode.PROTOCOL_ERROR

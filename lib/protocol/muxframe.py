@@ -210,18 +210,26 @@ class FrameDecoder:
             raise ProtocolError("decoder used after a protocol error")
         src = self._src
         if src is not None and not self._buf:
-            # The common frame inline: a whole DATA frame in the fed piece, nothing carried
-            # (what _next_in_place and _decode do for it, two calls fewer per frame:
-            # bench/README.md, "Per-request cost (issue 16)", kapath pass).
+            # The common frames inline: a whole DATA frame, or a WNDINC (a Go peer sends one
+            # per Read), in the fed piece, nothing carried (what _next_in_place and _decode
+            # do for them, two or three calls fewer per frame: bench/README.md, "Per-request
+            # cost (issue 16)", kapath pass, and "Whole frames and the Python peers against
+            # Go").
             pos = self._spos
             start = pos + HEADER_SIZE
             if start <= len(src):
                 word, flags, ftype, sid = HEADER.unpack_from(src, pos)
-                end = start + (word & LENGTH_MASK)
+                length = word & LENGTH_MASK
+                end = start + length
                 sid &= STREAM_ID_MASK
-                if ftype & TYPE_MASK == TYPE_DATA and sid and end <= len(src):
-                    self._spos = end
-                    return Data(sid, bytes(src[start:end]), bool(flags & FLAG_FIN))
+                if sid and end <= len(src):
+                    ftype &= TYPE_MASK
+                    if ftype == TYPE_DATA:
+                        self._spos = end
+                        return Data(sid, bytes(src[start:end]), bool(flags & FLAG_FIN))
+                    if ftype == TYPE_WNDINC and length == 4:
+                        self._spos = end
+                        return WndInc(sid, U32.unpack_from(src, start)[0] & STREAM_ID_MASK)
             elif pos == len(src):  # all of the piece decoded: nothing to carry
                 self._src = None
                 return None

@@ -670,7 +670,8 @@ class MuxConnection:
                     if self._frames_untrusted > self.config.untrusted_frames:
                         raise PeerAbuse(f"more than {self.config.untrusted_frames} frames "
                                         f"before Auth")
-                if type(f) is DataReceived and not f.fin:
+                t = type(f)
+                if t is DataReceived and not f.fin:
                     # The common frame inline (what _on_data does for it): DATA within the
                     # window on an open user stream is delivered as it came.
                     st = streams.get(f.stream_id)
@@ -679,6 +680,19 @@ class MuxConnection:
                         st.credit -= len(f.data)
                         events.append(f)
                         continue
+                elif t is fr.WndInc:
+                    # What _on_wndinc does for a grant on a known stream, inline (a Go peer
+                    # grants per Read: bench/README.md, "Whole frames and the Python peers
+                    # against Go"); the rest (unknown ids, an overflow) takes _handle.
+                    st = streams.get(f.stream_id)
+                    if st is not None:
+                        before = st.send_window
+                        after = before + f.increment
+                        if after <= fr.STREAM_ID_MASK:
+                            st.send_window = after
+                            if before < SEND_THRESHOLD <= after and st.kind == _USER:
+                                events.append(WindowOpened(f.stream_id))
+                            continue
                 self._handle(f, events)
                 if self.terminated is not None:
                     events.append(self.terminated)
