@@ -161,6 +161,10 @@ def serve_hold(args) -> None:
 def dial(args) -> Session:
     sock = socket.create_connection(parse_hostport(args.dial, what="--dial"), timeout=10)
     tls = TLSTransport.client(sock, tls_client_context(args.ca), "127.0.0.1")  # as the client
+    # As lib.client.tunnels: no timeout on the tunnel once connected, so the session reads it
+    # from the hub (lib.net.muxsession, "Reading"); with the connect's timeout left on it, the
+    # Python sender ran on the reader greenlet, a path the client never takes.
+    tls.settimeout(None)
     return Session(tls, client=True, config=bench_config(args))
 
 
