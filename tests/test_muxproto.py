@@ -1057,3 +1057,23 @@ def test_a_window_update_costs_two_python_calls_to_decode():
     assert ev[-1].code == ErrorCode.FLOW_CONTROL_ERROR
     c2 = mp.MuxConnection(client=True)
     assert c2.receive_data(fr.encode_wndinc(7, 1))[-1].code == ErrorCode.PROTOCOL_ERROR
+
+
+def test_frames_left_at_the_frame_budget_are_still_decoded_inline():
+    """A read decoded a budget at a time (lib.net.muxsession's YIELD_FRAMES): the decoder lets
+    go of the caller's buffer at each stop (detach), and what it copied is decoded in place as
+    the read was, two calls a frame, not through the carried path's seven."""
+    c, s = mp.MuxConnection(client=True), mp.MuxConnection(client=False)
+    sid = c.open_stream()
+    s.receive_data(c.data_to_send())
+    c.send_data(sid, bytes(mp.INITIAL_WINDOW))
+    s.receive_data(c.data_to_send())
+    wire = bytearray(fr.encode_wndinc(sid, 1024) * 64)
+    with PythonCalls() as calls:
+        events = c.receive_data(wire, 16)
+        wire[:] = bytes(len(wire))  # the caller's buffer, reused: the decoder copied the rest
+        while c.more_to_decode:
+            events += c.receive_data(b"", 16)
+    assert events == [mp.WindowOpened(sid)]
+    assert c.send_window(sid) == 64 * 1024
+    assert len(calls.names) <= 2 * 64 + 4 * 8, calls.names

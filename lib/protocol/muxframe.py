@@ -185,12 +185,28 @@ class FrameDecoder:
         if not view:
             return
         if self._src is not None:  # fed again before the last piece was decoded: keep its rest
-            self.detach()
+            self._carry()
         self._src, self._spos = view, 0
 
     def detach(self) -> None:
-        """Copy what is not decoded yet into the decoder's own buffer: the caller may reuse the
-        buffer it fed from (class doc)."""
+        """Let go of the caller's buffer (class doc): what is not decoded yet is copied. With
+        nothing carried, the copy becomes the piece decoded in place, so the frames after a
+        budget (lib.protocol.muxstate) still take the inline path of ``next_frame``, not the
+        carried one (a Go peer's grants come ~40 to a read, and hundreds in a dense one:
+        bench/README.md, "Whole frames and the Python peers against Go")."""
+        src = self._src
+        if src is None:
+            return
+        if self._pos >= len(self._buf) and len(src) - self._spos > HEADER_SIZE:
+            self._buf.clear()
+            self._pos = 0
+            self._src, self._spos = memoryview(bytes(src[self._spos:])), 0
+            return
+        self._carry()
+
+    def _carry(self) -> None:
+        """Copy what is not decoded yet into the decoder's own buffer (a frame's start, or the
+        rest of a piece fed again before it was decoded)."""
         src = self._src
         if src is None:
             return
@@ -263,7 +279,7 @@ class FrameDecoder:
                 return self._decode(src, pos + HEADER_SIZE, length, flags, ftype,
                                     sid & STREAM_ID_MASK)
         # A frame's start only: carried until the rest comes (the piece is done with).
-        self.detach()
+        self._carry()
         return None
 
     def _next_carried(self) -> Frame | None:
@@ -277,7 +293,7 @@ class FrameDecoder:
         ftype &= TYPE_MASK
         if ftype == TYPE_GOAWAY:
             if length >= GOAWAY_FIXED:
-                self.detach()  # the debug bytes available count: all of them carried (rare)
+                self._carry()  # the debug bytes available count: all of them carried (rare)
             pos = self._pos  # (topping up and detaching compact the buffer: _pos moves)
             with memoryview(buf) as view:
                 frame, used = self._goaway(view, pos, length, len(buf) - pos)
