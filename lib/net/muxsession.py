@@ -1023,8 +1023,6 @@ class Session:
         try:
             if events:
                 self._dispatch(events)
-                if self._backlog and self._on_stream is not None:
-                    self._hand_streams()
             if conn.outgoing_size:
                 self._wake_writer()
         finally:
@@ -1054,8 +1052,6 @@ class Session:
             while True:
                 if events:
                     self._dispatch(events)
-                    if self._backlog and self._on_stream is not None:
-                        self._hand_streams()
                 if conn.outgoing_size:
                     self._wake_writer()
                 if self._end is not None or not conn.more_to_decode:
@@ -1078,6 +1074,8 @@ class Session:
                 self._wake_writer()
 
     def _dispatch(self, events: list) -> None:
+        """A decoded piece's events, for the hub reader (_decoded) and the reader greenlet
+        (_feed): streams fed and woken, then new streams handed to serve()'s handler."""
         streams = self._streams
         for ev in events:
             t = type(ev)
@@ -1136,7 +1134,9 @@ class Session:
                                    self.name, what, code_name(ev.code), ev.reason)
                 self._finish(SessionEnd(ev.code, f"{what}: {ev.reason}", remote=False,
                                         hostile=ev.hostile), flush=True)
-                return
+                return  # (no stream of an ended session goes to serve()'s handler)
+        if self._backlog and self._on_stream is not None:
+            self._hand_streams()  # serve(): the streams this piece opened, its data in
 
     def _watch_loop(self) -> None:
         """Heartbeats (when on), and the two ways a live-looking peer is found dead: silence,

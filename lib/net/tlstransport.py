@@ -171,7 +171,10 @@ class TLSTransport:
         except BlockingIOError:
             return None
         if self._out.pending and self.write_idle:
-            self._offer_records()
+            # Records the read produced (post-handshake): offered once, never waiting; what
+            # the kernel leaves is the tail, which the next write sends first. Not idle: the
+            # write under way takes them with its next record.
+            self.write_nowait(b"")
         return view
 
     @property
@@ -252,18 +255,6 @@ class TLSTransport:
         self._drained = len(raw) < WAIT_FIRST_BELOW
         return raw
 
-    def _offer_records(self) -> None:
-        """Records a read produced (post-handshake), offered to the kernel once, never
-        waiting; only when ``write_idle`` (else the write under way takes them with its next
-        record). What the kernel leaves is the tail, which the next write sends first."""
-        sealed = self._out.read()
-        try:
-            sent = self._send_now(sealed)
-        except BlockingIOError:
-            sent = 0
-        if sent < len(sealed):
-            self._tail = sealed[sent:]
-
     def sendall(self, data) -> None:
         with self._wlock:
             self._send_tail()
@@ -292,9 +283,10 @@ class TLSTransport:
         self._wlock.acquire(blocking=False)  # free (write_idle): taken without yielding
         try:
             view = memoryview(data)
-            while view:  # SEND_PIECE at a time, as sendall: the peer decrypts while we seal
-                n = self._obj.write(_piece(view))
-                view = view[n:]
+            while True:  # SEND_PIECE at a time, as sendall: the peer decrypts while we seal
+                if view:  # (empty: only the records a read produced, read_nowait)
+                    n = self._obj.write(_piece(view))
+                    view = view[n:]
                 sealed = self._out.read()
                 try:
                     sent = self._send_now(sealed)
@@ -305,7 +297,8 @@ class TLSTransport:
                         view = view[self._obj.write(_piece(view)):]
                     self._tail = sealed[sent:] + self._out.read()
                     return False
-            return True
+                if not view:
+                    return True
         finally:
             self._wlock.release()
 
