@@ -6,25 +6,23 @@ proxy's accept"); these hold the steps, each red with its change undone:
 
 - the listener's callback accepts and switches the handler into a parked worker at once: five
   Python calls from the listener's readiness to the handler (gevent's StreamServer took eleven,
-  the handler running a loop turn later), and the socket's set-up and close one frame each;
+  the handler running a loop turn later), and the socket's set-up and close one frame each
+  (tests/test_sockets.py);
 - routing a connection by Host to a live binding: no wildcard generator for an exact name, no
   sibling hand-over call for a forwarded connection, no StartProxy object or general encoder;
 - a tcp: listener's port is parsed once per listener, not per connection.
 """
 from __future__ import annotations
 
-import errno
 import socket
 import types
 
 import gevent
 import gevent.event
-import gevent.socket as gsocket
 import pytest
 
 from lib.net.greenpool import WorkerPool
 from lib.protocol import messages as msg
-from lib.protocol import sniff
 from lib.proxy import routing
 from lib.proxy.registry import ROUTE_BY_HOST, Registry
 from lib.proxy.server import ProxyConfig, PublicServer
@@ -90,57 +88,6 @@ def test_spawn_now_from_a_greenlet_waits_for_the_next_turn():
     assert pool.join(5)
     assert order == ["caller", "job"]
     assert pool.reused == 1
-
-
-def _slots(sock) -> dict:
-    out = {}
-    for cls in type(sock).__mro__:
-        for name in getattr(cls, "__slots__", ()):
-            if name != "__weakref__" and hasattr(sock, name):
-                out[name] = type(getattr(sock, name))
-    return out
-
-
-def test_an_accepted_socket_is_made_and_closed_as_gevent_does_in_one_frame_each():
-    from lib.net.sockets import AcceptedSocket
-    a, b = socket.socketpair()
-    args = (a.family, a.type, a.proto, a.detach(), "127.0.0.1:80")
-    with PythonCalls() as calls:
-        ours = AcceptedSocket(*args)
-    assert calls.names[0] == "AcceptedSocket.__init__"
-    assert "socket.__init__" not in calls.names and "SocketMixin.__init__" not in calls.names
-    c, d = socket.socketpair()
-    plain = gsocket.socket(c.family, c.type, c.proto, fileno=c.detach())
-    assert {k: v for k, v in _slots(ours).items() if k not in ("local_name", "family")} == \
-        _slots(plain)
-    assert ours.gettimeout() == plain.gettimeout() and ours.family == socket.AF_UNIX
-    # It waits as a gevent socket does, and a close from another greenlet wakes the waiter with
-    # gevent's EBADF (its rule: the descriptor is not reused under a waiter).
-    waiter = gevent.spawn(ours.recv, 10)
-    gevent.sleep(0.01)
-    fd = ours.fileno()
-    with PythonCalls() as calls:
-        ours.close()
-    assert calls.names[0] == "AcceptedSocket.close"
-    assert "socket._detach_socket" not in calls.names
-    with pytest.raises(OSError) as e:
-        waiter.get(timeout=5)
-    assert e.value.errno == errno.EBADF
-    gevent.sleep(0.01)
-    assert b.recv(10) == b""  # the descriptor was closed (after the waiter was woken)
-    with pytest.raises(OSError):
-        import os
-        os.fstat(fd)
-    assert ours.closed and ours.fileno() == -1
-    assert f"fd={fd} closed" in repr(ours)  # the stand-in names the descriptor, as gevent's
-    with pytest.raises(OSError):
-        ours.recv(1)
-    with PythonCalls() as calls:
-        ours.close()  # again: nothing (a server closes what its handler closed)
-    assert calls.names[0] == "AcceptedSocket.close" and "_closedsocket.__bool__" not in calls.names
-    plain.close()
-    for s in (b, d):
-        s.close()
 
 
 class _Session:
@@ -214,16 +161,15 @@ def test_a_tcp_listeners_port_is_parsed_once(monkeypatch):
     parse = hostport.parse_hostport
     monkeypatch.setattr(routing, "parse_hostport", lambda *a, **kw: parsed.append(a) or
                         parse(*a, **kw))
-    routing._tcp_name.cache_clear()
     refused = []
     monkeypatch.setattr(routing, "refuse", lambda sock, kind, refusal: refused.append(
         refusal.counter))
     for _ in range(3):
-        router.handle_tcp(types.SimpleNamespace(local_name="127.0.0.1:20022"),
+        # A listener address no other test uses: parsed at its first connection only.
+        router.handle_tcp(types.SimpleNamespace(local_name="127.0.0.3:20022"),
                           ("127.0.0.1", 5))
     assert refused == ["unknown_name"] * 3
-    assert parsed == [("127.0.0.1:20022",)]
-    assert routing._tcp_name("127.0.0.1:20022") == "tcp:20022"
+    assert parsed == [("127.0.0.3:20022",)]
 
 
 @pytest.mark.parametrize("public", [None, "127.0.0.1:443", "[::1]:8443"])

@@ -4,6 +4,7 @@ import struct
 import pytest
 
 from lib.client.tunnels import Backoff, ProxyAddr, Service, proxy_protocol_header
+from tests.support.wait import wait_until
 
 
 @pytest.mark.parametrize("name,proto,bound", [
@@ -117,6 +118,17 @@ def test_a_bind_answer_must_name_what_was_asked(name, url, ok):
 # --- a stream the proxy opens, served by a runner (real muxado sessions over a socket pair) ---
 
 
+def _answered(conn, stream, done):
+    """The target (``conn``) answers and closes, the proxy's side reads the answer off
+    ``stream`` and closes it: the stream's record, once the runner is done with it."""
+    conn.sendall(b"answer")
+    conn.close()
+    assert stream.recv(100) == b"answer"
+    stream.close()
+    wait_until(lambda: done)
+    return done[0]
+
+
 def _served_runner(target, proxy_protocol=None):
     """A TunnelRunner serving http:one.test -> ``target`` on the client end of a session pair
     (``ours``), and the proxy's end (as lib.proxy would hold it)."""
@@ -158,14 +170,7 @@ def test_the_visitors_bytes_sent_with_startproxy_reach_the_target_first_and_are_
     assert got == head
     stream.sendall(b"body")
     assert conn.recv(100) == b"body"  # then the splice carries the rest, in order
-    conn.sendall(b"answer")
-    conn.close()
-    assert stream.recv(100) == b"answer"
-    stream.close()
-    with gevent.Timeout(5):
-        while not done:
-            gevent.sleep(0.01)
-    record = done[0]
+    record = _answered(conn, stream, done)
     assert (record.bytes_in, record.bytes_out) == (len(head) + 4, 6)
     assert (runner.bytes_in, runner.bytes_out) == (len(head) + 4, 6)
     assert record.result == "ok" and record.visitor == "192.0.2.7:5"
@@ -227,14 +232,7 @@ def test_the_request_reaches_the_target_before_the_sessions_reader_yields():
         greenlet.settrace(old)
     assert seen[0] == head
     conn = gsocket.socket(fileno=seen[1].detach())
-    conn.sendall(b"answer")
-    conn.close()
-    assert stream.recv(100) == b"answer"
-    stream.close()
-    with gevent.Timeout(5):
-        while not done:
-            gevent.sleep(0.01)
-    assert done[0].result == "ok"
+    assert _answered(conn, stream, done).result == "ok"
     proxy_side.close()
     listener.close()
 
@@ -266,13 +264,7 @@ def test_a_startproxy_cut_across_reads_is_read_on_by_the_handler():
     while len(got) < len(head):
         got += conn.recv(100)
     assert got == head
-    conn.sendall(b"answer")
-    conn.close()
-    assert stream.recv(100) == b"answer"
-    stream.close()
-    with gevent.Timeout(5):
-        while not done:
-            gevent.sleep(0.01)
-    assert (done[0].result, done[0].bytes_in) == ("ok", len(head))
+    record = _answered(conn, stream, done)
+    assert (record.result, record.bytes_in) == ("ok", len(head))
     proxy_side.close()
     listener.close()

@@ -18,30 +18,15 @@ from lib.net.httpexchange import OneExchangeSocket
 from lib.net.muxsession import Stream
 from lib.net.sockets import nowait_sender
 from lib.net.splice import splice
-from tests.support.muxpair import session_pair
+from tests.support.muxpair import session_pair, tcp_pair
 from tests.support.switches import SwitchesInto
+from tests.support.wait import wait_until
 
 REQUEST = b"GET /big HTTP/1.1\r\nHost: web.test\r\n\r\n"
 SECOND = b"GET /other HTTP/1.1\r\nHost: victim.test\r\nCookie: secret\r\n\r\n"
 EVIL = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
 BAD_GATEWAY = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
 MIB = 1 << 20
-
-
-def wait_until(predicate, timeout: float, every: float = 0.02) -> None:
-    with gevent.Timeout(timeout, AssertionError(f"not within {timeout} s")):
-        while not predicate():
-            gevent.sleep(every)
-
-
-def tcp_pair():
-    lsock = gsocket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(1)
-    out = gsocket.create_connection(lsock.getsockname())
-    inner, _ = lsock.accept()
-    lsock.close()
-    return out, inner
 
 
 class Rig:

@@ -8,12 +8,7 @@ import gevent
 from lib.errors import ErrorCode
 from tests.support.muxpair import session_pair
 from tests.support.switches import SwitchesInto
-
-
-def wait_until(predicate, timeout: float = 5.0) -> None:
-    with gevent.Timeout(timeout):
-        while not predicate():
-            gevent.sleep(0.01)
+from tests.support.wait import wait_until
 
 
 def test_each_stream_is_handed_over_by_the_reader_and_the_serving_greenlet_sleeps():

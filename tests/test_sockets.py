@@ -9,6 +9,7 @@ import pytest
 
 from lib.client.tunnels import connect_local
 from lib.net.sockets import connect_numeric
+from tests.support.calls import PythonCalls
 
 
 def _listener():
@@ -82,6 +83,48 @@ def test_a_connected_socket_is_what_gevents_constructor_makes():
     plain.close()
     conn.close()
     lsock.close()
+
+
+def test_an_accepted_socket_is_made_and_closed_as_gevent_does_in_one_frame_each():
+    from lib.net.sockets import AcceptedSocket
+    a, b = socket.socketpair()
+    args = (a.family, a.type, a.proto, a.detach(), "127.0.0.1:80")
+    with PythonCalls() as calls:
+        ours = AcceptedSocket(*args)
+    assert calls.names[0] == "AcceptedSocket.__init__"
+    assert "socket.__init__" not in calls.names and "SocketMixin.__init__" not in calls.names
+    c, d = socket.socketpair()
+    plain = gsocket.socket(c.family, c.type, c.proto, fileno=c.detach())
+    assert {k: v for k, v in _slots(ours).items() if k not in ("local_name", "family")} == \
+        _slots(plain)
+    assert ours.gettimeout() == plain.gettimeout() and ours.family == socket.AF_UNIX
+    # It waits as a gevent socket does, and a close from another greenlet wakes the waiter with
+    # gevent's EBADF (its rule: the descriptor is not reused under a waiter).
+    waiter = gevent.spawn(ours.recv, 10)
+    gevent.sleep(0.01)
+    fd = ours.fileno()
+    with PythonCalls() as calls:
+        ours.close()
+    assert calls.names[0] == "AcceptedSocket.close"
+    assert "socket._detach_socket" not in calls.names
+    with pytest.raises(OSError) as e:
+        waiter.get(timeout=5)
+    assert e.value.errno == errno.EBADF
+    gevent.sleep(0.01)
+    assert b.recv(10) == b""  # the descriptor was closed (after the waiter was woken)
+    with pytest.raises(OSError):
+        import os
+        os.fstat(fd)
+    assert ours.closed and ours.fileno() == -1
+    assert f"fd={fd} closed" in repr(ours)  # the stand-in names the descriptor, as gevent's
+    with pytest.raises(OSError):
+        ours.recv(1)
+    with PythonCalls() as calls:
+        ours.close()  # again: nothing (a server closes what its handler closed)
+    assert calls.names[0] == "AcceptedSocket.close" and "_closedsocket.__bool__" not in calls.names
+    plain.close()
+    for s in (b, d):
+        s.close()
 
 
 def test_a_connection_in_progress_waits_at_most_the_timeout():

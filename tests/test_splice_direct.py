@@ -18,26 +18,9 @@ from lib.net.muxsession import Stream
 from lib.net.sockets import IOV_MAX, read_watcher
 from lib.net.splice import socket_sink, splice
 from tests.support.calls import PythonCalls
-from tests.support.muxpair import session_pair
+from tests.support.muxpair import session_pair, tcp_pair
 from tests.support.switches import SwitchesInto
-
-
-def wait_until(predicate, timeout: float, every: float = 0.02) -> None:
-    """Poll (yielding to the hub: these tests are not monkey-patched) until ``predicate``."""
-    with gevent.Timeout(timeout, AssertionError(f"not within {timeout} s")):
-        while not predicate():
-            gevent.sleep(every)
-
-
-def tcp_pair():
-    """Two connected TCP gevent sockets on loopback (TCP_NOTSENT_LOWAT applies to TCP only)."""
-    lsock = gsocket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(1)
-    out = gsocket.create_connection(lsock.getsockname())
-    inner, _ = lsock.accept()
-    lsock.close()
-    return out, inner
+from tests.support.wait import wait_until
 
 
 class Rig:

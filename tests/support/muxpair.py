@@ -10,6 +10,8 @@
                                  two Sessions with MuxConfig(**config), over ``transports`` or a
                                  plain socket pair
     echo_server(session) -> Greenlet   answers every stream it accepts with its own bytes
+    tcp_pair() -> (out, inner)   two connected TCP gevent sockets on loopback (TCP options such
+                                 as TCP_NOTSENT_LOWAT apply to TCP only, not a socket pair)
 
 A test module takes the fixture by importing it (``from tests.support.muxpair import pki``).
 """
@@ -88,3 +90,14 @@ def echo_server(session: Session):
                 return
             gevent.spawn(serve, st)
     return gevent.spawn(loop)
+
+
+def tcp_pair():
+    """Two connected TCP gevent sockets on loopback: (the connecting end, the accepted end)."""
+    lsock = gsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    out = gsocket.create_connection(lsock.getsockname())
+    inner, _ = lsock.accept()
+    lsock.close()
+    return out, inner
