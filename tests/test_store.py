@@ -13,8 +13,8 @@ import pytest
 from lib.identity import Identity
 from lib.protocol.messages import REASON_LIMIT, REASON_STORE_UNAVAILABLE
 from lib.proxy.ownership import OwnershipPolicy
-from lib.proxy.store import (ClaimLimits, ClaimRefused, Instance, LiveBinding, OwnershipError,
-                             StoreUnavailable, redact_url)
+from lib.proxy.store import (ClaimLimits, ClaimRefused, Instance, LiveBinding, Ownership,
+                             OwnershipError, StoreUnavailable, redact_url)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,25 +118,28 @@ def test_claim_rate_table_is_bounded(reopen, monkeypatch):
     import lib.proxy.store.base as base
 
     monkeypatch.setattr(base, "MAX_RATE_ROWS", 5)
-    store = reopen(limits=ClaimLimits(max_names_per_key=0, claim_burst=10,
+    # One claim per address an hour: an address whose row is kept has no token left, one whose
+    # row was dropped starts afresh with a full bucket.
+    store = reopen(limits=ClaimLimits(max_names_per_key=0, claim_burst=1,
                                       claims_per_hour=1))
     for i in range(12):
-        store.claim(f"r{i}.test", K1, address=f"10.0.1.{i}")
+        assert store.claim(f"r{i}.test", K1, address=f"10.0.1.{i}")[1]
     store.expire_claims()
-    rows = store._rows("SELECT address FROM claim_rate ORDER BY stamp DESC")
-    assert [r[0] for r in rows] == [f"10.0.1.{i}" for i in range(11, 6, -1)]
+    for i in range(7, 12):  # the five newest rows are kept
+        with pytest.raises(ClaimRefused):
+            store.claim(f"again{i}.test", K1, address=f"10.0.1.{i}")
+    for i in range(7):  # the older ones went: the table holds MAX_RATE_ROWS
+        assert store.claim(f"again{i}.test", K1, address=f"10.0.1.{i}")[1]
 
 
 # --- transactions ---------------------------------------------------------------------------
 def test_failed_transaction_leaves_nothing_half_written(store_and_backend):
     store = store_and_backend
 
-    def body(tx):
-        tx.execute("INSERT INTO ownership (name, key, method, first_bound, last_bound) "
-                   "VALUES (?, ?, ?, ?, ?)", ("half.test", K1, "tofu", 1.0, 1.0))
-        tx.execute("INSERT INTO no_such_table VALUES (1)")
+    # import_records writes the owner, then fails on a block row of the wrong shape (one value
+    # for four columns): one transaction, so the owner must not stay.
     with pytest.raises(OwnershipError):
-        store._transaction("test", body)
+        store.import_records([Ownership("half.test", K1, "tofu", 1.0, 1.0)], [("bad",)], [], [])
     assert store.owner("half.test") is None
     assert store.claim("half.test", K1)[1]  # the store is usable after the failure
 
@@ -296,7 +299,10 @@ def test_instances_starting_at_once_migrate_once(pg_url):
         t.join(60)
     try:
         assert errors == [] and len(stores) == 8
-        rows = stores[0]._rows("SELECT version FROM schema_version ORDER BY version")
+        import psycopg
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT version FROM shroud.schema_version "
+                                "ORDER BY version").fetchall()
         assert [r[0] for r in rows] == list(range(1, SCHEMA_VERSION + 1))
         assert stores[3].claim("m.test", K1)[1] and stores[5].owner("m.test").key == K1
     finally:
@@ -371,11 +377,17 @@ def test_tls_to_the_database_as_the_url_asks(postgres_server, pg_url, tmp_path):
     from lib.proxy.store.postgres import PostgresStore
     from tests.support.visitor import tls_site
 
-    store = PostgresStore(f"{pg_url}?sslmode=verify-full&sslrootcert={postgres_server.ca_pem}")
+    import psycopg
+    store = PostgresStore(f"{pg_url}?sslmode=verify-full&sslrootcert={postgres_server.ca_pem}"
+                          "&application_name=shroud-tls-test")
     try:
-        assert store._rows("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == [
-            (True,)]
         assert store.claim("tls.test", K1)[1]
+        # The store's connections, as the server sees them (looked at from one of our own).
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a "
+                                "USING (pid) WHERE a.application_name = %s",
+                                ("shroud-tls-test",)).fetchall()
+        assert rows and all(r[0] for r in rows)
     finally:
         store.close()
     other_ca = tls_site(tmp_path, "elsewhere.test").ca_pem  # not the server's CA
