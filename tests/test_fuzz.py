@@ -30,7 +30,6 @@ def test_mutated_inputs_raise_only_documented_errors(name, tmp_path):
 
 def test_seeds_are_valid_inputs():
     # The corpus seeds real structure: every TLS seed names a host, every HTTP seed too.
-    fuzz._load()
     assert all(sniff.sniff_tls_sni(s) is not None for s in fuzz.tls_seeds())
     assert sum(1 for s in fuzz.tls_seeds() if sniff.sniff_tls_sni(s)) >= 7  # not the no-SNI or IP ones
     assert all(sniff.sniff_http_host(s) for s in fuzz.http_seeds())

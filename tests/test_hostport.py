@@ -85,7 +85,7 @@ def test_callers_share_the_rules():
     with pytest.raises(cdisc.DiscoveryError, match="--dns-resolver"):
         cdisc.parse_resolver("1.1.1.1:0")
     with pytest.raises(ValueError, match="--dns-resolver"):
-        pdisc._resolver("1.1.1.1:99999")
+        pdisc.parse_resolver("1.1.1.1:99999")
     with pytest.raises(ValueError, match="--fleet entry"):
         pdisc.parse_fleet("p.example:0")
 

@@ -4,6 +4,7 @@ Public API::
 
     FleetEntry(addr: str, fingerprint: str | None)
     parse_fleet("host:port[=sha256],...") -> list[FleetEntry]          # sans-I/O
+    parse_resolver("host:port" | None) -> (host, port)   # --dns-resolver, else resolv.conf's
     Discovery(fleet=(), proxy_domain=None, dns_resolver=None, dns_timeout=5.0,
               lookup_cname=None, lookup_srv=None)
         .answer(domain) -> Answer(status, entries, reason)             # CNAME check, then
@@ -105,7 +106,8 @@ def first_nameserver(path: str = "/etc/resolv.conf") -> tuple[str, int]:
     return "127.0.0.1", 53
 
 
-def _resolver(text: str | None) -> tuple[str, int]:
+def parse_resolver(text: str | None) -> tuple[str, int]:
+    """--dns-resolver's address; with none, /etc/resolv.conf's first nameserver."""
     if not text:
         return first_nameserver()
     return parse_hostport(text, what="--dns-resolver")
@@ -289,7 +291,7 @@ def start_discovery(args, proxy=None, listener=None) -> DiscoveryServer | None:
         raise ValueError("the discovery role needs --discovery-cert and --discovery-key")
     discovery = Discovery(fleet=parse_fleet(getattr(args, "fleet", None)),
                           proxy_domain=getattr(args, "proxy_domain", None) or None,
-                          dns_resolver=_resolver(getattr(args, "dns_resolver", None)))
+                          dns_resolver=parse_resolver(getattr(args, "dns_resolver", None)))
     from lib.net.sockets import adopt_listener
 
     bind = adopt_listener(listener) if listener is not None else parse_addr(addr, "0.0.0.0")

@@ -11,6 +11,7 @@ Public API::
                              allow_loopback_names=False)
     reserved = ReservedNames.for_config(config)   # lib.proxy.server.ProxyConfig's names
     reserved.reason(name) -> str | None     # why a normalised name (or wildcard) is reserved
+    reserved.names_kept                     # answers kept (at most NAMES_KEPT): tests
     reserved.own                            # the proxy's own names, normalised
 
 Rule table (name / answer):
@@ -64,6 +65,11 @@ class ReservedNames:
         """Why ``name`` (normalised by lib.protocol.sniff.normalize_hostname, a wildcard
         allowed) is reserved, or None when it is not."""
         return self._reasons(name)
+
+    @property
+    def names_kept(self) -> int:
+        """Names whose answer is kept now: the cache's bound (NAMES_KEPT) holds."""
+        return self._reasons.cache_info().currsize
 
     def _reason(self, name: str) -> str | None:
         if name.startswith("*."):
