@@ -31,6 +31,7 @@ Public API::
     stream.reset(code)                      # RST
     stream.settimeout(seconds | None)        stream.receive_window    stream.send_window
     stream.buffered                         # bytes received, not yet read (recv will not wait)
+    stream.buffered_chunks                  # the objects they are held in (tests: SMALL_CHUNK)
     stream.waiting_for_window               # a send's bytes are left with the reader (Sending)
     stream.waiting_for_room                 # ...with the writer, for output room (Sending)
     stream.set_sink(sink | None)            # direct delivery (below); lib.net.splice sets it
@@ -151,6 +152,12 @@ WRITE_BATCH = 64 * 1024
 # (cutting reads into 4 KiB pieces cost a Python sink 0.3-0.5 s of CPU per GiB: bench/README.md,
 # "Bulk and the multiplexer against Go").
 YIELD_FRAMES = 256
+# DATA under this many bytes is joined to a buffer's last chunk when that one is under it too
+# (Stream._deliver): the receive window counts payload bytes, and a peer sending 2-byte frames
+# made a stream that is not read hold 32,768 objects (1.4 MB for a 64 KiB window, 22x; ~6 GB
+# for a tunnel's 4,096 visitors' streams); joined, a chunk costs ~50 bytes per 512 held
+# (docs/SECURITY.md, "Tunnel sessions"). Bulk frames (16 KiB) are never copied for it.
+SMALL_CHUNK = 512
 # A full DATA frame's payload (muxado's 14-bit length): a send cut by the window or the output
 # room takes whole ones (_sendable).
 FRAME = mp.SEND_THRESHOLD
@@ -464,6 +471,13 @@ class Stream:
         return self._buffered
 
     @property
+    def buffered_chunks(self) -> int:
+        """The objects ``buffered`` is held in (read-only, for tests): tiny frames are joined,
+        so a peer's 2-byte frames do not make a window of them cost 22x its bytes
+        (SMALL_CHUNK)."""
+        return len(self._chunks) if self._chunks else 0
+
+    @property
     def receive_window(self) -> int:
         """The window granted to the peer (64 KiB, more once grown: MuxConfig.grow_windows)."""
         return self.session._conn.receive_window(self.id)
@@ -515,6 +529,17 @@ class Stream:
         n = len(data)
         self._buffered += n
         self.bytes_in += n
+        if chunks:
+            last = chunks[-1]
+            if n < SMALL_CHUNK and len(last) < SMALL_CHUNK:
+                # Tiny frames are joined (SMALL_CHUNK: a window of 2-byte frames held 22x its
+                # size as objects); a chunk of the buffer is never under it but the last.
+                chunks[-1] = last + data
+            else:
+                chunks.append(data)
+            if not self._to_sink:  # else more of this read for the sink
+                self._wake()
+            return
         chunks.append(data)
         if self._to_sink:  # more of this read for the sink
             return
