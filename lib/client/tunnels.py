@@ -50,8 +50,14 @@ from lib.net.muxsession import MuxConfig, Session
 from lib.net.sockets import (connect_numeric, finish_connect, nowait_sender, send_all,
                              set_nodelay, start_connect)
 from lib.net.splice import UNSENT_LOWAT, splice
+from lib.peerlog import PeerLog
 
 log = logging.getLogger("shroud.client")
+# Lines a stream the proxy opens can trigger (no StartProxy, an unknown name, a target that
+# refused, a PROXY header that failed): one a stream, so a proxy opening streams in a loop, or
+# visitors while the target is down, would write the log at their rate. 10 a minute per proxy
+# (lib.peerlog); PeerLog.dropped counts the rest.
+stream_log = PeerLog(lines=10, per=60.0, logger=log)
 
 
 PERMANENT_RETRY_BASE = 60.0  # seconds: a permanent failure is asked again after 1-2 minutes,
@@ -632,7 +638,7 @@ class TunnelRunner:
         record = StreamRecord(started=time.time(), proxy=self.proxy_name)
         t0 = time.monotonic()
         opening = _Opening(stream)
-        if stream.buffered and not self._open_now(stream, record, opening):
+        if stream.buffered and not self._opened_now(stream, record, opening):
             stream.close()  # reset already, record.result says why
             self._stream_over(record, t0)
             return
@@ -660,6 +666,21 @@ class TunnelRunner:
         self.streams_open -= 1
         record.duration = time.monotonic() - t0
         self.client._stream_done(record)
+
+    def _opened_now(self, stream, record: "StreamRecord", op: "_Opening") -> bool:
+        """``_open_now``, whose failure ends this stream only: raised into Session.serve's
+        reader, it ended the tunnel (INTERNAL_ERROR) and left the stream counted open for good
+        (``streams_open``, the limit of every later session of this runner)."""
+        try:
+            return self._open_now(stream, record, op)
+        except Exception as e:  # a bug a stream's bytes reached: this stream's, not the tunnel's
+            stream_log.log(self.proxy_name, logging.ERROR, "stream %d from %s: opening failed: "
+                           "%r", stream.id, self.proxy, e)
+            stream.reset(ErrorCode.INTERNAL_ERROR)
+            if op.local is not None:
+                op.local.close()
+            record.result = "opening failed"
+            return False
 
     def _open_now(self, stream, record: "StreamRecord", op: "_Opening") -> bool:
         """The opening's steps that need no wait, from the session's reader with StartProxy's
@@ -765,7 +786,8 @@ class TunnelRunner:
         return peer, op.local
 
     def _no_start(self, stream, record: "StreamRecord", e: Exception) -> None:
-        log.info("stream %d from %s: no StartProxy: %s", stream.id, self.proxy, e)
+        stream_log.log(self.proxy_name, logging.INFO, "stream %d from %s: no StartProxy: %s",
+                       stream.id, self.proxy, e)
         stream.reset(ErrorCode.PROTOCOL_ERROR)
         record.result = "no StartProxy"
 
@@ -773,11 +795,11 @@ class TunnelRunner:
         """The bound service StartProxy names; None (the stream refused) for another message
         or a name this tunnel did not bind."""
         svc = self.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
-        record.visitor = getattr(start, "client_addr", None) or "?"
-        record.name = getattr(start, "url", None) or "?"
+        record.visitor = _printable(getattr(start, "client_addr", None) or "?")
+        record.name = _printable(getattr(start, "url", None) or "?")
         if svc is None:
-            log.warning("stream for unknown url %r from %s", getattr(start, "url", None),
-                        self.proxy)
+            stream_log.log(self.proxy_name, logging.WARNING, "stream for unknown url %r from %s",
+                           getattr(start, "url", None), self.proxy)
             stream.reset(ErrorCode.REFUSED_STREAM)
             record.result = "unknown name"
             return None
@@ -786,7 +808,8 @@ class TunnelRunner:
 
     def _refused(self, stream, svc: "Service", start, record: "StreamRecord",
                  e: OSError) -> None:
-        log.warning("local target %s:%d refused %s: %s", *svc.target, start.url, e)
+        stream_log.log(self.proxy_name, logging.WARNING, "local target %s:%d refused %s: %s",
+                       *svc.target, start.url, e)
         stream.reset(ErrorCode.REFUSED_STREAM)
         record.result = f"local target: {e.strerror or e}"
 
@@ -807,7 +830,8 @@ class TunnelRunner:
     def _first_failed(self, record: "StreamRecord", svc: "Service", e: Exception) -> None:
         version = self.client.config.proxy_protocol
         if version:  # else the target reset a visitor's connection: splice's silence
-            log.warning("PROXY header to %s:%d failed: %s", *svc.target, e)
+            stream_log.log(self.proxy_name, logging.WARNING, "PROXY header to %s:%d failed: %s",
+                           *svc.target, e)
         record.result = "PROXY header failed" if version else "the visitor's first bytes failed"
 
     @staticmethod
@@ -908,6 +932,23 @@ def _destination(start: msg.StartProxy, local) -> tuple:
     return local.getsockname()
 
 
+def _printable(text: str) -> str:
+    """The proxy's ``text`` (a StartProxy field) as the console's log line and panel may show
+    it: control characters escaped (a CRLF in a ClientAddr wrote a line of the proxy's making
+    into the client's log), at most 200 characters."""
+    text = text[:200]
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _unscoped(ip):
+    """``ip`` without an IPv6 scope id ("fe80::1%eth0"): it means nothing to the target, and a
+    proxy's text after the '%' (any characters: CRLF, non-ASCII) went into a v1 header as it
+    was, or raised from the session's reader."""
+    if ip.version == 6 and ip.scope_id is not None:
+        return ipaddress.IPv6Address(ip.packed)
+    return ip
+
+
 def proxy_protocol_header(version: str, client_addr: str, local_addr,
                           proxy: str | None = None) -> bytes:
     """HAProxy PROXY protocol v1 (text) or v2 (binary) header for the public peer; v2 also
@@ -917,8 +958,8 @@ def proxy_protocol_header(version: str, client_addr: str, local_addr,
         # Port 0: the proxy knows the visitor's address but not its port (X-Forwarded-For).
         src_host, src_port_i = parse_hostport(client_addr, what="StartProxy.ClientAddr",
                                               port_zero=True)
-        src_ip = ipaddress.ip_address(src_host)
-        dst_ip = ipaddress.ip_address(dst_host)
+        src_ip = _unscoped(ipaddress.ip_address(src_host))
+        dst_ip = _unscoped(ipaddress.ip_address(dst_host))
     except ValueError:  # AddressError is one; an unknown source is "UNKNOWN", not an error
         src_ip = dst_ip = None
         src_port_i = 0
