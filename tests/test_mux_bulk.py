@@ -417,3 +417,22 @@ def test_a_peer_granting_a_byte_at_a_time_still_gets_everything():
     sender.get(timeout=5)
     assert bytes(got) == blob
     s.close()
+
+
+def test_frames_behind_unread_bytes_wake_the_reader_once():
+    # Sixteen frames in one read for a stream whose reader waits: it is woken once, not once
+    # per frame (a frame behind bytes not yet read finds the reader already woken).
+    from tests.support.calls import PythonCalls
+    peer, s = _bulk_session()
+    st = s.open()
+    reader = gevent.spawn(st.recv, 1 << 20)
+    for _ in range(3):
+        gevent.sleep(0)  # it starts and waits: nothing to read yet
+    assert not reader.ready()
+    wire = b"".join(fr.encode_data(st.id, bytes([i]) * 1000) for i in range(16))
+    with PythonCalls() as calls:
+        peer.sendall(wire)
+        data = reader.get(timeout=5)
+    assert data == b"".join(bytes([i]) * 1000 for i in range(16))
+    assert calls.names.count("Stream._wake") == 1, calls.names.count("Stream._wake")
+    s.close()

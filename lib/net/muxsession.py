@@ -537,14 +537,17 @@ class Stream:
                 chunks[-1] = last + data
             else:
                 chunks.append(data)
-            if not self._to_sink:  # else more of this read for the sink
-                self._wake()
+            # Behind bytes not yet read: no wake-up. A reader waiting was woken when the first
+            # came (or _sink_flush wakes it for what the sink left), and none waits while any
+            # are there (recv): one set() per read, not one per frame (bench/README.md, "Whole
+            # frames and the Python peers against Go"). gevent's Event wakes every waiter
+            # linked at set(), even if a parked sender cleared it meanwhile.
             return
         chunks.append(data)
         if self._to_sink:  # more of this read for the sink
             return
         sink = self._sink
-        if sink is not None and len(chunks) == 1 and not sink.busy:
+        if sink is not None and not sink.busy:
             self._to_sink = True
             self.session._to_sink.append(self)  # offered at the end of the read (_sink_flush)
             return
