@@ -58,12 +58,16 @@ from lib.protocol import messages as msg
 from lib.proxy.actions import OperatorActions
 from lib.proxy.fleet import HEARTBEAT_INTERVAL, FleetMember, InstanceIdentity
 from lib.proxy.prefork import listening_socket
+from lib.tokenbucket import TokenBucket
 from lib.proxy.store import Blocks, ClaimLimits, open_store
 from lib.proxy.registry import Registry
 from lib.proxy.routing import PublicRouter
 from lib.proxy.tunnels import TunnelService
 
 log = logging.getLogger("shroud.proxy")
+# Runs of failed accepts logged (PublicServer._accept_failed: one line each), all listeners
+# together: 10, then one every 6 s; the refusal accept_failed counts every failed accept.
+_accept_log = TokenBucket(10, 10 / 60)
 
 # Each worker numbers its tunnels from pid * this: ids stay unique across a host's workers
 # (pids are below 2**22, so ids stay below 2**53, exact in JSON).
@@ -189,8 +193,13 @@ class PublicServer(gevent.server.StreamServer):
     connection to spawn a greenlet that runs at the next loop turn. In a serial run that turn
     was on the critical path, and the new connection's stream left in a TLS record of its own
     after the previous connection's FIN (bench/README.md, "Fresh connections: the proxy's
-    accept"). A full pool and accept errors go through gevent's loop (its back-off)."""
+    accept"). A full pool goes through gevent's loop; a failed accept (out of descriptors) is
+    counted (``accept_failures``, and the registry's refusal ``accept_failed`` once
+    ``registry`` is set) and pauses accepting with gevent's back-off (``_accept_failed``)."""
 
+    registry = None  # the proxy's (lib.proxy.registry.Registry): failed accepts counted there
+    accept_failures = 0  # accepts that failed (EMFILE, ENFILE, ENOBUFS...), a counter
+    _failed_at = 0.0  # the last one's time (a new run of failures starts the back-off again)
     _tuned = False
     _local_name: str | None = None
     _ready = None  # the listener's io watcher when accepting by our own loop
@@ -246,8 +255,8 @@ class PublicServer(gevent.server.StreamServer):
                 fd, address = accept()
             except BlockingIOError:
                 return
-            except OSError:
-                self._do_read()  # gevent's: the same error again, logged, then its back-off
+            except OSError as e:
+                self._accept_failed(e)
                 return
             sock = (AcceptedSocket(family, kind, proto, fd, local_name) if self._tuned
                     else self._wrap(fd))
@@ -257,6 +266,35 @@ class PublicServer(gevent.server.StreamServer):
                     return  # stopped by a handler, or none left now (a later one wakes us)
             except OSError:  # the listener was closed by a handler
                 return
+
+    def _accept_failed(self, e: OSError) -> None:
+        """An accept failed with more than EAGAIN (EMFILE: the process is out of descriptors,
+        a visitor flood past the limit; ENFILE, ENOBUFS, ENOMEM): counted, logged once per run
+        of failures (at most 10 runs a minute, all listeners), and accepting paused as gevent's
+        StreamServer does,
+        ``min_delay`` doubling to ``max_delay`` while the failures go on (the listener stays
+        readable: watched, it would wake the loop at once, again and again). gevent's own path
+        accepted once more to meet the error again and wrote a traceback for each, once a second
+        for as long as the descriptors were out."""
+        if self.is_fatal_error(e):  # EBADF, EINVAL, ENOTSOCK: the listener is gone
+            self._do_read()  # gevent's: the error again, and the server closed
+            return
+        self.accept_failures += 1
+        if self.registry is not None:
+            self.registry.count_refusal("accept_failed")
+        now = time.monotonic()
+        if now - self._failed_at > 2 * self.max_delay:  # a new run of failures: one line
+            self.delay = self.min_delay
+            if _accept_log.take():
+                log.warning("listener %s: accept failed (%s): accepting paused, %.2f s doubling "
+                            "to %.0f s while it fails (%d failed so far: the refusal "
+                            "accept_failed)", format_hostport(*self.address[:2]), e,
+                            self.delay, self.max_delay, self.accept_failures)
+        self._failed_at = now
+        self.stop_accepting()
+        self._timer = self.loop.timer(self.delay)
+        self._timer.start(self._start_accepting_if_started)
+        self.delay = min(self.max_delay, self.delay * 2)
 
     def _serve(self, sock, address) -> None:
         try:
@@ -363,6 +401,8 @@ class ProxyServer:
             cls = gevent.server.StreamServer if name == "tunnel" else PublicServer
             server = (cls(adopt_listener(inherited), handler, spawn=pool)
                       if inherited is not None else cls(bind, handler, spawn=pool, backlog=1024))
+            if cls is PublicServer:
+                server.registry = self.registry
             try:
                 server.start()
             except OSError as e:
@@ -458,6 +498,7 @@ class ProxyServer:
             listener = (listening_socket(addr, reuseport=True, factory=gevent.socket.socket)
                         if self.workers is not None else addr)
             server = PublicServer(listener, self.router.handle_tcp, spawn=self._public_pool)
+            server.registry = self.registry
             server.start()
         except OSError as e:
             log.error("tcp listener on port %d failed: %s", port, e)
