@@ -126,6 +126,41 @@ def _parked_then_granted(c, s):
     return st, peer, gevent.spawn(read_a_part_once_parked)
 
 
+def test_a_send_parked_for_room_that_timed_out_is_passed_over_as_the_output_drains():
+    # A send parked at the output bound (Stream._park) that timed out stays in the session's
+    # queue of parked sends with nothing left to send; the writer feeding that queue as the
+    # output drains (Session._feed_parked) must pass it over: the stream and the session go on.
+    a, b = gsocket.socketpair()
+    s = Session(b, client=True, config=MuxConfig(heartbeat=False, write_high_water=64 * 1024))
+    st = s.open()
+    dec = fr.FrameDecoder()
+    while (syn := dec.next_frame()) is None:
+        dec.feed(a.recv(100))
+    a.sendall(fr.encode_wndinc(st.id, 64 << 20))  # a big window, and nothing read for now
+    wait_for(lambda: st.send_window > 1 << 20, "the grant", sleep=gevent.sleep)
+    st.settimeout(0.5)
+    with pytest.raises(StreamTimeout) as timed_out:
+        st.sendall(bytes(16 << 20))  # the socket and then the output fill: parked for room
+    sent = timed_out.value.sent
+    assert 0 < sent < 16 << 20 and s.unsent_size >= 64 * 1024  # (still at the bound)
+    got = [0]
+
+    def read() -> None:
+        while (data := a.recv(1 << 20)):
+            dec.feed(data)
+            while (f := dec.next_frame()) is not None:
+                if isinstance(f, fr.Data) and f.stream_id == st.id:
+                    got[0] += len(f.data)
+    reader = gevent.spawn(read)
+    wait_for(lambda: s.unsent_size == 0, "the output drained", 10, sleep=gevent.sleep)
+    st.settimeout(None)
+    st.sendall(b"after")  # nothing parked now: queued at once, written by the writer
+    wait_for(lambda: got[0] == sent + 5, "every byte queued", 10, sleep=gevent.sleep)
+    s.close()
+    a.close()
+    reader.join(timeout=5)
+
+
 def test_a_send_that_times_out_reports_the_bytes_it_queued():
     # The parked bytes the session's reader queues on a grant before the timeout reach the
     # peer: sendall's StreamTimeout says how many it queued in all (.sent), and send returns
