@@ -156,6 +156,7 @@ def test_the_visitors_bytes_sent_with_startproxy_reach_the_target_first_and_are_
     listener = gsocket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
+    listener.settimeout(5)  # a target never connected fails the test, not its timeout
     runner, _, proxy_side, done = _served_runner(listener.getsockname())
     head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
     stream = proxy_side.open()
@@ -248,6 +249,7 @@ def test_a_startproxy_cut_across_reads_is_read_on_by_the_handler():
     listener = gsocket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
+    listener.settimeout(5)  # a target never connected fails the test, not its timeout
     _, ours, proxy_side, done = _served_runner(listener.getsockname())
     head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
     data = m.encode(m.StartProxy(url="http://one.test", client_addr="192.0.2.7:5")) + head
