@@ -34,7 +34,8 @@ def _echo(stream) -> None:
 def test_an_exchange_wakes_no_greenlet_but_the_streams_users(kind, pki):
     # Per exchange the test greenlet and the echoing one are woken (each waits in recv); the
     # tunnels' reads are hub callbacks in both sessions. Over a reader greenlet: two more
-    # wake-ups per exchange, one per session (bench/README.md, hubreader pass).
+    # wake-ups per exchange, one per session (bench/README.md, "Keep-alive per request: the
+    # tunnel read from the hub").
     c, s = session_pair(_transports(kind, pki), heartbeat=False)
     assert c.reads_in_hub and s.reads_in_hub
     assert c.greenlets.reader is None and s.greenlets.reader is None

@@ -121,7 +121,9 @@ class WorkerPool:
         """:meth:`spawn` for a caller running in the hub (a watcher's callback): a parked
         worker runs the job now, up to its first wait, then the caller goes on; no parked
         worker (or a caller that is not the hub): as :meth:`spawn`. Saves the hand-off's loop
-        turn and callback (bench/README.md, "Fresh connections: the proxy's accept")."""
+        turn and callback (bench/README.md, "Fresh connections: the proxy's accept"). A caller
+        in the hub asks :meth:`full` first: a full pool's wait for a slot cannot be made there
+        (gevent refuses to block the hub)."""
         self._run((func, args, None), now=True)
 
     def start(self, func, *args) -> "Job":

@@ -46,8 +46,8 @@ TLSTransport over one: ``reads_nowait``), with no timeout of its own, is read by
 not by a greenlet: an io watcher's callback reads what is there (``read_nowait``: one system
 call, the records decrypted), decodes it and dispatches the events inline, so a read wakes no
 greenlet (before: a switch into the reader greenlet, gevent's wait on the socket and a switch
-back, per read in each process: bench/README.md, "Per-request cost (issue 16)", hubreader
-pass). It never loops: a dense read (past YIELD_FRAMES frames) is decoded a piece per callback
+back, per read in each process: bench/README.md, "Keep-alive per request: the tunnel read
+from the hub"). It never loops: a dense read (past YIELD_FRAMES frames) is decoded a piece per callback
 scheduled with ``loop.run_callback``, the watcher stopped meanwhile (the decoder holds the
 read), and after a read that filled READ_SIZE (more may be in the transport already:
 TLSTransport.read_buffered) the next read is such a callback too; so a flooding peer gets one

@@ -200,7 +200,8 @@ class TLSTransport:
             # Only with bytes to decrypt: else read raises SSLWantReadError, an exception built
             # (message and all) twice per read that ends a request, ~1.7 us each
             # (bench/README.md, "Per-request cost (issue 16)", kapath pass). And no pending()
-            # after a short read (hubreader pass): a call into ssl.py per read for nothing.
+            # after a short read ("Keep-alive per request: the tunnel read from the hub"): a
+            # call into ssl.py per read for nothing.
             if not empty and (incoming.pending or not short and decrypted()):
                 want = min(n - size, RECORD)
                 try:
