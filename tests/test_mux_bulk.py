@@ -42,9 +42,10 @@ def _frame_at_a_time_peer(sock, got: bytearray, grant: bool = True):
 
 def _wait_window_spent(st) -> None:
     """A sendall of more than the initial window in another greenlet has queued the window's
-    worth and waits for a grant (it queues that much without yielding, then waits)."""
-    wait_for(lambda: st.bytes_out >= INITIAL_WINDOW, "the initial window queued", timeout=5,
-             interval=0.01, sleep=gevent.sleep)
+    worth in whole frames (65,532 bytes: the rest waits for a grant or the persist timer) and
+    waits for a grant."""
+    wait_for(lambda: st.bytes_out >= INITIAL_WINDOW - fr.MAX_PAYLOAD and st.waiting_for_window,
+             "the initial window queued", timeout=5, interval=0.01, sleep=gevent.sleep)
 
 
 def _bulk_session(**config):
@@ -435,4 +436,29 @@ def test_frames_behind_unread_bytes_wake_the_reader_once():
         data = reader.get(timeout=5)
     assert data == b"".join(bytes([i]) * 1000 for i in range(16))
     assert calls.names.count("Stream._wake") == 1, calls.names.count("Stream._wake")
+    s.close()
+
+
+def test_held_sends_are_one_entry_a_stream_however_often_they_are_held():
+    # The persist timer's list (Session._hold) is bounded by the streams: a peer that keeps
+    # reopening each stream's window by a frame and a byte holds each send again and again.
+    peer, s = _bulk_session(send_persist=60.0)  # the timer never fires here
+    streams = [s.open() for _ in range(8)]
+    senders = [gevent.spawn(st.sendall, bytes(4 << 20)) for st in streams]
+    for st in streams:
+        _wait_window_spent(st)
+    drained = gevent.spawn(lambda: [None for _ in iter(lambda: peer.recv(1 << 20), b"")])
+    most = 0
+    for k in range(1, 21):
+        peer.sendall(b"".join(fr.encode_wndinc(st.id, fr.MAX_PAYLOAD + 1) for st in streams))
+        # each grant sends one whole frame and holds the send again with one byte more kept
+        sent = INITIAL_WINDOW - 4 + k * fr.MAX_PAYLOAD
+        wait_for(lambda: all(st.bytes_out == sent for st in streams), "the grants taken",
+                 timeout=5, interval=0.01, sleep=gevent.sleep)
+        most = max(most, s.sends_held)
+    assert most == len(streams), most
+    assert all(st.waiting_for_window for st in streams)
+    for g in senders:
+        g.kill()
+    drained.kill()
     s.close()

@@ -19,6 +19,7 @@ Public API::
     session.sends_waiting                   # streams whose send waits for the peer's window
     session.greenlets                       # SessionGreenlets(reader, writer, watchdog)
     session.persisted_sends                 # sends the persist timer made (Sending)
+    session.sends_held                      # sends keeping a window's rest for a grant (Sending)
     session.reads_in_hub                    # the transport is read by hub callbacks (Reading)
     # log_limiter: a lib.peerlog.PeerLog (shared by the caller's sessions; else one per session)
 
@@ -700,6 +701,12 @@ class Session:
         (Sending): a peer that stops granting shows here (not sends parked for output room).
         Counted when asked (status)."""
         return sum(1 for st in self._streams.values() if st.waiting_for_window)
+
+    @property
+    def sends_held(self) -> int:
+        """Sends waiting for window with its rest (under a frame) kept back, watched by the
+        persist timer (Sending): at most one entry per stream, so bounded by max_streams."""
+        return len(self._held)
 
     @property
     def refused_streams(self) -> int:
