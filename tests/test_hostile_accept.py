@@ -1,6 +1,7 @@
-"""A visitor flood against a real proxy whose descriptors run out (a deploy without
+"""A connection flood against a real proxy whose descriptors run out (a deploy without
 LimitNOFILE: docs/OPERATIONS.md asks for twice --max-public-connections): the public
-listener's own accept loop (lib.proxy.server.PublicServer) meets EMFILE at every accept.
+listener's own accept loop (lib.proxy.server.PublicServer), or the tunnel listener's
+(gevent's, lib.proxy.server.TunnelServer), meets EMFILE at every accept.
 
 It must not spin (the listener stays readable), must count what it refused, must not write
 the log at the flood's pace, and must serve again once descriptors are free.
@@ -12,7 +13,7 @@ import json
 import os
 import resource
 import socket
-import time
+import ssl
 
 import pytest
 
@@ -30,7 +31,22 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_out_of_descriptors_is_counted_logged_little_and_recovered(tmp_path):
+def _served(proxy, listener: str) -> bool:
+    """A new connection to ``listener`` is served: an HTTP answer, or a TLS handshake."""
+    with socket.create_connection(("127.0.0.1", proxy.ports[listener]), timeout=10) as s:
+        s.settimeout(10)
+        if listener == "tunnel":
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            with ctx.wrap_socket(s):
+                return True
+        s.sendall(b"GET / HTTP/1.1\r\nHost: nobody.test\r\n\r\n")
+        return s.recv(100).startswith(b"HTTP/1.")
+
+
+@pytest.mark.parametrize("listener", ["http", "tunnel"])
+def test_out_of_descriptors_is_counted_logged_little_and_recovered(tmp_path, listener):
     proxy = ProxyProc(str(tmp_path), str(tmp_path / "data"))
     visitors = []
     try:
@@ -47,7 +63,7 @@ def test_out_of_descriptors_is_counted_logged_little_and_recovered(tmp_path):
         # Room for the status API's connection and a few more, not for the flood.
         resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (_fds(proxy.pid) + 8, limits[1]))
         for _ in range(40):
-            visitors.append(socket.create_connection(("127.0.0.1", proxy.ports["http"]),
+            visitors.append(socket.create_connection(("127.0.0.1", proxy.ports[listener]),
                                                      timeout=10))
 
         wait_for(lambda: failures() >= FAILURES, "the listener to count failed accepts",
@@ -65,14 +81,8 @@ def test_out_of_descriptors_is_counted_logged_little_and_recovered(tmp_path):
         visitors.clear()
         resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, limits)
         admin.close()
-
-        def served() -> bool:
-            with socket.create_connection(("127.0.0.1", proxy.ports["http"]), timeout=10) as s:
-                s.sendall(b"GET / HTTP/1.1\r\nHost: nobody.test\r\n\r\n")
-                s.settimeout(10)
-                return s.recv(100).startswith(b"HTTP/1.")
-
-        wait_for(served, "the listener to serve again", timeout=30, interval=0.5)
+        wait_for(lambda: _served(proxy, listener), "the listener to serve again", timeout=30,
+                 interval=0.5)
     finally:
         for s in visitors:
             s.close()

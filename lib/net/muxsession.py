@@ -534,7 +534,7 @@ class Stream:
             last = chunks[-1]
             if n < SMALL_CHUNK and len(last) < SMALL_CHUNK:
                 # Tiny frames are joined (SMALL_CHUNK: a window of 2-byte frames held 22x its
-                # size as objects); a chunk of the buffer is never under it but the last.
+                # size as objects).
                 chunks[-1] = last + data
             else:
                 chunks.append(data)

@@ -180,7 +180,57 @@ def proxy_mux_config(**overrides) -> MuxConfig:
     return MuxConfig(**base)
 
 
-class PublicServer(gevent.server.StreamServer):
+class _PausesOnFailedAccept:
+    """A listener's failed accept (for gevent's StreamServer): counted (``accept_failures``,
+    and the registry's refusal ``accept_failed`` once ``registry`` is set), logged once per run
+    of failures, accepting paused meanwhile (``_accept_failed``)."""
+
+    registry = None  # the proxy's (lib.proxy.registry.Registry): failed accepts counted there
+    accept_failures = 0  # accepts that failed (EMFILE, ENFILE, ENOBUFS...), a counter
+    _failed_at = 0.0  # the last one's time (a new run of failures starts the back-off again)
+    _pause = 0.0  # the next pause (gevent's own delay is reset by its _do_read)
+
+    def _accept_failed(self, e: OSError) -> None:
+        """An accept failed with more than EAGAIN (EMFILE: the process is out of descriptors,
+        a flood of connections past the limit; ENFILE, ENOBUFS, ENOMEM): counted, logged once
+        per run of failures (at most 10 runs a minute, all listeners), and accepting paused as
+        gevent's StreamServer pauses, ``min_delay`` doubling to ``max_delay`` while the failures
+        go on (the listener stays readable: watched, it would wake the loop at once, again and
+        again). gevent's own path accepted once more to meet the error again and wrote a
+        traceback for each, once a second for as long as the descriptors were out."""
+        self.accept_failures += 1
+        if self.registry is not None:
+            self.registry.count_refusal("accept_failed")
+        now = time.monotonic()
+        if now - self._failed_at > 2 * self.max_delay:  # a new run of failures: one line
+            self._pause = self.min_delay
+            if _accept_log.take():
+                log.warning("listener %s: accept failed (%s): accepting paused, %.2f s doubling "
+                            "to %.0f s while it fails (%d failed so far: the refusal "
+                            "accept_failed)", format_hostport(*self.address[:2]), e,
+                            self._pause, self.max_delay, self.accept_failures)
+        self._failed_at = now
+        self.stop_accepting()
+        self._timer = self.loop.timer(self._pause)
+        self._timer.start(self._start_accepting_if_started)
+        self._pause = min(self.max_delay, self._pause * 2)
+
+
+class TunnelServer(_PausesOnFailedAccept, gevent.server.StreamServer):
+    """The tunnel listener: gevent's StreamServer, a failed accept paused and counted as a
+    public listener's (a flood of TLS connections past the descriptor limit)."""
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as e:
+            if isinstance(e, BlockingIOError) or self.is_fatal_error(e):
+                raise  # gevent's: a listener with a timeout; the server closed
+            self._accept_failed(e)
+            return None  # gevent's loop goes on as after EAGAIN: paused until the timer
+
+
+class PublicServer(_PausesOnFailedAccept, gevent.server.StreamServer):
     """A public listener (https, http, tcp:PORT) whose connections cost fewer system calls:
     TCP_NODELAY and the splice's TCP_NOTSENT_LOWAT are set once on the listener and inherited
     by every accepted connection (lib.net.sockets.tune_listener), which arrives as an
@@ -193,13 +243,9 @@ class PublicServer(gevent.server.StreamServer):
     connection to spawn a greenlet that runs at the next loop turn. In a serial run that turn
     was on the critical path, and the new connection's stream left in a TLS record of its own
     after the previous connection's FIN (bench/README.md, "Fresh connections: the proxy's
-    accept"). A full pool goes through gevent's loop; a failed accept (out of descriptors) is
-    counted (``accept_failures``, and the registry's refusal ``accept_failed`` once
-    ``registry`` is set) and pauses accepting with gevent's back-off (``_accept_failed``)."""
+    accept"). A full pool goes through gevent's loop; a failed accept (out of descriptors)
+    pauses accepting and is counted (_PausesOnFailedAccept)."""
 
-    registry = None  # the proxy's (lib.proxy.registry.Registry): failed accepts counted there
-    accept_failures = 0  # accepts that failed (EMFILE, ENFILE, ENOBUFS...), a counter
-    _failed_at = 0.0  # the last one's time (a new run of failures starts the back-off again)
     _tuned = False
     _local_name: str | None = None
     _ready = None  # the listener's io watcher when accepting by our own loop
@@ -256,7 +302,10 @@ class PublicServer(gevent.server.StreamServer):
             except BlockingIOError:
                 return
             except OSError as e:
-                self._accept_failed(e)
+                if self.is_fatal_error(e):  # EBADF, EINVAL, ENOTSOCK: the listener is gone
+                    self._do_read()  # gevent's: the error again, and the server closed
+                else:
+                    self._accept_failed(e)
                 return
             sock = (AcceptedSocket(family, kind, proto, fd, local_name) if self._tuned
                     else self._wrap(fd))
@@ -266,35 +315,6 @@ class PublicServer(gevent.server.StreamServer):
                     return  # stopped by a handler, or none left now (a later one wakes us)
             except OSError:  # the listener was closed by a handler
                 return
-
-    def _accept_failed(self, e: OSError) -> None:
-        """An accept failed with more than EAGAIN (EMFILE: the process is out of descriptors,
-        a visitor flood past the limit; ENFILE, ENOBUFS, ENOMEM): counted, logged once per run
-        of failures (at most 10 runs a minute, all listeners), and accepting paused as gevent's
-        StreamServer does,
-        ``min_delay`` doubling to ``max_delay`` while the failures go on (the listener stays
-        readable: watched, it would wake the loop at once, again and again). gevent's own path
-        accepted once more to meet the error again and wrote a traceback for each, once a second
-        for as long as the descriptors were out."""
-        if self.is_fatal_error(e):  # EBADF, EINVAL, ENOTSOCK: the listener is gone
-            self._do_read()  # gevent's: the error again, and the server closed
-            return
-        self.accept_failures += 1
-        if self.registry is not None:
-            self.registry.count_refusal("accept_failed")
-        now = time.monotonic()
-        if now - self._failed_at > 2 * self.max_delay:  # a new run of failures: one line
-            self.delay = self.min_delay
-            if _accept_log.take():
-                log.warning("listener %s: accept failed (%s): accepting paused, %.2f s doubling "
-                            "to %.0f s while it fails (%d failed so far: the refusal "
-                            "accept_failed)", format_hostport(*self.address[:2]), e,
-                            self.delay, self.max_delay, self.accept_failures)
-        self._failed_at = now
-        self.stop_accepting()
-        self._timer = self.loop.timer(self.delay)
-        self._timer.start(self._start_accepting_if_started)
-        self.delay = min(self.max_delay, self.delay * 2)
 
     def _serve(self, sock, address) -> None:
         try:
@@ -398,11 +418,10 @@ class ProxyServer:
             inherited = listeners.get(name)
             # The tunnel listener is not a public one: its connections are tuned by
             # lib.proxy.tunnels (no splice, TLS first).
-            cls = gevent.server.StreamServer if name == "tunnel" else PublicServer
+            cls = TunnelServer if name == "tunnel" else PublicServer
             server = (cls(adopt_listener(inherited), handler, spawn=pool)
                       if inherited is not None else cls(bind, handler, spawn=pool, backlog=1024))
-            if cls is PublicServer:
-                server.registry = self.registry
+            server.registry = self.registry
             try:
                 server.start()
             except OSError as e:

@@ -6,6 +6,8 @@
     peer.start_reading()                    # count the proxy's answers by frame type, in a greenlet
     peer.counts[fr.TYPE_RST], peer.goaway   # what came back; goaway = (last id, code) or None
     peer.data_in[sid], peer.syns            # DATA bytes per stream, the streams the proxy opened
+    peer.granted[sid]                       # WNDINC increments per stream (its window: 64 KiB
+                                            # plus these, less what we sent on it)
     peer.wait_closed(timeout) -> bool       # the proxy closed the connection (EOF or reset)
     peer.close()
 
@@ -44,6 +46,7 @@ class RawPeer:
         self.goaway: tuple[int, int] | None = None
         self.data_in: dict[int, int] = {}
         self.syns: list[int] = []
+        self.granted: dict[int, int] = {}
         self.closed = gevent.event.Event()
         self._reader = None
         self._dec = fr.FrameDecoder()  # one for the connection: frames may straddle reads
@@ -124,6 +127,9 @@ class RawPeer:
                         self.data_in[f.stream_id] = self.data_in.get(f.stream_id, 0) + len(f.data)
                     elif t == fr.TYPE_SYN:
                         self.syns.append(f.stream_id)
+                    elif t == fr.TYPE_WNDINC:
+                        self.granted[f.stream_id] = (self.granted.get(f.stream_id, 0)
+                                                     + f.increment)
         except (OSError, ValueError):
             pass
         finally:
