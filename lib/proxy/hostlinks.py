@@ -1,7 +1,7 @@
 """Links between the hosts of a fleet: a public connection for a name that no tunnel of this
 instance (nor a sibling worker) holds live, but another instance of the fleet does, goes to that
 instance as one stream of a long-lived, mutually authenticated TLS link (docs/DESIGN.md,
-"Links between hosts"; docs/SECURITY.md, "Links between proxies").
+"Workers", its "Between hosts"; docs/SECURITY.md, "Links between proxies").
 
 Public API::
 
