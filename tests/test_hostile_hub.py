@@ -20,6 +20,7 @@ import gevent
 import gevent.socket as gsocket
 import pytest
 
+from lib.errors import ErrorCode, SessionClosed
 from lib.identity import Identity
 from lib.net.muxsession import SMALL_CHUNK, MuxConfig, Session
 from lib.protocol import muxframe as fr
@@ -190,3 +191,41 @@ def test_a_tunnel_client_sending_tiny_frames_to_visitors_that_never_read(tmp_pat
             v.close()
         peer.close()
         proxy.stop()
+
+
+# --- an exception in the hub reader -------------------------------------------------------------
+
+class _RaisingSink:
+    """A direct-delivery sink (lib.net.muxsession, "Direct delivery") with a bug."""
+    busy = False
+
+    def offer(self, data) -> int:
+        raise RuntimeError("a sink's bug")
+
+    def offer_many(self, chunks) -> int:
+        raise RuntimeError("a sink's bug")
+
+
+def test_an_exception_in_the_hub_reader_ends_the_session_not_leaves_it_unread():
+    """Unit test of lib.net.muxsession (the failing sink is a stand-in): an exception the
+    reader's callback does not expect ended the callback only, its watcher stopped: the session
+    stayed open and was never read again (another stream's data never came; with heartbeats
+    off, for good)."""
+    raw, ours = gsocket.socketpair()
+    session = Session(ours, client=False,
+                      config=MuxConfig(grant_peer_streams=False, heartbeat=False))
+    try:
+        assert session.reads_in_hub
+        raw.sendall(fr.encode(fr.Syn(3)) + fr.encode(fr.Syn(5)))
+        bad, other = session.accept(timeout=5), session.accept(timeout=5)
+        bad.set_sink(_RaisingSink())
+        other.settimeout(5)
+        raw.sendall(fr.encode_data(3, b"boom") + fr.encode_data(5, b"hello"))
+        end = session.wait(timeout=5)
+        assert end is not None and end.code == ErrorCode.INTERNAL_ERROR, end
+        assert other.recv(10) == b"hello"  # decoded in the same read, before the sink's turn
+        with pytest.raises(SessionClosed):
+            other.recv(10)
+    finally:
+        session.close()
+        raw.close()

@@ -999,6 +999,9 @@ class Session:
             self._read_failed(e)
         except gevent.GreenletExit:
             pass
+        except Exception as e:
+            self._reader_crashed(e)
+            raise
 
     def _read_eof(self) -> None:
         ga = self._peer_goaway
@@ -1007,6 +1010,15 @@ class Session:
         else:
             end = SessionEnd(ErrorCode.NO_ERROR, "transport closed by peer", remote=True)
         self._finish(end)
+
+    def _reader_crashed(self, e: Exception) -> None:
+        """What the reader called raised something no transport or peer raises (a bug: a sink's
+        offer, a serve() handler): the session ends, INTERNAL_ERROR. Left alone, the hub
+        reader's callback ended with its watcher stopped or a piece never scheduled: a session
+        open and never read again, its streams waiting, until a heartbeat timeout (never,
+        with heartbeats off)."""
+        self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"reader failed: {e!r}",
+                                remote=False))
 
     def _read_failed(self, e: Exception) -> None:
         # A transport that cut off a flood of its own (wstransport.PeerFlood) says so.
@@ -1041,6 +1053,9 @@ class Session:
             self._decoded(self._conn.receive_data(data, YIELD_FRAMES))
         except (OSError, ValueError) as e:
             self._read_failed(e)
+        except Exception as e:
+            self._reader_crashed(e)
+            raise  # the hub reports it (handle_error) and goes on
 
     def _decode_more(self) -> None:
         """The next piece of a dense read, a loop turn after the last (YIELD_FRAMES)."""
@@ -1050,6 +1065,9 @@ class Session:
             self._decoded(self._conn.receive_data(b"", YIELD_FRAMES))
         except (OSError, ValueError) as e:
             self._read_failed(e)
+        except Exception as e:
+            self._reader_crashed(e)
+            raise
 
     def _decoded(self, events: list) -> None:
         """A piece of a read decoded: its events dispatched, its sinks offered; then the next
