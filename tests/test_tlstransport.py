@@ -11,6 +11,7 @@ import pytest
 
 from lib.net.muxsession import Session
 from lib.net.tlstransport import TLSTransport
+from tests.support.calls import PythonCalls
 from tests.support.muxpair import (SERVER_NAME, Pki, pki,  # noqa: F401 (pki: a fixture)
                                    tls_pair as pair)
 
@@ -278,5 +279,38 @@ def test_records_a_nowait_read_produces_leave_without_a_write(pki):
     assert bytes(got) == b"ping"
     with gevent.Timeout(5):
         assert c.recv(100) == b"sealed while reading"
+    c.close()
+    s.close()
+
+
+def test_a_nowait_message_runs_no_python_frame_under_the_transport(pki):
+    # The mux session's hub reader and flush (read_nowait, write_nowait) run once per
+    # keep-alive request in each process: the SSL object's C methods and the OS socket's are
+    # called directly, with no ssl.py wrapper, piece helper or socket closure under them
+    # (bench/README.md, "Per-request cost (issue 16)", ka3 pass). 4 frames per exchange each
+    # way before: SSLObject.read/write, _piece, the scratch reader's closure.
+    c, s = pair(pki)
+    for i in range(20):
+        message = b"ping %d" % i
+        with PythonCalls() as wrote:
+            assert c.write_nowait(message)
+        gsocket.wait_read(s.fileno(), timeout=5)
+        with PythonCalls() as read:
+            got = bytes(s.read_nowait())
+        assert got == message
+        assert wrote.names == ["TLSTransport.write_nowait"]
+        assert read.names == ["TLSTransport.read_nowait", "TLSTransport._decrypt"]
+    c.close()
+    s.close()
+
+
+def test_a_subclassed_ssl_object_keeps_its_own_methods(pki):
+    # Only a plain SSLObject is bypassed (_ssl_calls): a subclass may change read or write.
+    c, s = pair(_contexts(pki, server_obj=_RecordsReads))
+    _RecordsReads.sizes.clear()
+    c.write_nowait(b"hello")
+    gsocket.wait_read(s.fileno(), timeout=5)
+    assert bytes(s.read_nowait()) == b"hello"
+    assert _RecordsReads.sizes
     c.close()
     s.close()

@@ -25,6 +25,8 @@
     nowait_reader(sock) -> callable(n) -> bytes  # recv_nowait bound to one socket (below)
     nowait_view_reader(sock) -> callable(n) -> memoryview  # the same, uncopied (or None:
                                    # not a plain gevent socket, no read without waiting)
+    nowait_scratch_reader(sock) -> (recv_into, scratch) | None  # the same in two C pieces:
+                                   # scratch[:recv_into(scratch, n)], no Python frame per read
     nowait_sender(sock) -> callable(data) -> int # one send() that never waits (BlockingIOError)
     nowait_sendmsg(sock) -> callable(buffers) -> int | None  # the same for many buffers (sendmsg)
     reader(end) -> callable(n) -> bytes      # recv_copy bound to a socket, end.recv for others
@@ -266,6 +268,18 @@ def nowait_view_reader(sock):
     def read(n: int) -> memoryview:
         return scratch[:recv_into(scratch, n)]
     return read
+
+
+def nowait_scratch_reader(sock):
+    """What ``nowait_view_reader`` calls, for a caller that reads in a loop of its own: the OS
+    socket's bound ``recv_into`` and the scratch buffer it reads into (``scratch[:recv_into(
+    scratch, n)]`` is that reader's view), so a read is one C call and no Python frame (the
+    tunnel's TLS reads once per keep-alive request in each process: bench/README.md, "Per-request
+    cost (issue 16)", ka3 pass). None where ``nowait_view_reader`` is None."""
+    raw = _os_socket(sock)
+    if raw is None:
+        return None
+    return raw.recv_into, _scratch
 
 
 def nowait_sender(sock):

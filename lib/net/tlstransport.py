@@ -49,7 +49,7 @@ import gevent
 import gevent.socket
 from gevent.lock import Semaphore
 
-from lib.net.sockets import nowait_sender, nowait_view_reader, recv_scratch, sender
+from lib.net.sockets import nowait_scratch_reader, nowait_sender, recv_scratch, sender
 
 RAW_READ = 256 * 1024
 # A TLS record carries at most 16 KiB of plaintext, and SSLObject.read(n) allocates n bytes
@@ -74,6 +74,17 @@ def _piece(view: memoryview) -> memoryview:
     return view if len(view) < SEND_PIECE + SEND_SLACK else view[:SEND_PIECE]
 
 
+def _ssl_calls(obj) -> tuple:
+    """(read, write, pending) of a TLS object. Under a plain ``ssl.SSLObject``, its C object's
+    own bound methods: ssl.py's ``read``/``write``/``pending`` only pass each call on, a Python
+    frame each, and a keep-alive request reads and writes once in each process (bench/README.md,
+    "Per-request cost (issue 16)", ka3 pass). A subclass keeps its own: it may change them."""
+    inner = getattr(obj, "_sslobj", None) if type(obj) is ssl.SSLObject else None
+    if inner is None:
+        return obj.read, obj.write, obj.pending
+    return inner.read, inner.write, inner.pending
+
+
 class TLSTransport:
     def __init__(self, sock, context: ssl.SSLContext, server_side: bool,
                  server_hostname: str | None = None):
@@ -82,11 +93,13 @@ class TLSTransport:
         self._out = ssl.MemoryBIO()
         self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
                                      server_hostname=server_hostname)
+        self._ssl_read, self._ssl_write, self._ssl_pending = _ssl_calls(self._obj)
         self._wlock = Semaphore()
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         # write_nowait's one send(), never waiting (lib.net.sockets.nowait_sender)
         self._send_now = nowait_sender(sock) if isinstance(sock, gevent.socket.socket) else None
-        self._read_now = nowait_view_reader(sock)  # read_nowait's raw read, or None
+        # read_nowait's raw read, scratch[:recv_now(scratch, n)] (two C calls), or None
+        self._recv_now, self._scratch = nowait_scratch_reader(sock) or (None, None)
         self._eof = False
         self._closed = False
         # Waiting for readability before a read, on gevent sockets only (a mux stream under a
@@ -161,13 +174,13 @@ class TLSTransport:
     def reads_nowait(self) -> bool:
         """True when ``read_nowait`` may be used: a plain gevent socket under us, read by
         nobody else, with no timeout of its own (a read's timeout would not apply)."""
-        return self._read_now is not None and self._sock.timeout is None
+        return self._recv_now is not None and self._sock.timeout is None
 
     def read_nowait(self, n: int = RAW_READ) -> memoryview | None:
         """As ``recv_view``, never waiting or yielding (module doc): None when no whole record
         is there yet, an empty view at EOF. Errors are the socket's and the TLS layer's."""
         try:
-            view = self._decrypt(n, self._read_now)
+            view = self._decrypt(n, None)
         except BlockingIOError:
             return None
         if self._out.pending and self.write_idle:
@@ -185,13 +198,14 @@ class TLSTransport:
 
     def _decrypt(self, n: int, fill) -> memoryview:
         """Up to ``n`` bytes of plaintext into the buffer; ``fill(size)`` reads the socket when
-        nothing is left to decrypt (bytes for the incoming BIO, empty at EOF)."""
+        nothing is left to decrypt (bytes for the incoming BIO, empty at EOF); None: read it
+        without waiting, by the OS socket's ``recv_into`` (read_nowait: no Python frame)."""
         view = self._plain
         if view is None:
             view = self._plain = memoryview(bytearray(RAW_READ))
         n = min(n, RAW_READ)
         size = 0
-        read, incoming, decrypted = self._obj.read, self._in, self._obj.pending
+        read, incoming, decrypted = self._ssl_read, self._in, self._ssl_pending
         # Nothing was left to decrypt when the last call returned, and only a fill feeds the
         # BIO since: no need to ask before the first raw read.
         empty = self._empty
@@ -222,7 +236,10 @@ class TLSTransport:
                 break
             if self._eof:
                 return view[:0]
-            raw = fill(RAW_READ)
+            if fill is None:  # (read_nowait) BlockingIOError when nothing is there
+                raw = self._scratch[:self._recv_now(self._scratch, RAW_READ)]
+            else:
+                raw = fill(RAW_READ)
             if not raw:
                 # The peer's TCP FIN: reading is over. The BIO is not told (write_eof would
                 # also stop our writes), so a half-closed transport can still send.
@@ -263,7 +280,7 @@ class TLSTransport:
             while view:
                 # Encrypt and send 32 KiB at a time: the peer decrypts one piece while we
                 # encrypt the next (encrypting a whole MiB first halved throughput).
-                n = self._obj.write(_piece(view))
+                n = self._ssl_write(_piece(view))
                 view = view[n:]
                 self._send(self._out.read())
 
@@ -280,28 +297,27 @@ class TLSTransport:
     def write_nowait(self, data) -> bool:
         """Encrypt ``data`` and offer it to the kernel, never waiting or yielding; only when
         ``write_idle``. True: all of it left. False: the kernel took part; the rest is the
-        tail (module doc). Errors are the socket's (OSError), as from sendall."""
-        self._wlock.acquire(blocking=False)  # free (write_idle): taken without yielding
-        try:
-            view = memoryview(data)
-            while True:  # SEND_PIECE at a time, as sendall: the peer decrypts while we seal
-                if view:  # (empty: only the records a read produced, read_nowait)
-                    n = self._obj.write(_piece(view))
-                    view = view[n:]
-                sealed = self._out.read()
-                try:
-                    sent = self._send_now(sealed)
-                except BlockingIOError:
-                    sent = 0
-                if sent < len(sealed):
-                    while view:
-                        view = view[self._obj.write(_piece(view)):]
-                    self._tail = sealed[sent:] + self._out.read()
-                    return False
-                if not view:
-                    return True
-        finally:
-            self._wlock.release()
+        tail (module doc). Errors are the socket's (OSError), as from sendall. The write lock
+        is not taken: nothing here yields, so no other greenlet could see it held; a keep-alive
+        request's write is one piece, sealed and sent with no Python frame under this one
+        (bench/README.md, "Per-request cost (issue 16)", ka3 pass)."""
+        write, whole = self._ssl_write, SEND_PIECE + SEND_SLACK  # (_piece, inline)
+        view = data if len(data) < whole else memoryview(data)
+        while True:  # SEND_PIECE at a time, as sendall: the peer decrypts while we seal
+            if view:  # (empty: only the records a read produced, read_nowait)
+                view = view[write(view if len(view) < whole else view[:SEND_PIECE]):]
+            sealed = self._out.read()
+            try:
+                sent = self._send_now(sealed)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(sealed):
+                while view:
+                    view = view[write(view if len(view) < whole else view[:SEND_PIECE]):]
+                self._tail = sealed[sent:] + self._out.read()
+                return False
+            if not view:
+                return True
 
     def flush_tail(self) -> None:
         """Send what write_nowait left (waiting for the socket, as sendall)."""
