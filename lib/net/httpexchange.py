@@ -351,7 +351,11 @@ class OneExchangeSocket(OneRequestSocket):
                 heads += out
                 taken += n
                 if framer.state != http1.HEAD:
-                    rest = [memoryview(chunk)[n:]] if n < len(chunk) else []
+                    # bytes, not a view: the framer's chunked-body search (bytes.find) takes
+                    # no memoryview, and a chunk-size line behind the head in one frame raised
+                    # AttributeError in the session's reader (a copy of one frame's rest, once
+                    # per response).
+                    rest = [chunk[n:]] if n < len(chunk) else []
                     rest += islice(chunks, i + 1, None)
                     break
             body = self._body_part(rest) if rest and framer.state != http1.DONE else 0
