@@ -76,8 +76,8 @@ Response (origin sends / we forward):
       as h11 read it; first line continued
     head over MAX_RESPONSE_HEAD                     FramingError
     Content-Length / Transfer-Encoding values       as for a request (FramingError), except
-                                                    that both together frame by the chunks
-                                                    (RFC 9112 6.3)
+                                                    that both together frame by the chunks,
+                                                    the Content-Length removed (RFC 9112 6.3)
     1xx other than 101                              its head as is; wait for the final response
     101 to an upgrade request                       everything, from here on raw (SWITCHED)
     101 to any other request                        FramingError
@@ -119,6 +119,8 @@ _BLANK_LINE_RE = re.compile(rb"\n\r?\n")
 # keep-alive" must not leave " keep-alive" behind, folded onto the line before).
 _CONNECTION_HEADER_RE = re.compile(rb"(?im)^(?:connection|keep-alive|proxy-connection)[ \t]*:"
                                    rb"[^\n]*\n(?:[ \t][^\n]*\n)*")
+# A response framed by its chunks drops its Content-Length fields on the way (ResponseFramer).
+_CONTENT_LENGTH_RE = re.compile(rb"(?im)^content-length[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*")
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 # A field value may hold any byte but NUL, CR, LF, VT and FF (h11's [^\x00\s] and SP/HTAB).
 _VALUE = rb"[^\x00\n\r\x0b\x0c]*"
@@ -486,7 +488,14 @@ class ResponseFramer:
             framing = 0
         body = self._body = _Body(framing, MAX_RESPONSE_HEAD)
         self.state = DONE if body.done else BODY
-        return out + connection_close(head), end - held
+        head = connection_close(head)
+        if framing is _CHUNKED and b"ontent-" in head:
+            # With Transfer-Encoding, a Content-Length is not what frames the body, and an
+            # intermediary MUST remove it (RFC 9112 6.3): a front reading it would cut the
+            # body elsewhere (response splitting).
+            first, _, rest = head.partition(b"\n")
+            head = first + b"\n" + _CONTENT_LENGTH_RE.sub(b"", rest)
+        return out + head, end - held
 
     def _read_head(self, head: bytes) -> tuple[int, int | str]:
         """(status, body framing as _framing says) of a complete response head, by the
