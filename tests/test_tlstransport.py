@@ -314,3 +314,33 @@ def test_a_subclassed_ssl_object_keeps_its_own_methods(pki):
     assert _RecordsReads.sizes
     c.close()
     s.close()
+
+
+def test_write_idle_follows_the_tail_and_the_writes_that_wait(pki):
+    # write_idle is an attribute (the mux session's flush reads it once per keep-alive
+    # request: no Python frame), kept where the tail or the write lock change.
+    c, s = pair(pki, small_buffers=True)
+    with PythonCalls() as calls:
+        assert c.write_idle
+    assert calls.names == []
+    assert not c.write_nowait(b"x" * 200_000)  # the kernel takes part: a tail
+    assert not c.write_idle
+
+    def drain():
+        while s.recv(1 << 20):
+            pass
+    reader = gevent.spawn(drain)
+    with gevent.Timeout(10):
+        c.flush_tail()  # waits for the peer to read
+    assert c.write_idle
+    reader.kill()
+    writer = gevent.spawn(c.sendall, b"y" * 400_000)  # more than the buffers hold, no reader
+    for _ in range(3):
+        gevent.sleep(0)
+    assert not writer.ready() and not c.write_idle  # a write under way, waiting
+    reader = gevent.spawn(drain)
+    writer.get(timeout=10)
+    assert c.write_idle
+    reader.kill()
+    c.close()
+    s.close()

@@ -7,6 +7,7 @@
     if tls.reads_nowait: tls.read_nowait(n) -> memoryview | None   # never waits (below)
     tls.read_buffered                   # bytes received, not yet returned: read before waiting
     if tls.write_idle: tls.write_nowait(data) -> bool   # never waits, never yields (below)
+                                        # write_idle: a gevent socket, no write under way, no tail
     tls.flush_tail()                                    # what write_nowait left, sent (waits)
 
 Why not ``SSLSocket``: its ``recv`` returns at most one TLS record per call. Go muxado writes
@@ -94,7 +95,7 @@ class TLSTransport:
         self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
                                      server_hostname=server_hostname)
         self._ssl_read, self._ssl_write, self._ssl_pending = _ssl_calls(self._obj)
-        self._wlock = Semaphore()
+        self._wlock = Semaphore()  # taken by _hold_writes, which keeps write_idle
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         # write_nowait's one send(), never waiting (lib.net.sockets.nowait_sender)
         self._send_now = nowait_sender(sock) if isinstance(sock, gevent.socket.socket) else None
@@ -110,6 +111,10 @@ class TLSTransport:
         self._empty = False  # recv_view returned with nothing left to decrypt
         self._plain: memoryview | None = None  # recv_view's buffer, made on first use
         self._tail = b""  # sealed records write_nowait could not send: they go out first
+        # write_nowait may run (a gevent socket, no write under way, no tail): an attribute
+        # kept where any of the three changes, not a property (the mux session's flush reads it
+        # once per keep-alive request: bench/README.md, "Per-request cost (issue 16)", ka3 pass)
+        self.write_idle = self._hub is not None
 
     @classmethod
     def client(cls, sock, context, server_hostname=None, timeout: float | None = 30.0):
@@ -147,11 +152,23 @@ class TLSTransport:
 
     def _flush(self) -> None:
         if self._out.pending:
-            with self._wlock:
+            self._hold_writes()
+            try:
                 self._send_tail()
                 data = self._out.read()
                 if data:
                     self._send(data)
+            finally:
+                self._free_writes()
+
+    def _hold_writes(self) -> None:
+        """The write lock, for a write that may wait: write_nowait may not run meanwhile."""
+        self._wlock.acquire()
+        self.write_idle = False
+
+    def _free_writes(self) -> None:
+        self._wlock.release()
+        self.write_idle = self._hub is not None and not self._tail and not self._wlock.locked()
 
     # --- socket-like surface --------------------------------------------------------------
 
@@ -274,7 +291,8 @@ class TLSTransport:
         return raw
 
     def sendall(self, data) -> None:
-        with self._wlock:
+        self._hold_writes()
+        try:
             self._send_tail()
             view = memoryview(data)
             while view:
@@ -283,16 +301,12 @@ class TLSTransport:
                 n = self._ssl_write(_piece(view))
                 view = view[n:]
                 self._send(self._out.read())
+        finally:
+            self._free_writes()
 
     def send(self, data) -> int:
         self.sendall(data)
         return len(data)
-
-    @property
-    def write_idle(self) -> bool:
-        """True when write_nowait may run: a gevent socket under us, no write under way (none
-        waits on the socket holding the lock) and no tail."""
-        return self._hub is not None and not self._tail and not self._wlock.locked()
 
     def write_nowait(self, data) -> bool:
         """Encrypt ``data`` and offer it to the kernel, never waiting or yielding; only when
@@ -315,6 +329,7 @@ class TLSTransport:
                 while view:
                     view = view[write(view if len(view) < whole else view[:SEND_PIECE]):]
                 self._tail = sealed[sent:] + self._out.read()
+                self.write_idle = False  # until flush_tail sends it
                 return False
             if not view:
                 return True
@@ -322,8 +337,11 @@ class TLSTransport:
     def flush_tail(self) -> None:
         """Send what write_nowait left (waiting for the socket, as sendall)."""
         if self._tail:
-            with self._wlock:
+            self._hold_writes()
+            try:
                 self._send_tail()
+            finally:
+                self._free_writes()
 
     def _send_tail(self) -> None:
         if self._tail:
