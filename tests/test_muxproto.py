@@ -1034,6 +1034,39 @@ def test_offer_data_takes_only_what_the_room_and_window_allow():
     assert c.offer_data(sid + 2, b"x") == 0  # no such stream (forgotten): nothing taken
 
 
+@pytest.mark.parametrize("size", [1, 13, fr.MAX_PAYLOAD, fr.MAX_PAYLOAD + 1, 40_000])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_offer_data_wire_is_send_data_s(size, kind):
+    """offer_data's inline one-frame step and send_data write the same frames and take the
+    same window."""
+    wires = []
+    for queue in ("send_data", "offer_data"):
+        c = mp.MuxConnection(client=True, config=cfg(heartbeat=False))
+        sid = c.open_stream()
+        c.data_to_send()
+        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        assert getattr(c, queue)(sid, kind(payload)) == size
+        wires.append((c.outgoing_size, bytes(c.data_to_send()), c.send_window(sid)))
+    assert wires[0] == wires[1]
+
+
+def test_offer_data_of_a_request_is_one_python_call():
+    """Stream.send_nowait's offer_data queues a visitor's request (or an origin's answer) in
+    one call: send_data's one-frame step is inline (bench/README.md, "Per-request cost (issue
+    16)", ka3 pass); it was offer_data and send_data, once per keep-alive request in each
+    process. A stream closed for writing still raises (send_data's refusal)."""
+    c = mp.MuxConnection(client=True, config=cfg(heartbeat=False))
+    sid = c.open_stream()
+    c.data_to_send()
+    for i in range(20):
+        with PythonCalls() as calls:
+            assert c.offer_data(sid, b"request %d" % i) == len(b"request %d" % i)
+        assert calls.names == ["MuxConnection.offer_data"]
+    c.end_stream(sid)
+    with pytest.raises(ProtocolError):
+        c.offer_data(sid, b"after the FIN")
+
+
 def test_a_window_update_costs_two_python_calls_to_decode():
     """A Go peer acknowledges every Read (a WNDINC per 8 KiB its sink reads): ~131k of them per
     GiB sent to it, decoded inline as DATA is, each one ``next_frame`` and the frame's own

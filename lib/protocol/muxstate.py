@@ -528,7 +528,17 @@ class MuxConnection:
             return 0
         room = self.config.write_high_water - self.outgoing_size - self._handed_size
         window = st.send_window
-        if room <= 0 or (window < len(data) and window < SEND_THRESHOLD):
+        total = len(data)
+        if (0 < total <= fr.MAX_PAYLOAD and total <= window and total <= room
+                and type(data) is bytes and not st.local_fin):
+            # send_data's one-frame step, inline: a visitor's request or an origin's answer,
+            # once per keep-alive request in each process (bench/README.md, "Per-request cost
+            # (issue 16)", ka3 pass); the same wire (test_muxproto).
+            self._out += (fr.HEADER.pack(total, 0, fr.TYPE_DATA, sid), data)
+            self.outgoing_size += total + fr.HEADER_SIZE
+            st.send_window = window - total
+            return total
+        if room <= 0 or (window < total and window < SEND_THRESHOLD):
             return 0
         return self.send_data(sid, data[:max(room, SEND_THRESHOLD)])
 
