@@ -193,30 +193,16 @@ class TLSTransport:
         nobody else, with no timeout of its own (a read's timeout would not apply)."""
         return self._recv_now is not None and self._sock.timeout is None
 
-    def read_nowait(self, n: int = RAW_READ) -> memoryview | None:
-        """As ``recv_view``, never waiting or yielding (module doc): None when no whole record
-        is there yet, an empty view at EOF. Errors are the socket's and the TLS layer's."""
-        try:
-            view = self._decrypt(n, None)
-        except BlockingIOError:
-            return None
-        if self._out.pending and self.write_idle:
-            # Records the read produced (post-handshake): offered once, never waiting; what
-            # the kernel leaves is the tail, which the next write sends first. Not idle: the
-            # write under way takes them with its next record.
-            self.write_nowait(b"")
-        return view
-
     @property
     def read_buffered(self) -> bool:
         """Bytes received and not yet returned (a read stopped at its ``n``): the next read
         returns them without the socket, which may hold nothing more."""
         return not self._empty
 
-    def _decrypt(self, n: int, fill) -> memoryview:
+    def _decrypt(self, n: int = RAW_READ, fill=None) -> memoryview | None:
         """Up to ``n`` bytes of plaintext into the buffer; ``fill(size)`` reads the socket when
-        nothing is left to decrypt (bytes for the incoming BIO, empty at EOF); None: read it
-        without waiting, by the OS socket's ``recv_into`` (read_nowait: no Python frame)."""
+        nothing is left to decrypt (bytes for the incoming BIO, empty at EOF: recv_view's).
+        Without it, read_nowait: the OS socket's ``recv_into`` once, None when nothing came."""
         view = self._plain
         if view is None:
             view = self._plain = memoryview(bytearray(RAW_READ))
@@ -252,11 +238,14 @@ class TLSTransport:
                 self._empty = True  # (waits_before_read)
                 break
             if self._eof:
-                return view[:0]
-            if fill is None:  # (read_nowait) BlockingIOError when nothing is there
-                raw = self._scratch[:self._recv_now(self._scratch, RAW_READ)]
-            else:
+                break
+            if fill is not None:
                 raw = fill(RAW_READ)
+            else:
+                try:
+                    raw = self._scratch[:self._recv_now(self._scratch, RAW_READ)]
+                except BlockingIOError:  # nothing yet, or a record's start only: wait
+                    return None
             if not raw:
                 # The peer's TCP FIN: reading is over. The BIO is not told (write_eof would
                 # also stop our writes), so a half-closed transport can still send.
@@ -266,7 +255,18 @@ class TLSTransport:
             empty = self._empty = False
         else:  # stopped at n: is there more? (read_buffered)
             self._empty = not (incoming.pending or decrypted())
+        if fill is None and self._out.pending and self.write_idle:
+            # Records the read produced (post-handshake): offered once, never waiting; what
+            # the kernel leaves is the tail, which the next write sends first. Not idle: the
+            # write under way takes them with its next record.
+            self.write_nowait(b"")
         return view[:size]
+
+    # As ``recv_view``, never waiting or yielding (module doc): None when no whole record is
+    # there yet, an empty view at EOF. Errors are the socket's and the TLS layer's. _decrypt
+    # itself, one Python frame per read (the mux session's hub reader reads once per keep-alive
+    # request in each process: bench/README.md, "Per-request cost (issue 16)", ka3 pass).
+    read_nowait = _decrypt
 
     @property
     def waits_before_read(self) -> bool:
