@@ -13,6 +13,7 @@ Public API::
     OneRequestSocket(sock, head, request=None)   # ... which reads one request only (EOF
                                       # after it; lib.protocol.http1.RequestFramer)
     OneRequestSocket.take_head() -> bytes   # the first read's head, taken by the caller
+    OneRequestSocket.request_whole -> bool  # the request ended and was all read
     OneExchangeSocket(sock, head, request=None)  # ... and writes one response only
                                       # (lib.protocol.http1.ResponseFramer), raw both ways
                                       # only after the origin's 101
@@ -174,6 +175,12 @@ class OneRequestSocket(ReplaySocket):
         if self._refused is not None or not self._head_left:
             return b""
         return self.recv(self._head_left)
+
+    @property
+    def request_whole(self) -> bool:
+        """The request has ended and no byte of it is left to read: the next read can only
+        find what the visitor sends after it (EOF, a second request, an upgrade's bytes)."""
+        return self._ended and not self._head
 
     def _after_request(self, data: bytes) -> bytes:
         """Bytes that arrived after the request's end: look like EOF to the tunnel. The first
