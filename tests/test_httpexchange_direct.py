@@ -18,6 +18,7 @@ from lib.net.httpexchange import OneExchangeSocket
 from lib.net.muxsession import Stream
 from lib.net.sockets import nowait_sender
 from lib.net.splice import splice
+from tests.support.calls import NativeCalls
 from tests.support.muxpair import session_pair, tcp_pair
 from tests.support.switches import SwitchesInto
 from tests.support.wait import wait_until
@@ -341,3 +342,40 @@ def test_direct_senders_are_offered_for_a_socket_only():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("head, reads", [
+    (b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n", 1),
+    # a body to come: the read tries first, as any read (EAGAIN, then the wait)
+    (b"POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\n\r\n", 2),
+])
+def test_a_whole_requests_next_read_waits_before_it_reads(head, reads):
+    """A request whole in its head has nothing behind it for now: the exchange's next read (the
+    splice's first, lib.net.splice) waits for the visitor's socket to be readable before it
+    reads, where a read finding nothing (an EAGAIN recv) came first. What comes then is read
+    as before: here the visitor's body, or its EOF."""
+    outside, inner = tcp_pair()
+    exchange = OneExchangeSocket(inner, head)
+    assert exchange.take_head().startswith(head.split(b"\r\n")[0])
+    with NativeCalls() as calls:
+        reader = gevent.spawn(exchange.recv, 65536)
+        gevent.sleep(0.01)  # the reader waits: the visitor sent nothing after the head
+        outside.sendall(b"ok")
+        assert reader.get(timeout=5) == (b"" if reads == 1 else b"ok")
+    assert calls.count("recv_into") == reads
+    outside.close()
+    inner.close()
+
+
+def test_a_whole_requests_wait_ends_with_an_error_when_the_socket_is_closed_under_it():
+    """The wait is on the socket's own watcher: a close from another greenlet (the splice's
+    abort) ends it with an error, as it ends a read."""
+    outside, inner = tcp_pair()
+    exchange = OneExchangeSocket(inner, b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+    exchange.take_head()
+    reader = gevent.spawn(exchange.recv, 65536)
+    gevent.sleep(0.01)
+    inner.close()
+    with pytest.raises(OSError):
+        reader.get(timeout=5)
+    outside.close()

@@ -1,4 +1,5 @@
 """Counting Python calls: ``with PythonCalls() as calls: ...; calls.names``.
+Counting calls of C functions by name: ``with NativeCalls() as calls: ...; calls.count("recv_into")``.
 What one function was given: ``with ArgumentLengths(qualname, argument) as seen: ...; seen.lengths``.
 
 The per-request tests (test_muxproto, test_splice_direct) ask how many Python functions one
@@ -55,3 +56,29 @@ class ArgumentLengths:
 
     def __exit__(self, *exc) -> None:
         sys.setprofile(self.old)
+
+
+class NativeCalls:
+    """The names of the C functions and methods called while the block runs (every greenlet
+    of this thread), in order: a read of the OS socket is a ``recv_into``, whatever Python
+    wrapper made it (the same profile hook as PythonCalls)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.old = None
+
+    def __enter__(self) -> "NativeCalls":
+        names = self.names
+
+        def record(frame, event, arg):
+            if event == "c_call":
+                names.append(getattr(arg, "__name__", "?"))
+        self.old = sys.getprofile()
+        sys.setprofile(record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self.old)
+
+    def count(self, name: str) -> int:
+        return self.names.count(name)
