@@ -11,6 +11,7 @@ Public API::
     client.on_change, client.on_stream = console.changed, console.stream_done
     console.refresh()            # redraw; the entry point calls it once a second
     console.stop()               # the last panel stays on the screen
+    shown(text) -> str           # a proxy's StartProxy text as a log line or panel may show it
 
 Live (on a terminal), the panel shows what ngrok's does, for Shroud:
 
@@ -143,8 +144,8 @@ class Console:
         if self.live or not log.isEnabledFor(logging.INFO) or not self._log_limit.take():
             return  # (a line nobody would see costs no token: --log-level warning)
         dropped, self._log_limit.dropped = self._log_limit.dropped, 0
-        log.info("visitor %s -> %s via %s: %s in, %s out, %.2f s, %s%s", record.visitor,
-                 record.name, record.proxy, size(record.bytes_in), size(record.bytes_out),
+        log.info("visitor %s -> %s via %s: %s in, %s out, %.2f s, %s%s", shown(record.visitor),
+                 shown(record.name), record.proxy, size(record.bytes_in), size(record.bytes_out),
                  record.duration, record.result,
                  f" ({dropped} connections before this one not logged)" if dropped else "")
 
@@ -206,10 +207,20 @@ class Console:
                              ("result", "left")):
             t.add_column(col, justify=justify, overflow="fold")
         for c in self.connections:
-            t.add_row(time.strftime("%H:%M:%S", time.localtime(c.started)), c.visitor, c.name,
+            t.add_row(time.strftime("%H:%M:%S", time.localtime(c.started)),
+                      Text(shown(c.visitor)), Text(shown(c.name)),
                       size(c.bytes_in), size(c.bytes_out), f"{c.duration:.2f}s",
                       Text(c.result, style="green" if c.result == "ok" else "red"))
         return t
+
+
+def shown(text: str) -> str:
+    """A proxy's text (StartProxy's ClientAddr and Url, in a connection's record) as a line of
+    the log or a cell of the panel may show it: control characters escaped (a CRLF in a
+    ClientAddr wrote a line of the proxy's making into the client's log), at most 200
+    characters; the panel takes it as Text, not markup."""
+    text = text[:200]
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def size(n: float) -> str:

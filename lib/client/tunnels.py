@@ -638,10 +638,15 @@ class TunnelRunner:
         record = StreamRecord(started=time.time(), proxy=self.proxy_name)
         t0 = time.monotonic()
         opening = _Opening(stream)
-        if stream.buffered and not self._opened_now(stream, record, opening):
-            stream.close()  # reset already, record.result says why
-            self._stream_over(record, t0)
-            return
+        if stream.buffered:
+            try:
+                opened = self._open_now(stream, record, opening)
+            except Exception as e:  # a bug a stream's bytes reached: this stream's, not the
+                opened = self._open_failed(stream, record, opening, e)  # tunnel's
+            if not opened:
+                stream.close()  # reset already, record.result says why
+                self._stream_over(record, t0)
+                return
         self.client.stream_workers.spawn(self._handle_stream, stream, record, t0, opening)
 
     def _handle_stream(self, stream, record: "StreamRecord", t0: float,
@@ -667,20 +672,17 @@ class TunnelRunner:
         record.duration = time.monotonic() - t0
         self.client._stream_done(record)
 
-    def _opened_now(self, stream, record: "StreamRecord", op: "_Opening") -> bool:
-        """``_open_now``, whose failure ends this stream only: raised into Session.serve's
-        reader, it ended the tunnel (INTERNAL_ERROR) and left the stream counted open for good
-        (``streams_open``, the limit of every later session of this runner)."""
-        try:
-            return self._open_now(stream, record, op)
-        except Exception as e:  # a bug a stream's bytes reached: this stream's, not the tunnel's
-            stream_log.log(self.proxy_name, logging.ERROR, "stream %d from %s: opening failed: "
-                           "%r", stream.id, self.proxy, e)
-            stream.reset(ErrorCode.INTERNAL_ERROR)
-            if op.local is not None:
-                op.local.close()
-            record.result = "opening failed"
-            return False
+    def _open_failed(self, stream, record: "StreamRecord", op: "_Opening", e: Exception) -> bool:
+        """``_open_now`` raised: this stream ends (reset), not the tunnel. Raised into
+        Session.serve's reader, it ended the tunnel (INTERNAL_ERROR) and left the stream counted
+        open for good (``streams_open``, the limit of every later session of this runner)."""
+        stream_log.log(self.proxy_name, logging.ERROR, "stream %d from %s: opening failed: %r",
+                       stream.id, self.proxy, e)
+        stream.reset(ErrorCode.INTERNAL_ERROR)
+        if op.local is not None:
+            op.local.close()
+        record.result = "opening failed"
+        return False
 
     def _open_now(self, stream, record: "StreamRecord", op: "_Opening") -> bool:
         """The opening's steps that need no wait, from the session's reader with StartProxy's
@@ -795,8 +797,8 @@ class TunnelRunner:
         """The bound service StartProxy names; None (the stream refused) for another message
         or a name this tunnel did not bind."""
         svc = self.urls.get(start.url) if isinstance(start, msg.StartProxy) else None
-        record.visitor = _printable(getattr(start, "client_addr", None) or "?")
-        record.name = _printable(getattr(start, "url", None) or "?")
+        record.visitor = getattr(start, "client_addr", None) or "?"  # as the proxy sent them:
+        record.name = getattr(start, "url", None) or "?"  # lib.client.console escapes them
         if svc is None:
             stream_log.log(self.proxy_name, logging.WARNING, "stream for unknown url %r from %s",
                            getattr(start, "url", None), self.proxy)
@@ -930,14 +932,6 @@ def _destination(start: msg.StartProxy, local) -> tuple:
         except ValueError:
             pass
     return local.getsockname()
-
-
-def _printable(text: str) -> str:
-    """The proxy's ``text`` (a StartProxy field) as the console's log line and panel may show
-    it: control characters escaped (a CRLF in a ClientAddr wrote a line of the proxy's making
-    into the client's log), at most 200 characters."""
-    text = text[:200]
-    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _unscoped(ip):
