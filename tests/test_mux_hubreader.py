@@ -14,8 +14,10 @@ import pytest
 
 from lib.errors import ErrorCode
 from lib.net.muxsession import MuxConfig, Session
+from lib.net.splice import splice
 from lib.protocol import muxframe as fr
-from tests.support.muxpair import pki, session_pair, tls_pair  # noqa: F401
+from tests.support.calls import PythonCalls
+from tests.support.muxpair import pki, session_pair, tcp_pair, tls_pair  # noqa: F401
 from tests.support.switches import SwitchesInto
 
 
@@ -158,3 +160,30 @@ def test_a_read_that_fills_the_read_size_is_followed_by_a_read_not_the_watcher(p
     assert got == b"a" * 5000
     c.close()
     s.close()
+
+
+def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_frame():
+    # The hub read that brings an answer for a spliced visitor offers it to the sink from
+    # _decoded itself (Session._flush_sinks inline: a frame fewer per keep-alive request in
+    # each process, bench/README.md, "Per-request cost (issue 16)", ka3 pass).
+    c, s = session_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    g = gevent.spawn(splice, inner, near)
+    try:
+        far.sendall(b"warm")
+        assert visitor.recv(10) == b"warm"
+        for i in range(10):
+            with PythonCalls() as calls:
+                far.sendall(b"answer %d" % i)
+                assert visitor.recv(100) == b"answer %d" % i
+            assert calls.names.count("Stream._sink_flush") == 1, calls.names
+            assert "Session._flush_sinks" not in calls.names
+    finally:
+        visitor.close()
+        c.close()
+        s.close()
+        g.join(timeout=5)

@@ -1079,8 +1079,13 @@ class Session:
             if conn.outgoing_size:
                 self._wake_writer()
         finally:
-            if self._to_sink:
-                self._flush_sinks()  # its WNDINCs wake the writer (_consumed)
+            pending = self._to_sink
+            if pending:  # _flush_sinks inline: a frame fewer per keep-alive request
+                self._to_sink = []
+                for st in pending:
+                    st._sink_flush()
+                if conn.outgoing_size:  # their WNDINCs (_consumed), once for all
+                    self._wake_writer()
         if self._end is not None:
             return
         watcher = self._watcher
