@@ -1,4 +1,5 @@
 """splice(): half-close both ways, fallback before the first byte, idle timeout."""
+import gc
 import socket
 import time
 
@@ -61,6 +62,39 @@ def test_idle_timeout_arms_no_timeout_per_read():
     a_out.close()
     b_out.close()
     g.get(timeout=5)
+
+
+def test_splices_share_one_idle_timer():
+    """Splices with one idle_timeout make no timer of their own (a loop timer made, started,
+    stopped and closed per connection): one timer looks at all of them. Counted as the loop
+    timers alive while 20 splices are (the garbage collector's list of objects)."""
+    timer_type = type(gevent.get_hub().loop.timer(1.0))
+    before = sum(type(o) is timer_type for o in gc.get_objects())
+    pairs = [(gsocket.socketpair(), gsocket.socketpair()) for _ in range(20)]
+    gs = [gevent.spawn(splice, a[1], b[0], idle_timeout=29.5) for a, b in pairs]
+    gevent.idle()  # every splice started (no timer of the test's own alive: a sleep's)
+    alive = sum(type(o) is timer_type for o in gc.get_objects()) - before
+    for a, b in pairs:
+        a[0].close()
+        b[1].close()
+    for g in gs:
+        g.get(timeout=5)
+    assert alive <= 1
+
+
+def test_a_shared_idle_timer_ends_the_silent_splice_only():
+    """Two splices on one idle timer: the silent one ends, the busy one goes on."""
+    silent = [gsocket.socketpair(), gsocket.socketpair()]
+    busy = [gsocket.socketpair(), gsocket.socketpair()]
+    g_silent = gevent.spawn(splice, silent[0][1], silent[1][0], idle_timeout=0.3)
+    g_busy = gevent.spawn(splice, busy[0][1], busy[1][0], idle_timeout=0.3)
+    for _ in range(10):
+        busy[0][0].sendall(b"x")
+        assert busy[1][1].recv(10) == b"x"
+        gevent.sleep(0.1)
+    assert g_silent.ready() and not g_busy.ready()
+    g_silent.get()
+    g_busy.get(timeout=5)  # silent now too: it ends
 
 
 def test_idle_timeout_before_any_answer_sends_the_fallback():

@@ -12,7 +12,8 @@ Half-close is carried through: when one side reaches EOF, the other side gets
 before return; both ends are closed on return (gevent's rule: when the handler returns, its
 socket is closed). An error in either direction ends both. ``on_*`` callbacks get the byte count of each chunk (bandwidth
 counters). ``idle_timeout`` bounds how long both directions may stay silent: one repeating
-timer per splice looks every ``idle_timeout / IDLE_CHECKS`` seconds, and once neither direction
+timer, shared by every splice with that ``idle_timeout`` (``_IdleTimers``), looks at each every
+``idle_timeout / IDLE_CHECKS`` seconds, and once neither direction
 has moved a byte for ``idle_timeout`` it raises TimeoutError in both directions, which then end
 as on any other error (the ends themselves wait without a timeout). With ``idle_timeout=None``
 (``--idle-timeout 0``) the ends keep their own timeouts, and one that fires ends both
@@ -93,8 +94,8 @@ BULK_STREAM_CHUNK = 256 * 1024
 # a fast path busy between two of our writes (the kernel still autotunes what is in flight).
 UNSENT_LOWAT = 64 * 1024
 # How often, per idle_timeout, a splice's timer looks for silence: an idle connection ends
-# between 1 and 1 + 1/IDLE_CHECKS idle_timeouts after its last byte. One timer per splice instead
-# of a timeout on every read: gevent arms a Timeout object for each read or write that has to
+# between 1 and 1 + 1/IDLE_CHECKS idle_timeouts after its last byte. One timer for the splices
+# instead of a timeout on every read: gevent arms a Timeout object for each read or write that has to
 # wait on an end with a timeout, which cost the proxy ~12 % of its CPU per request
 # (bench/README.md, "Per-request cost").
 IDLE_CHECKS = 4
@@ -109,7 +110,7 @@ _DIRECTIONS = WorkerPool()
 
 
 class _State:
-    __slots__ = ("last", "idle_timeout", "dead", "pumps", "ended", "feeders")
+    __slots__ = ("last", "idle_timeout", "dead", "pumps", "ended", "feeders", "watch")
 
     def __init__(self, idle_timeout: float | None) -> None:
         self.last = time.monotonic()
@@ -120,6 +121,7 @@ class _State:
         self.pumps: list = []
         self.ended = 0  # directions whose copy loop returned
         self.feeders: list = []  # _Feeder: their watchers stop before an end is closed
+        self.watch: set | None = None  # the idle check's splices (_IdleTimers), when timed
 
 
 class _Sink:
@@ -563,25 +565,57 @@ def _abort(state: _State, *ends, hard: bool = False) -> None:
             pass
 
 
-def _check_idle(state: _State, timer) -> None:
-    """The idle timer's callback (in the hub): both directions silent for idle_timeout ->
-    TimeoutError raised in each copy loop still running, as an end's own timeout would."""
-    if state.dead:  # ending already
+class _IdleTimers:
+    """The splices' idle checks: one repeating timer per hub loop and ``idle_timeout`` value,
+    shared by every splice using that value, instead of a timer made, started, stopped and
+    closed per splice (bench/README.md, "Fresh connections: the first frame before the
+    splice"). ``add`` a splice's state as it starts, ``discard`` it as it ends. A tick that
+    finds no splice stops the timer; the next ``add`` starts it again. The table holds one
+    timer per value callers pass (the proxy's --idle-timeout: one) per hub; the states, one per
+    live splice, are bounded by the connections the caller accepts."""
+
+    def __init__(self) -> None:
+        self._watches: dict = {}  # (loop, idle_timeout) -> (timer, set of _State)
+
+    def add(self, state: _State) -> None:
+        loop = gevent.get_hub().loop
+        watch = self._watches.get((loop, state.idle_timeout))
+        if watch is None:
+            every = state.idle_timeout / IDLE_CHECKS
+            # ref=False: a loop with nothing else to do does not stay up for it.
+            watch = (loop.timer(every, every, ref=False), set())
+            self._watches[(loop, state.idle_timeout)] = watch
+        timer, states = watch
+        states.add(state)
+        state.watch = states
+        if not timer.active:
+            timer.start(_check_idle, states, timer)
+
+    @staticmethod
+    def discard(state: _State) -> None:
+        state.watch.discard(state)
+
+
+def _check_idle(states: set, timer) -> None:
+    """The idle timer's callback (in the hub), for each splice watched: both directions silent
+    for idle_timeout -> TimeoutError raised in each copy loop still running, as an end's own
+    timeout would (the splice is watched no more)."""
+    now = time.monotonic()
+    for state in list(states):
+        if state.dead:  # ending already
+            states.discard(state)
+        elif now - state.last >= state.idle_timeout:
+            states.discard(state)
+            for g in list(state.pumps):
+                if g in state.pumps:  # not ended by the one before
+                    g.throw(TimeoutError(f"idle for {state.idle_timeout:g} s"))
+    if not states:
         timer.stop()
-        return
-    if time.monotonic() - state.last < state.idle_timeout:
-        return
-    timer.stop()
-    for g in list(state.pumps):
-        if g in state.pumps:  # not ended by the one before
-            g.throw(TimeoutError(f"idle for {state.idle_timeout:g} s"))
 
 
-def _start_idle_timer(state: _State):
-    every = state.idle_timeout / IDLE_CHECKS
-    timer = gevent.get_hub().loop.timer(every, every, ref=False)
-    timer.start(_check_idle, state, timer)
-    return timer
+# One per process (the hub's loop: gevent runs one hub per thread, and splices run in the hub
+# thread's greenlets).
+_IDLE = _IdleTimers()
 
 
 def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None = None,
@@ -595,7 +629,8 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
                 end.settimeout(None)  # the idle timer bounds waiting (IDLE_CHECKS)
             except OSError:
                 pass
-    timer = _start_idle_timer(state) if idle_timeout is not None else None
+    if idle_timeout is not None:
+        _IDLE.add(state)
     # a -> b in this greenlet, at once: bytes already waiting in a (the proxy's replayed
     # request head, the client's first bytes from the visitor) join what the caller just
     # wrote to b (a new stream's SYN and StartProxy) in one TLS record and one send().
@@ -608,9 +643,8 @@ def splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout: float | None =
         n_ab = _pump(a, b, on_a_to_b, state, chunk)
         g.join()
     finally:
-        if timer is not None:
-            timer.stop()
-            timer.close()
+        if idle_timeout is not None:
+            _IDLE.discard(state)
         if not g.ready():
             _abort(state, a, b)
             g.kill(block=True, timeout=1)
