@@ -1,7 +1,7 @@
 """The admin app with Flask's test client over a ProxyServer built in-process (no listeners).
 
 Tunnels are registered with a stand-in session (the registry only reads ``closed``,
-``heartbeat_rtt`` and ``sends_waiting`` and the actions call ``close``); everything else is real: the registry, the
+``heartbeat_rtt``, ``sends_waiting`` and ``buffered_in``, and the actions call ``close``); everything else is real: the registry, the
 SQLite ownership store, the Flask app, its templates and static files.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ class FakeSession:
         self.closed = False
         self.heartbeat_rtt = rtt
         self.sends_waiting = 0
+        self.buffered_in = 0
         self.close_reason = None
 
     def close(self, code=0, reason=""):

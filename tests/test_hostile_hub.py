@@ -64,6 +64,7 @@ def _stream_fed(payload: bytes, measure: bool = False):
             if measure:
                 tracemalloc.stop()
         buffered, chunks = st.buffered, st.buffered_chunks
+        assert session.buffered_in == buffered  # the session's count (the status API's)
         got = b""
         while len(got) < buffered:
             got += st.recv(65536)
@@ -183,9 +184,13 @@ def test_a_tunnel_client_sending_tiny_frames_to_visitors_that_never_read(tmp_pat
         held = _settled_rss_kib(proxy.pid)
         per_visitor = (held - rss0) / VISITORS
         assert not peer.closed.is_set(), "the proxy closed the tunnel"
+        # Counted: what the tunnel's streams hold, within their 64 KiB windows.
+        (tunnel,) = proxy.status()["tunnels"]
+        assert 0 < tunnel["buffered_in"] <= VISITORS * mp.INITIAL_WINDOW, tunnel
         assert per_visitor < 1024, f"{per_visitor:.0f} KiB per visitor ({frames} frames)"
         print(f"{VISITORS} visitors, {frames} 2-byte frames: proxy RSS "
-              f"+{(held - rss0) / 1024:.1f} MiB, {per_visitor:.0f} KiB each")
+              f"+{(held - rss0) / 1024:.1f} MiB, {per_visitor:.0f} KiB each, "
+              f"{tunnel['buffered_in']} bytes buffered")
     finally:
         for v in visitors:
             v.close()

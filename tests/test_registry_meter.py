@@ -25,6 +25,7 @@ class FakeSession:
     closed = False
     heartbeat_rtt = 0.01
     sends_waiting = 0
+    buffered_in = 0
 
     def __init__(self, open_stream=None):
         self.open = open_stream

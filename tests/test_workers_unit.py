@@ -232,6 +232,7 @@ def test_merged_view_adds_up_every_workers_state():
         closed = False
         heartbeat_rtt = 0.01
         sends_waiting = 0
+        buffered_in = 0
 
     here, there = Registry(), Registry()
     Registry.number_tunnels_from(1_000_001)

@@ -17,6 +17,7 @@ Public API::
     session.unsent_size                     # output bytes queued or handed out, not yet written
     session.frames_received                 # frames decoded so far (a counter)
     session.sends_waiting                   # streams whose send waits for the peer's window
+    session.buffered_in                     # bytes received on its streams, not read yet
     session.greenlets                       # SessionGreenlets(reader, writer, watchdog)
     session.persisted_sends                 # sends the persist timer made (Sending)
     session.sends_held                      # sends keeping a window's rest for a grant (Sending)
@@ -707,6 +708,13 @@ class Session:
         """Sends waiting for window with its rest (under a frame) kept back, watched by the
         persist timer (Sending): at most one entry per stream, so bounded by max_streams."""
         return len(self._held)
+
+    @property
+    def buffered_in(self) -> int:
+        """Bytes the peer sent on our streams that nobody has read yet (each stream's
+        ``buffered``; bounded by the windows, held in few objects: SMALL_CHUNK). Counted when
+        asked (status)."""
+        return sum(st._buffered for st in self._streams.values())
 
     @property
     def refused_streams(self) -> int:

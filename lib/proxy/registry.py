@@ -125,6 +125,7 @@ class Tunnel:
                                  else round(self.session.heartbeat_rtt * 1000, 2)),
             "streams_open": self.streams_open, "streams_total": self.streams_total,
             "sends_waiting": self.session.sends_waiting,
+            "buffered_in": self.session.buffered_in,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "names": sorted(b.name for b in self.bindings),
         }
