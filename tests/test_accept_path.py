@@ -27,6 +27,7 @@ from lib.proxy import routing
 from lib.proxy.registry import ROUTE_BY_HOST, Registry
 from lib.proxy.server import ProxyConfig, PublicServer
 from tests.support.calls import PythonCalls
+from tests.support.wait import wait_until
 
 
 def _served(pool: WorkerPool):
@@ -250,3 +251,37 @@ def test_the_streams_first_frame_is_queued_without_waiting(monkeypatch):
     assert got == start + head
     proxy_side.close()
     client_side.close()
+
+
+def test_a_failure_in_the_listeners_callback_closes_the_connection(monkeypatch):
+    """Making the accepted socket or handing it to a worker raising in the listener's callback
+    (the hub reports it, and stops that watcher) closes the connection: no descriptor left to
+    the garbage collector."""
+    import lib.proxy.server as server_mod
+    failed = []
+
+    class FailingPool(WorkerPool):
+        def spawn_now(self, func, *args):
+            failed.append(args[0])
+            raise RuntimeError("spawn failed (test)")
+
+    def failing_socket(family, kind, proto, fd, local_name):
+        failed.append(fd)
+        raise RuntimeError("socket failed (test)")
+
+    for case in ("spawn", "socket"):
+        pool = FailingPool(4) if case == "spawn" else WorkerPool(4)
+        if case == "socket":
+            monkeypatch.setattr(server_mod, "AcceptedSocket", failing_socket)
+        server = PublicServer(("127.0.0.1", 0), lambda sock, address: None, spawn=pool)
+        server.start()
+        try:
+            del failed[:]
+            c = _connect(server.address[1])
+            wait_until(lambda: failed)
+            if case == "spawn":
+                assert failed[0].closed
+            assert c.recv(1) == b""  # closed at once (the connect's 5 s timeout otherwise)
+            c.close()
+        finally:
+            server.stop(timeout=1)

@@ -307,9 +307,19 @@ class PublicServer(_PausesOnFailedAccept, gevent.server.StreamServer):
                 else:
                     self._accept_failed(e)
                 return
-            sock = (AcceptedSocket(family, kind, proto, fd, local_name) if self._tuned
-                    else self._wrap(fd))
-            pool.spawn_now(serve, sock, address)
+            # A failure making the socket or handing it on closes the connection, then the hub
+            # reports it (a try costs nothing on the normal path in Python 3.11).
+            try:
+                sock = (AcceptedSocket(family, kind, proto, fd, local_name) if self._tuned
+                        else self._wrap(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                pool.spawn_now(serve, sock, address)
+            except BaseException:
+                sock.close()
+                raise
             try:
                 if self._ready is None or (queued is not None and not queued()):
                     return  # stopped by a handler, or none left now (a later one wakes us)
