@@ -379,3 +379,33 @@ def test_a_whole_requests_wait_ends_with_an_error_when_the_socket_is_closed_unde
     with pytest.raises(OSError):
         reader.get(timeout=5)
     outside.close()
+
+
+def test_a_small_answer_offered_whole_takes_few_python_calls():
+    """The origin's answer, head and body in one piece, goes to the visitor from the session's
+    reader (the sink's send_now): on the time to a fresh connection's first byte. Counted in
+    Python calls: one Content-Length value is read without the list's reading, and a body that
+    is all the rest of the piece is sent without cutting it (15 calls before, 13 after), and
+    the visitor still gets the head with Connection: close, the body, then our FIN."""
+    from lib.net.sockets import AcceptedSocket
+    from lib.protocol.httphead import parse_request_head
+    from tests.support.calls import PythonCalls
+
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n"
+              b"hello, world\n")
+    ours, peer = socket.socketpair()
+    visitor = AcceptedSocket(ours.family, ours.type, ours.proto, ours.detach(), "127.0.0.1:80")
+    with visitor, peer:
+        exchange = OneExchangeSocket(visitor, REQUEST,
+                                     request=parse_request_head(REQUEST.rstrip(b"\r\n")))
+        assert exchange.take_head().endswith(b"Connection: close\r\n\r\n")
+        _, send_now, _ = exchange.direct_senders()
+        with PythonCalls() as calls:
+            assert send_now(answer) == len(answer)
+        assert len(calls.names) <= 13, calls.names
+        peer.settimeout(5)
+        got = b""
+        while chunk := peer.recv(4096):
+            got += chunk
+        assert got == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
+                       b"Connection: close\r\n\r\nhello, world\n")

@@ -332,3 +332,44 @@ def test_a_whole_requests_first_frame_leaves_before_the_splice_is_set_up(
     monkeypatch.setattr(routing, "splice", lambda a, b, **kw: at_splice.append(len(flushes)))
     route_a_post(monkeypatch, router, Binding(tunnel), head)
     assert at_splice == [1 if flushed else 0]
+
+
+def test_a_routed_get_reaches_its_first_frame_in_few_python_calls(monkeypatch):
+    """Everything a fresh connection by Host runs before its stream's first frame is queued
+    (StartProxy and the head, flushed at the end of the loop turn) is on the time to its first
+    byte: the peek, the sniff, the choice, the exchange wrapper. Counted in Python calls from the
+    handler's start to that write, for a GET whose head is there, on a connection as the
+    listener accepts it (bench/README.md, "Fresh connections: the proxy's critical path"): a
+    request without a body shares one ended body framer, its Upgrade header is read in the
+    framer's one pass over the fields, its head is taken without the read path under it, and
+    the sniffer reads the Host fields in a loop of its own
+    (47 calls before, 35 after, two of them this test's stand-ins)."""
+    import socket as _socket
+    from lib.net.sockets import AcceptedSocket
+    from tests.support.calls import PythonCalls
+
+    seen = []
+
+    class FirstFrame(SlowStream):
+        def send_nowait(self, data):
+            seen.append((len(calls.names), bytes(data)))
+            return len(data)
+    tunnel = Tunnel()
+    tunnel.session = types.SimpleNamespace(open=FirstFrame)
+    binding = Binding(tunnel)
+    router = routing.PublicRouter(ProxyConfig(idle_timeout=None), Registry())
+    monkeypatch.setattr(router, "choose", lambda *a: routing.Route(routing.FORWARD, binding,
+                                                                   tunnel))
+    monkeypatch.setattr(routing, "splice", lambda a, b, **kw: None)
+    head = b"GET /small HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    for _ in range(2):  # the first connection fills the caches (names, the 502's bytes)
+        ours, peer = _socket.socketpair()
+        visitor = AcceptedSocket(ours.family, ours.type, ours.proto, ours.detach(),
+                                 "127.0.0.1:80")
+        with visitor, peer:
+            peer.sendall(head)
+            with PythonCalls() as calls:
+                router.handle_http(visitor, ("127.0.0.1", 1))
+    before, first = seen[-1]
+    assert first.endswith(head)
+    assert before <= 35, "\n".join(calls.names[:before])

@@ -110,7 +110,8 @@ class OneRequestSocket(ReplaySocket):
     answering), its body is framed by :class:`lib.protocol.http1.RequestFramer` on the way in,
     and whatever follows it is dropped: the tunnel sees EOF there. ``keep_connection_header``
     leaves the head as it is (an upgrade request: ``Connection: upgrade`` must reach the
-    origin). ``request``: the head as already parsed (lib.protocol.httphead), if it was.
+    origin); None: as the request's own Upgrade header says. ``request``: the head as already
+    parsed (lib.protocol.httphead), if it was.
 
     :raises lib.protocol.httphead.HeadError: ``head`` does not start with a request head.
     :raises lib.protocol.http1.FramingError: a request the proxy does not frame (both
@@ -119,12 +120,21 @@ class OneRequestSocket(ReplaySocket):
 
     dropped_requests = 0
 
-    def __init__(self, sock, head: bytes, keep_connection_header: bool = False,
+    def __init__(self, sock, head: bytes, keep_connection_header: bool | None = False,
                  request: httphead.RequestHead | None = None):
         end = httphead.END_OF_HEAD_RE.search(head)
         first, rest = (head[:end.end()], head[end.end():]) if end else (head, b"")
         if request is None:
             request = httphead.parse_request_head(first)
+        self._refused: http1.FramingError | None = None
+        try:
+            self._framer = framer = http1.RequestFramer(request)
+        except http1.FramingError as e:
+            self._refused = e  # raised by the first read: the splice aborts both ends
+            framer = None
+        if keep_connection_header is None:  # the request's own Upgrade header decides
+            keep_connection_header = framer is not None and framer.upgrade
+        self._upgrade = keep_connection_header
         if not keep_connection_header:
             first = http1.connection_close(first)
         super().__init__(sock, first + rest)
@@ -134,11 +144,6 @@ class OneRequestSocket(ReplaySocket):
         # it has for now, so the next read waits before it reads (no EAGAIN recv first).
         self._quiet = False
         self._reused = False
-        self._refused: http1.FramingError | None = None
-        try:
-            self._framer = http1.RequestFramer(request)
-        except http1.FramingError as e:
-            self._refused = e  # raised by the first read: the splice aborts both ends
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
         if self._reused:
@@ -185,10 +190,14 @@ class OneRequestSocket(ReplaySocket):
         taken now: the caller sends it itself (lib.proxy.routing sends it with StartProxy, one
         frame); reads go on after it. b"" when the first read would fail (a request this
         module does not frame): that read still raises."""
-        if self._refused is not None or not self._head_left:
+        left = self._head_left
+        if self._refused is not None or not left:
             return b""
-        head = self.recv(self._head_left)
-        self._quiet = self.request_whole
+        # What recv(left) returns, without its steps: the head is all replayed bytes (no
+        # flags, nothing read yet), and the framer is fed the nothing after it.
+        head, self._head, self._head_left = self._head[:left], self._head[left:], 0
+        self._ended = self._framer.done  # a request without a body ends with its head
+        self._quiet = self._ended and not self._head  # request_whole, inline
         return head
 
     @property
@@ -227,12 +236,8 @@ class OneExchangeSocket(OneRequestSocket):
     def __init__(self, sock, head: bytes, request: httphead.RequestHead | None = None):
         if request is None:
             request = httphead.parse_request_head(httphead.END_OF_HEAD_RE.split(head, 1)[0])
-        self._upgrade = False
-        for name, _ in request.fields:  # (a loop: any() of a generator is 3 calls a field)
-            if name == "upgrade":
-                self._upgrade = True
-                break
-        super().__init__(sock, head, keep_connection_header=self._upgrade, request=request)
+        # An upgrade request keeps its Connection header (the RequestFramer saw Upgrade).
+        super().__init__(sock, head, keep_connection_header=None, request=request)
         self._response = http1.ResponseFramer(request.method, upgrade=self._upgrade)
         self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
         self._answered = gevent.event.Event()  # the final answer (or the 101) went out
@@ -392,7 +397,11 @@ class OneExchangeSocket(OneRequestSocket):
         if not heads:
             return taken  # an incomplete head, held by the framer
         self._credit = body
-        out = [heads] + _first(rest, body) if body else [heads]
+        if body:  # (a body that is all of one chunk's rest, the usual answer, needs no cut)
+            out = [heads] + (rest if len(rest) == 1 and len(rest[0]) == body
+                             else _first(rest, body))
+        else:
+            out = [heads]
         try:
             k = self._many_now(out[:IOV_MAX]) if self._many_now else self._now(b"".join(out))
         except BlockingIOError:

@@ -22,6 +22,7 @@ Public API::
     framer.feed(data) -> int           # how many of `data` (the bytes after the head) are the
                                        # request's; fewer than len(data) only at its end
     framer.done                        # the request ended
+    framer.upgrade                     # the request has an Upgrade header
     framer = ResponseFramer(method, upgrade=False)  # the request's method
     framer.feed(data) -> bytes         # the part of `data` to forward to the visitor now
     framer.head_part(data) -> (bytes, int)  # in state HEAD: the heads' bytes to forward,
@@ -194,10 +195,14 @@ def _framing(fields, response: bool = False) -> int | str:
     for name, value in fields:
         name = name.lower()
         if name == b"content-length":
-            values = {v.strip() for v in value.split(b",")}
-            if len(values) != 1:
-                raise FramingError("conflicting Content-Length headers")
-            value = values.pop()
+            one = value.strip()
+            if one.isdigit():  # one value (ASCII digits): the list's reading gives the same
+                value = one
+            else:
+                values = {v.strip() for v in value.split(b",")}
+                if len(values) != 1:
+                    raise FramingError("conflicting Content-Length headers")
+                value = values.pop()
             if not _DIGITS_RE.fullmatch(value) or len(value) > MAX_DIGITS:
                 raise FramingError("bad Content-Length")
             if length is not None and value != length:  # compared as written: "05" != "5"
@@ -360,6 +365,11 @@ class _Body:
             raise FramingError(f"chunk-size line or trailer over {self._limit} bytes")
 
 
+# The body of a request with neither Content-Length nor Transfer-Encoding: over at its head.
+# A done _Body's feed returns 0 and changes nothing, so every such request shares this one.
+_NO_BODY = _Body(0, 0)
+
+
 class RequestFramer:
     """The end of one request whose head was read; see the module's request table.
 
@@ -367,21 +377,25 @@ class RequestFramer:
     :raises FramingError: a head whose request this module does not frame.
     """
 
-    __slots__ = ("_body",)
+    __slots__ = ("_body", "upgrade")
 
     def __init__(self, request: httphead.RequestHead):
         if _TARGET_RE.fullmatch(request.target) is None:
             raise FramingError("request target with a byte outside 0x21-0x7e")
         fields = []
         hosts = 0
+        self.upgrade = False  # it has an Upgrade header (read here: one pass over the fields)
         for name, value in request.fields:
             if name == "host":
                 hosts += 1
             elif name == "content-length" or name == "transfer-encoding":
                 fields.append((name.encode(), value.encode("latin-1")))
+            elif name == "upgrade":
+                self.upgrade = True
         if hosts > 1 or (hosts == 0 and request.version == "1.1"):
             raise FramingError("an HTTP/1.1 request needs one Host header")
-        self._body = _Body(_framing(fields), MAX_REQUEST_LINE)
+        # Most requests have no body: they share one ended _Body (it holds no state once done).
+        self._body = _Body(_framing(fields), MAX_REQUEST_LINE) if fields else _NO_BODY
 
     @property
     def done(self) -> bool:

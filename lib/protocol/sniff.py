@@ -504,7 +504,10 @@ class HTTPHostSniffer:
         buf += data
         match = httphead.END_OF_HEAD_RE.search(buf, start, MAX_HTTP_HEAD)
         if match is not None:
-            request = _read_head(bytes(buf[:match.start()]))
+            try:  # (inline: a call fewer per connection)
+                request = httphead.parse_request_head(bytes(buf[:match.start()]))
+            except httphead.HeadError as e:
+                raise SniffError(e.reason, http_status=e.http_status) from None
             name = _host_of(request)
             self.request = request
             return name
@@ -526,20 +529,15 @@ class HTTPHostSniffer:
         return None
 
 
-def _read_head(head: bytes) -> httphead.RequestHead:
-    """A complete request head (without its blank line), by httphead's rules."""
-    try:
-        return httphead.parse_request_head(head)
-    except httphead.HeadError as e:
-        raise SniffError(e.reason, http_status=e.http_status) from None
-
-
 def _host_of(request: httphead.RequestHead) -> str:
     """The routing name of a request head."""
     if request.method == "CONNECT":
         raise SniffError("CONNECT is not supported by a reverse proxy", http_status=405)
     target = request.target.encode("latin-1")
-    hosts = [h.encode("latin-1") for h in request.get_all("host")]
+    hosts = []
+    for name, value in request.fields:  # (a loop: get_all and two comprehensions, 3 calls)
+        if name == "host":
+            hosts.append(value.encode("latin-1"))
     if len(hosts) > 1:
         raise SniffError("more than one Host header", http_status=400)
     uri = _ABSOLUTE_URI_RE.match(target)
