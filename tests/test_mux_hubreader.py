@@ -180,7 +180,9 @@ def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_fram
             with PythonCalls() as calls:
                 far.sendall(b"answer %d" % i)
                 assert visitor.recv(100) == b"answer %d" % i
-            assert calls.names.count("Stream._sink_flush") == 1, calls.names
+            # One offer, from the read: Session._offer_alone for a read of one DATA frame (a
+            # keep-alive answer), else _decoded's inline flush; never a _flush_sinks frame.
+            assert calls.names.count("_Sink.offer") == 1, calls.names
             assert "Session._flush_sinks" not in calls.names
     finally:
         visitor.close()

@@ -1082,7 +1082,7 @@ class Session:
         piece or the next read from a callback, or the watcher again."""
         conn = self._conn
         try:
-            if events:
+            if events and (len(events) != 1 or not self._offer_alone(events[0])):
                 self._dispatch(events)
             if conn.outgoing_size:
                 self._wake_writer()
@@ -1105,6 +1105,36 @@ class Session:
             self._loop.run_callback(self._readable)
         elif not watcher.active:
             watcher.start(self._readable)
+
+    def _offer_alone(self, ev) -> bool:
+        """A read whose one event is DATA for a stream with an idle sink and nothing buffered
+        (a keep-alive request or answer): offered to the sink at once, what ``_dispatch``,
+        ``Stream._deliver``, ``_flush_sinks`` and ``Stream._sink_flush`` do for it in one call
+        (bench/README.md, "Per-request cost (issue 16)", kaone pass). What the socket does not
+        take waits in the buffer for the stream's reader, woken now. False: not such a read
+        (the caller dispatches it)."""
+        if type(ev) is not mp.DataReceived or ev.fin:
+            return False
+        st = self._streams.get(ev.stream_id)
+        data = ev.data
+        if st is None or not data:
+            return False
+        sink = st._sink
+        if sink is None or sink.busy or st._chunks or st._closed or st._read_closed:
+            return False
+        n = len(data)
+        self.stats.bytes_in += n
+        st.bytes_in += n
+        taken = sink.offer(data)
+        if taken < n:
+            if st._chunks is None:
+                st._chunks = deque()
+            st._chunks.append(data[taken:] if taken else data)
+            st._buffered += n - taken
+            st._wake()
+        if taken and self._end is None:  # _consumed; the caller wakes the writer
+            self._conn.acknowledge(st.id, taken)
+        return True
 
     def _watch(self) -> None:
         watcher = self._watcher

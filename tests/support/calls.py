@@ -1,5 +1,8 @@
 """Counting Python calls: ``with PythonCalls() as calls: ...; calls.names``.
 Counting calls of C functions by name: ``with NativeCalls() as calls: ...; calls.count("recv_into")``.
+Only Shroud's own: ``PythonCalls(under="lib")`` records the functions of files under the
+repository's ``lib/`` (a test's own socket calls, gevent's Python, left out).
+The bytecodes they run: ``with Opcodes() as ops: ...; ops.counts``.
 What one function was given: ``with ArgumentLengths(qualname, argument) as seen: ...; seen.lengths``.
 
 The per-request tests (test_muxproto, test_splice_direct) ask how many Python functions one
@@ -9,19 +12,25 @@ profile function set before, if any, is put back at the end.
 """
 from __future__ import annotations
 
+import os
 import sys
+from collections import Counter
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class PythonCalls:
-    def __init__(self) -> None:
+    def __init__(self, under: str | None = None) -> None:
         self.names: list[str] = []
         self.old = None
+        self.prefix = None if under is None else os.path.join(_ROOT, under) + os.sep
 
     def __enter__(self) -> "PythonCalls":
-        names = self.names
+        names, prefix = self.names, self.prefix
 
         def record(frame, event, arg):
-            if event == "call":
+            if event == "call" and (prefix is None or frame.f_code.co_filename.startswith(prefix)):
                 names.append(frame.f_code.co_qualname)
         self.old = sys.getprofile()
         sys.setprofile(record)
@@ -82,3 +91,42 @@ class NativeCalls:
 
     def count(self, name: str) -> int:
         return self.names.count(name)
+
+
+class Opcodes:
+    """Bytecodes executed by Shroud's own functions (files under the repository's ``lib/``)
+    while the block runs, by qualified name: ``with Opcodes() as ops: ...; ops.counts``
+    (sys.settrace with per-opcode events; functions outside ``lib/`` are not traced). The
+    per-request tests ask it how much Python one step runs, where a call count misses a
+    function's body growing. The trace function set before is put back at the end."""
+
+    def __init__(self, under: str = "lib") -> None:
+        self.counts: Counter = Counter()
+        self.prefix = os.path.join(_ROOT, under) + os.sep
+        self.old = None
+
+    def __enter__(self) -> "Opcodes":
+        counts, prefix = self.counts, self.prefix
+
+        def trace(frame, event, arg):
+            code = frame.f_code
+            if not code.co_filename.startswith(prefix):
+                return None
+            frame.f_trace_opcodes = True
+            name = code.co_qualname
+
+            def local(frame, event, arg):
+                if event == "opcode":
+                    counts[name] += 1
+                return local
+            return local
+        self.old = sys.gettrace()
+        sys.settrace(trace)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.settrace(self.old)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
