@@ -177,12 +177,16 @@ def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_fram
         far.sendall(b"warm")
         assert visitor.recv(10) == b"warm"
         for i in range(10):
+            # Two frames in one read (a read of one frame is offered by Session._offer_alone,
+            # with no _sink_flush either: test_keepalive_path).
+            answer = b"answer %d " % i + b"x" * 17000
             with PythonCalls() as calls:
-                far.sendall(b"answer %d" % i)
-                assert visitor.recv(100) == b"answer %d" % i
-            # One offer, from the read: Session._offer_alone for a read of one DATA frame (a
-            # keep-alive answer), else _decoded's inline flush; never a _flush_sinks frame.
-            assert calls.names.count("_Sink.offer") == 1, calls.names
+                far.sendall(answer)
+                got = b""
+                while len(got) < len(answer):
+                    got += visitor.recv(65536)
+            assert got == answer
+            assert calls.names.count("Stream._sink_flush") == 1, calls.names
             assert "Session._flush_sinks" not in calls.names
     finally:
         visitor.close()

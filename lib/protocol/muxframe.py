@@ -8,6 +8,8 @@ Public API::
     FrameDecoder()                         # .feed(bytes); .next_frame() -> frame | None
                                            # raises ProtocolError; .buffered bytes left unread;
                                            # .detach(): let go of the fed buffer (class doc)
+                                           # .whole_data(piece) -> Data | None: a piece that is
+                                           # one DATA frame, nothing carried (no feed needed)
 
 The wire format is documented in docs/PROTOCOL.md ("Framing: muxado v1"); every integer is
 big-endian and a frame is an 8-byte header plus ``length`` payload bytes::
@@ -203,6 +205,23 @@ class FrameDecoder:
             self._src, self._spos = memoryview(bytes(src[self._spos:])), 0
             return
         self._carry()
+
+    def whole_data(self, piece: Buffer) -> "Data | None":
+        """The DATA frame ``piece`` is, when it is exactly one (header and payload, a nonzero
+        stream id) and nothing is carried or pending from earlier pieces: what ``feed`` and two
+        ``next_frame`` calls would give, in one call (a keep-alive request or answer is such a
+        read: bench/README.md, "Per-request cost (issue 16)", kaone pass). None otherwise, the
+        decoder untouched: feed the piece as usual."""
+        if self._buf or self._src is not None or self._skip or self._failed:
+            return None
+        if len(piece) < HEADER_SIZE:
+            return None
+        word, flags, ftype, sid = HEADER.unpack_from(piece, 0)
+        sid &= STREAM_ID_MASK
+        if ((word & LENGTH_MASK) + HEADER_SIZE != len(piece) or ftype & TYPE_MASK != TYPE_DATA
+                or not sid):
+            return None
+        return Data(sid, bytes(piece[HEADER_SIZE:]), bool(flags & FLAG_FIN))
 
     def _carry(self) -> None:
         """Copy what is not decoded yet into the decoder's own buffer (a frame's start, or the
