@@ -238,6 +238,48 @@ def test_the_request_reaches_the_target_before_the_sessions_reader_yields():
     listener.close()
 
 
+def test_a_fresh_connection_wakes_no_greenlet_in_the_client():
+    """StartProxy and the request in, the answer out, the visitor gone: the stream is opened from
+    the session's reader and spliced with no greenlet (lib.net.splice, "Detached"): none is
+    switched into but the sessions' own (bench/README.md, "Fresh connections: no greenlet in
+    the client"); the record is counted and closed as a handler's."""
+    import gevent
+    import gevent.socket as gsocket
+    import greenlet
+    from lib.protocol import messages as m
+
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(5)  # a target never connected fails the test, not its timeout
+    runner, ours, proxy_side, done = _served_runner(listener.getsockname())
+    head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
+    gevent.sleep(0.01)  # runner.serve's greenlet is in serve()
+    known = {gevent.get_hub(), gevent.getcurrent(),
+             *(g for s in (ours, proxy_side) for g in s.greenlets if g is not None)}
+    woken = set()
+
+    def trace(event, args):
+        if event in ("switch", "throw") and args[1] not in known:
+            woken.add(args[1])
+    old = greenlet.settrace(trace)
+    try:
+        stream = proxy_side.open()
+        stream.sendall(m.encode(m.StartProxy(url="http://one.test", client_addr="192.0.2.7:5"))
+                       + head)
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        assert conn.recv(100) == head
+        record = _answered(conn, stream, done)
+    finally:
+        greenlet.settrace(old)
+    assert not woken, woken
+    assert (record.result, record.bytes_in, record.bytes_out) == ("ok", len(head), 6)
+    assert runner.streams_open == 0
+    proxy_side.close()
+    listener.close()
+
+
 def test_a_startproxy_cut_across_reads_is_read_on_by_the_handler():
     """The reader takes what came of StartProxy without waiting; the handler reads the rest
     (TunnelRunner._open_now hands it a Replay of those bytes) and the target gets the

@@ -16,7 +16,7 @@ import pytest
 from lib.errors import MuxError, StreamReset
 from lib.net.muxsession import Stream
 from lib.net.sockets import IOV_MAX, read_watcher
-from lib.net.splice import socket_sink, splice
+from lib.net.splice import socket_sink, splice, splice_detached
 from tests.support.calls import PythonCalls
 from tests.support.muxpair import session_pair, tcp_pair
 from tests.support.switches import SwitchesInto
@@ -378,3 +378,160 @@ def test_an_origin_reset_under_an_awaited_answer_resets_the_stream(rig):
     with pytest.raises(MuxError):
         rig.far.recv(100)
     g.get(timeout=5)
+
+
+# --- splice_detached: no greenlet at all (lib.net.splice, "Detached") --------------------------
+
+
+class _Detached:
+    """``rig.near`` spliced to ``rig.inner`` (the origin's end; the origin is ``rig.visitor``)
+    by splice_detached: ``done`` gets on_done's (n_ab, n_ba), ``counted`` the on_* calls."""
+
+    def __init__(self, rig):
+        self.done: list = []
+        self.counted = {"in": 0, "out": 0}
+        assert splice_detached(rig.near, rig.inner, lambda *n: self.done.append(n),
+                               on_a_to_b=lambda n: self._count("in", n),
+                               on_b_to_a=lambda n: self._count("out", n))
+
+    def _count(self, way: str, n: int) -> None:
+        self.counted[way] += n
+
+    def result(self):
+        wait_until(lambda: self.done, 5)
+        assert len(self.done) == 1
+        return self.done[0]
+
+
+def test_a_detached_splice_wakes_no_greenlet(rig):
+    """The origin answers and closes, the visitor closes: answer, FIN, the stream's EOF and both
+    ends' close, all from the hub (callbacks), no greenlet switched into but the sessions' own
+    and this test's; on_done once, with the counts."""
+    import greenlet
+    origin = rig.visitor
+    known = {gevent.get_hub(), gevent.getcurrent(),
+             *(x for x in (*rig.c.greenlets, *rig.s.greenlets) if x is not None)}
+    woken, trace = _greenlets_woken(known)
+    old = greenlet.settrace(trace)
+    try:
+        d = _Detached(rig)
+        origin.sendall(b"HTTP/1.1 200 OK\r\n\r\nanswer")
+        origin.close()
+        data = b""
+        while len(data) < 25:
+            data += rig.far.recv(100)
+        assert rig.far.recv(100) == b""  # the FIN
+        rig.far.close()
+        assert d.result() == (0, 25)
+    finally:
+        greenlet.settrace(old)
+    assert data == b"HTTP/1.1 200 OK\r\n\r\nanswer"
+    assert not woken, woken
+    assert d.counted == {"in": 0, "out": 25}
+    assert rig.near.closed and rig.inner.fileno() == -1  # both ends closed
+
+
+def test_a_detached_splice_passes_the_visitors_half_close_and_waits_for_the_answer(rig):
+    origin = rig.visitor
+    d = _Detached(rig)
+    rig.far.sendall(b"more")
+    assert origin.recv(100) == b"more"  # by the sink
+    rig.far.shutdown(socket.SHUT_WR)
+    assert origin.recv(100) == b""  # the stream's EOF reached the origin as its own
+    assert not d.done
+    origin.sendall(b"late answer")
+    origin.close()
+    assert rig.far.recv(100) == b"late answer"
+    assert rig.far.recv(100) == b""
+    assert d.result() == (4, 11)
+    assert d.counted == {"in": 4, "out": 11}
+
+
+def test_a_detached_splice_answer_over_first_then_the_visitor_closes(rig):
+    """The usual order of a fresh connection: the answer's FIN, then the stream's EOF (the
+    visitor gone): both closed then, not before (the visitor may still send)."""
+    origin = rig.visitor
+    d = _Detached(rig)
+    origin.sendall(b"answer")
+    origin.shutdown(socket.SHUT_WR)
+    assert rig.far.recv(100) == b"answer"
+    assert rig.far.recv(100) == b""
+    rig.far.sendall(b"after")  # the origin's read side is still open
+    assert origin.recv(100) == b"after"
+    assert not d.done
+    rig.far.close()
+    assert d.result() == (5, 6)
+    assert origin.recv(100) == b""
+
+
+def test_a_detached_upload_the_origin_cannot_take_at_once_keeps_its_order(rig):
+    """What the socket does not take at once goes to a copy loop (a kept greenlet) that waits
+    for it: every byte in order, the stream's window stops meanwhile."""
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    rig.inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    d = _Detached(rig)
+    flood = _Flood(rig.far)  # the origin does not read at first
+    assert flood.stalled_at() < 2 * 1024 * 1024
+    flood.check(rig.visitor.recv)
+    rig.visitor.close()
+    assert d.result() == (flood.sent, 0)
+
+
+def test_a_detached_answer_the_stream_cannot_take_at_once_keeps_its_order(rig):
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    rig.inner.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    d = _Detached(rig)
+    flood = _Flood(rig.visitor)  # the far side does not read at first
+    assert flood.stalled_at() < 2 * 1024 * 1024
+    flood.check(rig.far.recv)
+    rig.far.close()
+    assert d.result() == (0, flood.sent)
+
+
+def test_a_detached_splice_resets_the_stream_when_the_origin_resets(rig):
+    origin = rig.visitor
+    d = _Detached(rig)
+    origin.sendall(b"half an ans")
+    assert rig.far.recv(100) == b"half an ans"
+    origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    origin.close()  # a reset, not a FIN: the visitor must not take it for a whole answer
+    with pytest.raises(MuxError):
+        rig.far.recv(100)
+    assert d.result() == (0, 11)
+
+
+def test_a_detached_splice_resets_the_origin_when_the_visitor_is_gone(rig):
+    origin = rig.visitor
+    d = _Detached(rig)
+    rig.far.reset()  # the visitor's connection failed at the proxy
+    with pytest.raises(ConnectionResetError):
+        origin.recv(100)  # a reset, not an EOF: the origin must not take a cut upload for whole
+    assert d.result() == (0, 0)
+    assert rig.near.closed and rig.inner.fileno() == -1
+
+
+def test_a_detached_splice_ends_with_its_session(rig):
+    origin = rig.visitor
+    d = _Detached(rig)
+    rig.c.close()  # the tunnel is gone
+    with pytest.raises(ConnectionResetError):
+        origin.recv(100)
+    assert d.result() == (0, 0)
+
+
+def test_a_detached_splice_takes_bytes_and_eof_that_came_before_it(rig):
+    """Bytes and the stream's EOF buffered before splice_detached (they came in the read that
+    opened the stream): sent on, then the EOF."""
+    origin = rig.visitor
+    rig.far.sendall(b"early")
+    rig.far.shutdown(socket.SHUT_WR)
+    wait_until(lambda: rig.near.buffered == 5, 5)
+    d = _Detached(rig)
+    got = b""
+    while (data := origin.recv(100)):
+        got += data
+    assert got == b"early"
+    origin.sendall(b"ok")
+    origin.close()
+    assert rig.far.recv(100) == b"ok"
+    assert d.result() == (5, 2)

@@ -33,6 +33,7 @@ import ssl
 import struct
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import gevent
@@ -49,7 +50,7 @@ from lib.hostport import AddressError, format_hostport, parse_hostport
 from lib.net.muxsession import MuxConfig, Session
 from lib.net.sockets import (connect_numeric, finish_connect, nowait_sender, send_all,
                              set_nodelay, start_connect)
-from lib.net.splice import UNSENT_LOWAT, splice
+from lib.net.splice import UNSENT_LOWAT, splice, splice_detached
 from lib.peerlog import PeerLog
 
 log = logging.getLogger("shroud.client")
@@ -647,7 +648,19 @@ class TunnelRunner:
                 stream.close()  # reset already, record.result says why
                 self._stream_over(record, t0)
                 return
+            # Opened whole, its request sent: spliced with no greenlet (lib.net.splice,
+            # "Detached"; bench/README.md, "Fresh connections: no greenlet in the client").
+            if (opening.unsent == b"" and record.bytes_in and splice_detached(
+                    stream, opening.local, partial(self._detached_over, record, t0),
+                    on_a_to_b=self._count_in, on_b_to_a=self._count_out)):
+                return
         self.client.stream_workers.spawn(self._handle_stream, stream, record, t0, opening)
+
+    def _detached_over(self, record: "StreamRecord", t0: float, n_in: int, n_out: int) -> None:
+        """A detached splice's end (``_take_stream``): both ends closed, as _handle_stream's."""
+        record.bytes_in += n_in
+        record.bytes_out = n_out
+        self._stream_over(record, t0)
 
     def _handle_stream(self, stream, record: "StreamRecord", t0: float,
                        opening: "_Opening") -> None:

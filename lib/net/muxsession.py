@@ -37,6 +37,9 @@ Public API::
     stream.waiting_for_window               # a send's bytes are left with the reader (Sending)
     stream.waiting_for_room                 # ...with the writer, for output room (Sending)
     stream.set_sink(sink | None)            # direct delivery (below); lib.net.splice sets it
+    stream.set_waker(waker | None)          # waker.set() where a waiting reader would be woken
+    stream.recv_nowait(n) -> bytes          # recv that never waits (BlockingIOError: nothing yet)
+    stream.readable                         # recv would not wait (bytes, EOF or an error)
 
 Greenlets per session: one writer (drains MuxConnection's output to the transport, so the
 reader never blocks on a write and two peers writing at once cannot deadlock), one watchdog
@@ -119,6 +122,7 @@ This module uses gevent primitives and never monkey-patches; the transport must 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -452,6 +456,25 @@ class Stream:
         "Direct delivery"); None ends it. Set by the one greenlet that reads this stream."""
         self._sink = sink
 
+    def set_waker(self, waker) -> None:
+        """``waker.set()`` is called (from the session's reader, inline: it must not wait)
+        wherever a greenlet waiting in ``recv`` or ``send`` would be woken: data the sink did not
+        take, EOF, a reset, a grant, the session's end. A stream served by callbacks with no
+        greenlet of its own (lib.net.splice, "Detached"); None puts waiting greenlets back. No
+        ``recv`` or ``send`` may wait on the stream while a waker is set."""
+        self._waiter = waker
+
+    def recv_nowait(self, bufsize: int = 65536) -> bytes:
+        """``recv`` that never waits: BlockingIOError when nothing is buffered and the stream
+        is open (b"" at EOF; its error raised)."""
+        if self._chunks:
+            return self._take(bufsize)
+        if self._eof or self._read_closed:
+            return b""
+        if self._error is not None:
+            raise self._error
+        raise BlockingIOError(errno.EAGAIN, "nothing received")
+
     def fileno(self) -> int:
         return -1
 
@@ -471,6 +494,12 @@ class Stream:
         client opens a stream's local connection from the reader when StartProxy is in:
         lib.client.tunnels)."""
         return self._buffered
+
+    @property
+    def readable(self) -> bool:
+        """A ``recv`` would not wait: bytes buffered, EOF, or an error it raises (a waker's
+        look, Stream.set_waker: one attribute test, no exception)."""
+        return bool(self._chunks) or self._eof or self._read_closed or self._error is not None
 
     @property
     def buffered_chunks(self) -> int:

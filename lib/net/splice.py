@@ -4,6 +4,8 @@ Public API::
 
     splice(a, b, *, on_a_to_b=None, on_b_to_a=None, idle_timeout=None, chunk=CHUNK,
            fallback_to_a=None, b_answers=False) -> (n_ab, n_ba)
+    splice_detached(a, b, on_done, *, on_a_to_b=None, on_b_to_a=None, chunk=CHUNK) -> bool
+        # splice(a, b, b_answers=True) with no greenlet; on_done(n_ab, n_ba) once both closed
     socket_sink(sock) -> sink   # a stream's sink to ``sock`` on its own (tests, tools)
 
 Half-close is carried through: when one side reaches EOF, the other side gets
@@ -56,6 +58,18 @@ errors (both ends aborted) by itself, and only what the stream does not take at 
 copy loop (a kept greenlet) that sends it, waiting, and goes on as any other; ``splice`` waits
 for that direction's end only when its own ends first. One greenlet per fresh connection, not two
 (bench/README.md, "Fresh connections, the client's side, second session").
+
+Detached (``splice_detached``): the same splice of a mux stream ``a`` just opened and the
+socket ``b`` its request went to (``b_answers``, no idle timeout, no fallback), with no greenlet
+at all: it returns at once and calls ``on_done(n_ab, n_ba)`` once both directions are over and
+both ends closed. The stream -> socket direction is its sink (Direct delivery) and the stream's
+waker (``Stream.set_waker``): the session's reader calls it where a reader greenlet would be
+woken, and what needs doing (the stream's EOF: the socket's ``shutdown``, or both closed when
+the answer is over too; an error: both aborted) is done in a hub callback, after the read that
+brought it (a FIN read with the next connection's SYN does not delay that one's request). Only
+what the socket does not take at once starts a copy loop (a kept greenlet) for that direction,
+as splice's own. The answer's direction is ``_Answer``, told to report its end here. No greenlet
+per fresh connection (bench/README.md, "Fresh connections: no greenlet in the client").
 """
 from __future__ import annotations
 
@@ -333,13 +347,14 @@ class _Answer:
     stream did not take at once. For splice, a Job's surface: ``join``, ``ready``, ``kill``,
     ``value`` (the bytes moved, once over)."""
 
-    __slots__ = ("feeder", "job", "joiner", "value")
+    __slots__ = ("feeder", "job", "joiner", "value", "detached")
 
     def __init__(self, feeder: _Feeder) -> None:
         self.feeder = feeder
         self.job = None  # the copy loop, once started
         self.joiner: Waiter | None = None  # splice's greenlet, its own direction over first
         self.value: int | None = None
+        self.detached: _Detached | None = None  # a detached splice's: told of this direction
 
     @classmethod
     def start(cls, sock, stream, on_bytes, state: _State, chunk: int) -> "_Answer | None":
@@ -370,6 +385,8 @@ class _Answer:
                 pass  # the stream failed: splice's own direction meets it
             self.over()
         else:  # the stream's window or the session's output is full: a copy loop waits
+            if self.detached is not None:  # its sendall waits on the stream: no waker then
+                self.detached.to_loop()
             self.job = _DIRECTIONS.start(_answer_rest, self, what)
             self._wake()
 
@@ -379,6 +396,8 @@ class _Answer:
             self.value = self.feeder.sent
             self.feeder.state.ended += 1
             self._wake()
+            if self.detached is not None:
+                self.detached.answered()
 
     def _wake(self) -> None:
         joiner = self.joiner
@@ -412,6 +431,18 @@ def _answer_rest(answer: _Answer, data: bytes) -> int:
     """An _Answer's copy loop: the bytes its stream did not take at once, sent waiting, then
     the socket -> stream direction as any other (``_pump``). Its bytes moved in all."""
     feeder = answer.feeder
+    total = feeder.sent
+    try:
+        total = _send_rest(answer, data)
+    finally:
+        if answer.detached is not None:  # a detached splice: no join, this direction reports
+            answer.value = total
+            answer.detached.answered()
+    return total
+
+
+def _send_rest(answer: _Answer, data: bytes) -> int:
+    feeder = answer.feeder
     state, stream = feeder.state, feeder.stream
     state.feeders.remove(feeder)  # its watcher (the socket's own) is stopped: _pump has its own
     try:
@@ -426,6 +457,133 @@ def _answer_rest(answer: _Answer, data: bytes) -> int:
         feeder.on_bytes(len(data))
     return feeder.sent + len(data) + _pump(feeder.sock, stream, feeder.on_bytes, state,
                                            feeder.chunk)
+
+
+class _Detached:
+    """``splice_detached``'s splice (module doc, "Detached"): the stream's waker (``set``,
+    from the session's reader), its sink, and the answer's ``_Answer``; ``on_done`` once both
+    directions are over and both ends closed."""
+
+    __slots__ = ("state", "stream", "sock", "sink", "answer", "on_a_to_b", "on_done", "chunk",
+                 "n_ab", "request_over", "answer_over", "queued", "looping", "finished")
+
+    def __init__(self, stream, sock, state: _State, answer: _Answer, on_a_to_b, on_done,
+                 chunk: int) -> None:
+        self.state = state
+        self.stream = stream
+        self.sock = sock
+        self.answer = answer
+        self.on_a_to_b = on_a_to_b
+        self.on_done = on_done
+        self.chunk = chunk
+        self.sink = _Sink(stream, sock, on_a_to_b, state)
+        self.n_ab = 0  # the stream -> socket direction's bytes, once it is over
+        self.request_over = False  # the stream -> socket direction
+        self.answer_over = False  # socket -> stream
+        self.queued = False  # _step is queued in the hub
+        self.looping = False  # the stream -> socket direction is a copy loop's (to_loop)
+        self.finished = False
+
+    def set(self) -> None:
+        """The stream's waker (Stream.set_waker), inline in the session's reader: a look that
+        changes nothing; what must be done is done in a hub callback (``_step``)."""
+        if self.queued or self.looping or self.request_over or not self.stream.readable:
+            return  # a grant, or the sink took all of it: nothing to do
+        self.queued = True
+        gevent.get_hub().loop.run_callback(self._step)
+
+    def _step(self) -> None:
+        self.queued = False
+        if self.request_over or self.looping:
+            return
+        stream, state = self.stream, self.state
+        if state.dead:  # aborted already (the answer's error, the sink's)
+            self._request_ended()
+            return
+        if stream.buffered:  # what the socket did not take at once: a copy loop sends it
+            self.to_loop()
+            return
+        try:
+            stream.recv_nowait()  # nothing buffered: b"" at EOF, or it raises
+        except BlockingIOError:
+            return
+        except OSError:  # as the copy loop's error: both ends aborted
+            state.dead = True
+            self._unhook()
+            _abort(state, stream, self.sock, hard=True)
+            self._request_ended()
+            return
+        if not self.answer_over:  # EOF before the answer's: the origin is told
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        state.ended += 1
+        self._request_ended()
+
+    def _unhook(self) -> None:
+        stream = self.stream
+        stream.set_waker(None)
+        stream.set_sink(None)
+        self.n_ab = self.sink.sent
+
+    def _request_ended(self) -> None:
+        self._unhook()
+        self.request_over = True
+        self._maybe_finish()
+
+    def to_loop(self) -> None:
+        """The stream -> socket direction goes on in a copy loop (a kept greenlet) waiting
+        on the stream: for what the socket did not take at once, or because the answer's own
+        copy loop waits on the stream to send (no waker may be set then)."""
+        if self.looping or self.request_over:
+            return
+        self.looping = True
+        self._unhook()
+        _DIRECTIONS.start(self._copy_rest)
+
+    def _copy_rest(self) -> None:
+        """The stream -> socket direction's copy loop, in a kept greenlet, from what the
+        socket did not take at once."""
+        try:
+            self.n_ab += _pump(self.stream, self.sock, self.on_a_to_b, self.state, self.chunk)
+        finally:
+            self.request_over = True
+            self._maybe_finish()
+
+    def answered(self) -> None:
+        """From the _Answer: the socket -> stream direction is over."""
+        self.answer_over = True
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self.finished or not (self.request_over and self.answer_over):
+            return
+        self.finished = True
+        _abort(self.state, self.stream, self.sock)
+        self.on_done(self.n_ab, self.answer.value or 0)
+
+
+def splice_detached(a, b, on_done, *, on_a_to_b=None, on_b_to_a=None,
+                    chunk: int = CHUNK) -> bool:
+    """``splice(a, b, on_a_to_b=..., on_b_to_a=..., b_answers=True)`` with no greenlet
+    (module doc, "Detached"): ``a`` a mux stream and ``b`` a gevent socket, neither with a
+    timeout of its own; returns at once, and ``on_done(n_ab, n_ba)`` is called (in the hub, or
+    the greenlet of a copy loop it started) once both directions are over and both ends
+    closed. False, with nothing done, for ends it cannot serve so: the caller splices them."""
+    if not isinstance(a, Stream) or a.gettimeout() is not None:
+        return False
+    state = _State(None)
+    answer = _Answer.start(b, a, on_b_to_a, state, chunk)
+    if answer is None:
+        return False
+    _limit_unsent(b)
+    detached = _Detached(a, b, state, answer, on_a_to_b, on_done, chunk)
+    answer.detached = detached
+    a.set_sink(detached.sink)
+    a.set_waker(detached)
+    detached.set()  # what came with the stream already: more bytes, its EOF, a reset
+    return True
 
 
 def _feeder_for(src, dst, on_bytes, state: _State, chunk: int,
