@@ -62,13 +62,15 @@ for that direction's end only when its own ends first. One greenlet per fresh co
 Detached (``splice_detached``): the same splice of a mux stream ``a`` just opened and the
 socket ``b`` its request went to (``b_answers``, no idle timeout, no fallback), with no greenlet
 at all: it returns at once and calls ``on_done(n_ab, n_ba)`` once both directions are over and
-both ends closed. The stream -> socket direction is its sink (Direct delivery) and the stream's
-waker (``Stream.set_waker``): the session's reader calls it where a reader greenlet would be
-woken, and what needs doing (the stream's EOF: the socket's ``shutdown``, or both closed when
-the answer is over too; an error: both aborted) is done in a hub callback, after the read that
-brought it (a FIN read with the next connection's SYN does not delay that one's request). Only
-what the socket does not take at once starts a copy loop (a kept greenlet) for that direction,
-as splice's own. The answer's direction is ``_Answer``, told to report its end here. No greenlet
+both ends closed. The stream -> socket direction is the stream's waker (``Stream.set_waker``):
+the session's reader calls it where a reader greenlet would be woken, and what needs doing (the
+stream's EOF: the socket's ``shutdown``, or both closed when the answer is over too; an error:
+both aborted) is done in a hub callback, after the read that brought it (a FIN read with the
+next connection's SYN does not delay that one's request). More of the visitor's bytes (a request
+body, a keep-alive connection's next request), or an answer the stream does not take at once
+(the answer's copy loop waits on the stream, so no waker may stay), start a copy loop for that
+direction (a kept greenlet, with its sink), as splice's own. The answer's direction is
+``_Answer``, told to report its end here. No greenlet
 per fresh connection (bench/README.md, "Fresh connections: no greenlet in the client").
 """
 from __future__ import annotations
@@ -461,10 +463,10 @@ def _send_rest(answer: _Answer, data: bytes) -> int:
 
 class _Detached:
     """``splice_detached``'s splice (module doc, "Detached"): the stream's waker (``set``,
-    from the session's reader), its sink, and the answer's ``_Answer``; ``on_done`` once both
-    directions are over and both ends closed."""
+    from the session's reader) and the answer's ``_Answer``; ``on_done`` once both directions
+    are over and both ends closed."""
 
-    __slots__ = ("state", "stream", "sock", "sink", "answer", "on_a_to_b", "on_done", "chunk",
+    __slots__ = ("state", "stream", "sock", "answer", "on_a_to_b", "on_done", "chunk",
                  "n_ab", "request_over", "answer_over", "queued", "looping", "finished")
 
     def __init__(self, stream, sock, state: _State, answer: _Answer, on_a_to_b, on_done,
@@ -476,8 +478,7 @@ class _Detached:
         self.on_a_to_b = on_a_to_b
         self.on_done = on_done
         self.chunk = chunk
-        self.sink = _Sink(stream, sock, on_a_to_b, state)
-        self.n_ab = 0  # the stream -> socket direction's bytes, once it is over
+        self.n_ab = 0  # the stream -> socket direction's bytes (its copy loop's)
         self.request_over = False  # the stream -> socket direction
         self.answer_over = False  # socket -> stream
         self.queued = False  # _step is queued in the hub
@@ -488,7 +489,7 @@ class _Detached:
         """The stream's waker (Stream.set_waker), inline in the session's reader: a look that
         changes nothing; what must be done is done in a hub callback (``_step``)."""
         if self.queued or self.looping or self.request_over or not self.stream.readable:
-            return  # a grant, or the sink took all of it: nothing to do
+            return  # a grant: nothing to do
         self.queued = True
         gevent.get_hub().loop.run_callback(self._step)
 
@@ -497,10 +498,10 @@ class _Detached:
         if self.request_over or self.looping:
             return
         stream, state = self.stream, self.state
-        if state.dead:  # aborted already (the answer's error, the sink's)
+        if state.dead:  # aborted already (the answer's error)
             self._request_ended()
             return
-        if stream.buffered:  # what the socket did not take at once: a copy loop sends it
+        if stream.buffered:  # more of the visitor's bytes: a copy loop sends them, with a sink
             self.to_loop()
             return
         try:
@@ -522,10 +523,7 @@ class _Detached:
         self._request_ended()
 
     def _unhook(self) -> None:
-        stream = self.stream
-        stream.set_waker(None)
-        stream.set_sink(None)
-        self.n_ab = self.sink.sent
+        self.stream.set_waker(None)
 
     def _request_ended(self) -> None:
         self._unhook()
@@ -560,7 +558,13 @@ class _Detached:
         if self.finished or not (self.request_over and self.answer_over):
             return
         self.finished = True
-        _abort(self.state, self.stream, self.sock)
+        # Both directions over: their watchers stopped, nothing waits on either end (_abort's
+        # cancels are for a direction still running).
+        for end in (self.stream, self.sock):
+            try:
+                end.close()
+            except OSError:
+                pass
         self.on_done(self.n_ab, self.answer.value or 0)
 
 
@@ -580,7 +584,6 @@ def splice_detached(a, b, on_done, *, on_a_to_b=None, on_b_to_a=None,
     _limit_unsent(b)
     detached = _Detached(a, b, state, answer, on_a_to_b, on_done, chunk)
     answer.detached = detached
-    a.set_sink(detached.sink)
     a.set_waker(detached)
     detached.set()  # what came with the stream already: more bytes, its EOF, a reset
     return True
