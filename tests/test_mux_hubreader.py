@@ -193,3 +193,23 @@ def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_fram
         c.close()
         s.close()
         g.join(timeout=5)
+
+
+def test_records_a_read_leaves_at_its_budget_are_read_without_more_from_the_peer(pki):
+    # The TLS transport stops a read at RECORDS_PER_READ records (docs/SECURITY.md: a peer's
+    # 1-byte records): the hub reader reads on from a callback, as after a full read, not
+    # from the watcher, or the records left would wait for bytes the peer never sends.
+    t, peer = tls_pair(pki, sockets=tcp_pair())  # (a socketpair counts every tiny send whole)
+    s = Session(t, client=False, config=MuxConfig(heartbeat=False))
+    payload = bytes(range(256)) * 8  # 2,048 bytes: 2,059 one-byte records with the frame's head
+    wire = fr.encode(fr.Syn(3)) + fr.encode_data(3, payload)
+    for b in wire:
+        assert peer.write_nowait(bytes([b]))
+    st = s.accept(timeout=5)
+    got = b""
+    with gevent.Timeout(10):
+        while len(got) < len(payload):
+            got += st.recv(65536)
+    assert got == payload
+    s.close()
+    peer.close()

@@ -139,6 +139,7 @@ from lib.protocol import muxframe as fr
 from lib.protocol import muxstate as mp
 from lib.protocol.muxstate import MuxConfig
 from lib.net.sockets import nowait_reader, nowait_view_reader, reader, set_nodelay
+from lib.net.tlstransport import RECORDS_PER_READ
 from lib.peerlog import PeerLog
 
 __all__ = ["Session", "Stream", "MuxConfig", "SessionEnd", "SessionGreenlets"]
@@ -1085,7 +1086,11 @@ class Session:
         if not data:
             self._read_eof()
             return
-        self._full = len(data) == READ_SIZE
+        n = len(data)
+        # A full read, or one a TLS transport cut at its record budget with records left (a
+        # byte a record at least: docs/SECURITY.md): read on from a callback, not the watcher.
+        self._full = n >= RECORDS_PER_READ and (
+            n == READ_SIZE or getattr(self._transport, "read_buffered", False))
         try:
             self._decoded(self._conn.receive_data(data, YIELD_FRAMES))
         except (OSError, ValueError) as e:

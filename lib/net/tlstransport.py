@@ -63,16 +63,23 @@ RECORD = 16 * 1024
 # comes, and more has arrived while we decoded it: read at once. Waiting first after every
 # short read cost a Python sink a hub turn per read, +30-50 % CPU per GiB from a Go sender.
 WAIT_FIRST_BELOW = RECORD
+# Records decrypted per read at most: a peer's 1-byte records (11,000 in one 253 KB write) were
+# all decrypted in one hub callback, 33-72 ms of the hub (docs/SECURITY.md). A read that stops
+# here says so (read_buffered) and the mux session reads on from a callback, as after a full
+# read. Two records a frame (Go writes a frame's header and payload apart) for the session's
+# YIELD_FRAMES (256) frames a piece: a bulk read of a Go peer's grants is not cut shorter.
+RECORDS_PER_READ = 512
 SEND_PIECE = 32 * 1024
 # ...but a piece takes the rest with it when the rest is shorter than this: a batch of two mux
 # frames (2 x 16,391 bytes) went out as a 32 KiB send() and a second one of 14 bytes (two
 # system calls and a 14-byte record where one of each does).
 SEND_SLACK = SEND_PIECE // 2
+WHOLE_PIECE = SEND_PIECE + SEND_SLACK  # shorter than this: sealed in one piece
 
 
 def _piece(view: memoryview) -> memoryview:
     """The next piece to seal: SEND_PIECE, or all of it when only a short rest would follow."""
-    return view if len(view) < SEND_PIECE + SEND_SLACK else view[:SEND_PIECE]
+    return view if len(view) < WHOLE_PIECE else view[:SEND_PIECE]
 
 
 def _ssl_calls(obj) -> tuple:
@@ -206,13 +213,15 @@ class TLSTransport:
         view = self._plain
         if view is None:
             view = self._plain = memoryview(bytearray(RAW_READ))
-        n = min(n, RAW_READ)
+        if n > RAW_READ:
+            n = RAW_READ
         size = 0
         read, incoming, decrypted = self._ssl_read, self._in, self._ssl_pending
         # Nothing was left to decrypt when the last call returned, and only a fill feeds the
         # BIO since: no need to ask before the first raw read.
         empty = self._empty
         short = False  # the last record read gave less than asked: none of it is left
+        records = RECORDS_PER_READ
         while size < n:
             # Only with bytes to decrypt: else read raises SSLWantReadError, an exception built
             # (message and all) twice per read that ends a request, ~1.7 us each
@@ -230,7 +239,11 @@ class TLSTransport:
                 if got > 0:
                     size += got
                     short = got < want
-                    continue
+                    records -= 1
+                    if records:
+                        continue
+                    self._empty = not (incoming.pending or decrypted())  # (RECORDS_PER_READ)
+                    break
                 if got == 0:
                     self._eof = True
                     break
@@ -315,7 +328,7 @@ class TLSTransport:
         is not taken: nothing here yields, so no other greenlet could see it held; a keep-alive
         request's write is one piece, sealed and sent with no Python frame under this one
         (bench/README.md, "Per-request cost (issue 16)", ka3 pass)."""
-        write, whole = self._ssl_write, SEND_PIECE + SEND_SLACK  # (_piece, inline)
+        write, whole = self._ssl_write, WHOLE_PIECE  # (_piece, inline)
         view = data if len(data) < whole else memoryview(data)
         while True:  # SEND_PIECE at a time, as sendall: the peer decrypts while we seal
             if view:  # (empty: only the records a read produced, read_nowait)
