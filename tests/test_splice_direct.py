@@ -553,3 +553,22 @@ def test_a_detached_splice_makes_no_sink_and_ends_clean_without_an_abort(rig):
         assert d.result() == (0, 6)
     made = {"_Sink.__init__", "nowait_sendmsg", "sender", "_abort", "_Feeder.cancel"}
     assert not made & set(calls.names), made & set(calls.names)
+
+
+def test_the_answers_socket_closed_by_another_greenlet_ends_the_splice(rig, monkeypatch):
+    """The answer's feeder borrows the socket's own watcher; a close of that socket by anyone
+    but splice (which cancels the feeder first) has gevent throw the close's error at the
+    watcher's callback owner: the feed ends as on a read error (the stream reset, splice over),
+    no error in the hub."""
+    hub_errors = []
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "handle_error",
+                        lambda context, kind, value, tb: hub_errors.append(kind))
+    g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
+    wait_until(lambda: read_watcher(rig.inner).active, 5)  # the answer's direction waits
+    rig.far.settimeout(5)
+    rig.inner.close()
+    with pytest.raises(MuxError):
+        rig.far.recv(100)
+    g.get(timeout=5)
+    assert not hub_errors

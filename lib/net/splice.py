@@ -324,6 +324,13 @@ class _Feeder:
                     pass  # the copy loop's own shutdown meets it again
                 gevent.get_hub().loop.run_callback(self._eof, waiter)
 
+    def throw(self, error: BaseException) -> None:
+        """gevent's close of the socket while its own watcher (``own_watcher`` False) feeds us
+        throws its error into the callback's owner, taken for a greenlet (the hub's
+        ``_cancel_wait``): the feed ends as on a read's error. splice's own closes cancel first
+        (``cancel``), a close by anyone else comes here."""
+        self._hand(error() if isinstance(error, type) else error)  # a class, as for throw()
+
     def _eof(self, waiter: Waiter) -> None:
         if self.waiter is waiter:  # not cancelled meanwhile
             waiter.switch(b"")
