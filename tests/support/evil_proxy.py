@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 
 from gevent import monkey
@@ -22,23 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import gevent.server  # noqa: E402
 
-from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context  # noqa: E402
-from lib.net.muxsession import MuxConfig, Session  # noqa: E402
-from lib.net.tlstransport import TLSTransport  # noqa: E402
 from lib.protocol import messages as msg  # noqa: E402
+from tests.support.fakeproxy import serve_auth, tls_context  # noqa: E402
 
 
 def serve(sock, _address, ctx, answers) -> None:
-    try:
-        session = Session(TLSTransport.server(sock, ctx), client=False, config=MuxConfig(),
-                          name="evil")
-    except OSError:
+    session = serve_auth(sock, ctx, "evil")
+    if session is None:
         return
     try:
-        with session.accept() as st:
-            msg.read_message(st)
-            msg.write_message(st, msg.AuthResp(client_id=secrets.token_hex(16),
-                                               extra=msg.auth_resp_extra(secrets.token_bytes(32))))
         while True:
             st = session.accept()
             bind = msg.read_message(st)
@@ -60,9 +51,7 @@ def main() -> int:
     p.add_argument("--answer", action="append", default=[], help="NAME=URL")
     a = p.parse_args()
     answers = dict(item.split("=", 1) for item in a.answer)
-    cert, key = ensure_tunnel_cert(a.data_dir)
-    print(f"fingerprint {cert_fingerprint(cert)}", flush=True)
-    ctx = server_tls_context(cert, key)
+    ctx = tls_context(a.data_dir)
     gevent.server.StreamServer(("127.0.0.1", a.port),
                                lambda s, addr: serve(s, addr, ctx, answers)).serve_forever()
     return 0

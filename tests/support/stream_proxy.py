@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 
 from gevent import monkey
@@ -32,11 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import gevent  # noqa: E402
 import gevent.server  # noqa: E402
 
-from lib.certs import cert_fingerprint, ensure_tunnel_cert, server_tls_context  # noqa: E402
 from lib.errors import MuxError  # noqa: E402
-from lib.net.muxsession import MuxConfig, Session  # noqa: E402
-from lib.net.tlstransport import TLSTransport  # noqa: E402
+from lib.net.muxsession import Session  # noqa: E402
 from lib.protocol import messages as msg  # noqa: E402
+from tests.support.fakeproxy import serve_auth, tls_context  # noqa: E402
 
 # Every answer comes from the client on this host; 10 s means it is not coming.
 ANSWER_TIMEOUT = 10
@@ -97,16 +95,10 @@ def scenario(session: Session, a) -> None:
 
 
 def serve(sock, _address, ctx, a) -> None:
-    try:
-        session = Session(TLSTransport.server(sock, ctx), client=False, config=MuxConfig(),
-                          name="stream-proxy")
-    except OSError:
+    session = serve_auth(sock, ctx, "stream-proxy")
+    if session is None:
         return
     try:
-        with session.accept() as st:
-            msg.read_message(st)
-            msg.write_message(st, msg.AuthResp(client_id=secrets.token_hex(16),
-                                               extra=msg.auth_resp_extra(secrets.token_bytes(32))))
         for _ in range(a.binds):
             st = session.accept()
             bind = msg.read_message(st)
@@ -134,9 +126,7 @@ def main() -> int:
     p.add_argument("--client-addr")
     p.add_argument("--public-addr")
     a = p.parse_args()
-    cert, key = ensure_tunnel_cert(a.data_dir)
-    print(f"fingerprint {cert_fingerprint(cert)}", flush=True)
-    ctx = server_tls_context(cert, key)
+    ctx = tls_context(a.data_dir)
     gevent.server.StreamServer(("127.0.0.1", a.port),
                                lambda s, addr: serve(s, addr, ctx, a)).serve_forever()
     return 0
