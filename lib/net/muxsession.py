@@ -1086,11 +1086,10 @@ class Session:
         if not data:
             self._read_eof()
             return
-        n = len(data)
         # A full read, or one a TLS transport cut at its record budget with records left (a
         # byte a record at least: docs/SECURITY.md): read on from a callback, not the watcher.
-        self._full = n >= RECORDS_PER_READ and (
-            n == READ_SIZE or getattr(self._transport, "read_buffered", False))
+        self._full = len(data) >= RECORDS_PER_READ and (
+            len(data) == READ_SIZE or getattr(self._transport, "read_buffered", False))
         try:
             self._decoded(self._conn.receive_data(data, YIELD_FRAMES))
         except (OSError, ValueError) as e:

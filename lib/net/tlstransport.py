@@ -4,7 +4,8 @@
     tls = TLSTransport.server(sock, context, timeout=15.0)
     tls.recv(n) / tls.sendall(data) / tls.close() / tls.getpeercert(binary_form=True) ...
     tls.recv_view(n) -> memoryview      # recv without a copy: valid until the next recv/recv_view
-    if tls.reads_nowait: tls.read_nowait(n) -> memoryview | None   # never waits (below)
+    if tls.reads_nowait: tls.read_nowait(n) -> memoryview | None   # never waits (below);
+                                        # n at most RAW_READ
     tls.read_buffered                   # bytes received, not yet returned: read before waiting
     if tls.write_idle: tls.write_nowait(data) -> bool   # never waits, never yields (below)
                                         # write_idle: a gevent socket, no write under way, no tail
@@ -189,7 +190,7 @@ class TLSTransport:
         place before it reads again: lib/net/muxsession.py). Records are decrypted straight
         into the buffer, with no allocation per record and no join (bench/README.md, "Bulk and
         the multiplexer against Go")."""
-        view = self._decrypt(n, self._read_raw)
+        view = self._decrypt(min(n, RAW_READ), self._read_raw)
         if self._out.pending and not self._wlock.locked():
             self._flush()
         return view
@@ -207,16 +208,15 @@ class TLSTransport:
         return not self._empty
 
     def _decrypt(self, n: int = RAW_READ, fill=None) -> memoryview | None:
-        """Up to ``n`` bytes of plaintext into the buffer; ``fill(size)`` reads the socket when
+        """Up to ``n`` (at most RAW_READ: recv_view clamps it, the mux session asks READ_SIZE,
+        the same) bytes of plaintext into the buffer; ``fill(size)`` reads the socket when
         nothing is left to decrypt (bytes for the incoming BIO, empty at EOF: recv_view's).
         Without it, read_nowait: the OS socket's ``recv_into`` once, None when nothing came."""
         view = self._plain
         if view is None:
             view = self._plain = memoryview(bytearray(RAW_READ))
-        if n > RAW_READ:
-            n = RAW_READ
         size = 0
-        read, incoming, decrypted = self._ssl_read, self._in, self._ssl_pending
+        read, incoming = self._ssl_read, self._in
         # Nothing was left to decrypt when the last call returned, and only a fill feeds the
         # BIO since: no need to ask before the first raw read.
         empty = self._empty
@@ -228,7 +228,7 @@ class TLSTransport:
             # (bench/README.md, "Per-request cost (issue 16)", kapath pass). And no pending()
             # after a short read ("Keep-alive per request: the tunnel read from the hub"): a
             # call into ssl.py per read for nothing.
-            if not empty and (incoming.pending or not short and decrypted()):
+            if not empty and (incoming.pending or not short and self._ssl_pending()):
                 want = min(n - size, RECORD)
                 try:
                     got = read(want, view[size:])
@@ -242,7 +242,7 @@ class TLSTransport:
                     records -= 1
                     if records:
                         continue
-                    self._empty = not (incoming.pending or decrypted())  # (RECORDS_PER_READ)
+                    self._empty = not (incoming.pending or self._ssl_pending())  # RECORDS_PER_READ
                     break
                 if got == 0:
                     self._eof = True
@@ -267,7 +267,7 @@ class TLSTransport:
             incoming.write(raw)
             empty = self._empty = False
         else:  # stopped at n: is there more? (read_buffered)
-            self._empty = not (incoming.pending or decrypted())
+            self._empty = not (incoming.pending or self._ssl_pending())
         if fill is None and self._out.pending and self.write_idle:
             # Records the read produced (post-handshake): offered once, never waiting; what
             # the kernel leaves is the tail, which the next write sends first. Not idle: the
