@@ -239,7 +239,9 @@ class OneExchangeSocket(OneRequestSocket):
         # An upgrade request keeps its Connection header (the RequestFramer saw Upgrade).
         super().__init__(sock, head, keep_connection_header=None, request=request)
         self._response = http1.ResponseFramer(request.method, upgrade=self._upgrade)
-        self._send = sender(sock)  # one send() per small write (lib.net.sockets.send_all)
+        # One send() per small write (lib.net.sockets.send_all), made at its first use: the
+        # copy loop's sendall only, which an answer the sink sends whole never calls.
+        self._send = None
         self._answered = gevent.event.Event()  # the final answer (or the 101) went out
         # The origin's next bytes the framer already read as the body (or raw, switched) and
         # direct delivery did not send yet: they go out as they are when they come again.
@@ -313,7 +315,10 @@ class OneExchangeSocket(OneRequestSocket):
         if flags:
             self._sock.sendall(out, flags)
         else:
-            self._send(out)
+            send = self._send
+            if send is None:
+                send = self._send = sender(self._sock)
+            send(out)
 
     def _answer_sent(self) -> None:
         """Once the final answer (or the 101) is all out: reads waiting for it go on, and after
@@ -338,9 +343,16 @@ class OneExchangeSocket(OneRequestSocket):
         sock = self._sock
         if not isinstance(sock, gevent.socket.socket):
             return None
-        self._now = nowait_sender(sock)
+        # One send() never waiting, made at its first use (_now_sender): an answer whose head
+        # and body come in one read goes in one sendmsg and never needs it.
+        self._now = None
         self._many_now = nowait_sendmsg(sock)
         return self.sendall, self._send_now, self._many_now and self._sendmsg_now
+
+    def _now_sender(self):
+        """The visitor socket's one-send offer (lib.net.sockets.nowait_sender), kept."""
+        now = self._now = nowait_sender(self._sock)
+        return now
 
     def _send_now(self, data) -> int:
         """How many of ``data`` (the origin's next bytes) went to the visitor now, never
@@ -353,7 +365,8 @@ class OneExchangeSocket(OneRequestSocket):
             if self._response.state == http1.HEAD:
                 return self._head_now((data,))
             credit = self._credit = self._body_part((data,))
-        return self._sent(self._now(data if credit >= len(data) else memoryview(data)[:credit]))
+        now = self._now or self._now_sender()
+        return self._sent(now(data if credit >= len(data) else memoryview(data)[:credit]))
 
     def _sendmsg_now(self, chunks) -> int:
         """``_send_now`` for a read's frames, in one sendmsg."""
@@ -403,7 +416,8 @@ class OneExchangeSocket(OneRequestSocket):
         else:
             out = [heads]
         try:
-            k = self._many_now(out[:IOV_MAX]) if self._many_now else self._now(b"".join(out))
+            k = self._many_now(out[:IOV_MAX]) if self._many_now else \
+                (self._now or self._now_sender())(b"".join(out))
         except BlockingIOError:
             k = 0
         if k < len(heads):
