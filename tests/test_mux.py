@@ -161,6 +161,47 @@ def test_a_send_parked_for_room_that_timed_out_is_passed_over_as_the_output_drai
     reader.join(timeout=5)
 
 
+def test_a_send_that_timed_out_parked_for_room_then_waits_for_window_reports_so():
+    # A send parked for output room that times out leaves the session's queue of parked
+    # sends: its stream's next send, waiting for the peer's window while the output has room
+    # (between half the bound and the bound: the queue not fed yet), is reported as waiting
+    # for window (sends_waiting), not for room.
+    frame = mp.SEND_THRESHOLD
+    high = 192 * 1024
+    a, b = gsocket.socketpair()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    s = Session(b, client=True, config=MuxConfig(heartbeat=False, write_high_water=high))
+    st, filler = s.open(), s.open()
+
+    def read_until(done) -> None:
+        while not done():
+            a.recv(4096)
+    # The stream's window spent but a frame and 100 bytes (nothing granted back).
+    first = gevent.spawn(st.sendall, bytes(mp.INITIAL_WINDOW - frame - 100))
+    read_until(lambda: first.ready() and s.unsent_size == 0)
+    first.get()
+    stuffer = gevent.spawn(filler.sendall, bytes(8 << 20))  # fills the output: parked for room
+    wait_for(lambda: filler.waiting_for_window, "the filler's window spent", 5,
+             sleep=gevent.sleep)
+    a.sendall(fr.encode_wndinc(filler.id, 64 << 20))
+    wait_for(lambda: filler.waiting_for_room, "the output full", 5, sleep=gevent.sleep)
+    st.settimeout(0.3)
+    with pytest.raises(StreamTimeout):
+        st.sendall(bytes(frame + 200))  # a frame's window: parked for room, times out
+    read_until(lambda: s.unsent_size < high)  # one batch written: room, the queue not fed
+    assert s.unsent_size >= high // 2 and filler.waiting_for_room
+    st.settimeout(None)
+    second = gevent.spawn(st.sendall, bytes(frame + 200))  # a frame, then 100 bytes of window
+    wait_for(lambda: st.bytes_out > mp.INITIAL_WINDOW - 200, "a frame sent", 5,
+             sleep=gevent.sleep)
+    wait_for(lambda: st.waiting_for_window, "waiting for window", 5, sleep=gevent.sleep)
+    assert not st.waiting_for_room and s.sends_waiting == 1
+    second.kill()
+    stuffer.kill()
+    s.close()
+    a.close()
+
+
 def test_a_send_that_times_out_reports_the_bytes_it_queued():
     # The parked bytes the session's reader queues on a grant before the timeout reach the
     # peer: sendall's StreamTimeout says how many it queued in all (.sent), and send returns

@@ -385,6 +385,12 @@ class Stream:
         finally:
             left = self._pending
             self._pending = None
+            if self._room_queued:  # woken still queued for room (a timeout, an error): a
+                self._room_queued = False  # later wait for window is not one for room
+                try:
+                    self.session._parked.remove(self)
+                except ValueError:
+                    pass  # emptied by the session's end
         return len(view) - len(left)
 
     def _send_pending(self, persist: bool = False) -> None:
