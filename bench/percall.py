@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,6 +118,7 @@ def main() -> int:
         if path is not None:
             path.stop()
         origin.stop()
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
