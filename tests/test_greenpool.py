@@ -102,6 +102,20 @@ def test_close_idle_leaves_running_jobs_alone():
     assert pool.join(5)
 
 
+def test_close_idle_leaves_a_job_handed_but_not_yet_run_alone():
+    # A client's stop (lib.client.tunnels.Client.stop) ends only the parked workers: a stream's
+    # handler handed to one just before still runs, and closes what it holds (the target's
+    # socket of its _Opening, which kill()'s abandon would not see) and counts its stream over.
+    pool = WorkerPool()
+    pool.spawn(lambda: None)
+    gevent.sleep(0.01)
+    assert pool.idle == 1
+    ran = []
+    pool.spawn(ran.append, "ran")  # the parked worker's hand-off: at the next loop turn
+    pool.close_idle()
+    assert pool.join(5) and ran == ["ran"] and pool.abandoned == 0
+
+
 def test_a_public_server_serves_connections_through_kept_workers():
     from lib.proxy.server import PublicServer
 
