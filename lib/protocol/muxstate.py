@@ -325,9 +325,11 @@ class MuxConnection:
         if not out:
             self.batch_written()
             return b""
-        if limit is None or self.outgoing_size <= limit:
-            batch, size = out[:], self.outgoing_size
-            out.clear()
+        size = self.outgoing_size
+        if limit is None or size <= limit:
+            # All of it (a flush's usual batch): the list itself is handed to the join and a
+            # new one queues what comes next, no copy and no clear (kaone pass).
+            batch, self._out, self.outgoing_size = out, [], 0
         else:
             i = size = 0
             while size < limit:
@@ -335,13 +337,14 @@ class MuxConnection:
                 i += 1
             batch = out[:i]
             del out[:i]
-        self.outgoing_size -= size
-        self._taken += size
+            self.outgoing_size -= size
+        taken = self._taken = self._taken + size
         handed = 0
         marks = self._answer_marks
-        while marks and marks[0][0] <= self._taken:
-            handed += marks.popleft()[1]
-        self._answers_queued -= handed
+        if marks:  # answers queued (echoes, RSTs, WNDINCs a peer provoked): none per request
+            while marks and marks[0][0] <= taken:
+                handed += marks.popleft()[1]
+            self._answers_queued -= handed
         self._handed_answers, self._handed_size = handed, size
         return b"".join(batch) if len(batch) > 1 else batch[0]
 
