@@ -307,33 +307,6 @@ def test_a_head_already_there_is_peeked_in_one_read_without_a_timeout():
         assert routing.peek_name(ours, sniff.HTTPHostSniffer, timeout=5) == (None, b"")
 
 
-@pytest.mark.parametrize("head, flushed", [
-    (b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", True),
-    (b"POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\n\r\n", False),
-])
-def test_a_whole_requests_first_frame_leaves_before_the_splice_is_set_up(
-        monkeypatch, head, flushed):
-    """A mux session sends queued frames from a loop callback (the end-of-turn flush,
-    lib.net.muxsession). A request that is whole in its head (no body to read) has nothing
-    more for the tunnel now: its handler lets that callback run before the splice's set-up and
-    its first read of the visitor, off the time to the first byte. A request whose body is to
-    be read does not: its first bytes join StartProxy's record in the same turn."""
-    loop = gevent.get_hub().loop
-    flushes = []
-
-    class QueuingStream(SlowStream):
-        def send_nowait(self, data):  # queued; the session's flush is a loop callback
-            loop.run_callback(flushes.append, bytes(data))
-            return len(data)
-    tunnel = Tunnel()
-    tunnel.session = types.SimpleNamespace(open=QueuingStream)
-    router = routing.PublicRouter(ProxyConfig(idle_timeout=None), Registry())
-    at_splice = []
-    monkeypatch.setattr(routing, "splice", lambda a, b, **kw: at_splice.append(len(flushes)))
-    route_a_post(monkeypatch, router, Binding(tunnel), head)
-    assert at_splice == [1 if flushed else 0]
-
-
 def test_a_routed_get_reaches_its_first_frame_in_few_python_calls(monkeypatch):
     """Everything a fresh connection by Host runs before its stream's first frame is queued
     (StartProxy and the head, flushed at the end of the loop turn) is on the time to its first

@@ -63,7 +63,6 @@ import socket
 import time
 from typing import NamedTuple
 
-import gevent
 import gevent.socket
 
 from lib.errors import ErrorCode, MuxError, ShroudError
@@ -392,18 +391,14 @@ class PublicRouter:
         # The head (Connection: close added) goes with StartProxy in the stream's first frame:
         # one DATA frame fewer to encode here and to decode in the client than when the splice
         # replayed it (bench/README.md, "Fresh connections: the proxy's side").
-        head = exchange.take_head()
-        self.forward(exchange, address, route, head, origin_unreachable(name), "http", public,
-                     flush_first=exchange.request_whole)
+        self.forward(exchange, address, route, exchange.take_head(),
+                     origin_unreachable(name), "http", public)
 
     def forward(self, sock, address, route: Route, peeked: bytes, fallback: bytes | None,
-                kind: str = "tcp", public: str | None = None, flush_first: bool = False) -> None:
+                kind: str = "tcp", public: str | None = None) -> None:
         """Carry the connection through ``route``'s tunnel (a stream with StartProxy and the
         peeked bytes at its head), or answer ``route``'s refusal. ``public``: the listener
-        the visitor reached, when ``sock`` is not the visitor's own (a handed connection).
-        ``flush_first``: the peeked bytes are all the visitor has to send for now (a whole
-        request without a body): the stream's first frame leaves before the splice is set up
-        (below)."""
+        the visitor reached, when ``sock`` is not the visitor's own (a handed connection)."""
         registry = self.registry
         binding, tunnel = route.binding, route.tunnel
         if route.action != FORWARD:
@@ -447,14 +442,6 @@ class PublicRouter:
         if debug:
             log.debug("%s %s from %s: tunnel %d stream %d", kind, binding.name, client_addr,
                       tunnel.id, stream.id)
-        if flush_first:
-            # The frame is queued for the session's end-of-turn flush (a loop callback): one
-            # turn of the loop lets it leave now, with every other connection's first frame
-            # queued in this turn (one record under load, as before), and the splice's set-up
-            # and its first read of the visitor (nothing there: an EAGAIN recv) come after it,
-            # off the time to the first byte (bench/README.md, "Fresh connections: the first
-            # frame before the splice").
-            gevent.sleep(0)
         try:
             splice(sock, stream, on_a_to_b=meter.count_in, on_b_to_a=meter.count_out,
                    idle_timeout=self.config.idle_timeout, fallback_to_a=fallback)
