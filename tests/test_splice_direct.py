@@ -426,6 +426,9 @@ def test_a_detached_splice_wakes_no_greenlet(rig):
     finally:
         greenlet.settrace(old)
     assert data == b"HTTP/1.1 200 OK\r\n\r\nanswer"
+    # A session's own greenlets (its writer, its watchdog) are not the splice's: a session an
+    # earlier test left open may wake them meanwhile.
+    woken = {g for g in woken if "of <Session " not in repr(g)}
     assert not woken, woken
     assert d.counted == {"in": 0, "out": 25}
     assert rig.near.closed and rig.inner.fileno() == -1  # both ends closed
