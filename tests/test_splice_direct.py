@@ -575,3 +575,88 @@ def test_the_answers_socket_closed_by_another_greenlet_ends_the_splice(rig, monk
         rig.far.recv(100)
     g.get(timeout=5)
     assert not hub_errors
+
+
+
+class _Upload:
+    """``end`` sent 7 KiB pieces by a greenlet until ``stop`` or an error (the stream failed)."""
+
+    def __init__(self, end):
+        self.sent = 0
+        self.writer = gevent.spawn(self._write, end)
+
+    def _write(self, end) -> None:
+        try:
+            for _ in range(8 * 1024 // 7):
+                end.sendall(b"u" * 7 * 1024)
+                self.sent += 7 * 1024
+        except MuxError:
+            pass
+
+    def stalled(self) -> None:
+        """Once the writer stopped moving for half a second (10 s at most)."""
+        last = [-1]
+
+        def stalled():
+            now, last[0] = last[0], self.sent
+            return now == last[0]
+        wait_until(stalled, timeout=10, every=0.5)
+
+
+def _spliced(rig, kind):
+    """``rig.near`` spliced to ``rig.inner`` (the answer awaited): a result() to wait on."""
+    if kind == "detached":
+        return _Detached(rig)
+    g = gevent.spawn(splice, rig.near, rig.inner, b_answers=True)
+    g.result = lambda: g.get(timeout=5)
+    return g
+
+
+@pytest.mark.parametrize("end", ["session", "reset"])
+@pytest.mark.parametrize("kind", ["splice", "detached"])
+def test_a_stream_that_fails_while_the_origin_does_not_read_ends_the_splice(rig, kind, end):
+    """The stream fails (the tunnel's session ends, or the visitor's stream is reset) while
+    its copy loop waits for a socket that does not read (an upload the origin is slow to
+    take): the splice ends then, both ends closed, the socket reset. It waited in the socket's
+    send until the origin read again, for good if it never did (a descriptor and the splice
+    held per such connection, and the client's streams_open)."""
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    rig.inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    spliced = _spliced(rig, kind)
+    upload = _Upload(rig.far)  # the origin does not read
+    upload.stalled()
+    if end == "session":
+        rig.s.close()  # the tunnel is gone
+    else:
+        rig.far.reset()  # the visitor is gone
+    spliced.result()
+    assert rig.near.closed and rig.inner.fileno() == -1
+    rig.visitor.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        while rig.visitor.recv(65536):
+            pass  # what the socket took before the end, then the reset
+    upload.writer.get(timeout=5)
+
+
+@pytest.mark.parametrize("kind", ["splice", "detached"])
+def test_a_reset_after_the_streams_eof_still_lets_its_bytes_out_whole(rig, kind):
+    """A reset behind the stream's EOF (the client aborted its side after the answer was
+    whole) while the copy loop waits for the socket: the bytes buffered are all there is, and
+    they go out, then a clean EOF, not a reset (recv returns them before the error)."""
+    rig.visitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    rig.inner.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    spliced = _spliced(rig, kind)
+    upload = _Upload(rig.far)
+    upload.stalled()
+    upload.writer.kill()
+    frames = rig.s.frames_received
+    rig.far.shutdown(socket.SHUT_WR)
+    rig.far.reset()
+    wait_until(lambda: rig.s.frames_received >= frames + 2, 5)  # the FIN and the reset in
+    rig.visitor.settimeout(5)
+    total = 0
+    while (data := rig.visitor.recv(65536)):
+        total += len(data)
+    assert total >= upload.sent
+    rig.visitor.close()
+    spliced.result()

@@ -98,7 +98,9 @@ the stream (bench/README.md, "Third pass: fewer wake-ups per request"). What the
 counts as read (the window is given back as ``recv`` would); what it did not take stays in the
 buffer and the stream's reader is woken to send it, waiting for the socket as before, so a slow
 socket still stops the window and bytes keep their order. EOF, resets and close take their usual
-path.
+path; but a stream that fails (reset, the session's end) before its EOF while its sink is busy
+calls the sink's ``stream_failed()``: its writer waits on the socket, not on the stream, and would
+wait there for as long as the socket does not read (its bytes end in a reset anyway).
 
 What a peer can make a session hold or do is bounded (docs/SECURITY.md, "Tunnel sessions"):
 
@@ -620,6 +622,11 @@ class Stream:
     def _fail(self, error: MuxError) -> None:
         if self._error is None:
             self._error = error
+            sink = self._sink
+            # Its writer waits on a socket, not on us. After our EOF, what is buffered is all
+            # there is: it goes out, then the EOF, as recv returns them before the error.
+            if sink is not None and sink.busy and not self._eof:
+                sink.stream_failed()
         self._wake()
 
 

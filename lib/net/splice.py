@@ -194,6 +194,15 @@ class _Sink:
             chunks = list(islice(chunks, IOV_MAX))
         return self.offer(chunks, self._sendmsg_now)
 
+    def stream_failed(self) -> None:
+        """The stream failed (reset, its session's end) while ``send`` waits on the socket
+        (lib.net.muxsession, "Direct delivery"): the socket is aborted, which ends that wait
+        with an error and the copy loop as any error does. It waited for the socket to read
+        again, for good if it never did (an origin not reading an upload: the splice, its
+        descriptor and the client's streams_open held)."""
+        self.state.dead = True
+        _abort(self.state, self.sock, hard=True)
+
     def send(self, data) -> None:
         if self.error is not None:
             raise self.error
