@@ -70,18 +70,29 @@ class ArgumentLengths:
 class NativeCalls:
     """The names of the C functions and methods called while the block runs (every greenlet
     of this thread), in order: a read of the OS socket is a ``recv_into``, whatever Python
-    wrapper made it (the same profile hook as PythonCalls)."""
+    wrapper made it (the same profile hook as PythonCalls). ``fd``: only the methods of the
+    object whose ``fileno()`` is ``fd`` (a socket's own reads, not those of another test's
+    greenlet that happens to run meanwhile)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fd: int | None = None) -> None:
         self.names: list[str] = []
         self.old = None
+        self.fd = fd
 
     def __enter__(self) -> "NativeCalls":
-        names = self.names
+        names, fd = self.names, self.fd
 
         def record(frame, event, arg):
-            if event == "c_call":
-                names.append(getattr(arg, "__name__", "?"))
+            if event != "c_call":
+                return
+            if fd is not None:
+                fileno = getattr(getattr(arg, "__self__", None), "fileno", None)
+                try:
+                    if fileno is None or fileno() != fd:
+                        return
+                except (OSError, TypeError):
+                    return
+            names.append(getattr(arg, "__name__", "?"))
         self.old = sys.getprofile()
         sys.setprofile(record)
         return self
