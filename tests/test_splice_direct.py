@@ -50,6 +50,18 @@ def rig():
     r.s.close()
 
 
+def _stalled_at(writer) -> int:
+    """``writer.sent`` once it stopped moving for half a second (10 s at most): a writer
+    greenlet held by a closed window or a socket not read (_Flood, _Upload)."""
+    last = [-1]
+
+    def stalled():
+        now, last[0] = last[0], writer.sent
+        return now == last[0]
+    wait_until(stalled, timeout=10, every=0.5)
+    return writer.sent
+
+
 class _Flood:
     """8 MiB written to ``end`` by a greenlet, then its FIN, in 7 KiB pieces (they line up with
     no frame and no socket buffer) of a repeating pattern."""
@@ -69,13 +81,7 @@ class _Flood:
 
     def stalled_at(self) -> int:
         """Bytes written once the writer stopped moving for half a second (10 s at most)."""
-        last = [-1]
-
-        def stalled():
-            now, last[0] = last[0], self.sent
-            return now == last[0]
-        wait_until(stalled, timeout=10, every=0.5)
-        return self.sent
+        return _stalled_at(self)
 
     def check(self, recv) -> None:
         """Read all of it with ``recv`` to EOF: every byte, in order."""
@@ -595,12 +601,7 @@ class _Upload:
 
     def stalled(self) -> None:
         """Once the writer stopped moving for half a second (10 s at most)."""
-        last = [-1]
-
-        def stalled():
-            now, last[0] = last[0], self.sent
-            return now == last[0]
-        wait_until(stalled, timeout=10, every=0.5)
+        _stalled_at(self)
 
 
 def _spliced(rig, kind):
