@@ -2,8 +2,9 @@
 
 With PERCALL_OUT set: SIGUSR1 starts counting (Python calls by function, C calls by name through
 ``sys.setprofile``, or with PERCALL_OPCODES=1 Python calls and bytecodes through ``sys.settrace``
-and ``f_trace_opcodes``; greenlet switches through ``greenlet.settrace``), SIGUSR2 stops and writes
-the counts to ``$PERCALL_OUT.<pid>.json``. Without PERCALL_OUT it does nothing.
+and ``f_trace_opcodes``, or with PERCALL_LINES=1 Python calls and lines executed by function and by
+file through ``sys.settrace``; greenlet switches through ``greenlet.settrace``), SIGUSR2 stops
+and writes the counts to ``$PERCALL_OUT.<pid>.json``. Without PERCALL_OUT it does nothing.
 """
 import collections
 import json
@@ -16,6 +17,8 @@ if _OUT:
     _calls: collections.Counter = collections.Counter()
     _ccalls: collections.Counter = collections.Counter()
     _counts = {"switches": 0, "opcodes": 0}
+    _lines: collections.Counter = collections.Counter()  # by function (PERCALL_LINES)
+    _files: collections.Counter = collections.Counter()  # by file
 
     def _name(code) -> str:
         return f"{code.co_qualname} {os.path.basename(code.co_filename)}:{code.co_firstlineno}"
@@ -34,6 +37,16 @@ if _OUT:
             _counts["opcodes"] += 1
         return _trace
 
+    def _line_trace(frame, event, arg):
+        if event == "call":
+            _calls[_name(frame.f_code)] += 1
+            return _line_trace
+        if event == "line":
+            code = frame.f_code
+            _lines[_name(code)] += 1
+            _files[os.path.basename(code.co_filename)] += 1
+        return _line_trace
+
     def _switch(event, args):
         _counts["switches"] += 1
 
@@ -41,9 +54,13 @@ if _OUT:
         import greenlet
         _calls.clear()
         _ccalls.clear()
+        _lines.clear()
+        _files.clear()
         _counts.update(switches=0, opcodes=0)
         greenlet.settrace(_switch)
-        if os.environ.get("PERCALL_OPCODES"):
+        if os.environ.get("PERCALL_LINES"):
+            sys.settrace(_line_trace)
+        elif os.environ.get("PERCALL_OPCODES"):
             sys.settrace(_trace)
         else:
             sys.setprofile(_profile)
@@ -54,7 +71,8 @@ if _OUT:
         sys.settrace(None)
         greenlet.settrace(None)
         with open(f"{_OUT}.{os.getpid()}.json", "w") as f:
-            json.dump({"calls": _calls.most_common(), "ccalls": _ccalls.most_common(), **_counts}, f)
+            json.dump({"calls": _calls.most_common(), "ccalls": _ccalls.most_common(),
+                       "lines": _lines.most_common(), "files": _files.most_common(), **_counts}, f)
 
     signal.signal(signal.SIGUSR1, _start)
     signal.signal(signal.SIGUSR2, _stop)
