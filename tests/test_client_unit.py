@@ -238,6 +238,48 @@ def test_the_request_reaches_the_target_before_the_sessions_reader_yields():
     listener.close()
 
 
+def test_the_request_leaves_first_after_the_connect_in_few_python_calls():
+    """From the stream's arrival to the request's send to the target: StartProxy parsed in one
+    call (messages.split_message), the target connected and the request offered before the
+    socket's options and watchers are made (lib.net.sockets.start_connect's ``first``), in few
+    Python calls of lib/ (bench/README.md, "Fresh connections: the client's critical path":
+    21 before that pass)."""
+    import select
+    import socket as stdsocket
+
+    import gevent
+    import gevent.socket as gsocket
+
+    from lib.protocol import messages as m
+    from tests.support.calls import Events
+
+    listener = stdsocket.socket()  # plain: looked at below without a gevent wait
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    _, _, proxy_side, done = _served_runner(listener.getsockname())
+    head = b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n"
+    gevent.sleep(0.01)  # runner.serve's greenlet is in serve()
+    with Events() as ev:
+        stream = proxy_side.open()
+        stream.sendall(m.encode(m.StartProxy(url="http://one.test", client_addr="192.0.2.7:5"))
+                       + head)
+        with gevent.Timeout(5):
+            while not select.select([listener], [], [], 0)[0]:
+                gevent.sleep(0.01)
+    path = ev.between(("py", "TunnelRunner._take_stream"), ("c", "send"))
+    connect = max(i for i, e in enumerate(path) if e == ("c", "connect_ex"))
+    assert not [e for e in path[connect:] if e in (("c", "setsockopt"), ("c", "io"))], path
+    python = [name for kind, name in path if kind == "py"]
+    assert len(python) <= 13, python
+    conn, _ = listener.accept()
+    conn = gsocket.socket(fileno=conn.detach())
+    conn.settimeout(5)
+    assert conn.recv(100) == head
+    assert _answered(conn, stream, done).result == "ok"
+    proxy_side.close()
+    listener.close()
+
+
 def test_a_fresh_connection_wakes_no_greenlet_in_the_client():
     """StartProxy and the request in, the answer out, the visitor gone: the stream is opened from
     the session's reader and spliced with no greenlet (lib.net.splice, "Detached"): none is

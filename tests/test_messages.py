@@ -1150,3 +1150,52 @@ def test_fuzz_plain_start_proxy_paths_agree_with_the_general_codec(url, client, 
         except MessageError as e:
             fast = ("error", e.reason)
         assert fast == _general_unpack(mp, raw)
+
+
+def _split_verdict(data: bytes):
+    try:
+        return m.split_message(data)
+    except MessageError as e:
+        return ("error", e.reason)
+
+
+@pytest.mark.parametrize("body", [
+    PLAIN,
+    PLAIN.replace(b"}}", b',"PublicAddr":""}}'),
+    PLAIN.replace(b"}}", b',"PublicAddr":"1.2.3.4:5"}}'),
+    PLAIN.replace(b"a.test", b"\xc3\xa9\xe2\x80\xa8\x7f"),
+    PLAIN.replace(b"a.test", b"\xff"),
+    PLAIN.replace(b"a.test", b"\xed\xa0\x80"),
+    PLAIN.replace(b"a.test", b"a\\\"b"),
+    PLAIN.replace(b"}}", b',"Url":"second"}}'),
+    PLAIN + b" ", PLAIN[:-1],
+])
+@pytest.mark.parametrize("rest", [b"", b"GET / HTTP/1.1\r\n\r\n"])
+def test_split_message_reads_a_start_proxy_as_unpack_does(monkeypatch, body, rest):
+    """split_message's own match of a plain StartProxy gives what the length prefix and
+    unpack give (the general decoder's verdict where it does not match), and the bytes after."""
+    data = struct.pack("<q", len(body)) + body + rest
+    expect = _general_unpack(monkeypatch, body)
+    is_error = isinstance(expect, tuple)
+    assert _split_verdict(data) == (expect if is_error else (expect, rest))
+    for cut in (3, len(data) - len(rest) - 1):
+        assert m.split_message(data[:cut]) is None
+    # The length prefix is judged first, as before: negative, or over max_size.
+    assert _split_verdict(struct.pack("<q", -1) + body) == ("error",
+                                                            "negative message length -1")
+    with pytest.raises(MessageError, match="exceeds"):
+        m.split_message(data, max_size=len(body) - 1)
+
+
+def test_split_message_parses_a_plain_start_proxy_in_one_call():
+    """The client parses one StartProxy per public connection before it connects to its target
+    (lib.client.tunnels): one Python call of lib/, where the length check, unpack, a copy of the
+    body and the plain decoder were four (bench/README.md, "Fresh connections: the client's
+    critical path")."""
+    from tests.support.calls import PythonCalls
+
+    data = m.encode(StartProxy("http://a.test", "203.0.113.7:1", "198.51.100.1:80")) + b"GET"
+    with PythonCalls(under="lib") as calls:
+        got = m.split_message(data)
+    assert got == (StartProxy("http://a.test", "203.0.113.7:1", "198.51.100.1:80"), b"GET")
+    assert calls.names == ["split_message"]

@@ -47,6 +47,29 @@ def test_refused_is_an_oserror_and_connect_local_keeps_nodelay():
     assert e.value.errno == errno.ECONNREFUSED
 
 
+def test_start_connect_offers_its_first_bytes_and_sets_the_socket_up_after():
+    """start_connect(..., first=...) sends as the connection completes (the client's request,
+    bench/README.md, "Fresh connections: the client's critical path"), and the socket is then
+    what connect_numeric makes: its options set, a gevent socket that waits and closes."""
+    from lib.net.sockets import start_connect
+
+    lsock = _listener()
+    sock, connected, sent = start_connect(socket.AF_INET, lsock.getsockname(), 65536, b"GET")
+    assert (connected, sent) == (True, 3)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 65536
+    conn, _ = lsock.accept()
+    assert conn.recv(10) == b"GET"
+    conn.sendall(b"answer")
+    assert sock.recv(10) == b"answer"  # waits through its own watcher
+    sock.close()
+    port = lsock.getsockname()[1]
+    lsock.close()
+    with pytest.raises(OSError) as e:
+        start_connect(socket.AF_INET, ("127.0.0.1", port), 65536, b"GET")
+    assert e.value.errno == errno.ECONNREFUSED
+
+
 def _slots(sock) -> dict:
     """Every slot of gevent's socket classes that ``sock`` has set: name -> type of its value."""
     out = {}

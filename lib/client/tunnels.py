@@ -721,13 +721,22 @@ class TunnelRunner:
             return False
         if svc.terminate or svc.family is None:
             return True  # TLS ended here, or a name to resolve: the handler's
+        # With no PROXY header to make, the visitor's bytes leave as the connection completes,
+        # before the socket's set-up (lib.net.sockets.start_connect's ``first``).
+        version = self.client.config.proxy_protocol
         try:
-            op.local, connected = start_connect(svc.family, svc.target, UNSENT_LOWAT)
+            op.local, connected, n = start_connect(svc.family, svc.target, UNSENT_LOWAT,
+                                                   b"" if version else op.ahead)
         except OSError as e:
             self._refused(stream, svc, op.start, record, e)
             return False
         if not connected:
             op.connecting = True
+            return True
+        if not version:
+            op.unsent = op.ahead[n:]  # the rest (the send's error too): the handler's send_all
+            if not op.unsent:
+                self._counted_ahead(op, record)
             return True
         first = self._first_bytes(op, record)
         if first is None:

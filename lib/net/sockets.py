@@ -16,7 +16,9 @@
     connect_numeric(family, address, timeout, unsent_lowat=None) -> ConnectedSocket
                                    # TCP, no hub turn when the connection completes at once (a
                                    # listener on this host), options set as it is made
-    start_connect(family, address, unsent_lowat=None) -> (ConnectedSocket, connected: bool)
+    start_connect(family, address, unsent_lowat=None, first=b"")
+                  -> (ConnectedSocket, connected: bool, sent: int)  # ``first`` offered once
+                                   # as the connection completes, before the socket's set-up
     finish_connect(sock, address, timeout, unsent_lowat=None)  # connect_numeric in two steps:
                                    # the first never waits, the second waits for the handshake
     recv_copy(sock, bufsize) -> bytes        # sock.recv without a bufsize allocation per call
@@ -354,15 +356,17 @@ class ConnectedSocket(gevent.socket.socket):
 
     __slots__ = ("tcp_tuned", "family")
 
-    def __init__(self, family: int):  # noqa: super().__init__ is what this one replaces
+    def __init__(self, family: int, raw=None):  # noqa: super().__init__ is what this replaces
         self.tcp_tuned = False
         # Kept, as AcceptedSocket keeps it: gevent's family property makes an enum of the
         # kernel's int on every read (lib.net.splice asks each end for it).
         self.family = _FAMILIES.get(family) or socket.AddressFamily(family)
         self._closed = False
         self._io_refs = 0
-        self._sock = self._gevent_sock_class(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK,
-                                             socket.IPPROTO_TCP)
+        # ``raw``: the native socket made already, of that class (start_connect's connect and
+        # first send come before this set-up).
+        self._sock = raw if raw is not None else self._gevent_sock_class(
+            family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, socket.IPPROTO_TCP)
         self.hub = hub = gevent.get_hub()
         fd = self._sock.fileno()
         self._read_event = hub.loop.io(fd, 1)
@@ -405,31 +409,49 @@ def connect_numeric(family: int, address: tuple, timeout: float | None,
 
     System calls: socket, connect (twice), the two options: no ioctl, getsockname or
     getsockopt(SO_PROTOCOL), which the plain way makes (ConnectedSocket)."""
-    sock, done = start_connect(family, address, unsent_lowat)
+    sock, done, _ = start_connect(family, address, unsent_lowat)
     if not done:
         finish_connect(sock, address, timeout, unsent_lowat)
     return sock
 
 
-def start_connect(family: int, address: tuple,
-                  unsent_lowat: int | None = None) -> tuple[ConnectedSocket, bool]:
+def start_connect(family: int, address: tuple, unsent_lowat: int | None = None,
+                  first=b"") -> tuple[ConnectedSocket, bool, int]:
     """:func:`connect_numeric`'s steps that never wait (a hub callback or a session's reader
-    may call it): (the socket, True) once connected, its options set; (the socket, False) while
-    the handshake is in progress (:func:`finish_connect` waits for it). Errors are OSErrors,
-    the socket closed."""
-    sock = ConnectedSocket(family)
-    raw = sock._sock
+    may call it): (the socket, True, sent) once connected, its options set; (the socket, False,
+    0) while the handshake is in progress (:func:`finish_connect` waits for it). Errors are
+    OSErrors, the socket closed.
+
+    ``first`` (a request) is offered to the native socket once, as soon as the connection is
+    complete, before the options and the gevent socket's watchers are made (two setsockopt,
+    two fcntl): ``sent`` is the count it took, 0 also when the send failed (the caller's next
+    send meets the error again). The client's request to its local target leaves first
+    (bench/README.md, "Fresh connections: the client's critical path"); TCP_NODELAY does not
+    hold back a connection's first segment, and the next send finds both options set."""
+    raw = ConnectedSocket._gevent_sock_class(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK,
+                                             socket.IPPROTO_TCP)
     try:
         err = raw.connect_ex(address)
         if err == errno.EINPROGRESS:
             err = raw.connect_ex(address)
-        if err in (errno.EALREADY, errno.EINPROGRESS):
-            return sock, False
+        sent = 0
+        if first and err in (0, errno.EISCONN):
+            try:
+                sent = raw.send(first)
+            except OSError:
+                pass
+    except BaseException:
+        raw.close()
+        raise
+    sock = ConnectedSocket(family, raw)
+    if err in (errno.EALREADY, errno.EINPROGRESS):
+        return sock, False, 0
+    try:
         _connected(sock, err, unsent_lowat)
     except BaseException:
         sock.close()
         raise
-    return sock, True
+    return sock, True, sent
 
 
 def finish_connect(sock: ConnectedSocket, address: tuple, timeout: float | None,

@@ -669,10 +669,25 @@ def split_message(data: bytes, max_size: int = MAX_MESSAGE) -> tuple[Message, by
     hold it whole (read on, as :func:`read_message_ahead` does). No I/O: a caller that must not
     wait (the client's session reader, lib.client.tunnels) parses what it already has.
 
+    A plain StartProxy (:func:`unpack`'s own first look) is matched where it lies, in one call:
+    no copy of its body and no helper under it (the client parses one per public connection on
+    its way to connect: bench/README.md, "Fresh connections: the client's critical path").
+
     :raises MessageError: the length prefix is over ``max_size``, or the message is invalid.
     """
     if len(data) >= LENGTH_PREFIX:
-        end = LENGTH_PREFIX + _check_length(_LENGTH.unpack_from(data)[0], max_size)
+        length = _LENGTH.unpack_from(data)[0]
+        end = LENGTH_PREFIX + length
+        if len(data) >= end:
+            m = _START_PROXY_PLAIN.fullmatch(data, LENGTH_PREFIX, end)
+            if m is not None and length <= max_size:
+                url, client, public = m.groups()
+                try:
+                    return StartProxy(url.decode(), client.decode(),
+                                      public.decode() or None if public else None), data[end:]
+                except UnicodeDecodeError:
+                    pass  # the general decoder's verdict
+        end = LENGTH_PREFIX + _check_length(length, max_size)
         if len(data) >= end:
             return unpack(data[LENGTH_PREFIX:end]), data[end:]
     return None

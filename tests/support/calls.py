@@ -4,6 +4,7 @@ Only Shroud's own: ``PythonCalls(under="lib")`` records the functions of files u
 repository's ``lib/`` (a test's own socket calls, gevent's Python, left out).
 The bytecodes they run: ``with Opcodes() as ops: ...; ops.counts``.
 What one function was given: ``with ArgumentLengths(qualname, argument) as seen: ...; seen.lengths``.
+Python and C calls in one order: ``with Events() as ev: ...; ev.between(("py", "f"), ("c", "send"))``.
 
 The per-request tests (test_muxproto, test_splice_direct) ask how many Python functions one
 step of the data path runs: every Python-level call made while the block runs is recorded by
@@ -141,3 +142,35 @@ class Opcodes:
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class Events:
+    """Python calls (``("py", qualname)``, only those of files under ``under``) and calls of C
+    functions (``("c", name)``) while the block runs, in one list, in order: where a C call
+    (a socket's ``send``) comes among the Python steps of a path (the same profile hook as
+    PythonCalls; every greenlet of this thread)."""
+
+    def __init__(self, under: str = "lib") -> None:
+        self.names: list[tuple[str, str]] = []
+        self.prefix = os.path.join(_ROOT, under) + os.sep
+        self.old = None
+
+    def __enter__(self) -> "Events":
+        names, prefix = self.names, self.prefix
+
+        def record(frame, event, arg):
+            if event == "c_call":
+                names.append(("c", getattr(arg, "__name__", "?")))
+            elif event == "call" and frame.f_code.co_filename.startswith(prefix):
+                names.append(("py", frame.f_code.co_qualname))
+        self.old = sys.getprofile()
+        sys.setprofile(record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self.old)
+
+    def between(self, first: tuple, last: tuple) -> list[tuple[str, str]]:
+        """The events from the first ``first`` to the first ``last`` after it (both in)."""
+        i = self.names.index(first)
+        return self.names[i:self.names.index(last, i) + 1]
