@@ -706,7 +706,7 @@ class TunnelRunner:
         The request leaves for the target before any greenlet runs: no hand-off, and no
         teardown of an older stream whose FIN came in the same read, ahead of it
         (bench/README.md, "Fresh connections, the client's side, second session")."""
-        data = stream.recv(msg.READ_AHEAD)  # buffered: returns at once
+        data = stream.recv_nowait(msg.READ_AHEAD)  # buffered: no deadline to set up
         try:
             whole = msg.split_message(data)
         except msg.MessageError as e:
