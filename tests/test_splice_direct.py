@@ -564,6 +564,38 @@ def test_a_detached_splice_makes_no_sink_and_ends_clean_without_an_abort(rig):
     assert not made & set(calls.names), made & set(calls.names)
 
 
+def test_a_detached_splice_sets_up_in_few_python_calls(rig):
+    """splice_detached's set-up for a fresh connection (nothing more from the visitor yet):
+    its objects made, the answer's watcher started, in few Python calls of lib/: no look at the
+    stream's waker with nothing buffered, no TCP_NOTSENT_LOWAT for a socket that has it
+    (bench/README.md, "Fresh connections: the client's critical path": 15 before that pass);
+    then the answer's end wakes no joiner it does not have."""
+    from lib.net.sockets import connect_numeric
+    from lib.net.splice import UNSENT_LOWAT
+
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    for end in (rig.visitor, rig.inner):
+        end.close()
+    # The client's target socket: TCP_NOTSENT_LOWAT set as it was made (tcp_tuned).
+    rig.inner = connect_numeric(socket.AF_INET, listener.getsockname(), 5, UNSENT_LOWAT)
+    rig.visitor, _ = listener.accept()
+    listener.close()
+    with PythonCalls(under="lib") as calls:
+        d = _Detached(rig)
+    assert len(calls.names) <= 13, calls.names
+    origin = rig.visitor
+    with PythonCalls(under="lib") as calls:
+        origin.sendall(b"answer")
+        origin.close()
+        assert rig.far.recv(100) == b"answer"
+        assert rig.far.recv(100) == b""
+    assert "_Answer._wake" not in calls.names
+    rig.far.close()
+    assert d.result() == (0, 6)
+
+
 def test_the_answers_socket_closed_by_another_greenlet_ends_the_splice(rig, monkeypatch):
     """The answer's feeder borrows the socket's own watcher; a close of that socket by anyone
     but splice (which cancels the feeder first) has gevent throw the close's error at the

@@ -242,14 +242,16 @@ class _Feeder:
                  "reads", "_read_now", "first", "fin_now", "own_watcher", "owner")
 
     def __init__(self, sock, stream, on_bytes, state: _State, chunk: int,
-                 wait_first: bool = False) -> None:
+                 wait_first: bool = False, watcher=None, read_now=None) -> None:
         self.sock = sock
         self.stream = stream
         self.on_bytes = on_bytes
         self.state = state
         self.chunk = min(chunk, SCRATCH_SIZE)  # read through the scratch buffer
-        self.watcher = None  # made once the connection has shown it lasts (FEED_AFTER)
-        self._read_now = None  # lib.net.sockets.nowait_reader, made with the watcher
+        # Made once the connection has shown it lasts (FEED_AFTER), or given: the socket's own
+        # (read_watcher, for _Answer), with its lib.net.sockets.nowait_reader.
+        self.watcher = watcher
+        self._read_now = read_now
         self.waiter: Waiter | None = None
         self.sent = 0
         # An answer not there yet (splice's b_answers): the watcher's callback takes the first
@@ -257,7 +259,7 @@ class _Feeder:
         self.reads = FEED_AFTER if wait_first else 0
         self.first = wait_first  # the next callback is the answer's first (_first_readable)
         self.fin_now = False  # EOF seen by _first_readable: the FIN is queued at once
-        self.own_watcher = True  # False: the socket's own (read_watcher), closed with it
+        self.own_watcher = watcher is None  # False: the socket's own, closed with it
         self.owner: _Answer | None = None  # no copy loop: the callback's hand-offs go there
 
     def recv(self, n: int) -> bytes:
@@ -381,10 +383,8 @@ class _Answer:
         watcher = read_watcher(sock)
         if not watcher or not isinstance(stream, Stream) or sock.gettimeout() is not None:
             return None
-        feeder = _Feeder(sock, stream, on_bytes, state, chunk, wait_first=True)
+        feeder = _Feeder(sock, stream, on_bytes, state, chunk, True, watcher, nowait_reader(sock))
         state.feeders.append(feeder)
-        feeder.watcher, feeder.own_watcher = watcher, False
-        feeder._read_now = nowait_reader(sock)
         answer = feeder.owner = cls(feeder)
         watcher.start(feeder._first_readable)
         return answer
@@ -413,7 +413,8 @@ class _Answer:
         if self.value is None and self.job is None:
             self.value = self.feeder.sent
             self.feeder.state.ended += 1
-            self._wake()
+            if self.joiner is not None:  # splice's greenlet (a detached splice has none)
+                self._wake()
             if self.detached is not None:
                 self.detached.answered()
 
@@ -597,11 +598,13 @@ def splice_detached(a, b, on_done, *, on_a_to_b=None, on_b_to_a=None,
     answer = _Answer.start(b, a, on_b_to_a, state, chunk)
     if answer is None:
         return False
-    _limit_unsent(b)
+    if not getattr(b, "tcp_tuned", False):  # the client's target has it (start_connect)
+        _limit_unsent(b)
     detached = _Detached(a, b, state, answer, on_a_to_b, on_done, chunk)
     answer.detached = detached
     a.set_waker(detached)
-    detached.set()  # what came with the stream already: more bytes, its EOF, a reset
+    if a.readable:  # what came with the stream already: more bytes, its EOF, a reset
+        detached.set()
     return True
 
 
