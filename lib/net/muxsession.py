@@ -214,25 +214,23 @@ class Stream:
                  "_held_window", "__weakref__")
 
     def __init__(self, session: "Session", sid: int):
+        # One assignment per value: a stream is made per fresh connection in each process
+        # (bench/README.md, "Per-request cost (issue 16)", fmux pass).
         self.session = session
         self.id = sid
-        self._chunks: deque | None = None  # created on first data: idle streams stay small
-        self._buffered = 0
-        self._eof = False
-        self._error: MuxError | None = None
-        self._waiter: Event | None = None
-        self._write_closed = False
-        self._read_closed = False
-        self._closed = False
-        self._timeout: float | None = None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self._sink = None  # direct delivery (module doc)
-        self._to_sink = False  # the buffer holds only this read's data, for the sink
-        self._pending: memoryview | None = None  # a send waiting for window or room (_park)
-        self._room_queued = False  # in the session's queue of sends waiting for output room
-        self._hold_state = 0  # in the session's held sends (Session._hold): 1 new, 2 aged
-        self._held_window = 0  # the window it was held with (Session._persist)
+        # _chunks: created on first data (idle streams stay small); _error: MuxError;
+        # _waiter: an Event or a waker (set_waker); _sink: direct delivery (module doc);
+        # _pending: a send's memoryview waiting for window or room (_park).
+        self._chunks = self._error = self._waiter = self._timeout = self._sink = \
+            self._pending = None
+        # _hold_state: in the session's held sends (Session._hold): 1 new, 2 aged;
+        # _held_window: the window it was held with (Session._persist).
+        self._buffered = self.bytes_in = self.bytes_out = self._hold_state = \
+            self._held_window = 0
+        # _to_sink: the buffer holds only this read's data, for the sink; _room_queued: in the
+        # session's queue of sends waiting for output room.
+        self._eof = self._write_closed = self._read_closed = self._closed = self._to_sink = \
+            self._room_queued = False
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} of {self.session.name}>"
@@ -451,7 +449,8 @@ class Stream:
             session._wake_writer()
         session._streams.pop(self.id, None)
         self._chunks = None
-        self._wake()
+        if self._waiter is not None:  # _wake
+            self._waiter.set()
 
     def reset(self, code: int = ErrorCode.CANCEL) -> None:
         if self._error is None and self.session._end is None:
@@ -848,7 +847,8 @@ class Session:
         return None
 
     def _hand_streams(self) -> None:
-        while (stream := self._next_accepted()) is not None:
+        # (the backlog looked at first: no call of _next_accepted to find it empty)
+        while self._backlog and (stream := self._next_accepted()) is not None:
             try:
                 self._on_stream(stream)
             except BaseException as e:
@@ -1231,7 +1231,8 @@ class Session:
                     st._deliver(ev.data)
                 if ev.fin:
                     st._eof = True
-                    st._wake()
+                    if st._waiter is not None:  # _wake
+                        st._waiter.set()
             elif t is mp.WindowOpened:
                 st = streams.get(ev.stream_id)
                 if st is not None:
@@ -1245,7 +1246,7 @@ class Session:
                 self._accept_waiter.set()
             elif t is mp.StreamEnded:
                 st = streams.get(ev.stream_id)
-                if st is not None:
+                if st is not None and not st._eof:  # else woken by its DATA+FIN just before
                     st._eof = True
                     st._wake()
             elif t is mp.StreamReset:

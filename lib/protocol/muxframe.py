@@ -51,6 +51,7 @@ TYPE_GOAWAY = 6
 FLAG_FIN = 0x01
 FLAG_PRIORITY = 0x02
 FLAG_STREAMTYPE = 0x04
+_SYN_FIELDS = FLAG_PRIORITY | FLAG_STREAMTYPE  # each adds 4 bytes to a SYN
 
 # Go muxado GOAWAY writer bug: it declares 16 + len(debug) but writes only the 8 fixed bytes.
 GOAWAY_FIXED = 8
@@ -265,6 +266,12 @@ class FrameDecoder:
                     if ftype == TYPE_WNDINC and length == 4:
                         self._spos = end
                         return WndInc(sid, U32.unpack_from(src, start)[0] & STREAM_ID_MASK)
+                    if ftype == TYPE_SYN and not length and not flags & _SYN_FIELDS:
+                        # A SYN with no priority and no type (every stream the proxy opens,
+                        # one per fresh connection: bench/README.md, "Per-request cost
+                        # (issue 16)", fmux pass); with fields or a length, _syn checks them.
+                        self._spos = end
+                        return Syn(sid, None, None, bool(flags & FLAG_FIN))
             elif pos == len(src):  # all of the piece decoded: nothing to carry
                 self._src = None
                 return None

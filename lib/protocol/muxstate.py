@@ -250,16 +250,18 @@ class _Stream:
                  "local", "kind", "drained", "extra_due")
 
     def __init__(self, local: bool, kind: int = 0):
-        self.send_window = INITIAL_WINDOW  # what the peer lets us send
-        self.credit = INITIAL_WINDOW  # what we let the peer send, not yet used
-        self.window = INITIAL_WINDOW  # the window level we keep granting back to
-        self.unacked = 0  # consumed by the application, not yet granted back
-        self.local_fin = False
-        self.remote_fin = False
+        # One assignment per value: a stream is made per fresh connection in each process
+        # (bench/README.md, "Per-request cost (issue 16)", fmux pass).
+        # send_window: what the peer lets us send; credit: what we let the peer send, not yet
+        # used; window: the level we keep granting back to.
+        self.send_window = self.credit = self.window = INITIAL_WINDOW
+        # unacked: consumed by the application, not yet granted back; drained: bytes the
+        # application read since the window last grew.
+        self.unacked = self.drained = 0
+        # extra_due: a peer stream's larger window, granted with its first WNDINC.
+        self.local_fin = self.remote_fin = self.extra_due = False
         self.local = local
         self.kind = kind  # 0 user, 1 our heartbeat, 2 peer's heartbeat
-        self.drained = 0  # bytes the application read since the window last grew
-        self.extra_due = False  # a peer stream's larger window, granted with its first WNDINC
 
 
 _USER, _OUR_HB, _PEER_HB = 0, 1, 2
@@ -309,8 +311,24 @@ class MuxConnection:
         self._taken = 0  # bytes ever handed out by data_to_send
         self._handed_size = 0  # the last batch handed out, until batch_written()
         self._handed_answers = 0  # the answers in it
+        self._inline = True  # inline_frames
         if self.config.heartbeat:
             self._hb_id = self._open(HEARTBEAT_PRIORITY, HEARTBEAT_TYPE, kind=_OUR_HB)
+
+    @property
+    def inline_frames(self) -> bool:
+        """receive_data's inline steps for the common frames (a read of one DATA frame, DATA
+        and its FIN on an open user stream, a grant). Set False before any bytes are received,
+        every frame goes through the rules' handlers (_HANDLERS): the reference the inline
+        steps must agree with (tests/test_mux_lifecycle.py runs both)."""
+        return self._inline
+
+    @inline_frames.setter
+    def inline_frames(self, on: bool) -> None:
+        if self._decoder.buffered or self.frames_received:
+            raise ValueError("inline_frames is chosen before any bytes are received")
+        self._inline = on
+        self._decoder = fr.FrameDecoder() if on else _NoWholeData()
 
     # --- output ---------------------------------------------------------------------------
 
@@ -419,21 +437,34 @@ class MuxConnection:
     # --- local actions --------------------------------------------------------------------
 
     def open_stream(self) -> int:
+        sid = self._next_local
+        if (self.terminated is not None or self.goaway_received is not None
+                or sid > fr.STREAM_ID_MASK):
+            self._refuse_open()
+        # _open for a user stream, inline (one per fresh connection in the proxy:
+        # bench/README.md, "Per-request cost (issue 16)", fmux pass): the SYN has no priority
+        # and no type, so it is a bare header (encode(Syn(sid)), test_mux_lifecycle).
+        self._next_local = sid + 2
+        st = self._streams[sid] = _Stream(True)
+        self._out.append(fr.HEADER.pack(0, 0, fr.TYPE_SYN, sid))
+        self.outgoing_size += fr.HEADER_SIZE
+        if not self.config.grow_windows:  # else it starts at 64 KiB and grows (_grant_extra)
+            self._grant_extra(sid, st)
+        return sid
+
+    def _refuse_open(self) -> None:
         if self.terminated is not None:
             raise ProtocolError("session is closed", self.terminated.code)
         if self.goaway_received is not None:
             raise ProtocolError("peer sent GOAWAY: no new streams", ErrorCode.REFUSED_STREAM)
-        if self._next_local > fr.STREAM_ID_MASK:
-            raise ProtocolError("stream ids exhausted", ErrorCode.REFUSED_STREAM)
-        return self._open(None, None, kind=_USER)
+        raise ProtocolError("stream ids exhausted", ErrorCode.REFUSED_STREAM)
 
     def _open(self, priority: int | None, stream_type: int | None, kind: int) -> int:
+        """A stream of ours with a SYN of its own (the heartbeat's; user streams: open_stream)."""
         sid = self._next_local
         self._next_local += 2
-        st = self._streams[sid] = _Stream(local=True, kind=kind)
+        self._streams[sid] = _Stream(local=True, kind=kind)
         self._emit(fr.encode(fr.Syn(sid, priority, stream_type)))
-        if kind == _USER:
-            self._grant_extra(sid, st)
         return sid
 
     def _grant_extra(self, sid: int, st: _Stream) -> None:
@@ -559,8 +590,13 @@ class MuxConnection:
         st = self._streams.get(sid)
         if st is None or st.local_fin:
             return
-        self._emit(fr.encode_data(sid, b"", True))
-        self._local_fin(sid, st)
+        # encode_data(sid, b"", True) and _local_fin, inline: once per stream in each process
+        # (bench/README.md, "Per-request cost (issue 16)", fmux pass).
+        self._out.append(fr.HEADER.pack(0, fr.FLAG_FIN, fr.TYPE_DATA, sid))
+        self.outgoing_size += fr.HEADER_SIZE
+        st.local_fin = True
+        if st.remote_fin:
+            self._drop(sid, st)
 
     def _local_fin(self, sid: int, st: _Stream) -> None:
         st.local_fin = True
@@ -580,12 +616,14 @@ class MuxConnection:
         if st is None:
             return
         if not st.local_fin:
-            self._emit(fr.encode_data(sid, b"", True))
+            self._out.append(fr.HEADER.pack(0, fr.FLAG_FIN, fr.TYPE_DATA, sid))  # end_stream's
+            self.outgoing_size += fr.HEADER_SIZE
         self._drop(sid, st)
 
     def _drop(self, sid: int, st: _Stream) -> None:
         del self._streams[sid]
-        self._unreserve(st.window - INITIAL_WINDOW)
+        if st.window != INITIAL_WINDOW:  # a larger window's share goes back (none: nothing)
+            self._unreserve(st.window - INITIAL_WINDOW)
         if not st.local and st.kind == _USER:
             self._peer_streams -= 1
             self._refused_streak = 0
@@ -676,23 +714,28 @@ class MuxConnection:
         size = len(data) - 8
         f = (decoder.whole_data(data) if size >= 0 and (data[0] & 0x3F) << 8 | data[1] == size
              and self.trusted else None)
-        if f is not None and not f.fin:
-            # A read of one DATA frame (a keep-alive request or answer) within the window on an
-            # open user stream: what the loop below does for it, without feeding the decoder
-            # (bench/README.md, "Per-request cost (issue 16)", kaone pass).
+        if f is not None:
+            # A read of one DATA frame (a keep-alive request or answer, a stream's FIN) within
+            # the window on an open user stream: what the loop below does for it, without
+            # feeding the decoder (bench/README.md, "Per-request cost (issue 16)", kaone pass).
             st = self._streams.get(f.stream_id)
-            if (st is not None and st.kind == _USER and not st.remote_fin
-                    and len(f.data) <= st.credit):
-                st.credit -= len(f.data)
+            n = len(f.data)
+            if st is not None and st.kind == _USER and not st.remote_fin and n <= st.credit:
+                st.credit -= n
+                events = [f]
+                if f.fin:
+                    self._peer_fin(f.stream_id, st, n, events)
                 self.frames_received += 1
                 try:
                     self._spend(_ONE_FRAME)
                 except ProtocolError as e:
-                    return [self.terminate(e.code, str(e.args[0]),
-                                           hostile=isinstance(e, PeerAbuse))]
-                return [f]
+                    events.append(self.terminate(e.code, str(e.args[0]),
+                                                 hostile=isinstance(e, PeerAbuse)))
+                return events
         decoder.feed(data)
+        inline = self._inline
         streams = self._streams
+        handlers = _HANDLERS
         frames = 0
         try:
             while frames != max_frames:
@@ -706,19 +749,26 @@ class MuxConnection:
                         raise PeerAbuse(f"more than {self.config.untrusted_frames} frames "
                                         f"before Auth")
                 t = type(f)
-                if t is DataReceived and not f.fin:
+                if not inline:
+                    pass
+                elif t is DataReceived:
                     # The common frame inline (what _on_data does for it): DATA within the
-                    # window on an open user stream is delivered as it came.
+                    # window on an open user stream is delivered as it came, and its FIN ends
+                    # the stream's way in (a fresh connection's end, in each process:
+                    # bench/README.md, "Per-request cost (issue 16)", fmux pass).
                     st = streams.get(f.stream_id)
+                    n = len(f.data)
                     if (st is not None and st.kind == _USER and not st.remote_fin
-                            and len(f.data) <= st.credit):
-                        st.credit -= len(f.data)
+                            and n <= st.credit):
+                        st.credit -= n
                         events.append(f)
+                        if f.fin:
+                            self._peer_fin(f.stream_id, st, n, events)
                         continue
                 elif t is fr.WndInc:
                     # What _on_wndinc does for a grant on a known stream, inline (a Go peer
                     # grants per Read: bench/README.md, "Whole frames and the Python peers
-                    # against Go"); the rest (unknown ids, an overflow) takes _handle.
+                    # against Go"); the rest (unknown ids, an overflow) takes _on_wndinc.
                     st = streams.get(f.stream_id)
                     if st is not None:
                         before = st.send_window
@@ -728,7 +778,7 @@ class MuxConnection:
                             if before < SEND_THRESHOLD <= after and st.kind == _USER:
                                 events.append(WindowOpened(f.stream_id))
                             continue
-                self._handle(f, events)
+                handlers[t](self, f, events)
                 if self.terminated is not None:
                     events.append(self.terminated)
                     break
@@ -746,18 +796,6 @@ class MuxConnection:
         if self.terminated is not None:
             decoder.detach()  # no view of data may outlive this call
         return events
-
-    def _handle(self, f: fr.Frame, events: list[Event]) -> None:
-        if isinstance(f, fr.Data):
-            self._on_data(f, events)
-        elif isinstance(f, fr.WndInc):
-            self._on_wndinc(f, events)
-        elif isinstance(f, fr.Syn):
-            self._on_syn(f, events)
-        elif isinstance(f, fr.Rst):
-            self._on_rst(f, events)
-        else:
-            self._on_goaway(f, events)
 
     def _known_or_idle(self, sid: int) -> _Stream | None:
         """The stream, or None if it was closed; raises for an id never opened (idle)."""
@@ -812,11 +850,16 @@ class MuxConnection:
         else:
             events.append(f)  # DataReceived is the frame (above)
         if f.fin:
-            st.remote_fin = True
-            if st.kind == _USER and not n:
-                events.append(StreamEnded(sid))
-            if st.local_fin:
-                self._drop(sid, st)
+            self._peer_fin(sid, st, n, events)
+
+    def _peer_fin(self, sid: int, st: _Stream, n: int, events: list[Event]) -> None:
+        """The peer's FIN, on a DATA frame of ``n`` bytes: nothing more comes; a stream whose
+        FIN we sent too is forgotten."""
+        st.remote_fin = True
+        if st.kind == _USER and not n:
+            events.append(StreamEnded(sid))
+        if st.local_fin:
+            self._drop(sid, st)
 
     def _on_wndinc(self, f: fr.WndInc, events: list[Event]) -> None:
         st = self._known_or_idle(f.stream_id)
@@ -891,3 +934,20 @@ class MuxConnection:
         for sid in refused:
             self._drop(sid, self._streams[sid])
         events.append(GoAwayReceived(f.last_stream_id, f.code, f.debug, refused))
+
+
+# The rules' handler of each frame type (receive_data calls the one a frame needs: no
+# isinstance chain, no call between).
+_HANDLERS = {fr.Data: MuxConnection._on_data, fr.WndInc: MuxConnection._on_wndinc,
+             fr.Syn: MuxConnection._on_syn, fr.Rst: MuxConnection._on_rst,
+             fr.GoAway: MuxConnection._on_goaway}
+
+
+class _NoWholeData(fr.FrameDecoder):
+    """The decoder of a connection with inline_frames off: every read goes through feed and
+    next_frame, none through the one-frame step."""
+
+    __slots__ = ()
+
+    def whole_data(self, piece: fr.Buffer) -> None:
+        return None
