@@ -878,10 +878,8 @@ class MuxConnection:
 
     def _on_syn(self, f: fr.Syn, events: list[Event]) -> None:
         sid = f.stream_id
-        if (sid & 1) != self._remote_parity:
-            raise ProtocolError(f"peer opened stream {sid} with our parity")
-        if sid <= self._last_remote:
-            raise ProtocolError(f"peer reused stream id {sid} (last was {self._last_remote})")
+        if (sid & 1) != self._remote_parity or sid <= self._last_remote:
+            self._bad_syn(sid)
         self._last_remote = sid
         stype = f.stream_type
         if stype is not None and stype >= EXTENSION_TYPES_FROM:
@@ -899,20 +897,25 @@ class MuxConnection:
                 raise ProtocolError(f"SYN flood: {self._refused_streak} streams refused in a row")
             self._answer_rst(sid, ErrorCode.REFUSED_STREAM)
             return
-        st = self._streams[sid] = _Stream(local=False)
+        st = self._streams[sid] = _Stream(False)
+        # The larger window (grant_peer_streams) is granted with the stream's first WNDINC
+        # (acknowledge), not now: a WNDINC of its own is a record and a wake-up of the peer per
+        # stream, and a stream whose peer sends under an eighth of 64 KiB never needs it
+        # (bench/README.md, "Fresh connections: fewer steps per connection"). One that sends
+        # more is granted it as soon as the application has read that eighth, about when a
+        # grant sent now would arrive.
+        st.extra_due = c.grant_peer_streams
         self._peer_streams += 1
         self._backlog += 1
-        if c.grant_peer_streams:
-            # Granted with the stream's first WNDINC (acknowledge), not now: a WNDINC of its own
-            # is a record and a wake-up of the peer per stream, and a stream whose peer sends
-            # under an eighth of 64 KiB never needs it (bench/README.md, "Fresh connections:
-            # fewer steps per connection"). One that sends more is granted it as soon as the
-            # application has read that eighth, about when a grant sent now would arrive.
-            st.extra_due = True
         events.append(StreamOpened(sid, stype))
         if f.fin:  # Go inverts SYN+FIN; we read it as documented: the opener sends nothing
             st.remote_fin = True
             events.append(StreamEnded(sid))
+
+    def _bad_syn(self, sid: int) -> None:
+        if (sid & 1) != self._remote_parity:
+            raise ProtocolError(f"peer opened stream {sid} with our parity")
+        raise ProtocolError(f"peer reused stream id {sid} (last was {self._last_remote})")
 
     def _on_rst(self, f: fr.Rst, events: list[Event]) -> None:
         st = self._known_or_idle(f.stream_id)
