@@ -170,6 +170,9 @@ SMALL_CHUNK = 512
 # A full DATA frame's payload (muxado's 14-bit length): a send cut by the window or the output
 # room takes whole ones (_sendable).
 FRAME = mp.SEND_THRESHOLD
+# Stream.shutdown's ``how``, looked up once (a shutdown per stream in each process).
+_SHUT_READ = (socket.SHUT_RD, socket.SHUT_RDWR)
+_SHUT_WRITE = (socket.SHUT_WR, socket.SHUT_RDWR)
 
 
 @dataclass(frozen=True)
@@ -431,9 +434,9 @@ class Stream:
         self._wake()
 
     def shutdown(self, how: int = socket.SHUT_WR) -> None:
-        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+        if how in _SHUT_READ:
             self._read_closed = True
-        if how in (socket.SHUT_WR, socket.SHUT_RDWR) and not self._write_closed:
+        if how in _SHUT_WRITE and not self._write_closed:
             self._write_closed = True
             if self._error is None and self.session._end is None:
                 self.session._conn.end_stream(self.id)
@@ -445,8 +448,10 @@ class Stream:
         self._closed = self._write_closed = self._read_closed = True
         session = self.session
         if self._error is None and session._end is None:
-            session._conn.forget_stream(self.id)
-            session._wake_writer()
+            conn = session._conn
+            conn.forget_stream(self.id)
+            if conn.outgoing_size:  # (_wake_writer's test: a FIN that left already, none)
+                session._wake_writer()
         session._streams.pop(self.id, None)
         self._chunks = None
         if self._waiter is not None:  # _wake
