@@ -266,6 +266,9 @@ RESPONSES = [
     ("chunked-beats-cl", b"GET", False, b"",
      OK + b"Content-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\r\n\r\n",
      http1.DONE),
+    ("chunked-beats-cl-any-case", b"GET", False, b"",
+     OK + b"CONTENT-LENGTH: 100\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\r\n\r\n",
+     http1.DONE),
     ("head", b"HEAD", False, b"", OK + b"Content-Length: 5\r\n\r\n", b"", http1.DONE),
     ("head-chunked", b"HEAD", False, b"", OK + b"Transfer-Encoding: chunked\r\n\r\n", b"",
      http1.DONE),
@@ -317,7 +320,7 @@ def forwarded(head: bytes) -> bytes:
     framing no Content-Length (RFC 9112 6.3: an intermediary removes it)."""
     out = connection_close(head)
     if b"Transfer-Encoding: chunked" in head:
-        out = re.sub(rb"Content-Length: [0-9]+\r\n", b"", out)
+        out = re.sub(rb"(?i)Content-Length: [0-9]+\r\n", b"", out)
     return out
 
 

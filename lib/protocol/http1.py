@@ -503,10 +503,11 @@ class ResponseFramer:
         body = self._body = _Body(framing, MAX_RESPONSE_HEAD)
         self.state = DONE if body.done else BODY
         head = connection_close(head)
-        if framing is _CHUNKED and b"ontent-" in head:
+        if framing is _CHUNKED:
             # With Transfer-Encoding, a Content-Length is not what frames the body, and an
             # intermediary MUST remove it (RFC 9112 6.3): a front reading it would cut the
-            # body elsewhere (response splitting).
+            # body elsewhere (response splitting). Looked for in any case (field names are
+            # case-insensitive: a case-sensitive look let "CONTENT-LENGTH" through).
             first, _, rest = head.partition(b"\n")
             head = first + b"\n" + _CONTENT_LENGTH_RE.sub(b"", rest)
         return out + head, end - held
