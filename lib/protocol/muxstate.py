@@ -299,7 +299,8 @@ class MuxConnection:
         self.trusted = trusted
         self._clock = clock
         self._stamp = clock()
-        self._tokens = float(self._answer_limits()[1])
+        self._set_limits()
+        self._tokens = self._burst
         self._frames_untrusted = 0
         self._recent_rst_ids: deque[int] = deque()
         self._recent_rst_set: set[int] = set()
@@ -386,13 +387,17 @@ class MuxConnection:
         """The layer above vouches for the peer (the proxy: its Auth was accepted)."""
         if not self.trusted:
             self.trusted = True
-            self._tokens = float(self.config.answer_burst)
+            self._set_limits()
+            self._tokens = self._burst
 
-    def _answer_limits(self) -> tuple[float, int]:
+    def _set_limits(self) -> None:
+        """The answer bucket's rate and size (a float) for the peer's trust, looked up once
+        (``_spend`` runs once per read received)."""
         c = self.config
         if self.trusted:
-            return c.answer_rate, c.answer_burst
-        return c.untrusted_answer_rate, c.untrusted_answer_burst
+            self._rate, self._burst = c.answer_rate, float(c.answer_burst)
+        else:
+            self._rate, self._burst = c.untrusted_answer_rate, float(c.untrusted_answer_burst)
 
     def _provoked(self) -> None:
         """Take a token for one answer; a peer with none left is hostile."""
@@ -400,19 +405,19 @@ class MuxConnection:
         self.answers += 1
 
     def _spend(self, tokens: float) -> None:
-        c = self.config  # _answer_limits inline: once per read received
-        if self.trusted:
-            rate, burst = c.answer_rate, c.answer_burst
-        else:
-            rate, burst = c.untrusted_answer_rate, c.untrusted_answer_burst
+        # Once per read received, in each process (bench/README.md, "Per-request cost (issue
+        # 16)", fmux pass): the limits looked up at trust (_set_limits), no min() or float().
         now = self._clock()
-        self._tokens = min(float(burst), self._tokens + (now - self._stamp) * rate)
+        have = self._tokens + (now - self._stamp) * self._rate
+        if have > self._burst:
+            have = self._burst
         self._stamp = now
-        if self._tokens < tokens:
-            raise PeerAbuse(f"peer provoked more than {burst} answers at once or {rate:g} a "
-                            f"second{'' if self.trusted else ' before Auth'} (a frame counts "
-                            f"1/{FRAMES_PER_ANSWER})")
-        self._tokens -= tokens
+        if have < tokens:
+            self._tokens = have
+            raise PeerAbuse(f"peer provoked more than {int(self._burst)} answers at once or "
+                            f"{self._rate:g} a second{'' if self.trusted else ' before Auth'} "
+                            f"(a frame counts 1/{FRAMES_PER_ANSWER})")
+        self._tokens = have - tokens
 
     def _answered(self, size: int) -> None:
         """The last ``size`` bytes queued are an answer: bound what waits unwritten."""
