@@ -23,6 +23,8 @@ Public API::
     conn.outgoing_size                    # bytes waiting in data_to_send()
     conn.unsent_size                      # those plus the batch handed out and not yet written
     conn.unsent_answers                   # of which answers the peer provoked (see below)
+    conn.inline_frames = False            # (tests) every frame through the rules' handlers,
+                                          # the reference the inline steps are held to
 
 Events: StreamOpened, DataReceived (fin may ride on it), StreamEnded, StreamReset,
 WindowOpened, GoAwayReceived, HeartbeatEchoed, ConnectionTerminated.
