@@ -14,11 +14,12 @@ import pytest
 
 from lib.errors import ErrorCode
 from lib.net.muxsession import MuxConfig, Session
-from lib.net.splice import splice
+from lib.net.splice import socket_sink, splice
 from lib.protocol import muxframe as fr
 from tests.support.calls import PythonCalls
 from tests.support.muxpair import pki, session_pair, tcp_pair, tls_pair  # noqa: F401
 from tests.support.switches import SwitchesInto
+from tests.support.wait import wait_until
 
 
 def _transports(kind: str, pki):
@@ -193,6 +194,34 @@ def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_fram
         c.close()
         s.close()
         g.join(timeout=5)
+
+
+def test_a_read_for_a_stream_whose_reading_is_shut_reaches_no_sink():
+    # A read of one DATA frame for a stream with a sink is offered to it at once
+    # (Session._offer_alone), but not when the stream's reading was shut: its bytes go nowhere
+    # and the window goes back, as Stream._deliver does for it (no test held this guard).
+    c, s = session_pair()
+    far = c.open()
+    far.sendall(b"x")
+    near = s.accept(timeout=5)
+    assert near.recv(10) == b"x"
+    visitor, inner = tcp_pair()
+    sink = socket_sink(inner)
+    try:
+        near.set_sink(sink)
+        near.shutdown(socket.SHUT_RD)
+        before = s.stats.bytes_in
+        far.sendall(b"not for anyone")  # one frame in one read: the one-frame offer's path
+        wait_until(lambda: s.stats.bytes_in > before)
+        assert sink.sent == 0 and near.buffered == 0
+        visitor.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            visitor.recv(100)
+    finally:
+        visitor.close()
+        inner.close()
+        c.close()
+        s.close()
 
 
 def test_records_a_read_leaves_at_its_budget_are_read_without_more_from_the_peer(pki):
