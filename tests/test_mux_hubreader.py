@@ -163,15 +163,21 @@ def test_a_read_that_fills_the_read_size_is_followed_by_a_read_not_the_watcher(p
     s.close()
 
 
-def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_frame():
-    # The hub read that brings an answer for a spliced visitor offers it to the sink from
-    # _decoded itself (Session._flush_sinks inline: a frame fewer per keep-alive request in
-    # each process, bench/README.md, "Per-request cost (issue 16)", ka3 pass).
+def _stream_pair():
+    """Two sessions and a stream between them, its first byte read: (c, s, far, near)."""
     c, s = session_pair()
     far = c.open()
     far.sendall(b"x")
     near = s.accept(timeout=5)
     assert near.recv(10) == b"x"
+    return c, s, far, near
+
+
+def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_frame():
+    # The hub read that brings an answer for a spliced visitor offers it to the sink from
+    # _decoded itself (Session._flush_sinks inline: a frame fewer per keep-alive request in
+    # each process, bench/README.md, "Per-request cost (issue 16)", ka3 pass).
+    c, s, far, near = _stream_pair()
     visitor, inner = tcp_pair()
     g = gevent.spawn(splice, inner, near)
     try:
@@ -200,11 +206,7 @@ def test_a_read_for_a_stream_whose_reading_is_shut_reaches_no_sink():
     # A read of one DATA frame for a stream with a sink is offered to it at once
     # (Session._offer_alone), but not when the stream's reading was shut: its bytes go nowhere
     # and the window goes back, as Stream._deliver does for it (no test held this guard).
-    c, s = session_pair()
-    far = c.open()
-    far.sendall(b"x")
-    near = s.accept(timeout=5)
-    assert near.recv(10) == b"x"
+    c, s, far, near = _stream_pair()
     visitor, inner = tcp_pair()
     sink = socket_sink(inner)
     try:
