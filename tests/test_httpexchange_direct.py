@@ -414,3 +414,38 @@ def test_a_small_answer_offered_whole_takes_few_python_calls():
             got += chunk
         assert got == (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
                        b"Connection: close\r\n\r\nhello, world\n")
+
+
+@pytest.mark.parametrize("head, events", [
+    (REQUEST, 0),
+    (b"GET /ws HTTP/1.1\r\nHost: web.test\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+     1),
+])
+def test_only_an_upgrade_request_makes_an_event_for_its_answer(monkeypatch, head, events):
+    """A fresh connection's exchange makes no gevent Event unless its request asks to upgrade
+    (only then do reads wait for the answer): one object fewer per connection, and the answer's
+    end still shuts the visitor's side after the body (bench/README.md, "Fresh connections:
+    the exchange's objects")."""
+    import gevent.event
+
+    made = []
+
+    class Counted(gevent.event.Event):
+        def __init__(self):
+            made.append(self)
+            super().__init__()
+    monkeypatch.setattr(gevent.event, "Event", Counted)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    ours, peer = socket.socketpair()
+    visitor = gsocket.socket(ours.family, ours.type, ours.proto, ours.detach())
+    with visitor, peer:
+        exchange = OneExchangeSocket(visitor, head)
+        exchange.take_head()
+        exchange.sendall(answer)
+        exchange.close()
+        peer.settimeout(5)
+        got = b""
+        while chunk := peer.recv(4096):
+            got += chunk
+    assert len(made) == events
+    assert got.endswith(b"ok")

@@ -242,7 +242,11 @@ class OneExchangeSocket(OneRequestSocket):
         # One send() per small write (lib.net.sockets.send_all), made at its first use: the
         # copy loop's sendall only, which an answer the sink sends whole never calls.
         self._send = None
-        self._answered = gevent.event.Event()  # the final answer (or the 101) went out
+        # The final answer (or the 101) went out. Only an upgrade request's reads wait for
+        # it: the Event is made for those alone, a flag does for the rest (one object fewer
+        # per fresh connection: bench/README.md, "Fresh connections: the exchange's objects").
+        self._answered = False
+        self._answer_waiter = gevent.event.Event() if self._upgrade else None
         # The origin's next bytes the framer already read as the body (or raw, switched) and
         # direct delivery did not send yet: they go out as they are when they come again.
         self._credit = 0
@@ -257,7 +261,7 @@ class OneExchangeSocket(OneRequestSocket):
 
     def recv(self, bufsize: int = 65536, flags: int = 0) -> bytes:
         if self._ended and self._upgrade:
-            if not self._answered.wait(self._sock.gettimeout()):
+            if not self._answer_waiter.wait(self._sock.gettimeout()):
                 raise TimeoutError("timed out waiting for the origin's answer to an upgrade")
             if self.switched:
                 if self._early:
@@ -267,7 +271,7 @@ class OneExchangeSocket(OneRequestSocket):
         return super().recv(bufsize, flags)
 
     def _after_request(self, data: bytes) -> bytes:
-        if self._upgrade and not self._answered.is_set():
+        if self._upgrade and not self._answered:
             # Sent before the origin answered the upgrade (only this read's tail can be:
             # recv waits for the answer before reading more).
             self._early += data
@@ -300,7 +304,7 @@ class OneExchangeSocket(OneRequestSocket):
         try:
             out = framer.feed(bytes(data))
         except http1.FramingError as e:
-            self._answered.set()
+            self._set_answered()
             raise ConnectionAbortedError(f"origin's response: {e}") from None
         if out:
             self._send_out(out, flags)
@@ -325,14 +329,24 @@ class OneExchangeSocket(OneRequestSocket):
         a final answer the visitor gets our FIN."""
         state = self._response.state
         if (state == http1.DONE or state == http1.SWITCHED) and not self._credit \
-                and not self._owed and not self._answered.is_set():
-            self._answered.set()
+                and not self._owed and not self._answered:
+            self._answered = True  # _set_answered, inline (once per connection)
+            if self._answer_waiter is not None:
+                self._answer_waiter.set()
             if state == http1.DONE:
                 # The front reads Connection: close and the end: it will not reuse this.
                 try:
                     self._sock.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
+
+    def _set_answered(self) -> None:
+        """The final answer (or the 101) went out, or none will: an upgrade's waiting read
+        goes on."""
+        self._answered = True
+        waiter = self._answer_waiter
+        if waiter is not None:
+            waiter.set()
 
     # --- direct delivery (lib.net.splice's sink; lib.net.muxsession, "Direct delivery") ----
 
@@ -403,7 +417,7 @@ class OneExchangeSocket(OneRequestSocket):
             # Raised by the copy loop's sendall, which sends the 502 when nothing went out.
             self._failed = e if isinstance(e, OSError) else \
                 ConnectionAbortedError(f"origin's response: {e}")
-            self._answered.set()
+            self._set_answered()
             raise BlockingIOError from None
         except BlockingIOError:
             body = 0  # nothing of the body in these bytes
@@ -444,7 +458,7 @@ class OneExchangeSocket(OneRequestSocket):
                 if k < len(chunk):
                     break
         except http1.FramingError as e:
-            self._answered.set()
+            self._set_answered()
             raise ConnectionAbortedError(f"origin's response: {e}") from None
         if not n:
             raise BlockingIOError  # the response ended with the bytes before
@@ -465,14 +479,18 @@ class OneExchangeSocket(OneRequestSocket):
         # The origin ended (the splice carries its FIN here): no answer is coming, so a read
         # waiting for one goes on as for any request (EOF to the tunnel after it).
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
-            self._answered.set()
+            self._answered = True  # _set_answered, inline (once per connection)
+            if self._answer_waiter is not None:
+                self._answer_waiter.set()
             if how == socket.SHUT_WR and self._response.state == http1.DONE \
                     and not self._credit and not self._owed:
                 return  # sendall shut it down after the answer: a second one only fails
         self._sock.shutdown(how)
 
     def close(self) -> None:
-        self._answered.set()
+        self._answered = True  # _set_answered, inline (once per connection)
+        if self._answer_waiter is not None:
+            self._answer_waiter.set()
         self._sock.close()
 
 
