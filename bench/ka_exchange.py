@@ -18,7 +18,7 @@ tree, changed/base, and round by round.
 Against bench/cost_ab.py: no wrk, no second process, no scheduler between two processes: the
 noise of the shared cores falls on both trees alike in the same seconds, and a change of a
 few percent in the Python of the path shows (bench/README.md, "Per-request cost (issue 16)",
-kaone pass). What it leaves out: the cross-process wake-ups, the proxy's byte meters
+branch kaone). What it leaves out: the cross-process wake-ups, the proxy's byte meters
 (lib.proxy.registry.Meter), the client's counters.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ and lines by file (``sys.settrace``). ``--fresh host``: a fresh connection per r
 one after another (cost_ab's fresh row: by Host; ``tcp``: its freshtcp row, the tcp: bind), the
 figures per connection. ``--root``: the tree whose proxy and client run (another worktree, for
 a before/after). Counts, not time: the machine may be shared (bench/README.md, "Per-request
-cost (issue 16)", ka3 pass; fclient2 pass for ``--fresh`` and ``--lines``).
+cost (issue 16)", branch ka3; branch fclient2 for ``--fresh`` and ``--lines``).
 """
 from __future__ import annotations
 

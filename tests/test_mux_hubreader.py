@@ -176,7 +176,7 @@ def _stream_pair():
 def test_a_read_for_a_spliced_visitor_offers_it_from_the_read_with_no_flush_frame():
     # The hub read that brings an answer for a spliced visitor offers it to the sink from
     # _decoded itself (Session._flush_sinks inline: a frame fewer per keep-alive request in
-    # each process, bench/README.md, "Per-request cost (issue 16)", ka3 pass).
+    # each process, bench/README.md, "Per-request cost (issue 16)", branch ka3).
     c, s, far, near = _stream_pair()
     visitor, inner = tcp_pair()
     g = gevent.spawn(splice, inner, near)

@@ -3,7 +3,7 @@
 The common lifecycle is one HTTP exchange per stream, as a fresh public connection makes in each
 process: the proxy opens the stream with SYN and the request's DATA, the client answers and
 ends, the proxy ends, both forget the stream (bench/README.md, "Per-request cost (issue 16)",
-fmux pass). The counts pinned here go red when that pass's steps are undone. The inline steps
+branch fmux). The counts pinned here go red when that pass's steps are undone. The inline steps
 (``MuxConnection.inline_frames``, the decoder's inline SYN) must give what the rules' handlers
 give: each case of the table runs both ways and compares events, output and the session's end.
 """
@@ -72,7 +72,7 @@ def test_the_common_lifecycle_runs_few_python_calls_and_bytecodes():
         _lifecycle(proxy, client)
     counts = Counter(calls.names)
     # Both processes' state machines, one stream: 62 calls and 2,855 bytecodes at main
-    # 3887563; 37 and 2,115 with the fmux pass (bench/README.md, "Per-request cost (issue
+    # 3887563; 37 and 2,115 with the branch fmux (bench/README.md, "Per-request cost (issue
     # 16)"; 2,160 before the answer bucket's limits were looked up at trust, not per read:
     # MuxConnection._spend). Gone: _open, encode, _header, _grant_extra (open_stream's SYN is a bare header),
     # _emit, encode_data, _local_fin (end_stream's and forget_stream's FIN), _unreserve (no
@@ -271,7 +271,7 @@ def test_a_session_stream_lifecycle_runs_few_mux_calls():
                       if n.split(".")[0] in ("Session", "Stream", "MuxConnection", "_Stream",
                                              "FrameDecoder"))
         assert proxy.open_streams == client.open_streams == 0
-        # 126 at main 8a32c07; 98 with the fmux pass (both sides, their readers and writers):
+        # 126 at main 8a32c07; 98 with the branch fmux (both sides, their readers and writers):
         # the state machine's steps above, and Session._hand_streams looks at the backlog
         # before asking it (one _next_accepted a stream, not two), the wake-ups of a DATA+FIN
         # (and its StreamEnded, and the close after it) are made inline, once (Stream._wake 8

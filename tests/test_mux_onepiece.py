@@ -1,7 +1,7 @@
 """A read that is one whole DATA frame (a keep-alive request or answer) is decoded without
 feeding the decoder: FrameDecoder.whole_data and MuxConnection.receive_data's fast path give
 what feed + next_frame and the decoding loop give, with the same state after (bench/README.md,
-"Per-request cost (issue 16)", kaone pass)."""
+"Per-request cost (issue 16)", branch kaone)."""
 import pytest
 
 from lib.errors import ErrorCode

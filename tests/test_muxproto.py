@@ -1053,7 +1053,7 @@ def test_offer_data_wire_is_send_data_s(size, kind):
 def test_offer_data_of_a_request_is_one_python_call():
     """Stream.send_nowait's offer_data queues a visitor's request (or an origin's answer) in
     one call: send_data's one-frame step is inline (bench/README.md, "Per-request cost (issue
-    16)", ka3 pass); it was offer_data and send_data, once per keep-alive request in each
+    16)", branch ka3); it was offer_data and send_data, once per keep-alive request in each
     process. A stream closed for writing still raises (send_data's refusal)."""
     c = mp.MuxConnection(client=True, config=cfg(heartbeat=False))
     sid = c.open_stream()

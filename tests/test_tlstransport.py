@@ -287,7 +287,7 @@ def test_a_nowait_message_runs_no_python_frame_under_the_transport(pki):
     # The mux session's hub reader and flush (read_nowait, write_nowait) run once per
     # keep-alive request in each process: the SSL object's C methods and the OS socket's are
     # called directly, with no ssl.py wrapper, piece helper or socket closure under them
-    # (bench/README.md, "Per-request cost (issue 16)", ka3 pass), and read_nowait is the
+    # (bench/README.md, "Per-request cost (issue 16)", branch ka3), and read_nowait is the
     # decrypting loop itself. 3 frames more each way before: SSLObject.read/write, _piece, the
     # scratch reader's closure, and read_nowait above _decrypt.
     c, s = pair(pki)

@@ -218,7 +218,7 @@ class Stream:
 
     def __init__(self, session: "Session", sid: int):
         # One assignment per value: a stream is made per fresh connection in each process
-        # (bench/README.md, "Per-request cost (issue 16)", fmux pass).
+        # (bench/README.md, "Per-request cost (issue 16)", branch fmux).
         self.session = session
         self.id = sid
         # _chunks: created on first data (idle streams stay small); _error: MuxError;
@@ -1141,7 +1141,7 @@ class Session:
                     # An answer and its FIN (DATA, a bare FIN, its StreamEnded: the stream's
                     # end in a fresh connection's proxy): the answer offered as a read of it
                     # alone, then its end dispatched (bench/README.md, "Per-request cost
-                    # (issue 16)", fmux pass).
+                    # (issue 16)", branch fmux).
                     events = events[1:]
                 self._dispatch(events)
             if conn.outgoing_size:
@@ -1171,7 +1171,7 @@ class Session:
         (a keep-alive request or answer; or whose other events are that stream's bare FIN:
         _decoded): offered to the sink at once, what ``_dispatch``,
         ``Stream._deliver``, ``_flush_sinks`` and ``Stream._sink_flush`` do for it in one call
-        (bench/README.md, "Per-request cost (issue 16)", kaone pass). What the socket does not
+        (bench/README.md, "Per-request cost (issue 16)", branch kaone). What the socket does not
         take waits in the buffer for the stream's reader, woken now. False: not such a read
         (the caller dispatches it)."""
         if type(ev) is not mp.DataReceived or ev.fin:

@@ -277,7 +277,7 @@ def nowait_scratch_reader(sock):
     socket's bound ``recv_into`` and the scratch buffer it reads into (``scratch[:recv_into(
     scratch, n)]`` is that reader's view), so a read is one C call and no Python frame (the
     tunnel's TLS reads once per keep-alive request in each process: bench/README.md, "Per-request
-    cost (issue 16)", ka3 pass). None where ``nowait_view_reader`` is None."""
+    cost (issue 16)", branch ka3). None where ``nowait_view_reader`` is None."""
     raw = _os_socket(sock)
     if raw is None:
         return None

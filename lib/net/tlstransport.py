@@ -87,7 +87,7 @@ def _ssl_calls(obj) -> tuple:
     """(read, write, pending) of a TLS object. Under a plain ``ssl.SSLObject``, its C object's
     own bound methods: ssl.py's ``read``/``write``/``pending`` only pass each call on, a Python
     frame each, and a keep-alive request reads and writes once in each process (bench/README.md,
-    "Per-request cost (issue 16)", ka3 pass). A subclass keeps its own: it may change them."""
+    "Per-request cost (issue 16)", branch ka3). A subclass keeps its own: it may change them."""
     inner = getattr(obj, "_sslobj", None) if type(obj) is ssl.SSLObject else None
     if inner is None:
         return obj.read, obj.write, obj.pending
@@ -121,7 +121,7 @@ class TLSTransport:
         self._tail = b""  # sealed records write_nowait could not send: they go out first
         # write_nowait may run (a gevent socket, no write under way, no tail): an attribute
         # kept where any of the three changes, not a property (the mux session's flush reads it
-        # once per keep-alive request: bench/README.md, "Per-request cost (issue 16)", ka3 pass)
+        # once per keep-alive request: bench/README.md, "Per-request cost (issue 16)", branch ka3)
         self.write_idle = self._hub is not None
 
     @classmethod
@@ -278,7 +278,7 @@ class TLSTransport:
     # As ``recv_view``, never waiting or yielding (module doc): None when no whole record is
     # there yet, an empty view at EOF. Errors are the socket's and the TLS layer's. _decrypt
     # itself, one Python frame per read (the mux session's hub reader reads once per keep-alive
-    # request in each process: bench/README.md, "Per-request cost (issue 16)", ka3 pass).
+    # request in each process: bench/README.md, "Per-request cost (issue 16)", branch ka3).
     read_nowait = _decrypt
 
     @property
@@ -327,7 +327,7 @@ class TLSTransport:
         tail (module doc). Errors are the socket's (OSError), as from sendall. The write lock
         is not taken: nothing here yields, so no other greenlet could see it held; a keep-alive
         request's write is one piece, sealed and sent with no Python frame under this one
-        (bench/README.md, "Per-request cost (issue 16)", ka3 pass)."""
+        (bench/README.md, "Per-request cost (issue 16)", branch ka3)."""
         write, whole = self._ssl_write, WHOLE_PIECE  # (_piece, inline)
         view = data if len(data) < whole else memoryview(data)
         while True:  # SEND_PIECE at a time, as sendall: the peer decrypts while we seal

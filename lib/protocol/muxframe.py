@@ -211,7 +211,7 @@ class FrameDecoder:
         """The DATA frame ``piece`` is, when it is exactly one (header and payload, a nonzero
         stream id) and nothing is carried or pending from earlier pieces: what ``feed`` and two
         ``next_frame`` calls would give, in one call (a keep-alive request or answer is such a
-        read: bench/README.md, "Per-request cost (issue 16)", kaone pass). None otherwise, the
+        read: bench/README.md, "Per-request cost (issue 16)", branch kaone). None otherwise, the
         decoder untouched: feed the piece as usual."""
         if self._buf or self._src is not None or self._skip or self._failed:
             return None
@@ -269,7 +269,7 @@ class FrameDecoder:
                     if ftype == TYPE_SYN and not length and not flags & _SYN_FIELDS:
                         # A SYN with no priority and no type (every stream the proxy opens,
                         # one per fresh connection: bench/README.md, "Per-request cost
-                        # (issue 16)", fmux pass); with fields or a length, _syn checks them.
+                        # (issue 16)", branch fmux); with fields or a length, _syn checks them.
                         self._spos = end
                         return Syn(sid, None, None, bool(flags & FLAG_FIN))
             elif pos == len(src):  # all of the piece decoded: nothing to carry

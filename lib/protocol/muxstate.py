@@ -253,7 +253,7 @@ class _Stream:
 
     def __init__(self, local: bool, kind: int = 0):
         # One assignment per value: a stream is made per fresh connection in each process
-        # (bench/README.md, "Per-request cost (issue 16)", fmux pass).
+        # (bench/README.md, "Per-request cost (issue 16)", branch fmux).
         # send_window: what the peer lets us send; credit: what we let the peer send, not yet
         # used; window: the level we keep granting back to.
         self.send_window = self.credit = self.window = INITIAL_WINDOW
@@ -349,7 +349,7 @@ class MuxConnection:
         size = self.outgoing_size
         if limit is None or size <= limit:
             # All of it (a flush's usual batch): the list itself is handed to the join and a
-            # new one queues what comes next, no copy and no clear (kaone pass).
+            # new one queues what comes next, no copy and no clear (branch kaone).
             batch, self._out, self.outgoing_size = out, [], 0
         else:
             i = size = 0
@@ -408,7 +408,7 @@ class MuxConnection:
 
     def _spend(self, tokens: float) -> None:
         # Once per read received, in each process (bench/README.md, "Per-request cost (issue
-        # 16)", fmux pass): the limits looked up at trust (_set_limits), no min() or float().
+        # 16)", branch fmux): the limits looked up at trust (_set_limits), no min() or float().
         now = self._clock()
         have = self._tokens + (now - self._stamp) * self._rate
         if have > self._burst:
@@ -449,7 +449,7 @@ class MuxConnection:
                 or sid > fr.STREAM_ID_MASK):
             self._refuse_open()
         # _open for a user stream, inline (one per fresh connection in the proxy:
-        # bench/README.md, "Per-request cost (issue 16)", fmux pass): the SYN has no priority
+        # bench/README.md, "Per-request cost (issue 16)", branch fmux): the SYN has no priority
         # and no type, so it is a bare header (encode(Syn(sid)), test_mux_lifecycle).
         self._next_local = sid + 2
         st = self._streams[sid] = _Stream(True)
@@ -575,7 +575,7 @@ class MuxConnection:
                 and type(data) is bytes and not st.local_fin):
             # send_data's one-frame step, inline: a visitor's request or an origin's answer,
             # once per keep-alive request in each process (bench/README.md, "Per-request cost
-            # (issue 16)", ka3 pass); the same wire (test_muxproto).
+            # (issue 16)", branch ka3); the same wire (test_muxproto).
             self._out += (fr.HEADER.pack(total, 0, fr.TYPE_DATA, sid), data)
             self.outgoing_size += total + fr.HEADER_SIZE
             st.send_window = window - total
@@ -598,7 +598,7 @@ class MuxConnection:
         if st is None or st.local_fin:
             return
         # encode_data(sid, b"", True) and _local_fin, inline: once per stream in each process
-        # (bench/README.md, "Per-request cost (issue 16)", fmux pass).
+        # (bench/README.md, "Per-request cost (issue 16)", branch fmux).
         self._out.append(fr.HEADER.pack(0, fr.FLAG_FIN, fr.TYPE_DATA, sid))
         self.outgoing_size += fr.HEADER_SIZE
         st.local_fin = True
@@ -724,7 +724,7 @@ class MuxConnection:
         if f is not None:
             # A read of one DATA frame (a keep-alive request or answer, a stream's FIN) within
             # the window on an open user stream: what the loop below does for it, without
-            # feeding the decoder (bench/README.md, "Per-request cost (issue 16)", kaone pass).
+            # feeding the decoder (bench/README.md, "Per-request cost (issue 16)", branch kaone).
             st = self._streams.get(f.stream_id)
             n = len(f.data)
             if st is not None and st.kind == _USER and not st.remote_fin and n <= st.credit:
@@ -762,7 +762,7 @@ class MuxConnection:
                     # The common frame inline (what _on_data does for it): DATA within the
                     # window on an open user stream is delivered as it came, and its FIN ends
                     # the stream's way in (a fresh connection's end, in each process:
-                    # bench/README.md, "Per-request cost (issue 16)", fmux pass).
+                    # bench/README.md, "Per-request cost (issue 16)", branch fmux).
                     st = streams.get(f.stream_id)
                     n = len(f.data)
                     if (st is not None and st.kind == _USER and not st.remote_fin
