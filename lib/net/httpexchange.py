@@ -330,7 +330,7 @@ class OneExchangeSocket(OneRequestSocket):
         state = self._response.state
         if (state == http1.DONE or state == http1.SWITCHED) and not self._credit \
                 and not self._owed and not self._answered:
-            self._answered = True  # _set_answered, inline (once per connection)
+            self._answered = True  # _set_answered, inline: counted on the answer's path
             if self._answer_waiter is not None:
                 self._answer_waiter.set()
             if state == http1.DONE:
@@ -479,18 +479,14 @@ class OneExchangeSocket(OneRequestSocket):
         # The origin ended (the splice carries its FIN here): no answer is coming, so a read
         # waiting for one goes on as for any request (EOF to the tunnel after it).
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
-            self._answered = True  # _set_answered, inline (once per connection)
-            if self._answer_waiter is not None:
-                self._answer_waiter.set()
+            self._set_answered()
             if how == socket.SHUT_WR and self._response.state == http1.DONE \
                     and not self._credit and not self._owed:
                 return  # sendall shut it down after the answer: a second one only fails
         self._sock.shutdown(how)
 
     def close(self) -> None:
-        self._answered = True  # _set_answered, inline (once per connection)
-        if self._answer_waiter is not None:
-            self._answer_waiter.set()
+        self._set_answered()
         self._sock.close()
 
 
