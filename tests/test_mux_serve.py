@@ -70,3 +70,37 @@ def test_a_handler_that_raises_ends_the_session_not_the_reader_alone():
     assert "a bug in the handler" in end.reason
     assert client.wait(timeout=5) is not None  # the transport was closed: the peer sees it
     client.close()
+
+
+def test_reader_crashes_are_counted_and_their_tracebacks_logged_at_a_bounded_rate(
+        monkeypatch, caplog):
+    # A bug a peer can reach (here: a handler that raises) ends each session it reaches; a peer
+    # that reconnects reaches it again. Every crash is counted; tracebacks are logged ten at
+    # once, then one a minute (the clock stands still here), and the hub's handle_error, which
+    # printed each one with no limit, is not called.
+    from lib.net import muxsession
+    from lib.tokenbucket import TokenBucket
+    monkeypatch.setattr(muxsession, "crash_log", TokenBucket(10, 1 / 60, clock=lambda: 0.0))
+    hub_reported = []
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "handle_error", lambda *a: hub_reported.append(a))
+    before = muxsession.reader_crashes
+
+    def handler(stream):
+        raise RuntimeError("a bug in the handler")
+
+    caplog.set_level("ERROR", logger="shroud.mux")
+    for _ in range(15):
+        client, server = session_pair(heartbeat=False)
+        serving = gevent.spawn(server.serve, handler)
+        gevent.sleep(0)
+        client.open().sendall(b"x")
+        assert serving.get(timeout=5).code == ErrorCode.INTERNAL_ERROR
+        client.close()
+        server.close()
+    assert muxsession.reader_crashes - before == 15
+    tracebacks = [r for r in caplog.records if r.exc_info and "reader failed" in r.getMessage()]
+    assert len(tracebacks) == 10
+    assert "a bug in the handler" in str(tracebacks[0].exc_info[1])
+    assert muxsession.crash_log.dropped == 5
+    assert hub_reported == []

@@ -218,7 +218,9 @@ def shown(text: str) -> str:
     """A proxy's text (StartProxy's ClientAddr and Url, in a connection's record) as a line of
     the log or a cell of the panel may show it: control characters escaped (a CRLF in a
     ClientAddr wrote a line of the proxy's making into the client's log), at most 200
-    characters; the panel takes it as Text, not markup."""
+    characters (a log line or a panel cell stays about one screen line; an address or a URL
+    of a usual name fits, and longer text is a peer padding it); the panel takes it as Text,
+    not markup."""
     text = text[:200]
     return text if text.isprintable() else repr(text)[1:-1]
 

@@ -143,10 +143,15 @@ from lib.protocol.muxstate import MuxConfig
 from lib.net.sockets import nowait_reader, nowait_view_reader, reader, set_nodelay
 from lib.net.tlstransport import RECORDS_PER_READ
 from lib.peerlog import PeerLog
+from lib.tokenbucket import TokenBucket
 
 __all__ = ["Session", "Stream", "MuxConfig", "SessionEnd", "SessionGreenlets"]
 
 log = logging.getLogger("shroud.mux")
+# A reader's crash is a bug a peer may be able to reach again by reconnecting: its traceback is
+# logged ten times at once, then once a minute, all sessions of the process together.
+crash_log = TokenBucket(10, 1 / 60)
+reader_crashes = 0  # every crash of a session's reader in this process, logged or not
 
 # One TLS record is 16 KiB; reading up to 256 KiB lets a plain TCP transport hand over many
 # frames per call, which is what makes the Python side fast.
@@ -1057,7 +1062,6 @@ class Session:
             pass
         except Exception as e:
             self._reader_crashed(e)
-            raise
 
     def _read_eof(self) -> None:
         ga = self._peer_goaway
@@ -1072,9 +1076,17 @@ class Session:
         offer, a serve() handler): the session ends, INTERNAL_ERROR. Left alone, the hub
         reader's callback ended with its watcher stopped or a piece never scheduled: a session
         open and never read again, its streams waiting, until a heartbeat timeout (never,
-        with heartbeats off)."""
+        with heartbeats off). Its traceback is logged, ten at once and then one a minute across
+        every session (``crash_log``): a peer that can reach the bug and reconnects must not
+        fill the log; ``reader_crashes`` counts every one."""
+        global reader_crashes
+        reader_crashes += 1
         self._finish(SessionEnd(ErrorCode.INTERNAL_ERROR, f"reader failed: {e!r}",
                                 remote=False))
+        if crash_log.take():
+            log.error("session %s: reader failed (a bug; the session ended INTERNAL_ERROR; "
+                      "%d such lines dropped before)", self.name, crash_log.dropped, exc_info=e)
+            crash_log.dropped = 0
 
     def _read_failed(self, e: Exception) -> None:
         # A transport that cut off a flood of its own (wstransport.PeerFlood) says so.
@@ -1114,7 +1126,6 @@ class Session:
             self._read_failed(e)
         except Exception as e:
             self._reader_crashed(e)
-            raise  # the hub reports it (handle_error) and goes on
 
     def _decode_more(self) -> None:
         """The next piece of a dense read, a loop turn after the last (YIELD_FRAMES)."""
@@ -1126,7 +1137,6 @@ class Session:
             self._read_failed(e)
         except Exception as e:
             self._reader_crashed(e)
-            raise
 
     def _decoded(self, events: list) -> None:
         """A piece of a read decoded: its events dispatched, its sinks offered; then the next

@@ -58,11 +58,11 @@ from lib.protocol import messages as msg
 from lib.proxy.actions import OperatorActions
 from lib.proxy.fleet import HEARTBEAT_INTERVAL, FleetMember, InstanceIdentity
 from lib.proxy.prefork import listening_socket
-from lib.tokenbucket import TokenBucket
 from lib.proxy.store import Blocks, ClaimLimits, open_store
 from lib.proxy.registry import Registry
 from lib.proxy.routing import PublicRouter
 from lib.proxy.tunnels import TunnelService
+from lib.tokenbucket import TokenBucket
 
 log = logging.getLogger("shroud.proxy")
 # Runs of failed accepts logged (PublicServer._accept_failed: one line each), all listeners
