@@ -3,14 +3,17 @@
 tree, bench/proxy_bench.py's ShroudPath) in front of the single-write origin, one connection,
 requests one after another (cost_ab's ka1 row).
 
-    .venv/bin/python bench/percall.py [--requests 5000] [--opcodes | --lines] [--strace] [--top 30]
-        [--fresh host|tcp] [--root TREE]
+    .venv/bin/python bench/percall.py [--requests 5000] [--opcodes | --lines] [--strace | --perf]
+        [--top 30] [--fresh host|tcp] [--root TREE]
 
 Default: Python calls by function, C calls by name (``sys.setprofile``) and greenlet switches
 per request in each process, by bench/percall_probe/sitecustomize.py (loaded through PYTHONPATH,
 turned on and off by signals around the counted requests). ``--opcodes``: Python calls and
 bytecodes per request (``sys.settrace``, slower). ``--strace``: system calls per request
-(``strace -c -f -p``; run as root). ``--lines``: Python calls and lines executed by function,
+(``strace -c -f -p``; run as root). ``--perf``: where each process's CPU goes, per request
+(``perf record -F 999 -p``, then ``perf report --sort dso`` and the interpreter's own top
+symbols): µs of user and system time per request from /proc (so perf's own cost is in them),
+split by the samples' shares, for the processes as they run, untraced. ``--lines``: Python calls and lines executed by function,
 and lines by file (``sys.settrace``). ``--fresh host``: a fresh connection per request instead,
 one after another (cost_ab's fresh row: by Host; ``tcp``: its freshtcp row, the tcp: bind), the
 figures per connection. ``--root``: the tree whose proxy and client run (another worktree, for
@@ -82,6 +85,41 @@ def report(name: str, counts: dict, n: int, top: int) -> None:
                 print(f"  {label:6} {c / n:7.3f}  {what}")
 
 
+def cpu_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) clock ticks of a process so far, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def perf_shares(data: str, *sort: str) -> list[tuple[float, str]]:
+    """(percent of samples, name) rows of ``perf report --sort ...`` on ``data``."""
+    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "-q", "--sort", ",".join(sort)],
+                         capture_output=True, text=True, timeout=300).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].endswith("%"):
+            rows.append((float(parts[0][:-1]), " ".join(parts[1:])))
+    return rows
+
+
+def perf_report(name: str, data: str, before: tuple, after: tuple, n: int, top: int) -> None:
+    """µs of CPU per request by where the samples fell: shared objects, then the interpreter's
+    own symbols."""
+    tick = 1e6 / os.sysconf("SC_CLK_TCK")
+    user, system = ((a - b) * tick / n for a, b in zip(after, before))
+    total = user + system
+    print(f"{name}: {total:.1f} µs CPU per request (user {user:.1f}, system {system:.1f}; "
+          f"perf's own cost included), by shared object:")
+    for share, dso in perf_shares(data, "dso")[:top]:
+        if share >= 0.5:
+            print(f"  {share:5.1f} %  {total * share / 100:6.1f} µs  {dso}")
+    print(f"  {name}'s top symbols:")
+    for share, sym in perf_shares(data, "dso", "sym")[:top]:
+        print(f"  {share:5.1f} %  {total * share / 100:6.1f} µs  {sym}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=5000)
@@ -91,11 +129,14 @@ def main() -> int:
     ap.add_argument("--fresh", choices=("host", "tcp"))
     ap.add_argument("--root", default=pb.ROOT)
     ap.add_argument("--strace", action="store_true")
+    ap.add_argument("--perf", action="store_true")
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     d = tempfile.mkdtemp(prefix="percall-")
     out = os.path.join(d, "counts")
-    if not args.strace:
+    if args.strace and args.perf:
+        ap.error("--strace and --perf: one at a time (each would count the other's cost)")
+    if not (args.strace or args.perf):
         pb.ShroudPath.env = {"PYTHONPATH": PROBE, "PERCALL_OUT": out,
                              **({"PERCALL_OPCODES": "1"} if args.opcodes else {}),
                              **({"PERCALL_LINES": "1"} if args.lines else {})}
@@ -120,13 +161,29 @@ def main() -> int:
                 tracers.append((name, subprocess.Popen(
                     ["strace", "-c", "-f", "-p", str(pid), "-o", os.path.join(d, name)])))
             time.sleep(1.0)  # attached
+        elif args.perf:
+            for name, pid in pids.items():
+                tracers.append((name, subprocess.Popen(
+                    ["perf", "record", "-q", "-F", "999", "-p", str(pid),
+                     "-o", os.path.join(d, name + ".perf")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            time.sleep(1.0)  # attached
+            cpu_before = {name: cpu_ticks(pid) for name, pid in pids.items()}
         else:
             for pid in pids.values():
                 os.kill(pid, signal.SIGUSR1)
             time.sleep(0.3)
         for _ in range(args.requests):
             one()
-        if args.strace:
+        if args.perf:
+            cpu_after = {name: cpu_ticks(pid) for name, pid in pids.items()}
+            for name, tracer in tracers:
+                tracer.send_signal(signal.SIGINT)
+                tracer.wait(60)
+            for name, _ in tracers:
+                perf_report(name, os.path.join(d, name + ".perf"), cpu_before[name],
+                            cpu_after[name], args.requests, args.top)
+        elif args.strace:
             for name, tracer in tracers:
                 tracer.send_signal(signal.SIGINT)
                 tracer.wait(10)
