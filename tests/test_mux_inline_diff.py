@@ -112,8 +112,11 @@ def _run(script: list, client: bool, inline: bool) -> list:
     seen = []
     for step in script:
         result = _step(conn, step)
-        seen.append((step[0], result, bytes(conn.data_to_send()), conn.open_streams,
-                     _windows(conn), conn.answers, conn.unsent_size))
+        size = conn.outgoing_size
+        out = bytes(conn.data_to_send())
+        assert size == len(out)  # the inline steps keep the output's size as the handlers do
+        seen.append((step[0], result, out, conn.open_streams, _windows(conn), conn.answers,
+                     conn.unsent_size))
     seen.append(("end", conn.terminated))
     return seen
 

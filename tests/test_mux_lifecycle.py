@@ -14,7 +14,7 @@ from collections import Counter
 import gevent
 import pytest
 
-from lib.errors import ErrorCode
+from lib.errors import ErrorCode, ProtocolError
 from lib.protocol import muxframe as fr
 from lib.protocol import muxstate as mp
 from tests.support.calls import Opcodes, PythonCalls
@@ -110,6 +110,9 @@ CASES = {
     "data beyond the window": ([], [[_syn(2)] + [_data(2, b"x" * 16383)] * 4
                                     + [_data(2, b"xxxxx")]]),
     "a whole read beyond the window": (["open", "fill"], [[_data(3, b"xxxx")]]),
+    "data filling the window exactly": ([], [[_syn(2)] + [_data(2, b"x" * 16383)] * 4
+                                             + [_data(2, b"xxxx")]]),
+    "a whole read filling the window exactly": (["open", "fill"], [[_data(3, b"xxx")]]),
     "data on an id never opened": ([], [[_data(6, b"x")]]),
     "fin on an id never opened": ([], [[_data(6, b"", True)]]),
     "syn with our parity": ([], [[_syn(3)]]),
@@ -323,3 +326,116 @@ def test_an_answer_and_its_fin_offered_in_part_leave_the_rest_then_the_eof():
         proxy.close()
         client.close()
         server.kill()
+
+
+# --- the one-frame read and the frame budget: what the counting tests above do not pin ---------
+
+def _fed(trusted: bool = True, **config) -> mp.MuxConnection:
+    """A listener with the peer's stream 3 open (its SYN read), its clock standing still."""
+    conn = mp.MuxConnection(False, mp.MuxConfig(heartbeat=False, **config), trusted=trusted,
+                            clock=lambda: 0.0)
+    assert conn.receive_data(_syn(3)) == [mp.StreamOpened(3)]
+    conn.stream_accepted(3)
+    conn.data_to_send()
+    return conn
+
+
+def test_reads_of_one_data_frame_spend_the_bucket_as_a_read_of_many_does():
+    # A read that is one DATA frame takes the step before the decoder (branch kaone); it must
+    # count the frame and spend its 1/FRAMES_PER_ANSWER of a token as the loop does, so a
+    # trusted peer that writes one frame per record is cut off where a batching one is.
+    burst = 2
+    limit = burst * mp.FRAMES_PER_ANSWER  # frames the bucket pays for, the SYN's included
+    one_by_one = _fed(answer_burst=burst, answer_rate=0.0)
+    ends = [one_by_one.receive_data(_data(3, b"x")) for _ in range(limit + 5)]
+    cut = next(i for i, ev in enumerate(ends) if ev and isinstance(ev[-1], mp.ConnectionTerminated))
+    end = ends[cut][-1]
+    assert end.code == ErrorCode.PROTOCOL_ERROR and end.hostile and "answers" in end.reason
+    assert one_by_one.terminated is end and ends[cut + 1:] == [[]] * (len(ends) - cut - 1)
+    # The SYN and the frames the bucket paid for, then the one that found it empty.
+    assert one_by_one.frames_received == cut + 2 == limit + 1
+    assert [f.code for f in _frames(one_by_one.data_to_send()) if isinstance(f, fr.GoAway)] == [
+        ErrorCode.PROTOCOL_ERROR]
+    # The same frames in one read: the read is decoded (a read is bounded: READ_SIZE), then
+    # paid for, and the session ends the same way.
+    batched = _fed(answer_burst=burst, answer_rate=0.0)
+    events = batched.receive_data(b"".join(_data(3, b"x") for _ in range(limit + 5)))
+    assert events[-1].code == ErrorCode.PROTOCOL_ERROR and events[-1].hostile
+    assert batched.frames_received == limit + 6
+
+
+def test_an_untrusted_peer_reading_one_frame_at_a_time_is_held_to_untrusted_frames():
+    # Before trust() every frame is counted against untrusted_frames, one frame per read too:
+    # the step before the decoder is for trusted peers only.
+    conn = _fed(trusted=False, untrusted_frames=10, untrusted_answer_burst=1000)
+    ends = [conn.receive_data(_data(3, b"x")) for _ in range(12)]
+    assert ends[8] == [mp.DataReceived(3, b"x")]  # the SYN and 9 frames: 10
+    end = ends[9][-1]
+    assert isinstance(end, mp.ConnectionTerminated) and end.hostile
+    assert "before Auth" in end.reason
+
+
+def test_a_read_cut_at_the_frame_budget_says_so_and_goes_on_where_it_stopped():
+    conn = _fed()
+    frames = [_data(3, bytes([i])) for i in range(5)]
+    assert conn.receive_data(b"".join(frames), max_frames=2) == [
+        mp.DataReceived(3, b"\x00"), mp.DataReceived(3, b"\x01")]
+    assert conn.more_to_decode is True
+    assert conn.receive_data(b"", max_frames=2) == [
+        mp.DataReceived(3, b"\x02"), mp.DataReceived(3, b"\x03")]
+    assert conn.more_to_decode is True
+    assert conn.receive_data(b"", max_frames=2) == [mp.DataReceived(3, b"\x04")]
+    assert conn.more_to_decode is False
+    assert conn.frames_received == 6
+
+
+
+
+def test_outgoing_size_is_what_data_to_send_hands_out():
+    # The inline steps keep the output's size themselves (offer_data's one frame, end_stream's
+    # and forget_stream's FIN): it bounds what a writer may queue (write_high_water), so it
+    # must be the bytes queued, each step queued behind the others, and after a session's end.
+    conn = mp.MuxConnection(True, mp.MuxConfig(heartbeat=True))
+    a, b = conn.open_stream(), conn.open_stream()
+    conn.offer_data(a, b"request")
+    conn.offer_data(b, b"x" * 9000)
+    conn.end_stream(a)
+    conn.forget_stream(b)
+    conn.offer_data(conn.open_stream(), b"more")
+    sizes = [conn.outgoing_size]
+    lengths = [len(conn.data_to_send())]
+    c = conn.open_stream()
+    conn.offer_data(c, b"last")
+    conn.terminate(ErrorCode.NO_ERROR, "done")
+    sizes.append(conn.outgoing_size)
+    lengths.append(len(conn.data_to_send()))
+    assert sizes == lengths and all(sizes), (sizes, lengths)
+
+
+def test_data_offered_after_our_fin_is_refused_not_sent():
+    conn = mp.MuxConnection(True, mp.MuxConfig(heartbeat=False))
+    sid = conn.open_stream()
+    conn.end_stream(sid)
+    sent = conn.data_to_send()
+    with pytest.raises(ProtocolError, match="closed for writing"):
+        conn.offer_data(sid, b"late")
+    assert conn.data_to_send() == b"" and _frames(sent)[-1] == fr.Data(sid, b"", True)
+
+
+@pytest.mark.parametrize("client", [True, False])
+def test_streams_opened_after_the_heartbeat_take_the_next_ids_of_our_parity(client):
+    conn = mp.MuxConnection(client, mp.MuxConfig(heartbeat=True))
+    syns = [f.stream_id for f in _frames(conn.data_to_send()) if isinstance(f, fr.Syn)]
+    ids = [conn.open_stream() for _ in range(3)]
+    assert len(syns) == 1  # the heartbeat's
+    assert ids == [syns[0] + 2, syns[0] + 4, syns[0] + 6]
+    assert {i % 2 for i in syns + ids} == {1 if client else 0}
+
+
+def _frames(data) -> list:
+    d = fr.FrameDecoder()
+    d.feed(bytes(data))
+    out = []
+    while (f := d.next_frame()) is not None:
+        out.append(f)
+    return out

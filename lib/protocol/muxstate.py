@@ -785,10 +785,7 @@ class MuxConnection:
                             if before < SEND_THRESHOLD <= after and st.kind == _USER:
                                 events.append(WindowOpened(f.stream_id))
                             continue
-                handlers[t](self, f, events)
-                if self.terminated is not None:
-                    events.append(self.terminated)
-                    break
+                handlers[t](self, f, events)  # a broken rule raises (below)
             else:
                 # The budget is spent: what is left of data is copied, so the caller may reuse
                 # its buffer (the decoder decodes in place: lib.protocol.muxframe).
