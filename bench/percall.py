@@ -11,8 +11,8 @@ per request in each process, by bench/percall_probe/sitecustomize.py (loaded thr
 turned on and off by signals around the counted requests). ``--opcodes``: Python calls and
 bytecodes per request (``sys.settrace``, slower). ``--strace``: system calls per request
 (``strace -c -f -p``; run as root). ``--perf``: where each process's CPU goes, per request
-(``perf record -F 999 -p``, then ``perf report --sort dso`` and the interpreter's own top
-symbols): µs of user and system time per request from /proc (so perf's own cost is in them),
+(``perf record -F 999 -p``, then ``perf report --sort dso`` and the top symbols of every
+shared object, the kernel's included): µs of user and system time per request from /proc (so perf's own cost is in them),
 split by the samples' shares, for the processes as they run, untraced. ``--lines``: Python calls and lines executed by function,
 and lines by file (``sys.settrace``). ``--fresh host``: a fresh connection per request instead,
 one after another (cost_ab's fresh row: by Host; ``tcp``: its freshtcp row, the tcp: bind), the
@@ -105,8 +105,8 @@ def perf_shares(data: str, *sort: str) -> list[tuple[float, str]]:
 
 
 def perf_report(name: str, data: str, before: tuple, after: tuple, n: int, top: int) -> None:
-    """µs of CPU per request by where the samples fell: shared objects, then the interpreter's
-    own symbols."""
+    """µs of CPU per request by where the samples fell: shared objects, then the top symbols
+    of all of them (the interpreter's, the kernel's, the libraries')."""
     tick = 1e6 / os.sysconf("SC_CLK_TCK")
     user, system = ((a - b) * tick / n for a, b in zip(after, before))
     total = user + system
@@ -166,8 +166,13 @@ def main() -> int:
                 tracers.append((name, subprocess.Popen(
                     ["perf", "record", "-q", "-F", "999", "-p", str(pid),
                      "-o", os.path.join(d, name + ".perf")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
             time.sleep(1.0)  # attached
+            for name, tracer in tracers:  # refused (perf_event_paranoid, not root): say so
+                if tracer.poll() is not None:
+                    sys.exit(f"percall: perf record on the {name} failed: "
+                             f"{tracer.stderr.read().strip()[-300:]} (run as root, or lower "
+                             "/proc/sys/kernel/perf_event_paranoid)")
             cpu_before = {name: cpu_ticks(pid) for name, pid in pids.items()}
         else:
             for pid in pids.values():
@@ -181,6 +186,8 @@ def main() -> int:
                 tracer.send_signal(signal.SIGINT)
                 tracer.wait(60)
             for name, _ in tracers:
+                if not os.path.exists(os.path.join(d, name + ".perf")):
+                    sys.exit(f"percall: perf record on the {name} wrote no samples")
                 perf_report(name, os.path.join(d, name + ".perf"), cpu_before[name],
                             cpu_after[name], args.requests, args.top)
         elif args.strace:

@@ -19,11 +19,16 @@ pytest_plugins = [
 ]
 
 
+
 @pytest.fixture(autouse=True)
-def close_left_sessions():
-    """After each test, the mux sessions tests.support.muxpair.session_pair made and the test
-    left open are closed: their heartbeats would wake greenlets in later tests."""
+def close_left_sessions(request):
+    """After each test (and its own fixtures' teardown), the mux sessions made during it and
+    left open are closed: their heartbeats would wake greenlets in later tests
+    (tests/support/leftsessions.py). Broader fixtures' sessions, made before, are kept."""
+    from tests.support import leftsessions
+    since = leftsessions.mark()
     yield
-    muxpair = sys.modules.get("tests.support.muxpair")
-    if muxpair is not None:
-        muxpair.close_left_sessions()
+    left = leftsessions.close_left(since)
+    if left and os.environ.get("SHROUD_LEFT_SESSIONS"):
+        with open(os.environ["SHROUD_LEFT_SESSIONS"], "a") as f:
+            f.write(f"{request.node.nodeid} {len(left)}\n")

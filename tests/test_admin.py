@@ -672,11 +672,14 @@ def _series(text: str, metric: str) -> list[str]:
             or line.startswith(metric + " ")]
 
 
-def test_metrics(client, proxy):
+def test_metrics(client, proxy, monkeypatch):
+    from lib.net import muxsession
     t, (b,) = make_tunnel(proxy, ["app.test"])
     proxy.registry.count_bytes(b, t, n_in=7, n_out=9)
     proxy.registry.count_refusal("blocked")
+    monkeypatch.setattr(muxsession, "reader_crashes", 3)
     text = client.get("/metrics", headers=bearer()).data.decode()
+    assert "shroud_mux_reader_crashes_total 3.0" in text
     assert "shroud_tunnels 1.0" in text
     assert 'shroud_bytes_total{direction="out"} 9.0' in text
     assert 'shroud_refusals_total{reason="blocked"} 1.0' in text

@@ -17,6 +17,7 @@ from lib.net.muxsession import MuxConfig, Session
 from lib.net.splice import socket_sink, splice
 from lib.protocol import muxframe as fr
 from tests.support.calls import PythonCalls
+from tests.support import leftsessions
 from tests.support.muxpair import pki, session_pair, tcp_pair, tls_pair  # noqa: F401
 from tests.support.switches import SwitchesInto
 from tests.support.wait import wait_until
@@ -60,21 +61,16 @@ def test_an_exchange_wakes_no_greenlet_but_the_streams_users(kind, pki):
     echo.join(timeout=5)
 
 
-_left_open: list = []
-
-
-def test_pairs_a_test_leaves_open_part_1_leave_them():
-    # A pair left open beats its heartbeat in every later test and woke greenlets inside the
-    # count above (CI: twelve wake-ups of such sessions' writers). tests/conftest.py closes
-    # what session_pair made after each test; part 2 runs next (pytest keeps file order).
-    _left_open.extend(session_pair(heartbeat_interval=0.002))
-    _left_open.extend(session_pair(heartbeat_interval=0.002))
-
-
 @pytest.mark.parametrize("kind", ["tls", "tcp"])
-def test_pairs_a_test_leaves_open_part_2_are_closed_and_wake_nothing(kind, pki):
-    assert len(_left_open) == 4, "run with part 1 before it"
-    assert all(s.closed for s in _left_open)
+def test_pairs_a_test_left_open_are_closed_and_wake_nothing(kind, pki):
+    # A pair left open beats its heartbeat in every later test and woke greenlets inside the
+    # count above (CI: twelve wake-ups of such sessions' writers). After each test,
+    # tests/conftest.py closes what the test left open; here its closing step runs in-test.
+    since = leftsessions.mark()
+    left = [*session_pair(heartbeat_interval=0.002), *session_pair(heartbeat_interval=0.002)]
+    gevent.sleep(0.01)
+    assert len(leftsessions.close_left(since)) == 4
+    assert all(s.closed for s in left)
     gevent.sleep(0.02)
     test_an_exchange_wakes_no_greenlet_but_the_streams_users(kind, pki)
 

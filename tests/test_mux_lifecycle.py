@@ -170,6 +170,8 @@ def test_the_table_reaches_the_rules_it_names():
     assert _run("data beyond the window", True)[1].code == ErrorCode.FLOW_CONTROL_ERROR
     assert _run("a whole read beyond the window", True)[1].code == ErrorCode.FLOW_CONTROL_ERROR
     assert _run("syn id reused", True)[1].code == ErrorCode.PROTOCOL_ERROR
+    for case in ("data filling the window exactly", "a whole read filling the window exactly"):
+        assert _run(case, True)[1] is None and _run(case, False)[1] is None, case
     seen, end, _ = _run("fin then data after it", True)
     assert end is None and mp.StreamReset(2, ErrorCode.STREAM_CLOSED, remote=False) in seen[1][0]
     seen, _, answers = _run("our stream forgotten, late data", True)
@@ -387,8 +389,6 @@ def test_a_read_cut_at_the_frame_budget_says_so_and_goes_on_where_it_stopped():
     assert conn.receive_data(b"", max_frames=2) == [mp.DataReceived(3, b"\x04")]
     assert conn.more_to_decode is False
     assert conn.frames_received == 6
-
-
 
 
 def test_outgoing_size_is_what_data_to_send_hands_out():

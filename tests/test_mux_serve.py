@@ -80,7 +80,8 @@ def test_reader_crashes_are_counted_and_their_tracebacks_logged_at_a_bounded_rat
     # printed each one with no limit, is not called.
     from lib.net import muxsession
     from lib.tokenbucket import TokenBucket
-    monkeypatch.setattr(muxsession, "crash_log", TokenBucket(10, 1 / 60, clock=lambda: 0.0))
+    now = [0.0]
+    monkeypatch.setattr(muxsession, "crash_log", TokenBucket(10, 1 / 60, clock=lambda: now[0]))
     hub_reported = []
     hub = gevent.get_hub()
     monkeypatch.setattr(hub, "handle_error", lambda *a: hub_reported.append(a))
@@ -89,8 +90,7 @@ def test_reader_crashes_are_counted_and_their_tracebacks_logged_at_a_bounded_rat
     def handler(stream):
         raise RuntimeError("a bug in the handler")
 
-    caplog.set_level("ERROR", logger="shroud.mux")
-    for _ in range(15):
+    def crash() -> None:
         client, server = session_pair(heartbeat=False)
         serving = gevent.spawn(server.serve, handler)
         gevent.sleep(0)
@@ -98,9 +98,20 @@ def test_reader_crashes_are_counted_and_their_tracebacks_logged_at_a_bounded_rat
         assert serving.get(timeout=5).code == ErrorCode.INTERNAL_ERROR
         client.close()
         server.close()
+
+    caplog.set_level("ERROR", logger="shroud.mux")
+    for _ in range(15):
+        crash()
     assert muxsession.reader_crashes - before == 15
     tracebacks = [r for r in caplog.records if r.exc_info and "reader failed" in r.getMessage()]
     assert len(tracebacks) == 10
     assert "a bug in the handler" in str(tracebacks[0].exc_info[1])
     assert muxsession.crash_log.dropped == 5
+    # A minute on: one more line, saying how many were left out before it.
+    now[0] += 60
+    crash()
+    last = [r for r in caplog.records if "reader failed" in r.getMessage()][-1]
+    assert "5 such lines dropped before" in last.getMessage(), last.getMessage()
+    assert muxsession.crash_log.dropped == 0
+    assert muxsession.reader_crashes - before == 16
     assert hub_reported == []

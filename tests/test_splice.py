@@ -123,6 +123,8 @@ def test_works_with_mux_streams():
     x_out.shutdown(socket.SHUT_WR)
     assert st.recv(100) == b""
     g.get(timeout=5)
+    c.close()
+    s.close()
 
 
 class _CountingTransport:
@@ -193,6 +195,8 @@ def test_failure_reaches_the_other_end_as_a_reset_not_a_clean_end():
     with pytest.raises(StreamReset):
         while origin_side.recv(100):
             pass
+    c.close()
+    s.close()
 
 
 class _TimesOut:

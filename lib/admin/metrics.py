@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from lib.net import muxsession
+
 # 50 names x ~6 series each = 300 series: enough to see who carries the traffic, small
 # enough that a proxy with 100,000 names costs a scraper what a proxy with 50 does.
 TOP_HOSTNAMES = 50
@@ -85,6 +87,11 @@ class ShroudCollector:
         yield CounterMetricFamily("shroud_fleet_link_idle_closes", "Links to the fleet's other "
                                   "proxies closed here after --fleet-link-idle seconds without "
                                   "a visitor.", value=reg.link_idle_closes)
+        yield CounterMetricFamily("shroud_mux_reader_crashes", "Tunnel sessions ended "
+                                  "INTERNAL_ERROR by a bug in what their reader called, in "
+                                  "this process (tracebacks logged ten at once, then one a "
+                                  "minute: lib/net/muxsession.py).",
+                                  value=muxsession.reader_crashes)
         c = CounterMetricFamily("shroud_refusals", "Refused connections and binds by reason.",
                                 labels=["reason"])
         for reason, n in sorted(reg.refusals.items()):

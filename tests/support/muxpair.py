@@ -8,8 +8,8 @@
                                  pair of gevent sockets) or a new socket pair
     session_pair(transports=None, **config) -> (client, server)
                                  two Sessions with MuxConfig(**config), over ``transports`` or a
-                                 plain socket pair; a pair the test leaves open is closed after
-                                 it (close_left_sessions, an autouse fixture in tests/conftest.py)
+                                 plain socket pair (one the test leaves open is closed after it:
+                                 tests/support/leftsessions.py)
     echo_server(session) -> Greenlet   answers every stream it accepts with its own bytes
     tcp_pair() -> (out, inner)   two connected TCP gevent sockets on loopback (TCP options such
                                  as TCP_NOTSENT_LOWAT apply to TCP only, not a socket pair)
@@ -70,27 +70,10 @@ def tls_pair(pki: Pki, server_bio: bool = True, client_bio: bool = True,
     return c, g.get(timeout=10)
 
 
-# The pairs made during the running test. One left open keeps its heartbeats going for the rest
-# of the session and wakes its greenlets inside a later test's count (test_mux_hubreader's
-# SwitchesInto(..., but=True) failed in CI on twelve such wake-ups).
-_made: list[Session] = []
-
-
 def session_pair(transports=None, **config):
     a, b = transports if transports is not None else gsocket.socketpair()
     cfg = MuxConfig(**config)
-    pair = Session(a, client=True, config=cfg), Session(b, client=False, config=cfg)
-    _made.extend(pair)
-    return pair
-
-
-def close_left_sessions() -> int:
-    """Close every session_pair end the test left open; how many were."""
-    left = [s for s in _made if not s.closed]
-    _made.clear()
-    for s in left:
-        s.close()
-    return len(left)
+    return Session(a, client=True, config=cfg), Session(b, client=False, config=cfg)
 
 
 def echo_server(session: Session):
