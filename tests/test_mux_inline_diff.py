@@ -218,7 +218,7 @@ def _reached(seen: list) -> set[str]:
     return got
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sessions())
 def test_random_sessions_answer_the_same_inline_and_through_the_handlers(session):
     script, client, trusted = session
@@ -233,7 +233,7 @@ def test_the_random_sessions_reach_the_inline_steps():
     # deliver data, FINs and grants and mostly outlive their first reads.
     counts: Counter = Counter()
 
-    @settings(max_examples=400, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(sessions())
     def sample(session):
