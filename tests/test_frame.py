@@ -366,3 +366,78 @@ def test_the_inline_steps_decode_as_the_carried_path_does(frames, step):
     whole = decode_pieces(data, len(data))
     assert decode_pieces(data, 1)[:2] == whole[:2]
     assert decode_pieces(data, step)[:2] == whole[:2]
+
+
+def test_whole_data_is_the_one_data_frame_a_piece_is_or_none():
+    # A keep-alive read is one DATA frame: whole_data gives it without feed/next_frame.
+    d = fr.FrameDecoder()
+    assert d.whole_data(fr.encode_data(3, b"req")) == fr.Data(3, b"req")
+    assert d.whole_data(fr.encode_data(5, b"", True)) == fr.Data(5, b"", True)
+    assert d.whole_data(memoryview(fr.encode_data(7, b"x" * 16383))) == fr.Data(7, b"x" * 16383)
+    # The reserved bit of the id is ignored, as next_frame does; the flags other than FIN too.
+    assert d.whole_data(h("00 02 00 03 80 00 00 03 68 69")) == fr.Data(3, b"hi")
+    assert d.whole_data(h("00 02 FE 03 00 00 00 03 68 69")) == fr.Data(3, b"hi")
+    assert d.whole_data(h("00 02 03 83 00 00 00 03 68 69")) == fr.Data(3, b"hi", True)
+    assert d.buffered == 0
+    frame = fr.encode_data(3, b"req")
+    for piece in (frame[:7],  # shorter than a header
+                  frame[:-1], frame + b"\x00",  # the length is not the piece's
+                  frame + fr.encode_data(3, b"more"),  # two frames
+                  fr.encode(fr.Rst(3, 1)), fr.encode_wndinc(3, 5), fr.encode(fr.Syn(3)),
+                  fr.encode_data(0, b"req")):  # stream 0: next_frame's error to raise
+        assert d.whole_data(piece) is None, piece
+    assert d.buffered == 0  # untouched
+    # Something carried or pending from an earlier piece: the piece is not a frame of its own.
+    carried = fr.FrameDecoder()
+    carried.feed(frame[:5])
+    assert carried.next_frame() is None and carried.whole_data(frame) is None
+    pending = fr.FrameDecoder()
+    pending.feed(frame)
+    assert pending.whole_data(frame) is None
+    skipping = fr.FrameDecoder()
+    skipping.feed(go_goaway_length(fr.encode(fr.GoAway(1, 0)), b"dbg"))  # 3 debug bytes due
+    assert skipping.next_frame() == fr.GoAway(1, 0) and skipping.whole_data(frame) is None
+    failed = fr.FrameDecoder()
+    failed.feed(h("00 00 00 00 00 00 00 03"))
+    with pytest.raises(ProtocolError):
+        failed.next_frame()
+    assert failed.whole_data(frame) is None
+
+
+@pytest.mark.parametrize("fmt", ["H", "I"])
+def test_views_of_wider_items_are_read_as_bytes(fmt):
+    # A buffer of 2- or 4-byte items (an array, a cast view) is decoded by its bytes.
+    frames = fr.encode_data(3, b"abcdefgh") + fr.encode(fr.Rst(3, 7))  # 28 bytes
+    got, d = decode_all(memoryview(frames).cast(fmt))
+    assert got == [fr.Data(3, b"abcdefgh"), fr.Rst(3, 7)] and d.buffered == 0
+    got, _ = decode_all(memoryview(frames).cast("B", (len(frames) // 4, 4)))  # two dimensions
+    assert got == [fr.Data(3, b"abcdefgh"), fr.Rst(3, 7)]
+
+
+def test_detach_with_nothing_carried_keeps_decoding_every_kind_and_a_tail():
+    # detach() with nothing carried makes the rest the piece decoded in place: frames that
+    # take the full path (RST, GOAWAY), then a frame's start carried and completed later.
+    data = fr.encode_data(3, b"x") + fr.encode(fr.Rst(3, 2)) + fr.encode(fr.GoAway(5, 1))
+    tail = fr.encode_data(3, b"tail")
+    buf = bytearray(data + tail[:5])
+    d = fr.FrameDecoder()
+    d.feed(buf)
+    assert d.next_frame() == fr.Data(3, b"x")
+    d.detach()
+    buf[:] = b"\xff" * len(buf)
+    assert d.next_frame() == fr.Rst(3, 2)
+    assert d.next_frame() == fr.GoAway(5, 1)
+    assert d.next_frame() is None and d.buffered == 5
+    d.feed(tail[5:])
+    assert d.next_frame() == fr.Data(3, b"tail") and d.buffered == 0
+    # Something carried and a new piece fed: detach() keeps the carried start (copies the
+    # piece after it), not the piece alone.
+    d = fr.FrameDecoder()
+    d.feed(tail[:5])
+    assert d.next_frame() is None
+    buf = bytearray(tail[5:] + fr.encode(fr.Rst(3, 1)))
+    d.feed(buf)
+    d.detach()
+    buf[:] = b"\xff" * len(buf)
+    assert [d.next_frame(), d.next_frame(), d.next_frame()] == [
+        fr.Data(3, b"tail"), fr.Rst(3, 1), None]
