@@ -12,9 +12,9 @@ turned on and off by signals around the counted requests). ``--opcodes``: Python
 bytecodes per request (``sys.settrace``, slower). ``--strace``: system calls per request
 (``strace -c -f -p``; run as root). ``--perf``: where each process's CPU goes, per request
 (``perf record -F 999 -p``, then ``perf report --sort dso`` and the top symbols of every
-shared object, the kernel's included): µs of user and system time per request from /proc (so perf's own cost is in them),
-split by the samples' shares, for the processes as they run, untraced. ``--lines``: Python calls and lines executed by function,
-and lines by file (``sys.settrace``). ``--fresh host``: a fresh connection per request instead,
+shared object, the kernel's included): µs of user and system time per request from /proc (so
+perf's own cost is in them), split by the samples' shares, for the processes as they run,
+untraced. ``--lines``: Python calls and lines executed by function, and lines by file (``sys.settrace``). ``--fresh host``: a fresh connection per request instead,
 one after another (cost_ab's fresh row: by Host; ``tcp``: its freshtcp row, the tcp: bind), the
 figures per connection. ``--root``: the tree whose proxy and client run (another worktree, for
 a before/after). Counts, not time: the machine may be shared (bench/README.md, "Per-request
@@ -166,13 +166,15 @@ def main() -> int:
                 tracers.append((name, subprocess.Popen(
                     ["perf", "record", "-q", "-F", "999", "-p", str(pid),
                      "-o", os.path.join(d, name + ".perf")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+                    stdout=subprocess.DEVNULL,  # its messages in a file: a pipe unread may fill
+                    stderr=open(os.path.join(d, name + ".perf.err"), "w"))))
             time.sleep(1.0)  # attached
             for name, tracer in tracers:  # refused (perf_event_paranoid, not root): say so
                 if tracer.poll() is not None:
-                    sys.exit(f"percall: perf record on the {name} failed: "
-                             f"{tracer.stderr.read().strip()[-300:]} (run as root, or lower "
-                             "/proc/sys/kernel/perf_event_paranoid)")
+                    with open(os.path.join(d, name + ".perf.err")) as f:
+                        why = f.read().strip()[-300:]
+                    sys.exit(f"percall: perf record on the {name} failed: {why} (run as root, "
+                             "or lower /proc/sys/kernel/perf_event_paranoid)")
             cpu_before = {name: cpu_ticks(pid) for name, pid in pids.items()}
         else:
             for pid in pids.values():

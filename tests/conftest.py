@@ -19,12 +19,12 @@ pytest_plugins = [
 ]
 
 
-
 @pytest.fixture(autouse=True)
 def close_left_sessions(request):
     """After each test (and its own fixtures' teardown), the mux sessions made during it and
     left open are closed: their heartbeats would wake greenlets in later tests
-    (tests/support/leftsessions.py). Broader fixtures' sessions, made before, are kept."""
+    (tests/support/leftsessions.py). Broader fixtures' sessions, made before, are kept.
+    SHROUD_LEFT_SESSIONS=FILE appends a line per test that left any: its id and how many."""
     from tests.support import leftsessions
     since = leftsessions.mark()
     yield

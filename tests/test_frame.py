@@ -414,7 +414,7 @@ def test_views_of_wider_items_are_read_as_bytes(fmt):
     assert got == [fr.Data(3, b"abcdefgh"), fr.Rst(3, 7)]
 
 
-def test_detach_with_nothing_carried_keeps_decoding_every_kind_and_a_tail():
+def test_detach_keeps_decoding_with_nothing_carried_and_with_a_start_carried():
     # detach() with nothing carried makes the rest the piece decoded in place: frames that
     # take the full path (RST, GOAWAY), then a frame's start carried and completed later.
     data = fr.encode_data(3, b"x") + fr.encode(fr.Rst(3, 2)) + fr.encode(fr.GoAway(5, 1))
