@@ -3,8 +3,8 @@
 tree, bench/proxy_bench.py's ShroudPath) in front of the single-write origin, one connection,
 requests one after another (cost_ab's ka1 row).
 
-    .venv/bin/python bench/percall.py [--requests 5000] [--opcodes | --lines] [--strace | --perf]
-        [--top 30] [--fresh host|tcp] [--root TREE]
+    .venv/bin/python bench/percall.py [--requests 5000] [--opcodes | --lines] [--strace | --perf
+        | --cpu] [--top 30] [--fresh host|tcp [--concurrency 1]] [--root TREE]
 
 Default: Python calls by function, C calls by name (``sys.setprofile``) and greenlet switches
 per request in each process, by bench/percall_probe/sitecustomize.py (loaded through PYTHONPATH,
@@ -16,7 +16,10 @@ shared object, the kernel's included): µs of user and system time per request f
 perf's own cost is in them), split by the samples' shares, for the processes as they run,
 untraced. ``--lines``: Python calls and lines executed by function, and lines by file (``sys.settrace``). ``--fresh host``: a fresh connection per request instead,
 one after another (cost_ab's fresh row: by Host; ``tcp``: its freshtcp row, the tcp: bind), the
-figures per connection. ``--root``: the tree whose proxy and client run (another worktree, for
+figures per connection; ``--concurrency N``: N visitors at once, each one connection after
+another (N threads here), to set the same code's cost run back to back against its cost when
+each connection runs alone. ``--cpu``: only µs of user and system time per request from /proc,
+untraced (the figure ``--lines`` counts are divided into). ``--root``: the tree whose proxy and client run (another worktree, for
 a before/after). Counts, not time: the machine may be shared (bench/README.md, "Per-request
 cost (issue 16)", branch ka3; branch fclient2 for ``--fresh`` and ``--lines``).
 """
@@ -31,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from functools import partial
 
@@ -66,6 +70,34 @@ def fresh_request(port: int) -> None:
             raise ConnectionError(f"unexpected answer: {got[:200]!r}")
     finally:
         sock.close()
+
+
+def run_requests(one, concurrency: int, n: int) -> None:
+    """``one()`` n times in all, from ``concurrency`` threads at once; the first error ends it."""
+    if concurrency == 1:
+        for _ in range(n):
+            one()
+        return
+    left = iter(range(n))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def visitor() -> None:
+        while not errors:
+            with lock:
+                if next(left, None) is None:
+                    return
+            try:
+                one()
+            except BaseException as e:  # noqa: BLE001 - reported below, once
+                errors.append(e)
+    threads = [threading.Thread(target=visitor) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def report(name: str, counts: dict, n: int, top: int) -> None:
@@ -130,13 +162,17 @@ def main() -> int:
     ap.add_argument("--root", default=pb.ROOT)
     ap.add_argument("--strace", action="store_true")
     ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
+    if args.concurrency < 1 or (args.concurrency > 1 and not args.fresh):
+        ap.error("--concurrency N: N >= 1, with --fresh (one keep-alive connection is serial)")
     d = tempfile.mkdtemp(prefix="percall-")
     out = os.path.join(d, "counts")
-    if args.strace and args.perf:
-        ap.error("--strace and --perf: one at a time (each would count the other's cost)")
-    if not (args.strace or args.perf):
+    if sum((args.strace, args.perf, args.cpu)) > 1:
+        ap.error("--strace, --perf, --cpu: one at a time (each would count the other's cost)")
+    if not (args.strace or args.perf or args.cpu):
         pb.ShroudPath.env = {"PYTHONPATH": PROBE, "PERCALL_OUT": out,
                              **({"PERCALL_OPCODES": "1"} if args.opcodes else {}),
                              **({"PERCALL_LINES": "1"} if args.lines else {})}
@@ -154,8 +190,8 @@ def main() -> int:
             sock = socket.create_connection(("127.0.0.1", path.one_port), timeout=10)
             pb.set_nodelay(sock)
             one = partial(request, sock)
-        for _ in range(args.warmup):
-            one()
+        run = partial(run_requests, one, args.concurrency)
+        run(args.warmup)
         if args.strace:
             for name, pid in pids.items():
                 tracers.append((name, subprocess.Popen(
@@ -175,14 +211,24 @@ def main() -> int:
                         why = f.read().strip()[-300:]
                     sys.exit(f"percall: perf record on the {name} failed: {why} (run as root, "
                              "or lower /proc/sys/kernel/perf_event_paranoid)")
+        if args.perf or args.cpu:
             cpu_before = {name: cpu_ticks(pid) for name, pid in pids.items()}
-        else:
+        if not (args.strace or args.perf or args.cpu):
             for pid in pids.values():
                 os.kill(pid, signal.SIGUSR1)
             time.sleep(0.3)
-        for _ in range(args.requests):
-            one()
-        if args.perf:
+        started = time.monotonic()
+        run(args.requests)
+        took = time.monotonic() - started
+        if args.cpu:
+            tick = 1e6 / os.sysconf("SC_CLK_TCK")
+            for name, pid in pids.items():
+                user, system = ((a - b) * tick / args.requests
+                                for a, b in zip(cpu_ticks(pid), cpu_before[name]))
+                print(f"{name}: {user + system:.1f} µs CPU per request (user {user:.1f}, "
+                      f"system {system:.1f}), {args.requests} requests, concurrency "
+                      f"{args.concurrency}, {args.requests / took:.0f}/s")
+        elif args.perf:
             cpu_after = {name: cpu_ticks(pid) for name, pid in pids.items()}
             for name, tracer in tracers:
                 tracer.send_signal(signal.SIGINT)
