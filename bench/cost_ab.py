@@ -3,7 +3,7 @@
 
     nice -n -5 .venv/bin/python bench/cost_ab.py [--base PATH | --base-rev REV] [--changed PATH]
         [--rounds 4] [--seconds 3] [--fresh-conns 300]
-        [--rows ka1,ka64,ka64k,host64,fresh,freshtcp] [--no-ssh]
+        [--rows ka1,ka64,ka64k,host64,fresh,freshtcp] [--no-ssh] [--relay]
 
 One single-write origin (bench/single_write_origin.py), and in front of it, side by side: ssh -R
 (our own sshd, bench/proxy_bench.py's SshPath), the base tree's Shroud and the changed tree's
@@ -12,7 +12,10 @@ with this venv's python). ``--base-rev`` (default ``main``) checks the revision 
 temporary detached ``git worktree`` (removed at the end, also on an error or Ctrl-C);
 ``--changed`` defaults to the tree this file is in. Then, ``--rounds`` times, every row on every
 path, the paths taking turns in an order rotated and reversed each round, so load drift on a
-shared machine falls on all of them alike.
+shared machine falls on all of them alike. ``--relay`` adds two paths, each two plain gevent
+forwarders in a chain (bench/gevent_relay.py, proxy_bench's RelayPath): ``relay``, written as
+gevent forwarders are (greenlets), and ``lean``, watcher callbacks only: the floor of what two
+gevent processes cost with none of Shroud's work (no TLS, no multiplexer, no routing).
 
 Rows (Shroud's port / ssh's port; ssh has no Host routing, it forwards one port):
 
@@ -223,6 +226,25 @@ def table(res: dict[str, dict[str, list[dict]]]) -> str:
             lines.append(f"| {LABELS[row]}: TTFB p50 ms | {t[0]} | {t[1]} | {t[2]} | "
                          f"{ratio(c, b, 'ttfb')} | - | {ratio(b, s, 'ttfb')} | "
                          f"{ratio(c, s, 'ttfb')} | | | |")
+    if any(by_path.get("relay") for by_path in res.values()):
+        lines += ["", "The floor (`--relay`): two plain gevent forwarders in a chain "
+                  "(bench/gevent_relay.py), with greenlets (relay) and with watcher callbacks "
+                  "only (lean).", "",
+                  "| row | ssh -R | relay | lean | changed | relay/ssh | lean/ssh | changed/lean | "
+                  "user/sys ssh | user/sys relay | user/sys lean | user/sys changed |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+                  "---: |"]
+        for row, by_path in res.items():
+            s, r, n, c = (summarize(by_path.get(k, []))
+                          for k in ("ssh", "relay", "lean", "changed"))
+            lines.append(f"| {LABELS[row]} | {cell(s)} | {cell(r)} | {cell(n)} | {cell(c)} | "
+                         f"{ratio(r, s)} | {ratio(n, s)} | {ratio(c, n)} | {split(s)} | "
+                         f"{split(r)} | {split(n)} | {split(c)} |")
+            if row in FRESH_ROWS and r is not None:
+                t = [f"{x['ttfb']:.2f}" if x else "-" for x in (s, r, n, c)]
+                lines.append(f"| {LABELS[row]}: TTFB p50 ms | {t[0]} | {t[1]} | {t[2]} | {t[3]} | "
+                             f"{ratio(r, s, 'ttfb')} | {ratio(n, s, 'ttfb')} | "
+                             f"{ratio(c, n, 'ttfb')} | | | | |")
     return "\n".join(lines)
 
 
@@ -265,15 +287,18 @@ def describe(tree: str) -> str:
 
 
 def start_paths(d: str, http: int, tls: int, one: int, base: str, changed: str,
-                ssh: bool) -> list[pb.Path]:
+                ssh: bool, relay: bool = False) -> list[pb.Path]:
     """ssh -R (unless not ``ssh``), then Shroud from the base and the changed tree, each in front
-    of the origin's ``http``, ``tls`` and ``one`` ports (pb.Path's three); all stopped on error."""
+    of the origin's ``http``, ``tls`` and ``one`` ports (pb.Path's three), and with ``relay`` the
+    two gevent forwarders in front of ``one``; all stopped on error."""
     paths: list[pb.Path] = []
     try:
         if ssh:
             paths.append(pb.SshPath(d, http, tls, one))
         for name, root in (("base", base), ("changed", changed)):
             paths.append(pb.ShroudPath(d, http, tls, one, root=root, name=name))
+        if relay:
+            paths += [pb.RelayPath(d, one), pb.RelayPath(d, one, lean=True)]
     except BaseException:
         for p in paths:
             p.stop()
@@ -312,6 +337,8 @@ def parse_args():
     ap.add_argument("--seconds", type=int, default=3, help="per wrk row, path and round")
     ap.add_argument("--fresh-conns", type=int, default=300, help="per fresh row, path and round")
     ap.add_argument("--rows", default=",".join(ROWS), help="subset of " + ",".join(ROWS))
+    ap.add_argument("--relay", action="store_true",
+                    help="add two chains of two plain gevent forwarders (the floor)")
     args = ap.parse_args()
     args.rows = [r for r in args.rows.split(",") if r]
     if not args.rows or any(r not in ROWS for r in args.rows):
@@ -351,7 +378,8 @@ def run_ab(args, tool: str, log: Callable[[str], None], start_origin: Callable, 
         head = f"base {describe(base)} ({how}); changed {describe(changed)} ({changed})"
         log(head)
         origin, ports, extra = start_origin(d)
-        paths = start_paths(d, *ports, os.path.abspath(base), changed, not args.no_ssh)
+        paths = start_paths(d, *ports, os.path.abspath(base), changed, not args.no_ssh,
+                            getattr(args, "relay", False))
         res = run(paths, extra)
     finally:
         for p in paths:

@@ -354,6 +354,34 @@ class SshPath(Path):
         return {"sshd": [self.sshd.pid, *descendants(self.sshd.pid)], "ssh": [self.ssh.pid]}
 
 
+class RelayPath(Path):
+    """Two plain gevent forwarders in a chain (bench/gevent_relay.py), load -> relay -> relay
+    -> origin, in the proxy's and the client's places: what two gevent processes cost per
+    request and per fresh connection with none of Shroud's work (bench/cost_ab.py --relay).
+    ``lean``: the forwarders' ``--lean`` way (watcher callbacks, no greenlet per connection).
+    Only the single-write origin is forwarded (``one_port``)."""
+
+    def __init__(self, d: str, origin_one: int, lean: bool = False):
+        self.name = "lean" if lean else "relay"
+        first, second = free_port(), free_port()
+        super().__init__(0, 0, first)
+        script = [PY, os.path.join(ROOT, "bench", "gevent_relay.py")] + (["--lean"] if lean else [])
+        self.near = Proc(f"{self.name}-near", script + [str(first), str(second)], d)
+        self.procs.append(self.near)
+        self.far = Proc(f"{self.name}-far", script + [str(second), str(origin_one)], d)
+        self.procs.append(self.far)
+        try:
+            wait_port(first)
+            wait_port(second)
+        except TimeoutError:
+            tail = self.near.log_tail() + self.far.log_tail()
+            self.stop()
+            raise RuntimeError(f"the gevent relays did not start:\n{tail}") from None
+
+    def mem_pids(self) -> dict[str, list[int]]:
+        return {"near": [self.near.pid], "far": [self.far.pid]}
+
+
 class ShroudPath(Path):
     """``root``: the source tree whose shroud_proxy.py and shroud.py run (the same venv python),
     so bench/cost_ab.py can run a base tree beside a changed one; ``name`` tells them apart."""

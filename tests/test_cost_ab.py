@@ -64,3 +64,18 @@ def test_single_write_origin_says_connection_close_when_it_closes():
     assert not close and b"Connection" not in resp
     resp, close = single_write_origin.answer(b"GET /nope HTTP/1.1\r\nConnection: close")
     assert close and b"404" in resp and b"Connection: close" in resp
+
+
+def test_the_floor_table_sets_both_relays_beside_ssh_and_shroud():
+    res = {"fresh": {"ssh": [m(10, 400.0, ttfb=0.4)], "base": [m(10, 700.0, ttfb=0.7)],
+                     "changed": [m(10, 800.0, ttfb=0.8)], "relay": [m(10, 1000.0, ttfb=1.0)],
+                     "lean": [m(10, 200.0, ttfb=0.5)]}}
+    lines = cost_ab.table(res).splitlines()
+    assert "| row | ssh -R | relay | lean | changed |" in lines[7]
+    cells = lines[9].split(" | ")
+    assert cells[1:5] == ["400.0", "1000.0", "200.0", "800.0"]
+    assert cells[5:8] == ["2.50", "0.50", "4.00"]  # relay/ssh, lean/ssh, changed/lean
+    ttfb = lines[10].split(" | ")
+    assert "TTFB" in ttfb[0] and ttfb[5:8] == ["2.50", "1.25", "1.60"]
+    no_relay = {"fresh": {k: v for k, v in res["fresh"].items() if k not in ("relay", "lean")}}
+    assert "relay" not in cost_ab.table(no_relay)
