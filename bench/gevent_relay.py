@@ -28,6 +28,8 @@ import errno
 import socket
 import sys
 
+from single_write_origin import accepted  # bench/ is this script's directory
+
 CHUNK = 65536
 ACCEPTS_PER_WAKE = 64
 
@@ -135,13 +137,7 @@ def run_lean(listen: int, target: int) -> None:
     server.setblocking(False)
 
     def accept() -> None:
-        for _ in range(ACCEPTS_PER_WAKE):
-            try:
-                a, _ = server.accept()
-            except BlockingIOError:
-                return
-            a.setblocking(False)
-            a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for a in accepted(server, ACCEPTS_PER_WAKE):
             b = socket.socket()
             b.setblocking(False)
             if b.connect_ex(("127.0.0.1", target)) not in (0, errno.EINPROGRESS):

@@ -10,8 +10,8 @@ same wrk load at ``-c 1`` and ``-c 64`` against three servers on loopback, takin
 
     selectors   bench/single_write_origin.py: one epoll loop, plain non-blocking sockets
     gevent      the same answers from a gevent StreamServer, one greenlet per connection
-    forward     a gevent forwarder (two greenlets per connection copying, as a splice does) in
-                front of the selectors origin: its own CPU only
+    forward     a gevent forwarder (bench/gevent_relay.py: two greenlets per connection
+                copying, as a splice does) in front of the selectors origin: its own CPU only
 
 Each server's CPU per request comes from /proc/PID/task/*/schedstat (run time in ns), the median
 over rounds. One wake-up per request per server at ``-c 1`` (two for the forwarder: the request
@@ -63,45 +63,6 @@ def serve_gevent(port: int) -> None:
     StreamServer(("127.0.0.1", port), handle, backlog=4096).serve_forever()
 
 
-def forward_gevent(port: int, upstream: int) -> None:
-    """Two greenlets per connection copying, in front of ``upstream``."""
-    from gevent import monkey
-
-    monkey.patch_all()
-    import gevent
-    from gevent.server import StreamServer
-
-    def pump(a, b):
-        try:
-            while True:
-                data = a.recv(65536)
-                if not data:
-                    break
-                b.send(data)  # small: the kernel takes them whole
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def handle(sock, _addr):
-        origin = socket.create_connection(("127.0.0.1", upstream))
-        for s in (sock, origin):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        back = gevent.spawn(pump, origin, sock)
-        pump(sock, origin)
-        back.join()
-        origin.close()
-
-    StreamServer(("127.0.0.1", port), handle, backlog=4096).serve_forever()
-
-
-# --- the measurement ---------------------------------------------------------------------------
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,13 +104,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seconds", type=int, default=3)
     p.add_argument("--serve-gevent", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--forward", type=int, nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_gevent:
         serve_gevent(args.serve_gevent)
-        return 0
-    if args.forward:
-        forward_gevent(*args.forward)
         return 0
     if not (1 <= args.rounds <= 50 and 1 <= args.seconds <= 60):
         p.error("--rounds 1-50, --seconds 1-60")
@@ -159,8 +116,8 @@ def main() -> int:
         "selectors": subprocess.Popen([sys.executable, os.path.join(ROOT, "bench",
                                        "single_write_origin.py"), str(ports["selectors"])]),
         "gevent": subprocess.Popen(me + ["--serve-gevent", str(ports["gevent"])]),
-        "forward": subprocess.Popen(me + ["--forward", str(ports["forward"]),
-                                          str(ports["selectors"])]),
+        "forward": subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "gevent_relay.py"),
+                                     str(ports["forward"]), str(ports["selectors"])]),
     }
     results: dict = {}
     try:

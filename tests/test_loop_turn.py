@@ -36,8 +36,8 @@ def test_gevent_server_and_forwarder_answer_as_the_origin():
                                str(origin)]),
              subprocess.Popen([sys.executable, os.path.join(BENCH, "loop_turn.py"),
                                "--serve-gevent", str(server)]),
-             subprocess.Popen([sys.executable, os.path.join(BENCH, "loop_turn.py"),
-                               "--forward", str(forward), str(origin)])]
+             subprocess.Popen([sys.executable, os.path.join(BENCH, "gevent_relay.py"),
+                               str(forward), str(origin)])]
     try:
         for port in (origin, server, forward):
             wait_port(port)
