@@ -355,14 +355,15 @@ def on_sigterm(signum, frame) -> None:
 
 
 def run_ab(args, tool: str, log: Callable[[str], None], start_origin: Callable, run: Callable,
-           table: Callable, what: str) -> int:
+           table: Callable, what: str, relay: bool = False) -> int:
     """The frame of an A/B run (this tool's and bulk_ab.py's): a temporary directory, the base
     tree (a temporary worktree of ``--base-rev`` unless ``--base``), the origin, the paths in
     front of it, then ``run(paths, origin_extra) -> results``; every process is stopped and the
     worktree removed at the end, on an error and on Ctrl-C or SIGTERM too. On stdout: a header
     line (the command, the machine, its load, ``what`` was run, the trees) and ``table(results)``.
 
-    ``start_origin(d) -> (process with stop(), (http, tls, one) ports, extra for run)``.
+    ``start_origin(d) -> (process with stop(), (http, tls, one) ports, extra for run)``;
+    ``relay``: the two gevent forwarder chains beside them (cost_ab's ``--relay``).
     """
     # SIGTERM ends the run like Ctrl-C does: through the finally blocks that stop every
     # process and remove the temporary worktree.
@@ -378,8 +379,7 @@ def run_ab(args, tool: str, log: Callable[[str], None], start_origin: Callable, 
         head = f"base {describe(base)} ({how}); changed {describe(changed)} ({changed})"
         log(head)
         origin, ports, extra = start_origin(d)
-        paths = start_paths(d, *ports, os.path.abspath(base), changed, not args.no_ssh,
-                            getattr(args, "relay", False))
+        paths = start_paths(d, *ports, os.path.abspath(base), changed, not args.no_ssh, relay)
         res = run(paths, extra)
     finally:
         for p in paths:
@@ -420,7 +420,7 @@ def main() -> int:
 
     return run_ab(args, "cost_ab", log, start_origin, run, table,
                   f"{args.rounds} rounds, {args.seconds} s per wrk row, {args.fresh_conns} fresh "
-                  f"connections per fresh row")
+                  f"connections per fresh row", relay=args.relay)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,20 @@ write it:
   gevent process can run to carry a connection.
 
 bench/proxy_bench.py's RelayPath runs two in a chain (load -> relay -> relay -> origin: the
-proxy's and the client's places) so bench/cost_ab.py ``--relay`` / ``--relay-lean`` can set
-Shroud's CPU per request and per fresh connection beside what two gevent processes cost by
-themselves (bench/README.md, "Per-request cost (issue 16)", "The floor: two gevent forwarders").
+proxy's and the client's places) so bench/cost_ab.py ``--relay`` can set Shroud's CPU per
+request and per fresh connection beside what two gevent processes cost by themselves, both ways
+(bench/README.md, "Per-request cost (issue 16)", "Where it stands (2026-12-04 01:56, main
+7c326c5): the floor under it").
 The chain has one more TCP connection per visitor than Shroud (relay to relay), so its kernel
 time is not a floor; its user time is.
 """
 import errno
+import os
 import socket
 import sys
 
-from single_write_origin import accepted  # bench/ is this script's directory
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from single_write_origin import accepted  # noqa: E402
 
 CHUNK = 65536
 ACCEPTS_PER_WAKE = 64
@@ -41,12 +44,18 @@ def run_greenlets(listen: int, target: int) -> None:
     from gevent.server import StreamServer
 
     def copy(src, dst) -> None:
+        """src -> dst to src's EOF, passed on as a half-close; an error (a reset) shuts both
+        sockets down, so the other way's greenlet ends too and nothing is left open."""
         try:
             while data := src.recv(CHUNK):
                 dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def handle(visitor, _addr) -> None:
         try:
@@ -97,9 +106,14 @@ class _Pair:
                 if not self.open_ways:
                     self.close()
                 return
-            sent = dst.send(data)
         except BlockingIOError:
             return
+        except OSError:
+            return self.close()
+        try:
+            sent = dst.send(data)
+        except BlockingIOError:  # dst's buffer is full: all of it waits for the write watcher
+            sent = 0
         except OSError:
             return self.close()
         if sent < len(data):  # the peer is slow: stop reading this way until it takes the rest
@@ -123,6 +137,7 @@ class _Pair:
     def close(self) -> None:
         for w in self.reads + self.writes:
             w.stop()
+            w.close()  # libev would not need it; gevent's libuv loop does
         self.a.close()
         self.b.close()
 
@@ -155,8 +170,9 @@ def main() -> int:
     argv = sys.argv[1:]
     lean = bool(argv) and argv[0] == "--lean"
     argv = argv[1:] if lean else argv
-    if len(argv) != 2:
-        print("usage: gevent_relay.py [--lean] LISTEN_PORT TARGET_PORT", file=sys.stderr)
+    if len(argv) != 2 or not all(a.isdigit() and 0 < int(a) < 65536 for a in argv):
+        print("usage: gevent_relay.py [--lean] LISTEN_PORT TARGET_PORT (ports 1-65535)",
+              file=sys.stderr)
         return 2
     (run_lean if lean else run_greenlets)(int(argv[0]), int(argv[1]))
     return 0
