@@ -47,6 +47,20 @@ class SlowTarget(threading.Thread):
             conn.sendall(answer())
 
 
+def start_relay(lean: bool, target_port: int) -> tuple[subprocess.Popen, int]:
+    """A relay process (the lean way or the greenlets) in front of ``target_port``, listening."""
+    port = free_port()
+    relay = subprocess.Popen([sys.executable, RELAY, *(["--lean"] if lean else []), str(port),
+                              str(target_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(port)
+    except BaseException:
+        relay.kill()
+        relay.wait(10)
+        raise
+    return relay, port
+
+
 def answer() -> bytes:
     return bytes(range(256)) * (SIZE // 256)
 
@@ -55,11 +69,8 @@ def answer() -> bytes:
 def test_a_relay_carries_every_byte_both_ways_and_passes_the_half_close_on(lean):
     target = SlowTarget()
     target.start()
-    port = free_port()
-    relay = subprocess.Popen([sys.executable, RELAY, *(["--lean"] if lean else []), str(port),
-                              str(target.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    relay, port = start_relay(lean, target.port)
     try:
-        _wait_listening(port)
         upload = os.urandom(SIZE)
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
             s.sendall(upload)
@@ -164,11 +175,8 @@ def fds(pid: int) -> int:
 def test_a_visitor_reset_leaves_nothing_open_in_the_relay(lean):
     target = HoldingTarget()
     target.start()
-    port = free_port()
-    relay = subprocess.Popen([sys.executable, RELAY, *(["--lean"] if lean else []), str(port),
-                              str(target.port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    relay, port = start_relay(lean, target.port)
     try:
-        _wait_listening(port)
         base = fds(relay.pid)
         for _ in range(20):
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
